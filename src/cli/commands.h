@@ -1,0 +1,18 @@
+// The dsv3 subcommands. Each takes the arguments after its name and returns the process exit code;
+// user errors are thrown as dsv3::Error and reported by main().
+#pragma once
+
+#include <string>
+#include <vector>
+
+namespace dsv3::cli {
+
+using Argv = std::vector<std::string>;
+
+int cmd_logits(const Argv& args);
+int cmd_generate(const Argv& args);
+int cmd_bench(const Argv& args);
+int cmd_inspect(const Argv& args);
+int cmd_random_checkpoint(const Argv& args);
+
+}  // namespace dsv3::cli

@@ -1,0 +1,38 @@
+// CPU kernels of the reference engine. All arithmetic is fp32; weights are read in their stored dtype
+// (core/matrix.h) and dequantized a row at a time. Activations are row-major [n_tokens x width].
+#pragma once
+
+#include <cmath>
+#include <cstdint>
+
+#include "core/matrix.h"
+
+namespace dsv3::cpu {
+
+// y[t][o] = sum_i W[o][i] * x[t][i] for t < n; x is [n x W.cols], y is [n x W.rows]. Multi-threaded
+// over output rows; each weight row is dequantized once per call and used for all n tokens.
+void linear(const Matrix& W, const float* x, int64_t n, float* y);
+
+// Like linear, for the rows [row0, row0 + rows) of W only: y is [n x rows].
+void linear_rows(const Matrix& W, int64_t row0, int64_t rows, const float* x, int64_t n, float* y);
+
+// y = x^T W[row0 : row0 + k] for each of n inputs: y[t][c] = sum_j x[t][j] * W[row0 + j][c];
+// x is [n x k], y is [n x W.cols]. Used by MLA's absorbed form (q_nope through W_UK).
+void linear_transposed_rows(const Matrix& W, int64_t row0, int64_t k, const float* x, int64_t n, float* y);
+
+// y = w * x / sqrt(mean(x^2) + eps), row by row; x and y may alias.
+void rmsnorm(const float* x, const float* w, int64_t n, int64_t dim, float eps, float* y);
+
+// Rotates interleaved pairs (v[2i], v[2i+1]) by the angle whose cos/sin are given per pair.
+void rope_interleaved(float* v, int64_t dim, const float* cos, const float* sin);
+
+// In-place softmax over n values (max-subtracted, fp32).
+void softmax(float* x, int64_t n);
+
+float dot(const float* a, const float* b, int64_t n);
+void axpy(float a, const float* x, float* y, int64_t n);  // y += a * x
+
+inline float silu(float x) { return x / (1.0f + std::exp(-x)); }
+inline float sigmoid(float x) { return 1.0f / (1.0f + std::exp(-x)); }
+
+}  // namespace dsv3::cpu
