@@ -6,6 +6,7 @@ set -euo pipefail
 packages=(
   build-essential cmake ninja-build ccache pkg-config   # toolchain
   nlohmann-json3-dev libpcre2-dev                       # JSON, Unicode regex (tokenizer)
+  libcpp-httplib-dev                                    # HTTP server
   googletest libgtest-dev                               # tests
   clang libclang-rt-14-dev libomp-dev                   # libFuzzer targets, OpenMP for clang
   npm python3 python3-jinja2                            # tokenizer fetch, chat-template checks

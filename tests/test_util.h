@@ -6,6 +6,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstdio>
+#include <cstdlib>
 #include <cstring>
 #include <filesystem>
 #include <fstream>
@@ -68,5 +69,23 @@ inline std::vector<float> read_floats(const std::string& path) {
 }
 
 inline std::string source_dir() { return DSV3_SOURCE_DIR; }
+
+// The real DeepSeek-V3 tokenizer fetched by scripts/fetch_tokenizer.sh, or "" when it is not there.
+inline std::string deepseek_tokenizer_dir() {
+  const std::string dir = source_dir() + "/.cache/tokenizer";
+  return std::filesystem::exists(dir + "/tokenizer.json") ? dir : std::string();
+}
+
+// Makes `dir` a tiny random DeepSeek-V3 model with the real vocabulary, tokenizer and chat template, so
+// that text goes all the way through. Returns false when the tokenizer has not been fetched.
+bool make_text_model(const std::string& dir);
+
+// For a fixture whose model could not be made: fails when the run requires the tokenizer
+// (DSV3_REQUIRE_TOKENIZER, set by scripts/test.sh), else skips.
+#define DSV3_NEED_TOKENIZER()                                                                                \
+  do {                                                                                                      \
+    if (std::getenv("DSV3_REQUIRE_TOKENIZER")) FAIL() << "the DeepSeek-V3 tokenizer is missing: run scripts/fetch_tokenizer.sh"; \
+    GTEST_SKIP() << "the DeepSeek-V3 tokenizer is not fetched (scripts/fetch_tokenizer.sh)";              \
+  } while (0)
 
 }  // namespace dsv3::test

@@ -1,61 +1,125 @@
-// dsv3 generate: continues a prompt of token ids; prefill through the expanded attention form, then
-// one token at a time through the latent cache (absorbed form).
+// dsv3 generate: continues a prompt given as token ids or as text. Prints the new ids (--ids) or streams
+// the new text as it is produced.
 #include <algorithm>
 #include <cstdio>
+#include <functional>
+#include <span>
+#include <vector>
+#include <memory>
+#include <optional>
 #include <string>
 
 #include "cli/commands.h"
 #include "cli/common.h"
 #include "core/error.h"
-#include "engine/sampler.h"
+#include "engine/generator.h"
 #include "model/model.h"
+#include "tokenizer/stream.h"
+#ifdef DSV3_HAVE_CUDA
+#include "model/cuda_model.h"
+#endif
 
 namespace dsv3::cli {
 
-int cmd_generate(const Argv& argv) {
-  Args args("generate", "Continues a prompt given as token ids and prints the new ids.",
-            {model_flag(),
-             {"tokens", "IDS", "prompt as comma-separated token ids"},
-             {"max-new-tokens", "N", "how many tokens to generate (default 16)"},
-             {"temperature", "T", "0 for greedy (default), > 0 to sample"},
-             {"top-k", "K", "sample among the K most likely tokens (default: all)"},
-             {"top-p", "P", "sample from the smallest set with probability mass P (default 1)"},
-             {"seed", "S", "random seed for sampling (default 0)"},
-             {"ignore-eos", "", "keep going after an end-of-sequence token"},
-             {"ids", "", "print only the new token ids, comma-separated, on one line"},
-             {"device", "cpu", "where to run (only cpu so far)"},
-             threads_flag()});
-  if (!args.parse(argv)) return 0;
-  const std::vector<int32_t> prompt = args.int_list("tokens");
-  const int64_t max_new = args.integer("max-new-tokens", 16, 0, 1 << 24);
-  SamplingParams sp;
-  sp.temperature = args.number("temperature", 0.0);
-  sp.top_k = args.integer("top-k", 0, 0, 1 << 30);
-  sp.top_p = args.number("top-p", 1.0);
-  sp.seed = static_cast<uint64_t>(args.integer("seed", 0, 0, INT64_MAX));
-  const std::string device = args.str("device", "cpu");
-  check(device == "cpu", "--device " + device + " is not available in this build", "use --device cpu");
-  apply_threads(args);
-  Sampler sampler(sp);
+namespace {
 
-  Model model(model_dir(args));
-  const ModelConfig& cfg = model.config();
-  const int64_t total = static_cast<int64_t>(prompt.size()) + max_new;
-  check(total <= cfg.max_position_embeddings,
-        "prompt (" + std::to_string(prompt.size()) + ") + --max-new-tokens (" + std::to_string(max_new) +
-            ") exceeds the model's context of " + std::to_string(cfg.max_position_embeddings) + " tokens");
-  LatentCache cache = model.new_cache(total);
-  std::vector<int32_t> out;
+// --device: cpu, or cuda when this build has the GPU engine.
+void check_device(const std::string& device) {
+#ifdef DSV3_HAVE_CUDA
+  check(device == "cpu" || device == "cuda", "--device must be cpu or cuda, got '" + device + "'");
+#else
+  check(device == "cpu", "--device " + device + " is not available in this build",
+        device == "cuda" ? "this dsv3 was built without CUDA (nvcc was not found): rebuild with -DDSV3_CUDA=ON on a "
+                           "machine with the CUDA toolkit, or use --device cpu"
+                         : "use --device cpu");
+#endif
+}
+
+#ifdef DSV3_HAVE_CUDA
+// The decode loop of Generator::run on the GPU engine (one sequence, fresh cache): prefill, then one
+// token at a time; on_token(id) returns false to stop; eos ids are reported but not fed back.
+void generate_cuda(const Model& host, std::span<const int32_t> prompt, int64_t max_new, const std::vector<int64_t>& eos,
+                   Sampler& sampler, const std::function<bool(int32_t)>& on_token) {
+  CudaModel gpu(host);
+  CudaLatentCache cache = gpu.new_cache(static_cast<int64_t>(prompt.size()) + max_new);
   ForwardOptions last_only;
   last_only.all_logits = false;
-  std::vector<float> logits = model.forward(prompt, cache, last_only);
+  std::vector<float> logits = gpu.forward(prompt, cache, last_only);
   for (int64_t i = 0; i < max_new; ++i) {
-    const int32_t next = sampler.sample(logits.data(), cfg.vocab_size);
-    out.push_back(next);
-    const bool eos = std::find(cfg.eos_token_ids.begin(), cfg.eos_token_ids.end(), next) != cfg.eos_token_ids.end();
-    if ((eos && !args.has("ignore-eos")) || i + 1 == max_new) break;
+    const int32_t next = sampler.sample(logits.data(), gpu.config().vocab_size);
+    if (!on_token(next) || std::find(eos.begin(), eos.end(), next) != eos.end() || i + 1 == max_new) return;
     const int32_t step[1] = {next};
-    logits = model.forward(step, cache, last_only);
+    logits = gpu.forward(step, cache, last_only);
+  }
+}
+#endif
+
+}  // namespace
+
+int cmd_generate(const Argv& argv) {
+  Args args("generate", "Continues a prompt (token ids or text) and prints the new ids or streams the new text.",
+            {model_flag(),
+             {"tokens", "IDS", "prompt as comma-separated token ids"},
+             {"prompt", "TEXT", "prompt as text (needs the model's tokenizer.json; BOS added as it configures)"},
+             {"max-new-tokens", "N", "how many tokens to generate (default 16)"},
+             sampling_flags()[0], sampling_flags()[1], sampling_flags()[2], sampling_flags()[3],
+             {"ignore-eos", "", "keep going after an end-of-sequence token"},
+             {"ids", "", "print only the new token ids, comma-separated, on one line"},
+             {"device", "cpu", "where to run: cpu (default) or cuda (one NVIDIA GPU, if built with CUDA)"},
+             threads_flag()});
+  if (!args.parse(argv)) return 0;
+  check(args.has("tokens") != args.has("prompt"), "dsv3 generate: give exactly one of --tokens and --prompt",
+        "e.g. --tokens 5,17,42 or --prompt \"Once upon a time\"");
+  const int64_t max_new = args.integer("max-new-tokens", 16, 0, 1 << 24);
+  const std::string device = args.str("device", "cpu");
+  check_device(device);
+  apply_threads(args);
+  Sampler sampler(sampling_params(args));
+
+  const std::string dir = model_dir(args);
+  Model model(dir);
+  const ModelConfig& cfg = model.config();
+  // The tokenizer is needed for text in or out; with --tokens --ids it is not read at all.
+  std::unique_ptr<tok::Tokenizer> tokenizer;
+  if (args.has("prompt") || !args.has("ids")) tokenizer = load_tokenizer(dir, /*required=*/args.has("prompt"));
+  std::vector<int32_t> prompt;
+  if (args.has("prompt")) {
+    if (tokenizer->config().add_bos_token && tokenizer->bos_id()) prompt.push_back(*tokenizer->bos_id());
+    tokenizer->encode(args.str("prompt"), prompt);
+  } else {
+    prompt = args.int_list("tokens");
+  }
+  if (max_new == 0) return 0;
+
+  std::vector<int64_t> eos = cfg.eos_token_ids;
+  if (args.has("ignore-eos")) eos.clear();
+  std::vector<int32_t> out;
+  std::optional<tok::StreamDecoder> stream;
+  const bool text = tokenizer && !args.has("ids");
+  if (text) stream.emplace(*tokenizer);
+  const std::function<bool(int32_t)> on_token = [&](int32_t id) {
+    out.push_back(id);
+    if (text) {
+      std::fputs(stream->push(id).c_str(), stdout);
+      std::fflush(stdout);
+    }
+    return true;
+  };
+  if (device == "cuda") {
+#ifdef DSV3_HAVE_CUDA
+    check(static_cast<int64_t>(prompt.size()) + max_new <= cfg.max_position_embeddings,
+          "the prompt plus --max-new-tokens exceeds the model's context of " +
+              std::to_string(cfg.max_position_embeddings) + " tokens");
+    generate_cuda(model, prompt, max_new, eos, sampler, on_token);
+#endif
+  } else {
+    Generator gen(model, std::min<int64_t>(cfg.max_position_embeddings, static_cast<int64_t>(prompt.size()) + max_new),
+                  eos);
+    gen.run(prompt, max_new, sampler, on_token);
+  }
+  if (text) {
+    std::printf("%s\n", stream->finish().c_str());
+    return 0;
   }
   std::string line;
   for (size_t i = 0; i < out.size(); ++i) {

@@ -3,15 +3,43 @@
 #include <cerrno>
 #include <cstdio>
 #include <cstring>
+#include <string>
+#include <vector>
 
 #include "cli/commands.h"
 #include "cli/common.h"
 #include "core/error.h"
 #include "model/model.h"
+#ifdef DSV3_HAVE_CUDA
+#include "model/cuda_model.h"
+#endif
 
 namespace dsv3::cli {
 
 static_assert(std::endian::native == std::endian::little, "logits files are written as little-endian float32");
+
+namespace {
+
+// --device: cpu, or cuda when this build has the GPU engine.
+void check_device(const std::string& device) {
+#ifdef DSV3_HAVE_CUDA
+  check(device == "cpu" || device == "cuda", "--device must be cpu or cuda, got '" + device + "'");
+#else
+  check(device == "cpu", "--device " + device + " is not available in this build",
+        device == "cuda" ? "this dsv3 was built without CUDA (nvcc was not found): rebuild with -DDSV3_CUDA=ON on a "
+                           "machine with the CUDA toolkit, or use --device cpu"
+                         : "use --device cpu");
+#endif
+}
+
+// Model (CPU) and CudaModel share new_cache/forward, so one body serves both devices.
+template <class Engine>
+std::vector<float> teacher_forced_logits(Engine& model, const std::vector<int32_t>& tokens, const ForwardOptions& opt) {
+  auto cache = model.new_cache(static_cast<int64_t>(tokens.size()));
+  return model.forward(tokens, cache, opt);
+}
+
+}  // namespace
 
 int cmd_logits(const Argv& argv) {
   Args args("logits", "Runs the model teacher-forced over --tokens and writes the logits of every position as\n"
@@ -19,14 +47,14 @@ int cmd_logits(const Argv& argv) {
             {model_flag(),
              {"tokens", "IDS", "comma-separated token ids, e.g. 5,17,42"},
              {"out", "FILE", "output file"},
-             {"device", "cpu", "where to run (only cpu so far)"},
+             {"device", "cpu", "where to run: cpu (default) or cuda (one NVIDIA GPU, if built with CUDA)"},
              {"attention", "FORM", "auto, expanded or absorbed (how MLA uses the latent cache)"},
              threads_flag()});
   if (!args.parse(argv)) return 0;
   const std::vector<int32_t> tokens = args.int_list("tokens");
   const std::string out = args.required("out");
   const std::string device = args.str("device", "cpu");
-  check(device == "cpu", "--device " + device + " is not available in this build", "use --device cpu");
+  check_device(device);
   const std::string form_name = args.str("attention", "auto");
   AttentionForm form = AttentionForm::Auto;
   if (form_name == "expanded") form = AttentionForm::Expanded;
@@ -35,10 +63,17 @@ int cmd_logits(const Argv& argv) {
   apply_threads(args);
 
   Model model(model_dir(args));
-  LatentCache cache = model.new_cache(static_cast<int64_t>(tokens.size()));
   ForwardOptions opt;
   opt.attention = form;
-  std::vector<float> logits = model.forward(tokens, cache, opt);
+  std::vector<float> logits;
+  if (device == "cuda") {
+#ifdef DSV3_HAVE_CUDA
+    CudaModel gpu(model);
+    logits = teacher_forced_logits(gpu, tokens, opt);
+#endif
+  } else {
+    logits = teacher_forced_logits(model, tokens, opt);
+  }
 
   FILE* f = std::fopen(out.c_str(), "wb");
   check(f != nullptr, "cannot write " + out + ": " + std::strerror(errno));

@@ -12,7 +12,11 @@ using Argv = std::vector<std::string>;
 int cmd_logits(const Argv& args);
 int cmd_generate(const Argv& args);
 int cmd_bench(const Argv& args);
+int cmd_chat(const Argv& args);
 int cmd_inspect(const Argv& args);
+int cmd_serve(const Argv& args);
+int cmd_tokenize(const Argv& args);
+int cmd_detokenize(const Argv& args);
 int cmd_random_checkpoint(const Argv& args);
 
 }  // namespace dsv3::cli

@@ -19,6 +19,10 @@ struct Command {
 const Command kCommands[] = {
     {"logits", dsv3::cli::cmd_logits, "teacher-forced logits of every position, as float32, to a file"},
     {"generate", dsv3::cli::cmd_generate, "continue a prompt (greedy or sampled)"},
+    {"chat", dsv3::cli::cmd_chat, "talk to a model in the terminal (streams replies; reads stdin when piped)"},
+    {"serve", dsv3::cli::cmd_serve, "OpenAI-compatible HTTP server (chat, completions with FIM, streaming)"},
+    {"tokenize", dsv3::cli::cmd_tokenize, "text (JSON lines) to token ids with a model's tokenizer"},
+    {"detokenize", dsv3::cli::cmd_detokenize, "token ids back to text"},
     {"bench", dsv3::cli::cmd_bench, "measure prefill and decode speed against the memory-bandwidth roofline"},
     {"inspect", dsv3::cli::cmd_inspect, "print a checkpoint's configuration and tensors"},
     {"random-checkpoint", dsv3::cli::cmd_random_checkpoint, "write a random-weight checkpoint for tests and benchmarks"},

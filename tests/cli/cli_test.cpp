@@ -4,6 +4,8 @@
 #include <sys/wait.h>
 
 #include <cstdio>
+#include <filesystem>
+#include <sstream>
 #include <string>
 
 #include "core/json.h"
@@ -47,7 +49,7 @@ test::TempDir* CliTest::dir_ = nullptr;
 }  // namespace
 
 TEST_F(CliTest, HelpForEveryCommand) {
-  for (const char* cmd : {"logits", "generate", "inspect", "random-checkpoint"}) {
+  for (const char* cmd : {"logits", "generate", "chat", "tokenize", "detokenize", "bench", "inspect", "random-checkpoint"}) {
     const Result r = run(std::string(cmd) + " --help");
     EXPECT_EQ(r.code, 0) << cmd;
     EXPECT_NE(r.out.find("usage: dsv3 " + std::string(cmd)), std::string::npos) << r.out;
@@ -108,6 +110,81 @@ TEST_F(CliTest, InspectChecksTheWholeCheckpoint) {
   const Result r = run("inspect --model " + model());
   EXPECT_EQ(r.code, 0) << r.out;
   EXPECT_NE(r.out.find("all tensors present and consistent"), std::string::npos);
+}
+
+}  // namespace dsv3
+
+namespace dsv3 {
+
+namespace {
+
+// A random model with the real DeepSeek-V3 vocabulary and tokenizer (fetched by scripts/fetch_tokenizer.sh),
+// so that text goes all the way through: encode, chat template, generate, streaming decode.
+class TextCliTest : public ::testing::Test {
+ protected:
+  static void SetUpTestSuite() {
+    dir_ = new test::TempDir();
+    if (!test::make_text_model(dir_->path())) {
+      delete dir_;
+      dir_ = nullptr;
+    }
+  }
+  static void TearDownTestSuite() { delete dir_; }
+  void SetUp() override {
+    if (!dir_) DSV3_NEED_TOKENIZER();
+  }
+  static std::string model() { return dir_->path(); }
+  static test::TempDir* dir_;
+};
+test::TempDir* TextCliTest::dir_ = nullptr;
+
+std::vector<std::string> lines_of(const std::string& s) {
+  std::vector<std::string> out;
+  std::istringstream in(s);
+  for (std::string l; std::getline(in, l);) out.push_back(l);
+  return out;
+}
+
+}  // namespace
+
+TEST_F(TextCliTest, GeneratePromptStreamsTheTextOfItsIds) {
+  const std::string common = "generate --model " + model() + " --prompt 'The capital of France' --max-new-tokens 8 --ignore-eos";
+  const Result ids = run(common + " --ids");
+  const Result text = run(common);
+  ASSERT_EQ(ids.code, 0) << ids.out;
+  ASSERT_EQ(text.code, 0) << text.out;
+  // The streamed text is exactly the decoding of the same greedy ids.
+  const Result decoded = run("detokenize --model " + model() + " --ids " + lines_of(ids.out).at(0));
+  ASSERT_EQ(decoded.code, 0) << decoded.out;
+  EXPECT_EQ(decoded.out, text.out);
+}
+
+TEST_F(TextCliTest, ChatAnswersEachPipedLineAndJsonConversations) {
+  const std::string cmd = "printf 'Hello!\\nAnd again?\\n' | " + std::string(DSV3_EXE) + " chat --model " + model() +
+                          " --max-new-tokens 6 2>&1";
+  FILE* p = popen(cmd.c_str(), "r");
+  ASSERT_NE(p, nullptr);
+  std::string out;
+  char buf[4096];
+  for (size_t n; (n = fread(buf, 1, sizeof buf, p)) > 0;) out.append(buf, n);
+  ASSERT_EQ(pclose(p), 0) << out;
+  EXPECT_GE(lines_of(out).size(), 2u) << out;  // one reply per user line (a reply may hold newlines)
+
+  test::TempDir tmp;
+  test::write_file(tmp / "conv.json", R"([{"role":"system","content":"Be brief."},{"role":"user","content":"你好"}])");
+  Result r = run("chat --model " + model() + " --max-new-tokens 4 < " + (tmp / "conv.json"));
+  EXPECT_EQ(r.code, 0) << r.out;
+  test::write_file(tmp / "bad.json", R"([{"content":"no role"}])");
+  r = run("chat --model " + model() + " < " + (tmp / "bad.json"));
+  EXPECT_EQ(r.code, 1);
+  EXPECT_NE(r.out.find("needs a \"role\""), std::string::npos) << r.out;
+}
+
+TEST_F(CliTest, TextNeedsATokenizer) {
+  const Result r = run("generate --model " + model() + " --prompt hello");
+  EXPECT_EQ(r.code, 1);
+  EXPECT_NE(r.out.find("has no tokenizer.json"), std::string::npos) << r.out;
+  EXPECT_NE(run("chat --model " + model() + " < /dev/null").out.find("has no tokenizer.json"), std::string::npos);
 }
 
 }  // namespace dsv3

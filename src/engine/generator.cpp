@@ -1,0 +1,44 @@
+#include "engine/generator.h"
+
+#include <algorithm>
+
+#include "core/error.h"
+
+namespace dsv3 {
+
+Generator::Generator(Model& model, int64_t max_context, std::vector<int64_t> eos_ids)
+    : model_(model), cache_(model.new_cache(max_context)), eos_(std::move(eos_ids)) {}
+
+FinishReason Generator::run(std::span<const int32_t> prompt, int64_t max_new_tokens, Sampler& sampler,
+                            const std::function<bool(int32_t)>& on_token) {
+  check(!prompt.empty(), "the prompt is empty");
+  check(static_cast<int64_t>(prompt.size()) + max_new_tokens <= cache_.capacity(),
+        "the prompt (" + std::to_string(prompt.size()) + " tokens) plus " + std::to_string(max_new_tokens) +
+            " new tokens exceeds the context of " + std::to_string(cache_.capacity()) + " tokens",
+        "shorten the conversation or ask for fewer new tokens");
+  // Keep the cached prefix that matches; at least the last prompt token is always run again, since its
+  // logits are what the first sample needs.
+  size_t keep = 0;
+  while (keep < cached_.size() && keep + 1 < prompt.size() && cached_[keep] == prompt[keep]) ++keep;
+  last_reused_ = static_cast<int64_t>(keep);
+  cache_.truncate(static_cast<int64_t>(keep));
+  cached_.resize(keep);
+
+  const int64_t vocab = model_.config().vocab_size;
+  ForwardOptions last_only;
+  last_only.all_logits = false;
+  std::vector<float> logits = model_.forward(prompt.subspan(keep), cache_, last_only);
+  cached_.insert(cached_.end(), prompt.begin() + static_cast<std::ptrdiff_t>(keep), prompt.end());
+  for (int64_t i = 0; i < max_new_tokens; ++i) {
+    const int32_t next = sampler.sample(logits.data(), vocab);
+    const bool eos = std::find(eos_.begin(), eos_.end(), next) != eos_.end();
+    if (!on_token(next) || eos) return FinishReason::Stop;
+    if (i + 1 == max_new_tokens) break;
+    const int32_t step[1] = {next};
+    logits = model_.forward(step, cache_, last_only);
+    cached_.push_back(next);
+  }
+  return FinishReason::Length;
+}
+
+}  // namespace dsv3

@@ -1,0 +1,42 @@
+// Generator: one sequence's decode loop on the CPU engine. Feeds a prompt (reusing whatever prefix of it
+// the latent cache already holds, so a chat turn only pays for its new tokens), then samples token by
+// token until an end-of-sequence id, a stop callback or the token limit.
+#pragma once
+
+#include <cstdint>
+#include <functional>
+#include <span>
+#include <vector>
+
+#include "engine/sampler.h"
+#include "model/model.h"
+
+namespace dsv3 {
+
+enum class FinishReason { Stop, Length };
+
+class Generator {
+ public:
+  // `eos_ids` end generation (they are reported to on_token but not fed back).
+  Generator(Model& model, int64_t max_context, std::vector<int64_t> eos_ids);
+
+  // Continues `prompt` (the whole conversation so far). Tokens already in the cache that match the
+  // start of `prompt` are kept; the rest of the cache is dropped. on_token(id) returns false to stop.
+  FinishReason run(std::span<const int32_t> prompt, int64_t max_new_tokens, Sampler& sampler,
+                   const std::function<bool(int32_t)>& on_token);
+
+  // How many prompt tokens the last run() found already in the cache (a prompt-cache hit).
+  int64_t last_reused() const { return last_reused_; }
+  // Tokens whose latent rows the cache holds, in order.
+  const std::vector<int32_t>& cached_tokens() const { return cached_; }
+  int64_t max_context() const { return cache_.capacity(); }
+
+ private:
+  Model& model_;
+  LatentCache cache_;
+  std::vector<int32_t> cached_;
+  std::vector<int64_t> eos_;
+  int64_t last_reused_ = 0;
+};
+
+}  // namespace dsv3

@@ -1,0 +1,45 @@
+// The OpenAI-compatible HTTP server. HTTP worker threads parse and validate requests and stream
+// responses; one engine thread owns the model and runs the jobs from a bounded queue, one at a time
+// for now (continuous batching over a paged cache is the next step, issue 4). The engine keeps the last
+// sequence's latent cache, so a request that repeats a prefix of the previous one skips its prefill
+// (reported as prompt_cache_hit_tokens).
+#pragma once
+
+#include <atomic>
+#include <cstdint>
+#include <memory>
+#include <string>
+
+namespace dsv3::server {
+
+struct ServerOptions {
+  std::string model_dir;
+  std::string model_name;          // reported in /v1/models and responses; default: the folder name
+  std::string host = "127.0.0.1";
+  int port = 8080;                 // 0: any free port (see Server::port)
+  std::string api_key;             // empty: no authentication
+  int64_t max_queue = 64;          // waiting requests beyond this get 429
+  int64_t ctx = 4096;              // context per sequence (prompt + completion)
+  size_t max_body_bytes = 8u << 20;
+  int http_threads = 8;
+};
+
+class Server {
+ public:
+  explicit Server(ServerOptions options);
+  ~Server();
+  // Binds, loads the model (503 until it is ready) and serves until stop(). Throws dsv3::Error when
+  // the address cannot be bound.
+  void run();
+  // Stops accepting, cancels waiting jobs, lets the running one end, and returns from run().
+  void stop();
+  // The bound port (useful with port 0), valid once listening.
+  int port() const { return port_.load(); }
+
+ private:
+  struct Impl;
+  std::unique_ptr<Impl> impl_;
+  std::atomic<int> port_{0};
+};
+
+}  // namespace dsv3::server

@@ -1,0 +1,227 @@
+// The server end to end over loopback: a random model with the real DeepSeek-V3 tokenizer, real HTTP.
+#include "server/server.h"
+
+#include <arpa/inet.h>
+#include <gtest/gtest.h>
+#include <httplib.h>
+#include <netinet/in.h>
+#include <sys/socket.h>
+#include <unistd.h>
+
+#include <chrono>
+#include <filesystem>
+#include <thread>
+
+#include "core/json.h"
+#include "test_util.h"
+
+namespace dsv3::server {
+
+namespace {
+
+class ServerTest : public ::testing::Test {
+ protected:
+  static void SetUpTestSuite() {
+    dir_ = new test::TempDir();
+    if (!test::make_text_model(dir_->path())) {
+      delete dir_;
+      dir_ = nullptr;
+      return;
+    }
+    ServerOptions o;
+    o.model_dir = dir_->path();
+    o.port = 0;
+    o.api_key = "sk-test";
+    o.ctx = 256;
+    o.max_body_bytes = 1 << 16;
+    server_ = new Server(o);
+    thread_ = new std::thread([] { server_->run(); });
+    for (int i = 0; i < 3000 && !ready(); ++i) std::this_thread::sleep_for(std::chrono::milliseconds(10));
+  }
+  static void TearDownTestSuite() {
+    if (server_) {
+      server_->stop();
+      thread_->join();
+      delete thread_;
+      delete server_;
+    }
+    delete dir_;
+  }
+  static bool ready() {
+    if (!server_ || server_->port() == 0) return false;
+    httplib::Client c("127.0.0.1", server_->port());
+    auto r = c.Get("/health");
+    return r && r->status == 200;
+  }
+  void SetUp() override {
+    if (!dir_) DSV3_NEED_TOKENIZER();
+    ASSERT_TRUE(ready()) << "the server did not come up";
+  }
+
+  static httplib::Client client() {
+    httplib::Client c("127.0.0.1", server_->port());
+    c.set_bearer_token_auth("sk-test");
+    c.set_read_timeout(120, 0);
+    return c;
+  }
+  static Json post(const std::string& path, const Json& body, int* status = nullptr) {
+    auto c = client();
+    auto r = c.Post(path, body.dump(), "application/json");
+    if (!r) return Json();
+    if (status) *status = r->status;
+    return Json::parse(r->body, nullptr, false);
+  }
+  // The SSE events of a streamed request, parsed; the last one is the string "[DONE]".
+  static std::vector<Json> stream(const std::string& path, Json body) {
+    body["stream"] = true;
+    auto c = client();
+    std::string raw;
+    auto r = c.Post(path, body.dump(), "application/json");
+    std::vector<Json> events;
+    if (!r) return events;
+    raw = r->body;
+    size_t pos = 0;
+    while ((pos = raw.find("data: ", pos)) != std::string::npos) {
+      const size_t end = raw.find("\n\n", pos);
+      const std::string payload = raw.substr(pos + 6, end - pos - 6);
+      events.push_back(payload == "[DONE]" ? Json("[DONE]") : Json::parse(payload));
+      pos = end;
+    }
+    return events;
+  }
+
+  static Json chat(const std::string& text, int max_tokens) {
+    return {{"model", "any"}, {"messages", {{{"role", "user"}, {"content", text}}}}, {"max_tokens", max_tokens},
+            {"temperature", 0}};
+  }
+
+  static test::TempDir* dir_;
+  static Server* server_;
+  static std::thread* thread_;
+};
+test::TempDir* ServerTest::dir_ = nullptr;
+Server* ServerTest::server_ = nullptr;
+std::thread* ServerTest::thread_ = nullptr;
+
+}  // namespace
+
+TEST_F(ServerTest, HealthModelsAndAuth) {
+  httplib::Client anon("127.0.0.1", server_->port());
+  EXPECT_EQ(anon.Get("/health")->status, 200);
+  auto r = anon.Post("/v1/chat/completions", chat("hi", 2).dump(), "application/json");
+  ASSERT_TRUE(r);
+  EXPECT_EQ(r->status, 401);
+  EXPECT_EQ(Json::parse(r->body)["error"]["type"], "authentication_error");
+  auto models = client().Get("/v1/models");
+  ASSERT_TRUE(models);
+  EXPECT_EQ(Json::parse(models->body)["data"][0]["object"], "model");
+  auto metrics = anon.Get("/metrics");
+  EXPECT_NE(metrics->body.find("dsv3_requests_total"), std::string::npos);
+  auto missing = client().Get("/v1/nothing");
+  EXPECT_EQ(missing->status, 404);
+  EXPECT_TRUE(Json::parse(missing->body).contains("error"));
+}
+
+TEST_F(ServerTest, GreedyChatIsRepeatableAndHitsTheCache) {
+  const Json a = post("/v1/chat/completions", chat("Tell me about the sea.", 12));
+  const Json b = post("/v1/chat/completions", chat("Tell me about the sea.", 12));
+  ASSERT_TRUE(a.contains("choices")) << a.dump();
+  EXPECT_EQ(a["choices"][0]["message"]["content"], b["choices"][0]["message"]["content"]);
+  EXPECT_EQ(a["choices"][0]["finish_reason"], "length");
+  EXPECT_EQ(a["usage"]["completion_tokens"], 12);
+  EXPECT_GT(b["usage"]["prompt_cache_hit_tokens"].get<int>(), 0);
+  EXPECT_EQ(b["usage"]["prompt_cache_hit_tokens"].get<int>() + b["usage"]["prompt_cache_miss_tokens"].get<int>(),
+            b["usage"]["prompt_tokens"].get<int>());
+}
+
+TEST_F(ServerTest, StreamingEqualsNonStreaming) {
+  const Json whole = post("/v1/chat/completions", chat("Count to five.", 10));
+  Json body = chat("Count to five.", 10);
+  body["stream_options"] = {{"include_usage", true}};
+  const std::vector<Json> events = stream("/v1/chat/completions", body);
+  ASSERT_GE(events.size(), 3u);
+  EXPECT_EQ(events.back(), "[DONE]");
+  std::string text;
+  for (const auto& e : events)
+    if (e.is_object() && !e["choices"].empty() && e["choices"][0]["delta"].contains("content"))
+      text += e["choices"][0]["delta"]["content"].get<std::string>();
+  EXPECT_EQ(text, whole["choices"][0]["message"]["content"]);
+  const Json& usage = events[events.size() - 2];
+  EXPECT_EQ(usage["usage"]["completion_tokens"], 10);
+  EXPECT_EQ(events[events.size() - 3]["choices"][0]["finish_reason"], "length");
+}
+
+TEST_F(ServerTest, StopStringsCutTheOutput) {
+  const std::string full = post("/v1/chat/completions", chat("Write a list.", 16))["choices"][0]["message"]["content"];
+  ASSERT_GT(full.size(), 6u);
+  // A stop string from the middle of the greedy output; the reply ends right before its first occurrence.
+  const std::string stop = full.substr(full.size() / 2, 3);
+  Json body = chat("Write a list.", 16);
+  body["stop"] = stop;
+  const Json r = post("/v1/chat/completions", body);
+  EXPECT_EQ(r["choices"][0]["message"]["content"], full.substr(0, full.find(stop)));
+  EXPECT_EQ(r["choices"][0]["finish_reason"], "stop");
+}
+
+TEST_F(ServerTest, CompletionsWithSuffixAndSeveralChoices) {
+  const Json fim = post("/v1/completions", {{"prompt", "def add(a, b):\n"}, {"suffix", "\n    return c\n"},
+                                            {"max_tokens", 5}, {"temperature", 0}});
+  ASSERT_TRUE(fim.contains("choices")) << fim.dump();
+  EXPECT_EQ(fim["object"], "text_completion");
+  EXPECT_GT(fim["usage"]["prompt_tokens"].get<int>(), 5);
+  const Json two = post("/v1/completions", {{"prompt", "Once"}, {"max_tokens", 4}, {"n", 2}, {"seed", 5}, {"temperature", 1.0}});
+  EXPECT_EQ(two["choices"].size(), 2u);
+  const Json echo = post("/v1/completions", {{"prompt", "Echo me"}, {"max_tokens", 2}, {"echo", true}, {"temperature", 0}});
+  EXPECT_EQ(echo["choices"][0]["text"].get<std::string>().rfind("Echo me", 0), 0u);
+}
+
+TEST_F(ServerTest, BadRequestsGetClearErrors) {
+  int status = 0;
+  Json r = post("/v1/chat/completions", chat("hi", 100000), &status);
+  EXPECT_EQ(status, 400);
+  EXPECT_NE(r["error"]["message"].get<std::string>().find("exceeds the context of 256 tokens"), std::string::npos) << r;
+  std::string long_text;
+  for (int i = 0; i < 300; ++i) long_text += "word" + std::to_string(i) + " ";
+  r = post("/v1/chat/completions", {{"messages", {{{"role", "user"}, {"content", long_text}}}}}, &status);
+  EXPECT_EQ(status, 400) << r;
+  EXPECT_NE(r["error"]["message"].get<std::string>().find("but the context is 256 tokens"), std::string::npos) << r;
+  r = post("/v1/chat/completions", {{"messages", "hello"}}, &status);
+  EXPECT_EQ(status, 400);
+  EXPECT_EQ(r["error"]["param"], "messages");
+  auto c = client();
+  auto big = c.Post("/v1/chat/completions", std::string(1 << 17, ' '), "application/json");
+  ASSERT_TRUE(big);
+  EXPECT_EQ(big->status, 413);
+  auto junk = c.Post("/v1/completions", "{\"prompt\": ", "application/json");
+  EXPECT_EQ(junk->status, 400);
+}
+
+TEST_F(ServerTest, ClientThatDisconnectsIsCancelled) {
+  // A raw client asks for a long stream, reads the first bytes and hangs up; the engine must drop the
+  // request instead of generating all of it, so the next request is answered promptly.
+  const int fd = ::socket(AF_INET, SOCK_STREAM, 0);
+  sockaddr_in addr{};
+  addr.sin_family = AF_INET;
+  addr.sin_port = htons(static_cast<uint16_t>(server_->port()));
+  addr.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+  ASSERT_EQ(::connect(fd, reinterpret_cast<sockaddr*>(&addr), sizeof addr), 0);
+  Json body = chat("Go on forever.", 240);
+  body["stream"] = true;
+  const std::string b = body.dump();
+  const std::string req = "POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer sk-test\r\n"
+                          "Content-Type: application/json\r\nContent-Length: " + std::to_string(b.size()) + "\r\n\r\n" + b;
+  ASSERT_EQ(::send(fd, req.data(), req.size(), 0), static_cast<ssize_t>(req.size()));
+  char buf[512];
+  ASSERT_GT(::recv(fd, buf, sizeof buf, 0), 0);
+  ::close(fd);
+  const auto t0 = std::chrono::steady_clock::now();
+  const Json r = post("/v1/chat/completions", chat("Quick one.", 2));
+  EXPECT_TRUE(r.contains("choices")) << r;
+  const double waited = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+  // 240 tokens would take many seconds under the sanitizers; a cancelled stream frees the engine at once.
+  auto metrics = httplib::Client("127.0.0.1", server_->port()).Get("/metrics");
+  EXPECT_LT(waited, 30.0);
+  EXPECT_NE(metrics->body.find("dsv3_completion_tokens_total"), std::string::npos);
+}
+
+}  // namespace dsv3::server
