@@ -16,6 +16,7 @@ int cmd_chat(const Argv& args);
 int cmd_inspect(const Argv& args);
 int cmd_serve(const Argv& args);
 int cmd_tokenize(const Argv& args);
+int cmd_train(const Argv& args);
 int cmd_detokenize(const Argv& args);
 int cmd_random_checkpoint(const Argv& args);
 

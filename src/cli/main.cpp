@@ -23,6 +23,7 @@ const Command kCommands[] = {
     {"serve", dsv3::cli::cmd_serve, "OpenAI-compatible HTTP server (chat, completions with FIM, streaming)"},
     {"tokenize", dsv3::cli::cmd_tokenize, "text (JSON lines) to token ids with a model's tokenizer"},
     {"detokenize", dsv3::cli::cmd_detokenize, "token ids back to text"},
+    {"train", dsv3::cli::cmd_train, "train a DeepSeek-V3-architecture model on the CPU (docs/TRAINING.md)"},
     {"bench", dsv3::cli::cmd_bench, "measure prefill and decode speed against the memory-bandwidth roofline"},
     {"inspect", dsv3::cli::cmd_inspect, "print a checkpoint's configuration and tensors"},
     {"random-checkpoint", dsv3::cli::cmd_random_checkpoint, "write a random-weight checkpoint for tests and benchmarks"},

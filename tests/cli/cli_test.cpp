@@ -49,7 +49,8 @@ test::TempDir* CliTest::dir_ = nullptr;
 }  // namespace
 
 TEST_F(CliTest, HelpForEveryCommand) {
-  for (const char* cmd : {"logits", "generate", "chat", "tokenize", "detokenize", "bench", "inspect", "random-checkpoint"}) {
+  for (const char* cmd : {"logits", "generate", "chat", "serve", "tokenize", "detokenize", "train", "bench", "inspect",
+                          "random-checkpoint"}) {
     const Result r = run(std::string(cmd) + " --help");
     EXPECT_EQ(r.code, 0) << cmd;
     EXPECT_NE(r.out.find("usage: dsv3 " + std::string(cmd)), std::string::npos) << r.out;
