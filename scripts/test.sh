@@ -9,6 +9,8 @@ scripts/fetch_tokenizer.sh >/dev/null
 export DSV3_REQUIRE_TOKENIZER=1
 
 jobs=$(nproc)
+# Let ccache reuse objects across checkouts in different folders (CI clones afresh each time).
+export CCACHE_BASEDIR="$PWD" CCACHE_NOHASHDIR=1
 cmake --preset debug-asan >/dev/null
 cmake --build --preset debug-asan -j "$jobs"
 # GPU tests (label gpu) need a GPU machine: bench/cuda/run_bench.sh runs them there.

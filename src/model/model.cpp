@@ -38,19 +38,6 @@ void Model::embed(const Matrix& table, std::span<const int32_t> tokens, float* x
   }
 }
 
-void Model::rope_tables(int64_t pos0, int64_t n, std::vector<float>& cos, std::vector<float>& sin) const {
-  const int64_t half = cfg_.qk_rope_head_dim / 2;
-  const double scale = cfg_.rope_cos_sin_scale();
-  cos.resize(static_cast<size_t>(n * half));
-  sin.resize(static_cast<size_t>(n * half));
-  for (int64_t t = 0; t < n; ++t)
-    for (int64_t i = 0; i < half; ++i) {
-      const double angle = static_cast<double>(pos0 + t) * inv_freq_[i];
-      cos[t * half + i] = static_cast<float>(std::cos(angle) * scale);
-      sin[t * half + i] = static_cast<float>(std::sin(angle) * scale);
-    }
-}
-
 std::vector<float> Model::forward(std::span<const int32_t> tokens, LatentCache& cache, const ForwardOptions& opt) {
   const int64_t n = static_cast<int64_t>(tokens.size()), D = cfg_.hidden_size, V = cfg_.vocab_size;
   check(n > 0, "no tokens to run");
@@ -112,7 +99,7 @@ void Model::attention(const AttentionWeights& a, int64_t cache_layer, const floa
   std::vector<float> kva(static_cast<size_t>(n * (C + dr)));
   linear(a.kv_a_proj, xn, n, kva.data());
   std::vector<float> cos, sin;
-  rope_tables(pos0, n, cos, sin);
+  cpu::rope_tables(inv_freq_, cfg_.rope_cos_sin_scale(), pos0, n, cos, sin);
   const int64_t half = dr / 2;
   for (int64_t t = 0; t < n; ++t) {
     float* row = cache.row(cache_layer, pos0 + t);

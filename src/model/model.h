@@ -62,7 +62,6 @@ class Model {
   void moe(const MoEWeights& m, const float* xn, int64_t n, float* out);
   void swiglu(const SwiGLUWeights& s, const float* x, int64_t n, float* out);
   void embed(const Matrix& table, std::span<const int32_t> tokens, float* x) const;
-  void rope_tables(int64_t pos0, int64_t n, std::vector<float>& cos, std::vector<float>& sin) const;
 
   ModelConfig cfg_;
   Checkpoint ckpt_;

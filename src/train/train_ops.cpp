@@ -7,6 +7,7 @@
 #include <numeric>
 
 #include "core/error.h"
+#include "ops/cpu/ops.h"
 
 namespace dsv3::train {
 
@@ -106,16 +107,11 @@ void linear_backward(T* dx, T* dW, const T* dy, const T* x, const T* W, int64_t 
 template <typename T>
 void rope_tables(std::vector<T>& cos, std::vector<T>& sin, const std::vector<double>& inv_freq, double scale,
                  int64_t pos0, int64_t n) {
-  const int64_t half = static_cast<int64_t>(inv_freq.size());
-  cos.resize(static_cast<size_t>(n * half));
-  sin.resize(static_cast<size_t>(n * half));
-  for (int64_t t = 0; t < n; ++t)
-    for (int64_t i = 0; i < half; ++i) {
-      const double angle = static_cast<double>(pos0 + t) * inv_freq[i];
-      // Rounded to float first, exactly as the inference engine builds its tables.
-      cos[t * half + i] = static_cast<T>(static_cast<float>(std::cos(angle) * scale));
-      sin[t * half + i] = static_cast<T>(static_cast<float>(std::sin(angle) * scale));
-    }
+  // The inference engine's own tables (float), so that training and inference rotate identically.
+  std::vector<float> c, s;
+  cpu::rope_tables(inv_freq, scale, pos0, n, c, s);
+  cos.assign(c.begin(), c.end());
+  sin.assign(s.begin(), s.end());
 }
 template <typename T>
 void rope_forward(T* y, const T* x, const T* cos, const T* sin, int64_t n, int64_t heads, int64_t stride,

@@ -70,6 +70,19 @@ void rmsnorm(const float* x, const float* w, int64_t n, int64_t dim, float eps, 
   }
 }
 
+void rope_tables(const std::vector<double>& inv_freq, double scale, int64_t pos0, int64_t n, std::vector<float>& cos,
+                 std::vector<float>& sin) {
+  const int64_t half = static_cast<int64_t>(inv_freq.size());
+  cos.resize(static_cast<size_t>(n * half));
+  sin.resize(static_cast<size_t>(n * half));
+  for (int64_t t = 0; t < n; ++t)
+    for (int64_t i = 0; i < half; ++i) {
+      const double angle = static_cast<double>(pos0 + t) * inv_freq[i];
+      cos[t * half + i] = static_cast<float>(std::cos(angle) * scale);
+      sin[t * half + i] = static_cast<float>(std::sin(angle) * scale);
+    }
+}
+
 void rope_interleaved(float* v, int64_t dim, const float* cos, const float* sin) {
   for (int64_t i = 0; i < dim / 2; ++i) {
     const float a = v[2 * i], b = v[2 * i + 1];

@@ -4,6 +4,7 @@
 
 #include <cmath>
 #include <cstdint>
+#include <vector>
 
 #include "core/matrix.h"
 
@@ -22,6 +23,11 @@ void linear_transposed_rows(const Matrix& W, int64_t row0, int64_t k, const floa
 
 // y = w * x / sqrt(mean(x^2) + eps), row by row; x and y may alias.
 void rmsnorm(const float* x, const float* w, int64_t n, int64_t dim, float eps, float* y);
+
+// cos/sin of every (position, pair) for positions [pos0, pos0 + n): angle = pos * inv_freq[i] in double,
+// times `scale` (YaRN's cos/sin factor), rounded to float. Rows of inv_freq.size() values.
+void rope_tables(const std::vector<double>& inv_freq, double scale, int64_t pos0, int64_t n, std::vector<float>& cos,
+                 std::vector<float>& sin);
 
 // Rotates interleaved pairs (v[2i], v[2i+1]) by the angle whose cos/sin are given per pair.
 void rope_interleaved(float* v, int64_t dim, const float* cos, const float* sin);
