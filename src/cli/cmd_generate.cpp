@@ -23,18 +23,6 @@ namespace dsv3::cli {
 
 namespace {
 
-// --device: cpu, or cuda when this build has the GPU engine.
-void check_device(const std::string& device) {
-#ifdef DSV3_HAVE_CUDA
-  check(device == "cpu" || device == "cuda", "--device must be cpu or cuda, got '" + device + "'");
-#else
-  check(device == "cpu", "--device " + device + " is not available in this build",
-        device == "cuda" ? "this dsv3 was built without CUDA (nvcc was not found): rebuild with -DDSV3_CUDA=ON on a "
-                           "machine with the CUDA toolkit, or use --device cpu"
-                         : "use --device cpu");
-#endif
-}
-
 #ifdef DSV3_HAVE_CUDA
 // The decode loop of Generator::run on the GPU engine (one sequence, fresh cache): prefill, then one
 // token at a time; on_token(id) returns false to stop; eos ids are reported but not fed back.

@@ -20,18 +20,6 @@ static_assert(std::endian::native == std::endian::little, "logits files are writ
 
 namespace {
 
-// --device: cpu, or cuda when this build has the GPU engine.
-void check_device(const std::string& device) {
-#ifdef DSV3_HAVE_CUDA
-  check(device == "cpu" || device == "cuda", "--device must be cpu or cuda, got '" + device + "'");
-#else
-  check(device == "cpu", "--device " + device + " is not available in this build",
-        device == "cuda" ? "this dsv3 was built without CUDA (nvcc was not found): rebuild with -DDSV3_CUDA=ON on a "
-                           "machine with the CUDA toolkit, or use --device cpu"
-                         : "use --device cpu");
-#endif
-}
-
 // Model (CPU) and CudaModel share new_cache/forward, so one body serves both devices.
 template <class Engine>
 std::vector<float> teacher_forced_logits(Engine& model, const std::vector<int32_t>& tokens, const ForwardOptions& opt) {

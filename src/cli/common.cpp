@@ -24,6 +24,17 @@ std::string model_dir(const Args& args) {
 
 void apply_threads(const Args& args) { set_num_threads(static_cast<int>(args.integer("threads", 0, 1, 4096))); }
 
+void check_device(const std::string& device) {
+#ifdef DSV3_HAVE_CUDA
+  check(device == "cpu" || device == "cuda", "--device must be cpu or cuda, got '" + device + "'");
+#else
+  check(device == "cpu", "--device " + device + " is not available in this build",
+        device == "cuda" ? "this dsv3 was built without CUDA (nvcc was not found): rebuild with -DDSV3_CUDA=ON on a "
+                           "machine with the CUDA toolkit, or use --device cpu"
+                         : "use --device cpu");
+#endif
+}
+
 std::array<FlagSpec, 4> sampling_flags() {
   return {FlagSpec{"temperature", "T", "0 for greedy (default), > 0 to sample"},
           FlagSpec{"top-k", "K", "sample among the K most likely tokens (default: all)"},

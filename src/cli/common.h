@@ -16,6 +16,8 @@ FlagSpec model_flag();
 FlagSpec threads_flag();
 std::string model_dir(const Args& args);  // resolves the default when --model has no value or is absent
 void apply_threads(const Args& args);
+// --device: cpu, or cuda when this build has the GPU engine; a clear error otherwise.
+void check_device(const std::string& device);
 
 // --temperature, --top-k, --top-p, --seed, and the SamplingParams they give.
 std::array<FlagSpec, 4> sampling_flags();

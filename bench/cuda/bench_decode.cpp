@@ -1,0 +1,152 @@
+// dsv3_bench_cuda: decode tokens/s at batch 1 of the CUDA engine on a checkpoint, next to the roofline
+// measured in the same run: bytes one decode step must read (active weights once + the latent cache)
+// over the device's measured copy bandwidth (cudaMemcpy device-to-device, read + write bytes).
+// The timed loop is what `dsv3 generate --device cuda` does per token: upload the id, replay the
+// captured step graph, copy the logits back, argmax on the host.
+#include <cuda_profiler_api.h>
+#include <cuda_runtime_api.h>
+
+#include <algorithm>
+#include <chrono>
+#include <cstdio>
+#include <cstdlib>
+#include <string>
+#include <vector>
+
+#include "core/error.h"
+#include "core/json.h"
+#include "engine/sampler.h"
+#include "model/cuda_model.h"
+#include "model/model.h"
+#include "ops/cuda/ops.h"
+
+namespace {
+
+double now_s() {
+  return std::chrono::duration<double>(std::chrono::steady_clock::now().time_since_epoch()).count();
+}
+
+// Best of several device-to-device copies of `bytes`, counting bytes read plus bytes written.
+double copy_bandwidth(size_t bytes) {
+  void *a = nullptr, *b = nullptr;
+  DSV3_CUDA_CHECK(cudaMalloc(&a, bytes));
+  DSV3_CUDA_CHECK(cudaMalloc(&b, bytes));
+  DSV3_CUDA_CHECK(cudaMemset(a, 1, bytes));
+  cudaEvent_t e0, e1;
+  DSV3_CUDA_CHECK(cudaEventCreate(&e0));
+  DSV3_CUDA_CHECK(cudaEventCreate(&e1));
+  double best = 0;
+  for (int i = 0; i < 12; ++i) {
+    DSV3_CUDA_CHECK(cudaEventRecord(e0));
+    DSV3_CUDA_CHECK(cudaMemcpy(i % 2 ? a : b, i % 2 ? b : a, bytes, cudaMemcpyDeviceToDevice));
+    DSV3_CUDA_CHECK(cudaEventRecord(e1));
+    DSV3_CUDA_CHECK(cudaEventSynchronize(e1));
+    float ms = 0;
+    DSV3_CUDA_CHECK(cudaEventElapsedTime(&ms, e0, e1));
+    if (i >= 2) best = std::max(best, 2.0 * static_cast<double>(bytes) / (ms * 1e-3));
+  }
+  cudaEventDestroy(e0);
+  cudaEventDestroy(e1);
+  cudaFree(a);
+  cudaFree(b);
+  return best;
+}
+
+int arg_int(int argc, char** argv, const char* name, int def) {
+  for (int i = 1; i + 1 < argc; ++i)
+    if (std::string(argv[i]) == name) return std::atoi(argv[i + 1]);
+  return def;
+}
+std::string arg_str(int argc, char** argv, const char* name, const char* def) {
+  for (int i = 1; i + 1 < argc; ++i)
+    if (std::string(argv[i]) == name) return argv[i + 1];
+  return def;
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  using namespace dsv3;
+  try {
+    const std::string dir = arg_str(argc, argv, "--model", "");
+    const std::string label = arg_str(argc, argv, "--label", dir.c_str());
+    const int n_prompt = arg_int(argc, argv, "--prompt-tokens", 128);
+    const int n_decode = arg_int(argc, argv, "--decode-tokens", 128);
+    check(!dir.empty(), "usage: dsv3_bench_cuda --model DIR [--prompt-tokens N] [--decode-tokens N] [--label L]");
+
+    double t0 = now_s();
+    Model host(dir);
+    CudaModel gpu(host);
+    const double load_s = now_s() - t0;
+    const ModelConfig& cfg = gpu.config();
+    std::vector<int32_t> prompt(static_cast<size_t>(n_prompt));
+    for (int i = 0; i < n_prompt; ++i) prompt[i] = static_cast<int32_t>(2 + (i * 7919) % (cfg.vocab_size - 2));
+
+    ForwardOptions last;
+    last.all_logits = false;
+    {  // warm-up: module load, graph capture
+      CudaLatentCache warm = gpu.new_cache(16);
+      std::vector<float> l = gpu.forward(std::span(prompt).subspan(0, 8), warm, last);
+      for (int i = 0; i < 4; ++i) {
+        const int32_t next[1] = {argmax(l.data(), cfg.vocab_size)};
+        l = gpu.forward(next, warm, last);
+      }
+    }
+    CudaLatentCache cache = gpu.new_cache(n_prompt + n_decode);
+    t0 = now_s();
+    std::vector<float> logits = gpu.forward(prompt, cache, last);
+    const double prefill_s = now_s() - t0;
+    // First decode step captures the graph for this cache; time the rest.
+    {
+      const int32_t next[1] = {argmax(logits.data(), cfg.vocab_size)};
+      logits = gpu.forward(next, cache, last);
+    }
+    t0 = now_s();
+    for (int i = 1; i < n_decode; ++i) {
+      const int32_t next[1] = {argmax(logits.data(), cfg.vocab_size)};
+      logits = gpu.forward(next, cache, last);
+    }
+    const double decode_s = now_s() - t0;
+    // DSV3_PROFILE=1: two more decode steps inside cudaProfilerStart/Stop, for
+    // `ncu --profile-from-start off` (bench/cuda/run_bench.sh aggregates the per-kernel times).
+    if (const char* prof = std::getenv("DSV3_PROFILE"); prof && *prof == '1') {
+      CudaLatentCache pc = gpu.new_cache(n_prompt + 4);
+      std::vector<float> l = gpu.forward(prompt, pc, last);
+      for (int i = 0; i < 3; ++i) {
+        if (i == 1) DSV3_CUDA_CHECK(cudaProfilerStart());
+        const int32_t next[1] = {argmax(l.data(), cfg.vocab_size)};
+        l = gpu.forward(next, pc, last);
+      }
+      DSV3_CUDA_CHECK(cudaProfilerStop());
+    }
+    const double tps = (n_decode - 1) / decode_s;
+    const double bw = copy_bandwidth(size_t{2} << 30);
+    const size_t bytes = gpu.decode_bytes_per_token(n_prompt + n_decode / 2);
+    const double roof = bw / static_cast<double>(bytes);
+
+    Json j = {{"label", label},
+              {"device", gpu.device_name()},
+              {"config", cfg.summary()},
+              {"weights_gb", static_cast<double>(gpu.weight_bytes()) / 1e9},
+              {"load_s", load_s},
+              {"prompt_tokens", n_prompt},
+              {"decode_tokens", n_decode},
+              {"prefill_tokens_per_s", n_prompt / prefill_s},
+              {"decode_tokens_per_s", tps},
+              {"decode_ms_per_token", 1e3 / tps},
+              {"decode_bytes_per_token", bytes},
+              {"decode_gb_s", tps * static_cast<double>(bytes) / 1e9},
+              {"copy_bandwidth_gb_s", bw / 1e9},
+              {"roofline_tokens_per_s", roof},
+              {"roofline_fraction", tps / roof}};
+    std::printf("%s\n", j.dump().c_str());
+    std::printf("| %s | %s | batch 1, ctx %d+%d | %.1f tok/s (%.3f ms) | %.1f MB/token, %.0f GB/s of %.0f GB/s copy | %.1f%% |\n",
+                label.c_str(), gpu.device_name().c_str(), n_prompt, n_decode, tps, 1e3 / tps,
+                static_cast<double>(bytes) / 1e6, tps * static_cast<double>(bytes) / 1e9, bw / 1e9, 100.0 * tps / roof);
+    return 0;
+  } catch (const dsv3::Error& e) {
+    std::fprintf(stderr, "error: %s\n", e.what());
+    if (!e.hint().empty()) std::fprintf(stderr, "hint: %s\n", e.hint().c_str());
+    return 1;
+  }
+}

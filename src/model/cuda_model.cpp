@@ -1,0 +1,625 @@
+#include "model/cuda_model.h"
+
+#include <cuda_runtime_api.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cstring>
+#include <map>
+#include <numeric>
+#include <random>
+#include <string>
+
+#include "core/error.h"
+#include "ops/cuda/ops.h"
+
+namespace dsv3 {
+
+using cuda::DeviceMatrix;
+using cuda::MatrixPtrs;
+
+namespace {
+
+constexpr float kLatentNormEps = 1e-6f;  // q_a_layernorm and kv_a_layernorm, as in model.cpp
+
+std::string gib(size_t bytes) {
+  char buf[32];
+  std::snprintf(buf, sizeof buf, "%.2f GiB", static_cast<double>(bytes) / (1ull << 30));
+  return buf;
+}
+
+// Selects the device and checks that one exists, with a hint for users on machines without a GPU.
+void select_device(int device) {
+  int count = 0;
+  const cudaError_t err = cudaGetDeviceCount(&count);
+  check(err == cudaSuccess && count > 0,
+        std::string("--device cuda: no CUDA GPU is available (") +
+            (err == cudaSuccess ? "no devices" : cudaGetErrorString(err)) + ")",
+        "run on a machine with an NVIDIA GPU (this build targets Hopper, sm_90a) or use --device cpu");
+  check(device >= 0 && device < count, "CUDA device " + std::to_string(device) + " does not exist (" +
+                                           std::to_string(count) + " found)");
+  DSV3_CUDA_CHECK(cudaSetDevice(device));
+}
+
+}  // namespace
+
+// ---------------------------------------------------------------------------------------------------
+// CudaLatentCache
+
+CudaLatentCache::CudaLatentCache(int64_t n_layers, int64_t latent_dim, int64_t rope_dim, int64_t max_tokens,
+                                 uint64_t shuffle_seed)
+    : n_layers_(n_layers), latent_dim_(latent_dim), rope_dim_(rope_dim), max_tokens_(max_tokens) {
+  static std::atomic<uint64_t> next_id{1};
+  id_ = next_id++;
+  DSV3_ASSERT(n_layers > 0 && latent_dim > 0 && rope_dim > 0 && max_tokens > 0);
+  const int64_t pages = (max_tokens + kBlockTokens - 1) / kBlockTokens;
+  const size_t page_floats = static_cast<size_t>(n_layers * kBlockTokens * row_width());
+  const size_t bytes = static_cast<size_t>(pages) * page_floats * sizeof(float);
+  size_t free_b = 0, total_b = 0;
+  DSV3_CUDA_CHECK(cudaMemGetInfo(&free_b, &total_b));
+  check(bytes + (64ull << 20) <= free_b,
+        "the latent cache for " + std::to_string(max_tokens) + " tokens needs " + gib(bytes) + " of GPU memory; " +
+            gib(free_b) + " is free",
+        "use a shorter prompt or fewer --max-new-tokens");
+  DSV3_CUDA_CHECK(cudaMalloc(reinterpret_cast<void**>(&storage_), bytes));
+  DSV3_CUDA_CHECK(cudaMemset(storage_, 0xff, bytes));  // all-ones bytes: NaN in every float
+  order_.resize(static_cast<size_t>(pages));
+  std::iota(order_.begin(), order_.end(), 0);
+  if (shuffle_seed != 0) {
+    std::mt19937_64 rng(shuffle_seed);
+    std::shuffle(order_.begin(), order_.end(), rng);
+  }
+  std::vector<float*> table(static_cast<size_t>(pages));
+  for (int64_t i = 0; i < pages; ++i) table[i] = storage_ + static_cast<size_t>(order_[i]) * page_floats;
+  DSV3_CUDA_CHECK(cudaMalloc(reinterpret_cast<void**>(&page_table_), table.size() * sizeof(float*)));
+  DSV3_CUDA_CHECK(cudaMemcpy(page_table_, table.data(), table.size() * sizeof(float*), cudaMemcpyHostToDevice));
+  DSV3_CUDA_CHECK(cudaDeviceSynchronize());  // the engine's stream does not wait for the legacy stream
+}
+
+CudaLatentCache::CudaLatentCache(CudaLatentCache&& o) noexcept
+    : n_layers_(o.n_layers_), latent_dim_(o.latent_dim_), rope_dim_(o.rope_dim_), max_tokens_(o.max_tokens_),
+      length_(o.length_), storage_(o.storage_), page_table_(o.page_table_), order_(std::move(o.order_)), id_(o.id_) {
+  o.storage_ = nullptr;
+  o.page_table_ = nullptr;
+}
+
+CudaLatentCache::~CudaLatentCache() {
+  if (storage_) cudaFree(storage_);
+  if (page_table_) cudaFree(page_table_);
+}
+
+void CudaLatentCache::truncate(int64_t new_length) {
+  DSV3_ASSERT(new_length >= 0 && new_length <= length_);
+  length_ = new_length;
+}
+
+void CudaLatentCache::reserve(int64_t n) const {
+  const int64_t need = length_ + n;
+  check(need <= max_tokens_, "context is full: " + std::to_string(need) + " tokens needed, the limit is " +
+                                 std::to_string(max_tokens_),
+        "use a shorter prompt or fewer new tokens, or raise the context limit (--ctx)");
+}
+
+std::vector<float> CudaLatentCache::row(int64_t layer, int64_t pos) const {
+  DSV3_ASSERT(layer >= 0 && layer < n_layers_ && pos >= 0 && pos < max_tokens_);
+  const size_t page_floats = static_cast<size_t>(n_layers_ * kBlockTokens * row_width());
+  const float* src = storage_ + static_cast<size_t>(order_[pos / kBlockTokens]) * page_floats +
+                     static_cast<size_t>((layer * kBlockTokens + pos % kBlockTokens) * row_width());
+  std::vector<float> out(static_cast<size_t>(row_width()));
+  DSV3_CUDA_CHECK(cudaMemcpy(out.data(), src, out.size() * sizeof(float), cudaMemcpyDeviceToHost));
+  return out;
+}
+
+// ---------------------------------------------------------------------------------------------------
+// CudaModel
+
+struct DevSwiGLU {
+  DeviceMatrix gate, up, down;
+};
+
+struct DevLayer {
+  const float* input_norm = nullptr;
+  const float* post_norm = nullptr;
+  DeviceMatrix q_a, q_b, q, kv_a, kv_b, o;
+  const float* q_a_norm = nullptr;
+  const float* kv_a_norm = nullptr;
+  bool is_moe = false;
+  DevSwiGLU mlp;     // dense layers
+  DeviceMatrix gate;  // router [E, D]
+  const float* score_bias = nullptr;
+  DevSwiGLU shared;  // absent when n_shared_experts == 0
+  DevSwiGLU expert_shape;  // shapes/dtypes of every routed expert (data pointers unused)
+  const MatrixPtrs* expert_gate = nullptr;
+  const MatrixPtrs* expert_up = nullptr;
+  const MatrixPtrs* expert_down = nullptr;
+};
+
+// Activation buffers for up to `cap` tokens per forward.
+struct Scratch {
+  int64_t cap = 0;
+  int splits = 1;
+  float *x = nullptr, *xn = nullptr, *h = nullptr, *qlora = nullptr, *q = nullptr, *kva = nullptr, *qabs = nullptr,
+        *olat = nullptr, *o = nullptr, *rlogits = nullptr, *wts = nullptr, *act = nullptr, *act_shared = nullptr,
+        *logits = nullptr,
+        *work = nullptr;
+  int32_t *ids = nullptr, *tokens = nullptr;
+  int64_t* pos = nullptr;
+};
+
+struct CudaModel::Impl {
+  ModelConfig cfg;
+  cudaStream_t stream = nullptr;
+  std::vector<void*> allocations;
+  std::map<const void*, DeviceMatrix> uploaded;  // host data -> device copy (tied embeddings share)
+  size_t weight_bytes = 0, decode_weight_bytes = 0;
+  std::string device_name;
+  int sm_count = 0;
+
+  DeviceMatrix embed, lm_head;
+  const float* final_norm = nullptr;
+  const double* inv_freq = nullptr;
+  std::vector<DevLayer> layers;
+  std::vector<std::vector<MatrixPtrs>> tables;  // keeps the host side of expert tables
+
+  Scratch s;
+  std::vector<void*> scratch_allocs;
+  uint64_t scratch_gen = 0;
+
+  bool use_graphs = true;
+  cudaGraphExec_t graph = nullptr;
+  uint64_t graph_cache = 0, graph_gen = 0;
+
+  ~Impl() {
+    if (graph) cudaGraphExecDestroy(graph);
+    for (void* p : scratch_allocs) cudaFree(p);
+    for (void* p : allocations) cudaFree(p);
+    if (stream) cudaStreamDestroy(stream);
+  }
+
+  void* device_alloc(size_t bytes, std::vector<void*>& owner, const std::string& what) {
+    void* p = nullptr;
+    const cudaError_t err = cudaMalloc(&p, std::max<size_t>(bytes, 16));
+    if (err != cudaSuccess) {
+      cudaGetLastError();
+      size_t free_b = 0, total_b = 0;
+      cudaMemGetInfo(&free_b, &total_b);
+      throw Error("out of GPU memory allocating " + gib(bytes) + " for " + what + " (" + gib(free_b) + " free of " +
+                      gib(total_b) + ")",
+                  "use an FP8 checkpoint, a shorter context, or --device cpu");
+    }
+    owner.push_back(p);
+    return p;
+  }
+
+  template <class T>
+  T* upload(const T* host, size_t count, const std::string& what) {
+    T* d = static_cast<T*>(device_alloc(count * sizeof(T), allocations, what));
+    DSV3_CUDA_CHECK(cudaMemcpy(d, host, count * sizeof(T), cudaMemcpyHostToDevice));
+    weight_bytes += count * sizeof(T);
+    return d;
+  }
+  const float* upload(const std::vector<float>& v, const std::string& what) { return upload(v.data(), v.size(), what); }
+
+  DeviceMatrix upload(const Matrix& m, const std::string& what) {
+    if (m.empty()) return {};
+    auto it = uploaded.find(m.data);
+    if (it != uploaded.end()) return it->second;
+    DeviceMatrix d;
+    d.rows = m.rows;
+    d.cols = m.cols;
+    d.dtype = m.dtype;
+    d.block_rows = m.block_rows;
+    d.block_cols = m.block_cols;
+    d.data = upload(m.data, static_cast<size_t>(m.rows * m.cols) * dtype_size(m.dtype), what);
+    if (m.dtype == DType::F8_E4M3) {
+      const size_t n = static_cast<size_t>(((m.rows + m.block_rows - 1) / m.block_rows) *
+                                           ((m.cols + m.block_cols - 1) / m.block_cols));
+      d.scale_inv = upload(m.scale_inv, n, what + " scales");
+    }
+    uploaded[m.data] = d;
+    return d;
+  }
+  DevSwiGLU upload(const SwiGLUWeights& w, const std::string& what) {
+    return {upload(w.gate_proj, what + ".gate_proj"), upload(w.up_proj, what + ".up_proj"),
+            upload(w.down_proj, what + ".down_proj")};
+  }
+  const MatrixPtrs* upload_table(const std::vector<DevSwiGLU>& ex, DeviceMatrix DevSwiGLU::*which) {
+    std::vector<MatrixPtrs> t;
+    for (const DevSwiGLU& e : ex) t.push_back({(e.*which).data, (e.*which).scale_inv});
+    tables.push_back(t);
+    const MatrixPtrs* d = upload(t.data(), t.size(), "expert table");
+    weight_bytes -= t.size() * sizeof(MatrixPtrs);
+    return d;
+  }
+
+  // ---- scratch -------------------------------------------------------------------------------------
+
+  int attention_splits(int64_t n) const {
+    // Enough (token, head, split) blocks to cover the GPU twice, each split at least one 64-key tile.
+    const int64_t blocks = n * cfg.num_attention_heads;
+    const int64_t want = (2 * static_cast<int64_t>(sm_count) + blocks - 1) / blocks;
+    return static_cast<int>(std::clamp<int64_t>(want, 1, 64));
+  }
+
+  void ensure_scratch(int64_t n) {
+    if (n <= s.cap) return;
+    const int64_t cap = std::max<int64_t>(n, 16);
+    for (void* p : scratch_allocs) cudaFree(p);
+    scratch_allocs.clear();
+    const ModelConfig& c = cfg;
+    const int64_t D = c.hidden_size, H = c.num_attention_heads, C = c.kv_lora_rank, dr = c.qk_rope_head_dim,
+                  dq = c.qk_head_dim(), k = std::max<int64_t>(c.num_experts_per_tok, 1);
+    const int64_t act_width = std::max(c.intermediate_size, c.moe_intermediate_size * k);
+    auto f = [&](int64_t count, const char* what) {
+      return static_cast<float*>(device_alloc(static_cast<size_t>(std::max<int64_t>(count, 1)) * sizeof(float),
+                                              scratch_allocs, std::string("activations (") + what + ")"));
+    };
+    Scratch t;
+    t.cap = cap;
+    t.splits = attention_splits(1);
+    t.x = f(cap * D, "x");
+    t.xn = f(cap * D, "xn");
+    t.h = f(cap * D, "h");
+    t.qlora = f(cap * std::max<int64_t>(c.q_lora_rank, 1), "q_a");
+    t.q = f(cap * H * dq, "q");
+    t.kva = f(cap * (C + dr), "kv_a");
+    t.qabs = f(cap * H * (C + dr), "q absorbed");
+    t.olat = f(cap * H * C, "attention latent out");
+    t.o = f(cap * H * c.v_head_dim, "attention out");
+    t.rlogits = f(cap * std::max<int64_t>(c.n_routed_experts, 1), "router logits");
+    t.wts = f(cap * k, "router weights");
+    t.act = f(cap * act_width, "SwiGLU activations");
+    t.act_shared = f(cap * c.moe_intermediate_size * c.n_shared_experts, "shared-expert activations");
+    t.logits = f(cap * c.vocab_size, "logits");
+    int64_t work = 0;
+    for (int64_t m = 1; m <= cap; ++m)
+      work = std::max(work, cuda::mla_attention_work_floats(m, H, C, attention_splits(m)));
+    t.work = f(work, "attention partials");
+    t.ids = static_cast<int32_t*>(device_alloc(static_cast<size_t>(cap * k) * 4, scratch_allocs, "expert ids"));
+    t.tokens = static_cast<int32_t*>(device_alloc(static_cast<size_t>(cap) * 4, scratch_allocs, "token ids"));
+    t.pos = static_cast<int64_t*>(device_alloc(8, scratch_allocs, "position"));
+    s = t;
+    ++scratch_gen;
+  }
+
+  // ---- forward ---------------------------------------------------------------------------------------
+
+  cuda::LinearParams lin(const DeviceMatrix& w, const float* x, int64_t ldx, int64_t n, float* y, int64_t ldy) const {
+    cuda::LinearParams p;
+    p.w = w;
+    p.n = n;
+    p.out = w.rows;
+    p.x = x;
+    p.ldx = ldx;
+    p.y = y;
+    p.ldy = ldy;
+    p.stream = stream;
+    return p;
+  }
+
+  // RMSNorm(x) into xn; returns xn. (Folding the norm into the GEMVs that read it saved launches but
+  // measured slower on an H100: the extra input traffic made the FP8 GEMV L1-bound. docs/CUDA.md.)
+  const float* normed(const float* x, int64_t ld, const float* w, int64_t n, int64_t dim, float eps, float* xn) const {
+    cuda::rmsnorm({x, ld, w, n, dim, eps, xn, ld, stream});
+    return xn;
+  }
+
+  // act = silu(gate in) * (up in) for a single (dense or shared) SwiGLU unit.
+  void swiglu_up(const DevSwiGLU& u, const float* in, int64_t n, float* act) {
+    cuda::LinearParams gu = lin(u.gate, in, cfg.hidden_size, n, act, u.gate.rows);
+    gu.w2 = u.up.data;
+    gu.w2_scale_inv = u.up.scale_inv;
+    cuda::linear(gu);
+  }
+  // x += down act.
+  void swiglu_down(const DevSwiGLU& u, const float* act, int64_t n) {
+    cuda::LinearParams down = lin(u.down, act, u.gate.rows, n, s.x, cfg.hidden_size);
+    down.accumulate = true;
+    cuda::linear(down);
+  }
+
+  void attention(const DevLayer& L, int64_t layer, int64_t n, const CudaLatentCache& cache, const float* in) {
+    const ModelConfig& c = cfg;
+    const int64_t D = c.hidden_size, H = c.num_attention_heads, C = c.kv_lora_rank, dn = c.qk_nope_head_dim,
+                  dr = c.qk_rope_head_dim, dv = c.v_head_dim, dq = dn + dr, dkv = dn + dv, W = C + dr;
+    if (c.q_lora_rank > 0) {
+      const int64_t Q = c.q_lora_rank;
+      cuda::linear(lin(L.q_a, in, D, n, s.qlora, Q));
+      const float* qa = normed(s.qlora, Q, L.q_a_norm, n, Q, kLatentNormEps, s.qlora);
+      cuda::linear(lin(L.q_b, qa, Q, n, s.q, H * dq));
+    } else {
+      cuda::linear(lin(L.q, in, D, n, s.q, H * dq));
+    }
+    cuda::linear(lin(L.kv_a, in, D, n, s.kva, W));
+
+    const cuda::CachePages pages{cache.device_page_table(), cache.layers(), W};
+    cuda::MlaPrepareParams prep;
+    prep.kva = s.kva;
+    prep.kv_norm = L.kv_a_norm;
+    prep.eps = kLatentNormEps;
+    prep.q = s.q;
+    prep.qabs = s.qabs;
+    prep.n = n;
+    prep.heads = H;
+    prep.latent = C;
+    prep.nope = dn;
+    prep.rope = dr;
+    prep.inv_freq = inv_freq;
+    prep.cos_sin_scale = c.rope_cos_sin_scale();
+    prep.pos0 = s.pos;
+    prep.cache = pages;
+    prep.layer = layer;
+    prep.stream = stream;
+    cuda::mla_prepare(prep);
+
+    // q_lat[h] = W_UK[h]^T q_nope[h], into the head of each absorbed query row.
+    cuda::LinearTransposedParams qt;
+    qt.w = L.kv_b;
+    qt.n = n;
+    qt.groups = H;
+    qt.k = dn;
+    qt.x = s.q;
+    qt.ldx_t = H * dq;
+    qt.ldx_g = dq;
+    qt.y = s.qabs;
+    qt.ldy_t = H * W;
+    qt.ldy_g = W;
+    qt.group_stride = dkv;
+    qt.row0 = 0;
+    qt.stream = stream;
+    cuda::linear_transposed(qt);
+
+    cuda::MlaAttentionParams at;
+    at.qabs = s.qabs;
+    at.n = n;
+    at.heads = H;
+    at.latent = C;
+    at.cache = pages;
+    at.layer = layer;
+    at.pos0 = s.pos;
+    at.scale = static_cast<float>(c.softmax_scale());
+    at.splits = attention_splits(n);
+    at.work = s.work;
+    at.out = s.olat;
+    at.stream = stream;
+    cuda::mla_attention(at);
+
+    // o[h] = W_UV[h] o_lat[h]: rows dn..dn+dv of each head's block of kv_b_proj.
+    cuda::LinearParams uv = lin(L.kv_b, s.olat, H * C, n, s.o, H * dv);
+    uv.out = H * dv;
+    uv.group_rows = dv;
+    uv.group_stride = dkv;
+    uv.row0 = dn;
+    uv.group_x = C;
+    cuda::linear(uv);
+
+    cuda::LinearParams op = lin(L.o, s.o, H * dv, n, s.x, D);
+    op.accumulate = true;
+    cuda::linear(op);
+  }
+
+  void moe(const DevLayer& L, int64_t n, const float* in) {
+    const ModelConfig& c = cfg;
+    const int64_t D = c.hidden_size, E = c.n_routed_experts, k = c.num_experts_per_tok, I = c.moe_intermediate_size;
+    cuda::linear(lin(L.gate, in, D, n, s.rlogits, E));
+    cuda::RouteParams r;
+    r.logits = s.rlogits;
+    r.bias = L.score_bias;
+    r.n = n;
+    r.experts = E;
+    r.k = k;
+    r.n_group = c.n_group;
+    r.topk_group = c.topk_group;
+    r.method = c.topk_method == TopkMethod::Greedy ? 0 : c.topk_method == TopkMethod::GroupLimitedGreedy ? 1 : 2;
+    r.sigmoid = c.scoring_func == ScoringFunc::Sigmoid;
+    r.norm_topk_prob = c.norm_topk_prob;
+    r.routed_scaling_factor = static_cast<float>(c.routed_scaling_factor);
+    r.ids = s.ids;
+    r.weights = s.wts;
+    r.stream = stream;
+    cuda::route(r);
+
+    // Every reader of the normed input runs before the first write to x (shared down, expert down).
+    if (c.n_shared_experts > 0) swiglu_up(L.shared, in, n, s.act_shared);
+
+    // Gate/up: each (token, slot) pair is one problem on its own expert's weights. Down: one problem per
+    // token summing its k experts with the routing weights straight into the residual stream.
+    cuda::LinearParams gu = lin(L.expert_shape.gate, in, D, n * k, s.act, I);
+    gu.experts = L.expert_gate;
+    gu.experts2 = L.expert_up;
+    gu.ids = s.ids;
+    gu.ids_settled = c.n_shared_experts > 0;  // the shared gate/up ran between routing and here
+    gu.x_div = k;
+    cuda::linear(gu);
+    if (c.n_shared_experts > 0) swiglu_down(L.shared, s.act_shared, n);
+    cuda::LinearParams down = lin(L.expert_shape.down, s.act, I, n, s.x, D);
+    down.experts = L.expert_down;
+    down.ids = s.ids;
+    down.ids_settled = true;  // routing is at least two launches back
+    down.combine = s.wts;
+    down.combine_k = k;
+    down.accumulate = true;
+    cuda::linear(down);
+  }
+
+  // Enqueues the whole forward for n tokens whose ids and first position are already on the device.
+  // Final norm + head over rows [first, n).
+  void enqueue(int64_t n, int64_t first, const CudaLatentCache& cache) {
+    const ModelConfig& c = cfg;
+    const int64_t D = c.hidden_size;
+    const float eps = static_cast<float>(c.rms_norm_eps);
+    cuda::embed({embed, s.tokens, n, s.x, stream});
+    for (int64_t l = 0; l < c.num_hidden_layers; ++l) {
+      const DevLayer& L = layers[l];
+      attention(L, l, n, cache, normed(s.x, D, L.input_norm, n, D, eps, s.xn));
+      const float* post = normed(s.x, D, L.post_norm, n, D, eps, s.xn);
+      if (L.is_moe) {
+        moe(L, n, post);
+      } else {
+        swiglu_up(L.mlp, post, n, s.act);
+        swiglu_down(L.mlp, s.act, n);
+      }
+    }
+    cuda::rmsnorm({s.x + first * D, D, final_norm, n - first, D, eps, s.h + first * D, D, stream});
+    cuda::linear(lin(lm_head, s.h + first * D, D, n - first, s.logits, c.vocab_size));
+  }
+};
+
+CudaModel::CudaModel(const Model& host, const CudaOptions& opt) : cfg_(host.config()), impl_(std::make_unique<Impl>()) {
+  Impl& m = *impl_;
+  m.cfg = cfg_;
+  m.use_graphs = opt.use_graphs;
+  select_device(opt.device);
+  cudaDeviceProp prop{};
+  DSV3_CUDA_CHECK(cudaGetDeviceProperties(&prop, opt.device));
+  m.device_name = prop.name;
+  m.sm_count = prop.multiProcessorCount;
+  DSV3_CUDA_CHECK(cudaStreamCreateWithFlags(&m.stream, cudaStreamNonBlocking));
+
+  const ModelConfig& c = cfg_;
+  const WeightSet& w = host.weights();
+  // Fit check before any upload: every weight plus a margin for activations and the cache.
+  size_t need = w.embed_tokens.bytes() + (w.lm_head.data == w.embed_tokens.data ? 0 : w.lm_head.bytes());
+  auto swiglu_bytes = [](const SwiGLUWeights& s) {
+    return s.gate_proj.empty() ? size_t{0} : s.gate_proj.bytes() + s.up_proj.bytes() + s.down_proj.bytes();
+  };
+  size_t decode = w.lm_head.bytes() + w.embed_tokens.bytes() / static_cast<size_t>(c.vocab_size);
+  for (const LayerWeights& l : w.layers) {
+    const AttentionWeights& a = l.attn;
+    const size_t attn = (a.q_a_proj.empty() ? 0 : a.q_a_proj.bytes() + a.q_b_proj.bytes()) +
+                        (a.q_proj.empty() ? 0 : a.q_proj.bytes()) + a.kv_a_proj.bytes() + a.kv_b_proj.bytes() +
+                        a.o_proj.bytes();
+    need += attn;
+    decode += attn;
+    if (l.is_moe) {
+      need += l.moe.gate.bytes() + swiglu_bytes(l.moe.shared);
+      for (const SwiGLUWeights& e : l.moe.experts) need += swiglu_bytes(e);
+      decode += l.moe.gate.bytes() + swiglu_bytes(l.moe.shared) +
+                static_cast<size_t>(c.num_experts_per_tok) * swiglu_bytes(l.moe.experts[0]);
+    } else {
+      need += swiglu_bytes(l.mlp);
+      decode += swiglu_bytes(l.mlp);
+    }
+  }
+  m.decode_weight_bytes = decode;
+  size_t free_b = 0, total_b = 0;
+  DSV3_CUDA_CHECK(cudaMemGetInfo(&free_b, &total_b));
+  check(need + (512ull << 20) <= free_b,
+        "the model's weights need " + gib(need) + " of GPU memory; " + m.device_name + " has " + gib(free_b) +
+            " free of " + gib(total_b),
+        "use an FP8 checkpoint (half the bytes of BF16), a smaller model, or --device cpu");
+
+  m.embed = m.upload(w.embed_tokens, "model.embed_tokens.weight");
+  m.lm_head = m.upload(w.lm_head, "lm_head.weight");
+  m.final_norm = m.upload(w.final_norm, "model.norm.weight");
+  const std::vector<double> inv = c.rope_inv_freq();
+  m.inv_freq = m.upload(inv.data(), inv.size(), "rope frequencies");
+  for (int64_t l = 0; l < c.num_hidden_layers; ++l) {
+    const LayerWeights& lw = w.layers[l];
+    const std::string p = "model.layers." + std::to_string(l) + ".";
+    DevLayer L;
+    L.input_norm = m.upload(lw.input_norm, p + "input_layernorm");
+    L.post_norm = m.upload(lw.post_attn_norm, p + "post_attention_layernorm");
+    const AttentionWeights& a = lw.attn;
+    L.q_a = m.upload(a.q_a_proj, p + "q_a_proj");
+    L.q_b = m.upload(a.q_b_proj, p + "q_b_proj");
+    L.q = m.upload(a.q_proj, p + "q_proj");
+    if (!a.q_a_norm.empty()) L.q_a_norm = m.upload(a.q_a_norm, p + "q_a_layernorm");
+    L.kv_a = m.upload(a.kv_a_proj, p + "kv_a_proj_with_mqa");
+    L.kv_a_norm = m.upload(a.kv_a_norm, p + "kv_a_layernorm");
+    L.kv_b = m.upload(a.kv_b_proj, p + "kv_b_proj");
+    L.o = m.upload(a.o_proj, p + "o_proj");
+    L.is_moe = lw.is_moe;
+    if (!lw.is_moe) {
+      L.mlp = m.upload(lw.mlp, p + "mlp");
+    } else {
+      L.gate = m.upload(lw.moe.gate, p + "mlp.gate");
+      if (!lw.moe.score_bias.empty()) L.score_bias = m.upload(lw.moe.score_bias, p + "e_score_correction_bias");
+      if (c.n_shared_experts > 0) L.shared = m.upload(lw.moe.shared, p + "mlp.shared_experts");
+      std::vector<DevSwiGLU> ex;
+      for (size_t e = 0; e < lw.moe.experts.size(); ++e)
+        ex.push_back(m.upload(lw.moe.experts[e], p + "mlp.experts." + std::to_string(e)));
+      L.expert_shape = ex.front();
+      L.expert_gate = m.upload_table(ex, &DevSwiGLU::gate);
+      L.expert_up = m.upload_table(ex, &DevSwiGLU::up);
+      L.expert_down = m.upload_table(ex, &DevSwiGLU::down);
+    }
+    m.layers.push_back(L);
+  }
+  m.ensure_scratch(16);
+  DSV3_CUDA_CHECK(cudaStreamSynchronize(m.stream));
+}
+
+CudaModel::~CudaModel() = default;
+
+CudaLatentCache CudaModel::new_cache(int64_t max_tokens, uint64_t shuffle_seed) const {
+  return CudaLatentCache(cfg_.num_hidden_layers, cfg_.kv_lora_rank, cfg_.qk_rope_head_dim, max_tokens, shuffle_seed);
+}
+
+size_t CudaModel::weight_bytes() const { return impl_->weight_bytes; }
+
+size_t CudaModel::decode_bytes_per_token(int64_t ctx) const {
+  return impl_->decode_weight_bytes +
+         static_cast<size_t>(ctx * cfg_.num_hidden_layers * (cfg_.kv_lora_rank + cfg_.qk_rope_head_dim)) * sizeof(float);
+}
+
+std::string CudaModel::device_name() const { return impl_->device_name; }
+
+std::vector<float> CudaModel::forward(std::span<const int32_t> tokens, CudaLatentCache& cache, const ForwardOptions& opt) {
+  Impl& m = *impl_;
+  const int64_t n = static_cast<int64_t>(tokens.size()), D = cfg_.hidden_size, V = cfg_.vocab_size;
+  check(n > 0, "no tokens to run");
+  for (int32_t t : tokens)
+    check(t >= 0 && t < V, "token id " + std::to_string(t) + " is out of range: the vocabulary has " +
+                               std::to_string(V) + " entries (ids 0.." + std::to_string(V - 1) + ")");
+  DSV3_ASSERT(cache.layers() == cfg_.num_hidden_layers &&
+              cache.row_width() == cfg_.kv_lora_rank + cfg_.qk_rope_head_dim);
+  cache.reserve(n);
+  m.ensure_scratch(n);
+
+  const int64_t pos0 = cache.length();
+  DSV3_CUDA_CHECK(cudaMemcpyAsync(m.s.tokens, tokens.data(), static_cast<size_t>(n) * 4, cudaMemcpyHostToDevice, m.stream));
+  DSV3_CUDA_CHECK(cudaMemcpyAsync(m.s.pos, &pos0, 8, cudaMemcpyHostToDevice, m.stream));
+
+  const int64_t first = (opt.all_logits || opt.final_hidden) ? 0 : n - 1;
+  const bool graph_step = m.use_graphs && n == 1 && !opt.final_hidden;
+  if (graph_step) {
+    if (!m.graph || m.graph_cache != cache.id() || m.graph_gen != m.scratch_gen) {
+      if (m.graph) DSV3_CUDA_CHECK(cudaGraphExecDestroy(m.graph));
+      m.graph = nullptr;
+      cudaGraph_t g = nullptr;
+      DSV3_CUDA_CHECK(cudaStreamBeginCapture(m.stream, cudaStreamCaptureModeThreadLocal));
+      try {
+        m.enqueue(1, 0, cache);
+      } catch (...) {
+        cudaStreamEndCapture(m.stream, &g);
+        if (g) cudaGraphDestroy(g);
+        throw;
+      }
+      DSV3_CUDA_CHECK(cudaStreamEndCapture(m.stream, &g));
+      const cudaError_t err = cudaGraphInstantiate(&m.graph, g, 0);
+      cudaGraphDestroy(g);
+      DSV3_CUDA_CHECK(err);
+      m.graph_cache = cache.id();
+      m.graph_gen = m.scratch_gen;
+    }
+    DSV3_CUDA_CHECK(cudaGraphLaunch(m.graph, m.stream));
+  } else {
+    m.enqueue(n, first, cache);
+  }
+
+  const int64_t rows = opt.all_logits ? n : 1;
+  std::vector<float> logits(static_cast<size_t>(rows * V));
+  const float* src = m.s.logits + (opt.all_logits ? 0 : (n - 1 - first) * V);
+  DSV3_CUDA_CHECK(cudaMemcpyAsync(logits.data(), src, logits.size() * sizeof(float), cudaMemcpyDeviceToHost, m.stream));
+  if (opt.final_hidden) {
+    opt.final_hidden->resize(static_cast<size_t>(n * D));
+    DSV3_CUDA_CHECK(cudaMemcpyAsync(opt.final_hidden->data(), m.s.h, static_cast<size_t>(n * D) * sizeof(float),
+                                    cudaMemcpyDeviceToHost, m.stream));
+  }
+  DSV3_CUDA_CHECK(cudaStreamSynchronize(m.stream));
+  cache.advance(n);
+  return logits;
+}
+
+}  // namespace dsv3

@@ -1,0 +1,91 @@
+// CudaModel: the forward pass of model.h on one NVIDIA GPU (Hopper, sm_90a), with the same semantics
+// and the same interface (new_cache / forward) as the CPU Model, so callers can be written once for
+// both. Weights are uploaded in their stored dtype (BF16/F16/F32, or FP8 e4m3 with 128x128 block
+// scales); activations, the latent cache and all accumulation are fp32. Attention always uses MLA's
+// absorbed form over the paged latent cache; MoE routing runs on the device. A one-token step is
+// captured once into a CUDA graph and replayed (positions and token ids live in device memory).
+// Kernels: src/ops/cuda/ops.h; design notes and measurements: docs/CUDA.md.
+#pragma once
+
+#include <cstdint>
+#include <memory>
+#include <span>
+#include <vector>
+
+#include "model/model.h"
+
+namespace dsv3 {
+
+// The latent cache of one sequence in GPU memory: pages of 64 tokens, each [layers][64][C + dr] fp32,
+// reached through a device page table. All pages are allocated up front (capacity tokens) and filled
+// with NaN, so a kernel that reads a row nobody wrote poisons the output instead of passing silently.
+class CudaLatentCache {
+ public:
+  static constexpr int64_t kBlockTokens = 64;
+
+  // shuffle_seed != 0 places the pages in a pseudo-random order (tests: the page table must be used).
+  CudaLatentCache(int64_t n_layers, int64_t latent_dim, int64_t rope_dim, int64_t max_tokens,
+                  uint64_t shuffle_seed = 0);
+  ~CudaLatentCache();
+  CudaLatentCache(CudaLatentCache&& other) noexcept;
+  CudaLatentCache& operator=(CudaLatentCache&&) = delete;
+  CudaLatentCache(const CudaLatentCache&) = delete;
+  CudaLatentCache& operator=(const CudaLatentCache&) = delete;
+
+  int64_t length() const { return length_; }
+  int64_t capacity() const { return max_tokens_; }
+  int64_t row_width() const { return latent_dim_ + rope_dim_; }
+  int64_t layers() const { return n_layers_; }
+  void truncate(int64_t new_length);
+  // Copies row (layer, pos) to the host (tests).
+  std::vector<float> row(int64_t layer, int64_t pos) const;
+
+  // For the engine: checks room for n more tokens (throws dsv3::Error like LatentCache::reserve).
+  void reserve(int64_t n) const;
+  void advance(int64_t n) { length_ += n; }
+  float* const* device_page_table() const { return page_table_; }
+  uint64_t id() const { return id_; }
+
+ private:
+  int64_t n_layers_, latent_dim_, rope_dim_, max_tokens_;
+  int64_t length_ = 0;
+  float* storage_ = nullptr;      // device: all pages
+  float** page_table_ = nullptr;  // device: [pages] pointers into storage_
+  std::vector<int64_t> order_;    // page i lives at storage_ slot order_[i]
+  uint64_t id_;
+};
+
+struct CudaOptions {
+  bool use_graphs = true;  // replay one-token steps from a captured CUDA graph
+  int device = 0;
+};
+
+class CudaModel {
+ public:
+  // Uploads the weights of a loaded (CPU) model; `host` may be destroyed afterwards. Throws
+  // dsv3::Error with a hint when there is no usable GPU or the weights do not fit in its memory.
+  explicit CudaModel(const Model& host, const CudaOptions& opt = {});
+  ~CudaModel();
+  CudaModel(const CudaModel&) = delete;
+  CudaModel& operator=(const CudaModel&) = delete;
+
+  const ModelConfig& config() const { return cfg_; }
+  CudaLatentCache new_cache(int64_t max_tokens, uint64_t shuffle_seed = 0) const;
+
+  // As Model::forward: runs `tokens` at positions [cache.length(), +n), appends their latent rows and
+  // returns logits [n x vocab] (or [1 x vocab] for the last token when !opt.all_logits).
+  // opt.attention is ignored (always absorbed); opt.final_hidden is honoured.
+  std::vector<float> forward(std::span<const int32_t> tokens, CudaLatentCache& cache, const ForwardOptions& opt = {});
+
+  // Weight bytes on the GPU, and bytes one batch-1 decode step must read at context `ctx` (roofline).
+  size_t weight_bytes() const;
+  size_t decode_bytes_per_token(int64_t ctx) const;
+  std::string device_name() const;
+
+ private:
+  struct Impl;
+  ModelConfig cfg_;
+  std::unique_ptr<Impl> impl_;
+};
+
+}  // namespace dsv3

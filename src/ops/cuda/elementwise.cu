@@ -1,0 +1,88 @@
+// Row-wise ops: embedding gather and RMSNorm; CUDA error checks.
+#include <string>
+
+#include "core/error.h"
+#include "ops/cuda/dequant.cuh"
+
+namespace dsv3::cuda {
+
+void check_cuda(cudaError_t err, const char* what, const char* file, int line) {
+  if (err == cudaSuccess) return;
+  const std::string msg = std::string("CUDA error: ") + cudaGetErrorString(err) + " (" + what + " at " + file + ":" +
+                          std::to_string(line) + ")";
+  if (err == cudaErrorMemoryAllocation)
+    throw Error(msg, "the GPU is out of memory: use a smaller context (--max-new-tokens, shorter prompt), an FP8 "
+                     "checkpoint, or --device cpu");
+  if (err == cudaErrorNoDevice || err == cudaErrorInsufficientDriver)
+    throw Error(msg, "no usable NVIDIA GPU was found: run with --device cpu");
+  throw Error(msg);
+}
+
+void check_launch(const char* kernel) {
+  const cudaError_t err = cudaGetLastError();
+  if (err != cudaSuccess) check_cuda(err, kernel, __FILE__, __LINE__);
+}
+
+namespace {
+
+template <int T>
+__global__ void embed_kernel(const EmbedParams p, const MatGeom g) {
+  const int64_t t = blockIdx.x;
+  const int64_t row = p.tokens[t];
+  for (int64_t c = threadIdx.x; c < g.cols; c += blockDim.x)
+    p.x[t * g.cols + c] = load1<T>(p.table.data, p.table.scale_inv, g, row, c);
+}
+
+// Block sum in double: every thread gets the total.
+__device__ double block_sum(double v, double* scratch) {
+  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, warps = blockDim.x / 32;
+  __syncthreads();  // scratch may still be read from a previous call
+  if (lane == 0) scratch[warp] = v;
+  __syncthreads();
+  double s = 0.0;
+  for (int w = 0; w < warps; ++w) s += scratch[w];
+  return s;
+}
+
+__global__ void rmsnorm_kernel(const RMSNormParams p) {
+  __shared__ double scratch[32];
+  const int64_t t = blockIdx.x;
+  const float* x = p.x + t * p.ldx;
+  float* y = p.y + t * p.ldy;
+  double ss = 0.0;
+  for (int64_t i = threadIdx.x; i < p.dim; i += blockDim.x) ss += static_cast<double>(x[i]) * x[i];
+  ss = block_sum(ss, scratch);
+  const float inv = static_cast<float>(1.0 / sqrt(ss / static_cast<double>(p.dim) + p.eps));
+  for (int64_t i = threadIdx.x; i < p.dim; i += blockDim.x) y[i] = p.w[i] * (x[i] * inv);
+}
+
+}  // namespace
+
+void embed(const EmbedParams& p) {
+  DSV3_ASSERT(p.n >= 0 && wt_of(p.table.dtype) >= 0);
+  if (p.n == 0) return;
+  DSV3_ASSERT(p.tokens && p.x && p.table.data);
+  MatGeom g{p.table.cols, 0, 1, 1};
+  if (p.table.dtype == DType::F8_E4M3)
+    g = {p.table.cols, (p.table.cols + p.table.block_cols - 1) / p.table.block_cols, p.table.block_rows,
+         p.table.block_cols};
+  const unsigned grid = static_cast<unsigned>(p.n);
+  switch (wt_of(p.table.dtype)) {
+    case kF32: embed_kernel<kF32><<<grid, 256, 0, p.stream>>>(p, g); break;
+    case kF16: embed_kernel<kF16><<<grid, 256, 0, p.stream>>>(p, g); break;
+    case kBF16: embed_kernel<kBF16><<<grid, 256, 0, p.stream>>>(p, g); break;
+    default: embed_kernel<kF8><<<grid, 256, 0, p.stream>>>(p, g); break;
+  }
+  check_launch("embed_kernel");
+}
+
+void rmsnorm(const RMSNormParams& p) {
+  DSV3_ASSERT(p.n >= 0 && p.dim > 0);
+  if (p.n == 0) return;
+  DSV3_ASSERT(p.x && p.w && p.y && p.ldx >= p.dim && p.ldy >= p.dim);
+  rmsnorm_kernel<<<static_cast<unsigned>(p.n), 256, 0, p.stream>>>(p);
+  check_launch("rmsnorm_kernel");
+}
+
+}  // namespace dsv3::cuda

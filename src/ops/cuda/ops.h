@@ -1,0 +1,169 @@
+// CUDA kernels of the GPU engine (src/model/cuda_model.h). Each op family is one plain params struct and
+// one launcher; the launcher checks shapes, strides and dtypes once, at this edge, then enqueues on
+// p.stream and checks the launch. Nothing here allocates or synchronizes, so a sequence of these calls
+// can be captured into a CUDA graph. Activations are fp32 [rows x width] with the given leading
+// dimension; weights stay in their stored dtype (BF16/F16/F32, or FP8 e4m3 with block scales).
+// Positions are read from device memory (`pos0`) so that a captured decode step replays unchanged.
+#pragma once
+
+#include <cuda_runtime_api.h>
+
+#include <cstdint>
+
+#include "core/dtype.h"
+
+namespace dsv3::cuda {
+
+// Throws dsv3::Error naming the failed call and CUDA's message (with a hint for out-of-memory).
+void check_cuda(cudaError_t err, const char* what, const char* file, int line);
+#define DSV3_CUDA_CHECK(expr) ::dsv3::cuda::check_cuda((expr), #expr, __FILE__, __LINE__)
+
+// A weight matrix on the device, row-major [rows x cols], in its stored dtype (see core/matrix.h).
+// FP8: real[r][c] = fp8[r][c] * scale_inv[r / block_rows][c / block_cols], edge blocks partial.
+struct DeviceMatrix {
+  int64_t rows = 0, cols = 0;
+  DType dtype = DType::Unknown;
+  const void* data = nullptr;
+  const float* scale_inv = nullptr;
+  int64_t block_rows = 0, block_cols = 0;
+};
+
+// The data pointers of one member of a family of same-shape matrices (the routed experts of a layer).
+struct MatrixPtrs {
+  const void* data = nullptr;
+  const float* scale_inv = nullptr;
+};
+
+// y[p][o] (= or +=) sum_c W_p[row(o)][c] * x_p(o)[c], for problems p < n and outputs o < out, where
+//   row(o) = (o / group_rows) * group_stride + row0 + o % group_rows    (group_rows 0: one group)
+//   x_p(o) = x + (p / x_div) * ldx + (o / group_rows) * group_x
+//   W_p    = experts ? experts[ids[p]] : w      (w always gives shape, dtype and block sizes)
+// Plain linear: n tokens, one group. Per-head W_UV of MLA: groups = heads, each with its own input.
+// Routed experts: p = token * k + slot, x_div = k. With w2 (or experts2) set, the output is the SwiGLU
+// activation silu(W x) * (W2 x) of a gate/up pair, computed from one pass over both. With `combine`
+// (experts only), problem p is a token and its k slots are summed in: y[p][o] (=|+=)
+// sum_j combine[p*k+j] * (W_{ids[p*k+j]}[o] . x[p*k+j]) (the weighted MoE combine, fused).
+// Expert matrices must be 16-byte aligned. Launched with programmatic dependent launch: the kernel
+// prefetches its weight rows before waiting for the previous kernel (ids too when ids_settled says
+// the kernel that wrote them is at least two launches back).
+struct LinearParams {
+  DeviceMatrix w;
+  const void* w2 = nullptr;
+  const float* w2_scale_inv = nullptr;
+  const MatrixPtrs* experts = nullptr;   // device array indexed by ids[p]
+  const MatrixPtrs* experts2 = nullptr;  // SwiGLU up matrices of the same experts
+  const int32_t* ids = nullptr;          // [n] expert of each problem ([n * combine_k] when combining)
+  bool ids_settled = false;
+  const float* combine = nullptr;        // [n * combine_k] routing weights
+  int64_t combine_k = 0;
+  int64_t n = 0, out = 0;
+  const float* x = nullptr;
+  int64_t ldx = 0, x_div = 1;
+  float* y = nullptr;
+  int64_t ldy = 0;
+  int64_t group_rows = 0, group_stride = 0, group_x = 0, row0 = 0;
+  bool accumulate = false;
+  cudaStream_t stream = nullptr;
+};
+void linear(const LinearParams& p);
+// Largest plain-matrix batch the GEMV path handles; larger batches use the tiled GEMM.
+constexpr int64_t kGemvMaxBatch = 16;
+
+// y[t][g][c] = sum_{j<k} x[t][g][j] * W[g * group_stride + row0 + j][c] for t < n, g < groups, c < W.cols:
+// MLA's absorbed query q_lat = W_UK^T q_nope, per head.
+struct LinearTransposedParams {
+  DeviceMatrix w;
+  int64_t n = 0, groups = 0, k = 0;
+  const float* x = nullptr;
+  int64_t ldx_t = 0, ldx_g = 0;
+  float* y = nullptr;
+  int64_t ldy_t = 0, ldy_g = 0;
+  int64_t group_stride = 0, row0 = 0;
+  cudaStream_t stream = nullptr;
+};
+void linear_transposed(const LinearTransposedParams& p);
+
+// x[t] = table[tokens[t]] (dequantized). Token ids must have been range-checked by the caller.
+struct EmbedParams {
+  DeviceMatrix table;
+  const int32_t* tokens = nullptr;
+  int64_t n = 0;
+  float* x = nullptr;  // [n x table.cols]
+  cudaStream_t stream = nullptr;
+};
+void embed(const EmbedParams& p);
+
+// y = w * x / sqrt(mean(x^2) + eps) per row (sum of squares in double, as the CPU engine); x may be y.
+struct RMSNormParams {
+  const float* x = nullptr;
+  int64_t ldx = 0;
+  const float* w = nullptr;
+  int64_t n = 0, dim = 0;
+  float eps = 0.0f;
+  float* y = nullptr;
+  int64_t ldy = 0;
+  cudaStream_t stream = nullptr;
+};
+void rmsnorm(const RMSNormParams& p);
+
+// The latent cache on the device: pages of 64 tokens, each [layers][64][width] floats, found through a
+// device array of page pointers (pages need not be contiguous or in order).
+struct CachePages {
+  float* const* pages = nullptr;
+  int64_t layers = 0, width = 0;  // width = latent + rope
+  static constexpr int64_t kPageTokens = 64;
+};
+
+// For new tokens t < n at positions *pos0 + t: writes cache row (layer, pos) = [RMSNorm(c) | RoPE(k_pe)]
+// from kva [n x (C + dr)], and the roped q_pe of every head into the absorbed query's tail:
+// qabs[t][h][C : C+dr] = RoPE(q[t][h][dn : dn+dr]). Angles pos * inv_freq[i] in double, as on the CPU.
+struct MlaPrepareParams {
+  const float* kva = nullptr;
+  const float* kv_norm = nullptr;  // [C]
+  float eps = 0.0f;
+  const float* q = nullptr;        // [n][heads][dn + dr]
+  float* qabs = nullptr;           // [n][heads][C + dr]
+  int64_t n = 0, heads = 0, latent = 0, nope = 0, rope = 0;
+  const double* inv_freq = nullptr;  // [rope / 2]
+  double cos_sin_scale = 1.0;
+  const int64_t* pos0 = nullptr;
+  CachePages cache;
+  int64_t layer = 0;
+  cudaStream_t stream = nullptr;
+};
+void mla_prepare(const MlaPrepareParams& p);
+
+// Absorbed multi-query attention over the cache: token t (position *pos0 + t) sees positions
+// 0..*pos0+t; score = qabs[t][h] . row * scale over the full [c | k_pe] row, values are the latents c.
+// out[t][h][:latent] = softmax-weighted sum of c. The keys are split into `splits` ranges processed in
+// parallel (partials in work, then combined), so short batches still fill the GPU.
+struct MlaAttentionParams {
+  const float* qabs = nullptr;  // [n][heads][width]
+  int64_t n = 0, heads = 0, latent = 0;
+  CachePages cache;
+  int64_t layer = 0;
+  const int64_t* pos0 = nullptr;
+  float scale = 0.0f;
+  int splits = 1;
+  float* work = nullptr;        // mla_attention_work_floats(...) floats
+  float* out = nullptr;         // [n][heads][latent]
+  cudaStream_t stream = nullptr;
+};
+int64_t mla_attention_work_floats(int64_t n, int64_t heads, int64_t latent, int splits);
+void mla_attention(const MlaAttentionParams& p);
+
+// Expert choice per token, exactly as route_token in src/model/model.cpp (REFERENCE.md §3.3).
+struct RouteParams {
+  const float* logits = nullptr;  // [n x experts]
+  const float* bias = nullptr;    // [experts] or null
+  int64_t n = 0, experts = 0, k = 0, n_group = 1, topk_group = 1;
+  int method = 0;                 // 0 greedy, 1 group_limited_greedy, 2 noaux_tc
+  bool sigmoid = true, norm_topk_prob = true;
+  float routed_scaling_factor = 1.0f;
+  int32_t* ids = nullptr;         // [n x k]
+  float* weights = nullptr;       // [n x k]
+  cudaStream_t stream = nullptr;
+};
+void route(const RouteParams& p);
+
+}  // namespace dsv3::cuda
