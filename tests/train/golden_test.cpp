@@ -51,7 +51,7 @@ double max_rel(const std::vector<T>& a, const std::vector<double>& b) {
 class TrainGolden : public ::testing::Test {
  protected:
   void SetUp() override {
-    if (!std::filesystem::exists(kDir + "/golden.json")) GTEST_SKIP() << "no golden at " << kDir;
+    ASSERT_TRUE(std::filesystem::exists(kDir + "/golden.json")) << "the committed golden is missing: " << kDir;
     golden_ = read_json_file(kDir + "/golden.json");
     config_ = read_json_file(kDir + "/config.json");
     cfg_ = ModelConfig::from_json(config_, "golden");
