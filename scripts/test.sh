@@ -19,7 +19,7 @@ ctest --preset debug-asan -j "$jobs" -LE gpu
 # Fuzz the parsers of untrusted input briefly (longer runs: FUZZ_SECONDS=600 scripts/test.sh).
 seconds="${FUZZ_SECONDS:-20}"
 cmake --preset fuzz >/dev/null
-cmake --build --preset fuzz -j "$jobs"
+cmake --build --preset fuzz -j "$jobs" --target dsv3_fuzzers
 for target in build/fuzz/fuzz/fuzz_*; do
   name=$(basename "$target")
   corpus=fuzz/corpus/${name#fuzz_}

@@ -27,7 +27,7 @@ using tok::OrderedJson;
 class ChatSession {
  public:
   ChatSession(Model& model, const tok::Tokenizer& tokenizer, const Args& args)
-      : model_(model), tok_(tokenizer), chat_(tok::ChatTemplate::from_tokenizer(tokenizer)),
+      : tok_(tokenizer), chat_(tok::ChatTemplate::from_tokenizer(tokenizer)),
         sampler_(sampling_params(args)),
         max_new_(args.integer("max-new-tokens", 512, 1, 1 << 24)),
         gen_(model, std::min<int64_t>(model.config().max_position_embeddings, args.integer("ctx", 4096, 16, 1 << 24)),
@@ -79,7 +79,6 @@ class ChatSession {
     return ids;
   }
 
-  Model& model_;
   const tok::Tokenizer& tok_;
   tok::ChatTemplate chat_;
   Sampler sampler_;
