@@ -959,7 +959,8 @@ class Interpreter {
     while (true) {
       const size_t dot = p.find('.', start);
       const std::string part = p.substr(start, dot == std::string::npos ? std::string::npos : dot - start);
-      const bool numeric = !part.empty() && std::all_of(part.begin(), part.end(), ::isdigit);
+      // Digits index a list (as Jinja2's getattr on a dotted path does); too many for an int64 is a name.
+      const bool numeric = !part.empty() && part.size() <= 18 && std::all_of(part.begin(), part.end(), ::isdigit);
       cur = numeric ? get_item(cur, Value::integer(std::stoll(part))) : get_item(cur, Value::str(part));
       if (dot == std::string::npos) return cur;
       start = dot + 1;

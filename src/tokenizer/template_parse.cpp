@@ -297,9 +297,14 @@ class Lexer {
       const char e = src_[p++];
       const auto hex = [&](int n) {
         if (p + static_cast<size_t>(n) > src_.size()) error("truncated escape in string");
-        const char32_t v =
-            static_cast<char32_t>(std::stoul(src_.substr(p, static_cast<size_t>(n)), nullptr, 16));
-        p += static_cast<size_t>(n);
+        // Exactly n hex digits, as Python requires (no sign, no spaces, no shorter forms).
+        char32_t v = 0;
+        for (int k = 0; k < n; ++k) {
+          const char h = src_[p++];
+          const int d = h >= '0' && h <= '9' ? h - '0' : h >= 'a' && h <= 'f' ? h - 'a' + 10 : h >= 'A' && h <= 'F' ? h - 'A' + 10 : -1;
+          if (d < 0) error("invalid hexadecimal escape in string");
+          v = v * 16 + static_cast<char32_t>(d);
+        }
         return v;
       };
       switch (e) {

@@ -389,3 +389,15 @@ TEST(Fim, PsmPromptAndIds) {
 
 }  // namespace
 }  // namespace dsv3::tok
+
+namespace dsv3::tok {
+
+// Found by fuzz/fuzz_template: a malformed \x escape used to escape as std::invalid_argument.
+TEST(Template, BadHexEscapesAreErrors) {
+  EXPECT_THROW(Template::parse("{{ '\\xZZ' }}", "t"), dsv3::Error);
+  EXPECT_THROW(Template::parse("{{ '\\x 1' }}", "t"), dsv3::Error);
+  EXPECT_THROW(Template::parse("{{ '\\u12' }}", "t"), dsv3::Error);
+  EXPECT_EQ(Template::parse("{{ '\\x41\\u00e9' }}", "t").render(OrderedJson::object()), "A\xc3\xa9");
+}
+
+}  // namespace dsv3::tok
