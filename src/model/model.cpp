@@ -7,6 +7,7 @@
 
 #include "core/error.h"
 #include "core/threads.h"
+#include "model/routing.h"
 #include "ops/cpu/ops.h"
 
 namespace dsv3 {
@@ -181,36 +182,14 @@ void route_token(const ModelConfig& cfg, const float* logits, const std::vector<
   if (!bias.empty())
     for (int64_t e = 0; e < E; ++e) sel[e] += bias[e];
 
-  const float neg_inf = -std::numeric_limits<float>::infinity();
-  if (cfg.topk_method != TopkMethod::Greedy && cfg.n_group > 1) {
-    // Keep the topk_group best groups; a group scores the sum of its 2 best (noaux_tc) or its best
-    // (group_limited_greedy). Experts of dropped groups cannot be chosen.
-    const int64_t G = cfg.n_group, per = E / G;
-    std::vector<float> gscore(static_cast<size_t>(G));
-    for (int64_t g = 0; g < G; ++g) {
-      std::vector<float> grp(sel.begin() + g * per, sel.begin() + (g + 1) * per);
-      std::sort(grp.begin(), grp.end(), std::greater<float>());
-      gscore[g] = cfg.topk_method == TopkMethod::NoauxTc ? grp[0] + (per > 1 ? grp[1] : 0.0f) : grp[0];
-    }
-    std::vector<int64_t> order(static_cast<size_t>(G));
-    std::iota(order.begin(), order.end(), 0);
-    std::stable_sort(order.begin(), order.end(), [&](int64_t a, int64_t b) { return gscore[a] > gscore[b]; });
-    for (int64_t r = cfg.topk_group; r < G; ++r)
-      for (int64_t e = order[r] * per; e < (order[r] + 1) * per; ++e) sel[e] = neg_inf;
-  }
-
-  std::vector<int32_t> order(static_cast<size_t>(E));
-  std::iota(order.begin(), order.end(), 0);
-  std::stable_sort(order.begin(), order.end(), [&](int32_t a, int32_t b) { return sel[a] > sel[b]; });
+  choose_experts(cfg.topk_method, cfg.n_group, cfg.topk_group, k, sel, experts);
   float sum = 0.0f;
   for (int64_t i = 0; i < k; ++i) {
-    experts[i] = order[i];
-    weights[i] = s[order[i]];
+    weights[i] = s[experts[i]];
     sum += weights[i];
   }
-  // DeepSeek's V2 code either renormalizes or scales; V3 (noaux_tc) renormalizes and then scales.
-  const bool normalize = cfg.norm_topk_prob && k > 1;
-  const bool scale = !normalize || cfg.topk_method == TopkMethod::NoauxTc;
+  const bool normalize = routing_normalizes(cfg.norm_topk_prob, k);
+  const bool scale = routing_scales(cfg.norm_topk_prob, k, cfg.topk_method);
   for (int64_t i = 0; i < k; ++i) {
     if (normalize) weights[i] /= sum + 1e-20f;
     if (scale) weights[i] *= static_cast<float>(cfg.routed_scaling_factor);

@@ -7,6 +7,7 @@
 #include <numeric>
 
 #include "core/error.h"
+#include "model/routing.h"
 #include "ops/cpu/ops.h"
 
 namespace dsv3::train {
@@ -289,13 +290,8 @@ RouterSpec RouterSpec::from(const ModelConfig& cfg) {
 }
 
 namespace {
-bool router_normalizes(const RouterSpec& r) {
-  return r.norm_topk_prob && r.k > 1;
-}
-// DeepSeek's V2 code either renormalizes or scales; V3 (noaux_tc) renormalizes and then scales.
-bool router_scales(const RouterSpec& r) {
-  return !router_normalizes(r) || r.method == TopkMethod::NoauxTc;
-}
+bool router_normalizes(const RouterSpec& r) { return routing_normalizes(r.norm_topk_prob, r.k); }
+bool router_scales(const RouterSpec& r) { return routing_scales(r.norm_topk_prob, r.k, r.method); }
 }  // namespace
 
 template <typename T>
@@ -303,7 +299,6 @@ void route_forward(T* scores, int32_t* chosen, T* weights, const T* logits, cons
                    int64_t n, const RouterSpec& r) {
   const int64_t E = r.E, k = r.k;
   std::vector<T> sel(static_cast<size_t>(E));
-  std::vector<int32_t> order(static_cast<size_t>(E));
   for (int64_t t = 0; t < n; ++t) {
     const T* l = logits + t * E;
     T* s = scores + t * E;
@@ -317,29 +312,11 @@ void route_forward(T* scores, int32_t* chosen, T* weights, const T* logits, cons
       for (int64_t e = 0; e < E; ++e) s[e] /= sum;
     }
     for (int64_t e = 0; e < E; ++e) sel[e] = s[e] + (bias.empty() ? T(0) : static_cast<T>(bias[e]));
-    if (r.method != TopkMethod::Greedy && r.n_group > 1) {
-      const int64_t G = r.n_group, per = E / G;
-      std::vector<T> gscore(static_cast<size_t>(G));
-      for (int64_t g = 0; g < G; ++g) {
-        std::vector<T> grp(sel.begin() + g * per, sel.begin() + (g + 1) * per);
-        std::sort(grp.begin(), grp.end(), std::greater<T>());
-        gscore[g] = r.method == TopkMethod::NoauxTc ? grp[0] + (per > 1 ? grp[1] : T(0)) : grp[0];
-      }
-      std::vector<int64_t> gorder(static_cast<size_t>(G));
-      std::iota(gorder.begin(), gorder.end(), 0);
-      std::stable_sort(gorder.begin(), gorder.end(),
-                       [&](int64_t a, int64_t b) { return gscore[a] > gscore[b]; });
-      for (int64_t g = r.topk_group; g < G; ++g)
-        for (int64_t e = gorder[g] * per; e < (gorder[g] + 1) * per; ++e)
-          sel[e] = -std::numeric_limits<T>::infinity();
-    }
-    std::iota(order.begin(), order.end(), 0);
-    std::stable_sort(order.begin(), order.end(), [&](int32_t a, int32_t b) { return sel[a] > sel[b]; });
+    choose_experts(r.method, r.n_group, r.topk_group, k, sel, chosen + t * k);
     T sum = 0;
     for (int64_t i = 0; i < k; ++i) {
-      chosen[t * k + i] = order[i];
-      weights[t * k + i] = s[order[i]];
-      sum += s[order[i]];
+      weights[t * k + i] = s[chosen[t * k + i]];
+      sum += weights[t * k + i];
     }
     for (int64_t i = 0; i < k; ++i) {
       if (router_normalizes(r)) weights[t * k + i] /= sum + static_cast<T>(1e-20f);
