@@ -6,5 +6,5 @@ cd "$(dirname "${BASH_SOURCE[0]}")/.."
 scripts/setup.sh
 cmake --preset release >/dev/null
 cmake --build --preset release --target dsv3
-echo "+ build/release/dsv3 generate --model --tokens 0,5,17,42 --max-new-tokens 16 --ids"
-build/release/dsv3 generate --model --tokens 0,5,17,42 --max-new-tokens 16 --ids
+echo "+ build/release/dsv3 generate --model --prompt 'The capital of France' --max-new-tokens 40"
+build/release/dsv3 generate --model --prompt 'The capital of France' --max-new-tokens 40

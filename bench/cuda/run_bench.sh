@@ -5,7 +5,9 @@
 # bench/configs/v2_lite.json) next to the copy-bandwidth roofline measured in the same run.
 # Run from anywhere: bench/cuda/run_bench.sh. Logs go to $OUT (default build/cuda-bench).
 # Env: BIN=dir with prebuilt dsv3, dsv3_cuda_tests, dsv3_bench_cuda (skips the build when set and present);
-#      DTYPES="fp8 bf16"; PROMPT=128; DECODE=128; SANITIZE=1; TESTS=1.
+#      DTYPES="fp8 bf16"; PROMPT=128; DECODE=128; SANITIZE=1; TESTS=1;
+#      BASE=dir with an earlier dsv3_bench_cuda, benchmarked on the same checkpoints (before/after, same card);
+#      CONTEXTS="1024 32768": also decode after that many cached (synthetic) tokens.
 set -uo pipefail
 # Shared libraries carried next to prebuilt binaries (BIN/lib), for machines that lack them.
 export LD_LIBRARY_PATH=${BIN:+$BIN/lib:}${LD_LIBRARY_PATH:-}
@@ -67,6 +69,16 @@ for dt in ${DTYPES:-fp8 bf16}; do
   "$BIN/dsv3_bench_cuda" --model "$dir" --label "lite-$dt" --prompt-tokens "${PROMPT:-128}" \
     --decode-tokens "${DECODE:-128}" >"$OUT/bench_$dt.txt" 2>&1
   cat "$OUT/bench_$dt.txt" | tee -a "$summary"
+  if [ -n "${BASE:-}" ]; then
+    LD_LIBRARY_PATH=$BASE/lib:$LD_LIBRARY_PATH "$BASE/dsv3_bench_cuda" --model "$dir" --label "lite-$dt-base" \
+      --prompt-tokens "${PROMPT:-128}" --decode-tokens "${DECODE:-128}" >"$OUT/bench_${dt}_base.txt" 2>&1
+    grep '^|' "$OUT/bench_${dt}_base.txt" | tee -a "$summary"
+  fi
+  for ctx in ${CONTEXTS:-}; do
+    "$BIN/dsv3_bench_cuda" --model "$dir" --label "lite-$dt-ctx$ctx" --prompt-tokens 16 --decode-tokens 64 \
+      --context "$ctx" >"$OUT/bench_${dt}_ctx$ctx.txt" 2>&1
+    grep -E '^\||error' "$OUT/bench_${dt}_ctx$ctx.txt" | tee -a "$summary"
+  done
   # Per-kernel times of two graph-replayed decode steps (ncu serializes kernels: their sum leaves out the
   # launch gaps, which the step time above includes).
   if [ "${PROFILE:-0}" = 1 ] && [ "$dt" = "${PROFILE_DTYPE:-fp8}" ] && command -v ncu >/dev/null; then

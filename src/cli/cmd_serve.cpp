@@ -1,5 +1,6 @@
 // dsv3 serve: the OpenAI-compatible HTTP server (see src/server/server.h). SIGTERM or Ctrl-C stops it
-// gracefully: no new requests, waiting ones get 503, the running one finishes.
+// cleanly: no new requests; queued and running ones end with a 503 error to their clients.
+#include <algorithm>
 #include <atomic>
 #include <chrono>
 #include <csignal>
@@ -8,6 +9,7 @@
 
 #include "cli/commands.h"
 #include "cli/common.h"
+#include "core/error.h"
 #include "server/server.h"
 
 namespace dsv3::cli {
@@ -19,7 +21,7 @@ extern "C" void on_signal(int) { g_stop = true; }
 
 int cmd_serve(const Argv& argv) {
   Args args("serve", "Serves the model over HTTP with the OpenAI API: /v1/chat/completions, /v1/completions\n"
-                     "(with suffix for FIM), /v1/models, /health, /metrics.",
+                     "(with suffix for FIM), /v1/models, /health, /metrics, and a chat page at /.",
             {model_flag(),
              {"host", "ADDR", "address to listen on (default 127.0.0.1: this machine only)"},
              {"port", "N", "port (default 8080; 0 picks a free one)"},
@@ -27,6 +29,13 @@ int cmd_serve(const Argv& argv) {
              {"max-queue", "N", "waiting requests before 429 (default 64)"},
              {"ctx", "N", "context per request, prompt + completion (default 4096)"},
              {"model-name", "NAME", "the model id reported to clients (default: the folder name)"},
+             {"max-batch", "N", "sequences decoded together (default 8)"},
+             {"max-batch-tokens", "N", "tokens per engine step, decode plus prefill chunks (default 512)"},
+             {"cache-blocks", "N", "64-token blocks in the latent-cache pool (default: max-batch full contexts)"},
+             {"cache-memory-gb", "X", "size the block pool from a memory budget instead of --cache-blocks"},
+             {"cache-dir", "DIR", "keep prefix-cache blocks on disk here; they survive restarts"},
+             {"cache-dir-max-gb", "X", "size cap of --cache-dir, least recently used first out (default 10)"},
+             {"schedule", "fcfs|shortest", "admission order of waiting requests (default fcfs)"},
              threads_flag()});
   if (!args.parse(argv)) return 0;
   apply_threads(args);
@@ -38,6 +47,23 @@ int cmd_serve(const Argv& argv) {
   opt.max_queue = args.integer("max-queue", 64, 1, 1 << 20);
   opt.ctx = args.integer("ctx", 4096, 16, 1 << 24);
   opt.model_name = args.str("model-name");
+  opt.engine.max_batch = args.integer("max-batch", 8, 1, 4096);
+  opt.engine.max_batch_tokens = args.integer("max-batch-tokens", 512, 1, 1 << 24);
+  opt.engine.cache_blocks = args.integer("cache-blocks", 0, 0, int64_t{1} << 32);
+  const double memory_gb = args.number("cache-memory-gb", 0.0);
+  check(memory_gb >= 0.0 && memory_gb < 1e6, "--cache-memory-gb must be a size in GB, e.g. 4");
+  check(memory_gb == 0.0 || opt.engine.cache_blocks == 0, "give --cache-blocks or --cache-memory-gb, not both");
+  opt.cache_memory_bytes = static_cast<int64_t>(memory_gb * 1e9);
+  opt.engine.cache_dir = args.str("cache-dir");
+  const double disk_gb = args.number("cache-dir-max-gb", 10.0);
+  check(disk_gb > 0.0 && disk_gb < 1e6, "--cache-dir-max-gb must be a size in GB, e.g. 10");
+  opt.engine.cache_dir_max_bytes = static_cast<int64_t>(disk_gb * 1e9);
+  const std::string schedule = args.str("schedule", "fcfs");
+  check(schedule == "fcfs" || schedule == "shortest", "--schedule must be fcfs or shortest, got '" + schedule + "'");
+  opt.engine.shortest_first = schedule == "shortest";
+  // Every running or queued request holds an HTTP thread (streams especially), so there must be enough
+  // of them for the batch and the queue; beyond that the queue answers 429.
+  opt.http_threads = static_cast<int>(std::min<int64_t>(opt.engine.max_batch + opt.max_queue + 4, 1024));
 
   server::Server srv(opt);
   std::signal(SIGTERM, on_signal);

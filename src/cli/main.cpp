@@ -24,9 +24,13 @@ const Command kCommands[] = {
     {"tokenize", dsv3::cli::cmd_tokenize, "text (JSON lines) to token ids with a model's tokenizer"},
     {"detokenize", dsv3::cli::cmd_detokenize, "token ids back to text"},
     {"train", dsv3::cli::cmd_train, "train a DeepSeek-V3-architecture model on the CPU (docs/TRAINING.md)"},
+    {"train-tokenizer", dsv3::cli::cmd_train_tokenizer, "learn a byte-level BPE tokenizer from text (docs/DATA.md)"},
+    {"tokenize-corpus", dsv3::cli::cmd_tokenize_corpus, "text documents to uint32 token shards with FIM (docs/DATA.md)"},
     {"bench", dsv3::cli::cmd_bench, "measure prefill and decode speed against the memory-bandwidth roofline"},
     {"inspect", dsv3::cli::cmd_inspect, "print a checkpoint's configuration and tensors"},
     {"random-checkpoint", dsv3::cli::cmd_random_checkpoint, "write a random-weight checkpoint for tests and benchmarks"},
+    {"quantize", dsv3::cli::cmd_quantize, "convert a BF16/F16/F32 checkpoint to FP8 with 128x128 block scales"},
+    {"perplexity", dsv3::cli::cmd_perplexity, "perplexity of a model over a uint32 token file"},
 };
 
 void usage(FILE* out) {

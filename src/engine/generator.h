@@ -13,7 +13,8 @@
 
 namespace dsv3 {
 
-enum class FinishReason { Stop, Length };
+// Why a sequence ended. Generator::run returns Stop or Length; the Scheduler also reports the others.
+enum class FinishReason { Stop, Length, Cancelled, Error };
 
 class Generator {
  public:

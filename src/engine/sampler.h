@@ -1,10 +1,26 @@
-// Sampler: picks the next token from a row of logits. Temperature 0 is greedy (argmax, lowest id on
-// ties); otherwise softmax(logits / T) restricted by top-k and top-p, drawn from a seeded generator so
-// that a run is reproducible.
+// Sampler: picks the next token of one sequence from a row of logits, keeping that sequence's state
+// (the token counts penalties need, its seeded generator, the last token's logprobs) so that an engine
+// only ever calls sample(). The steps, in order:
+//   1. logprobs (when asked): log-softmax of the raw logits, before any penalty, mask or temperature,
+//      as the OpenAI API and vLLM report them;
+//   2. repetition_penalty (CTRL, Keskar et al. 2019, as Hugging Face applies it): every token seen in the
+//      prompt or the output so far has its logit divided by the penalty when positive, multiplied when
+//      negative;
+//   3. presence/frequency penalties (OpenAI): logit -= presence * [count > 0] + frequency * count, over
+//      the generated tokens only;
+//   4. the token filter (e.g. the JSON guard): disallowed tokens are removed;
+//   5. temperature 0 is greedy (argmax, lowest id on ties); otherwise softmax(logits / T) restricted by
+//      top-k, then top-p (nucleus), then min-p (tokens below min_p * p_max dropped), drawn from a
+//      generator seeded per request so that a run is reproducible.
 #pragma once
 
 #include <cstdint>
+#include <memory>
 #include <random>
+#include <span>
+#include <unordered_map>
+#include <unordered_set>
+#include <vector>
 
 namespace dsv3 {
 
@@ -12,17 +28,54 @@ struct SamplingParams {
   double temperature = 0.0;
   int64_t top_k = 0;     // 0: no limit
   double top_p = 1.0;    // nucleus mass kept
+  double min_p = 0.0;    // 0: off
+  double presence_penalty = 0.0;    // OpenAI range [-2, 2]
+  double frequency_penalty = 0.0;   // OpenAI range [-2, 2]
+  double repetition_penalty = 1.0;  // 1: off; > 1 discourages repeats
+  int64_t top_logprobs = -1;        // -1: no logprobs; N >= 0: the chosen token's and the N best
   uint64_t seed = 0;
+};
+
+// Restricts which tokens may come next (a grammar, a JSON guard). The sampler asks allowed() for the
+// candidates and calls accept() with the token it picked.
+class TokenFilter {
+ public:
+  virtual ~TokenFilter() = default;
+  virtual bool allowed(int32_t id) const = 0;
+  virtual void accept(int32_t id) = 0;
+};
+
+struct TokenLogprob {
+  int32_t id = 0;
+  float logprob = 0.0f;
+};
+
+struct SampleLogprobs {
+  TokenLogprob chosen;
+  std::vector<TokenLogprob> top;  // best first, ties by lower id
 };
 
 class Sampler {
  public:
-  explicit Sampler(const SamplingParams& p);
+  // `prompt` seeds the repetition-penalty set (Hugging Face penalizes prompt tokens too).
+  explicit Sampler(const SamplingParams& p, std::span<const int32_t> prompt = {});
   int32_t sample(const float* logits, int64_t vocab);
 
+  void set_filter(std::unique_ptr<TokenFilter> filter) { filter_ = std::move(filter); }
+  // The logprobs of the last sample() call; empty `top` and chosen.logprob 0 unless top_logprobs >= 0.
+  const SampleLogprobs& last_logprobs() const { return logprobs_; }
+  const SamplingParams& params() const { return p_; }
+
  private:
+  void fill_logprobs(const float* logits, int64_t vocab, int32_t chosen);
+
   SamplingParams p_;
   std::mt19937_64 rng_;
+  std::unique_ptr<TokenFilter> filter_;
+  std::unordered_map<int32_t, int64_t> generated_;  // token -> times generated
+  std::unordered_set<int32_t> seen_;                 // prompt + generated, for the repetition penalty
+  std::vector<float> work_;                          // the adjusted logits of this step
+  SampleLogprobs logprobs_;
 };
 
 int32_t argmax(const float* logits, int64_t n);

@@ -93,6 +93,23 @@ void CudaLatentCache::truncate(int64_t new_length) {
   length_ = new_length;
 }
 
+void CudaLatentCache::fill_synthetic(int64_t length, uint64_t seed) {
+  check(length >= 0 && length <= max_tokens_, "synthetic context of " + std::to_string(length) +
+                                                  " tokens does not fit the cache (" + std::to_string(max_tokens_) + ")");
+  // One random page, copied into every page the length touches (rows past `length` are overwritten
+  // too; nothing reads them).
+  const size_t page_floats = static_cast<size_t>(n_layers_ * kBlockTokens * row_width());
+  std::vector<float> page(page_floats);
+  std::mt19937_64 rng(seed);
+  std::normal_distribution<float> d(0.0f, 1.0f);
+  for (float& v : page) v = d(rng);
+  const int64_t pages = (length + kBlockTokens - 1) / kBlockTokens;
+  for (int64_t i = 0; i < pages; ++i)
+    DSV3_CUDA_CHECK(cudaMemcpy(storage_ + static_cast<size_t>(order_[i]) * page_floats, page.data(),
+                               page_floats * sizeof(float), cudaMemcpyHostToDevice));
+  length_ = length;
+}
+
 void CudaLatentCache::reserve(int64_t n) const {
   const int64_t need = length_ + n;
   check(need <= max_tokens_, "context is full: " + std::to_string(need) + " tokens needed, the limit is " +
@@ -120,15 +137,20 @@ struct DevSwiGLU {
 struct DevLayer {
   const float* input_norm = nullptr;
   const float* post_norm = nullptr;
-  DeviceMatrix q_a, q_b, q, kv_a, kv_b, o;
+  // qkv_a = [q_proj (or q_a_proj) rows, zero-padded to whole FP8 blocks | kv_a_proj rows]: one launch
+  // computes both from the normed input. kv_a is set only when the two could not be stacked.
+  DeviceMatrix qkv_a, kv_a, q_b, kv_b, o;
   const float* q_a_norm = nullptr;
   const float* kv_a_norm = nullptr;
   bool is_moe = false;
   DevSwiGLU mlp;     // dense layers
   DeviceMatrix gate;  // router [E, D]
   const float* score_bias = nullptr;
-  DevSwiGLU shared;  // absent when n_shared_experts == 0
+  DevSwiGLU shared;  // absent when n_shared_experts == 0, or when it runs as fixed experts
   DevSwiGLU expert_shape;  // shapes/dtypes of every routed expert (data pointers unused)
+  // The expert tables hold the routed experts, then `fixed` pieces of the shared experts (each the size
+  // of one routed expert), which every token runs with weight 1 in the same launches.
+  int64_t fixed = 0;
   const MatrixPtrs* expert_gate = nullptr;
   const MatrixPtrs* expert_up = nullptr;
   const MatrixPtrs* expert_down = nullptr;
@@ -138,11 +160,11 @@ struct DevLayer {
 struct Scratch {
   int64_t cap = 0;
   int splits = 1;
-  float *x = nullptr, *xn = nullptr, *h = nullptr, *qlora = nullptr, *q = nullptr, *kva = nullptr, *qabs = nullptr,
+  float *x = nullptr, *h = nullptr, *qkv = nullptr, *q = nullptr, *qabs = nullptr,
         *olat = nullptr, *o = nullptr, *rlogits = nullptr, *wts = nullptr, *act = nullptr, *act_shared = nullptr,
         *logits = nullptr,
         *work = nullptr;
-  int32_t *ids = nullptr, *tokens = nullptr;
+  int32_t *ids = nullptr, *tokens = nullptr, *counters = nullptr;
   int64_t* pos = nullptr;
 };
 
@@ -152,6 +174,7 @@ struct CudaModel::Impl {
   std::vector<void*> allocations;
   std::map<const void*, DeviceMatrix> uploaded;  // host data -> device copy (tied embeddings share)
   size_t weight_bytes = 0, decode_weight_bytes = 0;
+  int64_t q_part = 0;  // rows of the query section of every layer's qkv_a (padded)
   std::string device_name;
   int sm_count = 0;
 
@@ -223,6 +246,85 @@ struct CudaModel::Impl {
     return {upload(w.gate_proj, what + ".gate_proj"), upload(w.up_proj, what + ".up_proj"),
             upload(w.down_proj, what + ".down_proj")};
   }
+  // A matrix built on the host (bytes and FP8 scales in the layout of core/matrix.h).
+  DeviceMatrix upload_built(const Matrix& like, int64_t rows, int64_t cols, const std::vector<uint8_t>& bytes,
+                            const std::vector<float>& scales, const std::string& what) {
+    DeviceMatrix d;
+    d.rows = rows;
+    d.cols = cols;
+    d.dtype = like.dtype;
+    d.block_rows = like.block_rows;
+    d.block_cols = like.block_cols;
+    d.data = upload(bytes.data(), bytes.size(), what);
+    if (like.dtype == DType::F8_E4M3) d.scale_inv = upload(scales.data(), scales.size(), what + " scales");
+    return d;
+  }
+
+  // [a; b] as one matrix, a's rows zero-padded to whole FP8 blocks (so b keeps its own scale rows), for
+  // one launch over both. Returns {} when they cannot be stacked (dtype, width or blocks differ).
+  DeviceMatrix upload_stacked(const Matrix& a, const Matrix& b, int64_t& a_rows, const std::string& what) {
+    const bool fp8 = a.dtype == DType::F8_E4M3;
+    if (a.dtype != b.dtype || a.cols != b.cols || (fp8 && (a.block_rows != b.block_rows || a.block_cols != b.block_cols)))
+      return {};
+    a_rows = fp8 ? (a.rows + a.block_rows - 1) / a.block_rows * a.block_rows : a.rows;
+    const size_t row_bytes = static_cast<size_t>(a.cols) * dtype_size(a.dtype);
+    std::vector<uint8_t> bytes(static_cast<size_t>(a_rows + b.rows) * row_bytes, 0);
+    std::memcpy(bytes.data(), a.data, static_cast<size_t>(a.rows) * row_bytes);
+    std::memcpy(bytes.data() + static_cast<size_t>(a_rows) * row_bytes, b.data, static_cast<size_t>(b.rows) * row_bytes);
+    std::vector<float> scales;
+    if (fp8) {
+      const int64_t sc = (a.cols + a.block_cols - 1) / a.block_cols;
+      scales.assign(a.scale_inv, a.scale_inv + a_rows / a.block_rows * sc);
+      scales.insert(scales.end(), b.scale_inv, b.scale_inv + (b.rows + b.block_rows - 1) / b.block_rows * sc);
+    }
+    return upload_built(a, a_rows + b.rows, a.cols, bytes, scales, what);
+  }
+
+  // Columns [c0, c0 + width) of m as a matrix of their own (c0 and width on FP8 block boundaries).
+  DeviceMatrix upload_columns(const Matrix& m, int64_t c0, int64_t width, const std::string& what) {
+    const size_t es = dtype_size(m.dtype);
+    std::vector<uint8_t> bytes(static_cast<size_t>(m.rows * width) * es);
+    for (int64_t r = 0; r < m.rows; ++r)
+      std::memcpy(bytes.data() + static_cast<size_t>(r * width) * es, m.data + static_cast<size_t>(r * m.cols + c0) * es,
+                  static_cast<size_t>(width) * es);
+    std::vector<float> scales;
+    if (m.dtype == DType::F8_E4M3) {
+      const int64_t sc = (m.cols + m.block_cols - 1) / m.block_cols, srows = (m.rows + m.block_rows - 1) / m.block_rows;
+      for (int64_t r = 0; r < srows; ++r)
+        scales.insert(scales.end(), m.scale_inv + r * sc + c0 / m.block_cols,
+                      m.scale_inv + r * sc + (c0 + width) / m.block_cols);
+    }
+    return upload_built(m, m.rows, width, bytes, scales, what);
+  }
+
+  // The shared experts (n_shared * I rows of gate/up, as many columns of down) cut into n_shared pieces
+  // shaped like one routed expert, when the cuts fall on FP8 block edges and the dtypes match; else {}.
+  std::vector<DevSwiGLU> shared_as_experts(const SwiGLUWeights& sh, const SwiGLUWeights& routed, const std::string& what) {
+    const ModelConfig& c = cfg;
+    const int64_t ns = c.n_shared_experts, I = c.moe_intermediate_size;
+    const Matrix &g = sh.gate_proj, &u = sh.up_proj, &d = sh.down_proj, &rg = routed.gate_proj;
+    const bool fp8 = rg.dtype == DType::F8_E4M3;
+    auto same = [&](const Matrix& m, const Matrix& r) {
+      return m.dtype == r.dtype && (!fp8 || (m.block_rows == r.block_rows && m.block_cols == r.block_cols));
+    };
+    const size_t piece_bytes = static_cast<size_t>(I * g.cols) * dtype_size(g.dtype);
+    if (ns <= 0 || g.rows != ns * I || d.cols != ns * I || !same(g, rg) || !same(u, rg) ||
+        !same(d, routed.down_proj) || piece_bytes % 16 != 0 || (fp8 && (I % rg.block_rows || I % rg.block_cols)))
+      return {};
+    const DeviceMatrix dg = upload(g, what + ".gate_proj"), du = upload(u, what + ".up_proj");
+    std::vector<DevSwiGLU> out;
+    for (int64_t j = 0; j < ns; ++j) {
+      DevSwiGLU e{dg, du, upload_columns(d, j * I, I, what + ".down_proj piece " + std::to_string(j))};
+      for (DeviceMatrix* m : {&e.gate, &e.up}) {  // rows j*I.. of the stacked gate/up: pointer offsets
+        m->rows = I;
+        m->data = static_cast<const uint8_t*>(m->data) + piece_bytes * static_cast<size_t>(j);
+        if (fp8) m->scale_inv += j * I / rg.block_rows * ((g.cols + rg.block_cols - 1) / rg.block_cols);
+      }
+      out.push_back(e);
+    }
+    return out;
+  }
+
   const MatrixPtrs* upload_table(const std::vector<DevSwiGLU>& ex, DeviceMatrix DevSwiGLU::*which) {
     std::vector<MatrixPtrs> t;
     for (const DevSwiGLU& e : ex) t.push_back({(e.*which).data, (e.*which).scale_inv});
@@ -249,7 +351,7 @@ struct CudaModel::Impl {
     const ModelConfig& c = cfg;
     const int64_t D = c.hidden_size, H = c.num_attention_heads, C = c.kv_lora_rank, dr = c.qk_rope_head_dim,
                   dq = c.qk_head_dim(), k = std::max<int64_t>(c.num_experts_per_tok, 1);
-    const int64_t act_width = std::max(c.intermediate_size, c.moe_intermediate_size * k);
+    const int64_t act_width = std::max(c.intermediate_size, c.moe_intermediate_size * (k + c.n_shared_experts));
     auto f = [&](int64_t count, const char* what) {
       return static_cast<float*>(device_alloc(static_cast<size_t>(std::max<int64_t>(count, 1)) * sizeof(float),
                                               scratch_allocs, std::string("activations (") + what + ")"));
@@ -258,11 +360,9 @@ struct CudaModel::Impl {
     t.cap = cap;
     t.splits = attention_splits(1);
     t.x = f(cap * D, "x");
-    t.xn = f(cap * D, "xn");
     t.h = f(cap * D, "h");
-    t.qlora = f(cap * std::max<int64_t>(c.q_lora_rank, 1), "q_a");
+    t.qkv = f(cap * (q_part + C + dr), "q and kv_a");
     t.q = f(cap * H * dq, "q");
-    t.kva = f(cap * (C + dr), "kv_a");
     t.qabs = f(cap * H * (C + dr), "q absorbed");
     t.olat = f(cap * H * C, "attention latent out");
     t.o = f(cap * H * c.v_head_dim, "attention out");
@@ -275,6 +375,8 @@ struct CudaModel::Impl {
     for (int64_t m = 1; m <= cap; ++m)
       work = std::max(work, cuda::mla_attention_work_floats(m, H, C, attention_splits(m)));
     t.work = f(work, "attention partials");
+    t.counters = static_cast<int32_t*>(device_alloc(static_cast<size_t>(cap * H) * 4, scratch_allocs, "attention counters"));
+    DSV3_CUDA_CHECK(cudaMemsetAsync(t.counters, 0, static_cast<size_t>(cap * H) * 4, stream));
     t.ids = static_cast<int32_t*>(device_alloc(static_cast<size_t>(cap * k) * 4, scratch_allocs, "expert ids"));
     t.tokens = static_cast<int32_t*>(device_alloc(static_cast<size_t>(cap) * 4, scratch_allocs, "token ids"));
     t.pos = static_cast<int64_t*>(device_alloc(8, scratch_allocs, "position"));
@@ -297,20 +399,24 @@ struct CudaModel::Impl {
     return p;
   }
 
-  // RMSNorm(x) into xn; returns xn. (Folding the norm into the GEMVs that read it saved launches but
-  // measured slower on an H100: the extra input traffic made the FP8 GEMV L1-bound. docs/CUDA.md.)
-  const float* normed(const float* x, int64_t ld, const float* w, int64_t n, int64_t dim, float eps, float* xn) const {
-    cuda::rmsnorm({x, ld, w, n, dim, eps, xn, ld, stream});
-    return xn;
+  // The RMSNorm before a projection runs inside its GEMV (each warp weights the input values it loads
+  // anyway, and scales its dot products by 1/rms), so no normed copy of x is written or read.
+  cuda::LinearParams normed_lin(const DeviceMatrix& w, const float* norm, float eps, const float* x, int64_t ldx,
+                                int64_t n, float* y, int64_t ldy) const {
+    cuda::LinearParams p = lin(w, x, ldx, n, y, ldy);
+    p.norm = norm;
+    p.norm_eps = eps;
+    return p;
   }
 
-  // act = silu(gate in) * (up in) for a single (dense or shared) SwiGLU unit.
-  void swiglu_up(const DevSwiGLU& u, const float* in, int64_t n, float* act) {
-    cuda::LinearParams gu = lin(u.gate, in, cfg.hidden_size, n, act, u.gate.rows);
+  // act = silu(gate RMSNorm(x)) * (up RMSNorm(x)) for a single (dense or shared) SwiGLU unit.
+  void swiglu_up(const DevSwiGLU& u, const float* norm, int64_t n, float* act) {
+    cuda::LinearParams gu = normed_lin(u.gate, norm, eps(), s.x, cfg.hidden_size, n, act, u.gate.rows);
     gu.w2 = u.up.data;
     gu.w2_scale_inv = u.up.scale_inv;
     cuda::linear(gu);
   }
+  float eps() const { return static_cast<float>(cfg.rms_norm_eps); }
   // x += down act.
   void swiglu_down(const DevSwiGLU& u, const float* act, int64_t n) {
     cuda::LinearParams down = lin(u.down, act, u.gate.rows, n, s.x, cfg.hidden_size);
@@ -318,26 +424,30 @@ struct CudaModel::Impl {
     cuda::linear(down);
   }
 
-  void attention(const DevLayer& L, int64_t layer, int64_t n, const CudaLatentCache& cache, const float* in) {
+  void attention(const DevLayer& L, int64_t layer, int64_t n, const CudaLatentCache& cache) {
     const ModelConfig& c = cfg;
     const int64_t D = c.hidden_size, H = c.num_attention_heads, C = c.kv_lora_rank, dn = c.qk_nope_head_dim,
                   dr = c.qk_rope_head_dim, dv = c.v_head_dim, dq = dn + dr, dkv = dn + dv, W = C + dr;
+    // qkv rows: [query section (q, or the q_lora latent) | kv_a], from one pass over RMSNorm(x).
+    const int64_t ldqkv = q_part + W;
+    cuda::linear(normed_lin(L.qkv_a, L.input_norm, eps(), s.x, D, n, s.qkv, ldqkv));
+    if (L.kv_a.data) cuda::linear(normed_lin(L.kv_a, L.input_norm, eps(), s.x, D, n, s.qkv + q_part, ldqkv));
+    const float* q = s.qkv;
+    int64_t ldq = ldqkv;
     if (c.q_lora_rank > 0) {
-      const int64_t Q = c.q_lora_rank;
-      cuda::linear(lin(L.q_a, in, D, n, s.qlora, Q));
-      const float* qa = normed(s.qlora, Q, L.q_a_norm, n, Q, kLatentNormEps, s.qlora);
-      cuda::linear(lin(L.q_b, qa, Q, n, s.q, H * dq));
-    } else {
-      cuda::linear(lin(L.q, in, D, n, s.q, H * dq));
+      cuda::linear(normed_lin(L.q_b, L.q_a_norm, kLatentNormEps, s.qkv, ldqkv, n, s.q, H * dq));
+      q = s.q;
+      ldq = H * dq;
     }
-    cuda::linear(lin(L.kv_a, in, D, n, s.kva, W));
 
     const cuda::CachePages pages{cache.device_page_table(), cache.layers(), W};
     cuda::MlaPrepareParams prep;
-    prep.kva = s.kva;
+    prep.kva = s.qkv + q_part;
+    prep.ldkva = ldqkv;
     prep.kv_norm = L.kv_a_norm;
     prep.eps = kLatentNormEps;
-    prep.q = s.q;
+    prep.q = q;
+    prep.ldq = ldq;
     prep.qabs = s.qabs;
     prep.n = n;
     prep.heads = H;
@@ -350,24 +460,21 @@ struct CudaModel::Impl {
     prep.cache = pages;
     prep.layer = layer;
     prep.stream = stream;
-    cuda::mla_prepare(prep);
-
-    // q_lat[h] = W_UK[h]^T q_nope[h], into the head of each absorbed query row.
-    cuda::LinearTransposedParams qt;
+    // q_lat[h] = W_UK[h]^T q_nope[h], into the head of each absorbed query row (same launch).
+    cuda::LinearTransposedParams& qt = prep.absorb;
     qt.w = L.kv_b;
     qt.n = n;
     qt.groups = H;
     qt.k = dn;
-    qt.x = s.q;
-    qt.ldx_t = H * dq;
+    qt.x = q;
+    qt.ldx_t = ldq;
     qt.ldx_g = dq;
     qt.y = s.qabs;
     qt.ldy_t = H * W;
     qt.ldy_g = W;
     qt.group_stride = dkv;
     qt.row0 = 0;
-    qt.stream = stream;
-    cuda::linear_transposed(qt);
+    cuda::mla_prepare(prep);
 
     cuda::MlaAttentionParams at;
     at.qabs = s.qabs;
@@ -380,6 +487,7 @@ struct CudaModel::Impl {
     at.scale = static_cast<float>(c.softmax_scale());
     at.splits = attention_splits(n);
     at.work = s.work;
+    at.counters = s.counters;
     at.out = s.olat;
     at.stream = stream;
     cuda::mla_attention(at);
@@ -398,10 +506,10 @@ struct CudaModel::Impl {
     cuda::linear(op);
   }
 
-  void moe(const DevLayer& L, int64_t n, const float* in) {
+  void moe(const DevLayer& L, int64_t n) {
     const ModelConfig& c = cfg;
     const int64_t D = c.hidden_size, E = c.n_routed_experts, k = c.num_experts_per_tok, I = c.moe_intermediate_size;
-    cuda::linear(lin(L.gate, in, D, n, s.rlogits, E));
+    cuda::linear(normed_lin(L.gate, L.post_norm, eps(), s.x, D, n, s.rlogits, E));
     cuda::RouteParams r;
     r.logits = s.rlogits;
     r.bias = L.score_bias;
@@ -420,24 +528,31 @@ struct CudaModel::Impl {
     cuda::route(r);
 
     // Every reader of the normed input runs before the first write to x (shared down, expert down).
-    if (c.n_shared_experts > 0) swiglu_up(L.shared, in, n, s.act_shared);
+    const bool separate_shared = c.n_shared_experts > 0 && L.fixed == 0;
+    if (separate_shared) swiglu_up(L.shared, L.post_norm, n, s.act_shared);
 
-    // Gate/up: each (token, slot) pair is one problem on its own expert's weights. Down: one problem per
-    // token summing its k experts with the routing weights straight into the residual stream.
-    cuda::LinearParams gu = lin(L.expert_shape.gate, in, D, n * k, s.act, I);
+    // Gate/up: each (token, slot) pair is one problem on its own expert's weights; the slots are the k
+    // routed experts, then the shared-expert pieces. Down: one problem per token summing its slots with
+    // the routing weights (1 for shared pieces) straight into the residual stream.
+    const int64_t slots = k + L.fixed;
+    cuda::LinearParams gu = normed_lin(L.expert_shape.gate, L.post_norm, eps(), s.x, D, n * slots, s.act, I);
     gu.experts = L.expert_gate;
     gu.experts2 = L.expert_up;
     gu.ids = s.ids;
-    gu.ids_settled = c.n_shared_experts > 0;  // the shared gate/up ran between routing and here
-    gu.x_div = k;
+    gu.ids_settled = separate_shared;  // the shared gate/up ran between routing and here
+    gu.x_div = slots;
+    gu.fixed_experts = L.fixed;
+    gu.fixed_first = E;
     cuda::linear(gu);
-    if (c.n_shared_experts > 0) swiglu_down(L.shared, s.act_shared, n);
+    if (separate_shared) swiglu_down(L.shared, s.act_shared, n);
     cuda::LinearParams down = lin(L.expert_shape.down, s.act, I, n, s.x, D);
     down.experts = L.expert_down;
     down.ids = s.ids;
     down.ids_settled = true;  // routing is at least two launches back
     down.combine = s.wts;
     down.combine_k = k;
+    down.fixed_experts = L.fixed;
+    down.fixed_first = E;
     down.accumulate = true;
     cuda::linear(down);
   }
@@ -447,20 +562,19 @@ struct CudaModel::Impl {
   void enqueue(int64_t n, int64_t first, const CudaLatentCache& cache) {
     const ModelConfig& c = cfg;
     const int64_t D = c.hidden_size;
-    const float eps = static_cast<float>(c.rms_norm_eps);
     cuda::embed({embed, s.tokens, n, s.x, stream});
     for (int64_t l = 0; l < c.num_hidden_layers; ++l) {
       const DevLayer& L = layers[l];
-      attention(L, l, n, cache, normed(s.x, D, L.input_norm, n, D, eps, s.xn));
-      const float* post = normed(s.x, D, L.post_norm, n, D, eps, s.xn);
+      attention(L, l, n, cache);
       if (L.is_moe) {
-        moe(L, n, post);
+        moe(L, n);
       } else {
-        swiglu_up(L.mlp, post, n, s.act);
+        swiglu_up(L.mlp, L.post_norm, n, s.act);
         swiglu_down(L.mlp, s.act, n);
       }
     }
-    cuda::rmsnorm({s.x + first * D, D, final_norm, n - first, D, eps, s.h + first * D, D, stream});
+    // The final hidden states are an output of their own (opt.final_hidden), so this norm is stored.
+    cuda::rmsnorm({s.x + first * D, D, final_norm, n - first, D, eps(), s.h + first * D, D, stream});
     cuda::linear(lin(lm_head, s.h + first * D, D, n - first, s.logits, c.vocab_size));
   }
 };
@@ -521,11 +635,19 @@ CudaModel::CudaModel(const Model& host, const CudaOptions& opt) : cfg_(host.conf
     L.input_norm = m.upload(lw.input_norm, p + "input_layernorm");
     L.post_norm = m.upload(lw.post_attn_norm, p + "post_attention_layernorm");
     const AttentionWeights& a = lw.attn;
-    L.q_a = m.upload(a.q_a_proj, p + "q_a_proj");
+    const Matrix& qm = c.q_lora_rank > 0 ? a.q_a_proj : a.q_proj;
+    const std::string qname = p + (c.q_lora_rank > 0 ? "q_a_proj" : "q_proj");
+    int64_t q_rows = 0;
+    L.qkv_a = m.upload_stacked(qm, a.kv_a_proj, q_rows, qname + " + kv_a_proj_with_mqa");
+    if (!L.qkv_a.data) {  // two launches into the same layout
+      L.qkv_a = m.upload(qm, qname);
+      L.kv_a = m.upload(a.kv_a_proj, p + "kv_a_proj_with_mqa");
+      q_rows = qm.rows;
+    }
+    check(l == 0 || q_rows == m.q_part, "layer " + std::to_string(l) + ": query projection rows differ between layers");
+    m.q_part = q_rows;
     L.q_b = m.upload(a.q_b_proj, p + "q_b_proj");
-    L.q = m.upload(a.q_proj, p + "q_proj");
     if (!a.q_a_norm.empty()) L.q_a_norm = m.upload(a.q_a_norm, p + "q_a_layernorm");
-    L.kv_a = m.upload(a.kv_a_proj, p + "kv_a_proj_with_mqa");
     L.kv_a_norm = m.upload(a.kv_a_norm, p + "kv_a_layernorm");
     L.kv_b = m.upload(a.kv_b_proj, p + "kv_b_proj");
     L.o = m.upload(a.o_proj, p + "o_proj");
@@ -535,11 +657,17 @@ CudaModel::CudaModel(const Model& host, const CudaOptions& opt) : cfg_(host.conf
     } else {
       L.gate = m.upload(lw.moe.gate, p + "mlp.gate");
       if (!lw.moe.score_bias.empty()) L.score_bias = m.upload(lw.moe.score_bias, p + "e_score_correction_bias");
-      if (c.n_shared_experts > 0) L.shared = m.upload(lw.moe.shared, p + "mlp.shared_experts");
       std::vector<DevSwiGLU> ex;
       for (size_t e = 0; e < lw.moe.experts.size(); ++e)
         ex.push_back(m.upload(lw.moe.experts[e], p + "mlp.experts." + std::to_string(e)));
       L.expert_shape = ex.front();
+      if (c.n_shared_experts > 0) {
+        const std::vector<DevSwiGLU> pieces =
+            m.shared_as_experts(lw.moe.shared, lw.moe.experts.front(), p + "mlp.shared_experts");
+        L.fixed = static_cast<int64_t>(pieces.size());
+        ex.insert(ex.end(), pieces.begin(), pieces.end());
+        if (pieces.empty()) L.shared = m.upload(lw.moe.shared, p + "mlp.shared_experts");
+      }
       L.expert_gate = m.upload_table(ex, &DevSwiGLU::gate);
       L.expert_up = m.upload_table(ex, &DevSwiGLU::up);
       L.expert_down = m.upload_table(ex, &DevSwiGLU::down);

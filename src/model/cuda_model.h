@@ -39,6 +39,9 @@ class CudaLatentCache {
   void truncate(int64_t new_length);
   // Copies row (layer, pos) to the host (tests).
   std::vector<float> row(int64_t layer, int64_t pos) const;
+  // Benchmarks: makes the cache hold `length` tokens of random finite rows (no model behind them), so
+  // decode at a long context can be timed without prefilling it first.
+  void fill_synthetic(int64_t length, uint64_t seed);
 
   // For the engine: checks room for n more tokens (throws dsv3::Error like LatentCache::reserve).
   void reserve(int64_t n) const;

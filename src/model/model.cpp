@@ -2,11 +2,14 @@
 
 #include <algorithm>
 #include <cmath>
+#include <fstream>
 #include <limits>
+#include <sstream>
 #include <numeric>
 
 #include "core/error.h"
 #include "core/threads.h"
+#include "kvcache/block_hash.h"
 #include "model/routing.h"
 #include "ops/cpu/ops.h"
 
@@ -20,7 +23,19 @@ constexpr float kLatentNormEps = 1e-6f;  // q_a_layernorm and kv_a_layernorm
 
 Model::Model(const std::string& dir, const LoadOptions& opt)
     : cfg_(ModelConfig::load(dir)), ckpt_(dir), w_(WeightSet::load(ckpt_, cfg_, opt.load_mtp)),
-      inv_freq_(cfg_.rope_inv_freq()) {}
+      inv_freq_(cfg_.rope_inv_freq()) {
+  // Fingerprint: config.json as written, plus the first row of the embedding and of the first layer's
+  // kv_a_proj (which produce the cached rows), so random checkpoints of one config differ too.
+  std::ifstream in(dir + "/config.json", std::ios::binary);
+  std::ostringstream text;
+  text << in.rdbuf();
+  identity_ = hash_bytes(0, text.str().data(), text.str().size());
+  std::vector<float> row(static_cast<size_t>(cfg_.hidden_size));
+  w_.embed_tokens.dequantize_row(0, row.data());
+  identity_ = hash_bytes(identity_, row.data(), row.size() * sizeof(float));
+  w_.layers[0].attn.kv_a_proj.dequantize_row(0, row.data());
+  identity_ = hash_bytes(identity_, row.data(), row.size() * sizeof(float));
+}
 
 LatentCache Model::new_cache(int64_t max_tokens) const {
   return LatentCache(cfg_.num_hidden_layers, cfg_.kv_lora_rank, cfg_.qk_rope_head_dim, max_tokens);
@@ -42,13 +57,13 @@ void Model::embed(const Matrix& table, std::span<const int32_t> tokens, float* x
 std::vector<float> Model::forward(std::span<const int32_t> tokens, LatentCache& cache, const ForwardOptions& opt) {
   const int64_t n = static_cast<int64_t>(tokens.size()), D = cfg_.hidden_size, V = cfg_.vocab_size;
   check(n > 0, "no tokens to run");
-  const int64_t pos0 = cache.length();
+  const Segment seg{0, n, cache.length(), &cache};
   cache.reserve(n);
 
   std::vector<float> x(static_cast<size_t>(n * D));
   embed(w_.embed_tokens, tokens, x.data());
   for (int64_t l = 0; l < cfg_.num_hidden_layers; ++l)
-    decoder_layer(w_.layers[l], l, x.data(), n, pos0, cache, opt.attention);
+    decoder_layer(w_.layers[l], l, x.data(), n, std::span(&seg, 1), opt.attention);
   cache.advance(n);
 
   // Final norm and head; only the rows whose logits are wanted.
@@ -61,14 +76,55 @@ std::vector<float> Model::forward(std::span<const int32_t> tokens, LatentCache& 
   return logits;
 }
 
-void Model::decoder_layer(const LayerWeights& lw, int64_t cache_layer, float* x, int64_t n, int64_t pos0,
-                          LatentCache& cache, AttentionForm form) {
+std::vector<std::vector<float>> Model::forward_batch(std::span<const BatchItem> items, AttentionForm attention) {
+  const int64_t D = cfg_.hidden_size, V = cfg_.vocab_size;
+  check(!items.empty(), "no sequences to run");
+  std::vector<Segment> segments;
+  int64_t n = 0;
+  for (const BatchItem& item : items) {
+    DSV3_ASSERT(item.cache != nullptr);
+    check(!item.tokens.empty(), "no tokens to run");
+    segments.push_back({n, static_cast<int64_t>(item.tokens.size()), item.cache->length(), item.cache});
+    n += segments.back().n;
+  }
+  for (const Segment& s : segments) s.cache->reserve(s.n);
+
+  std::vector<float> x(static_cast<size_t>(n * D));
+  for (size_t i = 0; i < items.size(); ++i) embed(w_.embed_tokens, items[i].tokens, x.data() + segments[i].row0 * D);
+  for (int64_t l = 0; l < cfg_.num_hidden_layers; ++l) decoder_layer(w_.layers[l], l, x.data(), n, segments, attention);
+  for (const Segment& s : segments) s.cache->advance(s.n);
+
+  // Final norm and head on the rows whose logits are wanted, gathered so the head is read once.
+  std::vector<int64_t> wanted;
+  for (size_t i = 0; i < items.size(); ++i)
+    for (int64_t t = items[i].all_logits ? 0 : segments[i].n - 1; t < segments[i].n; ++t)
+      wanted.push_back(segments[i].row0 + t);
+  const int64_t rows = static_cast<int64_t>(wanted.size());
+  std::vector<float> h(static_cast<size_t>(rows * D));
+  for (int64_t r = 0; r < rows; ++r)
+    cpu::rmsnorm(x.data() + wanted[r] * D, w_.final_norm.data(), 1, D, static_cast<float>(cfg_.rms_norm_eps),
+                 h.data() + r * D);
+  std::vector<float> logits(static_cast<size_t>(rows * V));
+  linear(w_.lm_head, h.data(), rows, logits.data());
+
+  std::vector<std::vector<float>> out(items.size());
+  int64_t r = 0;
+  for (size_t i = 0; i < items.size(); ++i) {
+    const int64_t k = items[i].all_logits ? segments[i].n : 1;
+    out[i].assign(logits.begin() + r * V, logits.begin() + (r + k) * V);
+    r += k;
+  }
+  return out;
+}
+
+void Model::decoder_layer(const LayerWeights& lw, int64_t cache_layer, float* x, int64_t n,
+                          std::span<const Segment> segments, AttentionForm form) {
   const int64_t D = cfg_.hidden_size;
   const float eps = static_cast<float>(cfg_.rms_norm_eps);
   std::vector<float> xn(static_cast<size_t>(n * D)), y(static_cast<size_t>(n * D));
 
   cpu::rmsnorm(x, lw.input_norm.data(), n, D, eps, xn.data());
-  attention(lw.attn, cache_layer, xn.data(), n, pos0, cache, form, y.data());
+  attention(lw.attn, cache_layer, xn.data(), n, segments, form, y.data());
   for (int64_t i = 0; i < n * D; ++i) x[i] += y[i];
 
   cpu::rmsnorm(x, lw.post_attn_norm.data(), n, D, eps, xn.data());
@@ -77,13 +133,12 @@ void Model::decoder_layer(const LayerWeights& lw, int64_t cache_layer, float* x,
   for (int64_t i = 0; i < n * D; ++i) x[i] += y[i];
 }
 
-void Model::attention(const AttentionWeights& a, int64_t cache_layer, const float* xn, int64_t n, int64_t pos0,
-                      LatentCache& cache, AttentionForm form, float* out) {
+void Model::attention(const AttentionWeights& a, int64_t cache_layer, const float* xn, int64_t n,
+                      std::span<const Segment> segments, AttentionForm form, float* out) {
   const int64_t H = cfg_.num_attention_heads, C = cfg_.kv_lora_rank, dn = cfg_.qk_nope_head_dim,
-                dr = cfg_.qk_rope_head_dim, dv = cfg_.v_head_dim, dq = dn + dr, dkv = dn + dv;
+                dr = cfg_.qk_rope_head_dim, dv = cfg_.v_head_dim, dq = dn + dr;
   // The latent norms use 1e-6 whatever rms_norm_eps says, as in DeepSeek's code and transformers.
   const float eps = kLatentNormEps;
-  const float scale = static_cast<float>(cfg_.softmax_scale());
 
   // q = q_b_proj(RMSNorm(q_a_proj(x))) or q_proj(x): [n x H x (dn | dr)].
   std::vector<float> q(static_cast<size_t>(n * H * dq));
@@ -96,24 +151,39 @@ void Model::attention(const AttentionWeights& a, int64_t cache_layer, const floa
     linear(a.q_proj, xn, n, q.data());
   }
 
-  // [c | k_pe] = kv_a_proj(x); the cache keeps RMSNorm(c) and RoPE(k_pe).
+  // [c | k_pe] = kv_a_proj(x); the cache keeps RMSNorm(c) and RoPE(k_pe), each sequence at its positions.
   std::vector<float> kva(static_cast<size_t>(n * (C + dr)));
   linear(a.kv_a_proj, xn, n, kva.data());
   std::vector<float> cos, sin;
-  cpu::rope_tables(inv_freq_, cfg_.rope_cos_sin_scale(), pos0, n, cos, sin);
   const int64_t half = dr / 2;
-  for (int64_t t = 0; t < n; ++t) {
-    float* row = cache.row(cache_layer, pos0 + t);
-    cpu::rmsnorm(kva.data() + t * (C + dr), a.kv_a_norm.data(), 1, C, eps, row);
-    std::copy_n(kva.data() + t * (C + dr) + C, dr, row + C);
-    cpu::rope_interleaved(row + C, dr, cos.data() + t * half, sin.data() + t * half);
-    for (int64_t h = 0; h < H; ++h)
-      cpu::rope_interleaved(q.data() + (t * H + h) * dq + dn, dr, cos.data() + t * half, sin.data() + t * half);
+  for (const Segment& seg : segments) {
+    cpu::rope_tables(inv_freq_, cfg_.rope_cos_sin_scale(), seg.pos0, seg.n, cos, sin);
+    for (int64_t t = 0; t < seg.n; ++t) {
+      const int64_t r = seg.row0 + t;
+      float* row = seg.cache->row(cache_layer, seg.pos0 + t);
+      cpu::rmsnorm(kva.data() + r * (C + dr), a.kv_a_norm.data(), 1, C, eps, row);
+      std::copy_n(kva.data() + r * (C + dr) + C, dr, row + C);
+      cpu::rope_interleaved(row + C, dr, cos.data() + t * half, sin.data() + t * half);
+      for (int64_t h = 0; h < H; ++h)
+        cpu::rope_interleaved(q.data() + (r * H + h) * dq + dn, dr, cos.data() + t * half, sin.data() + t * half);
+    }
   }
 
+  std::vector<float> o(static_cast<size_t>(n * H * dv));
+  for (const Segment& seg : segments)
+    attend(a, cache_layer, seg, q.data() + seg.row0 * H * dq, form, o.data() + seg.row0 * H * dv);
+  linear(a.o_proj, o.data(), n, out);
+}
+
+void Model::attend(const AttentionWeights& a, int64_t cache_layer, const Segment& seg, const float* q,
+                   AttentionForm form, float* o) {
+  const int64_t H = cfg_.num_attention_heads, C = cfg_.kv_lora_rank, dn = cfg_.qk_nope_head_dim,
+                dr = cfg_.qk_rope_head_dim, dv = cfg_.v_head_dim, dq = dn + dr, dkv = dn + dv;
+  const float scale = static_cast<float>(cfg_.softmax_scale());
+  const int64_t n = seg.n, pos0 = seg.pos0;
+  const LatentCache& cache = *seg.cache;
   const int64_t S = pos0 + n;  // keys visible to the last new token
   if (form == AttentionForm::Auto) form = n > 1 ? AttentionForm::Expanded : AttentionForm::Absorbed;
-  std::vector<float> o(static_cast<size_t>(n * H * dv));
 
   if (form == AttentionForm::Expanded) {
     // [k_nope | v] for every cached position and head: kv_b_proj(c), [S x H x (dn | dv)].
@@ -123,14 +193,14 @@ void Model::attention(const AttentionWeights& a, int64_t cache_layer, const floa
     linear(a.kv_b_proj, latents.data(), S, kv.data());
     parallel_for(n * H, [&](int64_t th) {
       const int64_t t = th / H, h = th % H, visible = pos0 + t + 1;
-      const float* qt = q.data() + (t * H + h) * dq;
+      const float* qt = q + (t * H + h) * dq;
       std::vector<float> p(static_cast<size_t>(visible));
       for (int64_t s = 0; s < visible; ++s) {
         const float* ks = kv.data() + (s * H + h) * dkv;
         p[s] = (cpu::dot(qt, ks, dn) + cpu::dot(qt + dn, cache.row(cache_layer, s) + C, dr)) * scale;
       }
       cpu::softmax(p.data(), visible);
-      float* ot = o.data() + (t * H + h) * dv;
+      float* ot = o + (t * H + h) * dv;
       std::fill_n(ot, dv, 0.0f);
       for (int64_t s = 0; s < visible; ++s) cpu::axpy(p[s], kv.data() + (s * H + h) * dkv + dn, ot, dv);
     });
@@ -139,12 +209,12 @@ void Model::attention(const AttentionWeights& a, int64_t cache_layer, const floa
     // weighted latent sum goes through W_UV. Same math, no per-head keys or values materialized.
     parallel_for(H, [&](int64_t h) {
       std::vector<float> q_nope(static_cast<size_t>(n * dn)), q_lat(static_cast<size_t>(n * C));
-      for (int64_t t = 0; t < n; ++t) std::copy_n(q.data() + (t * H + h) * dq, dn, q_nope.data() + t * dn);
+      for (int64_t t = 0; t < n; ++t) std::copy_n(q + (t * H + h) * dq, dn, q_nope.data() + t * dn);
       cpu::linear_transposed_rows(a.kv_b_proj, h * dkv, dn, q_nope.data(), n, q_lat.data());
       std::vector<float> p(static_cast<size_t>(S)), o_lat(static_cast<size_t>(C));
       for (int64_t t = 0; t < n; ++t) {
         const int64_t visible = pos0 + t + 1;
-        const float* q_pe = q.data() + (t * H + h) * dq + dn;
+        const float* q_pe = q + (t * H + h) * dq + dn;
         for (int64_t s = 0; s < visible; ++s) {
           const float* row = cache.row(cache_layer, s);
           p[s] = (cpu::dot(q_lat.data() + t * C, row, C) + cpu::dot(q_pe, row + C, dr)) * scale;
@@ -152,11 +222,10 @@ void Model::attention(const AttentionWeights& a, int64_t cache_layer, const floa
         cpu::softmax(p.data(), visible);
         std::fill(o_lat.begin(), o_lat.end(), 0.0f);
         for (int64_t s = 0; s < visible; ++s) cpu::axpy(p[s], cache.row(cache_layer, s), o_lat.data(), C);
-        cpu::linear_rows(a.kv_b_proj, h * dkv + dn, dv, o_lat.data(), 1, o.data() + (t * H + h) * dv);
+        cpu::linear_rows(a.kv_b_proj, h * dkv + dn, dv, o_lat.data(), 1, o + (t * H + h) * dv);
       }
     });
   }
-  linear(a.o_proj, o.data(), n, out);
 }
 
 void Model::swiglu(const SwiGLUWeights& s, const float* x, int64_t n, float* out) {
@@ -233,7 +302,7 @@ std::vector<float> Model::mtp_forward(int64_t k, std::span<const float> hidden, 
   const float eps = static_cast<float>(cfg_.rms_norm_eps);
   // The module's tokens sit one position after the main model's (t_{i+1} at i+1), but RoPE scores depend
   // only on relative positions, so numbering them from the cache's start gives the same attention.
-  const int64_t pos0 = mtp_cache.length();
+  const Segment seg{0, n, mtp_cache.length(), &mtp_cache};
   mtp_cache.reserve(n);
 
   // x = eh_proj([enorm(embed(t_{i+1})); hnorm(h_i)])
@@ -245,7 +314,7 @@ std::vector<float> Model::mtp_forward(int64_t k, std::span<const float> hidden, 
   }
   std::vector<float> x(static_cast<size_t>(n * D));
   linear(m.eh_proj, cat.data(), n, x.data());
-  decoder_layer(m.layer, 0, x.data(), n, pos0, mtp_cache, AttentionForm::Auto);
+  decoder_layer(m.layer, 0, x.data(), n, std::span(&seg, 1), AttentionForm::Auto);
   mtp_cache.advance(n);
 
   cpu::rmsnorm(x.data(), m.head_norm.data(), n, D, eps, x.data());

@@ -46,6 +46,22 @@ class Model {
   // logits: [n x vocab] row-major, or [1 x vocab] for the last token when !opt.all_logits.
   std::vector<float> forward(std::span<const int32_t> tokens, LatentCache& cache, const ForwardOptions& opt = {});
 
+  // One step for several sequences at once: each item's tokens run at positions [cache.length(), +n) of
+  // its own cache, exactly as forward() would run them, but the token rows of all items go through every
+  // linear layer together (the weights are read once per step); attention runs per sequence over its own
+  // blocks. Returns per item the logits of its last token [vocab] (or of all its tokens with all_logits).
+  struct BatchItem {
+    std::span<const int32_t> tokens;
+    LatentCache* cache = nullptr;
+    bool all_logits = false;
+  };
+  std::vector<std::vector<float>> forward_batch(std::span<const BatchItem> items,
+                                                AttentionForm attention = AttentionForm::Auto);
+
+  // A fingerprint of this model (config and a sample of its weights): cached latent rows written by one
+  // model are never used by another.
+  uint64_t identity() const { return identity_; }
+
   // Multi-token prediction module k (REFERENCE.md §3.4): for main-model hidden states h_i (final-normed,
   // [n x D]) and the tokens that follow them, predicts the token after those. `mtp_cache` is a
   // one-layer cache for this module (new_mtp_cache). Returns logits [n x vocab].
@@ -54,11 +70,19 @@ class Model {
                                  LatentCache& mtp_cache);
 
  private:
+  // The rows [row0, row0 + n) of a batch that belong to one sequence, at positions [pos0, pos0 + n).
+  struct Segment {
+    int64_t row0, n, pos0;
+    LatentCache* cache;
+  };
   // One decoder layer on x [n x D] in place: x += Attn(norm(x)); x += FFN(norm(x)).
-  void decoder_layer(const LayerWeights& lw, int64_t cache_layer, float* x, int64_t n, int64_t pos0,
-                     LatentCache& cache, AttentionForm form);
-  void attention(const AttentionWeights& a, int64_t cache_layer, const float* xn, int64_t n, int64_t pos0,
-                 LatentCache& cache, AttentionForm form, float* out);
+  void decoder_layer(const LayerWeights& lw, int64_t cache_layer, float* x, int64_t n,
+                     std::span<const Segment> segments, AttentionForm form);
+  void attention(const AttentionWeights& a, int64_t cache_layer, const float* xn, int64_t n,
+                 std::span<const Segment> segments, AttentionForm form, float* out);
+  // Attention of one sequence's new tokens over its cache; q has RoPE applied, o receives [n x H x dv].
+  void attend(const AttentionWeights& a, int64_t cache_layer, const Segment& seg, const float* q,
+              AttentionForm form, float* o);
   void moe(const MoEWeights& m, const float* xn, int64_t n, float* out);
   void swiglu(const SwiGLUWeights& s, const float* x, int64_t n, float* out);
   void embed(const Matrix& table, std::span<const int32_t> tokens, float* x) const;
@@ -67,6 +91,7 @@ class Model {
   Checkpoint ckpt_;
   WeightSet w_;
   std::vector<double> inv_freq_;
+  uint64_t identity_ = 0;
 };
 
 // Expert choice for one token (REFERENCE.md §3.3): writes k expert ids and their weights.

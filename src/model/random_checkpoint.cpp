@@ -1,4 +1,5 @@
 #include "model/random_checkpoint.h"
+#include "model/quantize.h"
 
 #include <sys/stat.h>
 
@@ -41,9 +42,7 @@ class Recorder : public TensorSource {
       return name.size() >= n && name.compare(name.size() - n, n, suffix) == 0;
     };
     if (ends_with("_scale_inv") || ends_with("e_score_correction_bias")) s.dtype = DType::F32;
-    else if (shape.size() == 2 && !ends_with("embed_tokens.weight") && !ends_with("lm_head.weight") &&
-             !ends_with("mlp.gate.weight") && !ends_with("head.weight") && !ends_with("eh_proj.weight"))
-      s.dtype = proj_;
+    else s.dtype = projection_dtype(name, shape, proj_, DType::BF16);
     specs.push_back(s);
     TensorView v;
     v.name = name;

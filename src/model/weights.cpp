@@ -93,18 +93,23 @@ class Loader {
     return w;
   }
 
-  MTPWeights mtp(int64_t k) {
+  // The module shares the embedding and the output head with the main model (REFERENCE.md §3.4);
+  // DeepSeek's checkpoints store copies under the layer's names, compact ones (dsv3 quantize) may not.
+  MTPWeights mtp(int64_t k, const Matrix& main_embed, const Matrix& main_head) {
     const ModelConfig& c = cfg_;
     const int64_t l = c.num_hidden_layers + k, D = c.hidden_size;
     const std::string p = "model.layers." + std::to_string(l) + ".";
+    auto shared = [&](const std::string& name, const Matrix& main) {
+      return ckpt_.contains(name) ? matrix(name, c.vocab_size, D) : main;
+    };
     MTPWeights m;
-    m.embed_tokens = matrix(p + "embed_tokens.weight", c.vocab_size, D);
+    m.embed_tokens = shared(p + "embed_tokens.weight", main_embed);
     m.enorm = vector(p + "enorm.weight", D);
     m.hnorm = vector(p + "hnorm.weight", D);
     m.eh_proj = matrix(p + "eh_proj.weight", D, 2 * D);
     m.layer = layer(l, c.is_moe_layer(l));
     m.head_norm = vector(p + "shared_head.norm.weight", D);
-    m.head = matrix(p + "shared_head.head.weight", c.vocab_size, D);
+    m.head = shared(p + "shared_head.head.weight", main_head);
     return m;
   }
 
@@ -129,7 +134,7 @@ WeightSet WeightSet::load(TensorSource& ckpt, const ModelConfig& cfg, bool load_
   }
   if (load_mtp) {
     check(cfg.num_nextn_predict_layers > 0, ckpt.dir() + ": the model has no MTP layers (num_nextn_predict_layers is 0)");
-    for (int64_t k = 0; k < cfg.num_nextn_predict_layers; ++k) w.mtp.push_back(ld.mtp(k));
+    for (int64_t k = 0; k < cfg.num_nextn_predict_layers; ++k) w.mtp.push_back(ld.mtp(k, w.embed_tokens, w.lm_head));
   }
   return w;
 }

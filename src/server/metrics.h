@@ -9,6 +9,8 @@
 #include <string>
 #include <vector>
 
+#include "engine/scheduler.h"
+
 namespace dsv3::server {
 
 class Histogram {
@@ -27,7 +29,6 @@ class Histogram {
 
 struct Metrics {
   std::atomic<uint64_t> prompt_tokens{0}, completion_tokens{0}, cache_hit_tokens{0};
-  std::atomic<int64_t> queue_depth{0}, running{0};
   Histogram time_to_first_token{{0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30}};
   Histogram time_per_output_token{{0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1}};
 
@@ -38,5 +39,8 @@ struct Metrics {
   mutable std::mutex mu_;
   std::map<std::pair<std::string, int>, uint64_t> requests_;
 };
+
+// The engine's gauges and counters (batch, queue, cache blocks, prefix and disk cache) from a snapshot.
+std::string render_scheduler_stats(const SchedulerStats& stats);
 
 }  // namespace dsv3::server

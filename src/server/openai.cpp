@@ -3,6 +3,8 @@
 #include <algorithm>
 #include <cmath>
 
+#include "tokenizer/utf8.h"
+
 namespace dsv3::server {
 
 namespace {
@@ -85,14 +87,81 @@ void parse_common(const OrderedJson& j, GenerationRequest& r) {
     for (const auto& x : r.stop)
       if (x.empty()) throw ApiError(400, "'stop' strings must not be empty", "stop");
   }
-  // Penalties and logprobs are accepted by the schema but not implemented yet: refuse rather than ignore.
-  for (const char* key : {"presence_penalty", "frequency_penalty", "repetition_penalty"}) {
-    const double v = number(j, key, key[0] == 'r' ? 1.0 : 0.0, -2.0, 2.0);
-    if (v != (key[0] == 'r' ? 1.0 : 0.0)) throw ApiError(400, std::string("'") + key + "' is not supported yet", key);
+  r.sampling.min_p = number(j, "min_p", 0.0, 0.0, 1.0);
+  r.sampling.presence_penalty = number(j, "presence_penalty", 0.0, -2.0, 2.0);
+  r.sampling.frequency_penalty = number(j, "frequency_penalty", 0.0, -2.0, 2.0);
+  r.sampling.repetition_penalty = number(j, "repetition_penalty", 1.0, 0.01, 10.0);
+}
+
+bool valid_function_name(const std::string& name) {
+  return !name.empty() && name.size() <= 64 && std::all_of(name.begin(), name.end(), [](char c) {
+    return (c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z') || (c >= '0' && c <= '9') || c == '_' || c == '-';
+  });
+}
+
+// tools: [{"type": "function", "function": {"name", "description"?, "parameters"?}}, ...]
+OrderedJson parse_tools(const OrderedJson& tools) {
+  if (!tools.is_array() || tools.empty() || tools.size() > 128)
+    throw ApiError(400, "'tools' must be a list of 1 to 128 tools", "tools");
+  for (size_t i = 0; i < tools.size(); ++i) {
+    const OrderedJson& t = tools[i];
+    const std::string where = "tools[" + std::to_string(i) + "]";
+    if (!t.is_object() || t.value("type", "") != "function")
+      throw ApiError(400, "'" + where + "' must be {\"type\": \"function\", \"function\": {...}}", where);
+    const OrderedJson* f = field(t, "function");
+    if (!f || !f->is_object()) throw ApiError(400, "'" + where + ".function' must be an object", where + ".function");
+    const OrderedJson* name = field(*f, "name");
+    if (!name || !name->is_string() || !valid_function_name(name->get<std::string>()))
+      throw ApiError(400, "'" + where + ".function.name' must be 1 to 64 letters, digits, '_' or '-'", where + ".function.name");
+    const OrderedJson* d = field(*f, "description");
+    if (d && !d->is_string()) throw ApiError(400, "'" + where + ".function.description' must be a string", where + ".function.description");
+    const OrderedJson* p = field(*f, "parameters");
+    if (p && !p->is_object())
+      throw ApiError(400, "'" + where + ".function.parameters' must be a JSON Schema object", where + ".function.parameters");
   }
-  if (boolean(j, "logprobs", false) || field(j, "top_logprobs"))
-    throw ApiError(400, "'logprobs' is not supported yet", "logprobs");
-  if (field(j, "tools") || field(j, "tool_choice")) throw ApiError(400, "'tools' are not supported yet", "tools");
+  return tools;
+}
+
+ToolChoice parse_tool_choice(const OrderedJson* choice, const OrderedJson& tools) {
+  ToolChoice c;
+  c.mode = tools.empty() ? ToolChoice::kNone : ToolChoice::kAuto;
+  if (!choice) return c;
+  if (tools.empty()) throw ApiError(400, "'tool_choice' needs 'tools'", "tool_choice");
+  if (choice->is_string()) {
+    const std::string s = choice->get<std::string>();
+    if (s == "none") c.mode = ToolChoice::kNone;
+    else if (s == "auto") c.mode = ToolChoice::kAuto;
+    else if (s == "required") c.mode = ToolChoice::kRequired;
+    else throw ApiError(400, "'tool_choice' must be none, auto, required or {\"type\": \"function\", \"function\": {\"name\": ...}}", "tool_choice");
+    return c;
+  }
+  const OrderedJson* f = choice->is_object() ? field(*choice, "function") : nullptr;
+  const OrderedJson* name = f && f->is_object() ? field(*f, "name") : nullptr;
+  if (!name || !name->is_string() || choice->value("type", "") != "function")
+    throw ApiError(400, "'tool_choice' must be none, auto, required or {\"type\": \"function\", \"function\": {\"name\": ...}}", "tool_choice");
+  c.mode = ToolChoice::kNamed;
+  c.name = name->get<std::string>();
+  if (std::none_of(tools.begin(), tools.end(), [&](const OrderedJson& t) { return t["function"]["name"] == c.name; }))
+    throw ApiError(400, "'tool_choice' names '" + c.name + "', which is not in 'tools'", "tool_choice");
+  return c;
+}
+
+// An assistant turn's past tool calls, in the form the chat template reads.
+OrderedJson parse_past_tool_calls(const OrderedJson& calls, const std::string& where) {
+  if (!calls.is_array()) throw ApiError(400, "'" + where + "' must be a list", where);
+  OrderedJson out = OrderedJson::array();
+  for (size_t k = 0; k < calls.size(); ++k) {
+    const OrderedJson& c = calls[k];
+    const std::string at = where + "[" + std::to_string(k) + "]";
+    const OrderedJson* f = c.is_object() ? field(c, "function") : nullptr;
+    if (!f || !f->is_object() || !f->contains("name") || !(*f)["name"].is_string() || !f->contains("arguments") ||
+        !(*f)["arguments"].is_string())
+      throw ApiError(400, "'" + at + "' must be {\"type\": \"function\", \"function\": {\"name\": string, \"arguments\": string}}", at);
+    OrderedJson call = {{"type", "function"}, {"function", {{"name", (*f)["name"]}, {"arguments", (*f)["arguments"]}}}};
+    if (c.contains("id")) call["id"] = c["id"];
+    out.push_back(call);
+  }
+  return out;
 }
 
 }  // namespace
@@ -139,10 +208,33 @@ ChatRequest parse_chat_request(const std::string& body) {
     } else {
       msg["content"] = "";
     }
-    if (const OrderedJson* tc = field(m, "tool_calls")) msg["tool_calls"] = *tc;
-    if (const OrderedJson* id = field(m, "tool_call_id")) msg["tool_call_id"] = *id;
+    if (const OrderedJson* tc = field(m, "tool_calls")) {
+      if (*role != "assistant") throw ApiError(400, "only assistant messages have 'tool_calls'", where + ".tool_calls");
+      msg["tool_calls"] = parse_past_tool_calls(*tc, where + ".tool_calls");
+      // DeepSeek-V3's template renders the calls only for a turn whose content is null.
+      if (!msg["tool_calls"].empty() && msg["content"] == "") msg["content"] = nullptr;
+    }
+    if (const OrderedJson* id = field(m, "tool_call_id")) {
+      if (!id->is_string()) throw ApiError(400, "'" + where + ".tool_call_id' must be a string", where + ".tool_call_id");
+      msg["tool_call_id"] = *id;
+    }
     r.messages.push_back(msg);
   }
+  if (boolean(j, "logprobs", false)) r.sampling.top_logprobs = integer(j, "top_logprobs", 0, 0, 20);
+  else if (field(j, "top_logprobs")) throw ApiError(400, "'top_logprobs' needs 'logprobs': true", "top_logprobs");
+  if (const OrderedJson* tools = field(j, "tools")) r.tools = parse_tools(*tools);
+  r.tool_choice = parse_tool_choice(field(j, "tool_choice"), r.tools);
+  if (const OrderedJson* rf = field(j, "response_format")) {
+    const std::string type = rf->is_object() && rf->contains("type") && (*rf)["type"].is_string() ? (*rf)["type"].get<std::string>() : "";
+    if (type == "json_schema")
+      throw ApiError(400, "'response_format' json_schema is not supported; use {\"type\": \"json_object\"} and describe the schema in the prompt",
+                     "response_format");
+    if (type != "text" && type != "json_object")
+      throw ApiError(400, "'response_format' must be {\"type\": \"text\"} or {\"type\": \"json_object\"}", "response_format");
+    r.json_object = type == "json_object";
+  }
+  if (r.json_object && (r.tool_choice.mode == ToolChoice::kRequired || r.tool_choice.mode == ToolChoice::kNamed))
+    throw ApiError(400, "'response_format' json_object cannot be combined with a required tool call", "response_format");
   return r;
 }
 
@@ -160,6 +252,9 @@ CompletionRequest parse_completion_request(const std::string& body) {
   }
   r.echo = boolean(j, "echo", false);
   if (r.echo && r.suffix) throw ApiError(400, "'echo' cannot be combined with 'suffix'", "echo");
+  r.sampling.top_logprobs = integer(j, "logprobs", -1, 0, 5);
+  if (r.echo && r.sampling.top_logprobs >= 0)
+    throw ApiError(400, "'logprobs' with 'echo' (logprobs of the prompt) is not supported", "logprobs");
   return r;
 }
 
@@ -178,7 +273,11 @@ OrderedJson chat_response(const std::string& id, const std::string& model, int64
   for (size_t i = 0; i < choices.size(); ++i) {
     OrderedJson msg = {{"role", "assistant"}, {"content", choices[i].content}};
     if (!choices[i].reasoning.empty()) msg["reasoning_content"] = choices[i].reasoning;
-    cs.push_back({{"index", i}, {"message", msg}, {"logprobs", nullptr}, {"finish_reason", choices[i].finish_reason}});
+    if (!choices[i].tool_calls.empty()) {
+      if (choices[i].content.empty()) msg["content"] = nullptr;
+      msg["tool_calls"] = choices[i].tool_calls;
+    }
+    cs.push_back({{"index", i}, {"message", msg}, {"logprobs", choices[i].logprobs}, {"finish_reason", choices[i].finish_reason}});
   }
   return {{"id", id}, {"object", "chat.completion"}, {"created", created}, {"model", model},
           {"choices", cs}, {"usage", usage.to_json()}};
@@ -188,7 +287,7 @@ OrderedJson completion_response(const std::string& id, const std::string& model,
                                 const std::vector<Choice>& choices, const Usage& usage) {
   OrderedJson cs = OrderedJson::array();
   for (size_t i = 0; i < choices.size(); ++i)
-    cs.push_back({{"index", i}, {"text", choices[i].content}, {"logprobs", nullptr},
+    cs.push_back({{"index", i}, {"text", choices[i].content}, {"logprobs", choices[i].logprobs},
                   {"finish_reason", choices[i].finish_reason}});
   return {{"id", id}, {"object", "text_completion"}, {"created", created}, {"model", model},
           {"choices", cs}, {"usage", usage.to_json()}};
@@ -196,20 +295,23 @@ OrderedJson completion_response(const std::string& id, const std::string& model,
 
 OrderedJson chat_chunk(const std::string& id, const std::string& model, int64_t created, int64_t index,
                        const std::string& content, const std::string& reasoning,
-                       const std::optional<std::string>& finish_reason, bool first) {
+                       const std::optional<std::string>& finish_reason, bool first, const OrderedJson& tool_calls,
+                       const OrderedJson& logprobs) {
   OrderedJson delta = OrderedJson::object();
   if (first) delta["role"] = "assistant";
-  if (!content.empty() || (first && reasoning.empty())) delta["content"] = content;
+  if (!content.empty() || (first && reasoning.empty() && tool_calls.is_null())) delta["content"] = content;
   if (!reasoning.empty()) delta["reasoning_content"] = reasoning;
-  OrderedJson choice = {{"index", index}, {"delta", delta}, {"logprobs", nullptr}, {"finish_reason", nullptr}};
+  if (!tool_calls.is_null()) delta["tool_calls"] = tool_calls;
+  OrderedJson choice = {{"index", index}, {"delta", delta}, {"logprobs", logprobs}, {"finish_reason", nullptr}};
   if (finish_reason) choice["finish_reason"] = *finish_reason;
   return {{"id", id}, {"object", "chat.completion.chunk"}, {"created", created}, {"model", model},
           {"choices", OrderedJson::array({choice})}};
 }
 
 OrderedJson completion_chunk(const std::string& id, const std::string& model, int64_t created, int64_t index,
-                             const std::string& text, const std::optional<std::string>& finish_reason) {
-  OrderedJson choice = {{"index", index}, {"text", text}, {"logprobs", nullptr}, {"finish_reason", nullptr}};
+                             const std::string& text, const std::optional<std::string>& finish_reason,
+                             const OrderedJson& logprobs) {
+  OrderedJson choice = {{"index", index}, {"text", text}, {"logprobs", logprobs}, {"finish_reason", nullptr}};
   if (finish_reason) choice["finish_reason"] = *finish_reason;
   return {{"id", id}, {"object", "text_completion"}, {"created", created}, {"model", model},
           {"choices", OrderedJson::array({choice})}};
@@ -219,6 +321,44 @@ OrderedJson usage_chunk(const std::string& id, const std::string& object, const 
                         const Usage& usage) {
   return {{"id", id}, {"object", object}, {"created", created}, {"model", model},
           {"choices", OrderedJson::array()}, {"usage", usage.to_json()}};
+}
+
+namespace {
+// A token as a JSON string: its bytes, with a piece of a UTF-8 character shown as U+FFFD (the exact
+// bytes are in "bytes").
+OrderedJson token_string(const std::string& bytes) { return tok::utf8_sanitize(bytes); }
+
+OrderedJson byte_list(const std::string& bytes) {
+  OrderedJson out = OrderedJson::array();
+  for (unsigned char b : bytes) out.push_back(static_cast<int>(b));
+  return out;
+}
+}  // namespace
+
+OrderedJson chat_logprob(const TokenLogprobs& t) {
+  OrderedJson top = OrderedJson::array();
+  for (const auto& [bytes, lp] : t.top)
+    top.push_back({{"token", token_string(bytes)}, {"logprob", lp}, {"bytes", byte_list(bytes)}});
+  return {{"token", token_string(t.bytes)}, {"logprob", t.logprob}, {"bytes", byte_list(t.bytes)}, {"top_logprobs", top}};
+}
+
+OrderedJson empty_completion_logprobs() {
+  return {{"tokens", OrderedJson::array()}, {"token_logprobs", OrderedJson::array()},
+          {"top_logprobs", OrderedJson::array()}, {"text_offset", OrderedJson::array()}};
+}
+
+void append_completion_logprob(OrderedJson& legacy, const TokenLogprobs& t, int64_t offset) {
+  if (legacy.is_null()) legacy = empty_completion_logprobs();
+  legacy["tokens"].push_back(token_string(t.bytes));
+  legacy["token_logprobs"].push_back(t.logprob);
+  OrderedJson top = OrderedJson::object();
+  for (const auto& [bytes, lp] : t.top) top[token_string(bytes).get<std::string>()] = lp;
+  legacy["top_logprobs"].push_back(top);
+  legacy["text_offset"].push_back(offset);
+}
+
+OrderedJson tool_call_json(const std::string& id, const ToolCall& call) {
+  return {{"id", id}, {"type", "function"}, {"function", {{"name", call.name}, {"arguments", call.arguments}}}};
 }
 
 std::string sse(const OrderedJson& event) { return "data: " + event.dump() + "\n\n"; }

@@ -10,6 +10,7 @@
 #include <vector>
 
 #include "engine/sampler.h"
+#include "server/tool_calls.h"
 #include "tokenizer/template.h"
 
 namespace dsv3::server {
@@ -39,10 +40,14 @@ struct GenerationRequest {
   int64_t n = 1;
   bool stream = false;
   bool include_usage = false;  // stream_options.include_usage
+  // logprobs: sampling.top_logprobs >= 0 (chat: logprobs + top_logprobs 0..20; completions: logprobs 0..5).
 };
 
 struct ChatRequest : GenerationRequest {
-  OrderedJson messages = OrderedJson::array();  // validated: roles and content
+  OrderedJson messages = OrderedJson::array();  // validated: roles and content (null for tool-call turns)
+  OrderedJson tools = OrderedJson::array();     // validated function definitions
+  ToolChoice tool_choice;                       // kNone when there are no tools
+  bool json_object = false;                     // response_format {"type": "json_object"}
 };
 
 struct CompletionRequest : GenerationRequest {
@@ -59,10 +64,27 @@ struct Usage {
   OrderedJson to_json() const;
 };
 
-// A finished choice; `reasoning` only for R1-style output.
+// A finished choice; `reasoning` only for R1-style output. `logprobs` is null or the finished object
+// (chat: {"content": [...]}; completions: the legacy {tokens, token_logprobs, top_logprobs, text_offset}).
 struct Choice {
   std::string content, reasoning, finish_reason;
+  OrderedJson tool_calls = OrderedJson::array();  // tool_call_json() entries
+  OrderedJson logprobs = nullptr;
 };
+
+// One token's logprob and its best alternatives, as the sampler reports them, with the token bytes.
+struct TokenLogprobs {
+  std::string bytes;
+  float logprob = 0.0f;
+  std::vector<std::pair<std::string, float>> top;  // (bytes, logprob), best first
+};
+// Chat: one entry of choices[].logprobs.content.
+OrderedJson chat_logprob(const TokenLogprobs& t);
+// Completions: appends one token to a legacy logprobs object; `offset` is its text offset.
+void append_completion_logprob(OrderedJson& legacy, const TokenLogprobs& t, int64_t offset);
+OrderedJson empty_completion_logprobs();
+// {"id", "type": "function", "function": {"name", "arguments"}}; streamed with an "index" too.
+OrderedJson tool_call_json(const std::string& id, const ToolCall& call);
 
 OrderedJson chat_response(const std::string& id, const std::string& model, int64_t created,
                           const std::vector<Choice>& choices, const Usage& usage);
@@ -71,9 +93,11 @@ OrderedJson completion_response(const std::string& id, const std::string& model,
 // One streamed chat chunk: a delta of content and/or reasoning, or the final one with finish_reason.
 OrderedJson chat_chunk(const std::string& id, const std::string& model, int64_t created, int64_t index,
                        const std::string& content, const std::string& reasoning,
-                       const std::optional<std::string>& finish_reason, bool first);
+                       const std::optional<std::string>& finish_reason, bool first,
+                       const OrderedJson& tool_calls = nullptr, const OrderedJson& logprobs = nullptr);
 OrderedJson completion_chunk(const std::string& id, const std::string& model, int64_t created, int64_t index,
-                             const std::string& text, const std::optional<std::string>& finish_reason);
+                             const std::string& text, const std::optional<std::string>& finish_reason,
+                             const OrderedJson& logprobs = nullptr);
 OrderedJson usage_chunk(const std::string& id, const std::string& object, const std::string& model, int64_t created,
                         const Usage& usage);
 std::string sse(const OrderedJson& event);  // "data: {...}\n\n"

@@ -11,10 +11,13 @@
 #include <thread>
 
 #include "core/error.h"
-#include "engine/generator.h"
+#include "engine/scheduler.h"
 #include "model/model.h"
+#include "server/chat_page.h"
+#include "server/json_guard.h"
 #include "server/metrics.h"
 #include "server/openai.h"
+#include "server/tool_calls.h"
 #include "tokenizer/chat.h"
 #include "tokenizer/stream.h"
 
@@ -39,25 +42,29 @@ std::string random_id(const char* prefix) {
   return std::string(prefix) + buf;
 }
 
-// A request on its way through the engine. The HTTP thread waits on it (non-streaming) or drains its
-// events as they come (streaming); the engine thread fills it.
+// A request on its way through the engine: its n choices run as n sequences of the scheduler. The HTTP
+// thread waits on it (non-streaming) or drains its events as they come (streaming); the engine thread
+// fills it.
 struct Job {
   bool chat = true;
   std::vector<int32_t> prompt;
   GenerationRequest params;
   int64_t max_new = 0;
   bool started_in_reasoning = false;
-  std::string echo;  // text completions with echo: the prompt, put before the generated text
+  ToolChoice tool_choice;    // chat with tools: parse the model's tool calls
+  bool json_object = false;  // chat with response_format json_object: guard the output
+  std::string echo;          // text completions with echo: the prompt, put before the generated text
   std::string id, model;
   int64_t created = 0;
   double arrival = 0.0;
+  std::shared_ptr<std::atomic<bool>> cancelled = std::make_shared<std::atomic<bool>>(false);
 
   std::mutex mu;
   std::condition_variable cv;
   std::deque<std::string> events;  // SSE lines, streaming only
   bool done = false;
-  std::atomic<bool> cancelled{false};
-  std::vector<Choice> choices;
+  std::vector<Choice> choices;     // by index, filled as each sequence ends
+  int64_t running = 0;             // sequences not ended yet
   Usage usage;
   std::optional<ApiError> error;
 
@@ -66,11 +73,171 @@ struct Job {
     events.push_back(std::move(e));
     cv.notify_all();
   }
-  void finish() {
-    std::lock_guard<std::mutex> lock(mu);
-    done = true;
-    cv.notify_all();
+};
+
+// One choice of a job, on the engine thread: turns its sampled tokens into text (stop strings matched
+// across token boundaries), reasoning, tool calls and logprobs, and streams them as SSE chunks.
+class ChoiceStream {
+ public:
+  ChoiceStream(Job& job, int64_t index, const tok::Tokenizer& tokenizer, const std::vector<int64_t>& eos,
+               const Sampler& sampler, Metrics& metrics)
+      : job_(job), p_(job.params), index_(index), tokenizer_(tokenizer), eos_(eos), sampler_(sampler),
+        metrics_(metrics), decoder_(tokenizer), reasoning_(job.started_in_reasoning) {
+    if (job.tool_choice.mode != ToolChoice::kNone) tools_.emplace(tokenizer, job.tool_choice);
+    choice_.finish_reason = "length";
+    if (!job.echo.empty()) emit(job.echo, false);
   }
+
+  // One sampled token; false ends the sequence.
+  bool on_token(int32_t id) {
+    if (*job_.cancelled) return false;
+    const double t = now_s();
+    if (tokens_ == 0 && index_ == 0) metrics_.time_to_first_token.observe(t - job_.arrival);
+    else if (last_token_ > 0) metrics_.time_per_output_token.observe(t - last_token_);
+    last_token_ = t;
+    ++tokens_;
+    if (std::find(eos_.begin(), eos_.end(), id) != eos_.end()) {
+      choice_.finish_reason = "stop";
+      return false;
+    }
+    if (p_.sampling.top_logprobs >= 0)
+      pending_.emplace_back(token_logprobs(sampler_.last_logprobs()), static_cast<int64_t>(job_.echo.size() + text_.size()));
+    std::string piece = decoder_.push(id);
+    if (tools_) {
+      ToolCallParser::Step step = tools_->push(id, piece);
+      piece = std::move(step.content);
+      if (step.call) {
+        advance(true);
+        emit_call(*step.call);
+      }
+      if (step.finished) {
+        choice_.finish_reason = "stop";  // "tool_calls" in finish() when a call came
+        return false;
+      }
+    }
+    text_ += piece;
+    if (advance(false)) {
+      choice_.finish_reason = "stop";
+      return false;
+    }
+    return true;
+  }
+
+  // The sequence ended: flushes what was held back and sends the final chunk.
+  Choice finish() {
+    if (tools_)
+      if (std::optional<ToolCall> call = tools_->finish()) {
+        advance(true);
+        emit_call(*call);
+      }
+    if (choice_.finish_reason == "length" || emitted_ < text_.size()) {
+      text_ += decoder_.finish();
+      if (advance(true)) choice_.finish_reason = "stop";
+    }
+    if (!choice_.tool_calls.empty()) choice_.finish_reason = "tool_calls";
+    emit("", true);
+    if (p_.stream) {
+      const OrderedJson logprobs = pending_.empty() ? OrderedJson() : take_logprobs();
+      if (job_.chat)
+        job_.push_event(sse(chat_chunk(job_.id, job_.model, job_.created, index_, "", "", choice_.finish_reason, false,
+                                       nullptr, logprobs)));
+      else
+        job_.push_event(sse(completion_chunk(job_.id, job_.model, job_.created, index_, "", choice_.finish_reason, logprobs)));
+    } else {
+      choice_.logprobs = take_logprobs();
+    }
+    return std::move(choice_);
+  }
+
+ private:
+  TokenLogprobs token_logprobs(const SampleLogprobs& s) const {
+    TokenLogprobs t;
+    t.bytes = tokenizer_.token_bytes(s.chosen.id);
+    t.logprob = s.chosen.logprob;
+    for (const TokenLogprob& alt : s.top) t.top.emplace_back(std::string(tokenizer_.token_bytes(alt.id)), alt.logprob);
+    return t;
+  }
+
+  // The logprobs not sent yet (streaming) or all of them (not streaming), in the endpoint's form.
+  OrderedJson take_logprobs() {
+    if (p_.sampling.top_logprobs < 0) return nullptr;
+    OrderedJson out = job_.chat ? OrderedJson{{"content", OrderedJson::array()}} : empty_completion_logprobs();
+    for (const auto& [t, offset] : pending_) {
+      if (job_.chat) out["content"].push_back(chat_logprob(t));
+      else append_completion_logprob(out, t, offset);
+    }
+    pending_.clear();
+    return out;
+  }
+
+  void emit(const std::string& delta, bool final) {
+    std::string content, reasoning_text;
+    if (job_.chat) {
+      tok::ReasoningStream::Delta d = reasoning_.push(delta);
+      if (final) {
+        tok::ReasoningStream::Delta f = reasoning_.finish();
+        d.content += f.content;
+        d.reasoning += f.reasoning;
+      }
+      content = d.content;
+      reasoning_text = d.reasoning;
+    } else {
+      content = delta;
+    }
+    choice_.content += content;
+    choice_.reasoning += reasoning_text;
+    if (!p_.stream || (content.empty() && reasoning_text.empty() && !first_chunk_)) return;
+    if (job_.chat)
+      job_.push_event(sse(chat_chunk(job_.id, job_.model, job_.created, index_, content, reasoning_text, std::nullopt,
+                                     first_chunk_, nullptr, take_logprobs())));
+    else
+      job_.push_event(sse(completion_chunk(job_.id, job_.model, job_.created, index_, content, std::nullopt, take_logprobs())));
+    first_chunk_ = false;
+  }
+
+  void emit_call(const ToolCall& call) {
+    OrderedJson json = tool_call_json(random_id("call_"), call);
+    if (p_.stream) {
+      OrderedJson delta = json;
+      delta["index"] = choice_.tool_calls.size();
+      job_.push_event(sse(chat_chunk(job_.id, job_.model, job_.created, index_, "", "", std::nullopt, first_chunk_,
+                                     OrderedJson::array({delta}), take_logprobs())));
+      first_chunk_ = false;
+    }
+    choice_.tool_calls.push_back(std::move(json));
+  }
+
+  // Passes on the part of the text that can no longer turn into a stop string; true at a stop string.
+  bool advance(bool final) {
+    size_t held = 0;
+    const size_t stop_at = find_stop(text_, p_.stop, &held);
+    if (stop_at != std::string::npos) {
+      text_.resize(stop_at);
+      held = 0;
+    }
+    const size_t end = final || stop_at != std::string::npos ? text_.size() : text_.size() - held;
+    if (end > emitted_) emit(text_.substr(emitted_, end - emitted_), false);
+    emitted_ = std::max(emitted_, end);
+    return stop_at != std::string::npos;
+  }
+
+  Job& job_;
+  const GenerationRequest& p_;
+  const int64_t index_;
+  const tok::Tokenizer& tokenizer_;
+  const std::vector<int64_t>& eos_;
+  const Sampler& sampler_;
+  Metrics& metrics_;
+  tok::StreamDecoder decoder_;
+  tok::ReasoningStream reasoning_;
+  std::optional<ToolCallParser> tools_;
+  Choice choice_;
+  std::string text_;    // everything decoded so far (after the stop check)
+  size_t emitted_ = 0;  // bytes of text_ already passed on
+  bool first_chunk_ = true;
+  int64_t tokens_ = 0;
+  double last_token_ = 0.0;
+  std::vector<std::pair<TokenLogprobs, int64_t>> pending_;  // logprobs with their text offsets
 };
 
 }  // namespace
@@ -81,16 +248,16 @@ struct Server::Impl {
   Metrics metrics;
   std::atomic<bool> ready{false}, stopping{false};
   std::string load_error;
+  std::atomic<int64_t> active_requests{0};  // HTTP handlers (and streams) in progress
 
   std::unique_ptr<Model> model;
   std::unique_ptr<tok::Tokenizer> tokenizer;
   std::unique_ptr<tok::ChatTemplate> chat_template;
   std::vector<int64_t> eos;
-
-  std::mutex queue_mu;
-  std::condition_variable queue_cv;
-  std::deque<std::shared_ptr<Job>> queue;
-  std::thread engine;
+  std::shared_ptr<const TokenTexts> token_texts;  // for the JSON guard
+  std::unique_ptr<Scheduler> scheduler;           // set once loaded; then never replaced
+  std::mutex scheduler_mu;                        // submit vs. shutdown
+  std::thread loader;
 
   explicit Impl(ServerOptions o) : opt(std::move(o)) {}
 
@@ -102,6 +269,20 @@ struct Server::Impl {
         chat_template = std::make_unique<tok::ChatTemplate>(tok::ChatTemplate::from_tokenizer(*tokenizer));
       eos = model->config().eos_token_ids;
       if (auto e = tokenizer->eos_id()) eos.push_back(*e);
+      auto texts = std::make_shared<TokenTexts>();
+      for (int32_t id = 0; id < tokenizer->vocab_size(); ++id) {
+        texts->bytes.emplace_back(tokenizer->token_bytes(id));
+        texts->added.push_back(tokenizer->is_added(id));
+      }
+      token_texts = std::move(texts);
+      SchedulerOptions so = opt.engine;
+      so.ctx = opt.ctx;
+      if (opt.cache_memory_bytes > 0) so.cache_blocks = cache_blocks_for_bytes(*model, opt.cache_memory_bytes);
+      {
+        std::lock_guard<std::mutex> lock(scheduler_mu);
+        if (stopping) return;
+        scheduler = std::make_unique<Scheduler>(*model, so);
+      }
       ready = true;
     } catch (const std::exception& e) {
       load_error = e.what();
@@ -111,128 +292,63 @@ struct Server::Impl {
     }
   }
 
-  // ---- engine thread -------------------------------------------------------------------------------
-  void engine_loop() {
-    load();
-    if (!ready) return;
-    Generator gen(*model, opt.ctx, {});  // end-of-sequence is handled per job below
-    while (true) {
-      std::shared_ptr<Job> job;
-      {
-        std::unique_lock<std::mutex> lock(queue_mu);
-        queue_cv.wait(lock, [&] { return stopping || !queue.empty(); });
-        if (queue.empty()) return;
-        job = queue.front();
-        queue.pop_front();
-        metrics.queue_depth = static_cast<int64_t>(queue.size());
-      }
-      metrics.running = 1;
+  // ---- engine side ---------------------------------------------------------------------------------
+  // Submits the job's n choices as n sequences; the last one to end completes the job.
+  void submit(const std::shared_ptr<Job>& job) {
+    const GenerationRequest& p = job->params;
+    job->choices.resize(static_cast<size_t>(p.n));
+    job->running = p.n;
+    job->usage.prompt_tokens = static_cast<int64_t>(job->prompt.size());
+    std::lock_guard<std::mutex> lock(scheduler_mu);
+    if (stopping || !scheduler) throw ApiError(503, "the server is shutting down", "", "server_error");
+    for (int64_t i = 0; i < p.n; ++i) {
+      SamplingParams sp = p.sampling;
+      sp.seed = p.seed_given ? p.sampling.seed + static_cast<uint64_t>(i) : std::random_device{}();
+      SequenceRequest req;
+      req.prompt = job->prompt;
+      req.max_new_tokens = job->max_new;
+      req.eos_ids = eos;
+      req.sampler = std::make_unique<Sampler>(sp, job->prompt);
+      if (job->json_object) req.sampler->set_filter(std::make_unique<JsonGuard>(token_texts, eos));
+      req.cancelled = job->cancelled;
+      auto stream = std::make_shared<ChoiceStream>(*job, i, *tokenizer, eos, *req.sampler, metrics);
+      req.on_token = [stream](int32_t id) { return stream->on_token(id); };
+      req.on_done = [this, job, stream, i](const SequenceResult& r) { sequence_done(*job, i, *stream, r); };
       try {
-        run_job(gen, *job);
-      } catch (const std::exception& e) {
-        job->error = ApiError(500, std::string("generation failed: ") + e.what(), "", "server_error");
+        scheduler->submit(std::move(req));
+      } catch (const Error& e) {
+        if (i == 0) throw ApiError(400, e.what(), "messages");
+        // Later choices cannot fail where the first one passed; end them as errors all the same.
+        SequenceResult failed;
+        failed.reason = FinishReason::Error;
+        failed.error = e.what();
+        sequence_done(*job, i, *stream, failed);
       }
-      metrics.running = 0;
-      job->finish();
     }
   }
 
-  void run_job(Generator& gen, Job& job) {
-    const GenerationRequest& p = job.params;
-    job.usage.prompt_tokens = static_cast<int64_t>(job.prompt.size());
-    const std::string object = job.chat ? "chat.completion.chunk" : "text_completion";
-    for (int64_t i = 0; i < p.n && !job.cancelled; ++i) {
-      SamplingParams sp = p.sampling;
-      sp.seed = p.seed_given ? p.sampling.seed + static_cast<uint64_t>(i) : std::random_device{}();
-      Sampler sampler(sp);
-      tok::StreamDecoder decoder(*tokenizer);
-      tok::ReasoningStream reasoning(job.started_in_reasoning);
-      Choice choice;
-      choice.finish_reason = "length";
-      std::string text;     // everything decoded so far (after the stop check)
-      size_t emitted = 0;   // bytes of `text` already passed on
-      bool first_chunk = true;
-      double last_token = 0.0;
-
-      auto emit = [&](const std::string& delta, bool final) {
-        std::string content, reasoning_text;
-        if (job.chat) {
-          tok::ReasoningStream::Delta d = reasoning.push(delta);
-          if (final) {
-            tok::ReasoningStream::Delta f = reasoning.finish();
-            d.content += f.content;
-            d.reasoning += f.reasoning;
-          }
-          content = d.content;
-          reasoning_text = d.reasoning;
-        } else {
-          content = delta;
-        }
-        choice.content += content;
-        choice.reasoning += reasoning_text;
-        if (!p.stream || (content.empty() && reasoning_text.empty() && !first_chunk)) return;
-        if (job.chat) {
-          job.push_event(sse(chat_chunk(job.id, job.model, job.created, i, content, reasoning_text, std::nullopt, first_chunk)));
-        } else {
-          job.push_event(sse(completion_chunk(job.id, job.model, job.created, i, content, std::nullopt)));
-        }
-        first_chunk = false;
-      };
-      if (!job.echo.empty()) emit(job.echo, false);
-
-      // Passes on the part of `text` that can no longer turn into a stop string; true at a stop string.
-      auto advance = [&](bool final) {
-        size_t held = 0;
-        const size_t stop_at = find_stop(text, p.stop, &held);
-        if (stop_at != std::string::npos) {
-          text.resize(stop_at);
-          held = 0;
-        }
-        const size_t end = final || stop_at != std::string::npos ? text.size() : text.size() - held;
-        if (end > emitted) emit(text.substr(emitted, end - emitted), false);
-        emitted = std::max(emitted, end);
-        return stop_at != std::string::npos;
-      };
-
-      gen.run(job.prompt, job.max_new, sampler, [&](int32_t id) {
-        if (job.cancelled) return false;
-        const double t = now_s();
-        if (job.usage.completion_tokens == 0 && i == 0) metrics.time_to_first_token.observe(t - job.arrival);
-        else if (last_token > 0) metrics.time_per_output_token.observe(t - last_token);
-        last_token = t;
-        ++job.usage.completion_tokens;
-        if (std::find(eos.begin(), eos.end(), id) != eos.end()) {
-          choice.finish_reason = "stop";
-          return false;
-        }
-        text += decoder.push(id);
-        if (advance(false)) {
-          choice.finish_reason = "stop";
-          return false;
-        }
-        return true;
-      });
-      if (i == 0) job.usage.cache_hit_tokens = gen.last_reused();
-      if (choice.finish_reason == "length" || emitted < text.size()) {
-        text += decoder.finish();
-        if (advance(true)) choice.finish_reason = "stop";
-      }
-      emit("", true);
-      if (p.stream) {
-        if (job.chat)
-          job.push_event(sse(chat_chunk(job.id, job.model, job.created, i, "", "", choice.finish_reason, false)));
-        else
-          job.push_event(sse(completion_chunk(job.id, job.model, job.created, i, "", choice.finish_reason)));
-      }
-      job.choices.push_back(std::move(choice));
-    }
+  void sequence_done(Job& job, int64_t index, ChoiceStream& stream, const SequenceResult& r) {
+    Choice choice = stream.finish();
+    std::lock_guard<std::mutex> lock(job.mu);
+    job.choices[static_cast<size_t>(index)] = std::move(choice);
+    job.usage.completion_tokens += r.completion_tokens;
+    if (index == 0) job.usage.cache_hit_tokens = r.cache_hit_tokens;
+    if (r.reason == FinishReason::Error && !job.error)
+      job.error = ApiError(500, "generation failed: " + r.error, "", "server_error");
+    if (r.reason == FinishReason::Cancelled && stopping && !job.error)
+      job.error = ApiError(503, "the server is shutting down", "", "server_error");
+    if (--job.running > 0) return;
     metrics.prompt_tokens += static_cast<uint64_t>(job.usage.prompt_tokens);
     metrics.completion_tokens += static_cast<uint64_t>(job.usage.completion_tokens);
     metrics.cache_hit_tokens += static_cast<uint64_t>(job.usage.cache_hit_tokens);
-    if (p.stream) {
-      if (p.include_usage) job.push_event(sse(usage_chunk(job.id, object, job.model, job.created, job.usage)));
-      job.push_event("data: [DONE]\n\n");
+    if (job.params.stream && !job.error) {
+      const std::string object = job.chat ? "chat.completion.chunk" : "text_completion";
+      if (job.params.include_usage)
+        job.events.push_back(sse(usage_chunk(job.id, object, job.model, job.created, job.usage)));
+      job.events.push_back("data: [DONE]\n\n");
     }
+    job.done = true;
+    job.cv.notify_all();
   }
 
   // ---- HTTP side -----------------------------------------------------------------------------------
@@ -264,17 +380,13 @@ struct Server::Impl {
   }
 
   void submit_and_respond(const std::shared_ptr<Job>& job, httplib::Response& res) {
-    {
-      std::lock_guard<std::mutex> lock(queue_mu);
-      if (static_cast<int64_t>(queue.size()) >= opt.max_queue) {
-        res.set_header("Retry-After", "1");
-        throw ApiError(429, "too many requests are waiting (" + std::to_string(queue.size()) + "); retry later", "",
-                       "rate_limit_error");
-      }
-      queue.push_back(job);
-      metrics.queue_depth = static_cast<int64_t>(queue.size());
+    const int64_t waiting = scheduler->stats().waiting;
+    if (waiting >= opt.max_queue) {
+      res.set_header("Retry-After", "1");
+      throw ApiError(429, "too many requests are waiting (" + std::to_string(waiting) + "); retry later", "",
+                     "rate_limit_error");
     }
-    queue_cv.notify_one();
+    submit(job);
     if (!job->params.stream) {
       std::unique_lock<std::mutex> lock(job->mu);
       job->cv.wait(lock, [&] { return job->done; });
@@ -285,6 +397,7 @@ struct Server::Impl {
       return;
     }
     res.set_header("Cache-Control", "no-cache");
+    ++active_requests;  // until the stream's release callback
     res.set_chunked_content_provider("text/event-stream", [job](size_t, httplib::DataSink& sink) {
       std::unique_lock<std::mutex> lock(job->mu);
       job->cv.wait(lock, [&] { return job->done || !job->events.empty(); });
@@ -295,7 +408,7 @@ struct Server::Impl {
         const bool ok = sink.write(e.data(), e.size());
         lock.lock();
         if (!ok) {  // the client went away: stop generating for it
-          job->cancelled = true;
+          *job->cancelled = true;
           return false;
         }
       }
@@ -307,8 +420,9 @@ struct Server::Impl {
         sink.done();
       }
       return true;
-    }, [job](bool success) {
-      if (!success) job->cancelled = true;
+    }, [this, job](bool success) {
+      if (!success) *job->cancelled = true;
+      --active_requests;
     });
   }
 
@@ -319,8 +433,20 @@ struct Server::Impl {
     auto job = std::make_shared<Job>();
     job->chat = true;
     job->id = random_id("chatcmpl-");
-    const std::string text = chat_template->render(r.messages, /*add_generation_prompt=*/true);
+    // DeepSeek-V3's template has no place for tool definitions: they go in as one more system message
+    // (the template gathers all system messages at the top). With tool_choice none they are left out.
+    job->tool_choice = r.tool_choice;
+    job->json_object = r.json_object;
+    OrderedJson messages = r.messages;
+    if (r.tool_choice.mode != ToolChoice::kNone) messages.push_back({{"role", "system"}, {"content", render_tools(r.tools)}});
+    std::string text;
+    try {
+      text = chat_template->render(messages, /*add_generation_prompt=*/true);
+    } catch (const std::exception& e) {
+      throw ApiError(400, std::string("the chat template cannot render these messages: ") + e.what(), "messages");
+    }
     job->started_in_reasoning = text.ends_with("<think>") || text.ends_with("<think>\n");
+    text += forced_prefix(r.tool_choice);
     job->prompt = tokenizer->encode(text);
     job->params = r;
     prepare(*job, r.max_tokens);
@@ -351,6 +477,7 @@ struct Server::Impl {
   template <typename F>
   httplib::Server::Handler guarded(const std::string& endpoint, F f) {
     return [this, endpoint, f](const httplib::Request& req, httplib::Response& res) {
+      ++active_requests;
       try {
         f(req, res);
       } catch (const ApiError& e) {
@@ -358,7 +485,9 @@ struct Server::Impl {
       } catch (const std::exception& e) {
         reply_error(res, ApiError(400, e.what()));
       }
-      metrics.count_request(endpoint, res.status);
+      // A streamed reply has no status yet here (httplib sends 200 for it).
+      metrics.count_request(endpoint, res.status == -1 ? 200 : res.status);
+      --active_requests;
     };
   }
 
@@ -369,8 +498,15 @@ struct Server::Impl {
       res.set_content(ready ? (stopping ? "{\"status\":\"stopping\"}" : "{\"status\":\"ok\"}") : "{\"status\":\"loading\"}",
                       "application/json");
     });
+    // The chat page: static, so it needs no key; the key the user types goes with its API calls.
+    http.Get("/", [](const httplib::Request&, httplib::Response& res) {
+      res.set_header("X-Content-Type-Options", "nosniff");
+      res.set_content(std::string(kChatPage), "text/html; charset=utf-8");
+    });
     http.Get("/metrics", [this](const httplib::Request&, httplib::Response& res) {
-      res.set_content(metrics.render(), "text/plain; version=0.0.4");
+      std::string text = metrics.render();
+      if (ready) text += render_scheduler_stats(scheduler->stats());
+      res.set_content(text, "text/plain; version=0.0.4");
     });
     http.Get("/v1/models", guarded("/v1/models", [this](const httplib::Request& req, httplib::Response& res) {
       if (!opt.api_key.empty() && req.get_header_value("Authorization") != "Bearer " + opt.api_key)
@@ -404,7 +540,7 @@ Server::Server(ServerOptions options) : impl_(std::make_unique<Impl>(std::move(o
 
 Server::~Server() {
   stop();
-  if (impl_->engine.joinable()) impl_->engine.join();
+  if (impl_->loader.joinable()) impl_->loader.join();
 }
 
 void Server::run() {
@@ -413,25 +549,23 @@ void Server::run() {
   check(bound > 0, "cannot listen on " + s.opt.host + ":" + std::to_string(s.opt.port),
         "the port may be in use; pick another with --port");
   port_ = bound;
-  s.engine = std::thread([&s] { s.engine_loop(); });
+  s.loader = std::thread([&s] { s.load(); });
   s.http.listen_after_bind();
   stop();
-  if (s.engine.joinable()) s.engine.join();
+  if (s.loader.joinable()) s.loader.join();
   check(s.load_error.empty(), "cannot load the model: " + s.load_error);
 }
 
 void Server::stop() {
   Impl& s = *impl_;
   {
-    std::lock_guard<std::mutex> lock(s.queue_mu);
+    std::lock_guard<std::mutex> lock(s.scheduler_mu);
     s.stopping = true;
-    for (auto& job : s.queue) {
-      job->error = ApiError(503, "the server is shutting down", "", "server_error");
-      job->finish();
-    }
-    s.queue.clear();
   }
-  s.queue_cv.notify_all();
+  // Every queued and running sequence ends now (cancelled); their clients get a 503 error, which the
+  // HTTP threads still deliver before the listener goes.
+  if (s.scheduler) s.scheduler->shutdown(/*cancel_running=*/true);
+  for (int i = 0; i < 500 && s.active_requests > 0; ++i) std::this_thread::sleep_for(std::chrono::milliseconds(10));
   s.http.stop();
 }
 

@@ -1,14 +1,15 @@
 // The OpenAI-compatible HTTP server. HTTP worker threads parse and validate requests and stream
-// responses; one engine thread owns the model and runs the jobs from a bounded queue, one at a time
-// for now (continuous batching over a paged cache is the next step, issue 4). The engine keeps the last
-// sequence's latent cache, so a request that repeats a prefix of the previous one skips its prefill
-// (reported as prompt_cache_hit_tokens).
+// responses; the engine is a dsv3::Scheduler (engine/scheduler.h): continuous batching over a paged
+// latent cache with a prefix cache (and a disk tier), one sequence per choice. A request that repeats
+// a cached prefix skips its prefill (reported as prompt_cache_hit_tokens).
 #pragma once
 
 #include <atomic>
 #include <cstdint>
 #include <memory>
 #include <string>
+
+#include "engine/scheduler.h"
 
 namespace dsv3::server {
 
@@ -18,10 +19,12 @@ struct ServerOptions {
   std::string host = "127.0.0.1";
   int port = 8080;                 // 0: any free port (see Server::port)
   std::string api_key;             // empty: no authentication
-  int64_t max_queue = 64;          // waiting requests beyond this get 429
+  int64_t max_queue = 64;          // waiting sequences beyond this get 429
   int64_t ctx = 4096;              // context per sequence (prompt + completion)
   size_t max_body_bytes = 8u << 20;
   int http_threads = 8;
+  SchedulerOptions engine;         // batching and caches; its ctx is set from `ctx`
+  int64_t cache_memory_bytes = 0;  // > 0: size the block pool from this budget (engine.cache_blocks = 0)
 };
 
 class Server {
@@ -31,7 +34,7 @@ class Server {
   // Binds, loads the model (503 until it is ready) and serves until stop(). Throws dsv3::Error when
   // the address cannot be bound.
   void run();
-  // Stops accepting, cancels waiting jobs, lets the running one end, and returns from run().
+  // Stops accepting, cancels queued and running requests (their clients get 503), returns from run().
   void stop();
   // The bound port (useful with port 0), valid once listening.
   int port() const { return port_.load(); }

@@ -51,7 +51,7 @@ Value arg(const Args& a, const KwArgs& kw, size_t i, const char* name, Value fal
 
 class Interpreter {
  public:
-  Interpreter() {
+  explicit Interpreter(int64_t max_steps) : max_steps_(max_steps) {
     globals_.vars["namespace"] = Value::func([](const Args& a, const KwArgs& kw) {
       Value ns = Value::make_dict();
       ns.ns = true;
@@ -123,6 +123,7 @@ class Interpreter {
   }
 
   Flow exec(const Stmt& s, Scope& scope, std::string& out) {
+    charge(out);
     switch (s.k) {
       case Stmt::K::kText:
         out += s.text;
@@ -203,6 +204,7 @@ class Interpreter {
     }
     const auto n = static_cast<int64_t>(items.size());
     for (int64_t k = 0; k < n; ++k) {
+      charge(out);
       const Value& item = items[static_cast<size_t>(k)];
       bind_target(s.targets, item, loop_scope);
       Value loop = Value::make_dict();
@@ -275,6 +277,7 @@ class Interpreter {
 
   // ---- expressions ----
   Value eval(const Expr& e, Scope& scope) {
+    ++steps_;
     switch (e.k) {
       case Expr::K::kLiteral:
         return e.literal;
@@ -414,6 +417,8 @@ class Interpreter {
       if (ls != rs && (ls ? r : l).is(Value::T::kInt)) {
         const Value& seq = ls ? l : r;
         const int64_t n = std::max<int64_t>(0, to_int(ls ? r : l));
+        const size_t len = seq.is(Value::T::kStr) ? seq.s.size() : seq.list->size();
+        if (len > 0) check_size(static_cast<size_t>(std::min<int64_t>(n, int64_t{1} << 40)) * len);
         if (seq.is(Value::T::kStr)) {
           std::string out;
           for (int64_t k = 0; k < n; ++k) out += seq.s;
@@ -441,8 +446,15 @@ class Interpreter {
       if (op == "%") return Value::integer(a - floor_div(a, b) * b);
       if (op == "**") {
         if (b < 0) return Value::real(std::pow(double(a), double(b)));
+        // Exact while it fits in 64 bits, like Python's ints; beyond that an error, not a wrap.
         int64_t p = 1;
-        for (int64_t k = 0; k < b; ++k) p *= a;
+        for (int64_t k = 0; k < b && p != 0; ++k) {
+          if (__builtin_mul_overflow(p, a, &p)) fail("integer overflow in " + std::to_string(a) + " ** " + std::to_string(b));
+          if (p == 1 || (p == -1 && a == -1)) {  // 1 and -1 repeat forever: finish by parity
+            if (a == -1) p = ((b - k - 1) % 2 == 0) ? p : -p;
+            break;
+          }
+        }
         return Value::integer(p);
       }
     }
@@ -1037,10 +1049,24 @@ class Interpreter {
     fail("no test named '" + name + "'");
   }
 
+  // A chat template comes with a model, so it is untrusted input: a render that loops for billions of
+  // steps or builds gigabytes of text is stopped with an error instead of hanging the caller (the server
+  // renders on a request thread). See TemplateOptions::max_steps.
+  static constexpr size_t kMaxText = size_t{64} << 20;
+  void charge(const std::string& out) {
+    if (++steps_ > max_steps_) fail("template render exceeded " + std::to_string(max_steps_) + " steps");
+    if (out.size() > kMaxText) fail("template output exceeded " + std::to_string(kMaxText >> 20) + " MiB");
+  }
+  static void check_size(size_t n) {
+    if (n > kMaxText) fail("template value of " + std::to_string(n) + " bytes/items is too large");
+  }
+
   static constexpr int kMaxMacroDepth = 100;
   Scope globals_;
   int line_ = 0;
   int macro_depth_ = 0;
+  int64_t steps_ = 0;
+  int64_t max_steps_;
 
  public:
   int line() const { return line_; }
@@ -1054,6 +1080,7 @@ class Interpreter {
 struct Template::Impl {
   std::string origin;
   tmpl::Body body;
+  int64_t max_steps = 0;
 };
 
 Template::Template(std::unique_ptr<Impl> impl) : impl_(std::move(impl)) {}
@@ -1064,6 +1091,7 @@ Template::~Template() = default;
 Template Template::parse(std::string_view source, const std::string& origin, TemplateOptions options) {
   auto impl = std::make_unique<Impl>();
   impl->origin = origin;
+  impl->max_steps = options.max_steps;
   check(utf8_is_valid(source), origin + ": the template is not valid UTF-8");
   try {
     impl->body = tmpl::parse_template(source, options);
@@ -1080,7 +1108,7 @@ std::string Template::render(const Json& context) const {
 
 std::string Template::render(const OrderedJson& context) const {
   check(context.is_object(), impl_->origin + ": the template context must be a JSON object");
-  tmpl::Interpreter interp;
+  tmpl::Interpreter interp(impl_->max_steps);
   try {
     return interp.render(impl_->body, tmpl::from_json(context));
   } catch (const tmpl::TemplateError& e) {

@@ -32,6 +32,10 @@ using OrderedJson = nlohmann::ordered_json;
 struct TemplateOptions {
   bool trim_blocks = true;    // drop the first newline after a block tag
   bool lstrip_blocks = true;  // drop spaces and tabs before a block tag at the start of a line
+  // Work budget of one render (statements, loop iterations and expressions evaluated): a template is
+  // untrusted input, and one that would run for minutes stops with an error instead. DeepSeek-V3's
+  // template uses about a hundred steps per message.
+  int64_t max_steps = 5'000'000;
 };
 
 class Template {

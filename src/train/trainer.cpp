@@ -12,6 +12,26 @@ namespace dsv3::train {
 
 namespace {
 
+// The CPU backend: TrainModel<float> and AdamW<float> themselves.
+class CpuBackend final : public TrainBackend {
+ public:
+  CpuBackend(TrainModel<float>& m, AdamW<float>& opt) : m_(m), opt_(opt) {}
+  std::string name() const override { return "cpu"; }
+  LossParts forward(const int32_t* tokens, int64_t B, int64_t S, bool count_load) override {
+    return m_.forward(tokens, B, S, count_load);
+  }
+  void backward(double scale) override { m_.backward(scale); }
+  void zero_grad() override { m_.zero_grad(); }
+  double clip_grad_norm(double max_norm) override { return train::clip_grad_norm(m_.params(), max_norm); }
+  void optimizer_step(double lr) override { opt_.step(lr); }
+  void push() override {}
+  void pull(bool) override {}
+
+ private:
+  TrainModel<float>& m_;
+  AdamW<float>& opt_;
+};
+
 using Clock = std::chrono::steady_clock;
 
 std::string human_seconds(double s) {
@@ -30,6 +50,10 @@ std::string human_seconds(double s) {
 }
 
 }  // namespace
+
+std::unique_ptr<TrainBackend> make_cpu_backend(TrainModel<float>& model, AdamW<float>& opt) {
+  return std::make_unique<CpuBackend>(model, opt);
+}
 
 std::vector<BalanceStats> balance_stats(TrainModel<float>& m) {
   std::vector<BalanceStats> out;
@@ -68,6 +92,7 @@ Trainer::Trainer(const Json& config, const std::string& origin, std::vector<int3
   model_->init_random(cfg_.seed, cfg_.init_std);
   opt_ = std::make_unique<AdamW<float>>(model_->params(),
                                         AdamWConfig{cfg_.beta1, cfg_.beta2, cfg_.eps, cfg_.weight_decay});
+  backend_ = make_cpu_backend(*model_, *opt_);
   for (int32_t t : train_tokens)
     check(t >= 0 && t < model_cfg_.vocab_size, origin + ": training token id " + std::to_string(t) +
                                                    " is outside the vocabulary (" +
@@ -96,18 +121,29 @@ StepInfo Trainer::step() {
 
 void Trainer::load_weights(const std::string& dir) {
   load_model(dir, *model_);
+  backend_->push();
+}
+
+void Trainer::set_backend(std::unique_ptr<TrainBackend> backend) {
+  backend_ = std::move(backend);
+  backend_->push();
+}
+
+TrainModel<float>& Trainer::synced_model(bool grads) {
+  backend_->pull(grads);
+  return *model_;
 }
 
 StepInfo Trainer::step_on(const std::vector<std::vector<int32_t>>& micro_batches) {
   const auto t0 = Clock::now();
   const int64_t A = static_cast<int64_t>(micro_batches.size()), B = cfg_.batch_size, S = cfg_.seq_len;
-  model_->zero_grad();
+  backend_->zero_grad();
   StepInfo info;
   for (int64_t a = 0; a < A; ++a) {
     check(micro_batches[a].size() == static_cast<size_t>(B * (S + 1)),
           "a micro-batch must hold batch_size windows of seq_len+1 tokens");
-    const LossParts l = model_->forward(micro_batches[a].data(), B, S, /*count_load=*/true);
-    model_->backward(1.0 / static_cast<double>(A));
+    const LossParts l = backend_->forward(micro_batches[a].data(), B, S, /*count_load=*/true);
+    backend_->backward(1.0 / static_cast<double>(A));
     info.loss.total += l.total / static_cast<double>(A);
     info.loss.main += l.main / static_cast<double>(A);
     info.loss.mtp += l.mtp / static_cast<double>(A);
@@ -116,9 +152,9 @@ StepInfo Trainer::step_on(const std::vector<std::vector<int32_t>>& micro_batches
   check(std::isfinite(info.loss.total),
         "the loss is " + std::to_string(info.loss.total) + " at step " + std::to_string(step_ + 1),
         "lower training.lr or training.init_std, or keep training.grad_clip on");
-  info.grad_norm = clip_grad_norm(model_->params(), cfg_.grad_clip);
+  info.grad_norm = backend_->clip_grad_norm(cfg_.grad_clip);
   info.lr = learning_rate(cfg_, step_);
-  opt_->step(info.lr);
+  backend_->optimizer_step(info.lr);
   info.balance = balance_stats(*model_);
   model_->update_bias(cfg_.bias_update_speed);
   ++step_;
@@ -136,7 +172,7 @@ LossParts Trainer::eval() {
   for (int64_t i = 0; i < n; ++i) {
     for (int64_t b = 0; b < B; ++b)
       eval_->window((i * B + b) % eval_->num_windows(), batch_.data() + b * (S + 1));
-    const LossParts l = model_->forward(batch_.data(), B, S, /*count_load=*/false);
+    const LossParts l = backend_->forward(batch_.data(), B, S, /*count_load=*/false);
     out.total += l.total / static_cast<double>(n);
     out.main += l.main / static_cast<double>(n);
     out.mtp += l.mtp / static_cast<double>(n);
@@ -147,6 +183,7 @@ LossParts Trainer::eval() {
 
 void Trainer::save(const std::string& dir) {
   const DType dtype = cfg_.save_dtype == "bf16" ? DType::BF16 : DType::F32;
+  backend_->pull(/*grads=*/false);
   save_model(dir, config_json_, *model_, dtype);
   save_optimizer(dir + "/optimizer.safetensors", *opt_, model_->params());
   Json state{{"step", step_},
@@ -166,6 +203,7 @@ void Trainer::resume(const std::string& dir) {
   load_optimizer(dir + "/optimizer.safetensors", *opt_, model_->params());
   step_ = json_int(state, "step", origin);
   opt_->set_steps_taken(json_int(state, "optimizer_steps", origin));
+  backend_->push();
   check(step_ >= 0, origin + ": step must not be negative");
 }
 
@@ -195,8 +233,9 @@ std::string Trainer::format_step(const StepInfo& s, int64_t total_steps, double 
 }
 
 void Trainer::run(const std::string& out_dir, FILE* log) {
-  std::fprintf(log, "model: %s\nparameters: %lld (fp32 master weights)\n", model_cfg_.summary().c_str(),
-               static_cast<long long>(model_->num_params()));
+  std::fprintf(log, "model: %s\nparameters: %lld (fp32 master weights)\nbackend: %s\n",
+               model_cfg_.summary().c_str(), static_cast<long long>(model_->num_params()),
+               backend_->name().c_str());
   std::fprintf(
       log, "data: %lld training windows of %lld+1 tokens%s; %lld tokens per step\n",
       static_cast<long long>(train_->num_windows()), static_cast<long long>(cfg_.seq_len),

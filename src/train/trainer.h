@@ -1,4 +1,5 @@
-// Trainer: the training loop around TrainModel<float>. One step = grad_accum micro-batches (forward,
+// Trainer: the training loop around TrainModel<float> (the parameter store) and a TrainBackend that runs
+// the arithmetic (the CPU by default; train/cuda/ for the GPU). One step = grad_accum micro-batches (forward,
 // backward with 1/grad_accum), global-norm clipping, AdamW at the scheduled learning rate, then the
 // auxiliary-loss-free bias update from the expert loads counted over all the step's micro-batches.
 // Data order, init and therefore the whole loss curve depend only on the config (and seed): resuming
@@ -13,6 +14,7 @@
 #include <vector>
 
 #include "core/json.h"
+#include "train/backend.h"
 #include "train/data.h"
 #include "train/optimizer.h"
 #include "train/train_config.h"
@@ -45,7 +47,14 @@ class Trainer {
   const ModelConfig& model_config() const { return model_cfg_; }
   const TrainConfig& config() const { return cfg_; }
   TrainConfig& mutable_config() { return cfg_; }
+  // The parameter store. With a device backend its weights are those of the last push/pull: use
+  // synced_model() to read the current ones.
   TrainModel<float>& model() { return *model_; }
+  AdamW<float>& optimizer() { return *opt_; }
+  TrainModel<float>& synced_model(bool grads = false);
+  // Runs the steps on another backend (default: the CPU); the store's weights are pushed to it.
+  void set_backend(std::unique_ptr<TrainBackend> backend);
+  TrainBackend& backend() { return *backend_; }
   int64_t step_count() const { return step_; }
   int64_t tokens_per_step() const { return cfg_.grad_accum * cfg_.batch_size * cfg_.seq_len; }
   bool has_eval() const { return eval_ != nullptr; }
@@ -76,6 +85,7 @@ class Trainer {
   TrainConfig cfg_;
   std::unique_ptr<TrainModel<float>> model_;
   std::unique_ptr<AdamW<float>> opt_;
+  std::unique_ptr<TrainBackend> backend_;
   std::unique_ptr<WindowSampler> train_, eval_;
   int64_t step_ = 0;
   std::vector<int32_t> batch_;

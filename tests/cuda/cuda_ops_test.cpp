@@ -186,32 +186,76 @@ TEST_F(CudaOps, LinearSwiGLUPairAndAccumulate) {
 
 TEST_F(CudaOps, GroupedRowsMatchPerHeadLinear) {
   // W_UV of MLA: kv_b_proj [H*(dn+dv), C]; head h uses rows h*(dn+dv)+dn .. +dv on its own latent input.
+  // dv = 42: groups that do not split into whole 4-row (or 2-row) warps.
   for (DType dt : kDtypes)
-    for (int64_t n : {1, 3, 20}) {
-      Dev dev;
-      const int64_t H = 3, dn = 24, dv = 40, C = 160, dkv = dn + dv;
-      TestMatrix w = make_matrix(rng, dev, dt, H * dkv, C);
-      const std::vector<float> x = randn(rng, static_cast<size_t>(n * H * C));
-      std::vector<float> ref(static_cast<size_t>(n * H * dv));
-      for (int64_t t = 0; t < n; ++t)
-        for (int64_t h = 0; h < H; ++h)
-          cpu::linear_rows(w.host, h * dkv + dn, dv, x.data() + (t * H + h) * C, 1, ref.data() + (t * H + h) * dv);
-      float* dy = dev.poisoned(ref.size());
-      cuda::LinearParams p;
-      p.w = w.dev;
-      p.n = n;
-      p.out = H * dv;
-      p.x = dev.put(x);
-      p.ldx = H * C;
-      p.y = dy;
-      p.ldy = H * dv;
-      p.group_rows = dv;
-      p.group_stride = dkv;
-      p.row0 = dn;
-      p.group_x = C;
-      cuda::linear(p);
-      EXPECT_LE(test::rel_l2(Dev::get(dy, ref.size()), ref), 1e-5) << dtype_name(dt) << " n=" << n;
-    }
+    for (int64_t n : {1, 3, 20})
+      for (int64_t dv : {40, 42}) {
+        Dev dev;
+        const int64_t H = 3, dn = 24, C = 160, dkv = dn + dv;
+        TestMatrix w = make_matrix(rng, dev, dt, H * dkv, C);
+        const std::vector<float> x = randn(rng, static_cast<size_t>(n * H * C));
+        std::vector<float> ref(static_cast<size_t>(n * H * dv));
+        for (int64_t t = 0; t < n; ++t)
+          for (int64_t h = 0; h < H; ++h)
+            cpu::linear_rows(w.host, h * dkv + dn, dv, x.data() + (t * H + h) * C, 1, ref.data() + (t * H + h) * dv);
+        float* dy = dev.poisoned(ref.size());
+        cuda::LinearParams p;
+        p.w = w.dev;
+        p.n = n;
+        p.out = H * dv;
+        p.x = dev.put(x);
+        p.ldx = H * C;
+        p.y = dy;
+        p.ldy = H * dv;
+        p.group_rows = dv;
+        p.group_stride = dkv;
+        p.row0 = dn;
+        p.group_x = C;
+        cuda::linear(p);
+        EXPECT_LE(test::rel_l2(Dev::get(dy, ref.size()), ref), 1e-5) << dtype_name(dt) << " n=" << n << " dv=" << dv;
+      }
+}
+
+// RMSNorm inside the GEMV (and the prefill GEMM) against cpu::rmsnorm then cpu::linear, plain and SwiGLU
+// pairs, with an input row stride wider than the matrix (the normed values are the first cols).
+TEST_F(CudaOps, LinearWithFusedRMSNormMatchesNormThenLinear) {
+  struct Shape { int64_t rows, cols; };
+  const Shape shapes[] = {{37, 200}, {129, 256}, {300, 1024}, {5, 33}};
+  for (DType dt : kDtypes)
+    for (const Shape& sh : shapes)
+      for (int64_t n : {1, 2, 7, 16, 40})
+        for (bool dual : {false, true}) {
+          Dev dev;
+          const int64_t ldx = sh.cols + 12;
+          TestMatrix w = make_matrix(rng, dev, dt, sh.rows, sh.cols), w2 = make_matrix(rng, dev, dt, sh.rows, sh.cols);
+          const std::vector<float> x = randn(rng, static_cast<size_t>(n * ldx), 2.0f), g = randn(rng, sh.cols);
+          std::vector<float> xc(static_cast<size_t>(n * sh.cols)), xn(xc.size());
+          for (int64_t t = 0; t < n; ++t) std::copy_n(x.data() + t * ldx, sh.cols, xc.data() + t * sh.cols);
+          cpu::rmsnorm(xc.data(), g.data(), n, sh.cols, 1e-5f, xn.data());
+          std::vector<float> ref(static_cast<size_t>(n * sh.rows)), r2(ref.size());
+          cpu::linear(w.host, xn.data(), n, ref.data());
+          if (dual) {
+            cpu::linear(w2.host, xn.data(), n, r2.data());
+            for (size_t i = 0; i < ref.size(); ++i) ref[i] = cpu::silu(ref[i]) * r2[i];
+          }
+          cuda::LinearParams p;
+          p.w = w.dev;
+          if (dual) {
+            p.w2 = w2.dev.data;
+            p.w2_scale_inv = w2.dev.scale_inv;
+          }
+          p.n = n;
+          p.out = sh.rows;
+          p.x = dev.put(x);
+          p.ldx = ldx;
+          p.y = dev.poisoned(ref.size());
+          p.ldy = sh.rows;
+          p.norm = dev.put(g);
+          p.norm_eps = 1e-5f;
+          cuda::linear(p);
+          EXPECT_LE(test::rel_l2(Dev::get(p.y, ref.size()), ref), 1e-5)
+              << dtype_name(dt) << " " << sh.rows << "x" << sh.cols << " n=" << n << " dual=" << dual;
+        }
 }
 
 TEST_F(CudaOps, ExpertIndirectionMatchesPerExpertLinear) {
@@ -281,6 +325,74 @@ TEST_F(CudaOps, ExpertIndirectionMatchesPerExpertLinear) {
     c.accumulate = true;
     cuda::linear(c);
     EXPECT_LE(test::rel_l2(Dev::get(c.y, cref.size()), cref), 1e-5) << dtype_name(dt) << " combine";
+  }
+}
+
+// Fixed experts (shared-expert pieces) run after each token's routed slots, in the same launches.
+TEST_F(CudaOps, FixedExpertsFollowRoutedSlots) {
+  for (DType dt : kDtypes) {
+    Dev dev;
+    const int64_t E = 5, F = 2, I = 64, D = 256, n = 4, k = 3, S = k + F;
+    std::vector<TestMatrix> gate, up, down;
+    std::vector<cuda::MatrixPtrs> tg, tu, td;
+    for (int64_t e = 0; e < E + F; ++e) {
+      gate.push_back(make_matrix(rng, dev, dt, I, D));
+      up.push_back(make_matrix(rng, dev, dt, I, D));
+      down.push_back(make_matrix(rng, dev, dt, D, I));
+      tg.push_back({gate.back().dev.data, gate.back().dev.scale_inv});
+      tu.push_back({up.back().dev.data, up.back().dev.scale_inv});
+      td.push_back({down.back().dev.data, down.back().dev.scale_inv});
+    }
+    std::vector<int32_t> ids(static_cast<size_t>(n * k));
+    for (auto& id : ids) id = static_cast<int32_t>(rng() % E);
+    auto expert = [&](int64_t t, int64_t j) { return j < k ? ids[t * k + j] : static_cast<int32_t>(E + j - k); };
+    const std::vector<float> x = randn(rng, static_cast<size_t>(n * D)), wts = randn(rng, static_cast<size_t>(n * k));
+    const std::vector<float> y0 = randn(rng, static_cast<size_t>(n * D));
+    std::vector<float> act(static_cast<size_t>(n * S * I)), g(static_cast<size_t>(I)), u(g.size()), out = y0,
+        ye(static_cast<size_t>(D));
+    for (int64_t t = 0; t < n; ++t)
+      for (int64_t j = 0; j < S; ++j) {
+        const int32_t e = expert(t, j);
+        cpu::linear(gate[e].host, x.data() + t * D, 1, g.data());
+        cpu::linear(up[e].host, x.data() + t * D, 1, u.data());
+        for (int64_t i = 0; i < I; ++i) act[(t * S + j) * I + i] = cpu::silu(g[i]) * u[i];
+        cpu::linear(down[e].host, act.data() + (t * S + j) * I, 1, ye.data());
+        cpu::axpy(j < k ? wts[t * k + j] : 1.0f, ye.data(), out.data() + t * D, D);
+      }
+    cuda::LinearParams p;
+    p.w = gate[0].dev;
+    p.experts = dev.put(tg);
+    p.experts2 = dev.put(tu);
+    p.ids = dev.put(ids);
+    p.n = n * S;
+    p.out = I;
+    p.x = dev.put(x);
+    p.ldx = D;
+    p.x_div = S;
+    p.fixed_experts = F;
+    p.fixed_first = E;
+    p.y = dev.poisoned(act.size());
+    p.ldy = I;
+    cuda::linear(p);
+    EXPECT_LE(test::rel_l2(Dev::get(p.y, act.size()), act), 1e-5) << dtype_name(dt) << " gate/up";
+
+    cuda::LinearParams c;
+    c.w = down[0].dev;
+    c.experts = dev.put(td);
+    c.ids = p.ids;
+    c.combine = dev.put(wts);
+    c.combine_k = k;
+    c.fixed_experts = F;
+    c.fixed_first = E;
+    c.n = n;
+    c.out = D;
+    c.x = p.y;
+    c.ldx = I;
+    c.y = dev.put(y0);
+    c.ldy = D;
+    c.accumulate = true;
+    cuda::linear(c);
+    EXPECT_LE(test::rel_l2(Dev::get(c.y, out.size()), out), 1e-5) << dtype_name(dt) << " down + combine";
   }
 }
 
@@ -443,10 +555,15 @@ TEST_F(CudaOps, MlaAttentionMatchesReferenceWithNaNPages) {
     p.scale = scale;
     p.splits = c.splits;
     p.work = dev.poisoned(static_cast<size_t>(cuda::mla_attention_work_floats(c.n, c.H, c.C, c.splits)));
-    p.out = dev.poisoned(ref.size());
-    cuda::mla_attention(p);
-    EXPECT_LE(test::rel_l2(Dev::get(p.out, ref.size()), ref), 1e-5)
-        << "n=" << c.n << " pos0=" << c.pos0 << " H=" << c.H << " C=" << c.C << " splits=" << c.splits;
+    p.counters = dev.put(std::vector<int32_t>(static_cast<size_t>(c.n * c.H), 0));
+    // Twice on the same counters: the first call must leave them zero for the second.
+    for (int rep = 0; rep < 2; ++rep) {
+      p.out = dev.poisoned(ref.size());
+      cuda::mla_attention(p);
+      EXPECT_LE(test::rel_l2(Dev::get(p.out, ref.size()), ref), 1e-5) << "n=" << c.n << " pos0=" << c.pos0 << " H=" << c.H
+                                                                   << " C=" << c.C << " splits=" << c.splits << " call " << rep;
+    }
+    EXPECT_EQ(Dev::get(p.counters, static_cast<size_t>(c.n * c.H)), std::vector<int32_t>(static_cast<size_t>(c.n * c.H), 0));
   }
 }
 

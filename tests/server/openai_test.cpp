@@ -51,11 +51,53 @@ TEST(OpenAI, RejectsBadFieldsByName) {
   EXPECT_EQ(chat_error("{" + ok + R"(,"stop":[1]})").param, "stop");
   EXPECT_EQ(chat_error("{" + ok + R"(,"stop":""})").param, "stop");
   EXPECT_EQ(chat_error("{" + ok + R"(,"stream":"yes"})").param, "stream");
-  // Not implemented yet: refused, never silently ignored.
-  EXPECT_EQ(chat_error("{" + ok + R"(,"logprobs":true})").param, "logprobs");
-  EXPECT_EQ(chat_error("{" + ok + R"(,"presence_penalty":0.5})").param, "presence_penalty");
-  EXPECT_EQ(chat_error("{" + ok + R"(,"presence_penalty":0})").status, 0);
+  EXPECT_EQ(chat_error("{" + ok + R"(,"presence_penalty":2.5})").param, "presence_penalty");
+  EXPECT_EQ(chat_error("{" + ok + R"(,"repetition_penalty":0})").param, "repetition_penalty");
+  EXPECT_EQ(chat_error("{" + ok + R"(,"min_p":-0.1})").param, "min_p");
+  EXPECT_EQ(chat_error("{" + ok + R"(,"top_logprobs":2})").param, "top_logprobs");  // needs logprobs: true
+  EXPECT_EQ(chat_error("{" + ok + R"(,"logprobs":true,"top_logprobs":21})").param, "top_logprobs");
   EXPECT_EQ(chat_error("{" + ok + R"(,"tools":[]})").param, "tools");
+  EXPECT_EQ(chat_error("{" + ok + R"(,"tools":[{"type":"function","function":{"name":"a b"}}]})").param,
+            "tools[0].function.name");
+  EXPECT_EQ(chat_error("{" + ok + R"(,"tools":[{"type":"function","function":{"name":"f","parameters":3}}]})").param,
+            "tools[0].function.parameters");
+  EXPECT_EQ(chat_error("{" + ok + R"(,"tool_choice":"auto"})").param, "tool_choice");  // no tools
+  const std::string tools = R"(,"tools":[{"type":"function","function":{"name":"f"}}])";
+  EXPECT_EQ(chat_error("{" + ok + tools + R"(,"tool_choice":"sometimes"})").param, "tool_choice");
+  EXPECT_EQ(chat_error("{" + ok + tools + R"(,"tool_choice":{"type":"function","function":{"name":"g"}}})").param,
+            "tool_choice");
+  EXPECT_EQ(chat_error("{" + ok + R"(,"response_format":{"type":"json_schema"}})").param, "response_format");
+  EXPECT_EQ(chat_error("{" + ok + R"(,"response_format":"json"})").param, "response_format");
+  EXPECT_EQ(chat_error(R"({"messages":[{"role":"assistant","tool_calls":[{"function":{"name":"f"}}]}]})").param,
+            "messages[0].tool_calls[0]");
+  EXPECT_EQ(chat_error(R"({"messages":[{"role":"user","content":"x","tool_calls":[]}]})").param,
+            "messages[0].tool_calls");
+}
+
+TEST(OpenAI, ParsesPenaltiesLogprobsToolsAndResponseFormat) {
+  const ChatRequest r = parse_chat_request(R"({"messages":[{"role":"user","content":"x"},
+      {"role":"assistant","content":"","tool_calls":[{"id":"c1","type":"function","function":{"name":"f","arguments":"{}"}}]},
+      {"role":"tool","tool_call_id":"c1","content":"42"}],
+      "presence_penalty":0.5,"frequency_penalty":-1,"repetition_penalty":1.2,"min_p":0.05,
+      "logprobs":true,"top_logprobs":3,"tools":[{"type":"function","function":{"name":"f","parameters":{"type":"object"}}}],
+      "tool_choice":{"type":"function","function":{"name":"f"}},"response_format":{"type":"text"}})");
+  EXPECT_EQ(r.sampling.presence_penalty, 0.5);
+  EXPECT_EQ(r.sampling.frequency_penalty, -1.0);
+  EXPECT_EQ(r.sampling.repetition_penalty, 1.2);
+  EXPECT_EQ(r.sampling.min_p, 0.05);
+  EXPECT_EQ(r.sampling.top_logprobs, 3);
+  EXPECT_EQ(r.tool_choice.mode, ToolChoice::kNamed);
+  EXPECT_EQ(r.tool_choice.name, "f");
+  EXPECT_FALSE(r.json_object);
+  EXPECT_TRUE(r.messages[1]["content"].is_null());  // a tool-call turn: the template wants null content
+  EXPECT_EQ(r.messages[1]["tool_calls"][0]["function"]["name"], "f");
+  EXPECT_EQ(r.messages[2]["tool_call_id"], "c1");
+  const ChatRequest plain = parse_chat_request(R"({"messages":[{"role":"user","content":"x"}],"logprobs":true,
+      "response_format":{"type":"json_object"}})");
+  EXPECT_EQ(plain.sampling.top_logprobs, 0);
+  EXPECT_EQ(plain.tool_choice.mode, ToolChoice::kNone);
+  EXPECT_TRUE(plain.json_object);
+  EXPECT_EQ(parse_chat_request(R"({"messages":[{"role":"user","content":"x"}]})").sampling.top_logprobs, -1);
 }
 
 TEST(OpenAI, CompletionRequest) {
@@ -64,6 +106,9 @@ TEST(OpenAI, CompletionRequest) {
   EXPECT_EQ(*r.suffix, "def");
   EXPECT_THROW(parse_completion_request(R"({"prompt":5})"), ApiError);
   EXPECT_THROW(parse_completion_request(R"({"prompt":"a","suffix":"b","echo":true})"), ApiError);
+  EXPECT_EQ(parse_completion_request(R"({"prompt":"a","logprobs":2})").sampling.top_logprobs, 2);
+  EXPECT_THROW(parse_completion_request(R"({"prompt":"a","logprobs":6})"), ApiError);
+  EXPECT_THROW(parse_completion_request(R"({"prompt":"a","logprobs":1,"echo":true})"), ApiError);
 }
 
 TEST(OpenAI, StopStringsAcrossChunks) {
@@ -89,6 +134,19 @@ TEST(OpenAI, ResponseShapes) {
   EXPECT_EQ(c["choices"][0]["delta"]["role"], "assistant");
   EXPECT_TRUE(c["choices"][0]["finish_reason"].is_null());
   EXPECT_EQ(sse(OrderedJson{{"a", 1}}), "data: {\"a\":1}\n\n");
+  TokenLogprobs t{"\xc3", -0.5f, {{"\xc3", -0.5f}, {"a", -1.0f}}};
+  const OrderedJson lp = chat_logprob(t);
+  EXPECT_EQ(lp["token"], "\xEF\xBF\xBD");  // half a character: U+FFFD in the string, exact in bytes
+  EXPECT_EQ(lp["bytes"], OrderedJson::array({0xc3}));
+  EXPECT_EQ(lp["top_logprobs"][1]["token"], "a");
+  OrderedJson legacy;
+  append_completion_logprob(legacy, t, 7);
+  EXPECT_EQ(legacy["text_offset"][0], 7);
+  EXPECT_EQ(legacy["top_logprobs"][0]["a"], -1.0f);
+  const OrderedJson call = tool_call_json("call_1", {"f", "{}"});
+  const OrderedJson withcall = chat_response("id1", "m", 1, {{"", "", "tool_calls", OrderedJson::array({call})}}, u);
+  EXPECT_TRUE(withcall["choices"][0]["message"]["content"].is_null());
+  EXPECT_EQ(withcall["choices"][0]["message"]["tool_calls"][0]["function"]["name"], "f");
   const ApiError e(429, "busy", "", "rate_limit_error");
   EXPECT_EQ(OrderedJson::parse(error_body(e))["error"]["type"], "rate_limit_error");
 }

@@ -400,4 +400,27 @@ TEST(Template, BadHexEscapesAreErrors) {
   EXPECT_EQ(Template::parse("{{ '\\x41\\u00e9' }}", "t").render(OrderedJson::object()), "A\xc3\xa9");
 }
 
+// Found by fuzz/fuzz_template: templates whose render never ends in practice. A template is untrusted
+// input, so the interpreter has a work budget and a size cap; each of these stops with an error.
+TEST(Template, RunawayRendersStopWithAnError) {
+  TemplateOptions small;
+  small.max_steps = 100'000;  // the default budget works the same way, only slower to reach under ASan
+  const auto render = [&](const char* src) { return Template::parse(src, "t", small).render(OrderedJson::object()); };
+  auto expect_limit = [&](const char* src, const char* what) {
+    try {
+      render(src);
+      ADD_FAILURE() << "no error for " << src;
+    } catch (const dsv3::Error& e) {
+      EXPECT_NE(std::string(e.what()).find(what), std::string::npos) << e.what();
+    }
+  };
+  expect_limit("{% for a in range(100000) %}{% for b in range(100000) %}{% endfor %}{% endfor %}", "steps");
+  expect_limit("{{ 'x' * 100000000000 }}", "too large");
+  expect_limit("{{ [1, 2] * 100000000000 }}", "too large");
+  expect_limit("{{ 2 ** 100000000000 }}", "overflow");
+  expect_limit("{% for a in range(100000) %}{{ 'y' * 100000 }}{% endfor %}", "MiB");
+  // Exact integer powers still work, including the ones that never overflow.
+  EXPECT_EQ(render("{{ 3 ** 4 }} {{ 1 ** 100000000000 }} {{ (-1) ** 100000000001 }} {{ 0 ** 5 }}"), "81 1 -1 0");
+}
+
 }  // namespace dsv3::tok

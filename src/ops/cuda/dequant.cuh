@@ -30,6 +30,16 @@ struct MatGeom {
   int64_t cols, scale_cols, block_rows, block_cols;
 };
 
+inline MatGeom geom_of(const DeviceMatrix& w) {
+  MatGeom g{w.cols, 0, 1, 1};
+  if (w.dtype == DType::F8_E4M3) {
+    g.block_rows = w.block_rows;
+    g.block_cols = w.block_cols;
+    g.scale_cols = (w.cols + w.block_cols - 1) / w.block_cols;
+  }
+  return g;
+}
+
 __device__ __forceinline__ float bf16_bits_to_float(uint32_t bits16) { return __uint_as_float(bits16 << 16); }
 
 // e4m3 pairs through the hardware converter (exact: every e4m3 value is a half; NaN stays NaN).
@@ -62,26 +72,27 @@ __host__ __device__ constexpr int vec_elems() {
   return T == kF32 ? 4 : T == kF8 ? 16 : 8;
 }
 
-// One 16-byte load of row r at column c (c % vec_elems == 0): vec_elems<T>() values. `row_scale` is the
-// FP8 scale row of r (scale + (r / block_rows) * scale_cols) and block_shift log2(block_cols).
+// One 16-byte load of row r at column c (c % vec_elems == 0), then its vec_elems<T>() values: two steps,
+// so that a kernel can issue several loads before converting any. convert_raw leaves FP8 values
+// unscaled: the caller applies the block scale (once per 16 values, which share one block).
 template <int T>
-__device__ __forceinline__ void load_vec(const void* data, const float* row_scale, int block_shift, int64_t r,
-                                         int64_t cols, int64_t c, float* out) {
-  const int64_t i = r * cols + c;
+__device__ __forceinline__ uint4 load_raw(const void* data, int64_t r, int64_t cols, int64_t c) {
+  constexpr int64_t esize = T == kF32 ? 4 : T == kF8 ? 1 : 2;
+  return __ldg(reinterpret_cast<const uint4*>(static_cast<const char*>(data) + (r * cols + c) * esize));
+}
+template <int T>
+__device__ __forceinline__ void convert_raw(uint4 v, float* out) {
+  const uint32_t w[4] = {v.x, v.y, v.z, v.w};
   if constexpr (T == kF32) {
-    const float4 a = __ldg(reinterpret_cast<const float4*>(static_cast<const float*>(data) + i));
-    out[0] = a.x; out[1] = a.y; out[2] = a.z; out[3] = a.w;
+#pragma unroll
+    for (int j = 0; j < 4; ++j) out[j] = __uint_as_float(w[j]);
   } else if constexpr (T == kBF16) {
-    const uint4 v = __ldg(reinterpret_cast<const uint4*>(static_cast<const uint16_t*>(data) + i));
-    const uint32_t w[4] = {v.x, v.y, v.z, v.w};
 #pragma unroll
     for (int j = 0; j < 4; ++j) {
       out[2 * j] = __uint_as_float(w[j] << 16);
       out[2 * j + 1] = __uint_as_float(w[j] & 0xffff0000u);
     }
   } else if constexpr (T == kF16) {
-    const uint4 v = __ldg(reinterpret_cast<const uint4*>(static_cast<const __half*>(data) + i));
-    const uint32_t w[4] = {v.x, v.y, v.z, v.w};
 #pragma unroll
     for (int j = 0; j < 4; ++j) {
       const float2 f = __half22float2(*reinterpret_cast<const __half2*>(&w[j]));
@@ -89,17 +100,14 @@ __device__ __forceinline__ void load_vec(const void* data, const float* row_scal
       out[2 * j + 1] = f.y;
     }
   } else {
-    const uint4 v = __ldg(reinterpret_cast<const uint4*>(static_cast<const uint8_t*>(data) + i));
-    const float s = row_scale[static_cast<int32_t>(c) >> block_shift];
-    const uint32_t w[4] = {v.x, v.y, v.z, v.w};
 #pragma unroll
     for (int j = 0; j < 4; ++j) {
       const float2 lo = fp8x2_to_float2(static_cast<uint16_t>(w[j] & 0xffffu));
       const float2 hi = fp8x2_to_float2(static_cast<uint16_t>(w[j] >> 16));
-      out[4 * j] = lo.x * s;
-      out[4 * j + 1] = lo.y * s;
-      out[4 * j + 2] = hi.x * s;
-      out[4 * j + 3] = hi.y * s;
+      out[4 * j] = lo.x;
+      out[4 * j + 1] = lo.y;
+      out[4 * j + 2] = hi.x;
+      out[4 * j + 3] = hi.y;
     }
   }
 }

@@ -63,10 +63,7 @@ void embed(const EmbedParams& p) {
   DSV3_ASSERT(p.n >= 0 && wt_of(p.table.dtype) >= 0);
   if (p.n == 0) return;
   DSV3_ASSERT(p.tokens && p.x && p.table.data);
-  MatGeom g{p.table.cols, 0, 1, 1};
-  if (p.table.dtype == DType::F8_E4M3)
-    g = {p.table.cols, (p.table.cols + p.table.block_cols - 1) / p.table.block_cols, p.table.block_rows,
-         p.table.block_cols};
+  const MatGeom g = geom_of(p.table);
   const unsigned grid = static_cast<unsigned>(p.n);
   switch (wt_of(p.table.dtype)) {
     case kF32: embed_kernel<kF32><<<grid, 256, 0, p.stream>>>(p, g); break;

@@ -1,24 +1,32 @@
-// Linear layers: a warp-per-output-row GEMV for decode-sized batches (each weight byte read once per
-// call, 16-byte loads), a shared-memory tiled GEMM for prefill, and the transposed form of MLA's
-// absorbed query. All accumulate in fp32 over weights dequantized on the fly.
+// Linear layers: a GEMV for decode-sized batches (tiles of rows whose columns and expert slots are
+// split over the warps of a block; each weight byte read once per call, 16-byte loads; RMSNorm of the
+// input and the MoE combine fused in), a shared-memory tiled GEMM for prefill, and the transposed form
+// of MLA's absorbed query. All accumulate in fp32 over weights dequantized on the fly.
 #include <algorithm>
+#include <cstdlib>
 #include <string>
 
 #include "core/error.h"
 #include "ops/cuda/dequant.cuh"
+#include "ops/cuda/transposed.cuh"
 
 namespace dsv3::cuda {
 
 namespace {
 
-constexpr int kWarps = 8;  // output rows per GEMV block
+constexpr int kWarps = 8;  // warps per GEMV block
 
 struct GemvArgs {
   LinearParams p;
   MatGeom geom;
   int64_t group_rows;
-  bool vec;         // 16-byte weight loads and float4 input loads are legal
-  int block_shift;  // FP8: log2(block_cols)
+  int64_t groups;
+  int64_t tiles_per_group;  // ceil(group_rows / R): a tile is R consecutive rows of one group
+  int parts;                // (slot, column slice) pieces of one tile, each one warp's work
+  int ksplit;               // column slices per slot
+  int tiles_per_block;      // kWarps / parts when a tile has fewer parts than the block has warps
+  bool vec;                 // 16-byte weight loads and float4 input loads are legal
+  int block_shift;          // FP8: log2(block_cols)
 };
 
 // Issues L2 prefetches for `bytes` bytes at `ptr` across the warp (one 128-byte line per lane per step).
@@ -33,123 +41,218 @@ __device__ __forceinline__ void prefetch_l2(const void* ptr, int64_t bytes, int 
 __device__ __forceinline__ void pdl_wait() { asm volatile("griddepcontrol.wait;" ::: "memory"); }
 __device__ __forceinline__ void pdl_trigger() { asm volatile("griddepcontrol.launch_dependents;"); }
 
-template <int T, int NT, bool DUAL>
+// Expert of slot j of token t: routed slots (j < k) from the ids, fixed slots after them.
+__device__ __forceinline__ int32_t expert_of(const LinearParams& p, int64_t t, int64_t j, int64_t k) {
+  return j < k ? p.ids[t * k + j] : static_cast<int32_t>(p.fixed_first + (j - k));
+}
+
+// Block = tiles_per_block tiles of R consecutive output rows (one group) for NT problems. A tile's work
+// is cut into `parts` = slots x ksplit pieces (an expert slot, a slice of the columns), one warp each
+// (warps loop when there are more parts than warps), so that even a 2048-row matrix keeps every SM
+// busy with a few 16-byte loads per lane, all in flight at once. Each input value a warp loads serves
+// its R rows (with `norm`, it is weighted once and its square summed for 1/rms). The warps' partial
+// dots meet in shared memory; 1/rms, SwiGLU and the store come after that sum. FP8 block scales
+// multiply each 16-value partial dot, not each weight.
+template <int T, int NT, int R, bool DUAL>
 __global__ void __launch_bounds__(kWarps * 32) gemv_kernel(const GemvArgs a) {
   const LinearParams& p = a.p;
+  __shared__ float red[kWarps][R][NT], red2[DUAL ? kWarps : 1][R][NT], red_ss[kWarps][NT];
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  const int64_t o = static_cast<int64_t>(blockIdx.x) * kWarps + warp;
+  const int tile_in_block = warp / a.parts;
+  const int64_t tile = static_cast<int64_t>(blockIdx.x) * a.tiles_per_block + tile_in_block;
+  const int64_t g = tile / a.tiles_per_group;
+  const int64_t i0 = (tile - g * a.tiles_per_group) * R;  // first row of the tile inside its group
+  const int64_t o0 = g * a.group_rows + i0;                // its first output
+  const bool warp_used = tile_in_block < a.tiles_per_block;
+  const int64_t live_rows = warp_used && g < a.groups ? min(static_cast<int64_t>(R), min(a.group_rows - i0, p.out - o0)) : 0;
   const int64_t p0 = static_cast<int64_t>(blockIdx.y) * NT;
-  const int64_t g = o / a.group_rows;
-  const int64_t r = g * p.group_stride + p.row0 + (o - g * a.group_rows);
   const int64_t cols = a.geom.cols;
-  const int64_t row_bytes = cols * (T == kF32 ? 4 : T == kF8 ? 1 : 2);
-  const bool live = o < p.out;
-  // Expert problems: slots [s0, s0 + slots) of the ids (one slot, or all k when combining into y).
-  const int64_t slots = p.combine ? p.combine_k : 1;
-  const int64_t s0 = p.combine ? p0 * p.combine_k : p0;
+  constexpr int64_t esize = T == kF32 ? 4 : T == kF8 ? 1 : 2;
+  const int64_t row_bytes = cols * esize;
+  int64_t rows[R];  // weight rows; rows past the tile's end repeat the last live one (results dropped)
+#pragma unroll
+  for (int r = 0; r < R; ++r) rows[r] = g * p.group_stride + p.row0 + i0 + (r < live_rows ? r : live_rows - 1);
+  // Expert problems: slots of one token. Without combine, one slot (problem p0); with it, all of them.
+  const int64_t fixed = p.experts ? p.fixed_experts : 0;
+  const int64_t slots = p.combine ? p.combine_k + fixed : 1;
+  const int64_t k_routed = p.combine ? p.combine_k : p.x_div - fixed;
+  const int64_t tok = p.combine ? p0 : p0 / p.x_div;
+  const int64_t j0 = p.combine ? 0 : p0 % p.x_div;
+  const int first_part = warp % a.parts, part_step = a.tiles_per_block == 1 ? kWarps : a.parts;
+  const int64_t total_parts = slots * a.ksplit;
 
-  // Prologue: pull this warp's weight rows towards L2 while the previous kernel finishes. Expert ids
-  // come from an earlier kernel; they may be read here only when the caller says they are settled.
-  if (live && (!p.experts || p.ids_settled)) {
-    for (int64_t s = 0; s < slots; ++s) {
-      const MatrixPtrs* e1 = p.experts ? &p.experts[p.ids[s0 + s]] : nullptr;
-      prefetch_l2(static_cast<const char*>(e1 ? e1->data : p.w.data) + r * row_bytes, row_bytes, lane);
+  // Prologue: pull this warp's weight rows towards L2 while the previous kernel finishes (the warp of
+  // column slice 0 of each slot takes the slot's whole rows). Expert ids come from an earlier kernel;
+  // they may be read here only when the caller says they are settled (fixed slots need no ids).
+  if (live_rows > 0) {
+    for (int64_t part = first_part; part < total_parts; part += part_step) {
+      const int64_t s = part / a.ksplit;
+      if (part % a.ksplit != 0 || (p.experts && !p.ids_settled && j0 + s < k_routed)) continue;
+      const int32_t e = p.experts ? expert_of(p, tok, j0 + s, k_routed) : 0;
+      const char* d1 = static_cast<const char*>(p.experts ? p.experts[e].data : p.w.data);
+      prefetch_l2(d1 + rows[0] * row_bytes, live_rows * row_bytes, lane);
       if constexpr (DUAL) {
-        const void* d2 = p.experts ? p.experts2[p.ids[s0 + s]].data : p.w2;
-        prefetch_l2(static_cast<const char*>(d2) + r * row_bytes, row_bytes, lane);
+        const char* d2 = static_cast<const char*>(p.experts ? p.experts2[e].data : p.w2);
+        prefetch_l2(d2 + rows[0] * row_bytes, live_rows * row_bytes, lane);
       }
     }
   }
   pdl_wait();
-  if (!live) return;
 
-  float acc[NT], acc2[NT], total[NT];
+  float acc[R][NT], acc2[R][NT], ss[NT];
 #pragma unroll
-  for (int i = 0; i < NT; ++i) total[i] = 0.0f;
-  for (int64_t s = 0; s < slots; ++s) {
+  for (int i = 0; i < NT; ++i) {
+    ss[i] = 0.0f;
+#pragma unroll
+    for (int r = 0; r < R; ++r) acc[r][i] = acc2[r][i] = 0.0f;
+  }
+  for (int64_t part = first_part; live_rows > 0 && part < total_parts; part += part_step) {
+    const int64_t s = part / a.ksplit, kp = part % a.ksplit;
     const void* wd = p.w.data;
     const float* ws = p.w.scale_inv;
     const void* wd2 = p.w2;
     const float* ws2 = p.w2_scale_inv;
-    if (p.experts) {  // NT == 1 in this mode
-      const int32_t e = p.ids[s0 + s];
+    float weight = 1.0f;  // combine: the slot's routing weight (linear, so it scales partial dots)
+    if (p.experts) {      // NT == 1 in this mode
+      const int64_t j = j0 + s;
+      const int32_t e = expert_of(p, tok, j, k_routed);
       wd = p.experts[e].data;
       ws = p.experts[e].scale_inv;
       if constexpr (DUAL) {
         wd2 = p.experts2[e].data;
         ws2 = p.experts2[e].scale_inv;
       }
+      if (p.combine && j < k_routed) weight = p.combine[tok * k_routed + j];
     }
     const float* xs[NT];
 #pragma unroll
     for (int i = 0; i < NT; ++i) {
       const int64_t pi = p0 + i < p.n ? p0 + i : p0;  // past the end: recompute p0, discard
-      const int64_t xrow = p.combine ? s0 + s : pi / p.x_div;
+      const int64_t xrow = p.combine ? tok * slots + s : pi / p.x_div;
       xs[i] = p.x + xrow * p.ldx + g * p.group_x;
     }
-#pragma unroll
-    for (int i = 0; i < NT; ++i) acc[i] = acc2[i] = 0.0f;
+    const int64_t lane0 = kp * 32 + lane, stride = 32 * static_cast<int64_t>(a.ksplit);
 
     if (a.vec) {
-      // One 16-byte weight load per lane per step, four steps in flight (the decode roofline is bytes).
       constexpr int V = vec_elems<T>();
-      const float* rs = nullptr;
-      const float* rs2 = nullptr;
-      if constexpr (T == kF8) {
-        const int64_t srow = static_cast<int32_t>(r) / static_cast<int32_t>(a.geom.block_rows) * a.geom.scale_cols;
-        rs = ws + srow;
-        if constexpr (DUAL) rs2 = ws2 + srow;
+      const float* rs[R];
+      const float* rs2[R];
+#pragma unroll
+      for (int r = 0; r < R; ++r) {
+        rs[r] = rs2[r] = nullptr;
+        if constexpr (T == kF8) {
+          const int64_t srow = static_cast<int32_t>(rows[r]) / static_cast<int32_t>(a.geom.block_rows) * a.geom.scale_cols;
+          rs[r] = ws + srow;
+          if constexpr (DUAL) rs2[r] = ws2 + srow;
+        }
       }
       const int64_t chunks = cols / V;
-#pragma unroll 4
-      for (int64_t ch = lane; ch < chunks; ch += 32) {
+      // Two steps in flight at batch 1; larger batches have enough registers in use already.
+#pragma unroll(NT == 1 ? 2 : 1)
+      for (int64_t ch = lane0; ch < chunks; ch += stride) {
         const int64_t c = ch * V;
-        float w[V], w2[V];
-        load_vec<T>(wd, rs, a.block_shift, r, cols, c, w);
-        if constexpr (DUAL) load_vec<T>(wd2, rs2, a.block_shift, r, cols, c, w2);
+        uint4 raw[R], raw2[R];
 #pragma unroll
-        for (int i = 0; i < NT; ++i) {
+        for (int r = 0; r < R; ++r) {
+          raw[r] = load_raw<T>(wd, rows[r], cols, c);
+          if constexpr (DUAL) raw2[r] = load_raw<T>(wd2, rows[r], cols, c);
+        }
+        float xv[NT][V];
+#pragma unroll
+        for (int i = 0; i < NT; ++i)
 #pragma unroll
           for (int q = 0; q < V / 4; ++q) {
-            const float4 u = *reinterpret_cast<const float4*>(xs[i] + c + 4 * q);
-            const float xv[4] = {u.x, u.y, u.z, u.w};
-#pragma unroll
-            for (int j = 0; j < 4; ++j) {
-              acc[i] = fmaf(w[4 * q + j], xv[j], acc[i]);
-              if constexpr (DUAL) acc2[i] = fmaf(w2[4 * q + j], xv[j], acc2[i]);
+            float4 u = *reinterpret_cast<const float4*>(xs[i] + c + 4 * q);
+            if (p.norm) {
+              ss[i] = fmaf(u.x, u.x, fmaf(u.y, u.y, fmaf(u.z, u.z, fmaf(u.w, u.w, ss[i]))));
+              const float4 gw = __ldg(reinterpret_cast<const float4*>(p.norm + c + 4 * q));
+              u.x *= gw.x; u.y *= gw.y; u.z *= gw.z; u.w *= gw.w;
             }
+            xv[i][4 * q] = u.x; xv[i][4 * q + 1] = u.y; xv[i][4 * q + 2] = u.z; xv[i][4 * q + 3] = u.w;
+          }
+#pragma unroll
+        for (int r = 0; r < R; ++r) {
+          float w[V], w2[V];
+          convert_raw<T>(raw[r], w);
+          if constexpr (DUAL) convert_raw<T>(raw2[r], w2);
+          float sc = weight, sc2 = weight;
+          if constexpr (T == kF8) {  // convert_raw left FP8 unscaled: one block scale per 16 values
+            sc *= rs[r][static_cast<int32_t>(c) >> a.block_shift];
+            if constexpr (DUAL) sc2 *= rs2[r][static_cast<int32_t>(c) >> a.block_shift];
+          }
+#pragma unroll
+          for (int i = 0; i < NT; ++i) {
+            float d = 0.0f, d2 = 0.0f;
+#pragma unroll
+            for (int v = 0; v < V; ++v) {
+              d = fmaf(w[v], xv[i][v], d);
+              if constexpr (DUAL) d2 = fmaf(w2[v], xv[i][v], d2);
+            }
+            acc[r][i] = fmaf(sc, d, acc[r][i]);
+            if constexpr (DUAL) acc2[r][i] = fmaf(sc2, d2, acc2[r][i]);
           }
         }
       }
     } else {
-      for (int64_t c = lane; c < cols; c += 32) {
-        const float w = load1<T>(wd, ws, a.geom, r, c);
-        float w2 = 0.0f;
-        if constexpr (DUAL) w2 = load1<T>(wd2, ws2, a.geom, r, c);
+      for (int64_t c = lane0; c < cols; c += stride) {
+        float xv[NT];
 #pragma unroll
         for (int i = 0; i < NT; ++i) {
-          const float xv = xs[i][c];
-          acc[i] = fmaf(w, xv, acc[i]);
-          if constexpr (DUAL) acc2[i] = fmaf(w2, xv, acc2[i]);
+          xv[i] = xs[i][c];
+          if (p.norm) {
+            ss[i] = fmaf(xv[i], xv[i], ss[i]);
+            xv[i] *= p.norm[c];
+          }
+        }
+#pragma unroll
+        for (int r = 0; r < R; ++r) {
+          const float w = weight * load1<T>(wd, ws, a.geom, rows[r], c);
+          float w2 = 0.0f;
+          if constexpr (DUAL) w2 = weight * load1<T>(wd2, ws2, a.geom, rows[r], c);
+#pragma unroll
+          for (int i = 0; i < NT; ++i) {
+            acc[r][i] = fmaf(w, xv[i], acc[r][i]);
+            if constexpr (DUAL) acc2[r][i] = fmaf(w2, xv[i], acc2[r][i]);
+          }
         }
       }
     }
+  }
+  // Each warp's sums into shared memory, then one thread per (row, problem) of each tile adds the warps
+  // of its tile and finishes: 1/rms (a factor per problem), SwiGLU, store.
 #pragma unroll
-    for (int i = 0; i < NT; ++i) {
-      acc[i] = warp_sum(acc[i]);
-      if constexpr (DUAL) acc2[i] = warp_sum(acc2[i]);
-      const float v = DUAL ? silu(acc[i]) * acc2[i] : acc[i];
-      total[i] = p.combine ? fmaf(p.combine[s0 + s], v, total[i]) : v;
+  for (int i = 0; i < NT; ++i) {
+    const float t = warp_sum(ss[i]);
+    if (lane == 0) red_ss[warp][i] = t;
+#pragma unroll
+    for (int r = 0; r < R; ++r) {
+      const float u = warp_sum(acc[r][i]);
+      if (lane == 0) red[warp][r][i] = u;
+      if constexpr (DUAL) {
+        const float u2 = warp_sum(acc2[r][i]);
+        if (lane == 0) red2[warp][r][i] = u2;
+      }
     }
   }
+  __syncthreads();
   pdl_trigger();
-  if (lane == 0) {
-#pragma unroll
-    for (int i = 0; i < NT; ++i) {
-      if (p0 + i >= p.n) break;
-      float* yp = p.y + (p0 + i) * p.ldy + o;
-      *yp = p.accumulate ? *yp + total[i] : total[i];
+  for (int idx = threadIdx.x; idx < a.tiles_per_block * R * NT; idx += kWarps * 32) {
+    const int tb = idx / (R * NT), r = idx / NT % R, i = idx % NT;
+    const int64_t t = static_cast<int64_t>(blockIdx.x) * a.tiles_per_block + tb;
+    const int64_t gt = t / a.tiles_per_group, it = (t - gt * a.tiles_per_group) * R + r;
+    if (gt >= a.groups || it >= a.group_rows || gt * a.group_rows + it >= p.out || p0 + i >= p.n) continue;
+    const int w_end = tb * a.parts + (a.tiles_per_block == 1 ? kWarps : a.parts);
+    float u = 0.0f, u2 = 0.0f, sq = 0.0f;
+    for (int w = tb * a.parts; w < w_end; ++w) {
+      u += red[w][r][i];
+      if constexpr (DUAL) u2 += red2[w][r][i];
+      sq += red_ss[w][i];
     }
+    const float inv = p.norm ? 1.0f / sqrtf(sq / static_cast<float>(cols) + p.norm_eps) : 1.0f;
+    float v = u * inv;
+    if constexpr (DUAL) v = silu(v) * (u2 * inv);
+    float* yp = p.y + (p0 + i) * p.ldy + gt * a.group_rows + it;
+    *yp = p.accumulate ? *yp + v : v;
   }
 }
 
@@ -163,9 +266,22 @@ __global__ void __launch_bounds__(256) gemm_kernel(const GemvArgs a) {
   __shared__ float ws_[kStep][kTile + 1];
   __shared__ float ws2_[DUAL ? kStep : 1][kTile + 1];
   __shared__ float xs_[kStep][kTile + 1];
+  __shared__ float inv_rms[kTile];
   const int tid = threadIdx.x, tx = tid % 16, ty = tid / 16;
   const int64_t o0 = static_cast<int64_t>(blockIdx.x) * kTile, t0 = static_cast<int64_t>(blockIdx.y) * kTile;
   const int64_t cols = a.geom.cols;
+  if (p.norm) {  // 1/rms of this block's tokens: 8 warps x 8 tokens
+    const int warp = tid / 32, lane = tid % 32;
+    for (int j = warp; j < kTile; j += 8) {
+      const int64_t t = t0 + j;
+      float ss = 0.0f;
+      if (t < p.n)
+        for (int64_t c = lane; c < cols; c += 32) ss = fmaf(p.x[t * p.ldx + c], p.x[t * p.ldx + c], ss);
+      ss = warp_sum(ss);
+      if (lane == 0) inv_rms[j] = 1.0f / sqrtf(ss / static_cast<float>(cols) + p.norm_eps);
+    }
+    __syncthreads();
+  }
   float acc[4][4] = {}, acc2[4][4] = {};
   // Loader mapping: 256 threads cover 64 rows x 32 k as 64 x (4 x 8).
   const int lr = tid / 4, lk = (tid % 4) * 8;
@@ -180,7 +296,8 @@ __global__ void __launch_bounds__(256) gemm_kernel(const GemvArgs a) {
         ws_[lk + j][lr] = (o < p.out && okc) ? load1<T>(p.w.data, p.w.scale_inv, a.geom, p.row0 + o, c) : 0.0f;
         if constexpr (DUAL)
           ws2_[lk + j][lr] = (o < p.out && okc) ? load1<T>(p.w2, p.w2_scale_inv, a.geom, p.row0 + o, c) : 0.0f;
-        xs_[lk + j][lr] = (t < p.n && okc) ? p.x[t * p.ldx + c] : 0.0f;
+        xs_[lk + j][lr] = (t < p.n && okc) ? (p.norm ? p.norm[c] * (p.x[t * p.ldx + c] * inv_rms[lr]) : p.x[t * p.ldx + c])
+                                           : 0.0f;
       }
     }
     __syncthreads();
@@ -218,49 +335,9 @@ __global__ void __launch_bounds__(256) gemm_kernel(const GemvArgs a) {
   }
 }
 
-// Block = 32 output columns of one group; its 8 warps split the k rows and reduce through shared memory.
 template <int T>
 __global__ void __launch_bounds__(256) linear_t_kernel(const LinearTransposedParams p, const MatGeom geom) {
-  constexpr int NT = 8;
-  __shared__ float part[8][NT][33];
-  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  const int64_t g = blockIdx.y, c = static_cast<int64_t>(blockIdx.x) * 32 + lane;
-  const bool active = c < geom.cols;
-  const int64_t cc = active ? c : 0;
-  for (int64_t t0 = 0; t0 < p.n; t0 += NT) {
-    float acc[NT] = {};
-    const float* xs[NT];
-#pragma unroll
-    for (int i = 0; i < NT; ++i) xs[i] = p.x + (t0 + i < p.n ? t0 + i : t0) * p.ldx_t + g * p.ldx_g;
-#pragma unroll 4
-    for (int64_t j = warp; j < p.k; j += 8) {
-      const float w = load1<T>(p.w.data, p.w.scale_inv, geom, g * p.group_stride + p.row0 + j, cc);
-#pragma unroll
-      for (int i = 0; i < NT; ++i) acc[i] = fmaf(xs[i][j], w, acc[i]);
-    }
-#pragma unroll
-    for (int i = 0; i < NT; ++i) part[warp][i][lane] = acc[i];
-    __syncthreads();
-    if (warp == 0 && active) {
-      for (int i = 0; i < NT && t0 + i < p.n; ++i) {
-        float s = 0.0f;
-#pragma unroll
-        for (int w = 0; w < 8; ++w) s += part[w][i][lane];
-        p.y[(t0 + i) * p.ldy_t + g * p.ldy_g + c] = s;
-      }
-    }
-    __syncthreads();
-  }
-}
-
-MatGeom geom_of(const DeviceMatrix& w) {
-  MatGeom g{w.cols, 0, 1, 1};
-  if (w.dtype == DType::F8_E4M3) {
-    g.block_rows = w.block_rows;
-    g.block_cols = w.block_cols;
-    g.scale_cols = (w.cols + w.block_cols - 1) / w.block_cols;
-  }
-  return g;
+  transposed_block<T>(p, geom, blockIdx.x, blockIdx.y);
 }
 
 void check_matrix(const DeviceMatrix& w, const char* op) {
@@ -273,21 +350,43 @@ void check_matrix(const DeviceMatrix& w, const char* op) {
 
 bool aligned16(const void* ptr) { return reinterpret_cast<uintptr_t>(ptr) % 16 == 0; }
 
+// Fewest loads per lane per row before the columns are split among warps: 2 (H100, "lite" decode: 2 beat
+// 1 and 4 by 8-14% FP8 and 2-4% BF16, docs/CUDA.md), or DSV3_GEMV_LANE_STEPS (a tuning knob for
+// benchmarks, read once).
+int64_t gemv_lane_steps() {
+  static const int64_t steps = [] {
+    const char* v = std::getenv("DSV3_GEMV_LANE_STEPS");
+    return v && std::atoi(v) > 0 ? static_cast<int64_t>(std::atoi(v)) : int64_t{2};
+  }();
+  return steps;
+}
+
 template <int T, bool DUAL>
-void launch_linear(const GemvArgs& a) {
+void launch_linear(GemvArgs a) {
   const LinearParams& p = a.p;
-  const bool plain = !p.experts && a.group_rows == p.out;
+  const bool plain = !p.experts && a.groups == 1;
   if (plain && p.n > kGemvMaxBatch) {
     const dim3 grid(static_cast<unsigned>((p.out + kTile - 1) / kTile), static_cast<unsigned>((p.n + kTile - 1) / kTile));
     gemm_kernel<T, DUAL><<<grid, 256, 0, p.stream>>>(a);
     check_launch("gemm_kernel");
     return;
   }
-  const unsigned bx = static_cast<unsigned>((p.out + kWarps - 1) / kWarps);
-  auto go = [&](auto nt) {
-    constexpr int NT = decltype(nt)::value;
+  auto go = [&](auto nt, auto rows) {
+    constexpr int NT = decltype(nt)::value, R = decltype(rows)::value;
+    a.tiles_per_group = (a.group_rows + R - 1) / R;
+    // Column slices: as many as fill the block's warps (with the slots), but at least
+    // gemv_lane_steps() 16-byte loads per lane per row (more steps per warp: deeper pipelining; more
+    // slices: more warps); a tile with fewer parts than warps shares its block with other tiles.
+    const int64_t slots = p.combine ? p.combine_k + p.fixed_experts : 1;
+    const int64_t lane_steps = a.vec ? a.geom.cols / vec_elems<T>() : a.geom.cols;
+    a.ksplit = 1;
+    while (a.ksplit * 2 * slots <= kWarps && a.ksplit * 2 * 32 * gemv_lane_steps() <= lane_steps) a.ksplit *= 2;
+    a.parts = static_cast<int>(slots) * a.ksplit;
+    a.tiles_per_block = a.parts >= kWarps ? 1 : kWarps / a.parts;
+    const int64_t tiles = a.groups * a.tiles_per_group;
     cudaLaunchConfig_t cfg = {};
-    cfg.gridDim = dim3(bx, static_cast<unsigned>((p.n + NT - 1) / NT));
+    cfg.gridDim = dim3(static_cast<unsigned>((tiles + a.tiles_per_block - 1) / a.tiles_per_block),
+                       static_cast<unsigned>((p.n + NT - 1) / NT));
     cfg.blockDim = dim3(kWarps * 32);
     cfg.stream = p.stream;
     cudaLaunchAttribute attr[1];
@@ -295,11 +394,17 @@ void launch_linear(const GemvArgs& a) {
     attr[0].val.programmaticStreamSerializationAllowed = 1;
     cfg.attrs = attr;
     cfg.numAttrs = 1;
-    DSV3_CUDA_CHECK(cudaLaunchKernelEx(&cfg, gemv_kernel<T, NT, DUAL>, a));
+    DSV3_CUDA_CHECK(cudaLaunchKernelEx(&cfg, gemv_kernel<T, NT, R, DUAL>, a));
   };
-  if (p.experts || p.n == 1) go(std::integral_constant<int, 1>());
-  else if (p.n <= 4) go(std::integral_constant<int, 4>());
-  else go(std::integral_constant<int, 8>());
+  // Batch 1: four rows per warp (one input load serves four weight rows); larger batches hold NT inputs,
+  // so two rows keep the registers in bounds.
+  using I = std::integral_constant<int, 1>;
+  using II = std::integral_constant<int, 2>;
+  using IV = std::integral_constant<int, 4>;
+  using VIII = std::integral_constant<int, 8>;
+  if (p.experts || p.n == 1) go(I(), IV());
+  else if (p.n <= 4) go(IV(), II());
+  else go(VIII(), II());
 }
 
 }  // namespace
@@ -318,9 +423,13 @@ void linear(const LinearParams& p) {
     DSV3_ASSERT(p.w.data && (p.w.dtype != DType::F8_E4M3 || p.w.scale_inv));
     DSV3_ASSERT(!dual || p.w2);
   }
-  GemvArgs a{p, geom_of(p.w), p.group_rows > 0 ? p.group_rows : p.out, false, 0};
+  DSV3_ASSERT(p.fixed_experts >= 0 && (p.fixed_experts == 0 || p.experts));
+  if (p.experts && !p.combine) DSV3_ASSERT(p.x_div > p.fixed_experts);
+  GemvArgs a{p, geom_of(p.w), p.group_rows > 0 ? p.group_rows : p.out, 0, 0, 1, 1, 1, false, 0};
   // Every weight row the mapping can touch must exist.
   const int64_t groups = (p.out + a.group_rows - 1) / a.group_rows;
+  a.groups = groups;
+  DSV3_ASSERT(!p.norm || (groups == 1 && !p.combine));
   const int64_t last_row = (groups - 1) * p.group_stride + p.row0 + std::min(a.group_rows, p.out) - 1;
   DSV3_ASSERT(p.row0 >= 0 && last_row < p.w.rows && (groups == 1 || p.group_stride >= a.group_rows));
   DSV3_ASSERT(groups == 1 || p.group_x >= p.w.cols);
@@ -332,7 +441,7 @@ void linear(const LinearParams& p) {
     while ((int64_t{1} << a.block_shift) < bc) ++a.block_shift;
   const bool w_ok = p.w.cols % vec == 0 && blocks_ok &&
                     (p.experts || (aligned16(p.w.data) && (!p.w2 || aligned16(p.w2))));
-  a.vec = w_ok && aligned16(p.x) && p.ldx % 4 == 0 && p.group_x % 4 == 0;
+  a.vec = w_ok && aligned16(p.x) && p.ldx % 4 == 0 && p.group_x % 4 == 0 && (!p.norm || aligned16(p.norm));
   switch (wt_of(p.w.dtype)) {
     case kF32: dual ? launch_linear<kF32, true>(a) : launch_linear<kF32, false>(a); break;
     case kF16: dual ? launch_linear<kF16, true>(a) : launch_linear<kF16, false>(a); break;
@@ -341,12 +450,16 @@ void linear(const LinearParams& p) {
   }
 }
 
-void linear_transposed(const LinearTransposedParams& p) {
+void check_transposed(const LinearTransposedParams& p) {
   check_matrix(p.w, "linear_transposed");
   DSV3_ASSERT(p.n >= 0 && p.groups > 0 && p.k > 0);
-  if (p.n == 0) return;
-  DSV3_ASSERT(p.x && p.y && p.w.data);
+  DSV3_ASSERT(p.n == 0 || (p.x && p.y && p.w.data));
   DSV3_ASSERT((p.groups - 1) * p.group_stride + p.row0 + p.k <= p.w.rows);
+}
+
+void linear_transposed(const LinearTransposedParams& p) {
+  check_transposed(p);
+  if (p.n == 0) return;
   const MatGeom g = geom_of(p.w);
   const dim3 grid(static_cast<unsigned>((p.w.cols + 31) / 32), static_cast<unsigned>(p.groups));
   switch (wt_of(p.w.dtype)) {

@@ -1,10 +1,11 @@
 // Multi-head latent attention on the paged latent cache (REFERENCE.md §3.1, absorbed form): writing the
 // new tokens' cache rows (latent norm + RoPE), and multi-query attention over [c | k_pe] rows with a
-// split-K flash-decoding layout (online softmax per split, then one combine).
+// split-K flash-decoding layout (online softmax per split; the last split to finish combines).
 #include <cmath>
 
 #include "core/error.h"
 #include "ops/cuda/dequant.cuh"
+#include "ops/cuda/transposed.cuh"
 
 namespace dsv3::cuda {
 
@@ -16,12 +17,13 @@ __device__ __forceinline__ float* cache_row(const CachePages& c, int64_t layer, 
   return c.pages[pos / kPage] + (layer * kPage + pos % kPage) * c.width;
 }
 
-// One block per new token.
-__global__ void mla_prepare_kernel(const MlaPrepareParams p) {
+// The cache row and q_pe of new token t (one block).
+__device__ void prepare_token(const MlaPrepareParams& p, int64_t t) {
   __shared__ double scratch[32];
-  const int64_t t = blockIdx.x, pos = *p.pos0 + t;
+  const int64_t pos = *p.pos0 + t;
   const int64_t C = p.latent, dr = p.rope, half = dr / 2;
-  const float* kva = p.kva + t * (C + dr);
+  const float* kva = p.kva + t * (p.ldkva ? p.ldkva : C + dr);
+  const float* q = p.q + t * (p.ldq ? p.ldq : p.heads * (p.nope + dr));
   float* row = cache_row(p.cache, p.layer, pos);
 
   double ss = 0.0;
@@ -40,12 +42,24 @@ __global__ void mla_prepare_kernel(const MlaPrepareParams p) {
     const double angle = static_cast<double>(pos) * p.inv_freq[i];
     const float cs = static_cast<float>(cos(angle) * p.cos_sin_scale);
     const float sn = static_cast<float>(sin(angle) * p.cos_sin_scale);
-    const float* src = h < 0 ? kva + C : p.q + (t * p.heads + h) * (p.nope + dr) + p.nope;
+    const float* src = h < 0 ? kva + C : q + h * (p.nope + dr) + p.nope;
     float* dst = h < 0 ? row + C : p.qabs + (t * p.heads + h) * (C + dr) + C;
     const float a = src[2 * i], b = src[2 * i + 1];
     dst[2 * i] = a * cs - b * sn;
     dst[2 * i + 1] = a * sn + b * cs;
   }
+}
+
+// Blocks [0, n): one new token each; the rest (when absorbing): linear_transposed's blocks, column
+// block fastest.
+template <int T>
+__global__ void __launch_bounds__(256) mla_prepare_kernel(const MlaPrepareParams p, const MatGeom geom) {
+  if (blockIdx.x < p.n) {
+    prepare_token(p, blockIdx.x);
+    return;
+  }
+  const int64_t b = blockIdx.x - p.n, col_blocks = (geom.cols + 31) / 32;
+  transposed_block<T>(p.absorb, geom, b % col_blocks, b / col_blocks);
 }
 
 constexpr int kAttnThreads = 256, kAttnWarps = kAttnThreads / 32, kTileKeys = 64;
@@ -116,32 +130,42 @@ __global__ void __launch_bounds__(kAttnThreads) mla_attention_kernel(const MlaAt
     }
     __syncthreads();
   }
-  const int64_t slot = split * p.n * H + th;
-  float* o_part = p.work + slot * C;
-  float* ml = p.work + p.splits * p.n * H * C + slot * 2;
-  for (int64_t c = threadIdx.x; c < C; c += kAttnThreads) o_part[c] = o[c];
+  const int64_t slots = p.n * H, slot = split * slots + th;
+  // Work layout: partials [splits][slots][latent], then (m, l) per split and slot.
+  float* parts = p.work;
+  float* mls = parts + p.splits * slots * C;
+  for (int64_t c = threadIdx.x; c < C; c += kAttnThreads) parts[slot * C + c] = o[c];
   if (threadIdx.x == 0) {
-    ml[0] = m;
-    ml[1] = l;
+    mls[slot * 2] = m;
+    mls[slot * 2 + 1] = l;
   }
-}
 
-__global__ void mla_combine_kernel(const MlaAttentionParams p) {
-  const int64_t th = blockIdx.x, C = p.latent, S = p.splits, slots = p.n * p.heads;
-  const float* ml = p.work + S * slots * C;
+  // Publish this split, then let the last one of this (token, head) combine them all.
+  __shared__ bool last;
+  __threadfence();
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    last = atomicAdd(&p.counters[th], 1) == p.splits - 1;
+    if (last) p.counters[th] = 0;  // every split has arrived: ready for the next call
+  }
+  __syncthreads();
+  if (!last) return;
+  __threadfence();
+  // Other blocks' partials: read through L2 (__ldcg), not a possibly stale L1 line.
+  const int64_t S = p.splits;
   float M = -INFINITY;
-  for (int64_t s = 0; s < S; ++s) M = fmaxf(M, ml[(s * slots + th) * 2]);
+  for (int64_t s = 0; s < S; ++s) M = fmaxf(M, __ldcg(&mls[(s * slots + th) * 2]));
   float L = 0.0f;
   for (int64_t s = 0; s < S; ++s) {
-    const float ms = ml[(s * slots + th) * 2];
-    if (ms != -INFINITY) L += ml[(s * slots + th) * 2 + 1] * expf(ms - M);
+    const float ms = __ldcg(&mls[(s * slots + th) * 2]);
+    if (ms != -INFINITY) L += __ldcg(&mls[(s * slots + th) * 2 + 1]) * expf(ms - M);
   }
   const float inv = 1.0f / L;
-  for (int64_t c = threadIdx.x; c < C; c += blockDim.x) {
+  for (int64_t c = threadIdx.x; c < C; c += kAttnThreads) {
     float acc = 0.0f;
     for (int64_t s = 0; s < S; ++s) {
-      const float ms = ml[(s * slots + th) * 2];
-      if (ms != -INFINITY) acc += p.work[(s * slots + th) * C + c] * expf(ms - M);
+      const float ms = __ldcg(&mls[(s * slots + th) * 2]);
+      if (ms != -INFINITY) acc += __ldcg(&parts[(s * slots + th) * C + c]) * expf(ms - M);
     }
     p.out[th * C + c] = acc * inv;
   }
@@ -154,7 +178,24 @@ void mla_prepare(const MlaPrepareParams& p) {
   if (p.n == 0) return;
   DSV3_ASSERT(p.kva && p.kv_norm && p.q && p.qabs && p.inv_freq && p.pos0 && p.cache.pages);
   DSV3_ASSERT(p.cache.width == p.latent + p.rope && p.layer >= 0 && p.layer < p.cache.layers);
-  mla_prepare_kernel<<<static_cast<unsigned>(p.n), 256, 0, p.stream>>>(p);
+  const LinearTransposedParams& a = p.absorb;
+  int64_t blocks = p.n;
+  MatGeom geom{1, 0, 1, 1};
+  int t = kF32;  // without absorb: no transposed blocks, any instantiation
+  if (a.w.data) {
+    check_transposed(a);
+    DSV3_ASSERT(a.n == p.n && a.x == p.q && a.y == p.qabs);
+    geom = geom_of(a.w);
+    blocks += (a.w.cols + 31) / 32 * a.groups;
+    t = wt_of(a.w.dtype);
+  }
+  const unsigned grid = static_cast<unsigned>(blocks);
+  switch (t) {
+    case kF32: mla_prepare_kernel<kF32><<<grid, 256, 0, p.stream>>>(p, geom); break;
+    case kF16: mla_prepare_kernel<kF16><<<grid, 256, 0, p.stream>>>(p, geom); break;
+    case kBF16: mla_prepare_kernel<kBF16><<<grid, 256, 0, p.stream>>>(p, geom); break;
+    default: mla_prepare_kernel<kF8><<<grid, 256, 0, p.stream>>>(p, geom); break;
+  }
   check_launch("mla_prepare_kernel");
 }
 
@@ -165,7 +206,7 @@ int64_t mla_attention_work_floats(int64_t n, int64_t heads, int64_t latent, int 
 void mla_attention(const MlaAttentionParams& p) {
   DSV3_ASSERT(p.n >= 0 && p.heads > 0 && p.latent > 0 && p.splits >= 1);
   if (p.n == 0) return;
-  DSV3_ASSERT(p.qabs && p.work && p.out && p.pos0 && p.cache.pages && p.cache.width > p.latent);
+  DSV3_ASSERT(p.qabs && p.work && p.counters && p.out && p.pos0 && p.cache.pages && p.cache.width > p.latent);
   DSV3_ASSERT(p.layer >= 0 && p.layer < p.cache.layers);
   const size_t smem = static_cast<size_t>(p.cache.width + p.latent + kTileKeys) * sizeof(float) +
                       kTileKeys * sizeof(float*) + 16;
@@ -173,8 +214,6 @@ void mla_attention(const MlaAttentionParams& p) {
   const dim3 grid(static_cast<unsigned>(p.n * p.heads), static_cast<unsigned>(p.splits));
   mla_attention_kernel<<<grid, kAttnThreads, smem, p.stream>>>(p);
   check_launch("mla_attention_kernel");
-  mla_combine_kernel<<<static_cast<unsigned>(p.n * p.heads), 256, 0, p.stream>>>(p);
-  check_launch("mla_combine_kernel");
 }
 
 }  // namespace dsv3::cuda

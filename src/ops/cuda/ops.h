@@ -46,6 +46,13 @@ struct MatrixPtrs {
 // Expert matrices must be 16-byte aligned. Launched with programmatic dependent launch: the kernel
 // prefetches its weight rows before waiting for the previous kernel (ids too when ids_settled says
 // the kernel that wrote them is at least two launches back).
+// Fixed experts (`fixed_experts` > 0): each token also runs the table entries fixed_first,
+// fixed_first + 1, ... with weight 1 after its routed slots (the shared experts, cut into expert-sized
+// pieces, so that one launch runs them all). Then a token has S = routed + fixed slots: without
+// combine, problem p is (token p / x_div, slot p % x_div) with x_div = S and ids [tokens x (S - fixed)];
+// with combine, slot j of token t reads x row t * S + j and ids/combine [tokens x combine_k].
+// With `norm` (one group, no combine): x is replaced by RMSNorm(x) = norm * x / sqrt(mean(x^2) + eps)
+// over its w.cols values, computed inside the kernel (the normed row is never stored).
 struct LinearParams {
   DeviceMatrix w;
   const void* w2 = nullptr;
@@ -63,6 +70,9 @@ struct LinearParams {
   int64_t ldy = 0;
   int64_t group_rows = 0, group_stride = 0, group_x = 0, row0 = 0;
   bool accumulate = false;
+  int64_t fixed_experts = 0, fixed_first = 0;
+  const float* norm = nullptr;  // [w.cols] RMSNorm weight applied to x first
+  float norm_eps = 0.0f;
   cudaStream_t stream = nullptr;
 };
 void linear(const LinearParams& p);
@@ -119,6 +129,8 @@ struct CachePages {
 // qabs[t][h][C : C+dr] = RoPE(q[t][h][dn : dn+dr]). Angles pos * inv_freq[i] in double, as on the CPU.
 struct MlaPrepareParams {
   const float* kva = nullptr;
+  int64_t ldkva = 0;               // row stride of kva (0: packed, C + dr)
+  int64_t ldq = 0;                 // row stride of q (0: packed, heads * (dn + dr))
   const float* kv_norm = nullptr;  // [C]
   float eps = 0.0f;
   const float* q = nullptr;        // [n][heads][dn + dr]
@@ -129,6 +141,9 @@ struct MlaPrepareParams {
   const int64_t* pos0 = nullptr;
   CachePages cache;
   int64_t layer = 0;
+  // Optional (absorb.w.data set): the same launch also runs linear_transposed(absorb), the absorbed
+  // query's latent part (it reads q and writes qabs[..][:C], disjoint from the rest); absorb.stream unused.
+  LinearTransposedParams absorb;
   cudaStream_t stream = nullptr;
 };
 void mla_prepare(const MlaPrepareParams& p);
@@ -136,7 +151,9 @@ void mla_prepare(const MlaPrepareParams& p);
 // Absorbed multi-query attention over the cache: token t (position *pos0 + t) sees positions
 // 0..*pos0+t; score = qabs[t][h] . row * scale over the full [c | k_pe] row, values are the latents c.
 // out[t][h][:latent] = softmax-weighted sum of c. The keys are split into `splits` ranges processed in
-// parallel (partials in work, then combined), so short batches still fill the GPU.
+// parallel (partials in work); the last block of each (token, head) to finish combines them, so the
+// whole op is one launch and short batches still fill the GPU. `counters` (one per (token, head)) must
+// be zero before the first call; each call leaves them zero again, so a captured graph replays.
 struct MlaAttentionParams {
   const float* qabs = nullptr;  // [n][heads][width]
   int64_t n = 0, heads = 0, latent = 0;
@@ -146,6 +163,7 @@ struct MlaAttentionParams {
   float scale = 0.0f;
   int splits = 1;
   float* work = nullptr;        // mla_attention_work_floats(...) floats
+  int32_t* counters = nullptr;  // [n * heads], zero on entry and on exit
   float* out = nullptr;         // [n][heads][latent]
   cudaStream_t stream = nullptr;
 };

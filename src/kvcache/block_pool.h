@@ -1,0 +1,53 @@
+// BlockPool: the latent-cache memory shared by every sequence, as fixed blocks of 64 tokens. A block
+// holds every layer's rows for its tokens ([n_layers][64][latent | k_pe], as LatentCache documents).
+// Blocks are reference-counted: a sequence's block table holds one reference per block, and the prefix
+// cache holds one more for each block it keeps, so a cached prefix can be shared by several sequences
+// and outlive the one that computed it. A block whose count drops to zero goes back to the free list.
+// Not thread-safe: the engine thread owns it.
+#pragma once
+
+#include <cstdint>
+#include <memory>
+#include <vector>
+
+namespace dsv3 {
+
+class BlockPool {
+ public:
+  static constexpr int64_t kBlockTokens = 64;
+  static constexpr int32_t kNoBlock = -1;
+
+  BlockPool(int64_t n_layers, int64_t latent_dim, int64_t rope_dim, int64_t n_blocks);
+
+  // How many blocks of this shape fit in `bytes` (at least 0).
+  static int64_t blocks_for_bytes(int64_t bytes, int64_t n_layers, int64_t latent_dim, int64_t rope_dim);
+  static int64_t blocks_for_tokens(int64_t tokens) { return (tokens + kBlockTokens - 1) / kBlockTokens; }
+
+  int64_t n_layers() const { return n_layers_; }
+  int64_t row_width() const { return row_width_; }
+  int64_t block_floats() const { return n_layers_ * kBlockTokens * row_width_; }
+  int64_t block_bytes() const { return block_floats() * static_cast<int64_t>(sizeof(float)); }
+  int64_t total_blocks() const { return static_cast<int64_t>(refs_.size()); }
+  int64_t free_blocks() const { return static_cast<int64_t>(free_.size()); }
+
+  // A free block with one reference, or kNoBlock when none is free.
+  int32_t allocate();
+  void retain(int32_t block);
+  void release(int32_t block);
+  int32_t refs(int32_t block) const;
+
+  float* data(int32_t block);
+  const float* data(int32_t block) const;
+  // Row of (layer, token offset within the block).
+  float* row(int32_t block, int64_t layer, int64_t offset) {
+    return data(block) + (layer * kBlockTokens + offset) * row_width_;
+  }
+
+ private:
+  int64_t n_layers_, row_width_;
+  std::unique_ptr<float[]> storage_;
+  std::vector<int32_t> refs_;
+  std::vector<int32_t> free_;  // a stack: the most recently freed block is reused first (warm in cache)
+};
+
+}  // namespace dsv3

@@ -1,0 +1,48 @@
+// linear_transposed's block (MLA's absorbed query, q_lat = W_UK^T q_nope per head), shared by its own
+// kernel (linear.cu) and by mla_prepare, which runs it in the same launch as the cache write.
+#pragma once
+
+#include "ops/cuda/dequant.cuh"
+
+namespace dsv3::cuda {
+
+// Shape and pointer checks of LinearTransposedParams (dsv3::Error / assert at the launch edge).
+void check_transposed(const LinearTransposedParams& p);
+
+// One block of 256 threads = 32 output columns of group g; its 8 warps split the k rows and reduce
+// through shared memory.
+template <int T>
+__device__ void transposed_block(const LinearTransposedParams& p, const MatGeom& geom, int64_t col_block, int64_t g) {
+  constexpr int NT = 8;
+  __shared__ float part[8][NT][33];
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int64_t c = col_block * 32 + lane;
+  const bool active = c < geom.cols;
+  const int64_t cc = active ? c : 0;
+  for (int64_t t0 = 0; t0 < p.n; t0 += NT) {
+    float acc[NT] = {};
+    const float* xs[NT];
+#pragma unroll
+    for (int i = 0; i < NT; ++i) xs[i] = p.x + (t0 + i < p.n ? t0 + i : t0) * p.ldx_t + g * p.ldx_g;
+#pragma unroll 4
+    for (int64_t j = warp; j < p.k; j += 8) {
+      const float w = load1<T>(p.w.data, p.w.scale_inv, geom, g * p.group_stride + p.row0 + j, cc);
+#pragma unroll
+      for (int i = 0; i < NT; ++i) acc[i] = fmaf(xs[i][j], w, acc[i]);
+    }
+#pragma unroll
+    for (int i = 0; i < NT; ++i) part[warp][i][lane] = acc[i];
+    __syncthreads();
+    if (warp == 0 && active) {
+      for (int i = 0; i < NT && t0 + i < p.n; ++i) {
+        float s = 0.0f;
+#pragma unroll
+        for (int w = 0; w < 8; ++w) s += part[w][i][lane];
+        p.y[(t0 + i) * p.ldy_t + g * p.ldy_g + c] = s;
+      }
+    }
+    __syncthreads();
+  }
+}
+
+}  // namespace dsv3::cuda

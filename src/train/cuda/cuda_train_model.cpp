@@ -1,0 +1,861 @@
+#include "train/cuda/cuda_train_model.h"
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <unordered_map>
+
+#include "core/error.h"
+#include "ops/cuda/ops.h"
+#include "train/cuda/train_kernels.h"
+
+namespace dsv3::train::cuda {
+
+namespace {
+
+constexpr double kLatentNormEps = 1e-6;  // q_a_layernorm and kv_a_layernorm, as train_model.cpp
+constexpr int64_t kAlignFloats = 64;     // 256-byte alignment of every tensor (cuBLAS likes 16+)
+
+int64_t align_up(int64_t n) { return (n + kAlignFloats - 1) / kAlignFloats * kAlignFloats; }
+
+// Device memory handed out in order from large chunks and taken back all at once by reset(): a step
+// asks for the same buffers in the same order every time, so after the first step nothing is allocated.
+class Arena {
+ public:
+  explicit Arena(int64_t chunk_floats) : chunk_floats_(chunk_floats) {}
+  ~Arena() {
+    for (Chunk& c : chunks_) cudaFree(c.p);
+  }
+  Arena(const Arena&) = delete;
+  Arena& operator=(const Arena&) = delete;
+
+  float* floats(int64_t n) {
+    n = align_up(std::max<int64_t>(n, 1));
+    for (; cur_ < chunks_.size(); ++cur_) {
+      Chunk& c = chunks_[cur_];
+      if (c.used + n <= c.cap) {
+        float* p = c.p + c.used;
+        c.used += n;
+        return p;
+      }
+    }
+    Chunk c;
+    c.cap = std::max(n, chunk_floats_);
+    DSV3_CUDA_CHECK(cudaMalloc(reinterpret_cast<void**>(&c.p), static_cast<size_t>(c.cap) * sizeof(float)));
+    c.used = n;
+    chunks_.push_back(c);
+    cur_ = chunks_.size() - 1;
+    return c.p;
+  }
+  int32_t* ints(int64_t n) {
+    static_assert(sizeof(int32_t) == sizeof(float));
+    return reinterpret_cast<int32_t*>(floats(n));
+  }
+  void reset() {
+    for (Chunk& c : chunks_) c.used = 0;
+    cur_ = 0;
+  }
+  int64_t bytes() const {
+    int64_t b = 0;
+    for (const Chunk& c : chunks_) b += c.cap * static_cast<int64_t>(sizeof(float));
+    return b;
+  }
+
+ private:
+  struct Chunk {
+    float* p = nullptr;
+    int64_t cap = 0, used = 0;
+  };
+  int64_t chunk_floats_;
+  std::vector<Chunk> chunks_;
+  size_t cur_ = 0;
+};
+
+// The router treats tokens independently, so the host-side routing runs over chunks of tokens on all
+// host threads (the GPU waits for it): f(first_token, count) per chunk.
+template <typename F>
+void for_token_chunks(int64_t n, F f) {
+  constexpr int64_t kChunk = 256;
+  const int64_t chunks = (n + kChunk - 1) / kChunk;
+#pragma omp parallel for schedule(static)
+  for (int64_t c = 0; c < chunks; ++c) f(c * kChunk, std::min(kChunk, n - c * kChunk));
+}
+
+// One parameter's device tensors (views into the slabs).
+struct DevParam {
+  Param<float>* host = nullptr;
+  float *w = nullptr, *g = nullptr, *m = nullptr, *v = nullptr;
+  int64_t n = 0;
+};
+
+struct DSwiGLU {
+  DevParam *gate = nullptr, *up = nullptr, *down = nullptr;
+  int64_t I = 0;
+};
+
+struct DAttn {
+  DevParam *q_a = nullptr, *q_a_norm = nullptr, *q_b = nullptr, *q = nullptr;
+  DevParam *kv_a = nullptr, *kv_a_norm = nullptr, *kv_b = nullptr, *o = nullptr;
+};
+
+struct DLayer {
+  DevParam *input_norm = nullptr, *post_norm = nullptr;
+  DAttn attn;
+  bool moe = false;
+  DSwiGLU mlp;
+  DevParam* gate = nullptr;
+  std::vector<DSwiGLU> experts;
+  DSwiGLU shared;
+  BalanceState* balance = nullptr;
+};
+
+// ---- activations kept from forward to backward (device pointers into the activation arena) ----
+struct SwiGLUActs {
+  float *g = nullptr, *u = nullptr, *a = nullptr;
+};
+
+struct AttnActs {
+  float *qa = nullptr, *qa_rstd = nullptr, *qan = nullptr;  // q low-rank path
+  float* q = nullptr;                                      // [N x H*dq], roped
+  float* kva = nullptr;                                    // [N x (C+dr)] (c_in is its first C columns)
+  float *c_rstd = nullptr, *c = nullptr;                   // [N], [N x C]
+  float* kpe = nullptr;                                    // roped [N x dr]
+  float* kv = nullptr;                                     // [N x H*(dn+dv)]
+  float* kfull = nullptr;                                  // [N x H*dq]: per-head keys
+  float* probs = nullptr;                                  // [B x H x S x S]
+  float* o = nullptr;                                      // [N x H*dv]
+};
+
+struct MoEActs {
+  std::vector<float> scores, weights;  // host [N x E], [N x k]
+  std::vector<int32_t> chosen;         // host [N x k]
+  std::vector<int64_t> offset, count;  // host per expert: first packed row, rows
+  float* weights_d = nullptr;          // [N x k]
+  int32_t* pos_d = nullptr;            // [N x k]: packed row of each (token, slot)
+  float *xe = nullptr, *ge = nullptr, *ue = nullptr, *ae = nullptr, *ye = nullptr;  // packed rows
+  SwiGLUActs shared;
+};
+
+struct LayerActs {
+  const float* x_in = nullptr;
+  float *xn1 = nullptr, *rstd1 = nullptr, *h = nullptr, *xn2 = nullptr, *rstd2 = nullptr, *out = nullptr;
+  AttnActs attn;
+  SwiGLUActs mlp;
+  MoEActs moe;
+};
+
+// Rows of each distinct token id, for the deterministic embedding backward.
+struct TokenGroups {
+  int32_t *ids = nullptr, *offsets = nullptr, *rows = nullptr;
+  int64_t n_ids = 0;
+};
+
+}  // namespace
+
+struct CudaTrainModel::Impl {
+  TrainModel<float>& store;
+  AdamW<float>& opt;
+  AdamWConfig hp;  // AdamW hyperparameters
+  const ModelConfig& cfg;
+  RouterSpec router;
+  cudaStream_t stream = nullptr;
+  std::unique_ptr<Gemm> gemm;
+  int64_t D, H, C, Q, dn, dr, dv, dq, dkv, E, k, V;
+
+  // Parameters: four slabs (weights, grads, AdamW m and v) of `slab_floats` each.
+  float *w_slab = nullptr, *g_slab = nullptr, *m_slab = nullptr, *v_slab = nullptr;
+  int64_t slab_floats = 0;
+  std::vector<DevParam> params;  // store.params() order
+  std::unordered_map<std::string, DevParam*> by_name;
+  DevParam *embed = nullptr, *final_norm = nullptr, *lm_head = nullptr;
+  std::vector<DLayer> layers;
+  bool has_mtp = false;
+  DevParam *enorm = nullptr, *hnorm = nullptr, *eh_proj = nullptr, *head_norm = nullptr;
+  DLayer mtp_layer;
+
+  Arena acts{int64_t{64} << 20};     // from forward to backward; reset by forward
+  Arena scratch{int64_t{64} << 20};  // within one layer's backward
+  double* sumsq = nullptr;           // [1 + sumsq_partial_doubles()]
+
+  // The last forward.
+  int64_t B = 0, S = 0;
+  int32_t *targets = nullptr, *mtp_targets = nullptr, *mtp_rows = nullptr;
+  TokenGroups groups, mtp_groups;
+  float *cos = nullptr, *sin = nullptr, *mtp_cos = nullptr, *mtp_sin = nullptr;
+  std::vector<LayerActs> la;
+  LayerActs mla;
+  float *x_last = nullptr, *hf = nullptr, *rstd_f = nullptr, *logits = nullptr, *lse = nullptr;
+  float *emb = nullptr, *e_rstd = nullptr, *hsel = nullptr, *h_rstd = nullptr, *cat = nullptr, *xm_out = nullptr;
+  float *xmn = nullptr, *xm_rstd = nullptr, *mlogits = nullptr, *mlse = nullptr;
+
+  Impl(TrainModel<float>& s, AdamW<float>& o, const AdamWConfig& a, Precision p)
+      : store(s), opt(o), hp(a), cfg(s.config()), router(RouterSpec::from(s.config())) {
+    D = cfg.hidden_size;
+    H = cfg.num_attention_heads;
+    C = cfg.kv_lora_rank;
+    Q = cfg.q_lora_rank;
+    dn = cfg.qk_nope_head_dim;
+    dr = cfg.qk_rope_head_dim;
+    dv = cfg.v_head_dim;
+    dq = cfg.qk_head_dim();
+    dkv = dn + dv;
+    E = cfg.n_routed_experts;
+    k = cfg.num_experts_per_tok;
+    V = cfg.vocab_size;
+    DSV3_CUDA_CHECK(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking));
+    gemm = std::make_unique<Gemm>(stream, p);
+    allocate_params();
+    DSV3_CUDA_CHECK(cudaMalloc(reinterpret_cast<void**>(&sumsq),
+                               static_cast<size_t>(1 + sumsq_partial_doubles()) * sizeof(double)));
+    for (int64_t l = 0; l < cfg.num_hidden_layers; ++l) layers.push_back(make_layer(l));
+    embed = P("model.embed_tokens.weight");
+    final_norm = P("model.norm.weight");
+    lm_head = cfg.tie_word_embeddings ? embed : P("lm_head.weight");
+    has_mtp = store.has_mtp();
+    if (has_mtp) {
+      const std::string mp = mtp_prefix(cfg);
+      enorm = P(mp + "enorm.weight");
+      hnorm = P(mp + "hnorm.weight");
+      eh_proj = P(mp + "eh_proj.weight");
+      head_norm = P(mp + "shared_head.norm.weight");
+      mtp_layer = make_layer(cfg.num_hidden_layers);
+    }
+  }
+
+  ~Impl() {
+    gemm.reset();
+    cudaFree(w_slab);
+    cudaFree(g_slab);
+    cudaFree(m_slab);
+    cudaFree(v_slab);
+    cudaFree(sumsq);
+    if (stream) cudaStreamDestroy(stream);
+  }
+
+  void allocate_params() {
+    int64_t total = 0;
+    for (Param<float>* p : store.params()) total += align_up(p->numel());
+    slab_floats = total;
+    size_t free_b = 0, total_b = 0;
+    DSV3_CUDA_CHECK(cudaMemGetInfo(&free_b, &total_b));
+    const double need = 4.0 * static_cast<double>(total) * sizeof(float);
+    check(need < 0.9 * static_cast<double>(free_b),
+          "the model's weights, gradients and AdamW moments need " + std::to_string(need / (1 << 30)) +
+              " GiB on the GPU, " + std::to_string(static_cast<double>(free_b) / (1 << 30)) + " GiB are free",
+          "train a smaller model or use --device cpu");
+    for (float** slab : {&w_slab, &g_slab, &m_slab, &v_slab}) {
+      DSV3_CUDA_CHECK(cudaMalloc(reinterpret_cast<void**>(slab), static_cast<size_t>(total) * sizeof(float)));
+      DSV3_CUDA_CHECK(cudaMemsetAsync(*slab, 0, static_cast<size_t>(total) * sizeof(float), stream));
+    }
+    params.reserve(store.params().size());
+    int64_t off = 0;
+    for (Param<float>* p : store.params()) {
+      DevParam d;
+      d.host = p;
+      d.n = p->numel();
+      d.w = w_slab + off;
+      d.g = g_slab + off;
+      d.m = m_slab + off;
+      d.v = v_slab + off;
+      off += align_up(d.n);
+      params.push_back(d);
+    }
+    for (DevParam& d : params) by_name[d.host->name] = &d;
+  }
+
+  DevParam* P(const std::string& name) const {
+    auto it = by_name.find(name);
+    check(it != by_name.end(), "CudaTrainModel: no parameter '" + name + "'");
+    return it->second;
+  }
+  DevParam* P_opt(const std::string& name) const {
+    auto it = by_name.find(name);
+    return it == by_name.end() ? nullptr : it->second;
+  }
+
+  DLayer make_layer(int64_t l) {
+    const std::string p = "model.layers." + std::to_string(l) + ".";
+    DLayer L;
+    L.input_norm = P(p + "input_layernorm.weight");
+    L.post_norm = P(p + "post_attention_layernorm.weight");
+    L.attn.q_a = P_opt(p + "self_attn.q_a_proj.weight");
+    L.attn.q_a_norm = P_opt(p + "self_attn.q_a_layernorm.weight");
+    L.attn.q_b = P_opt(p + "self_attn.q_b_proj.weight");
+    L.attn.q = P_opt(p + "self_attn.q_proj.weight");
+    L.attn.kv_a = P(p + "self_attn.kv_a_proj_with_mqa.weight");
+    L.attn.kv_a_norm = P(p + "self_attn.kv_a_layernorm.weight");
+    L.attn.kv_b = P(p + "self_attn.kv_b_proj.weight");
+    L.attn.o = P(p + "self_attn.o_proj.weight");
+    auto swiglu = [&](const std::string& q) {
+      DSwiGLU s{P(q + "gate_proj.weight"), P(q + "up_proj.weight"), P(q + "down_proj.weight"), 0};
+      s.I = s.gate->host->shape[0];
+      return s;
+    };
+    L.moe = cfg.is_moe_layer(l);
+    if (!L.moe) {
+      L.mlp = swiglu(p + "mlp.");
+      return L;
+    }
+    L.gate = P(p + "mlp.gate.weight");
+    for (int64_t e = 0; e < E; ++e) L.experts.push_back(swiglu(p + "mlp.experts." + std::to_string(e) + "."));
+    if (cfg.n_shared_experts > 0) L.shared = swiglu(p + "mlp.shared_experts.");
+    for (BalanceState* b : store.balance_layers())
+      if (b->bias_name == p + "mlp.gate.e_score_correction_bias") L.balance = b;
+    check(L.balance != nullptr, "CudaTrainModel: no balance state for " + p);
+    return L;
+  }
+
+  // ---- host <-> device ----
+  template <typename T>
+  T* upload(Arena& a, const std::vector<T>& v) {
+    static_assert(sizeof(T) == 4);
+    T* d = reinterpret_cast<T*>(a.floats(static_cast<int64_t>(v.size())));
+    if (!v.empty())
+      DSV3_CUDA_CHECK(cudaMemcpyAsync(d, v.data(), v.size() * sizeof(T), cudaMemcpyHostToDevice, stream));
+    return d;
+  }
+  std::vector<float> download(const float* d, int64_t n) const {
+    std::vector<float> v(static_cast<size_t>(n));
+    if (n > 0) {
+      DSV3_CUDA_CHECK(
+          cudaMemcpyAsync(v.data(), d, static_cast<size_t>(n) * sizeof(float), cudaMemcpyDeviceToHost, stream));
+      DSV3_CUDA_CHECK(cudaStreamSynchronize(stream));
+    }
+    return v;
+  }
+
+  TokenGroups token_groups(const std::vector<int32_t>& tokens) {
+    std::vector<int32_t> order(tokens.size());
+    for (size_t i = 0; i < order.size(); ++i) order[i] = static_cast<int32_t>(i);
+    std::stable_sort(order.begin(), order.end(), [&](int32_t a, int32_t b) { return tokens[a] < tokens[b]; });
+    std::vector<int32_t> ids, offsets;
+    for (size_t j = 0; j < order.size(); ++j)
+      if (j == 0 || tokens[order[j]] != tokens[order[j - 1]]) {
+        ids.push_back(tokens[order[j]]);
+        offsets.push_back(static_cast<int32_t>(j));
+      }
+    offsets.push_back(static_cast<int32_t>(order.size()));
+    TokenGroups g;
+    g.n_ids = static_cast<int64_t>(ids.size());
+    g.ids = upload(acts, ids);
+    g.offsets = upload(acts, offsets);
+    g.rows = upload(acts, order);
+    return g;
+  }
+
+  float* copy_of(Arena& a, const float* src, int64_t n) {
+    float* d = a.floats(n);
+    DSV3_CUDA_CHECK(cudaMemcpyAsync(d, src, static_cast<size_t>(n) * sizeof(float), cudaMemcpyDeviceToDevice, stream));
+    return d;
+  }
+  void zero(float* d, int64_t n) {
+    DSV3_CUDA_CHECK(cudaMemsetAsync(d, 0, static_cast<size_t>(n) * sizeof(float), stream));
+  }
+
+  // ---- building blocks (mirror train_model.cpp) ----
+  void swiglu_fwd(const DSwiGLU& p, SwiGLUActs& a, const float* x, int64_t n, float* y) {
+    a.g = acts.floats(n * p.I);
+    a.u = acts.floats(n * p.I);
+    a.a = acts.floats(n * p.I);
+    gemm->linear_forward(a.g, x, p.gate->w, n, D, p.I);
+    gemm->linear_forward(a.u, x, p.up->w, n, D, p.I);
+    swiglu_forward(a.a, a.g, a.u, n * p.I, stream);
+    gemm->linear_forward(y, a.a, p.down->w, n, p.I, D);
+  }
+
+  // dx written.
+  void swiglu_bwd(const DSwiGLU& p, const SwiGLUActs& a, const float* x, const float* dy, int64_t n, float* dx) {
+    float* da = scratch.floats(n * p.I);
+    float* dg = scratch.floats(n * p.I);
+    float* du = scratch.floats(n * p.I);
+    gemm->linear_backward(da, p.down->g, dy, a.a, p.down->w, n, p.I, D);
+    swiglu_backward(dg, du, da, a.g, a.u, n * p.I, stream);
+    gemm->linear_backward(dx, p.gate->g, dg, x, p.gate->w, n, D, p.I);
+    // dx += du W_up; dW_up += du^T x
+    gemm->rm(false, false, n, D, p.I, 1.0f, du, p.I, p.up->w, D, 1.0f, dx, D);
+    gemm->rm(true, false, p.I, D, n, 1.0f, du, p.I, x, D, 1.0f, p.up->g, D);
+  }
+
+  void attention_fwd(const DAttn& p, AttnActs& a, const float* xn, int64_t Bn, int64_t Sn, const float* cs,
+                     const float* sn, float* y) {
+    const int64_t N = Bn * Sn;
+    a.q = acts.floats(N * H * dq);
+    if (p.q_a) {
+      a.qa = acts.floats(N * Q);
+      a.qan = acts.floats(N * Q);
+      a.qa_rstd = acts.floats(N);
+      gemm->linear_forward(a.qa, xn, p.q_a->w, N, D, Q);
+      rmsnorm_forward(a.qan, Q, a.qa_rstd, a.qa, Q, p.q_a_norm->w, N, Q, kLatentNormEps, stream);
+      gemm->linear_forward(a.q, a.qan, p.q_b->w, N, Q, H * dq);
+    } else {
+      gemm->linear_forward(a.q, xn, p.q->w, N, D, H * dq);
+    }
+    a.kva = acts.floats(N * (C + dr));
+    gemm->linear_forward(a.kva, xn, p.kv_a->w, N, D, C + dr);
+    a.c = acts.floats(N * C);
+    a.c_rstd = acts.floats(N);
+    rmsnorm_forward(a.c, C, a.c_rstd, a.kva, C + dr, p.kv_a_norm->w, N, C, kLatentNormEps, stream);
+    a.kpe = acts.floats(N * dr);
+    copy_cols(a.kpe, dr, a.kva + C, C + dr, N, dr, stream);
+    rope(a.kpe, cs, sn, N, Sn, 1, dr, 0, dr, false, stream);
+    rope(a.q, cs, sn, N, Sn, H, dq, dn, dr, false, stream);
+    a.kv = acts.floats(N * H * dkv);
+    gemm->linear_forward(a.kv, a.c, p.kv_b->w, N, C, H * dkv);
+    a.kfull = acts.floats(N * H * dq);
+    attention_keys(a.kfull, a.kv, a.kpe, N, H, dn, dr, dv, stream);
+    a.probs = acts.floats(Bn * H * Sn * Sn);
+    a.o = acts.floats(N * H * dv);
+    const float sc = static_cast<float>(cfg.softmax_scale());
+    for (int64_t b = 0; b < Bn; ++b)  // scores[h] = q_h k_h^T * scale, all heads in one batched GEMM
+      gemm->rm(false, true, Sn, Sn, dq, sc, a.q + b * Sn * H * dq, H * dq, a.kfull + b * Sn * H * dq, H * dq, 0.0f,
+               a.probs + b * H * Sn * Sn, Sn, H, dq, dq, Sn * Sn);
+    causal_softmax(a.probs, Bn * H * Sn, Sn, stream);
+    for (int64_t b = 0; b < Bn; ++b)  // o[h] = p[h] v_h
+      gemm->rm(false, false, Sn, dv, Sn, 1.0f, a.probs + b * H * Sn * Sn, Sn, a.kv + b * Sn * H * dkv + dn, H * dkv,
+               0.0f, a.o + b * Sn * H * dv, H * dv, H, Sn * Sn, dkv, dv);
+    gemm->linear_forward(y, a.o, p.o->w, N, H * dv, D);
+  }
+
+  // dxn written.
+  void attention_bwd(const DAttn& p, const AttnActs& a, const float* xn, int64_t Bn, int64_t Sn, const float* cs,
+                     const float* sn, const float* dy, float* dxn) {
+    const int64_t N = Bn * Sn;
+    float* dout = scratch.floats(N * H * dv);
+    gemm->linear_backward(dout, p.o->g, dy, a.o, p.o->w, N, H * dv, D);
+    float* dp = scratch.floats(Bn * H * Sn * Sn);
+    float* dkv_ = scratch.floats(N * H * dkv);
+    for (int64_t b = 0; b < Bn; ++b) {
+      const float* pb = a.probs + b * H * Sn * Sn;
+      const float* doutb = dout + b * Sn * H * dv;
+      // dP[h] = dO_h v_h^T;  dV_h = P[h]^T dO_h
+      gemm->rm(false, true, Sn, Sn, dv, 1.0f, doutb, H * dv, a.kv + b * Sn * H * dkv + dn, H * dkv, 0.0f,
+               dp + b * H * Sn * Sn, Sn, H, dv, dkv, Sn * Sn);
+      gemm->rm(true, false, Sn, dv, Sn, 1.0f, pb, Sn, doutb, H * dv, 0.0f, dkv_ + b * Sn * H * dkv + dn, H * dkv, H,
+               Sn * Sn, dv, dkv);
+    }
+    softmax_backward(dp, a.probs, Bn * H * Sn, Sn, static_cast<float>(cfg.softmax_scale()), stream);
+    float* dq_ = scratch.floats(N * H * dq);
+    float* dkfull = scratch.floats(N * H * dq);
+    for (int64_t b = 0; b < Bn; ++b) {
+      const float* dsb = dp + b * H * Sn * Sn;
+      // dQ_h = dS[h] K_h;  dK_h = dS[h]^T Q_h
+      gemm->rm(false, false, Sn, dq, Sn, 1.0f, dsb, Sn, a.kfull + b * Sn * H * dq, H * dq, 0.0f,
+               dq_ + b * Sn * H * dq, H * dq, H, Sn * Sn, dq, dq);
+      gemm->rm(true, false, Sn, dq, Sn, 1.0f, dsb, Sn, a.q + b * Sn * H * dq, H * dq, 0.0f, dkfull + b * Sn * H * dq,
+               H * dq, H, Sn * Sn, dq, dq);
+    }
+    float* dkpe = scratch.floats(N * dr);
+    attention_keys_backward(dkv_, dkpe, dkfull, N, H, dn, dr, dv, stream);
+    float* dc = scratch.floats(N * C);
+    gemm->linear_backward(dc, p.kv_b->g, dkv_, a.c, p.kv_b->w, N, C, H * dkv);
+    float* dkva = scratch.floats(N * (C + dr));
+    rmsnorm_backward(dkva, C + dr, p.kv_a_norm->g, dc, a.kva, C + dr, p.kv_a_norm->w, a.c_rstd, N, C,
+                     scratch.floats(rmsnorm_partial_floats(N, C)), stream);
+    rope(dkpe, cs, sn, N, Sn, 1, dr, 0, dr, true, stream);
+    copy_cols(dkva + C, C + dr, dkpe, dr, N, dr, stream);
+    rope(dq_, cs, sn, N, Sn, H, dq, dn, dr, true, stream);
+    gemm->linear_backward(dxn, p.kv_a->g, dkva, xn, p.kv_a->w, N, D, C + dr);
+    if (p.q_a) {
+      float* dqan = scratch.floats(N * Q);
+      float* dqa = scratch.floats(N * Q);
+      gemm->linear_backward(dqan, p.q_b->g, dq_, a.qan, p.q_b->w, N, Q, H * dq);
+      rmsnorm_backward(dqa, Q, p.q_a_norm->g, dqan, a.qa, Q, p.q_a_norm->w, a.qa_rstd, N, Q,
+                       scratch.floats(rmsnorm_partial_floats(N, Q)), stream);
+      // dxn += dqa W_qa; dW_qa += dqa^T xn
+      gemm->rm(false, false, N, D, Q, 1.0f, dqa, Q, p.q_a->w, D, 1.0f, dxn, D);
+      gemm->rm(true, false, Q, D, N, 1.0f, dqa, Q, xn, D, 1.0f, p.q_a->g, D);
+    } else {
+      gemm->rm(false, false, N, D, H * dq, 1.0f, dq_, H * dq, p.q->w, D, 1.0f, dxn, D);
+      gemm->rm(true, false, H * dq, D, N, 1.0f, dq_, H * dq, xn, D, 1.0f, p.q->g, D);
+    }
+  }
+
+  // Returns the balance loss (times alpha, mean over sequences).
+  double moe_fwd(DLayer& L, MoEActs& m, const float* xn, int64_t Bn, int64_t Sn, bool count_load, double alpha,
+                 float* y) {
+    const int64_t N = Bn * Sn;
+    float* logits_d = acts.floats(N * E);
+    gemm->linear_forward(logits_d, xn, L.gate->w, N, D, E);
+    const std::vector<float> lg = download(logits_d, N * E);
+    m.scores.resize(static_cast<size_t>(N * E));
+    m.chosen.resize(static_cast<size_t>(N * k));
+    m.weights.resize(static_cast<size_t>(N * k));
+    for_token_chunks(N, [&](int64_t t0, int64_t n) {
+      route_forward(m.scores.data() + t0 * E, m.chosen.data() + t0 * k, m.weights.data() + t0 * k,
+                    lg.data() + t0 * E, L.balance->bias, n, router);
+    });
+    if (count_load)
+      for (int32_t e : m.chosen) L.balance->load[e] += 1.0;
+
+    // Packed order: expert by expert, each expert's (token, slot)s in token order (as the CPU's slots).
+    m.count.assign(static_cast<size_t>(E), 0);
+    for (int32_t e : m.chosen) ++m.count[e];
+    m.offset.assign(static_cast<size_t>(E), 0);
+    for (int64_t e = 1; e < E; ++e) m.offset[e] = m.offset[e - 1] + m.count[e - 1];
+    std::vector<int32_t> src(static_cast<size_t>(N * k)), pos(static_cast<size_t>(N * k));
+    std::vector<int64_t> fill = m.offset;
+    for (int64_t i = 0; i < N * k; ++i) {
+      const int64_t row = fill[m.chosen[i]]++;
+      src[row] = static_cast<int32_t>(i / k);
+      pos[i] = static_cast<int32_t>(row);
+    }
+    m.pos_d = upload(acts, pos);
+    m.weights_d = upload(acts, m.weights);
+    const int32_t* src_d = upload(acts, src);
+
+    if (L.shared.gate)
+      swiglu_fwd(L.shared, m.shared, xn, N, y);
+    else
+      zero(y, N * D);
+    const int64_t M = N * k, I = cfg.moe_intermediate_size;
+    m.xe = acts.floats(M * D);
+    m.ge = acts.floats(M * I);
+    m.ue = acts.floats(M * I);
+    m.ae = acts.floats(M * I);
+    m.ye = acts.floats(M * D);
+    gather_rows(m.xe, xn, src_d, M, D, stream);
+    for (int64_t e = 0; e < E; ++e) {
+      if (m.count[e] == 0) continue;
+      const int64_t o = m.offset[e], ne = m.count[e];
+      gemm->linear_forward(m.ge + o * I, m.xe + o * D, L.experts[e].gate->w, ne, D, I);
+      gemm->linear_forward(m.ue + o * I, m.xe + o * D, L.experts[e].up->w, ne, D, I);
+    }
+    swiglu_forward(m.ae, m.ge, m.ue, M * I, stream);
+    for (int64_t e = 0; e < E; ++e) {
+      if (m.count[e] == 0) continue;
+      const int64_t o = m.offset[e], ne = m.count[e];
+      gemm->linear_forward(m.ye + o * D, m.ae + o * I, L.experts[e].down->w, ne, I, D);
+    }
+    moe_combine(y, m.ye, m.weights_d, m.pos_d, N, k, D, stream);
+    double aux = 0.0;
+    if (alpha > 0)
+      for (int64_t b = 0; b < Bn; ++b)
+        aux += seq_balance_forward(m.scores.data() + b * Sn * E, m.chosen.data() + b * Sn * k, Sn, router, alpha);
+    return aux / static_cast<double>(Bn);
+  }
+
+  // dxn written. `scale` is dLoss/dLoss_total (for the balance loss).
+  void moe_bwd(DLayer& L, const MoEActs& m, const float* xn, int64_t Bn, int64_t Sn, double alpha, double scale,
+               const float* dy, float* dxn) {
+    const int64_t N = Bn * Sn, M = N * k, I = cfg.moe_intermediate_size;
+    if (L.shared.gate)
+      swiglu_bwd(L.shared, m.shared, xn, dy, N, dxn);
+    else
+      zero(dxn, N * D);
+    float* dye = scratch.floats(M * D);
+    float* dw = scratch.floats(M);
+    moe_combine_backward(dye, dw, dy, m.ye, m.weights_d, m.pos_d, N, k, D, stream);
+    float* dae = scratch.floats(M * I);
+    for (int64_t e = 0; e < E; ++e) {
+      if (m.count[e] == 0) continue;
+      const int64_t o = m.offset[e], ne = m.count[e];
+      gemm->linear_backward(dae + o * I, L.experts[e].down->g, dye + o * D, m.ae + o * I, L.experts[e].down->w, ne,
+                            I, D);
+    }
+    float* dge = scratch.floats(M * I);
+    float* due = scratch.floats(M * I);
+    swiglu_backward(dge, due, dae, m.ge, m.ue, M * I, stream);
+    float* dxe = scratch.floats(M * D);
+    for (int64_t e = 0; e < E; ++e) {
+      if (m.count[e] == 0) continue;
+      const int64_t o = m.offset[e], ne = m.count[e];
+      const DSwiGLU& x = L.experts[e];
+      gemm->linear_backward(dxe + o * D, x.gate->g, dge + o * I, m.xe + o * D, x.gate->w, ne, D, I);
+      gemm->rm(false, false, ne, D, I, 1.0f, due + o * I, I, x.up->w, D, 1.0f, dxe + o * D, D);
+      gemm->rm(true, false, I, D, ne, 1.0f, due + o * I, I, m.xe + o * D, D, 1.0f, x.up->g, D);
+    }
+    moe_scatter_add(dxn, dxe, m.pos_d, N, k, D, stream);
+
+    const std::vector<float> dweights = download(dw, M);
+    std::vector<float> dscores;
+    if (alpha > 0) {
+      dscores.resize(static_cast<size_t>(N * E));
+      for (int64_t b = 0; b < Bn; ++b)
+        seq_balance_backward(dscores.data() + b * Sn * E, m.scores.data() + b * Sn * E, m.chosen.data() + b * Sn * k,
+                             Sn, router, alpha, scale / static_cast<double>(Bn));
+    }
+    std::vector<float> dlogits(static_cast<size_t>(N * E));
+    for_token_chunks(N, [&](int64_t t0, int64_t n) {
+      route_backward(dlogits.data() + t0 * E, dweights.data() + t0 * k,
+                     dscores.empty() ? nullptr : dscores.data() + t0 * E, m.scores.data() + t0 * E,
+                     m.chosen.data() + t0 * k, n, router);
+    });
+    const float* dlogits_d = upload(scratch, dlogits);
+    gemm->rm(false, false, N, D, E, 1.0f, dlogits_d, E, L.gate->w, D, 1.0f, dxn, D);
+    gemm->rm(true, false, E, D, N, 1.0f, dlogits_d, E, xn, D, 1.0f, L.gate->g, D);
+  }
+
+  // Returns the layer output [N x D] (a new buffer); x is left alone.
+  float* layer_fwd(DLayer& L, LayerActs& a, const float* x, int64_t Bn, int64_t Sn, const float* cs, const float* sn,
+                   bool count_load, double alpha, double* aux) {
+    const int64_t N = Bn * Sn;
+    const double eps = cfg.rms_norm_eps;
+    a.x_in = x;
+    a.xn1 = acts.floats(N * D);
+    a.rstd1 = acts.floats(N);
+    rmsnorm_forward(a.xn1, D, a.rstd1, x, D, L.input_norm->w, N, D, eps, stream);
+    a.h = acts.floats(N * D);
+    attention_fwd(L.attn, a.attn, a.xn1, Bn, Sn, cs, sn, a.h);
+    add_into(a.h, x, N * D, stream);  // h = x + attn
+    a.xn2 = acts.floats(N * D);
+    a.rstd2 = acts.floats(N);
+    rmsnorm_forward(a.xn2, D, a.rstd2, a.h, D, L.post_norm->w, N, D, eps, stream);
+    a.out = acts.floats(N * D);
+    if (L.moe)
+      *aux += moe_fwd(L, a.moe, a.xn2, Bn, Sn, count_load, alpha, a.out);
+    else
+      swiglu_fwd(L.mlp, a.mlp, a.xn2, N, a.out);
+    add_into(a.out, a.h, N * D, stream);  // out = h + ffn
+    return a.out;
+  }
+
+  // dx [N x D] in place: gradient w.r.t. the layer output in, w.r.t. its input out.
+  void layer_bwd(DLayer& L, const LayerActs& a, float* dx, int64_t Bn, int64_t Sn, const float* cs, const float* sn,
+                 double alpha, double scale) {
+    scratch.reset();
+    const int64_t N = Bn * Sn;
+    float* dxn = scratch.floats(N * D);
+    float* tmp = scratch.floats(N * D);
+    float* partial = scratch.floats(rmsnorm_partial_floats(N, D));
+    if (L.moe)
+      moe_bwd(L, a.moe, a.xn2, Bn, Sn, alpha, scale, dx, dxn);
+    else
+      swiglu_bwd(L.mlp, a.mlp, a.xn2, dx, N, dxn);
+    rmsnorm_backward(tmp, D, L.post_norm->g, dxn, a.h, D, L.post_norm->w, a.rstd2, N, D, partial, stream);
+    add_into(dx, tmp, N * D, stream);  // dx is now dLoss/dh
+    attention_bwd(L.attn, a.attn, a.xn1, Bn, Sn, cs, sn, dx, dxn);
+    rmsnorm_backward(tmp, D, L.input_norm->g, dxn, a.x_in, D, L.input_norm->w, a.rstd1, N, D, partial, stream);
+    add_into(dx, tmp, N * D, stream);
+  }
+
+  double mean_loss(const float* loss_rows, int64_t n) const {
+    const std::vector<float> l = download(loss_rows, n);
+    double s = 0.0;
+    for (float v : l) s += v;
+    return s / static_cast<double>(n);
+  }
+
+  LossParts forward(const int32_t* tokens, int64_t Bn, int64_t Sn, bool count_load) {
+    check(Bn >= 1 && Sn >= 2, "a training batch needs at least one sequence of at least 3 tokens");
+    for (int64_t i = 0; i < Bn * (Sn + 1); ++i)
+      check(tokens[i] >= 0 && tokens[i] < V,
+            "token id " + std::to_string(tokens[i]) + " is out of range: vocab_size is " + std::to_string(V),
+            "check the data file and the byte offset");
+    acts.reset();
+    B = Bn;
+    S = Sn;
+    const int64_t N = B * S;
+    const TrainOptions& topt = store.options();
+    std::vector<int32_t> inputs(static_cast<size_t>(N)), tgt(static_cast<size_t>(N));
+    for (int64_t b = 0; b < B; ++b)
+      for (int64_t s = 0; s < S; ++s) {
+        inputs[b * S + s] = tokens[b * (S + 1) + s];
+        tgt[b * S + s] = tokens[b * (S + 1) + s + 1];
+      }
+    const int32_t* inputs_d = upload(acts, inputs);
+    targets = upload(acts, tgt);
+    groups = token_groups(inputs);
+    std::vector<float> c, s;
+    rope_tables(c, s, cfg.rope_inv_freq(), cfg.rope_cos_sin_scale(), 0, S);
+    cos = upload(acts, c);
+    sin = upload(acts, s);
+
+    float* x = acts.floats(N * D);
+    embedding_forward(x, inputs_d, embed->w, N, D, stream);
+    la.resize(layers.size());
+    LossParts loss;
+    for (size_t l = 0; l < layers.size(); ++l)
+      x = layer_fwd(layers[l], la[l], x, B, S, cos, sin, count_load, topt.aux_alpha, &loss.aux);
+    x_last = x;
+    hf = acts.floats(N * D);
+    rstd_f = acts.floats(N);
+    rmsnorm_forward(hf, D, rstd_f, x, D, final_norm->w, N, D, cfg.rms_norm_eps, stream);
+    logits = acts.floats(N * V);
+    lse = acts.floats(N);
+    float* rows = acts.floats(N);
+    gemm->linear_forward(logits, hf, lm_head->w, N, D, V);
+    crossentropy_forward(rows, lse, logits, targets, N, V, stream);
+    loss.main = mean_loss(rows, N);
+
+    if (has_mtp) {
+      const int64_t Sm = S - 1, M = B * Sm;
+      const double eps = cfg.rms_norm_eps;
+      std::vector<int32_t> mi(static_cast<size_t>(M)), mt(static_cast<size_t>(M)), mr(static_cast<size_t>(M));
+      for (int64_t b = 0; b < B; ++b)
+        for (int64_t i = 0; i < Sm; ++i) {
+          mi[b * Sm + i] = tokens[b * (S + 1) + i + 1];
+          mt[b * Sm + i] = tokens[b * (S + 1) + i + 2];
+          mr[b * Sm + i] = static_cast<int32_t>(b * S + i);
+        }
+      const int32_t* mi_d = upload(acts, mi);
+      mtp_targets = upload(acts, mt);
+      mtp_rows = upload(acts, mr);
+      mtp_groups = token_groups(mi);
+      hsel = acts.floats(M * D);
+      gather_rows(hsel, hf, mtp_rows, M, D, stream);
+      emb = acts.floats(M * D);
+      e_rstd = acts.floats(M);
+      h_rstd = acts.floats(M);
+      embedding_forward(emb, mi_d, embed->w, M, D, stream);
+      cat = acts.floats(M * 2 * D);  // [enorm(emb); hnorm(h)]: embedding first
+      rmsnorm_forward(cat, 2 * D, e_rstd, emb, D, enorm->w, M, D, eps, stream);
+      rmsnorm_forward(cat + D, 2 * D, h_rstd, hsel, D, hnorm->w, M, D, eps, stream);
+      float* xm = acts.floats(M * D);
+      gemm->linear_forward(xm, cat, eh_proj->w, M, 2 * D, D);
+      rope_tables(c, s, cfg.rope_inv_freq(), cfg.rope_cos_sin_scale(), 0, Sm);
+      mtp_cos = upload(acts, c);
+      mtp_sin = upload(acts, s);
+      xm_out = layer_fwd(mtp_layer, mla, xm, B, Sm, mtp_cos, mtp_sin, count_load, topt.aux_alpha, &loss.aux);
+      xmn = acts.floats(M * D);
+      xm_rstd = acts.floats(M);
+      rmsnorm_forward(xmn, D, xm_rstd, xm_out, D, head_norm->w, M, D, eps, stream);
+      mlogits = acts.floats(M * V);
+      mlse = acts.floats(M);
+      float* mrows = acts.floats(M);
+      gemm->linear_forward(mlogits, xmn, lm_head->w, M, D, V);
+      crossentropy_forward(mrows, mlse, mlogits, mtp_targets, M, V, stream);
+      loss.mtp = mean_loss(mrows, M);
+    }
+    loss.total = loss.main + (has_mtp ? topt.mtp_lambda * loss.mtp : 0.0) + loss.aux;
+    return loss;
+  }
+
+  void backward(double scale) {
+    check(logits != nullptr, "CudaTrainModel::backward needs a forward first");
+    const int64_t N = B * S;
+    const TrainOptions& topt = store.options();
+    scratch.reset();
+    crossentropy_backward(logits, lse, targets, N, V, static_cast<float>(scale / static_cast<double>(N)), stream);
+    float* dhf = acts.floats(N * D);
+    gemm->linear_backward(dhf, lm_head->g, logits, hf, lm_head->w, N, D, V);
+    if (has_mtp) {
+      const int64_t Sm = S - 1, M = B * Sm;
+      crossentropy_backward(mlogits, mlse, mtp_targets, M, V,
+                            static_cast<float>(scale * topt.mtp_lambda / static_cast<double>(M)), stream);
+      float* dxmn = acts.floats(M * D);
+      float* dxm = acts.floats(M * D);
+      float* partial = acts.floats(rmsnorm_partial_floats(M, 2 * D));
+      gemm->linear_backward(dxmn, lm_head->g, mlogits, xmn, lm_head->w, M, D, V);
+      rmsnorm_backward(dxm, D, head_norm->g, dxmn, xm_out, D, head_norm->w, xm_rstd, M, D, partial, stream);
+      layer_bwd(mtp_layer, mla, dxm, B, Sm, mtp_cos, mtp_sin, topt.aux_alpha, scale);
+      float* dcat = acts.floats(M * 2 * D);
+      gemm->linear_backward(dcat, eh_proj->g, dxm, cat, eh_proj->w, M, 2 * D, D);
+      float* den = acts.floats(M * D);
+      float* dhn = acts.floats(M * D);
+      float* tmp = acts.floats(M * D);
+      copy_cols(den, D, dcat, 2 * D, M, D, stream);
+      copy_cols(dhn, D, dcat + D, 2 * D, M, D, stream);
+      rmsnorm_backward(tmp, D, enorm->g, den, emb, D, enorm->w, e_rstd, M, D, partial, stream);
+      embedding_backward(embed->g, tmp, mtp_groups.ids, mtp_groups.offsets, mtp_groups.rows, mtp_groups.n_ids, D,
+                         stream);
+      rmsnorm_backward(tmp, D, hnorm->g, dhn, hsel, D, hnorm->w, h_rstd, M, D, partial, stream);
+      add_rows(dhf, tmp, mtp_rows, M, D, stream);
+    }
+    float* dx = acts.floats(N * D);
+    rmsnorm_backward(dx, D, final_norm->g, dhf, x_last, D, final_norm->w, rstd_f, N, D,
+                     acts.floats(rmsnorm_partial_floats(N, D)), stream);
+    for (size_t l = layers.size(); l-- > 0;)
+      layer_bwd(layers[l], la[l], dx, B, S, cos, sin, topt.aux_alpha, scale);
+    embedding_backward(embed->g, dx, groups.ids, groups.offsets, groups.rows, groups.n_ids, D, stream);
+    logits = nullptr;  // overwritten by dlogits: a second backward needs a new forward
+  }
+
+  double clip(double max_norm) {
+    sum_squares(sumsq, g_slab, slab_floats, sumsq + 1, stream);
+    double ss = 0.0;
+    DSV3_CUDA_CHECK(cudaMemcpyAsync(&ss, sumsq, sizeof(double), cudaMemcpyDeviceToHost, stream));
+    DSV3_CUDA_CHECK(cudaStreamSynchronize(stream));
+    const double norm = std::sqrt(ss);
+    if (max_norm > 0 && max_norm / (norm + 1e-6) < 1.0)
+      scale(g_slab, static_cast<float>(max_norm / (norm + 1e-6)), slab_floats, stream);
+    return norm;
+  }
+
+  void adamw_step(double lr) {
+    const int64_t t = opt.steps_taken() + 1;
+    const double bc1 = 1.0 - std::pow(hp.beta1, static_cast<double>(t));
+    const double bc2 = 1.0 - std::pow(hp.beta2, static_cast<double>(t));
+    for (DevParam& p : params) {
+      const float decay = p.host->decay ? static_cast<float>(1.0 - lr * hp.weight_decay) : 1.0f;
+      adamw(p.w, p.g, p.m, p.v, p.n, static_cast<float>(hp.beta1), static_cast<float>(hp.beta2),
+            static_cast<float>(lr / bc1), static_cast<float>(std::sqrt(bc2)), static_cast<float>(hp.eps), decay,
+            stream);
+    }
+    opt.set_steps_taken(t);
+    DSV3_CUDA_CHECK(cudaStreamSynchronize(stream));  // so that step times are honest
+  }
+
+  void push() {
+    for (size_t i = 0; i < params.size(); ++i) {
+      DevParam& p = params[i];
+      const size_t bytes = static_cast<size_t>(p.n) * sizeof(float);
+      DSV3_CUDA_CHECK(cudaMemcpyAsync(p.w, p.host->w.data(), bytes, cudaMemcpyHostToDevice, stream));
+      DSV3_CUDA_CHECK(cudaMemcpyAsync(p.m, opt.exp_avg()[i].data(), bytes, cudaMemcpyHostToDevice, stream));
+      DSV3_CUDA_CHECK(cudaMemcpyAsync(p.v, opt.exp_avg_sq()[i].data(), bytes, cudaMemcpyHostToDevice, stream));
+    }
+    DSV3_CUDA_CHECK(cudaStreamSynchronize(stream));
+  }
+
+  void pull(bool grads) {
+    for (size_t i = 0; i < params.size(); ++i) {
+      DevParam& p = params[i];
+      const size_t bytes = static_cast<size_t>(p.n) * sizeof(float);
+      DSV3_CUDA_CHECK(cudaMemcpyAsync(p.host->w.data(), p.w, bytes, cudaMemcpyDeviceToHost, stream));
+      DSV3_CUDA_CHECK(cudaMemcpyAsync(opt.exp_avg()[i].data(), p.m, bytes, cudaMemcpyDeviceToHost, stream));
+      DSV3_CUDA_CHECK(cudaMemcpyAsync(opt.exp_avg_sq()[i].data(), p.v, bytes, cudaMemcpyDeviceToHost, stream));
+      if (grads) DSV3_CUDA_CHECK(cudaMemcpyAsync(p.host->g.data(), p.g, bytes, cudaMemcpyDeviceToHost, stream));
+    }
+    DSV3_CUDA_CHECK(cudaStreamSynchronize(stream));
+  }
+};
+
+CudaTrainModel::CudaTrainModel(TrainModel<float>& store, AdamW<float>& opt, const AdamWConfig& adamw,
+                               Precision precision) {
+  int n = 0;
+  const cudaError_t err = cudaGetDeviceCount(&n);
+  check(err == cudaSuccess && n > 0, "--device cuda: no CUDA GPU is available", "train with --device cpu");
+  impl_ = std::make_unique<Impl>(store, opt, adamw, precision);
+  impl_->push();
+}
+
+CudaTrainModel::~CudaTrainModel() = default;
+
+std::string CudaTrainModel::name() const {
+  return std::string("cuda (") + precision_name(impl_->gemm->precision()) + " GEMMs, " + gpu_description() + ")";
+}
+
+LossParts CudaTrainModel::forward(const int32_t* tokens, int64_t B, int64_t S, bool count_load) {
+  return impl_->forward(tokens, B, S, count_load);
+}
+void CudaTrainModel::backward(double scale) { impl_->backward(scale); }
+void CudaTrainModel::zero_grad() { impl_->zero(impl_->g_slab, impl_->slab_floats); }
+double CudaTrainModel::clip_grad_norm(double max_norm) { return impl_->clip(max_norm); }
+void CudaTrainModel::optimizer_step(double lr) { impl_->adamw_step(lr); }
+void CudaTrainModel::push() { impl_->push(); }
+void CudaTrainModel::pull(bool grads) { impl_->pull(grads); }
+
+std::vector<float> CudaTrainModel::logits() const {
+  check(impl_->logits != nullptr, "CudaTrainModel::logits: no forward since the last backward");
+  return impl_->download(impl_->logits, impl_->B * impl_->S * impl_->V);
+}
+std::vector<float> CudaTrainModel::mtp_logits() const {
+  if (!impl_->has_mtp) return {};
+  check(impl_->logits != nullptr, "CudaTrainModel::mtp_logits: no forward since the last backward");
+  return impl_->download(impl_->mlogits, impl_->B * (impl_->S - 1) * impl_->V);
+}
+
+int64_t CudaTrainModel::param_bytes() const { return 4 * impl_->slab_floats * static_cast<int64_t>(sizeof(float)); }
+int64_t CudaTrainModel::activation_bytes() const { return impl_->acts.bytes() + impl_->scratch.bytes(); }
+
+std::string gpu_description() {
+  int n = 0;
+  check(cudaGetDeviceCount(&n) == cudaSuccess && n > 0, "--device cuda: no CUDA GPU is available",
+        "train with --device cpu");
+  cudaDeviceProp prop{};
+  DSV3_CUDA_CHECK(cudaGetDeviceProperties(&prop, 0));
+  char mem[32];
+  std::snprintf(mem, sizeof mem, "%.1f GiB", static_cast<double>(prop.totalGlobalMem) / (1 << 30));
+  return std::string(prop.name) + ", " + mem;
+}
+
+}  // namespace dsv3::train::cuda

@@ -1,0 +1,59 @@
+// CudaTrainModel: the GPU backend of the trainer (docs/TRAINING.md, "CUDA"). It mirrors TrainModel<float>
+// (train/train_model.cpp) op for op on one GPU: fp32 master weights, gradients and AdamW moments in
+// device memory, GEMMs through cuBLAS (train/cuda/gemm.h: BF16 tensor cores with fp32 accumulation, or
+// plain fp32), everything else in the kernels of train/cuda/train_kernels.h with fp32 activations.
+//
+// The MoE router runs on the host, with the CPU trainer's own route_forward/route_backward (and the
+// sequence-wise balance loss): the gate logits [tokens x experts] come back once per MoE layer, the
+// choice, weights, expert loads and the permutation of tokens into per-expert segments are made there,
+// and the segments then run as one cuBLAS GEMM per expert. So expert choice, loads and bias are the
+// CPU trainer's exactly; the price is one small device->host copy per MoE layer and direction.
+#pragma once
+
+#include <cuda_runtime_api.h>
+
+#include <cstdint>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "train/backend.h"
+#include "train/cuda/gemm.h"
+
+namespace dsv3::train::cuda {
+
+class CudaTrainModel final : public TrainBackend {
+ public:
+  // `store` and `opt` are the trainer's parameter store and optimizer (they must outlive this).
+  // Throws dsv3::Error when there is no GPU or the parameters do not fit.
+  CudaTrainModel(TrainModel<float>& store, AdamW<float>& opt, const AdamWConfig& adamw, Precision precision);
+  ~CudaTrainModel() override;
+  CudaTrainModel(const CudaTrainModel&) = delete;
+  CudaTrainModel& operator=(const CudaTrainModel&) = delete;
+
+  std::string name() const override;
+  LossParts forward(const int32_t* tokens, int64_t B, int64_t S, bool count_load) override;
+  void backward(double scale) override;
+  void zero_grad() override;
+  double clip_grad_norm(double max_norm) override;
+  void optimizer_step(double lr) override;
+  void push() override;
+  void pull(bool grads) override;
+
+  // Logits of the last forward (before backward, which overwrites them), copied to the host.
+  std::vector<float> logits() const;
+  std::vector<float> mtp_logits() const;
+  // Device memory in use for parameters, gradients and moments; for activations (high-water mark).
+  int64_t param_bytes() const;
+  int64_t activation_bytes() const;
+
+  struct Impl;
+
+ private:
+  std::unique_ptr<Impl> impl_;
+};
+
+// Name and memory of GPU 0, for logs ("NVIDIA H100 80GB HBM3, 79.1 GiB"); throws without a GPU.
+std::string gpu_description();
+
+}  // namespace dsv3::train::cuda

@@ -1,0 +1,46 @@
+// Row-major GEMMs of the GPU trainer through cuBLAS, fp32 in and out. Precision::BF16 runs them on the
+// BF16 tensor cores with fp32 accumulation (CUBLAS_COMPUTE_32F_FAST_16BF: cuBLAS rounds the fp32 inputs
+// to bf16); Precision::FP32 is plain fp32 (no TF32), for exact comparison with the CPU trainer.
+#pragma once
+
+#include <cublas_v2.h>
+#include <cuda_runtime_api.h>
+
+#include <cstdint>
+#include <string>
+
+namespace dsv3::train::cuda {
+
+enum class Precision { FP32, BF16 };
+Precision parse_precision(const std::string& s);  // "fp32" or "bf16"
+const char* precision_name(Precision p);
+
+class Gemm {
+ public:
+  Gemm(cudaStream_t stream, Precision precision);
+  ~Gemm();
+  Gemm(const Gemm&) = delete;
+  Gemm& operator=(const Gemm&) = delete;
+
+  Precision precision() const { return precision_; }
+
+  // C[M x N] = alpha * op(A) op(B) + beta * C, all row-major with leading dimensions (op(A) is M x K:
+  // A is [M x K], or [K x M] when trans_a). `batch` problems at the given element strides.
+  void rm(bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K, float alpha, const float* A, int64_t lda,
+          const float* B, int64_t ldb, float beta, float* C, int64_t ldc, int64_t batch = 1, int64_t stride_a = 0,
+          int64_t stride_b = 0, int64_t stride_c = 0);
+
+  // The op pairs of train_ops.h: y = x W^T; dx = dy W (written, skipped when dx is null); dW += dy^T x.
+  // x [n x in], W [out x in], y [n x out].
+  void linear_forward(float* y, const float* x, const float* W, int64_t n, int64_t in, int64_t out);
+  void linear_backward(float* dx, float* dW, const float* dy, const float* x, const float* W, int64_t n,
+                       int64_t in, int64_t out);
+
+ private:
+  cudaStream_t stream_;
+  Precision precision_;
+  cublasHandle_t handle_ = nullptr;
+  void* workspace_ = nullptr;
+};
+
+}  // namespace dsv3::train::cuda

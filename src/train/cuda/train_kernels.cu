@@ -1,0 +1,500 @@
+// Kernels of the GPU trainer (train_kernels.h). Simple row-per-block and element-per-thread kernels:
+// the GEMMs (cuBLAS) dominate a training step, these are memory-bound glue.
+#include <cmath>
+
+#include "ops/cuda/ops.h"
+#include "train/cuda/train_kernels.h"
+
+namespace dsv3::train::cuda {
+
+namespace {
+
+#define DSV3_TRAIN_LAUNCH_CHECK() DSV3_CUDA_CHECK(cudaGetLastError())
+
+constexpr int kThreads = 256;
+
+unsigned blocks_for(int64_t n, int threads = kThreads) {
+  const int64_t b = (n + threads - 1) / threads;
+  return static_cast<unsigned>(b < 1 ? 1 : (b > 65535 * 16 ? 65535 * 16 : b));
+}
+
+// Sum over the block (blockDim.x a multiple of 32, at most 1024); every thread gets the total.
+template <typename T>
+__device__ T block_sum(T v) {
+  __shared__ T scratch[32];
+  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, warps = blockDim.x / 32;
+  __syncthreads();
+  if (lane == 0) scratch[warp] = v;
+  __syncthreads();
+  T total = 0;
+  for (int w = 0; w < warps; ++w) total += scratch[w];
+  return total;
+}
+
+__device__ float block_max(float v) {
+  __shared__ float scratch[32];
+  for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, warps = blockDim.x / 32;
+  __syncthreads();
+  if (lane == 0) scratch[warp] = v;
+  __syncthreads();
+  float m = -INFINITY;
+  for (int w = 0; w < warps; ++w) m = fmaxf(m, scratch[w]);
+  return m;
+}
+
+__global__ void embedding_forward_kernel(float* out, const int32_t* tokens, const float* table, int64_t D) {
+  const int64_t t = blockIdx.x;
+  const float* row = table + static_cast<int64_t>(tokens[t]) * D;
+  for (int64_t i = threadIdx.x; i < D; i += blockDim.x) out[t * D + i] = row[i];
+}
+
+__global__ void embedding_backward_kernel(float* dtable, const float* dout, const int32_t* ids,
+                                          const int32_t* offsets, const int32_t* rows, int64_t D) {
+  const int64_t u = blockIdx.x;
+  float* dst = dtable + static_cast<int64_t>(ids[u]) * D;
+  for (int64_t i = threadIdx.x; i < D; i += blockDim.x) {
+    float acc = 0.0f;
+    for (int32_t j = offsets[u]; j < offsets[u + 1]; ++j) acc += dout[static_cast<int64_t>(rows[j]) * D + i];
+    dst[i] += acc;
+  }
+}
+
+__global__ void rmsnorm_forward_kernel(float* y, int64_t ldy, float* rstd, const float* x, int64_t ldx,
+                                       const float* w, int64_t D, double eps) {
+  const int64_t t = blockIdx.x;
+  const float* xt = x + t * ldx;
+  double ss = 0.0;
+  for (int64_t i = threadIdx.x; i < D; i += blockDim.x) ss += static_cast<double>(xt[i]) * xt[i];
+  ss = block_sum(ss);
+  const float r = static_cast<float>(1.0 / sqrt(ss / static_cast<double>(D) + eps));
+  if (threadIdx.x == 0) rstd[t] = r;
+  for (int64_t i = threadIdx.x; i < D; i += blockDim.x) y[t * ldy + i] = w[i] * (xt[i] * r);
+}
+
+__global__ void rmsnorm_backward_dx_kernel(float* dx, int64_t lddx, const float* dy, const float* x,
+                                           int64_t ldx, const float* w, const float* rstd, int64_t D) {
+  const int64_t t = blockIdx.x;
+  const float* xt = x + t * ldx;
+  const float* dyt = dy + t * D;
+  const float r = rstd[t];
+  double dot = 0.0;
+  for (int64_t i = threadIdx.x; i < D; i += blockDim.x) dot += static_cast<double>(w[i]) * dyt[i] * xt[i];
+  dot = block_sum(dot);
+  const float c = static_cast<float>(dot * static_cast<double>(r) * r * r / static_cast<double>(D));
+  for (int64_t i = threadIdx.x; i < D; i += blockDim.x) dx[t * lddx + i] = r * w[i] * dyt[i] - xt[i] * c;
+}
+
+constexpr int64_t kNormRowsPerChunk = 64;
+
+// partial[chunk][i] = sum over the chunk's rows of dy * x * rstd, one thread per column.
+__global__ void rmsnorm_dw_partial_kernel(float* partial, const float* dy, const float* x, int64_t ldx,
+                                          const float* rstd, int64_t n, int64_t D) {
+  const int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
+  const int64_t chunk = blockIdx.y;
+  if (i >= D) return;
+  const int64_t r0 = chunk * kNormRowsPerChunk, r1 = min(n, r0 + kNormRowsPerChunk);
+  float acc = 0.0f;
+  for (int64_t t = r0; t < r1; ++t) acc += dy[t * D + i] * x[t * ldx + i] * rstd[t];
+  partial[chunk * D + i] = acc;
+}
+
+__global__ void column_sum_into_kernel(float* dw, const float* partial, int64_t chunks, int64_t D) {
+  const int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
+  if (i >= D) return;
+  float acc = 0.0f;
+  for (int64_t c = 0; c < chunks; ++c) acc += partial[c * D + i];
+  dw[i] += acc;
+}
+
+__global__ void rope_kernel(float* x, const float* cos, const float* sin, int64_t n, int64_t S, int64_t heads,
+                            int64_t stride, int64_t offset, int64_t half, bool inverse) {
+  const int64_t total = n * heads * half;
+  for (int64_t idx = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; idx < total;
+       idx += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const int64_t i = idx % half, th = idx / half, t = th / heads;
+    const int64_t pos = t % S;
+    float* v = x + th * stride + offset + 2 * i;
+    const float c = cos[pos * half + i], s = inverse ? -sin[pos * half + i] : sin[pos * half + i];
+    const float a = v[0], b = v[1];
+    v[0] = a * c - b * s;
+    v[1] = a * s + b * c;
+  }
+}
+
+__device__ float silu(float g) { return g / (1.0f + expf(-g)); }
+
+__global__ void swiglu_forward_kernel(float* a, const float* g, const float* u, int64_t n) {
+  for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < n;
+       i += static_cast<int64_t>(gridDim.x) * blockDim.x)
+    a[i] = silu(g[i]) * u[i];
+}
+
+__global__ void swiglu_backward_kernel(float* dg, float* du, const float* da, const float* g, const float* u,
+                                       int64_t n) {
+  for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < n;
+       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const float sg = 1.0f / (1.0f + expf(-g[i]));
+    const float s = g[i] * sg;
+    du[i] = da[i] * s;
+    dg[i] = da[i] * u[i] * (sg * (1.0f + g[i] * (1.0f - sg)));
+  }
+}
+
+__global__ void add_into_kernel(float* y, const float* x, int64_t n) {
+  for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < n;
+       i += static_cast<int64_t>(gridDim.x) * blockDim.x)
+    y[i] += x[i];
+}
+
+__global__ void scale_kernel(float* y, float c, int64_t n) {
+  for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < n;
+       i += static_cast<int64_t>(gridDim.x) * blockDim.x)
+    y[i] *= c;
+}
+
+__global__ void copy_cols_kernel(float* dst, int64_t ld_dst, const float* src, int64_t ld_src, int64_t rows,
+                                 int64_t cols) {
+  const int64_t total = rows * cols;
+  for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < total;
+       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const int64_t r = i / cols, c = i % cols;
+    dst[r * ld_dst + c] = src[r * ld_src + c];
+  }
+}
+
+__global__ void add_rows_kernel(float* dst, const float* src, const int32_t* idx, int64_t D) {
+  const int64_t j = blockIdx.x;
+  float* row = dst + static_cast<int64_t>(idx[j]) * D;
+  for (int64_t i = threadIdx.x; i < D; i += blockDim.x) row[i] += src[j * D + i];
+}
+
+__global__ void attention_keys_kernel(float* kfull, const float* kv, const float* kpe, int64_t N, int64_t H,
+                                      int64_t dn, int64_t dr, int64_t dv) {
+  const int64_t dq = dn + dr, total = N * H * dq;
+  for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < total;
+       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const int64_t c = i % dq, th = i / dq, t = th / H;
+    kfull[i] = c < dn ? kv[th * (dn + dv) + c] : kpe[t * dr + (c - dn)];
+  }
+}
+
+__global__ void attention_keys_backward_kernel(float* dkv, float* dkpe, const float* dkfull, int64_t N,
+                                               int64_t H, int64_t dn, int64_t dr, int64_t dv) {
+  const int64_t dq = dn + dr, total = N * (H * dn + dr);
+  for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < total;
+       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const int64_t t = i / (H * dn + dr), c = i % (H * dn + dr);
+    if (c < H * dn) {
+      const int64_t h = c / dn, j = c % dn;
+      dkv[(t * H + h) * (dn + dv) + j] = dkfull[(t * H + h) * dq + j];
+    } else {
+      const int64_t j = c - H * dn;
+      float acc = 0.0f;
+      for (int64_t h = 0; h < H; ++h) acc += dkfull[(t * H + h) * dq + dn + j];
+      dkpe[t * dr + j] = acc;
+    }
+  }
+}
+
+__global__ void causal_softmax_kernel(float* p, int64_t S) {
+  const int64_t r = blockIdx.x;
+  const int64_t s = r % S;
+  float* row = p + r * S;
+  float m = -INFINITY;
+  for (int64_t t = threadIdx.x; t <= s; t += blockDim.x) m = fmaxf(m, row[t]);
+  m = block_max(m);
+  float sum = 0.0f;
+  for (int64_t t = threadIdx.x; t <= s; t += blockDim.x) {
+    const float e = expf(row[t] - m);
+    row[t] = e;
+    sum += e;
+  }
+  sum = block_sum(sum);
+  const float inv = 1.0f / sum;
+  for (int64_t t = threadIdx.x; t < S; t += blockDim.x) row[t] = t <= s ? row[t] * inv : 0.0f;
+}
+
+__global__ void softmax_backward_kernel(float* dp, const float* p, int64_t S, float scale) {
+  const int64_t r = blockIdx.x;
+  const int64_t s = r % S;
+  float* drow = dp + r * S;
+  const float* prow = p + r * S;
+  float dot = 0.0f;
+  for (int64_t t = threadIdx.x; t <= s; t += blockDim.x) dot += prow[t] * drow[t];
+  dot = block_sum(dot);
+  for (int64_t t = threadIdx.x; t < S; t += blockDim.x)
+    drow[t] = t <= s ? prow[t] * (drow[t] - dot) * scale : 0.0f;
+}
+
+__global__ void crossentropy_forward_kernel(float* loss, float* lse, const float* logits, const int32_t* targets,
+                                            int64_t V) {
+  const int64_t t = blockIdx.x;
+  const float* row = logits + t * V;
+  float m = -INFINITY;
+  for (int64_t v = threadIdx.x; v < V; v += blockDim.x) m = fmaxf(m, row[v]);
+  m = block_max(m);
+  double sum = 0.0;
+  for (int64_t v = threadIdx.x; v < V; v += blockDim.x) sum += expf(row[v] - m);
+  sum = block_sum(sum);
+  const float l = m + static_cast<float>(log(sum));
+  if (threadIdx.x == 0) {
+    lse[t] = l;
+    loss[t] = l - row[targets[t]];
+  }
+}
+
+__global__ void crossentropy_backward_kernel(float* logits, const float* lse, const int32_t* targets, int64_t V,
+                                             float g) {
+  const int64_t t = blockIdx.x;
+  float* row = logits + t * V;
+  const float l = lse[t];
+  const int32_t target = targets[t];
+  for (int64_t v = threadIdx.x; v < V; v += blockDim.x)
+    row[v] = (expf(row[v] - l) - (v == target ? 1.0f : 0.0f)) * g;
+}
+
+__global__ void gather_rows_kernel(float* xe, const float* x, const int32_t* src, int64_t D) {
+  const int64_t j = blockIdx.x;
+  const float* row = x + static_cast<int64_t>(src[j]) * D;
+  for (int64_t i = threadIdx.x; i < D; i += blockDim.x) xe[j * D + i] = row[i];
+}
+
+__global__ void moe_combine_kernel(float* y, const float* ye, const float* w, const int32_t* pos, int64_t k,
+                                   int64_t D) {
+  const int64_t t = blockIdx.x;
+  for (int64_t i = threadIdx.x; i < D; i += blockDim.x) {
+    float acc = y[t * D + i];
+    for (int64_t j = 0; j < k; ++j) acc += w[t * k + j] * ye[static_cast<int64_t>(pos[t * k + j]) * D + i];
+    y[t * D + i] = acc;
+  }
+}
+
+__global__ void moe_combine_backward_kernel(float* dye, float* dw, const float* dy, const float* ye,
+                                            const float* w, const int32_t* pos, int64_t k, int64_t D) {
+  const int64_t slot = blockIdx.x, t = slot / k;
+  const int64_t row = pos[slot];
+  const float wi = w[slot];
+  float dot = 0.0f;
+  for (int64_t i = threadIdx.x; i < D; i += blockDim.x) {
+    const float g = dy[t * D + i];
+    dot += g * ye[row * D + i];
+    dye[row * D + i] = wi * g;
+  }
+  dot = block_sum(dot);
+  if (threadIdx.x == 0) dw[slot] = dot;
+}
+
+__global__ void moe_scatter_add_kernel(float* dx, const float* dxe, const int32_t* pos, int64_t k, int64_t D) {
+  const int64_t t = blockIdx.x;
+  for (int64_t i = threadIdx.x; i < D; i += blockDim.x) {
+    float acc = dx[t * D + i];
+    for (int64_t j = 0; j < k; ++j) acc += dxe[static_cast<int64_t>(pos[t * k + j]) * D + i];
+    dx[t * D + i] = acc;
+  }
+}
+
+constexpr int kSumsqBlocks = 1024;
+
+__global__ void sumsq_partial_kernel(double* partial, const float* x, int64_t n) {
+  double acc = 0.0;
+  for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < n;
+       i += static_cast<int64_t>(gridDim.x) * blockDim.x)
+    acc += static_cast<double>(x[i]) * x[i];
+  acc = block_sum(acc);
+  if (threadIdx.x == 0) partial[blockIdx.x] = acc;
+}
+
+__global__ void sumsq_final_kernel(double* out, const double* partial, int n) {
+  double acc = 0.0;
+  for (int i = threadIdx.x; i < n; i += blockDim.x) acc += partial[i];
+  acc = block_sum(acc);
+  if (threadIdx.x == 0) *out = acc;
+}
+
+__global__ void adamw_kernel(float* w, const float* g, float* m, float* v, int64_t n, float b1, float b2,
+                             float step_size, float bc2_sqrt, float eps, float decay) {
+  for (int64_t j = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; j < n;
+       j += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const float gj = g[j];
+    const float mj = b1 * m[j] + (1.0f - b1) * gj;
+    const float vj = b2 * v[j] + (1.0f - b2) * gj * gj;
+    m[j] = mj;
+    v[j] = vj;
+    w[j] = w[j] * decay - step_size * mj / (sqrtf(vj) / bc2_sqrt + eps);
+  }
+}
+
+unsigned row_threads(int64_t width) {
+  return width >= 1024 ? 1024 : (width >= 256 ? 256 : 128);
+}
+
+}  // namespace
+
+void embedding_forward(float* out, const int32_t* tokens, const float* table, int64_t n, int64_t D,
+                       cudaStream_t s) {
+  if (n == 0) return;
+  embedding_forward_kernel<<<static_cast<unsigned>(n), row_threads(D), 0, s>>>(out, tokens, table, D);
+  DSV3_TRAIN_LAUNCH_CHECK();
+}
+
+void embedding_backward(float* dtable, const float* dout, const int32_t* ids, const int32_t* offsets,
+                        const int32_t* rows, int64_t n_ids, int64_t D, cudaStream_t s) {
+  if (n_ids == 0) return;
+  embedding_backward_kernel<<<static_cast<unsigned>(n_ids), row_threads(D), 0, s>>>(dtable, dout, ids, offsets,
+                                                                                    rows, D);
+  DSV3_TRAIN_LAUNCH_CHECK();
+}
+
+void rmsnorm_forward(float* y, int64_t ldy, float* rstd, const float* x, int64_t ldx, const float* w, int64_t n,
+                     int64_t D, double eps, cudaStream_t s) {
+  if (n == 0) return;
+  rmsnorm_forward_kernel<<<static_cast<unsigned>(n), row_threads(D), 0, s>>>(y, ldy, rstd, x, ldx, w, D, eps);
+  DSV3_TRAIN_LAUNCH_CHECK();
+}
+
+int64_t rmsnorm_partial_floats(int64_t n, int64_t D) {
+  return (n + kNormRowsPerChunk - 1) / kNormRowsPerChunk * D;
+}
+
+void rmsnorm_backward(float* dx, int64_t lddx, float* dw, const float* dy, const float* x, int64_t ldx,
+                      const float* w, const float* rstd, int64_t n, int64_t D, float* partial, cudaStream_t s) {
+  if (n == 0) return;
+  rmsnorm_backward_dx_kernel<<<static_cast<unsigned>(n), row_threads(D), 0, s>>>(dx, lddx, dy, x, ldx, w, rstd,
+                                                                                 D);
+  DSV3_TRAIN_LAUNCH_CHECK();
+  const int64_t chunks = (n + kNormRowsPerChunk - 1) / kNormRowsPerChunk;
+  const dim3 grid(static_cast<unsigned>((D + 127) / 128), static_cast<unsigned>(chunks));
+  rmsnorm_dw_partial_kernel<<<grid, 128, 0, s>>>(partial, dy, x, ldx, rstd, n, D);
+  DSV3_TRAIN_LAUNCH_CHECK();
+  column_sum_into_kernel<<<static_cast<unsigned>((D + 127) / 128), 128, 0, s>>>(dw, partial, chunks, D);
+  DSV3_TRAIN_LAUNCH_CHECK();
+}
+
+void rope(float* x, const float* cos, const float* sin, int64_t n, int64_t S, int64_t heads, int64_t stride,
+          int64_t offset, int64_t dim, bool inverse, cudaStream_t s) {
+  const int64_t total = n * heads * (dim / 2);
+  if (total == 0) return;
+  rope_kernel<<<blocks_for(total), kThreads, 0, s>>>(x, cos, sin, n, S, heads, stride, offset, dim / 2, inverse);
+  DSV3_TRAIN_LAUNCH_CHECK();
+}
+
+void swiglu_forward(float* a, const float* g, const float* u, int64_t n, cudaStream_t s) {
+  if (n == 0) return;
+  swiglu_forward_kernel<<<blocks_for(n), kThreads, 0, s>>>(a, g, u, n);
+  DSV3_TRAIN_LAUNCH_CHECK();
+}
+
+void swiglu_backward(float* dg, float* du, const float* da, const float* g, const float* u, int64_t n,
+                     cudaStream_t s) {
+  if (n == 0) return;
+  swiglu_backward_kernel<<<blocks_for(n), kThreads, 0, s>>>(dg, du, da, g, u, n);
+  DSV3_TRAIN_LAUNCH_CHECK();
+}
+
+void add_into(float* y, const float* x, int64_t n, cudaStream_t s) {
+  if (n == 0) return;
+  add_into_kernel<<<blocks_for(n), kThreads, 0, s>>>(y, x, n);
+  DSV3_TRAIN_LAUNCH_CHECK();
+}
+
+void scale(float* y, float c, int64_t n, cudaStream_t s) {
+  if (n == 0) return;
+  scale_kernel<<<blocks_for(n), kThreads, 0, s>>>(y, c, n);
+  DSV3_TRAIN_LAUNCH_CHECK();
+}
+
+void copy_cols(float* dst, int64_t ld_dst, const float* src, int64_t ld_src, int64_t rows, int64_t cols,
+               cudaStream_t s) {
+  if (rows * cols == 0) return;
+  copy_cols_kernel<<<blocks_for(rows * cols), kThreads, 0, s>>>(dst, ld_dst, src, ld_src, rows, cols);
+  DSV3_TRAIN_LAUNCH_CHECK();
+}
+
+void add_rows(float* dst, const float* src, const int32_t* idx, int64_t m, int64_t D, cudaStream_t s) {
+  if (m == 0) return;
+  add_rows_kernel<<<static_cast<unsigned>(m), row_threads(D), 0, s>>>(dst, src, idx, D);
+  DSV3_TRAIN_LAUNCH_CHECK();
+}
+
+void attention_keys(float* kfull, const float* kv, const float* kpe, int64_t N, int64_t H, int64_t dn,
+                    int64_t dr, int64_t dv, cudaStream_t s) {
+  attention_keys_kernel<<<blocks_for(N * H * (dn + dr)), kThreads, 0, s>>>(kfull, kv, kpe, N, H, dn, dr, dv);
+  DSV3_TRAIN_LAUNCH_CHECK();
+}
+
+void attention_keys_backward(float* dkv, float* dkpe, const float* dkfull, int64_t N, int64_t H, int64_t dn,
+                             int64_t dr, int64_t dv, cudaStream_t s) {
+  attention_keys_backward_kernel<<<blocks_for(N * (H * dn + dr)), kThreads, 0, s>>>(dkv, dkpe, dkfull, N, H, dn,
+                                                                                   dr, dv);
+  DSV3_TRAIN_LAUNCH_CHECK();
+}
+
+void causal_softmax(float* p, int64_t rows, int64_t S, cudaStream_t s) {
+  causal_softmax_kernel<<<static_cast<unsigned>(rows), row_threads(S), 0, s>>>(p, S);
+  DSV3_TRAIN_LAUNCH_CHECK();
+}
+
+void softmax_backward(float* dp, const float* p, int64_t rows, int64_t S, float scale_, cudaStream_t s) {
+  softmax_backward_kernel<<<static_cast<unsigned>(rows), row_threads(S), 0, s>>>(dp, p, S, scale_);
+  DSV3_TRAIN_LAUNCH_CHECK();
+}
+
+void crossentropy_forward(float* loss, float* lse, const float* logits, const int32_t* targets, int64_t n,
+                          int64_t V, cudaStream_t s) {
+  crossentropy_forward_kernel<<<static_cast<unsigned>(n), row_threads(V), 0, s>>>(loss, lse, logits, targets, V);
+  DSV3_TRAIN_LAUNCH_CHECK();
+}
+
+void crossentropy_backward(float* logits, const float* lse, const int32_t* targets, int64_t n, int64_t V,
+                           float g, cudaStream_t s) {
+  crossentropy_backward_kernel<<<static_cast<unsigned>(n), row_threads(V), 0, s>>>(logits, lse, targets, V, g);
+  DSV3_TRAIN_LAUNCH_CHECK();
+}
+
+void gather_rows(float* xe, const float* x, const int32_t* src, int64_t m, int64_t D, cudaStream_t s) {
+  if (m == 0) return;
+  gather_rows_kernel<<<static_cast<unsigned>(m), row_threads(D), 0, s>>>(xe, x, src, D);
+  DSV3_TRAIN_LAUNCH_CHECK();
+}
+
+void moe_combine(float* y, const float* ye, const float* w, const int32_t* pos, int64_t n, int64_t k, int64_t D,
+                 cudaStream_t s) {
+  if (n == 0) return;
+  moe_combine_kernel<<<static_cast<unsigned>(n), row_threads(D), 0, s>>>(y, ye, w, pos, k, D);
+  DSV3_TRAIN_LAUNCH_CHECK();
+}
+
+void moe_combine_backward(float* dye, float* dw, const float* dy, const float* ye, const float* w,
+                          const int32_t* pos, int64_t n, int64_t k, int64_t D, cudaStream_t s) {
+  if (n == 0) return;
+  moe_combine_backward_kernel<<<static_cast<unsigned>(n * k), row_threads(D), 0, s>>>(dye, dw, dy, ye, w, pos, k,
+                                                                                      D);
+  DSV3_TRAIN_LAUNCH_CHECK();
+}
+
+void moe_scatter_add(float* dx, const float* dxe, const int32_t* pos, int64_t n, int64_t k, int64_t D,
+                     cudaStream_t s) {
+  if (n == 0) return;
+  moe_scatter_add_kernel<<<static_cast<unsigned>(n), row_threads(D), 0, s>>>(dx, dxe, pos, k, D);
+  DSV3_TRAIN_LAUNCH_CHECK();
+}
+
+int64_t sumsq_partial_doubles() { return kSumsqBlocks; }
+
+void sum_squares(double* out, const float* x, int64_t n, double* partial, cudaStream_t s) {
+  sumsq_partial_kernel<<<kSumsqBlocks, kThreads, 0, s>>>(partial, x, n);
+  DSV3_TRAIN_LAUNCH_CHECK();
+  sumsq_final_kernel<<<1, 1024, 0, s>>>(out, partial, kSumsqBlocks);
+  DSV3_TRAIN_LAUNCH_CHECK();
+}
+
+void adamw(float* w, const float* g, float* m, float* v, int64_t n, float b1, float b2, float step_size,
+           float bc2_sqrt, float eps, float decay, cudaStream_t s) {
+  if (n == 0) return;
+  adamw_kernel<<<blocks_for(n), kThreads, 0, s>>>(w, g, m, v, n, b1, b2, step_size, bc2_sqrt, eps, decay);
+  DSV3_TRAIN_LAUNCH_CHECK();
+}
+
+}  // namespace dsv3::train::cuda

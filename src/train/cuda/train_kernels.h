@@ -1,0 +1,92 @@
+// CUDA kernels of the GPU trainer (CudaTrainModel): the device counterparts of the op pairs in
+// train/train_ops.h that are not GEMMs (those go through cuBLAS, train/cuda/gemm.h). Same conventions:
+// row-major fp32 activations [rows x width]; parameter gradients ACCUMULATE (+=), activation gradients
+// are WRITTEN (=). Every reduction that lands in a parameter gradient runs in a fixed order (no atomics),
+// so a step is bitwise repeatable on one GPU. Each launcher enqueues on `stream` and checks the launch.
+#pragma once
+
+#include <cuda_runtime_api.h>
+
+#include <cstdint>
+
+namespace dsv3::train::cuda {
+
+// out[t] = table[tokens[t]].
+void embedding_forward(float* out, const int32_t* tokens, const float* table, int64_t n, int64_t D,
+                       cudaStream_t s);
+// dtable[ids[u]] += sum over j in [offsets[u], offsets[u+1]) of dout[rows[j]]: the rows of each distinct
+// token id (grouped on the host, in token order), summed in order.
+void embedding_backward(float* dtable, const float* dout, const int32_t* ids, const int32_t* offsets,
+                        const int32_t* rows, int64_t n_ids, int64_t D, cudaStream_t s);
+
+// y = w * x * rstd per row (x and y with leading dimensions); rstd [n] cached.
+void rmsnorm_forward(float* y, int64_t ldy, float* rstd, const float* x, int64_t ldx, const float* w, int64_t n,
+                     int64_t D, double eps, cudaStream_t s);
+// dx written (ldx), dw += sum_rows dy * x * rstd (through `partial`, rmsnorm_partial_floats(n, D) floats).
+void rmsnorm_backward(float* dx, int64_t lddx, float* dw, const float* dy, const float* x, int64_t ldx,
+                      const float* w, const float* rstd, int64_t n, int64_t D, float* partial, cudaStream_t s);
+int64_t rmsnorm_partial_floats(int64_t n, int64_t D);
+
+// Interleaved RoPE in place on `dim` values at `offset` of each of `heads` vectors of width `stride` per
+// token; token t of a window uses table row t % S (the tables are [S x dim/2]). inverse: dx = R^T dy.
+void rope(float* x, const float* cos, const float* sin, int64_t n, int64_t S, int64_t heads, int64_t stride,
+          int64_t offset, int64_t dim, bool inverse, cudaStream_t s);
+
+// a = silu(g) * u; backward dg, du written.
+void swiglu_forward(float* a, const float* g, const float* u, int64_t n, cudaStream_t s);
+void swiglu_backward(float* dg, float* du, const float* da, const float* g, const float* u, int64_t n,
+                     cudaStream_t s);
+
+// y += x (n values).
+void add_into(float* y, const float* x, int64_t n, cudaStream_t s);
+// y *= c (n values).
+void scale(float* y, float c, int64_t n, cudaStream_t s);
+// Strided 2-D copy: dst[r][dst_off + c] = src[r][src_off + c] for r < rows, c < cols.
+void copy_cols(float* dst, int64_t ld_dst, const float* src, int64_t ld_src, int64_t rows, int64_t cols,
+               cudaStream_t s);
+
+// dst[idx[j]] += src[j] for j < m (rows of width D; the idx are distinct).
+void add_rows(float* dst, const float* src, const int32_t* idx, int64_t m, int64_t D, cudaStream_t s);
+
+// ---- attention (explicit scores) ----
+// kfull [N x H x (dn+dr)] = [k_nope of head h | k_pe of the token] from kv [N x H x (dn+dv)], kpe [N x dr].
+void attention_keys(float* kfull, const float* kv, const float* kpe, int64_t N, int64_t H, int64_t dn,
+                    int64_t dr, int64_t dv, cudaStream_t s);
+// dkv's k_nope part (written; the v part is left alone) and dkpe (written, sum over heads) from dkfull.
+void attention_keys_backward(float* dkv, float* dkpe, const float* dkfull, int64_t N, int64_t H, int64_t dn,
+                             int64_t dr, int64_t dv, cudaStream_t s);
+// In place on rows [rows x S] of scores: row r is query position r % S; p = softmax over t <= r % S, 0 after.
+void causal_softmax(float* p, int64_t rows, int64_t S, cudaStream_t s);
+// In place: dP -> dScore = p * (dP - sum_t p dP) * scale.
+void softmax_backward(float* dp, const float* p, int64_t rows, int64_t S, float scale, cudaStream_t s);
+
+// ---- cross-entropy ----
+// loss[t] = logsumexp(logits[t]) - logits[t][target]; lse[t] cached.
+void crossentropy_forward(float* loss, float* lse, const float* logits, const int32_t* targets, int64_t n,
+                          int64_t V, cudaStream_t s);
+// In place: logits -> (softmax - onehot) * g.
+void crossentropy_backward(float* logits, const float* lse, const int32_t* targets, int64_t n, int64_t V,
+                           float g, cudaStream_t s);
+
+// ---- MoE ----
+// xe[j] = x[src[j]] for j < m (rows of width D).
+void gather_rows(float* xe, const float* x, const int32_t* src, int64_t m, int64_t D, cudaStream_t s);
+// y[t] += sum_{j<k} w[t*k+j] * ye[pos[t*k+j]].
+void moe_combine(float* y, const float* ye, const float* w, const int32_t* pos, int64_t n, int64_t k, int64_t D,
+                 cudaStream_t s);
+// For each slot i = t*k+j: dye[pos[i]] = w[i] * dy[t]; dw[i] = dy[t] . ye[pos[i]].
+void moe_combine_backward(float* dye, float* dw, const float* dy, const float* ye, const float* w,
+                          const int32_t* pos, int64_t n, int64_t k, int64_t D, cudaStream_t s);
+// dx[t] += sum_{j<k} dxe[pos[t*k+j]].
+void moe_scatter_add(float* dx, const float* dxe, const int32_t* pos, int64_t n, int64_t k, int64_t D,
+                     cudaStream_t s);
+
+// ---- optimizer ----
+// Sum of squares of x[0..n) in double, written to *out (device), over `partial` (sumsq_partial_doubles).
+void sum_squares(double* out, const float* x, int64_t n, double* partial, cudaStream_t s);
+int64_t sumsq_partial_doubles();
+// AdamW exactly as train/optimizer.cpp: p = p*decay - step_size * m / (sqrt(v)/bc2_sqrt + eps).
+void adamw(float* w, const float* g, float* m, float* v, int64_t n, float b1, float b2, float step_size,
+           float bc2_sqrt, float eps, float decay, cudaStream_t s);
+
+}  // namespace dsv3::train::cuda

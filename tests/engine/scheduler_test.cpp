@@ -1,0 +1,576 @@
+// The serving engine: the batched forward pass against the single-sequence one, and the Scheduler
+// (continuous batching, chunked prefill, preemption, cancellation, prefix cache, disk tier) against solo
+// greedy runs of the same prompts, on a tiny random DeepSeek-V3 checkpoint.
+#include <gtest/gtest.h>
+
+#include <chrono>
+#include <filesystem>
+#include <future>
+#include <mutex>
+#include <random>
+#include <thread>
+
+#include "core/error.h"
+#include "core/json.h"
+#include "core/threads.h"
+#include "engine/generator.h"
+#include "engine/scheduler.h"
+#include "kvcache/disk_cache.h"
+#include "model/random_checkpoint.h"
+#include "test_util.h"
+
+namespace dsv3 {
+
+namespace fs = std::filesystem;
+
+namespace {
+
+// A tiny V3 (3 layers, 320-token vocabulary) with weights large enough that logits are far from ties.
+std::string make_model(const std::string& dir, uint64_t seed) {
+  RandomCheckpointOptions opt;
+  opt.dtype = DType::BF16;
+  opt.init_std = 0.1;
+  opt.seed = seed;
+  write_random_checkpoint(dir, read_json_file(test::source_dir() + "/bench/configs/tiny_v3.json"), opt);
+  return dir;
+}
+
+std::vector<int32_t> random_prompt(size_t n, uint32_t seed) {
+  std::mt19937 rng(seed);
+  std::vector<int32_t> p(n);
+  for (auto& t : p) t = static_cast<int32_t>(rng() % 300) + 2;  // 0 and 1 are bos/eos
+  return p;
+}
+
+std::unique_ptr<Sampler> greedy() { return std::make_unique<Sampler>(SamplingParams{}); }
+
+// What a finished request saw.
+struct Outcome {
+  std::vector<int32_t> tokens;
+  SequenceResult result;
+  bool done = false;
+};
+
+// Submits a request that records its tokens and result into `out` (guarded by `mu`).
+void submit(Scheduler& s, std::vector<int32_t> prompt, int64_t max_new, Outcome& out, std::mutex& mu,
+            std::shared_ptr<std::atomic<bool>> cancelled = nullptr, int priority = 0) {
+  SequenceRequest r;
+  r.prompt = std::move(prompt);
+  r.max_new_tokens = max_new;
+  r.sampler = greedy();
+  r.priority = priority;
+  r.cancelled = std::move(cancelled);
+  r.on_token = [&out, &mu](int32_t t) {
+    std::lock_guard<std::mutex> lock(mu);
+    out.tokens.push_back(t);
+    return true;
+  };
+  r.on_done = [&out, &mu](const SequenceResult& res) {
+    std::lock_guard<std::mutex> lock(mu);
+    EXPECT_FALSE(out.done) << "on_done called twice";
+    out.result = res;
+    out.done = true;
+  };
+  s.submit(std::move(r));
+}
+
+}  // namespace
+
+class EngineTest : public ::testing::Test {
+ protected:
+  static void SetUpTestSuite() {
+    // One OpenMP worker: these tests are about scheduling (the ops' independence of the thread count is
+    // model/consistency_test's), and spinning OpenMP workers on a busy machine make them 50x slower.
+    set_num_threads(1);
+    dir_ = new test::TempDir();
+    model_ = new Model(make_model(dir_->path(), 1));
+  }
+  static void TearDownTestSuite() {
+    delete model_;
+    delete dir_;
+  }
+
+  // Greedy continuation of `prompt` on the single-sequence path (Generator over its own cache).
+  static std::vector<int32_t> solo(const std::vector<int32_t>& prompt, int64_t max_new) {
+    Generator gen(*model_, 4096, {});
+    Sampler sampler(SamplingParams{});
+    std::vector<int32_t> out;
+    gen.run(prompt, max_new, sampler, [&](int32_t t) {
+      out.push_back(t);
+      return true;
+    });
+    return out;
+  }
+
+  static test::TempDir* dir_;
+  static Model* model_;
+};
+test::TempDir* EngineTest::dir_ = nullptr;
+Model* EngineTest::model_ = nullptr;
+
+TEST_F(EngineTest, BatchedForwardEqualsSingleSequenceForward) {
+  const int64_t V = model_->config().vocab_size;
+  const auto p0 = random_prompt(70, 1), p1 = random_prompt(5, 2), p2 = random_prompt(130, 3);
+  // Reference: each sequence alone, first a prefix then a continuation chunk.
+  auto alone = [&](const std::vector<int32_t>& p, size_t split) {
+    LatentCache c = model_->new_cache(256);
+    model_->forward(std::span(p).first(split), c);
+    return model_->forward(std::span(p).subspan(split), c);
+  };
+  const auto r0 = alone(p0, 64), r1 = alone(p1, 4), r2 = alone(p2, 1);
+
+  // Batched: the same prefixes one by one over a shared pool, then all continuations in one step.
+  auto pool = std::make_shared<BlockPool>(model_->config().num_hidden_layers, model_->config().kv_lora_rank,
+                                          model_->config().qk_rope_head_dim, 8);
+  LatentCache c0(pool, 256), c1(pool, 256), c2(pool, 256);
+  model_->forward(std::span(p0).first(64), c0);
+  model_->forward(std::span(p1).first(4), c1);
+  model_->forward(std::span(p2).first(1), c2);
+  const std::vector<Model::BatchItem> items = {{std::span(p0).subspan(64), &c0, true},
+                                               {std::span(p1).subspan(4), &c1, false},
+                                               {std::span(p2).subspan(1), &c2, true}};
+  const auto out = model_->forward_batch(items);
+  ASSERT_EQ(out.size(), 3u);
+  // Row by row the arithmetic is the same, so the logits are identical, not just close.
+  EXPECT_EQ(out[0], r0);
+  EXPECT_EQ(out[1], std::vector<float>(r1.end() - V, r1.end()));
+  EXPECT_EQ(out[2], r2);
+  EXPECT_EQ(c0.length(), 70);
+  EXPECT_EQ(c2.length(), 130);
+  EXPECT_EQ(pool->free_blocks(), 8 - 2 - 1 - 3);
+}
+
+TEST_F(EngineTest, ManyConcurrentSequencesMatchSoloGreedyRuns) {
+  // Prompts of many lengths (some over a block), chunked prefill under a small token budget, and more
+  // requests than batch slots: every output equals the solo greedy run.
+  const std::vector<size_t> lengths = {3, 64, 65, 100, 1, 140, 17, 129, 40, 9};
+  std::vector<std::vector<int32_t>> prompts;
+  for (size_t i = 0; i < lengths.size(); ++i) prompts.push_back(random_prompt(lengths[i], 100 + static_cast<uint32_t>(i)));
+  const int64_t max_new = 24;
+
+  SchedulerOptions opt;
+  opt.max_batch = 4;
+  opt.max_batch_tokens = 48;
+  opt.ctx = 512;
+  std::vector<Outcome> outs(prompts.size());
+  std::mutex mu;
+  {
+    Scheduler s(*model_, opt);
+    // Submitted from several threads at once.
+    std::vector<std::thread> clients;
+    for (size_t i = 0; i < prompts.size(); ++i)
+      clients.emplace_back([&, i] { submit(s, prompts[i], max_new, outs[i], mu); });
+    for (auto& t : clients) t.join();
+    s.shutdown(false);
+    const SchedulerStats st = s.stats();
+    EXPECT_EQ(st.completed, static_cast<int64_t>(prompts.size()));
+    EXPECT_EQ(st.running, 0);
+    EXPECT_EQ(st.waiting, 0);
+    EXPECT_EQ(st.blocks_used, st.blocks_cached);  // only the prefix cache holds blocks now
+  }
+  for (size_t i = 0; i < prompts.size(); ++i) {
+    ASSERT_TRUE(outs[i].done) << i;
+    EXPECT_EQ(outs[i].result.reason, FinishReason::Length) << i;
+    EXPECT_EQ(outs[i].result.prompt_tokens, static_cast<int64_t>(lengths[i]));
+    EXPECT_EQ(outs[i].result.completion_tokens, max_new);
+    EXPECT_EQ(outs[i].tokens, solo(prompts[i], max_new)) << "prompt " << i << " of " << lengths[i] << " tokens";
+  }
+}
+
+TEST_F(EngineTest, ChunkSizeDoesNotChangeOutput) {
+  const auto prompt = random_prompt(150, 7);
+  std::vector<std::vector<int32_t>> results;
+  for (int64_t budget : {1, 7, 64, 512}) {
+    SchedulerOptions opt;
+    opt.max_batch_tokens = budget;
+    opt.ctx = 256;
+    Outcome out;
+    std::mutex mu;
+    Scheduler s(*model_, opt);
+    submit(s, prompt, 12, out, mu);
+    s.shutdown(false);
+    ASSERT_TRUE(out.done);
+    // A budget of b tokens needs ceil(150 / b) prefill steps before the first token, then one per token.
+    if (budget == 7) {
+      EXPECT_EQ(s.stats().steps, (150 + 6) / 7 + 11);
+    }
+    results.push_back(out.tokens);
+  }
+  const auto ref = solo(prompt, 12);
+  for (const auto& r : results) EXPECT_EQ(r, ref);
+}
+
+TEST_F(EngineTest, PreemptionUnderATinyPoolKeepsOutputsIdentical) {
+  // 6 blocks for 5 sequences that each grow to 2-3 blocks: running sequences must be preempted and
+  // recomputed, and still produce their solo outputs.
+  std::vector<std::vector<int32_t>> prompts;
+  for (uint32_t i = 0; i < 5; ++i) prompts.push_back(random_prompt(60 + 15 * i, 200 + i));
+  const int64_t max_new = 40;
+  SchedulerOptions opt;
+  opt.max_batch = 5;
+  opt.max_batch_tokens = 256;
+  opt.cache_blocks = 6;
+  opt.ctx = 256;
+  std::vector<Outcome> outs(prompts.size());
+  std::mutex mu;
+  Scheduler s(*model_, opt);
+  for (size_t i = 0; i < prompts.size(); ++i) submit(s, prompts[i], max_new, outs[i], mu);
+  s.shutdown(false);
+  EXPECT_GT(s.stats().preemptions, 0);
+  for (size_t i = 0; i < prompts.size(); ++i) {
+    ASSERT_TRUE(outs[i].done);
+    EXPECT_EQ(outs[i].result.reason, FinishReason::Length);
+    EXPECT_EQ(outs[i].tokens, solo(prompts[i], max_new)) << i;
+  }
+}
+
+TEST_F(EngineTest, CancellationWhileQueuedAndWhileRunning) {
+  SchedulerOptions opt;
+  opt.max_batch = 1;
+  opt.ctx = 256;
+  Scheduler s(*model_, opt);
+  std::mutex mu;
+  // Running: its own token callback cancels it after the third token; the next step ends it.
+  Outcome running;
+  auto cancel_running = std::make_shared<std::atomic<bool>>(false);
+  SequenceRequest r;
+  r.prompt = random_prompt(20, 5);
+  r.max_new_tokens = 100;
+  r.sampler = greedy();
+  r.cancelled = cancel_running;
+  r.on_token = [&](int32_t t) {
+    std::lock_guard<std::mutex> lock(mu);
+    running.tokens.push_back(t);
+    if (running.tokens.size() == 3) *cancel_running = true;
+    return true;
+  };
+  r.on_done = [&](const SequenceResult& res) {
+    std::lock_guard<std::mutex> lock(mu);
+    running.result = res;
+    running.done = true;
+  };
+  s.submit(std::move(r));
+  // Queued behind it (max_batch 1), cancelled before it could start.
+  Outcome queued;
+  auto cancel_queued = std::make_shared<std::atomic<bool>>(true);
+  submit(s, random_prompt(10, 6), 5, queued, mu, cancel_queued);
+  s.shutdown(false);
+  ASSERT_TRUE(running.done && queued.done);
+  EXPECT_EQ(running.result.reason, FinishReason::Cancelled);
+  EXPECT_EQ(running.result.completion_tokens, 3);
+  EXPECT_EQ(queued.result.reason, FinishReason::Cancelled);
+  EXPECT_EQ(queued.result.completion_tokens, 0);
+  EXPECT_TRUE(queued.tokens.empty());
+  EXPECT_EQ(s.stats().blocks_used, s.stats().blocks_cached);
+}
+
+TEST_F(EngineTest, StopsAtEosOrWhenTheCallbackSaysSo) {
+  const auto prompt = random_prompt(30, 9);
+  const auto ref = solo(prompt, 10);
+  SchedulerOptions opt;
+  opt.ctx = 128;
+  Scheduler s(*model_, opt);
+  std::mutex mu;
+  // The 4th solo token as end-of-sequence: reported, then the sequence stops.
+  Outcome eos;
+  SequenceRequest r;
+  r.prompt = prompt;
+  r.max_new_tokens = 10;
+  r.sampler = greedy();
+  r.eos_ids = {ref[3]};
+  r.on_token = [&](int32_t t) {
+    eos.tokens.push_back(t);
+    return true;
+  };
+  r.on_done = [&](const SequenceResult& res) { eos.result = res; };
+  s.submit(std::move(r));
+  // on_token returning false after 2 tokens.
+  Outcome stop;
+  SequenceRequest q;
+  q.prompt = prompt;
+  q.max_new_tokens = 10;
+  q.sampler = greedy();
+  q.on_token = [&](int32_t t) {
+    stop.tokens.push_back(t);
+    return stop.tokens.size() < 2;
+  };
+  q.on_done = [&](const SequenceResult& res) { stop.result = res; };
+  s.submit(std::move(q));
+  s.shutdown(false);
+  const size_t first_eos = static_cast<size_t>(std::find(ref.begin(), ref.end(), ref[3]) - ref.begin());
+  EXPECT_EQ(eos.tokens, std::vector<int32_t>(ref.begin(), ref.begin() + static_cast<std::ptrdiff_t>(first_eos) + 1));
+  EXPECT_EQ(eos.result.reason, FinishReason::Stop);
+  EXPECT_EQ(stop.tokens, std::vector<int32_t>(ref.begin(), ref.begin() + 2));
+  EXPECT_EQ(stop.result.reason, FinishReason::Stop);
+  EXPECT_EQ(stop.result.completion_tokens, 2);
+}
+
+TEST_F(EngineTest, BadRequestsAreRefusedAtSubmit) {
+  SchedulerOptions opt;
+  opt.ctx = 100;
+  opt.cache_blocks = 1;
+  Scheduler s(*model_, opt);
+  auto request = [](std::vector<int32_t> prompt, int64_t max_new) {
+    SequenceRequest r;
+    r.prompt = std::move(prompt);
+    r.max_new_tokens = max_new;
+    r.sampler = greedy();
+    return r;
+  };
+  EXPECT_THROW(s.submit(request({}, 5)), Error);
+  EXPECT_THROW(s.submit(request({5, 320}, 5)), Error);  // vocab is 320
+  EXPECT_THROW(s.submit(request({5, -1}, 5)), Error);
+  EXPECT_THROW(s.submit(request(random_prompt(90, 1), 20)), Error);  // over ctx
+  EXPECT_THROW(s.submit(request(random_prompt(60, 1), 10)), Error);  // 70 tokens: 2 blocks, the pool has 1
+  SequenceRequest no_sampler = request({5}, 1);
+  no_sampler.sampler.reset();
+  EXPECT_THROW(s.submit(std::move(no_sampler)), Error);
+  try {
+    s.submit(request(random_prompt(90, 1), 20));
+  } catch (const Error& e) {
+    EXPECT_NE(std::string(e.what()).find("90"), std::string::npos) << e.what();
+    EXPECT_NE(std::string(e.what()).find("100"), std::string::npos) << e.what();
+  }
+  s.shutdown(true);
+  EXPECT_THROW(s.submit(request({5}, 1)), Error);
+  SchedulerOptions no_batch;
+  no_batch.max_batch = 0;
+  EXPECT_THROW(Scheduler(*model_, no_batch), Error);
+}
+
+TEST_F(EngineTest, ShutdownWithCancelEndsEverythingExactlyOnce) {
+  SchedulerOptions opt;
+  opt.max_batch = 2;
+  opt.ctx = 512;
+  Scheduler s(*model_, opt);
+  std::vector<Outcome> outs(6);
+  std::mutex mu;
+  for (size_t i = 0; i < outs.size(); ++i) submit(s, random_prompt(50, 300 + static_cast<uint32_t>(i)), 400, outs[i], mu);
+  std::this_thread::sleep_for(std::chrono::milliseconds(50));
+  s.shutdown(true);
+  s.shutdown(true);  // idempotent
+  for (const Outcome& o : outs) {
+    EXPECT_TRUE(o.done);
+    EXPECT_EQ(o.result.reason, FinishReason::Cancelled);
+  }
+}
+
+TEST_F(EngineTest, PrefixHitsSkipPrefillAndAreCountedByBlock) {
+  const auto base = random_prompt(200, 11);
+  auto extended = std::vector<int32_t>(base.begin(), base.begin() + 150);
+  const auto tail = random_prompt(30, 12);
+  extended.insert(extended.end(), tail.begin(), tail.end());
+  const auto short_one = std::vector<int32_t>(base.begin(), base.begin() + 128);
+
+  SchedulerOptions opt;
+  opt.ctx = 512;
+  Scheduler s(*model_, opt);
+  std::mutex mu;
+  auto run = [&](const std::vector<int32_t>& prompt) {
+    Outcome out;
+    submit(s, prompt, 8, out, mu);
+    while (true) {
+      {
+        std::lock_guard<std::mutex> lock(mu);
+        if (out.done) break;
+      }
+      std::this_thread::sleep_for(std::chrono::milliseconds(2));
+    }
+    return out;
+  };
+  const Outcome first = run(base);
+  EXPECT_EQ(first.result.cache_hit_tokens, 0);
+  // The same prompt: every full block before the last token (199 / 64 = 3 blocks).
+  const Outcome again = run(base);
+  EXPECT_EQ(again.result.cache_hit_tokens, 192);
+  EXPECT_EQ(again.tokens, first.tokens);
+  // Shares 150 tokens: 2 full blocks.
+  const Outcome ext = run(extended);
+  EXPECT_EQ(ext.result.cache_hit_tokens, 128);
+  EXPECT_EQ(ext.tokens, solo(extended, 8));
+  // Exactly two blocks long: the second block holds the last token, so only the first is a hit.
+  const Outcome shorter = run(short_one);
+  EXPECT_EQ(shorter.result.cache_hit_tokens, 64);
+  EXPECT_EQ(shorter.tokens, solo(short_one, 8));
+  EXPECT_EQ(s.stats().prefix_hit_tokens, 192 + 128 + 64);
+}
+
+TEST_F(EngineTest, RunningSequencesShareCachedBlocks) {
+  // A 150-token document, then three questions about it at once: all three run together on the same two
+  // cached blocks (reference-counted, never written), and each answer equals its solo run.
+  const auto doc = random_prompt(150, 31);
+  SchedulerOptions opt;
+  opt.ctx = 512;
+  opt.max_batch = 3;
+  opt.cache_blocks = 2 + 3 * 2;  // the shared blocks once, plus each question's own tail
+  Scheduler s(*model_, opt);
+  std::mutex mu;
+  Outcome warm;
+  submit(s, doc, 1, warm, mu);
+  while (s.stats().completed < 1) std::this_thread::sleep_for(std::chrono::milliseconds(2));
+  std::vector<std::vector<int32_t>> prompts;
+  std::vector<Outcome> outs(3);
+  for (uint32_t i = 0; i < 3; ++i) {
+    prompts.push_back(std::vector<int32_t>(doc.begin(), doc.begin() + 140));
+    const auto q = random_prompt(20 + 5 * i, 40 + i);
+    prompts.back().insert(prompts.back().end(), q.begin(), q.end());
+    submit(s, prompts.back(), 10, outs[i], mu);
+  }
+  s.shutdown(false);
+  EXPECT_EQ(s.stats().preemptions, 0);
+  for (size_t i = 0; i < 3; ++i) {
+    EXPECT_EQ(outs[i].result.cache_hit_tokens, 128) << i;
+    EXPECT_EQ(outs[i].tokens, solo(prompts[i], 10)) << i;
+  }
+}
+
+namespace {
+
+// With one batch slot, a blocker runs while the other requests queue up; the order they finish in shows the
+// queue order: by priority, then (with shortest_first) by prompt length, then by arrival.
+std::vector<int> finish_order(Model& model, bool shortest_first, const std::vector<std::pair<size_t, int>>& queued) {
+  SchedulerOptions opt;
+  opt.max_batch = 1;
+  opt.ctx = 256;
+  opt.shortest_first = shortest_first;
+  Scheduler s(model, opt);
+  std::mutex mu;
+  std::vector<int> order;
+  std::promise<void> all_queued;
+  std::shared_future<void> go = all_queued.get_future().share();
+  SequenceRequest blocker;
+  blocker.prompt = random_prompt(4, 1);
+  blocker.max_new_tokens = 2;
+  blocker.sampler = greedy();
+  blocker.on_token = [go](int32_t) {
+    go.wait();  // holds the engine until every request is queued
+    return true;
+  };
+  s.submit(std::move(blocker));
+  for (size_t i = 0; i < queued.size(); ++i) {
+    SequenceRequest r;
+    r.prompt = random_prompt(queued[i].first, 50 + static_cast<uint32_t>(i));
+    r.max_new_tokens = 1;
+    r.sampler = greedy();
+    r.priority = queued[i].second;
+    r.on_done = [&order, &mu, i](const SequenceResult&) {
+      std::lock_guard<std::mutex> lock(mu);
+      order.push_back(static_cast<int>(i));
+    };
+    s.submit(std::move(r));
+  }
+  all_queued.set_value();
+  s.shutdown(false);
+  return order;
+}
+
+}  // namespace
+
+TEST_F(EngineTest, QueueOrderFollowsPriorityThenLengthThenArrival) {
+  // (prompt length, priority) in arrival order.
+  const std::vector<std::pair<size_t, int>> queued = {{90, 0}, {10, 0}, {50, 0}, {70, -1}};
+  EXPECT_EQ(finish_order(*model_, false, queued), (std::vector<int>{3, 0, 1, 2}));
+  EXPECT_EQ(finish_order(*model_, true, queued), (std::vector<int>{3, 1, 2, 0}));
+}
+
+class DiskTierTest : public EngineTest {
+ protected:
+  SchedulerOptions options(int64_t cap = 0) {
+    SchedulerOptions opt;
+    opt.ctx = 512;
+    opt.cache_dir = cache_.path();
+    opt.cache_dir_max_bytes = cap;
+    return opt;
+  }
+  // Runs prompts one after another on a fresh Scheduler (a server run) and returns the outcomes.
+  std::vector<Outcome> serve(const std::vector<std::vector<int32_t>>& prompts, const SchedulerOptions& opt,
+                             SchedulerStats* stats = nullptr, Model* model = nullptr) {
+    std::vector<Outcome> outs(prompts.size());
+    std::mutex mu;
+    Scheduler s(model ? *model : *model_, opt);
+    for (size_t i = 0; i < prompts.size(); ++i) {
+      submit(s, prompts[i], 6, outs[i], mu);
+      while (s.stats().completed <= static_cast<int64_t>(i)) std::this_thread::sleep_for(std::chrono::milliseconds(2));
+    }
+    s.shutdown(false);
+    if (stats) *stats = s.stats();
+    return outs;
+  }
+  std::vector<std::string> block_files() const {
+    std::vector<std::string> names;
+    for (const auto& e : fs::directory_iterator(cache_.path())) names.push_back(e.path().filename().string());
+    return names;
+  }
+  test::TempDir cache_;
+  const std::vector<int32_t> prompt_ = random_prompt(230, 21);  // 3 full blocks before the last token
+};
+
+TEST_F(DiskTierTest, BlocksSurviveARestart) {
+  SchedulerStats st;
+  const auto first = serve({prompt_}, options(), &st);
+  EXPECT_EQ(first[0].result.cache_hit_tokens, 0);
+  // 230 prompt + 5 fed new tokens = 235 rows: 3 full blocks, written when the sequence finished.
+  EXPECT_EQ(st.disk_writes, 3);
+  EXPECT_EQ(block_files().size(), 3u);
+  for (const auto& name : block_files()) EXPECT_TRUE(name.ends_with(".kvb")) << name;  // no temp files
+
+  const auto second = serve({prompt_}, options(), &st);  // a new Scheduler: only the disk knows the blocks
+  EXPECT_EQ(second[0].result.cache_hit_tokens, 192);
+  EXPECT_EQ(second[0].tokens, first[0].tokens);
+  EXPECT_EQ(st.disk_hits, 3);
+  EXPECT_EQ(st.disk_corrupt_dropped, 0);
+}
+
+TEST_F(DiskTierTest, BadFilesAreDroppedCountedAndNeverUsed) {
+  const auto first = serve({prompt_}, options());
+  ASSERT_EQ(block_files().size(), 3u);
+  // Corrupt the second block of the chain (by name: hash of the first block, then of the second).
+  std::vector<std::pair<fs::file_time_type, std::string>> by_time;
+  for (const auto& e : fs::directory_iterator(cache_.path())) by_time.emplace_back(e.last_write_time(), e.path().string());
+  // Any one file will do: flip a byte near its end (in the rows, covered by the checksum).
+  std::string bytes = test::read_file(by_time[0].second);
+  bytes[bytes.size() - 3] ^= 0x01;
+  test::write_file(by_time[0].second, bytes);
+
+  SchedulerStats st;
+  const auto second = serve({prompt_}, options(), &st);
+  EXPECT_EQ(st.disk_corrupt_dropped, 1);
+  EXPECT_LT(second[0].result.cache_hit_tokens, 192);  // the chain stops at the bad block
+  EXPECT_EQ(second[0].tokens, first[0].tokens);        // and the output is still right
+  EXPECT_FALSE(fs::exists(by_time[0].second) && test::read_file(by_time[0].second) == bytes);
+
+  // Another model over the same directory: none of these files are its blocks; all are dropped.
+  test::TempDir other_dir;
+  Model other(make_model(other_dir.path(), 2));
+  ASSERT_NE(other.identity(), model_->identity());
+  const size_t before = block_files().size();
+  ASSERT_GT(before, 0u);
+  const auto foreign = serve({prompt_}, options(), &st, &other);
+  EXPECT_EQ(st.disk_corrupt_dropped, static_cast<int64_t>(before));
+  EXPECT_EQ(st.disk_hits, 0);
+  EXPECT_EQ(foreign[0].result.cache_hit_tokens, 0);
+}
+
+TEST_F(DiskTierTest, SizeCapIsHonoured) {
+  const int64_t one = DiskCache(cache_.path() + "/probe", 0, 0, model_->config().num_hidden_layers,
+                                model_->config().kv_lora_rank + model_->config().qk_rope_head_dim).file_bytes();
+  fs::remove_all(cache_.path() + "/probe");
+  SchedulerStats st;
+  serve({prompt_, random_prompt(140, 22)}, options(2 * one), &st);
+  EXPECT_EQ(st.disk_writes, 5);
+  EXPECT_LE(st.disk_bytes, 2 * one);
+  EXPECT_EQ(block_files().size(), 2u);
+}
+
+TEST_F(DiskTierTest, AnUnusableDirectoryWarnsAndServesAnyway) {
+  test::write_file(cache_ / "blocker", "x");
+  SchedulerOptions opt = options();
+  opt.cache_dir = cache_ / "blocker";
+  SchedulerStats st;
+  const auto out = serve({prompt_}, opt, &st);
+  EXPECT_FALSE(st.disk_enabled);
+  EXPECT_EQ(out[0].result.reason, FinishReason::Length);
+  EXPECT_EQ(out[0].tokens, solo(prompt_, 6));
+}
+
+}  // namespace dsv3

@@ -1,0 +1,125 @@
+// The sampler's per-request state: penalties, min-p, logprobs and token filters, against hand-computed
+// values. (Lives with the server tests because the server is what exposes these knobs.)
+#include "engine/sampler.h"
+
+#include <gtest/gtest.h>
+
+#include <cmath>
+#include <vector>
+
+namespace dsv3 {
+namespace {
+
+TEST(Sampler, LogprobsAreTheLogSoftmaxOfTheRawLogits) {
+  // softmax(0, 0, ln 2) = (1/4, 1/4, 1/2)
+  const std::vector<float> logits = {0.0f, 0.0f, std::log(2.0f)};
+  SamplingParams p;
+  p.top_logprobs = 2;
+  Sampler s(p);
+  EXPECT_EQ(s.sample(logits.data(), 3), 2);
+  const SampleLogprobs& lp = s.last_logprobs();
+  EXPECT_EQ(lp.chosen.id, 2);
+  EXPECT_NEAR(lp.chosen.logprob, std::log(0.5), 1e-6);
+  ASSERT_EQ(lp.top.size(), 2u);
+  EXPECT_EQ(lp.top[0].id, 2);
+  EXPECT_EQ(lp.top[1].id, 0);  // the tie with id 1 goes to the lower id
+  EXPECT_NEAR(lp.top[1].logprob, std::log(0.25), 1e-6);
+}
+
+TEST(Sampler, RepetitionPenaltyDividesPositiveAndMultipliesNegativeLogitsOfSeenTokens) {
+  // Prompt token 0: 3 -> 1.5, below token 2's 2.0. Token 1: -1 -> -2 (still last).
+  const std::vector<float> logits = {3.0f, -1.0f, 2.0f};
+  SamplingParams p;
+  p.repetition_penalty = 2.0;
+  p.top_logprobs = 0;
+  const std::vector<int32_t> prompt = {0, 1};
+  Sampler s(p, prompt);
+  EXPECT_EQ(s.sample(logits.data(), 3), 2);
+  // Logprobs stay those of the raw logits, before the penalty.
+  const double lse = std::log(std::exp(3.0) + std::exp(-1.0) + std::exp(2.0));
+  EXPECT_NEAR(s.last_logprobs().chosen.logprob, 2.0 - lse, 1e-5);
+  EXPECT_TRUE(s.last_logprobs().top.empty());
+  // Without the prompt in the seen set, token 0 wins.
+  Sampler plain(p);
+  EXPECT_EQ(plain.sample(logits.data(), 3), 0);
+}
+
+TEST(Sampler, FrequencyPenaltyGrowsWithTheCountPresencePenaltyDoesNot) {
+  const std::vector<float> logits = {1.0f, 0.9f};
+  std::vector<int32_t> out;
+  SamplingParams freq;
+  freq.frequency_penalty = 0.3;  // 0: 1.0, 0.7, 0.4 ...; 1: 0.9, 0.6, ...
+  Sampler f(freq);
+  for (int i = 0; i < 4; ++i) out.push_back(f.sample(logits.data(), 2));
+  EXPECT_EQ(out, (std::vector<int32_t>{0, 1, 0, 1}));
+  out.clear();
+  SamplingParams pres;
+  pres.presence_penalty = 0.5;  // once seen, each is 0.5 lower for good: 0.5 vs 0.4
+  Sampler q(pres);
+  for (int i = 0; i < 4; ++i) out.push_back(q.sample(logits.data(), 2));
+  EXPECT_EQ(out, (std::vector<int32_t>{0, 1, 0, 0}));
+}
+
+TEST(Sampler, MinPDropsCandidatesBelowTheFractionOfTheBest) {
+  // Relative probabilities 1, 0.5, 0.05.
+  const std::vector<float> logits = {0.0f, std::log(0.5f), std::log(0.05f)};
+  SamplingParams p;
+  p.temperature = 1.0;
+  p.min_p = 0.1;
+  p.seed = 7;
+  Sampler s(p);
+  int counts[3] = {0, 0, 0};
+  for (int i = 0; i < 3000; ++i) ++counts[s.sample(logits.data(), 3)];
+  EXPECT_EQ(counts[2], 0);
+  EXPECT_NEAR(counts[1] / 3000.0, 1.0 / 3.0, 0.04);  // renormalized over {1, 0.5}
+  p.min_p = 0.6;
+  Sampler strict(p);
+  for (int i = 0; i < 200; ++i) EXPECT_EQ(strict.sample(logits.data(), 3), 0);
+}
+
+TEST(Sampler, TopKOneIsGreedyEvenWithTemperature) {
+  const std::vector<float> logits = {0.1f, 0.3f, 0.2f};
+  SamplingParams p;
+  p.temperature = 1.5;
+  p.top_k = 1;
+  Sampler s(p);
+  for (int i = 0; i < 50; ++i) EXPECT_EQ(s.sample(logits.data(), 3), 1);
+}
+
+class OddOnly : public TokenFilter {
+ public:
+  explicit OddOnly(std::vector<int32_t>* accepted) : accepted_(accepted) {}
+  bool allowed(int32_t id) const override { return id % 2 == 1; }
+  void accept(int32_t id) override { accepted_->push_back(id); }
+
+ private:
+  std::vector<int32_t>* accepted_;
+};
+
+TEST(Sampler, AFilterRemovesTokensAndSeesThePick) {
+  const std::vector<float> logits = {5.0f, 1.0f, 4.0f, 2.0f, 3.0f};
+  std::vector<int32_t> accepted;
+  SamplingParams greedy;
+  Sampler g(greedy);
+  g.set_filter(std::make_unique<OddOnly>(&accepted));
+  EXPECT_EQ(g.sample(logits.data(), 5), 3);
+  SamplingParams hot;
+  hot.temperature = 2.0;
+  Sampler h(hot);
+  h.set_filter(std::make_unique<OddOnly>(&accepted));
+  for (int i = 0; i < 100; ++i) EXPECT_EQ(h.sample(logits.data(), 5) % 2, 1);
+  EXPECT_EQ(accepted.size(), 101u);
+  EXPECT_EQ(accepted[0], 3);
+}
+
+TEST(Sampler, RefusesBadParameters) {
+  SamplingParams p;
+  p.min_p = 1.5;
+  EXPECT_ANY_THROW(Sampler{p});
+  p = {};
+  p.repetition_penalty = 0.0;
+  EXPECT_ANY_THROW(Sampler{p});
+}
+
+}  // namespace
+}  // namespace dsv3

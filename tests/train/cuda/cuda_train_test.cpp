@@ -1,0 +1,322 @@
+// The GPU trainer (CudaTrainModel) against the CPU trainer (TrainModel<float>), which the finite-difference
+// and PyTorch golden tests (tests/train) pin down: the kernels one by one on random shapes, then loss and
+// every parameter gradient of tiny models (ragged expert segments, experts with no tokens, the q_proj and
+// q low-rank paths, tied embeddings, the balance loss, MTP), then whole optimizer steps and resume.
+// Needs a GPU (ctest label gpu).
+#include <cuda_runtime_api.h>
+#include <gtest/gtest.h>
+
+#include <algorithm>
+#include <cmath>
+#include <string>
+#include <vector>
+
+#include "test_util.h"
+#include "train/grad_check.h"
+#include "train/cuda/cuda_train_model.h"
+#include "train/cuda/gemm.h"
+#include "train/cuda/train_kernels.h"
+#include "train/tiny_configs.h"
+#include "train/train_ops.h"
+#include "train/trainer.h"
+
+namespace dsv3::train {
+namespace {
+
+using ::dsv3::train::test::randn;
+using ::dsv3::test::rel_l2;
+
+// A device copy of a host vector, freed at scope end.
+template <typename T>
+struct Dev {
+  T* p = nullptr;
+  size_t n = 0;
+  explicit Dev(const std::vector<T>& v) : n(v.size()) {
+    EXPECT_EQ(cudaMalloc(reinterpret_cast<void**>(&p), std::max<size_t>(n, 1) * sizeof(T)), cudaSuccess);
+    if (n) {
+      EXPECT_EQ(cudaMemcpy(p, v.data(), n * sizeof(T), cudaMemcpyHostToDevice), cudaSuccess);
+    }
+  }
+  explicit Dev(size_t count) : Dev(std::vector<T>(count, T(0))) {}
+  ~Dev() { cudaFree(p); }
+  std::vector<T> get() const {
+    std::vector<T> v(n);
+    EXPECT_EQ(cudaDeviceSynchronize(), cudaSuccess);
+    if (n) {
+      EXPECT_EQ(cudaMemcpy(v.data(), p, n * sizeof(T), cudaMemcpyDeviceToHost), cudaSuccess);
+    }
+    return v;
+  }
+};
+
+std::vector<float> rnd(int64_t n, uint64_t seed, double scale = 1.0) {
+  const std::vector<double> d = randn(static_cast<size_t>(n), seed, scale);
+  return std::vector<float>(d.begin(), d.end());
+}
+
+constexpr double kTol = 1e-5;  // kernels against the CPU ops, fp32 both
+
+TEST(TrainKernels, RMSNormForwardBackward) {
+  for (int64_t D : {7, 64, 300}) {
+    const int64_t n = 70;  // more than one 64-row chunk of the dw reduction
+    const auto x = rnd(n * D, 1), w = rnd(D, 2), dy = rnd(n * D, 3);
+    std::vector<float> y(x.size()), rstd(n), dx(x.size()), dw = rnd(D, 4);
+    const std::vector<float> dw0 = dw;
+    rmsnorm_forward(y.data(), rstd.data(), x.data(), w.data(), n, D, 1e-6);
+    rmsnorm_backward(dx.data(), dw.data(), dy.data(), x.data(), w.data(), rstd.data(), n, D);
+    Dev<float> xd(x), wd(w), dyd(dy), yd(x.size()), rd(static_cast<size_t>(n)), dxd(x.size()), dwd(dw0),
+        part(static_cast<size_t>(cuda::rmsnorm_partial_floats(n, D)));
+    cuda::rmsnorm_forward(yd.p, D, rd.p, xd.p, D, wd.p, n, D, 1e-6, nullptr);
+    cuda::rmsnorm_backward(dxd.p, D, dwd.p, dyd.p, xd.p, D, wd.p, rd.p, n, D, part.p, nullptr);
+    EXPECT_LE(rel_l2(yd.get(), y), kTol) << D;
+    EXPECT_LE(rel_l2(dxd.get(), dx), kTol) << D;
+    EXPECT_LE(rel_l2(dwd.get(), dw), kTol) << D;
+  }
+}
+
+TEST(TrainKernels, RopeSwigluCrossEntropy) {
+  const int64_t B = 3, S = 5, heads = 2, stride = 10, offset = 4, dim = 6, N = B * S;
+  std::vector<float> cos, sin;
+  rope_tables(cos, sin, {1.0, 0.1, 0.01}, 0.9, 0, S);
+  const auto x = rnd(N * heads * stride, 5);
+  std::vector<float> y = x, back(x.size());
+  for (int64_t b = 0; b < B; ++b)
+    rope_forward(y.data() + b * S * heads * stride, y.data() + b * S * heads * stride, cos.data(), sin.data(), S,
+                 heads, stride, offset, dim);
+  Dev<float> xd(x), cd(cos), sd(sin);
+  cuda::rope(xd.p, cd.p, sd.p, N, S, heads, stride, offset, dim, false, nullptr);
+  EXPECT_LE(rel_l2(xd.get(), y), kTol);
+  cuda::rope(xd.p, cd.p, sd.p, N, S, heads, stride, offset, dim, true, nullptr);
+  for (int64_t b = 0; b < B; ++b)
+    rope_backward(y.data() + b * S * heads * stride, y.data() + b * S * heads * stride, cos.data(), sin.data(), S,
+                  heads, stride, offset, dim);
+  EXPECT_LE(rel_l2(xd.get(), y), kTol);
+
+  const int64_t n = 1000;
+  const auto g = rnd(n, 6, 3.0), u = rnd(n, 7), da = rnd(n, 8);
+  std::vector<float> a(n), dg(n), du(n);
+  swiglu_forward(a.data(), g.data(), u.data(), n);
+  swiglu_backward(dg.data(), du.data(), da.data(), g.data(), u.data(), n);
+  Dev<float> gd(g), ud(u), dad(da), ad(static_cast<size_t>(n)), dgd(static_cast<size_t>(n)), dud(static_cast<size_t>(n));
+  cuda::swiglu_forward(ad.p, gd.p, ud.p, n, nullptr);
+  cuda::swiglu_backward(dgd.p, dud.p, dad.p, gd.p, ud.p, n, nullptr);
+  EXPECT_LE(rel_l2(ad.get(), a), kTol);
+  EXPECT_LE(rel_l2(dgd.get(), dg), kTol);
+  EXPECT_LE(rel_l2(dud.get(), du), kTol);
+
+  const int64_t rows = 9, V = 3000;
+  const auto logits = rnd(rows * V, 9, 4.0);
+  std::vector<int32_t> targets;
+  for (int64_t t = 0; t < rows; ++t) targets.push_back(static_cast<int32_t>((t * 331) % V));
+  std::vector<float> probs(logits.size()), dl(logits.size());
+  const double loss = crossentropy_forward(probs.data(), logits.data(), targets.data(), rows, V);
+  crossentropy_backward(dl.data(), probs.data(), targets.data(), rows, V, 0.5);
+  Dev<float> ld(logits), lossd(static_cast<size_t>(rows)), lse(static_cast<size_t>(rows));
+  Dev<int32_t> td(targets);
+  cuda::crossentropy_forward(lossd.p, lse.p, ld.p, td.p, rows, V, nullptr);
+  double gpu_loss = 0;
+  for (float v : lossd.get()) gpu_loss += v / static_cast<double>(rows);
+  EXPECT_NEAR(gpu_loss, loss, 1e-5 * loss);
+  cuda::crossentropy_backward(ld.p, lse.p, td.p, rows, V, static_cast<float>(0.5 / rows), nullptr);
+  EXPECT_LE(rel_l2(ld.get(), dl), kTol);
+}
+
+// The cuBLAS wrapper's row-major conventions against linear_forward/backward, both precisions.
+TEST(TrainKernels, GemmLinear) {
+  for (auto prec : {cuda::Precision::FP32, cuda::Precision::BF16}) {
+    const int64_t n = 37, in = 53, out = 29;
+    const auto x = rnd(n * in, 10), W = rnd(out * in, 11), dy = rnd(n * out, 12);
+    std::vector<float> y(n * out), dx(n * in), dW = rnd(out * in, 13);
+    const std::vector<float> dW0 = dW;
+    linear_forward(y.data(), x.data(), W.data(), n, in, out);
+    linear_backward(dx.data(), dW.data(), dy.data(), x.data(), W.data(), n, in, out);
+    Dev<float> xd(x), Wd(W), dyd(dy), yd(y.size()), dxd(dx.size()), dWd(dW0);
+    cuda::Gemm gemm(nullptr, prec);
+    gemm.linear_forward(yd.p, xd.p, Wd.p, n, in, out);
+    gemm.linear_backward(dxd.p, dWd.p, dyd.p, xd.p, Wd.p, n, in, out);
+    const double tol = prec == cuda::Precision::FP32 ? kTol : 1e-2;  // bf16 inputs: 8 mantissa bits
+    EXPECT_LE(rel_l2(yd.get(), y), tol) << cuda::precision_name(prec);
+    EXPECT_LE(rel_l2(dxd.get(), dx), tol) << cuda::precision_name(prec);
+    EXPECT_LE(rel_l2(dWd.get(), dW), tol) << cuda::precision_name(prec);
+  }
+}
+
+struct Variant {
+  const char* name;
+  bool q_lora, tied, mtp;
+  double aux_alpha;
+  const char* topk_method;
+  int64_t B, S;
+};
+
+Json variant_config(const Variant& v) {
+  Json j = test::tiny_v3_config();
+  if (!v.q_lora) j["q_lora_rank"] = nullptr;
+  j["tie_word_embeddings"] = v.tied;
+  j["num_nextn_predict_layers"] = v.mtp ? 1 : 0;
+  j["topk_method"] = v.topk_method;
+  if (std::string(v.topk_method) != "noaux_tc") {
+    j["scoring_func"] = "softmax";
+    j["norm_topk_prob"] = false;
+  }
+  return j;
+}
+
+class CudaModelGrad : public ::testing::TestWithParam<Variant> {};
+
+// Loss, logits and every parameter gradient of the GPU model against TrainModel<float> on the same
+// weights and batch; fp32 GEMMs to 1e-4, bf16 GEMMs to the stated bound.
+TEST_P(CudaModelGrad, LossAndEveryGradientMatchTheCpuTrainer) {
+  const Variant v = GetParam();
+  const ModelConfig cfg = ModelConfig::from_json(variant_config(v), "tiny");
+  const TrainOptions topt{.mtp_lambda = 0.3, .aux_alpha = v.aux_alpha};
+  TrainModel<float> cpu(cfg, topt), store(cfg, topt);
+  cpu.init_random(7, 0.35);
+  uint64_t seed = 100;
+  for (Param<float>* p : cpu.params())
+    if (p->shape.size() == 1)
+      for (float& w : p->w) w = static_cast<float>(1.0 + 0.2 * randn(1, seed++)[0]);
+  for (BalanceState* b : cpu.balance_layers())
+    for (float& x : b->bias) x = static_cast<float>(0.05 * randn(1, seed++)[0]);
+  for (size_t i = 0; i < cpu.params().size(); ++i) store.params()[i]->w = cpu.params()[i]->w;
+  for (size_t i = 0; i < cpu.balance_layers().size(); ++i)
+    store.balance_layers()[i]->bias = cpu.balance_layers()[i]->bias;
+
+  std::vector<int32_t> tokens;
+  for (int64_t i = 0; i < v.B * (v.S + 1); ++i)
+    tokens.push_back(static_cast<int32_t>((i * 7 + 3 + i / 5) % cfg.vocab_size));
+  cpu.zero_grad();
+  const LossParts lc = cpu.forward(tokens.data(), v.B, v.S, true);
+  const std::vector<float> logits_cpu = cpu.logits(), mtp_cpu = cpu.mtp_logits();
+  cpu.backward(0.7);
+
+  for (auto prec : {cuda::Precision::FP32, cuda::Precision::BF16}) {
+    const bool fp32 = prec == cuda::Precision::FP32;
+    const double tol = fp32 ? 1e-4 : 5e-2;
+    AdamW<float> opt(store.params(), AdamWConfig{});
+    for (BalanceState* b : store.balance_layers()) std::fill(b->load.begin(), b->load.end(), 0.0);
+    cuda::CudaTrainModel gpu(store, opt, AdamWConfig{}, prec);
+    gpu.zero_grad();
+    const LossParts lg = gpu.forward(tokens.data(), v.B, v.S, true);
+    EXPECT_NEAR(lg.main, lc.main, tol * lc.main) << cuda::precision_name(prec);
+    EXPECT_NEAR(lg.mtp, lc.mtp, tol * std::max(lc.mtp, 1e-3));
+    EXPECT_NEAR(lg.aux, lc.aux, 1e-3 * std::max(lc.aux, 1e-6));
+    EXPECT_LE(rel_l2(gpu.logits(), logits_cpu), tol);
+    if (v.mtp) {
+      EXPECT_LE(rel_l2(gpu.mtp_logits(), mtp_cpu), tol);
+    } else {
+      EXPECT_TRUE(gpu.mtp_logits().empty());
+    }
+    // Host routing: the loads are the CPU trainer's exactly, including experts with no tokens.
+    bool idle_expert = false;
+    for (size_t l = 0; l < cpu.balance_layers().size(); ++l) {
+      EXPECT_EQ(store.balance_layers()[l]->load, cpu.balance_layers()[l]->load) << l;
+      for (double x : cpu.balance_layers()[l]->load) idle_expert |= x == 0.0;
+    }
+    if (v.B * v.S <= 8) {
+      EXPECT_TRUE(idle_expert) << "this variant is meant to leave an expert without tokens";
+    }
+    gpu.backward(0.7);
+    gpu.pull(/*grads=*/true);
+    double worst = 0;
+    std::string worst_name;
+    for (size_t i = 0; i < cpu.params().size(); ++i) {
+      const std::vector<float>& gg = store.params()[i]->g;
+      const std::vector<float>& gc = cpu.params()[i]->g;
+      // An expert that got no tokens has a zero gradient on both sides (rel_l2 would be 0/0).
+      const bool zero = std::all_of(gc.begin(), gc.end(), [](float x) { return x == 0.0f; });
+      const double e = zero ? (gg == gc ? 0.0 : 1.0) : rel_l2(gg, gc);
+      if (e > worst) {
+        worst = e;
+        worst_name = cpu.params()[i]->name;
+      }
+      EXPECT_LE(e, tol) << cpu.params()[i]->name << " " << cuda::precision_name(prec);
+    }
+    std::printf("[%s %s] loss %.6f vs %.6f, worst gradient rel L2 %.2e (%s)\n", v.name, cuda::precision_name(prec),
+                lg.total, lc.total, worst, worst_name.c_str());
+  }
+}
+
+INSTANTIATE_TEST_SUITE_P(
+    Tiny, CudaModelGrad,
+    ::testing::Values(Variant{"v3_qlora_mtp_aux", true, false, true, 0.01, "noaux_tc", 2, 6},
+                      Variant{"noq_tied_mtp_idle_experts", false, true, true, 0.0, "noaux_tc", 1, 4},
+                      Variant{"softmax_group_limited", true, false, false, 0.02, "group_limited_greedy", 3, 5},
+                      Variant{"v3_longer", true, false, true, 0.0, "noaux_tc", 4, 33}),
+    [](const auto& param_info) { return std::string(param_info.param.name); });
+
+std::vector<int32_t> pattern_tokens(int64_t n, int64_t vocab) {
+  std::vector<int32_t> t;
+  for (int64_t i = 0; i < n; ++i) t.push_back(static_cast<int32_t>((i * 5 + (i / 7) % 3 + (i / 29) % 4) % vocab));
+  return t;
+}
+
+Json trainer_config(int64_t steps) {
+  Json j = test::tiny_v3_config();
+  j["training"] = Json{{"seq_len", 12},   {"batch_size", 3},    {"grad_accum", 2},       {"steps", steps},
+                       {"lr", 3e-3},      {"warmup_steps", 2},  {"bias_update_speed", 0.01},
+                       {"seq_aux_alpha", 0.001}, {"eval_fraction", 0.0}, {"init_std", 0.1}};
+  return j;
+}
+
+void use_gpu(Trainer& t, cuda::Precision p) {
+  const TrainConfig& c = t.config();
+  t.set_backend(std::make_unique<cuda::CudaTrainModel>(t.model(), t.optimizer(),
+                                                       AdamWConfig{c.beta1, c.beta2, c.eps, c.weight_decay}, p));
+}
+
+// Whole optimizer steps (accumulation, clipping, AdamW, bias update) track the CPU trainer.
+TEST(CudaTrainer, StepsTrackTheCpuTrainer) {
+  const int64_t steps = 12;
+  const std::vector<int32_t> data = pattern_tokens(3000, 24);
+  Trainer cpu(trainer_config(steps), "tiny", data), gpu(trainer_config(steps), "tiny", data),
+      gpu16(trainer_config(steps), "tiny", data);
+  use_gpu(gpu, cuda::Precision::FP32);
+  use_gpu(gpu16, cuda::Precision::BF16);
+  double first = 0, last = 0, worst = 0, worst16 = 0;
+  for (int64_t s = 0; s < steps; ++s) {
+    const StepInfo a = cpu.step(), b = gpu.step(), c = gpu16.step();
+    if (s == 0) first = a.loss.total;
+    last = a.loss.total;
+    worst = std::max(worst, std::abs(b.loss.total - a.loss.total) / a.loss.total);
+    worst16 = std::max(worst16, std::abs(c.loss.total - a.loss.total) / a.loss.total);
+    EXPECT_NEAR(b.grad_norm, a.grad_norm, 1e-3 * a.grad_norm) << "step " << s;
+    std::printf("step %2lld: cpu %.6f  gpu fp32 %.6f  gpu bf16 %.6f\n", static_cast<long long>(s + 1), a.loss.total,
+                b.loss.total, c.loss.total);
+  }
+  EXPECT_LT(last, first);  // it learns
+  EXPECT_LE(worst, 1e-4);
+  EXPECT_LE(worst16, 2e-2);
+  // Weights and router biases after the run.
+  TrainModel<float>& gm = gpu.synced_model();
+  for (size_t i = 0; i < gm.params().size(); ++i)
+    EXPECT_LE(rel_l2(gm.params()[i]->w, cpu.model().params()[i]->w), 1e-3) << gm.params()[i]->name;
+  for (size_t i = 0; i < gm.balance_layers().size(); ++i)
+    EXPECT_EQ(gm.balance_layers()[i]->bias, cpu.model().balance_layers()[i]->bias);
+}
+
+// A checkpoint written by the GPU trainer at step k resumes into the same curve.
+TEST(CudaTrainer, ResumeContinuesTheCurve) {
+  const std::vector<int32_t> data = pattern_tokens(3000, 24);
+  Json cfg = trainer_config(6);
+  cfg["training"]["save_dtype"] = "f32";
+  Trainer full(cfg, "tiny", data);
+  use_gpu(full, cuda::Precision::BF16);
+  std::vector<double> losses;
+  for (int i = 0; i < 6; ++i) losses.push_back(full.step().loss.total);
+
+  ::dsv3::test::TempDir dir;
+  Trainer first(cfg, "tiny", data);
+  use_gpu(first, cuda::Precision::BF16);
+  // A fresh GPU model repeats the run (no atomics in the kernels, deterministic cuBLAS).
+  for (int i = 0; i < 3; ++i) EXPECT_NEAR(first.step().loss.total, losses[static_cast<size_t>(i)], 1e-6);
+  first.save(dir.path());
+  Trainer resumed(cfg, "tiny", data);
+  use_gpu(resumed, cuda::Precision::BF16);
+  resumed.resume(dir.path());
+  EXPECT_EQ(resumed.step_count(), 3);
+  for (int i = 3; i < 6; ++i) EXPECT_NEAR(resumed.step().loss.total, losses[static_cast<size_t>(i)], 1e-6);
+}
+
+}  // namespace
+}  // namespace dsv3::train
