@@ -255,10 +255,13 @@ int32_t Scheduler::Impl::load_from_disk(uint64_t hash, uint64_t parent, std::spa
   if (pool->free_blocks() == 0) prefix->evict_one([&](const PrefixCache::Entry& e) { write_to_disk(e); });
   const int32_t block = pool->allocate();
   if (block == BlockPool::kNoBlock) return block;
-  if (!disk->read(hash, parent, tokens, pool->data(block))) {
+  // Device pools are filled through a host buffer; host pools directly.
+  std::vector<float> staging(pool->on_host() ? 0 : static_cast<size_t>(pool->block_floats()));
+  if (!disk->read(hash, parent, tokens, pool->on_host() ? pool->data(block) : staging.data())) {
     pool->release(block);
     return BlockPool::kNoBlock;
   }
+  if (!pool->on_host()) pool->copy_from_host(block, staging.data());
   // The prefix cache holds it from now on (unless the hash is taken by a colliding block: then unused).
   const bool kept = prefix->insert(hash, parent, tokens, block, depth);
   pool->release(block);
@@ -358,7 +361,14 @@ void Scheduler::Impl::finish_where(std::vector<SeqPtr>& list,
 }
 
 void Scheduler::Impl::write_to_disk(const PrefixCache::Entry& e) {
-  if (disk && !disk->contains(e.hash)) disk->write(e.hash, e.parent, e.depth, e.tokens, pool->data(e.block));
+  if (!disk || disk->contains(e.hash)) return;
+  if (pool->on_host()) {
+    disk->write(e.hash, e.parent, e.depth, e.tokens, pool->data(e.block));
+  } else {
+    std::vector<float> staging(static_cast<size_t>(pool->block_floats()));
+    pool->copy_to_host(e.block, staging.data());
+    disk->write(e.hash, e.parent, e.depth, e.tokens, staging.data());
+  }
 }
 
 void Scheduler::Impl::publish() {

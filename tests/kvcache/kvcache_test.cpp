@@ -1,6 +1,7 @@
 // The paged latent cache: the block pool (allocation, reference counts, exhaustion), block tables over
 // a shared pool, the prefix cache (verified hits, LRU eviction of unreferenced blocks) and the disk tier
 // (round trips, restarts, bad files dropped and counted, the size cap, atomic writes).
+#include <algorithm>
 #include <gtest/gtest.h>
 #include <unistd.h>
 
@@ -78,6 +79,37 @@ TEST(BlockPool, SizedFromAByteBudget) {
   EXPECT_EQ(BlockPool::blocks_for_tokens(64), 1);
   EXPECT_EQ(BlockPool::blocks_for_tokens(65), 2);
   EXPECT_THROW(BlockPool(kLayers, kLatent, kRope, 0), Error);
+}
+
+// A storage the CPU may not address directly (as device memory): only whole-block copies reach it.
+class OpaqueStorage final : public BlockStorage {
+ public:
+  explicit OpaqueStorage(int64_t floats) : mem_(static_cast<size_t>(floats), 0.0f) {}
+  float* base() override { return mem_.data(); }
+  bool host_addressable() const override { return false; }
+  void copy_to_host(int32_t block, int64_t n, float* dst) const override {
+    std::copy_n(mem_.data() + block * n, n, dst);
+  }
+  void copy_from_host(int32_t block, int64_t n, const float* src) override {
+    std::copy_n(src, n, mem_.data() + block * n);
+  }
+  std::vector<float> mem_;
+};
+
+TEST(BlockPool, CallerStorageIsReachedThroughBlockCopies) {
+  const int64_t block_floats = kLayers * 64 * kWidth;
+  auto storage = std::make_unique<OpaqueStorage>(3 * block_floats);
+  OpaqueStorage* raw = storage.get();
+  BlockPool pool(kLayers, kLatent, kRope, 3, std::move(storage));
+  EXPECT_FALSE(pool.on_host());
+  EXPECT_EQ(pool.block_address(2), raw->mem_.data() + 2 * block_floats);
+  std::vector<float> in(static_cast<size_t>(block_floats)), out(in.size());
+  for (size_t i = 0; i < in.size(); ++i) in[i] = static_cast<float>(i % 977) * 0.5f;
+  pool.copy_from_host(1, in.data());
+  EXPECT_EQ(raw->mem_[static_cast<size_t>(block_floats)], in[0]);
+  EXPECT_EQ(raw->mem_[0], 0.0f);  // block 0 untouched
+  pool.copy_to_host(1, out.data());
+  EXPECT_EQ(in, out);
 }
 
 TEST(LatentCache, BlockTablesShareOnePool) {
