@@ -4,7 +4,9 @@
 # .gitignore). Then, on the GPU machine: BIN=.devbin bench/cuda/run_bench.sh (carry .devbin).
 # Env: CARRY_BUILD (build dir, default build/carry), CARRY_DEST (default .devbin; any /.devbin* path is
 # ignored by git), and extra targets as arguments (their binaries are copied too, from wherever the
-# build put them).
+# build put them). CARRY_PACK=1 packs everything into $CARRY_DEST/pack.tgz instead (about a third of the
+# size, for calls near the 64 MiB limit on what travels); unpack it first on the GPU machine:
+# `tar xzf .devbin/pack.tgz -C .devbin`.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/../.."
 build=${CARRY_BUILD:-build/carry}
@@ -20,4 +22,9 @@ for t in "${targets[@]}"; do
 done
 # Libraries outside the usual base image (pcre2, cpp-httplib, brotli); libc/libstdc++/libgomp/ssl are there.
 ldd "$build/dsv3" | awk '$3 ~ /^\// && $1 ~ /pcre2|httplib|brotli/ {print $3}' | xargs -r cp -L -t "$dest/lib/"
+if [ "${CARRY_PACK:-0}" = 1 ]; then
+  tar czf "$dest.pack.tgz" -C "$dest" .
+  find "$dest" -mindepth 1 -delete
+  mv "$dest.pack.tgz" "$dest/pack.tgz"
+fi
 du -sh "$dest"
