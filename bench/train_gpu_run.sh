@@ -1,13 +1,16 @@
 #!/usr/bin/env bash
 # One GPU-machine call for the CUDA trainer (docs/TRAINING.md, "CUDA"): the GPU trainer tests, the
-# kernel tests under compute-sanitizer, and the training speed of the default and ~300M configs.
-# Binaries come from `CARRY_BUILD=build/c-carry CARRY_DEST=.devbin-c bench/cuda/make_carry.sh
-# dsv3_train_cuda_tests dsv3_bench_train` (carry .devbin-c). Logs go to $OUT (or ./train-gpu-out).
+# kernel tests under compute-sanitizer, the training speed of the default and ~300M configs and, with
+# HF_CHECK=1, the transformers load check of models/default (tools/check_transformers_load.py, docs/MODEL.md).
+# Binaries come from `CARRY_BUILD=build/h-carry CARRY_DEST=.devbin-h bench/cuda/make_carry.sh
+# dsv3_train_cuda_tests dsv3_bench_train` (carry .devbin-h; BIN names another folder). Logs go to $OUT
+# (or ./train-gpu-out).
 set -uo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
-BIN=${BIN:-.devbin-c}
+BIN=${BIN:-.devbin-h}
 OUT=${OUT:-train-gpu-out}
 mkdir -p "$OUT"
+[ -f "$BIN/pack.tgz" ] && tar xzf "$BIN/pack.tgz" -C "$BIN"
 export LD_LIBRARY_PATH="$PWD/$BIN/lib:/usr/local/cuda/lib64:${LD_LIBRARY_PATH:-}"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/gpu.txt"
 date -u | tee -a "$OUT/gpu.txt"
@@ -21,3 +24,7 @@ fi
 for cfg in ${BENCH_CONFIGS:-train/configs/default.json train/configs/v3_300m.json}; do
   timeout 200 "$BIN/dsv3_bench_train" "$cfg" --steps "${BENCH_STEPS:-10}" --warmup 3 2>&1 | tee -a "$OUT/bench.log"
 done
+if [ "${HF_CHECK:-0}" = 1 ]; then
+  PYTHONUNBUFFERED=1 timeout 200 python3 tools/check_transformers_load.py --model models/default --dsv3 "$BIN/dsv3" \
+    --json "$OUT/hf_check.json" 2>&1 | tee "$OUT/hf_check.log"
+fi

@@ -4,6 +4,11 @@
 // The timed loop is what `dsv3 generate --device cuda` does per token: upload the id, replay the
 // captured step graph, copy the logits back, argmax on the host. --context N times decode after N
 // cached tokens of synthetic rows instead of after a real prompt (long contexts without a long prefill).
+// --batch B times CudaModel::forward_batch instead: B sequences on one device block pool (the engine's
+// path), each decoding one token per step after --context cached tokens. The context is one synthetic
+// prefix shared by all B sequences (append_shared_block, as a prefix-cache hit), so 64 sequences at 32K
+// fit in memory; attention still reads every sequence's rows, so the bytes a step reads are as if each
+// had its own.
 #include <cuda_profiler_api.h>
 #include <cuda_runtime_api.h>
 
@@ -11,6 +16,7 @@
 #include <chrono>
 #include <cstdio>
 #include <cstdlib>
+#include <random>
 #include <string>
 #include <vector>
 
@@ -64,6 +70,84 @@ std::string arg_str(int argc, char** argv, const char* name, const char* def) {
   return def;
 }
 
+// Fills `cache` (empty, on a device pool) with `tokens` tokens of random finite rows, whole blocks.
+void fill_synthetic(dsv3::LatentCache& cache, int64_t tokens, uint64_t seed) {
+  dsv3::BlockPool& pool = cache.pool();
+  std::vector<float> block(static_cast<size_t>(pool.block_floats()));
+  std::mt19937_64 rng(seed);
+  std::normal_distribution<float> d(0.0f, 1.0f);
+  for (float& v : block) v = d(rng);
+  cache.reserve(tokens);
+  for (int32_t b : cache.blocks()) pool.copy_from_host(b, block.data());
+  cache.advance(tokens);
+}
+
+// Decode steps of `batch` sequences through forward_batch; prints a JSON line and a table row.
+void bench_batched(dsv3::CudaModel& gpu, const std::string& label, int batch, int context, int n_decode) {
+  using namespace dsv3;
+  const ModelConfig& cfg = gpu.config();
+  const int64_t prefix = context / BlockPool::kBlockTokens * BlockPool::kBlockTokens;  // whole shared blocks
+  const int64_t own = BlockPool::blocks_for_tokens(context - prefix + n_decode + 2);
+  std::shared_ptr<BlockPool> pool = gpu.new_pool(prefix / BlockPool::kBlockTokens + batch * own + 1);
+  const int64_t cap = context + n_decode + 2;
+  LatentCache shared(pool, cap);
+  fill_synthetic(shared, prefix, 42);
+  std::vector<LatentCache> caches;
+  for (int b = 0; b < batch; ++b) {
+    caches.emplace_back(pool, cap);
+    for (int32_t blk : shared.blocks()) caches.back().append_shared_block(blk);
+  }
+  // The rest of the context (under one block): real tokens, one prefill item per sequence.
+  std::vector<std::vector<int32_t>> next(static_cast<size_t>(batch));
+  std::vector<Model::BatchItem> items;
+  std::vector<std::vector<int32_t>> tail(static_cast<size_t>(batch));
+  for (int b = 0; b < batch; ++b) {
+    for (int64_t i = prefix; i < context + 1; ++i)
+      tail[b].push_back(static_cast<int32_t>(2 + (i * 7919 + b * 131) % (cfg.vocab_size - 2)));
+    items.push_back({tail[b], &caches[b], false});
+  }
+  std::vector<std::vector<float>> logits = gpu.forward_batch(items);
+  std::vector<int32_t> ids(static_cast<size_t>(batch));
+  auto step = [&] {
+    items.clear();
+    for (int b = 0; b < batch; ++b) {
+      ids[b] = argmax(logits[b].data(), cfg.vocab_size);
+      items.push_back({std::span(&ids[b], 1), &caches[b], false});
+    }
+    logits = gpu.forward_batch(items);
+  };
+  step();  // captures the graph of this batch size
+  const double t0 = now_s();
+  for (int i = 1; i < n_decode; ++i) step();
+  const double decode_s = now_s() - t0;
+  if (const char* prof = std::getenv("DSV3_PROFILE"); prof && *prof == '1') {  // one step for ncu
+    DSV3_CUDA_CHECK(cudaProfilerStart());
+    step();
+    DSV3_CUDA_CHECK(cudaProfilerStop());
+  }
+  const double steps_per_s = (n_decode - 1) / decode_s, tps = steps_per_s * batch;
+  const double bw = copy_bandwidth(size_t{2} << 30);
+  const int ctx = context + 1 + n_decode / 2;  // mean context of the timed steps
+  const size_t bytes = gpu.decode_bytes_per_step(batch, ctx);
+  const double roof_steps = bw / static_cast<double>(bytes);
+  Json j = {{"label", label},
+            {"device", gpu.device_name()},
+            {"batch", batch},
+            {"context_tokens", context},
+            {"decode_tokens", n_decode},
+            {"decode_tokens_per_s", tps},
+            {"decode_ms_per_step", 1e3 / steps_per_s},
+            {"decode_bytes_per_step", bytes},
+            {"decode_gb_s", steps_per_s * static_cast<double>(bytes) / 1e9},
+            {"copy_bandwidth_gb_s", bw / 1e9},
+            {"roofline_fraction", steps_per_s / roof_steps}};
+  std::printf("%s\n", j.dump().c_str());
+  std::printf("| %s | %s | batch %d, ctx %d | %.1f tok/s (%.3f ms/step) | %.1f MB/step, %.0f GB/s of %.0f GB/s copy | %.1f%% |\n",
+              label.c_str(), gpu.device_name().c_str(), batch, context, tps, 1e3 / steps_per_s,
+              static_cast<double>(bytes) / 1e6, steps_per_s * static_cast<double>(bytes) / 1e9, bw / 1e9,
+              100.0 * steps_per_s / roof_steps);
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -74,8 +158,22 @@ int main(int argc, char** argv) {
     const int n_prompt = arg_int(argc, argv, "--prompt-tokens", 128);
     const int n_decode = arg_int(argc, argv, "--decode-tokens", 128);
     const int n_context = arg_int(argc, argv, "--context", 0);
-    check(!dir.empty(), "usage: dsv3_bench_cuda --model DIR [--prompt-tokens N] [--decode-tokens N] [--context N] [--label L]");
+    const std::string batches = arg_str(argc, argv, "--batch", "");
+    check(!dir.empty(), "usage: dsv3_bench_cuda --model DIR [--prompt-tokens N] [--decode-tokens N] [--context N] "
+                        "[--batch B[,B...]] [--label L]");
     check(n_prompt > 0 && n_decode > 1 && n_context >= 0, "--prompt-tokens must be > 0, --decode-tokens > 1, --context >= 0");
+    if (!batches.empty()) {
+      Model host(dir);
+      CudaModel gpu(host);
+      for (size_t at = 0; at < batches.size();) {
+        const size_t comma = std::min(batches.find(',', at), batches.size());
+        const int batch = std::atoi(batches.substr(at, comma - at).c_str());
+        check(batch > 0, "--batch takes positive batch sizes separated by commas (got '" + batches + "')");
+        bench_batched(gpu, label, batch, n_context, n_decode);
+        at = comma + 1;
+      }
+      return 0;
+    }
 
     double t0 = now_s();
     Model host(dir);

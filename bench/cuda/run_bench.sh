@@ -7,7 +7,9 @@
 # Env: BIN=dir with prebuilt dsv3, dsv3_cuda_tests, dsv3_bench_cuda (skips the build when set and present);
 #      DTYPES="fp8 bf16"; PROMPT=128; DECODE=128; SANITIZE=1; TESTS=1;
 #      BASE=dir with an earlier dsv3_bench_cuda, benchmarked on the same checkpoints (before/after, same card);
-#      CONTEXTS="1024 32768": also decode after that many cached (synthetic) tokens.
+#      CONTEXTS="1024 32768": also decode after that many cached (synthetic) tokens;
+#      BATCHES="1,8,64": batched decode (CudaModel::forward_batch over a device pool) at each of
+#      BATCH_CONTEXTS (default "1024 32768") cached tokens; TEST_FILTER / SANITIZE_FILTER: gtest filters.
 set -uo pipefail
 # Shared libraries carried next to prebuilt binaries (BIN/lib), for machines that lack them.
 export LD_LIBRARY_PATH=${BIN:+$BIN/lib:}${LD_LIBRARY_PATH:-}
@@ -41,13 +43,13 @@ fi
 
 # 2. GPU tests.
 if [ "${TESTS:-1}" = 1 ]; then
-  "$BIN/dsv3_cuda_tests" >"$OUT/tests.log" 2>&1
+  "$BIN/dsv3_cuda_tests" --gtest_filter="${TEST_FILTER:-*}" >"$OUT/tests.log" 2>&1
   rc=$?
   grep -E "gpu-golden|FAILED|Failure|error|PASSED" "$OUT/tests.log" | head -60
   say "gpu tests: exit $rc ($(grep -c '^\[       OK \]' "$OUT/tests.log") ok, $(grep -c '^\[  FAILED  \]' "$OUT/tests.log") failed lines)"
   if [ "${SANITIZE:-1}" = 1 ] && command -v compute-sanitizer >/dev/null; then
     timeout 150 compute-sanitizer --tool memcheck --error-exitcode 9 "$BIN/dsv3_cuda_tests" \
-      --gtest_filter='CudaOps.*:*v3_fp8_edges*' >"$OUT/sanitizer.log" 2>&1
+      --gtest_filter="${SANITIZE_FILTER:-CudaOps.*:*v3_fp8_edges*}" >"$OUT/sanitizer.log" 2>&1
     say "compute-sanitizer memcheck: exit $? ($(grep -c 'Invalid' "$OUT/sanitizer.log") invalid accesses); $(grep 'ERROR SUMMARY' "$OUT/sanitizer.log" | tail -1)"
   fi
 fi
@@ -79,6 +81,13 @@ for dt in ${DTYPES:-fp8 bf16}; do
       --context "$ctx" >"$OUT/bench_${dt}_ctx$ctx.txt" 2>&1
     grep -E '^\||error' "$OUT/bench_${dt}_ctx$ctx.txt" | tee -a "$summary"
   done
+  if [ -n "${BATCHES:-}" ]; then
+    for ctx in ${BATCH_CONTEXTS:-1024 32768}; do
+      "$BIN/dsv3_bench_cuda" --model "$dir" --label "lite-$dt" --batch "$BATCHES" --context "$ctx" \
+        --decode-tokens "${BATCH_DECODE:-32}" >"$OUT/bench_${dt}_batch_ctx$ctx.txt" 2>&1
+      grep -E '^\||error' "$OUT/bench_${dt}_batch_ctx$ctx.txt" | tee -a "$summary"
+    done
+  fi
   # Per-kernel times of two graph-replayed decode steps (ncu serializes kernels: their sum leaves out the
   # launch gaps, which the step time above includes).
   if [ "${PROFILE:-0}" = 1 ] && [ "$dt" = "${PROFILE_DTYPE:-fp8}" ] && command -v ncu >/dev/null; then

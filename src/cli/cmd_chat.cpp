@@ -13,6 +13,7 @@
 #include "cli/commands.h"
 #include "cli/common.h"
 #include "core/error.h"
+#include "engine/backend.h"
 #include "engine/generator.h"
 #include "model/model.h"
 #include "tokenizer/chat.h"
@@ -26,12 +27,13 @@ using tok::OrderedJson;
 
 class ChatSession {
  public:
-  ChatSession(Model& model, const tok::Tokenizer& tokenizer, const Args& args)
+  ChatSession(Backend& backend, const tok::Tokenizer& tokenizer, const Args& args)
       : tok_(tokenizer), chat_(tok::ChatTemplate::from_tokenizer(tokenizer)),
         sampler_(sampling_params(args)),
         max_new_(args.integer("max-new-tokens", 512, 1, 1 << 24)),
-        gen_(model, std::min<int64_t>(model.config().max_position_embeddings, args.integer("ctx", 4096, 16, 1 << 24)),
-             eos_ids(model, tokenizer)),
+        gen_(backend,
+             std::min<int64_t>(backend.config().max_position_embeddings, args.integer("ctx", 4096, 16, 1 << 24)),
+             eos_ids(backend.config(), tokenizer)),
         color_(isatty(STDOUT_FILENO) != 0) {
     if (args.has("system")) messages_.push_back({{"role", "system"}, {"content", args.str("system")}});
   }
@@ -73,8 +75,8 @@ class ChatSession {
   }
 
  private:
-  static std::vector<int64_t> eos_ids(const Model& model, const tok::Tokenizer& tokenizer) {
-    std::vector<int64_t> ids = model.config().eos_token_ids;
+  static std::vector<int64_t> eos_ids(const ModelConfig& cfg, const tok::Tokenizer& tokenizer) {
+    std::vector<int64_t> ids = cfg.eos_token_ids;
     if (auto e = tokenizer.eos_id()) ids.push_back(*e);
     return ids;
   }
@@ -140,13 +142,17 @@ int cmd_chat(const Argv& argv) {
              {"max-new-tokens", "N", "longest reply in tokens (default 512)"},
              {"ctx", "N", "context length to allocate (default 4096)"},
              sampling_flags()[0], sampling_flags()[1], sampling_flags()[2], sampling_flags()[3],
+             {"device", "cpu", "where to run: cpu (default) or cuda (one NVIDIA GPU, if built with CUDA)"},
              threads_flag()});
   if (!args.parse(argv)) return 0;
+  const std::string device = args.str("device", "cpu");
+  check_device(device);
   apply_threads(args);
   const std::string dir = model_dir(args);
   Model model(dir);
   const std::unique_ptr<tok::Tokenizer> tokenizer = load_tokenizer(dir, /*required=*/true);
-  ChatSession session(model, *tokenizer, args);
+  const std::unique_ptr<Backend> backend = make_backend(device, model);
+  ChatSession session(*backend, *tokenizer, args);
   if (isatty(STDIN_FILENO)) run_interactive(session);
   else run_piped(session);
   return 0;

@@ -12,37 +12,12 @@
 #include "cli/commands.h"
 #include "cli/common.h"
 #include "core/error.h"
+#include "engine/backend.h"
 #include "engine/generator.h"
 #include "model/model.h"
 #include "tokenizer/stream.h"
-#ifdef DSV3_HAVE_CUDA
-#include "model/cuda_model.h"
-#endif
 
 namespace dsv3::cli {
-
-namespace {
-
-#ifdef DSV3_HAVE_CUDA
-// The decode loop of Generator::run on the GPU engine (one sequence, fresh cache): prefill, then one
-// token at a time; on_token(id) returns false to stop; eos ids are reported but not fed back.
-void generate_cuda(const Model& host, std::span<const int32_t> prompt, int64_t max_new, const std::vector<int64_t>& eos,
-                   Sampler& sampler, const std::function<bool(int32_t)>& on_token) {
-  CudaModel gpu(host);
-  CudaLatentCache cache = gpu.new_cache(static_cast<int64_t>(prompt.size()) + max_new);
-  ForwardOptions last_only;
-  last_only.all_logits = false;
-  std::vector<float> logits = gpu.forward(prompt, cache, last_only);
-  for (int64_t i = 0; i < max_new; ++i) {
-    const int32_t next = sampler.sample(logits.data(), gpu.config().vocab_size);
-    if (!on_token(next) || std::find(eos.begin(), eos.end(), next) != eos.end() || i + 1 == max_new) return;
-    const int32_t step[1] = {next};
-    logits = gpu.forward(step, cache, last_only);
-  }
-}
-#endif
-
-}  // namespace
 
 int cmd_generate(const Argv& argv) {
   Args args("generate", "Continues a prompt (token ids or text) and prints the new ids or streams the new text.",
@@ -93,18 +68,11 @@ int cmd_generate(const Argv& argv) {
     }
     return true;
   };
-  if (device == "cuda") {
-#ifdef DSV3_HAVE_CUDA
-    check(static_cast<int64_t>(prompt.size()) + max_new <= cfg.max_position_embeddings,
-          "the prompt plus --max-new-tokens exceeds the model's context of " +
-              std::to_string(cfg.max_position_embeddings) + " tokens");
-    generate_cuda(model, prompt, max_new, eos, sampler, on_token);
-#endif
-  } else {
-    Generator gen(model, std::min<int64_t>(cfg.max_position_embeddings, static_cast<int64_t>(prompt.size()) + max_new),
-                  eos);
-    gen.run(prompt, max_new, sampler, on_token);
-  }
+  // One engine for both devices: the Generator over a CPU or GPU backend, with a cache just big enough.
+  const std::unique_ptr<Backend> backend = make_backend(device, model);
+  Generator gen(*backend, std::min<int64_t>(cfg.max_position_embeddings, static_cast<int64_t>(prompt.size()) + max_new),
+                eos);
+  gen.run(prompt, max_new, sampler, on_token);
   if (text) {
     std::printf("%s\n", stream->finish().c_str());
     return 0;

@@ -32,15 +32,19 @@ int cmd_serve(const Argv& argv) {
              {"max-batch", "N", "sequences decoded together (default 8)"},
              {"max-batch-tokens", "N", "tokens per engine step, decode plus prefill chunks (default 512)"},
              {"cache-blocks", "N", "64-token blocks in the latent-cache pool (default: max-batch full contexts)"},
-             {"cache-memory-gb", "X", "size the block pool from a memory budget instead of --cache-blocks"},
+             {"cache-memory-gb", "X", "size the block pool from a memory budget instead of --cache-blocks (default with\n"
+                                     "--device cuda: 80% of the GPU memory free after loading the model)"},
              {"cache-dir", "DIR", "keep prefix-cache blocks on disk here; they survive restarts"},
              {"cache-dir-max-gb", "X", "size cap of --cache-dir, least recently used first out (default 10)"},
              {"schedule", "fcfs|shortest", "admission order of waiting requests (default fcfs)"},
+             {"device", "cpu", "where the engine runs: cpu (default) or cuda (one NVIDIA GPU, if built with CUDA)"},
              threads_flag()});
   if (!args.parse(argv)) return 0;
   apply_threads(args);
   server::ServerOptions opt;
   opt.model_dir = model_dir(args);
+  opt.device = args.str("device", "cpu");
+  check_device(opt.device);
   opt.host = args.str("host", "127.0.0.1");
   opt.port = static_cast<int>(args.integer("port", 8080, 0, 65535));
   opt.api_key = args.str("api-key");

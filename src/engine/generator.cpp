@@ -6,8 +6,9 @@
 
 namespace dsv3 {
 
-Generator::Generator(Model& model, int64_t max_context, std::vector<int64_t> eos_ids)
-    : model_(model), cache_(model.new_cache(max_context)), eos_(std::move(eos_ids)) {}
+Generator::Generator(Backend& backend, int64_t max_context, std::vector<int64_t> eos_ids)
+    : backend_(backend), cache_(backend.new_pool(BlockPool::blocks_for_tokens(max_context)), max_context),
+      eos_(std::move(eos_ids)) {}
 
 FinishReason Generator::run(std::span<const int32_t> prompt, int64_t max_new_tokens, Sampler& sampler,
                             const std::function<bool(int32_t)>& on_token) {
@@ -24,10 +25,13 @@ FinishReason Generator::run(std::span<const int32_t> prompt, int64_t max_new_tok
   cache_.truncate(static_cast<int64_t>(keep));
   cached_.resize(keep);
 
-  const int64_t vocab = model_.config().vocab_size;
-  ForwardOptions last_only;
-  last_only.all_logits = false;
-  std::vector<float> logits = model_.forward(prompt.subspan(keep), cache_, last_only);
+  const int64_t vocab = backend_.config().vocab_size;
+  // One sequence is a batch of one (its logits: the last token's only).
+  auto forward = [&](std::span<const int32_t> tokens) {
+    const Model::BatchItem item{tokens, &cache_, false};
+    return std::move(backend_.forward_batch(std::span(&item, 1))[0]);
+  };
+  std::vector<float> logits = forward(prompt.subspan(keep));
   cached_.insert(cached_.end(), prompt.begin() + static_cast<std::ptrdiff_t>(keep), prompt.end());
   for (int64_t i = 0; i < max_new_tokens; ++i) {
     const int32_t next = sampler.sample(logits.data(), vocab);
@@ -35,7 +39,7 @@ FinishReason Generator::run(std::span<const int32_t> prompt, int64_t max_new_tok
     if (!on_token(next) || eos) return FinishReason::Stop;
     if (i + 1 == max_new_tokens) break;
     const int32_t step[1] = {next};
-    logits = model_.forward(step, cache_, last_only);
+    logits = forward(step);
     cached_.push_back(next);
   }
   return FinishReason::Length;

@@ -1,6 +1,6 @@
-// Generator: one sequence's decode loop on the CPU engine. Feeds a prompt (reusing whatever prefix of it
-// the latent cache already holds, so a chat turn only pays for its new tokens), then samples token by
-// token until an end-of-sequence id, a stop callback or the token limit.
+// Generator: one sequence's decode loop on either engine (a Backend: CPU or CUDA). Feeds a prompt
+// (reusing whatever prefix of it the latent cache already holds, so a chat turn only pays for its new
+// tokens), then samples token by token until an end-of-sequence id, a stop callback or the token limit.
 #pragma once
 
 #include <cstdint>
@@ -8,8 +8,9 @@
 #include <span>
 #include <vector>
 
+#include "engine/backend.h"
 #include "engine/sampler.h"
-#include "model/model.h"
+#include "kvcache/latent_cache.h"
 
 namespace dsv3 {
 
@@ -18,8 +19,9 @@ enum class FinishReason { Stop, Length, Cancelled, Error };
 
 class Generator {
  public:
-  // `eos_ids` end generation (they are reported to on_token but not fed back).
-  Generator(Model& model, int64_t max_context, std::vector<int64_t> eos_ids);
+  // `eos_ids` end generation (they are reported to on_token but not fed back). The cache, a pool of
+  // max_context tokens from backend.new_pool, lives where the backend computes. `backend` must outlive this.
+  Generator(Backend& backend, int64_t max_context, std::vector<int64_t> eos_ids);
 
   // Continues `prompt` (the whole conversation so far). Tokens already in the cache that match the
   // start of `prompt` are kept; the rest of the cache is dropped. on_token(id) returns false to stop.
@@ -33,7 +35,7 @@ class Generator {
   int64_t max_context() const { return cache_.capacity(); }
 
  private:
-  Model& model_;
+  Backend& backend_;
   LatentCache cache_;
   std::vector<int32_t> cached_;
   std::vector<int64_t> eos_;

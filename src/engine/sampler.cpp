@@ -80,27 +80,28 @@ int32_t Sampler::sample(const float* logits, int64_t vocab) {
     chosen = ids[static_cast<size_t>(pick(rng_))];
   }
 
-  if (p_.top_logprobs >= 0) fill_logprobs(logits, vocab, chosen);
+  if (p_.top_logprobs >= 0) logprobs_ = logprobs_of(logits, vocab, chosen, p_.top_logprobs);
   ++generated_[chosen];
   seen_.insert(chosen);
   if (filter_) filter_->accept(chosen);
   return chosen;
 }
 
-void Sampler::fill_logprobs(const float* logits, int64_t vocab, int32_t chosen) {
+SampleLogprobs logprobs_of(const float* logits, int64_t vocab, int32_t chosen, int64_t top) {
   const double m = logits[argmax(logits, vocab)];
   double sum = 0.0;
   for (int64_t i = 0; i < vocab; ++i) sum += std::exp(static_cast<double>(logits[i]) - m);
   const double lse = m + std::log(sum);
-  logprobs_.chosen = {chosen, static_cast<float>(logits[chosen] - lse)};
-  const int64_t k = std::min(p_.top_logprobs, vocab);
+  SampleLogprobs out;
+  out.chosen = {chosen, static_cast<float>(logits[chosen] - lse)};
+  const int64_t k = std::min(top, vocab);
   std::vector<int32_t> ids(static_cast<size_t>(vocab));
   std::iota(ids.begin(), ids.end(), 0);
   std::partial_sort(ids.begin(), ids.begin() + k, ids.end(), [&](int32_t a, int32_t b) {
     return logits[a] > logits[b] || (logits[a] == logits[b] && a < b);
   });
-  logprobs_.top.clear();
-  for (int64_t i = 0; i < k; ++i) logprobs_.top.push_back({ids[i], static_cast<float>(logits[ids[i]] - lse)});
+  for (int64_t i = 0; i < k; ++i) out.top.push_back({ids[i], static_cast<float>(logits[ids[i]] - lse)});
+  return out;
 }
 
 }  // namespace dsv3

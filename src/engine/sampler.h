@@ -55,6 +55,10 @@ struct SampleLogprobs {
   std::vector<TokenLogprob> top;  // best first, ties by lower id
 };
 
+// Log-softmax of raw `logits` at `chosen`, and the `top` best tokens (what Sampler reports for a sampled
+// token; the server's echo uses it for prompt tokens).
+SampleLogprobs logprobs_of(const float* logits, int64_t vocab, int32_t chosen, int64_t top);
+
 class Sampler {
  public:
   // `prompt` seeds the repetition-penalty set (Hugging Face penalizes prompt tokens too).
@@ -67,7 +71,6 @@ class Sampler {
   const SamplingParams& params() const { return p_; }
 
  private:
-  void fill_logprobs(const float* logits, int64_t vocab, int32_t chosen);
 
   SamplingParams p_;
   std::mt19937_64 rng_;

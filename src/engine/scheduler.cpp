@@ -29,6 +29,7 @@ struct Sequence {
   int64_t max_new = 0;
   int64_t generated = 0;
   int64_t hit_tokens = 0;          // cache hits at the first admission (what usage reports)
+  int64_t prompt_logits_sent = 0;  // prompt positions whose logits went to req.on_prompt_logits
   bool admitted_before = false;
   std::optional<LatentCache> cache;  // while running
   std::vector<uint64_t> chain;     // chain hashes of the cache's full blocks known to the prefix cache
@@ -38,6 +39,7 @@ struct Sequence {
     return std::span(tokens).subspan(static_cast<size_t>(b * kBlock), static_cast<size_t>(kBlock));
   }
   bool cancelled() const { return req.cancelled && req.cancelled->load(); }
+  bool wants_prompt_logits() const { return req.on_prompt_logits && prompt_logits_sent < prompt_tokens; }
 };
 
 using SeqPtr = std::unique_ptr<Sequence>;
@@ -45,7 +47,7 @@ using SeqPtr = std::unique_ptr<Sequence>;
 }  // namespace
 
 struct Scheduler::Impl {
-  Model& model;
+  Backend& backend;
   const SchedulerOptions opt;
   std::shared_ptr<BlockPool> pool;
   std::optional<PrefixCache> prefix;  // holds pool references: reset before the pool goes
@@ -65,7 +67,7 @@ struct Scheduler::Impl {
   std::vector<SeqPtr> waiting, running;
   SchedulerStats counters;
 
-  Impl(Model& m, SchedulerOptions o);
+  Impl(Backend& b, SchedulerOptions o);
   ~Impl() { prefix.reset(); }
   void loop();
   void step();
@@ -74,6 +76,7 @@ struct Scheduler::Impl {
   bool make_room(int64_t blocks, const Sequence& for_seq, const std::vector<Sequence*>& planned);
   void preempt(Sequence& s);
   void register_blocks(Sequence& s);
+  void send_prompt_logits(Sequence& s, int64_t start, std::vector<float>& logits);
   void sample(Sequence& s, const std::vector<float>& logits);
   void finish(SeqPtr s, FinishReason reason, const std::string& error = {});
   void finish_where(std::vector<SeqPtr>& list, const std::function<std::optional<FinishReason>(const Sequence&)>& why);
@@ -81,18 +84,17 @@ struct Scheduler::Impl {
   void publish();
 };
 
-Scheduler::Impl::Impl(Model& m, SchedulerOptions o) : model(m), opt(std::move(o)) {
+Scheduler::Impl::Impl(Backend& b, SchedulerOptions o) : backend(b), opt(std::move(o)) {
   check(opt.max_batch >= 1, "max_batch must be at least 1 (got " + std::to_string(opt.max_batch) + ")");
   check(opt.max_batch_tokens >= 1, "max_batch_tokens must be at least 1 (got " + std::to_string(opt.max_batch_tokens) + ")");
   check(opt.ctx >= 2, "ctx must be at least 2 tokens (got " + std::to_string(opt.ctx) + ")");
   check(opt.cache_blocks >= 0, "cache_blocks must be >= 0 (got " + std::to_string(opt.cache_blocks) + ")");
   check(opt.cache_dir_max_bytes >= 0, "cache_dir_max_bytes must be >= 0");
-  const ModelConfig& cfg = model.config();
   const int64_t blocks = opt.cache_blocks > 0 ? opt.cache_blocks : opt.max_batch * BlockPool::blocks_for_tokens(opt.ctx);
-  pool = std::make_shared<BlockPool>(cfg.num_hidden_layers, cfg.kv_lora_rank, cfg.qk_rope_head_dim, blocks);
+  pool = backend.new_pool(blocks);
   prefix.emplace(*pool);
   if (!opt.cache_dir.empty())
-    disk.emplace(opt.cache_dir, opt.cache_dir_max_bytes, model.identity(), pool->n_layers(), pool->row_width());
+    disk.emplace(opt.cache_dir, opt.cache_dir_max_bytes, backend.identity(), pool->n_layers(), pool->row_width());
   publish();
 }
 
@@ -189,14 +191,16 @@ void Scheduler::Impl::step() {
   if (planned.empty()) return;
 
   std::vector<Model::BatchItem> items;
+  std::vector<int64_t> starts;  // each item's first position
   for (size_t i = 0; i < planned.size(); ++i) {
     Sequence& s = *planned[i];
+    starts.push_back(s.cache->length());
     items.push_back({std::span(s.tokens).subspan(static_cast<size_t>(s.cache->length()), static_cast<size_t>(chunk[i])),
-                     &*s.cache, false});
+                     &*s.cache, s.wants_prompt_logits()});
   }
   std::vector<std::vector<float>> logits;
   try {
-    logits = model.forward_batch(items);
+    logits = backend.forward_batch(items);
   } catch (const std::exception& e) {
     // Cannot happen for validated requests; if it does, fail this batch's sequences, not the engine.
     const std::string msg = std::string("the forward pass failed: ") + e.what();
@@ -214,6 +218,7 @@ void Scheduler::Impl::step() {
   ++counters.steps;
   for (size_t i = 0; i < planned.size(); ++i) {
     register_blocks(*planned[i]);
+    if (items[i].all_logits) send_prompt_logits(*planned[i], starts[i], logits[i]);
     if (planned[i]->remaining() == 0) sample(*planned[i], logits[i]);
   }
 }
@@ -222,9 +227,9 @@ bool Scheduler::Impl::admit(Sequence& s) {
   s.cache.emplace(pool, opt.ctx);
   s.chain.clear();
   // Prefix hits, block by block along the chain; never the block holding the last token, whose logits
-  // are needed (so a hit never has to be written into).
-  const int64_t hit_limit = (static_cast<int64_t>(s.tokens.size()) - 1) / kBlock;
-  uint64_t parent = model.identity();
+  // are needed (so a hit never has to be written into), nor any while the prompt's logits are wanted.
+  const int64_t hit_limit = s.wants_prompt_logits() ? 0 : (static_cast<int64_t>(s.tokens.size()) - 1) / kBlock;
+  uint64_t parent = backend.identity();
   for (int64_t b = 0; b < hit_limit; ++b) {
     const auto toks = s.block_tokens(b);
     const uint64_t h = chain_hash(parent, toks);
@@ -293,7 +298,7 @@ void Scheduler::Impl::preempt(Sequence& s) {
 void Scheduler::Impl::register_blocks(Sequence& s) {
   const int64_t full = s.cache->length() / kBlock;
   for (auto b = static_cast<int64_t>(s.chain.size()); b < full; ++b) {
-    const uint64_t parent = b == 0 ? model.identity() : s.chain.back();
+    const uint64_t parent = b == 0 ? backend.identity() : s.chain.back();
     const auto toks = s.block_tokens(b);
     const uint64_t h = chain_hash(parent, toks);
     prefix->insert(h, parent, toks, s.cache->blocks()[static_cast<size_t>(b)], b);
@@ -301,11 +306,24 @@ void Scheduler::Impl::register_blocks(Sequence& s) {
   }
 }
 
+void Scheduler::Impl::send_prompt_logits(Sequence& s, int64_t start, std::vector<float>& logits) {
+  // `logits` holds a row per token of this chunk, positions [start, ...): the prompt's rows not sent
+  // yet go out (a recompute after preemption repeats none); the last row stays for sample().
+  const int64_t vocab = backend.config().vocab_size;
+  const int64_t rows = static_cast<int64_t>(logits.size()) / vocab;
+  const int64_t from = std::max(start, s.prompt_logits_sent), to = std::min(start + rows, s.prompt_tokens);
+  if (to > from)
+    s.req.on_prompt_logits(from, std::span<const float>(logits).subspan(static_cast<size_t>((from - start) * vocab),
+                                                                       static_cast<size_t>((to - from) * vocab)));
+  s.prompt_logits_sent = std::max(s.prompt_logits_sent, to);
+  logits.erase(logits.begin(), logits.end() - vocab);
+}
+
 void Scheduler::Impl::sample(Sequence& s, const std::vector<float>& logits) {
   std::optional<FinishReason> end;
   std::string error;
   try {
-    const int32_t next = s.req.sampler->sample(logits.data(), model.config().vocab_size);
+    const int32_t next = s.req.sampler->sample(logits.data(), backend.config().vocab_size);
     ++s.generated;
     const bool eos = std::find(s.req.eos_ids.begin(), s.req.eos_ids.end(), next) != s.req.eos_ids.end();
     const bool go_on = !s.req.on_token || s.req.on_token(next);
@@ -394,7 +412,7 @@ void Scheduler::Impl::publish() {
 
 // ---- the public face -----------------------------------------------------------------------------
 
-Scheduler::Scheduler(Model& model, SchedulerOptions opt) : impl_(std::make_unique<Impl>(model, std::move(opt))) {
+Scheduler::Scheduler(Backend& backend, SchedulerOptions opt) : impl_(std::make_unique<Impl>(backend, std::move(opt))) {
   // OpenMP's worker count (set_num_threads, --threads) is per thread: the engine thread takes the
   // creating thread's, so the whole process keeps one setting.
   const int workers = num_threads();
@@ -410,7 +428,7 @@ const SchedulerOptions& Scheduler::options() const { return impl_->opt; }
 
 void Scheduler::submit(SequenceRequest req) {
   const Impl& m = *impl_;
-  const int64_t vocab = m.model.config().vocab_size, n = static_cast<int64_t>(req.prompt.size());
+  const int64_t vocab = m.backend.config().vocab_size, n = static_cast<int64_t>(req.prompt.size());
   check(n > 0, "the prompt is empty");
   for (int32_t t : req.prompt)
     check(t >= 0 && t < vocab, "token id " + std::to_string(t) + " is out of range: the vocabulary has " +
@@ -458,10 +476,4 @@ void Scheduler::shutdown(bool cancel_running) {
   impl_->wake.notify_one();
   if (impl_->thread.joinable()) impl_->thread.join();
 }
-
-int64_t cache_blocks_for_bytes(const Model& model, int64_t bytes) {
-  const ModelConfig& cfg = model.config();
-  return BlockPool::blocks_for_bytes(bytes, cfg.num_hidden_layers, cfg.kv_lora_rank, cfg.qk_rope_head_dim);
-}
-
 }  // namespace dsv3

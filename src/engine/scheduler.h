@@ -1,21 +1,23 @@
-// Scheduler: continuous batching on the CPU engine. One engine thread (owned by the Scheduler) runs
-// steps; each step feeds every running sequence its next tokens (a decode token, or a chunk of its
-// prompt under a per-step token budget: chunked prefill) through one batched forward pass, so weights
-// are read once per step for the whole batch. All sequences share one pool of 64-token latent-cache
-// blocks: a waiting sequence is admitted when enough blocks are free, and when blocks run out the
-// newest running sequence is preempted (its blocks freed; later it re-runs prompt + generated tokens
-// and continues exactly where it stopped). Full blocks go into a prefix cache (chained block hashes,
-// verified tokens, LRU) so a later prompt with the same prefix skips that prefill; with a cache_dir
-// they also go to disk and survive restarts. See docs/SERVER.md, "Engine".
+// Scheduler: continuous batching on either engine (a Backend: CPU or CUDA). One engine thread (owned by the
+// Scheduler) runs steps; each step feeds every running sequence its next tokens (a decode token, or a chunk
+// of its prompt under a per-step token budget: chunked prefill) through one batched forward pass, so weights
+// are read once per step for the whole batch. All sequences share one pool of 64-token latent-cache blocks: a
+// waiting sequence is admitted when enough blocks are free, and when blocks run out the newest running
+// sequence is preempted (its blocks freed; later it re-runs prompt + generated tokens and continues exactly
+// where it stopped). Full blocks go into a prefix cache (chained block hashes, verified tokens, LRU) so a
+// later prompt with the same prefix skips that prefill; with a cache_dir they also go to disk and survive
+// restarts. See docs/SERVER.md, "Engine".
 #pragma once
 
 #include <atomic>
 #include <cstdint>
 #include <functional>
 #include <memory>
+#include <span>
 #include <string>
 #include <vector>
 
+#include "engine/backend.h"
 #include "engine/generator.h"
 #include "engine/sampler.h"
 #include "model/model.h"
@@ -49,6 +51,11 @@ struct SequenceRequest {
   std::shared_ptr<std::atomic<bool>> cancelled;  // may be set from any thread; checked every step, also while queued
   std::function<bool(int32_t token)> on_token;   // engine thread; return false to stop (reason Stop)
   std::function<void(const SequenceResult&)> on_done;  // engine thread; exactly once per accepted request
+  // Set: the prompt's logits are wanted (echo with logprobs). Engine thread, before the first on_token:
+  // called with the logits of prompt positions [first, first + rows) as rows x vocab, in order, each
+  // position once. Such a prompt is prefilled with all-token logits and skips the prefix cache's hits
+  // (a hit has no logits); once its logits are out, a preempted sequence uses hits again. Must not throw.
+  std::function<void(int64_t first, std::span<const float> logits)> on_prompt_logits;
 };
 
 struct SchedulerStats {
@@ -68,8 +75,9 @@ struct SchedulerStats {
 class Scheduler {
  public:
   // Starts the engine thread, which uses the calling thread's CPU worker count (set_num_threads).
-  // `model` must outlive the Scheduler. Throws dsv3::Error on bad options.
-  Scheduler(Model& model, SchedulerOptions opt);
+  // `backend` must outlive the Scheduler; the pool is made by backend.new_pool (host or device memory).
+  // Throws dsv3::Error on bad options.
+  Scheduler(Backend& backend, SchedulerOptions opt);
   ~Scheduler();  // shutdown(true)
   Scheduler(const Scheduler&) = delete;
   Scheduler& operator=(const Scheduler&) = delete;
@@ -91,8 +99,5 @@ class Scheduler {
  private:
   std::unique_ptr<Impl> impl_;
 };
-
-// Pool size for a memory budget: how many 64-token blocks of `model`'s latent rows fit in `bytes`.
-int64_t cache_blocks_for_bytes(const Model& model, int64_t bytes);
 
 }  // namespace dsv3

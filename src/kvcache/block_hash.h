@@ -8,6 +8,8 @@
 #include <cstring>
 #include <span>
 
+#include "core/random.h"
+
 namespace dsv3 {
 
 inline uint64_t hash_bytes(uint64_t seed, const void* data, size_t n) {
@@ -21,10 +23,7 @@ inline uint64_t hash_bytes(uint64_t seed, const void* data, size_t n) {
     h = (h ^ w) * kPrime;
   }
   for (; i < n; ++i) h = (h ^ p[i]) * kPrime;
-  h ^= n;
-  h = (h ^ (h >> 30)) * 0xbf58476d1ce4e5b9ULL;
-  h = (h ^ (h >> 27)) * 0x94d049bb133111ebULL;
-  return h ^ (h >> 31);
+  return splitmix64_mix(h ^ n);
 }
 
 // Hash of a block of tokens that follows the block whose chain hash is `parent` (the first block's

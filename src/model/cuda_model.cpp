@@ -4,7 +4,10 @@
 
 #include <algorithm>
 #include <atomic>
+#include <cmath>
+#include <cstdlib>
 #include <cstring>
+#include <limits>
 #include <map>
 #include <numeric>
 #include <random>
@@ -40,6 +43,37 @@ void select_device(int device) {
                                            std::to_string(count) + " found)");
   DSV3_CUDA_CHECK(cudaSetDevice(device));
 }
+
+// Pool blocks in device memory, filled with NaN (all-ones bytes) so that a row nobody wrote poisons
+// whatever reads it. Whole-block copies go through cudaMemcpy, which waits for the device: the engine
+// copies blocks only between steps (forward_batch has synchronized its stream by then).
+class DeviceBlockStorage final : public BlockStorage {
+ public:
+  explicit DeviceBlockStorage(size_t bytes) {
+    DSV3_CUDA_CHECK(cudaMalloc(reinterpret_cast<void**>(&base_), std::max<size_t>(bytes, 16)));
+    DSV3_CUDA_CHECK(cudaMemset(base_, 0xff, bytes));
+    DSV3_CUDA_CHECK(cudaDeviceSynchronize());  // the engine's stream does not wait for the legacy stream
+  }
+  ~DeviceBlockStorage() override { cudaFree(base_); }
+  DeviceBlockStorage(const DeviceBlockStorage&) = delete;
+  DeviceBlockStorage& operator=(const DeviceBlockStorage&) = delete;
+
+  float* base() override { return base_; }
+  bool host_addressable() const override { return false; }
+  void copy_to_host(int32_t block, int64_t block_floats, float* dst) const override {
+    DSV3_CUDA_CHECK(cudaDeviceSynchronize());
+    DSV3_CUDA_CHECK(cudaMemcpy(dst, base_ + static_cast<size_t>(block) * static_cast<size_t>(block_floats),
+                               static_cast<size_t>(block_floats) * sizeof(float), cudaMemcpyDeviceToHost));
+  }
+  void copy_from_host(int32_t block, int64_t block_floats, const float* src) override {
+    DSV3_CUDA_CHECK(cudaDeviceSynchronize());
+    DSV3_CUDA_CHECK(cudaMemcpy(base_ + static_cast<size_t>(block) * static_cast<size_t>(block_floats), src,
+                               static_cast<size_t>(block_floats) * sizeof(float), cudaMemcpyHostToDevice));
+  }
+
+ private:
+  float* base_ = nullptr;
+};
 
 }  // namespace
 
@@ -130,6 +164,22 @@ std::vector<float> CudaLatentCache::row(int64_t layer, int64_t pos) const {
 // ---------------------------------------------------------------------------------------------------
 // CudaModel
 
+namespace {
+
+// Smallest step (tokens) whose MoE runs expert-grouped: off unless DSV3_MOE_GROUP_MIN=N (read once).
+// Off by default: on an H200, "lite" FP8, the grouped 8-token expert GEMVs were slower than one GEMV per
+// (token, slot) at decode batches 8 and 64 (217 vs 529 and 487 vs 594 tok/s, docs/PERF.md); the
+// grouping is the layout a tensor-core grouped expert GEMM needs, which is what would make it pay.
+int64_t moe_group_min_tokens() {
+  static const int64_t n = [] {
+    const char* v = std::getenv("DSV3_MOE_GROUP_MIN");
+    return v && std::atoll(v) > 0 ? static_cast<int64_t>(std::atoll(v)) : std::numeric_limits<int64_t>::max();
+  }();
+  return n;
+}
+
+}  // namespace
+
 struct DevSwiGLU {
   DeviceMatrix gate, up, down;
 };
@@ -163,9 +213,23 @@ struct Scratch {
   float *x = nullptr, *h = nullptr, *qkv = nullptr, *q = nullptr, *qabs = nullptr,
         *olat = nullptr, *o = nullptr, *rlogits = nullptr, *wts = nullptr, *act = nullptr, *act_shared = nullptr,
         *logits = nullptr,
-        *work = nullptr;
+        *work = nullptr, *moe_out = nullptr;
+  int32_t *gather = nullptr, *gather_expert = nullptr;  // expert-grouped MoE problems (cuda::moe_plan)
   int32_t *ids = nullptr, *tokens = nullptr, *counters = nullptr;
   int64_t* pos = nullptr;
+  // Per-row inputs of a batched step, uploaded together in one copy: [row_pos int64 | tokens int32 |
+  // row_table int32] x cap (`tokens` above points into it).
+  unsigned char* step = nullptr;
+  int64_t* row_pos = nullptr;
+  int32_t* row_table = nullptr;
+  static size_t step_bytes(int64_t cap) { return static_cast<size_t>(cap) * 16; }
+};
+
+// Where one step's rows find their cache rows and positions (see cuda::CachePages).
+struct StepCache {
+  cuda::CachePages pages;
+  const int64_t* pos0 = nullptr;
+  const int64_t* pos = nullptr;
 };
 
 struct CudaModel::Impl {
@@ -174,6 +238,7 @@ struct CudaModel::Impl {
   std::vector<void*> allocations;
   std::map<const void*, DeviceMatrix> uploaded;  // host data -> device copy (tied embeddings share)
   size_t weight_bytes = 0, decode_weight_bytes = 0;
+  size_t routed_expert_bytes = 0;  // one routed expert of every MoE layer, summed (roofline at batch > 1)
   int64_t q_part = 0;  // rows of the query section of every layer's qkv_a (padded)
   std::string device_name;
   int sm_count = 0;
@@ -192,8 +257,18 @@ struct CudaModel::Impl {
   cudaGraphExec_t graph = nullptr;
   uint64_t graph_cache = 0, graph_gen = 0;
 
+  // Batched steps: every sequence's page table, concatenated (device, grown on demand), and one captured
+  // graph per batch size of all-decode steps (valid while graphs_gen == scratch_gen).
+  float** step_pages = nullptr;
+  int64_t step_pages_cap = 0;
+  std::map<int64_t, cudaGraphExec_t> batch_graphs;
+  uint64_t batch_graphs_gen = 0;
+
   ~Impl() {
     if (graph) cudaGraphExecDestroy(graph);
+    for (auto& [n, g] : batch_graphs)
+      if (g) cudaGraphExecDestroy(g);
+    if (step_pages) cudaFree(step_pages);
     for (void* p : scratch_allocs) cudaFree(p);
     for (void* p : allocations) cudaFree(p);
     if (stream) cudaStreamDestroy(stream);
@@ -336,11 +411,13 @@ struct CudaModel::Impl {
 
   // ---- scratch -------------------------------------------------------------------------------------
 
+  // The attention grid's key splits per (token, head): up to 128, as many as a 256 MiB buffer of
+  // partials allows. Each row uses as many as give it >= kAttentionSplitKeys keys per split (a 32K
+  // context all 128, 1K 16, a short one 1-2), so one captured grid serves every context length.
+  static constexpr int64_t kAttentionSplitKeys = 64;
   int attention_splits(int64_t n) const {
-    // Enough (token, head, split) blocks to cover the GPU twice, each split at least one 64-key tile.
-    const int64_t blocks = n * cfg.num_attention_heads;
-    const int64_t want = (2 * static_cast<int64_t>(sm_count) + blocks - 1) / blocks;
-    return static_cast<int>(std::clamp<int64_t>(want, 1, 64));
+    const int64_t per_split = cuda::mla_attention_work_floats(n, cfg.num_attention_heads, cfg.kv_lora_rank, 1) * 4;
+    return static_cast<int>(std::clamp<int64_t>((int64_t{256} << 20) / per_split, 1, 128));
   }
 
   void ensure_scratch(int64_t n) {
@@ -378,9 +455,32 @@ struct CudaModel::Impl {
     t.counters = static_cast<int32_t*>(device_alloc(static_cast<size_t>(cap * H) * 4, scratch_allocs, "attention counters"));
     DSV3_CUDA_CHECK(cudaMemsetAsync(t.counters, 0, static_cast<size_t>(cap * H) * 4, stream));
     t.ids = static_cast<int32_t*>(device_alloc(static_cast<size_t>(cap * k) * 4, scratch_allocs, "expert ids"));
-    t.tokens = static_cast<int32_t*>(device_alloc(static_cast<size_t>(cap) * 4, scratch_allocs, "token ids"));
+    const int64_t slots = k + c.n_shared_experts, chunks = cuda::moe_plan_chunks(cap * slots, c.n_routed_experts + c.n_shared_experts);
+    t.moe_out = f(cap * slots * D, "expert outputs");
+    t.gather = static_cast<int32_t*>(device_alloc(static_cast<size_t>(chunks * cuda::kExpertChunk) * 4, scratch_allocs, "expert groups"));
+    t.gather_expert = static_cast<int32_t*>(device_alloc(static_cast<size_t>(chunks) * 4, scratch_allocs, "expert groups"));
+    t.step = static_cast<unsigned char*>(device_alloc(Scratch::step_bytes(cap), scratch_allocs, "token ids and positions"));
+    t.row_pos = reinterpret_cast<int64_t*>(t.step);
+    t.tokens = reinterpret_cast<int32_t*>(t.step + cap * 8);
+    t.row_table = reinterpret_cast<int32_t*>(t.step + cap * 12);
     t.pos = static_cast<int64_t*>(device_alloc(8, scratch_allocs, "position"));
     s = t;
+    ++scratch_gen;
+  }
+
+  // Room for `count` page pointers in step_pages (a new buffer invalidates the captured batch graphs).
+  void ensure_step_pages(int64_t count) {
+    if (count <= step_pages_cap) return;
+    const int64_t cap = std::max<int64_t>(count, std::max<int64_t>(1024, 2 * step_pages_cap));
+    if (step_pages) {
+      DSV3_CUDA_CHECK(cudaStreamSynchronize(stream));
+      cudaFree(step_pages);
+      step_pages = nullptr;
+      step_pages_cap = 0;
+    }
+    std::vector<void*> owner;
+    step_pages = static_cast<float**>(device_alloc(static_cast<size_t>(cap) * sizeof(float*), owner, "page tables"));
+    step_pages_cap = cap;
     ++scratch_gen;
   }
 
@@ -424,7 +524,7 @@ struct CudaModel::Impl {
     cuda::linear(down);
   }
 
-  void attention(const DevLayer& L, int64_t layer, int64_t n, const CudaLatentCache& cache) {
+  void attention(const DevLayer& L, int64_t layer, int64_t n, const StepCache& sc) {
     const ModelConfig& c = cfg;
     const int64_t D = c.hidden_size, H = c.num_attention_heads, C = c.kv_lora_rank, dn = c.qk_nope_head_dim,
                   dr = c.qk_rope_head_dim, dv = c.v_head_dim, dq = dn + dr, dkv = dn + dv, W = C + dr;
@@ -440,7 +540,6 @@ struct CudaModel::Impl {
       ldq = H * dq;
     }
 
-    const cuda::CachePages pages{cache.device_page_table(), cache.layers(), W};
     cuda::MlaPrepareParams prep;
     prep.kva = s.qkv + q_part;
     prep.ldkva = ldqkv;
@@ -456,8 +555,9 @@ struct CudaModel::Impl {
     prep.rope = dr;
     prep.inv_freq = inv_freq;
     prep.cos_sin_scale = c.rope_cos_sin_scale();
-    prep.pos0 = s.pos;
-    prep.cache = pages;
+    prep.pos0 = sc.pos0;
+    prep.pos = sc.pos;
+    prep.cache = sc.pages;
     prep.layer = layer;
     prep.stream = stream;
     // q_lat[h] = W_UK[h]^T q_nope[h], into the head of each absorbed query row (same launch).
@@ -481,11 +581,13 @@ struct CudaModel::Impl {
     at.n = n;
     at.heads = H;
     at.latent = C;
-    at.cache = pages;
+    at.cache = sc.pages;
     at.layer = layer;
-    at.pos0 = s.pos;
+    at.pos0 = sc.pos0;
+    at.pos = sc.pos;
     at.scale = static_cast<float>(c.softmax_scale());
     at.splits = attention_splits(n);
+    at.split_keys = kAttentionSplitKeys;
     at.work = s.work;
     at.counters = s.counters;
     at.out = s.olat;
@@ -535,6 +637,10 @@ struct CudaModel::Impl {
     // routed experts, then the shared-expert pieces. Down: one problem per token summing its slots with
     // the routing weights (1 for shared pieces) straight into the residual stream.
     const int64_t slots = k + L.fixed;
+    if (n >= moe_group_min_tokens()) {
+      moe_grouped(L, n, slots, separate_shared);
+      return;
+    }
     cuda::LinearParams gu = normed_lin(L.expert_shape.gate, L.post_norm, eps(), s.x, D, n * slots, s.act, I);
     gu.experts = L.expert_gate;
     gu.experts2 = L.expert_up;
@@ -557,15 +663,59 @@ struct CudaModel::Impl {
     cuda::linear(down);
   }
 
-  // Enqueues the whole forward for n tokens whose ids and first position are already on the device.
-  // Final norm + head over rows [first, n).
-  void enqueue(int64_t n, int64_t first, const CudaLatentCache& cache) {
+  // Several tokens: their (token, slot) problems grouped by expert (cuda::moe_plan), so each expert's
+  // weights are read once per chunk of up to kExpertChunk tokens instead of once per token; the down
+  // projection writes every problem's output and a combine adds them, weighted, to the residual stream.
+  void moe_grouped(const DevLayer& L, int64_t n, int64_t slots, bool separate_shared) {
+    const ModelConfig& c = cfg;
+    const int64_t D = c.hidden_size, E = c.n_routed_experts, k = c.num_experts_per_tok, I = c.moe_intermediate_size;
+    const int64_t chunks = cuda::moe_plan_chunks(n * slots, E + L.fixed);
+    cuda::MoePlanParams plan;
+    plan.ids = s.ids;
+    plan.n = n;
+    plan.k = k;
+    plan.slots = slots;
+    plan.fixed_first = E;
+    plan.table_size = E + L.fixed;
+    plan.gather = s.gather;
+    plan.gather_expert = s.gather_expert;
+    plan.stream = stream;
+    cuda::moe_plan(plan);
+    if (separate_shared) swiglu_up(L.shared, L.post_norm, n, s.act_shared);
+    cuda::LinearParams gu = normed_lin(L.expert_shape.gate, L.post_norm, eps(), s.x, D, n * slots, s.act, I);
+    gu.experts = L.expert_gate;
+    gu.experts2 = L.expert_up;
+    gu.ids = s.ids;
+    gu.ids_settled = separate_shared;  // the plan is two launches back only when the shared gate/up ran
+    gu.x_div = slots;
+    gu.gather = s.gather;
+    gu.gather_expert = s.gather_expert;
+    gu.gather_chunks = chunks;
+    cuda::linear(gu);
+    if (separate_shared) swiglu_down(L.shared, s.act_shared, n);
+    cuda::LinearParams down = lin(L.expert_shape.down, s.act, I, n * slots, s.moe_out, D);
+    down.experts = L.expert_down;
+    down.ids = s.ids;
+    down.ids_settled = true;
+    down.gather = s.gather;
+    down.gather_expert = s.gather_expert;
+    down.gather_chunks = chunks;
+    cuda::linear(down);
+    cuda::moe_combine({s.moe_out, s.wts, n, k, slots, D, s.x, D, stream});
+  }
+
+  // Enqueues the whole forward for n tokens whose ids and positions are already on the device. Final norm
+  // + head over the rows of `heads` (runs [first, first + count)), compacted in order into h and logits.
+  struct RowRun {
+    int64_t first, count;
+  };
+  void enqueue(int64_t n, std::span<const RowRun> heads, const StepCache& sc) {
     const ModelConfig& c = cfg;
     const int64_t D = c.hidden_size;
     cuda::embed({embed, s.tokens, n, s.x, stream});
     for (int64_t l = 0; l < c.num_hidden_layers; ++l) {
       const DevLayer& L = layers[l];
-      attention(L, l, n, cache);
+      attention(L, l, n, sc);
       if (L.is_moe) {
         moe(L, n);
       } else {
@@ -574,8 +724,37 @@ struct CudaModel::Impl {
       }
     }
     // The final hidden states are an output of their own (opt.final_hidden), so this norm is stored.
-    cuda::rmsnorm({s.x + first * D, D, final_norm, n - first, D, eps(), s.h + first * D, D, stream});
-    cuda::linear(lin(lm_head, s.h + first * D, D, n - first, s.logits, c.vocab_size));
+    int64_t rows = 0;
+    for (const RowRun& r : heads) {
+      cuda::rmsnorm({s.x + r.first * D, D, final_norm, r.count, D, eps(), s.h + rows * D, D, stream});
+      rows += r.count;
+    }
+    cuda::linear(lin(lm_head, s.h, D, rows, s.logits, c.vocab_size));
+  }
+
+  // Runs `enqueue` now, or (use_graphs) replays it from a graph captured on first use into `exec`.
+  template <class Enqueue>
+  void run_captured(cudaGraphExec_t& exec, bool capture, Enqueue&& enqueue_step) {
+    if (!capture) {
+      enqueue_step();
+      return;
+    }
+    if (!exec) {
+      cudaGraph_t g = nullptr;
+      DSV3_CUDA_CHECK(cudaStreamBeginCapture(stream, cudaStreamCaptureModeThreadLocal));
+      try {
+        enqueue_step();
+      } catch (...) {
+        cudaStreamEndCapture(stream, &g);
+        if (g) cudaGraphDestroy(g);
+        throw;
+      }
+      DSV3_CUDA_CHECK(cudaStreamEndCapture(stream, &g));
+      const cudaError_t err = cudaGraphInstantiate(&exec, g, 0);
+      cudaGraphDestroy(g);
+      DSV3_CUDA_CHECK(err);
+    }
+    DSV3_CUDA_CHECK(cudaGraphLaunch(exec, stream));
   }
 };
 
@@ -610,6 +789,7 @@ CudaModel::CudaModel(const Model& host, const CudaOptions& opt) : cfg_(host.conf
       for (const SwiGLUWeights& e : l.moe.experts) need += swiglu_bytes(e);
       decode += l.moe.gate.bytes() + swiglu_bytes(l.moe.shared) +
                 static_cast<size_t>(c.num_experts_per_tok) * swiglu_bytes(l.moe.experts[0]);
+      m.routed_expert_bytes += swiglu_bytes(l.moe.experts[0]);
     } else {
       need += swiglu_bytes(l.mlp);
       decode += swiglu_bytes(l.mlp);
@@ -686,9 +866,17 @@ CudaLatentCache CudaModel::new_cache(int64_t max_tokens, uint64_t shuffle_seed) 
 
 size_t CudaModel::weight_bytes() const { return impl_->weight_bytes; }
 
-size_t CudaModel::decode_bytes_per_token(int64_t ctx) const {
-  return impl_->decode_weight_bytes +
-         static_cast<size_t>(ctx * cfg_.num_hidden_layers * (cfg_.kv_lora_rank + cfg_.qk_rope_head_dim)) * sizeof(float);
+size_t CudaModel::decode_bytes_per_token(int64_t ctx) const { return decode_bytes_per_step(1, ctx); }
+
+size_t CudaModel::decode_bytes_per_step(int64_t batch, int64_t ctx) const {
+  // Routed experts: the expected number of distinct experts that `batch` tokens pick, each choosing k of
+  // E uniformly: E (1 - (1 - k/E)^batch) (k at batch 1).
+  const double E = static_cast<double>(cfg_.n_routed_experts), k = static_cast<double>(cfg_.num_experts_per_tok);
+  const double distinct = E > 0 ? E * (1.0 - std::pow(1.0 - k / E, static_cast<double>(batch))) : 0.0;
+  const double experts = static_cast<double>(impl_->routed_expert_bytes) * (distinct - k);
+  const size_t cache =
+      static_cast<size_t>(batch * ctx * cfg_.num_hidden_layers * (cfg_.kv_lora_rank + cfg_.qk_rope_head_dim)) * sizeof(float);
+  return static_cast<size_t>(static_cast<double>(impl_->decode_weight_bytes) + experts) + cache;
 }
 
 std::string CudaModel::device_name() const { return impl_->device_name; }
@@ -710,30 +898,18 @@ std::vector<float> CudaModel::forward(std::span<const int32_t> tokens, CudaLaten
   DSV3_CUDA_CHECK(cudaMemcpyAsync(m.s.pos, &pos0, 8, cudaMemcpyHostToDevice, m.stream));
 
   const int64_t first = (opt.all_logits || opt.final_hidden) ? 0 : n - 1;
+  const StepCache sc{{cache.device_page_table(), nullptr, cache.layers(), cache.row_width()}, m.s.pos, nullptr};
+  const Impl::RowRun head{first, n - first};
+  // The graph holds this cache's page table and the scratch buffers: recaptured when either changes.
   const bool graph_step = m.use_graphs && n == 1 && !opt.final_hidden;
+  if (graph_step && m.graph && (m.graph_cache != cache.id() || m.graph_gen != m.scratch_gen)) {
+    DSV3_CUDA_CHECK(cudaGraphExecDestroy(m.graph));
+    m.graph = nullptr;
+  }
+  m.run_captured(m.graph, graph_step, [&] { m.enqueue(n, std::span(&head, 1), sc); });
   if (graph_step) {
-    if (!m.graph || m.graph_cache != cache.id() || m.graph_gen != m.scratch_gen) {
-      if (m.graph) DSV3_CUDA_CHECK(cudaGraphExecDestroy(m.graph));
-      m.graph = nullptr;
-      cudaGraph_t g = nullptr;
-      DSV3_CUDA_CHECK(cudaStreamBeginCapture(m.stream, cudaStreamCaptureModeThreadLocal));
-      try {
-        m.enqueue(1, 0, cache);
-      } catch (...) {
-        cudaStreamEndCapture(m.stream, &g);
-        if (g) cudaGraphDestroy(g);
-        throw;
-      }
-      DSV3_CUDA_CHECK(cudaStreamEndCapture(m.stream, &g));
-      const cudaError_t err = cudaGraphInstantiate(&m.graph, g, 0);
-      cudaGraphDestroy(g);
-      DSV3_CUDA_CHECK(err);
-      m.graph_cache = cache.id();
-      m.graph_gen = m.scratch_gen;
-    }
-    DSV3_CUDA_CHECK(cudaGraphLaunch(m.graph, m.stream));
-  } else {
-    m.enqueue(n, first, cache);
+    m.graph_cache = cache.id();
+    m.graph_gen = m.scratch_gen;
   }
 
   const int64_t rows = opt.all_logits ? n : 1;
@@ -748,6 +924,114 @@ std::vector<float> CudaModel::forward(std::span<const int32_t> tokens, CudaLaten
   DSV3_CUDA_CHECK(cudaStreamSynchronize(m.stream));
   cache.advance(n);
   return logits;
+}
+
+std::shared_ptr<BlockPool> CudaModel::new_pool(int64_t n_blocks) const {
+  const ModelConfig& c = cfg_;
+  check(n_blocks > 0, "the latent cache pool needs at least one block (" + std::to_string(n_blocks) + " asked)");
+  const int64_t per_block = BlockPool::kBlockTokens * c.num_hidden_layers * (c.kv_lora_rank + c.qk_rope_head_dim);
+  const size_t bytes = static_cast<size_t>(n_blocks) * static_cast<size_t>(per_block) * sizeof(float);
+  const size_t free_b = free_device_bytes();
+  check(bytes + (64ull << 20) <= free_b,
+        "the latent cache pool of " + std::to_string(n_blocks) + " blocks (" +
+            std::to_string(n_blocks * BlockPool::kBlockTokens) + " tokens) needs " + gib(bytes) +
+            " of GPU memory; " + gib(free_b) + " is free",
+        "use a shorter context (--ctx) or fewer concurrent sequences (--max-batch)");
+  return std::make_shared<BlockPool>(c.num_hidden_layers, c.kv_lora_rank, c.qk_rope_head_dim, n_blocks,
+                                     std::make_unique<DeviceBlockStorage>(bytes));
+}
+
+size_t CudaModel::free_device_bytes() const {
+  size_t free_b = 0, total_b = 0;
+  DSV3_CUDA_CHECK(cudaMemGetInfo(&free_b, &total_b));
+  return free_b;
+}
+
+std::vector<std::vector<float>> CudaModel::forward_batch(std::span<const Model::BatchItem> items) {
+  Impl& m = *impl_;
+  const ModelConfig& c = cfg_;
+  const int64_t V = c.vocab_size, W = c.kv_lora_rank + c.qk_rope_head_dim;
+  check(!items.empty(), "no sequences to run");
+  // Every check before the first reserve, so a bad item leaves all caches as they were.
+  int64_t n = 0;
+  bool decode_only = true;
+  for (const Model::BatchItem& item : items) {
+    DSV3_ASSERT(item.cache != nullptr);
+    check(!item.tokens.empty(), "no tokens to run");
+    const BlockPool& pool = item.cache->pool();
+    check(!pool.on_host(), "forward_batch on the GPU needs latent caches on a pool from CudaModel::new_pool",
+          "make the cache pool with CudaModel::new_pool (device memory), not a host BlockPool");
+    check(pool.n_layers() == c.num_hidden_layers && pool.row_width() == W,
+          "the latent cache pool's shape does not match this model (" + std::to_string(pool.n_layers()) + " layers x " +
+              std::to_string(pool.row_width()) + " floats per row; the model needs " +
+              std::to_string(c.num_hidden_layers) + " x " + std::to_string(W) + ")");
+    for (int32_t t : item.tokens)
+      check(t >= 0 && t < V, "token id " + std::to_string(t) + " is out of range: the vocabulary has " +
+                                 std::to_string(V) + " entries (ids 0.." + std::to_string(V - 1) + ")");
+    n += static_cast<int64_t>(item.tokens.size());
+    decode_only = decode_only && item.tokens.size() == 1 && !item.all_logits;
+  }
+  for (const Model::BatchItem& item : items) item.cache->reserve(static_cast<int64_t>(item.tokens.size()));
+  m.ensure_scratch(n);
+
+  // Per row: token, position and where its sequence's page table starts; the tables themselves, one
+  // after another. Two small uploads per step.
+  std::vector<unsigned char> step(Scratch::step_bytes(m.s.cap), 0);
+  int64_t* row_pos = reinterpret_cast<int64_t*>(step.data());
+  int32_t* row_tokens = reinterpret_cast<int32_t*>(step.data() + m.s.cap * 8);
+  int32_t* row_table = reinterpret_cast<int32_t*>(step.data() + m.s.cap * 12);
+  std::vector<float*> pages;
+  std::vector<Impl::RowRun> heads;
+  int64_t row = 0;
+  for (const Model::BatchItem& item : items) {
+    const LatentCache& cache = *item.cache;
+    const int64_t len = static_cast<int64_t>(item.tokens.size());
+    for (int64_t t = 0; t < len; ++t) {
+      row_pos[row + t] = cache.length() + t;
+      row_tokens[row + t] = item.tokens[static_cast<size_t>(t)];
+      row_table[row + t] = static_cast<int32_t>(pages.size());
+    }
+    for (int32_t b : cache.blocks()) pages.push_back(cache.pool().block_address(b));
+    // Head rows: runs of consecutive rows merge, so an all-decode step norms all rows in one launch.
+    const Impl::RowRun run = item.all_logits ? Impl::RowRun{row, len} : Impl::RowRun{row + len - 1, 1};
+    if (!heads.empty() && heads.back().first + heads.back().count == run.first) heads.back().count += run.count;
+    else heads.push_back(run);
+    row += len;
+  }
+  m.ensure_step_pages(static_cast<int64_t>(pages.size()));
+  DSV3_CUDA_CHECK(cudaMemcpyAsync(m.s.step, step.data(), step.size(), cudaMemcpyHostToDevice, m.stream));
+  DSV3_CUDA_CHECK(cudaMemcpyAsync(m.step_pages, pages.data(), pages.size() * sizeof(float*), cudaMemcpyHostToDevice,
+                                  m.stream));
+
+  const StepCache sc{{m.step_pages, m.s.row_table, c.num_hidden_layers, W}, nullptr, m.s.row_pos};
+  // All-decode steps replay a graph per batch size (it holds only scratch and page-table addresses).
+  if (m.batch_graphs_gen != m.scratch_gen) {
+    for (auto& [size, g] : m.batch_graphs)
+      if (g) DSV3_CUDA_CHECK(cudaGraphExecDestroy(g));
+    m.batch_graphs.clear();
+    m.batch_graphs_gen = m.scratch_gen;
+  }
+  const bool graph_step = m.use_graphs && decode_only;
+  cudaGraphExec_t unused = nullptr;
+  cudaGraphExec_t& exec = graph_step ? m.batch_graphs[n] : unused;
+  m.run_captured(exec, graph_step, [&] { m.enqueue(n, heads, sc); });
+
+  int64_t head_rows = 0;
+  for (const Impl::RowRun& r : heads) head_rows += r.count;
+  std::vector<float> logits(static_cast<size_t>(head_rows * V));
+  DSV3_CUDA_CHECK(cudaMemcpyAsync(logits.data(), m.s.logits, logits.size() * sizeof(float), cudaMemcpyDeviceToHost,
+                                  m.stream));
+  DSV3_CUDA_CHECK(cudaStreamSynchronize(m.stream));
+  for (const Model::BatchItem& item : items) item.cache->advance(static_cast<int64_t>(item.tokens.size()));
+
+  std::vector<std::vector<float>> out(items.size());
+  int64_t r = 0;
+  for (size_t i = 0; i < items.size(); ++i) {
+    const int64_t k = items[i].all_logits ? static_cast<int64_t>(items[i].tokens.size()) : 1;
+    out[i].assign(logits.begin() + r * V, logits.begin() + (r + k) * V);
+    r += k;
+  }
+  return out;
 }
 
 }  // namespace dsv3

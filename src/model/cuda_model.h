@@ -12,6 +12,8 @@
 #include <span>
 #include <vector>
 
+#include "kvcache/block_pool.h"
+#include "kvcache/latent_cache.h"
 #include "model/model.h"
 
 namespace dsv3 {
@@ -80,9 +82,27 @@ class CudaModel {
   // opt.attention is ignored (always absorbed); opt.final_hidden is honoured.
   std::vector<float> forward(std::span<const int32_t> tokens, CudaLatentCache& cache, const ForwardOptions& opt = {});
 
+  // A block pool whose storage is device memory (every page filled with NaN, so a row nobody wrote
+  // poisons the output), for LatentCache views that forward_batch reads and writes: n_blocks blocks of
+  // this model's shape. Throws dsv3::Error when they do not fit in free GPU memory.
+  std::shared_ptr<BlockPool> new_pool(int64_t n_blocks) const;
+
+  // As Model::forward_batch, for items whose LatentCache lives on a pool from new_pool(): each item's
+  // tokens run at positions [cache.length(), +n) of its own cache; the rows of all items go through every
+  // projection and MoE together, attention runs per sequence over its own block table. Returns per item
+  // the logits of its last token [vocab] (of all its tokens with all_logits), and advances every cache by
+  // its token count, as Model::forward_batch does.
+  std::vector<std::vector<float>> forward_batch(std::span<const Model::BatchItem> items);
+
+  // Device memory free now (after weights and workspaces), for sizing the cache pool.
+  size_t free_device_bytes() const;
+
   // Weight bytes on the GPU, and bytes one batch-1 decode step must read at context `ctx` (roofline).
   size_t weight_bytes() const;
   size_t decode_bytes_per_token(int64_t ctx) const;
+  // Bytes one decode step of `batch` sequences at context `ctx` each must read: the weights (routed
+  // experts: the expected distinct count under uniform routing) once, and every sequence's cache rows.
+  size_t decode_bytes_per_step(int64_t batch, int64_t ctx) const;
   std::string device_name() const;
 
  private:

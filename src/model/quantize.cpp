@@ -8,6 +8,7 @@
 
 #include "core/error.h"
 #include "core/json.h"
+#include "core/matrix.h"
 #include "model/checkpoint.h"
 #include "model/config.h"
 #include "model/safetensors_writer.h"
@@ -40,17 +41,17 @@ class Tap : public TensorSource {
   TensorSource& inner_;
 };
 
+// The tensor's values as floats: as one row of a Matrix, decoded where the kernels decode weights.
 std::vector<float> to_f32(const TensorView& v) {
+  if (v.dtype != DType::BF16 && v.dtype != DType::F16 && v.dtype != DType::F32)
+    throw Error(v.name + ": cannot convert a " + std::string(dtype_name(v.dtype)) + " tensor");
   std::vector<float> out(static_cast<size_t>(v.numel()));
-  for (size_t i = 0; i < out.size(); ++i) {
-    uint16_t h;
-    switch (v.dtype) {
-      case DType::BF16: std::memcpy(&h, v.data + 2 * i, 2); out[i] = bf16_to_f32(h); break;
-      case DType::F16: std::memcpy(&h, v.data + 2 * i, 2); out[i] = f16_to_f32(h); break;
-      case DType::F32: std::memcpy(&out[i], v.data + 4 * i, 4); break;
-      default: throw Error(v.name + ": cannot convert a " + std::string(dtype_name(v.dtype)) + " tensor");
-    }
-  }
+  Matrix row;
+  row.rows = 1;
+  row.cols = v.numel();
+  row.dtype = v.dtype;
+  row.data = v.data;
+  row.dequantize_row(0, out.data());
   return out;
 }
 

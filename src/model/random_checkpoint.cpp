@@ -10,6 +10,7 @@
 #include <memory>
 
 #include "core/error.h"
+#include "core/random.h"
 #include "core/threads.h"
 #include "model/checkpoint.h"
 #include "model/config.h"
@@ -65,12 +66,7 @@ class Recorder : public TensorSource {
 
 // Counter-based generator: value i of a tensor depends only on (seed, tensor, i), so chunks can be
 // produced in parallel and in any order.
-inline uint64_t mix(uint64_t x) {
-  x += 0x9e3779b97f4a7c15ull;
-  x = (x ^ (x >> 30)) * 0xbf58476d1ce4e5b9ull;
-  x = (x ^ (x >> 27)) * 0x94d049bb133111ebull;
-  return x ^ (x >> 31);
-}
+inline uint64_t mix(uint64_t x) { return SplitMix64{x}.next(); }
 inline float uniform(uint64_t key, uint64_t i) {  // in [-1, 1)
   return static_cast<float>(static_cast<double>(mix(key ^ mix(i)) >> 11) * 0x1.0p-52 - 1.0);
 }

@@ -253,8 +253,6 @@ CompletionRequest parse_completion_request(const std::string& body) {
   r.echo = boolean(j, "echo", false);
   if (r.echo && r.suffix) throw ApiError(400, "'echo' cannot be combined with 'suffix'", "echo");
   r.sampling.top_logprobs = integer(j, "logprobs", -1, 0, 5);
-  if (r.echo && r.sampling.top_logprobs >= 0)
-    throw ApiError(400, "'logprobs' with 'echo' (logprobs of the prompt) is not supported", "logprobs");
   return r;
 }
 
@@ -350,10 +348,15 @@ OrderedJson empty_completion_logprobs() {
 void append_completion_logprob(OrderedJson& legacy, const TokenLogprobs& t, int64_t offset) {
   if (legacy.is_null()) legacy = empty_completion_logprobs();
   legacy["tokens"].push_back(token_string(t.bytes));
-  legacy["token_logprobs"].push_back(t.logprob);
-  OrderedJson top = OrderedJson::object();
-  for (const auto& [bytes, lp] : t.top) top[token_string(bytes).get<std::string>()] = lp;
-  legacy["top_logprobs"].push_back(top);
+  if (t.unconditioned) {
+    legacy["token_logprobs"].push_back(nullptr);
+    legacy["top_logprobs"].push_back(nullptr);
+  } else {
+    legacy["token_logprobs"].push_back(t.logprob);
+    OrderedJson top = OrderedJson::object();
+    for (const auto& [bytes, lp] : t.top) top[token_string(bytes).get<std::string>()] = lp;
+    legacy["top_logprobs"].push_back(top);
+  }
   legacy["text_offset"].push_back(offset);
 }
 

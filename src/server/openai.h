@@ -77,6 +77,7 @@ struct TokenLogprobs {
   std::string bytes;
   float logprob = 0.0f;
   std::vector<std::pair<std::string, float>> top;  // (bytes, logprob), best first
+  bool unconditioned = false;  // an echoed prompt's first token: nothing precedes it, so no logprob (null)
 };
 // Chat: one entry of choices[].logprobs.content.
 OrderedJson chat_logprob(const TokenLogprobs& t);

@@ -8,6 +8,7 @@
 #include <mutex>
 #include <optional>
 #include <random>
+#include <span>
 #include <thread>
 
 #include "core/error.h"
@@ -54,6 +55,9 @@ struct Job {
   ToolChoice tool_choice;    // chat with tools: parse the model's tool calls
   bool json_object = false;  // chat with response_format json_object: guard the output
   std::string echo;          // text completions with echo: the prompt, put before the generated text
+  bool echo_logprobs = false;  // echo with logprobs: the prompt tokens' logprobs come first
+  bool echo_skips_first = false;  // the prompt's first token (BOS) is not part of the echoed text
+  int64_t vocab = 0;         // the model's (rows of prompt logits)
   std::string id, model;
   int64_t created = 0;
   double arrival = 0.0;
@@ -85,7 +89,32 @@ class ChoiceStream {
         metrics_(metrics), decoder_(tokenizer), reasoning_(job.started_in_reasoning) {
     if (job.tool_choice.mode != ToolChoice::kNone) tools_.emplace(tokenizer, job.tool_choice);
     choice_.finish_reason = "length";
-    if (!job.echo.empty()) emit(job.echo, false);
+    // With logprobs the echo waits for the prompt's logprobs (on_prompt_logits), which go out with it.
+    if (!job.echo.empty() && !job.echo_logprobs) emit(job.echo, false);
+  }
+
+  // Echo with logprobs: the logits of prompt positions [first, ...), rows x vocab. Row p predicts prompt
+  // token p + 1; the first token has nothing before it (logprob null, as OpenAI and vLLM report it).
+  void on_prompt_logits(int64_t first, std::span<const float> logits) {
+    const std::vector<int32_t>& prompt = job_.prompt;
+    const auto n = static_cast<int64_t>(prompt.size());
+    auto add = [&](TokenLogprobs t, int64_t j) {
+      t.bytes = tokenizer_.token_bytes(prompt[static_cast<size_t>(j)]);
+      pending_.emplace_back(t, echo_offset_);
+      if (j > 0 || !job_.echo_skips_first) echo_offset_ += static_cast<int64_t>(t.bytes.size());
+    };
+    if (first == 0) {
+      TokenLogprobs t;
+      t.unconditioned = true;
+      add(t, 0);
+    }
+    const int64_t rows = static_cast<int64_t>(logits.size()) / job_.vocab;
+    for (int64_t r = 0; r < rows && first + r + 1 < n; ++r) {
+      const int64_t j = first + r + 1;
+      add(token_logprobs(logprobs_of(logits.data() + r * job_.vocab, job_.vocab, prompt[static_cast<size_t>(j)],
+                                     p_.sampling.top_logprobs)), j);
+    }
+    if (first + rows >= n) emit(job_.echo, false);
   }
 
   // One sampled token; false ends the sequence.
@@ -106,10 +135,7 @@ class ChoiceStream {
     if (tools_) {
       ToolCallParser::Step step = tools_->push(id, piece);
       piece = std::move(step.content);
-      if (step.call) {
-        advance(true);
-        emit_call(*step.call);
-      }
+      emit_call(step);
       if (step.finished) {
         choice_.finish_reason = "stop";  // "tool_calls" in finish() when a call came
         return false;
@@ -125,11 +151,7 @@ class ChoiceStream {
 
   // The sequence ended: flushes what was held back and sends the final chunk.
   Choice finish() {
-    if (tools_)
-      if (std::optional<ToolCall> call = tools_->finish()) {
-        advance(true);
-        emit_call(*call);
-      }
+    if (tools_) emit_call(tools_->finish());
     if (choice_.finish_reason == "length" || emitted_ < text_.size()) {
       text_ += decoder_.finish();
       if (advance(true)) choice_.finish_reason = "stop";
@@ -195,16 +217,29 @@ class ChoiceStream {
     first_chunk_ = false;
   }
 
-  void emit_call(const ToolCall& call) {
-    OrderedJson json = tool_call_json(random_id("call_"), call);
-    if (p_.stream) {
-      OrderedJson delta = json;
-      delta["index"] = choice_.tool_calls.size();
-      job_.push_event(sse(chat_chunk(job_.id, job_.model, job_.created, index_, "", "", std::nullopt, first_chunk_,
-                                     OrderedJson::array({delta}), take_logprobs())));
-      first_chunk_ = false;
+  // A tool call's progress. Streaming follows OpenAI's shape: the call's first delta carries its index,
+  // id, type and name (arguments ""), later ones {index, function: {arguments: fragment}} as the model
+  // writes them; the finished call also goes into the choice (finish_reason, non-streaming message).
+  void emit_call(const ToolCallParser::Step& step) {
+    const int64_t index = static_cast<int64_t>(choice_.tool_calls.size());
+    if (step.call_started) {
+      advance(true);  // the text before the call goes out first
+      call_id_ = random_id("call_");
+      if (p_.stream) {
+        OrderedJson delta = {{"index", index}};
+        delta.update(tool_call_json(call_id_, ToolCall{*step.call_started, ""}));
+        push_call_delta(std::move(delta));
+      }
     }
-    choice_.tool_calls.push_back(std::move(json));
+    if (p_.stream && !step.arguments.empty())
+      push_call_delta({{"index", index}, {"function", {{"arguments", step.arguments}}}});
+    if (step.call) choice_.tool_calls.push_back(tool_call_json(call_id_, *step.call));
+  }
+
+  void push_call_delta(OrderedJson delta) {
+    job_.push_event(sse(chat_chunk(job_.id, job_.model, job_.created, index_, "", "", std::nullopt, first_chunk_,
+                                   OrderedJson::array({std::move(delta)}), take_logprobs())));
+    first_chunk_ = false;
   }
 
   // Passes on the part of the text that can no longer turn into a stop string; true at a stop string.
@@ -231,6 +266,7 @@ class ChoiceStream {
   tok::StreamDecoder decoder_;
   tok::ReasoningStream reasoning_;
   std::optional<ToolCallParser> tools_;
+  std::string call_id_;  // of the tool call being read
   Choice choice_;
   std::string text_;    // everything decoded so far (after the stop check)
   size_t emitted_ = 0;  // bytes of text_ already passed on
@@ -238,6 +274,7 @@ class ChoiceStream {
   int64_t tokens_ = 0;
   double last_token_ = 0.0;
   std::vector<std::pair<TokenLogprobs, int64_t>> pending_;  // logprobs with their text offsets
+  int64_t echo_offset_ = 0;  // text offset of the next echoed prompt token
 };
 
 }  // namespace
@@ -247,10 +284,11 @@ struct Server::Impl {
   httplib::Server http;
   Metrics metrics;
   std::atomic<bool> ready{false}, stopping{false};
-  std::string load_error;
+  std::string load_error, load_hint;
   std::atomic<int64_t> active_requests{0};  // HTTP handlers (and streams) in progress
 
   std::unique_ptr<Model> model;
+  std::unique_ptr<Backend> backend;               // runs `model` on opt.device; before the scheduler that uses it
   std::unique_ptr<tok::Tokenizer> tokenizer;
   std::unique_ptr<tok::ChatTemplate> chat_template;
   std::vector<int64_t> eos;
@@ -264,6 +302,7 @@ struct Server::Impl {
   void load() {
     try {
       model = std::make_unique<Model>(opt.model_dir);
+      backend = make_backend(opt.device, *model);
       tokenizer = std::make_unique<tok::Tokenizer>(tok::Tokenizer::from_file(opt.model_dir + "/tokenizer.json"));
       if (!tokenizer->config().chat_template.empty())
         chat_template = std::make_unique<tok::ChatTemplate>(tok::ChatTemplate::from_tokenizer(*tokenizer));
@@ -277,15 +316,21 @@ struct Server::Impl {
       token_texts = std::move(texts);
       SchedulerOptions so = opt.engine;
       so.ctx = opt.ctx;
-      if (opt.cache_memory_bytes > 0) so.cache_blocks = cache_blocks_for_bytes(*model, opt.cache_memory_bytes);
+      so.cache_blocks = pool_blocks(*backend, opt.cache_memory_bytes, so.cache_blocks, so.ctx);
       {
         std::lock_guard<std::mutex> lock(scheduler_mu);
         if (stopping) return;
-        scheduler = std::make_unique<Scheduler>(*model, so);
+        scheduler = std::make_unique<Scheduler>(*backend, so);
       }
+      const int64_t blocks = scheduler->stats().blocks_total;
+      std::fprintf(stderr, "dsv3 serve: engine on %s, latent cache of %lld blocks (%lld tokens, %.2f GB)\n",
+                   backend->device_name().c_str(), static_cast<long long>(blocks),
+                   static_cast<long long>(blocks * BlockPool::kBlockTokens),
+                   static_cast<double>(blocks * backend->block_bytes()) / 1e9);
       ready = true;
     } catch (const std::exception& e) {
       load_error = e.what();
+      if (const auto* err = dynamic_cast<const Error*>(&e)) load_hint = err->hint();
       std::fprintf(stderr, "dsv3 serve: cannot load the model: %s\n", e.what());
       stopping = true;
       http.stop();
@@ -314,6 +359,8 @@ struct Server::Impl {
       auto stream = std::make_shared<ChoiceStream>(*job, i, *tokenizer, eos, *req.sampler, metrics);
       req.on_token = [stream](int32_t id) { return stream->on_token(id); };
       req.on_done = [this, job, stream, i](const SequenceResult& r) { sequence_done(*job, i, *stream, r); };
+      if (job->echo_logprobs)
+        req.on_prompt_logits = [stream](int64_t first, std::span<const float> l) { stream->on_prompt_logits(first, l); };
       try {
         scheduler->submit(std::move(req));
       } catch (const Error& e) {
@@ -467,7 +514,12 @@ struct Server::Impl {
       tokenizer->encode(r.prompt, job->prompt);
     }
     if (job->prompt.empty()) throw ApiError(400, "'prompt' is empty", "prompt");
-    if (r.echo) job->echo = r.prompt;
+    if (r.echo) {
+      job->echo = r.prompt;
+      job->echo_logprobs = r.sampling.top_logprobs >= 0;
+      job->echo_skips_first = bos;
+      job->vocab = model->config().vocab_size;
+    }
     job->params = r;
     prepare(*job, r.max_tokens);
     submit_and_respond(job, res);
@@ -553,7 +605,7 @@ void Server::run() {
   s.http.listen_after_bind();
   stop();
   if (s.loader.joinable()) s.loader.join();
-  check(s.load_error.empty(), "cannot load the model: " + s.load_error);
+  check(s.load_error.empty(), "cannot load the model: " + s.load_error, s.load_hint);
 }
 
 void Server::stop() {

@@ -15,6 +15,7 @@ namespace dsv3::server {
 
 struct ServerOptions {
   std::string model_dir;
+  std::string device = "cpu";       // cpu, or cuda (one GPU; builds with DSV3_CUDA): see engine/backend.h
   std::string model_name;          // reported in /v1/models and responses; default: the folder name
   std::string host = "127.0.0.1";
   int port = 8080;                 // 0: any free port (see Server::port)
@@ -24,7 +25,8 @@ struct ServerOptions {
   size_t max_body_bytes = 8u << 20;
   int http_threads = 8;
   SchedulerOptions engine;         // batching and caches; its ctx is set from `ctx`
-  int64_t cache_memory_bytes = 0;  // > 0: size the block pool from this budget (engine.cache_blocks = 0)
+  int64_t cache_memory_bytes = 0;  // > 0: size the block pool from this budget (engine.cache_blocks = 0);
+                                   // 0 on a GPU: a share of its free memory (engine/backend.h pool_blocks)
 };
 
 class Server {

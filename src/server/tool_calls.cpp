@@ -1,5 +1,8 @@
 #include "server/tool_calls.h"
 
+#include <algorithm>
+#include <string_view>
+
 #include "core/error.h"
 
 namespace dsv3::server {
@@ -60,17 +63,41 @@ ToolCallParser::ToolCallParser(const tok::Tokenizer& tokenizer, const ToolChoice
   }
 }
 
-ToolCall ToolCallParser::complete_call() {
-  ToolCall call{trim(name_), trim(args_)};
-  // The arguments come fenced as ```json ... ```; the fence is format, not argument text.
-  if (call.arguments.starts_with("```json")) call.arguments.erase(0, 7);
-  else if (call.arguments.starts_with("```")) call.arguments.erase(0, 3);
-  if (call.arguments.ends_with("```")) call.arguments.resize(call.arguments.size() - 3);
-  call.arguments = trim(call.arguments);
+std::string settled_arguments(const std::string& raw, bool final) {
+  constexpr std::string_view kFence = "```", kJsonFence = "```json";
+  std::string s = trim(raw);
+  // An opening that may still grow into the fence is held back whole.
+  if (!final && s.size() < kJsonFence.size() && kJsonFence.starts_with(s)) return "";
+  if (s.starts_with(kJsonFence)) s.erase(0, kJsonFence.size());
+  else if (s.starts_with(kFence)) s.erase(0, kFence.size());
+  s = trim(s);
+  if (final) {
+    if (s.ends_with(kFence)) s.resize(s.size() - kFence.size());
+    return trim(s);
+  }
+  // The closing fence and whitespace are only backticks and whitespace: hold back any such tail.
+  s.resize(s.find_last_not_of(" \t\r\n`") + 1);  // npos + 1 == 0: all of it held
+  return s;
+}
+
+void ToolCallParser::stream_arguments(Step& step, bool final) {
+  if (!started_) {
+    started_ = true;
+    step.call_started = trim(name_);
+  }
+  const std::string settled = settled_arguments(args_, final);
+  if (settled.size() > args_sent_) step.arguments += settled.substr(args_sent_);
+  args_sent_ = std::max(args_sent_, settled.size());
+}
+
+void ToolCallParser::complete_call(Step& step) {
+  stream_arguments(step, true);
+  step.call = ToolCall{trim(name_), settled_arguments(args_, true)};
   name_.clear();
   args_.clear();
+  started_ = false;
+  args_sent_ = 0;
   ++calls_;
-  return call;
 }
 
 ToolCallParser::Step ToolCallParser::push(int32_t id, const std::string& text) {
@@ -91,22 +118,24 @@ ToolCallParser::Step ToolCallParser::push(int32_t id, const std::string& text) {
       break;
     case State::kName:
       if (id == call_end_ || id == calls_end_) {
-        step.call = complete_call();
+        complete_call(step);
         state_ = id == calls_end_ ? State::kDone : State::kBetween;
       } else if (size_t nl = text.find('\n'); nl != std::string::npos) {
         name_ += text.substr(0, nl);
         args_ += text.substr(nl + 1);
         state_ = State::kArgs;
+        stream_arguments(step, false);
       } else {
         name_ += text;
       }
       break;
     case State::kArgs:
       if (id == call_end_ || id == calls_end_) {
-        step.call = complete_call();
+        complete_call(step);
         state_ = id == calls_end_ ? State::kDone : State::kBetween;
       } else {
         args_ += text;
+        stream_arguments(step, false);
       }
       break;
     case State::kDone:
@@ -116,12 +145,14 @@ ToolCallParser::Step ToolCallParser::push(int32_t id, const std::string& text) {
   return step;
 }
 
-std::optional<ToolCall> ToolCallParser::finish() {
+ToolCallParser::Step ToolCallParser::finish() {
+  Step step;
   if ((state_ == State::kName || state_ == State::kArgs) && !trim(name_).empty()) {
     state_ = State::kDone;
-    return complete_call();
+    complete_call(step);
   }
-  return std::nullopt;
+  step.finished = state_ == State::kDone;
+  return step;
 }
 
 }  // namespace dsv3::server

@@ -8,24 +8,12 @@
 #include <optional>
 
 #include "core/error.h"
+#include "core/random.h"
 #include "core/json.h"
 
 namespace dsv3::train {
 
 namespace {
-
-// splitmix64: a small, platform-independent generator, so that splits and cuts are the same everywhere.
-struct SplitMix64 {
-  uint64_t state;
-  uint64_t next() {
-    uint64_t z = (state += 0x9e3779b97f4a7c15ull);
-    z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
-    z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
-    return z ^ (z >> 31);
-  }
-  uint64_t below(uint64_t n) { return next() % n; }                                  // 0 .. n-1
-  double uniform() { return static_cast<double>(next() >> 11) * (1.0 / 9007199254740992.0); }  // [0, 1)
-};
 
 bool ends_with(const std::string& s, const std::string& suffix) {
   return s.size() >= suffix.size() && s.compare(s.size() - suffix.size(), suffix.size(), suffix) == 0;
@@ -119,7 +107,7 @@ TokenizedCorpus tokenize_corpus(const tok::Tokenizer& tokenizer, const std::vect
     std::vector<uint32_t>& dst = held_out ? out.eval : out.train;
     ++(held_out ? out.eval_docs : out.train_docs);
     // Per-document generator: a document's FIM cut depends on the seed and its index only.
-    SplitMix64 rng{options.seed ^ (static_cast<uint64_t>(d) * 0x9e3779b97f4a7c15ull)};
+    SplitMix64 rng{options.seed ^ (static_cast<uint64_t>(d) * kSplitMix64Gamma)};
     rng.next();
     ids.clear();
     tokenizer.encode(text, ids);

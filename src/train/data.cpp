@@ -7,6 +7,7 @@
 #include <numeric>
 
 #include "core/error.h"
+#include "core/random.h"
 
 namespace dsv3::train {
 
@@ -72,14 +73,8 @@ void WindowSampler::window(int64_t q, int32_t* out) const {
       // Fisher-Yates with splitmix64 seeded by (seed, epoch): the same on every platform.
       perm_.resize(static_cast<size_t>(num_windows_));
       std::iota(perm_.begin(), perm_.end(), 0);
-      uint64_t s = seed_ * 0x9e3779b97f4a7c15ull + static_cast<uint64_t>(epoch) * 0xd1b54a32d192ed03ull + 1;
-      for (int64_t k = num_windows_ - 1; k > 0; --k) {
-        uint64_t z = (s += 0x9e3779b97f4a7c15ull);
-        z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
-        z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
-        z ^= z >> 31;
-        std::swap(perm_[k], perm_[z % static_cast<uint64_t>(k + 1)]);
-      }
+      SplitMix64 rng{seed_ * kSplitMix64Gamma + static_cast<uint64_t>(epoch) * 0xd1b54a32d192ed03ull + 1};
+      for (int64_t k = num_windows_ - 1; k > 0; --k) std::swap(perm_[k], perm_[rng.below(static_cast<uint64_t>(k + 1))]);
       cached_epoch_ = epoch;
     }
     w = perm_[i];

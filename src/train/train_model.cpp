@@ -4,6 +4,7 @@
 #include <cmath>
 
 #include "core/error.h"
+#include "core/random.h"
 
 namespace dsv3::train {
 
@@ -23,14 +24,8 @@ std::vector<T> zeros(int64_t n) {
 
 // splitmix64 + Box-Muller: deterministic normal samples independent of the standard library.
 struct Rng {
-  uint64_t s;
-  uint64_t next() {
-    uint64_t z = (s += 0x9e3779b97f4a7c15ull);
-    z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
-    z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
-    return z ^ (z >> 31);
-  }
-  double uniform() { return (static_cast<double>(next() >> 11) + 0.5) * 0x1.0p-53; }
+  SplitMix64 bits;
+  double uniform() { return (static_cast<double>(bits.next() >> 11) + 0.5) * 0x1.0p-53; }  // (0, 1): log(u) finite
   double normal() {
     const double u1 = uniform(), u2 = uniform();
     return std::sqrt(-2.0 * std::log(u1)) * std::cos(2.0 * 3.14159265358979323846 * u2);
@@ -203,7 +198,7 @@ void TrainModel<T>::init_random(uint64_t seed, double std) {
     }
     uint64_t h = seed * 0x100000001b3ull + 0xcbf29ce484222325ull;
     for (char ch : p->name) h = (h ^ static_cast<uint8_t>(ch)) * 0x100000001b3ull;
-    Rng rng{h};
+    Rng rng{SplitMix64{h}};
     for (T& v : p->w) v = static_cast<T>(rng.normal() * std);
   }
   for (BalanceState* b : balance_layers()) std::fill(b->bias.begin(), b->bias.end(), 0.0f);

@@ -11,6 +11,7 @@
 #include "core/json.h"
 #include "model/random_checkpoint.h"
 #include "test_util.h"
+#include "text_model_test.h"
 
 namespace dsv3 {
 
@@ -121,23 +122,7 @@ namespace {
 
 // A random model with the real DeepSeek-V3 vocabulary and tokenizer (fetched by scripts/fetch_tokenizer.sh),
 // so that text goes all the way through: encode, chat template, generate, streaming decode.
-class TextCliTest : public ::testing::Test {
- protected:
-  static void SetUpTestSuite() {
-    dir_ = new test::TempDir();
-    if (!test::make_text_model(dir_->path())) {
-      delete dir_;
-      dir_ = nullptr;
-    }
-  }
-  static void TearDownTestSuite() { delete dir_; }
-  void SetUp() override {
-    if (!dir_) DSV3_NEED_TOKENIZER();
-  }
-  static std::string model() { return dir_->path(); }
-  static test::TempDir* dir_;
-};
-test::TempDir* TextCliTest::dir_ = nullptr;
+class TextCliTest : public test::TextModelTest {};
 
 std::vector<std::string> lines_of(const std::string& s) {
   std::vector<std::string> out;

@@ -9,6 +9,7 @@
 #include <cstdio>
 #include <cstdlib>
 #include <filesystem>
+#include <random>
 
 #include "core/error.h"
 #include "core/json.h"
@@ -160,6 +161,152 @@ TEST_P(CudaGolden, ErrorsAreClear) {
   const int32_t bad[1] = {static_cast<int32_t>(host_->config().vocab_size)};
   EXPECT_THROW(gpu.forward(bad, cache), Error);
   EXPECT_EQ(cache.length(), 0);
+}
+
+// A device pool whose free list hands blocks out in a shuffled order, so sequences get scattered pages
+// (the kernels must follow each sequence's block table).
+std::shared_ptr<BlockPool> shuffled_pool(const CudaModel& gpu, int64_t blocks, uint64_t seed) {
+  std::shared_ptr<BlockPool> pool = gpu.new_pool(blocks);
+  std::vector<int32_t> all;
+  for (int64_t i = 0; i < blocks; ++i) all.push_back(pool->allocate());
+  std::mt19937_64 rng(seed);
+  std::shuffle(all.begin(), all.end(), rng);
+  for (int32_t b : all) pool->release(b);
+  return pool;
+}
+
+// forward_batch on the GPU against Model::forward_batch on the CPU, step by step over the same items: a
+// prefill chunk next to decodes, ragged lengths, a sequence that starts on another's prefix block
+// (append_shared_block), all-decode steps (graph capture, then replays), and a batch of one.
+TEST_P(CudaGolden, BatchedStepsMatchCpuBatch) {
+  const ModelConfig& c = host_->config();
+  CudaModel gpu(*host_);
+  const int64_t blocks = 24, ctx = 256, seqs = 4;
+  std::shared_ptr<BlockPool> gpool = shuffled_pool(gpu, blocks, 5);
+  auto cpool = std::make_shared<BlockPool>(c.num_hidden_layers, c.kv_lora_rank, c.qk_rope_head_dim, blocks);
+  std::vector<LatentCache> gc, cc;
+  for (int64_t i = 0; i < seqs; ++i) {
+    gc.emplace_back(gpool, ctx);
+    cc.emplace_back(cpool, ctx);
+  }
+  std::mt19937 rng(11);
+  std::uniform_int_distribution<int32_t> tok(0, static_cast<int32_t>(c.vocab_size - 1));
+  struct Work {
+    size_t seq;
+    std::vector<int32_t> tokens;
+    bool all_logits;
+  };
+  auto work = [&](size_t seq, int64_t n, bool all_logits) {
+    Work w{seq, {}, all_logits};
+    for (int64_t i = 0; i < n; ++i) w.tokens.push_back(tok(rng));
+    return w;
+  };
+  double worst = 0.0;
+  auto step = [&](const std::vector<Work>& ws) {
+    std::vector<Model::BatchItem> gi, ci;
+    for (const Work& w : ws) {
+      gi.push_back({w.tokens, &gc[w.seq], w.all_logits});
+      ci.push_back({w.tokens, &cc[w.seq], w.all_logits});
+    }
+    const std::vector<std::vector<float>> g = gpu.forward_batch(gi), h = host_->forward_batch(ci);
+    ASSERT_EQ(g.size(), ws.size());
+    for (size_t i = 0; i < ws.size(); ++i) {
+      const size_t rows = ws[i].all_logits ? ws[i].tokens.size() : 1;
+      ASSERT_EQ(g[i].size(), rows * static_cast<size_t>(c.vocab_size));
+      ASSERT_TRUE(all_finite(g[i])) << "item " << i;
+      const double e = test::rel_l2(g[i], h[i]);
+      EXPECT_LE(e, 1e-4) << "item " << i << " (sequence " << ws[i].seq << ")";
+      worst = std::max(worst, e);
+      EXPECT_EQ(gc[ws[i].seq].length(), cc[ws[i].seq].length());
+    }
+  };
+  step({work(0, 70, true), work(1, 13, false)});  // two ragged prefills, one with every row's logits
+  step({work(0, 1, false), work(1, 1, false)});   // all-decode: captured
+  step({work(0, 1, false), work(1, 1, false)});   // replayed
+  // Sequence 2 starts on sequence 0's first block (a prefix-cache hit) and prefills past it, next to
+  // decodes and a one-token first step of sequence 3.
+  gc[2].append_shared_block(gc[0].blocks()[0]);
+  cc[2].append_shared_block(cc[0].blocks()[0]);
+  step({work(0, 1, false), work(2, 9, true), work(1, 1, false), work(3, 1, false)});
+  for (int i = 0; i < 4; ++i) step({work(3, 1, false), work(2, 1, false), work(0, 1, false), work(1, 1, false)});
+  step({work(1, 1, false)});  // a batch of one
+  std::printf("[gpu-golden] %-24s forward_batch vs cpu forward_batch: worst rel_l2 %.3e\n", name().c_str(), worst);
+
+  // The shared block's rows, copied back from the device, equal the CPU's; a free block is still NaN.
+  const int64_t bf = gpool->block_floats();
+  std::vector<float> rows(static_cast<size_t>(bf));
+  gpool->copy_to_host(gc[0].blocks()[0], rows.data());
+  EXPECT_LE(test::rel_l2(rows.data(), cpool->data(cc[0].blocks()[0]), rows.size()), 1e-5);
+  const int32_t spare = gpool->allocate();
+  ASSERT_NE(spare, BlockPool::kNoBlock);
+  gpool->copy_to_host(spare, rows.data());
+  EXPECT_TRUE(std::all_of(rows.begin(), rows.end(), [](float v) { return std::isnan(v); }));
+  gpool->release(spare);
+}
+
+// Greedy decoding of several sequences batched on the GPU gives each the tokens it gets alone on the CPU
+// (the golden prompt: the committed greedy continuation), while the reference margin is clear.
+TEST_P(CudaGolden, BatchedGreedyMatchesSolo) {
+  const ModelConfig& c = host_->config();
+  const int64_t V = c.vocab_size, n = static_cast<int64_t>(tokens_.size()), steps = 6;
+  CudaModel gpu(*host_);
+  std::shared_ptr<BlockPool> pool = shuffled_pool(gpu, 12, 3);
+  const std::vector<std::vector<int32_t>> prompts{
+      tokens_, std::vector<int32_t>(tokens_.begin(), tokens_.end() - 3), std::vector<int32_t>(tokens_.begin() + 2, tokens_.end())};
+  std::vector<LatentCache> caches;
+  for (size_t i = 0; i < prompts.size(); ++i) caches.emplace_back(pool, n + steps + 1);
+  std::vector<std::vector<int32_t>> got(prompts.size());
+  std::vector<Model::BatchItem> items;
+  for (size_t i = 0; i < prompts.size(); ++i) items.push_back({prompts[i], &caches[i], false});
+  std::vector<std::vector<float>> logits = gpu.forward_batch(items);
+  for (int64_t s = 0; s < steps; ++s) {
+    for (size_t i = 0; i < prompts.size(); ++i) got[i].push_back(argmax(logits[i].data(), V));
+    items.clear();
+    for (size_t i = 0; i < prompts.size(); ++i) items.push_back({std::span(&got[i].back(), 1), &caches[i], false});
+    logits = gpu.forward_batch(items);
+  }
+  // Reference: each prompt alone on the CPU; compared while the top-two margin is clear.
+  size_t compared = 0;
+  for (size_t i = 0; i < prompts.size(); ++i) {
+    LatentCache cache = host_->new_cache(n + steps + 1);
+    std::vector<float> l = host_->forward(prompts[i], cache, ForwardOptions{});
+    for (int64_t s = 0; s < steps; ++s) {
+      std::vector<float> sorted(l.end() - V, l.end());
+      std::partial_sort(sorted.begin(), sorted.begin() + 2, sorted.end(), std::greater<float>());
+      if (sorted[0] - sorted[1] < 1e-3f) break;
+      const int32_t next = argmax(l.data() + (l.size() - static_cast<size_t>(V)), V);
+      ASSERT_EQ(got[i][static_cast<size_t>(s)], next) << "prompt " << i << " step " << s;
+      ++compared;
+      const int32_t one[1] = {next};
+      l = host_->forward(one, cache, ForwardOptions{});
+    }
+  }
+  EXPECT_GE(compared, 6u);
+}
+
+TEST_P(CudaGolden, BatchErrorsAreClearAndLeaveCachesAlone) {
+  const ModelConfig& c = host_->config();
+  CudaModel gpu(*host_);
+  std::shared_ptr<BlockPool> pool = gpu.new_pool(4);
+  LatentCache ok(pool, 64);
+  // A cache on a host pool: the GPU cannot reach its rows.
+  LatentCache host_cache(c.num_hidden_layers, c.kv_lora_rank, c.qk_rope_head_dim, 64);
+  const std::vector<int32_t> good{1, 2, 3};
+  const std::vector<int32_t> bad{1, static_cast<int32_t>(c.vocab_size)};
+  const std::vector<Model::BatchItem> on_host{{good, &ok, false}, {good, &host_cache, false}};
+  EXPECT_THROW(gpu.forward_batch(on_host), Error);
+  const std::vector<Model::BatchItem> bad_token{{good, &ok, false}, {bad, &ok, false}};
+  EXPECT_THROW(gpu.forward_batch(bad_token), Error);
+  EXPECT_EQ(ok.length(), 0);
+  EXPECT_EQ(pool->free_blocks(), 4);
+  LatentCache small(pool, 2);  // context full
+  const std::vector<Model::BatchItem> too_long{{good, &small, false}};
+  EXPECT_THROW(gpu.forward_batch(too_long), Error);
+  EXPECT_THROW(gpu.new_pool(int64_t{1} << 40), Error);  // far beyond any GPU's memory
+  // Still usable afterwards.
+  const std::vector<Model::BatchItem> fine{{good, &ok, false}};
+  EXPECT_TRUE(all_finite(gpu.forward_batch(fine).at(0)));
+  EXPECT_EQ(ok.length(), 3);
 }
 
 INSTANTIATE_TEST_SUITE_P(Cases, CudaGolden, ::testing::ValuesIn(golden_dirs()), case_name);

@@ -549,11 +549,12 @@ TEST_F(CudaOps, MlaAttentionMatchesReferenceWithNaNPages) {
     p.n = c.n;
     p.heads = c.H;
     p.latent = c.C;
-    p.cache = {dev.put(table), c.layers, W};
+    p.cache = {dev.put(table), nullptr, c.layers, W};
     p.layer = c.layer;
     p.pos0 = dev.put(pos0);
     p.scale = scale;
     p.splits = c.splits;
+    p.split_keys = 16;  // a split per 16 keys up to c.splits: the combine runs at these small sizes too
     p.work = dev.poisoned(static_cast<size_t>(cuda::mla_attention_work_floats(c.n, c.H, c.C, c.splits)));
     p.counters = dev.put(std::vector<int32_t>(static_cast<size_t>(c.n * c.H), 0));
     // Twice on the same counters: the first call must leave them zero for the second.
@@ -564,6 +565,135 @@ TEST_F(CudaOps, MlaAttentionMatchesReferenceWithNaNPages) {
                                                                    << " C=" << c.C << " splits=" << c.splits << " call " << rep;
     }
     EXPECT_EQ(Dev::get(p.counters, static_cast<size_t>(c.n * c.H)), std::vector<int32_t>(static_cast<size_t>(c.n * c.H), 0));
+  }
+}
+
+// A batched step: several sequences, each with its own page table (all tables in one array, row_table
+// per row) and rows at their own positions (a prefill chunk next to decodes, ragged), pages of all
+// sequences shuffled together in one NaN-filled storage. Against float64, rows each over their own keys.
+TEST_F(CudaOps, MlaAttentionBatchedSequencesMatchReference) {
+  struct Seq { int64_t pos0, n; };
+  const int64_t H = 3, C = 64, dr = 16, W = C + dr, layers = 2, layer = 1, page_floats = layers * 64 * W;
+  const std::vector<Seq> seqs{{61, 5}, {130, 1}, {0, 1}, {0, 7}, {255, 1}};
+  int64_t pages = 0, n = 0;
+  for (const Seq& q : seqs) {
+    pages += (q.pos0 + q.n + 63) / 64;
+    n += q.n;
+  }
+  pages += 2;  // spare NaN pages
+  std::vector<float> storage(static_cast<size_t>(pages * page_floats), std::numeric_limits<float>::quiet_NaN());
+  std::vector<int64_t> order(static_cast<size_t>(pages));
+  std::iota(order.begin(), order.end(), 0);
+  std::shuffle(order.begin(), order.end(), rng);
+  // Sequence i's table: slots [first[i], first[i] + its pages) of `order`.
+  std::vector<int64_t> first;
+  std::vector<int32_t> row_table;
+  std::vector<int64_t> row_pos;
+  int64_t next = 0;
+  for (const Seq& q : seqs) {
+    first.push_back(next);
+    for (int64_t t = 0; t < q.n; ++t) {
+      row_table.push_back(static_cast<int32_t>(next));
+      row_pos.push_back(q.pos0 + t);
+    }
+    next += (q.pos0 + q.n + 63) / 64;
+  }
+  auto row = [&](size_t seq, int64_t pos) {
+    return storage.data() + order[static_cast<size_t>(first[seq] + pos / 64)] * page_floats + (layer * 64 + pos % 64) * W;
+  };
+  for (size_t i = 0; i < seqs.size(); ++i)
+    for (int64_t pos = 0; pos < seqs[i].pos0 + seqs[i].n; ++pos) {
+      const std::vector<float> r = randn(rng, W);
+      std::copy(r.begin(), r.end(), row(i, pos));
+    }
+  const std::vector<float> q = randn(rng, static_cast<size_t>(n * H * W), 0.2f);
+  const float scale = 0.11f;
+  std::vector<float> ref(static_cast<size_t>(n * H * C));
+  int64_t t = 0;
+  for (size_t i = 0; i < seqs.size(); ++i)
+    for (int64_t j = 0; j < seqs[i].n; ++j, ++t)
+      for (int64_t h = 0; h < H; ++h) {
+        const int64_t vis = seqs[i].pos0 + j + 1;
+        std::vector<double> sc(static_cast<size_t>(vis));
+        double m = -1e300;
+        for (int64_t k = 0; k < vis; ++k) {
+          double d = 0;
+          for (int64_t c = 0; c < W; ++c) d += static_cast<double>(q[(t * H + h) * W + c]) * row(i, k)[c];
+          sc[k] = d * scale;
+          m = std::max(m, sc[k]);
+        }
+        double sum = 0;
+        for (double& v : sc) sum += (v = std::exp(v - m));
+        for (int64_t c = 0; c < C; ++c) {
+          double o = 0;
+          for (int64_t k = 0; k < vis; ++k) o += sc[k] * row(i, k)[c];
+          ref[(t * H + h) * C + c] = static_cast<float>(o / sum);
+        }
+      }
+  Dev dev;
+  float* dstore = dev.put(storage);
+  std::vector<float*> table(static_cast<size_t>(pages));
+  for (int64_t i = 0; i < pages; ++i) table[i] = dstore + order[i] * page_floats;
+  for (int splits : {1, 5, 64}) {
+    cuda::MlaAttentionParams p;
+    p.qabs = dev.put(q);
+    p.n = n;
+    p.heads = H;
+    p.latent = C;
+    p.cache = {dev.put(table), dev.put(row_table), layers, W};
+    p.layer = layer;
+    p.pos = dev.put(row_pos);
+    p.scale = scale;
+    p.splits = splits;
+    p.split_keys = 32;  // ragged rows get different split counts (1 to 8) in one launch
+    p.work = dev.poisoned(static_cast<size_t>(cuda::mla_attention_work_floats(n, H, C, splits)));
+    p.counters = dev.put(std::vector<int32_t>(static_cast<size_t>(n * H), 0));
+    p.out = dev.poisoned(ref.size());
+    cuda::mla_attention(p);
+    EXPECT_LE(test::rel_l2(Dev::get(p.out, ref.size()), ref), 1e-5) << "splits=" << splits;
+  }
+}
+
+// The MoE plan: every (token, slot) problem appears exactly once, each chunk holds problems of its own
+// expert only (routed slots from ids, fixed slots after them), unused entries and chunks are -1.
+TEST_F(CudaOps, MoePlanGroupsEveryProblemOnceByExpert) {
+  struct Case { int64_t n, k, fixed, E; };
+  for (const Case c : {Case{1, 6, 2, 64}, Case{64, 6, 2, 64}, Case{37, 8, 0, 256}, Case{300, 2, 1, 5}}) {
+    Dev dev;
+    const int64_t slots = c.k + c.fixed, table = c.E + c.fixed, chunks = cuda::moe_plan_chunks(c.n * slots, table);
+    std::vector<int32_t> ids(static_cast<size_t>(c.n * c.k));
+    std::uniform_int_distribution<int32_t> pick(0, static_cast<int32_t>(c.E - 1));
+    for (int32_t& e : ids) e = pick(rng);
+    cuda::MoePlanParams p;
+    p.ids = dev.put(ids);
+    p.n = c.n;
+    p.k = c.k;
+    p.slots = slots;
+    p.fixed_first = c.E;
+    p.table_size = table;
+    p.gather = dev.alloc<int32_t>(static_cast<size_t>(chunks * cuda::kExpertChunk));
+    p.gather_expert = dev.alloc<int32_t>(static_cast<size_t>(chunks));
+    cuda::moe_plan(p);
+    const std::vector<int32_t> gather = Dev::get(p.gather, static_cast<size_t>(chunks * cuda::kExpertChunk));
+    const std::vector<int32_t> expert = Dev::get(p.gather_expert, static_cast<size_t>(chunks));
+    std::vector<int> seen(static_cast<size_t>(c.n * slots), 0);
+    for (int64_t ch = 0; ch < chunks; ++ch)
+      for (int64_t i = 0; i < cuda::kExpertChunk; ++i) {
+        const int32_t q = gather[static_cast<size_t>(ch * cuda::kExpertChunk + i)];
+        if (expert[ch] < 0 || q < 0) {
+          EXPECT_EQ(q, -1) << "chunk " << ch;
+          continue;
+        }
+        ASSERT_LT(q, c.n * slots);
+        ++seen[static_cast<size_t>(q)];
+        const int64_t t = q / slots, j = q % slots;
+        const int32_t want = j < c.k ? ids[static_cast<size_t>(t * c.k + j)] : static_cast<int32_t>(c.E + j - c.k);
+        EXPECT_EQ(expert[ch], want) << "problem " << q;
+        if (i > 0) {
+          EXPECT_GE(gather[static_cast<size_t>(ch * cuda::kExpertChunk + i - 1)], 0) << "chunks fill from the front";
+        }
+      }
+    EXPECT_EQ(std::count(seen.begin(), seen.end(), 1), static_cast<std::ptrdiff_t>(seen.size())) << "n=" << c.n;
   }
 }
 

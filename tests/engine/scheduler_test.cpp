@@ -16,6 +16,7 @@
 #include "engine/generator.h"
 #include "engine/scheduler.h"
 #include "kvcache/disk_cache.h"
+#include "engine/engine_test_util.h"
 #include "model/random_checkpoint.h"
 #include "test_util.h"
 
@@ -25,54 +26,14 @@ namespace fs = std::filesystem;
 
 namespace {
 
-// A tiny V3 (3 layers, 320-token vocabulary) with weights large enough that logits are far from ties.
 std::string make_model(const std::string& dir, uint64_t seed) {
-  RandomCheckpointOptions opt;
-  opt.dtype = DType::BF16;
-  opt.init_std = 0.1;
-  opt.seed = seed;
-  write_random_checkpoint(dir, read_json_file(test::source_dir() + "/bench/configs/tiny_v3.json"), opt);
-  return dir;
+  return engine_test::write_tiny_model(dir, seed, test::source_dir());
 }
 
-std::vector<int32_t> random_prompt(size_t n, uint32_t seed) {
-  std::mt19937 rng(seed);
-  std::vector<int32_t> p(n);
-  for (auto& t : p) t = static_cast<int32_t>(rng() % 300) + 2;  // 0 and 1 are bos/eos
-  return p;
-}
-
-std::unique_ptr<Sampler> greedy() { return std::make_unique<Sampler>(SamplingParams{}); }
-
-// What a finished request saw.
-struct Outcome {
-  std::vector<int32_t> tokens;
-  SequenceResult result;
-  bool done = false;
-};
-
-// Submits a request that records its tokens and result into `out` (guarded by `mu`).
-void submit(Scheduler& s, std::vector<int32_t> prompt, int64_t max_new, Outcome& out, std::mutex& mu,
-            std::shared_ptr<std::atomic<bool>> cancelled = nullptr, int priority = 0) {
-  SequenceRequest r;
-  r.prompt = std::move(prompt);
-  r.max_new_tokens = max_new;
-  r.sampler = greedy();
-  r.priority = priority;
-  r.cancelled = std::move(cancelled);
-  r.on_token = [&out, &mu](int32_t t) {
-    std::lock_guard<std::mutex> lock(mu);
-    out.tokens.push_back(t);
-    return true;
-  };
-  r.on_done = [&out, &mu](const SequenceResult& res) {
-    std::lock_guard<std::mutex> lock(mu);
-    EXPECT_FALSE(out.done) << "on_done called twice";
-    out.result = res;
-    out.done = true;
-  };
-  s.submit(std::move(r));
-}
+using engine_test::greedy;
+using engine_test::Outcome;
+using engine_test::random_prompt;
+using engine_test::submit;
 
 }  // namespace
 
@@ -84,29 +45,26 @@ class EngineTest : public ::testing::Test {
     set_num_threads(1);
     dir_ = new test::TempDir();
     model_ = new Model(make_model(dir_->path(), 1));
+    backend_ = new CpuBackend(*model_);
   }
   static void TearDownTestSuite() {
+    delete backend_;
     delete model_;
     delete dir_;
   }
 
   // Greedy continuation of `prompt` on the single-sequence path (Generator over its own cache).
   static std::vector<int32_t> solo(const std::vector<int32_t>& prompt, int64_t max_new) {
-    Generator gen(*model_, 4096, {});
-    Sampler sampler(SamplingParams{});
-    std::vector<int32_t> out;
-    gen.run(prompt, max_new, sampler, [&](int32_t t) {
-      out.push_back(t);
-      return true;
-    });
-    return out;
+    return engine_test::solo(*backend_, prompt, max_new);
   }
 
   static test::TempDir* dir_;
   static Model* model_;
+  static CpuBackend* backend_;
 };
 test::TempDir* EngineTest::dir_ = nullptr;
 Model* EngineTest::model_ = nullptr;
+CpuBackend* EngineTest::backend_ = nullptr;
 
 TEST_F(EngineTest, BatchedForwardEqualsSingleSequenceForward) {
   const int64_t V = model_->config().vocab_size;
@@ -155,7 +113,7 @@ TEST_F(EngineTest, ManyConcurrentSequencesMatchSoloGreedyRuns) {
   std::vector<Outcome> outs(prompts.size());
   std::mutex mu;
   {
-    Scheduler s(*model_, opt);
+    Scheduler s(*backend_, opt);
     // Submitted from several threads at once.
     std::vector<std::thread> clients;
     for (size_t i = 0; i < prompts.size(); ++i)
@@ -186,7 +144,7 @@ TEST_F(EngineTest, ChunkSizeDoesNotChangeOutput) {
     opt.ctx = 256;
     Outcome out;
     std::mutex mu;
-    Scheduler s(*model_, opt);
+    Scheduler s(*backend_, opt);
     submit(s, prompt, 12, out, mu);
     s.shutdown(false);
     ASSERT_TRUE(out.done);
@@ -213,7 +171,7 @@ TEST_F(EngineTest, PreemptionUnderATinyPoolKeepsOutputsIdentical) {
   opt.ctx = 256;
   std::vector<Outcome> outs(prompts.size());
   std::mutex mu;
-  Scheduler s(*model_, opt);
+  Scheduler s(*backend_, opt);
   for (size_t i = 0; i < prompts.size(); ++i) submit(s, prompts[i], max_new, outs[i], mu);
   s.shutdown(false);
   EXPECT_GT(s.stats().preemptions, 0);
@@ -228,7 +186,7 @@ TEST_F(EngineTest, CancellationWhileQueuedAndWhileRunning) {
   SchedulerOptions opt;
   opt.max_batch = 1;
   opt.ctx = 256;
-  Scheduler s(*model_, opt);
+  Scheduler s(*backend_, opt);
   std::mutex mu;
   // Running: its own token callback cancels it after the third token; the next step ends it.
   Outcome running;
@@ -269,7 +227,7 @@ TEST_F(EngineTest, StopsAtEosOrWhenTheCallbackSaysSo) {
   const auto ref = solo(prompt, 10);
   SchedulerOptions opt;
   opt.ctx = 128;
-  Scheduler s(*model_, opt);
+  Scheduler s(*backend_, opt);
   std::mutex mu;
   // The 4th solo token as end-of-sequence: reported, then the sequence stops.
   Outcome eos;
@@ -309,7 +267,7 @@ TEST_F(EngineTest, BadRequestsAreRefusedAtSubmit) {
   SchedulerOptions opt;
   opt.ctx = 100;
   opt.cache_blocks = 1;
-  Scheduler s(*model_, opt);
+  Scheduler s(*backend_, opt);
   auto request = [](std::vector<int32_t> prompt, int64_t max_new) {
     SequenceRequest r;
     r.prompt = std::move(prompt);
@@ -335,14 +293,14 @@ TEST_F(EngineTest, BadRequestsAreRefusedAtSubmit) {
   EXPECT_THROW(s.submit(request({5}, 1)), Error);
   SchedulerOptions no_batch;
   no_batch.max_batch = 0;
-  EXPECT_THROW(Scheduler(*model_, no_batch), Error);
+  EXPECT_THROW(Scheduler(*backend_, no_batch), Error);
 }
 
 TEST_F(EngineTest, ShutdownWithCancelEndsEverythingExactlyOnce) {
   SchedulerOptions opt;
   opt.max_batch = 2;
   opt.ctx = 512;
-  Scheduler s(*model_, opt);
+  Scheduler s(*backend_, opt);
   std::vector<Outcome> outs(6);
   std::mutex mu;
   for (size_t i = 0; i < outs.size(); ++i) submit(s, random_prompt(50, 300 + static_cast<uint32_t>(i)), 400, outs[i], mu);
@@ -364,7 +322,7 @@ TEST_F(EngineTest, PrefixHitsSkipPrefillAndAreCountedByBlock) {
 
   SchedulerOptions opt;
   opt.ctx = 512;
-  Scheduler s(*model_, opt);
+  Scheduler s(*backend_, opt);
   std::mutex mu;
   auto run = [&](const std::vector<int32_t>& prompt) {
     Outcome out;
@@ -403,7 +361,7 @@ TEST_F(EngineTest, RunningSequencesShareCachedBlocks) {
   opt.ctx = 512;
   opt.max_batch = 3;
   opt.cache_blocks = 2 + 3 * 2;  // the shared blocks once, plus each question's own tail
-  Scheduler s(*model_, opt);
+  Scheduler s(*backend_, opt);
   std::mutex mu;
   Outcome warm;
   submit(s, doc, 1, warm, mu);
@@ -428,12 +386,12 @@ namespace {
 
 // With one batch slot, a blocker runs while the other requests queue up; the order they finish in shows the
 // queue order: by priority, then (with shortest_first) by prompt length, then by arrival.
-std::vector<int> finish_order(Model& model, bool shortest_first, const std::vector<std::pair<size_t, int>>& queued) {
+std::vector<int> finish_order(Backend& backend, bool shortest_first, const std::vector<std::pair<size_t, int>>& queued) {
   SchedulerOptions opt;
   opt.max_batch = 1;
   opt.ctx = 256;
   opt.shortest_first = shortest_first;
-  Scheduler s(model, opt);
+  Scheduler s(backend, opt);
   std::mutex mu;
   std::vector<int> order;
   std::promise<void> all_queued;
@@ -469,8 +427,8 @@ std::vector<int> finish_order(Model& model, bool shortest_first, const std::vect
 TEST_F(EngineTest, QueueOrderFollowsPriorityThenLengthThenArrival) {
   // (prompt length, priority) in arrival order.
   const std::vector<std::pair<size_t, int>> queued = {{90, 0}, {10, 0}, {50, 0}, {70, -1}};
-  EXPECT_EQ(finish_order(*model_, false, queued), (std::vector<int>{3, 0, 1, 2}));
-  EXPECT_EQ(finish_order(*model_, true, queued), (std::vector<int>{3, 1, 2, 0}));
+  EXPECT_EQ(finish_order(*backend_, false, queued), (std::vector<int>{3, 0, 1, 2}));
+  EXPECT_EQ(finish_order(*backend_, true, queued), (std::vector<int>{3, 1, 2, 0}));
 }
 
 class DiskTierTest : public EngineTest {
@@ -485,16 +443,8 @@ class DiskTierTest : public EngineTest {
   // Runs prompts one after another on a fresh Scheduler (a server run) and returns the outcomes.
   std::vector<Outcome> serve(const std::vector<std::vector<int32_t>>& prompts, const SchedulerOptions& opt,
                              SchedulerStats* stats = nullptr, Model* model = nullptr) {
-    std::vector<Outcome> outs(prompts.size());
-    std::mutex mu;
-    Scheduler s(model ? *model : *model_, opt);
-    for (size_t i = 0; i < prompts.size(); ++i) {
-      submit(s, prompts[i], 6, outs[i], mu);
-      while (s.stats().completed <= static_cast<int64_t>(i)) std::this_thread::sleep_for(std::chrono::milliseconds(2));
-    }
-    s.shutdown(false);
-    if (stats) *stats = s.stats();
-    return outs;
+    CpuBackend backend(model ? *model : *model_);
+    return engine_test::serve_in_turn(backend, prompts, opt, 6, stats);
   }
   std::vector<std::string> block_files() const {
     std::vector<std::string> names;
@@ -571,6 +521,132 @@ TEST_F(DiskTierTest, AnUnusableDirectoryWarnsAndServesAnyway) {
   EXPECT_FALSE(st.disk_enabled);
   EXPECT_EQ(out[0].result.reason, FinishReason::Length);
   EXPECT_EQ(out[0].tokens, solo(prompt_, 6));
+}
+
+// ---- backends --------------------------------------------------------------------------------------
+
+namespace {
+
+// The CPU engine posing as a device with `free_bytes` of free memory: what pool_blocks sees of a GPU.
+class DeviceLikeBackend final : public Backend {
+ public:
+  DeviceLikeBackend(Model& model, int64_t free_bytes) : cpu_(model), free_(free_bytes) {}
+  const ModelConfig& config() const override { return cpu_.config(); }
+  uint64_t identity() const override { return cpu_.identity(); }
+  std::string device_name() const override { return "test device"; }
+  std::shared_ptr<BlockPool> new_pool(int64_t n) const override { return cpu_.new_pool(n); }
+  std::vector<std::vector<float>> forward_batch(std::span<const Model::BatchItem> items) override {
+    return cpu_.forward_batch(items);
+  }
+  std::optional<int64_t> free_memory_bytes() const override { return free_; }
+
+ private:
+  CpuBackend cpu_;
+  int64_t free_;
+};
+
+// The message of the dsv3::Error that `f` throws ("" if none).
+template <class F>
+std::string error_of(F f) {
+  try {
+    f();
+  } catch (const Error& e) {
+    return std::string(e.what()) + " | hint: " + e.hint();
+  }
+  return {};
+}
+
+}  // namespace
+
+TEST_F(EngineTest, GeneratorOverTheCpuBackendEqualsTheModelsOwnDecodeLoop) {
+  // The engine's single-sequence path (a batch of one through the Backend) against Model::forward on a
+  // standalone cache, token by token: identical ids and identical logits.
+  const auto prompt = random_prompt(80, 31);
+  LatentCache cache = model_->new_cache(128);
+  ForwardOptions last;
+  last.all_logits = false;
+  std::vector<float> logits = model_->forward(prompt, cache, last);
+  std::vector<int32_t> ref;
+  Sampler s0(SamplingParams{});
+  for (int i = 0; i < 10; ++i) {
+    ref.push_back(s0.sample(logits.data(), model_->config().vocab_size));
+    const int32_t step[1] = {ref.back()};
+    logits = model_->forward(step, cache, last);
+  }
+  EXPECT_EQ(solo(prompt, 10), ref);
+
+  // A second turn that extends the first reuses its cached rows and still matches a fresh run.
+  Generator gen(*backend_, 256, {});
+  Sampler s1(SamplingParams{});
+  std::vector<int32_t> first;
+  gen.run(prompt, 10, s1, [&](int32_t t) { first.push_back(t); return true; });
+  std::vector<int32_t> longer = prompt;
+  longer.insert(longer.end(), first.begin(), first.end());
+  longer.push_back(7);
+  std::vector<int32_t> second;
+  gen.run(longer, 5, s1, [&](int32_t t) { second.push_back(t); return true; });
+  EXPECT_EQ(gen.last_reused(), 89);  // prompt + 9 fed tokens (the 10th was sampled, never fed)
+  EXPECT_EQ(second, solo(longer, 5));
+}
+
+TEST_F(EngineTest, MakeBackendNamesWhatIsWrong) {
+  const std::unique_ptr<Backend> cpu = make_backend("cpu", *model_);
+  EXPECT_EQ(cpu->device_name(), "cpu");
+  EXPECT_EQ(cpu->identity(), model_->identity());
+  EXPECT_FALSE(cpu->free_memory_bytes().has_value());
+  EXPECT_NE(error_of([&] { make_backend("tpu", *model_); }).find("unknown device 'tpu'"), std::string::npos);
+  // A build without CUDA says which build option gives it; with CUDA, this machine's answer depends on
+  // its GPU (tests/cuda covers the backend itself), so only "a dsv3::Error or a backend" is checked.
+  std::string cuda_error;
+  try {
+    const std::unique_ptr<Backend> gpu = make_backend("cuda", *model_);
+    EXPECT_TRUE(cuda_backend_available());
+    EXPECT_NE(gpu->identity(), model_->identity());  // the devices never share cached blocks
+  } catch (const Error& e) {
+    cuda_error = std::string(e.what()) + " " + e.hint();
+  }
+  if (!cuda_backend_available()) {
+    EXPECT_NE(cuda_error.find("DSV3_CUDA=ON"), std::string::npos) << cuda_error;
+  }
+}
+
+TEST_F(EngineTest, PoolSizeFollowsTheFlagsAndTheDevicesFreeMemory) {
+  const int64_t block = backend_->block_bytes();
+  const ModelConfig& cfg = model_->config();
+  EXPECT_EQ(block, cfg.num_hidden_layers * 64 * (cfg.kv_lora_rank + cfg.qk_rope_head_dim) * 4);
+  // Host: the Scheduler's default (0), the blocks given, or a memory budget.
+  EXPECT_EQ(pool_blocks(*backend_, 0, 0, 4096), 0);
+  EXPECT_EQ(pool_blocks(*backend_, 0, 17, 512), 17);
+  EXPECT_EQ(pool_blocks(*backend_, 10 * block + block / 2, 0, 512), 10);
+  const std::string too_small = error_of([&] { pool_blocks(*backend_, 0, 5, 4096); });
+  EXPECT_NE(too_small.find("fewer than the 64 one request of --ctx 4096"), std::string::npos) << too_small;
+
+  // A device with 100 blocks free: by default 80% of it; a budget beyond it is refused with the numbers.
+  DeviceLikeBackend device(*model_, 100 * block);
+  EXPECT_EQ(pool_blocks(device, 0, 0, 512), 80);
+  EXPECT_EQ(pool_blocks(device, 30 * block, 0, 512), 30);
+  EXPECT_EQ(pool_blocks(device, 0, 90, 512), 90);
+  const std::string over = error_of([&] { pool_blocks(device, 101 * block, 0, 512); });
+  EXPECT_NE(over.find("test device has only"), std::string::npos) << over;
+  EXPECT_NE(error_of([&] { pool_blocks(device, 0, 101, 512); }).find("free after loading"), std::string::npos);
+  // Too little free memory for one context, even by default.
+  DeviceLikeBackend tiny(*model_, 5 * block);
+  const std::string no_room = error_of([&] { pool_blocks(tiny, 0, 0, 512); });
+  EXPECT_NE(no_room.find("80% of the"), std::string::npos) << no_room;
+  EXPECT_NE(no_room.find("lower --ctx"), std::string::npos) << no_room;
+
+  // The Scheduler runs on the pool such a backend makes.
+  SchedulerOptions opt;
+  opt.ctx = 512;
+  opt.cache_blocks = pool_blocks(device, 0, 0, opt.ctx);
+  Scheduler s(device, opt);
+  EXPECT_EQ(s.stats().blocks_total, 80);
+  Outcome out;
+  std::mutex mu;
+  const auto prompt = random_prompt(20, 41);
+  submit(s, prompt, 4, out, mu);
+  s.shutdown(false);
+  EXPECT_EQ(out.tokens, solo(prompt, 4));
 }
 
 }  // namespace dsv3

@@ -2,9 +2,12 @@
 // chat, streaming, completions with suffix (FIM), tools, logprobs, JSON mode, usage with the cache-hit
 // fields, errors as the SDK's typed exceptions, and concurrent clients matching solo greedy runs.
 import assert from "node:assert/strict";
+import { execFileSync } from "node:child_process";
+import fs from "node:fs";
+import path from "node:path";
 import { after, before, test } from "node:test";
 
-import { makeModel, openai, startServer } from "./harness.mjs";
+import { dsv3, makeModel, openai, startServer } from "./harness.mjs";
 
 const OpenAI = await openai();
 let model, server, client;
@@ -85,6 +88,48 @@ test("completions with suffix (FIM) and with legacy logprobs", async () => {
   }
 });
 
+test("completions echo with logprobs: the prompt's logprobs are a direct forward pass's log-softmax", async () => {
+  const prompt = "The quick brown fox jumps over the lazy dog, and then";
+  const body = { model: "tiny", prompt, max_tokens: 3, temperature: 0, echo: true, logprobs: 1 };
+  const r = await client.completions.create(body);
+  assert.ok(r.choices[0].text.startsWith(prompt), r.choices[0].text);
+  const lp = r.choices[0].logprobs;
+  // The prompt's ids (BOS first when the tokenizer adds one) and `dsv3 logits` over them.
+  const bos = JSON.parse(fs.readFileSync(path.join(model.model, "tokenizer_config.json"), "utf8")).add_bos_token;
+  const ids = JSON.parse(execFileSync(dsv3, ["tokenize", "--model", model.model, "--text", prompt, ...(bos ? ["--bos"] : [])],
+                                      { encoding: "utf8" })).ids;
+  assert.equal(r.usage.prompt_tokens, ids.length);
+  assert.equal(lp.tokens.length, ids.length + r.usage.completion_tokens);
+  const out = path.join(model.dir, "prompt_logits.f32");
+  execFileSync(dsv3, ["logits", "--model", model.model, "--tokens", ids.join(","), "--out", out]);
+  const raw = fs.readFileSync(out);
+  const logits = new Float32Array(raw.buffer.slice(raw.byteOffset, raw.byteOffset + raw.length));
+  const vocab = logits.length / ids.length;
+  assert.equal(lp.token_logprobs[0], null);  // nothing precedes the first token
+  assert.equal(lp.top_logprobs[0], null);
+  for (let j = 1; j < ids.length; ++j) {
+    const row = logits.subarray((j - 1) * vocab, j * vocab);
+    let m = -Infinity, sum = 0;
+    for (const v of row) m = Math.max(m, v);
+    for (const v of row) sum += Math.exp(v - m);
+    const expected = row[ids[j]] - m - Math.log(sum);
+    assert.ok(Math.abs(lp.token_logprobs[j] - expected) < 1e-3, `prompt token ${j}: ${lp.token_logprobs[j]} vs ${expected}`);
+    assert.equal(Object.keys(lp.top_logprobs[j]).length, 1);
+  }
+  assert.equal(lp.text_offset[ids.length], prompt.length);  // the generated tokens come after the echo
+  // Streamed: the same text and the same logprobs, chunk by chunk.
+  const stream = await client.completions.create({ ...body, stream: true });
+  let text = "";
+  const streamed = [];
+  for await (const chunk of stream)
+    for (const c of chunk.choices) {
+      text += c.text;
+      if (c.logprobs) streamed.push(...c.logprobs.token_logprobs);
+    }
+  assert.equal(text, r.choices[0].text);
+  assert.deepEqual(streamed, lp.token_logprobs);
+});
+
 test("chat logprobs: one entry per token with bytes and top alternatives, streamed too", async () => {
   const body = { model: "tiny", messages: user("Hello"), max_tokens: 6, temperature: 0, logprobs: true, top_logprobs: 3 };
   const r = await client.chat.completions.create(body);
@@ -121,17 +166,35 @@ test("tools: a named tool_choice gives a tool call with finish_reason tool_calls
   assert.equal(m.tool_calls[0].function.name, "get_weather");
   assert.equal(typeof m.tool_calls[0].function.arguments, "string");
   assert.match(m.tool_calls[0].id, /^call_/);
+  // Streamed piecewise, OpenAI's shape: the call's first delta has index, id, type and name, later ones
+  // only index and an arguments fragment, as the model writes them.
   const stream = await client.chat.completions.create({ ...body, stream: true });
-  const calls = [];
+  const deltas = [];
   let finish = null;
   for await (const chunk of stream)
     for (const c of chunk.choices) {
-      for (const t of c.delta.tool_calls ?? []) calls[t.index] = t;
+      deltas.push(...(c.delta.tool_calls ?? []));
       if (c.finish_reason) finish = c.finish_reason;
     }
   assert.equal(finish, "tool_calls");
-  assert.equal(calls[0].function.name, "get_weather");
-  assert.equal(calls[0].function.arguments, m.tool_calls[0].function.arguments);
+  assert.ok(deltas.length >= 2, JSON.stringify(deltas));
+  assert.equal(deltas[0].index, 0);
+  assert.match(deltas[0].id, /^call_/);
+  assert.equal(deltas[0].type, "function");
+  assert.equal(deltas[0].function.name, "get_weather");
+  for (const d of deltas.slice(1)) {
+    assert.equal(d.index, 0);
+    assert.equal(d.id, undefined);
+    assert.equal(d.function.name, undefined);
+  }
+  assert.equal(deltas.map((d) => d.function.arguments).join(""), m.tool_calls[0].function.arguments);
+  // The SDK's stream helper accumulates the pieces to the non-streamed call.
+  const helper = client.chat.completions.stream(body);
+  const final = await helper.finalChatCompletion();
+  assert.equal(final.choices[0].finish_reason, "tool_calls");
+  assert.equal(final.choices[0].message.tool_calls.length, 1);
+  assert.equal(final.choices[0].message.tool_calls[0].function.name, "get_weather");
+  assert.equal(final.choices[0].message.tool_calls[0].function.arguments, m.tool_calls[0].function.arguments);
   // "required" opens the call; the model names the function (a random model writes some name).
   const req = await client.chat.completions.create({ ...body, tool_choice: "required" });
   assert.equal(req.choices[0].finish_reason, "tool_calls");

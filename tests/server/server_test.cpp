@@ -9,25 +9,25 @@
 #include <unistd.h>
 
 #include <chrono>
+#include <cmath>
 #include <filesystem>
 #include <thread>
 
 #include "core/json.h"
+#include "model/model.h"
 #include "test_util.h"
+#include "text_model_test.h"
+#include "tokenizer/tokenizer.h"
 
 namespace dsv3::server {
 
 namespace {
 
-class ServerTest : public ::testing::Test {
+class ServerTest : public test::TextModelTest {
  protected:
   static void SetUpTestSuite() {
-    dir_ = new test::TempDir();
-    if (!test::make_text_model(dir_->path())) {
-      delete dir_;
-      dir_ = nullptr;
-      return;
-    }
+    TextModelTest::SetUpTestSuite();
+    if (!dir_) return;
     ServerOptions o;
     o.model_dir = dir_->path();
     o.port = 0;
@@ -44,8 +44,9 @@ class ServerTest : public ::testing::Test {
       thread_->join();
       delete thread_;
       delete server_;
+      server_ = nullptr;
     }
-    delete dir_;
+    TextModelTest::TearDownTestSuite();
   }
   static bool ready() {
     if (!server_ || server_->port() == 0) return false;
@@ -54,7 +55,8 @@ class ServerTest : public ::testing::Test {
     return r && r->status == 200;
   }
   void SetUp() override {
-    if (!dir_) DSV3_NEED_TOKENIZER();
+    TextModelTest::SetUp();
+    if (IsSkipped() || HasFailure()) return;
     ASSERT_TRUE(ready()) << "the server did not come up";
   }
 
@@ -102,11 +104,9 @@ class ServerTest : public ::testing::Test {
             {"temperature", 0}};
   }
 
-  static test::TempDir* dir_;
   static Server* server_;
   static std::thread* thread_;
 };
-test::TempDir* ServerTest::dir_ = nullptr;
 Server* ServerTest::server_ = nullptr;
 std::thread* ServerTest::thread_ = nullptr;
 
@@ -284,6 +284,99 @@ TEST_F(ServerTest, LogprobsJsonModeAndToolCallsOverHttp) {
   EXPECT_EQ(call["choices"][0]["finish_reason"], "tool_calls");
   EXPECT_EQ(call["choices"][0]["message"]["tool_calls"][0]["function"]["name"], "get_weather");
   EXPECT_TRUE(call["choices"][0]["message"]["content"].is_null());
+}
+
+TEST_F(ServerTest, EchoWithLogprobsGivesThePromptsLogprobs) {
+  // Long enough for two prefill blocks, so the repeat would be a prefix-cache hit.
+  std::string prompt = "The tide came in slowly over the flat grey sand,";
+  for (int i = 0; i < 16; ++i) prompt += " wave " + std::to_string(i) + ",";
+  const Json body = {{"prompt", prompt}, {"max_tokens", 3}, {"echo", true}, {"logprobs", 2}, {"temperature", 0}};
+  const Json r = post("/v1/completions", body);
+  ASSERT_TRUE(r.contains("choices")) << r;
+  const std::string text = r["choices"][0]["text"];
+  EXPECT_EQ(text.rfind(prompt, 0), 0u) << text;
+  const Json& lp = r["choices"][0]["logprobs"];
+
+  // What a direct forward pass over the prompt says, log-softmaxed by hand.
+  Model model(dir_->path());
+  const tok::Tokenizer tokenizer = tok::Tokenizer::from_file(dir_->path() + "/tokenizer.json");
+  std::vector<int32_t> ids;
+  const bool bos = tokenizer.config().add_bos_token && tokenizer.bos_id();
+  if (bos) ids.push_back(*tokenizer.bos_id());
+  tokenizer.encode(prompt, ids);
+  const auto n = static_cast<int64_t>(ids.size());
+  ASSERT_GT(n, 64);
+  ASSERT_EQ(r["usage"]["prompt_tokens"], n);
+  ASSERT_EQ(lp["tokens"].size(), static_cast<size_t>(n + 3));  // the prompt's, then the generated ones
+  LatentCache cache = model.new_cache(n);
+  const std::vector<float> logits = model.forward(ids, cache);
+  const int64_t vocab = model.config().vocab_size;
+  EXPECT_TRUE(lp["token_logprobs"][0].is_null());  // nothing precedes the first token
+  EXPECT_TRUE(lp["top_logprobs"][0].is_null());
+  std::string joined;
+  for (int64_t j = 0; j < n; ++j) {
+    const std::string bytes(tokenizer.token_bytes(ids[static_cast<size_t>(j)]));
+    EXPECT_EQ(lp["text_offset"][j], static_cast<int64_t>(joined.size())) << j;
+    if (j > 0 || !bos) joined += bytes;
+    if (j == 0) continue;
+    const float* row = logits.data() + (j - 1) * vocab;
+    double m = row[0], sum = 0.0;
+    for (int64_t v = 0; v < vocab; ++v) m = std::max(m, static_cast<double>(row[v]));
+    for (int64_t v = 0; v < vocab; ++v) sum += std::exp(row[v] - m);
+    const double expected = row[ids[static_cast<size_t>(j)]] - m - std::log(sum);
+    EXPECT_NEAR(lp["token_logprobs"][j].get<double>(), expected, 1e-3) << "prompt token " << j;
+    EXPECT_EQ(lp["top_logprobs"][j].size(), 2u);
+  }
+  EXPECT_EQ(joined, prompt);  // the offsets walk the echoed text
+  EXPECT_EQ(lp["text_offset"][n], static_cast<int64_t>(prompt.size()));  // the first generated token
+
+  // Again, streamed: the prompt's blocks are cached now, but the prompt's logits need its prefill, so no
+  // hit; the chunks' logprobs add up to the same.
+  Json again = body;
+  again["stream_options"] = {{"include_usage", true}};
+  const std::vector<Json> events = stream("/v1/completions", again);
+  ASSERT_GE(events.size(), 3u);
+  std::vector<Json> streamed;
+  std::string streamed_text;
+  for (const Json& e : events) {
+    if (e.is_string() || e["choices"].empty()) continue;
+    streamed_text += e["choices"][0]["text"].get<std::string>();
+    if (e["choices"][0]["logprobs"].is_null()) continue;
+    for (const Json& v : e["choices"][0]["logprobs"]["token_logprobs"]) streamed.push_back(v);
+  }
+  EXPECT_EQ(streamed_text, text);
+  ASSERT_EQ(streamed.size(), lp["token_logprobs"].size());
+  for (size_t i = 0; i < streamed.size(); ++i) {
+    if (i == 0) EXPECT_TRUE(streamed[i].is_null());
+    else EXPECT_NEAR(streamed[i].get<double>(), lp["token_logprobs"][i].get<double>(), 1e-6) << i;
+  }
+  const Json& usage = events[events.size() - 2]["usage"];
+  EXPECT_EQ(usage["prompt_cache_hit_tokens"], 0) << usage;
+}
+
+TEST_F(ServerTest, ToolCallsStreamPiecewise) {
+  Json body = chat("Weather in Oslo?", 12);
+  body["tools"] = Json::parse(R"([{"type":"function","function":{"name":"get_weather","parameters":{"type":"object"}}}])");
+  body["tool_choice"] = Json::parse(R"({"type":"function","function":{"name":"get_weather"}})");
+  const Json whole = post("/v1/chat/completions", body);
+  ASSERT_TRUE(whole.contains("choices")) << whole;
+  const Json& call = whole["choices"][0]["message"]["tool_calls"][0];
+  std::vector<Json> deltas;
+  for (const Json& e : stream("/v1/chat/completions", body))
+    if (!e.is_string())
+      for (const Json& d : e["choices"][0]["delta"].value("tool_calls", Json::array())) deltas.push_back(d);
+  ASSERT_GE(deltas.size(), 2u);
+  EXPECT_EQ(deltas[0]["index"], 0);
+  EXPECT_EQ(deltas[0]["type"], "function");
+  EXPECT_EQ(deltas[0]["function"]["name"], "get_weather");
+  EXPECT_EQ(deltas[0]["function"]["arguments"], "");
+  std::string arguments;
+  for (size_t i = 1; i < deltas.size(); ++i) {
+    EXPECT_EQ(deltas[i]["index"], 0);
+    EXPECT_FALSE(deltas[i].contains("id"));
+    arguments += deltas[i]["function"]["arguments"].get<std::string>();
+  }
+  EXPECT_EQ(arguments, call["function"]["arguments"]);  // greedy: the same call, in pieces
 }
 
 TEST_F(ServerTest, ChatPageAndEngineMetrics) {

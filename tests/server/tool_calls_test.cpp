@@ -33,6 +33,9 @@ class ToolCalls : public ::testing::Test {
     std::vector<ToolCall> calls;
     bool finished = false;
     size_t tokens_after_finish = 0;
+    std::vector<ToolCall> streamed;  // the calls as their pieces came
+    bool open = false;               // a call started and not ended
+    int fragments = 0;               // argument fragments
   };
   // Feeds the ids of `text` through the detokenizer and the parser, as the server does.
   Parsed parse(const std::string& text, const ToolChoice& choice) {
@@ -44,13 +47,33 @@ class ToolCalls : public ::testing::Test {
         ++out.tokens_after_finish;
         continue;
       }
-      ToolCallParser::Step s = parser.push(id, decoder.push(id));
-      out.content += s.content;
-      if (s.call) out.calls.push_back(*s.call);
-      out.finished = s.finished;
+      take(parser.push(id, decoder.push(id)), out);
     }
-    if (auto c = parser.finish()) out.calls.push_back(*c);
+    take(parser.finish(), out);
     return out;
+  }
+  // Keeps a step, and checks the streamed pieces against the finished calls: each call starts once,
+  // with its name, before its fragments, and its fragments add up to its arguments.
+  static void take(const ToolCallParser::Step& s, Parsed& out) {
+    out.content += s.content;
+    if (s.call_started) {
+      EXPECT_FALSE(out.open) << "a call started inside another";
+      out.open = true;
+      out.streamed.push_back({*s.call_started, ""});
+    }
+    if (!s.arguments.empty()) {
+      ASSERT_TRUE(out.open) << "arguments outside a call: " << s.arguments;
+      out.streamed.back().arguments += s.arguments;
+      ++out.fragments;
+    }
+    if (s.call) {
+      EXPECT_TRUE(out.open) << "a call ended that never started";
+      out.open = false;
+      out.calls.push_back(*s.call);
+      EXPECT_EQ(out.streamed.back().name, s.call->name);
+      EXPECT_EQ(out.streamed.back().arguments, s.call->arguments);
+    }
+    out.finished = out.finished || s.finished;
   }
   static tok::Tokenizer* tok_;
 };
@@ -95,6 +118,35 @@ TEST_F(ToolCalls, ForcedPrefixesStartTheParserInsideTheCall) {
   EXPECT_EQ(p.calls[0].name, "lookup");
   EXPECT_EQ(p.calls[0].arguments, "{\"q\": 2}");
   EXPECT_EQ(forced_prefix({ToolChoice::kAuto, ""}), "");
+}
+
+TEST_F(ToolCalls, ArgumentsStreamInFragmentsThatAddUpToTheCall) {
+  // Fragment by fragment (take() checks they add up); neither the fence nor whitespace around the
+  // arguments ever goes out, even though the model writes them token by token.
+  const Parsed p = parse(
+      "<｜tool▁calls▁begin｜><｜tool▁call▁begin｜>function<｜tool▁sep｜>get_weather\n```json\n"
+      "{\"city\": \"Paris\", \"days\": [1, 2, 3], \"units\": \"metric\"}\n```<｜tool▁call▁end｜><｜tool▁calls▁end｜>",
+      {ToolChoice::kAuto, ""});
+  ASSERT_EQ(p.calls.size(), 1u);
+  EXPECT_EQ(p.calls[0].arguments, "{\"city\": \"Paris\", \"days\": [1, 2, 3], \"units\": \"metric\"}");
+  EXPECT_GT(p.fragments, 3);
+  // Cut off by the token limit in the middle of the arguments (named choice: the prompt opened the call).
+  const Parsed cut = parse("{\"q\": [1, 2", {ToolChoice::kNamed, "lookup"});
+  ASSERT_EQ(cut.streamed.size(), 1u);
+  EXPECT_EQ(cut.calls[0].name, "lookup");
+  EXPECT_EQ(cut.calls[0].arguments, "{\"q\": [1, 2");
+}
+
+TEST(ToolArguments, SettledArgumentsHoldBackWhatMayBeFence) {
+  EXPECT_EQ(settled_arguments("", false), "");
+  EXPECT_EQ(settled_arguments("``", false), "");       // may become ```json
+  EXPECT_EQ(settled_arguments("```js", false), "");
+  EXPECT_EQ(settled_arguments("```json\n{\"a\"", false), "{\"a\"");
+  EXPECT_EQ(settled_arguments("```json\n{\"a\": 1}\n`", false), "{\"a\": 1}");  // may be the closing fence
+  EXPECT_EQ(settled_arguments("{\"a\": \"`x`\"}", false), "{\"a\": \"`x`\"}");  // backticks inside go out
+  EXPECT_EQ(settled_arguments("```json\n{\"a\": 1}\n```", true), "{\"a\": 1}");
+  EXPECT_EQ(settled_arguments("```\n{}\n```", true), "{}");
+  EXPECT_EQ(settled_arguments("  {} ", true), "{}");
 }
 
 TEST_F(ToolCalls, RoundTripsThroughTheChatTemplate) {

@@ -80,11 +80,21 @@ __global__ void __launch_bounds__(kWarps * 32) gemv_kernel(const GemvArgs a) {
   const int64_t j0 = p.combine ? 0 : p0 % p.x_div;
   const int first_part = warp % a.parts, part_step = a.tiles_per_block == 1 ? kWarps : a.parts;
   const int64_t total_parts = slots * a.ksplit;
+  // Gathered problems: entry i of this block's chunk is problem gather[p0 + i] (or -1), all on expert
+  // `ge`; the lists come from an earlier kernel, so they are read before pdl_wait only when settled.
+  const bool gathered = p.gather != nullptr;
+  int32_t ge = gathered && p.ids_settled ? p.gather_expert[blockIdx.y] : -1;
 
   // Prologue: pull this warp's weight rows towards L2 while the previous kernel finishes (the warp of
   // column slice 0 of each slot takes the slot's whole rows). Expert ids come from an earlier kernel;
   // they may be read here only when the caller says they are settled (fixed slots need no ids).
-  if (live_rows > 0) {
+  if (gathered) {
+    if (live_rows > 0 && ge >= 0 && first_part == 0) {
+      prefetch_l2(static_cast<const char*>(p.experts[ge].data) + rows[0] * row_bytes, live_rows * row_bytes, lane);
+      if constexpr (DUAL)
+        prefetch_l2(static_cast<const char*>(p.experts2[ge].data) + rows[0] * row_bytes, live_rows * row_bytes, lane);
+    }
+  } else if (live_rows > 0) {
     for (int64_t part = first_part; part < total_parts; part += part_step) {
       const int64_t s = part / a.ksplit;
       if (part % a.ksplit != 0 || (p.experts && !p.ids_settled && j0 + s < k_routed)) continue;
@@ -98,6 +108,15 @@ __global__ void __launch_bounds__(kWarps * 32) gemv_kernel(const GemvArgs a) {
     }
   }
   pdl_wait();
+  if (gathered) {
+    ge = p.gather_expert[blockIdx.y];
+    if (ge < 0) return;  // an unused chunk: the whole block leaves
+  }
+  // Problem of entry i (-1: none): the i-th of this block's problems, or of its gathered chunk.
+  auto problem = [&](int i) -> int64_t {
+    if (gathered) return p.gather[p0 + i];
+    return p0 + i < p.n ? p0 + i : -1;
+  };
 
   float acc[R][NT], acc2[R][NT], ss[NT];
 #pragma unroll
@@ -115,7 +134,7 @@ __global__ void __launch_bounds__(kWarps * 32) gemv_kernel(const GemvArgs a) {
     float weight = 1.0f;  // combine: the slot's routing weight (linear, so it scales partial dots)
     if (p.experts) {      // NT == 1 in this mode
       const int64_t j = j0 + s;
-      const int32_t e = expert_of(p, tok, j, k_routed);
+      const int32_t e = gathered ? ge : expert_of(p, tok, j, k_routed);
       wd = p.experts[e].data;
       ws = p.experts[e].scale_inv;
       if constexpr (DUAL) {
@@ -127,7 +146,7 @@ __global__ void __launch_bounds__(kWarps * 32) gemv_kernel(const GemvArgs a) {
     const float* xs[NT];
 #pragma unroll
     for (int i = 0; i < NT; ++i) {
-      const int64_t pi = p0 + i < p.n ? p0 + i : p0;  // past the end: recompute p0, discard
+      const int64_t pi = problem(i) >= 0 ? problem(i) : problem(0);  // past the end: recompute entry 0, discard
       const int64_t xrow = p.combine ? tok * slots + s : pi / p.x_div;
       xs[i] = p.x + xrow * p.ldx + g * p.group_x;
     }
@@ -157,9 +176,30 @@ __global__ void __launch_bounds__(kWarps * 32) gemv_kernel(const GemvArgs a) {
           raw[r] = load_raw<T>(wd, rows[r], cols, c);
           if constexpr (DUAL) raw2[r] = load_raw<T>(wd2, rows[r], cols, c);
         }
-        float xv[NT][V];
+        // Block scales of this chunk, per row (FP8: convert_raw leaves the values unscaled).
+        float sc[R], sc2[R];
 #pragma unroll
-        for (int i = 0; i < NT; ++i)
+        for (int r = 0; r < R; ++r) {
+          sc[r] = sc2[r] = weight;
+          if constexpr (T == kF8) {
+            sc[r] *= rs[r][static_cast<int32_t>(c) >> a.block_shift];
+            if constexpr (DUAL) sc2[r] *= rs2[r][static_cast<int32_t>(c) >> a.block_shift];
+          }
+        }
+        // Several tokens: the rows' weights converted once, then one token's inputs at a time (a
+        // token's V inputs live only while its dots run, so NT x V inputs never sit in registers).
+        // One token: each row converted right before its dot (fewer values live).
+        float wv[NT > 1 ? R : 1][V], wv2[NT > 1 && DUAL ? R : 1][V];
+        if constexpr (NT > 1) {
+#pragma unroll
+          for (int r = 0; r < R; ++r) {
+            convert_raw<T>(raw[r], wv[r]);
+            if constexpr (DUAL) convert_raw<T>(raw2[r], wv2[r]);
+          }
+        }
+#pragma unroll
+        for (int i = 0; i < NT; ++i) {
+          float xv[V];
 #pragma unroll
           for (int q = 0; q < V / 4; ++q) {
             float4 u = *reinterpret_cast<const float4*>(xs[i] + c + 4 * q);
@@ -168,28 +208,23 @@ __global__ void __launch_bounds__(kWarps * 32) gemv_kernel(const GemvArgs a) {
               const float4 gw = __ldg(reinterpret_cast<const float4*>(p.norm + c + 4 * q));
               u.x *= gw.x; u.y *= gw.y; u.z *= gw.z; u.w *= gw.w;
             }
-            xv[i][4 * q] = u.x; xv[i][4 * q + 1] = u.y; xv[i][4 * q + 2] = u.z; xv[i][4 * q + 3] = u.w;
+            xv[4 * q] = u.x; xv[4 * q + 1] = u.y; xv[4 * q + 2] = u.z; xv[4 * q + 3] = u.w;
           }
 #pragma unroll
-        for (int r = 0; r < R; ++r) {
-          float w[V], w2[V];
-          convert_raw<T>(raw[r], w);
-          if constexpr (DUAL) convert_raw<T>(raw2[r], w2);
-          float sc = weight, sc2 = weight;
-          if constexpr (T == kF8) {  // convert_raw left FP8 unscaled: one block scale per 16 values
-            sc *= rs[r][static_cast<int32_t>(c) >> a.block_shift];
-            if constexpr (DUAL) sc2 *= rs2[r][static_cast<int32_t>(c) >> a.block_shift];
-          }
-#pragma unroll
-          for (int i = 0; i < NT; ++i) {
+          for (int r = 0; r < R; ++r) {
+            if constexpr (NT == 1) {
+              convert_raw<T>(raw[r], wv[0]);
+              if constexpr (DUAL) convert_raw<T>(raw2[r], wv2[0]);
+            }
+            const int rw = NT > 1 ? r : 0;
             float d = 0.0f, d2 = 0.0f;
 #pragma unroll
             for (int v = 0; v < V; ++v) {
-              d = fmaf(w[v], xv[i][v], d);
-              if constexpr (DUAL) d2 = fmaf(w2[v], xv[i][v], d2);
+              d = fmaf(wv[rw][v], xv[v], d);
+              if constexpr (DUAL) d2 = fmaf(wv2[rw][v], xv[v], d2);
             }
-            acc[r][i] = fmaf(sc, d, acc[r][i]);
-            if constexpr (DUAL) acc2[r][i] = fmaf(sc2, d2, acc2[r][i]);
+            acc[r][i] = fmaf(sc[r], d, acc[r][i]);
+            if constexpr (DUAL) acc2[r][i] = fmaf(sc2[r], d2, acc2[r][i]);
           }
         }
       }
@@ -240,7 +275,8 @@ __global__ void __launch_bounds__(kWarps * 32) gemv_kernel(const GemvArgs a) {
     const int tb = idx / (R * NT), r = idx / NT % R, i = idx % NT;
     const int64_t t = static_cast<int64_t>(blockIdx.x) * a.tiles_per_block + tb;
     const int64_t gt = t / a.tiles_per_group, it = (t - gt * a.tiles_per_group) * R + r;
-    if (gt >= a.groups || it >= a.group_rows || gt * a.group_rows + it >= p.out || p0 + i >= p.n) continue;
+    const int64_t pi = problem(i);
+    if (gt >= a.groups || it >= a.group_rows || gt * a.group_rows + it >= p.out || pi < 0) continue;
     const int w_end = tb * a.parts + (a.tiles_per_block == 1 ? kWarps : a.parts);
     float u = 0.0f, u2 = 0.0f, sq = 0.0f;
     for (int w = tb * a.parts; w < w_end; ++w) {
@@ -251,7 +287,7 @@ __global__ void __launch_bounds__(kWarps * 32) gemv_kernel(const GemvArgs a) {
     const float inv = p.norm ? 1.0f / sqrtf(sq / static_cast<float>(cols) + p.norm_eps) : 1.0f;
     float v = u * inv;
     if constexpr (DUAL) v = silu(v) * (u2 * inv);
-    float* yp = p.y + (p0 + i) * p.ldy + gt * a.group_rows + it;
+    float* yp = p.y + pi * p.ldy + gt * a.group_rows + it;
     *yp = p.accumulate ? *yp + v : v;
   }
 }
@@ -361,11 +397,21 @@ int64_t gemv_lane_steps() {
   return steps;
 }
 
+// Largest plain batch the GEMV path takes: kGemvMaxBatch, or DSV3_GEMV_MAX_BATCH (a tuning knob for
+// benchmarks, read once).
+int64_t gemv_max_batch() {
+  static const int64_t n = [] {
+    const char* v = std::getenv("DSV3_GEMV_MAX_BATCH");
+    return v && std::atoi(v) > 0 ? static_cast<int64_t>(std::atoi(v)) : kGemvMaxBatch;
+  }();
+  return n;
+}
+
 template <int T, bool DUAL>
 void launch_linear(GemvArgs a) {
   const LinearParams& p = a.p;
   const bool plain = !p.experts && a.groups == 1;
-  if (plain && p.n > kGemvMaxBatch) {
+  if (plain && p.n > gemv_max_batch()) {
     const dim3 grid(static_cast<unsigned>((p.out + kTile - 1) / kTile), static_cast<unsigned>((p.n + kTile - 1) / kTile));
     gemm_kernel<T, DUAL><<<grid, 256, 0, p.stream>>>(a);
     check_launch("gemm_kernel");
@@ -386,7 +432,7 @@ void launch_linear(GemvArgs a) {
     const int64_t tiles = a.groups * a.tiles_per_group;
     cudaLaunchConfig_t cfg = {};
     cfg.gridDim = dim3(static_cast<unsigned>((tiles + a.tiles_per_block - 1) / a.tiles_per_block),
-                       static_cast<unsigned>((p.n + NT - 1) / NT));
+                       static_cast<unsigned>(p.gather ? p.gather_chunks : (p.n + NT - 1) / NT));
     cfg.blockDim = dim3(kWarps * 32);
     cfg.stream = p.stream;
     cudaLaunchAttribute attr[1];
@@ -402,7 +448,9 @@ void launch_linear(GemvArgs a) {
   using II = std::integral_constant<int, 2>;
   using IV = std::integral_constant<int, 4>;
   using VIII = std::integral_constant<int, 8>;
-  if (p.experts || p.n == 1) go(I(), IV());
+  static_assert(kExpertChunk == VIII::value, "a gathered chunk is one block's NT problems");
+  if (p.gather) go(VIII(), II());
+  else if (p.experts || p.n == 1) go(I(), IV());
   else if (p.n <= 4) go(IV(), II());
   else go(VIII(), II());
 }
@@ -425,6 +473,7 @@ void linear(const LinearParams& p) {
   }
   DSV3_ASSERT(p.fixed_experts >= 0 && (p.fixed_experts == 0 || p.experts));
   if (p.experts && !p.combine) DSV3_ASSERT(p.x_div > p.fixed_experts);
+  if (p.gather) DSV3_ASSERT(p.experts && !p.combine && p.fixed_experts == 0 && p.gather_expert && p.gather_chunks > 0);
   GemvArgs a{p, geom_of(p.w), p.group_rows > 0 ? p.group_rows : p.out, 0, 0, 1, 1, 1, false, 0};
   // Every weight row the mapping can touch must exist.
   const int64_t groups = (p.out + a.group_rows - 1) / a.group_rows;

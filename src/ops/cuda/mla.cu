@@ -13,18 +13,24 @@ namespace {
 
 constexpr int64_t kPage = CachePages::kPageTokens;
 
-__device__ __forceinline__ float* cache_row(const CachePages& c, int64_t layer, int64_t pos) {
-  return c.pages[pos / kPage] + (layer * kPage + pos % kPage) * c.width;
+// Row (layer, pos) of the sequence that step row t belongs to.
+__device__ __forceinline__ float* cache_row(const CachePages& c, int64_t t, int64_t layer, int64_t pos) {
+  float* const* table = c.pages + (c.row_table ? c.row_table[t] : 0);
+  return table[pos / kPage] + (layer * kPage + pos % kPage) * c.width;
+}
+
+__device__ __forceinline__ int64_t row_position(const int64_t* pos0, const int64_t* pos, int64_t t) {
+  return pos ? pos[t] : *pos0 + t;
 }
 
 // The cache row and q_pe of new token t (one block).
 __device__ void prepare_token(const MlaPrepareParams& p, int64_t t) {
   __shared__ double scratch[32];
-  const int64_t pos = *p.pos0 + t;
+  const int64_t pos = row_position(p.pos0, p.pos, t);
   const int64_t C = p.latent, dr = p.rope, half = dr / 2;
   const float* kva = p.kva + t * (p.ldkva ? p.ldkva : C + dr);
   const float* q = p.q + t * (p.ldq ? p.ldq : p.heads * (p.nope + dr));
-  float* row = cache_row(p.cache, p.layer, pos);
+  float* row = cache_row(p.cache, t, p.layer, pos);
 
   double ss = 0.0;
   for (int64_t i = threadIdx.x; i < C; i += blockDim.x) ss += static_cast<double>(kva[i]) * kva[i];
@@ -75,9 +81,12 @@ __global__ void __launch_bounds__(kAttnThreads) mla_attention_kernel(const MlaAt
 
   const int64_t th = blockIdx.x, t = th / H, split = blockIdx.y;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  const int64_t visible = *p.pos0 + t + 1;
-  // Splits cover whole 16-key groups, so short contexts still spread over many blocks.
-  const int64_t chunk = ((visible + p.splits - 1) / p.splits + 15) / 16 * 16;
+  const int64_t visible = row_position(p.pos0, p.pos, t) + 1;
+  // This row's splits: at least split_keys keys each (a short context needs few blocks, a long one all
+  // of the grid's); blocks past them leave before touching anything. Splits cover whole 16-key groups.
+  const int64_t splits = min(static_cast<int64_t>(p.splits), max(int64_t{1}, (visible + p.split_keys - 1) / p.split_keys));
+  if (split >= splits) return;
+  const int64_t chunk = ((visible + splits - 1) / splits + 15) / 16 * 16;
   const int64_t kb = split * chunk, ke = min(visible, kb + chunk);
 
   for (int64_t i = threadIdx.x; i < W; i += kAttnThreads) q[i] = p.qabs[th * W + i];
@@ -88,7 +97,7 @@ __global__ void __launch_bounds__(kAttnThreads) mla_attention_kernel(const MlaAt
   for (int64_t k0 = kb; k0 < ke; k0 += kTileKeys) {
     const int cnt = static_cast<int>(ke - k0 < kTileKeys ? ke - k0 : kTileKeys);
     for (int i = warp; i < cnt; i += kAttnWarps) {
-      const float* r = cache_row(p.cache, p.layer, k0 + i);
+      const float* r = cache_row(p.cache, t, p.layer, k0 + i);
       float d = 0.0f;
 #pragma unroll 6
       for (int64_t c = lane; c < W; c += 32) d = fmaf(q[c], r[c], d);
@@ -145,14 +154,14 @@ __global__ void __launch_bounds__(kAttnThreads) mla_attention_kernel(const MlaAt
   __threadfence();
   __syncthreads();
   if (threadIdx.x == 0) {
-    last = atomicAdd(&p.counters[th], 1) == p.splits - 1;
+    last = atomicAdd(&p.counters[th], 1) == splits - 1;
     if (last) p.counters[th] = 0;  // every split has arrived: ready for the next call
   }
   __syncthreads();
   if (!last) return;
   __threadfence();
   // Other blocks' partials: read through L2 (__ldcg), not a possibly stale L1 line.
-  const int64_t S = p.splits;
+  const int64_t S = splits;
   float M = -INFINITY;
   for (int64_t s = 0; s < S; ++s) M = fmaxf(M, __ldcg(&mls[(s * slots + th) * 2]));
   float L = 0.0f;
@@ -176,7 +185,7 @@ __global__ void __launch_bounds__(kAttnThreads) mla_attention_kernel(const MlaAt
 void mla_prepare(const MlaPrepareParams& p) {
   DSV3_ASSERT(p.n >= 0 && p.heads > 0 && p.latent > 0 && p.rope > 0 && p.rope % 2 == 0 && p.nope >= 0);
   if (p.n == 0) return;
-  DSV3_ASSERT(p.kva && p.kv_norm && p.q && p.qabs && p.inv_freq && p.pos0 && p.cache.pages);
+  DSV3_ASSERT(p.kva && p.kv_norm && p.q && p.qabs && p.inv_freq && (p.pos0 || p.pos) && p.cache.pages);
   DSV3_ASSERT(p.cache.width == p.latent + p.rope && p.layer >= 0 && p.layer < p.cache.layers);
   const LinearTransposedParams& a = p.absorb;
   int64_t blocks = p.n;
@@ -204,9 +213,9 @@ int64_t mla_attention_work_floats(int64_t n, int64_t heads, int64_t latent, int 
 }
 
 void mla_attention(const MlaAttentionParams& p) {
-  DSV3_ASSERT(p.n >= 0 && p.heads > 0 && p.latent > 0 && p.splits >= 1);
+  DSV3_ASSERT(p.n >= 0 && p.heads > 0 && p.latent > 0 && p.splits >= 1 && p.split_keys >= 1);
   if (p.n == 0) return;
-  DSV3_ASSERT(p.qabs && p.work && p.counters && p.out && p.pos0 && p.cache.pages && p.cache.width > p.latent);
+  DSV3_ASSERT(p.qabs && p.work && p.counters && p.out && (p.pos0 || p.pos) && p.cache.pages && p.cache.width > p.latent);
   DSV3_ASSERT(p.layer >= 0 && p.layer < p.cache.layers);
   const size_t smem = static_cast<size_t>(p.cache.width + p.latent + kTileKeys) * sizeof(float) +
                       kTileKeys * sizeof(float*) + 16;

@@ -73,9 +73,18 @@ struct LinearParams {
   int64_t fixed_experts = 0, fixed_first = 0;
   const float* norm = nullptr;  // [w.cols] RMSNorm weight applied to x first
   float norm_eps = 0.0f;
+  // Expert-grouped problems (experts, no combine, no fixed_experts): the problems run in gather_chunks
+  // chunks of kExpertChunk entries of `gather` (a problem index, or -1 for padding), every problem of a
+  // chunk on the expert gather_expert[chunk] (-1: an unused chunk), so each block reads its expert's
+  // rows once for up to kExpertChunk tokens. Problem q still reads x row q / x_div and writes y row q.
+  // moe_plan writes these lists.
+  const int32_t* gather = nullptr;
+  const int32_t* gather_expert = nullptr;
+  int64_t gather_chunks = 0;
   cudaStream_t stream = nullptr;
 };
 void linear(const LinearParams& p);
+constexpr int64_t kExpertChunk = 8;
 // Largest plain-matrix batch the GEMV path handles; larger batches use the tiled GEMM.
 constexpr int64_t kGemvMaxBatch = 16;
 
@@ -117,14 +126,20 @@ struct RMSNormParams {
 void rmsnorm(const RMSNormParams& p);
 
 // The latent cache on the device: pages of 64 tokens, each [layers][64][width] floats, found through a
-// device array of page pointers (pages need not be contiguous or in order).
+// device array of page pointers (pages need not be contiguous or in order). One sequence: `pages` is its
+// page table. A batch of sequences: `pages` holds every sequence's table one after another and
+// row_table[t] is where the table of row t's sequence starts in it.
 struct CachePages {
   float* const* pages = nullptr;
+  const int32_t* row_table = nullptr;  // [n] or null (every row reads the table at pages[0])
   int64_t layers = 0, width = 0;  // width = latent + rope
   static constexpr int64_t kPageTokens = 64;
 };
 
-// For new tokens t < n at positions *pos0 + t: writes cache row (layer, pos) = [RMSNorm(c) | RoPE(k_pe)]
+// Positions of the rows of one step: row t is at pos[t] when `pos` is set (a batch of sequences, each
+// row at its own position), else at *pos0 + t (the rows of one sequence).
+
+// For new tokens t < n at their positions (pos0/pos, see above): writes cache row (layer, pos) = [RMSNorm(c) | RoPE(k_pe)]
 // from kva [n x (C + dr)], and the roped q_pe of every head into the absorbed query's tail:
 // qabs[t][h][C : C+dr] = RoPE(q[t][h][dn : dn+dr]). Angles pos * inv_freq[i] in double, as on the CPU.
 struct MlaPrepareParams {
@@ -139,6 +154,7 @@ struct MlaPrepareParams {
   const double* inv_freq = nullptr;  // [rope / 2]
   double cos_sin_scale = 1.0;
   const int64_t* pos0 = nullptr;
+  const int64_t* pos = nullptr;  // [n], overrides pos0
   CachePages cache;
   int64_t layer = 0;
   // Optional (absorb.w.data set): the same launch also runs linear_transposed(absorb), the absorbed
@@ -148,20 +164,24 @@ struct MlaPrepareParams {
 };
 void mla_prepare(const MlaPrepareParams& p);
 
-// Absorbed multi-query attention over the cache: token t (position *pos0 + t) sees positions
-// 0..*pos0+t; score = qabs[t][h] . row * scale over the full [c | k_pe] row, values are the latents c.
-// out[t][h][:latent] = softmax-weighted sum of c. The keys are split into `splits` ranges processed in
-// parallel (partials in work); the last block of each (token, head) to finish combines them, so the
-// whole op is one launch and short batches still fill the GPU. `counters` (one per (token, head)) must
-// be zero before the first call; each call leaves them zero again, so a captured graph replays.
+// Absorbed multi-query attention over the cache: token t at position P (pos0/pos, see above) sees
+// positions 0..P of its own sequence's pages; score = qabs[t][h] . row * scale over the full [c | k_pe] row, values are the latents c.
+// out[t][h][:latent] = softmax-weighted sum of c. The keys of a row are split into ranges processed in
+// parallel (partials in work): as many as give each at least split_keys keys, at most `splits` (the
+// grid's size; blocks past a row's count leave at once, so one captured grid serves every context
+// length). The last block of each (token, head) to finish combines them, so the whole op is one launch
+// and short batches still fill the GPU. `counters` (one per (token, head)) must be zero before the
+// first call; each call leaves them zero again, so a captured graph replays.
 struct MlaAttentionParams {
   const float* qabs = nullptr;  // [n][heads][width]
   int64_t n = 0, heads = 0, latent = 0;
   CachePages cache;
   int64_t layer = 0;
   const int64_t* pos0 = nullptr;
+  const int64_t* pos = nullptr;  // [n], overrides pos0
   float scale = 0.0f;
   int splits = 1;
+  int64_t split_keys = 64;      // fewest keys per split (rounded up to whole 16-key groups)
   float* work = nullptr;        // mla_attention_work_floats(...) floats
   int32_t* counters = nullptr;  // [n * heads], zero on entry and on exit
   float* out = nullptr;         // [n][heads][latent]
@@ -183,5 +203,33 @@ struct RouteParams {
   cudaStream_t stream = nullptr;
 };
 void route(const RouteParams& p);
+
+// Groups an MoE layer's (token, slot) problems by expert for the gathered linear: problem q = t * slots
+// + j runs routed expert ids[t * k + j] for j < k, and table entry fixed_first + (j - k) for the fixed
+// slots after them. Each expert's problems fill whole chunks of kExpertChunk entries (padding -1); chunks
+// past the last used one get expert -1. One block; the order inside a chunk is not fixed (each problem's
+// result does not depend on it).
+struct MoePlanParams {
+  const int32_t* ids = nullptr;  // [n x k]
+  int64_t n = 0, k = 0, slots = 0, fixed_first = 0, table_size = 0;
+  int32_t* gather = nullptr;         // [moe_plan_chunks(...) * kExpertChunk]
+  int32_t* gather_expert = nullptr;  // [moe_plan_chunks(...)]
+  cudaStream_t stream = nullptr;
+};
+// Chunks enough for any routing of `problems` problems over `table_size` experts.
+int64_t moe_plan_chunks(int64_t problems, int64_t table_size);
+void moe_plan(const MoePlanParams& p);
+
+// The MoE combine after a gathered down projection: x[t] += sum_j w_j * y[t * slots + j], w_j =
+// weights[t * k + j] for the routed slots j < k and 1 for the fixed slots after them (in slot order).
+struct MoeCombineParams {
+  const float* y = nullptr;        // [n * slots x dim]
+  const float* weights = nullptr;  // [n x k]
+  int64_t n = 0, k = 0, slots = 0, dim = 0;
+  float* x = nullptr;
+  int64_t ldx = 0;
+  cudaStream_t stream = nullptr;
+};
+void moe_combine(const MoeCombineParams& p);
 
 }  // namespace dsv3::cuda

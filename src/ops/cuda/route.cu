@@ -123,6 +123,80 @@ __global__ void route_kernel(const RouteParams p) {
 
 }  // namespace
 
+namespace {
+
+constexpr int kPlanThreads = 1024;
+
+__global__ void __launch_bounds__(kPlanThreads) moe_plan_kernel(const MoePlanParams p, int64_t chunks) {
+  extern __shared__ int32_t counts[];  // [table_size] problems per expert, then chunk starts, then fill
+  int32_t* start = counts + p.table_size;
+  int32_t* fill = start + p.table_size;
+  const int64_t problems = p.n * p.slots;
+  auto expert = [&](int64_t q) {
+    const int64_t t = q / p.slots, j = q % p.slots;
+    return j < p.k ? p.ids[t * p.k + j] : static_cast<int32_t>(p.fixed_first + (j - p.k));
+  };
+  for (int64_t e = threadIdx.x; e < p.table_size; e += kPlanThreads) counts[e] = fill[e] = 0;
+  for (int64_t i = threadIdx.x; i < chunks * kExpertChunk; i += kPlanThreads) p.gather[i] = -1;
+  for (int64_t c = threadIdx.x; c < chunks; c += kPlanThreads) p.gather_expert[c] = -1;
+  __syncthreads();
+  for (int64_t q = threadIdx.x; q < problems; q += kPlanThreads) atomicAdd(&counts[expert(q)], 1);
+  __syncthreads();
+  if (threadIdx.x == 0) {  // at most a few hundred experts: a serial scan is shorter than a parallel one
+    int32_t next = 0;
+    for (int64_t e = 0; e < p.table_size; ++e) {
+      start[e] = next;
+      next += (counts[e] + static_cast<int32_t>(kExpertChunk) - 1) / static_cast<int32_t>(kExpertChunk);
+    }
+  }
+  __syncthreads();
+  for (int64_t e = threadIdx.x; e < p.table_size; e += kPlanThreads) {
+    const int32_t used = (counts[e] + static_cast<int32_t>(kExpertChunk) - 1) / static_cast<int32_t>(kExpertChunk);
+    for (int32_t c = 0; c < used; ++c) p.gather_expert[start[e] + c] = static_cast<int32_t>(e);
+  }
+  __syncthreads();  // the -1 fill above and the entries below touch the same words
+  for (int64_t q = threadIdx.x; q < problems; q += kPlanThreads) {
+    const int32_t e = expert(q);
+    const int32_t at = atomicAdd(&fill[e], 1);
+    p.gather[static_cast<int64_t>(start[e]) * kExpertChunk + at] = static_cast<int32_t>(q);
+  }
+}
+
+__global__ void moe_combine_kernel(const MoeCombineParams p) {
+  const int64_t t = blockIdx.x;
+  const float* y = p.y + t * p.slots * p.dim;
+  for (int64_t c = threadIdx.x; c < p.dim; c += blockDim.x) {
+    float acc = 0.0f;
+    for (int64_t j = 0; j < p.slots; ++j) acc = fmaf(j < p.k ? p.weights[t * p.k + j] : 1.0f, y[j * p.dim + c], acc);
+    p.x[t * p.ldx + c] += acc;
+  }
+}
+
+}  // namespace
+
+int64_t moe_plan_chunks(int64_t problems, int64_t table_size) {
+  return (problems + kExpertChunk - 1) / kExpertChunk + table_size;
+}
+
+void moe_plan(const MoePlanParams& p) {
+  DSV3_ASSERT(p.n >= 0 && p.k > 0 && p.slots >= p.k && p.table_size > 0);
+  DSV3_ASSERT(p.slots == p.k || p.fixed_first + (p.slots - p.k) <= p.table_size);
+  if (p.n == 0) return;
+  DSV3_ASSERT(p.ids && p.gather && p.gather_expert);
+  const size_t smem = static_cast<size_t>(3 * p.table_size) * sizeof(int32_t);
+  DSV3_ASSERT(smem <= 48 * 1024);
+  moe_plan_kernel<<<1, kPlanThreads, smem, p.stream>>>(p, moe_plan_chunks(p.n * p.slots, p.table_size));
+  check_launch("moe_plan_kernel");
+}
+
+void moe_combine(const MoeCombineParams& p) {
+  DSV3_ASSERT(p.n >= 0 && p.k > 0 && p.slots >= p.k && p.dim > 0 && p.ldx >= p.dim);
+  if (p.n == 0) return;
+  DSV3_ASSERT(p.y && p.weights && p.x);
+  moe_combine_kernel<<<static_cast<unsigned>(p.n), 256, 0, p.stream>>>(p);
+  check_launch("moe_combine_kernel");
+}
+
 void route(const RouteParams& p) {
   DSV3_ASSERT(p.n >= 0 && p.experts > 0 && p.k > 0 && p.k <= p.experts && p.n_group >= 1);
   DSV3_ASSERT(p.experts % p.n_group == 0 && p.topk_group >= 1 && p.topk_group <= p.n_group);

@@ -71,16 +71,6 @@ class Arena {
   size_t cur_ = 0;
 };
 
-// The router treats tokens independently, so the host-side routing runs over chunks of tokens on all
-// host threads (the GPU waits for it): f(first_token, count) per chunk.
-template <typename F>
-void for_token_chunks(int64_t n, F f) {
-  constexpr int64_t kChunk = 256;
-  const int64_t chunks = (n + kChunk - 1) / kChunk;
-#pragma omp parallel for schedule(static)
-  for (int64_t c = 0; c < chunks; ++c) f(c * kChunk, std::min(kChunk, n - c * kChunk));
-}
-
 // One parameter's device tensors (views into the slabs).
 struct DevParam {
   Param<float>* host = nullptr;
@@ -107,6 +97,8 @@ struct DLayer {
   std::vector<DSwiGLU> experts;
   DSwiGLU shared;
   BalanceState* balance = nullptr;
+  double* load = nullptr;        // [E] on the device: tokens per expert since the last flush_loads
+  const float* bias = nullptr;   // [E] on the device (the store's bias, uploaded by forward), or null
 };
 
 // ---- activations kept from forward to backward (device pointers into the activation arena) ----
@@ -127,11 +119,11 @@ struct AttnActs {
 };
 
 struct MoEActs {
-  std::vector<float> scores, weights;  // host [N x E], [N x k]
-  std::vector<int32_t> chosen;         // host [N x k]
-  std::vector<int64_t> offset, count;  // host per expert: first packed row, rows
+  float* logits_d = nullptr;           // [N x E] gate logits
+  int32_t* ids_d = nullptr;            // [N x k] chosen experts
   float* weights_d = nullptr;          // [N x k]
   int32_t* pos_d = nullptr;            // [N x k]: packed row of each (token, slot)
+  std::vector<int64_t> offset, count;  // host per expert: first packed row, rows (the GEMM shapes)
   float *xe = nullptr, *ge = nullptr, *ue = nullptr, *ae = nullptr, *ye = nullptr;  // packed rows
   SwiGLUActs shared;
 };
@@ -176,9 +168,13 @@ struct CudaTrainModel::Impl {
   Arena acts{int64_t{64} << 20};     // from forward to backward; reset by forward
   Arena scratch{int64_t{64} << 20};  // within one layer's backward
   double* sumsq = nullptr;           // [1 + sumsq_partial_doubles()]
+  int32_t* counts_host = nullptr;    // [E] pinned: one MoE layer's segment sizes
+  cudaEvent_t counts_ready = nullptr;
 
   // The last forward.
   int64_t B = 0, S = 0;
+  double* aux_d = nullptr;  // [MoE layers x B] per-sequence balance losses (alpha > 0)
+  int64_t aux_layers = 0;   // layers that wrote into aux_d
   int32_t *targets = nullptr, *mtp_targets = nullptr, *mtp_rows = nullptr;
   TokenGroups groups, mtp_groups;
   float *cos = nullptr, *sin = nullptr, *mtp_cos = nullptr, *mtp_sin = nullptr;
@@ -207,6 +203,8 @@ struct CudaTrainModel::Impl {
     allocate_params();
     DSV3_CUDA_CHECK(cudaMalloc(reinterpret_cast<void**>(&sumsq),
                                static_cast<size_t>(1 + sumsq_partial_doubles()) * sizeof(double)));
+    DSV3_CUDA_CHECK(cudaMallocHost(reinterpret_cast<void**>(&counts_host), static_cast<size_t>(E) * sizeof(int32_t)));
+    DSV3_CUDA_CHECK(cudaEventCreateWithFlags(&counts_ready, cudaEventDisableTiming));
     for (int64_t l = 0; l < cfg.num_hidden_layers; ++l) layers.push_back(make_layer(l));
     embed = P("model.embed_tokens.weight");
     final_norm = P("model.norm.weight");
@@ -224,6 +222,9 @@ struct CudaTrainModel::Impl {
 
   ~Impl() {
     gemm.reset();
+    for (DLayer* L : moe_layers()) cudaFree(L->load);
+    cudaFreeHost(counts_host);
+    if (counts_ready) cudaEventDestroy(counts_ready);
     cudaFree(w_slab);
     cudaFree(g_slab);
     cudaFree(m_slab);
@@ -302,7 +303,31 @@ struct CudaTrainModel::Impl {
     for (BalanceState* b : store.balance_layers())
       if (b->bias_name == p + "mlp.gate.e_score_correction_bias") L.balance = b;
     check(L.balance != nullptr, "CudaTrainModel: no balance state for " + p);
+    DSV3_CUDA_CHECK(cudaMalloc(reinterpret_cast<void**>(&L.load), static_cast<size_t>(E) * sizeof(double)));
+    DSV3_CUDA_CHECK(cudaMemsetAsync(L.load, 0, static_cast<size_t>(E) * sizeof(double), stream));
     return L;
+  }
+
+  std::vector<DLayer*> moe_layers() {
+    std::vector<DLayer*> v;
+    for (DLayer& L : layers)
+      if (L.moe) v.push_back(&L);
+    if (mtp_layer.moe) v.push_back(&mtp_layer);
+    return v;
+  }
+
+  // The expert loads counted on the device since the last call move into the store's BalanceState
+  // (once per optimizer step, before the store's bias update reads them).
+  void flush_loads() {
+    const std::vector<DLayer*> moe = moe_layers();
+    std::vector<double> load(moe.size() * static_cast<size_t>(E));
+    for (size_t i = 0; i < moe.size(); ++i)
+      DSV3_CUDA_CHECK(cudaMemcpyAsync(load.data() + i * E, moe[i]->load, static_cast<size_t>(E) * sizeof(double),
+                                      cudaMemcpyDeviceToHost, stream));
+    for (DLayer* L : moe) DSV3_CUDA_CHECK(cudaMemsetAsync(L->load, 0, static_cast<size_t>(E) * sizeof(double), stream));
+    DSV3_CUDA_CHECK(cudaStreamSynchronize(stream));
+    for (size_t i = 0; i < moe.size(); ++i)
+      for (int64_t e = 0; e < E; ++e) moe[i]->balance->load[e] += load[i * E + e];
   }
 
   // ---- host <-> device ----
@@ -470,50 +495,41 @@ struct CudaTrainModel::Impl {
     }
   }
 
-  // Returns the balance loss (times alpha, mean over sequences).
-  double moe_fwd(DLayer& L, MoEActs& m, const float* xn, int64_t Bn, int64_t Sn, bool count_load, double alpha,
-                 float* y) {
-    const int64_t N = Bn * Sn;
-    float* logits_d = acts.floats(N * E);
-    gemm->linear_forward(logits_d, xn, L.gate->w, N, D, E);
-    const std::vector<float> lg = download(logits_d, N * E);
-    m.scores.resize(static_cast<size_t>(N * E));
-    m.chosen.resize(static_cast<size_t>(N * k));
-    m.weights.resize(static_cast<size_t>(N * k));
-    for_token_chunks(N, [&](int64_t t0, int64_t n) {
-      route_forward(m.scores.data() + t0 * E, m.chosen.data() + t0 * k, m.weights.data() + t0 * k,
-                    lg.data() + t0 * E, L.balance->bias, n, router);
-    });
-    if (count_load)
-      for (int32_t e : m.chosen) L.balance->load[e] += 1.0;
-
+  // The routing runs on the device (choice, weights, loads, packing); only the E segment sizes come back,
+  // while the shared expert runs. With alpha > 0 the per-sequence balance losses go to aux_d.
+  void moe_fwd(DLayer& L, MoEActs& m, const float* xn, int64_t Bn, int64_t Sn, bool count_load, double alpha,
+               float* y) {
+    const int64_t N = Bn * Sn, M = N * k, I = cfg.moe_intermediate_size;
+    m.logits_d = acts.floats(N * E);
+    gemm->linear_forward(m.logits_d, xn, L.gate->w, N, D, E);
+    m.ids_d = acts.ints(M);
+    m.weights_d = acts.floats(M);
+    route_tokens(m.ids_d, m.weights_d, m.logits_d, L.bias, N, router, stream);
     // Packed order: expert by expert, each expert's (token, slot)s in token order (as the CPU's slots).
-    m.count.assign(static_cast<size_t>(E), 0);
-    for (int32_t e : m.chosen) ++m.count[e];
-    m.offset.assign(static_cast<size_t>(E), 0);
-    for (int64_t e = 1; e < E; ++e) m.offset[e] = m.offset[e - 1] + m.count[e - 1];
-    std::vector<int32_t> src(static_cast<size_t>(N * k)), pos(static_cast<size_t>(N * k));
-    std::vector<int64_t> fill = m.offset;
-    for (int64_t i = 0; i < N * k; ++i) {
-      const int64_t row = fill[m.chosen[i]]++;
-      src[row] = static_cast<int32_t>(i / k);
-      pos[i] = static_cast<int32_t>(row);
-    }
-    m.pos_d = upload(acts, pos);
-    m.weights_d = upload(acts, m.weights);
-    const int32_t* src_d = upload(acts, src);
+    int32_t* count_d = acts.ints(E);
+    int32_t* offset_d = acts.ints(E);
+    int32_t* src_d = acts.ints(M);
+    m.pos_d = acts.ints(M);
+    moe_permute(count_d, offset_d, m.pos_d, src_d, count_load ? L.load : nullptr, m.ids_d, M, k, E, stream);
+    DSV3_CUDA_CHECK(cudaMemcpyAsync(counts_host, count_d, static_cast<size_t>(E) * sizeof(int32_t),
+                                    cudaMemcpyDeviceToHost, stream));
+    DSV3_CUDA_CHECK(cudaEventRecord(counts_ready, stream));
 
     if (L.shared.gate)
       swiglu_fwd(L.shared, m.shared, xn, N, y);
     else
       zero(y, N * D);
-    const int64_t M = N * k, I = cfg.moe_intermediate_size;
     m.xe = acts.floats(M * D);
     m.ge = acts.floats(M * I);
     m.ue = acts.floats(M * I);
     m.ae = acts.floats(M * I);
     m.ye = acts.floats(M * D);
     gather_rows(m.xe, xn, src_d, M, D, stream);
+    // The per-expert GEMMs need their shapes on the host: the one wait of the layer.
+    DSV3_CUDA_CHECK(cudaEventSynchronize(counts_ready));
+    m.count.assign(counts_host, counts_host + E);
+    m.offset.assign(static_cast<size_t>(E), 0);
+    for (int64_t e = 1; e < E; ++e) m.offset[e] = m.offset[e - 1] + m.count[e - 1];
     for (int64_t e = 0; e < E; ++e) {
       if (m.count[e] == 0) continue;
       const int64_t o = m.offset[e], ne = m.count[e];
@@ -527,11 +543,10 @@ struct CudaTrainModel::Impl {
       gemm->linear_forward(m.ye + o * D, m.ae + o * I, L.experts[e].down->w, ne, I, D);
     }
     moe_combine(y, m.ye, m.weights_d, m.pos_d, N, k, D, stream);
-    double aux = 0.0;
-    if (alpha > 0)
-      for (int64_t b = 0; b < Bn; ++b)
-        aux += seq_balance_forward(m.scores.data() + b * Sn * E, m.chosen.data() + b * Sn * k, Sn, router, alpha);
-    return aux / static_cast<double>(Bn);
+    if (alpha > 0) {
+      seq_balance_loss(aux_d + aux_layers * Bn, m.logits_d, m.ids_d, Bn, Sn, router, alpha, stream);
+      ++aux_layers;
+    }
   }
 
   // dxn written. `scale` is dLoss/dLoss_total (for the balance loss).
@@ -566,28 +581,21 @@ struct CudaTrainModel::Impl {
     }
     moe_scatter_add(dxn, dxe, m.pos_d, N, k, D, stream);
 
-    const std::vector<float> dweights = download(dw, M);
-    std::vector<float> dscores;
+    float* dscores_d = nullptr;
     if (alpha > 0) {
-      dscores.resize(static_cast<size_t>(N * E));
-      for (int64_t b = 0; b < Bn; ++b)
-        seq_balance_backward(dscores.data() + b * Sn * E, m.scores.data() + b * Sn * E, m.chosen.data() + b * Sn * k,
-                             Sn, router, alpha, scale / static_cast<double>(Bn));
+      dscores_d = scratch.floats(N * E);
+      seq_balance_grad(dscores_d, m.logits_d, m.ids_d, Bn, Sn, router, alpha, scale / static_cast<double>(Bn),
+                       stream);
     }
-    std::vector<float> dlogits(static_cast<size_t>(N * E));
-    for_token_chunks(N, [&](int64_t t0, int64_t n) {
-      route_backward(dlogits.data() + t0 * E, dweights.data() + t0 * k,
-                     dscores.empty() ? nullptr : dscores.data() + t0 * E, m.scores.data() + t0 * E,
-                     m.chosen.data() + t0 * k, n, router);
-    });
-    const float* dlogits_d = upload(scratch, dlogits);
+    float* dlogits_d = scratch.floats(N * E);
+    router_backward(dlogits_d, dw, dscores_d, m.logits_d, m.ids_d, N, router, stream);
     gemm->rm(false, false, N, D, E, 1.0f, dlogits_d, E, L.gate->w, D, 1.0f, dxn, D);
     gemm->rm(true, false, E, D, N, 1.0f, dlogits_d, E, xn, D, 1.0f, L.gate->g, D);
   }
 
   // Returns the layer output [N x D] (a new buffer); x is left alone.
   float* layer_fwd(DLayer& L, LayerActs& a, const float* x, int64_t Bn, int64_t Sn, const float* cs, const float* sn,
-                   bool count_load, double alpha, double* aux) {
+                   bool count_load, double alpha) {
     const int64_t N = Bn * Sn;
     const double eps = cfg.rms_norm_eps;
     a.x_in = x;
@@ -602,7 +610,7 @@ struct CudaTrainModel::Impl {
     rmsnorm_forward(a.xn2, D, a.rstd2, a.h, D, L.post_norm->w, N, D, eps, stream);
     a.out = acts.floats(N * D);
     if (L.moe)
-      *aux += moe_fwd(L, a.moe, a.xn2, Bn, Sn, count_load, alpha, a.out);
+      moe_fwd(L, a.moe, a.xn2, Bn, Sn, count_load, alpha, a.out);
     else
       swiglu_fwd(L.mlp, a.mlp, a.xn2, N, a.out);
     add_into(a.out, a.h, N * D, stream);  // out = h + ffn
@@ -626,6 +634,22 @@ struct CudaTrainModel::Impl {
     attention_bwd(L.attn, a.attn, a.xn1, Bn, Sn, cs, sn, dx, dxn);
     rmsnorm_backward(tmp, D, L.input_norm->g, dxn, a.x_in, D, L.input_norm->w, a.rstd1, N, D, partial, stream);
     add_into(dx, tmp, N * D, stream);
+  }
+
+  // Sum over the MoE layers of the mean over sequences of the balance losses in aux_d (as the CPU trainer).
+  double balance_loss() const {
+    std::vector<double> seq(static_cast<size_t>(aux_layers * B));
+    if (seq.empty()) return 0.0;
+    DSV3_CUDA_CHECK(
+        cudaMemcpyAsync(seq.data(), aux_d, seq.size() * sizeof(double), cudaMemcpyDeviceToHost, stream));
+    DSV3_CUDA_CHECK(cudaStreamSynchronize(stream));
+    double aux = 0.0;
+    for (int64_t l = 0; l < aux_layers; ++l) {
+      double sum = 0.0;
+      for (int64_t b = 0; b < B; ++b) sum += seq[l * B + b];
+      aux += sum / static_cast<double>(B);
+    }
+    return aux;
   }
 
   double mean_loss(const float* loss_rows, int64_t n) const {
@@ -660,12 +684,17 @@ struct CudaTrainModel::Impl {
     cos = upload(acts, c);
     sin = upload(acts, s);
 
+    const std::vector<DLayer*> moe = moe_layers();
+    for (DLayer* L : moe) L->bias = L->balance->bias.empty() ? nullptr : upload(acts, L->balance->bias);
+    aux_d = reinterpret_cast<double*>(acts.floats(2 * B * static_cast<int64_t>(moe.size())));
+    aux_layers = 0;
+
     float* x = acts.floats(N * D);
     embedding_forward(x, inputs_d, embed->w, N, D, stream);
     la.resize(layers.size());
     LossParts loss;
     for (size_t l = 0; l < layers.size(); ++l)
-      x = layer_fwd(layers[l], la[l], x, B, S, cos, sin, count_load, topt.aux_alpha, &loss.aux);
+      x = layer_fwd(layers[l], la[l], x, B, S, cos, sin, count_load, topt.aux_alpha);
     x_last = x;
     hf = acts.floats(N * D);
     rstd_f = acts.floats(N);
@@ -705,7 +734,7 @@ struct CudaTrainModel::Impl {
       rope_tables(c, s, cfg.rope_inv_freq(), cfg.rope_cos_sin_scale(), 0, Sm);
       mtp_cos = upload(acts, c);
       mtp_sin = upload(acts, s);
-      xm_out = layer_fwd(mtp_layer, mla, xm, B, Sm, mtp_cos, mtp_sin, count_load, topt.aux_alpha, &loss.aux);
+      xm_out = layer_fwd(mtp_layer, mla, xm, B, Sm, mtp_cos, mtp_sin, count_load, topt.aux_alpha);
       xmn = acts.floats(M * D);
       xm_rstd = acts.floats(M);
       rmsnorm_forward(xmn, D, xm_rstd, xm_out, D, head_norm->w, M, D, eps, stream);
@@ -716,6 +745,7 @@ struct CudaTrainModel::Impl {
       crossentropy_forward(mrows, mlse, mlogits, mtp_targets, M, V, stream);
       loss.mtp = mean_loss(mrows, M);
     }
+    loss.aux = balance_loss();
     loss.total = loss.main + (has_mtp ? topt.mtp_lambda * loss.mtp : 0.0) + loss.aux;
     return loss;
   }
@@ -782,7 +812,7 @@ struct CudaTrainModel::Impl {
             stream);
     }
     opt.set_steps_taken(t);
-    DSV3_CUDA_CHECK(cudaStreamSynchronize(stream));  // so that step times are honest
+    flush_loads();  // synchronizes, so that step times are honest
   }
 
   void push() {
@@ -805,7 +835,7 @@ struct CudaTrainModel::Impl {
       DSV3_CUDA_CHECK(cudaMemcpyAsync(opt.exp_avg_sq()[i].data(), p.v, bytes, cudaMemcpyDeviceToHost, stream));
       if (grads) DSV3_CUDA_CHECK(cudaMemcpyAsync(p.host->g.data(), p.g, bytes, cudaMemcpyDeviceToHost, stream));
     }
-    DSV3_CUDA_CHECK(cudaStreamSynchronize(stream));
+    flush_loads();
   }
 };
 

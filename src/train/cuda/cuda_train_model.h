@@ -3,11 +3,13 @@
 // device memory, GEMMs through cuBLAS (train/cuda/gemm.h: BF16 tensor cores with fp32 accumulation, or
 // plain fp32), everything else in the kernels of train/cuda/train_kernels.h with fp32 activations.
 //
-// The MoE router runs on the host, with the CPU trainer's own route_forward/route_backward (and the
-// sequence-wise balance loss): the gate logits [tokens x experts] come back once per MoE layer, the
-// choice, weights, expert loads and the permutation of tokens into per-expert segments are made there,
-// and the segments then run as one cuBLAS GEMM per expert. So expert choice, loads and bias are the
-// CPU trainer's exactly; the price is one small device->host copy per MoE layer and direction.
+// The MoE router runs on the device (train_kernels.h: route_tokens, moe_permute, router_backward): gate
+// logits -> expert choice and weights (the CPU trainer's route_forward choices, ties included) -> the
+// permutation of tokens into per-expert segments, each segment then one cuBLAS GEMM per expert. Per MoE
+// layer only the E segment sizes come back to the host (the GEMM shapes), while the shared expert runs;
+// the backward reuses them. Expert loads accumulate on the device and reach the store's BalanceState once
+// per optimizer step (and on pull), where the bias update runs. The optional sequence-wise balance loss
+// (alpha > 0) runs on the device too; its per-sequence values come back with the loss.
 #pragma once
 
 #include <cuda_runtime_api.h>

@@ -1,7 +1,10 @@
 // Kernels of the GPU trainer (train_kernels.h). Simple row-per-block and element-per-thread kernels:
 // the GEMMs (cuBLAS) dominate a training step, these are memory-bound glue.
 #include <cmath>
+#include <string>
 
+#include "core/error.h"
+#include "model/routing.h"
 #include "ops/cuda/ops.h"
 #include "train/cuda/train_kernels.h"
 
@@ -295,6 +298,156 @@ __global__ void moe_scatter_add_kernel(float* dx, const float* dxe, const int32_
   }
 }
 
+// Block e counts the slots that chose expert e.
+__global__ void expert_count_kernel(int32_t* count, const int32_t* ids, int64_t m) {
+  const int32_t e = static_cast<int32_t>(blockIdx.x);
+  int32_t c = 0;
+  for (int64_t i = threadIdx.x; i < m; i += blockDim.x) c += ids[i] == e ? 1 : 0;
+  c = block_sum(c);
+  if (threadIdx.x == 0) count[blockIdx.x] = c;
+}
+
+// Block e places its slots: thread t walks the contiguous range t of the slots, so the running offsets of
+// the threads (an exclusive scan over the block) keep the slots of expert e in increasing order.
+__global__ void expert_place_kernel(int32_t* offset, int32_t* pos, int32_t* src, double* load, const int32_t* count,
+                                    const int32_t* ids, int64_t m, int64_t k) {
+  __shared__ int32_t before[kThreads];
+  __shared__ int32_t first_row;
+  const int32_t e = static_cast<int32_t>(blockIdx.x);
+  const int64_t per = (m + kThreads - 1) / kThreads;
+  const int64_t lo = threadIdx.x * per, hi = lo + per < m ? lo + per : m;
+  int32_t mine = 0;
+  for (int64_t i = lo; i < hi; ++i) mine += ids[i] == e ? 1 : 0;
+  before[threadIdx.x] = mine;
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    int32_t row = 0;
+    for (int32_t x = 0; x < e; ++x) row += count[x];
+    first_row = row;
+    offset[e] = row;
+    if (load) load[e] += static_cast<double>(count[e]);
+    int32_t run = 0;
+    for (int t = 0; t < kThreads; ++t) {
+      const int32_t c = before[t];
+      before[t] = run;
+      run += c;
+    }
+  }
+  __syncthreads();
+  int32_t row = first_row + before[threadIdx.x];
+  for (int64_t i = lo; i < hi; ++i)
+    if (ids[i] == e) {
+      pos[i] = row;
+      src[row] = static_cast<int32_t>(i / k);
+      ++row;
+    }
+}
+
+// The router scores of one token's logits l [E], recomputed as route_forward does: sigmoid, or softmax
+// (its max and sum of exp(l - max) found once by the constructor).
+struct TokenScores {
+  const float* l;
+  bool sigmoid;
+  float mx = 0.0f, total = 1.0f;
+  __device__ TokenScores(const float* logits, int64_t E, bool sig) : l(logits), sigmoid(sig) {
+    if (sigmoid) return;
+    mx = l[0];
+    for (int64_t e = 1; e < E; ++e) mx = fmaxf(mx, l[e]);
+    total = 0.0f;
+    for (int64_t e = 0; e < E; ++e) total += expf(l[e] - mx);
+  }
+  __device__ float operator()(int64_t e) const {
+    return sigmoid ? 1.0f / (1.0f + expf(-l[e])) : expf(l[e] - mx) / total;
+  }
+};
+
+// One thread per token: route_backward of train_ops.cpp, with the scores recomputed from the logits.
+__global__ void router_backward_kernel(float* dlogits, const float* dweights, const float* dscores,
+                                       const float* logits, const int32_t* ids, int64_t n, int64_t E, int64_t k,
+                                       bool sigmoid, bool normalize, float c) {
+  const int64_t t = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
+  if (t >= n) return;
+  float* dl = dlogits + t * E;  // holds dL/dscores until the last loop
+  const TokenScores score(logits + t * E, E, sigmoid);
+  for (int64_t e = 0; e < E; ++e) dl[e] = dscores ? dscores[t * E + e] : 0.0f;
+  const int32_t* ch = ids + t * k;
+  const float* dw = dweights + t * k;
+  if (normalize) {
+    float sum = 0.0f, dot = 0.0f;
+    for (int64_t i = 0; i < k; ++i) sum += score(ch[i]);
+    sum += 1e-20f;
+    for (int64_t i = 0; i < k; ++i) dot += dw[i] * score(ch[i]);
+    for (int64_t i = 0; i < k; ++i) dl[ch[i]] += c * (dw[i] / sum - dot / (sum * sum));
+  } else {
+    for (int64_t i = 0; i < k; ++i) dl[ch[i]] += c * dw[i];
+  }
+  if (sigmoid) {
+    for (int64_t e = 0; e < E; ++e) {
+      const float s = score(e);
+      dl[e] = dl[e] * s * (1.0f - s);
+    }
+  } else {
+    float dot = 0.0f;
+    for (int64_t e = 0; e < E; ++e) dot += dl[e] * score(e);
+    for (int64_t e = 0; e < E; ++e) dl[e] = score(e) * (dl[e] - dot);
+  }
+}
+
+constexpr int kMaxBalanceExperts = 1024;
+
+// f[e] = E/(k S) * (slots of the sequence that chose e), counted in order by thread 0 (balance_f).
+__device__ void balance_f(double* f, const int32_t* ids, int64_t S, int64_t E, int64_t k) {
+  if (threadIdx.x == 0) {
+    for (int64_t e = 0; e < E; ++e) f[e] = 0.0;
+    for (int64_t i = 0; i < S * k; ++i) f[ids[i]] += 1.0;
+    const double norm = static_cast<double>(E) / (static_cast<double>(k) * static_cast<double>(S));
+    for (int64_t e = 0; e < E; ++e) f[e] *= norm;
+  }
+  __syncthreads();
+}
+
+// Block b: sequence b's balance loss alpha/S * sum_t sum_e f_e s_te / sum_e s_te (seq_balance_forward).
+__global__ void seq_balance_forward_kernel(double* loss, const float* logits, const int32_t* ids, int64_t S,
+                                           int64_t E, int64_t k, bool sigmoid, double alpha) {
+  __shared__ double f[kMaxBalanceExperts];
+  const int64_t b = blockIdx.x;
+  balance_f(f, ids + b * S * k, S, E, k);
+  double acc = 0.0;
+  for (int64_t t = threadIdx.x; t < S; t += blockDim.x) {
+    const TokenScores score(logits + (b * S + t) * E, E, sigmoid);
+    double sum = 0.0, fs = 0.0;
+    for (int64_t e = 0; e < E; ++e) {
+      const float s = score(e);
+      sum += s;
+      fs += f[e] * s;
+    }
+    acc += fs / sum;
+  }
+  acc = block_sum(acc);
+  if (threadIdx.x == 0) loss[b] = alpha * acc / static_cast<double>(S);
+}
+
+// Block b: dscores of sequence b's tokens (written), seq_balance_backward with dloss.
+__global__ void seq_balance_backward_kernel(float* dscores, const float* logits, const int32_t* ids, int64_t S,
+                                            int64_t E, int64_t k, bool sigmoid, double alpha, double dloss) {
+  __shared__ double f[kMaxBalanceExperts];
+  const int64_t b = blockIdx.x;
+  balance_f(f, ids + b * S * k, S, E, k);
+  for (int64_t t = threadIdx.x; t < S; t += blockDim.x) {
+    const int64_t row = b * S + t;
+    const TokenScores score(logits + row * E, E, sigmoid);
+    double sum = 0.0, fs = 0.0;
+    for (int64_t e = 0; e < E; ++e) {
+      const float s = score(e);
+      sum += s;
+      fs += f[e] * s;
+    }
+    // d/ds_j (sum_i f_i s_i / sum) = (f_j - fs/sum) / sum
+    const double g = dloss * alpha / static_cast<double>(S) / sum;
+    for (int64_t e = 0; e < E; ++e) dscores[row * E + e] = static_cast<float>(g * (f[e] - fs / sum));
+  }
+}
+
 constexpr int kSumsqBlocks = 1024;
 
 __global__ void sumsq_partial_kernel(double* partial, const float* x, int64_t n) {
@@ -478,6 +631,64 @@ void moe_scatter_add(float* dx, const float* dxe, const int32_t* pos, int64_t n,
                      cudaStream_t s) {
   if (n == 0) return;
   moe_scatter_add_kernel<<<static_cast<unsigned>(n), row_threads(D), 0, s>>>(dx, dxe, pos, k, D);
+  DSV3_TRAIN_LAUNCH_CHECK();
+}
+
+void moe_permute(int32_t* count, int32_t* offset, int32_t* pos, int32_t* src, double* load, const int32_t* ids,
+                 int64_t m, int64_t k, int64_t E, cudaStream_t s) {
+  expert_count_kernel<<<static_cast<unsigned>(E), kThreads, 0, s>>>(count, ids, m);
+  DSV3_TRAIN_LAUNCH_CHECK();
+  expert_place_kernel<<<static_cast<unsigned>(E), kThreads, 0, s>>>(offset, pos, src, load, count, ids, m, k);
+  DSV3_TRAIN_LAUNCH_CHECK();
+}
+
+void route_tokens(int32_t* ids, float* weights, const float* logits, const float* bias, int64_t n,
+                  const RouterSpec& r, cudaStream_t s) {
+  dsv3::cuda::RouteParams p;
+  p.logits = logits;
+  p.bias = bias;
+  p.n = n;
+  p.experts = r.E;
+  p.k = r.k;
+  p.n_group = r.n_group;
+  p.topk_group = r.topk_group;
+  p.method = r.method == TopkMethod::Greedy ? 0 : r.method == TopkMethod::GroupLimitedGreedy ? 1 : 2;
+  p.sigmoid = r.scoring == ScoringFunc::Sigmoid;
+  p.norm_topk_prob = r.norm_topk_prob;
+  p.routed_scaling_factor = static_cast<float>(r.routed_scaling_factor);
+  p.ids = ids;
+  p.weights = weights;
+  p.stream = s;
+  dsv3::cuda::route(p);
+}
+
+void router_backward(float* dlogits, const float* dweights, const float* dscores, const float* logits,
+                     const int32_t* ids, int64_t n, const RouterSpec& r, cudaStream_t s) {
+  if (n == 0) return;
+  const float c = routing_scales(r.norm_topk_prob, r.k, r.method) ? static_cast<float>(r.routed_scaling_factor) : 1.0f;
+  router_backward_kernel<<<blocks_for(n, 128), 128, 0, s>>>(dlogits, dweights, dscores, logits, ids, n, r.E, r.k,
+                                                            r.scoring == ScoringFunc::Sigmoid,
+                                                            routing_normalizes(r.norm_topk_prob, r.k), c);
+  DSV3_TRAIN_LAUNCH_CHECK();
+}
+
+void seq_balance_loss(double* loss, const float* logits, const int32_t* ids, int64_t B, int64_t S,
+                      const RouterSpec& r, double alpha, cudaStream_t s) {
+  check(r.E <= kMaxBalanceExperts, "the sequence-wise balance loss on the GPU handles at most " +
+                                       std::to_string(kMaxBalanceExperts) + " routed experts",
+        "set training.seq_aux_alpha to 0 or train with --device cpu");
+  seq_balance_forward_kernel<<<static_cast<unsigned>(B), kThreads, 0, s>>>(
+      loss, logits, ids, S, r.E, r.k, r.scoring == ScoringFunc::Sigmoid, alpha);
+  DSV3_TRAIN_LAUNCH_CHECK();
+}
+
+void seq_balance_grad(float* dscores, const float* logits, const int32_t* ids, int64_t B, int64_t S,
+                      const RouterSpec& r, double alpha, double dloss, cudaStream_t s) {
+  check(r.E <= kMaxBalanceExperts, "the sequence-wise balance loss on the GPU handles at most " +
+                                       std::to_string(kMaxBalanceExperts) + " routed experts",
+        "set training.seq_aux_alpha to 0 or train with --device cpu");
+  seq_balance_backward_kernel<<<static_cast<unsigned>(B), kThreads, 0, s>>>(
+      dscores, logits, ids, S, r.E, r.k, r.scoring == ScoringFunc::Sigmoid, alpha, dloss);
   DSV3_TRAIN_LAUNCH_CHECK();
 }
 

@@ -9,6 +9,8 @@
 
 #include <cstdint>
 
+#include "train/train_ops.h"
+
 namespace dsv3::train::cuda {
 
 // out[t] = table[tokens[t]].
@@ -80,6 +82,30 @@ void moe_combine_backward(float* dye, float* dw, const float* dy, const float* y
 // dx[t] += sum_{j<k} dxe[pos[t*k+j]].
 void moe_scatter_add(float* dx, const float* dxe, const int32_t* pos, int64_t n, int64_t k, int64_t D,
                      cudaStream_t s);
+
+// ---- MoE routing on the device ----
+// Expert choice and weights of n tokens from logits [n x E], as route_forward of train_ops.h (the same
+// choices, ties to the lower index; dsv3::cuda::route of ops/cuda does it): ids and weights [n x k];
+// bias [E] on the device, or null for none.
+void route_tokens(int32_t* ids, float* weights, const float* logits, const float* bias, int64_t n,
+                  const RouterSpec& r, cudaStream_t s);
+// Packs the slots i = t*k + j of ids [m = n*k] expert by expert, each expert's slots in increasing i (the
+// CPU trainer's order): count[e] and offset[e] (first packed row) of each of the E experts, pos[i] (packed
+// row of slot i) and src[row] (token of that row); load[e] += count[e] unless load is null. No atomics.
+void moe_permute(int32_t* count, int32_t* offset, int32_t* pos, int32_t* src, double* load, const int32_t* ids,
+                 int64_t m, int64_t k, int64_t E, cudaStream_t s);
+// route_backward of train_ops.h for n tokens: dlogits [n x E] written from the gradient of the chosen
+// weights dweights [n x k] (ids [n x k]) and, unless null, dscores [n x E]; the scores are recomputed from
+// logits [n x E].
+void router_backward(float* dlogits, const float* dweights, const float* dscores, const float* logits,
+                     const int32_t* ids, int64_t n, const RouterSpec& r, cudaStream_t s);
+// The sequence-wise balance loss of B sequences of S tokens (seq_balance_forward of train_ops.h, scores
+// recomputed from logits [B*S x E], choices ids [B*S x k]): loss[b] (device doubles) per sequence.
+void seq_balance_loss(double* loss, const float* logits, const int32_t* ids, int64_t B, int64_t S,
+                      const RouterSpec& r, double alpha, cudaStream_t s);
+// Its score gradients for dLoss/dL_b = dloss (seq_balance_backward): dscores [B*S x E] written.
+void seq_balance_grad(float* dscores, const float* logits, const int32_t* ids, int64_t B, int64_t S,
+                      const RouterSpec& r, double alpha, double dloss, cudaStream_t s);
 
 // ---- optimizer ----
 // Sum of squares of x[0..n) in double, written to *out (device), over `partial` (sumsq_partial_doubles).

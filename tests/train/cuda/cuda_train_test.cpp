@@ -121,6 +121,104 @@ TEST(TrainKernels, RopeSwigluCrossEntropy) {
   EXPECT_LE(rel_l2(ld.get(), dl), kTol);
 }
 
+// The device router (choice, weights, packing, loads, backward, sequence-wise balance loss) against the
+// CPU trainer's route_forward, its slot order, route_backward and seq_balance_*, on logits and biases
+// drawn from a few values so that many scores tie exactly (ties must go to the lower expert on both
+// sides), for the three top-k methods.
+TEST(TrainKernels, DeviceRoutingMatchesRouteForward) {
+  struct Case {
+    TopkMethod method;
+    ScoringFunc scoring;
+    int64_t E, k, n_group, topk_group;
+    bool norm, bias;
+  };
+  for (const Case& c : {Case{TopkMethod::NoauxTc, ScoringFunc::Sigmoid, 16, 4, 4, 2, true, true},
+                        Case{TopkMethod::GroupLimitedGreedy, ScoringFunc::Softmax, 12, 3, 3, 2, true, false},
+                        Case{TopkMethod::Greedy, ScoringFunc::Sigmoid, 8, 2, 1, 1, false, true},
+                        Case{TopkMethod::NoauxTc, ScoringFunc::Sigmoid, 64, 8, 8, 4, true, true}}) {
+    RouterSpec r;
+    r.E = c.E;
+    r.k = c.k;
+    r.n_group = c.n_group;
+    r.topk_group = c.topk_group;
+    r.method = c.method;
+    r.scoring = c.scoring;
+    r.norm_topk_prob = c.norm;
+    r.routed_scaling_factor = 2.5;
+    const int64_t n = 777, E = c.E, k = c.k, m = n * k;
+    const std::vector<float> levels = {-1.0f, -0.5f, 0.0f, 0.25f, 0.5f, 1.0f};
+    std::vector<float> logits(static_cast<size_t>(n * E)), bias;
+    const std::vector<double> u = randn(logits.size() + static_cast<size_t>(E), 11);
+    for (size_t i = 0; i < logits.size(); ++i)
+      logits[i] = levels[static_cast<size_t>(std::abs(u[i]) * 4) % levels.size()];
+    if (c.bias)
+      for (int64_t e = 0; e < E; ++e) bias.push_back(u[logits.size() + e] > 0 ? 0.25f : 0.0f);
+
+    std::vector<float> scores(logits.size()), weights(static_cast<size_t>(m));
+    std::vector<int32_t> chosen(static_cast<size_t>(m));
+    route_forward(scores.data(), chosen.data(), weights.data(), logits.data(), bias, n, r);
+    // The CPU trainer's packing: expert by expert, slots in increasing order.
+    std::vector<int32_t> count(static_cast<size_t>(E), 0), offset(static_cast<size_t>(E), 0),
+        pos(static_cast<size_t>(m)), src(static_cast<size_t>(m));
+    for (int32_t e : chosen) ++count[e];
+    for (int64_t e = 1; e < E; ++e) offset[e] = offset[e - 1] + count[e - 1];
+    std::vector<int32_t> fill = offset;
+    for (int64_t i = 0; i < m; ++i) {
+      pos[i] = fill[chosen[i]]++;
+      src[pos[i]] = static_cast<int32_t>(i / k);
+    }
+    const std::vector<float> dweights = rnd(m, 12), dscores = rnd(n * E, 13, 0.1);
+    std::vector<float> dl_plain(logits.size()), dl_scores(logits.size());
+    route_backward(dl_plain.data(), dweights.data(), static_cast<const float*>(nullptr), scores.data(), chosen.data(),
+                   n, r);
+    route_backward(dl_scores.data(), dweights.data(), dscores.data(), scores.data(), chosen.data(), n, r);
+
+    Dev<float> ld(logits), bd(bias), wd(static_cast<size_t>(m)), dwd(dweights), dsd(dscores), dl1(logits.size()),
+        dl2(logits.size());
+    Dev<int32_t> idd(static_cast<size_t>(m)), cd(static_cast<size_t>(E)), od(static_cast<size_t>(E)),
+        pd(static_cast<size_t>(m)), sd(static_cast<size_t>(m));
+    Dev<double> load(std::vector<double>(static_cast<size_t>(E), 1.0));
+    cuda::route_tokens(idd.p, wd.p, ld.p, c.bias ? bd.p : nullptr, n, r, nullptr);
+    cuda::moe_permute(cd.p, od.p, pd.p, sd.p, load.p, idd.p, m, k, E, nullptr);
+    cuda::router_backward(dl1.p, dwd.p, nullptr, ld.p, idd.p, n, r, nullptr);
+    cuda::router_backward(dl2.p, dwd.p, dsd.p, ld.p, idd.p, n, r, nullptr);
+    const std::string what = "E=" + std::to_string(E) + " method " + std::to_string(static_cast<int>(c.method));
+    EXPECT_EQ(idd.get(), chosen) << what;
+    EXPECT_LE(rel_l2(wd.get(), weights), 1e-6) << what;
+    EXPECT_EQ(cd.get(), count) << what;
+    EXPECT_EQ(od.get(), offset) << what;
+    EXPECT_EQ(pd.get(), pos) << what;
+    EXPECT_EQ(sd.get(), src) << what;
+    const std::vector<double> loads = load.get();
+    for (int64_t e = 0; e < E; ++e) EXPECT_EQ(loads[e], 1.0 + count[e]) << what << " expert " << e;
+    EXPECT_LE(rel_l2(dl1.get(), dl_plain), 1e-5) << what;
+    EXPECT_LE(rel_l2(dl2.get(), dl_scores), 1e-5) << what;
+    // The sequence-wise balance loss and its score gradients, 7 sequences of 111 tokens.
+    const int64_t B = 7, S = n / B;
+    const double alpha = 0.01, dloss = 0.3;
+    std::vector<double> seq_cpu(static_cast<size_t>(B));
+    std::vector<float> dsc_cpu(logits.size());
+    for (int64_t b = 0; b < B; ++b) {
+      seq_cpu[b] = seq_balance_forward(scores.data() + b * S * E, chosen.data() + b * S * k, S, r, alpha);
+      seq_balance_backward(dsc_cpu.data() + b * S * E, scores.data() + b * S * E, chosen.data() + b * S * k, S, r,
+                           alpha, dloss);
+    }
+    Dev<double> seqd(static_cast<size_t>(B));
+    Dev<float> dscd(logits.size());
+    cuda::seq_balance_loss(seqd.p, ld.p, idd.p, B, S, r, alpha, nullptr);
+    cuda::seq_balance_grad(dscd.p, ld.p, idd.p, B, S, r, alpha, dloss, nullptr);
+    const std::vector<double> seq_gpu = seqd.get();
+    for (int64_t b = 0; b < B; ++b) EXPECT_NEAR(seq_gpu[b], seq_cpu[b], 1e-6 * std::abs(seq_cpu[b])) << what;
+    EXPECT_LE(rel_l2(dscd.get(), dsc_cpu), 1e-5) << what;
+    // The test means ties: some token has two equal selection scores among its chosen experts.
+    int64_t tied = 0;
+    for (int64_t t = 0; t < n; ++t)
+      for (int64_t i = 1; i < k; ++i)
+        tied += scores[t * E + chosen[t * k + i]] == scores[t * E + chosen[t * k + i - 1]] ? 1 : 0;
+    EXPECT_GT(tied, 0) << what;
+  }
+}
+
 // The cuBLAS wrapper's row-major conventions against linear_forward/backward, both precisions.
 TEST(TrainKernels, GemmLinear) {
   for (auto prec : {cuda::Precision::FP32, cuda::Precision::BF16}) {
@@ -207,7 +305,9 @@ TEST_P(CudaModelGrad, LossAndEveryGradientMatchTheCpuTrainer) {
     } else {
       EXPECT_TRUE(gpu.mtp_logits().empty());
     }
-    // Host routing: the loads are the CPU trainer's exactly, including experts with no tokens.
+    // Device routing: the loads (on the host after pull) are the CPU trainer's exactly, including experts
+    // with no tokens.
+    gpu.pull(/*grads=*/false);
     bool idle_expert = false;
     for (size_t l = 0; l < cpu.balance_layers().size(); ++l) {
       EXPECT_EQ(store.balance_layers()[l]->load, cpu.balance_layers()[l]->load) << l;

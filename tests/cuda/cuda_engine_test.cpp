@@ -1,0 +1,199 @@
+// The serving engine on the GPU: the Scheduler over the CUDA backend (device block pool, batched
+// forward), against the same prompts run alone on the GPU; the single-sequence Generator path against
+// CudaModel's own decode loop (what `dsv3 generate --device cuda` printed before it used the engine);
+// prefix-cache hits; the disk tier through the device pool across a restart; pool sizing from the
+// device's free memory. Needs a GPU (label gpu).
+#include <cuda_runtime_api.h>
+#include <gtest/gtest.h>
+
+#include <chrono>
+#include <filesystem>
+#include <mutex>
+#include <thread>
+
+#include "core/error.h"
+#include "engine/backend.h"
+#include "engine/engine_test_util.h"
+#include "engine/generator.h"
+#include "engine/scheduler.h"
+#include "model/cuda_model.h"
+#include "test_util.h"
+
+namespace dsv3 {
+namespace {
+
+namespace fs = std::filesystem;
+
+std::string source_root() {
+  const char* env = std::getenv("DSV3_SOURCE_DIR");
+  return env && *env ? env : test::source_dir();
+}
+
+using engine_test::Outcome;
+using engine_test::random_prompt;
+using engine_test::submit;
+
+class CudaEngine : public ::testing::Test {
+ protected:
+  static void SetUpTestSuite() {
+    int count = 0;
+    if (cudaGetDeviceCount(&count) != cudaSuccess || count == 0) return;  // SetUp fails each test
+    dir_ = new test::TempDir();
+    host_ = new Model(engine_test::write_tiny_model(dir_->path(), 1, source_root()));  // the CPU tests' model
+    gpu_ = make_backend("cuda", *host_).release();
+  }
+  static void TearDownTestSuite() {
+    delete gpu_;
+    delete host_;
+    delete dir_;
+  }
+  void SetUp() override { ASSERT_NE(gpu_, nullptr) << "these tests need an NVIDIA GPU (ctest label gpu)"; }
+
+  // Greedy continuation of `prompt` alone on the GPU (the Generator: a batch of one, its own pool).
+  static std::vector<int32_t> solo(const std::vector<int32_t>& prompt, int64_t max_new) {
+    return engine_test::solo(*gpu_, prompt, max_new);
+  }
+
+  static test::TempDir* dir_;
+  static Model* host_;
+  static Backend* gpu_;
+};
+test::TempDir* CudaEngine::dir_ = nullptr;
+Model* CudaEngine::host_ = nullptr;
+Backend* CudaEngine::gpu_ = nullptr;
+
+TEST_F(CudaEngine, GeneratorEqualsCudaModelsOwnDecodeLoop) {
+  // The path `dsv3 generate --device cuda` took before the engine: CudaModel::forward over a
+  // CudaLatentCache (CUDA graph replay for one-token steps). The engine's path must print the same ids.
+  const auto prompt = random_prompt(90, 5);
+  const int64_t max_new = 20;
+  CudaModel direct(*host_);
+  CudaLatentCache cache = direct.new_cache(static_cast<int64_t>(prompt.size()) + max_new);
+  ForwardOptions last;
+  last.all_logits = false;
+  std::vector<float> logits = direct.forward(prompt, cache, last);
+  Sampler sampler(SamplingParams{});
+  std::vector<int32_t> ref;
+  for (int64_t i = 0; i < max_new; ++i) {
+    ref.push_back(sampler.sample(logits.data(), host_->config().vocab_size));
+    const int32_t step[1] = {ref.back()};
+    logits = direct.forward(step, cache, last);
+  }
+  EXPECT_EQ(solo(prompt, max_new), ref);
+  EXPECT_NE(gpu_->identity(), host_->identity());
+  EXPECT_EQ(gpu_->device_name().rfind("cuda: ", 0), 0u) << gpu_->device_name();
+}
+
+TEST_F(CudaEngine, ConcurrentPromptsMatchSoloRunsAndSharePrefixes) {
+  // Ragged prompts (some over a block), chunked prefill under a small token budget, more requests than
+  // batch slots, submitted from several threads: every greedy output equals the prompt's solo GPU run.
+  const std::vector<size_t> lengths = {3, 64, 65, 100, 1, 140, 17, 129, 40, 9};
+  std::vector<std::vector<int32_t>> prompts;
+  for (size_t i = 0; i < lengths.size(); ++i) prompts.push_back(random_prompt(lengths[i], 100 + static_cast<uint32_t>(i)));
+  // Three more that share a 128-token prefix with prompt 5 (140 tokens): two blocks of prefix hits.
+  for (uint32_t i = 0; i < 3; ++i) {
+    std::vector<int32_t> p(prompts[5].begin(), prompts[5].begin() + 128);
+    const auto tail = random_prompt(20 + i, 300 + i);
+    p.insert(p.end(), tail.begin(), tail.end());
+    prompts.push_back(p);
+  }
+  const int64_t max_new = 24;
+  SchedulerOptions opt;
+  opt.max_batch = 4;
+  opt.max_batch_tokens = 48;
+  opt.ctx = 512;
+  std::vector<Outcome> outs(prompts.size());
+  std::mutex mu;
+  SchedulerStats st;
+  {
+    Scheduler s(*gpu_, opt);
+    std::vector<std::thread> clients;
+    for (size_t i = 0; i < lengths.size(); ++i) clients.emplace_back([&, i] { submit(s, prompts[i], max_new, outs[i], mu); });
+    for (auto& t : clients) t.join();
+    // The sharing prompts come once prompt 5's blocks are cached (it has finished).
+    while (!outs[5].done) std::this_thread::sleep_for(std::chrono::milliseconds(1));
+    for (size_t i = lengths.size(); i < prompts.size(); ++i) submit(s, prompts[i], max_new, outs[i], mu);
+    s.shutdown(false);
+    st = s.stats();
+  }
+  EXPECT_EQ(st.completed, static_cast<int64_t>(prompts.size()));
+  EXPECT_GT(st.steps, 0);
+  for (size_t i = 0; i < prompts.size(); ++i) {
+    ASSERT_TRUE(outs[i].done) << i;
+    EXPECT_EQ(outs[i].result.reason, FinishReason::Length) << i;
+    EXPECT_EQ(outs[i].tokens, solo(prompts[i], max_new)) << "prompt " << i << " of " << prompts[i].size() << " tokens";
+  }
+  for (size_t i = lengths.size(); i < prompts.size(); ++i) EXPECT_EQ(outs[i].result.cache_hit_tokens, 128) << i;
+  EXPECT_GE(st.prefix_hit_tokens, 3 * 128);
+}
+
+TEST_F(CudaEngine, PreemptionUnderATinyDevicePoolKeepsOutputsIdentical) {
+  std::vector<std::vector<int32_t>> prompts;
+  for (uint32_t i = 0; i < 5; ++i) prompts.push_back(random_prompt(60 + 15 * i, 200 + i));
+  SchedulerOptions opt;
+  opt.max_batch = 5;
+  opt.max_batch_tokens = 256;
+  opt.cache_blocks = 6;
+  opt.ctx = 256;
+  std::vector<Outcome> outs(prompts.size());
+  std::mutex mu;
+  Scheduler s(*gpu_, opt);
+  for (size_t i = 0; i < prompts.size(); ++i) submit(s, prompts[i], 40, outs[i], mu);
+  s.shutdown(false);
+  EXPECT_GT(s.stats().preemptions, 0);
+  for (size_t i = 0; i < prompts.size(); ++i) {
+    ASSERT_TRUE(outs[i].done);
+    EXPECT_EQ(outs[i].tokens, solo(prompts[i], 40)) << i;
+  }
+}
+
+TEST_F(CudaEngine, DiskTierRoundTripsThroughTheDevicePool) {
+  test::TempDir cache;
+  SchedulerOptions opt;
+  opt.ctx = 512;
+  opt.cache_dir = cache.path();
+  const auto prompt = random_prompt(230, 21);  // 3 full blocks before the last token
+  SchedulerStats st;
+  const auto first = engine_test::serve_in_turn(*gpu_, {prompt}, opt, 6, &st);
+  EXPECT_EQ(first[0].result.cache_hit_tokens, 0);
+  EXPECT_EQ(st.disk_writes, 3);  // copied out of device memory
+
+  // A restart: a new GPU engine (new CudaModel, new device pool); only the files know the blocks.
+  {
+    const std::unique_ptr<Backend> restarted = make_backend("cuda", *host_);
+    const auto second = engine_test::serve_in_turn(*restarted, {prompt}, opt, 6, &st);
+    EXPECT_EQ(second[0].result.cache_hit_tokens, 192);  // copied into device memory
+    EXPECT_EQ(st.disk_hits, 3);
+    EXPECT_EQ(st.disk_corrupt_dropped, 0);
+    EXPECT_EQ(second[0].tokens, first[0].tokens);
+  }
+  // The CPU engine over the same directory: the GPU's blocks are not its own (a distinct identity), so
+  // they are dropped, never read into a CPU cache.
+  CpuBackend cpu(*host_);
+  const auto on_cpu = engine_test::serve_in_turn(cpu, {prompt}, opt, 6, &st);
+  EXPECT_EQ(on_cpu[0].result.cache_hit_tokens, 0);
+  EXPECT_EQ(st.disk_hits, 0);
+  EXPECT_EQ(st.disk_corrupt_dropped, 3);
+}
+
+TEST_F(CudaEngine, PoolIsSizedFromFreeDeviceMemoryWithClearErrors) {
+  const std::optional<int64_t> free = gpu_->free_memory_bytes();
+  ASSERT_TRUE(free.has_value());
+  const int64_t block = gpu_->block_bytes();
+  const int64_t blocks = pool_blocks(*gpu_, 0, 0, 4096);
+  EXPECT_EQ(blocks, static_cast<int64_t>(kDefaultDeviceCacheFraction * static_cast<double>(*free)) / block);
+  EXPECT_THROW(pool_blocks(*gpu_, *free + block, 0, 4096), Error);
+  // A few hundred blocks of the default: a real device pool that the scheduler runs on.
+  SchedulerOptions opt;
+  opt.ctx = 512;
+  opt.cache_blocks = pool_blocks(*gpu_, 300 * block, 0, opt.ctx);
+  EXPECT_EQ(opt.cache_blocks, 300);
+  SchedulerStats st;
+  const auto prompt = random_prompt(70, 9);
+  const auto out = engine_test::serve_in_turn(*gpu_, {prompt}, opt, 8, &st);
+  EXPECT_EQ(st.blocks_total, 300);
+  EXPECT_EQ(out[0].tokens, solo(prompt, 8));
+}
+
+}  // namespace
+}  // namespace dsv3
