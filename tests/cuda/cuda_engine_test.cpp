@@ -33,41 +33,22 @@ using engine_test::Outcome;
 using engine_test::random_prompt;
 using engine_test::submit;
 
-class CudaEngine : public ::testing::Test {
+class CudaEngine : public engine_test::TinyModelSuite<CudaEngine> {
  protected:
   static void SetUpTestSuite() {
     int count = 0;
     if (cudaGetDeviceCount(&count) != cudaSuccess || count == 0) return;  // SetUp fails each test
-    dir_ = new test::TempDir();
-    host_ = new Model(engine_test::write_tiny_model(dir_->path(), 1, source_root()));  // the CPU tests' model
-    gpu_ = make_backend("cuda", *host_).release();
+    set_up_suite(source_root(), [](Model& m) { return make_backend("cuda", m); });  // the CPU tests' model
   }
-  static void TearDownTestSuite() {
-    delete gpu_;
-    delete host_;
-    delete dir_;
-  }
-  void SetUp() override { ASSERT_NE(gpu_, nullptr) << "these tests need an NVIDIA GPU (ctest label gpu)"; }
-
-  // Greedy continuation of `prompt` alone on the GPU (the Generator: a batch of one, its own pool).
-  static std::vector<int32_t> solo(const std::vector<int32_t>& prompt, int64_t max_new) {
-    return engine_test::solo(*gpu_, prompt, max_new);
-  }
-
-  static test::TempDir* dir_;
-  static Model* host_;
-  static Backend* gpu_;
+  void SetUp() override { ASSERT_NE(backend_, nullptr) << "these tests need an NVIDIA GPU (ctest label gpu)"; }
 };
-test::TempDir* CudaEngine::dir_ = nullptr;
-Model* CudaEngine::host_ = nullptr;
-Backend* CudaEngine::gpu_ = nullptr;
 
 TEST_F(CudaEngine, GeneratorEqualsCudaModelsOwnDecodeLoop) {
   // The path `dsv3 generate --device cuda` took before the engine: CudaModel::forward over a
   // CudaLatentCache (CUDA graph replay for one-token steps). The engine's path must print the same ids.
   const auto prompt = random_prompt(90, 5);
   const int64_t max_new = 20;
-  CudaModel direct(*host_);
+  CudaModel direct(*model_);
   CudaLatentCache cache = direct.new_cache(static_cast<int64_t>(prompt.size()) + max_new);
   ForwardOptions last;
   last.all_logits = false;
@@ -75,13 +56,13 @@ TEST_F(CudaEngine, GeneratorEqualsCudaModelsOwnDecodeLoop) {
   Sampler sampler(SamplingParams{});
   std::vector<int32_t> ref;
   for (int64_t i = 0; i < max_new; ++i) {
-    ref.push_back(sampler.sample(logits.data(), host_->config().vocab_size));
+    ref.push_back(sampler.sample(logits.data(), model_->config().vocab_size));
     const int32_t step[1] = {ref.back()};
     logits = direct.forward(step, cache, last);
   }
   EXPECT_EQ(solo(prompt, max_new), ref);
-  EXPECT_NE(gpu_->identity(), host_->identity());
-  EXPECT_EQ(gpu_->device_name().rfind("cuda: ", 0), 0u) << gpu_->device_name();
+  EXPECT_NE(backend_->identity(), model_->identity());
+  EXPECT_EQ(backend_->device_name().rfind("cuda: ", 0), 0u) << backend_->device_name();
 }
 
 TEST_F(CudaEngine, ConcurrentPromptsMatchSoloRunsAndSharePrefixes) {
@@ -106,7 +87,7 @@ TEST_F(CudaEngine, ConcurrentPromptsMatchSoloRunsAndSharePrefixes) {
   std::mutex mu;
   SchedulerStats st;
   {
-    Scheduler s(*gpu_, opt);
+    Scheduler s(*backend_, opt);
     std::vector<std::thread> clients;
     for (size_t i = 0; i < lengths.size(); ++i) clients.emplace_back([&, i] { submit(s, prompts[i], max_new, outs[i], mu); });
     for (auto& t : clients) t.join();
@@ -137,7 +118,7 @@ TEST_F(CudaEngine, PreemptionUnderATinyDevicePoolKeepsOutputsIdentical) {
   opt.ctx = 256;
   std::vector<Outcome> outs(prompts.size());
   std::mutex mu;
-  Scheduler s(*gpu_, opt);
+  Scheduler s(*backend_, opt);
   for (size_t i = 0; i < prompts.size(); ++i) submit(s, prompts[i], 40, outs[i], mu);
   s.shutdown(false);
   EXPECT_GT(s.stats().preemptions, 0);
@@ -154,13 +135,13 @@ TEST_F(CudaEngine, DiskTierRoundTripsThroughTheDevicePool) {
   opt.cache_dir = cache.path();
   const auto prompt = random_prompt(230, 21);  // 3 full blocks before the last token
   SchedulerStats st;
-  const auto first = engine_test::serve_in_turn(*gpu_, {prompt}, opt, 6, &st);
+  const auto first = engine_test::serve_in_turn(*backend_, {prompt}, opt, 6, &st);
   EXPECT_EQ(first[0].result.cache_hit_tokens, 0);
   EXPECT_EQ(st.disk_writes, 3);  // copied out of device memory
 
   // A restart: a new GPU engine (new CudaModel, new device pool); only the files know the blocks.
   {
-    const std::unique_ptr<Backend> restarted = make_backend("cuda", *host_);
+    const std::unique_ptr<Backend> restarted = make_backend("cuda", *model_);
     const auto second = engine_test::serve_in_turn(*restarted, {prompt}, opt, 6, &st);
     EXPECT_EQ(second[0].result.cache_hit_tokens, 192);  // copied into device memory
     EXPECT_EQ(st.disk_hits, 3);
@@ -169,7 +150,7 @@ TEST_F(CudaEngine, DiskTierRoundTripsThroughTheDevicePool) {
   }
   // The CPU engine over the same directory: the GPU's blocks are not its own (a distinct identity), so
   // they are dropped, never read into a CPU cache.
-  CpuBackend cpu(*host_);
+  CpuBackend cpu(*model_);
   const auto on_cpu = engine_test::serve_in_turn(cpu, {prompt}, opt, 6, &st);
   EXPECT_EQ(on_cpu[0].result.cache_hit_tokens, 0);
   EXPECT_EQ(st.disk_hits, 0);
@@ -177,20 +158,20 @@ TEST_F(CudaEngine, DiskTierRoundTripsThroughTheDevicePool) {
 }
 
 TEST_F(CudaEngine, PoolIsSizedFromFreeDeviceMemoryWithClearErrors) {
-  const std::optional<int64_t> free = gpu_->free_memory_bytes();
+  const std::optional<int64_t> free = backend_->free_memory_bytes();
   ASSERT_TRUE(free.has_value());
-  const int64_t block = gpu_->block_bytes();
-  const int64_t blocks = pool_blocks(*gpu_, 0, 0, 4096);
+  const int64_t block = backend_->block_bytes();
+  const int64_t blocks = pool_blocks(*backend_, 0, 0, 4096);
   EXPECT_EQ(blocks, static_cast<int64_t>(kDefaultDeviceCacheFraction * static_cast<double>(*free)) / block);
-  EXPECT_THROW(pool_blocks(*gpu_, *free + block, 0, 4096), Error);
+  EXPECT_THROW(pool_blocks(*backend_, *free + block, 0, 4096), Error);
   // A few hundred blocks of the default: a real device pool that the scheduler runs on.
   SchedulerOptions opt;
   opt.ctx = 512;
-  opt.cache_blocks = pool_blocks(*gpu_, 300 * block, 0, opt.ctx);
+  opt.cache_blocks = pool_blocks(*backend_, 300 * block, 0, opt.ctx);
   EXPECT_EQ(opt.cache_blocks, 300);
   SchedulerStats st;
   const auto prompt = random_prompt(70, 9);
-  const auto out = engine_test::serve_in_turn(*gpu_, {prompt}, opt, 8, &st);
+  const auto out = engine_test::serve_in_turn(*backend_, {prompt}, opt, 8, &st);
   EXPECT_EQ(st.blocks_total, 300);
   EXPECT_EQ(out[0].tokens, solo(prompt, 8));
 }

@@ -17,6 +17,7 @@
 #include "engine/generator.h"
 #include "engine/scheduler.h"
 #include "model/random_checkpoint.h"
+#include "test_util.h"
 
 namespace dsv3::engine_test {
 
@@ -97,5 +98,36 @@ inline std::vector<Outcome> serve_in_turn(Backend& backend, const std::vector<st
   if (stats) *stats = s.stats();
   return outs;
 }
+
+// The fixture of the engine tests on either device: one tiny model (write_tiny_model, seed 1) and one
+// backend over it for the whole suite. Each suite derives with itself as Suite (so suites keep their own
+// statics) and calls set_up_suite from its SetUpTestSuite with how to make its backend.
+template <class Suite>
+class TinyModelSuite : public ::testing::Test {
+ protected:
+  template <class MakeBackend>
+  static void set_up_suite(const std::string& source_root, MakeBackend make_backend) {
+    dir_ = new test::TempDir();
+    model_ = new Model(write_tiny_model(dir_->path(), 1, source_root));
+    backend_ = make_backend(*model_).release();
+  }
+  static void TearDownTestSuite() {
+    delete backend_;
+    delete model_;
+    delete dir_;
+    backend_ = nullptr;
+    model_ = nullptr;
+    dir_ = nullptr;
+  }
+
+  // Greedy continuation of `prompt` alone on the suite's backend (the Generator: a batch of one).
+  static std::vector<int32_t> solo(const std::vector<int32_t>& prompt, int64_t max_new) {
+    return engine_test::solo(*backend_, prompt, max_new);
+  }
+
+  static inline test::TempDir* dir_ = nullptr;
+  static inline Model* model_ = nullptr;
+  static inline Backend* backend_ = nullptr;
+};
 
 }  // namespace dsv3::engine_test

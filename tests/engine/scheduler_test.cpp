@@ -37,34 +37,15 @@ using engine_test::submit;
 
 }  // namespace
 
-class EngineTest : public ::testing::Test {
+class EngineTest : public engine_test::TinyModelSuite<EngineTest> {
  protected:
   static void SetUpTestSuite() {
     // One OpenMP worker: these tests are about scheduling (the ops' independence of the thread count is
     // model/consistency_test's), and spinning OpenMP workers on a busy machine make them 50x slower.
     set_num_threads(1);
-    dir_ = new test::TempDir();
-    model_ = new Model(make_model(dir_->path(), 1));
-    backend_ = new CpuBackend(*model_);
+    set_up_suite(test::source_dir(), [](Model& m) { return std::make_unique<CpuBackend>(m); });
   }
-  static void TearDownTestSuite() {
-    delete backend_;
-    delete model_;
-    delete dir_;
-  }
-
-  // Greedy continuation of `prompt` on the single-sequence path (Generator over its own cache).
-  static std::vector<int32_t> solo(const std::vector<int32_t>& prompt, int64_t max_new) {
-    return engine_test::solo(*backend_, prompt, max_new);
-  }
-
-  static test::TempDir* dir_;
-  static Model* model_;
-  static CpuBackend* backend_;
 };
-test::TempDir* EngineTest::dir_ = nullptr;
-Model* EngineTest::model_ = nullptr;
-CpuBackend* EngineTest::backend_ = nullptr;
 
 TEST_F(EngineTest, BatchedForwardEqualsSingleSequenceForward) {
   const int64_t V = model_->config().vocab_size;
