@@ -14,6 +14,7 @@ dest=${CARRY_DEST:-.devbin}
 cmake -S . -B "$build" -G Ninja -DCMAKE_BUILD_TYPE=Release -DDSV3_NATIVE=OFF -DDSV3_CUDA=ON >/dev/null
 targets=(dsv3 dsv3_cuda_tests dsv3_bench_cuda "$@")
 cmake --build "$build" --target "${targets[@]}"
+rm -rf "$dest"  # a pack.tgz of an earlier run must not end up inside the new one
 mkdir -p "$dest/lib"
 for t in "${targets[@]}"; do
   f=$(find "$build" -maxdepth 3 -type f -name "$t" -perm -u+x | head -1)
