@@ -16,14 +16,8 @@
 set -uo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 BIN=${BIN:-.devbin-g}
-[ -f "$BIN/pack.tgz" ] && tar xzf "$BIN/pack.tgz" -C "$BIN" && rm "$BIN/pack.tgz"
-export LD_LIBRARY_PATH=$BIN/lib:${LD_LIBRARY_PATH:-}
-export DSV3_SOURCE_DIR=$PWD
 OUT=${OUT:-build/serve-bench}
-mkdir -p "$OUT"
-summary="$OUT/summary.txt"
-: >"$summary"
-say() { echo "$*" | tee -a "$summary"; }
+source bench/gpu_run_env.sh
 cores=$(nproc)
 say "date: $(date -u +%Y-%m-%dT%H:%MZ)  gpu: $(nvidia-smi --query-gpu=name,memory.total --format=csv,noheader 2>&1 | head -1)  host: $cores cores, $(awk '/MemTotal/ {printf "%.0f GiB", $2/1048576}' /proc/meminfo)"
 

@@ -13,14 +13,8 @@
 set -uo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/../.."
 BIN=${BIN:-.devbin}
-[ -f "$BIN/pack.tgz" ] && tar xzf "$BIN/pack.tgz" -C "$BIN" && rm "$BIN/pack.tgz"
-export LD_LIBRARY_PATH=$BIN/lib:${LD_LIBRARY_PATH:-}
-export DSV3_SOURCE_DIR=$PWD
 OUT=${OUT:-build/peer-bench}
-mkdir -p "$OUT"
-summary="$OUT/summary.txt"
-: >"$summary"
-say() { echo "$*" | tee -a "$summary"; }
+source bench/gpu_run_env.sh
 say "date: $(date -u +%Y-%m-%dT%H:%MZ)  gpu: $(nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>&1 | head -1)"
 batches=${BATCHES:-1,8,64}
 ctx=${CONTEXT:-1024}
