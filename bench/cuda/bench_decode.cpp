@@ -148,6 +148,75 @@ void bench_batched(dsv3::CudaModel& gpu, const std::string& label, int batch, in
               100.0 * steps_per_s / roof_steps);
 }
 
+
+// Model FLOPs per token of one S-token prompt as the CUDA path computes it: every projection (kv_b
+// counted once: its W_UK rows absorb the query, its W_UV rows expand the attention output), the
+// experts at top-k plus the shared ones, the router, absorbed attention over positions 1..S
+// (scores over C + dr values, output over C, per head: H (4C + 2dr) (S + 1) / 2 on average) and the
+// last token's lm_head spread over the prompt.
+double prefill_flops_per_token(const dsv3::ModelConfig& c, int64_t S) {
+  const double D = static_cast<double>(c.hidden_size), H = static_cast<double>(c.num_attention_heads);
+  const double C = static_cast<double>(c.kv_lora_rank), dr = static_cast<double>(c.qk_rope_head_dim);
+  const double dn = static_cast<double>(c.qk_nope_head_dim), dv = static_cast<double>(c.v_head_dim);
+  const double qr = static_cast<double>(c.q_lora_rank);
+  double params = 0;
+  for (int64_t l = 0; l < c.num_hidden_layers; ++l) {
+    params += qr > 0 ? D * qr + qr * H * (dn + dr) : D * H * (dn + dr);
+    params += D * (C + dr) + C * H * (dn + dv) + H * dv * D;
+    if (c.is_moe_layer(l))
+      params += 3.0 * D * static_cast<double>(c.moe_intermediate_size * (c.num_experts_per_tok + c.n_shared_experts)) +
+                D * static_cast<double>(c.n_routed_experts);
+    else
+      params += 3.0 * D * static_cast<double>(c.intermediate_size);
+  }
+  const double attn = static_cast<double>(c.num_hidden_layers) * H * (4.0 * C + 2.0 * dr) *
+                      (static_cast<double>(S) + 1.0) / 2.0;
+  return 2.0 * params + attn + 2.0 * static_cast<double>(c.vocab_size) * D / static_cast<double>(S);
+}
+
+// --prefill S[,S...]: one prompt's forward per length, next to the cuBLASLt GEMM rate of the weights'
+// dtype (FP8 block-scaled or BF16, 8192^3) measured in this process.
+void bench_prefill(dsv3::CudaModel& gpu, const std::string& label, const std::string& lengths, const std::string& mode,
+                   bool fp8) {
+  using namespace dsv3;
+  const ModelConfig& cfg = gpu.config();
+  const double peak = cuda::lt_gemm_tflops(fp8 ? DType::F8_E4M3 : DType::BF16, 8192, 8192, 8192, 20) * 1e12;
+  ForwardOptions last;
+  last.all_logits = false;
+  {  // warm-up: module load, cuBLASLt plans of a 1024-row prompt
+    std::vector<int32_t> warm_prompt(1024, 3);
+    CudaLatentCache warm = gpu.new_cache(1024);
+    gpu.forward(warm_prompt, warm, last);
+  }
+  for (size_t at = 0; at < lengths.size();) {
+    const size_t comma = std::min(lengths.find(',', at), lengths.size());
+    const int S = std::atoi(lengths.substr(at, comma - at).c_str());
+    check(S > 0, "--prefill takes positive prompt lengths separated by commas (got '" + lengths + "')");
+    at = comma + 1;
+    std::vector<int32_t> prompt(static_cast<size_t>(S));
+    for (int i = 0; i < S; ++i) prompt[i] = static_cast<int32_t>(2 + (i * 7919) % (cfg.vocab_size - 2));
+    CudaLatentCache cache = gpu.new_cache(S);
+    const double t0 = now_s();
+    gpu.forward(prompt, cache, last);
+    const double sec = now_s() - t0;
+    const double tps = S / sec, fpt = prefill_flops_per_token(cfg, S);
+    Json j = {{"label", label},
+              {"device", gpu.device_name()},
+              {"prefill_gemm", mode},
+              {"prompt_tokens", S},
+              {"prefill_s", sec},
+              {"prefill_tokens_per_s", tps},
+              {"model_gflop_per_token", fpt / 1e9},
+              {"model_tflop_s", tps * fpt / 1e12},
+              {"gemm_roofline", fp8 ? "fp8_lt_8192" : "bf16_lt_8192"},
+              {"gemm_tflop_s", peak / 1e12},
+              {"roofline_fraction", tps * fpt / peak}};
+    std::printf("%s\n", j.dump().c_str());
+    std::printf("| %s | %s | prefill %d (%s) | %.0f tok/s (%.3f s) | %.2f GFLOP/token, %.1f TFLOP/s of %.0f %s | %.1f%% |\n",
+                label.c_str(), gpu.device_name().c_str(), S, mode.c_str(), tps, sec, fpt / 1e9, tps * fpt / 1e12,
+                peak / 1e12, fp8 ? "FP8" : "BF16", 100.0 * tps * fpt / peak);
+  }
+}
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -159,12 +228,23 @@ int main(int argc, char** argv) {
     const int n_decode = arg_int(argc, argv, "--decode-tokens", 128);
     const int n_context = arg_int(argc, argv, "--context", 0);
     const std::string batches = arg_str(argc, argv, "--batch", "");
+    const std::string prefill = arg_str(argc, argv, "--prefill", "");
+    CudaOptions copt;
+    copt.prefill_gemm = arg_str(argc, argv, "--prefill-gemm", "");
     check(!dir.empty(), "usage: dsv3_bench_cuda --model DIR [--prompt-tokens N] [--decode-tokens N] [--context N] "
-                        "[--batch B[,B...]] [--label L]");
+                        "[--batch B[,B...]] [--prefill S[,S...]] [--prefill-gemm lt|fp32] [--label L]");
     check(n_prompt > 0 && n_decode > 1 && n_context >= 0, "--prompt-tokens must be > 0, --decode-tokens > 1, --context >= 0");
+    if (!prefill.empty()) {
+      Model host(dir);
+      CudaModel gpu(host, copt);
+      const char* env = std::getenv("DSV3_PREFILL_GEMM");
+      const std::string mode = !copt.prefill_gemm.empty() ? copt.prefill_gemm : env && *env ? env : "lt";
+      bench_prefill(gpu, label, prefill, mode, host.config().fp8);
+      return 0;
+    }
     if (!batches.empty()) {
       Model host(dir);
-      CudaModel gpu(host);
+      CudaModel gpu(host, copt);
       for (size_t at = 0; at < batches.size();) {
         const size_t comma = std::min(batches.find(',', at), batches.size());
         const int batch = std::atoi(batches.substr(at, comma - at).c_str());
@@ -177,7 +257,7 @@ int main(int argc, char** argv) {
 
     double t0 = now_s();
     Model host(dir);
-    CudaModel gpu(host);
+    CudaModel gpu(host, copt);
     const double load_s = now_s() - t0;
     const ModelConfig& cfg = gpu.config();
     std::vector<int32_t> prompt(static_cast<size_t>(n_prompt));

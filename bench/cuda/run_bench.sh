@@ -9,7 +9,8 @@
 #      BASE=dir with an earlier dsv3_bench_cuda, benchmarked on the same checkpoints (before/after, same card);
 #      CONTEXTS="1024 32768": also decode after that many cached (synthetic) tokens;
 #      BATCHES="1,8,64": batched decode (CudaModel::forward_batch over a device pool) at each of
-#      BATCH_CONTEXTS (default "1024 32768") cached tokens; TEST_FILTER / SANITIZE_FILTER: gtest filters.
+#      BATCH_CONTEXTS (default "1024 32768") cached tokens; TEST_FILTER / SANITIZE_FILTER: gtest filters;
+#      PREFILL="1024,8192": prefill benchmarks (one prompt each) in PREFILL_MODES (default "lt fp32").
 set -uo pipefail
 # Shared libraries carried next to prebuilt binaries (BIN/lib), for machines that lack them.
 export LD_LIBRARY_PATH=${BIN:+$BIN/lib:}${LD_LIBRARY_PATH:-}
@@ -86,6 +87,15 @@ for dt in ${DTYPES:-fp8 bf16}; do
       "$BIN/dsv3_bench_cuda" --model "$dir" --label "lite-$dt" --batch "$BATCHES" --context "$ctx" \
         --decode-tokens "${BATCH_DECODE:-32}" >"$OUT/bench_${dt}_batch_ctx$ctx.txt" 2>&1
       grep -E '^\||error' "$OUT/bench_${dt}_batch_ctx$ctx.txt" | tee -a "$summary"
+    done
+  fi
+  # Prefill tok/s at each PREFILL length (e.g. PREFILL=1024,8192,32768) in each PREFILL_MODES mode, next
+  # to the cuBLASLt GEMM rate of the checkpoint's dtype measured in the same process.
+  if [ -n "${PREFILL:-}" ]; then
+    for mode in ${PREFILL_MODES:-lt fp32}; do
+      "$BIN/dsv3_bench_cuda" --model "$dir" --label "lite-$dt" --prefill "$PREFILL" --prefill-gemm "$mode" \
+        >"$OUT/bench_${dt}_prefill_$mode.txt" 2>&1
+      grep -E '^\||error' "$OUT/bench_${dt}_prefill_$mode.txt" | tee -a "$summary"
     done
   fi
   # Per-kernel times of two graph-replayed decode steps (ncu serializes kernels: their sum leaves out the

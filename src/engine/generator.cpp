@@ -6,9 +6,11 @@
 
 namespace dsv3 {
 
-Generator::Generator(Backend& backend, int64_t max_context, std::vector<int64_t> eos_ids)
+Generator::Generator(Backend& backend, int64_t max_context, std::vector<int64_t> eos_ids, int64_t prefill_chunk)
     : backend_(backend), cache_(backend.new_pool(BlockPool::blocks_for_tokens(max_context)), max_context),
-      eos_(std::move(eos_ids)) {}
+      eos_(std::move(eos_ids)), prefill_chunk_(prefill_chunk) {
+  check(prefill_chunk_ > 0, "the prefill chunk must be at least one token");
+}
 
 FinishReason Generator::run(std::span<const int32_t> prompt, int64_t max_new_tokens, Sampler& sampler,
                             const std::function<bool(int32_t)>& on_token) {
@@ -31,7 +33,9 @@ FinishReason Generator::run(std::span<const int32_t> prompt, int64_t max_new_tok
     const Model::BatchItem item{tokens, &cache_, false};
     return std::move(backend_.forward_batch(std::span(&item, 1))[0]);
   };
-  std::vector<float> logits = forward(prompt.subspan(keep));
+  std::vector<float> logits;
+  for (size_t at = keep; at < prompt.size(); at += static_cast<size_t>(prefill_chunk_))
+    logits = forward(prompt.subspan(at, std::min(static_cast<size_t>(prefill_chunk_), prompt.size() - at)));
   cached_.insert(cached_.end(), prompt.begin() + static_cast<std::ptrdiff_t>(keep), prompt.end());
   for (int64_t i = 0; i < max_new_tokens; ++i) {
     const int32_t next = sampler.sample(logits.data(), vocab);

@@ -19,9 +19,15 @@ enum class FinishReason { Stop, Length, Cancelled, Error };
 
 class Generator {
  public:
+  // Prompt tokens per forward pass: a long prompt is fed in pieces of at most this many, which keeps a
+  // pass's scratch memory bounded and its launches within the GPU kernels' grid limits (the CUDA
+  // engine's per-(token, expert) GEMV puts tokens x experts on one grid dimension of at most 65,535).
+  static constexpr int64_t kDefaultPrefillChunk = 4096;
+
   // `eos_ids` end generation (they are reported to on_token but not fed back). The cache, a pool of
   // max_context tokens from backend.new_pool, lives where the backend computes. `backend` must outlive this.
-  Generator(Backend& backend, int64_t max_context, std::vector<int64_t> eos_ids);
+  Generator(Backend& backend, int64_t max_context, std::vector<int64_t> eos_ids,
+            int64_t prefill_chunk = kDefaultPrefillChunk);
 
   // Continues `prompt` (the whole conversation so far). Tokens already in the cache that match the
   // start of `prompt` are kept; the rest of the cache is dropped. on_token(id) returns false to stop.
@@ -40,6 +46,7 @@ class Generator {
   std::vector<int32_t> cached_;
   std::vector<int64_t> eos_;
   int64_t last_reused_ = 0;
+  int64_t prefill_chunk_;
 };
 
 }  // namespace dsv3

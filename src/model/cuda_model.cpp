@@ -12,6 +12,7 @@
 #include <numeric>
 #include <random>
 #include <string>
+#include <string_view>
 
 #include "core/error.h"
 #include "ops/cuda/ops.h"
@@ -166,16 +167,36 @@ std::vector<float> CudaLatentCache::row(int64_t layer, int64_t pos) const {
 
 namespace {
 
-// Smallest step (tokens) whose MoE runs expert-grouped: off unless DSV3_MOE_GROUP_MIN=N (read once).
-// Off by default: on an H200, "lite" FP8, the grouped 8-token expert GEMVs were slower than one GEMV per
-// (token, slot) at decode batches 8 and 64 (217 vs 529 and 487 vs 594 tok/s, docs/PERF.md); the
-// grouping is the layout a tensor-core grouped expert GEMM needs, which is what would make it pay.
+// Smallest step (tokens) whose MoE runs expert-grouped (moe_grouped): DSV3_MOE_GROUP_MIN=N (read once);
+// unset or "off": never. Grouped, the routed experts run on the tensor-core kernel (cuda::expert_mma, see
+// moe_mma_mode), which on an H200, "lite" FP8/BF16, 2026-11-26, beat one fp32 GEMV per (token, slot) at
+// decode batch 8 (577 vs 514, 592 vs 446 tok/s), batch 64 (889 vs 573, 931 vs 507) and prefill (1,024
+// tokens: 3,972 vs 1,091, 4,640 vs 801 tok/s; docs/PERF.md). Still off by default: a row's MoE result
+// then depends on whether its step reaches N rows (hi + lo MMA vs fp32 GEMV, ~3e-6 apart), and CudaEngine
+// promises batched tokens equal solo ones; the golden suites and CudaEngine.ConcurrentPrompts... were not
+// seen passing with it on (docs/CUDA.md, "Tensor-core grouped expert GEMM"). To turn it on by default,
+// return 8 instead of max() below once they are.
 int64_t moe_group_min_tokens() {
   static const int64_t n = [] {
     const char* v = std::getenv("DSV3_MOE_GROUP_MIN");
-    return v && std::atoll(v) > 0 ? static_cast<int64_t>(std::atoll(v)) : std::numeric_limits<int64_t>::max();
+    const bool set = v && std::string_view(v) != "off" && std::atoll(v) > 0;
+    return set ? static_cast<int64_t>(std::atoll(v)) : std::numeric_limits<int64_t>::max();
   }();
   return n;
+}
+
+// How grouped expert projections run: DSV3_MOE_MMA=0 the gathered fp32 GEMV (cuda::linear), =hi the
+// tensor-core kernel with bf16 inputs only (measurement), otherwise (default) the tensor-core kernel
+// with inputs as bf16 hi + lo (cuda::expert_mma). Read once.
+enum class MoeMma { Off, Hi, HiLo };
+MoeMma moe_mma_mode() {
+  static const MoeMma m = [] {
+    const char* v = std::getenv("DSV3_MOE_MMA");
+    if (v && std::string_view(v) == "0") return MoeMma::Off;
+    if (v && std::string_view(v) == "hi") return MoeMma::Hi;
+    return MoeMma::HiLo;
+  }();
+  return m;
 }
 
 }  // namespace
@@ -254,6 +275,12 @@ struct CudaModel::Impl {
   uint64_t scratch_gen = 0;
 
   bool use_graphs = true;
+  bool prefill_lt = false;  // CudaOptions::prefill_gemm == "lt": large projections may run on cuBLASLt
+  // Whether this step's projections may take cuBLASLt: forward() (one sequence) when prefill_lt;
+  // never forward_batch(), where the batch's rows decide whether a projection reaches
+  // cuda::lt_min_rows(), so a request's numbers (and greedy tokens) would depend on who else is in the
+  // batch; CudaEngine guarantees they do not.
+  bool lt_rows = false;
   cudaGraphExec_t graph = nullptr;
   uint64_t graph_cache = 0, graph_gen = 0;
 
@@ -495,6 +522,7 @@ struct CudaModel::Impl {
     p.ldx = ldx;
     p.y = y;
     p.ldy = ldy;
+    p.lt = lt_rows;
     p.stream = stream;
     return p;
   }
@@ -691,7 +719,8 @@ struct CudaModel::Impl {
     gu.gather = s.gather;
     gu.gather_expert = s.gather_expert;
     gu.gather_chunks = chunks;
-    cuda::linear(gu);
+    const MoeMma mma = moe_mma_mode();
+    run_grouped(gu, mma);
     if (separate_shared) swiglu_down(L.shared, s.act_shared, n);
     cuda::LinearParams down = lin(L.expert_shape.down, s.act, I, n * slots, s.moe_out, D);
     down.experts = L.expert_down;
@@ -700,8 +729,17 @@ struct CudaModel::Impl {
     down.gather = s.gather;
     down.gather_expert = s.gather_expert;
     down.gather_chunks = chunks;
-    cuda::linear(down);
+    run_grouped(down, mma);
     cuda::moe_combine({s.moe_out, s.wts, n, k, slots, D, s.x, D, stream});
+  }
+
+  // A grouped expert projection on the tensor-core kernel (cuda::expert_mma) unless DSV3_MOE_MMA=0 or the
+  // shapes/dtypes are outside it; then on the gathered GEMV of cuda::linear.
+  static void run_grouped(const cuda::LinearParams& p, MoeMma mma) {
+    if (mma != MoeMma::Off && cuda::expert_mma_supported(p))
+      cuda::expert_mma(p, mma == MoeMma::HiLo);
+    else
+      cuda::linear(p);
   }
 
   // Enqueues the whole forward for n tokens whose ids and positions are already on the device. Final norm
@@ -762,6 +800,14 @@ CudaModel::CudaModel(const Model& host, const CudaOptions& opt) : cfg_(host.conf
   Impl& m = *impl_;
   m.cfg = cfg_;
   m.use_graphs = opt.use_graphs;
+  std::string mode = opt.prefill_gemm;
+  if (mode.empty()) {
+    const char* env = std::getenv("DSV3_PREFILL_GEMM");
+    mode = env && *env ? env : "fp32";
+  }
+  if (mode != "lt" && mode != "fp32")
+    throw Error("unknown prefill GEMM mode '" + mode + "'", "use lt (cuBLASLt, fast) or fp32 (DSV3_PREFILL_GEMM)");
+  m.prefill_lt = mode == "lt";
   select_device(opt.device);
   cudaDeviceProp prop{};
   DSV3_CUDA_CHECK(cudaGetDeviceProperties(&prop, opt.device));
@@ -892,6 +938,7 @@ std::vector<float> CudaModel::forward(std::span<const int32_t> tokens, CudaLaten
               cache.row_width() == cfg_.kv_lora_rank + cfg_.qk_rope_head_dim);
   cache.reserve(n);
   m.ensure_scratch(n);
+  m.lt_rows = m.prefill_lt;
 
   const int64_t pos0 = cache.length();
   DSV3_CUDA_CHECK(cudaMemcpyAsync(m.s.tokens, tokens.data(), static_cast<size_t>(n) * 4, cudaMemcpyHostToDevice, m.stream));
@@ -952,6 +999,7 @@ std::vector<std::vector<float>> CudaModel::forward_batch(std::span<const Model::
   const ModelConfig& c = cfg_;
   const int64_t V = c.vocab_size, W = c.kv_lora_rank + c.qk_rope_head_dim;
   check(!items.empty(), "no sequences to run");
+  m.lt_rows = false;
   // Every check before the first reserve, so a bad item leaves all caches as they were.
   int64_t n = 0;
   bool decode_only = true;

@@ -5,12 +5,16 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdio>
+#include <cstring>
 #include <limits>
 #include <numeric>
 #include <random>
+#include <string>
 #include <vector>
 
 #include "core/dtype.h"
+#include "core/error.h"
 #include "core/matrix.h"
 #include "model/config.h"
 #include "model/model.h"
@@ -108,6 +112,41 @@ TestMatrix make_matrix(std::mt19937& rng, Dev& dev, DType dtype, int64_t rows, i
 
 const DType kDtypes[] = {DType::F32, DType::F16, DType::BF16, DType::F8_E4M3};
 
+// The params of a plain projection y = W x of n rows (ldy = W's rows), or with w2 the SwiGLU pair
+// silu(W x) * (W2 x).
+cuda::LinearParams projection(const TestMatrix& w, const TestMatrix* w2, int64_t n, const float* x, int64_t ldx, float* y) {
+  cuda::LinearParams p;
+  p.w = w.dev;
+  if (w2) {
+    p.w2 = w2->dev.data;
+    p.w2_scale_inv = w2->dev.scale_inv;
+  }
+  p.n = n;
+  p.out = w.dev.rows;
+  p.x = x;
+  p.ldx = ldx;
+  p.y = y;
+  p.ldy = w.dev.rows;
+  return p;
+}
+
+// `count` random same-shape expert matrices and their device pointer table (a layer's routed experts).
+struct ExpertSet {
+  std::vector<TestMatrix> m;
+  std::vector<cuda::MatrixPtrs> table;
+  const cuda::MatrixPtrs* dev_table = nullptr;
+};
+
+ExpertSet make_experts(std::mt19937& rng, Dev& dev, DType dtype, int64_t count, int64_t rows, int64_t cols) {
+  ExpertSet s;
+  for (int64_t e = 0; e < count; ++e) {
+    s.m.push_back(make_matrix(rng, dev, dtype, rows, cols));
+    s.table.push_back({s.m.back().dev.data, s.m.back().dev.scale_inv});
+  }
+  s.dev_table = dev.put(s.table);
+  return s;
+}
+
 class CudaOps : public ::testing::Test {
  protected:
   void SetUp() override {
@@ -130,15 +169,7 @@ TEST_F(CudaOps, LinearMatchesCpuAcrossDtypesShapesAndBatchSizes) {
         std::vector<float> ref(static_cast<size_t>(n * sh.rows));
         if (n > 0) cpu::linear(w.host, x.data(), n, ref.data());
         float* dy = dev.poisoned(ref.size());
-        cuda::LinearParams p;
-        p.w = w.dev;
-        p.n = n;
-        p.out = sh.rows;
-        p.x = dev.put(x);
-        p.ldx = sh.cols;
-        p.y = dy;
-        p.ldy = sh.rows;
-        cuda::linear(p);
+        cuda::linear(projection(w, nullptr, n, dev.put(x), sh.cols, dy));
         if (n == 0) continue;
         const std::vector<float> y = Dev::get(dy, ref.size());
         EXPECT_LE(test::rel_l2(y, ref), 1e-5) << dtype_name(dt) << " " << sh.rows << "x" << sh.cols << " n=" << n;
@@ -238,18 +269,7 @@ TEST_F(CudaOps, LinearWithFusedRMSNormMatchesNormThenLinear) {
             cpu::linear(w2.host, xn.data(), n, r2.data());
             for (size_t i = 0; i < ref.size(); ++i) ref[i] = cpu::silu(ref[i]) * r2[i];
           }
-          cuda::LinearParams p;
-          p.w = w.dev;
-          if (dual) {
-            p.w2 = w2.dev.data;
-            p.w2_scale_inv = w2.dev.scale_inv;
-          }
-          p.n = n;
-          p.out = sh.rows;
-          p.x = dev.put(x);
-          p.ldx = ldx;
-          p.y = dev.poisoned(ref.size());
-          p.ldy = sh.rows;
+          cuda::LinearParams p = projection(w, dual ? &w2 : nullptr, n, dev.put(x), ldx, dev.poisoned(ref.size()));
           p.norm = dev.put(g);
           p.norm_eps = 1e-5f;
           cuda::linear(p);
@@ -262,14 +282,8 @@ TEST_F(CudaOps, ExpertIndirectionMatchesPerExpertLinear) {
   for (DType dt : kDtypes) {
     Dev dev;
     const int64_t E = 5, I = 48, D = 200, n = 7, k = 3;
-    std::vector<TestMatrix> gate, up;
-    std::vector<cuda::MatrixPtrs> tg, tu;
-    for (int64_t e = 0; e < E; ++e) {
-      gate.push_back(make_matrix(rng, dev, dt, I, D));
-      up.push_back(make_matrix(rng, dev, dt, I, D));
-      tg.push_back({gate.back().dev.data, gate.back().dev.scale_inv});
-      tu.push_back({up.back().dev.data, up.back().dev.scale_inv});
-    }
+    const ExpertSet gs = make_experts(rng, dev, dt, E, I, D), us = make_experts(rng, dev, dt, E, I, D);
+    const std::vector<TestMatrix>&gate = gs.m, &up = us.m;
     std::vector<int32_t> ids(static_cast<size_t>(n * k));
     for (auto& id : ids) id = static_cast<int32_t>(rng() % E);
     const std::vector<float> x = randn(rng, static_cast<size_t>(n * D));
@@ -283,8 +297,8 @@ TEST_F(CudaOps, ExpertIndirectionMatchesPerExpertLinear) {
     float* dy = dev.poisoned(ref.size());
     cuda::LinearParams p;
     p.w = gate[0].dev;
-    p.experts = dev.put(tg);
-    p.experts2 = dev.put(tu);
+    p.experts = gs.dev_table;
+    p.experts2 = us.dev_table;
     p.ids = dev.put(ids);
     p.n = n * k;
     p.out = I;
@@ -297,12 +311,8 @@ TEST_F(CudaOps, ExpertIndirectionMatchesPerExpertLinear) {
     EXPECT_LE(test::rel_l2(Dev::get(dy, ref.size()), ref), 1e-5) << dtype_name(dt);
 
     // Down projections of the same experts, combined per token with routing weights into y0.
-    std::vector<TestMatrix> down;
-    std::vector<cuda::MatrixPtrs> td;
-    for (int64_t e = 0; e < E; ++e) {
-      down.push_back(make_matrix(rng, dev, dt, D, I));
-      td.push_back({down.back().dev.data, down.back().dev.scale_inv});
-    }
+    const ExpertSet ds = make_experts(rng, dev, dt, E, D, I);
+    const std::vector<TestMatrix>& down = ds.m;
     const std::vector<float> wts = randn(rng, static_cast<size_t>(n * k)), y0 = randn(rng, static_cast<size_t>(n * D));
     std::vector<float> cref = y0, ye(static_cast<size_t>(D));
     for (int64_t pidx = 0; pidx < n * k; ++pidx) {
@@ -311,7 +321,7 @@ TEST_F(CudaOps, ExpertIndirectionMatchesPerExpertLinear) {
     }
     cuda::LinearParams c;
     c.w = down[0].dev;
-    c.experts = dev.put(td);
+    c.experts = ds.dev_table;
     c.ids = p.ids;
     c.ids_settled = true;
     c.combine = dev.put(wts);
@@ -333,16 +343,9 @@ TEST_F(CudaOps, FixedExpertsFollowRoutedSlots) {
   for (DType dt : kDtypes) {
     Dev dev;
     const int64_t E = 5, F = 2, I = 64, D = 256, n = 4, k = 3, S = k + F;
-    std::vector<TestMatrix> gate, up, down;
-    std::vector<cuda::MatrixPtrs> tg, tu, td;
-    for (int64_t e = 0; e < E + F; ++e) {
-      gate.push_back(make_matrix(rng, dev, dt, I, D));
-      up.push_back(make_matrix(rng, dev, dt, I, D));
-      down.push_back(make_matrix(rng, dev, dt, D, I));
-      tg.push_back({gate.back().dev.data, gate.back().dev.scale_inv});
-      tu.push_back({up.back().dev.data, up.back().dev.scale_inv});
-      td.push_back({down.back().dev.data, down.back().dev.scale_inv});
-    }
+    const ExpertSet gs = make_experts(rng, dev, dt, E + F, I, D), us = make_experts(rng, dev, dt, E + F, I, D),
+                    ds = make_experts(rng, dev, dt, E + F, D, I);
+    const std::vector<TestMatrix>&gate = gs.m, &up = us.m, &down = ds.m;
     std::vector<int32_t> ids(static_cast<size_t>(n * k));
     for (auto& id : ids) id = static_cast<int32_t>(rng() % E);
     auto expert = [&](int64_t t, int64_t j) { return j < k ? ids[t * k + j] : static_cast<int32_t>(E + j - k); };
@@ -361,8 +364,8 @@ TEST_F(CudaOps, FixedExpertsFollowRoutedSlots) {
       }
     cuda::LinearParams p;
     p.w = gate[0].dev;
-    p.experts = dev.put(tg);
-    p.experts2 = dev.put(tu);
+    p.experts = gs.dev_table;
+    p.experts2 = us.dev_table;
     p.ids = dev.put(ids);
     p.n = n * S;
     p.out = I;
@@ -378,7 +381,7 @@ TEST_F(CudaOps, FixedExpertsFollowRoutedSlots) {
 
     cuda::LinearParams c;
     c.w = down[0].dev;
-    c.experts = dev.put(td);
+    c.experts = ds.dev_table;
     c.ids = p.ids;
     c.combine = dev.put(wts);
     c.combine_k = k;
@@ -713,5 +716,357 @@ TEST_F(CudaOps, ZeroLengthCallsAreNoOps) {
   DSV3_CUDA_CHECK(cudaDeviceSynchronize());
 }
 
+
+// ---- cuBLASLt prefill GEMMs (gemm_lt.cpp, quant.cu) ----------------------------------------------------
+
+// The activations an Lt GEMM sees, computed on the CPU as quant.cu does: x' = x or RMSNorm(x) (1/rms in
+// double), then per 128-column group scale = amax / 448 and codes e4m3(x' * 448 / amax) (FP8), or bf16(x').
+struct LtActs {
+  std::vector<float> normed;   // [n x k] x'
+  std::vector<uint8_t> codes;  // [n x k] (fp8)
+  std::vector<float> scales;   // [groups x n] outer-dim-major (fp8)
+  std::vector<float> seen;     // [n x k] what the GEMM multiplies: codes * scale, or bf16(x')
+};
+
+LtActs lt_acts_cpu(const std::vector<float>& x, int64_t ldx, int64_t n, int64_t k, const std::vector<float>* norm,
+                   float eps, bool fp8) {
+  LtActs a;
+  const int64_t groups = (k + 127) / 128;
+  a.normed.resize(static_cast<size_t>(n * k));
+  a.seen.resize(a.normed.size());
+  a.codes.resize(a.normed.size());
+  a.scales.resize(static_cast<size_t>(groups * n));
+  for (int64_t t = 0; t < n; ++t) {
+    const float* row = x.data() + t * ldx;
+    float inv_rms = 1.0f;
+    if (norm) {
+      double ss = 0.0;
+      for (int64_t c = 0; c < k; ++c) ss += static_cast<double>(row[c]) * row[c];
+      inv_rms = static_cast<float>(1.0 / std::sqrt(ss / static_cast<double>(k) + static_cast<double>(eps)));
+    }
+    for (int64_t c = 0; c < k; ++c)
+      a.normed[static_cast<size_t>(t * k + c)] = row[c] * (norm ? (*norm)[static_cast<size_t>(c)] * inv_rms : 1.0f);
+    for (int64_t g = 0; g < groups; ++g) {
+      const int64_t c1 = std::min(k, g * 128 + 128);
+      float amax = 0.0f;
+      for (int64_t c = g * 128; c < c1; ++c) amax = std::max(amax, std::fabs(a.normed[static_cast<size_t>(t * k + c)]));
+      const float scale = amax / 448.0f, inv = amax > 0.0f ? 448.0f / amax : 0.0f;
+      a.scales[static_cast<size_t>(g * n + t)] = scale;
+      for (int64_t c = g * 128; c < c1; ++c) {
+        const size_t i = static_cast<size_t>(t * k + c);
+        if (fp8) {
+          a.codes[i] = f32_to_fp8_e4m3(a.normed[i] * inv);
+          a.seen[i] = fp8_e4m3_to_f32(a.codes[i]) * scale;
+        } else {
+          a.seen[i] = bf16_to_f32(f32_to_bf16(a.normed[i]));
+        }
+      }
+    }
+  }
+  return a;
+}
+
+// The dequantized weight rows [rows x cols] of a test matrix.
+std::vector<double> dequantized(const TestMatrix& w) {
+  std::vector<double> out(static_cast<size_t>(w.host.rows * w.host.cols));
+  const int64_t sc = (w.host.cols + 127) / 128;
+  for (int64_t r = 0; r < w.host.rows; ++r)
+    for (int64_t c = 0; c < w.host.cols; ++c) {
+      const size_t i = static_cast<size_t>(r * w.host.cols + c);
+      if (w.host.dtype == DType::F8_E4M3) {
+        out[i] = static_cast<double>(fp8_e4m3_to_f32(w.bytes[i])) * w.scales[static_cast<size_t>((r / 128) * sc + c / 128)];
+      } else {
+        uint16_t h = 0;
+        std::memcpy(&h, &w.bytes[i * 2], 2);
+        out[i] = bf16_to_f32(h);
+      }
+    }
+  return out;
+}
+
+// y[t][o] = sum_c W[o][c] * a[t][c] in float64.
+std::vector<float> matmul64(const std::vector<double>& w, const std::vector<float>& a, int64_t n, int64_t out, int64_t k) {
+  std::vector<float> y(static_cast<size_t>(n * out));
+  for (int64_t t = 0; t < n; ++t)
+    for (int64_t o = 0; o < out; ++o) {
+      double s = 0.0;
+      for (int64_t c = 0; c < k; ++c) s += w[static_cast<size_t>(o * k + c)] * a[static_cast<size_t>(t * k + c)];
+      y[static_cast<size_t>(t * out + o)] = static_cast<float>(s);
+    }
+  return y;
+}
+
+TEST_F(CudaOps, ActivationQuantizerMatchesCpu) {
+  for (bool fp8 : {true, false})
+    for (int64_t k : {int64_t{128}, int64_t{1408}, int64_t{200}})
+      for (bool with_norm : {false, true}) {
+        Dev dev;
+        const int64_t n = 37, ldx = k + 8;
+        std::vector<float> x = randn(rng, static_cast<size_t>(n * ldx), 3.0f);
+        std::fill_n(x.begin() + ldx, k, 0.0f);  // an all-zero row (scale 0) when there is no norm to divide by it
+        if (with_norm) x[static_cast<size_t>(ldx)] = 1.0f;
+        const std::vector<float> g = randn(rng, static_cast<size_t>(k));
+        const LtActs want = lt_acts_cpu(x, ldx, n, k, with_norm ? &g : nullptr, 1e-6f, fp8);
+        cuda::ActQuantParams p;
+        p.x = dev.put(x);
+        p.ldx = ldx;
+        p.n = n;
+        p.k = k;
+        p.norm = with_norm ? dev.put(g) : nullptr;
+        p.norm_eps = 1e-6f;
+        p.fp8 = fp8;
+        p.q = dev.alloc<uint8_t>(static_cast<size_t>(n * k * (fp8 ? 1 : 2)));
+        p.scales = dev.alloc<float>(want.scales.size());
+        cuda::quantize_activations(p);
+        const std::string what = std::string(fp8 ? "fp8" : "bf16") + " k=" + std::to_string(k) + " norm=" + std::to_string(with_norm);
+        if (fp8) {
+          const std::vector<uint8_t> codes = Dev::get(static_cast<const uint8_t*>(p.q), want.codes.size());
+          const std::vector<float> scales = Dev::get(p.scales, want.scales.size());
+          EXPECT_LE(test::rel_l2(scales, want.scales), 1e-6) << what;
+          EXPECT_EQ(scales[static_cast<size_t>(1)], with_norm ? scales[1] : 0.0f) << what;  // row 1, group 0
+          int64_t off = 0;
+          for (size_t i = 0; i < codes.size(); ++i) {
+            // Codes agree, or (an input on a rounding tie after float reassociation) are neighbours.
+            const int d = std::abs(static_cast<int>(codes[i] & 0x7f) - static_cast<int>(want.codes[i] & 0x7f));
+            EXPECT_TRUE(d == 0 || (d == 1 && (codes[i] & 0x80) == (want.codes[i] & 0x80))) << what << " at " << i;
+            off += d != 0;
+          }
+          EXPECT_LE(off, static_cast<int64_t>(codes.size() / 1000)) << what;
+        } else {
+          const std::vector<uint16_t> h = Dev::get(static_cast<const uint16_t*>(p.q), want.seen.size());
+          std::vector<float> got(h.size());
+          for (size_t i = 0; i < h.size(); ++i) got[i] = bf16_to_f32(h[i]);
+          EXPECT_LE(test::rel_l2(got, want.seen), 1e-6) << what;
+        }
+      }
+}
+
+// cuda::linear with LinearParams::lt on shapes cuBLASLt takes: against float64 over the activations the
+// GEMM sees (tight: proves the Lt path ran, with the right scale layouts) and over the unquantized ones
+// (the tolerance: 3e-2 with FP8 activations, 5e-3 with BF16).
+TEST_F(CudaOps, LtLinearMatchesFloat64Reference) {
+  struct Shape { int64_t out, k; };
+  const Shape shapes[] = {{256, 2048}, {200, 1408}, {384, 1408}, {136, 384}};
+  ASSERT_EQ(cuda::lt_min_rows(), 64) << "DSV3_LT_MIN_ROWS changes which rows this test sends to cuBLASLt";
+  int lt_runs = 0;
+  for (DType dt : {DType::F8_E4M3, DType::BF16})
+    for (const Shape& sh : shapes)
+      for (int64_t n : {64, 133})
+        for (int mode = 0; mode < 4; ++mode) {  // plain, accumulate, SwiGLU pair, fused RMSNorm + pair
+          const bool fp8 = dt == DType::F8_E4M3, dual = mode >= 2, with_norm = mode == 3, acc = mode == 1;
+          Dev dev;
+          const int64_t ldx = sh.k + 16;
+          TestMatrix w = make_matrix(rng, dev, dt, sh.out, sh.k), w2 = make_matrix(rng, dev, dt, sh.out, sh.k);
+          const std::vector<float> x = randn(rng, static_cast<size_t>(n * ldx), 2.0f), g = randn(rng, sh.k);
+          const LtActs a = lt_acts_cpu(x, ldx, n, sh.k, with_norm ? &g : nullptr, 1e-6f, fp8);
+          const std::vector<double> wd = dequantized(w), wd2 = dequantized(w2);
+          std::vector<float> ref = matmul64(wd, a.seen, n, sh.out, sh.k), loose = matmul64(wd, a.normed, n, sh.out, sh.k);
+          std::vector<float> y0 = randn(rng, ref.size());
+          if (dual) {
+            const std::vector<float> r2 = matmul64(wd2, a.seen, n, sh.out, sh.k), l2 = matmul64(wd2, a.normed, n, sh.out, sh.k);
+            for (size_t i = 0; i < ref.size(); ++i) {
+              ref[i] = cpu::silu(ref[i]) * r2[i];
+              loose[i] = cpu::silu(loose[i]) * l2[i];
+            }
+          }
+          if (acc)
+            for (size_t i = 0; i < ref.size(); ++i) {
+              ref[i] += y0[i];
+              loose[i] += y0[i];
+            }
+          cuda::LinearParams p =
+              projection(w, dual ? &w2 : nullptr, n, dev.put(x), ldx, acc ? dev.put(y0) : dev.poisoned(ref.size()));
+          p.accumulate = acc;
+          if (with_norm) {
+            p.norm = dev.put(g);
+            p.norm_eps = 1e-6f;
+          }
+          p.lt = true;
+          cuda::linear(p);
+          const std::vector<float> y = Dev::get(p.y, ref.size());
+          const std::string what = std::string(dtype_name(dt)) + " " + std::to_string(sh.out) + "x" +
+                                   std::to_string(sh.k) + " n=" + std::to_string(n) + " mode=" + std::to_string(mode);
+          if (!cuda::lt_gemm_supported(dt, sh.out, n, sh.k)) {  // the fp32 kernels ran it
+            if (mode == 0) std::printf("[lt] cuBLASLt has no GEMM for %s: fp32 kernels\n", what.c_str());
+            EXPECT_LE(test::rel_l2(y, loose), 1e-5) << what;
+            continue;
+          }
+          ++lt_runs;
+          // Tight: Hopper's FP8 tensor cores add products with fewer bits than fp32 inside each 128-wide
+          // block (DeepSeek-V3 report, section 3.3.2), ~1e-4 here; BF16 products accumulate in fp32.
+          EXPECT_LE(test::rel_l2(y, ref), fp8 ? 1e-3 : 2e-5) << what;
+          // Loose: e4m3 keeps 3 mantissa bits, so random activations lose ~2.5% (more through SwiGLU).
+          EXPECT_LE(test::rel_l2(y, loose), fp8 ? 6e-2 : 5e-3) << what;
+        }
+  EXPECT_TRUE(cuda::lt_gemm_supported(DType::F8_E4M3, 256, 64, 2048));
+  EXPECT_TRUE(cuda::lt_gemm_supported(DType::BF16, 256, 133, 2048));
+  EXPECT_GT(lt_runs, 0);
+}
+
+// Below lt_min_rows(), or without LinearParams::lt, the fp32 kernels run (results as the CPU to 1e-5).
+TEST_F(CudaOps, LtLinearLeavesSmallBatchesAndUnflaggedCallsAlone) {
+  for (DType dt : {DType::F8_E4M3, DType::BF16})
+    for (const auto& [n, lt] : {std::pair<int64_t, bool>{63, true}, {100, false}}) {
+      Dev dev;
+      const int64_t out = 256, k = 512;
+      TestMatrix w = make_matrix(rng, dev, dt, out, k);
+      const std::vector<float> x = randn(rng, static_cast<size_t>(n * k));
+      std::vector<float> ref(static_cast<size_t>(n * out));
+      cpu::linear(w.host, x.data(), n, ref.data());
+      cuda::LinearParams p;
+      p.w = w.dev;
+      p.n = n;
+      p.out = out;
+      p.x = dev.put(x);
+      p.ldx = k;
+      p.y = dev.poisoned(ref.size());
+      p.ldy = out;
+      p.lt = lt;
+      cuda::linear(p);
+      EXPECT_LE(test::rel_l2(Dev::get(p.y, ref.size()), ref), 1e-5) << dtype_name(dt) << " n=" << n << " lt=" << lt;
+    }
+}
+
+// The tensor-core grouped expert GEMM (cuda::expert_mma) over moe_plan's chunks against float64: the
+// gate/up pair with the fused RMSNorm and SwiGLU, then the down projection of the GPU's activations.
+// Routing: expert 0 takes 9 problems (a full chunk and a chunk of 1), expert 3 one problem, expert 4
+// none; shapes with a partial 128-row tile, widths not a multiple of 64 (FP8 edge blocks of 80 and 48
+// columns), two shared-memory slabs, and V2-Lite's 2048 x 1408 (11 x 128). Inputs as bf16 hi + lo must stay within 1e-5; hi only is measured
+// and must be clearly worse (what lo buys).
+TEST_F(CudaOps, ExpertMmaMatchesFloat64Reference) {
+  struct Case {
+    int64_t E, D, I, n, k;
+  };
+  for (DType dt : {DType::BF16, DType::F8_E4M3})
+    for (const Case cs : {Case{5, 1360, 176, 9, 3}, Case{4, 2048, 1408, 3, 2}}) {
+      Dev dev;
+      const int64_t E = cs.E, D = cs.D, I = cs.I, n = cs.n, k = cs.k, P = n * k;
+      const std::string what =
+          std::string(dtype_name(dt)) + " D=" + std::to_string(D) + " I=" + std::to_string(I);
+      const ExpertSet gs = make_experts(rng, dev, dt, E, I, D), us = make_experts(rng, dev, dt, E, I, D),
+                      ds = make_experts(rng, dev, dt, E, D, I);
+      std::vector<int32_t> ids(static_cast<size_t>(P));
+      for (int64_t t = 0; t < n; ++t)
+        for (int64_t j = 0; j < k; ++j)
+          ids[static_cast<size_t>(t * k + j)] = static_cast<int32_t>(j == 0   ? 0
+                                                                     : j == 1 ? (t + 1 < n ? 1 : 3)
+                                                                              : 2);
+      const std::vector<float> x = randn(rng, static_cast<size_t>(n * D));
+      std::vector<float> norm = randn(rng, static_cast<size_t>(D), 0.3f);
+      for (float& v : norm) v += 1.0f;
+
+      cuda::MoePlanParams plan;
+      const int64_t chunks = cuda::moe_plan_chunks(P, E);
+      plan.ids = dev.put(ids);
+      plan.n = n;
+      plan.k = k;
+      plan.slots = k;
+      plan.fixed_first = E;
+      plan.table_size = E;
+      plan.gather = dev.alloc<int32_t>(static_cast<size_t>(chunks * cuda::kExpertChunk));
+      plan.gather_expert = dev.alloc<int32_t>(static_cast<size_t>(chunks));
+      cuda::moe_plan(plan);
+
+      // Reference gate/up: RMSNorm in float64, then silu(W_g xn) * (W_u xn) per problem.
+      std::vector<float> xn(static_cast<size_t>(n * D));
+      for (int64_t t = 0; t < n; ++t) {
+        double ss = 0.0;
+        for (int64_t c = 0; c < D; ++c) ss += static_cast<double>(x[t * D + c]) * x[t * D + c];
+        const double inv = 1.0 / std::sqrt(ss / static_cast<double>(D) + 1e-6);
+        for (int64_t c = 0; c < D; ++c) xn[t * D + c] = static_cast<float>(x[t * D + c] * inv * norm[c]);
+      }
+      std::vector<float> act(static_cast<size_t>(P * I));
+      for (int64_t e = 0; e < E; ++e) {
+        const std::vector<float> g = matmul64(dequantized(gs.m[e]), xn, n, I, D),
+                                 u = matmul64(dequantized(us.m[e]), xn, n, I, D);
+        for (int64_t q = 0; q < P; ++q)
+          if (ids[q] == e)
+            for (int64_t i = 0; i < I; ++i) {
+              const double gv = g[(q / k) * I + i];
+              act[q * I + i] = static_cast<float>(gv / (1.0 + std::exp(-gv)) * u[(q / k) * I + i]);
+            }
+      }
+      cuda::LinearParams gu;
+      gu.w = gs.m[0].dev;
+      gu.experts = gs.dev_table;
+      gu.experts2 = us.dev_table;
+      gu.ids = plan.ids;
+      gu.n = P;
+      gu.out = I;
+      gu.x = dev.put(x);
+      gu.ldx = D;
+      gu.x_div = k;
+      gu.norm = dev.put(norm);
+      gu.norm_eps = 1e-6f;
+      gu.gather = plan.gather;
+      gu.gather_expert = plan.gather_expert;
+      gu.gather_chunks = chunks;
+      gu.ldy = I;
+      ASSERT_TRUE(cuda::expert_mma_supported(gu)) << what;
+      double err_hilo = 0.0, err_hi = 0.0;
+      for (bool lo : {true, false}) {
+        gu.y = dev.poisoned(act.size());
+        cuda::expert_mma(gu, lo);
+        (lo ? err_hilo : err_hi) = test::rel_l2(Dev::get(gu.y, act.size()), act);
+      }
+      EXPECT_LE(err_hilo, 1e-5) << what << " gate/up";
+      EXPECT_LT(err_hilo * 10.0, err_hi) << what << " gate/up: lo must add precision";
+      std::printf("expert_mma %s gate/up rel L2: hi+lo %.2e, hi only %.2e\n", what.c_str(), err_hilo, err_hi);
+
+      // Down: per-problem rows of the GPU's (hi + lo) activations, reference in float64 from those.
+      gu.y = dev.poisoned(act.size());
+      cuda::expert_mma(gu);
+      const std::vector<float> gact = Dev::get(gu.y, act.size());
+      std::vector<float> yref(static_cast<size_t>(P * D));
+      for (int64_t q = 0; q < P; ++q) {
+        const std::vector<float> row(gact.begin() + q * I, gact.begin() + (q + 1) * I);
+        const std::vector<float> y = matmul64(dequantized(ds.m[ids[q]]), row, 1, D, I);
+        std::copy(y.begin(), y.end(), yref.begin() + q * D);
+      }
+      cuda::LinearParams dn = gu;
+      dn.w = ds.m[0].dev;
+      dn.experts = ds.dev_table;
+      dn.experts2 = nullptr;
+      dn.norm = nullptr;
+      dn.x = gu.y;
+      dn.ldx = I;
+      dn.x_div = 1;
+      dn.out = D;
+      dn.y = dev.poisoned(yref.size());
+      dn.ldy = D;
+      ASSERT_TRUE(cuda::expert_mma_supported(dn)) << what;
+      cuda::expert_mma(dn);
+      const double err_down = test::rel_l2(Dev::get(dn.y, yref.size()), yref);
+      EXPECT_LE(err_down, 1e-5) << what << " down";
+      std::printf("expert_mma %s down rel L2: %.2e\n", what.c_str(), err_down);
+    }
+}
+
+// Problems outside the kernel are refused with a message naming the way out, never run wrong.
+TEST_F(CudaOps, ExpertMmaRefusesUnsupportedProblems) {
+  Dev dev;
+  const ExpertSet f32 = make_experts(rng, dev, DType::F32, 2, 64, 128);
+  cuda::LinearParams p;
+  p.w = f32.m[0].dev;
+  p.experts = f32.dev_table;
+  p.ids = dev.alloc<int32_t>(8);
+  p.n = 8;
+  p.out = 64;
+  p.x = dev.alloc<float>(8 * 128);
+  p.ldx = 128;
+  p.y = dev.alloc<float>(8 * 64);
+  p.ldy = 64;
+  p.gather = dev.alloc<int32_t>(8);
+  p.gather_expert = dev.alloc<int32_t>(1);
+  p.gather_chunks = 1;
+  EXPECT_FALSE(cuda::expert_mma_supported(p));
+  EXPECT_THROW(cuda::expert_mma(p), Error);
+  const ExpertSet odd =
+      make_experts(rng, dev, DType::BF16, 2, 64, 72);  // 72 columns: not whole 16-column pieces
+  p.w = odd.m[0].dev;
+  p.experts = odd.dev_table;
+  p.ldx = 72;
+  EXPECT_FALSE(cuda::expert_mma_supported(p));
+}
 }  // namespace
 }  // namespace dsv3

@@ -79,6 +79,25 @@ TEST_F(EngineTest, BatchedForwardEqualsSingleSequenceForward) {
   EXPECT_EQ(pool->free_blocks(), 8 - 2 - 1 - 3);
 }
 
+// A long prompt goes through the model in pieces of prefill_chunk tokens (a ragged last one): the same
+// greedy tokens as one pass over the whole prompt, and the cache holds the whole conversation.
+TEST_F(EngineTest, GeneratorFeedsLongPromptsInChunks) {
+  const std::vector<int32_t> prompt = random_prompt(150, 77);  // 9 pieces of 16 and one of 6
+  auto run = [&](Generator& gen) {
+    Sampler sampler(SamplingParams{});
+    std::vector<int32_t> out;
+    gen.run(prompt, 12, sampler, [&](int32_t t) {
+      out.push_back(t);
+      return true;
+    });
+    return out;
+  };
+  Generator whole(*backend_, 512, {}, int64_t{1} << 20), pieces(*backend_, 512, {}, 16);
+  EXPECT_EQ(run(pieces), run(whole));
+  EXPECT_EQ(pieces.cached_tokens().size(), prompt.size() + 11);  // the last sampled token is not fed back
+  EXPECT_THROW(Generator(*backend_, 512, {}, 0), Error);
+}
+
 TEST_F(EngineTest, ManyConcurrentSequencesMatchSoloGreedyRuns) {
   // Prompts of many lengths (some over a block), chunked prefill under a small token budget, and more
   // requests than batch slots: every output equals the solo greedy run.

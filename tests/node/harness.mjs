@@ -39,10 +39,11 @@ export function makeModel() {
   return { dir, model, remove: () => fs.rmSync(dir, { recursive: true, force: true }) };
 }
 
-// Starts `dsv3 serve` on a free port and waits until /health says ok.
-export async function startServer(modelDir, args = []) {
+// Starts `dsv3 serve` on a free port (with `env` added to this process's environment) and waits until
+// /health says ok.
+export async function startServer(modelDir, args = [], env = {}) {
   const proc = spawn(dsv3, ["serve", "--model", modelDir, "--port", "0", "--model-name", "tiny", ...args],
-                     { stdio: ["ignore", "inherit", "pipe"] });
+                     { stdio: ["ignore", "inherit", "pipe"], env: { ...process.env, ...env } });
   let log = "";
   const url = await new Promise((resolve, reject) => {
     const timer = setTimeout(() => reject(new Error("dsv3 serve did not start:\n" + log)), 60000);

@@ -8,6 +8,7 @@
 
 #include "core/error.h"
 #include "ops/cuda/dequant.cuh"
+#include "ops/cuda/gemm_lt.h"
 #include "ops/cuda/transposed.cuh"
 
 namespace dsv3::cuda {
@@ -430,9 +431,15 @@ void launch_linear(GemvArgs a) {
     a.parts = static_cast<int>(slots) * a.ksplit;
     a.tiles_per_block = a.parts >= kWarps ? 1 : kWarps / a.parts;
     const int64_t tiles = a.groups * a.tiles_per_group;
+    const int64_t problem_blocks = p.gather ? p.gather_chunks : (p.n + NT - 1) / NT;
+    check(problem_blocks <= 65535,
+          "a linear step of " + std::to_string(p.n) + " problems needs " + std::to_string(problem_blocks) +
+              " blocks along the grid's y dimension, over CUDA's limit of 65,535",
+          "run fewer tokens per forward pass (tokens x routed and shared experts must stay under 65,536; "
+          "the serving engine's --max-batch-tokens sets its step size)");
     cudaLaunchConfig_t cfg = {};
     cfg.gridDim = dim3(static_cast<unsigned>((tiles + a.tiles_per_block - 1) / a.tiles_per_block),
-                       static_cast<unsigned>(p.gather ? p.gather_chunks : (p.n + NT - 1) / NT));
+                       static_cast<unsigned>(problem_blocks));
     cfg.blockDim = dim3(kWarps * 32);
     cfg.stream = p.stream;
     cudaLaunchAttribute attr[1];
@@ -461,6 +468,7 @@ void linear(const LinearParams& p) {
   check_matrix(p.w, "linear");
   DSV3_ASSERT(p.n >= 0 && p.out > 0 && p.x_div >= 1);
   if (p.n == 0) return;
+  if (linear_lt(p)) return;  // prefill-sized plain projections on cuBLASLt (gemm_lt.cpp)
   const bool dual = p.w2 != nullptr || p.experts2 != nullptr;
   DSV3_ASSERT(p.x && p.y && p.ldy >= p.out && p.ldx >= 0);
   DSV3_ASSERT(!p.accumulate || !dual);

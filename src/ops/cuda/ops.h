@@ -81,6 +81,9 @@ struct LinearParams {
   const int32_t* gather = nullptr;
   const int32_t* gather_expert = nullptr;
   int64_t gather_chunks = 0;
+  // Allow cuBLASLt (gemm_lt.cpp) for a plain projection of at least lt_min_rows() rows: FP8 weights get
+  // FP8 activations (per token per 128 columns, results change at ~1e-2), BF16 weights BF16 activations.
+  bool lt = false;
   cudaStream_t stream = nullptr;
 };
 void linear(const LinearParams& p);
@@ -231,5 +234,44 @@ struct MoeCombineParams {
   cudaStream_t stream = nullptr;
 };
 void moe_combine(const MoeCombineParams& p);
+
+// ---- cuBLASLt prefill GEMMs (gemm_lt.cpp, quant.cu) ------------------------------------------------
+// Activations for a cuBLASLt GEMM: q[t][c] = x'[t][c] as e4m3 with scales[g * scale_ld + t] (g = c / 128,
+// scale = amax of the group / 448, outer-dim-major as cuBLASLt's VEC128_32F wants; real = q * scale),
+// or (fp8 false) as bf16; x' = x, or RMSNorm(x) with `norm` (sum of squares in double). q is [n x k].
+struct ActQuantParams {
+  const float* x = nullptr;
+  int64_t ldx = 0, n = 0, k = 0;
+  const float* norm = nullptr;
+  float norm_eps = 0.0f;
+  bool fp8 = true;
+  void* q = nullptr;
+  float* scales = nullptr;  // [ceil(k / 128) * scale_ld] (fp8 only)
+  int64_t scale_ld = 0;     // distance between the scales of two groups (>= n; 0: n)
+  cudaStream_t stream = nullptr;
+};
+void quantize_activations(const ActQuantParams& p);
+// y[t][o] = silu(g[t][o]) * u[t][o] for t < n, o < out (g and u with leading dimension ld_in).
+void swiglu_rows(const float* g, const float* u, int64_t ld_in, int64_t n, int64_t out, float* y, int64_t ldy,
+                 cudaStream_t stream);
+// y[t][o] (= or +=) src[t][o] for t < n, o < out.
+void add_rows(const float* src, int64_t ld_src, int64_t n, int64_t out, float* y, int64_t ldy, bool accumulate,
+              cudaStream_t stream);
+// Whether cuBLASLt has a GEMM for an out x n x k projection of this weight dtype (FP8 or BF16; the
+// dimensions as `linear` passes them, n rounded up to 16); false means `linear` runs it on its own kernels.
+bool lt_gemm_supported(DType dtype, int64_t out, int64_t n, int64_t k);
+// Fewest rows for which `linear` takes cuBLASLt (LinearParams::lt): 64, or DSV3_LT_MIN_ROWS.
+int64_t lt_min_rows();
+// Dense FP8 (block-scaled, as the prefill path) or BF16 cuBLASLt GEMM rate in TFLOP/s for an
+// m x n x k problem, timed over `iters` runs after a warm-up (the roofline of the prefill benchmark).
+double lt_gemm_tflops(DType dtype, int64_t m, int64_t n, int64_t k, int iters);
+
+// ---- Tensor-core grouped expert GEMM (expert_mma.cu) ----------------------------------------------
+// linear() for expert-grouped problems (gather set: experts, optional experts2 SwiGLU, optional norm,
+// accumulate only without SwiGLU) on mma.sync, 8 problems (one chunk) per block: BF16 or FP8 weights with
+// a multiple of 16 columns (FP8 blocks of a multiple of 64 columns). Inputs enter the MMAs as bf16
+// hi + lo (x_lo) or hi only (x_lo false: ~3 significant digits, for measuring what lo costs).
+bool expert_mma_supported(const LinearParams& p);
+void expert_mma(const LinearParams& p, bool x_lo = true);
 
 }  // namespace dsv3::cuda

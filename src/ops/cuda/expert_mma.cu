@@ -1,0 +1,288 @@
+// Tensor-core grouped expert GEMM: linear() for moe_plan's expert chunks, on mma.sync m16n8k16 (bf16 in,
+// fp32 accumulate). M = weight rows (16 per warp, 128 per block), N = the 8 problems of one chunk, K =
+// the weight's columns. Weights (BF16, or FP8 e4m3 converted exactly to bf16) go from global memory
+// straight into A fragments; the chunk's inputs are staged in shared memory as bf16 hi = bf16(x) and
+// lo = bf16(x - hi), and each k-step runs both, so a product carries ~16 mantissa bits of x (results
+// within ~1e-5 of fp32) while the weights, the exact operand, carry all of theirs.
+#include <cuda_bf16.h>
+
+#include "core/error.h"
+#include "ops/cuda/dequant.cuh"
+
+namespace dsv3::cuda {
+
+namespace {
+
+constexpr int kMmaWarps = 8;                              // warps per block, 16 weight rows each
+constexpr int kMmaRows = kMmaWarps * 16;                  // weight rows per block
+constexpr int kSlab = 1024;                               // input columns staged in shared memory at a time
+constexpr int kChunkWords = 4;                            // uint4 per 16 columns of one problem: hi x2, lo x2
+constexpr int kTokStride = kSlab / 16 * kChunkWords + 4;  // + 64 bytes: rows of the stage hit other banks
+
+static_assert(kMmaWarps == kExpertChunk, "the 1/rms prologue runs one warp per problem of a chunk");
+
+struct MmaArgs {
+  LinearParams p;
+  MatGeom geom;
+};
+
+__device__ __forceinline__ uint32_t bf16x2_bits(float lo_k, float hi_k) {
+  const __nv_bfloat162 v = __floats2bfloat162_rn(lo_k, hi_k);
+  return *reinterpret_cast<const uint32_t*>(&v);
+}
+
+// Two consecutive e4m3 values (low byte first) as a bf16 pair: e4m3 -> half is exact, and so is
+// half -> float -> bf16 for every e4m3 value (3 mantissa bits, exponents -9..8).
+__device__ __forceinline__ uint32_t fp8x2_to_bf16x2(uint32_t two_bytes) {
+  const float2 f = fp8x2_to_float2(static_cast<uint16_t>(two_bytes));
+  return bf16x2_bits(f.x, f.y);
+}
+
+__device__ __forceinline__ void mma_bf16(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+  asm volatile(
+      "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+      "{%0,%1,%2,%3};"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+
+// The 16 consecutive weights of one row that a lane owns in a 64-column step, as 8 bf16 pairs.
+template <int T>
+struct RowPiece {
+  uint4 raw[T == kF8 ? 1 : 2];
+  __device__ __forceinline__ void load(const void* data, int64_t row, int64_t cols, int64_t c) {
+    if constexpr (T == kF8) {
+      raw[0] = __ldg(reinterpret_cast<const uint4*>(static_cast<const uint8_t*>(data) + row * cols + c));
+    } else {
+      const uint4* s = reinterpret_cast<const uint4*>(static_cast<const uint16_t*>(data) + row * cols + c);
+      raw[0] = __ldg(s);
+      raw[1] = __ldg(s + 1);
+    }
+  }
+  // Pair m holds columns 2m, 2m + 1 of the piece.
+  __device__ __forceinline__ uint32_t pair(int m) const {
+    if constexpr (T == kF8) {
+      const uint32_t w = (&raw[0].x)[m / 2];
+      return fp8x2_to_bf16x2(m % 2 ? w >> 16 : w & 0xffffu);
+    } else {
+      return (&raw[m / 4].x)[m % 4];
+    }
+  }
+};
+
+// Block = (chunk blockIdx.x, 128-row tile blockIdx.y). The k index is permuted consistently for A and B
+// so that lane (g = lane / 4, c = lane % 4) owns 16 consecutive columns c*16.. of each 64-column step:
+// in that step's MMA j its fragment positions {2c, 2c+1, 2c+8, 2c+9} are columns c*16 + 4j + {0,1,2,3},
+// of weight rows g and g + 8 (A) and of problem g (B). Weights then load as 16-byte row pieces, and the
+// staged inputs as the matching 16-column pieces. FP8 block scales multiply each step's partial sums.
+template <int T, bool DUAL, bool LO>
+__global__ void __launch_bounds__(kMmaWarps * 32) expert_mma_kernel(const MmaArgs a) {
+  const LinearParams& p = a.p;
+  __shared__ uint4 stage[kExpertChunk][kTokStride];
+  __shared__ float inv_rms[kExpertChunk];
+  __shared__ int64_t prob[kExpertChunk];
+  const int32_t e = p.gather_expert[blockIdx.x];
+  if (e < 0) return;  // an unused chunk
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, c = lane % 4;
+  const int64_t cols = a.geom.cols;
+  if (threadIdx.x < kExpertChunk) prob[threadIdx.x] = p.gather[blockIdx.x * kExpertChunk + threadIdx.x];
+  __syncthreads();
+  if (p.norm) {  // 1/rms of each problem's input row: one warp per problem
+    float ss = 0.0f;
+    if (prob[warp] >= 0) {
+      const float* xr = p.x + prob[warp] / p.x_div * p.ldx;
+      for (int64_t k = lane * 4; k < cols; k += 128) {
+        const float4 u = *reinterpret_cast<const float4*>(xr + k);
+        ss = fmaf(u.x, u.x, fmaf(u.y, u.y, fmaf(u.z, u.z, fmaf(u.w, u.w, ss))));
+      }
+    }
+    ss = warp_sum(ss);
+    if (lane == 0) inv_rms[warp] = 1.0f / sqrtf(ss / static_cast<float>(cols) + p.norm_eps);
+  }
+
+  const int64_t ra_ = static_cast<int64_t>(blockIdx.y) * kMmaRows + warp * 16 + g;
+  const int64_t ra = min(ra_, p.out - 1), rb = min(ra_ + 8, p.out - 1);  // rows past the end: results dropped
+  const void* w1 = p.experts[e].data;
+  const float* s1 = p.experts[e].scale_inv;
+  const void* w2 = DUAL ? p.experts2[e].data : nullptr;
+  const float* s2 = DUAL ? p.experts2[e].scale_inv : nullptr;
+  int64_t sra = 0, srb = 0;  // FP8: first scale of rows ra, rb
+  if constexpr (T == kF8) {
+    sra = static_cast<int32_t>(ra) / static_cast<int32_t>(a.geom.block_rows) * a.geom.scale_cols;
+    srb = static_cast<int32_t>(rb) / static_cast<int32_t>(a.geom.block_rows) * a.geom.scale_cols;
+  }
+  float acc[4] = {}, acc2[4] = {};
+
+  for (int64_t k0 = 0; k0 < cols; k0 += kSlab) {
+    const int64_t width = min(static_cast<int64_t>(kSlab), cols - k0);
+    if (k0 > 0) __syncthreads();  // every warp is done with the previous slab
+    // Stage: problem i's columns k0 + 16q.. as [hi pairs 0-3 | hi 4-7 | lo 0-3 | lo 4-7], the four
+    // 16-byte words permuted (index XOR q % 4) so the 8 lanes of a quarter-warp read distinct banks.
+    for (int it = threadIdx.x; it < kExpertChunk * (width / 16); it += kMmaWarps * 32) {
+      const int i = it / static_cast<int>(width / 16), q = it % static_cast<int>(width / 16);
+      float v[16] = {};
+      if (prob[i] >= 0) {
+        const float* xr = p.x + prob[i] / p.x_div * p.ldx + k0 + q * 16;
+#pragma unroll
+        for (int j = 0; j < 4; ++j) {
+          float4 u = *reinterpret_cast<const float4*>(xr + 4 * j);
+          if (p.norm) {
+            const float4 gw = __ldg(reinterpret_cast<const float4*>(p.norm + k0 + q * 16 + 4 * j));
+            u.x *= gw.x;
+            u.y *= gw.y;
+            u.z *= gw.z;
+            u.w *= gw.w;
+          }
+          v[4 * j] = u.x;
+          v[4 * j + 1] = u.y;
+          v[4 * j + 2] = u.z;
+          v[4 * j + 3] = u.w;
+        }
+      }
+      uint32_t hi[8], lo[8];
+#pragma unroll
+      for (int m = 0; m < 8; ++m) {
+        const float h0 = __bfloat162float(__float2bfloat16_rn(v[2 * m]));
+        const float h1 = __bfloat162float(__float2bfloat16_rn(v[2 * m + 1]));
+        hi[m] = bf16x2_bits(h0, h1);
+        lo[m] = bf16x2_bits(v[2 * m] - h0, v[2 * m + 1] - h1);
+      }
+      uint4* dst = &stage[i][q * kChunkWords];
+      dst[0 ^ (q % 4)] = make_uint4(hi[0], hi[1], hi[2], hi[3]);
+      dst[1 ^ (q % 4)] = make_uint4(hi[4], hi[5], hi[6], hi[7]);
+      dst[2 ^ (q % 4)] = make_uint4(lo[0], lo[1], lo[2], lo[3]);
+      dst[3 ^ (q % 4)] = make_uint4(lo[4], lo[5], lo[6], lo[7]);
+    }
+    __syncthreads();
+
+    // 64-column steps, the next step's weights loaded while this one's MMAs run.
+    RowPiece<T> cur[2]{}, cur2[2]{}, nxt[2]{}, nxt2[2]{};
+    auto load = [&](RowPiece<T>(&piece)[2], RowPiece<T>(&piece2)[2], int64_t col) {
+      piece[0].load(w1, ra, cols, col);
+      piece[1].load(w1, rb, cols, col);
+      if constexpr (DUAL) {
+        piece2[0].load(w2, ra, cols, col);
+        piece2[1].load(w2, rb, cols, col);
+      }
+    };
+    // A lane whose piece lies past the columns (the last step of a width not a multiple of 64) keeps
+    // zero weights and zero inputs.
+    if (c * 16 < width) load(cur, cur2, k0 + c * 16);
+    for (int64_t s = 0; s < width; s += 64) {
+      if (s + 64 + c * 16 < width) load(nxt, nxt2, k0 + s + 64 + c * 16);
+      const int q = static_cast<int>(s / 16) + c;  // this lane's 16-column piece of problem g
+      const uint4* src = &stage[g][q * kChunkWords];
+      const bool live = s + c * 16 < width;
+      const uint4 zero = make_uint4(0, 0, 0, 0);
+      const uint4 xh0 = live ? src[0 ^ (q % 4)] : zero, xh1 = live ? src[1 ^ (q % 4)] : zero;
+      uint4 xl0 = zero, xl1 = zero;
+      if (LO && live) {
+        xl0 = src[2 ^ (q % 4)];
+        xl1 = src[3 ^ (q % 4)];
+      }
+      const uint32_t bh[8] = {xh0.x, xh0.y, xh0.z, xh0.w, xh1.x, xh1.y, xh1.z, xh1.w};
+      const uint32_t bl[8] = {xl0.x, xl0.y, xl0.z, xl0.w, xl1.x, xl1.y, xl1.z, xl1.w};
+      float part[4] = {}, part2[4] = {};
+#pragma unroll
+      for (int j = 0; j < 4; ++j) {
+        const uint32_t af[4] = {cur[0].pair(2 * j), cur[1].pair(2 * j), cur[0].pair(2 * j + 1),
+                                cur[1].pair(2 * j + 1)};
+        mma_bf16(part, af, bh[2 * j], bh[2 * j + 1]);
+        if constexpr (LO) mma_bf16(part, af, bl[2 * j], bl[2 * j + 1]);
+        if constexpr (DUAL) {
+          const uint32_t af2[4] = {cur2[0].pair(2 * j), cur2[1].pair(2 * j), cur2[0].pair(2 * j + 1),
+                                   cur2[1].pair(2 * j + 1)};
+          mma_bf16(part2, af2, bh[2 * j], bh[2 * j + 1]);
+          if constexpr (LO) mma_bf16(part2, af2, bl[2 * j], bl[2 * j + 1]);
+        }
+      }
+      // Fragment rows: part[0..1] row ra, part[2..3] row rb (problems 2c, 2c + 1).
+      float sa = 1.0f, sb = 1.0f, sa2 = 1.0f, sb2 = 1.0f;
+      if constexpr (T == kF8) {
+        const int32_t kb = static_cast<int32_t>(k0 + s) / static_cast<int32_t>(a.geom.block_cols);
+        sa = s1[sra + kb];
+        sb = s1[srb + kb];
+        if constexpr (DUAL) {
+          sa2 = s2[sra + kb];
+          sb2 = s2[srb + kb];
+        }
+      }
+      acc[0] = fmaf(sa, part[0], acc[0]);
+      acc[1] = fmaf(sa, part[1], acc[1]);
+      acc[2] = fmaf(sb, part[2], acc[2]);
+      acc[3] = fmaf(sb, part[3], acc[3]);
+      if constexpr (DUAL) {
+        acc2[0] = fmaf(sa2, part2[0], acc2[0]);
+        acc2[1] = fmaf(sa2, part2[1], acc2[1]);
+        acc2[2] = fmaf(sb2, part2[2], acc2[2]);
+        acc2[3] = fmaf(sb2, part2[3], acc2[3]);
+      }
+#pragma unroll
+      for (int r = 0; r < 2; ++r) {
+        cur[r] = nxt[r];
+        if constexpr (DUAL) cur2[r] = nxt2[r];
+        nxt[r] = nxt2[r] = RowPiece<T>{};
+      }
+    }
+  }
+
+  // Epilogue: 1/rms per problem, SwiGLU, store (rows past `out` and padding entries dropped).
+#pragma unroll
+  for (int v = 0; v < 4; ++v) {
+    const int i = 2 * c + v % 2;
+    const int64_t row = v < 2 ? ra_ : ra_ + 8;
+    if (prob[i] < 0 || row >= p.out) continue;
+    const float inv = p.norm ? inv_rms[i] : 1.0f;
+    float out = acc[v] * inv;
+    if constexpr (DUAL) out = silu(out) * (acc2[v] * inv);
+    float* yp = p.y + prob[i] * p.ldy + row;
+    *yp = p.accumulate ? *yp + out : out;
+  }
+}
+
+template <int T, bool DUAL>
+void launch_mma(const MmaArgs& a, bool x_lo) {
+  const LinearParams& p = a.p;
+  const dim3 grid(static_cast<unsigned>(p.gather_chunks),
+                  static_cast<unsigned>((p.out + kMmaRows - 1) / kMmaRows));
+  if (x_lo)
+    expert_mma_kernel<T, DUAL, true><<<grid, kMmaWarps * 32, 0, p.stream>>>(a);
+  else
+    expert_mma_kernel<T, DUAL, false><<<grid, kMmaWarps * 32, 0, p.stream>>>(a);
+  check_launch("expert_mma_kernel");
+}
+
+bool aligned_16(const void* ptr) {
+  return reinterpret_cast<uintptr_t>(ptr) % 16 == 0;
+}
+
+}  // namespace
+
+bool expert_mma_supported(const LinearParams& p) {
+  const bool fp8 = p.w.dtype == DType::F8_E4M3;
+  if (!p.gather || !p.experts || p.combine || p.fixed_experts != 0 || p.w2 != nullptr) return false;
+  if (p.w.dtype != DType::BF16 && !fp8) return false;
+  if (fp8 && (p.w.block_cols <= 0 || p.w.block_cols % 64 != 0 || p.w.block_rows <= 0)) return false;
+  if (p.group_rows != 0 && p.group_rows != p.out) return false;
+  if (p.row0 != 0 || p.w.cols % 16 != 0 || p.out > p.w.rows) return false;
+  return aligned_16(p.x) && p.ldx % 4 == 0 && (!p.norm || aligned_16(p.norm));
+}
+
+void expert_mma(const LinearParams& p, bool x_lo) {
+  if (!expert_mma_supported(p))
+    throw Error(
+        "expert_mma: unsupported problem (needs gathered experts without combine or fixed experts, "
+        "BF16 or FP8 weights with 16-column multiples, 16-byte aligned inputs); use linear()");
+  DSV3_ASSERT(p.n >= 0 && p.out > 0 && p.x_div >= 1 && p.x && p.y && p.ldy >= p.out);
+  DSV3_ASSERT(p.gather_expert && p.gather_chunks > 0 && p.ids);
+  DSV3_ASSERT(!p.accumulate || p.experts2 == nullptr);
+  if (p.n == 0) return;
+  const MmaArgs a{p, geom_of(p.w)};
+  const bool dual = p.experts2 != nullptr;
+  if (p.w.dtype == DType::F8_E4M3)
+    dual ? launch_mma<kF8, true>(a, x_lo) : launch_mma<kF8, false>(a, x_lo);
+  else
+    dual ? launch_mma<kBF16, true>(a, x_lo) : launch_mma<kBF16, false>(a, x_lo);
+}
+
+}  // namespace dsv3::cuda

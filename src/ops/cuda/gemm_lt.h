@@ -1,0 +1,14 @@
+// cuBLASLt GEMMs for prefill-sized plain projections (see LinearParams::lt in ops.h).
+#pragma once
+
+#include "ops/cuda/ops.h"
+
+namespace dsv3::cuda {
+
+// Runs p on cuBLASLt and returns true when p is eligible: p.lt, at least lt_min_rows() rows, one group,
+// no experts, FP8 (128x128 blocks, row0 and k whole blocks) or BF16 weights, 16-byte aligned rows, and
+// (while p.stream is being captured) buffers already large enough. Otherwise returns false and
+// enqueues nothing.
+bool linear_lt(const LinearParams& p);
+
+}  // namespace dsv3::cuda

@@ -1,0 +1,116 @@
+// Activation quantization for the cuBLASLt prefill GEMMs (gemm_lt.cpp): fp32 rows, optionally RMSNorm-ed
+// on the way, to FP8 e4m3 with one scale per 128 columns, or to BF16. Plus the SwiGLU epilogue of a
+// gate/up pair computed as two GEMMs.
+#include <cuda_bf16.h>
+#include <cuda_fp8.h>
+
+#include "core/error.h"
+#include "ops/cuda/dequant.cuh"
+
+namespace dsv3::cuda {
+
+namespace {
+
+constexpr int kQuantThreads = 256;
+constexpr int kQuantWarps = kQuantThreads / 32;
+constexpr float kE4m3Max = 448.0f;
+
+// 1 / sqrt(mean(x^2) + eps) of row x[0:k] (sum of squares in double, as cpu::rmsnorm), or 1 without a
+// norm; every thread of the block gets it.
+__device__ float row_inv_rms(const float* x, int64_t k, const float* norm, float eps) {
+  if (!norm) return 1.0f;
+  __shared__ double partial[kQuantWarps];
+  double s = 0.0;
+  for (int64_t c = threadIdx.x; c < k; c += blockDim.x) s += static_cast<double>(x[c]) * x[c];
+  for (int o = 16; o > 0; o >>= 1) s += __shfl_xor_sync(0xffffffffu, s, o);
+  if (threadIdx.x % 32 == 0) partial[threadIdx.x / 32] = s;
+  __syncthreads();
+  double total = 0.0;
+  for (int w = 0; w < kQuantWarps; ++w) total += partial[w];
+  return static_cast<float>(1.0 / sqrt(total / static_cast<double>(k) + static_cast<double>(eps)));
+}
+
+// One block per row; warp w takes the 128-column groups w, w + 8, ...; each lane 4 consecutive columns.
+__global__ void __launch_bounds__(kQuantThreads) quantize_kernel(const ActQuantParams p) {
+  const int64_t t = blockIdx.x;
+  const float* x = p.x + t * p.ldx;
+  const float inv_rms = row_inv_rms(x, p.k, p.norm, p.norm_eps);
+  const int lane = threadIdx.x % 32;
+  const int64_t groups = (p.k + 127) / 128;
+  for (int64_t g = threadIdx.x / 32; g < groups; g += kQuantWarps) {
+    float v[4];
+    float amax = 0.0f;
+    for (int i = 0; i < 4; ++i) {
+      const int64_t c = g * 128 + lane * 4 + i;
+      v[i] = c < p.k ? x[c] * (p.norm ? p.norm[c] * inv_rms : 1.0f) : 0.0f;
+      amax = fmaxf(amax, fabsf(v[i]));
+    }
+    if (p.fp8) {
+      for (int o = 16; o > 0; o >>= 1) amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, o));
+      // scale = amax / 448 maps the group's largest value to e4m3's largest; an all-zero group keeps
+      // scale 0 (its codes are 0, so the product is 0 either way).
+      const float scale = amax / kE4m3Max;
+      const float inv = amax > 0.0f ? kE4m3Max / amax : 0.0f;
+      uint8_t* q = static_cast<uint8_t*>(p.q) + t * p.k;
+      for (int i = 0; i < 4; ++i) {
+        const int64_t c = g * 128 + lane * 4 + i;
+        if (c < p.k) q[c] = __nv_cvt_float_to_fp8(v[i] * inv, __NV_SATFINITE, __NV_E4M3);
+      }
+      // Scales are outer-dim-major, as cuBLASLt's VEC128_32F wants: group g of row t at g * n + t.
+      if (lane == 0) p.scales[g * (p.scale_ld > 0 ? p.scale_ld : p.n) + t] = scale;
+    } else {
+      __nv_bfloat16* q = static_cast<__nv_bfloat16*>(p.q) + t * p.k;
+      for (int i = 0; i < 4; ++i) {
+        const int64_t c = g * 128 + lane * 4 + i;
+        if (c < p.k) q[c] = __float2bfloat16_rn(v[i]);
+      }
+    }
+  }
+}
+
+__global__ void swiglu_rows_kernel(const float* g, const float* u, int64_t ld_in, int64_t n, int64_t out, float* y,
+                                   int64_t ldy) {
+  const int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (i >= n * out) return;
+  const int64_t t = i / out, o = i % out;
+  const float a = g[t * ld_in + o];
+  y[t * ldy + o] = silu(a) * u[t * ld_in + o];
+}
+
+__global__ void add_rows_kernel(const float* src, int64_t ld_src, int64_t n, int64_t out, float* y, int64_t ldy,
+                                bool accumulate) {
+  const int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (i >= n * out) return;
+  const int64_t t = i / out, o = i % out;
+  const float v = src[t * ld_src + o];
+  y[t * ldy + o] = accumulate ? y[t * ldy + o] + v : v;
+}
+
+}  // namespace
+
+void add_rows(const float* src, int64_t ld_src, int64_t n, int64_t out, float* y, int64_t ldy, bool accumulate,
+              cudaStream_t stream) {
+  if (n == 0) return;
+  const int64_t total = n * out;
+  add_rows_kernel<<<static_cast<unsigned>((total + 255) / 256), 256, 0, stream>>>(src, ld_src, n, out, y, ldy,
+                                                                                 accumulate);
+  check_launch("add_rows_kernel");
+}
+
+void quantize_activations(const ActQuantParams& p) {
+  DSV3_ASSERT(p.n >= 0 && p.k > 0 && p.ldx >= p.k && (p.scale_ld == 0 || p.scale_ld >= p.n));
+  if (p.n == 0) return;
+  DSV3_ASSERT(p.x && p.q && (!p.fp8 || p.scales));
+  quantize_kernel<<<static_cast<unsigned>(p.n), kQuantThreads, 0, p.stream>>>(p);
+  check_launch("quantize_kernel");
+}
+
+void swiglu_rows(const float* g, const float* u, int64_t ld_in, int64_t n, int64_t out, float* y, int64_t ldy,
+                 cudaStream_t stream) {
+  if (n == 0) return;
+  const int64_t total = n * out;
+  swiglu_rows_kernel<<<static_cast<unsigned>((total + 255) / 256), 256, 0, stream>>>(g, u, ld_in, n, out, y, ldy);
+  check_launch("swiglu_rows_kernel");
+}
+
+}  // namespace dsv3::cuda
