@@ -8,12 +8,11 @@
 #include <vector>
 
 #include "core/json.h"
+#include "model/routing_kinds.h"
 
 namespace dsv3 {
 
 enum class Arch { DeepseekV2, DeepseekV3 };                      // `model_type`
-enum class ScoringFunc { Softmax, Sigmoid };                      // `scoring_func`
-enum class TopkMethod { Greedy, GroupLimitedGreedy, NoauxTc };    // `topk_method`
 
 // YaRN context extension (`rope_scaling` with type "yarn"); absent means plain RoPE.
 struct YarnScaling {

@@ -648,8 +648,8 @@ struct CudaModel::Impl {
     r.k = k;
     r.n_group = c.n_group;
     r.topk_group = c.topk_group;
-    r.method = c.topk_method == TopkMethod::Greedy ? 0 : c.topk_method == TopkMethod::GroupLimitedGreedy ? 1 : 2;
-    r.sigmoid = c.scoring_func == ScoringFunc::Sigmoid;
+    r.method = c.topk_method;
+    r.scoring = c.scoring_func;
     r.norm_topk_prob = c.norm_topk_prob;
     r.routed_scaling_factor = static_cast<float>(c.routed_scaling_factor);
     r.ids = s.ids;

@@ -488,8 +488,8 @@ TEST_F(CudaOps, RoutingMatchesRouteToken) {
     p.k = c.k;
     p.n_group = c.groups;
     p.topk_group = c.topk_group;
-    p.method = c.method == TopkMethod::Greedy ? 0 : c.method == TopkMethod::GroupLimitedGreedy ? 1 : 2;
-    p.sigmoid = c.score == ScoringFunc::Sigmoid;
+    p.method = c.method;
+    p.scoring = c.score;
     p.norm_topk_prob = c.norm;
     p.routed_scaling_factor = 2.5f;
     p.ids = dev.alloc<int32_t>(ref_ids.size());

@@ -11,6 +11,7 @@
 #include <cstdint>
 
 #include "core/dtype.h"
+#include "model/routing_kinds.h"
 
 namespace dsv3::cuda {
 
@@ -198,8 +199,9 @@ struct RouteParams {
   const float* logits = nullptr;  // [n x experts]
   const float* bias = nullptr;    // [experts] or null
   int64_t n = 0, experts = 0, k = 0, n_group = 1, topk_group = 1;
-  int method = 0;                 // 0 greedy, 1 group_limited_greedy, 2 noaux_tc
-  bool sigmoid = true, norm_topk_prob = true;
+  TopkMethod method = TopkMethod::Greedy;
+  ScoringFunc scoring = ScoringFunc::Sigmoid;
+  bool norm_topk_prob = true;
   float routed_scaling_factor = 1.0f;
   int32_t* ids = nullptr;         // [n x k]
   float* weights = nullptr;       // [n x k]

@@ -34,7 +34,7 @@ __global__ void route_kernel(const RouteParams p) {
   const float* logits = p.logits + t * E;
   const float neg_inf = -INFINITY;
 
-  if (p.sigmoid) {
+  if (p.scoring == ScoringFunc::Sigmoid) {
     for (int64_t e = lane; e < E; e += 32) s[e] = 1.0f / (1.0f + expf(-logits[e]));
   } else {
     float m = neg_inf;
@@ -53,7 +53,7 @@ __global__ void route_kernel(const RouteParams p) {
   }
   __syncwarp();
 
-  if (p.method != 0 && p.n_group > 1) {
+  if (p.method != TopkMethod::Greedy && p.n_group > 1) {
     const int64_t G = p.n_group, per = E / G;
     for (int64_t g = lane; g < G; g += 32) {
       float b1 = neg_inf, b2 = neg_inf;
@@ -66,7 +66,7 @@ __global__ void route_kernel(const RouteParams p) {
           b2 = v;
         }
       }
-      gscore[g] = p.method == 2 ? b1 + (per > 1 ? b2 : 0.0f) : b1;
+      gscore[g] = p.method == TopkMethod::NoauxTc ? b1 + (per > 1 ? b2 : 0.0f) : b1;
     }
     __syncwarp();
     // Keep the topk_group best groups (stable order: ties to the lower group); drop the rest.
@@ -111,7 +111,7 @@ __global__ void route_kernel(const RouteParams p) {
   }
   if (lane == 0) {
     const bool normalize = p.norm_topk_prob && p.k > 1;
-    const bool scale = !normalize || p.method == 2;
+    const bool scale = !normalize || p.method == TopkMethod::NoauxTc;
     for (int64_t r = 0; r < p.k; ++r) {
       float w = p.weights[t * p.k + r];
       if (normalize) w /= sum + 1e-20f;
@@ -200,7 +200,6 @@ void moe_combine(const MoeCombineParams& p) {
 void route(const RouteParams& p) {
   DSV3_ASSERT(p.n >= 0 && p.experts > 0 && p.k > 0 && p.k <= p.experts && p.n_group >= 1);
   DSV3_ASSERT(p.experts % p.n_group == 0 && p.topk_group >= 1 && p.topk_group <= p.n_group);
-  DSV3_ASSERT(p.method >= 0 && p.method <= 2);
   if (p.n == 0) return;
   DSV3_ASSERT(p.logits && p.ids && p.weights);
   const size_t smem = static_cast<size_t>(2 * p.experts + p.n_group) * sizeof(float) +

@@ -652,8 +652,8 @@ void route_tokens(int32_t* ids, float* weights, const float* logits, const float
   p.k = r.k;
   p.n_group = r.n_group;
   p.topk_group = r.topk_group;
-  p.method = r.method == TopkMethod::Greedy ? 0 : r.method == TopkMethod::GroupLimitedGreedy ? 1 : 2;
-  p.sigmoid = r.scoring == ScoringFunc::Sigmoid;
+  p.method = r.method;
+  p.scoring = r.scoring;
   p.norm_topk_prob = r.norm_topk_prob;
   p.routed_scaling_factor = static_cast<float>(r.routed_scaling_factor);
   p.ids = ids;
