@@ -109,23 +109,7 @@ TEST_F(CudaEngine, ConcurrentPromptsMatchSoloRunsAndSharePrefixes) {
 }
 
 TEST_F(CudaEngine, PreemptionUnderATinyDevicePoolKeepsOutputsIdentical) {
-  std::vector<std::vector<int32_t>> prompts;
-  for (uint32_t i = 0; i < 5; ++i) prompts.push_back(random_prompt(60 + 15 * i, 200 + i));
-  SchedulerOptions opt;
-  opt.max_batch = 5;
-  opt.max_batch_tokens = 256;
-  opt.cache_blocks = 6;
-  opt.ctx = 256;
-  std::vector<Outcome> outs(prompts.size());
-  std::mutex mu;
-  Scheduler s(*backend_, opt);
-  for (size_t i = 0; i < prompts.size(); ++i) submit(s, prompts[i], 40, outs[i], mu);
-  s.shutdown(false);
-  EXPECT_GT(s.stats().preemptions, 0);
-  for (size_t i = 0; i < prompts.size(); ++i) {
-    ASSERT_TRUE(outs[i].done);
-    EXPECT_EQ(outs[i].tokens, solo(prompts[i], 40)) << i;
-  }
+  engine_test::expect_preemption_keeps_outputs(*backend_);
 }
 
 TEST_F(CudaEngine, DiskTierRoundTripsThroughTheDevicePool) {

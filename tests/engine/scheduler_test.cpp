@@ -159,27 +159,7 @@ TEST_F(EngineTest, ChunkSizeDoesNotChangeOutput) {
 }
 
 TEST_F(EngineTest, PreemptionUnderATinyPoolKeepsOutputsIdentical) {
-  // 6 blocks for 5 sequences that each grow to 2-3 blocks: running sequences must be preempted and
-  // recomputed, and still produce their solo outputs.
-  std::vector<std::vector<int32_t>> prompts;
-  for (uint32_t i = 0; i < 5; ++i) prompts.push_back(random_prompt(60 + 15 * i, 200 + i));
-  const int64_t max_new = 40;
-  SchedulerOptions opt;
-  opt.max_batch = 5;
-  opt.max_batch_tokens = 256;
-  opt.cache_blocks = 6;
-  opt.ctx = 256;
-  std::vector<Outcome> outs(prompts.size());
-  std::mutex mu;
-  Scheduler s(*backend_, opt);
-  for (size_t i = 0; i < prompts.size(); ++i) submit(s, prompts[i], max_new, outs[i], mu);
-  s.shutdown(false);
-  EXPECT_GT(s.stats().preemptions, 0);
-  for (size_t i = 0; i < prompts.size(); ++i) {
-    ASSERT_TRUE(outs[i].done);
-    EXPECT_EQ(outs[i].result.reason, FinishReason::Length);
-    EXPECT_EQ(outs[i].tokens, solo(prompts[i], max_new)) << i;
-  }
+  engine_test::expect_preemption_keeps_outputs(*backend_);
 }
 
 TEST_F(EngineTest, CancellationWhileQueuedAndWhileRunning) {
