@@ -70,6 +70,18 @@ std::string arg_str(int argc, char** argv, const char* name, const char* def) {
   return def;
 }
 
+// The positive integers of a comma-separated flag value ("1,8,64"); a clear error otherwise.
+std::vector<int> positive_list(const std::string& text, const char* flag) {
+  std::vector<int> out;
+  for (size_t at = 0; at < text.size();) {
+    const size_t comma = std::min(text.find(',', at), text.size());
+    out.push_back(std::atoi(text.substr(at, comma - at).c_str()));
+    dsv3::check(out.back() > 0, std::string(flag) + " takes positive integers separated by commas (got '" + text + "')");
+    at = comma + 1;
+  }
+  return out;
+}
+
 // Fills `cache` (empty, on a device pool) with `tokens` tokens of random finite rows, whole blocks.
 void fill_synthetic(dsv3::LatentCache& cache, int64_t tokens, uint64_t seed) {
   dsv3::BlockPool& pool = cache.pool();
@@ -148,7 +160,6 @@ void bench_batched(dsv3::CudaModel& gpu, const std::string& label, int batch, in
               100.0 * steps_per_s / roof_steps);
 }
 
-
 // Model FLOPs per token of one S-token prompt as the CUDA path computes it: every projection (kv_b
 // counted once: its W_UK rows absorb the query, its W_UV rows expand the attention output), the
 // experts at top-k plus the shared ones, the router, absorbed attention over positions 1..S
@@ -176,9 +187,9 @@ double prefill_flops_per_token(const dsv3::ModelConfig& c, int64_t S) {
 
 // --prefill S[,S...]: one prompt's forward per length, next to the cuBLASLt GEMM rate of the weights'
 // dtype (FP8 block-scaled or BF16, 8192^3) measured in this process.
-void bench_prefill(dsv3::CudaModel& gpu, const std::string& label, const std::string& lengths, const std::string& mode,
-                   bool fp8) {
+void bench_prefill(dsv3::CudaModel& gpu, const std::string& label, const std::vector<int>& lengths, bool fp8) {
   using namespace dsv3;
+  const std::string mode = gpu.prefill_gemm();
   const ModelConfig& cfg = gpu.config();
   const double peak = cuda::lt_gemm_tflops(fp8 ? DType::F8_E4M3 : DType::BF16, 8192, 8192, 8192, 20) * 1e12;
   ForwardOptions last;
@@ -188,11 +199,7 @@ void bench_prefill(dsv3::CudaModel& gpu, const std::string& label, const std::st
     CudaLatentCache warm = gpu.new_cache(1024);
     gpu.forward(warm_prompt, warm, last);
   }
-  for (size_t at = 0; at < lengths.size();) {
-    const size_t comma = std::min(lengths.find(',', at), lengths.size());
-    const int S = std::atoi(lengths.substr(at, comma - at).c_str());
-    check(S > 0, "--prefill takes positive prompt lengths separated by commas (got '" + lengths + "')");
-    at = comma + 1;
+  for (const int S : lengths) {
     std::vector<int32_t> prompt(static_cast<size_t>(S));
     for (int i = 0; i < S; ++i) prompt[i] = static_cast<int32_t>(2 + (i * 7919) % (cfg.vocab_size - 2));
     CudaLatentCache cache = gpu.new_cache(S);
@@ -235,23 +242,17 @@ int main(int argc, char** argv) {
                         "[--batch B[,B...]] [--prefill S[,S...]] [--prefill-gemm lt|fp32] [--label L]");
     check(n_prompt > 0 && n_decode > 1 && n_context >= 0, "--prompt-tokens must be > 0, --decode-tokens > 1, --context >= 0");
     if (!prefill.empty()) {
+      const std::vector<int> lengths = positive_list(prefill, "--prefill");
       Model host(dir);
       CudaModel gpu(host, copt);
-      const char* env = std::getenv("DSV3_PREFILL_GEMM");
-      const std::string mode = !copt.prefill_gemm.empty() ? copt.prefill_gemm : env && *env ? env : "lt";
-      bench_prefill(gpu, label, prefill, mode, host.config().fp8);
+      bench_prefill(gpu, label, lengths, host.config().fp8);
       return 0;
     }
     if (!batches.empty()) {
+      const std::vector<int> sizes = positive_list(batches, "--batch");
       Model host(dir);
       CudaModel gpu(host, copt);
-      for (size_t at = 0; at < batches.size();) {
-        const size_t comma = std::min(batches.find(',', at), batches.size());
-        const int batch = std::atoi(batches.substr(at, comma - at).c_str());
-        check(batch > 0, "--batch takes positive batch sizes separated by commas (got '" + batches + "')");
-        bench_batched(gpu, label, batch, n_context, n_decode);
-        at = comma + 1;
-      }
+      for (const int batch : sizes) bench_batched(gpu, label, batch, n_context, n_decode);
       return 0;
     }
 

@@ -927,6 +927,8 @@ size_t CudaModel::decode_bytes_per_step(int64_t batch, int64_t ctx) const {
 
 std::string CudaModel::device_name() const { return impl_->device_name; }
 
+std::string CudaModel::prefill_gemm() const { return impl_->prefill_lt ? "lt" : "fp32"; }
+
 std::vector<float> CudaModel::forward(std::span<const int32_t> tokens, CudaLatentCache& cache, const ForwardOptions& opt) {
   Impl& m = *impl_;
   const int64_t n = static_cast<int64_t>(tokens.size()), D = cfg_.hidden_size, V = cfg_.vocab_size;

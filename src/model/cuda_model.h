@@ -111,6 +111,8 @@ class CudaModel {
   // experts: the expected distinct count under uniform routing) once, and every sequence's cache rows.
   size_t decode_bytes_per_step(int64_t batch, int64_t ctx) const;
   std::string device_name() const;
+  // The prefill GEMM mode in effect ("lt" or "fp32"; CudaOptions::prefill_gemm resolved at construction).
+  std::string prefill_gemm() const;
 
  private:
   struct Impl;
