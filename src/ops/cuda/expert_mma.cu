@@ -252,10 +252,6 @@ void launch_mma(const MmaArgs& a, bool x_lo) {
   check_launch("expert_mma_kernel");
 }
 
-bool aligned_16(const void* ptr) {
-  return reinterpret_cast<uintptr_t>(ptr) % 16 == 0;
-}
-
 }  // namespace
 
 bool expert_mma_supported(const LinearParams& p) {
@@ -265,7 +261,7 @@ bool expert_mma_supported(const LinearParams& p) {
   if (fp8 && (p.w.block_cols <= 0 || p.w.block_cols % 64 != 0 || p.w.block_rows <= 0)) return false;
   if (p.group_rows != 0 && p.group_rows != p.out) return false;
   if (p.row0 != 0 || p.w.cols % 16 != 0 || p.out > p.w.rows) return false;
-  return aligned_16(p.x) && p.ldx % 4 == 0 && (!p.norm || aligned_16(p.norm));
+  return aligned16(p.x) && p.ldx % 4 == 0 && (!p.norm || aligned16(p.norm));
 }
 
 void expert_mma(const LinearParams& p, bool x_lo) {

@@ -143,8 +143,6 @@ void run_gemm(State& s, StreamBufs& b, bool fp8, int64_t m, int64_t n, int64_t k
                                b.workspace.ptr, kWorkspaceBytes, stream));
 }
 
-bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
-
 }  // namespace
 
 int64_t lt_min_rows() {

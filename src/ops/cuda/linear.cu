@@ -385,8 +385,6 @@ void check_matrix(const DeviceMatrix& w, const char* op) {
   (void)where;
 }
 
-bool aligned16(const void* ptr) { return reinterpret_cast<uintptr_t>(ptr) % 16 == 0; }
-
 // Fewest loads per lane per row before the columns are split among warps: 2 (H100, "lite" decode: 2 beat
 // 1 and 4 by 8-14% FP8 and 2-4% BF16, docs/CUDA.md), or DSV3_GEMV_LANE_STEPS (a tuning knob for
 // benchmarks, read once).

@@ -19,6 +19,9 @@ namespace dsv3::cuda {
 void check_cuda(cudaError_t err, const char* what, const char* file, int line);
 #define DSV3_CUDA_CHECK(expr) ::dsv3::cuda::check_cuda((expr), #expr, __FILE__, __LINE__)
 
+// Whether ptr may be read and written as 16-byte vectors.
+inline bool aligned16(const void* ptr) { return reinterpret_cast<uintptr_t>(ptr) % 16 == 0; }
+
 // A weight matrix on the device, row-major [rows x cols], in its stored dtype (see core/matrix.h).
 // FP8: real[r][c] = fp8[r][c] * scale_inv[r / block_rows][c / block_cols], edge blocks partial.
 struct DeviceMatrix {
