@@ -203,9 +203,12 @@ void bench_prefill(dsv3::CudaModel& gpu, const std::string& label, const std::ve
     std::vector<int32_t> prompt(static_cast<size_t>(S));
     for (int i = 0; i < S; ++i) prompt[i] = static_cast<int32_t>(2 + (i * 7919) % (cfg.vocab_size - 2));
     CudaLatentCache cache = gpu.new_cache(S);
+    const bool profile = std::getenv("DSV3_PROFILE") && *std::getenv("DSV3_PROFILE") == '1';
+    if (profile) DSV3_CUDA_CHECK(cudaProfilerStart());  // for `ncu --profile-from-start off`
     const double t0 = now_s();
     gpu.forward(prompt, cache, last);
     const double sec = now_s() - t0;
+    if (profile) DSV3_CUDA_CHECK(cudaProfilerStop());
     const double tps = S / sec, fpt = prefill_flops_per_token(cfg, S);
     Json j = {{"label", label},
               {"device", gpu.device_name()},

@@ -167,20 +167,18 @@ std::vector<float> CudaLatentCache::row(int64_t layer, int64_t pos) const {
 
 namespace {
 
-// Smallest step (tokens) whose MoE runs expert-grouped (moe_grouped): DSV3_MOE_GROUP_MIN=N (read once);
-// unset or "off": never. Grouped, the routed experts run on the tensor-core kernel (cuda::expert_mma, see
-// moe_mma_mode), which on an H200, "lite" FP8/BF16, 2026-11-26, beat one fp32 GEMV per (token, slot) at
-// decode batch 8 (577 vs 514, 592 vs 446 tok/s), batch 64 (889 vs 573, 931 vs 507) and prefill (1,024
-// tokens: 3,972 vs 1,091, 4,640 vs 801 tok/s; docs/PERF.md). Still off by default: a row's MoE result
-// then depends on whether its step reaches N rows (hi + lo MMA vs fp32 GEMV, ~3e-6 apart), and CudaEngine
-// promises batched tokens equal solo ones; the golden suites and CudaEngine.ConcurrentPrompts... were not
-// seen passing with it on (docs/CUDA.md, "Tensor-core grouped expert GEMM"). To turn it on by default,
-// return 8 instead of max() below once they are.
+// Smallest step (tokens) whose MoE runs expert-grouped (moe_grouped): 8 by default, DSV3_MOE_GROUP_MIN=N
+// to change it, "off" for never (read once). Grouped, the routed experts run on the tensor-core kernel
+// (cuda::expert_mma, see moe_mma_mode). On an H200, "lite" FP8, 2026-11-27 (docs/PERF.md): batch 8 571 vs
+// 519 tok/s ungrouped, batch 64 906 vs 592. Below 8 rows the fp32 GEMV per (token, slot) stays: grouping
+// every step (N = 1) cost batch 1 28% (190 vs 265 tok/s). A row's MoE result therefore differs at the
+// ~3e-6 level between steps below and at or above 8 rows (hi + lo MMA vs fp32 GEMV); the goldens and
+// CudaEngine.* (batched tokens == solo ones) pass with N = 1 and N = 8.
 int64_t moe_group_min_tokens() {
   static const int64_t n = [] {
     const char* v = std::getenv("DSV3_MOE_GROUP_MIN");
-    const bool set = v && std::string_view(v) != "off" && std::atoll(v) > 0;
-    return set ? static_cast<int64_t>(std::atoll(v)) : std::numeric_limits<int64_t>::max();
+    if (v && std::string_view(v) == "off") return std::numeric_limits<int64_t>::max();
+    return v && std::atoll(v) > 0 ? static_cast<int64_t>(std::atoll(v)) : int64_t{8};
   }();
   return n;
 }

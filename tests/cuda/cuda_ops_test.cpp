@@ -1068,5 +1068,65 @@ TEST_F(CudaOps, ExpertMmaRefusesUnsupportedProblems) {
   p.ldx = 72;
   EXPECT_FALSE(cuda::expert_mma_supported(p));
 }
+
+// Plain projections of more rows than the GEMV takes run on the tensor-core kernel (linear() sends them to
+// expert_mma): plain, accumulate, SwiGLU pair, and MLA's per-head W_UV (groups of 128 rows, row0 > 0).
+TEST_F(CudaOps, LinearOnTensorCoresMatchesCpu) {
+  for (DType dt : {DType::BF16, DType::F8_E4M3})
+    for (int64_t n : {17, 40, 130}) {
+      Dev dev;
+      const int64_t R = 520, D = 1024;
+      TestMatrix w = make_matrix(rng, dev, dt, R, D), w2 = make_matrix(rng, dev, dt, R, D);
+      const std::vector<float> x = randn(rng, static_cast<size_t>(n * D)), y0 = randn(rng, static_cast<size_t>(n * R));
+      std::vector<float> r1(static_cast<size_t>(n * R)), r2(r1.size()), swiglu(r1.size()), acc(r1.size());
+      cpu::linear(w.host, x.data(), n, r1.data());
+      cpu::linear(w2.host, x.data(), n, r2.data());
+      for (size_t i = 0; i < r1.size(); ++i) {
+        swiglu[i] = cpu::silu(r1[i]) * r2[i];
+        acc[i] = y0[i] + r1[i];
+      }
+      const std::string label = std::string(dtype_name(dt)) + " n=" + std::to_string(n);
+      float* dx = dev.put(x);
+      cuda::LinearParams p = projection(w, nullptr, n, dx, D, dev.poisoned(r1.size()));
+      ASSERT_TRUE(cuda::expert_mma_supported(p)) << label;
+      cuda::linear(p);
+      EXPECT_LE(test::rel_l2(Dev::get(p.y, r1.size()), r1), 1e-5) << label;
+      cuda::LinearParams a = p;
+      a.y = dev.put(y0);
+      a.accumulate = true;
+      cuda::linear(a);
+      EXPECT_LE(test::rel_l2(Dev::get(a.y, acc.size()), acc), 1e-5) << label << " accumulate";
+      cuda::LinearParams d = projection(w, &w2, n, dx, D, dev.poisoned(r1.size()));
+      ASSERT_TRUE(cuda::expert_mma_supported(d)) << label;
+      cuda::linear(d);
+      EXPECT_LE(test::rel_l2(Dev::get(d.y, swiglu.size()), swiglu), 1e-5) << label << " swiglu";
+
+      // W_UV: kv_b_proj [H * (dn + dv), C], head h reads rows h * (dn + dv) + dn .. + dv on its own input.
+      const int64_t H = 3, dn = 32, dv = 128, C = 512, dkv = dn + dv;
+      TestMatrix kvb = make_matrix(rng, dev, dt, H * dkv, C);
+      const std::vector<float> lat = randn(rng, static_cast<size_t>(n * H * C));
+      std::vector<float> ref(static_cast<size_t>(n * H * dv));
+      for (int64_t t = 0; t < n; ++t)
+        for (int64_t h = 0; h < H; ++h)
+          cpu::linear_rows(kvb.host, h * dkv + dn, dv, lat.data() + (t * H + h) * C, 1, ref.data() + (t * H + h) * dv);
+      cuda::LinearParams u;
+      u.w = kvb.dev;
+      u.n = n;
+      u.out = H * dv;
+      u.x = dev.put(lat);
+      u.ldx = H * C;
+      u.y = dev.poisoned(ref.size());
+      u.ldy = H * dv;
+      u.group_rows = dv;
+      u.group_stride = dkv;
+      u.row0 = dn;
+      u.group_x = C;
+      ASSERT_TRUE(cuda::expert_mma_supported(u)) << label;
+      cuda::linear(u);
+      EXPECT_LE(test::rel_l2(Dev::get(u.y, ref.size()), ref), 1e-5) << label << " grouped";
+      u.group_rows = 64;  // groups that split a 128-row tile stay on the GEMV
+      EXPECT_FALSE(cuda::expert_mma_supported(u));
+    }
+}
 }  // namespace
 }  // namespace dsv3

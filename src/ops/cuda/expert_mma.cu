@@ -1,9 +1,10 @@
-// Tensor-core grouped expert GEMM: linear() for moe_plan's expert chunks, on mma.sync m16n8k16 (bf16 in,
-// fp32 accumulate). M = weight rows (16 per warp, 128 per block), N = the 8 problems of one chunk, K =
-// the weight's columns. Weights (BF16, or FP8 e4m3 converted exactly to bf16) go from global memory
-// straight into A fragments; the chunk's inputs are staged in shared memory as bf16 hi = bf16(x) and
-// lo = bf16(x - hi), and each k-step runs both, so a product carries ~16 mantissa bits of x (results
-// within ~1e-5 of fp32) while the weights, the exact operand, carry all of theirs.
+// Tensor-core GEMM for BF16/FP8 weights on mma.sync m16n8k16 (bf16 in, fp32 accumulate): moe_plan's
+// expert chunks (the grouped MoE), and plain projections of more rows than the GEMV takes (linear()).
+// M = weight rows (16 per warp, 128 per block), N = the 8 problems of one chunk, K = the weight's columns.
+// Weights (BF16, or FP8 e4m3 converted exactly to bf16) go from global memory straight into A fragments;
+// the chunk's inputs are staged in shared memory as bf16 hi = bf16(x) and lo = bf16(x - hi), and each
+// k-step runs both, so a product carries ~16 mantissa bits of x (results within ~1e-5 of fp32) while the
+// weights, the exact operand, carry all of theirs.
 #include <cuda_bf16.h>
 
 #include "core/error.h"
@@ -70,7 +71,9 @@ struct RowPiece {
   }
 };
 
-// Block = (chunk blockIdx.x, 128-row tile blockIdx.y). The k index is permuted consistently for A and B
+// Block = (chunk blockIdx.x, 128-row tile blockIdx.y). A chunk is 8 problems: moe_plan's chunk of one
+// expert, or (plain, no gather) problems 8 * blockIdx.x.. of the one matrix w; a plain tile of a grouped
+// projection (group_rows a multiple of 128) lies in one group, so its rows share one input. The k index is permuted consistently for A and B
 // so that lane (g = lane / 4, c = lane % 4) owns 16 consecutive columns c*16.. of each 64-column step:
 // in that step's MMA j its fragment positions {2c, 2c+1, 2c+8, 2c+9} are columns c*16 + 4j + {0,1,2,3},
 // of weight rows g and g + 8 (A) and of problem g (B). Weights then load as 16-byte row pieces, and the
@@ -81,16 +84,25 @@ __global__ void __launch_bounds__(kMmaWarps * 32) expert_mma_kernel(const MmaArg
   __shared__ uint4 stage[kExpertChunk][kTokStride];
   __shared__ float inv_rms[kExpertChunk];
   __shared__ int64_t prob[kExpertChunk];
-  const int32_t e = p.gather_expert[blockIdx.x];
+  const bool plain = p.gather == nullptr;
+  const int32_t e = plain ? 0 : p.gather_expert[blockIdx.x];
   if (e < 0) return;  // an unused chunk
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, c = lane % 4;
   const int64_t cols = a.geom.cols;
-  if (threadIdx.x < kExpertChunk) prob[threadIdx.x] = p.gather[blockIdx.x * kExpertChunk + threadIdx.x];
+  if (threadIdx.x < kExpertChunk) {
+    const int64_t q = static_cast<int64_t>(blockIdx.x) * kExpertChunk + threadIdx.x;
+    prob[threadIdx.x] = plain ? (q < p.n ? q : -1) : p.gather[q];
+  }
+  // This tile's group: output row o reads weight row wrow0 + o and the input at x + group * group_x.
+  const int64_t o0 = static_cast<int64_t>(blockIdx.y) * kMmaRows;
+  const int64_t grows = p.group_rows > 0 ? p.group_rows : p.out, group = o0 / grows;
+  const int64_t wrow0 = group * (p.group_stride - grows) + p.row0;
+  const float* x = p.x + group * p.group_x;
   __syncthreads();
   if (p.norm) {  // 1/rms of each problem's input row: one warp per problem
     float ss = 0.0f;
     if (prob[warp] >= 0) {
-      const float* xr = p.x + prob[warp] / p.x_div * p.ldx;
+      const float* xr = x + prob[warp] / p.x_div * p.ldx;
       for (int64_t k = lane * 4; k < cols; k += 128) {
         const float4 u = *reinterpret_cast<const float4*>(xr + k);
         ss = fmaf(u.x, u.x, fmaf(u.y, u.y, fmaf(u.z, u.z, fmaf(u.w, u.w, ss))));
@@ -100,12 +112,13 @@ __global__ void __launch_bounds__(kMmaWarps * 32) expert_mma_kernel(const MmaArg
     if (lane == 0) inv_rms[warp] = 1.0f / sqrtf(ss / static_cast<float>(cols) + p.norm_eps);
   }
 
-  const int64_t ra_ = static_cast<int64_t>(blockIdx.y) * kMmaRows + warp * 16 + g;
-  const int64_t ra = min(ra_, p.out - 1), rb = min(ra_ + 8, p.out - 1);  // rows past the end: results dropped
-  const void* w1 = p.experts[e].data;
-  const float* s1 = p.experts[e].scale_inv;
-  const void* w2 = DUAL ? p.experts2[e].data : nullptr;
-  const float* s2 = DUAL ? p.experts2[e].scale_inv : nullptr;
+  const int64_t ra_ = o0 + warp * 16 + g;  // output rows ra_ and ra_ + 8
+  // Weight rows; outputs past the end read the last row and their results are dropped.
+  const int64_t ra = wrow0 + min(ra_, p.out - 1), rb = wrow0 + min(ra_ + 8, p.out - 1);
+  const void* w1 = plain ? p.w.data : p.experts[e].data;
+  const float* s1 = plain ? p.w.scale_inv : p.experts[e].scale_inv;
+  const void* w2 = !DUAL ? nullptr : plain ? p.w2 : p.experts2[e].data;
+  const float* s2 = !DUAL ? nullptr : plain ? p.w2_scale_inv : p.experts2[e].scale_inv;
   int64_t sra = 0, srb = 0;  // FP8: first scale of rows ra, rb
   if constexpr (T == kF8) {
     sra = static_cast<int32_t>(ra) / static_cast<int32_t>(a.geom.block_rows) * a.geom.scale_cols;
@@ -122,7 +135,7 @@ __global__ void __launch_bounds__(kMmaWarps * 32) expert_mma_kernel(const MmaArg
       const int i = it / static_cast<int>(width / 16), q = it % static_cast<int>(width / 16);
       float v[16] = {};
       if (prob[i] >= 0) {
-        const float* xr = p.x + prob[i] / p.x_div * p.ldx + k0 + q * 16;
+        const float* xr = x + prob[i] / p.x_div * p.ldx + k0 + q * 16;
 #pragma unroll
         for (int j = 0; j < 4; ++j) {
           float4 u = *reinterpret_cast<const float4*>(xr + 4 * j);
@@ -243,7 +256,8 @@ __global__ void __launch_bounds__(kMmaWarps * 32) expert_mma_kernel(const MmaArg
 template <int T, bool DUAL>
 void launch_mma(const MmaArgs& a, bool x_lo) {
   const LinearParams& p = a.p;
-  const dim3 grid(static_cast<unsigned>(p.gather_chunks),
+  const int64_t chunks = p.gather ? p.gather_chunks : (p.n + kExpertChunk - 1) / kExpertChunk;
+  const dim3 grid(static_cast<unsigned>(chunks),
                   static_cast<unsigned>((p.out + kMmaRows - 1) / kMmaRows));
   if (x_lo)
     expert_mma_kernel<T, DUAL, true><<<grid, kMmaWarps * 32, 0, p.stream>>>(a);
@@ -256,25 +270,34 @@ void launch_mma(const MmaArgs& a, bool x_lo) {
 
 bool expert_mma_supported(const LinearParams& p) {
   const bool fp8 = p.w.dtype == DType::F8_E4M3;
-  if (!p.gather || !p.experts || p.combine || p.fixed_experts != 0 || p.w2 != nullptr) return false;
+  const bool plain = !p.gather && !p.experts;
+  if (p.combine || p.fixed_experts != 0) return false;
+  if (!plain && (!p.gather || !p.experts || p.w2 != nullptr)) return false;
+  if (plain && (!p.w.data || !aligned16(p.w.data) || (p.w2 && !aligned16(p.w2)))) return false;
   if (p.w.dtype != DType::BF16 && !fp8) return false;
   if (fp8 && (p.w.block_cols <= 0 || p.w.block_cols % 64 != 0 || p.w.block_rows <= 0)) return false;
-  if (p.group_rows != 0 && p.group_rows != p.out) return false;
-  if (p.row0 != 0 || p.w.cols % 16 != 0 || p.out > p.w.rows) return false;
+  const bool grouped = p.group_rows != 0 && p.group_rows != p.out;
+  // Groups (plain only): whole 128-row tiles per group, and each group's rows inside the matrix.
+  if (grouped && (!plain || p.norm || p.group_rows % kMmaRows != 0 || p.out % p.group_rows != 0 ||
+                  p.group_stride < p.group_rows || p.group_x < p.w.cols || p.group_x % 4 != 0))
+    return false;
+  const int64_t grows = grouped ? p.group_rows : p.out, groups = p.out / grows;
+  if (p.row0 < 0 || (groups - 1) * p.group_stride + p.row0 + grows > p.w.rows) return false;
+  if (p.w.cols % 16 != 0) return false;
   return aligned16(p.x) && p.ldx % 4 == 0 && (!p.norm || aligned16(p.norm));
 }
 
 void expert_mma(const LinearParams& p, bool x_lo) {
   if (!expert_mma_supported(p))
     throw Error(
-        "expert_mma: unsupported problem (needs gathered experts without combine or fixed experts, "
-        "BF16 or FP8 weights with 16-column multiples, 16-byte aligned inputs); use linear()");
+        "expert_mma: unsupported problem (needs gathered experts without combine or fixed experts, or one "
+        "plain matrix; BF16 or FP8 weights with 16-column multiples, 16-byte aligned inputs); use linear()");
   DSV3_ASSERT(p.n >= 0 && p.out > 0 && p.x_div >= 1 && p.x && p.y && p.ldy >= p.out);
-  DSV3_ASSERT(p.gather_expert && p.gather_chunks > 0 && p.ids);
-  DSV3_ASSERT(!p.accumulate || p.experts2 == nullptr);
+  DSV3_ASSERT(!p.gather || (p.gather_expert && p.gather_chunks > 0 && p.ids));
+  DSV3_ASSERT(!p.accumulate || (p.experts2 == nullptr && p.w2 == nullptr));
   if (p.n == 0) return;
   const MmaArgs a{p, geom_of(p.w)};
-  const bool dual = p.experts2 != nullptr;
+  const bool dual = p.experts2 != nullptr || p.w2 != nullptr;
   if (p.w.dtype == DType::F8_E4M3)
     dual ? launch_mma<kF8, true>(a, x_lo) : launch_mma<kF8, false>(a, x_lo);
   else

@@ -5,6 +5,7 @@
 #include <algorithm>
 #include <cstdlib>
 #include <string>
+#include <string_view>
 
 #include "core/error.h"
 #include "ops/cuda/dequant.cuh"
@@ -406,6 +407,19 @@ int64_t gemv_max_batch() {
   return n;
 }
 
+// Plain projections of more than gemv_max_batch() rows go to the tensor-core kernel (expert_mma.cu) where
+// it takes them (BF16/FP8 weights, whole 16-column pieces). On an H200, lite FP8, 2026-11-27, that took
+// a batch-64 decode step from 68.2 to 48.7 ms and batch 32 from 47.4 to 29.5 ms (docs/PERF.md); the
+// tiled fp32 gemm_kernel is built for prefill-sized batches. DSV3_LINEAR_MMA=0 keeps gemm_kernel / the
+// GEMV (measurement; read once).
+bool linear_mma_enabled() {
+  static const bool on = [] {
+    const char* v = std::getenv("DSV3_LINEAR_MMA");
+    return !(v && std::string_view(v) == "0");
+  }();
+  return on;
+}
+
 template <int T, bool DUAL>
 void launch_linear(GemvArgs a) {
   const LinearParams& p = a.p;
@@ -467,6 +481,10 @@ void linear(const LinearParams& p) {
   DSV3_ASSERT(p.n >= 0 && p.out > 0 && p.x_div >= 1);
   if (p.n == 0) return;
   if (linear_lt(p)) return;  // prefill-sized plain projections on cuBLASLt (gemm_lt.cpp)
+  if (!p.experts && p.n > gemv_max_batch() && linear_mma_enabled() && expert_mma_supported(p)) {
+    expert_mma(p);
+    return;
+  }
   const bool dual = p.w2 != nullptr || p.experts2 != nullptr;
   DSV3_ASSERT(p.x && p.y && p.ldy >= p.out && p.ldx >= 0);
   DSV3_ASSERT(!p.accumulate || !dual);

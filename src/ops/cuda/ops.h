@@ -272,9 +272,11 @@ int64_t lt_min_rows();
 double lt_gemm_tflops(DType dtype, int64_t m, int64_t n, int64_t k, int iters);
 
 // ---- Tensor-core grouped expert GEMM (expert_mma.cu) ----------------------------------------------
-// linear() for expert-grouped problems (gather set: experts, optional experts2 SwiGLU, optional norm,
-// accumulate only without SwiGLU) on mma.sync, 8 problems (one chunk) per block: BF16 or FP8 weights with
-// a multiple of 16 columns (FP8 blocks of a multiple of 64 columns). Inputs enter the MMAs as bf16
+// linear() on mma.sync, 8 problems (one chunk) per block, for expert-grouped problems (gather set:
+// experts, optional experts2 SwiGLU) or one plain matrix (no gather, no experts: optional w2 SwiGLU,
+// groups of whole 128-row tiles as MLA's per-head W_UV); optional norm (one group), accumulate only
+// without SwiGLU. BF16 or FP8 weights with a multiple of 16 columns (FP8 blocks of a multiple of 64
+// columns). linear() sends plain projections of more than kGemvMaxBatch rows here when supported. Inputs enter the MMAs as bf16
 // hi + lo (x_lo) or hi only (x_lo false: ~3 significant digits, for measuring what lo costs).
 bool expert_mma_supported(const LinearParams& p);
 void expert_mma(const LinearParams& p, bool x_lo = true);
