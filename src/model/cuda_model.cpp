@@ -15,6 +15,7 @@
 #include <string_view>
 
 #include "core/error.h"
+#include "ops/cuda/gemm_lt.h"
 #include "ops/cuda/ops.h"
 
 namespace dsv3 {
@@ -731,8 +732,9 @@ struct CudaModel::Impl {
     cuda::moe_combine({s.moe_out, s.wts, n, k, slots, D, s.x, D, stream});
   }
 
-  // A grouped expert projection on the tensor-core kernel (cuda::expert_mma) unless DSV3_MOE_MMA=0 or the
-  // shapes/dtypes are outside it; then on the gathered GEMV of cuda::linear.
+  // A grouped expert projection: per-expert cuBLASLt GEMMs when p.lt (single-sequence prefill with
+  // prefill_gemm "lt"), else the tensor-core kernel (cuda::expert_mma) unless DSV3_MOE_MMA=0 or the
+  // shapes/dtypes are outside it; then the gathered GEMV of cuda::linear.
   static void run_grouped(const cuda::LinearParams& p, MoeMma mma) {
     if (mma != MoeMma::Off && cuda::expert_mma_supported(p))
       cuda::expert_mma(p, mma == MoeMma::HiLo);
@@ -750,6 +752,7 @@ struct CudaModel::Impl {
     const int64_t D = c.hidden_size;
     cuda::embed({embed, s.tokens, n, s.x, stream});
     for (int64_t l = 0; l < c.num_hidden_layers; ++l) {
+    if (cuda::linear_lt_grouped(p)) return;
       const DevLayer& L = layers[l];
       attention(L, l, n, sc);
       if (L.is_moe) {

@@ -14,6 +14,7 @@
 #include <cublasLt.h>
 #include <cuda_runtime_api.h>
 
+#include <algorithm>
 #include <chrono>
 #include <cstdlib>
 #include <cstring>
@@ -61,6 +62,7 @@ bool ensure(DevBuf& b, size_t bytes, bool capturing) {
 // Per stream, so that engines on different streams never share activations or workspace.
 struct StreamBufs {
   DevBuf act, scales, wscales, gate, up, workspace;
+  DevBuf prob, row_seg, seg_rows;  // the grouped MoE's row lists (linear_lt_grouped)
 };
 
 // One cached matmul description per (dtype, out, n, k, ld of D): the heuristic runs once per shape.
@@ -247,6 +249,147 @@ bool linear_lt(const LinearParams& p) {
   float* u = static_cast<float*>(b.up.ptr);
   run_gemm(s, b, fp8, m, ng, k, wb, sb, b.act.ptr, act_scale, u, ld_tmp, false, p.stream);
   swiglu_rows(g, u, ld_tmp, n, m, p.y, p.ldy, p.stream);
+  return true;
+}
+
+namespace {
+
+// One expert's rows in the grouped operand: rows row0 .. row0 + rows of the quantized activations (rows
+// a multiple of 64, the tail zero), problems gather[8 * c0 ..] of expert e.
+struct Segment {
+  int32_t e = 0;
+  int64_t c0 = 0, problems = 0, row0 = 0, rows = 0;
+};
+
+}  // namespace
+
+// A grouped MoE projection of a prefill step (moe_plan's chunks) on cuBLASLt: per expert one GEMM (two for
+// the gate/up pair) over its tokens, gathered and quantized in one launch. The expert of each chunk and the
+// chunk lists come to the host first (a synchronization per projection: prefill only, never in a capture).
+// Segments are padded to 64 rows so the cached plans stay few (at most 8,192 / 64 shapes per matrix).
+bool linear_lt_grouped(const LinearParams& p) {
+  if (!p.lt || !p.gather || !p.experts || p.combine || p.fixed_experts > 0 || p.n < lt_min_rows()) return false;
+  if (p.row0 != 0 || (p.group_rows > 0 && p.group_rows < p.out)) return false;
+  const DeviceMatrix& w = p.w;
+  const bool fp8 = w.dtype == DType::F8_E4M3;
+  if (!fp8 && w.dtype != DType::BF16) return false;
+  const int64_t m = p.out, k = w.cols, elem = fp8 ? 1 : 2;
+  if ((k * elem) % 16 != 0 || p.ldx < k || p.ldy % 4 != 0 || !aligned16(p.y)) return false;
+  if (fp8 && (w.block_rows != 128 || w.block_cols != 128 || k % 128 != 0)) return false;
+  cudaStreamCaptureStatus cap = cudaStreamCaptureStatusNone;
+  DSV3_CUDA_CHECK(cudaStreamIsCapturing(p.stream, &cap));
+  if (cap != cudaStreamCaptureStatusNone) return false;
+
+  // The plan on the host: chunk experts and problem lists, then the experts' matrices.
+  const auto sz = [](int64_t v) { return static_cast<size_t>(v); };
+  std::vector<int32_t> chunk_expert(sz(p.gather_chunks)), gather(sz(p.gather_chunks * kExpertChunk));
+  DSV3_CUDA_CHECK(cudaMemcpyAsync(chunk_expert.data(), p.gather_expert, chunk_expert.size() * 4,
+                                  cudaMemcpyDeviceToHost, p.stream));
+  DSV3_CUDA_CHECK(cudaMemcpyAsync(gather.data(), p.gather, gather.size() * 4, cudaMemcpyDeviceToHost, p.stream));
+  DSV3_CUDA_CHECK(cudaStreamSynchronize(p.stream));
+  std::vector<Segment> segs;
+  int32_t experts = 0;
+  for (int64_t c = 0; c < p.gather_chunks; ++c) {
+    const int32_t e = chunk_expert[sz(c)];
+    if (e < 0) continue;
+    if (segs.empty() || segs.back().e != e) segs.push_back({e, c, 0, 0, 0});
+    segs.back().problems += kExpertChunk;
+    experts = std::max(experts, e + 1);
+  }
+  if (segs.empty()) return true;  // nothing routed: nothing to write
+  int64_t total = 0;
+  for (Segment& sg : segs) {
+    sg.row0 = total;
+    sg.rows = (sg.problems + 63) / 64 * 64;
+    total += sg.rows;
+  }
+  std::vector<int32_t> prob(sz(total), -1), row_seg(sz(total)), seg_rows;
+  for (size_t i = 0; i < segs.size(); ++i) {
+    const Segment& sg = segs[i];
+    for (int64_t r = 0; r < sg.rows; ++r) {
+      row_seg[sz(sg.row0 + r)] = static_cast<int32_t>(i);
+      if (r < sg.problems) prob[sz(sg.row0 + r)] = gather[sz(sg.c0 * kExpertChunk + r)];
+    }
+    seg_rows.push_back(static_cast<int32_t>(sg.row0));
+    seg_rows.push_back(static_cast<int32_t>(sg.rows));
+  }
+  const bool dual = p.experts2 != nullptr;
+  std::vector<MatrixPtrs> table(sz(experts)), table2(dual ? sz(experts) : 0);
+  DSV3_CUDA_CHECK(cudaMemcpy(table.data(), p.experts, table.size() * sizeof(MatrixPtrs), cudaMemcpyDeviceToHost));
+  if (dual)
+    DSV3_CUDA_CHECK(cudaMemcpy(table2.data(), p.experts2, table2.size() * sizeof(MatrixPtrs), cudaMemcpyDeviceToHost));
+
+  State& s = state();
+  std::lock_guard<std::mutex> lock(s.mu);
+  if (!s.handle) DSV3_LT_CHECK(cublasLtCreate(&s.handle));
+  static const float dummy_scale = 1.0f;  // run_gemm sets the real scale pointers
+  const int64_t ld_tmp = (m + 3) / 4 * 4, kb = (k + 127) / 128, l4 = (kb + 3) / 4 * 4, mb = (m + 127) / 128;
+  int64_t widest = 0;
+  for (const Segment& sg : segs) {
+    widest = std::max(widest, sg.rows);
+    if (!plan_for(s, fp8, m, sg.rows, k, ld_tmp, &dummy_scale, &dummy_scale).ok) return false;
+  }
+  StreamBufs& b = s.bufs[p.stream];
+  const bool pad_scales = fp8 && kb % 4 != 0;
+  ensure(b.workspace, kWorkspaceBytes, false);
+  ensure(b.act, sz(total * k * elem), false);
+  if (fp8) ensure(b.scales, sz(kb * total * 4), false);
+  if (pad_scales) ensure(b.wscales, sz(2 * mb * l4 * 4), false);
+  ensure(b.gate, sz(widest * ld_tmp * 4), false);
+  if (dual) ensure(b.up, sz(widest * ld_tmp * 4), false);
+  ensure(b.prob, sz(total * 4), false);
+  ensure(b.row_seg, sz(total * 4), false);
+  ensure(b.seg_rows, seg_rows.size() * 4, false);
+  int32_t* dprob = static_cast<int32_t*>(b.prob.ptr);
+  DSV3_CUDA_CHECK(cudaMemcpyAsync(dprob, prob.data(), prob.size() * 4, cudaMemcpyHostToDevice, p.stream));
+  DSV3_CUDA_CHECK(cudaMemcpyAsync(b.row_seg.ptr, row_seg.data(), row_seg.size() * 4, cudaMemcpyHostToDevice, p.stream));
+  DSV3_CUDA_CHECK(cudaMemcpyAsync(b.seg_rows.ptr, seg_rows.data(), seg_rows.size() * 4, cudaMemcpyHostToDevice, p.stream));
+
+  ActQuantParams q;
+  q.x = p.x;
+  q.ldx = p.ldx;
+  q.n = total;
+  q.k = k;
+  q.norm = p.norm;
+  q.norm_eps = p.norm_eps;
+  q.fp8 = fp8;
+  q.q = b.act.ptr;
+  q.scales = fp8 ? static_cast<float*>(b.scales.ptr) : nullptr;
+  q.rows = dprob;
+  q.x_div = p.x_div;
+  q.row_seg = static_cast<const int32_t*>(b.row_seg.ptr);
+  q.seg_rows = static_cast<const int32_t*>(b.seg_rows.ptr);
+  q.stream = p.stream;
+  quantize_activations(q);
+  // The host vectors above were copied from pageable memory: cudaMemcpyAsync has staged them already.
+
+  float* g = static_cast<float*>(b.gate.ptr);
+  float* u = static_cast<float*>(b.up.ptr);
+  for (const Segment& sg : segs) {
+    const void* act = static_cast<const uint8_t*>(b.act.ptr) + sg.row0 * k * elem;
+    const float* act_scale = fp8 ? static_cast<const float*>(b.scales.ptr) + kb * sg.row0 : nullptr;
+    const MatrixPtrs& e1 = table[sz(sg.e)];
+    const float* sa = e1.scale_inv;
+    const float* sb = dual ? table2[sz(sg.e)].scale_inv : nullptr;
+    if (pad_scales) {  // each row of block scales padded to a multiple of 4 (see the top of this file)
+      float* pa = static_cast<float*>(b.wscales.ptr);
+      DSV3_CUDA_CHECK(cudaMemcpy2DAsync(pa, sz(l4 * 4), sa, sz(kb * 4), sz(kb * 4), sz(mb), cudaMemcpyDeviceToDevice,
+                                        p.stream));
+      sa = pa;
+      if (dual) {
+        DSV3_CUDA_CHECK(cudaMemcpy2DAsync(pa + mb * l4, sz(l4 * 4), sb, sz(kb * 4), sz(kb * 4), sz(mb),
+                                          cudaMemcpyDeviceToDevice, p.stream));
+        sb = pa + mb * l4;
+      }
+    }
+    run_gemm(s, b, fp8, m, sg.rows, k, e1.data, sa, act, act_scale, g, ld_tmp, false, p.stream);
+    if (dual) {
+      run_gemm(s, b, fp8, m, sg.rows, k, table2[sz(sg.e)].data, sb, act, act_scale, u, ld_tmp, false, p.stream);
+      swiglu_rows(g, u, ld_tmp, sg.rows, m, p.y, p.ldy, p.stream, dprob + sg.row0);
+    } else {
+      add_rows(g, ld_tmp, sg.rows, m, p.y, p.ldy, p.accumulate, p.stream, dprob + sg.row0);
+    }
+  }
   return true;
 }
 

@@ -11,4 +11,10 @@ namespace dsv3::cuda {
 // enqueues nothing.
 bool linear_lt(const LinearParams& p);
 
+// The same for an expert-grouped projection (gather set, experts with optional experts2 SwiGLU, optional
+// norm; no combine or fixed experts) of at least lt_min_rows() problems outside stream capture: per expert
+// a cuBLASLt GEMM over its problems, activations gathered and quantized (FP8 per token per 128 columns,
+// or BF16) in one launch. Synchronizes with p.stream once to read moe_plan's lists.
+bool linear_lt_grouped(const LinearParams& p);
+
 }  // namespace dsv3::cuda

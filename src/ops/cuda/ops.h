@@ -256,12 +256,21 @@ struct ActQuantParams {
   cudaStream_t stream = nullptr;
 };
 void quantize_activations(const ActQuantParams& p);
-// y[t][o] = silu(g[t][o]) * u[t][o] for t < n, o < out (g and u with leading dimension ld_in).
+// y[r(t)][o] = silu(g[t][o]) * u[t][o] for t < n, o < out (g and u with leading dimension ld_in), where
+// r(t) = y_rows ? y_rows[t] : t (y_rows[t] = -1: row t is dropped).
 void swiglu_rows(const float* g, const float* u, int64_t ld_in, int64_t n, int64_t out, float* y, int64_t ldy,
-                 cudaStream_t stream);
-// y[t][o] (= or +=) src[t][o] for t < n, o < out.
+  // Gathered rows (optional): output row t quantizes x row rows[t] / x_div (rows[t] = -1: a zero row),
+  // and belongs to segment s = row_seg[t] of seg_rows[2s] .. + seg_rows[2s + 1] rows, whose scales are
+  // their own VEC128 block [ceil(k / 128)][segment rows] at scales + ceil(k / 128) * seg_rows[2s]: one
+  // launch for every expert's GEMM operand (scale_ld unused).
+  const int32_t* rows = nullptr;
+  int64_t x_div = 1;
+  const int32_t* row_seg = nullptr;
+  const int32_t* seg_rows = nullptr;
+                 cudaStream_t stream, const int32_t* y_rows = nullptr);
+// y[r(t)][o] (= or +=) src[t][o] for t < n, o < out, r(t) as in swiglu_rows.
 void add_rows(const float* src, int64_t ld_src, int64_t n, int64_t out, float* y, int64_t ldy, bool accumulate,
-              cudaStream_t stream);
+              cudaStream_t stream, const int32_t* y_rows = nullptr);
 // Whether cuBLASLt has a GEMM for an out x n x k projection of this weight dtype (FP8 or BF16; the
 // dimensions as `linear` passes them, n rounded up to 16); false means `linear` runs it on its own kernels.
 bool lt_gemm_supported(DType dtype, int64_t out, int64_t n, int64_t k);
@@ -279,6 +288,8 @@ double lt_gemm_tflops(DType dtype, int64_t m, int64_t n, int64_t k, int iters);
 // columns). linear() sends plain projections of more than kGemvMaxBatch rows here when supported. Inputs enter the MMAs as bf16
 // hi + lo (x_lo) or hi only (x_lo false: ~3 significant digits, for measuring what lo costs).
 bool expert_mma_supported(const LinearParams& p);
-void expert_mma(const LinearParams& p, bool x_lo = true);
+void expert_mma(const LinearParams& p, bool x_lo = true, int chunks_per_block = 0);
 
 }  // namespace dsv3::cuda
+// chunks_per_block: 1 (8 problems a block), 4 (32: each weight fragment feeds 4 chunks, for large
+// steps) or 0 (chosen by the problem count); results are the same bits either way.

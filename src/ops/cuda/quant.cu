@@ -1,6 +1,7 @@
-// Activation quantization for the cuBLASLt prefill GEMMs (gemm_lt.cpp): fp32 rows, optionally RMSNorm-ed
-// on the way, to FP8 e4m3 with one scale per 128 columns, or to BF16. Plus the SwiGLU epilogue of a
-// gate/up pair computed as two GEMMs.
+// Activation quantization for the cuBLASLt prefill GEMMs (gemm_lt.cpp): fp32 rows (gathered by an index
+// list for the grouped MoE), optionally RMSNorm-ed on the way, to FP8 e4m3 with one scale per 128
+// columns, or to BF16. Plus the epilogues of GEMMs into scratch: SwiGLU of a gate/up pair, and adding
+// rows back (both optionally scattered to other rows).
 #include <cuda_bf16.h>
 #include <cuda_fp8.h>
 
@@ -33,16 +34,24 @@ __device__ float row_inv_rms(const float* x, int64_t k, const float* norm, float
 // One block per row; warp w takes the 128-column groups w, w + 8, ...; each lane 4 consecutive columns.
 __global__ void __launch_bounds__(kQuantThreads) quantize_kernel(const ActQuantParams p) {
   const int64_t t = blockIdx.x;
-  const float* x = p.x + t * p.ldx;
-  const float inv_rms = row_inv_rms(x, p.k, p.norm, p.norm_eps);
-  const int lane = threadIdx.x % 32;
   const int64_t groups = (p.k + 127) / 128;
+  const int32_t src = p.rows ? p.rows[t] : static_cast<int32_t>(t);
+  const float* x = src >= 0 ? p.x + src / p.x_div * p.ldx : nullptr;  // null: a zero (padding) row
+  // Where group g's scale goes: g * scale_ld + t, or in the row's segment block.
+  int64_t scale0 = t, scale_ld = p.scale_ld > 0 ? p.scale_ld : p.n;
+  if (p.row_seg) {
+    const int32_t s = p.row_seg[t], row0 = p.seg_rows[2 * s];
+    scale0 = groups * row0 + (t - row0);
+    scale_ld = p.seg_rows[2 * s + 1];
+  }
+  const float inv_rms = x ? row_inv_rms(x, p.k, p.norm, p.norm_eps) : 1.0f;
+  const int lane = threadIdx.x % 32;
   for (int64_t g = threadIdx.x / 32; g < groups; g += kQuantWarps) {
     float v[4];
     float amax = 0.0f;
     for (int i = 0; i < 4; ++i) {
       const int64_t c = g * 128 + lane * 4 + i;
-      v[i] = c < p.k ? x[c] * (p.norm ? p.norm[c] * inv_rms : 1.0f) : 0.0f;
+      v[i] = x && c < p.k ? x[c] * (p.norm ? p.norm[c] * inv_rms : 1.0f) : 0.0f;
       amax = fmaxf(amax, fabsf(v[i]));
     }
     if (p.fp8) {
@@ -57,7 +66,7 @@ __global__ void __launch_bounds__(kQuantThreads) quantize_kernel(const ActQuantP
         if (c < p.k) q[c] = __nv_cvt_float_to_fp8(v[i] * inv, __NV_SATFINITE, __NV_E4M3);
       }
       // Scales are outer-dim-major, as cuBLASLt's VEC128_32F wants: group g of row t at g * n + t.
-      if (lane == 0) p.scales[g * (p.scale_ld > 0 ? p.scale_ld : p.n) + t] = scale;
+      if (lane == 0) p.scales[scale0 + g * scale_ld] = scale;
     } else {
       __nv_bfloat16* q = static_cast<__nv_bfloat16*>(p.q) + t * p.k;
       for (int i = 0; i < 4; ++i) {
@@ -69,36 +78,39 @@ __global__ void __launch_bounds__(kQuantThreads) quantize_kernel(const ActQuantP
 }
 
 __global__ void swiglu_rows_kernel(const float* g, const float* u, int64_t ld_in, int64_t n, int64_t out, float* y,
-                                   int64_t ldy) {
+                                   int64_t ldy, const int32_t* y_rows) {
   const int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   if (i >= n * out) return;
-  const int64_t t = i / out, o = i % out;
+  const int64_t t = i / out, o = i % out, r = y_rows ? y_rows[t] : t;
+  if (r < 0) return;
   const float a = g[t * ld_in + o];
-  y[t * ldy + o] = silu(a) * u[t * ld_in + o];
+  y[r * ldy + o] = silu(a) * u[t * ld_in + o];
 }
 
 __global__ void add_rows_kernel(const float* src, int64_t ld_src, int64_t n, int64_t out, float* y, int64_t ldy,
-                                bool accumulate) {
+                                bool accumulate, const int32_t* y_rows) {
   const int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   if (i >= n * out) return;
-  const int64_t t = i / out, o = i % out;
+  const int64_t t = i / out, o = i % out, r = y_rows ? y_rows[t] : t;
+  if (r < 0) return;
   const float v = src[t * ld_src + o];
-  y[t * ldy + o] = accumulate ? y[t * ldy + o] + v : v;
+  y[r * ldy + o] = accumulate ? y[r * ldy + o] + v : v;
 }
 
 }  // namespace
 
 void add_rows(const float* src, int64_t ld_src, int64_t n, int64_t out, float* y, int64_t ldy, bool accumulate,
-              cudaStream_t stream) {
+              cudaStream_t stream, const int32_t* y_rows) {
   if (n == 0) return;
   const int64_t total = n * out;
   add_rows_kernel<<<static_cast<unsigned>((total + 255) / 256), 256, 0, stream>>>(src, ld_src, n, out, y, ldy,
-                                                                                 accumulate);
+                                                                                 accumulate, y_rows);
   check_launch("add_rows_kernel");
 }
 
 void quantize_activations(const ActQuantParams& p) {
-  DSV3_ASSERT(p.n >= 0 && p.k > 0 && p.ldx >= p.k && (p.scale_ld == 0 || p.scale_ld >= p.n));
+  DSV3_ASSERT(p.n >= 0 && p.k > 0 && p.ldx >= p.k && p.x_div >= 1 && (p.scale_ld == 0 || p.scale_ld >= p.n));
+  DSV3_ASSERT((p.row_seg == nullptr) == (p.seg_rows == nullptr));
   if (p.n == 0) return;
   DSV3_ASSERT(p.x && p.q && (!p.fp8 || p.scales));
   quantize_kernel<<<static_cast<unsigned>(p.n), kQuantThreads, 0, p.stream>>>(p);
@@ -106,10 +118,11 @@ void quantize_activations(const ActQuantParams& p) {
 }
 
 void swiglu_rows(const float* g, const float* u, int64_t ld_in, int64_t n, int64_t out, float* y, int64_t ldy,
-                 cudaStream_t stream) {
+                 cudaStream_t stream, const int32_t* y_rows) {
   if (n == 0) return;
   const int64_t total = n * out;
-  swiglu_rows_kernel<<<static_cast<unsigned>((total + 255) / 256), 256, 0, stream>>>(g, u, ld_in, n, out, y, ldy);
+  swiglu_rows_kernel<<<static_cast<unsigned>((total + 255) / 256), 256, 0, stream>>>(g, u, ld_in, n, out, y, ldy,
+                                                                                     y_rows);
   check_launch("swiglu_rows_kernel");
 }
 
