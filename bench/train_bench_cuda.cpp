@@ -2,6 +2,7 @@
 // trainer config, next to the cuBLAS BF16 GEMM rate measured in the same process (the roofline).
 //
 //   dsv3_bench_train CONFIG [--steps N] [--warmup N] [--precision bf16|fp32] [--batch B] [--seq S]
+//                    [--attention explicit|fused]   (fused: the opt-in flash-style kernels, bf16 only)
 //
 // Data: uniformly random token ids (speed does not depend on the text). Model FLOPs per optimizer step
 // (PaLM's convention, docs/PERF.md):
@@ -12,10 +13,12 @@
 // attention term counts the full S x S score and value products (what the kernels compute).
 #include <cublas_v2.h>
 #include <cuda_bf16.h>
+#include <cuda_profiler_api.h>
 #include <cuda_runtime_api.h>
 
 #include <chrono>
 #include <cstdio>
+#include <cstdlib>
 #include <cstring>
 #include <string>
 #include <vector>
@@ -106,13 +109,15 @@ double gemm_tflops(int n, bool fp32_inputs) {
 
 int run(int argc, char** argv) {
   if (argc < 2) {
-    std::fprintf(stderr, "usage: %s CONFIG [--steps N] [--warmup N] [--precision bf16|fp32] [--batch B] [--seq S]\n",
+    std::fprintf(stderr,
+                 "usage: %s CONFIG [--steps N] [--warmup N] [--precision bf16|fp32] [--batch B] [--seq S] "
+                 "[--attention explicit|fused]\n",
                  argv[0]);
     return 2;
   }
   const std::string config_path = argv[1];
   int64_t steps = 10, warmup = 2, batch = 0, seq = 0;
-  std::string precision = "bf16";
+  std::string precision = "bf16", attention = "explicit";
   for (int i = 2; i + 1 < argc; i += 2) {
     const std::string f = argv[i], v = argv[i + 1];
     if (f == "--steps") steps = std::stoll(v);
@@ -120,7 +125,14 @@ int run(int argc, char** argv) {
     else if (f == "--precision") precision = v;
     else if (f == "--batch") batch = std::stoll(v);
     else if (f == "--seq") seq = std::stoll(v);
-    else throw Error("unknown flag " + f, "flags: --steps --warmup --precision --batch --seq");
+    else if (f == "--attention")
+      attention = v;
+    else
+      throw Error("unknown flag " + f, "flags: --steps --warmup --precision --batch --seq --attention");
+  }
+  if (attention != "fused" && attention != "explicit") {
+    throw Error("--attention " + attention + " is not an attention path",
+                "use --attention explicit (the default) or fused");
   }
   Json config = read_json_file(config_path);
   if (!config.contains("training")) config["training"] = Json::object();
@@ -144,16 +156,25 @@ int run(int argc, char** argv) {
                                                         AdamWConfig{tc.beta1, tc.beta2, tc.eps, tc.weight_decay},
                                                         tc::parse_precision(precision));
   tc::CudaTrainModel* gpu = backend.get();
+  gpu->set_fused_attention(attention == "fused");
   trainer.set_backend(std::move(backend));
   const Flops f = model_flops(trainer.model(), tc);
   std::printf("config: %s\nmodel: %s\nparameters: %lld total, %.1fM active per main token (matrices, experts at k/E)\n",
               config_path.c_str(), mc.summary().c_str(), static_cast<long long>(trainer.model().num_params()),
               f.n_main / 1e6);
-  std::printf("batch: %lld x %lld tokens x %lld micro-batches = %lld tokens/step; precision %s\n",
-              static_cast<long long>(tc.batch_size), static_cast<long long>(tc.seq_len),
-              static_cast<long long>(tc.grad_accum), static_cast<long long>(tokens_per_step), precision.c_str());
+  std::printf(
+      "batch: %lld x %lld tokens x %lld micro-batches = %lld tokens/step; precision %s, %s attention\n",
+      static_cast<long long>(tc.batch_size), static_cast<long long>(tc.seq_len),
+      static_cast<long long>(tc.grad_accum), static_cast<long long>(tokens_per_step), precision.c_str(),
+      gpu->fused_attention() ? "fused" : "explicit");
   std::printf("device: %s\n", tc::gpu_description().c_str());
   for (int64_t i = 0; i < warmup; ++i) trainer.step();
+  // DSV3_PROFILE=1: one more step inside cudaProfilerStart/Stop, for `ncu --profile-from-start off`.
+  if (const char* prof = std::getenv("DSV3_PROFILE"); prof && *prof == '1') {
+    DSV3_CUDA_CHECK(cudaProfilerStart());
+    trainer.step();
+    DSV3_CUDA_CHECK(cudaProfilerStop());
+  }
   double secs = 0, loss = 0;
   for (int64_t i = 0; i < steps; ++i) {
     const StepInfo s = trainer.step();

@@ -51,6 +51,7 @@ class Arena {
     static_assert(sizeof(int32_t) == sizeof(float));
     return reinterpret_cast<int32_t*>(floats(n));
   }
+  __nv_bfloat16* bf16s(int64_t n) { return reinterpret_cast<__nv_bfloat16*>(floats((n + 1) / 2)); }
   void reset() {
     for (Chunk& c : chunks_) c.used = 0;
     cur_ = 0;
@@ -114,7 +115,8 @@ struct AttnActs {
   float* kpe = nullptr;                                    // roped [N x dr]
   float* kv = nullptr;                                     // [N x H*(dn+dv)]
   float* kfull = nullptr;                                  // [N x H*dq]: per-head keys
-  float* probs = nullptr;                                  // [B x H x S x S]
+  float* probs = nullptr;                                  // [B x H x S x S] (explicit path)
+  float* lse = nullptr;                                    // [B x H x S] (fused path)
   float* o = nullptr;                                      // [N x H*dv]
 };
 
@@ -152,14 +154,20 @@ struct CudaTrainModel::Impl {
   RouterSpec router;
   cudaStream_t stream = nullptr;
   std::unique_ptr<Gemm> gemm;
+  bool fused_attention = false;  // flash-style attention kernels: opt-in (BF16 mode, head dims they take)
   int64_t D, H, C, Q, dn, dr, dv, dq, dkv, E, k, V;
 
   // Parameters: four slabs (weights, grads, AdamW m and v) of `slab_floats` each.
   float *w_slab = nullptr, *g_slab = nullptr, *m_slab = nullptr, *v_slab = nullptr;
   int64_t slab_floats = 0;
+  uint8_t* decays = nullptr;     // [slab_floats / kSlabBlockFloats]: 1 where the tensor takes weight decay
   std::vector<DevParam> params;  // store.params() order
   std::unordered_map<std::string, DevParam*> by_name;
   DevParam *embed = nullptr, *final_norm = nullptr, *lm_head = nullptr;
+  // BF16 mode: lm_head's weights rounded to bf16 (refreshed by push and after every AdamW step), so that
+  // the head's GEMMs, the largest of the step (V x D against every token, twice with MTP), run on the
+  // native bf16 kernels instead of cuBLAS's TF32 ones (gemm.h). Null in FP32 mode.
+  __nv_bfloat16* head_w16 = nullptr;
   std::vector<DLayer> layers;
   bool has_mtp = false;
   DevParam *enorm = nullptr, *hnorm = nullptr, *eh_proj = nullptr, *head_norm = nullptr;
@@ -180,6 +188,7 @@ struct CudaTrainModel::Impl {
   float *cos = nullptr, *sin = nullptr, *mtp_cos = nullptr, *mtp_sin = nullptr;
   std::vector<LayerActs> la;
   LayerActs mla;
+  __nv_bfloat16 *hf16 = nullptr, *xmn16 = nullptr;  // the head's inputs in bf16 (BF16 mode)
   float *x_last = nullptr, *hf = nullptr, *rstd_f = nullptr, *logits = nullptr, *lse = nullptr;
   float *emb = nullptr, *e_rstd = nullptr, *hsel = nullptr, *h_rstd = nullptr, *cat = nullptr, *xm_out = nullptr;
   float *xmn = nullptr, *xm_rstd = nullptr, *mlogits = nullptr, *mlse = nullptr;
@@ -209,6 +218,9 @@ struct CudaTrainModel::Impl {
     embed = P("model.embed_tokens.weight");
     final_norm = P("model.norm.weight");
     lm_head = cfg.tie_word_embeddings ? embed : P("lm_head.weight");
+    if (p == Precision::BF16)
+      DSV3_CUDA_CHECK(cudaMalloc(reinterpret_cast<void**>(&head_w16),
+                                 static_cast<size_t>(V * D) * sizeof(__nv_bfloat16)));
     has_mtp = store.has_mtp();
     if (has_mtp) {
       const std::string mp = mtp_prefix(cfg);
@@ -230,6 +242,8 @@ struct CudaTrainModel::Impl {
     cudaFree(m_slab);
     cudaFree(v_slab);
     cudaFree(sumsq);
+    cudaFree(head_w16);
+    cudaFree(decays);
     if (stream) cudaStreamDestroy(stream);
   }
 
@@ -258,10 +272,20 @@ struct CudaTrainModel::Impl {
       d.g = g_slab + off;
       d.m = m_slab + off;
       d.v = v_slab + off;
+
       off += align_up(d.n);
       params.push_back(d);
     }
     for (DevParam& d : params) by_name[d.host->name] = &d;
+    // One AdamW launch for the whole slab: each tensor's 64-float blocks say whether it decays.
+    static_assert(kAlignFloats % kSlabBlockFloats == 0, "every tensor must start on an AdamW slab block");
+    std::vector<uint8_t> flags(static_cast<size_t>(total / kSlabBlockFloats), 0);
+    for (const DevParam& d : params)
+      if (d.host->decay)
+        std::fill_n(flags.begin() + (d.w - w_slab) / kSlabBlockFloats, align_up(d.n) / kSlabBlockFloats,
+                    uint8_t{1});
+    DSV3_CUDA_CHECK(cudaMalloc(reinterpret_cast<void**>(&decays), flags.size()));
+    DSV3_CUDA_CHECK(cudaMemcpy(decays, flags.data(), flags.size(), cudaMemcpyHostToDevice));
   }
 
   DevParam* P(const std::string& name) const {
@@ -330,6 +354,10 @@ struct CudaTrainModel::Impl {
       for (int64_t e = 0; e < E; ++e) moe[i]->balance->load[e] += load[i * E + e];
   }
 
+  void set_fused_attention(bool on) {
+    fused_attention = on && gemm->precision() == Precision::BF16 && flash_attention_supported(dq, dv);
+  }
+
   // ---- host <-> device ----
   template <typename T>
   T* upload(Arena& a, const std::vector<T>& v) {
@@ -378,6 +406,36 @@ struct CudaTrainModel::Impl {
   }
 
   // ---- building blocks (mirror train_model.cpp) ----
+  // out [n x V] = x lm_head^T; in BF16 mode through x rounded into x16 (kept for the backward).
+  void head_forward(float* out, const float* x, __nv_bfloat16*& x16, int64_t n) {
+    if (!head_w16) {
+      gemm->linear_forward(out, x, lm_head->w, n, D, V);
+      return;
+    }
+    x16 = acts.bf16s(n * D);
+    to_bf16(x16, x, n * D, stream);
+    gemm->rm_bf16(false, true, n, V, D, 1.0f, x16, D, head_w16, D, 0.0f, out, V);
+  }
+
+  // The cross-entropy's and the head's backward: dx [n x D] written, lm_head's gradient accumulated, from
+  // the logits of head_forward (turned into dlogits * g; in BF16 mode into a bf16 copy, logits kept).
+  void head_backward(float* dx, float* logits_, const float* lse_, const int32_t* tgt, const float* x,
+                     const __nv_bfloat16* x16, int64_t n, float g) {
+    if (!head_w16) {
+      crossentropy_backward(logits_, lse_, tgt, n, V, g, stream);
+      gemm->linear_backward(dx, lm_head->g, logits_, x, lm_head->w, n, D, V);
+      return;
+    }
+    __nv_bfloat16* dl = acts.bf16s(n * V);
+    crossentropy_backward_bf16(dl, logits_, lse_, tgt, n, V, g, stream);
+    gemm->rm_bf16(false, false, n, D, V, 1.0f, dl, V, head_w16, D, 0.0f, dx, D);    // dx = dl W
+    gemm->rm_bf16(true, false, V, D, n, 1.0f, dl, V, x16, D, 1.0f, lm_head->g, D);  // dW += dl^T x
+  }
+
+  void refresh_head_copy() {
+    if (head_w16) to_bf16(head_w16, lm_head->w, V * D, stream);
+  }
+
   void swiglu_fwd(const DSwiGLU& p, SwiGLUActs& a, const float* x, int64_t n, float* y) {
     a.g = acts.floats(n * p.I);
     a.u = acts.floats(n * p.I);
@@ -428,9 +486,18 @@ struct CudaTrainModel::Impl {
     gemm->linear_forward(a.kv, a.c, p.kv_b->w, N, C, H * dkv);
     a.kfull = acts.floats(N * H * dq);
     attention_keys(a.kfull, a.kv, a.kpe, N, H, dn, dr, dv, stream);
-    a.probs = acts.floats(Bn * H * Sn * Sn);
     a.o = acts.floats(N * H * dv);
     const float sc = static_cast<float>(cfg.softmax_scale());
+    a.lse = nullptr;  // which path ran is what backward follows (set_fused_attention may come in between)
+    a.probs = nullptr;
+    if (fused_attention) {
+      a.lse = acts.floats(Bn * H * Sn);
+      flash_attention_forward({a.o, H * dv, dv}, a.lse, {a.q, H * dq, dq}, {a.kfull, H * dq, dq},
+                              {a.kv + dn, H * dkv, dkv}, {Bn, Sn, H, dq, dv, sc}, stream);
+      gemm->linear_forward(y, a.o, p.o->w, N, H * dv, D);
+      return;
+    }
+    a.probs = acts.floats(Bn * H * Sn * Sn);
     for (int64_t b = 0; b < Bn; ++b)  // scores[h] = q_h k_h^T * scale, all heads in one batched GEMM
       gemm->rm(false, true, Sn, Sn, dq, sc, a.q + b * Sn * H * dq, H * dq, a.kfull + b * Sn * H * dq, H * dq, 0.0f,
                a.probs + b * H * Sn * Sn, Sn, H, dq, dq, Sn * Sn);
@@ -441,14 +508,11 @@ struct CudaTrainModel::Impl {
     gemm->linear_forward(y, a.o, p.o->w, N, H * dv, D);
   }
 
-  // dxn written.
-  void attention_bwd(const DAttn& p, const AttnActs& a, const float* xn, int64_t Bn, int64_t Sn, const float* cs,
-                     const float* sn, const float* dy, float* dxn) {
-    const int64_t N = Bn * Sn;
-    float* dout = scratch.floats(N * H * dv);
-    gemm->linear_backward(dout, p.o->g, dy, a.o, p.o->w, N, H * dv, D);
+  // The explicit attention backward: dP, dS as [B x H x S x S] tensors, batched GEMMs per sequence.
+  // dq_, dkfull and dkv_'s v part written.
+  void explicit_attention_bwd(const AttnActs& a, int64_t Bn, int64_t Sn, const float* dout, float* dq_,
+                              float* dkfull, float* dkv_) {
     float* dp = scratch.floats(Bn * H * Sn * Sn);
-    float* dkv_ = scratch.floats(N * H * dkv);
     for (int64_t b = 0; b < Bn; ++b) {
       const float* pb = a.probs + b * H * Sn * Sn;
       const float* doutb = dout + b * Sn * H * dv;
@@ -459,8 +523,6 @@ struct CudaTrainModel::Impl {
                Sn * Sn, dv, dkv);
     }
     softmax_backward(dp, a.probs, Bn * H * Sn, Sn, static_cast<float>(cfg.softmax_scale()), stream);
-    float* dq_ = scratch.floats(N * H * dq);
-    float* dkfull = scratch.floats(N * H * dq);
     for (int64_t b = 0; b < Bn; ++b) {
       const float* dsb = dp + b * H * Sn * Sn;
       // dQ_h = dS[h] K_h;  dK_h = dS[h]^T Q_h
@@ -469,6 +531,24 @@ struct CudaTrainModel::Impl {
       gemm->rm(true, false, Sn, dq, Sn, 1.0f, dsb, Sn, a.q + b * Sn * H * dq, H * dq, 0.0f, dkfull + b * Sn * H * dq,
                H * dq, H, Sn * Sn, dq, dq);
     }
+  }
+
+  // dxn written.
+  void attention_bwd(const DAttn& p, const AttnActs& a, const float* xn, int64_t Bn, int64_t Sn,
+                     const float* cs, const float* sn, const float* dy, float* dxn) {
+    const int64_t N = Bn * Sn;
+    float* dout = scratch.floats(N * H * dv);
+    gemm->linear_backward(dout, p.o->g, dy, a.o, p.o->w, N, H * dv, D);
+    float* dkv_ = scratch.floats(N * H * dkv);
+    float* dq_ = scratch.floats(N * H * dq);
+    float* dkfull = scratch.floats(N * H * dq);
+    if (a.lse)
+      flash_attention_backward({dq_, H * dq, dq}, {dkfull, H * dq, dq}, {dkv_ + dn, H * dkv, dkv},
+                               scratch.floats(Bn * H * Sn), {a.q, H * dq, dq}, {a.kfull, H * dq, dq},
+                               {a.kv + dn, H * dkv, dkv}, {a.o, H * dv, dv}, {dout, H * dv, dv}, a.lse,
+                               {Bn, Sn, H, dq, dv, static_cast<float>(cfg.softmax_scale())}, stream);
+    else
+      explicit_attention_bwd(a, Bn, Sn, dout, dq_, dkfull, dkv_);
     float* dkpe = scratch.floats(N * dr);
     attention_keys_backward(dkv_, dkpe, dkfull, N, H, dn, dr, dv, stream);
     float* dc = scratch.floats(N * C);
@@ -604,10 +684,10 @@ struct CudaTrainModel::Impl {
     rmsnorm_forward(a.xn1, D, a.rstd1, x, D, L.input_norm->w, N, D, eps, stream);
     a.h = acts.floats(N * D);
     attention_fwd(L.attn, a.attn, a.xn1, Bn, Sn, cs, sn, a.h);
-    add_into(a.h, x, N * D, stream);  // h = x + attn
     a.xn2 = acts.floats(N * D);
     a.rstd2 = acts.floats(N);
-    rmsnorm_forward(a.xn2, D, a.rstd2, a.h, D, L.post_norm->w, N, D, eps, stream);
+    // h = x + attn, and its norm
+    add_rmsnorm_forward(a.xn2, D, a.rstd2, a.h, x, L.post_norm->w, N, D, eps, stream);
     a.out = acts.floats(N * D);
     if (L.moe)
       moe_fwd(L, a.moe, a.xn2, Bn, Sn, count_load, alpha, a.out);
@@ -623,17 +703,17 @@ struct CudaTrainModel::Impl {
     scratch.reset();
     const int64_t N = Bn * Sn;
     float* dxn = scratch.floats(N * D);
-    float* tmp = scratch.floats(N * D);
     float* partial = scratch.floats(rmsnorm_partial_floats(N, D));
     if (L.moe)
       moe_bwd(L, a.moe, a.xn2, Bn, Sn, alpha, scale, dx, dxn);
     else
       swiglu_bwd(L.mlp, a.mlp, a.xn2, dx, N, dxn);
-    rmsnorm_backward(tmp, D, L.post_norm->g, dxn, a.h, D, L.post_norm->w, a.rstd2, N, D, partial, stream);
-    add_into(dx, tmp, N * D, stream);  // dx is now dLoss/dh
+    // dx += the norm's dx: dx is now dLoss/dh
+    rmsnorm_backward(dx, D, L.post_norm->g, dxn, a.h, D, L.post_norm->w, a.rstd2, N, D, partial, stream,
+                     true);
     attention_bwd(L.attn, a.attn, a.xn1, Bn, Sn, cs, sn, dx, dxn);
-    rmsnorm_backward(tmp, D, L.input_norm->g, dxn, a.x_in, D, L.input_norm->w, a.rstd1, N, D, partial, stream);
-    add_into(dx, tmp, N * D, stream);
+    rmsnorm_backward(dx, D, L.input_norm->g, dxn, a.x_in, D, L.input_norm->w, a.rstd1, N, D, partial, stream,
+                     true);
   }
 
   // Sum over the MoE layers of the mean over sequences of the balance losses in aux_d (as the CPU trainer).
@@ -702,7 +782,7 @@ struct CudaTrainModel::Impl {
     logits = acts.floats(N * V);
     lse = acts.floats(N);
     float* rows = acts.floats(N);
-    gemm->linear_forward(logits, hf, lm_head->w, N, D, V);
+    head_forward(logits, hf, hf16, N);
     crossentropy_forward(rows, lse, logits, targets, N, V, stream);
     loss.main = mean_loss(rows, N);
 
@@ -741,7 +821,7 @@ struct CudaTrainModel::Impl {
       mlogits = acts.floats(M * V);
       mlse = acts.floats(M);
       float* mrows = acts.floats(M);
-      gemm->linear_forward(mlogits, xmn, lm_head->w, M, D, V);
+      head_forward(mlogits, xmn, xmn16, M);
       crossentropy_forward(mrows, mlse, mlogits, mtp_targets, M, V, stream);
       loss.mtp = mean_loss(mrows, M);
     }
@@ -755,17 +835,15 @@ struct CudaTrainModel::Impl {
     const int64_t N = B * S;
     const TrainOptions& topt = store.options();
     scratch.reset();
-    crossentropy_backward(logits, lse, targets, N, V, static_cast<float>(scale / static_cast<double>(N)), stream);
     float* dhf = acts.floats(N * D);
-    gemm->linear_backward(dhf, lm_head->g, logits, hf, lm_head->w, N, D, V);
+    head_backward(dhf, logits, lse, targets, hf, hf16, N, static_cast<float>(scale / static_cast<double>(N)));
     if (has_mtp) {
       const int64_t Sm = S - 1, M = B * Sm;
-      crossentropy_backward(mlogits, mlse, mtp_targets, M, V,
-                            static_cast<float>(scale * topt.mtp_lambda / static_cast<double>(M)), stream);
       float* dxmn = acts.floats(M * D);
       float* dxm = acts.floats(M * D);
       float* partial = acts.floats(rmsnorm_partial_floats(M, 2 * D));
-      gemm->linear_backward(dxmn, lm_head->g, mlogits, xmn, lm_head->w, M, D, V);
+      head_backward(dxmn, mlogits, mlse, mtp_targets, xmn, xmn16, M,
+                    static_cast<float>(scale * topt.mtp_lambda / static_cast<double>(M)));
       rmsnorm_backward(dxm, D, head_norm->g, dxmn, xm_out, D, head_norm->w, xm_rstd, M, D, partial, stream);
       layer_bwd(mtp_layer, mla, dxm, B, Sm, mtp_cos, mtp_sin, topt.aux_alpha, scale);
       float* dcat = acts.floats(M * 2 * D);
@@ -805,13 +883,11 @@ struct CudaTrainModel::Impl {
     const int64_t t = opt.steps_taken() + 1;
     const double bc1 = 1.0 - std::pow(hp.beta1, static_cast<double>(t));
     const double bc2 = 1.0 - std::pow(hp.beta2, static_cast<double>(t));
-    for (DevParam& p : params) {
-      const float decay = p.host->decay ? static_cast<float>(1.0 - lr * hp.weight_decay) : 1.0f;
-      adamw(p.w, p.g, p.m, p.v, p.n, static_cast<float>(hp.beta1), static_cast<float>(hp.beta2),
-            static_cast<float>(lr / bc1), static_cast<float>(std::sqrt(bc2)), static_cast<float>(hp.eps), decay,
-            stream);
-    }
+    adamw_slab(w_slab, g_slab, m_slab, v_slab, slab_floats, decays, static_cast<float>(hp.beta1),
+               static_cast<float>(hp.beta2), static_cast<float>(lr / bc1), static_cast<float>(std::sqrt(bc2)),
+               static_cast<float>(hp.eps), static_cast<float>(1.0 - lr * hp.weight_decay), stream);
     opt.set_steps_taken(t);
+    refresh_head_copy();
     flush_loads();  // synchronizes, so that step times are honest
   }
 
@@ -823,6 +899,7 @@ struct CudaTrainModel::Impl {
       DSV3_CUDA_CHECK(cudaMemcpyAsync(p.m, opt.exp_avg()[i].data(), bytes, cudaMemcpyHostToDevice, stream));
       DSV3_CUDA_CHECK(cudaMemcpyAsync(p.v, opt.exp_avg_sq()[i].data(), bytes, cudaMemcpyHostToDevice, stream));
     }
+    refresh_head_copy();
     DSV3_CUDA_CHECK(cudaStreamSynchronize(stream));
   }
 
@@ -851,7 +928,8 @@ CudaTrainModel::CudaTrainModel(TrainModel<float>& store, AdamW<float>& opt, cons
 CudaTrainModel::~CudaTrainModel() = default;
 
 std::string CudaTrainModel::name() const {
-  return std::string("cuda (") + precision_name(impl_->gemm->precision()) + " GEMMs, " + gpu_description() + ")";
+  return std::string("cuda (") + precision_name(impl_->gemm->precision()) + " GEMMs, " +
+         (impl_->fused_attention ? "fused" : "explicit") + " attention, " + gpu_description() + ")";
 }
 
 LossParts CudaTrainModel::forward(const int32_t* tokens, int64_t B, int64_t S, bool count_load) {
@@ -876,6 +954,12 @@ std::vector<float> CudaTrainModel::mtp_logits() const {
 
 int64_t CudaTrainModel::param_bytes() const { return 4 * impl_->slab_floats * static_cast<int64_t>(sizeof(float)); }
 int64_t CudaTrainModel::activation_bytes() const { return impl_->acts.bytes() + impl_->scratch.bytes(); }
+void CudaTrainModel::set_fused_attention(bool on) {
+  impl_->set_fused_attention(on);
+}
+bool CudaTrainModel::fused_attention() const {
+  return impl_->fused_attention;
+}
 
 std::string gpu_description() {
   int n = 0;

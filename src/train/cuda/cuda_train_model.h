@@ -1,7 +1,8 @@
 // CudaTrainModel: the GPU backend of the trainer (docs/TRAINING.md, "CUDA"). It mirrors TrainModel<float>
 // (train/train_model.cpp) op for op on one GPU: fp32 master weights, gradients and AdamW moments in
-// device memory, GEMMs through cuBLAS (train/cuda/gemm.h: BF16 tensor cores with fp32 accumulation, or
-// plain fp32), everything else in the kernels of train/cuda/train_kernels.h with fp32 activations.
+// device memory, GEMMs through cuBLAS (train/cuda/gemm.h: in BF16 mode the fp32-operand GEMMs run as TF32
+// and the head's on bf16 operands, fp32 accumulation; or plain fp32), everything else in the kernels of
+// train/cuda/train_kernels.h with fp32 activations.
 //
 // The MoE router runs on the device (train_kernels.h: route_tokens, moe_permute, router_backward): gate
 // logits -> expert choice and weights (the CPU trainer's route_forward choices, ties included) -> the
@@ -48,6 +49,12 @@ class CudaTrainModel final : public TrainBackend {
   // Device memory in use for parameters, gradients and moments; for activations (high-water mark).
   int64_t param_bytes() const;
   int64_t activation_bytes() const;
+  // Attention: by default the explicit path (S x S score tensors, cuBLAS batched GEMMs, the warp-per-row
+  // softmax kernels of train_kernels.h). set_fused_attention(true) asks for the fused flash-style kernels
+  // instead (BF16 mode and head widths they take only; fused_attention() says whether it applies): an
+  // opt-in experiment, slower than the explicit path and with larger bf16 gradient errors (docs/TRAINING.md).
+  void set_fused_attention(bool on);
+  bool fused_attention() const;
 
   struct Impl;
 

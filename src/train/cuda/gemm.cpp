@@ -44,6 +44,22 @@ Gemm::~Gemm() {
 void Gemm::rm(bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K, float alpha, const float* A,
               int64_t lda, const float* B, int64_t ldb, float beta, float* C, int64_t ldc, int64_t batch,
               int64_t stride_a, int64_t stride_b, int64_t stride_c) {
+  gemm_ex(trans_a, trans_b, M, N, K, alpha, A, lda, B, ldb, CUDA_R_32F, beta, C, ldc, batch, stride_a,
+          stride_b, stride_c,
+          precision_ == Precision::BF16 ? CUBLAS_COMPUTE_32F_FAST_16BF : CUBLAS_COMPUTE_32F_PEDANTIC);
+}
+
+void Gemm::rm_bf16(bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K, float alpha,
+                   const __nv_bfloat16* A, int64_t lda, const __nv_bfloat16* B, int64_t ldb, float beta,
+                   float* C, int64_t ldc) {
+  gemm_ex(trans_a, trans_b, M, N, K, alpha, A, lda, B, ldb, CUDA_R_16BF, beta, C, ldc, 1, 0, 0, 0,
+          CUBLAS_COMPUTE_32F);
+}
+
+void Gemm::gemm_ex(bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K, float alpha, const void* A,
+                   int64_t lda, const void* B, int64_t ldb, cudaDataType_t ab_type, float beta, float* C,
+                   int64_t ldc, int64_t batch, int64_t stride_a, int64_t stride_b, int64_t stride_c,
+                   cublasComputeType_t compute) {
   if (M == 0 || N == 0 || batch == 0) return;
   if (K == 0) {
     check(beta == 1.0f || beta == 0.0f, "Gemm::rm: an empty product needs beta 0 or 1");
@@ -55,12 +71,10 @@ void Gemm::rm(bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K, float
   }
   // Row-major C = op(A) op(B) is column-major C^T = op(B)^T op(A)^T, and a row-major matrix read
   // column-major is its transpose: so B goes first, each with its own transpose flag.
-  const cublasComputeType_t compute =
-      precision_ == Precision::BF16 ? CUBLAS_COMPUTE_32F_FAST_16BF : CUBLAS_COMPUTE_32F_PEDANTIC;
   check_cublas(cublasGemmStridedBatchedEx(handle_, trans_b ? CUBLAS_OP_T : CUBLAS_OP_N,
                                           trans_a ? CUBLAS_OP_T : CUBLAS_OP_N, static_cast<int>(N),
-                                          static_cast<int>(M), static_cast<int>(K), &alpha, B, CUDA_R_32F,
-                                          static_cast<int>(ldb), stride_b, A, CUDA_R_32F, static_cast<int>(lda),
+                                          static_cast<int>(M), static_cast<int>(K), &alpha, B, ab_type,
+                                          static_cast<int>(ldb), stride_b, A, ab_type, static_cast<int>(lda),
                                           stride_a, &beta, C, CUDA_R_32F, static_cast<int>(ldc), stride_c,
                                           static_cast<int>(batch), compute, CUBLAS_GEMM_DEFAULT),
                "cublasGemmStridedBatchedEx");

@@ -1,9 +1,12 @@
-// Row-major GEMMs of the GPU trainer through cuBLAS, fp32 in and out. Precision::BF16 runs them on the
-// BF16 tensor cores with fp32 accumulation (CUBLAS_COMPUTE_32F_FAST_16BF: cuBLAS rounds the fp32 inputs
-// to bf16); Precision::FP32 is plain fp32 (no TF32), for exact comparison with the CPU trainer.
+// Row-major GEMMs of the GPU trainer through cuBLAS, fp32 in and out. Precision::BF16 asks cuBLAS for
+// CUBLAS_COMPUTE_32F_FAST_16BF; with fp32 operands cuBLAS 12 on Hopper answers that with its TF32 kernels
+// (sm90_xmma_gemm_f32f32_tf32f32_f32 in the ncu profile, about 400 TFLOP/s on 8192^3 against 810 for
+// bf16 operands; docs/TRAINING.md). rm_bf16 takes bf16 operands and runs the native bf16 kernels.
+// Precision::FP32 is plain fp32 (no TF32), for exact comparison with the CPU trainer.
 #pragma once
 
 #include <cublas_v2.h>
+#include <cuda_bf16.h>
 #include <cuda_runtime_api.h>
 
 #include <cstdint>
@@ -12,6 +15,7 @@
 namespace dsv3::train::cuda {
 
 enum class Precision { FP32, BF16 };
+
 Precision parse_precision(const std::string& s);  // "fp32" or "bf16"
 const char* precision_name(Precision p);
 
@@ -30,6 +34,11 @@ class Gemm {
           const float* B, int64_t ldb, float beta, float* C, int64_t ldc, int64_t batch = 1, int64_t stride_a = 0,
           int64_t stride_b = 0, int64_t stride_c = 0);
 
+  // rm with bf16 A and B (C and the accumulation fp32), no batch: the native bf16 tensor-core kernels.
+  void rm_bf16(bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K, float alpha,
+               const __nv_bfloat16* A, int64_t lda, const __nv_bfloat16* B, int64_t ldb, float beta, float* C,
+               int64_t ldc);
+
   // The op pairs of train_ops.h: y = x W^T; dx = dy W (written, skipped when dx is null); dW += dy^T x.
   // x [n x in], W [out x in], y [n x out].
   void linear_forward(float* y, const float* x, const float* W, int64_t n, int64_t in, int64_t out);
@@ -37,6 +46,11 @@ class Gemm {
                        int64_t in, int64_t out);
 
  private:
+  void gemm_ex(bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K, float alpha, const void* A,
+               int64_t lda, const void* B, int64_t ldb, cudaDataType_t ab_type, float beta, float* C,
+               int64_t ldc, int64_t batch, int64_t stride_a, int64_t stride_b, int64_t stride_c,
+               cublasComputeType_t compute);
+
   cudaStream_t stream_;
   Precision precision_;
   cublasHandle_t handle_ = nullptr;

@@ -1,6 +1,11 @@
-// Kernels of the GPU trainer (train_kernels.h). Simple row-per-block and element-per-thread kernels:
-// the GEMMs (cuBLAS) dominate a training step, these are memory-bound glue.
+// Kernels of the GPU trainer (train_kernels.h): memory-bound glue around the cuBLAS GEMMs. The row
+// kernels of the hot paths (RMSNorm, the explicit attention's softmax pair, the MoE gather, combine and
+// scatter) run one warp per row, reductions in warp shuffles; the rest are row-per-block or
+// element-per-thread. docs/PERF.md (training) has the per-kernel profile of a step.
+#include <cuda_bf16.h>
+
 #include <cmath>
+#include <initializer_list>
 #include <string>
 
 #include "core/error.h"
@@ -64,29 +69,64 @@ __global__ void embedding_backward_kernel(float* dtable, const float* dout, cons
   }
 }
 
-__global__ void rmsnorm_forward_kernel(float* y, int64_t ldy, float* rstd, const float* x, int64_t ldx,
-                                       const float* w, int64_t D, double eps) {
-  const int64_t t = blockIdx.x;
-  const float* xt = x + t * ldx;
-  double ss = 0.0;
-  for (int64_t i = threadIdx.x; i < D; i += blockDim.x) ss += static_cast<double>(xt[i]) * xt[i];
-  ss = block_sum(ss);
-  const float r = static_cast<float>(1.0 / sqrt(ss / static_cast<double>(D) + eps));
-  if (threadIdx.x == 0) rstd[t] = r;
-  for (int64_t i = threadIdx.x; i < D; i += blockDim.x) y[t * ldy + i] = w[i] * (xt[i] * r);
+// RMSNorm, one warp per row (kNormWarps rows per block): lane l reads columns l, l+32, ... (coalesced),
+// the sums of squares and dots accumulate in double per lane, then a warp shuffle. The second pass
+// re-reads the row, from L1/L2.
+constexpr int kNormWarps = 8;
+
+__device__ double warp_sum_d(double v) {
+  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+  return v;
 }
 
-__global__ void rmsnorm_backward_dx_kernel(float* dx, int64_t lddx, const float* dy, const float* x,
-                                           int64_t ldx, const float* w, const float* rstd, int64_t D) {
-  const int64_t t = blockIdx.x;
+// y = w * h * rstd with h = x, or, when res is given, h = x + res, written to hout (the residual add
+// of the layer fused into the norm after it; x, res and hout then have width D).
+__global__ void __launch_bounds__(32 * kNormWarps)
+    rmsnorm_forward_kernel(float* y, int64_t ldy, float* rstd, const float* x, int64_t ldx, const float* res,
+                           float* hout, const float* w, int64_t n, int64_t D, double eps) {
+  const int64_t t = int64_t{blockIdx.x} * kNormWarps + threadIdx.x / 32;
+  if (t >= n) return;
+  const int lane = threadIdx.x % 32;
+  const float* ht = x + t * ldx;
+  double ss = 0.0;
+  if (res) {
+    const float* rt = res + t * D;
+    float* out = hout + t * D;
+    for (int64_t i = lane; i < D; i += 32) {
+      const float h = ht[i] + rt[i];
+      out[i] = h;
+      ss += static_cast<double>(h) * h;
+    }
+    ht = out;  // the second pass reads h (this lane's own writes)
+  } else {
+    for (int64_t i = lane; i < D; i += 32) ss += static_cast<double>(ht[i]) * ht[i];
+  }
+  ss = warp_sum_d(ss);
+  const float r = static_cast<float>(1.0 / sqrt(ss / static_cast<double>(D) + eps));
+  if (lane == 0) rstd[t] = r;
+  for (int64_t i = lane; i < D; i += 32) y[t * ldy + i] = w[i] * (ht[i] * r);
+}
+
+// dx = r w dy - x c with c = r^3/D sum(w dy x); accumulate: dx += that instead.
+__global__ void __launch_bounds__(32 * kNormWarps)
+    rmsnorm_backward_dx_kernel(float* dx, int64_t lddx, const float* dy, const float* x, int64_t ldx,
+                               const float* w, const float* rstd, int64_t n, int64_t D, bool accumulate) {
+  const int64_t t = int64_t{blockIdx.x} * kNormWarps + threadIdx.x / 32;
+  if (t >= n) return;
+  const int lane = threadIdx.x % 32;
   const float* xt = x + t * ldx;
   const float* dyt = dy + t * D;
+  float* dxt = dx + t * lddx;
   const float r = rstd[t];
   double dot = 0.0;
-  for (int64_t i = threadIdx.x; i < D; i += blockDim.x) dot += static_cast<double>(w[i]) * dyt[i] * xt[i];
-  dot = block_sum(dot);
+  for (int64_t i = lane; i < D; i += 32) dot += static_cast<double>(w[i]) * dyt[i] * xt[i];
+  dot = warp_sum_d(dot);
   const float c = static_cast<float>(dot * static_cast<double>(r) * r * r / static_cast<double>(D));
-  for (int64_t i = threadIdx.x; i < D; i += blockDim.x) dx[t * lddx + i] = r * w[i] * dyt[i] - xt[i] * c;
+  if (accumulate) {
+    for (int64_t i = lane; i < D; i += 32) dxt[i] += r * w[i] * dyt[i] - xt[i] * c;
+  } else {
+    for (int64_t i = lane; i < D; i += 32) dxt[i] = r * w[i] * dyt[i] - xt[i] * c;
+  }
 }
 
 constexpr int64_t kNormRowsPerChunk = 64;
@@ -103,12 +143,23 @@ __global__ void rmsnorm_dw_partial_kernel(float* partial, const float* dy, const
   partial[chunk * D + i] = acc;
 }
 
-__global__ void column_sum_into_kernel(float* dw, const float* partial, int64_t chunks, int64_t D) {
-  const int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
-  if (i >= D) return;
+// dw[i] += sum over chunks of partial[chunk][i], in chunk order per warp then warp order: block of
+// kNormWarps warps per 32 columns, warp w summing chunks w, w + kNormWarps, ...
+__global__ void __launch_bounds__(32 * kNormWarps)
+    column_sum_into_kernel(float* dw, const float* partial, int64_t chunks, int64_t D) {
+  __shared__ float sums[kNormWarps][32];
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int64_t i = int64_t{blockIdx.x} * 32 + lane;
   float acc = 0.0f;
-  for (int64_t c = 0; c < chunks; ++c) acc += partial[c * D + i];
-  dw[i] += acc;
+  if (i < D)
+    for (int64_t c = warp; c < chunks; c += kNormWarps) acc += partial[c * D + i];
+  sums[warp][lane] = acc;
+  __syncthreads();
+  if (warp == 0 && i < D) {
+    float total = 0.0f;
+    for (int w = 0; w < kNormWarps; ++w) total += sums[w][lane];
+    dw[i] += total;
+  }
 }
 
 __global__ void rope_kernel(float* x, const float* cos, const float* sin, int64_t n, int64_t S, int64_t heads,
@@ -151,6 +202,12 @@ __global__ void add_into_kernel(float* y, const float* x, int64_t n) {
     y[i] += x[i];
 }
 
+__global__ void to_bf16_kernel(__nv_bfloat16* dst, const float* src, int64_t n) {
+  for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < n;
+       i += static_cast<int64_t>(gridDim.x) * blockDim.x)
+    dst[i] = __float2bfloat16(src[i]);
+}
+
 __global__ void scale_kernel(float* y, float c, int64_t n) {
   for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < n;
        i += static_cast<int64_t>(gridDim.x) * blockDim.x)
@@ -173,34 +230,115 @@ __global__ void add_rows_kernel(float* dst, const float* src, const int32_t* idx
   for (int64_t i = threadIdx.x; i < D; i += blockDim.x) row[i] += src[j * D + i];
 }
 
-__global__ void attention_keys_kernel(float* kfull, const float* kv, const float* kpe, int64_t N, int64_t H,
-                                      int64_t dn, int64_t dr, int64_t dv) {
-  const int64_t dq = dn + dr, total = N * H * dq;
-  for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < total;
-       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-    const int64_t c = i % dq, th = i / dq, t = th / H;
-    kfull[i] = c < dn ? kv[th * (dn + dv) + c] : kpe[t * dr + (c - dn)];
+// Block t: token t's H*dq key values (32-bit index arithmetic within the token).
+__global__ void attention_keys_kernel(float* kfull, const float* kv, const float* kpe, int H, int dn, int dr,
+                                      int dv) {
+  const int64_t t = blockIdx.x;
+  const int dq = dn + dr;
+  const float* kvt = kv + t * H * (dn + dv);
+  const float* pe = kpe + t * dr;
+  float* out = kfull + t * H * dq;
+  for (int j = threadIdx.x; j < H * dq; j += blockDim.x) {
+    const int h = j / dq, c = j - h * dq;
+    out[j] = c < dn ? kvt[h * (dn + dv) + c] : pe[c - dn];
   }
 }
 
-__global__ void attention_keys_backward_kernel(float* dkv, float* dkpe, const float* dkfull, int64_t N,
-                                               int64_t H, int64_t dn, int64_t dr, int64_t dv) {
-  const int64_t dq = dn + dr, total = N * (H * dn + dr);
-  for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < total;
-       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-    const int64_t t = i / (H * dn + dr), c = i % (H * dn + dr);
-    if (c < H * dn) {
-      const int64_t h = c / dn, j = c % dn;
-      dkv[(t * H + h) * (dn + dv) + j] = dkfull[(t * H + h) * dq + j];
-    } else {
-      const int64_t j = c - H * dn;
-      float acc = 0.0f;
-      for (int64_t h = 0; h < H; ++h) acc += dkfull[(t * H + h) * dq + dn + j];
-      dkpe[t * dr + j] = acc;
-    }
+// Block t: dkv's k_nope columns of token t, then dkpe (the sum over heads, in head order).
+__global__ void attention_keys_backward_kernel(float* dkv, float* dkpe, const float* dkfull, int H, int dn,
+                                               int dr, int dv) {
+  const int64_t t = blockIdx.x;
+  const int dq = dn + dr;
+  const float* in = dkfull + t * H * dq;
+  float* dkvt = dkv + t * H * (dn + dv);
+  for (int j = threadIdx.x; j < H * dn; j += blockDim.x) {
+    const int h = j / dn, c = j - h * dn;
+    dkvt[h * (dn + dv) + c] = in[h * dq + c];
+  }
+  for (int c = threadIdx.x; c < dr; c += blockDim.x) {
+    float acc = 0.0f;
+    for (int h = 0; h < H; ++h) acc += in[h * dq + dn + c];
+    dkpe[t * dr + c] = acc;
   }
 }
 
+__device__ float warp_sum(float v) {
+  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+  return v;
+}
+
+__device__ float warp_max(float v) {
+  for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
+  return v;
+}
+
+// The explicit attention's softmax pair, one warp per score row held in registers: lane l owns columns
+// l, l+32, ... (kChunks of them, S <= 32 * kChunks), so every load and store of the warp is one
+// coalesced 128-byte line. Row r is query position s = r % S: only columns t <= s are read (the causal
+// half, about half the bytes), the masked ones are written as zeros without reading (the GEMMs that
+// follow read the whole row). Max, sum and dot are warp shuffles: no shared memory, no block barriers.
+constexpr int kSoftmaxWarps = 8;           // rows per block
+constexpr int64_t kSoftmaxMaxChunks = 64;  // S <= 2048 in registers; longer rows use the block kernels
+
+template <int kChunks>
+__global__ void __launch_bounds__(32 * kSoftmaxWarps)
+    causal_softmax_warp_kernel(float* p, int64_t rows, int64_t S) {
+  const int64_t r = int64_t{blockIdx.x} * kSoftmaxWarps + threadIdx.x / 32;
+  if (r >= rows) return;
+  const int lane = threadIdx.x % 32;
+  const int64_t s = r % S;
+  float* row = p + r * S;
+  float v[kChunks];
+  float m = -INFINITY;
+#pragma unroll
+  for (int i = 0; i < kChunks; ++i) {
+    const int64_t t = int64_t{i} * 32 + lane;
+    v[i] = t <= s ? row[t] : -INFINITY;
+    m = fmaxf(m, v[i]);
+  }
+  m = warp_max(m);  // finite: column 0 is visible to every row
+  float sum = 0.0f;
+#pragma unroll
+  for (int i = 0; i < kChunks; ++i) {
+    const int64_t t = int64_t{i} * 32 + lane;
+    v[i] = t <= s ? expf(v[i] - m) : 0.0f;
+    sum += v[i];
+  }
+  const float inv = 1.0f / warp_sum(sum);
+#pragma unroll
+  for (int i = 0; i < kChunks; ++i) {
+    const int64_t t = int64_t{i} * 32 + lane;
+    if (t < S) row[t] = v[i] * inv;
+  }
+}
+
+template <int kChunks>
+__global__ void __launch_bounds__(32 * kSoftmaxWarps)
+    softmax_backward_warp_kernel(float* dp, const float* p, int64_t rows, int64_t S, float scale) {
+  const int64_t r = int64_t{blockIdx.x} * kSoftmaxWarps + threadIdx.x / 32;
+  if (r >= rows) return;
+  const int lane = threadIdx.x % 32;
+  const int64_t s = r % S;
+  float* drow = dp + r * S;
+  const float* prow = p + r * S;
+  float pv[kChunks], dv[kChunks];
+  float dot = 0.0f;
+#pragma unroll
+  for (int i = 0; i < kChunks; ++i) {
+    const int64_t t = int64_t{i} * 32 + lane;
+    pv[i] = t <= s ? prow[t] : 0.0f;
+    dv[i] = t <= s ? drow[t] : 0.0f;
+    dot += pv[i] * dv[i];
+  }
+  dot = warp_sum(dot);
+#pragma unroll
+  for (int i = 0; i < kChunks; ++i) {
+    const int64_t t = int64_t{i} * 32 + lane;
+    if (t < S) drow[t] = t <= s ? pv[i] * (dv[i] - dot) * scale : 0.0f;
+  }
+}
+
+// The block-per-row forms, for rows longer than the warp kernels keep in registers.
 __global__ void causal_softmax_kernel(float* p, int64_t S) {
   const int64_t r = blockIdx.x;
   const int64_t s = r % S;
@@ -258,44 +396,90 @@ __global__ void crossentropy_backward_kernel(float* logits, const float* lse, co
     row[v] = (expf(row[v] - l) - (v == target ? 1.0f : 0.0f)) * g;
 }
 
-__global__ void gather_rows_kernel(float* xe, const float* x, const int32_t* src, int64_t D) {
-  const int64_t j = blockIdx.x;
-  const float* row = x + static_cast<int64_t>(src[j]) * D;
-  for (int64_t i = threadIdx.x; i < D; i += blockDim.x) xe[j * D + i] = row[i];
-}
-
-__global__ void moe_combine_kernel(float* y, const float* ye, const float* w, const int32_t* pos, int64_t k,
-                                   int64_t D) {
+__global__ void crossentropy_backward_bf16_kernel(__nv_bfloat16* dlogits, const float* logits,
+                                                  const float* lse, const int32_t* targets, int64_t V,
+                                                  float g) {
   const int64_t t = blockIdx.x;
-  for (int64_t i = threadIdx.x; i < D; i += blockDim.x) {
-    float acc = y[t * D + i];
-    for (int64_t j = 0; j < k; ++j) acc += w[t * k + j] * ye[static_cast<int64_t>(pos[t * k + j]) * D + i];
-    y[t * D + i] = acc;
-  }
+  const float* row = logits + t * V;
+  __nv_bfloat16* out = dlogits + t * V;
+  const float l = lse[t];
+  const int32_t target = targets[t];
+  for (int64_t v = threadIdx.x; v < V; v += blockDim.x)
+    out[v] = __float2bfloat16((expf(row[v] - l) - (v == target ? 1.0f : 0.0f)) * g);
 }
 
-__global__ void moe_combine_backward_kernel(float* dye, float* dw, const float* dy, const float* ye,
-                                            const float* w, const int32_t* pos, int64_t k, int64_t D) {
-  const int64_t slot = blockIdx.x, t = slot / k;
-  const int64_t row = pos[slot];
+// One warp per slot (kNormWarps slots per block): the dot needs only a warp shuffle.
+__global__ void __launch_bounds__(32 * kNormWarps)
+    moe_combine_backward_kernel(float* dye, float* dw, const float* dy, const float* ye, const float* w,
+                                const int32_t* pos, int64_t m, int64_t k, int64_t D) {
+  const int64_t slot = int64_t{blockIdx.x} * kNormWarps + threadIdx.x / 32;
+  if (slot >= m) return;
+  const int lane = threadIdx.x % 32;
+  const int64_t t = slot / k, row = pos[slot];
   const float wi = w[slot];
   float dot = 0.0f;
-  for (int64_t i = threadIdx.x; i < D; i += blockDim.x) {
+  for (int64_t i = lane; i < D; i += 32) {
     const float g = dy[t * D + i];
     dot += g * ye[row * D + i];
     dye[row * D + i] = wi * g;
   }
-  dot = block_sum(dot);
-  if (threadIdx.x == 0) dw[slot] = dot;
+  dot = warp_sum(dot);
+  if (lane == 0) dw[slot] = dot;
 }
 
-__global__ void moe_scatter_add_kernel(float* dx, const float* dxe, const int32_t* pos, int64_t k, int64_t D) {
-  const int64_t t = blockIdx.x;
-  for (int64_t i = threadIdx.x; i < D; i += blockDim.x) {
-    float acc = dx[t * D + i];
-    for (int64_t j = 0; j < k; ++j) acc += dxe[static_cast<int64_t>(pos[t * k + j]) * D + i];
+// Row kernels of the MoE path, one warp per row (kNormWarps rows per block), in float4 when the rows
+// allow it (V = float4: D % 4 == 0 and 16-byte aligned bases), else float. Sums run in slot order j, so a
+// step stays bitwise repeatable.
+__device__ float4 operator+(float4 a, float4 b) {
+  return make_float4(a.x + b.x, a.y + b.y, a.z + b.z, a.w + b.w);
+}
+__device__ float4 operator*(float c, float4 a) {
+  return make_float4(c * a.x, c * a.y, c * a.z, c * a.w);
+}
+
+// xe[j] = x[src[j]]; D in units of V.
+template <typename V>
+__global__ void __launch_bounds__(32 * kNormWarps)
+    gather_rows_kernel(V* xe, const V* x, const int32_t* src, int64_t m, int64_t D) {
+  const int64_t j = int64_t{blockIdx.x} * kNormWarps + threadIdx.x / 32;
+  if (j >= m) return;
+  const V* row = x + static_cast<int64_t>(src[j]) * D;
+  for (int64_t i = threadIdx.x % 32; i < D; i += 32) xe[j * D + i] = row[i];
+}
+
+// y[t] += sum_j w[t,j] ye[pos[t,j]].
+template <typename V>
+__global__ void __launch_bounds__(32 * kNormWarps)
+    moe_combine_kernel(V* y, const V* ye, const float* w, const int32_t* pos, int64_t n, int64_t k,
+                       int64_t D) {
+  const int64_t t = int64_t{blockIdx.x} * kNormWarps + threadIdx.x / 32;
+  if (t >= n) return;
+  for (int64_t i = threadIdx.x % 32; i < D; i += 32) {
+    V acc = y[t * D + i];
+    for (int64_t j = 0; j < k; ++j)
+      acc = acc + w[t * k + j] * ye[static_cast<int64_t>(pos[t * k + j]) * D + i];
+    y[t * D + i] = acc;
+  }
+}
+
+// dx[t] += sum_j dxe[pos[t,j]].
+template <typename V>
+__global__ void __launch_bounds__(32 * kNormWarps)
+    moe_scatter_add_kernel(V* dx, const V* dxe, const int32_t* pos, int64_t n, int64_t k, int64_t D) {
+  const int64_t t = int64_t{blockIdx.x} * kNormWarps + threadIdx.x / 32;
+  if (t >= n) return;
+  for (int64_t i = threadIdx.x % 32; i < D; i += 32) {
+    V acc = dx[t * D + i];
+    for (int64_t j = 0; j < k; ++j) acc = acc + dxe[static_cast<int64_t>(pos[t * k + j]) * D + i];
     dx[t * D + i] = acc;
   }
+}
+
+bool rows_of_float4(int64_t D, std::initializer_list<const void*> bases) {
+  if (D % 4 != 0) return false;
+  for (const void* b : bases)
+    if (!dsv3::cuda::aligned16(b)) return false;
+  return true;
 }
 
 // Block e counts the slots that chose expert e.
@@ -466,8 +650,8 @@ __global__ void sumsq_final_kernel(double* out, const double* partial, int n) {
   if (threadIdx.x == 0) *out = acc;
 }
 
-__global__ void adamw_kernel(float* w, const float* g, float* m, float* v, int64_t n, float b1, float b2,
-                             float step_size, float bc2_sqrt, float eps, float decay) {
+__global__ void adamw_slab_kernel(float* w, const float* g, float* m, float* v, int64_t n, const uint8_t* decays,
+                                  float b1, float b2, float step_size, float bc2_sqrt, float eps, float decay) {
   for (int64_t j = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; j < n;
        j += static_cast<int64_t>(gridDim.x) * blockDim.x) {
     const float gj = g[j];
@@ -475,13 +659,72 @@ __global__ void adamw_kernel(float* w, const float* g, float* m, float* v, int64
     const float vj = b2 * v[j] + (1.0f - b2) * gj * gj;
     m[j] = mj;
     v[j] = vj;
-    w[j] = w[j] * decay - step_size * mj / (sqrtf(vj) / bc2_sqrt + eps);
+    w[j] = w[j] * (decays[j / kSlabBlockFloats] ? decay : 1.0f) - step_size * mj / (sqrtf(vj) / bc2_sqrt + eps);
   }
+}
+
+unsigned norm_blocks(int64_t n) {
+  return static_cast<unsigned>((n + kNormWarps - 1) / kNormWarps);
 }
 
 unsigned row_threads(int64_t width) {
   return width >= 1024 ? 1024 : (width >= 256 ? 256 : 128);
 }
+
+// The smallest power-of-two chunk count that covers S (warp kernels), or 0 for the block kernels.
+int softmax_chunks(int64_t S) {
+  int c = 1;
+  while (c < kSoftmaxMaxChunks && 32 * int64_t{c} < S) c *= 2;
+  return 32 * int64_t{c} >= S ? c : 0;
+}
+
+template <template <int> class Launch, typename... Args>
+bool launch_by_chunks(int chunks, Args... args) {
+  switch (chunks) {
+    case 1:
+      Launch<1>::run(args...);
+      return true;
+    case 2:
+      Launch<2>::run(args...);
+      return true;
+    case 4:
+      Launch<4>::run(args...);
+      return true;
+    case 8:
+      Launch<8>::run(args...);
+      return true;
+    case 16:
+      Launch<16>::run(args...);
+      return true;
+    case 32:
+      Launch<32>::run(args...);
+      return true;
+    case 64:
+      Launch<64>::run(args...);
+      return true;
+    default:
+      return false;
+  }
+}
+
+unsigned softmax_blocks(int64_t rows) {
+  return static_cast<unsigned>((rows + kSoftmaxWarps - 1) / kSoftmaxWarps);
+}
+
+template <int kChunks>
+struct SoftmaxForward {
+  static void run(float* p, int64_t rows, int64_t S, cudaStream_t s) {
+    causal_softmax_warp_kernel<kChunks><<<softmax_blocks(rows), 32 * kSoftmaxWarps, 0, s>>>(p, rows, S);
+  }
+};
+
+template <int kChunks>
+struct SoftmaxBackward {
+  static void run(float* dp, const float* p, int64_t rows, int64_t S, float scale_, cudaStream_t s) {
+    softmax_backward_warp_kernel<kChunks>
+        <<<softmax_blocks(rows), 32 * kSoftmaxWarps, 0, s>>>(dp, p, rows, S, scale_);
+  }
+};
 
 }  // namespace
 
@@ -503,7 +746,15 @@ void embedding_backward(float* dtable, const float* dout, const int32_t* ids, co
 void rmsnorm_forward(float* y, int64_t ldy, float* rstd, const float* x, int64_t ldx, const float* w, int64_t n,
                      int64_t D, double eps, cudaStream_t s) {
   if (n == 0) return;
-  rmsnorm_forward_kernel<<<static_cast<unsigned>(n), row_threads(D), 0, s>>>(y, ldy, rstd, x, ldx, w, D, eps);
+  rmsnorm_forward_kernel<<<norm_blocks(n), 32 * kNormWarps, 0, s>>>(y, ldy, rstd, x, ldx, nullptr, nullptr, w,
+                                                                    n, D, eps);
+  DSV3_TRAIN_LAUNCH_CHECK();
+}
+
+void add_rmsnorm_forward(float* y, int64_t ldy, float* rstd, float* h, const float* res, const float* w,
+                         int64_t n, int64_t D, double eps, cudaStream_t s) {
+  if (n == 0) return;
+  rmsnorm_forward_kernel<<<norm_blocks(n), 32 * kNormWarps, 0, s>>>(y, ldy, rstd, h, D, res, h, w, n, D, eps);
   DSV3_TRAIN_LAUNCH_CHECK();
 }
 
@@ -512,16 +763,18 @@ int64_t rmsnorm_partial_floats(int64_t n, int64_t D) {
 }
 
 void rmsnorm_backward(float* dx, int64_t lddx, float* dw, const float* dy, const float* x, int64_t ldx,
-                      const float* w, const float* rstd, int64_t n, int64_t D, float* partial, cudaStream_t s) {
+                      const float* w, const float* rstd, int64_t n, int64_t D, float* partial, cudaStream_t s,
+                      bool accumulate) {
   if (n == 0) return;
-  rmsnorm_backward_dx_kernel<<<static_cast<unsigned>(n), row_threads(D), 0, s>>>(dx, lddx, dy, x, ldx, w, rstd,
-                                                                                 D);
+  rmsnorm_backward_dx_kernel<<<norm_blocks(n), 32 * kNormWarps, 0, s>>>(dx, lddx, dy, x, ldx, w, rstd, n, D,
+                                                                        accumulate);
   DSV3_TRAIN_LAUNCH_CHECK();
   const int64_t chunks = (n + kNormRowsPerChunk - 1) / kNormRowsPerChunk;
   const dim3 grid(static_cast<unsigned>((D + 127) / 128), static_cast<unsigned>(chunks));
   rmsnorm_dw_partial_kernel<<<grid, 128, 0, s>>>(partial, dy, x, ldx, rstd, n, D);
   DSV3_TRAIN_LAUNCH_CHECK();
-  column_sum_into_kernel<<<static_cast<unsigned>((D + 127) / 128), 128, 0, s>>>(dw, partial, chunks, D);
+  column_sum_into_kernel<<<static_cast<unsigned>((D + 31) / 32), 32 * kNormWarps, 0, s>>>(dw, partial, chunks,
+                                                                                          D);
   DSV3_TRAIN_LAUNCH_CHECK();
 }
 
@@ -552,6 +805,12 @@ void add_into(float* y, const float* x, int64_t n, cudaStream_t s) {
   DSV3_TRAIN_LAUNCH_CHECK();
 }
 
+void to_bf16(__nv_bfloat16* dst, const float* src, int64_t n, cudaStream_t s) {
+  if (n == 0) return;
+  to_bf16_kernel<<<blocks_for(n), kThreads, 0, s>>>(dst, src, n);
+  DSV3_TRAIN_LAUNCH_CHECK();
+}
+
 void scale(float* y, float c, int64_t n, cudaStream_t s) {
   if (n == 0) return;
   scale_kernel<<<blocks_for(n), kThreads, 0, s>>>(y, c, n);
@@ -573,24 +832,32 @@ void add_rows(float* dst, const float* src, const int32_t* idx, int64_t m, int64
 
 void attention_keys(float* kfull, const float* kv, const float* kpe, int64_t N, int64_t H, int64_t dn,
                     int64_t dr, int64_t dv, cudaStream_t s) {
-  attention_keys_kernel<<<blocks_for(N * H * (dn + dr)), kThreads, 0, s>>>(kfull, kv, kpe, N, H, dn, dr, dv);
+  if (N == 0) return;
+  attention_keys_kernel<<<static_cast<unsigned>(N), kThreads, 0, s>>>(
+      kfull, kv, kpe, static_cast<int>(H), static_cast<int>(dn), static_cast<int>(dr), static_cast<int>(dv));
   DSV3_TRAIN_LAUNCH_CHECK();
 }
 
 void attention_keys_backward(float* dkv, float* dkpe, const float* dkfull, int64_t N, int64_t H, int64_t dn,
                              int64_t dr, int64_t dv, cudaStream_t s) {
-  attention_keys_backward_kernel<<<blocks_for(N * (H * dn + dr)), kThreads, 0, s>>>(dkv, dkpe, dkfull, N, H, dn,
-                                                                                   dr, dv);
+  if (N == 0) return;
+  attention_keys_backward_kernel<<<static_cast<unsigned>(N), kThreads, 0, s>>>(
+      dkv, dkpe, dkfull, static_cast<int>(H), static_cast<int>(dn), static_cast<int>(dr),
+      static_cast<int>(dv));
   DSV3_TRAIN_LAUNCH_CHECK();
 }
 
 void causal_softmax(float* p, int64_t rows, int64_t S, cudaStream_t s) {
-  causal_softmax_kernel<<<static_cast<unsigned>(rows), row_threads(S), 0, s>>>(p, S);
+  if (rows == 0) return;
+  if (!launch_by_chunks<SoftmaxForward>(softmax_chunks(S), p, rows, S, s))
+    causal_softmax_kernel<<<static_cast<unsigned>(rows), row_threads(S), 0, s>>>(p, S);
   DSV3_TRAIN_LAUNCH_CHECK();
 }
 
 void softmax_backward(float* dp, const float* p, int64_t rows, int64_t S, float scale_, cudaStream_t s) {
-  softmax_backward_kernel<<<static_cast<unsigned>(rows), row_threads(S), 0, s>>>(dp, p, S, scale_);
+  if (rows == 0) return;
+  if (!launch_by_chunks<SoftmaxBackward>(softmax_chunks(S), dp, p, rows, S, scale_, s))
+    softmax_backward_kernel<<<static_cast<unsigned>(rows), row_threads(S), 0, s>>>(dp, p, S, scale_);
   DSV3_TRAIN_LAUNCH_CHECK();
 }
 
@@ -606,31 +873,50 @@ void crossentropy_backward(float* logits, const float* lse, const int32_t* targe
   DSV3_TRAIN_LAUNCH_CHECK();
 }
 
+void crossentropy_backward_bf16(__nv_bfloat16* dlogits, const float* logits, const float* lse,
+                                const int32_t* targets, int64_t n, int64_t V, float g, cudaStream_t s) {
+  if (n == 0) return;
+  crossentropy_backward_bf16_kernel<<<static_cast<unsigned>(n), row_threads(V), 0, s>>>(dlogits, logits, lse,
+                                                                                        targets, V, g);
+  DSV3_TRAIN_LAUNCH_CHECK();
+}
+
 void gather_rows(float* xe, const float* x, const int32_t* src, int64_t m, int64_t D, cudaStream_t s) {
   if (m == 0) return;
-  gather_rows_kernel<<<static_cast<unsigned>(m), row_threads(D), 0, s>>>(xe, x, src, D);
+  if (rows_of_float4(D, {xe, x}))
+    gather_rows_kernel<<<norm_blocks(m), 32 * kNormWarps, 0, s>>>(
+        reinterpret_cast<float4*>(xe), reinterpret_cast<const float4*>(x), src, m, D / 4);
+  else
+    gather_rows_kernel<<<norm_blocks(m), 32 * kNormWarps, 0, s>>>(xe, x, src, m, D);
   DSV3_TRAIN_LAUNCH_CHECK();
 }
 
 void moe_combine(float* y, const float* ye, const float* w, const int32_t* pos, int64_t n, int64_t k, int64_t D,
                  cudaStream_t s) {
   if (n == 0) return;
-  moe_combine_kernel<<<static_cast<unsigned>(n), row_threads(D), 0, s>>>(y, ye, w, pos, k, D);
+  if (rows_of_float4(D, {y, ye}))
+    moe_combine_kernel<<<norm_blocks(n), 32 * kNormWarps, 0, s>>>(
+        reinterpret_cast<float4*>(y), reinterpret_cast<const float4*>(ye), w, pos, n, k, D / 4);
+  else
+    moe_combine_kernel<<<norm_blocks(n), 32 * kNormWarps, 0, s>>>(y, ye, w, pos, n, k, D);
   DSV3_TRAIN_LAUNCH_CHECK();
 }
 
 void moe_combine_backward(float* dye, float* dw, const float* dy, const float* ye, const float* w,
                           const int32_t* pos, int64_t n, int64_t k, int64_t D, cudaStream_t s) {
   if (n == 0) return;
-  moe_combine_backward_kernel<<<static_cast<unsigned>(n * k), row_threads(D), 0, s>>>(dye, dw, dy, ye, w, pos, k,
-                                                                                      D);
+  moe_combine_backward_kernel<<<norm_blocks(n * k), 32 * kNormWarps, 0, s>>>(dye, dw, dy, ye, w, pos, n * k, k, D);
   DSV3_TRAIN_LAUNCH_CHECK();
 }
 
 void moe_scatter_add(float* dx, const float* dxe, const int32_t* pos, int64_t n, int64_t k, int64_t D,
                      cudaStream_t s) {
   if (n == 0) return;
-  moe_scatter_add_kernel<<<static_cast<unsigned>(n), row_threads(D), 0, s>>>(dx, dxe, pos, k, D);
+  if (rows_of_float4(D, {dx, dxe}))
+    moe_scatter_add_kernel<<<norm_blocks(n), 32 * kNormWarps, 0, s>>>(
+        reinterpret_cast<float4*>(dx), reinterpret_cast<const float4*>(dxe), pos, n, k, D / 4);
+  else
+    moe_scatter_add_kernel<<<norm_blocks(n), 32 * kNormWarps, 0, s>>>(dx, dxe, pos, n, k, D);
   DSV3_TRAIN_LAUNCH_CHECK();
 }
 
@@ -701,10 +987,11 @@ void sum_squares(double* out, const float* x, int64_t n, double* partial, cudaSt
   DSV3_TRAIN_LAUNCH_CHECK();
 }
 
-void adamw(float* w, const float* g, float* m, float* v, int64_t n, float b1, float b2, float step_size,
-           float bc2_sqrt, float eps, float decay, cudaStream_t s) {
+void adamw_slab(float* w, const float* g, float* m, float* v, int64_t n, const uint8_t* decays, float b1, float b2,
+                float step_size, float bc2_sqrt, float eps, float decay, cudaStream_t s) {
   if (n == 0) return;
-  adamw_kernel<<<blocks_for(n), kThreads, 0, s>>>(w, g, m, v, n, b1, b2, step_size, bc2_sqrt, eps, decay);
+  adamw_slab_kernel<<<blocks_for(n), kThreads, 0, s>>>(w, g, m, v, n, decays, b1, b2, step_size, bc2_sqrt, eps,
+                                                       decay);
   DSV3_TRAIN_LAUNCH_CHECK();
 }
 

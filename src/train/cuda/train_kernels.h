@@ -5,6 +5,7 @@
 // so a step is bitwise repeatable on one GPU. Each launcher enqueues on `stream` and checks the launch.
 #pragma once
 
+#include <cuda_bf16.h>
 #include <cuda_runtime_api.h>
 
 #include <cstdint>
@@ -24,9 +25,14 @@ void embedding_backward(float* dtable, const float* dout, const int32_t* ids, co
 // y = w * x * rstd per row (x and y with leading dimensions); rstd [n] cached.
 void rmsnorm_forward(float* y, int64_t ldy, float* rstd, const float* x, int64_t ldx, const float* w, int64_t n,
                      int64_t D, double eps, cudaStream_t s);
-// dx written (ldx), dw += sum_rows dy * x * rstd (through `partial`, rmsnorm_partial_floats(n, D) floats).
+// The residual add fused into the norm after it: h [n x D] += res, then y = rmsnorm(h) as above.
+void add_rmsnorm_forward(float* y, int64_t ldy, float* rstd, float* h, const float* res, const float* w,
+                         int64_t n, int64_t D, double eps, cudaStream_t s);
+// dx written (lddx), or with accumulate added to dx (a residual branch's gradient joining the trunk's);
+// dw += sum_rows dy * x * rstd (through `partial`, rmsnorm_partial_floats(n, D) floats).
 void rmsnorm_backward(float* dx, int64_t lddx, float* dw, const float* dy, const float* x, int64_t ldx,
-                      const float* w, const float* rstd, int64_t n, int64_t D, float* partial, cudaStream_t s);
+                      const float* w, const float* rstd, int64_t n, int64_t D, float* partial, cudaStream_t s,
+                      bool accumulate = false);
 int64_t rmsnorm_partial_floats(int64_t n, int64_t D);
 
 // Interleaved RoPE in place on `dim` values at `offset` of each of `heads` vectors of width `stride` per
@@ -41,6 +47,8 @@ void swiglu_backward(float* dg, float* du, const float* da, const float* g, cons
 
 // y += x (n values).
 void add_into(float* y, const float* x, int64_t n, cudaStream_t s);
+// dst = src rounded to bf16 (n values): operands of Gemm::rm_bf16.
+void to_bf16(__nv_bfloat16* dst, const float* src, int64_t n, cudaStream_t s);
 // y *= c (n values).
 void scale(float* y, float c, int64_t n, cudaStream_t s);
 // Strided 2-D copy: dst[r][dst_off + c] = src[r][src_off + c] for r < rows, c < cols.
@@ -62,6 +70,32 @@ void causal_softmax(float* p, int64_t rows, int64_t S, cudaStream_t s);
 // In place: dP -> dScore = p * (dP - sum_t p dP) * scale.
 void softmax_backward(float* dp, const float* p, int64_t rows, int64_t S, float scale, cudaStream_t s);
 
+// ---- attention (fused, flash-style; flash_attention.cu) ----
+// Causal softmax(Q K^T * scale) V per (sequence b, head h) without an S x S tensor in memory, on the BF16
+// tensor cores (inputs rounded to bf16, fp32 accumulation). A tensor view: element c of head h at token
+// row t = b*S + s is p[t * ld + h * hs + c].
+struct FlashTensor {
+  const float* p;
+  int64_t ld, hs;
+};
+struct FlashOut {
+  float* p;
+  int64_t ld, hs;
+};
+struct FlashShape {
+  int64_t B, S, H, dq, dv;  // dq: the q/k head width, dv: the v/o head width
+  float scale;
+};
+// Whether the fused kernels take these head widths (qk <= 192, v <= 128); otherwise use the explicit path.
+bool flash_attention_supported(int64_t dq, int64_t dv);
+// o [.. x dv] written; lse [B x H x S] (logsumexp of each row's scaled scores) written, for backward.
+void flash_attention_forward(FlashOut o, float* lse, FlashTensor q, FlashTensor k, FlashTensor v,
+                             const FlashShape& sh, cudaStream_t s);
+// dq, dk, dv written from dout and forward's o and lse (scores recomputed); delta: [B x H x S] scratch.
+void flash_attention_backward(FlashOut dq, FlashOut dk, FlashOut dv, float* delta, FlashTensor q,
+                              FlashTensor k, FlashTensor v, FlashTensor o, FlashTensor dout, const float* lse,
+                              const FlashShape& sh, cudaStream_t s);
+
 // ---- cross-entropy ----
 // loss[t] = logsumexp(logits[t]) - logits[t][target]; lse[t] cached.
 void crossentropy_forward(float* loss, float* lse, const float* logits, const int32_t* targets, int64_t n,
@@ -69,6 +103,9 @@ void crossentropy_forward(float* loss, float* lse, const float* logits, const in
 // In place: logits -> (softmax - onehot) * g.
 void crossentropy_backward(float* logits, const float* lse, const int32_t* targets, int64_t n, int64_t V,
                            float g, cudaStream_t s);
+// The same written as bf16 into dlogits (logits left alone): the operand of the head's bf16 GEMMs.
+void crossentropy_backward_bf16(__nv_bfloat16* dlogits, const float* logits, const float* lse,
+                                const int32_t* targets, int64_t n, int64_t V, float g, cudaStream_t s);
 
 // ---- MoE ----
 // xe[j] = x[src[j]] for j < m (rows of width D).
@@ -111,8 +148,12 @@ void seq_balance_grad(float* dscores, const float* logits, const int32_t* ids, i
 // Sum of squares of x[0..n) in double, written to *out (device), over `partial` (sumsq_partial_doubles).
 void sum_squares(double* out, const float* x, int64_t n, double* partial, cudaStream_t s);
 int64_t sumsq_partial_doubles();
-// AdamW exactly as train/optimizer.cpp: p = p*decay - step_size * m / (sqrt(v)/bc2_sqrt + eps).
-void adamw(float* w, const float* g, float* m, float* v, int64_t n, float b1, float b2, float step_size,
-           float bc2_sqrt, float eps, float decay, cudaStream_t s);
+// AdamW exactly as train/optimizer.cpp, p = p*d - step_size * m / (sqrt(v)/bc2_sqrt + eps), over a whole
+// slab of tensors in one launch: element j decays (d = `decay`, else 1) when decays[j / kSlabBlockFloats]
+// is nonzero. Every tensor must start on a kSlabBlockFloats boundary; the padding between tensors must be
+// zero in w, g, m and v (AdamW keeps it zero).
+constexpr int64_t kSlabBlockFloats = 64;
+void adamw_slab(float* w, const float* g, float* m, float* v, int64_t n, const uint8_t* decays, float b1, float b2,
+                float step_size, float bc2_sqrt, float eps, float decay, cudaStream_t s);
 
 }  // namespace dsv3::train::cuda

@@ -8,14 +8,15 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstring>
 #include <string>
 #include <vector>
 
 #include "test_util.h"
-#include "train/grad_check.h"
 #include "train/cuda/cuda_train_model.h"
 #include "train/cuda/gemm.h"
 #include "train/cuda/train_kernels.h"
+#include "train/grad_check.h"
 #include "train/tiny_configs.h"
 #include "train/train_ops.h"
 #include "train/trainer.h"
@@ -71,6 +72,63 @@ TEST(TrainKernels, RMSNormForwardBackward) {
     EXPECT_LE(rel_l2(yd.get(), y), kTol) << D;
     EXPECT_LE(rel_l2(dxd.get(), dx), kTol) << D;
     EXPECT_LE(rel_l2(dwd.get(), dw), kTol) << D;
+
+    // The fused residual forms: h = a + res then its norm (h written); dx accumulated onto what is there.
+    const auto a = rnd(n * D, 5), res = rnd(n * D, 6), base = rnd(n * D, 7);
+    std::vector<float> h(a.size()), y2(a.size()), rstd2(n), dx2(a.size()), dw2(D, 0.0f);
+    for (size_t i = 0; i < h.size(); ++i) h[i] = a[i] + res[i];
+    rmsnorm_forward(y2.data(), rstd2.data(), h.data(), w.data(), n, D, 1e-6);
+    rmsnorm_backward(dx2.data(), dw2.data(), dy.data(), h.data(), w.data(), rstd2.data(), n, D);
+    for (size_t i = 0; i < dx2.size(); ++i) dx2[i] += base[i];
+    Dev<float> hd(a), resd(res), y2d(a.size()), r2d(static_cast<size_t>(n)), dx2d(base),
+        dw2d(static_cast<size_t>(D));
+    cuda::add_rmsnorm_forward(y2d.p, D, r2d.p, hd.p, resd.p, wd.p, n, D, 1e-6, nullptr);
+    cuda::rmsnorm_backward(dx2d.p, D, dw2d.p, dyd.p, hd.p, D, wd.p, r2d.p, n, D, part.p, nullptr, true);
+    EXPECT_LE(rel_l2(hd.get(), h), kTol) << D;
+    EXPECT_LE(rel_l2(y2d.get(), y2), kTol) << D;
+    EXPECT_LE(rel_l2(r2d.get(), rstd2), kTol) << D;
+    EXPECT_LE(rel_l2(dx2d.get(), dx2), kTol) << D;
+    EXPECT_LE(rel_l2(dw2d.get(), dw2), kTol) << D;
+  }
+}
+
+// The explicit attention's causal softmax and its backward against double references: the warp-per-row
+// kernels (S <= 2048: one and several 32-column chunks, partial chunks) and the block kernels beyond;
+// the masked columns (t > s) must come out exactly zero whatever was there.
+TEST(TrainKernels, CausalSoftmaxForwardBackward) {
+  for (int64_t S : {1, 5, 32, 33, 100, 1024, 2049}) {
+    const int64_t rows = (S > 1000 ? 2 : 6) * S;  // whole [S x S] blocks, row r is query position r % S
+    const float scale = 0.37f;
+    const auto scores = rnd(rows * S, 21, 3.0), dp = rnd(rows * S, 22);
+    std::vector<double> p_ref(scores.size(), 0.0), ds_ref(scores.size(), 0.0);
+    for (int64_t r = 0; r < rows; ++r) {
+      const int64_t s = r % S;
+      const float* z = &scores[r * S];
+      double mx = -1e300, sum = 0.0, dot = 0.0;
+      for (int64_t t = 0; t <= s; ++t) mx = std::max(mx, static_cast<double>(z[t]));
+      for (int64_t t = 0; t <= s; ++t) sum += std::exp(z[t] - mx);
+      for (int64_t t = 0; t <= s; ++t) p_ref[r * S + t] = std::exp(z[t] - mx) / sum;
+      // The backward's input p is the forward's fp32 output; the reference uses the same rounding.
+      for (int64_t t = 0; t <= s; ++t)
+        dot += static_cast<float>(p_ref[r * S + t]) * static_cast<double>(dp[r * S + t]);
+      for (int64_t t = 0; t <= s; ++t)
+        ds_ref[r * S + t] = static_cast<float>(p_ref[r * S + t]) * (dp[r * S + t] - dot) * scale;
+    }
+    Dev<float> pd(scores), dpd(dp);
+    cuda::causal_softmax(pd.p, rows, S, nullptr);
+    cuda::softmax_backward(dpd.p, pd.p, rows, S, scale, nullptr);
+    const std::vector<float> p = pd.get(), ds = dpd.get();
+    const auto as_f = [](const std::vector<double>& x) { return std::vector<float>(x.begin(), x.end()); };
+    EXPECT_LE(rel_l2(p, as_f(p_ref)), kTol) << S;
+    if (S == 1) {  // p = 1 and dS = p (dp - p dp) = 0 exactly: no norm to be relative to
+      EXPECT_TRUE(std::all_of(ds.begin(), ds.end(), [](float x) { return x == 0.0f; }));
+    } else {
+      EXPECT_LE(rel_l2(ds, as_f(ds_ref)), kTol) << S;
+    }
+    bool masked_zero = true;
+    for (int64_t r = 0; r < rows; ++r)
+      for (int64_t t = r % S + 1; t < S; ++t) masked_zero &= p[r * S + t] == 0.0f && ds[r * S + t] == 0.0f;
+    EXPECT_TRUE(masked_zero) << S;
   }
 }
 
@@ -117,8 +175,19 @@ TEST(TrainKernels, RopeSwigluCrossEntropy) {
   double gpu_loss = 0;
   for (float v : lossd.get()) gpu_loss += v / static_cast<double>(rows);
   EXPECT_NEAR(gpu_loss, loss, 1e-5 * loss);
+  Dev<uint16_t> dl16(logits.size());  // the bf16 form first: it leaves the logits alone
+  cuda::crossentropy_backward_bf16(reinterpret_cast<__nv_bfloat16*>(dl16.p), ld.p, lse.p, td.p, rows, V,
+                                   static_cast<float>(0.5 / rows), nullptr);
   cuda::crossentropy_backward(ld.p, lse.p, td.p, rows, V, static_cast<float>(0.5 / rows), nullptr);
   EXPECT_LE(rel_l2(ld.get(), dl), kTol);
+  std::vector<float> dl_bf16;
+  for (uint16_t b : dl16.get()) {
+    const uint32_t bits = static_cast<uint32_t>(b) << 16;  // bf16 is the top half of an fp32
+    float f;
+    std::memcpy(&f, &bits, sizeof f);
+    dl_bf16.push_back(f);
+  }
+  EXPECT_LE(rel_l2(dl_bf16, dl), 4e-3);  // rounding to 8 significant bits: <= 2^-9 relative per value
 }
 
 // The device router (choice, weights, packing, loads, backward, sequence-wise balance loss) against the
@@ -219,6 +288,108 @@ TEST(TrainKernels, DeviceRoutingMatchesRouteForward) {
   }
 }
 
+// The fused (flash-style) attention kernels against a double-precision reference of causal attention,
+// forward (o, lse) and backward (dq, dk, dv), on every instantiated head-width class, ragged sequence
+// lengths (partial 64-row tiles) and strided head layouts (v inside a wider per-head row, as in kv).
+// bf16 operands: 8 mantissa bits, so relative L2 bounds of 1e-2 (forward) and 2e-2 (gradients).
+TEST(TrainKernels, FusedAttentionMatchesReference) {
+  struct Case {
+    int64_t B, S, H, dq, dv;
+  };
+  for (const Case c : {Case{2, 33, 2, 8, 6}, Case{1, 130, 3, 48, 32}, Case{2, 70, 2, 96, 64},
+                       Case{1, 200, 2, 192, 128}, Case{1, 64, 1, 17, 16}}) {
+    const std::string what = "B" + std::to_string(c.B) + " S" + std::to_string(c.S) + " H" +
+                             std::to_string(c.H) + " dq" + std::to_string(c.dq) + " dv" +
+                             std::to_string(c.dv);
+    ASSERT_TRUE(cuda::flash_attention_supported(c.dq, c.dv)) << what;
+    const int64_t N = c.B * c.S, vhs = c.dv + 5, voff = 2;  // v of head h at h*vhs + voff of a token's row
+    const double scale = 1.0 / std::sqrt(static_cast<double>(c.dq));
+    const std::vector<float> q = rnd(N * c.H * c.dq, 11), k = rnd(N * c.H * c.dq, 12),
+                             v = rnd(N * c.H * vhs, 13), dout = rnd(N * c.H * c.dv, 14);
+    // Reference in double.
+    std::vector<double> o(N * c.H * c.dv, 0.0), lse(c.B * c.H * c.S), dq(q.size(), 0.0), dk(k.size(), 0.0),
+        dv(N * c.H * c.dv, 0.0);
+    for (int64_t b = 0; b < c.B; ++b)
+      for (int64_t h = 0; h < c.H; ++h)
+        for (int64_t s = 0; s < c.S; ++s) {
+          const int64_t ts = b * c.S + s;
+          const float* qs = &q[(ts * c.H + h) * c.dq];
+          std::vector<double> z(s + 1), dp(s + 1);
+          double mx = -1e300, sum = 0, delta = 0;
+          for (int64_t t = 0; t <= s; ++t) {
+            const float* kt = &k[((b * c.S + t) * c.H + h) * c.dq];
+            double d = 0;
+            for (int64_t i = 0; i < c.dq; ++i) d += static_cast<double>(qs[i]) * kt[i];
+            z[t] = d * scale;
+            mx = std::max(mx, z[t]);
+          }
+          for (int64_t t = 0; t <= s; ++t) sum += std::exp(z[t] - mx);
+          lse[(b * c.H + h) * c.S + s] = mx + std::log(sum);
+          const float* dos = &dout[(ts * c.H + h) * c.dv];
+          for (int64_t t = 0; t <= s; ++t) {
+            const double pt = std::exp(z[t] - lse[(b * c.H + h) * c.S + s]);
+            const float* vt = &v[(b * c.S + t) * c.H * vhs + h * vhs + voff];
+            double d = 0;
+            for (int64_t i = 0; i < c.dv; ++i) {
+              o[(ts * c.H + h) * c.dv + i] += pt * vt[i];
+              d += static_cast<double>(dos[i]) * vt[i];
+            }
+            dp[t] = d;
+            delta += pt * d;
+          }
+          for (int64_t t = 0; t <= s; ++t) {
+            const int64_t tt = b * c.S + t;
+            const double pt = std::exp(z[t] - lse[(b * c.H + h) * c.S + s]), ds = pt * (dp[t] - delta);
+            for (int64_t i = 0; i < c.dq; ++i) {
+              dq[(ts * c.H + h) * c.dq + i] += scale * ds * k[(tt * c.H + h) * c.dq + i];
+              dk[(tt * c.H + h) * c.dq + i] += scale * ds * qs[i];
+            }
+            for (int64_t i = 0; i < c.dv; ++i) dv[(tt * c.H + h) * c.dv + i] += pt * dos[i];
+          }
+        }
+    // The device: dv lands in a strided layout like v's; the columns around it must stay as they were.
+    Dev<float> qd(q), kd(k), vd(v), doutd(dout), od(o.size()), lsed(lse.size()), dqd(q.size()), dkd(k.size()),
+        delta(lse.size());
+    const std::vector<float> sentinel(v.size(), 7.0f);
+    Dev<float> dvd(sentinel);
+    const cuda::FlashShape sh{c.B, c.S, c.H, c.dq, c.dv, static_cast<float>(scale)};
+    const cuda::FlashTensor qt{qd.p, c.H * c.dq, c.dq}, kt{kd.p, c.H * c.dq, c.dq},
+        vt{vd.p + voff, c.H * vhs, vhs}, ot{od.p, c.H * c.dv, c.dv}, dot{doutd.p, c.H * c.dv, c.dv};
+    cuda::flash_attention_forward({od.p, c.H * c.dv, c.dv}, lsed.p, qt, kt, vt, sh, nullptr);
+    cuda::flash_attention_backward({dqd.p, c.H * c.dq, c.dq}, {dkd.p, c.H * c.dq, c.dq},
+                                   {dvd.p + voff, c.H * vhs, vhs}, delta.p, qt, kt, vt, ot, dot, lsed.p, sh,
+                                   nullptr);
+    const auto as_f = [](const std::vector<double>& x) { return std::vector<float>(x.begin(), x.end()); };
+    EXPECT_LE(rel_l2(od.get(), as_f(o)), 1e-2) << what;
+    EXPECT_LE(rel_l2(lsed.get(), as_f(lse)), 1e-2) << what;
+    EXPECT_LE(rel_l2(dqd.get(), as_f(dq)), 2e-2) << what;
+    EXPECT_LE(rel_l2(dkd.get(), as_f(dk)), 2e-2) << what;
+    const std::vector<float> dv_all = dvd.get();
+    std::vector<float> dv_gpu;
+    bool others_kept = true;
+    for (int64_t r = 0; r < N * c.H; ++r)
+      for (int64_t i = 0; i < vhs; ++i) {
+        const float x = dv_all[r * vhs + i];
+        if (i >= voff && i < voff + c.dv)
+          dv_gpu.push_back(x);
+        else
+          others_kept &= x == 7.0f;
+      }
+    EXPECT_LE(rel_l2(dv_gpu, as_f(dv)), 2e-2) << what;
+    EXPECT_TRUE(others_kept) << what << ": dv wrote outside its head's columns";
+    // Fixed-order sums: a second backward gives the same bits.
+    const std::vector<float> dq1 = dqd.get(), dk1 = dkd.get();
+    cuda::flash_attention_backward({dqd.p, c.H * c.dq, c.dq}, {dkd.p, c.H * c.dq, c.dq},
+                                   {dvd.p + voff, c.H * vhs, vhs}, delta.p, qt, kt, vt, ot, dot, lsed.p, sh,
+                                   nullptr);
+    EXPECT_EQ(dqd.get(), dq1) << what;
+    EXPECT_EQ(dkd.get(), dk1) << what;
+    EXPECT_EQ(dvd.get(), dv_all) << what;
+  }
+  EXPECT_FALSE(cuda::flash_attention_supported(256, 128));
+  EXPECT_FALSE(cuda::flash_attention_supported(192, 256));
+}
+
 // The cuBLAS wrapper's row-major conventions against linear_forward/backward, both precisions.
 TEST(TrainKernels, GemmLinear) {
   for (auto prec : {cuda::Precision::FP32, cuda::Precision::BF16}) {
@@ -236,6 +407,21 @@ TEST(TrainKernels, GemmLinear) {
     EXPECT_LE(rel_l2(yd.get(), y), tol) << cuda::precision_name(prec);
     EXPECT_LE(rel_l2(dxd.get(), dx), tol) << cuda::precision_name(prec);
     EXPECT_LE(rel_l2(dWd.get(), dW), tol) << cuda::precision_name(prec);
+    if (prec == cuda::Precision::FP32) continue;
+
+    // rm_bf16 on operands rounded by to_bf16: the same three products (the lm_head's GEMMs).
+    Dev<uint16_t> x16(x.size()), W16(W.size()), dy16(dy.size());
+    const auto bf = [](Dev<uint16_t>& d) { return reinterpret_cast<__nv_bfloat16*>(d.p); };
+    cuda::to_bf16(bf(x16), xd.p, n * in, nullptr);
+    cuda::to_bf16(bf(W16), Wd.p, out * in, nullptr);
+    cuda::to_bf16(bf(dy16), dyd.p, n * out, nullptr);
+    Dev<float> y2(y.size()), dx2(dx.size()), dW2(dW0);
+    gemm.rm_bf16(false, true, n, out, in, 1.0f, bf(x16), in, bf(W16), in, 0.0f, y2.p, out);
+    gemm.rm_bf16(false, false, n, in, out, 1.0f, bf(dy16), out, bf(W16), in, 0.0f, dx2.p, in);
+    gemm.rm_bf16(true, false, out, in, n, 1.0f, bf(dy16), out, bf(x16), in, 1.0f, dW2.p, in);
+    EXPECT_LE(rel_l2(y2.get(), y), 1e-2) << "rm_bf16";
+    EXPECT_LE(rel_l2(dx2.get(), dx), 1e-2) << "rm_bf16";
+    EXPECT_LE(rel_l2(dW2.get(), dW), 1e-2) << "rm_bf16";
   }
 }
 
@@ -288,15 +474,25 @@ TEST_P(CudaModelGrad, LossAndEveryGradientMatchTheCpuTrainer) {
   const std::vector<float> logits_cpu = cpu.logits(), mtp_cpu = cpu.mtp_logits();
   cpu.backward(0.7);
 
-  for (auto prec : {cuda::Precision::FP32, cuda::Precision::BF16}) {
-    const bool fp32 = prec == cuda::Precision::FP32;
-    const double tol = fp32 ? 1e-4 : 5e-2;
+  // FP32, BF16 (both the explicit attention, the default), BF16 with the opt-in fused attention kernels.
+  for (int mode = 0; mode < 3; ++mode) {
+    const auto prec = mode == 0 ? cuda::Precision::FP32 : cuda::Precision::BF16;
+    const bool fp32 = prec == cuda::Precision::FP32, fused = mode == 2;
+    // The fused kernels round the probabilities and dS to bf16 where the explicit path's batched GEMMs
+    // keep more bits, and this tiny model's large weights (std 0.35) make its attention peaky: their
+    // gradients land at 3.7e-2 .. 1.34e-1 (H200, 2026-11-27), so the opt-in path is held to 2e-1, enough
+    // to catch a wrong view or stride (errors of order 1), not to vouch for its precision.
+    const double tol = fp32 ? 1e-4 : 5e-2, grad_tol = fused ? 2e-1 : tol;
     AdamW<float> opt(store.params(), AdamWConfig{});
     for (BalanceState* b : store.balance_layers()) std::fill(b->load.begin(), b->load.end(), 0.0);
     cuda::CudaTrainModel gpu(store, opt, AdamWConfig{}, prec);
+    EXPECT_FALSE(gpu.fused_attention()) << "the explicit attention is the default";
+    gpu.set_fused_attention(fused);
+    ASSERT_EQ(gpu.fused_attention(), fused);
+    const std::string label = std::string(cuda::precision_name(prec)) + (fused ? " fused" : " explicit");
     gpu.zero_grad();
     const LossParts lg = gpu.forward(tokens.data(), v.B, v.S, true);
-    EXPECT_NEAR(lg.main, lc.main, tol * lc.main) << cuda::precision_name(prec);
+    EXPECT_NEAR(lg.main, lc.main, tol * lc.main) << label;
     EXPECT_NEAR(lg.mtp, lc.mtp, tol * std::max(lc.mtp, 1e-3));
     EXPECT_NEAR(lg.aux, lc.aux, 1e-3 * std::max(lc.aux, 1e-6));
     EXPECT_LE(rel_l2(gpu.logits(), logits_cpu), tol);
@@ -307,10 +503,14 @@ TEST_P(CudaModelGrad, LossAndEveryGradientMatchTheCpuTrainer) {
     }
     // Device routing: the loads (on the host after pull) are the CPU trainer's exactly, including experts
     // with no tokens.
+    // (Not on the fused path: its bf16 attention moves near-tied router scores, and one token of
+    // v3_longer then picks another expert.)
     gpu.pull(/*grads=*/false);
     bool idle_expert = false;
     for (size_t l = 0; l < cpu.balance_layers().size(); ++l) {
-      EXPECT_EQ(store.balance_layers()[l]->load, cpu.balance_layers()[l]->load) << l;
+      if (!fused) {
+        EXPECT_EQ(store.balance_layers()[l]->load, cpu.balance_layers()[l]->load) << l;
+      }
       for (double x : cpu.balance_layers()[l]->load) idle_expert |= x == 0.0;
     }
     if (v.B * v.S <= 8) {
@@ -330,9 +530,9 @@ TEST_P(CudaModelGrad, LossAndEveryGradientMatchTheCpuTrainer) {
         worst = e;
         worst_name = cpu.params()[i]->name;
       }
-      EXPECT_LE(e, tol) << cpu.params()[i]->name << " " << cuda::precision_name(prec);
+      EXPECT_LE(e, grad_tol) << cpu.params()[i]->name << " " << label;
     }
-    std::printf("[%s %s] loss %.6f vs %.6f, worst gradient rel L2 %.2e (%s)\n", v.name, cuda::precision_name(prec),
+    std::printf("[%s %s] loss %.6f vs %.6f, worst gradient rel L2 %.2e (%s)\n", v.name, label.c_str(),
                 lg.total, lc.total, worst, worst_name.c_str());
   }
 }
