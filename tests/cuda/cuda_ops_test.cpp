@@ -197,6 +197,22 @@ cuda::LinearParams grouped_gate_up(const ExpertSet& gs, const ExpertSet& us, con
   return gu;
 }
 
+// The down projection after grouped_gate_up `gu`: each problem's row of gu.y through its expert of `ds`.
+cuda::LinearParams grouped_down(const ExpertSet& ds, const cuda::LinearParams& gu, float* y) {
+  cuda::LinearParams dn = gu;
+  dn.w = ds.m[0].dev;
+  dn.experts = ds.dev_table;
+  dn.experts2 = nullptr;
+  dn.norm = nullptr;
+  dn.x = gu.y;
+  dn.ldx = gu.out;
+  dn.x_div = 1;
+  dn.out = dn.w.rows;
+  dn.y = y;
+  dn.ldy = dn.out;
+  return dn;
+}
+
 class CudaOps : public ::testing::Test {
  protected:
   void SetUp() override {
@@ -610,19 +626,12 @@ TEST_F(CudaOps, MlaAttentionMatchesReferenceWithNaNPages) {
     p.split_keys = 16;  // a split per 16 keys up to c.splits: the combine runs at these small sizes too
     p.work = dev.poisoned(static_cast<size_t>(cuda::mla_attention_work_floats(c.n, c.H, c.C, c.splits)));
     p.counters = dev.put(std::vector<int32_t>(static_cast<size_t>(c.n * c.H), 0));
-    EXPECT_TRUE(cuda::mla_attention_mma_supported(p));
-    for (bool mma : {true, false}) {
-      p.mma = mma;
-      // Twice on the same counters: the first call must leave them zero for the second.
-      for (int rep = 0; rep < 2; ++rep) {
-        p.out = dev.poisoned(ref.size());
-        cuda::mla_attention(p);
-        const double err = test::rel_l2(Dev::get(p.out, ref.size()), ref);
-        EXPECT_LE(err, 1e-5) << "mma=" << mma << " n=" << c.n << " pos0=" << c.pos0 << " H=" << c.H << " C=" << c.C
-                             << " splits=" << c.splits << " call " << rep;
-        if (mma) worst_mma = std::max(worst_mma, err);
-      }
-      EXPECT_EQ(Dev::get(p.counters, static_cast<size_t>(c.n * c.H)), std::vector<int32_t>(static_cast<size_t>(c.n * c.H), 0));
+    // Twice on the same counters: the first call must leave them zero for the second.
+    for (int rep = 0; rep < 2; ++rep) {
+      p.out = dev.poisoned(ref.size());
+      cuda::mla_attention(p);
+      EXPECT_LE(test::rel_l2(Dev::get(p.out, ref.size()), ref), 1e-5) << "n=" << c.n << " pos0=" << c.pos0 << " H=" << c.H
+                                                                   << " C=" << c.C << " splits=" << c.splits << " call " << rep;
     }
     EXPECT_EQ(Dev::get(p.counters, static_cast<size_t>(c.n * c.H)), std::vector<int32_t>(static_cast<size_t>(c.n * c.H), 0));
   }
@@ -631,27 +640,6 @@ TEST_F(CudaOps, MlaAttentionMatchesReferenceWithNaNPages) {
 // A batched step: several sequences, each with its own page table (all tables in one array, row_table
 // per row) and rows at their own positions (a prefill chunk next to decodes, ragged), pages of all
 // sequences shuffled together in one NaN-filled storage. Against float64, rows each over their own keys.
-  std::printf("tensor-core attention: worst rel L2 vs float64 %.3g\n", worst_mma);
-}
-
-// Shapes outside the tensor-core kernel (latent not a multiple of 8, or above 512; width not a multiple
-// of 4) are refused by mla_attention_mma_supported, so mla_attention keeps the per-head kernel for them.
-TEST_F(CudaOps, MlaAttentionMmaRefusesUnsupportedShapes) {
-  cuda::MlaAttentionParams p;
-  p.heads = 16;
-  p.splits = 128;
-  p.latent = 512;
-  p.cache.width = 576;
-  EXPECT_TRUE(cuda::mla_attention_mma_supported(p));
-  p.latent = 12;
-  p.cache.width = 16;
-  EXPECT_FALSE(cuda::mla_attention_mma_supported(p));
-  p.latent = 1024;
-  p.cache.width = 1088;
-  EXPECT_FALSE(cuda::mla_attention_mma_supported(p));
-  p.latent = 64;
-  p.cache.width = 66;
-  EXPECT_FALSE(cuda::mla_attention_mma_supported(p));
 TEST_F(CudaOps, MlaAttentionBatchedSequencesMatchReference) {
   struct Seq { int64_t pos0, n; };
   const int64_t H = 3, C = 64, dr = 16, W = C + dr, layers = 2, layer = 1, page_floats = layers * 64 * W;
@@ -716,39 +704,22 @@ TEST_F(CudaOps, MlaAttentionBatchedSequencesMatchReference) {
   std::vector<float*> table(static_cast<size_t>(pages));
   for (int64_t i = 0; i < pages; ++i) table[i] = dstore + order[i] * page_floats;
   for (int splits : {1, 5, 64}) {
-    for (bool mma : {true, false}) {
-      cuda::MlaAttentionParams p;
-      p.mma = mma;
-      p.qabs = dev.put(q);
-      p.n = n;
-      p.heads = H;
-      p.latent = C;
-      p.cache = {dev.put(table), dev.put(row_table), layers, W};
-      p.layer = layer;
-      p.pos = dev.put(row_pos);
-      p.scale = scale;
-      p.splits = splits;
-      p.split_keys = 32;  // ragged rows get different split counts (1 to 8) in one launch
-      p.work = dev.poisoned(static_cast<size_t>(cuda::mla_attention_work_floats(n, H, C, splits)));
-      p.counters = dev.put(std::vector<int32_t>(static_cast<size_t>(n * H), 0));
-      p.out = dev.poisoned(ref.size());
-      cuda::mla_attention(p);
-      const std::vector<float> batched = Dev::get(p.out, ref.size());
-      EXPECT_LE(test::rel_l2(batched, ref), 1e-5) << "mma=" << mma << " splits=" << splits;
-      // A row's result does not depend on the rest of its step: each row alone gives the same bits.
-      for (int64_t r = 0; r < n; ++r) {
-        cuda::MlaAttentionParams one = p;
-        one.qabs = p.qabs + r * H * W;
-        one.n = 1;
-        one.cache.row_table = p.cache.row_table + r;
-        one.pos = p.pos + r;
-        one.out = dev.poisoned(static_cast<size_t>(H * C));
-        cuda::mla_attention(one);
-        const std::vector<float> alone = Dev::get(one.out, static_cast<size_t>(H * C));
-        EXPECT_EQ(std::memcmp(alone.data(), batched.data() + r * H * C, alone.size() * sizeof(float)), 0)
-            << "mma=" << mma << " splits=" << splits << " row " << r;
-      }
-    }
+    cuda::MlaAttentionParams p;
+    p.qabs = dev.put(q);
+    p.n = n;
+    p.heads = H;
+    p.latent = C;
+    p.cache = {dev.put(table), dev.put(row_table), layers, W};
+    p.layer = layer;
+    p.pos = dev.put(row_pos);
+    p.scale = scale;
+    p.splits = splits;
+    p.split_keys = 32;  // ragged rows get different split counts (1 to 8) in one launch
+    p.work = dev.poisoned(static_cast<size_t>(cuda::mla_attention_work_floats(n, H, C, splits)));
+    p.counters = dev.put(std::vector<int32_t>(static_cast<size_t>(n * H), 0));
+    p.out = dev.poisoned(ref.size());
+    cuda::mla_attention(p);
+    EXPECT_LE(test::rel_l2(Dev::get(p.out, ref.size()), ref), 1e-5) << "splits=" << splits;
   }
 }
 
@@ -1093,17 +1064,7 @@ TEST_F(CudaOps, ExpertMmaMatchesFloat64Reference) {
         const std::vector<float> y = matmul64(dequantized(ds.m[ids[q]]), row, 1, D, I);
         std::copy(y.begin(), y.end(), yref.begin() + q * D);
       }
-      cuda::LinearParams dn = gu;
-      dn.w = ds.m[0].dev;
-      dn.experts = ds.dev_table;
-      dn.experts2 = nullptr;
-      dn.norm = nullptr;
-      dn.x = gu.y;
-      dn.ldx = I;
-      dn.x_div = 1;
-      dn.out = D;
-      dn.y = dev.poisoned(yref.size());
-      dn.ldy = D;
+      cuda::LinearParams dn = grouped_down(ds, gu, dev.poisoned(yref.size()));
       ASSERT_TRUE(cuda::expert_mma_supported(dn)) << what;
       cuda::expert_mma(dn);
       const double err_down = test::rel_l2(Dev::get(dn.y, yref.size()), yref);
@@ -1198,8 +1159,6 @@ TEST_F(CudaOps, LinearOnTensorCoresMatchesCpu) {
       EXPECT_FALSE(cuda::expert_mma_supported(u));
     }
 }
-}  // namespace
-}  // namespace dsv3
 
 // Wide blocks (4 chunks each) give the same bits as one chunk per block: a problem's sums run in the same
 // order. Routing with runs that cross the 4-chunk boundaries: expert 0 in 13 chunks, expert 1 starting
@@ -1270,17 +1229,7 @@ TEST_F(CudaOps, GroupedLtMatchesTensorCoreKernel) {
     const double e_gu = test::rel_l2(Dev::get(lt.y, act.size()), act);
     EXPECT_LE(e_gu, tol) << dtype_name(dt) << " gate/up";
 
-    cuda::LinearParams dn = gu;
-    dn.w = ds.m[0].dev;
-    dn.experts = ds.dev_table;
-    dn.experts2 = nullptr;
-    dn.norm = nullptr;
-    dn.x = gu.y;
-    dn.ldx = I;
-    dn.x_div = 1;
-    dn.out = D;
-    dn.ldy = D;
-    dn.y = dev.poisoned(static_cast<size_t>(P * D));
+    cuda::LinearParams dn = grouped_down(ds, gu, dev.poisoned(static_cast<size_t>(P * D)));
     cuda::expert_mma(dn);
     const std::vector<float> down = Dev::get(dn.y, static_cast<size_t>(P * D));
     dn.lt = true;
@@ -1294,3 +1243,5 @@ TEST_F(CudaOps, GroupedLtMatchesTensorCoreKernel) {
     EXPECT_FALSE(cuda::linear_lt_grouped(dn));
   }
 }
+}  // namespace
+}  // namespace dsv3

@@ -145,6 +145,24 @@ void run_gemm(State& s, StreamBufs& b, bool fp8, int64_t m, int64_t n, int64_t k
                                b.workspace.ptr, kWorkspaceBytes, stream));
 }
 
+// cuBLASLt wants each row of 128x128 block scales padded to a multiple of 4 blocks: when ceil(k/128) is not
+// one, the mb rows of kb scales at *sa (and *sb of a gate/up pair's second matrix) are copied on the stream
+// into the padded buffer b.wscales (l4 = kb rounded up to 4) and the pointers moved there.
+void pad_weight_scales(StreamBufs& b, int64_t mb, int64_t kb, const float*& sa, const float*& sb, cudaStream_t stream) {
+  if (kb % 4 == 0) return;
+  const int64_t l4 = (kb + 3) / 4 * 4;
+  const auto sz = [](int64_t v) { return static_cast<size_t>(v); };
+  float* pa = static_cast<float*>(b.wscales.ptr);
+  DSV3_CUDA_CHECK(
+      cudaMemcpy2DAsync(pa, sz(l4 * 4), sa, sz(kb * 4), sz(kb * 4), sz(mb), cudaMemcpyDeviceToDevice, stream));
+  sa = pa;
+  if (sb) {
+    DSV3_CUDA_CHECK(cudaMemcpy2DAsync(pa + mb * l4, sz(l4 * 4), sb, sz(kb * 4), sz(kb * 4), sz(mb),
+                                      cudaMemcpyDeviceToDevice, stream));
+    sb = pa + mb * l4;
+  }
+}
+
 }  // namespace
 
 int64_t lt_min_rows() {
@@ -205,17 +223,7 @@ bool linear_lt(const LinearParams& p) {
   if (fp8) {
     sa = w.scale_inv + (p.row0 / 128) * kb;
     sb = dual ? p.w2_scale_inv + (p.row0 / 128) * kb : nullptr;
-    if (pad_scales) {
-      float* pa = static_cast<float*>(b.wscales.ptr);
-      DSV3_CUDA_CHECK(cudaMemcpy2DAsync(pa, sz(l4 * 4), sa, sz(kb * 4), sz(kb * 4), sz(mb), cudaMemcpyDeviceToDevice,
-                                        p.stream));
-      sa = pa;
-      if (dual) {
-        DSV3_CUDA_CHECK(cudaMemcpy2DAsync(pa + mb * l4, sz(l4 * 4), sb, sz(kb * 4), sz(kb * 4), sz(mb),
-                                          cudaMemcpyDeviceToDevice, p.stream));
-        sb = pa + mb * l4;
-      }
-    }
+    pad_weight_scales(b, mb, kb, sa, sb, p.stream);
   }
 
   if (padded) {
@@ -371,17 +379,7 @@ bool linear_lt_grouped(const LinearParams& p) {
     const MatrixPtrs& e1 = table[sz(sg.e)];
     const float* sa = e1.scale_inv;
     const float* sb = dual ? table2[sz(sg.e)].scale_inv : nullptr;
-    if (pad_scales) {  // each row of block scales padded to a multiple of 4 (see the top of this file)
-      float* pa = static_cast<float*>(b.wscales.ptr);
-      DSV3_CUDA_CHECK(cudaMemcpy2DAsync(pa, sz(l4 * 4), sa, sz(kb * 4), sz(kb * 4), sz(mb), cudaMemcpyDeviceToDevice,
-                                        p.stream));
-      sa = pa;
-      if (dual) {
-        DSV3_CUDA_CHECK(cudaMemcpy2DAsync(pa + mb * l4, sz(l4 * 4), sb, sz(kb * 4), sz(kb * 4), sz(mb),
-                                          cudaMemcpyDeviceToDevice, p.stream));
-        sb = pa + mb * l4;
-      }
-    }
+    if (fp8) pad_weight_scales(b, mb, kb, sa, sb, p.stream);
     run_gemm(s, b, fp8, m, sg.rows, k, e1.data, sa, act, act_scale, g, ld_tmp, false, p.stream);
     if (dual) {
       run_gemm(s, b, fp8, m, sg.rows, k, table2[sz(sg.e)].data, sb, act, act_scale, u, ld_tmp, false, p.stream);
