@@ -736,6 +736,7 @@ struct CudaModel::Impl {
   // prefill_gemm "lt"), else the tensor-core kernel (cuda::expert_mma) unless DSV3_MOE_MMA=0 or the
   // shapes/dtypes are outside it; then the gathered GEMV of cuda::linear.
   static void run_grouped(const cuda::LinearParams& p, MoeMma mma) {
+    if (cuda::linear_lt_grouped(p)) return;
     if (mma != MoeMma::Off && cuda::expert_mma_supported(p))
       cuda::expert_mma(p, mma == MoeMma::HiLo);
     else
@@ -752,7 +753,6 @@ struct CudaModel::Impl {
     const int64_t D = c.hidden_size;
     cuda::embed({embed, s.tokens, n, s.x, stream});
     for (int64_t l = 0; l < c.num_hidden_layers; ++l) {
-    if (cuda::linear_lt_grouped(p)) return;
       const DevLayer& L = layers[l];
       attention(L, l, n, sc);
       if (L.is_moe) {

@@ -253,12 +253,6 @@ struct ActQuantParams {
   void* q = nullptr;
   float* scales = nullptr;  // [ceil(k / 128) * scale_ld] (fp8 only)
   int64_t scale_ld = 0;     // distance between the scales of two groups (>= n; 0: n)
-  cudaStream_t stream = nullptr;
-};
-void quantize_activations(const ActQuantParams& p);
-// y[r(t)][o] = silu(g[t][o]) * u[t][o] for t < n, o < out (g and u with leading dimension ld_in), where
-// r(t) = y_rows ? y_rows[t] : t (y_rows[t] = -1: row t is dropped).
-void swiglu_rows(const float* g, const float* u, int64_t ld_in, int64_t n, int64_t out, float* y, int64_t ldy,
   // Gathered rows (optional): output row t quantizes x row rows[t] / x_div (rows[t] = -1: a zero row),
   // and belongs to segment s = row_seg[t] of seg_rows[2s] .. + seg_rows[2s + 1] rows, whose scales are
   // their own VEC128 block [ceil(k / 128)][segment rows] at scales + ceil(k / 128) * seg_rows[2s]: one
@@ -267,6 +261,12 @@ void swiglu_rows(const float* g, const float* u, int64_t ld_in, int64_t n, int64
   int64_t x_div = 1;
   const int32_t* row_seg = nullptr;
   const int32_t* seg_rows = nullptr;
+  cudaStream_t stream = nullptr;
+};
+void quantize_activations(const ActQuantParams& p);
+// y[r(t)][o] = silu(g[t][o]) * u[t][o] for t < n, o < out (g and u with leading dimension ld_in), where
+// r(t) = y_rows ? y_rows[t] : t (y_rows[t] = -1: row t is dropped).
+void swiglu_rows(const float* g, const float* u, int64_t ld_in, int64_t n, int64_t out, float* y, int64_t ldy,
                  cudaStream_t stream, const int32_t* y_rows = nullptr);
 // y[r(t)][o] (= or +=) src[t][o] for t < n, o < out, r(t) as in swiglu_rows.
 void add_rows(const float* src, int64_t ld_src, int64_t n, int64_t out, float* y, int64_t ldy, bool accumulate,
@@ -285,11 +285,12 @@ double lt_gemm_tflops(DType dtype, int64_t m, int64_t n, int64_t k, int iters);
 // experts, optional experts2 SwiGLU) or one plain matrix (no gather, no experts: optional w2 SwiGLU,
 // groups of whole 128-row tiles as MLA's per-head W_UV); optional norm (one group), accumulate only
 // without SwiGLU. BF16 or FP8 weights with a multiple of 16 columns (FP8 blocks of a multiple of 64
-// columns). linear() sends plain projections of more than kGemvMaxBatch rows here when supported. Inputs enter the MMAs as bf16
-// hi + lo (x_lo) or hi only (x_lo false: ~3 significant digits, for measuring what lo costs).
+// columns). linear() sends plain projections of more than kGemvMaxBatch rows here when supported.
+// Inputs enter the MMAs as bf16 hi + lo (x_lo) or hi only (x_lo false: ~3 significant digits, for
+// measuring what lo costs).
+// chunks_per_block: 1 (8 problems a block), 4 (32: each weight fragment feeds 4 chunks, for large
+// steps) or 0 (chosen by the problem count); results are the same bits either way.
 bool expert_mma_supported(const LinearParams& p);
 void expert_mma(const LinearParams& p, bool x_lo = true, int chunks_per_block = 0);
 
 }  // namespace dsv3::cuda
-// chunks_per_block: 1 (8 problems a block), 4 (32: each weight fragment feeds 4 chunks, for large
-// steps) or 0 (chosen by the problem count); results are the same bits either way.
