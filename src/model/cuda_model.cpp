@@ -614,7 +614,24 @@ struct CudaModel::Impl {
     at.pos = sc.pos;
     at.scale = static_cast<float>(c.softmax_scale());
     at.splits = attention_splits(n);
-    at.split_keys = kAttentionSplitKeys;
+    // Measurement knobs, read once: DSV3_MLA_MMA=0 runs the per-head fp32 kernel instead of the tensor-core
+    // one (docs/CUDA.md, "Tensor-core attention"), DSV3_MLA_SPLIT_KEYS=N the fewest keys per split,
+    // DSV3_MLA_MAX_SPLITS=N the most splits per row.
+    static const bool mla_mma = [] {
+      const char* v = std::getenv("DSV3_MLA_MMA");
+      return !(v && std::string_view(v) == "0");
+    }();
+    static const int64_t split_keys = [] {
+      const char* v = std::getenv("DSV3_MLA_SPLIT_KEYS");
+      return v && std::atoll(v) > 0 ? static_cast<int64_t>(std::atoll(v)) : kAttentionSplitKeys;
+    }();
+    static const int max_splits = [] {
+      const char* v = std::getenv("DSV3_MLA_MAX_SPLITS");
+      return v && std::atoi(v) > 0 ? std::atoi(v) : 128;
+    }();
+    at.splits = std::min(at.splits, max_splits);
+    at.split_keys = split_keys;
+    at.mma = mla_mma;
     at.work = s.work;
     at.counters = s.counters;
     at.out = s.olat;

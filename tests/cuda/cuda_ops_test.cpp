@@ -566,12 +566,16 @@ TEST_F(CudaOps, RoutingMatchesRouteToken) {
   }
 }
 
-// Attention over a paged cache whose unused rows are NaN, pages in a shuffled order, against float64.
+// Attention over a paged cache whose unused rows are NaN, pages in a shuffled order, against float64, on
+// both kernels (tensor-core and per-head fp32). Heads 2 to 128 (16-head groups: padded, one, eight, a
+// partial one), widths not a multiple of 8 (8 + 4), contexts spanning many pages, prefill-like row runs.
 TEST_F(CudaOps, MlaAttentionMatchesReferenceWithNaNPages) {
   struct Case { int64_t n, pos0, H, C, dr, layers, layer; int splits; };
   const Case cases[] = {{1, 0, 4, 48, 16, 2, 1, 1},   {1, 0, 16, 512, 64, 1, 0, 17}, {1, 200, 16, 512, 64, 2, 1, 17},
                         {5, 61, 2, 160, 32, 3, 2, 4},  {1, 1000, 2, 64, 16, 1, 0, 64}, {70, 0, 4, 48, 16, 1, 0, 1},
-                        {9, 130, 3, 32, 8, 2, 0, 3}};
+                        {9, 130, 3, 32, 8, 2, 0, 3},   {3, 70, 128, 64, 16, 1, 0, 5},  {2, 2999, 16, 512, 64, 1, 0, 128},
+                        {40, 0, 16, 512, 64, 2, 0, 2}, {4, 33, 5, 8, 4, 1, 0, 2},     {2, 90, 20, 32, 16, 1, 0, 3}};
+  double worst_mma = 0.0;
   for (const Case& c : cases) {
     Dev dev;
     const int64_t W = c.C + c.dr, total = c.pos0 + c.n, pages = (total + 63) / 64 + 1;  // one spare page
@@ -626,20 +630,44 @@ TEST_F(CudaOps, MlaAttentionMatchesReferenceWithNaNPages) {
     p.split_keys = 16;  // a split per 16 keys up to c.splits: the combine runs at these small sizes too
     p.work = dev.poisoned(static_cast<size_t>(cuda::mla_attention_work_floats(c.n, c.H, c.C, c.splits)));
     p.counters = dev.put(std::vector<int32_t>(static_cast<size_t>(c.n * c.H), 0));
-    // Twice on the same counters: the first call must leave them zero for the second.
-    for (int rep = 0; rep < 2; ++rep) {
-      p.out = dev.poisoned(ref.size());
-      cuda::mla_attention(p);
-      EXPECT_LE(test::rel_l2(Dev::get(p.out, ref.size()), ref), 1e-5) << "n=" << c.n << " pos0=" << c.pos0 << " H=" << c.H
-                                                                   << " C=" << c.C << " splits=" << c.splits << " call " << rep;
+    EXPECT_TRUE(cuda::mla_attention_mma_supported(p));
+    for (bool mma : {true, false}) {
+      p.mma = mma;
+      // Twice on the same counters: the first call must leave them zero for the second.
+      for (int rep = 0; rep < 2; ++rep) {
+        p.out = dev.poisoned(ref.size());
+        cuda::mla_attention(p);
+        const double err = test::rel_l2(Dev::get(p.out, ref.size()), ref);
+        EXPECT_LE(err, 1e-5) << "mma=" << mma << " n=" << c.n << " pos0=" << c.pos0 << " H=" << c.H << " C=" << c.C
+                             << " splits=" << c.splits << " call " << rep;
+        if (mma) worst_mma = std::max(worst_mma, err);
+      }
+      EXPECT_EQ(Dev::get(p.counters, static_cast<size_t>(c.n * c.H)), std::vector<int32_t>(static_cast<size_t>(c.n * c.H), 0));
     }
-    EXPECT_EQ(Dev::get(p.counters, static_cast<size_t>(c.n * c.H)), std::vector<int32_t>(static_cast<size_t>(c.n * c.H), 0));
+    p.n = 0;  // an empty step launches nothing
+    cuda::mla_attention(p);
+  }
+  std::printf("tensor-core attention: worst rel L2 vs float64 %.3g\n", worst_mma);
+}
+
+// Shapes outside the tensor-core kernel (latent not a multiple of 8, or above 512; width not a multiple
+// of 4) are refused by mla_attention_mma_supported, so mla_attention keeps the per-head kernel for them.
+TEST_F(CudaOps, MlaAttentionMmaRefusesUnsupportedShapes) {
+  struct Case { int64_t latent, width; bool supported; };
+  for (const Case c : {Case{512, 576, true}, Case{8, 12, true}, Case{12, 16, false}, Case{1024, 1088, false}, Case{64, 66, false}}) {
+    cuda::MlaAttentionParams p;
+    p.heads = 16;
+    p.splits = 128;
+    p.latent = c.latent;
+    p.cache.width = c.width;
+    EXPECT_EQ(cuda::mla_attention_mma_supported(p), c.supported) << c.latent << " + " << c.width - c.latent;
   }
 }
 
 // A batched step: several sequences, each with its own page table (all tables in one array, row_table
 // per row) and rows at their own positions (a prefill chunk next to decodes, ragged), pages of all
-// sequences shuffled together in one NaN-filled storage. Against float64, rows each over their own keys.
+// sequences shuffled together in one NaN-filled storage. Against float64, rows each over their own keys, on
+// both kernels; and each row run alone gives the same bits as in the batch.
 TEST_F(CudaOps, MlaAttentionBatchedSequencesMatchReference) {
   struct Seq { int64_t pos0, n; };
   const int64_t H = 3, C = 64, dr = 16, W = C + dr, layers = 2, layer = 1, page_floats = layers * 64 * W;
@@ -704,22 +732,39 @@ TEST_F(CudaOps, MlaAttentionBatchedSequencesMatchReference) {
   std::vector<float*> table(static_cast<size_t>(pages));
   for (int64_t i = 0; i < pages; ++i) table[i] = dstore + order[i] * page_floats;
   for (int splits : {1, 5, 64}) {
-    cuda::MlaAttentionParams p;
-    p.qabs = dev.put(q);
-    p.n = n;
-    p.heads = H;
-    p.latent = C;
-    p.cache = {dev.put(table), dev.put(row_table), layers, W};
-    p.layer = layer;
-    p.pos = dev.put(row_pos);
-    p.scale = scale;
-    p.splits = splits;
-    p.split_keys = 32;  // ragged rows get different split counts (1 to 8) in one launch
-    p.work = dev.poisoned(static_cast<size_t>(cuda::mla_attention_work_floats(n, H, C, splits)));
-    p.counters = dev.put(std::vector<int32_t>(static_cast<size_t>(n * H), 0));
-    p.out = dev.poisoned(ref.size());
-    cuda::mla_attention(p);
-    EXPECT_LE(test::rel_l2(Dev::get(p.out, ref.size()), ref), 1e-5) << "splits=" << splits;
+    for (bool mma : {true, false}) {
+      cuda::MlaAttentionParams p;
+      p.mma = mma;
+      p.qabs = dev.put(q);
+      p.n = n;
+      p.heads = H;
+      p.latent = C;
+      p.cache = {dev.put(table), dev.put(row_table), layers, W};
+      p.layer = layer;
+      p.pos = dev.put(row_pos);
+      p.scale = scale;
+      p.splits = splits;
+      p.split_keys = 32;  // ragged rows get different split counts (1 to 8) in one launch
+      p.work = dev.poisoned(static_cast<size_t>(cuda::mla_attention_work_floats(n, H, C, splits)));
+      p.counters = dev.put(std::vector<int32_t>(static_cast<size_t>(n * H), 0));
+      p.out = dev.poisoned(ref.size());
+      cuda::mla_attention(p);
+      const std::vector<float> batched = Dev::get(p.out, ref.size());
+      EXPECT_LE(test::rel_l2(batched, ref), 1e-5) << "mma=" << mma << " splits=" << splits;
+      // A row's result does not depend on the rest of its step: each row alone gives the same bits.
+      for (int64_t r = 0; r < n; ++r) {
+        cuda::MlaAttentionParams one = p;
+        one.qabs = p.qabs + r * H * W;
+        one.n = 1;
+        one.cache.row_table = p.cache.row_table + r;
+        one.pos = p.pos + r;
+        one.out = dev.poisoned(static_cast<size_t>(H * C));
+        cuda::mla_attention(one);
+        const std::vector<float> alone = Dev::get(one.out, static_cast<size_t>(H * C));
+        EXPECT_EQ(std::memcmp(alone.data(), batched.data() + r * H * C, alone.size() * sizeof(float)), 0)
+            << "mma=" << mma << " splits=" << splits << " row " << r;
+      }
+    }
   }
 }
 

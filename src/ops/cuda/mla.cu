@@ -180,6 +180,306 @@ __global__ void __launch_bounds__(kAttnThreads) mla_attention_kernel(const MlaAt
   }
 }
 
+
+// ---- Tensor-core attention: a block per (token, group of 16 heads, split) -------------------------------
+// All heads of a token share the keys [c | k_pe] and the values c, so the block stages a tile of 32 cache
+// rows in shared memory once (cp.async, two buffers: the next tile loads while this one is used) and
+// runs both products on mma.sync m16n8k8 tf32 with the 16 heads as M: scores S = Q K^T (16 x 32, K = the
+// row width) and O += P V (16 x latent, K = the tile's keys). fp32 operands enter as tf32 hi + lo and
+// each product runs hi*hi + hi*lo + lo*hi, so it carries ~22 bits of both inputs (results within ~1e-6
+// of the fp32 kernel, not tf32's 1e-3). Online softmax per head over the tiles; partials and the
+// last-split combine in the same work layout as the per-head kernel.
+constexpr int kMmaThreads = 256, kMmaWarps = kMmaThreads / 32, kMmaKeys = 32, kMmaHeads = 16;
+constexpr int kMmaMaxLatentTiles = 64;  // latent <= 512: each warp owns up to 8 column tiles of 8
+constexpr int kPStride = kMmaKeys + 4;  // score / probability rows in shared memory
+constexpr int kMmaMaxSmem = 224 * 1024;  // dynamic shared memory: Hopper's 227 KiB per block, less the static part
+
+struct MmaLayout {
+  int64_t width_pad, stride;  // row width rounded up to 8 (the MMA's k); smem row stride (+4: no bank conflicts)
+  int64_t q, k, s, pr, corr, comb, floats;  // offsets (floats) of each region, and the total
+};
+
+__host__ __device__ inline MmaLayout mma_layout(int64_t width, int splits) {
+  MmaLayout l;
+  l.width_pad = (width + 7) / 8 * 8;
+  l.stride = l.width_pad + 4;
+  l.q = 0;
+  l.k = l.q + kMmaHeads * l.stride;
+  l.s = l.k + 2 * kMmaKeys * l.stride;           // two key buffers
+  l.pr = l.s + 2 * kMmaHeads * kPStride;          // partial scores of the two k halves
+  l.corr = l.pr + kMmaHeads * kPStride;           // probabilities
+  l.comb = l.corr + kMmaHeads;                    // per-head rescale of the accumulators
+  l.floats = l.comb + (static_cast<int64_t>(splits) + 1) * kMmaHeads;  // combine weights, 1/L
+  return l;
+}
+
+// x = hi + lo to ~22 significant bits, both tf32 (fp32 with the low 13 mantissa bits zero): hi keeps x's
+// top 11 bits (a mask, cheaper than cvt.rna.tf32), x - hi is exact, and lo keeps its top 11.
+__device__ __forceinline__ void split_tf32(float x, uint32_t& hi, uint32_t& lo) {
+  constexpr uint32_t kTf32 = 0xffffe000u;
+  hi = __float_as_uint(x) & kTf32;
+  lo = __float_as_uint(x - __uint_as_float(hi)) & kTf32;
+}
+
+// Not volatile: the compiler may interleave independent MMAs (a dependent one waits the full latency).
+__device__ __forceinline__ void mma_tf32(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+  asm(
+      "mma.sync.aligned.m16n8k8.row.col.f32.tf32.tf32.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+      "{%0,%1,%2,%3};"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+
+// An A fragment split into hi and lo.
+struct SplitA {
+  uint32_t hi[4], lo[4];
+  __device__ __forceinline__ explicit SplitA(const float (&a)[4]) {
+#pragma unroll
+    for (int i = 0; i < 4; ++i) split_tf32(a[i], hi[i], lo[i]);
+  }
+};
+
+// cross += a_lo b_hi + a_hi b_lo, main += a_hi b_hi: two accumulators, so consecutive calls on other
+// accumulators keep several independent MMAs in flight.
+__device__ __forceinline__ void mma_split(float (&main)[4], float (&cross)[4], const SplitA& a, float b0, float b1) {
+  uint32_t bh0, bl0, bh1, bl1;
+  split_tf32(b0, bh0, bl0);
+  split_tf32(b1, bh1, bl1);
+  mma_tf32(cross, a.lo, bh0, bh1);
+  mma_tf32(main, a.hi, bh0, bh1);
+  mma_tf32(cross, a.hi, bl0, bl1);
+}
+
+__device__ __forceinline__ void cp_async16(void* smem, const void* gmem) {
+  const uint32_t s = static_cast<uint32_t>(__cvta_generic_to_shared(smem));
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(s), "l"(gmem));
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;"); }
+template <int N>
+__device__ __forceinline__ void cp_async_wait() {
+  asm volatile("cp.async.wait_group %0;" ::"n"(N));
+}
+
+// Grid (n * head groups, splits); rows are taken last first (a causal prefill's longest rows start
+// first, so they do not make the tail). Fragment layout of m16n8k8 (lane = 4 g + c): A rows g, g + 8 and
+// k columns c, c + 4; B k rows c, c + 4 and column g; C rows g, g + 8 and columns 2c, 2c + 1. In P V the
+// k index is permuted (k = c is key 2c, k = c + 4 key 2c + 1) so that a lane's A operand is two adjacent
+// probabilities of each row and its B operand two adjacent keys' values.
+__global__ void __launch_bounds__(kMmaThreads, 1) mla_attention_mma_kernel(const MlaAttentionParams p) {
+  extern __shared__ __align__(16) float smem[];
+  const int64_t W = p.cache.width, C = p.latent, H = p.heads, groups = (H + kMmaHeads - 1) / kMmaHeads;
+  const MmaLayout L = mma_layout(W, p.splits);
+  const int64_t ls = L.stride, ksteps = L.width_pad / 8, ctiles = (C + 7) / 8;
+  float* q = smem + L.q;
+  float* kbuf = smem + L.k;
+  float* sp = smem + L.s;
+  float* pr = smem + L.pr;
+  float* corr = smem + L.corr;
+
+  const int64_t tg = static_cast<int64_t>(p.n) * groups - 1 - blockIdx.x, t = tg / groups, h0 = tg % groups * kMmaHeads;
+  const int heads = static_cast<int>(min(static_cast<int64_t>(kMmaHeads), H - h0));
+  const int64_t split = blockIdx.y;
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, c = lane % 4;
+  const int64_t visible = row_position(p.pos0, p.pos, t) + 1;
+  const int64_t splits = min(static_cast<int64_t>(p.splits), max(int64_t{1}, (visible + p.split_keys - 1) / p.split_keys));
+  if (split >= splits) return;
+  // Splits of whole tiles, so every tile starts at a multiple of 32 keys.
+  const int64_t chunk = ((visible + splits - 1) / splits + kMmaKeys - 1) / kMmaKeys * kMmaKeys;
+  const int64_t kb = split * chunk, ke = min(visible, kb + chunk);
+  const int64_t tiles = ke > kb ? (ke - kb + kMmaKeys - 1) / kMmaKeys : 0;
+
+  // Tile i into buffer i % 2, a warp per row, 16 bytes per lane: rows past the split's end (never read:
+  // they may be unwritten NaN pages) are zeros, as are the pad columns past the width. A tile starts at a
+  // multiple of 32 keys, so its rows lie in one 64-row page: one page-table read per tile.
+  const int quads = static_cast<int>(W / 4);
+  auto tile_rows = [&](int64_t i) { return i < tiles ? cache_row(p.cache, t, p.layer, kb + i * kMmaKeys) : nullptr; };
+  auto stage = [&](int64_t i, const float* rows) {
+    float* kt = kbuf + (i % 2) * kMmaKeys * ls;
+    const int64_t k0 = kb + i * kMmaKeys;
+    for (int r = warp; r < kMmaKeys; r += kMmaWarps) {
+      for (int col = lane * 4; col < quads * 4; col += 128) {
+        if (k0 + r < ke) {
+          cp_async16(kt + r * ls + col, rows + r * W + col);
+        } else {
+          *reinterpret_cast<float4*>(kt + r * ls + col) = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+        }
+      }
+    }
+    cp_async_commit();
+  };
+  if (tiles > 0) stage(0, tile_rows(0));
+  const float* next_rows = tile_rows(1);  // read a tile ahead: its latency hides behind a tile's work
+  for (int r = warp; r < kMmaHeads; r += kMmaWarps) {
+    const float* qr = p.qabs + (t * H + h0 + r) * W;
+    for (int col = lane; col < L.width_pad; col += 32) q[r * ls + col] = r < heads && col < W ? qr[col] : 0.0f;
+  }
+  for (int r = warp; r < 2 * kMmaKeys; r += kMmaWarps)
+    for (int64_t col = W + lane; col < L.width_pad; col += 32) kbuf[r * ls + col] = 0.0f;
+
+  // Softmax state of row sr (16 threads per row, keys 2 sk and 2 sk + 1 of each tile).
+  const int sr = threadIdx.x / 16, sk = threadIdx.x % 16;
+  float m = -INFINITY, l = 0.0f;
+  constexpr int kTilesPerWarp = kMmaMaxLatentTiles / kMmaWarps;
+  float acc[kTilesPerWarp][4] = {}, accx[kTilesPerWarp][4] = {};  // hi * hi and cross terms
+
+  for (int64_t i = 0; i < tiles; ++i) {
+    if (i + 1 < tiles) {
+      stage(i + 1, next_rows);
+      next_rows = tile_rows(i + 2);
+      cp_async_wait<1>();
+    } else {
+      cp_async_wait<0>();
+    }
+    __syncthreads();
+    const float* kt = kbuf + (i % 2) * kMmaKeys * ls;
+    {  // Scores: warp = (8-key column tile w % 4, half w / 4 of the k steps); the halves add up below.
+      // Four accumulators (hi * hi and cross terms, even and odd steps): four independent MMA chains.
+      const int nt = warp % 4, half = warp / 4;
+      float s[2][2][4] = {};
+      const float* qa = q + g * ls + c;
+      const float* kr = kt + (nt * 8 + g) * ls + c;
+      auto step = [&](float (&main)[4], float (&cross)[4], int64_t ks) {
+        const int64_t o = ks * 8;
+        const float a[4] = {qa[o], qa[8 * ls + o], qa[o + 4], qa[8 * ls + o + 4]};
+        mma_split(main, cross, SplitA(a), kr[o], kr[o + 4]);
+      };
+      int64_t ks = half;
+      for (; ks + 2 < ksteps; ks += 4) {
+        step(s[0][0], s[0][1], ks);
+        step(s[1][0], s[1][1], ks + 2);
+      }
+      if (ks < ksteps) step(s[0][0], s[0][1], ks);
+#pragma unroll
+      for (int e = 0; e < 4; ++e) s[0][0][e] = (s[0][0][e] + s[1][0][e]) + (s[0][1][e] + s[1][1][e]);
+      float* so = sp + half * kMmaHeads * kPStride + nt * 8 + 2 * c;
+      *reinterpret_cast<float2*>(so + g * kPStride) = make_float2(s[0][0][0], s[0][0][1]);
+      *reinterpret_cast<float2*>(so + (g + 8) * kPStride) = make_float2(s[0][0][2], s[0][0][3]);
+    }
+    __syncthreads();
+    {  // Online softmax of row sr; keys past the split's end do not exist.
+      const int64_t k0 = kb + i * kMmaKeys;
+      float v[2];
+      for (int j = 0; j < 2; ++j) {
+        const int key = 2 * sk + j;
+        v[j] = k0 + key < ke ? (sp[sr * kPStride + key] + sp[(kMmaHeads + sr) * kPStride + key]) * p.scale : -INFINITY;
+      }
+      float tmax = fmaxf(v[0], v[1]);
+      for (int o = 8; o > 0; o >>= 1) tmax = fmaxf(tmax, __shfl_xor_sync(0xffffffffu, tmax, o));
+      const float m_new = fmaxf(m, tmax);  // finite: every tile has a key
+      const float e0 = expf(v[0] - m_new), e1 = expf(v[1] - m_new);
+      float psum = e0 + e1;
+      for (int o = 8; o > 0; o >>= 1) psum += __shfl_xor_sync(0xffffffffu, psum, o);
+      const float cr = expf(m - m_new);  // 0 on the first tile (m = -inf)
+      l = l * cr + psum;
+      m = m_new;
+      *reinterpret_cast<float2*>(pr + sr * kPStride + 2 * sk) = make_float2(e0, e1);
+      if (sk == 0) corr[sr] = cr;
+    }
+    __syncthreads();
+    {  // O += P V: warp w owns latent column tiles w, w + 8, ...
+      const float cg = corr[g], cg8 = corr[g + 8];
+#pragma unroll
+      for (int j = 0; j < kTilesPerWarp; ++j) {
+        acc[j][0] *= cg;
+        acc[j][1] *= cg;
+        acc[j][2] *= cg8;
+        acc[j][3] *= cg8;
+        accx[j][0] *= cg;
+        accx[j][1] *= cg;
+        accx[j][2] *= cg8;
+        accx[j][3] *= cg8;
+      }
+#pragma unroll
+      for (int ks = 0; ks < kMmaKeys / 8; ++ks) {
+        const float2 pa = *reinterpret_cast<const float2*>(pr + g * kPStride + ks * 8 + 2 * c);
+        const float2 pb = *reinterpret_cast<const float2*>(pr + (g + 8) * kPStride + ks * 8 + 2 * c);
+        const float a[4] = {pa.x, pb.x, pa.y, pb.y};
+        const SplitA as(a);
+        const float* v0 = kt + (ks * 8 + 2 * c) * ls + g;
+#pragma unroll
+        for (int j = 0; j < kTilesPerWarp; ++j) {
+          const int64_t ct = warp + j * kMmaWarps;
+          if (ct < ctiles) mma_split(acc[j], accx[j], as, v0[ct * 8], v0[ls + ct * 8]);
+        }
+      }
+    }
+    __syncthreads();  // buffer i % 2 and the scores are free for the next tile
+  }
+
+  // Partials [splits][n * heads][latent] and (m, l) as the per-head kernel lays them out.
+  const int64_t slots = p.n * H, slot0 = t * H + h0;
+  float* parts = p.work;
+  float* mls = parts + p.splits * slots * C;
+#pragma unroll
+  for (int j = 0; j < kTilesPerWarp; ++j) {
+    const int64_t col = (warp + j * kMmaWarps) * 8 + 2 * c;
+    if (col >= C) continue;
+#pragma unroll
+    for (int e = 0; e < 4; ++e) acc[j][e] += accx[j][e];
+    if (g < heads) *reinterpret_cast<float2*>(parts + (split * slots + slot0 + g) * C + col) = make_float2(acc[j][0], acc[j][1]);
+    if (g + 8 < heads)
+      *reinterpret_cast<float2*>(parts + (split * slots + slot0 + g + 8) * C + col) = make_float2(acc[j][2], acc[j][3]);
+  }
+  if (sk == 0 && sr < heads) {
+    mls[(split * slots + slot0 + sr) * 2] = m;
+    mls[(split * slots + slot0 + sr) * 2 + 1] = l;
+  }
+
+  // Publish this split; the last of this (token, head group) to arrive combines them all.
+  __shared__ bool last;
+  __threadfence();
+  __syncthreads();
+  const int64_t counter = t * groups + h0 / kMmaHeads;
+  if (threadIdx.x == 0) {
+    last = atomicAdd(&p.counters[counter], 1) == splits - 1;
+    if (last) p.counters[counter] = 0;  // every split has arrived: ready for the next call
+  }
+  __syncthreads();
+  if (!last) return;
+  __threadfence();
+  // Weights exp(m_s - M) per (split, head) and 1/L per head, then the weighted sums (through L2: __ldcg).
+  float* wts = smem + L.comb;
+  float* inv = wts + splits * kMmaHeads;
+  if (threadIdx.x < kMmaHeads) {
+    const int r = threadIdx.x;
+    float M = -INFINITY, sum = 0.0f;
+    if (r < heads) {
+      for (int64_t s = 0; s < splits; ++s) M = fmaxf(M, __ldcg(&mls[(s * slots + slot0 + r) * 2]));
+      for (int64_t s = 0; s < splits; ++s) {
+        const float ms = __ldcg(&mls[(s * slots + slot0 + r) * 2]);
+        const float w = ms == -INFINITY ? 0.0f : expf(ms - M);
+        wts[s * kMmaHeads + r] = w;
+        sum += __ldcg(&mls[(s * slots + slot0 + r) * 2 + 1]) * w;
+      }
+    }
+    inv[r] = 1.0f / sum;
+  }
+  __syncthreads();
+  for (int64_t o = threadIdx.x * 4; o < heads * C; o += kMmaThreads * 4) {
+    const int64_t r = o / C, col = o % C;
+    const float* src = parts + (slot0 + r) * C + col;
+    float4 a = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+    auto add = [&](int64_t s, const float4& v) {
+      const float w = wts[s * kMmaHeads + r];
+      a.x = fmaf(w, v.x, a.x);
+      a.y = fmaf(w, v.y, a.y);
+      a.z = fmaf(w, v.z, a.z);
+      a.w = fmaf(w, v.w, a.w);
+    };
+    int64_t s = 0;
+    for (; s + 8 <= splits; s += 8) {  // eight loads in flight per thread
+      float4 v[8];
+#pragma unroll
+      for (int u = 0; u < 8; ++u) v[u] = __ldcg(reinterpret_cast<const float4*>(src + (s + u) * slots * C));
+#pragma unroll
+      for (int u = 0; u < 8; ++u) add(s + u, v[u]);
+    }
+    for (; s < splits; ++s) add(s, __ldcg(reinterpret_cast<const float4*>(src + s * slots * C)));
+    const float iv = inv[r];
+    *reinterpret_cast<float4*>(p.out + (slot0 + r) * C + col) = make_float4(a.x * iv, a.y * iv, a.z * iv, a.w * iv);
+  }
+}
+
 }  // namespace
 
 void mla_prepare(const MlaPrepareParams& p) {
@@ -212,6 +512,13 @@ int64_t mla_attention_work_floats(int64_t n, int64_t heads, int64_t latent, int 
   return static_cast<int64_t>(splits) * n * heads * (latent + 2);
 }
 
+bool mla_attention_mma_supported(const MlaAttentionParams& p) {
+  // Whole 8-column tiles of latent, at most 8 per warp; 16-byte cache row pieces; shared memory within
+  // what a Hopper SM gives a block (the lite / V3 shape, 576 wide with 128 splits, needs 196 KiB).
+  return p.latent % 8 == 0 && p.latent <= kMmaMaxLatentTiles * 8 && p.cache.width % 4 == 0 &&
+         mma_layout(p.cache.width, p.splits).floats * static_cast<int64_t>(sizeof(float)) <= kMmaMaxSmem;
+}
+
 void mla_attention(const MlaAttentionParams& p) {
   DSV3_ASSERT(p.n >= 0 && p.heads > 0 && p.latent > 0 && p.splits >= 1 && p.split_keys >= 1);
   if (p.n == 0) return;
@@ -220,6 +527,19 @@ void mla_attention(const MlaAttentionParams& p) {
   const size_t smem = static_cast<size_t>(p.cache.width + p.latent + kTileKeys) * sizeof(float) +
                       kTileKeys * sizeof(float*) + 16;
   DSV3_ASSERT(smem <= 48 * 1024);
+  if (p.mma && mla_attention_mma_supported(p)) {
+    static const bool opted_in = [] {  // once per process: allow kMmaMaxSmem of dynamic shared memory
+      DSV3_CUDA_CHECK(cudaFuncSetAttribute(mla_attention_mma_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kMmaMaxSmem));
+      return true;
+    }();
+    const size_t bytes = static_cast<size_t>(mma_layout(p.cache.width, p.splits).floats) * sizeof(float);
+    DSV3_ASSERT(opted_in && bytes <= static_cast<size_t>(kMmaMaxSmem));
+    const int64_t groups = (p.heads + kMmaHeads - 1) / kMmaHeads;
+    const dim3 grid(static_cast<unsigned>(p.n * groups), static_cast<unsigned>(p.splits));
+    mla_attention_mma_kernel<<<grid, kMmaThreads, bytes, p.stream>>>(p);
+    check_launch("mla_attention_mma_kernel");
+    return;
+  }
   const dim3 grid(static_cast<unsigned>(p.n * p.heads), static_cast<unsigned>(p.splits));
   mla_attention_kernel<<<grid, kAttnThreads, smem, p.stream>>>(p);
   check_launch("mla_attention_kernel");

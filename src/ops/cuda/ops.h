@@ -188,13 +188,18 @@ struct MlaAttentionParams {
   const int64_t* pos = nullptr;  // [n], overrides pos0
   float scale = 0.0f;
   int splits = 1;
-  int64_t split_keys = 64;      // fewest keys per split (rounded up to whole 16-key groups)
+  int64_t split_keys = 64;      // fewest keys per split (rounded up to whole 16-key groups; 32 on tensor cores)
   float* work = nullptr;        // mla_attention_work_floats(...) floats
   int32_t* counters = nullptr;  // [n * heads], zero on entry and on exit
   float* out = nullptr;         // [n][heads][latent]
+  // The tensor-core kernel (a block per (token, 16 heads, split), mma.sync on split tf32 operands, results
+  // within ~1e-6 of fp32) where mla_attention_mma_supported, else the per-(token, head) fp32 kernel. The
+  // tensor-core kernel needs the cache pages 16-byte aligned.
+  bool mma = true;
   cudaStream_t stream = nullptr;
 };
 int64_t mla_attention_work_floats(int64_t n, int64_t heads, int64_t latent, int splits);
+bool mla_attention_mma_supported(const MlaAttentionParams& p);  // latent a multiple of 8 up to 512, width of 4s
 void mla_attention(const MlaAttentionParams& p);
 
 // Expert choice per token, exactly as route_token in src/model/model.cpp (REFERENCE.md §3.3).
