@@ -210,6 +210,9 @@ struct DevLayer {
   // qkv_a = [q_proj (or q_a_proj) rows, zero-padded to whole FP8 blocks | kv_a_proj rows]: one launch
   // computes both from the normed input. kv_a is set only when the two could not be stacked.
   DeviceMatrix qkv_a, kv_a, q_b, kv_b, o;
+  // W_UK[h]^T of every head as rows h*C .. h*C + C - 1 (upload_uk_transposed), or empty: prefill and
+  // batched steps run the absorbed query on the tensor-core kernel with it.
+  DeviceMatrix uk_t;
   const float* q_a_norm = nullptr;
   const float* kv_a_norm = nullptr;
   bool is_moe = false;
@@ -359,6 +362,32 @@ struct CudaModel::Impl {
     d.data = upload(bytes.data(), bytes.size(), what);
     if (like.dtype == DType::F8_E4M3) d.scale_inv = upload(scales.data(), scales.size(), what + " scales");
     return d;
+  }
+
+  // The per-head W_UK^T of kv_b_proj ([H * dkv, C], head h's W_UK its rows h * dkv .. + dn) as one matrix
+  // [H * C, dn]: row h * C + c is column c of head h's W_UK. Then q_lat[h] = W_UK[h]^T q_nope[h] is a plain
+  // grouped projection (groups of C rows, one per head) for the tensor-core kernel. BF16 copies as is; FP8
+  // needs each head's W_UK to be whole 128 x 128 blocks (dn = 128, dkv and C multiples of 128, as in
+  // DeepSeek-V2/V3): block (h * C/128 + j, 0) of the transpose is kv_b's block (h * dkv/128, j). Other
+  // dtypes and shapes return {} (the fused transposed kernel keeps them).
+  DeviceMatrix upload_uk_transposed(const Matrix& kvb, int64_t H, int64_t dn, int64_t dkv, const std::string& what) {
+    const int64_t C = kvb.cols;
+    const bool fp8 = kvb.dtype == DType::F8_E4M3;
+    if (kvb.dtype != DType::BF16 && !fp8) return {};
+    if (fp8 && (kvb.block_rows != 128 || kvb.block_cols != 128 || dn != 128 || dkv % 128 != 0 || C % 128 != 0))
+      return {};
+    const size_t es = dtype_size(kvb.dtype);
+    std::vector<uint8_t> bytes(static_cast<size_t>(H * C * dn) * es);
+    for (int64_t h = 0; h < H; ++h)
+      for (int64_t j = 0; j < dn; ++j)
+        for (int64_t c = 0; c < C; ++c)
+          std::memcpy(&bytes[static_cast<size_t>((h * C + c) * dn + j) * es],
+                      kvb.data + static_cast<size_t>((h * dkv + j) * C + c) * es, es);
+    std::vector<float> scales;
+    if (fp8)
+      for (int64_t h = 0; h < H; ++h)
+        for (int64_t jc = 0; jc < C / 128; ++jc) scales.push_back(kvb.scale_inv[(h * dkv / 128) * (C / 128) + jc]);
+    return upload_built(kvb, H * C, dn, bytes, scales, what);
   }
 
   // [a; b] as one matrix, a's rows zero-padded to whole FP8 blocks (so b keeps its own scale rows), for
@@ -601,7 +630,18 @@ struct CudaModel::Impl {
     qt.ldy_g = W;
     qt.group_stride = dkv;
     qt.row0 = 0;
+    // Past the GEMV's batch sizes the same product runs on the tensor-core kernel over the transposed W_UK
+    // (one group of C rows per head, each head's output at its absorbed row's start), separately.
+    cuda::LinearParams uk = lin(L.uk_t, q, ldq, n, s.qabs, H * W);
+    uk.lt = false;
+    uk.group_rows = C;
+    uk.group_stride = C;
+    uk.group_x = dq;
+    uk.group_y = W;
+    const bool uk_mma = L.uk_t.data && n > cuda::kGemvMaxBatch && cuda::expert_mma_supported(uk);
+    if (uk_mma) qt.w = {};
     cuda::mla_prepare(prep);
+    if (uk_mma) cuda::expert_mma(uk);
 
     cuda::MlaAttentionParams at;
     at.qabs = s.qabs;
@@ -894,6 +934,8 @@ CudaModel::CudaModel(const Model& host, const CudaOptions& opt) : cfg_(host.conf
     if (!a.q_a_norm.empty()) L.q_a_norm = m.upload(a.q_a_norm, p + "q_a_layernorm");
     L.kv_a_norm = m.upload(a.kv_a_norm, p + "kv_a_layernorm");
     L.kv_b = m.upload(a.kv_b_proj, p + "kv_b_proj");
+    L.uk_t = m.upload_uk_transposed(a.kv_b_proj, c.num_attention_heads, c.qk_nope_head_dim,
+                                    c.qk_nope_head_dim + c.v_head_dim, p + "kv_b_proj (W_UK transposed)");
     L.o = m.upload(a.o_proj, p + "o_proj");
     L.is_moe = lw.is_moe;
     if (!lw.is_moe) {

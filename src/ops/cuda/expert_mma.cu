@@ -295,7 +295,7 @@ __global__ void __launch_bounds__(kMmaWarps * 32) expert_mma_kernel(const MmaArg
       const float inv = p.norm ? inv_rms[i] : 1.0f;
       float out = acc[jc][v] * inv;
       if constexpr (DUAL) out = silu(out) * (acc2[jc][v] * inv);
-      float* yp = p.y + prob[i] * p.ldy + row;
+      float* yp = p.y + prob[i] * p.ldy + row + group * ((p.group_y > 0 ? p.group_y : grows) - grows);
       *yp = p.accumulate ? *yp + out : out;
     }
   }
@@ -355,6 +355,7 @@ bool expert_mma_supported(const LinearParams& p) {
     return false;
   const int64_t grows = grouped ? p.group_rows : p.out, groups = p.out / grows;
   if (p.row0 < 0 || (groups - 1) * p.group_stride + p.row0 + grows > p.w.rows) return false;
+  if (p.group_y != 0 && (!grouped || p.group_y < grows || (groups - 1) * p.group_y + grows > p.ldy)) return false;
   if (p.w.cols % 16 != 0) return false;
   return aligned16(p.x) && p.ldx % 4 == 0 && (!p.norm || aligned16(p.norm));
 }

@@ -485,6 +485,9 @@ void linear(const LinearParams& p) {
     expert_mma(p);
     return;
   }
+  if (p.group_y != 0)
+    throw Error("linear: a group output offset (group_y) runs only on the tensor-core kernel",
+                "check cuda::expert_mma_supported first and call cuda::expert_mma");
   const bool dual = p.w2 != nullptr || p.experts2 != nullptr;
   DSV3_ASSERT(p.x && p.y && p.ldy >= p.out && p.ldx >= 0);
   DSV3_ASSERT(!p.accumulate || !dual);

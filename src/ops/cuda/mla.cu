@@ -68,6 +68,22 @@ __global__ void __launch_bounds__(256) mla_prepare_kernel(const MlaPrepareParams
   transposed_block<T>(p.absorb, geom, b % col_blocks, b / col_blocks);
 }
 
+// After a block wrote its split's partials: whether it is the last of `splits` blocks to arrive at
+// *counter (every thread gets the answer). The last one resets the counter, so the next call (or graph
+// replay) starts from zero, and fences before reading the others' partials.
+__device__ bool last_to_arrive(int32_t* counter, int64_t splits) {
+  __shared__ bool last;
+  __threadfence();
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    last = atomicAdd(counter, 1) == splits - 1;
+    if (last) *counter = 0;  // every split has arrived: ready for the next call
+  }
+  __syncthreads();
+  if (last) __threadfence();
+  return last;
+}
+
 constexpr int kAttnThreads = 256, kAttnWarps = kAttnThreads / 32, kTileKeys = 64;
 
 // Grid (n * heads, splits). Shared: q row [width], o accumulator [latent], scores and row pointers.
@@ -150,16 +166,7 @@ __global__ void __launch_bounds__(kAttnThreads) mla_attention_kernel(const MlaAt
   }
 
   // Publish this split, then let the last one of this (token, head) combine them all.
-  __shared__ bool last;
-  __threadfence();
-  __syncthreads();
-  if (threadIdx.x == 0) {
-    last = atomicAdd(&p.counters[th], 1) == splits - 1;
-    if (last) p.counters[th] = 0;  // every split has arrived: ready for the next call
-  }
-  __syncthreads();
-  if (!last) return;
-  __threadfence();
+  if (!last_to_arrive(&p.counters[th], splits)) return;
   // Other blocks' partials: read through L2 (__ldcg), not a possibly stale L1 line.
   const int64_t S = splits;
   float M = -INFINITY;
@@ -426,17 +433,7 @@ __global__ void __launch_bounds__(kMmaThreads, 1) mla_attention_mma_kernel(const
   }
 
   // Publish this split; the last of this (token, head group) to arrive combines them all.
-  __shared__ bool last;
-  __threadfence();
-  __syncthreads();
-  const int64_t counter = t * groups + h0 / kMmaHeads;
-  if (threadIdx.x == 0) {
-    last = atomicAdd(&p.counters[counter], 1) == splits - 1;
-    if (last) p.counters[counter] = 0;  // every split has arrived: ready for the next call
-  }
-  __syncthreads();
-  if (!last) return;
-  __threadfence();
+  if (!last_to_arrive(&p.counters[t * groups + h0 / kMmaHeads], splits)) return;
   // Weights exp(m_s - M) per (split, head) and 1/L per head, then the weighted sums (through L2: __ldcg).
   float* wts = smem + L.comb;
   float* inv = wts + splits * kMmaHeads;

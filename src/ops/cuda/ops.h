@@ -73,6 +73,9 @@ struct LinearParams {
   float* y = nullptr;
   int64_t ldy = 0;
   int64_t group_rows = 0, group_stride = 0, group_x = 0, row0 = 0;
+  // Output offset between groups (0: group_rows, the outputs contiguous); other values only on the
+  // tensor-core kernel (expert_mma), e.g. MLA's absorbed query q_lat[h] into rows of width latent + rope.
+  int64_t group_y = 0;
   bool accumulate = false;
   int64_t fixed_experts = 0, fixed_first = 0;
   const float* norm = nullptr;  // [w.cols] RMSNorm weight applied to x first
