@@ -145,6 +145,22 @@ void run_gemm(State& s, StreamBufs& b, bool fp8, int64_t m, int64_t n, int64_t k
                                b.workspace.ptr, kWorkspaceBytes, stream));
 }
 
+// The quantization of p's input rows (normed when p.norm) into b.act / b.scales, n rows of k columns.
+ActQuantParams act_quant(const LinearParams& p, StreamBufs& b, int64_t n, int64_t k, bool fp8) {
+  ActQuantParams q;
+  q.x = p.x;
+  q.ldx = p.ldx;
+  q.n = n;
+  q.k = k;
+  q.norm = p.norm;
+  q.norm_eps = p.norm_eps;
+  q.fp8 = fp8;
+  q.q = b.act.ptr;
+  q.scales = fp8 ? static_cast<float*>(b.scales.ptr) : nullptr;
+  q.stream = p.stream;
+  return q;
+}
+
 // cuBLASLt wants each row of 128x128 block scales padded to a multiple of 4 blocks: when ceil(k/128) is not
 // one, the mb rows of kb scales at *sa (and *sb of a gate/up pair's second matrix) are copied on the stream
 // into the padded buffer b.wscales (l4 = kb rounded up to 4) and the pointers moved there.
@@ -229,18 +245,8 @@ bool linear_lt(const LinearParams& p) {
   if (padded) {
     DSV3_CUDA_CHECK(cudaMemsetAsync(static_cast<uint8_t*>(b.act.ptr) + n * k * elem, 0, sz((ng - n) * k * elem), p.stream));
   }
-  ActQuantParams q;
-  q.x = p.x;
-  q.ldx = p.ldx;
-  q.n = n;
+  ActQuantParams q = act_quant(p, b, n, k, fp8);
   q.scale_ld = ng;
-  q.k = k;
-  q.norm = p.norm;
-  q.norm_eps = p.norm_eps;
-  q.fp8 = fp8;
-  q.q = b.act.ptr;
-  q.scales = fp8 ? static_cast<float*>(b.scales.ptr) : nullptr;
-  q.stream = p.stream;
   quantize_activations(q);
   const float* act_scale = q.scales;
   if (!via_scratch) {
@@ -353,21 +359,11 @@ bool linear_lt_grouped(const LinearParams& p) {
   DSV3_CUDA_CHECK(cudaMemcpyAsync(b.row_seg.ptr, row_seg.data(), row_seg.size() * 4, cudaMemcpyHostToDevice, p.stream));
   DSV3_CUDA_CHECK(cudaMemcpyAsync(b.seg_rows.ptr, seg_rows.data(), seg_rows.size() * 4, cudaMemcpyHostToDevice, p.stream));
 
-  ActQuantParams q;
-  q.x = p.x;
-  q.ldx = p.ldx;
-  q.n = total;
-  q.k = k;
-  q.norm = p.norm;
-  q.norm_eps = p.norm_eps;
-  q.fp8 = fp8;
-  q.q = b.act.ptr;
-  q.scales = fp8 ? static_cast<float*>(b.scales.ptr) : nullptr;
+  ActQuantParams q = act_quant(p, b, total, k, fp8);
   q.rows = dprob;
   q.x_div = p.x_div;
   q.row_seg = static_cast<const int32_t*>(b.row_seg.ptr);
   q.seg_rows = static_cast<const int32_t*>(b.seg_rows.ptr);
-  q.stream = p.stream;
   quantize_activations(q);
   // The host vectors above were copied from pageable memory: cudaMemcpyAsync has staged them already.
 
