@@ -64,9 +64,10 @@ class CudaLatentCache {
 struct CudaOptions {
   bool use_graphs = true;  // replay one-token steps from a captured CUDA graph
   int device = 0;
-  // Projections of at least cuda::lt_min_rows() rows in forward() (one sequence's prefill): "lt" runs
-  // them on cuBLASLt (FP8 weights with FP8 activations, BF16 with BF16; logits move ~1e-2), "fp32" on
-  // the fp32 kernels (as the CPU engine to ~1e-6). forward_batch() always runs "fp32" (docs/CUDA.md).
+  // Projections and grouped MoE steps of at least cuda::lt_min_rows() rows in forward() (one sequence's
+  // prefill): "lt" runs them on cuBLASLt (FP8 weights with FP8 activations, BF16 with BF16; logits move
+  // ~1e-2), "fp32" on the engine's own kernels (fp32 accumulation, fp32-accurate inputs: as the CPU engine
+  // to ~1e-5). forward_batch() always runs "fp32" (docs/CUDA.md).
   // Empty: the environment's DSV3_PREFILL_GEMM, else "fp32" (so that forward() and forward_batch(),
   // i.e. CudaModel and CudaEngine, give the same tokens).
   std::string prefill_gemm;
