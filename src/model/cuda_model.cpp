@@ -179,7 +179,7 @@ int64_t moe_group_min_tokens() {
   static const int64_t n = [] {
     const char* v = std::getenv("DSV3_MOE_GROUP_MIN");
     if (v && std::string_view(v) == "off") return std::numeric_limits<int64_t>::max();
-    return v && std::atoll(v) > 0 ? static_cast<int64_t>(std::atoll(v)) : int64_t{8};
+    return cuda::env_positive("DSV3_MOE_GROUP_MIN", 8);
   }();
   return n;
 }
@@ -657,18 +657,9 @@ struct CudaModel::Impl {
     // Measurement knobs, read once: DSV3_MLA_MMA=0 runs the per-head fp32 kernel instead of the tensor-core
     // one (docs/CUDA.md, "Tensor-core attention"), DSV3_MLA_SPLIT_KEYS=N the fewest keys per split,
     // DSV3_MLA_MAX_SPLITS=N the most splits per row.
-    static const bool mla_mma = [] {
-      const char* v = std::getenv("DSV3_MLA_MMA");
-      return !(v && std::string_view(v) == "0");
-    }();
-    static const int64_t split_keys = [] {
-      const char* v = std::getenv("DSV3_MLA_SPLIT_KEYS");
-      return v && std::atoll(v) > 0 ? static_cast<int64_t>(std::atoll(v)) : kAttentionSplitKeys;
-    }();
-    static const int max_splits = [] {
-      const char* v = std::getenv("DSV3_MLA_MAX_SPLITS");
-      return v && std::atoi(v) > 0 ? std::atoi(v) : 128;
-    }();
+    static const bool mla_mma = cuda::env_enabled("DSV3_MLA_MMA");
+    static const int64_t split_keys = cuda::env_positive("DSV3_MLA_SPLIT_KEYS", kAttentionSplitKeys);
+    static const int max_splits = static_cast<int>(cuda::env_positive("DSV3_MLA_MAX_SPLITS", 128));
     at.splits = std::min(at.splits, max_splits);
     at.split_keys = split_keys;
     at.mma = mla_mma;

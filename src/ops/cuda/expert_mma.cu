@@ -7,8 +7,6 @@
 // weights, the exact operand, carry all of theirs.
 #include <cuda_bf16.h>
 
-#include <cstdlib>
-
 #include "core/error.h"
 #include "ops/cuda/dequant.cuh"
 
@@ -319,10 +317,7 @@ void launch_mma_j(const MmaArgs& a, bool x_lo) {
 // blocks are too few to fill the GPU (lite FP8 batch 64 on an H200: 1,231 tok/s wide vs 1,300 narrow);
 // DSV3_MMA_WIDE_MIN=N overrides both (measurement; read once).
 int64_t wide_min_problems(bool gathered) {
-  static const int64_t forced = [] {
-    const char* v = std::getenv("DSV3_MMA_WIDE_MIN");
-    return v && std::atoll(v) > 0 ? static_cast<int64_t>(std::atoll(v)) : int64_t{0};
-  }();
+  static const int64_t forced = env_positive("DSV3_MMA_WIDE_MIN", 0);
   return forced > 0 ? forced : gathered ? 1024 : 512;
 }
 

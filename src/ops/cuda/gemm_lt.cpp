@@ -16,7 +16,6 @@
 
 #include <algorithm>
 #include <chrono>
-#include <cstdlib>
 #include <cstring>
 #include <map>
 #include <mutex>
@@ -182,10 +181,7 @@ void pad_weight_scales(StreamBufs& b, int64_t mb, int64_t kb, const float*& sa, 
 }  // namespace
 
 int64_t lt_min_rows() {
-  static const int64_t n = [] {
-    const char* v = std::getenv("DSV3_LT_MIN_ROWS");
-    return v && std::atoi(v) > 0 ? static_cast<int64_t>(std::atoi(v)) : int64_t{64};
-  }();
+  static const int64_t n = env_positive("DSV3_LT_MIN_ROWS", 64);
   return n;
 }
 

@@ -3,9 +3,7 @@
 // input and the MoE combine fused in), a shared-memory tiled GEMM for prefill, and the transposed form
 // of MLA's absorbed query. All accumulate in fp32 over weights dequantized on the fly.
 #include <algorithm>
-#include <cstdlib>
 #include <string>
-#include <string_view>
 
 #include "core/error.h"
 #include "ops/cuda/dequant.cuh"
@@ -390,20 +388,14 @@ void check_matrix(const DeviceMatrix& w, const char* op) {
 // 1 and 4 by 8-14% FP8 and 2-4% BF16, docs/CUDA.md), or DSV3_GEMV_LANE_STEPS (a tuning knob for
 // benchmarks, read once).
 int64_t gemv_lane_steps() {
-  static const int64_t steps = [] {
-    const char* v = std::getenv("DSV3_GEMV_LANE_STEPS");
-    return v && std::atoi(v) > 0 ? static_cast<int64_t>(std::atoi(v)) : int64_t{2};
-  }();
+  static const int64_t steps = env_positive("DSV3_GEMV_LANE_STEPS", 2);
   return steps;
 }
 
 // Largest plain batch the GEMV path takes: kGemvMaxBatch, or DSV3_GEMV_MAX_BATCH (a tuning knob for
 // benchmarks, read once).
 int64_t gemv_max_batch() {
-  static const int64_t n = [] {
-    const char* v = std::getenv("DSV3_GEMV_MAX_BATCH");
-    return v && std::atoi(v) > 0 ? static_cast<int64_t>(std::atoi(v)) : kGemvMaxBatch;
-  }();
+  static const int64_t n = env_positive("DSV3_GEMV_MAX_BATCH", kGemvMaxBatch);
   return n;
 }
 
@@ -413,10 +405,7 @@ int64_t gemv_max_batch() {
 // tiled fp32 gemm_kernel is built for prefill-sized batches. DSV3_LINEAR_MMA=0 keeps gemm_kernel / the
 // GEMV (measurement; read once).
 bool linear_mma_enabled() {
-  static const bool on = [] {
-    const char* v = std::getenv("DSV3_LINEAR_MMA");
-    return !(v && std::string_view(v) == "0");
-  }();
+  static const bool on = env_enabled("DSV3_LINEAR_MMA");
   return on;
 }
 

@@ -9,6 +9,8 @@
 #include <cuda_runtime_api.h>
 
 #include <cstdint>
+#include <cstdlib>
+#include <string_view>
 
 #include "core/dtype.h"
 #include "model/routing_kinds.h"
@@ -18,6 +20,18 @@ namespace dsv3::cuda {
 // Throws dsv3::Error naming the failed call and CUDA's message (with a hint for out-of-memory).
 void check_cuda(cudaError_t err, const char* what, const char* file, int line);
 #define DSV3_CUDA_CHECK(expr) ::dsv3::cuda::check_cuda((expr), #expr, __FILE__, __LINE__)
+
+// Tuning knobs from the environment; callers keep the answer in a function-local static, so each is read
+// once. env_positive: the positive integer in `name`, else `fallback` (unset, zero, negative, not a number).
+inline int64_t env_positive(const char* name, int64_t fallback) {
+  const char* v = std::getenv(name);
+  return v && std::atoll(v) > 0 ? static_cast<int64_t>(std::atoll(v)) : fallback;
+}
+// env_enabled: true unless `name` is "0" (a path switched off for measurement).
+inline bool env_enabled(const char* name) {
+  const char* v = std::getenv(name);
+  return !(v && std::string_view(v) == "0");
+}
 
 // Whether ptr may be read and written as 16-byte vectors.
 inline bool aligned16(const void* ptr) { return reinterpret_cast<uintptr_t>(ptr) % 16 == 0; }
