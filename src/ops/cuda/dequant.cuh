@@ -118,7 +118,45 @@ __device__ __forceinline__ float warp_sum(float v) {
   return v;
 }
 
+__device__ __forceinline__ float warp_max(float v) {
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
+  return v;
+}
+
 __device__ __forceinline__ float silu(float x) { return x / (1.0f + expf(-x)); }
+
+// Programmatic dependent launch: a kernel launched by launch_pdl may start while the previous kernel of
+// the stream finishes; everything before its pdl_wait() must not read that kernel's outputs (weights
+// only). pdl_trigger() lets the next such kernel start early (else it starts when this one ends).
+__device__ __forceinline__ void pdl_wait() { asm volatile("griddepcontrol.wait;" ::: "memory"); }
+__device__ __forceinline__ void pdl_trigger() { asm volatile("griddepcontrol.launch_dependents;"); }
+
+// Whether kernels launched by launch_pdl let the next one start as soon as they pass pdl_wait() instead
+// of after their own work: the next kernel's prologue (weight rows into L2) then overlaps this kernel's
+// loads. Triggering only after pdl_wait() keeps what prologues rely on: when a kernel starts, the kernel
+// two launches back has finished (expert ids, ids_settled in ops.h). Every launch_pdl kernel calls
+// pdl_wait() before it reads what came before. DSV3_PDL_EARLY=0 triggers after the work (measurement;
+// read once).
+inline bool pdl_early() {
+  static const bool on = env_enabled("DSV3_PDL_EARLY");
+  return on;
+}
+
+template <typename Kernel, typename... Args>
+void launch_pdl(Kernel kernel, dim3 grid, dim3 block, size_t smem, cudaStream_t stream, const Args&... args) {
+  cudaLaunchConfig_t cfg = {};
+  cfg.gridDim = grid;
+  cfg.blockDim = block;
+  cfg.dynamicSmemBytes = smem;
+  cfg.stream = stream;
+  cudaLaunchAttribute attr[1];
+  attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+  attr[0].val.programmaticStreamSerializationAllowed = 1;
+  cfg.attrs = attr;
+  cfg.numAttrs = 1;
+  DSV3_CUDA_CHECK(cudaLaunchKernelEx(&cfg, kernel, args...));
+}
 
 // Checks the last launch; throws dsv3::Error naming the kernel.
 void check_launch(const char* kernel);

@@ -26,6 +26,7 @@ struct GemvArgs {
   int ksplit;               // column slices per slot
   int tiles_per_block;      // kWarps / parts when a tile has fewer parts than the block has warps
   bool vec;                 // 16-byte weight loads and float4 input loads are legal
+  bool early;               // pdl_trigger() right after pdl_wait() (pdl_early()), else after the sums
   int block_shift;          // FP8: log2(block_cols)
 };
 
@@ -35,11 +36,6 @@ __device__ __forceinline__ void prefetch_l2(const void* ptr, int64_t bytes, int 
   for (int64_t off = static_cast<int64_t>(lane) * 128; off < bytes; off += 32 * 128)
     asm volatile("prefetch.global.L2 [%0];" ::"l"(base + off));
 }
-
-// Programmatic dependent launch: everything before pdl_wait() may overlap the previous kernel's tail,
-// so it must not read that kernel's outputs (weights only); pdl_trigger() lets the next kernel start.
-__device__ __forceinline__ void pdl_wait() { asm volatile("griddepcontrol.wait;" ::: "memory"); }
-__device__ __forceinline__ void pdl_trigger() { asm volatile("griddepcontrol.launch_dependents;"); }
 
 // Expert of slot j of token t: routed slots (j < k) from the ids, fixed slots after them.
 __device__ __forceinline__ int32_t expert_of(const LinearParams& p, int64_t t, int64_t j, int64_t k) {
@@ -108,6 +104,7 @@ __global__ void __launch_bounds__(kWarps * 32) gemv_kernel(const GemvArgs a) {
     }
   }
   pdl_wait();
+  if (a.early) pdl_trigger();
   if (gathered) {
     ge = p.gather_expert[blockIdx.y];
     if (ge < 0) return;  // an unused chunk: the whole block leaves
@@ -270,7 +267,7 @@ __global__ void __launch_bounds__(kWarps * 32) gemv_kernel(const GemvArgs a) {
     }
   }
   __syncthreads();
-  pdl_trigger();
+  if (!a.early) pdl_trigger();
   for (int idx = threadIdx.x; idx < a.tiles_per_block * R * NT; idx += kWarps * 32) {
     const int tb = idx / (R * NT), r = idx / NT % R, i = idx % NT;
     const int64_t t = static_cast<int64_t>(blockIdx.x) * a.tiles_per_block + tb;
@@ -438,17 +435,9 @@ void launch_linear(GemvArgs a) {
               " blocks along the grid's y dimension, over CUDA's limit of 65,535",
           "run fewer tokens per forward pass (tokens x routed and shared experts must stay under 65,536; "
           "the serving engine's --max-batch-tokens sets its step size)");
-    cudaLaunchConfig_t cfg = {};
-    cfg.gridDim = dim3(static_cast<unsigned>((tiles + a.tiles_per_block - 1) / a.tiles_per_block),
-                       static_cast<unsigned>(problem_blocks));
-    cfg.blockDim = dim3(kWarps * 32);
-    cfg.stream = p.stream;
-    cudaLaunchAttribute attr[1];
-    attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
-    attr[0].val.programmaticStreamSerializationAllowed = 1;
-    cfg.attrs = attr;
-    cfg.numAttrs = 1;
-    DSV3_CUDA_CHECK(cudaLaunchKernelEx(&cfg, gemv_kernel<T, NT, R, DUAL>, a));
+    const dim3 grid(static_cast<unsigned>((tiles + a.tiles_per_block - 1) / a.tiles_per_block),
+                    static_cast<unsigned>(problem_blocks));
+    launch_pdl(gemv_kernel<T, NT, R, DUAL>, grid, dim3(kWarps * 32), 0, p.stream, a);
   };
   // Batch 1: four rows per warp (one input load serves four weight rows); larger batches hold NT inputs,
   // so two rows keep the registers in bounds.
@@ -490,7 +479,7 @@ void linear(const LinearParams& p) {
   DSV3_ASSERT(p.fixed_experts >= 0 && (p.fixed_experts == 0 || p.experts));
   if (p.experts && !p.combine) DSV3_ASSERT(p.x_div > p.fixed_experts);
   if (p.gather) DSV3_ASSERT(p.experts && !p.combine && p.fixed_experts == 0 && p.gather_expert && p.gather_chunks > 0);
-  GemvArgs a{p, geom_of(p.w), p.group_rows > 0 ? p.group_rows : p.out, 0, 0, 1, 1, 1, false, 0};
+  GemvArgs a{p, geom_of(p.w), p.group_rows > 0 ? p.group_rows : p.out, 0, 0, 1, 1, 1, false, pdl_early(), 0};
   // Every weight row the mapping can touch must exist.
   const int64_t groups = (p.out + a.group_rows - 1) / a.group_rows;
   a.groups = groups;

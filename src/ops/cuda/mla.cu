@@ -23,6 +23,13 @@ __device__ __forceinline__ int64_t row_position(const int64_t* pos0, const int64
   return pos ? pos[t] : *pos0 + t;
 }
 
+// Splits of row t: at least split_keys keys each (a short context needs few blocks, a long one all of
+// the grid's); blocks past them leave before touching anything.
+__device__ __forceinline__ int64_t row_splits(const MlaAttentionParams& p, int64_t t) {
+  const int64_t visible = row_position(p.pos0, p.pos, t) + 1;
+  return min(static_cast<int64_t>(p.splits), max(int64_t{1}, (visible + p.split_keys - 1) / p.split_keys));
+}
+
 // The cache row and q_pe of new token t (one block).
 __device__ void prepare_token(const MlaPrepareParams& p, int64_t t) {
   __shared__ double scratch[32];
@@ -59,7 +66,9 @@ __device__ void prepare_token(const MlaPrepareParams& p, int64_t t) {
 // Blocks [0, n): one new token each; the rest (when absorbing): linear_transposed's blocks, column
 // block fastest.
 template <int T>
-__global__ void __launch_bounds__(256) mla_prepare_kernel(const MlaPrepareParams p, const MatGeom geom) {
+__global__ void __launch_bounds__(256) mla_prepare_kernel(const MlaPrepareParams p, const MatGeom geom, bool early) {
+  pdl_wait();  // kva and q are the previous kernel's
+  if (early) pdl_trigger();
   if (blockIdx.x < p.n) {
     prepare_token(p, blockIdx.x);
     return;
@@ -98,9 +107,7 @@ __global__ void __launch_bounds__(kAttnThreads) mla_attention_kernel(const MlaAt
   const int64_t th = blockIdx.x, t = th / H, split = blockIdx.y;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int64_t visible = row_position(p.pos0, p.pos, t) + 1;
-  // This row's splits: at least split_keys keys each (a short context needs few blocks, a long one all
-  // of the grid's); blocks past them leave before touching anything. Splits cover whole 16-key groups.
-  const int64_t splits = min(static_cast<int64_t>(p.splits), max(int64_t{1}, (visible + p.split_keys - 1) / p.split_keys));
+  const int64_t splits = row_splits(p, t);  // each covering whole 16-key groups
   if (split >= splits) return;
   const int64_t chunk = ((visible + splits - 1) / splits + 15) / 16 * 16;
   const int64_t kb = split * chunk, ke = min(visible, kb + chunk);
@@ -194,8 +201,8 @@ __global__ void __launch_bounds__(kAttnThreads) mla_attention_kernel(const MlaAt
 // runs both products on mma.sync m16n8k8 tf32 with the 16 heads as M: scores S = Q K^T (16 x 32, K = the
 // row width) and O += P V (16 x latent, K = the tile's keys). fp32 operands enter as tf32 hi + lo and
 // each product runs hi*hi + hi*lo + lo*hi, so it carries ~22 bits of both inputs (results within ~1e-6
-// of the fp32 kernel, not tf32's 1e-3). Online softmax per head over the tiles; partials and the
-// last-split combine in the same work layout as the per-head kernel.
+// of the fp32 kernel, not tf32's 1e-3). Online softmax per head over the tiles; partials in the same
+// work layout as the per-head kernel, combined by mla_combine_kernel.
 constexpr int kMmaThreads = 256, kMmaWarps = kMmaThreads / 32, kMmaKeys = 32, kMmaHeads = 16;
 constexpr int kMmaMaxLatentTiles = 64;  // latent <= 512: each warp owns up to 8 column tiles of 8
 constexpr int kPStride = kMmaKeys + 4;  // score / probability rows in shared memory
@@ -203,10 +210,10 @@ constexpr int kMmaMaxSmem = 224 * 1024;  // dynamic shared memory: Hopper's 227 
 
 struct MmaLayout {
   int64_t width_pad, stride;  // row width rounded up to 8 (the MMA's k); smem row stride (+4: no bank conflicts)
-  int64_t q, k, s, pr, corr, comb, floats;  // offsets (floats) of each region, and the total
+  int64_t q, k, s, pr, corr, floats;  // offsets (floats) of each region, and the total
 };
 
-__host__ __device__ inline MmaLayout mma_layout(int64_t width, int splits) {
+__host__ __device__ inline MmaLayout mma_layout(int64_t width) {
   MmaLayout l;
   l.width_pad = (width + 7) / 8 * 8;
   l.stride = l.width_pad + 4;
@@ -215,8 +222,7 @@ __host__ __device__ inline MmaLayout mma_layout(int64_t width, int splits) {
   l.s = l.k + 2 * kMmaKeys * l.stride;           // two key buffers
   l.pr = l.s + 2 * kMmaHeads * kPStride;          // partial scores of the two k halves
   l.corr = l.pr + kMmaHeads * kPStride;           // probabilities
-  l.comb = l.corr + kMmaHeads;                    // per-head rescale of the accumulators
-  l.floats = l.comb + (static_cast<int64_t>(splits) + 1) * kMmaHeads;  // combine weights, 1/L
+  l.floats = l.corr + kMmaHeads;                  // per-head rescale of the accumulators
   return l;
 }
 
@@ -275,7 +281,7 @@ __device__ __forceinline__ void cp_async_wait() {
 __global__ void __launch_bounds__(kMmaThreads, 1) mla_attention_mma_kernel(const MlaAttentionParams p) {
   extern __shared__ __align__(16) float smem[];
   const int64_t W = p.cache.width, C = p.latent, H = p.heads, groups = (H + kMmaHeads - 1) / kMmaHeads;
-  const MmaLayout L = mma_layout(W, p.splits);
+  const MmaLayout L = mma_layout(W);
   const int64_t ls = L.stride, ksteps = L.width_pad / 8, ctiles = (C + 7) / 8;
   float* q = smem + L.q;
   float* kbuf = smem + L.k;
@@ -288,8 +294,9 @@ __global__ void __launch_bounds__(kMmaThreads, 1) mla_attention_mma_kernel(const
   const int64_t split = blockIdx.y;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, c = lane % 4;
   const int64_t visible = row_position(p.pos0, p.pos, t) + 1;
-  const int64_t splits = min(static_cast<int64_t>(p.splits), max(int64_t{1}, (visible + p.split_keys - 1) / p.split_keys));
+  const int64_t splits = row_splits(p, t);
   if (split >= splits) return;
+  pdl_wait();  // the queries and the new cache rows are mla_prepare's (or the absorbed query's)
   // Splits of whole tiles, so every tile starts at a multiple of 32 keys.
   const int64_t chunk = ((visible + splits - 1) / splits + kMmaKeys - 1) / kMmaKeys * kMmaKeys;
   const int64_t kb = split * chunk, ke = min(visible, kb + chunk);
@@ -314,12 +321,21 @@ __global__ void __launch_bounds__(kMmaThreads, 1) mla_attention_mma_kernel(const
     }
     cp_async_commit();
   };
+  // The queries join tile 0's copy group (one plain load per value would wait out a round trip each);
+  // a split without keys never reads them.
+  for (int r = warp; r < kMmaHeads && tiles > 0; r += kMmaWarps) {
+    const float* qr = p.qabs + (t * H + h0 + r) * W;
+    for (int col = lane * 4; col < quads * 4; col += 128) {
+      if (r < heads) {
+        cp_async16(q + r * ls + col, qr + col);
+      } else {
+        *reinterpret_cast<float4*>(q + r * ls + col) = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+      }
+    }
+    for (int64_t col = W + lane; col < L.width_pad; col += 32) q[r * ls + col] = 0.0f;
+  }
   if (tiles > 0) stage(0, tile_rows(0));
   const float* next_rows = tile_rows(1);  // read a tile ahead: its latency hides behind a tile's work
-  for (int r = warp; r < kMmaHeads; r += kMmaWarps) {
-    const float* qr = p.qabs + (t * H + h0 + r) * W;
-    for (int col = lane; col < L.width_pad; col += 32) q[r * ls + col] = r < heads && col < W ? qr[col] : 0.0f;
-  }
   for (int r = warp; r < 2 * kMmaKeys; r += kMmaWarps)
     for (int64_t col = W + lane; col < L.width_pad; col += 32) kbuf[r * ls + col] = 0.0f;
 
@@ -413,6 +429,7 @@ __global__ void __launch_bounds__(kMmaThreads, 1) mla_attention_mma_kernel(const
     __syncthreads();  // buffer i % 2 and the scores are free for the next tile
   }
 
+  pdl_trigger();  // the combine may launch; it waits for this grid's end before reading
   // Partials [splits][n * heads][latent] and (m, l) as the per-head kernel lays them out.
   const int64_t slots = p.n * H, slot0 = t * H + h0;
   float* parts = p.work;
@@ -431,49 +448,74 @@ __global__ void __launch_bounds__(kMmaThreads, 1) mla_attention_mma_kernel(const
     mls[(split * slots + slot0 + sr) * 2] = m;
     mls[(split * slots + slot0 + sr) * 2 + 1] = l;
   }
+}
 
-  // Publish this split; the last of this (token, head group) to arrive combines them all.
-  if (!last_to_arrive(&p.counters[t * groups + h0 / kMmaHeads], splits)) return;
-  // Weights exp(m_s - M) per (split, head) and 1/L per head, then the weighted sums (through L2: __ldcg).
-  float* wts = smem + L.comb;
-  float* inv = wts + splits * kMmaHeads;
-  if (threadIdx.x < kMmaHeads) {
-    const int r = threadIdx.x;
-    float M = -INFINITY, sum = 0.0f;
-    if (r < heads) {
-      for (int64_t s = 0; s < splits; ++s) M = fmaxf(M, __ldcg(&mls[(s * slots + slot0 + r) * 2]));
-      for (int64_t s = 0; s < splits; ++s) {
-        const float ms = __ldcg(&mls[(s * slots + slot0 + r) * 2]);
-        const float w = ms == -INFINITY ? 0.0f : expf(ms - M);
-        wts[s * kMmaHeads + r] = w;
-        sum += __ldcg(&mls[(s * slots + slot0 + r) * 2 + 1]) * w;
-      }
+// Combine of the tensor-core kernel's splits, its own launch so that every (token, head, 128 latent
+// columns) gets a block: the last split of a token combining them all read every partial through one
+// SM (512 KB at 16 splits of 16 heads, 4 MB at 128).
+// The block's warp 0 turns the splits' (m, l) into weights exp(m_s - M) and 1 / L; its 4 warps then sum
+// every 4th split's partial rows, 8 loads in flight per lane, and meet in shared memory.
+constexpr int kCombineThreads = 128, kCombineWarps = kCombineThreads / 32, kCombineCols = 128, kMaxSplits = 1024;
+
+__global__ void __launch_bounds__(kCombineThreads) mla_combine_kernel(const MlaAttentionParams p) {
+  __shared__ float wts[kMaxSplits];
+  __shared__ float4 red[kCombineWarps][32];
+  __shared__ float inv_l;
+  const int64_t C = p.latent, slot = blockIdx.x, t = slot / p.heads, slots = p.n * p.heads;
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int64_t splits = row_splits(p, t);
+  const float* parts = p.work;
+  const float* mls = parts + p.splits * slots * C;
+  pdl_wait();  // the partials are the attention kernel's
+  if (warp == 0) {
+    float M = -INFINITY;
+    for (int64_t s = lane; s < splits; s += 32) M = fmaxf(M, mls[(s * slots + slot) * 2]);
+    M = warp_max(M);  // finite: split 0 always has keys
+    float sum = 0.0f;
+    for (int64_t s = lane; s < splits; s += 32) {
+      const float ms = mls[(s * slots + slot) * 2];
+      const float w = ms == -INFINITY ? 0.0f : expf(ms - M);  // a split past the keys' end has none
+      wts[s] = w;
+      sum += mls[(s * slots + slot) * 2 + 1] * w;
     }
-    inv[r] = 1.0f / sum;
+    sum = warp_sum(sum);
+    if (lane == 0) inv_l = 1.0f / sum;
   }
   __syncthreads();
-  for (int64_t o = threadIdx.x * 4; o < heads * C; o += kMmaThreads * 4) {
-    const int64_t r = o / C, col = o % C;
-    const float* src = parts + (slot0 + r) * C + col;
-    float4 a = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+  const int64_t col = blockIdx.y * kCombineCols + lane * 4;
+  float4 a = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+  if (col < C) {
+    const float* src = parts + slot * C + col;
     auto add = [&](int64_t s, const float4& v) {
-      const float w = wts[s * kMmaHeads + r];
+      const float w = wts[s];
       a.x = fmaf(w, v.x, a.x);
       a.y = fmaf(w, v.y, a.y);
       a.z = fmaf(w, v.z, a.z);
       a.w = fmaf(w, v.w, a.w);
     };
-    int64_t s = 0;
-    for (; s + 8 <= splits; s += 8) {  // eight loads in flight per thread
+    int64_t s = warp;
+    for (; s + 7 * kCombineWarps < splits; s += 8 * kCombineWarps) {
       float4 v[8];
 #pragma unroll
-      for (int u = 0; u < 8; ++u) v[u] = __ldcg(reinterpret_cast<const float4*>(src + (s + u) * slots * C));
+      for (int u = 0; u < 8; ++u) v[u] = __ldcg(reinterpret_cast<const float4*>(src + (s + u * kCombineWarps) * slots * C));
 #pragma unroll
-      for (int u = 0; u < 8; ++u) add(s + u, v[u]);
+      for (int u = 0; u < 8; ++u) add(s + u * kCombineWarps, v[u]);
     }
-    for (; s < splits; ++s) add(s, __ldcg(reinterpret_cast<const float4*>(src + s * slots * C)));
-    const float iv = inv[r];
-    *reinterpret_cast<float4*>(p.out + (slot0 + r) * C + col) = make_float4(a.x * iv, a.y * iv, a.z * iv, a.w * iv);
+    for (; s < splits; s += kCombineWarps) add(s, __ldcg(reinterpret_cast<const float4*>(src + s * slots * C)));
+  }
+  red[warp][lane] = a;
+  __syncthreads();
+  pdl_trigger();
+  if (warp == 0 && col < C) {
+    float4 o = red[0][lane];
+    for (int w = 1; w < kCombineWarps; ++w) {
+      o.x += red[w][lane].x;
+      o.y += red[w][lane].y;
+      o.z += red[w][lane].z;
+      o.w += red[w][lane].w;
+    }
+    const float iv = inv_l;
+    *reinterpret_cast<float4*>(p.out + slot * C + col) = make_float4(o.x * iv, o.y * iv, o.z * iv, o.w * iv);
   }
 }
 
@@ -497,10 +539,10 @@ void mla_prepare(const MlaPrepareParams& p) {
   }
   const unsigned grid = static_cast<unsigned>(blocks);
   switch (t) {
-    case kF32: mla_prepare_kernel<kF32><<<grid, 256, 0, p.stream>>>(p, geom); break;
-    case kF16: mla_prepare_kernel<kF16><<<grid, 256, 0, p.stream>>>(p, geom); break;
-    case kBF16: mla_prepare_kernel<kBF16><<<grid, 256, 0, p.stream>>>(p, geom); break;
-    default: mla_prepare_kernel<kF8><<<grid, 256, 0, p.stream>>>(p, geom); break;
+    case kF32: launch_pdl(mla_prepare_kernel<kF32>, grid, dim3(256), 0, p.stream, p, geom, pdl_early()); break;
+    case kF16: launch_pdl(mla_prepare_kernel<kF16>, grid, dim3(256), 0, p.stream, p, geom, pdl_early()); break;
+    case kBF16: launch_pdl(mla_prepare_kernel<kBF16>, grid, dim3(256), 0, p.stream, p, geom, pdl_early()); break;
+    default: launch_pdl(mla_prepare_kernel<kF8>, grid, dim3(256), 0, p.stream, p, geom, pdl_early()); break;
   }
   check_launch("mla_prepare_kernel");
 }
@@ -513,7 +555,7 @@ bool mla_attention_mma_supported(const MlaAttentionParams& p) {
   // Whole 8-column tiles of latent, at most 8 per warp; 16-byte cache row pieces; shared memory within
   // what a Hopper SM gives a block (the lite / V3 shape, 576 wide with 128 splits, needs 196 KiB).
   return p.latent % 8 == 0 && p.latent <= kMmaMaxLatentTiles * 8 && p.cache.width % 4 == 0 &&
-         mma_layout(p.cache.width, p.splits).floats * static_cast<int64_t>(sizeof(float)) <= kMmaMaxSmem;
+         mma_layout(p.cache.width).floats * static_cast<int64_t>(sizeof(float)) <= kMmaMaxSmem;
 }
 
 void mla_attention(const MlaAttentionParams& p) {
@@ -529,12 +571,14 @@ void mla_attention(const MlaAttentionParams& p) {
       DSV3_CUDA_CHECK(cudaFuncSetAttribute(mla_attention_mma_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kMmaMaxSmem));
       return true;
     }();
-    const size_t bytes = static_cast<size_t>(mma_layout(p.cache.width, p.splits).floats) * sizeof(float);
+    const size_t bytes = static_cast<size_t>(mma_layout(p.cache.width).floats) * sizeof(float);
     DSV3_ASSERT(opted_in && bytes <= static_cast<size_t>(kMmaMaxSmem));
     const int64_t groups = (p.heads + kMmaHeads - 1) / kMmaHeads;
     const dim3 grid(static_cast<unsigned>(p.n * groups), static_cast<unsigned>(p.splits));
-    mla_attention_mma_kernel<<<grid, kMmaThreads, bytes, p.stream>>>(p);
-    check_launch("mla_attention_mma_kernel");
+    launch_pdl(mla_attention_mma_kernel, grid, dim3(kMmaThreads), bytes, p.stream, p);
+    DSV3_ASSERT(p.splits <= kMaxSplits);
+    const dim3 cgrid(static_cast<unsigned>(p.n * p.heads), static_cast<unsigned>((p.latent + kCombineCols - 1) / kCombineCols));
+    launch_pdl(mla_combine_kernel, cgrid, dim3(kCombineThreads), 0, p.stream, p);
     return;
   }
   const dim3 grid(static_cast<unsigned>(p.n * p.heads), static_cast<unsigned>(p.splits));

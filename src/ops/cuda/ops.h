@@ -207,7 +207,7 @@ struct MlaAttentionParams {
   int splits = 1;
   int64_t split_keys = 64;      // fewest keys per split (rounded up to whole 16-key groups; 32 on tensor cores)
   float* work = nullptr;        // mla_attention_work_floats(...) floats
-  int32_t* counters = nullptr;  // [n * heads], zero on entry and on exit
+  int32_t* counters = nullptr;  // [n * heads], zero on entry and on exit (the per-head kernel's last-split combine)
   float* out = nullptr;         // [n][heads][latent]
   // The tensor-core kernel (a block per (token, 16 heads, split), mma.sync on split tf32 operands, results
   // within ~1e-6 of fp32) where mla_attention_mma_supported, else the per-(token, head) fp32 kernel. The

@@ -22,13 +22,16 @@ __device__ void warp_argmax(float& v, int& i) {
   }
 }
 
-__global__ void route_kernel(const RouteParams p) {
+__global__ void route_kernel(const RouteParams p, bool early) {
+  pdl_wait();  // the logits are the previous kernel's
+  if (early) pdl_trigger();
   extern __shared__ float smem[];
   const int64_t E = p.experts;
   float* s = smem;              // scores
   float* sel = smem + E;        // selection scores
   float* gscore = smem + 2 * E; // [n_group]
-  uint8_t* taken = reinterpret_cast<uint8_t*>(gscore + p.n_group);  // [max(E, n_group)]
+  float* chosen = gscore + p.n_group;  // [k] weights of the chosen experts, before normalization
+  uint8_t* taken = reinterpret_cast<uint8_t*>(chosen + p.k);  // [max(E, n_group)]
   const int lane = threadIdx.x;
   const int64_t t = blockIdx.x;
   const float* logits = p.logits + t * E;
@@ -104,7 +107,7 @@ __global__ void route_kernel(const RouteParams p) {
     if (lane == 0) {
       taken[i] = 1;
       p.ids[t * p.k + r] = i;
-      p.weights[t * p.k + r] = s[i];
+      chosen[r] = s[i];  // not read back from p.weights: a global round trip per expert
       sum += s[i];
     }
     __syncwarp();
@@ -113,7 +116,7 @@ __global__ void route_kernel(const RouteParams p) {
     const bool normalize = p.norm_topk_prob && p.k > 1;
     const bool scale = !normalize || p.method == TopkMethod::NoauxTc;
     for (int64_t r = 0; r < p.k; ++r) {
-      float w = p.weights[t * p.k + r];
+      float w = chosen[r];
       if (normalize) w /= sum + 1e-20f;
       if (scale) w *= p.routed_scaling_factor;
       p.weights[t * p.k + r] = w;
@@ -202,10 +205,10 @@ void route(const RouteParams& p) {
   DSV3_ASSERT(p.experts % p.n_group == 0 && p.topk_group >= 1 && p.topk_group <= p.n_group);
   if (p.n == 0) return;
   DSV3_ASSERT(p.logits && p.ids && p.weights);
-  const size_t smem = static_cast<size_t>(2 * p.experts + p.n_group) * sizeof(float) +
+  const size_t smem = static_cast<size_t>(2 * p.experts + p.n_group + p.k) * sizeof(float) +
                       static_cast<size_t>(p.experts > p.n_group ? p.experts : p.n_group);
   DSV3_ASSERT(smem <= 48 * 1024);
-  route_kernel<<<static_cast<unsigned>(p.n), 32, smem, p.stream>>>(p);
+  launch_pdl(route_kernel, dim3(static_cast<unsigned>(p.n)), dim3(32), smem, p.stream, p, pdl_early());
   check_launch("route_kernel");
 }
 

@@ -10,10 +10,10 @@ namespace dsv3::cuda {
 void check_transposed(const LinearTransposedParams& p);
 
 // One block of 256 threads = 32 output columns of group g; its 8 warps split the k rows and reduce
-// through shared memory.
-template <int T>
-__device__ void transposed_block(const LinearTransposedParams& p, const MatGeom& geom, int64_t col_block, int64_t g) {
-  constexpr int NT = 8;
+// through shared memory. NT tokens per pass: 8, or 1 for a single token (a batch-1 decode step would
+// otherwise load and multiply its one input eight times per weight).
+template <int T, int NT>
+__device__ void transposed_block_nt(const LinearTransposedParams& p, const MatGeom& geom, int64_t col_block, int64_t g) {
   __shared__ float part[8][NT][33];
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int64_t c = col_block * 32 + lane;
@@ -24,7 +24,7 @@ __device__ void transposed_block(const LinearTransposedParams& p, const MatGeom&
     const float* xs[NT];
 #pragma unroll
     for (int i = 0; i < NT; ++i) xs[i] = p.x + (t0 + i < p.n ? t0 + i : t0) * p.ldx_t + g * p.ldx_g;
-#pragma unroll 4
+#pragma unroll(NT == 1 ? 16 : 4)  // a warp's rows (16 of DeepSeek's 128) all in flight at batch 1
     for (int64_t j = warp; j < p.k; j += 8) {
       const float w = load1<T>(p.w.data, p.w.scale_inv, geom, g * p.group_stride + p.row0 + j, cc);
 #pragma unroll
@@ -42,6 +42,15 @@ __device__ void transposed_block(const LinearTransposedParams& p, const MatGeom&
       }
     }
     __syncthreads();
+  }
+}
+
+template <int T>
+__device__ void transposed_block(const LinearTransposedParams& p, const MatGeom& geom, int64_t col_block, int64_t g) {
+  if (p.n == 1) {
+    transposed_block_nt<T, 1>(p, geom, col_block, g);
+  } else {
+    transposed_block_nt<T, 8>(p, geom, col_block, g);
   }
 }
 
