@@ -2,7 +2,11 @@
 // trainer config, next to the cuBLAS BF16 GEMM rate measured in the same process (the roofline).
 //
 //   dsv3_bench_train CONFIG [--steps N] [--warmup N] [--precision bf16|fp32] [--batch B] [--seq S]
-//                    [--attention explicit|fused]   (fused: the opt-in flash-style kernels, bf16 only)
+//                    [--attention explicit|tf32|fused]   (explicit: S x S products on bf16 operands in bf16
+//                                                         mode; tf32: on fp32 operands, run 7's path; fused:
+//                                                         the opt-in flash-style kernels, bf16 only)
+//                    [--linears tf32|bf16]   (bf16 mode: the non-expert linear layers on fp32 operands that
+//                                             cuBLAS runs as TF32, the default, or opt-in on bf16 operands)
 //
 // Data: uniformly random token ids (speed does not depend on the text). Model FLOPs per optimizer step
 // (PaLM's convention, docs/PERF.md):
@@ -111,13 +115,13 @@ int run(int argc, char** argv) {
   if (argc < 2) {
     std::fprintf(stderr,
                  "usage: %s CONFIG [--steps N] [--warmup N] [--precision bf16|fp32] [--batch B] [--seq S] "
-                 "[--attention explicit|fused]\n",
+                 "[--attention explicit|tf32|fused] [--linears tf32|bf16]\n",
                  argv[0]);
     return 2;
   }
   const std::string config_path = argv[1];
   int64_t steps = 10, warmup = 2, batch = 0, seq = 0;
-  std::string precision = "bf16", attention = "explicit";
+  std::string precision = "bf16", attention = "explicit", linears = "tf32";
   for (int i = 2; i + 1 < argc; i += 2) {
     const std::string f = argv[i], v = argv[i + 1];
     if (f == "--steps") steps = std::stoll(v);
@@ -127,12 +131,17 @@ int run(int argc, char** argv) {
     else if (f == "--seq") seq = std::stoll(v);
     else if (f == "--attention")
       attention = v;
+    else if (f == "--linears")
+      linears = v;
     else
-      throw Error("unknown flag " + f, "flags: --steps --warmup --precision --batch --seq --attention");
+      throw Error("unknown flag " + f, "flags: --steps --warmup --precision --batch --seq --attention --linears");
   }
-  if (attention != "fused" && attention != "explicit") {
+  if (linears != "bf16" && linears != "tf32") {
+    throw Error("--linears " + linears + " is not an operand type", "use --linears tf32 (the default) or bf16");
+  }
+  if (attention != "fused" && attention != "explicit" && attention != "tf32") {
     throw Error("--attention " + attention + " is not an attention path",
-                "use --attention explicit (the default) or fused");
+                "use --attention explicit (the default), tf32 (explicit on fp32 operands) or fused");
   }
   Json config = read_json_file(config_path);
   if (!config.contains("training")) config["training"] = Json::object();
@@ -157,16 +166,22 @@ int run(int argc, char** argv) {
                                                         tc::parse_precision(precision));
   tc::CudaTrainModel* gpu = backend.get();
   gpu->set_fused_attention(attention == "fused");
+  gpu->set_bf16_attention(attention != "tf32");
+  gpu->set_bf16_linears(linears == "bf16");
   trainer.set_backend(std::move(backend));
   const Flops f = model_flops(trainer.model(), tc);
   std::printf("config: %s\nmodel: %s\nparameters: %lld total, %.1fM active per main token (matrices, experts at k/E)\n",
               config_path.c_str(), mc.summary().c_str(), static_cast<long long>(trainer.model().num_params()),
               f.n_main / 1e6);
   std::printf(
-      "batch: %lld x %lld tokens x %lld micro-batches = %lld tokens/step; precision %s, %s attention\n",
+      "batch: %lld x %lld tokens x %lld micro-batches = %lld tokens/step; precision %s, %s attention, "
+      "linear layers on %s operands\n",
       static_cast<long long>(tc.batch_size), static_cast<long long>(tc.seq_len),
       static_cast<long long>(tc.grad_accum), static_cast<long long>(tokens_per_step), precision.c_str(),
-      gpu->fused_attention() ? "fused" : "explicit");
+      gpu->fused_attention()  ? "fused"
+      : gpu->bf16_attention() ? "explicit, bf16 operands"
+                              : "explicit, fp32 operands",
+      gpu->bf16_linears() ? "bf16" : "fp32");
   std::printf("device: %s\n", tc::gpu_description().c_str());
   for (int64_t i = 0; i < warmup; ++i) trainer.step();
   // DSV3_PROFILE=1: one more step inside cudaProfilerStart/Stop, for `ncu --profile-from-start off`.

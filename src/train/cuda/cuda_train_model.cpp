@@ -103,12 +103,16 @@ struct DLayer {
 };
 
 // ---- activations kept from forward to backward (device pointers into the activation arena) ----
+// The *16 members: bf16 copies of the operands of the bf16 linear layers, written by their producers
+// (BF16 mode with bf16 linears; null otherwise, and the fp32 operands are used).
 struct SwiGLUActs {
   float *g = nullptr, *u = nullptr, *a = nullptr;
+  __nv_bfloat16* a16 = nullptr;
 };
 
 struct AttnActs {
   float *qa = nullptr, *qa_rstd = nullptr, *qan = nullptr;  // q low-rank path
+  __nv_bfloat16 *qan16 = nullptr, *c16 = nullptr, *o16 = nullptr;
   float* q = nullptr;                                      // [N x H*dq], roped
   float* kva = nullptr;                                    // [N x (C+dr)] (c_in is its first C columns)
   float *c_rstd = nullptr, *c = nullptr;                   // [N], [N x C]
@@ -116,6 +120,8 @@ struct AttnActs {
   float* kv = nullptr;                                     // [N x H*(dn+dv)]
   float* kfull = nullptr;                                  // [N x H*dq]: per-head keys
   float* probs = nullptr;                                  // [B x H x S x S] (explicit path)
+  // The explicit path on bf16 operands: q, the keys and kv rounded, the probabilities in bf16 (probs null).
+  __nv_bfloat16 *q16 = nullptr, *k16 = nullptr, *kv16 = nullptr, *probs16 = nullptr;
   float* lse = nullptr;                                    // [B x H x S] (fused path)
   float* o = nullptr;                                      // [N x H*dv]
 };
@@ -133,6 +139,7 @@ struct MoEActs {
 struct LayerActs {
   const float* x_in = nullptr;
   float *xn1 = nullptr, *rstd1 = nullptr, *h = nullptr, *xn2 = nullptr, *rstd2 = nullptr, *out = nullptr;
+  __nv_bfloat16 *xn1_16 = nullptr, *xn2_16 = nullptr;
   AttnActs attn;
   SwiGLUActs mlp;
   MoEActs moe;
@@ -164,17 +171,28 @@ struct CudaTrainModel::Impl {
   std::vector<DevParam> params;  // store.params() order
   std::unordered_map<std::string, DevParam*> by_name;
   DevParam *embed = nullptr, *final_norm = nullptr, *lm_head = nullptr;
-  // BF16 mode: lm_head's weights rounded to bf16 (refreshed by push and after every AdamW step), so that
-  // the head's GEMMs, the largest of the step (V x D against every token, twice with MTP), run on the
-  // native bf16 kernels instead of cuBLAS's TF32 ones (gemm.h). Null in FP32 mode.
-  __nv_bfloat16* head_w16 = nullptr;
+  // BF16 mode: every weight rounded to bf16, at the same offsets as in w_slab (written by push and by
+  // each AdamW step), so that the head's GEMMs (the largest of the step: V x D against every token, twice
+  // with MTP) and, with bf16_linears, those of the non-expert linear layers (attention projections, dense
+  // MLP, shared experts, MTP's eh_proj) run on the native bf16 kernels instead of cuBLAS's TF32 ones
+  // (gemm.h). Null in FP32 mode. The routed experts and the router gate keep fp32 operands (TF32):
+  // per-expert bf16 calls cost more host time than they save (docs/TRAINING.md), and the gate's logits
+  // pick the experts.
+  __nv_bfloat16* w16_slab = nullptr;
+  // Opt-in (set_bf16_linears): the 300M step 7% shorter but the default model's 9% longer, and the tiny
+  // test models' gradients over the bf16 bound (docs/TRAINING.md).
+  bool bf16_linears = false;
+  // The explicit attention's S x S products on bf16 operands (BF16 mode): the default, faster on the 300M
+  // and the default model (docs/TRAINING.md); set_bf16_attention(false) keeps fp32 operands (TF32).
+  bool bf16_attention = true;
   std::vector<DLayer> layers;
   bool has_mtp = false;
   DevParam *enorm = nullptr, *hnorm = nullptr, *eh_proj = nullptr, *head_norm = nullptr;
   DLayer mtp_layer;
 
   Arena acts{int64_t{64} << 20};     // from forward to backward; reset by forward
-  Arena scratch{int64_t{64} << 20};  // within one layer's backward
+  // Within one layer's backward; in forward, the bf16 attention's fp32 scores (until its softmax).
+  Arena scratch{int64_t{64} << 20};
   double* sumsq = nullptr;           // [1 + sumsq_partial_doubles()]
   int32_t* counts_host = nullptr;    // [E] pinned: one MoE layer's segment sizes
   cudaEvent_t counts_ready = nullptr;
@@ -188,7 +206,7 @@ struct CudaTrainModel::Impl {
   float *cos = nullptr, *sin = nullptr, *mtp_cos = nullptr, *mtp_sin = nullptr;
   std::vector<LayerActs> la;
   LayerActs mla;
-  __nv_bfloat16 *hf16 = nullptr, *xmn16 = nullptr;  // the head's inputs in bf16 (BF16 mode)
+  __nv_bfloat16 *hf16 = nullptr, *xmn16 = nullptr, *cat16 = nullptr;  // bf16 GEMM inputs (BF16 mode)
   float *x_last = nullptr, *hf = nullptr, *rstd_f = nullptr, *logits = nullptr, *lse = nullptr;
   float *emb = nullptr, *e_rstd = nullptr, *hsel = nullptr, *h_rstd = nullptr, *cat = nullptr, *xm_out = nullptr;
   float *xmn = nullptr, *xm_rstd = nullptr, *mlogits = nullptr, *mlse = nullptr;
@@ -209,7 +227,7 @@ struct CudaTrainModel::Impl {
     V = cfg.vocab_size;
     DSV3_CUDA_CHECK(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking));
     gemm = std::make_unique<Gemm>(stream, p);
-    allocate_params();
+    allocate_params(p == Precision::BF16);
     DSV3_CUDA_CHECK(cudaMalloc(reinterpret_cast<void**>(&sumsq),
                                static_cast<size_t>(1 + sumsq_partial_doubles()) * sizeof(double)));
     DSV3_CUDA_CHECK(cudaMallocHost(reinterpret_cast<void**>(&counts_host), static_cast<size_t>(E) * sizeof(int32_t)));
@@ -218,9 +236,6 @@ struct CudaTrainModel::Impl {
     embed = P("model.embed_tokens.weight");
     final_norm = P("model.norm.weight");
     lm_head = cfg.tie_word_embeddings ? embed : P("lm_head.weight");
-    if (p == Precision::BF16)
-      DSV3_CUDA_CHECK(cudaMalloc(reinterpret_cast<void**>(&head_w16),
-                                 static_cast<size_t>(V * D) * sizeof(__nv_bfloat16)));
     has_mtp = store.has_mtp();
     if (has_mtp) {
       const std::string mp = mtp_prefix(cfg);
@@ -242,18 +257,19 @@ struct CudaTrainModel::Impl {
     cudaFree(m_slab);
     cudaFree(v_slab);
     cudaFree(sumsq);
-    cudaFree(head_w16);
+    cudaFree(w16_slab);
     cudaFree(decays);
     if (stream) cudaStreamDestroy(stream);
   }
 
-  void allocate_params() {
+  void allocate_params(bool bf16_copies) {
     int64_t total = 0;
     for (Param<float>* p : store.params()) total += align_up(p->numel());
     slab_floats = total;
     size_t free_b = 0, total_b = 0;
     DSV3_CUDA_CHECK(cudaMemGetInfo(&free_b, &total_b));
-    const double need = 4.0 * static_cast<double>(total) * sizeof(float);
+    const double need = (4.0 * sizeof(float) + (bf16_copies ? sizeof(__nv_bfloat16) : 0.0)) *
+                        static_cast<double>(total);
     check(need < 0.9 * static_cast<double>(free_b),
           "the model's weights, gradients and AdamW moments need " + std::to_string(need / (1 << 30)) +
               " GiB on the GPU, " + std::to_string(static_cast<double>(free_b) / (1 << 30)) + " GiB are free",
@@ -262,6 +278,9 @@ struct CudaTrainModel::Impl {
       DSV3_CUDA_CHECK(cudaMalloc(reinterpret_cast<void**>(slab), static_cast<size_t>(total) * sizeof(float)));
       DSV3_CUDA_CHECK(cudaMemsetAsync(*slab, 0, static_cast<size_t>(total) * sizeof(float), stream));
     }
+    if (bf16_copies)
+      DSV3_CUDA_CHECK(cudaMalloc(reinterpret_cast<void**>(&w16_slab),
+                                 static_cast<size_t>(total) * sizeof(__nv_bfloat16)));
     params.reserve(store.params().size());
     int64_t off = 0;
     for (Param<float>* p : store.params()) {
@@ -354,6 +373,12 @@ struct CudaTrainModel::Impl {
       for (int64_t e = 0; e < E; ++e) moe[i]->balance->load[e] += load[i * E + e];
   }
 
+  // A weight's bf16 copy (BF16 mode).
+  const __nv_bfloat16* w16(const DevParam* p) const { return w16_slab + (p->w - w_slab); }
+  // Room for the bf16 copy of an operand of the non-expert linear layers, or null when they run on fp32
+  // operands (FP32 mode, or bf16_linears off).
+  __nv_bfloat16* bf16_operand(Arena& a, int64_t n) { return w16_slab && bf16_linears ? a.bf16s(n) : nullptr; }
+
   void set_fused_attention(bool on) {
     fused_attention = on && gemm->precision() == Precision::BF16 && flash_attention_supported(dq, dv);
   }
@@ -406,139 +431,201 @@ struct CudaTrainModel::Impl {
   }
 
   // ---- building blocks (mirror train_model.cpp) ----
-  // out [n x V] = x lm_head^T; in BF16 mode through x rounded into x16 (kept for the backward).
-  void head_forward(float* out, const float* x, __nv_bfloat16*& x16, int64_t n) {
-    if (!head_w16) {
+  // out [n x V] = x lm_head^T; in BF16 mode on x16, x rounded to bf16 by its norm (kept for the backward).
+  void head_forward(float* out, const float* x, const __nv_bfloat16* x16, int64_t n) {
+    if (x16)
+      gemm->linear_forward(out, x16, w16(lm_head), n, D, V);
+    else
       gemm->linear_forward(out, x, lm_head->w, n, D, V);
-      return;
-    }
-    x16 = acts.bf16s(n * D);
-    to_bf16(x16, x, n * D, stream);
-    gemm->rm_bf16(false, true, n, V, D, 1.0f, x16, D, head_w16, D, 0.0f, out, V);
   }
 
   // The cross-entropy's and the head's backward: dx [n x D] written, lm_head's gradient accumulated, from
   // the logits of head_forward (turned into dlogits * g; in BF16 mode into a bf16 copy, logits kept).
   void head_backward(float* dx, float* logits_, const float* lse_, const int32_t* tgt, const float* x,
                      const __nv_bfloat16* x16, int64_t n, float g) {
-    if (!head_w16) {
+    if (!x16) {
       crossentropy_backward(logits_, lse_, tgt, n, V, g, stream);
       gemm->linear_backward(dx, lm_head->g, logits_, x, lm_head->w, n, D, V);
       return;
     }
     __nv_bfloat16* dl = acts.bf16s(n * V);
     crossentropy_backward_bf16(dl, logits_, lse_, tgt, n, V, g, stream);
-    gemm->rm_bf16(false, false, n, D, V, 1.0f, dl, V, head_w16, D, 0.0f, dx, D);    // dx = dl W
-    gemm->rm_bf16(true, false, V, D, n, 1.0f, dl, V, x16, D, 1.0f, lm_head->g, D);  // dW += dl^T x
+    gemm->linear_backward(dx, lm_head->g, dl, x16, w16(lm_head), n, D, V);
   }
 
-  void refresh_head_copy() {
-    if (head_w16) to_bf16(head_w16, lm_head->w, V * D, stream);
+  // The non-expert linear layers: y [n x out] = x W^T, on bf16 operands when x16 (x's bf16 copy, written
+  // by x's producer) is given, else on x (fp32 operands: TF32 in BF16 mode, IEEE fp32 in FP32 mode).
+  void linear_fwd(float* y, const float* x, const __nv_bfloat16* x16, const DevParam* W, int64_t n, int64_t in,
+                  int64_t out) {
+    if (x16)
+      gemm->linear_forward(y, x16, w16(W), n, in, out);
+    else
+      gemm->linear_forward(y, x, W->w, n, in, out);
+  }
+  // Its backward: dx = dy W written (added with accumulate_dx), W's gradient += dy^T x. On bf16 operands
+  // when x16 is given: dy16 is dy's bf16 copy from its producer, or null to round dy here (one pass).
+  void linear_bwd(float* dx, bool accumulate_dx, DevParam* W, const float* dy, const __nv_bfloat16* dy16,
+                  const float* x, const __nv_bfloat16* x16, int64_t n, int64_t in, int64_t out) {
+    if (!x16) {
+      gemm->linear_backward(dx, W->g, dy, x, W->w, n, in, out, accumulate_dx);
+      return;
+    }
+    if (!dy16) {
+      __nv_bfloat16* r = scratch.bf16s(n * out);
+      to_bf16(r, dy, n * out, stream);
+      dy16 = r;
+    }
+    gemm->linear_backward(dx, W->g, dy16, x16, w16(W), n, in, out, accumulate_dx);
   }
 
-  void swiglu_fwd(const DSwiGLU& p, SwiGLUActs& a, const float* x, int64_t n, float* y) {
+  // BF16 mode: the weights' bf16 copies from the fp32 masters (AdamW keeps them current after that).
+  void refresh_bf16_weights() {
+    if (w16_slab) to_bf16(w16_slab, w_slab, slab_floats, stream);
+  }
+
+  // The dense MLP and the shared expert (x16: x's bf16 copy, or null for fp32 operands).
+  void swiglu_fwd(const DSwiGLU& p, SwiGLUActs& a, const float* x, const __nv_bfloat16* x16, int64_t n,
+                  float* y) {
     a.g = acts.floats(n * p.I);
     a.u = acts.floats(n * p.I);
     a.a = acts.floats(n * p.I);
-    gemm->linear_forward(a.g, x, p.gate->w, n, D, p.I);
-    gemm->linear_forward(a.u, x, p.up->w, n, D, p.I);
-    swiglu_forward(a.a, a.g, a.u, n * p.I, stream);
-    gemm->linear_forward(y, a.a, p.down->w, n, p.I, D);
+    a.a16 = x16 ? acts.bf16s(n * p.I) : nullptr;
+    linear_fwd(a.g, x, x16, p.gate, n, D, p.I);
+    linear_fwd(a.u, x, x16, p.up, n, D, p.I);
+    swiglu_forward(a.a, a.g, a.u, n * p.I, stream, a.a16);
+    linear_fwd(y, a.a, a.a16, p.down, n, p.I, D);
   }
 
   // dx written.
-  void swiglu_bwd(const DSwiGLU& p, const SwiGLUActs& a, const float* x, const float* dy, int64_t n, float* dx) {
+  void swiglu_bwd(const DSwiGLU& p, const SwiGLUActs& a, const float* x, const __nv_bfloat16* x16,
+                  const float* dy, int64_t n, float* dx) {
     float* da = scratch.floats(n * p.I);
     float* dg = scratch.floats(n * p.I);
     float* du = scratch.floats(n * p.I);
-    gemm->linear_backward(da, p.down->g, dy, a.a, p.down->w, n, p.I, D);
-    swiglu_backward(dg, du, da, a.g, a.u, n * p.I, stream);
-    gemm->linear_backward(dx, p.gate->g, dg, x, p.gate->w, n, D, p.I);
-    // dx += du W_up; dW_up += du^T x
-    gemm->rm(false, false, n, D, p.I, 1.0f, du, p.I, p.up->w, D, 1.0f, dx, D);
-    gemm->rm(true, false, p.I, D, n, 1.0f, du, p.I, x, D, 1.0f, p.up->g, D);
+    __nv_bfloat16* dg16 = x16 ? scratch.bf16s(n * p.I) : nullptr;
+    __nv_bfloat16* du16 = x16 ? scratch.bf16s(n * p.I) : nullptr;
+    linear_bwd(da, false, p.down, dy, nullptr, a.a, a.a16, n, p.I, D);
+    swiglu_backward(dg, du, da, a.g, a.u, n * p.I, stream, dg16, du16);
+    linear_bwd(dx, false, p.gate, dg, dg16, x, x16, n, D, p.I);
+    linear_bwd(dx, true, p.up, du, du16, x, x16, n, D, p.I);
   }
 
-  void attention_fwd(const DAttn& p, AttnActs& a, const float* xn, int64_t Bn, int64_t Sn, const float* cs,
-                     const float* sn, float* y) {
+  // xn16: xn's bf16 copy (the projections on bf16 operands), or null.
+  void attention_fwd(const DAttn& p, AttnActs& a, const float* xn, const __nv_bfloat16* xn16, int64_t Bn,
+                     int64_t Sn, const float* cs, const float* sn, float* y) {
     const int64_t N = Bn * Sn;
     a.q = acts.floats(N * H * dq);
+    a.qan16 = nullptr;
     if (p.q_a) {
       a.qa = acts.floats(N * Q);
       a.qan = acts.floats(N * Q);
       a.qa_rstd = acts.floats(N);
-      gemm->linear_forward(a.qa, xn, p.q_a->w, N, D, Q);
-      rmsnorm_forward(a.qan, Q, a.qa_rstd, a.qa, Q, p.q_a_norm->w, N, Q, kLatentNormEps, stream);
-      gemm->linear_forward(a.q, a.qan, p.q_b->w, N, Q, H * dq);
+      if (xn16) a.qan16 = acts.bf16s(N * Q);
+      linear_fwd(a.qa, xn, xn16, p.q_a, N, D, Q);
+      rmsnorm_forward(a.qan, Q, a.qa_rstd, a.qa, Q, p.q_a_norm->w, N, Q, kLatentNormEps, stream, a.qan16);
+      linear_fwd(a.q, a.qan, a.qan16, p.q_b, N, Q, H * dq);
     } else {
-      gemm->linear_forward(a.q, xn, p.q->w, N, D, H * dq);
+      linear_fwd(a.q, xn, xn16, p.q, N, D, H * dq);
     }
     a.kva = acts.floats(N * (C + dr));
-    gemm->linear_forward(a.kva, xn, p.kv_a->w, N, D, C + dr);
+    linear_fwd(a.kva, xn, xn16, p.kv_a, N, D, C + dr);
     a.c = acts.floats(N * C);
     a.c_rstd = acts.floats(N);
-    rmsnorm_forward(a.c, C, a.c_rstd, a.kva, C + dr, p.kv_a_norm->w, N, C, kLatentNormEps, stream);
+    a.c16 = xn16 ? acts.bf16s(N * C) : nullptr;
+    rmsnorm_forward(a.c, C, a.c_rstd, a.kva, C + dr, p.kv_a_norm->w, N, C, kLatentNormEps, stream, a.c16);
     a.kpe = acts.floats(N * dr);
     copy_cols(a.kpe, dr, a.kva + C, C + dr, N, dr, stream);
     rope(a.kpe, cs, sn, N, Sn, 1, dr, 0, dr, false, stream);
     rope(a.q, cs, sn, N, Sn, H, dq, dn, dr, false, stream);
     a.kv = acts.floats(N * H * dkv);
-    gemm->linear_forward(a.kv, a.c, p.kv_b->w, N, C, H * dkv);
+    linear_fwd(a.kv, a.c, a.c16, p.kv_b, N, C, H * dkv);
     a.kfull = acts.floats(N * H * dq);
     attention_keys(a.kfull, a.kv, a.kpe, N, H, dn, dr, dv, stream);
     a.o = acts.floats(N * H * dv);
     const float sc = static_cast<float>(cfg.softmax_scale());
     a.lse = nullptr;  // which path ran is what backward follows (set_fused_attention may come in between)
     a.probs = nullptr;
+    a.probs16 = nullptr;
+    a.o16 = xn16 ? acts.bf16s(N * H * dv) : nullptr;
     if (fused_attention) {
       a.lse = acts.floats(Bn * H * Sn);
       flash_attention_forward({a.o, H * dv, dv}, a.lse, {a.q, H * dq, dq}, {a.kfull, H * dq, dq},
                               {a.kv + dn, H * dkv, dkv}, {Bn, Sn, H, dq, dv, sc}, stream);
-      gemm->linear_forward(y, a.o, p.o->w, N, H * dv, D);
+      o_proj_fwd(p, a, N, y);
       return;
     }
-    a.probs = acts.floats(Bn * H * Sn * Sn);
-    for (int64_t b = 0; b < Bn; ++b)  // scores[h] = q_h k_h^T * scale, all heads in one batched GEMM
-      gemm->rm(false, true, Sn, Sn, dq, sc, a.q + b * Sn * H * dq, H * dq, a.kfull + b * Sn * H * dq, H * dq, 0.0f,
-               a.probs + b * H * Sn * Sn, Sn, H, dq, dq, Sn * Sn);
-    causal_softmax(a.probs, Bn * H * Sn, Sn, stream);
-    for (int64_t b = 0; b < Bn; ++b)  // o[h] = p[h] v_h
-      gemm->rm(false, false, Sn, dv, Sn, 1.0f, a.probs + b * H * Sn * Sn, Sn, a.kv + b * Sn * H * dkv + dn, H * dkv,
-               0.0f, a.o + b * Sn * H * dv, H * dv, H, Sn * Sn, dkv, dv);
-    gemm->linear_forward(y, a.o, p.o->w, N, H * dv, D);
+    if (w16_slab && bf16_attention) {
+      a.q16 = acts.bf16s(N * H * dq);
+      a.k16 = acts.bf16s(N * H * dq);
+      a.kv16 = acts.bf16s(N * H * dkv);
+      to_bf16(a.q16, a.q, N * H * dq, stream);
+      to_bf16(a.k16, a.kfull, N * H * dq, stream);
+      to_bf16(a.kv16, a.kv, N * H * dkv, stream);
+      a.probs16 = acts.bf16s(Bn * H * Sn * Sn);
+      scratch.reset();  // nothing else of the forward uses it: the fp32 scores live until the softmax
+      explicit_attention_fwd(a.q16, a.k16, a.kv16, scratch.floats(Bn * H * Sn * Sn), a.probs16, Bn, Sn, a.o);
+    } else {
+      a.probs = acts.floats(Bn * H * Sn * Sn);
+      explicit_attention_fwd(a.q, a.kfull, a.kv, a.probs, a.probs, Bn, Sn, a.o);
+    }
+    o_proj_fwd(p, a, N, y);
   }
 
-  // The explicit attention backward: dP, dS as [B x H x S x S] tensors, batched GEMMs per sequence.
-  // dq_, dkfull and dkv_'s v part written.
-  void explicit_attention_bwd(const AttnActs& a, int64_t Bn, int64_t Sn, const float* dout, float* dq_,
-                              float* dkfull, float* dkv_) {
-    float* dp = scratch.floats(Bn * H * Sn * Sn);
+  // The explicit attention on operands of type T (q [N x H*dq] roped, per-head keys kf [N x H*dq], kv
+  // [N x H*dkv]): fp32 (cuBLAS's TF32 in BF16 mode; probs is scores, the softmax in place) or bf16 (the
+  // native bf16 GEMMs; the scores fp32, the probabilities rounded to bf16 once by the softmax). The
+  // products accumulate in fp32 either way; o [N x H*dv] written.
+  template <typename T>
+  void explicit_attention_fwd(const T* q, const T* kf, const T* kv, float* scores, T* probs, int64_t Bn,
+                              int64_t Sn, float* o) {
+    const float sc = static_cast<float>(cfg.softmax_scale());
+    for (int64_t b = 0; b < Bn; ++b)  // scores[h] = q_h k_h^T * scale, all heads in one batched GEMM
+      gemm->rm(false, true, Sn, Sn, dq, sc, q + b * Sn * H * dq, H * dq, kf + b * Sn * H * dq, H * dq, 0.0f,
+               scores + b * H * Sn * Sn, Sn, H, dq, dq, Sn * Sn);
+    causal_softmax(probs, scores, Bn * H * Sn, Sn, stream);
+    for (int64_t b = 0; b < Bn; ++b)  // o[h] = p[h] v_h
+      gemm->rm(false, false, Sn, dv, Sn, 1.0f, probs + b * H * Sn * Sn, Sn, kv + b * Sn * H * dkv + dn, H * dkv,
+               0.0f, o + b * Sn * H * dv, H * dv, H, Sn * Sn, dkv, dv);
+  }
+
+  // y = o W_o^T; o comes from a GEMM (or the fused kernel) in fp32, so its bf16 copy is one rounding pass.
+  void o_proj_fwd(const DAttn& p, const AttnActs& a, int64_t N, float* y) {
+    if (a.o16) to_bf16(a.o16, a.o, N * H * dv, stream);
+    linear_fwd(y, a.o, a.o16, p.o, N, H * dv, D);
+  }
+
+  // The explicit attention backward on the forward's operands (T as there; dout [N x H*dv] of the same
+  // type): dP fp32 [B x H x S x S], dS into ds (dp itself for fp32, in place; else bf16), batched GEMMs per
+  // sequence. dq_, dkfull and dkv_'s v part written.
+  template <typename T>
+  void explicit_attention_bwd(const T* q, const T* kf, const T* kv, const T* probs, const T* dout, float* dp,
+                              T* ds, int64_t Bn, int64_t Sn, float* dq_, float* dkfull, float* dkv_) {
     for (int64_t b = 0; b < Bn; ++b) {
-      const float* pb = a.probs + b * H * Sn * Sn;
-      const float* doutb = dout + b * Sn * H * dv;
+      const T* pb = probs + b * H * Sn * Sn;
+      const T* doutb = dout + b * Sn * H * dv;
       // dP[h] = dO_h v_h^T;  dV_h = P[h]^T dO_h
-      gemm->rm(false, true, Sn, Sn, dv, 1.0f, doutb, H * dv, a.kv + b * Sn * H * dkv + dn, H * dkv, 0.0f,
+      gemm->rm(false, true, Sn, Sn, dv, 1.0f, doutb, H * dv, kv + b * Sn * H * dkv + dn, H * dkv, 0.0f,
                dp + b * H * Sn * Sn, Sn, H, dv, dkv, Sn * Sn);
       gemm->rm(true, false, Sn, dv, Sn, 1.0f, pb, Sn, doutb, H * dv, 0.0f, dkv_ + b * Sn * H * dkv + dn, H * dkv, H,
                Sn * Sn, dv, dkv);
     }
-    softmax_backward(dp, a.probs, Bn * H * Sn, Sn, static_cast<float>(cfg.softmax_scale()), stream);
+    softmax_backward(ds, dp, probs, Bn * H * Sn, Sn, static_cast<float>(cfg.softmax_scale()), stream);
     for (int64_t b = 0; b < Bn; ++b) {
-      const float* dsb = dp + b * H * Sn * Sn;
+      const T* dsb = ds + b * H * Sn * Sn;
       // dQ_h = dS[h] K_h;  dK_h = dS[h]^T Q_h
-      gemm->rm(false, false, Sn, dq, Sn, 1.0f, dsb, Sn, a.kfull + b * Sn * H * dq, H * dq, 0.0f,
-               dq_ + b * Sn * H * dq, H * dq, H, Sn * Sn, dq, dq);
-      gemm->rm(true, false, Sn, dq, Sn, 1.0f, dsb, Sn, a.q + b * Sn * H * dq, H * dq, 0.0f, dkfull + b * Sn * H * dq,
+      gemm->rm(false, false, Sn, dq, Sn, 1.0f, dsb, Sn, kf + b * Sn * H * dq, H * dq, 0.0f, dq_ + b * Sn * H * dq,
                H * dq, H, Sn * Sn, dq, dq);
+      gemm->rm(true, false, Sn, dq, Sn, 1.0f, dsb, Sn, q + b * Sn * H * dq, H * dq, 0.0f,
+               dkfull + b * Sn * H * dq, H * dq, H, Sn * Sn, dq, dq);
     }
   }
 
   // dxn written.
-  void attention_bwd(const DAttn& p, const AttnActs& a, const float* xn, int64_t Bn, int64_t Sn,
-                     const float* cs, const float* sn, const float* dy, float* dxn) {
+  void attention_bwd(const DAttn& p, const AttnActs& a, const float* xn, const __nv_bfloat16* xn16, int64_t Bn,
+                     int64_t Sn, const float* cs, const float* sn, const float* dy, float* dxn) {
     const int64_t N = Bn * Sn;
     float* dout = scratch.floats(N * H * dv);
-    gemm->linear_backward(dout, p.o->g, dy, a.o, p.o->w, N, H * dv, D);
+    linear_bwd(dout, false, p.o, dy, nullptr, a.o, a.o16, N, H * dv, D);
     float* dkv_ = scratch.floats(N * H * dkv);
     float* dq_ = scratch.floats(N * H * dq);
     float* dkfull = scratch.floats(N * H * dq);
@@ -547,38 +634,42 @@ struct CudaTrainModel::Impl {
                                scratch.floats(Bn * H * Sn), {a.q, H * dq, dq}, {a.kfull, H * dq, dq},
                                {a.kv + dn, H * dkv, dkv}, {a.o, H * dv, dv}, {dout, H * dv, dv}, a.lse,
                                {Bn, Sn, H, dq, dv, static_cast<float>(cfg.softmax_scale())}, stream);
-    else
-      explicit_attention_bwd(a, Bn, Sn, dout, dq_, dkfull, dkv_);
+    else if (a.probs16) {
+      __nv_bfloat16* dout16 = scratch.bf16s(N * H * dv);
+      to_bf16(dout16, dout, N * H * dv, stream);
+      explicit_attention_bwd(a.q16, a.k16, a.kv16, a.probs16, dout16, scratch.floats(Bn * H * Sn * Sn),
+                             scratch.bf16s(Bn * H * Sn * Sn), Bn, Sn, dq_, dkfull, dkv_);
+    } else {
+      float* dp = scratch.floats(Bn * H * Sn * Sn);
+      explicit_attention_bwd(a.q, a.kfull, a.kv, a.probs, dout, dp, dp, Bn, Sn, dq_, dkfull, dkv_);
+    }
     float* dkpe = scratch.floats(N * dr);
     attention_keys_backward(dkv_, dkpe, dkfull, N, H, dn, dr, dv, stream);
     float* dc = scratch.floats(N * C);
-    gemm->linear_backward(dc, p.kv_b->g, dkv_, a.c, p.kv_b->w, N, C, H * dkv);
+    linear_bwd(dc, false, p.kv_b, dkv_, nullptr, a.c, a.c16, N, C, H * dkv);
     float* dkva = scratch.floats(N * (C + dr));
     rmsnorm_backward(dkva, C + dr, p.kv_a_norm->g, dc, a.kva, C + dr, p.kv_a_norm->w, a.c_rstd, N, C,
                      scratch.floats(rmsnorm_partial_floats(N, C)), stream);
     rope(dkpe, cs, sn, N, Sn, 1, dr, 0, dr, true, stream);
     copy_cols(dkva + C, C + dr, dkpe, dr, N, dr, stream);
     rope(dq_, cs, sn, N, Sn, H, dq, dn, dr, true, stream);
-    gemm->linear_backward(dxn, p.kv_a->g, dkva, xn, p.kv_a->w, N, D, C + dr);
+    linear_bwd(dxn, false, p.kv_a, dkva, nullptr, xn, xn16, N, D, C + dr);
     if (p.q_a) {
       float* dqan = scratch.floats(N * Q);
       float* dqa = scratch.floats(N * Q);
-      gemm->linear_backward(dqan, p.q_b->g, dq_, a.qan, p.q_b->w, N, Q, H * dq);
+      linear_bwd(dqan, false, p.q_b, dq_, nullptr, a.qan, a.qan16, N, Q, H * dq);
       rmsnorm_backward(dqa, Q, p.q_a_norm->g, dqan, a.qa, Q, p.q_a_norm->w, a.qa_rstd, N, Q,
                        scratch.floats(rmsnorm_partial_floats(N, Q)), stream);
-      // dxn += dqa W_qa; dW_qa += dqa^T xn
-      gemm->rm(false, false, N, D, Q, 1.0f, dqa, Q, p.q_a->w, D, 1.0f, dxn, D);
-      gemm->rm(true, false, Q, D, N, 1.0f, dqa, Q, xn, D, 1.0f, p.q_a->g, D);
+      linear_bwd(dxn, true, p.q_a, dqa, nullptr, xn, xn16, N, D, Q);
     } else {
-      gemm->rm(false, false, N, D, H * dq, 1.0f, dq_, H * dq, p.q->w, D, 1.0f, dxn, D);
-      gemm->rm(true, false, H * dq, D, N, 1.0f, dq_, H * dq, xn, D, 1.0f, p.q->g, D);
+      linear_bwd(dxn, true, p.q, dq_, nullptr, xn, xn16, N, D, H * dq);
     }
   }
 
   // The routing runs on the device (choice, weights, loads, packing); only the E segment sizes come back,
   // while the shared expert runs. With alpha > 0 the per-sequence balance losses go to aux_d.
-  void moe_fwd(DLayer& L, MoEActs& m, const float* xn, int64_t Bn, int64_t Sn, bool count_load, double alpha,
-               float* y) {
+  void moe_fwd(DLayer& L, MoEActs& m, const float* xn, const __nv_bfloat16* xn16, int64_t Bn, int64_t Sn,
+               bool count_load, double alpha, float* y) {
     const int64_t N = Bn * Sn, M = N * k, I = cfg.moe_intermediate_size;
     m.logits_d = acts.floats(N * E);
     gemm->linear_forward(m.logits_d, xn, L.gate->w, N, D, E);
@@ -596,7 +687,7 @@ struct CudaTrainModel::Impl {
     DSV3_CUDA_CHECK(cudaEventRecord(counts_ready, stream));
 
     if (L.shared.gate)
-      swiglu_fwd(L.shared, m.shared, xn, N, y);
+      swiglu_fwd(L.shared, m.shared, xn, xn16, N, y);
     else
       zero(y, N * D);
     m.xe = acts.floats(M * D);
@@ -630,11 +721,11 @@ struct CudaTrainModel::Impl {
   }
 
   // dxn written. `scale` is dLoss/dLoss_total (for the balance loss).
-  void moe_bwd(DLayer& L, const MoEActs& m, const float* xn, int64_t Bn, int64_t Sn, double alpha, double scale,
-               const float* dy, float* dxn) {
+  void moe_bwd(DLayer& L, const MoEActs& m, const float* xn, const __nv_bfloat16* xn16, int64_t Bn, int64_t Sn,
+               double alpha, double scale, const float* dy, float* dxn) {
     const int64_t N = Bn * Sn, M = N * k, I = cfg.moe_intermediate_size;
     if (L.shared.gate)
-      swiglu_bwd(L.shared, m.shared, xn, dy, N, dxn);
+      swiglu_bwd(L.shared, m.shared, xn, xn16, dy, N, dxn);
     else
       zero(dxn, N * D);
     float* dye = scratch.floats(M * D);
@@ -680,19 +771,21 @@ struct CudaTrainModel::Impl {
     const double eps = cfg.rms_norm_eps;
     a.x_in = x;
     a.xn1 = acts.floats(N * D);
+    a.xn1_16 = bf16_operand(acts, N * D);
     a.rstd1 = acts.floats(N);
-    rmsnorm_forward(a.xn1, D, a.rstd1, x, D, L.input_norm->w, N, D, eps, stream);
+    rmsnorm_forward(a.xn1, D, a.rstd1, x, D, L.input_norm->w, N, D, eps, stream, a.xn1_16);
     a.h = acts.floats(N * D);
-    attention_fwd(L.attn, a.attn, a.xn1, Bn, Sn, cs, sn, a.h);
+    attention_fwd(L.attn, a.attn, a.xn1, a.xn1_16, Bn, Sn, cs, sn, a.h);
     a.xn2 = acts.floats(N * D);
+    a.xn2_16 = bf16_operand(acts, N * D);
     a.rstd2 = acts.floats(N);
     // h = x + attn, and its norm
-    add_rmsnorm_forward(a.xn2, D, a.rstd2, a.h, x, L.post_norm->w, N, D, eps, stream);
+    add_rmsnorm_forward(a.xn2, D, a.rstd2, a.h, x, L.post_norm->w, N, D, eps, stream, a.xn2_16);
     a.out = acts.floats(N * D);
     if (L.moe)
-      moe_fwd(L, a.moe, a.xn2, Bn, Sn, count_load, alpha, a.out);
+      moe_fwd(L, a.moe, a.xn2, a.xn2_16, Bn, Sn, count_load, alpha, a.out);
     else
-      swiglu_fwd(L.mlp, a.mlp, a.xn2, N, a.out);
+      swiglu_fwd(L.mlp, a.mlp, a.xn2, a.xn2_16, N, a.out);
     add_into(a.out, a.h, N * D, stream);  // out = h + ffn
     return a.out;
   }
@@ -705,13 +798,13 @@ struct CudaTrainModel::Impl {
     float* dxn = scratch.floats(N * D);
     float* partial = scratch.floats(rmsnorm_partial_floats(N, D));
     if (L.moe)
-      moe_bwd(L, a.moe, a.xn2, Bn, Sn, alpha, scale, dx, dxn);
+      moe_bwd(L, a.moe, a.xn2, a.xn2_16, Bn, Sn, alpha, scale, dx, dxn);
     else
-      swiglu_bwd(L.mlp, a.mlp, a.xn2, dx, N, dxn);
+      swiglu_bwd(L.mlp, a.mlp, a.xn2, a.xn2_16, dx, N, dxn);
     // dx += the norm's dx: dx is now dLoss/dh
     rmsnorm_backward(dx, D, L.post_norm->g, dxn, a.h, D, L.post_norm->w, a.rstd2, N, D, partial, stream,
                      true);
-    attention_bwd(L.attn, a.attn, a.xn1, Bn, Sn, cs, sn, dx, dxn);
+    attention_bwd(L.attn, a.attn, a.xn1, a.xn1_16, Bn, Sn, cs, sn, dx, dxn);
     rmsnorm_backward(dx, D, L.input_norm->g, dxn, a.x_in, D, L.input_norm->w, a.rstd1, N, D, partial, stream,
                      true);
   }
@@ -777,8 +870,9 @@ struct CudaTrainModel::Impl {
       x = layer_fwd(layers[l], la[l], x, B, S, cos, sin, count_load, topt.aux_alpha);
     x_last = x;
     hf = acts.floats(N * D);
+    hf16 = w16_slab ? acts.bf16s(N * D) : nullptr;  // the head is on bf16 operands in BF16 mode
     rstd_f = acts.floats(N);
-    rmsnorm_forward(hf, D, rstd_f, x, D, final_norm->w, N, D, cfg.rms_norm_eps, stream);
+    rmsnorm_forward(hf, D, rstd_f, x, D, final_norm->w, N, D, cfg.rms_norm_eps, stream, hf16);
     logits = acts.floats(N * V);
     lse = acts.floats(N);
     float* rows = acts.floats(N);
@@ -807,17 +901,19 @@ struct CudaTrainModel::Impl {
       h_rstd = acts.floats(M);
       embedding_forward(emb, mi_d, embed->w, M, D, stream);
       cat = acts.floats(M * 2 * D);  // [enorm(emb); hnorm(h)]: embedding first
-      rmsnorm_forward(cat, 2 * D, e_rstd, emb, D, enorm->w, M, D, eps, stream);
-      rmsnorm_forward(cat + D, 2 * D, h_rstd, hsel, D, hnorm->w, M, D, eps, stream);
+      cat16 = bf16_operand(acts, M * 2 * D);
+      rmsnorm_forward(cat, 2 * D, e_rstd, emb, D, enorm->w, M, D, eps, stream, cat16);
+      rmsnorm_forward(cat + D, 2 * D, h_rstd, hsel, D, hnorm->w, M, D, eps, stream, cat16 ? cat16 + D : nullptr);
       float* xm = acts.floats(M * D);
-      gemm->linear_forward(xm, cat, eh_proj->w, M, 2 * D, D);
+      linear_fwd(xm, cat, cat16, eh_proj, M, 2 * D, D);
       rope_tables(c, s, cfg.rope_inv_freq(), cfg.rope_cos_sin_scale(), 0, Sm);
       mtp_cos = upload(acts, c);
       mtp_sin = upload(acts, s);
       xm_out = layer_fwd(mtp_layer, mla, xm, B, Sm, mtp_cos, mtp_sin, count_load, topt.aux_alpha);
       xmn = acts.floats(M * D);
+      xmn16 = w16_slab ? acts.bf16s(M * D) : nullptr;
       xm_rstd = acts.floats(M);
-      rmsnorm_forward(xmn, D, xm_rstd, xm_out, D, head_norm->w, M, D, eps, stream);
+      rmsnorm_forward(xmn, D, xm_rstd, xm_out, D, head_norm->w, M, D, eps, stream, xmn16);
       mlogits = acts.floats(M * V);
       mlse = acts.floats(M);
       float* mrows = acts.floats(M);
@@ -847,7 +943,7 @@ struct CudaTrainModel::Impl {
       rmsnorm_backward(dxm, D, head_norm->g, dxmn, xm_out, D, head_norm->w, xm_rstd, M, D, partial, stream);
       layer_bwd(mtp_layer, mla, dxm, B, Sm, mtp_cos, mtp_sin, topt.aux_alpha, scale);
       float* dcat = acts.floats(M * 2 * D);
-      gemm->linear_backward(dcat, eh_proj->g, dxm, cat, eh_proj->w, M, 2 * D, D);
+      linear_bwd(dcat, false, eh_proj, dxm, nullptr, cat, cat16, M, 2 * D, D);
       float* den = acts.floats(M * D);
       float* dhn = acts.floats(M * D);
       float* tmp = acts.floats(M * D);
@@ -885,9 +981,8 @@ struct CudaTrainModel::Impl {
     const double bc2 = 1.0 - std::pow(hp.beta2, static_cast<double>(t));
     adamw_slab(w_slab, g_slab, m_slab, v_slab, slab_floats, decays, static_cast<float>(hp.beta1),
                static_cast<float>(hp.beta2), static_cast<float>(lr / bc1), static_cast<float>(std::sqrt(bc2)),
-               static_cast<float>(hp.eps), static_cast<float>(1.0 - lr * hp.weight_decay), stream);
+               static_cast<float>(hp.eps), static_cast<float>(1.0 - lr * hp.weight_decay), stream, w16_slab);
     opt.set_steps_taken(t);
-    refresh_head_copy();
     flush_loads();  // synchronizes, so that step times are honest
   }
 
@@ -899,7 +994,7 @@ struct CudaTrainModel::Impl {
       DSV3_CUDA_CHECK(cudaMemcpyAsync(p.m, opt.exp_avg()[i].data(), bytes, cudaMemcpyHostToDevice, stream));
       DSV3_CUDA_CHECK(cudaMemcpyAsync(p.v, opt.exp_avg_sq()[i].data(), bytes, cudaMemcpyHostToDevice, stream));
     }
-    refresh_head_copy();
+    refresh_bf16_weights();
     DSV3_CUDA_CHECK(cudaStreamSynchronize(stream));
   }
 
@@ -929,7 +1024,10 @@ CudaTrainModel::~CudaTrainModel() = default;
 
 std::string CudaTrainModel::name() const {
   return std::string("cuda (") + precision_name(impl_->gemm->precision()) + " GEMMs, " +
-         (impl_->fused_attention ? "fused" : "explicit") + " attention, " + gpu_description() + ")";
+         (impl_->fused_attention                     ? "fused"
+          : impl_->bf16_attention && impl_->w16_slab ? "explicit bf16"
+                                                     : "explicit") +
+         " attention, " + gpu_description() + ")";
 }
 
 LossParts CudaTrainModel::forward(const int32_t* tokens, int64_t B, int64_t S, bool count_load) {
@@ -952,10 +1050,19 @@ std::vector<float> CudaTrainModel::mtp_logits() const {
   return impl_->download(impl_->mlogits, impl_->B * (impl_->S - 1) * impl_->V);
 }
 
-int64_t CudaTrainModel::param_bytes() const { return 4 * impl_->slab_floats * static_cast<int64_t>(sizeof(float)); }
+int64_t CudaTrainModel::param_bytes() const {
+  const int64_t per_float = 4 * sizeof(float) + (impl_->w16_slab ? sizeof(__nv_bfloat16) : 0);
+  return impl_->slab_floats * per_float;
+}
 int64_t CudaTrainModel::activation_bytes() const { return impl_->acts.bytes() + impl_->scratch.bytes(); }
 void CudaTrainModel::set_fused_attention(bool on) {
   impl_->set_fused_attention(on);
+}
+void CudaTrainModel::set_bf16_linears(bool on) { impl_->bf16_linears = on; }
+bool CudaTrainModel::bf16_linears() const { return impl_->w16_slab && impl_->bf16_linears; }
+void CudaTrainModel::set_bf16_attention(bool on) { impl_->bf16_attention = on; }
+bool CudaTrainModel::bf16_attention() const {
+  return impl_->w16_slab && impl_->bf16_attention && !impl_->fused_attention;
 }
 bool CudaTrainModel::fused_attention() const {
   return impl_->fused_attention;

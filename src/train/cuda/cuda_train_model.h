@@ -1,8 +1,11 @@
 // CudaTrainModel: the GPU backend of the trainer (docs/TRAINING.md, "CUDA"). It mirrors TrainModel<float>
 // (train/train_model.cpp) op for op on one GPU: fp32 master weights, gradients and AdamW moments in
-// device memory, GEMMs through cuBLAS (train/cuda/gemm.h: in BF16 mode the fp32-operand GEMMs run as TF32
-// and the head's on bf16 operands, fp32 accumulation; or plain fp32), everything else in the kernels of
-// train/cuda/train_kernels.h with fp32 activations.
+// device memory, GEMMs through cuBLAS (train/cuda/gemm.h; or plain fp32), everything else in the kernels of
+// train/cuda/train_kernels.h with fp32 activations. In BF16 mode the head and the explicit attention's
+// S x S products (and, opt-in, the non-expert linear layers: attention projections, dense MLP, shared
+// experts, MTP's eh_proj) run on bf16 operands with fp32 accumulation: bf16 copies of the weights written
+// by each AdamW step, bf16 copies of the inputs written by the producing kernels (norms, SwiGLU, the
+// softmax pair) or one rounding pass; the other GEMMs keep fp32 operands (cuBLAS runs those as TF32).
 //
 // The MoE router runs on the device (train_kernels.h: route_tokens, moe_permute, router_backward): gate
 // logits -> expert choice and weights (the CPU trainer's route_forward choices, ties included) -> the
@@ -55,6 +58,18 @@ class CudaTrainModel final : public TrainBackend {
   // opt-in experiment, slower than the explicit path and with larger bf16 gradient errors (docs/TRAINING.md).
   void set_fused_attention(bool on);
   bool fused_attention() const;
+  // BF16 mode: the non-expert linear layers on bf16 operands (opt-in: on the tiny test models gradients
+  // land at up to 7.6e-2 relative, over the 5e-2 bound the default path meets, and a near-tied routing
+  // choice moves; docs/TRAINING.md) or on fp32 operands that cuBLAS runs as TF32 (the default).
+  // bf16_linears() says whether they run on bf16 now (never in FP32 mode).
+  void set_bf16_linears(bool on);
+  bool bf16_linears() const;
+  // BF16 mode, explicit attention: its S x S products (scores, P V and the four of the backward) on bf16
+  // operands (q, keys, v and dO rounded; the probabilities and dS written in bf16 by the softmax kernels;
+  // scores and dP in fp32) instead of fp32 operands (TF32). On by default; bf16_attention() says whether
+  // it applies (never in FP32 mode or with the fused attention).
+  void set_bf16_attention(bool on);
+  bool bf16_attention() const;
 
   struct Impl;
 

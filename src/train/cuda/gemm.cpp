@@ -49,11 +49,11 @@ void Gemm::rm(bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K, float
           precision_ == Precision::BF16 ? CUBLAS_COMPUTE_32F_FAST_16BF : CUBLAS_COMPUTE_32F_PEDANTIC);
 }
 
-void Gemm::rm_bf16(bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K, float alpha,
-                   const __nv_bfloat16* A, int64_t lda, const __nv_bfloat16* B, int64_t ldb, float beta,
-                   float* C, int64_t ldc) {
-  gemm_ex(trans_a, trans_b, M, N, K, alpha, A, lda, B, ldb, CUDA_R_16BF, beta, C, ldc, 1, 0, 0, 0,
-          CUBLAS_COMPUTE_32F);
+void Gemm::rm(bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K, float alpha, const __nv_bfloat16* A,
+              int64_t lda, const __nv_bfloat16* B, int64_t ldb, float beta, float* C, int64_t ldc, int64_t batch,
+              int64_t stride_a, int64_t stride_b, int64_t stride_c) {
+  gemm_ex(trans_a, trans_b, M, N, K, alpha, A, lda, B, ldb, CUDA_R_16BF, beta, C, ldc, batch, stride_a, stride_b,
+          stride_c, CUBLAS_COMPUTE_32F);
 }
 
 void Gemm::gemm_ex(bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K, float alpha, const void* A,
@@ -85,8 +85,19 @@ void Gemm::linear_forward(float* y, const float* x, const float* W, int64_t n, i
 }
 
 void Gemm::linear_backward(float* dx, float* dW, const float* dy, const float* x, const float* W, int64_t n,
-                           int64_t in, int64_t out) {
-  if (dx) rm(false, false, n, in, out, 1.0f, dy, out, W, in, 0.0f, dx, in);
+                           int64_t in, int64_t out, bool accumulate_dx) {
+  if (dx) rm(false, false, n, in, out, 1.0f, dy, out, W, in, accumulate_dx ? 1.0f : 0.0f, dx, in);
+  rm(true, false, out, in, n, 1.0f, dy, out, x, in, 1.0f, dW, in);
+}
+
+void Gemm::linear_forward(float* y, const __nv_bfloat16* x, const __nv_bfloat16* W, int64_t n, int64_t in,
+                          int64_t out) {
+  rm(false, true, n, out, in, 1.0f, x, in, W, in, 0.0f, y, out);
+}
+
+void Gemm::linear_backward(float* dx, float* dW, const __nv_bfloat16* dy, const __nv_bfloat16* x,
+                           const __nv_bfloat16* W, int64_t n, int64_t in, int64_t out, bool accumulate_dx) {
+  if (dx) rm(false, false, n, in, out, 1.0f, dy, out, W, in, accumulate_dx ? 1.0f : 0.0f, dx, in);
   rm(true, false, out, in, n, 1.0f, dy, out, x, in, 1.0f, dW, in);
 }
 

@@ -1,7 +1,7 @@
 // Row-major GEMMs of the GPU trainer through cuBLAS, fp32 in and out. Precision::BF16 asks cuBLAS for
 // CUBLAS_COMPUTE_32F_FAST_16BF; with fp32 operands cuBLAS 12 on Hopper answers that with its TF32 kernels
 // (sm90_xmma_gemm_f32f32_tf32f32_f32 in the ncu profile, about 400 TFLOP/s on 8192^3 against 810 for
-// bf16 operands; docs/TRAINING.md). rm_bf16 takes bf16 operands and runs the native bf16 kernels.
+// bf16 operands; docs/TRAINING.md). rm on bf16 operands runs the native bf16 kernels.
 // Precision::FP32 is plain fp32 (no TF32), for exact comparison with the CPU trainer.
 #pragma once
 
@@ -34,16 +34,22 @@ class Gemm {
           const float* B, int64_t ldb, float beta, float* C, int64_t ldc, int64_t batch = 1, int64_t stride_a = 0,
           int64_t stride_b = 0, int64_t stride_c = 0);
 
-  // rm with bf16 A and B (C and the accumulation fp32), no batch: the native bf16 tensor-core kernels.
-  void rm_bf16(bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K, float alpha,
-               const __nv_bfloat16* A, int64_t lda, const __nv_bfloat16* B, int64_t ldb, float beta, float* C,
-               int64_t ldc);
+  // rm with bf16 A and B (C and the accumulation fp32): the native bf16 tensor-core kernels.
+  void rm(bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K, float alpha, const __nv_bfloat16* A,
+          int64_t lda, const __nv_bfloat16* B, int64_t ldb, float beta, float* C, int64_t ldc, int64_t batch = 1,
+          int64_t stride_a = 0, int64_t stride_b = 0, int64_t stride_c = 0);
 
   // The op pairs of train_ops.h: y = x W^T; dx = dy W (written, skipped when dx is null); dW += dy^T x.
   // x [n x in], W [out x in], y [n x out].
+  // accumulate_dx: dx += dy W instead (a second branch's gradient joining dx).
   void linear_forward(float* y, const float* x, const float* W, int64_t n, int64_t in, int64_t out);
   void linear_backward(float* dx, float* dW, const float* dy, const float* x, const float* W, int64_t n,
-                       int64_t in, int64_t out);
+                       int64_t in, int64_t out, bool accumulate_dx = false);
+  // The same pair on bf16 operands (y, dx and dW fp32; dW still accumulates in fp32).
+  void linear_forward(float* y, const __nv_bfloat16* x, const __nv_bfloat16* W, int64_t n, int64_t in,
+                      int64_t out);
+  void linear_backward(float* dx, float* dW, const __nv_bfloat16* dy, const __nv_bfloat16* x,
+                       const __nv_bfloat16* W, int64_t n, int64_t in, int64_t out, bool accumulate_dx = false);
 
  private:
   void gemm_ex(bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K, float alpha, const void* A,

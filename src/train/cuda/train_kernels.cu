@@ -80,10 +80,11 @@ __device__ double warp_sum_d(double v) {
 }
 
 // y = w * h * rstd with h = x, or, when res is given, h = x + res, written to hout (the residual add
-// of the layer fused into the norm after it; x, res and hout then have width D).
+// of the layer fused into the norm after it; x, res and hout then have width D); y16, unless null, gets
+// y rounded to bf16 (same leading dimension).
 __global__ void __launch_bounds__(32 * kNormWarps)
-    rmsnorm_forward_kernel(float* y, int64_t ldy, float* rstd, const float* x, int64_t ldx, const float* res,
-                           float* hout, const float* w, int64_t n, int64_t D, double eps) {
+    rmsnorm_forward_kernel(float* y, int64_t ldy, __nv_bfloat16* y16, float* rstd, const float* x, int64_t ldx,
+                           const float* res, float* hout, const float* w, int64_t n, int64_t D, double eps) {
   const int64_t t = int64_t{blockIdx.x} * kNormWarps + threadIdx.x / 32;
   if (t >= n) return;
   const int lane = threadIdx.x % 32;
@@ -104,7 +105,11 @@ __global__ void __launch_bounds__(32 * kNormWarps)
   ss = warp_sum_d(ss);
   const float r = static_cast<float>(1.0 / sqrt(ss / static_cast<double>(D) + eps));
   if (lane == 0) rstd[t] = r;
-  for (int64_t i = lane; i < D; i += 32) y[t * ldy + i] = w[i] * (ht[i] * r);
+  for (int64_t i = lane; i < D; i += 32) {
+    const float yi = w[i] * (ht[i] * r);
+    y[t * ldy + i] = yi;
+    if (y16) y16[t * ldy + i] = __float2bfloat16(yi);
+  }
 }
 
 // dx = r w dy - x c with c = r^3/D sum(w dy x); accumulate: dx += that instead.
@@ -179,20 +184,26 @@ __global__ void rope_kernel(float* x, const float* cos, const float* sin, int64_
 
 __device__ float silu(float g) { return g / (1.0f + expf(-g)); }
 
-__global__ void swiglu_forward_kernel(float* a, const float* g, const float* u, int64_t n) {
+__global__ void swiglu_forward_kernel(float* a, __nv_bfloat16* a16, const float* g, const float* u, int64_t n) {
   for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < n;
-       i += static_cast<int64_t>(gridDim.x) * blockDim.x)
+       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
     a[i] = silu(g[i]) * u[i];
+    if (a16) a16[i] = __float2bfloat16(a[i]);
+  }
 }
 
-__global__ void swiglu_backward_kernel(float* dg, float* du, const float* da, const float* g, const float* u,
-                                       int64_t n) {
+__global__ void swiglu_backward_kernel(float* dg, float* du, __nv_bfloat16* dg16, __nv_bfloat16* du16,
+                                       const float* da, const float* g, const float* u, int64_t n) {
   for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < n;
        i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
     const float sg = 1.0f / (1.0f + expf(-g[i]));
     const float s = g[i] * sg;
     du[i] = da[i] * s;
     dg[i] = da[i] * u[i] * (sg * (1.0f + g[i] * (1.0f - sg)));
+    if (dg16) {
+      dg16[i] = __float2bfloat16(dg[i]);
+      du16[i] = __float2bfloat16(du[i]);
+    }
   }
 }
 
@@ -280,20 +291,29 @@ __device__ float warp_max(float v) {
 constexpr int kSoftmaxWarps = 8;           // rows per block
 constexpr int64_t kSoftmaxMaxChunks = 64;  // S <= 2048 in registers; longer rows use the block kernels
 
-template <int kChunks>
+// Element access of the softmax pair's tensors: fp32 (the in-place forms) or bf16 (the bf16 attention's
+// probabilities and dS, computed in fp32 and rounded once on the way out).
+__device__ float load_f(const float* p) { return *p; }
+__device__ float load_f(const __nv_bfloat16* p) { return __bfloat162float(*p); }
+__device__ void store_f(float* p, float v) { *p = v; }
+__device__ void store_f(__nv_bfloat16* p, float v) { *p = __float2bfloat16(v); }
+
+// p may alias scores (T = float): each lane reads its columns before it writes them.
+template <int kChunks, typename T>
 __global__ void __launch_bounds__(32 * kSoftmaxWarps)
-    causal_softmax_warp_kernel(float* p, int64_t rows, int64_t S) {
+    causal_softmax_warp_kernel(T* p, const float* scores, int64_t rows, int64_t S) {
   const int64_t r = int64_t{blockIdx.x} * kSoftmaxWarps + threadIdx.x / 32;
   if (r >= rows) return;
   const int lane = threadIdx.x % 32;
   const int64_t s = r % S;
-  float* row = p + r * S;
+  const float* in = scores + r * S;
+  T* row = p + r * S;
   float v[kChunks];
   float m = -INFINITY;
 #pragma unroll
   for (int i = 0; i < kChunks; ++i) {
     const int64_t t = int64_t{i} * 32 + lane;
-    v[i] = t <= s ? row[t] : -INFINITY;
+    v[i] = t <= s ? in[t] : -INFINITY;
     m = fmaxf(m, v[i]);
   }
   m = warp_max(m);  // finite: column 0 is visible to every row
@@ -308,25 +328,27 @@ __global__ void __launch_bounds__(32 * kSoftmaxWarps)
 #pragma unroll
   for (int i = 0; i < kChunks; ++i) {
     const int64_t t = int64_t{i} * 32 + lane;
-    if (t < S) row[t] = v[i] * inv;
+    if (t < S) store_f(row + t, v[i] * inv);
   }
 }
 
-template <int kChunks>
+// ds may alias dp (T = float), as above.
+template <int kChunks, typename T>
 __global__ void __launch_bounds__(32 * kSoftmaxWarps)
-    softmax_backward_warp_kernel(float* dp, const float* p, int64_t rows, int64_t S, float scale) {
+    softmax_backward_warp_kernel(T* ds, const float* dp, const T* p, int64_t rows, int64_t S, float scale) {
   const int64_t r = int64_t{blockIdx.x} * kSoftmaxWarps + threadIdx.x / 32;
   if (r >= rows) return;
   const int lane = threadIdx.x % 32;
   const int64_t s = r % S;
-  float* drow = dp + r * S;
-  const float* prow = p + r * S;
+  const float* drow = dp + r * S;
+  const T* prow = p + r * S;
+  T* out = ds + r * S;
   float pv[kChunks], dv[kChunks];
   float dot = 0.0f;
 #pragma unroll
   for (int i = 0; i < kChunks; ++i) {
     const int64_t t = int64_t{i} * 32 + lane;
-    pv[i] = t <= s ? prow[t] : 0.0f;
+    pv[i] = t <= s ? load_f(prow + t) : 0.0f;
     dv[i] = t <= s ? drow[t] : 0.0f;
     dot += pv[i] * dv[i];
   }
@@ -334,39 +356,40 @@ __global__ void __launch_bounds__(32 * kSoftmaxWarps)
 #pragma unroll
   for (int i = 0; i < kChunks; ++i) {
     const int64_t t = int64_t{i} * 32 + lane;
-    if (t < S) drow[t] = t <= s ? pv[i] * (dv[i] - dot) * scale : 0.0f;
+    if (t < S) store_f(out + t, t <= s ? pv[i] * (dv[i] - dot) * scale : 0.0f);
   }
 }
 
-// The block-per-row forms, for rows longer than the warp kernels keep in registers.
-__global__ void causal_softmax_kernel(float* p, int64_t S) {
+// The block-per-row forms, for rows longer than the warp kernels keep in registers. The exponentials
+// are recomputed in the last pass instead of kept in p, so that p may be bf16 (or alias scores).
+template <typename T>
+__global__ void causal_softmax_kernel(T* p, const float* scores, int64_t S) {
   const int64_t r = blockIdx.x;
   const int64_t s = r % S;
-  float* row = p + r * S;
+  const float* in = scores + r * S;
+  T* row = p + r * S;
   float m = -INFINITY;
-  for (int64_t t = threadIdx.x; t <= s; t += blockDim.x) m = fmaxf(m, row[t]);
+  for (int64_t t = threadIdx.x; t <= s; t += blockDim.x) m = fmaxf(m, in[t]);
   m = block_max(m);
   float sum = 0.0f;
-  for (int64_t t = threadIdx.x; t <= s; t += blockDim.x) {
-    const float e = expf(row[t] - m);
-    row[t] = e;
-    sum += e;
-  }
+  for (int64_t t = threadIdx.x; t <= s; t += blockDim.x) sum += expf(in[t] - m);
   sum = block_sum(sum);
   const float inv = 1.0f / sum;
-  for (int64_t t = threadIdx.x; t < S; t += blockDim.x) row[t] = t <= s ? row[t] * inv : 0.0f;
+  for (int64_t t = threadIdx.x; t < S; t += blockDim.x) store_f(row + t, t <= s ? expf(in[t] - m) * inv : 0.0f);
 }
 
-__global__ void softmax_backward_kernel(float* dp, const float* p, int64_t S, float scale) {
+template <typename T>
+__global__ void softmax_backward_kernel(T* ds, const float* dp, const T* p, int64_t S, float scale) {
   const int64_t r = blockIdx.x;
   const int64_t s = r % S;
-  float* drow = dp + r * S;
-  const float* prow = p + r * S;
+  const float* drow = dp + r * S;
+  const T* prow = p + r * S;
+  T* out = ds + r * S;
   float dot = 0.0f;
-  for (int64_t t = threadIdx.x; t <= s; t += blockDim.x) dot += prow[t] * drow[t];
+  for (int64_t t = threadIdx.x; t <= s; t += blockDim.x) dot += load_f(prow + t) * drow[t];
   dot = block_sum(dot);
   for (int64_t t = threadIdx.x; t < S; t += blockDim.x)
-    drow[t] = t <= s ? prow[t] * (drow[t] - dot) * scale : 0.0f;
+    store_f(out + t, t <= s ? load_f(prow + t) * (drow[t] - dot) * scale : 0.0f);
 }
 
 __global__ void crossentropy_forward_kernel(float* loss, float* lse, const float* logits, const int32_t* targets,
@@ -650,8 +673,9 @@ __global__ void sumsq_final_kernel(double* out, const double* partial, int n) {
   if (threadIdx.x == 0) *out = acc;
 }
 
-__global__ void adamw_slab_kernel(float* w, const float* g, float* m, float* v, int64_t n, const uint8_t* decays,
-                                  float b1, float b2, float step_size, float bc2_sqrt, float eps, float decay) {
+__global__ void adamw_slab_kernel(float* w, __nv_bfloat16* w16, const float* g, float* m, float* v, int64_t n,
+                                  const uint8_t* decays, float b1, float b2, float step_size, float bc2_sqrt,
+                                  float eps, float decay) {
   for (int64_t j = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; j < n;
        j += static_cast<int64_t>(gridDim.x) * blockDim.x) {
     const float gj = g[j];
@@ -660,6 +684,7 @@ __global__ void adamw_slab_kernel(float* w, const float* g, float* m, float* v, 
     m[j] = mj;
     v[j] = vj;
     w[j] = w[j] * (decays[j / kSlabBlockFloats] ? decay : 1.0f) - step_size * mj / (sqrtf(vj) / bc2_sqrt + eps);
+    if (w16) w16[j] = __float2bfloat16(w[j]);
   }
 }
 
@@ -713,18 +738,37 @@ unsigned softmax_blocks(int64_t rows) {
 
 template <int kChunks>
 struct SoftmaxForward {
-  static void run(float* p, int64_t rows, int64_t S, cudaStream_t s) {
-    causal_softmax_warp_kernel<kChunks><<<softmax_blocks(rows), 32 * kSoftmaxWarps, 0, s>>>(p, rows, S);
+  template <typename T>
+  static void run(T* p, const float* scores, int64_t rows, int64_t S, cudaStream_t s) {
+    causal_softmax_warp_kernel<kChunks><<<softmax_blocks(rows), 32 * kSoftmaxWarps, 0, s>>>(p, scores, rows, S);
   }
 };
 
 template <int kChunks>
 struct SoftmaxBackward {
-  static void run(float* dp, const float* p, int64_t rows, int64_t S, float scale_, cudaStream_t s) {
+  template <typename T>
+  static void run(T* ds, const float* dp, const T* p, int64_t rows, int64_t S, float scale_, cudaStream_t s) {
     softmax_backward_warp_kernel<kChunks>
-        <<<softmax_blocks(rows), 32 * kSoftmaxWarps, 0, s>>>(dp, p, rows, S, scale_);
+        <<<softmax_blocks(rows), 32 * kSoftmaxWarps, 0, s>>>(ds, dp, p, rows, S, scale_);
   }
 };
+
+template <typename T>
+void causal_softmax_any(T* p, const float* scores, int64_t rows, int64_t S, cudaStream_t s) {
+  if (rows == 0) return;
+  if (!launch_by_chunks<SoftmaxForward>(softmax_chunks(S), p, scores, rows, S, s))
+    causal_softmax_kernel<<<static_cast<unsigned>(rows), row_threads(S), 0, s>>>(p, scores, S);
+  DSV3_TRAIN_LAUNCH_CHECK();
+}
+
+template <typename T>
+void softmax_backward_any(T* ds, const float* dp, const T* p, int64_t rows, int64_t S, float scale_,
+                          cudaStream_t s) {
+  if (rows == 0) return;
+  if (!launch_by_chunks<SoftmaxBackward>(softmax_chunks(S), ds, dp, p, rows, S, scale_, s))
+    softmax_backward_kernel<<<static_cast<unsigned>(rows), row_threads(S), 0, s>>>(ds, dp, p, S, scale_);
+  DSV3_TRAIN_LAUNCH_CHECK();
+}
 
 }  // namespace
 
@@ -744,17 +788,18 @@ void embedding_backward(float* dtable, const float* dout, const int32_t* ids, co
 }
 
 void rmsnorm_forward(float* y, int64_t ldy, float* rstd, const float* x, int64_t ldx, const float* w, int64_t n,
-                     int64_t D, double eps, cudaStream_t s) {
+                     int64_t D, double eps, cudaStream_t s, __nv_bfloat16* y16) {
   if (n == 0) return;
-  rmsnorm_forward_kernel<<<norm_blocks(n), 32 * kNormWarps, 0, s>>>(y, ldy, rstd, x, ldx, nullptr, nullptr, w,
-                                                                    n, D, eps);
+  rmsnorm_forward_kernel<<<norm_blocks(n), 32 * kNormWarps, 0, s>>>(y, ldy, y16, rstd, x, ldx, nullptr, nullptr,
+                                                                    w, n, D, eps);
   DSV3_TRAIN_LAUNCH_CHECK();
 }
 
 void add_rmsnorm_forward(float* y, int64_t ldy, float* rstd, float* h, const float* res, const float* w,
-                         int64_t n, int64_t D, double eps, cudaStream_t s) {
+                         int64_t n, int64_t D, double eps, cudaStream_t s, __nv_bfloat16* y16) {
   if (n == 0) return;
-  rmsnorm_forward_kernel<<<norm_blocks(n), 32 * kNormWarps, 0, s>>>(y, ldy, rstd, h, D, res, h, w, n, D, eps);
+  rmsnorm_forward_kernel<<<norm_blocks(n), 32 * kNormWarps, 0, s>>>(y, ldy, y16, rstd, h, D, res, h, w, n, D,
+                                                                    eps);
   DSV3_TRAIN_LAUNCH_CHECK();
 }
 
@@ -786,16 +831,16 @@ void rope(float* x, const float* cos, const float* sin, int64_t n, int64_t S, in
   DSV3_TRAIN_LAUNCH_CHECK();
 }
 
-void swiglu_forward(float* a, const float* g, const float* u, int64_t n, cudaStream_t s) {
+void swiglu_forward(float* a, const float* g, const float* u, int64_t n, cudaStream_t s, __nv_bfloat16* a16) {
   if (n == 0) return;
-  swiglu_forward_kernel<<<blocks_for(n), kThreads, 0, s>>>(a, g, u, n);
+  swiglu_forward_kernel<<<blocks_for(n), kThreads, 0, s>>>(a, a16, g, u, n);
   DSV3_TRAIN_LAUNCH_CHECK();
 }
 
 void swiglu_backward(float* dg, float* du, const float* da, const float* g, const float* u, int64_t n,
-                     cudaStream_t s) {
+                     cudaStream_t s, __nv_bfloat16* dg16, __nv_bfloat16* du16) {
   if (n == 0) return;
-  swiglu_backward_kernel<<<blocks_for(n), kThreads, 0, s>>>(dg, du, da, g, u, n);
+  swiglu_backward_kernel<<<blocks_for(n), kThreads, 0, s>>>(dg, du, dg16, du16, da, g, u, n);
   DSV3_TRAIN_LAUNCH_CHECK();
 }
 
@@ -847,18 +892,20 @@ void attention_keys_backward(float* dkv, float* dkpe, const float* dkfull, int64
   DSV3_TRAIN_LAUNCH_CHECK();
 }
 
-void causal_softmax(float* p, int64_t rows, int64_t S, cudaStream_t s) {
-  if (rows == 0) return;
-  if (!launch_by_chunks<SoftmaxForward>(softmax_chunks(S), p, rows, S, s))
-    causal_softmax_kernel<<<static_cast<unsigned>(rows), row_threads(S), 0, s>>>(p, S);
-  DSV3_TRAIN_LAUNCH_CHECK();
+void causal_softmax(float* p, const float* scores, int64_t rows, int64_t S, cudaStream_t s) {
+  causal_softmax_any(p, scores, rows, S, s);
+}
+void causal_softmax(__nv_bfloat16* p, const float* scores, int64_t rows, int64_t S, cudaStream_t s) {
+  causal_softmax_any(p, scores, rows, S, s);
 }
 
-void softmax_backward(float* dp, const float* p, int64_t rows, int64_t S, float scale_, cudaStream_t s) {
-  if (rows == 0) return;
-  if (!launch_by_chunks<SoftmaxBackward>(softmax_chunks(S), dp, p, rows, S, scale_, s))
-    softmax_backward_kernel<<<static_cast<unsigned>(rows), row_threads(S), 0, s>>>(dp, p, S, scale_);
-  DSV3_TRAIN_LAUNCH_CHECK();
+void softmax_backward(float* ds, const float* dp, const float* p, int64_t rows, int64_t S, float scale_,
+                      cudaStream_t s) {
+  softmax_backward_any(ds, dp, p, rows, S, scale_, s);
+}
+void softmax_backward(__nv_bfloat16* ds, const float* dp, const __nv_bfloat16* p, int64_t rows, int64_t S,
+                      float scale_, cudaStream_t s) {
+  softmax_backward_any(ds, dp, p, rows, S, scale_, s);
 }
 
 void crossentropy_forward(float* loss, float* lse, const float* logits, const int32_t* targets, int64_t n,
@@ -988,10 +1035,10 @@ void sum_squares(double* out, const float* x, int64_t n, double* partial, cudaSt
 }
 
 void adamw_slab(float* w, const float* g, float* m, float* v, int64_t n, const uint8_t* decays, float b1, float b2,
-                float step_size, float bc2_sqrt, float eps, float decay, cudaStream_t s) {
+                float step_size, float bc2_sqrt, float eps, float decay, cudaStream_t s, __nv_bfloat16* w16) {
   if (n == 0) return;
-  adamw_slab_kernel<<<blocks_for(n), kThreads, 0, s>>>(w, g, m, v, n, decays, b1, b2, step_size, bc2_sqrt, eps,
-                                                       decay);
+  adamw_slab_kernel<<<blocks_for(n), kThreads, 0, s>>>(w, w16, g, m, v, n, decays, b1, b2, step_size, bc2_sqrt,
+                                                       eps, decay);
   DSV3_TRAIN_LAUNCH_CHECK();
 }
 

@@ -22,12 +22,13 @@ void embedding_forward(float* out, const int32_t* tokens, const float* table, in
 void embedding_backward(float* dtable, const float* dout, const int32_t* ids, const int32_t* offsets,
                         const int32_t* rows, int64_t n_ids, int64_t D, cudaStream_t s);
 
-// y = w * x * rstd per row (x and y with leading dimensions); rstd [n] cached.
+// y = w * x * rstd per row (x and y with leading dimensions); rstd [n] cached. y16, unless null, gets y
+// rounded to bf16 as well (leading dimension ldy): the operand of the bf16 GEMMs that read y.
 void rmsnorm_forward(float* y, int64_t ldy, float* rstd, const float* x, int64_t ldx, const float* w, int64_t n,
-                     int64_t D, double eps, cudaStream_t s);
+                     int64_t D, double eps, cudaStream_t s, __nv_bfloat16* y16 = nullptr);
 // The residual add fused into the norm after it: h [n x D] += res, then y = rmsnorm(h) as above.
 void add_rmsnorm_forward(float* y, int64_t ldy, float* rstd, float* h, const float* res, const float* w,
-                         int64_t n, int64_t D, double eps, cudaStream_t s);
+                         int64_t n, int64_t D, double eps, cudaStream_t s, __nv_bfloat16* y16 = nullptr);
 // dx written (lddx), or with accumulate added to dx (a residual branch's gradient joining the trunk's);
 // dw += sum_rows dy * x * rstd (through `partial`, rmsnorm_partial_floats(n, D) floats).
 void rmsnorm_backward(float* dx, int64_t lddx, float* dw, const float* dy, const float* x, int64_t ldx,
@@ -40,14 +41,16 @@ int64_t rmsnorm_partial_floats(int64_t n, int64_t D);
 void rope(float* x, const float* cos, const float* sin, int64_t n, int64_t S, int64_t heads, int64_t stride,
           int64_t offset, int64_t dim, bool inverse, cudaStream_t s);
 
-// a = silu(g) * u; backward dg, du written.
-void swiglu_forward(float* a, const float* g, const float* u, int64_t n, cudaStream_t s);
+// a = silu(g) * u; backward dg, du written. The bf16 outputs, unless null, get the same values rounded
+// (dg16 and du16 together).
+void swiglu_forward(float* a, const float* g, const float* u, int64_t n, cudaStream_t s,
+                    __nv_bfloat16* a16 = nullptr);
 void swiglu_backward(float* dg, float* du, const float* da, const float* g, const float* u, int64_t n,
-                     cudaStream_t s);
+                     cudaStream_t s, __nv_bfloat16* dg16 = nullptr, __nv_bfloat16* du16 = nullptr);
 
 // y += x (n values).
 void add_into(float* y, const float* x, int64_t n, cudaStream_t s);
-// dst = src rounded to bf16 (n values): operands of Gemm::rm_bf16.
+// dst = src rounded to bf16 (n values): operands of Gemm::rm's bf16 form.
 void to_bf16(__nv_bfloat16* dst, const float* src, int64_t n, cudaStream_t s);
 // y *= c (n values).
 void scale(float* y, float c, int64_t n, cudaStream_t s);
@@ -65,10 +68,17 @@ void attention_keys(float* kfull, const float* kv, const float* kpe, int64_t N, 
 // dkv's k_nope part (written; the v part is left alone) and dkpe (written, sum over heads) from dkfull.
 void attention_keys_backward(float* dkv, float* dkpe, const float* dkfull, int64_t N, int64_t H, int64_t dn,
                              int64_t dr, int64_t dv, cudaStream_t s);
-// In place on rows [rows x S] of scores: row r is query position r % S; p = softmax over t <= r % S, 0 after.
-void causal_softmax(float* p, int64_t rows, int64_t S, cudaStream_t s);
-// In place: dP -> dScore = p * (dP - sum_t p dP) * scale.
-void softmax_backward(float* dp, const float* p, int64_t rows, int64_t S, float scale, cudaStream_t s);
+// Rows [rows x S] of scores: row r is query position r % S; p = softmax over t <= r % S, 0 after. p is
+// the scores themselves (fp32, in place) or a bf16 tensor (the probabilities rounded once: the operand of
+// the bf16 attention's P V and P^T dO).
+void causal_softmax(float* p, const float* scores, int64_t rows, int64_t S, cudaStream_t s);
+void causal_softmax(__nv_bfloat16* p, const float* scores, int64_t rows, int64_t S, cudaStream_t s);
+// dScore = p * (dP - sum_t p dP) * scale into ds: dp itself (fp32, in place) or a bf16 tensor (with bf16
+// p; the sums in fp32, dScore rounded once).
+void softmax_backward(float* ds, const float* dp, const float* p, int64_t rows, int64_t S, float scale,
+                      cudaStream_t s);
+void softmax_backward(__nv_bfloat16* ds, const float* dp, const __nv_bfloat16* p, int64_t rows, int64_t S,
+                      float scale, cudaStream_t s);
 
 // ---- attention (fused, flash-style; flash_attention.cu) ----
 // Causal softmax(Q K^T * scale) V per (sequence b, head h) without an S x S tensor in memory, on the BF16
@@ -151,9 +161,11 @@ int64_t sumsq_partial_doubles();
 // AdamW exactly as train/optimizer.cpp, p = p*d - step_size * m / (sqrt(v)/bc2_sqrt + eps), over a whole
 // slab of tensors in one launch: element j decays (d = `decay`, else 1) when decays[j / kSlabBlockFloats]
 // is nonzero. Every tensor must start on a kSlabBlockFloats boundary; the padding between tensors must be
-// zero in w, g, m and v (AdamW keeps it zero).
+// zero in w, g, m and v (AdamW keeps it zero). w16, unless null, gets the new weights rounded to bf16 (the
+// BF16 mode's weight copies, same offsets as w).
 constexpr int64_t kSlabBlockFloats = 64;
 void adamw_slab(float* w, const float* g, float* m, float* v, int64_t n, const uint8_t* decays, float b1, float b2,
-                float step_size, float bc2_sqrt, float eps, float decay, cudaStream_t s);
+                float step_size, float bc2_sqrt, float eps, float decay, cudaStream_t s,
+                __nv_bfloat16* w16 = nullptr);
 
 }  // namespace dsv3::train::cuda
