@@ -160,11 +160,13 @@ void bench_batched(dsv3::CudaModel& gpu, const std::string& label, int batch, in
               100.0 * steps_per_s / roof_steps);
 }
 
-// Model FLOPs per token of one S-token prompt as the CUDA path computes it: every projection (kv_b
-// counted once: its W_UK rows absorb the query, its W_UV rows expand the attention output), the
-// experts at top-k plus the shared ones, the router, absorbed attention over positions 1..S
-// (scores over C + dr values, output over C, per head: H (4C + 2dr) (S + 1) / 2 on average) and the
-// last token's lm_head spread over the prompt.
+// Model FLOPs per token of one S-token prompt, counted the standard way (the non-absorbed form, as
+// DeepSeek's papers and the usual 6N/2N accounting do), whichever attention path runs: every projection
+// once per token (kv_b included: [W_UK; W_UV] times the token's latent), the experts at top-k plus the
+// shared ones, the router, causal attention over positions 1..S (scores over dn + dr values, output
+// over dv, per head: 2 H (dn + dr + dv) (S + 1) / 2 on average) and the last token's lm_head spread over
+// the prompt. The absorbed form does more attention work (2 H (2C + dr) per key: 3.4x at V2/V3 dims);
+// it is not counted as model FLOPs.
 double prefill_flops_per_token(const dsv3::ModelConfig& c, int64_t S) {
   const double D = static_cast<double>(c.hidden_size), H = static_cast<double>(c.num_attention_heads);
   const double C = static_cast<double>(c.kv_lora_rank), dr = static_cast<double>(c.qk_rope_head_dim);
@@ -180,7 +182,7 @@ double prefill_flops_per_token(const dsv3::ModelConfig& c, int64_t S) {
     else
       params += 3.0 * D * static_cast<double>(c.intermediate_size);
   }
-  const double attn = static_cast<double>(c.num_hidden_layers) * H * (4.0 * C + 2.0 * dr) *
+  const double attn = static_cast<double>(c.num_hidden_layers) * H * 2.0 * (dn + dr + dv) *
                       (static_cast<double>(S) + 1.0) / 2.0;
   return 2.0 * params + attn + 2.0 * static_cast<double>(c.vocab_size) * D / static_cast<double>(S);
 }

@@ -240,6 +240,12 @@ struct Scratch {
   int32_t *gather = nullptr, *gather_expert = nullptr;  // expert-grouped MoE problems (cuda::moe_plan)
   int32_t *ids = nullptr, *tokens = nullptr, *counters = nullptr;
   int64_t* pos = nullptr;
+  // Non-absorbed prefill attention (CudaModel::Impl::mla_prefill): the gathered cache rows, their
+  // per-head keys and values, and those split into bf16 hi/lo tiles, for up to prefill_keys keys
+  // (0: not allocated).
+  int64_t prefill_keys = 0;
+  float *lat = nullptr, *kv = nullptr;
+  void* kv_split = nullptr;
   // Per-row inputs of a batched step, uploaded together in one copy: [row_pos int64 | tokens int32 |
   // row_table int32] x cap (`tokens` above points into it).
   unsigned char* step = nullptr;
@@ -253,6 +259,7 @@ struct StepCache {
   cuda::CachePages pages;
   const int64_t* pos0 = nullptr;
   const int64_t* pos = nullptr;
+  int64_t host_pos0 = -1;  // forward(): *pos0 on the host (the cache length before the step); else -1
 };
 
 struct CudaModel::Impl {
@@ -475,6 +482,23 @@ struct CudaModel::Impl {
     return static_cast<int>(std::clamp<int64_t>((int64_t{256} << 20) / per_split, 1, 128));
   }
 
+  // Attention in the non-absorbed form (mla_prefill below) for forward() steps of at least this many rows;
+  // its buffers exist once the scratch holds that many. DSV3_MLA_PREFILL=0 turns it off, =hi runs it on
+  // bf16 operands without the lo parts (measurement; docs/CUDA.md, "Prefill attention in the
+  // non-absorbed form"). Read once.
+  static constexpr int64_t kMlaPrefillMinRows = 256;
+  static bool mla_prefill_enabled() {
+    static const bool on = cuda::env_enabled("DSV3_MLA_PREFILL");
+    return on;
+  }
+  static bool mla_prefill_lo() {
+    static const bool lo = [] {
+      const char* v = std::getenv("DSV3_MLA_PREFILL");
+      return !(v && std::string_view(v) == "hi");
+    }();
+    return lo;
+  }
+
   void ensure_scratch(int64_t n) {
     if (n <= s.cap) return;
     const int64_t cap = std::max<int64_t>(n, 16);
@@ -519,6 +543,22 @@ struct CudaModel::Impl {
     t.tokens = reinterpret_cast<int32_t*>(t.step + cap * 8);
     t.row_table = reinterpret_cast<int32_t*>(t.step + cap * 12);
     t.pos = static_cast<int64_t*>(device_alloc(8, scratch_allocs, "position"));
+    // The non-absorbed prefill attention's buffers, for up to cap keys (cached + new), last and optional:
+    // where they do not fit, prefill keeps the absorbed path.
+    if (mla_prefill_enabled() && cap >= kMlaPrefillMinRows) {
+      const size_t required = scratch_allocs.size();
+      try {
+        t.lat = f(cap * (C + dr), "prefill attention: cache rows");
+        t.kv = f(cap * H * (c.qk_nope_head_dim + c.v_head_dim), "prefill attention: keys and values");
+        t.kv_split = device_alloc(cuda::mla_prefill_work_bytes(cap, H), scratch_allocs, "prefill attention: split tiles");
+        t.prefill_keys = cap;
+      } catch (const Error&) {
+        for (size_t i = required; i < scratch_allocs.size(); ++i) cudaFree(scratch_allocs[i]);
+        scratch_allocs.resize(required);
+        t.lat = t.kv = nullptr;
+        t.kv_split = nullptr;
+      }
+    }
     s = t;
     ++scratch_gen;
   }
@@ -638,10 +678,29 @@ struct CudaModel::Impl {
     uk.group_stride = C;
     uk.group_x = dq;
     uk.group_y = W;
-    const bool uk_mma = L.uk_t.data && n > cuda::kGemvMaxBatch && cuda::expert_mma_supported(uk);
-    if (uk_mma) qt.w = {};
+    // A long step of one sequence skips the absorbed form altogether (mla_prefill): prepare writes the
+    // cache rows and the roped q_pe only.
+    const cuda::MlaPrefillParams pf = prefill_params(n, sc, q, ldq);
+    const bool uk_mma = pf.n == 0 && L.uk_t.data && n > cuda::kGemvMaxBatch && cuda::expert_mma_supported(uk);
+    if (uk_mma || pf.n > 0) qt.w = {};
     cuda::mla_prepare(prep);
     if (uk_mma) cuda::expert_mma(uk);
+    if (pf.n > 0) {
+      mla_prefill(L, layer, sc, pf);
+    } else {
+      absorbed_attention(L, layer, n, sc);
+    }
+
+    cuda::LinearParams op = lin(L.o, s.o, H * dv, n, s.x, D);
+    op.accumulate = true;
+    cuda::linear(op);
+  }
+
+  // Absorbed attention over the latent cache (qabs from mla_prepare), then o[h] = W_UV[h] o_lat[h].
+  void absorbed_attention(const DevLayer& L, int64_t layer, int64_t n, const StepCache& sc) {
+    const ModelConfig& c = cfg;
+    const int64_t H = c.num_attention_heads, C = c.kv_lora_rank, dn = c.qk_nope_head_dim, dv = c.v_head_dim,
+                  dkv = dn + dv;
 
     cuda::MlaAttentionParams at;
     at.qabs = s.qabs;
@@ -677,10 +736,54 @@ struct CudaModel::Impl {
     uv.row0 = dn;
     uv.group_x = C;
     cuda::linear(uv);
+  }
 
-    cuda::LinearParams op = lin(L.o, s.o, H * dv, n, s.x, D);
-    op.accumulate = true;
-    cuda::linear(op);
+  // The non-absorbed prefill attention's parameters for this step, or n = 0 where it does not run. It
+  // runs for forward() steps (one sequence, its cache length known on the host) of at least
+  // kMlaPrefillMinRows rows whose keys (cached + new) fit the scratch and whose head dims the kernel
+  // takes: a choice made from the step's own rows and cache length only.
+  cuda::MlaPrefillParams prefill_params(int64_t n, const StepCache& sc, const float* q, int64_t ldq) const {
+    const ModelConfig& c = cfg;
+    const int64_t H = c.num_attention_heads, C = c.kv_lora_rank, dn = c.qk_nope_head_dim, dr = c.qk_rope_head_dim,
+                  dv = c.v_head_dim, W = C + dr;
+    cuda::MlaPrefillParams p;
+    if (sc.host_pos0 < 0 || sc.pos || sc.pages.row_table || n < kMlaPrefillMinRows || sc.host_pos0 + n > s.prefill_keys)
+      return p;
+    p.q_nope = q;
+    p.ldq_t = ldq;
+    p.ldq_h = dn + dr;
+    p.q_pe = s.qabs + C;  // mla_prepare's roped q_pe, in the absorbed query's tail
+    p.ldqpe_t = H * W;
+    p.ldqpe_h = W;
+    p.kv = s.kv;
+    p.ldkv = H * (dn + dv);
+    p.k_pe = s.lat + C;
+    p.ldkpe = W;
+    p.n = n;
+    p.keys = sc.host_pos0 + n;
+    p.heads = H;
+    p.nope = dn;
+    p.rope = dr;
+    p.v = dv;
+    p.scale = static_cast<float>(c.softmax_scale());
+    p.work = s.kv_split;
+    p.out = s.o;
+    p.ldo = H * dv;
+    p.lo = mla_prefill_lo();
+    p.stream = stream;
+    if (!cuda::mla_prefill_supported(p)) p.n = 0;
+    return p;
+  }
+
+  // Attention in the non-absorbed form, as DeepSeek's prefill runs it: every key's per-head K_nope and V
+  // from its cached latent (the cache rows gathered, times kv_b_proj: [W_UK[h]; W_UV[h]] per head, one
+  // GEMM), then causal flash attention on tensor cores into s.o (cuda::mla_prefill). 2 (dn + dr + dv)
+  // FLOPs per (query, key, head) instead of the absorbed form's 2 (2 C + dr), and dense tiles.
+  void mla_prefill(const DevLayer& L, int64_t layer, const StepCache& sc, const cuda::MlaPrefillParams& p) {
+    const int64_t W = cfg.kv_lora_rank + cfg.qk_rope_head_dim;
+    cuda::mla_gather_rows(sc.pages, layer, p.keys, s.lat, stream);
+    cuda::linear(lin(L.kv_b, s.lat, W, p.keys, s.kv, p.ldkv));
+    cuda::mla_prefill(p);
   }
 
   void moe(const DevLayer& L, int64_t n) {
@@ -998,7 +1101,7 @@ std::vector<float> CudaModel::forward(std::span<const int32_t> tokens, CudaLaten
   DSV3_CUDA_CHECK(cudaMemcpyAsync(m.s.pos, &pos0, 8, cudaMemcpyHostToDevice, m.stream));
 
   const int64_t first = (opt.all_logits || opt.final_hidden) ? 0 : n - 1;
-  const StepCache sc{{cache.device_page_table(), nullptr, cache.layers(), cache.row_width()}, m.s.pos, nullptr};
+  const StepCache sc{{cache.device_page_table(), nullptr, cache.layers(), cache.row_width()}, m.s.pos, nullptr, pos0};
   const Impl::RowRun head{first, n - first};
   // The graph holds this cache's page table and the scratch buffers: recaptured when either changes.
   const bool graph_step = m.use_graphs && n == 1 && !opt.final_hidden;

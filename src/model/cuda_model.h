@@ -1,8 +1,9 @@
 // CudaModel: the forward pass of model.h on one NVIDIA GPU (Hopper, sm_90a), with the same semantics
 // and the same interface (new_cache / forward) as the CPU Model, so callers can be written once for
 // both. Weights are uploaded in their stored dtype (BF16/F16/F32, or FP8 e4m3 with 128x128 block
-// scales); activations, the latent cache and all accumulation are fp32. Attention always uses MLA's
-// absorbed form over the paged latent cache; MoE routing runs on the device. A one-token step is
+// scales); activations, the latent cache and all accumulation are fp32. Attention runs over the paged
+// latent cache in MLA's absorbed form, except long single-sequence steps (prefill), which expand every
+// key's per-head key and value and run causal attention on them; MoE routing runs on the device. A one-token step is
 // captured once into a CUDA graph and replayed (positions and token ids live in device memory).
 // Kernels: src/ops/cuda/ops.h; design notes and measurements: docs/CUDA.md.
 #pragma once
@@ -87,7 +88,7 @@ class CudaModel {
 
   // As Model::forward: runs `tokens` at positions [cache.length(), +n), appends their latent rows and
   // returns logits [n x vocab] (or [1 x vocab] for the last token when !opt.all_logits).
-  // opt.attention is ignored (always absorbed); opt.final_hidden is honoured.
+  // opt.attention is ignored (the form is chosen per step, see above); opt.final_hidden is honoured.
   std::vector<float> forward(std::span<const int32_t> tokens, CudaLatentCache& cache, const ForwardOptions& opt = {});
 
   // A block pool whose storage is device memory (every page filled with NaN, so a row nobody wrote

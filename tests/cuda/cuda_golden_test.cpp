@@ -344,9 +344,9 @@ INSTANTIATE_TEST_SUITE_P(Cases, CudaGolden, ::testing::ValuesIn(golden_dirs()), 
 // DeepSeek's own head dims (qk_nope 128, rope 64, v 128) with a 128-wide latent, which the tiny goldens do
 // not have: the tensor-core paths that need whole 128-row tiles (the absorbed query over the transposed
 // W_UK, per-head W_UV, wide blocks) run here, against the CPU engine, in BF16 and FP8.
-TEST(CudaRealHeadDims, PrefillMatchesCpu) {
-  int count = 0;
-  ASSERT_EQ(cudaGetDeviceCount(&count), cudaSuccess) << "these tests need an NVIDIA GPU (ctest label gpu)";
+// DeepSeek's head dims (V2-Lite's config: nope 128, rope 64, v 128) in a small model: 2 layers, 2 heads,
+// a 128-wide latent.
+Json real_head_dims_config() {
   Json cfg = read_json_file(source_root() + "/bench/configs/v2_lite.json");
   cfg["vocab_size"] = 512;
   cfg["hidden_size"] = 256;
@@ -359,6 +359,13 @@ TEST(CudaRealHeadDims, PrefillMatchesCpu) {
   cfg["num_experts_per_tok"] = 2;
   cfg["n_shared_experts"] = 1;
   cfg["kv_lora_rank"] = 128;
+  return cfg;
+}
+
+TEST(CudaRealHeadDims, PrefillMatchesCpu) {
+  int count = 0;
+  ASSERT_EQ(cudaGetDeviceCount(&count), cudaSuccess) << "these tests need an NVIDIA GPU (ctest label gpu)";
+  const Json cfg = real_head_dims_config();
   for (DType dt : {DType::BF16, DType::F8_E4M3}) {
     test::TempDir dir;
     RandomCheckpointOptions opt;
@@ -378,6 +385,40 @@ TEST(CudaRealHeadDims, PrefillMatchesCpu) {
     const double e = test::rel_l2(logits, cpu);
     std::printf("[gpu-real-dims] %s prefill n=600 (all rows) rel_l2 vs cpu %.3e\n", dtype_name(dt), e);
     EXPECT_LE(e, 1e-4) << dtype_name(dt);
+  }
+}
+
+// A prompt prefilled in two chunks of 300 rows, the second over the first's 300 cached keys, on the
+// non-absorbed prefill attention (CudaModel takes it for 256+ rows whose keys fit the buffers sized by the
+// largest step so far: a 700-row prompt on another cache runs first). Every logit of both chunks against
+// the CPU engine fed the same chunks.
+TEST(CudaRealHeadDims, ChunkedPrefillOverCachedPrefixMatchesCpu) {
+  int count = 0;
+  ASSERT_EQ(cudaGetDeviceCount(&count), cudaSuccess) << "these tests need an NVIDIA GPU (ctest label gpu)";
+  test::TempDir dir;
+  RandomCheckpointOptions opt;
+  opt.dtype = DType::BF16;
+  opt.init_std = 0.05;
+  write_random_checkpoint(dir.path(), real_head_dims_config(), opt);
+  Model host(dir.path());
+  CudaModel gpu(host);
+  {
+    const std::vector<int32_t> long_prompt(700, 5);
+    CudaLatentCache other = gpu.new_cache(700);
+    gpu.forward(long_prompt, other);
+  }
+  ForwardOptions all;
+  all.all_logits = true;
+  CudaLatentCache cache = gpu.new_cache(600);
+  LatentCache cpu_cache = host.new_cache(600);
+  for (int chunk = 0; chunk < 2; ++chunk) {
+    std::vector<int32_t> tokens(300);
+    for (size_t i = 0; i < tokens.size(); ++i) tokens[i] = static_cast<int32_t>(((chunk * 300 + i) * 53 + 7) % 512);
+    const std::vector<float> logits = gpu.forward(tokens, cache, all);
+    const std::vector<float> cpu = host.forward(tokens, cpu_cache, all);
+    const double e = test::rel_l2(logits, cpu);
+    std::printf("[gpu-real-dims] chunk %d (pos0 %d, 300 rows) rel_l2 vs cpu %.3e\n", chunk, chunk * 300, e);
+    EXPECT_LE(e, 1e-4) << "chunk " << chunk;
   }
 }
 

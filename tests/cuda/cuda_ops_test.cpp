@@ -768,6 +768,152 @@ TEST_F(CudaOps, MlaAttentionBatchedSequencesMatchReference) {
   }
 }
 
+// ---- Non-absorbed prefill attention (cuda::mla_gather_rows, cuda::mla_prefill) ----------------------
+
+// The gathered cache rows of one sequence equal its rows, over shuffled pages with NaN everywhere else.
+TEST_F(CudaOps, MlaGatherRowsCopiesOneSequencesRows) {
+  for (int64_t keys : {1, 63, 64, 65, 200}) {
+    Dev dev;
+    const int64_t W = 36, layers = 3, layer = 2, pages = (keys + 63) / 64 + 2, page_floats = layers * 64 * W;
+    std::vector<float> storage(static_cast<size_t>(pages * page_floats), std::numeric_limits<float>::quiet_NaN());
+    std::vector<int64_t> order(static_cast<size_t>(pages));
+    std::iota(order.begin(), order.end(), 0);
+    std::shuffle(order.begin(), order.end(), rng);
+    std::vector<float> want;
+    for (int64_t pos = 0; pos < keys; ++pos) {
+      const std::vector<float> r = randn(rng, W);
+      std::copy(r.begin(), r.end(), storage.begin() + order[pos / 64] * page_floats + (layer * 64 + pos % 64) * W);
+      want.insert(want.end(), r.begin(), r.end());
+    }
+    float* dstore = dev.put(storage);
+    std::vector<float*> table(static_cast<size_t>(pages));
+    for (int64_t i = 0; i < pages; ++i) table[i] = dstore + order[i] * page_floats;
+    float* rows = dev.poisoned(want.size());
+    cuda::mla_gather_rows({dev.put(table), nullptr, layers, W}, layer, keys, rows, nullptr);
+    const std::vector<float> got = Dev::get(rows, want.size());
+    EXPECT_EQ(std::memcmp(got.data(), want.data(), want.size() * sizeof(float)), 0) << "keys " << keys;
+  }
+}
+
+// Causal attention of n new rows after a cached prefix of pos0 keys against float64, with the engine's
+// layouts (q_nope inside wider q rows, q_pe in the absorbed query's tail, k_pe in the cache rows, padded
+// strides): ragged 64-row blocks and 32-key tiles, 2 to 128 heads, poisoned work and output buffers. With
+// hi + lo operands within 2e-5 of float64; bf16 hi only within 2e-2 (both printed).
+TEST_F(CudaOps, MlaPrefillMatchesFloat64Reference) {
+  struct Case { int64_t n, pos0, H; };
+  const Case cases[] = {{1, 0, 2},     {1, 77, 2},     {64, 0, 2},   {65, 31, 16}, {300, 0, 2},
+                        {333, 140, 2}, {129, 1, 16},   {40, 90, 128}, {257, 700, 2}, {31, 0, 3}};
+  const int64_t dn = 128, dr = 64, dv = 128, dq = dn + dr, C = 32, W = C + dr;
+  const float scale = 0.1f;
+  double worst[2] = {0.0, 0.0};
+  for (const Case& c : cases) {
+    Dev dev;
+    const int64_t H = c.H, n = c.n, keys = c.pos0 + n;
+    const int64_t ldq = H * dq + 6, ldkv = H * (dn + dv) + 2, ldo = H * dv + 4;
+    const std::vector<float> q = randn(rng, static_cast<size_t>(n * ldq));
+    const std::vector<float> qabs = randn(rng, static_cast<size_t>(n * H * W));
+    const std::vector<float> kv = randn(rng, static_cast<size_t>(keys * ldkv));
+    const std::vector<float> lat = randn(rng, static_cast<size_t>(keys * W));
+    std::vector<float> ref(static_cast<size_t>(n * ldo), std::numeric_limits<float>::quiet_NaN());
+    for (int64_t t = 0; t < n; ++t)
+      for (int64_t h = 0; h < H; ++h) {
+        const int64_t vis = c.pos0 + t + 1;
+        std::vector<double> s(static_cast<size_t>(vis));
+        double m = -1e300;
+        for (int64_t j = 0; j < vis; ++j) {
+          double d = 0;
+          for (int64_t i = 0; i < dn; ++i) d += static_cast<double>(q[t * ldq + h * dq + i]) * kv[j * ldkv + h * (dn + dv) + i];
+          for (int64_t i = 0; i < dr; ++i) d += static_cast<double>(qabs[(t * H + h) * W + C + i]) * lat[j * W + C + i];
+          s[j] = d * scale;
+          m = std::max(m, s[j]);
+        }
+        double sum = 0;
+        for (double& v : s) sum += (v = std::exp(v - m));
+        for (int64_t i = 0; i < dv; ++i) {
+          double o = 0;
+          for (int64_t j = 0; j < vis; ++j) o += s[j] * kv[j * ldkv + h * (dn + dv) + dn + i];
+          ref[t * ldo + h * dv + i] = static_cast<float>(o / sum);
+        }
+      }
+    cuda::MlaPrefillParams p;
+    p.q_nope = dev.put(q);
+    p.ldq_t = ldq;
+    p.ldq_h = dq;
+    p.q_pe = dev.put(qabs) + C;
+    p.ldqpe_t = H * W;
+    p.ldqpe_h = W;
+    p.kv = dev.put(kv);
+    p.ldkv = ldkv;
+    p.k_pe = dev.put(lat) + C;
+    p.ldkpe = W;
+    p.n = n;
+    p.keys = keys;
+    p.heads = H;
+    p.nope = dn;
+    p.rope = dr;
+    p.v = dv;
+    p.scale = scale;
+    p.work = dev.poisoned((cuda::mla_prefill_work_bytes(keys, H) + 3) / 4);
+    p.ldo = ldo;
+    ASSERT_TRUE(cuda::mla_prefill_supported(p));
+    for (bool lo : {true, false}) {
+      p.lo = lo;
+      p.out = dev.poisoned(ref.size());
+      cuda::mla_prefill(p);
+      std::vector<float> got = Dev::get(p.out, ref.size());
+      // The padding columns past H * dv stay untouched (NaN in both); compare the written ones.
+      std::vector<float> g, r;
+      for (int64_t t = 0; t < n; ++t) {
+        EXPECT_TRUE(std::isnan(got[t * ldo + H * dv])) << "row " << t << " wrote past its heads";
+        g.insert(g.end(), got.begin() + t * ldo, got.begin() + t * ldo + H * dv);
+        r.insert(r.end(), ref.begin() + t * ldo, ref.begin() + t * ldo + H * dv);
+      }
+      const double err = test::rel_l2(g, r);
+      EXPECT_LE(err, lo ? 2e-5 : 2e-2) << "lo=" << lo << " n=" << n << " pos0=" << c.pos0 << " H=" << H;
+      worst[lo ? 0 : 1] = std::max(worst[lo ? 0 : 1], err);
+    }
+    p.n = 0;  // an empty step launches nothing
+    cuda::mla_prefill(p);
+  }
+  std::printf("prefill attention: worst rel L2 vs float64: hi + lo %.3g, bf16 hi only %.3g\n", worst[0], worst[1]);
+}
+
+// Head dims other than 192 + 128, odd strides or misaligned pointers are refused by mla_prefill_supported
+// (the engine keeps the absorbed path), and mla_prefill names them in its error.
+TEST_F(CudaOps, MlaPrefillRefusesUnsupportedLayouts) {
+  alignas(16) static float buf[64];
+  cuda::MlaPrefillParams p;
+  p.q_nope = p.q_pe = p.kv = p.k_pe = buf;
+  p.out = buf;
+  p.ldq_t = p.ldq_h = p.ldqpe_t = p.ldqpe_h = p.ldkv = p.ldkpe = p.ldo = 256;
+  p.nope = 128;
+  p.rope = 64;
+  p.v = 128;
+  EXPECT_TRUE(cuda::mla_prefill_supported(p));
+  cuda::MlaPrefillParams bad = p;
+  bad.nope = 96;  // 96 + 64
+  EXPECT_FALSE(cuda::mla_prefill_supported(bad));
+  bad = p;
+  bad.v = 64;
+  EXPECT_FALSE(cuda::mla_prefill_supported(bad));
+  bad = p;
+  bad.nope = 127;
+  bad.rope = 65;
+  EXPECT_FALSE(cuda::mla_prefill_supported(bad));
+  bad = p;
+  bad.ldkv = 257;
+  EXPECT_FALSE(cuda::mla_prefill_supported(bad));
+  bad = p;
+  bad.q_pe = buf + 1;
+  EXPECT_FALSE(cuda::mla_prefill_supported(bad));
+  bad = p;
+  bad.v = 64;
+  bad.n = 1;
+  bad.keys = 1;
+  bad.heads = 1;
+  EXPECT_THROW(cuda::mla_prefill(bad), Error);
+}
+
 // The MoE plan: every (token, slot) problem appears exactly once, each chunk holds problems of its own
 // expert only (routed slots from ids, fixed slots after them), unused entries and chunks are -1.
 TEST_F(CudaOps, MoePlanGroupsEveryProblemOnceByExpert) {

@@ -31,24 +31,11 @@ struct MmaArgs {
   MatGeom geom;
 };
 
-__device__ __forceinline__ uint32_t bf16x2_bits(float lo_k, float hi_k) {
-  const __nv_bfloat162 v = __floats2bfloat162_rn(lo_k, hi_k);
-  return *reinterpret_cast<const uint32_t*>(&v);
-}
-
 // Two consecutive e4m3 values (low byte first) as a bf16 pair: e4m3 -> half is exact, and so is
 // half -> float -> bf16 for every e4m3 value (3 mantissa bits, exponents -9..8).
 __device__ __forceinline__ uint32_t fp8x2_to_bf16x2(uint32_t two_bytes) {
   const float2 f = fp8x2_to_float2(static_cast<uint16_t>(two_bytes));
   return bf16x2_bits(f.x, f.y);
-}
-
-__device__ __forceinline__ void mma_bf16(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
-  asm volatile(
-      "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
-      "{%0,%1,%2,%3};"
-      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
 }
 
 // The 16 consecutive weights of one row that a lane owns in a 64-column step, as 8 bf16 pairs.

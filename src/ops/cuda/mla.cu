@@ -263,16 +263,6 @@ __device__ __forceinline__ void mma_split(float (&main)[4], float (&cross)[4], c
   mma_tf32(cross, a.hi, bl0, bl1);
 }
 
-__device__ __forceinline__ void cp_async16(void* smem, const void* gmem) {
-  const uint32_t s = static_cast<uint32_t>(__cvta_generic_to_shared(smem));
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(s), "l"(gmem));
-}
-__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;"); }
-template <int N>
-__device__ __forceinline__ void cp_async_wait() {
-  asm volatile("cp.async.wait_group %0;" ::"n"(N));
-}
-
 // Grid (n * head groups, splits); rows are taken last first (a causal prefill's longest rows start
 // first, so they do not make the tail). Fragment layout of m16n8k8 (lane = 4 g + c): A rows g, g + 8 and
 // k columns c, c + 4; B k rows c, c + 4 and column g; C rows g, g + 8 and columns 2c, 2c + 1. In P V the

@@ -219,6 +219,49 @@ int64_t mla_attention_work_floats(int64_t n, int64_t heads, int64_t latent, int 
 bool mla_attention_mma_supported(const MlaAttentionParams& p);  // latent a multiple of 8 up to 512, width of 4s
 void mla_attention(const MlaAttentionParams& p);
 
+// ---- MLA prefill attention in the non-absorbed form (mla_prefill.cu) -------------------------------
+// For a long step of one sequence, each cached key's per-head key and value are expanded from its latent
+// (one GEMM of the cache rows by kv_b_proj: K_nope[h] = W_UK[h] c, V[h] = W_UV[h] c), and attention runs
+// as ordinary causal multi-head attention with qk width nope + rope and value width v: 2 (nope + rope + v)
+// FLOPs per (query, key, head) instead of the absorbed form's 2 (2 latent + rope), on tensor cores, with
+// every key tile shared by a block's 64 queries.
+
+// rows[k] = the cache row (layer, k) of one sequence (the table at cache.pages; row_table unused), for
+// k < keys: the GEMM's operand, rows of cache.width floats.
+void mla_gather_rows(const CachePages& cache, int64_t layer, int64_t keys, float* rows, cudaStream_t stream);
+
+// New rows t < n at positions keys - n + t attend causally to keys 0 .. keys - 1; per head h
+//   q = [q_nope[t][h] (nope) | q_pe[t][h] (rope, already roped)],  k_j = [kv[j][h][:nope] | k_pe[j] (shared)],
+//   v_j = kv[j][h][nope : nope + v],  out[t][h] = sum_j softmax_j(q . k_j * scale) v_j.
+// kv rows hold heads * (nope + v) values (the GEMM's output). Operands enter mma.sync (bf16 in, fp32
+// accumulate) as bf16 hi + lo pairs (hi*hi + hi*lo + lo*hi: within ~1e-5 of fp32), or with lo false as
+// hi only (~3 significant digits, for measurement). `work` receives the keys and values split into
+// hi/lo tiles per head. Two launches: the split, then the attention.
+struct MlaPrefillParams {
+  const float* q_nope = nullptr;  // row t, head h at q_nope + t * ldq_t + h * ldq_h
+  int64_t ldq_t = 0, ldq_h = 0;
+  const float* q_pe = nullptr;  // row t, head h at q_pe + t * ldqpe_t + h * ldqpe_h
+  int64_t ldqpe_t = 0, ldqpe_h = 0;
+  const float* kv = nullptr;  // key j, head h at kv + j * ldkv + h * (nope + v)
+  int64_t ldkv = 0;
+  const float* k_pe = nullptr;  // key j at k_pe + j * ldkpe
+  int64_t ldkpe = 0;
+  int64_t n = 0, keys = 0, heads = 0, nope = 0, rope = 0, v = 0;
+  float scale = 0.0f;
+  void* work = nullptr;  // mla_prefill_work_bytes(keys, heads) bytes, 16-byte aligned
+  float* out = nullptr;  // row t, head h at out + t * ldo + h * v
+  int64_t ldo = 0;
+  bool lo = true;
+  cudaStream_t stream = nullptr;
+};
+// Head dims of the kernel: nope + rope = kMlaPrefillQk, v = kMlaPrefillV (DeepSeek-V2/V3, V2-Lite).
+constexpr int64_t kMlaPrefillQk = 192, kMlaPrefillV = 128;
+size_t mla_prefill_work_bytes(int64_t keys, int64_t heads);
+// The head dims above, nope and rope even, every pointer 8-byte aligned and every stride even (float2
+// reads and writes).
+bool mla_prefill_supported(const MlaPrefillParams& p);
+void mla_prefill(const MlaPrefillParams& p);
+
 // Expert choice per token, exactly as route_token in src/model/model.cpp (REFERENCE.md §3.3).
 struct RouteParams {
   const float* logits = nullptr;  // [n x experts]

@@ -1,0 +1,345 @@
+// MLA prefill attention in the non-absorbed form (ops.h, "MLA prefill attention"): causal flash attention
+// of one sequence's new rows over its expanded per-head keys and values, on mma.sync m16n8k16 (bf16 in,
+// fp32 accumulate) with an online softmax.
+//
+// A block is 64 queries (4 warps x 16 rows) of one head; key tiles of 32 keys stream through shared
+// memory (cp.async, two stages), each shared by the block's 4 warps. Every operand is a bf16 hi + lo
+// pair (hi = bf16(x), lo = bf16(x - hi)) and each product runs as hi*hi + hi*lo + lo*hi, so a score or
+// an output carries ~16 mantissa bits of its inputs (within ~1e-5 of fp32); lo*lo (~2^-16 relative) is
+// dropped. The split of keys and values into hi/lo tiles is a pass of its own (mla_prefill_split_kernel,
+// into `work`), so the attention kernel only copies tiles and feeds ldmatrix. Queries stay in registers
+// (split once per block), the scores never leave them: the S accumulator's layout is the A fragment of
+// the P V product (FlashAttention-2's arrangement).
+#include <algorithm>
+#include <cmath>
+#include <string>
+
+#include "core/error.h"
+#include "ops/cuda/dequant.cuh"
+
+namespace dsv3::cuda {
+
+namespace {
+
+constexpr int kDq = static_cast<int>(kMlaPrefillQk), kDv = static_cast<int>(kMlaPrefillV);
+constexpr int kWarps = 4, kThreads = kWarps * 32;
+constexpr int kRows = kWarps * 16;  // queries per block
+constexpr int kKeys = 32;           // keys per tile
+// Shared-memory row strides in bf16: + 8 (16 bytes), so the 8 rows of an ldmatrix phase start 4 banks
+// apart and hit all 32 banks once.
+constexpr int kKStride = kDq + 8, kVStride = kDv + 8;
+// One stage: K hi, K lo ([kKeys][kKStride] each), V hi, V lo ([kKeys][kVStride] each).
+constexpr int kKHi = 0, kKLo = kKeys * kKStride, kVHi = 2 * kKeys * kKStride, kVLo = kVHi + kKeys * kVStride;
+constexpr int kStage = 2 * kKeys * (kKStride + kVStride);  // bf16 elements
+constexpr size_t kSmemBytes = 2 * kStage * sizeof(uint16_t);  // 84 KiB: two blocks per SM
+
+int64_t padded_keys(int64_t keys) { return (keys + kKeys - 1) / kKeys * kKeys; }
+
+// The split tiles in `work`: per head K hi, K lo [padded keys][kDq], then per head V hi, V lo [padded keys][kDv].
+struct SplitLayout {
+  int64_t keys_padded, heads;
+  __host__ __device__ int64_t k_hi(int64_t h) const { return 2 * h * keys_padded * kDq; }
+  __host__ __device__ int64_t v_hi(int64_t h) const { return 2 * heads * keys_padded * kDq + 2 * h * keys_padded * kDv; }
+  __host__ __device__ int64_t halves() const { return 2 * heads * keys_padded * (kDq + kDv); }
+};
+
+// hi = bf16(x), lo = bf16(x - hi), per element of the pair.
+__device__ __forceinline__ void split2(float x, float y, uint32_t& hi, uint32_t& lo) {
+  hi = bf16x2_bits(x, y);
+  lo = bf16x2_bits(x - bf16_bits_to_float(hi & 0xffffu), y - bf16_bits_to_float(hi >> 16));
+}
+
+// acc0 += A B0 and acc1 += A B1 for the two n-tiles whose B fragments one ldmatrix.x4 gave (b[0], b[1] and
+// b[2], b[3]): hi*hi, and with LO the cross terms hi*lo and lo*hi first (the smaller terms).
+template <bool LO>
+__device__ __forceinline__ void mma_two_tiles(float (&acc0)[4], float (&acc1)[4], const uint32_t (&a_hi)[4],
+                                              const uint32_t (&a_lo)[4], const uint32_t (&b_hi)[4],
+                                              const uint32_t (&b_lo)[4]) {
+  if constexpr (LO) {
+    mma_bf16(acc0, a_lo, b_hi[0], b_hi[1]);
+    mma_bf16(acc1, a_lo, b_hi[2], b_hi[3]);
+    mma_bf16(acc0, a_hi, b_lo[0], b_lo[1]);
+    mma_bf16(acc1, a_hi, b_lo[2], b_lo[3]);
+  }
+  mma_bf16(acc0, a_hi, b_hi[0], b_hi[1]);
+  mma_bf16(acc1, a_hi, b_hi[2], b_hi[3]);
+}
+
+__device__ __forceinline__ uint32_t smem_addr(const void* p) {
+  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
+}
+
+// Four 8x8 bf16 matrices; lane L gives the address of row L % 8 of matrix L / 8 and receives, of each
+// matrix m, r[m] = its row L / 4, columns 2 (L % 4) and + 1 (trans: column L / 4, rows 2 (L % 4), + 1).
+__device__ __forceinline__ void ldsm_x4(uint32_t (&r)[4], uint32_t addr) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(addr));
+}
+__device__ __forceinline__ void ldsm_x4_trans(uint32_t (&r)[4], uint32_t addr) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(addr));
+}
+
+// rows[k] = cache row (layer, k): each 64-key page holds a layer's rows as one contiguous run. Block = page.
+__global__ void mla_gather_kernel(const CachePages cache, int64_t layer, int64_t keys, float* rows) {
+  const int64_t page = blockIdx.x, W = cache.width;
+  const int64_t left = keys - page * CachePages::kPageTokens;
+  const int64_t count = (left < CachePages::kPageTokens ? left : CachePages::kPageTokens) * W;
+  const float* src = cache.pages[page] + layer * CachePages::kPageTokens * W;
+  float* dst = rows + page * CachePages::kPageTokens * W;
+  if ((W % 4 == 0) && (reinterpret_cast<uintptr_t>(src) | reinterpret_cast<uintptr_t>(dst)) % 16 == 0) {
+    for (int64_t i = threadIdx.x; i < count / 4; i += blockDim.x)
+      reinterpret_cast<float4*>(dst)[i] = reinterpret_cast<const float4*>(src)[i];
+  } else {
+    for (int64_t i = threadIdx.x; i < count; i += blockDim.x) dst[i] = src[i];
+  }
+}
+
+// The keys and values of every head as hi/lo bf16 tiles (SplitLayout), keys past p.keys zero (the tail
+// of the last tile: finite, so a masked score times a value stays 0). One thread per pair of values.
+__global__ void mla_prefill_split_kernel(const MlaPrefillParams p, const SplitLayout lay) {
+  constexpr int kPairs = (kDq + kDv) / 2;
+  uint16_t* work = static_cast<uint16_t*>(p.work);
+  const int64_t total = lay.heads * lay.keys_padded * kPairs;
+  for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < total;
+       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const int64_t d = 2 * (i % kPairs), key = i / kPairs % lay.keys_padded, h = i / kPairs / lay.keys_padded;
+    float2 x = make_float2(0.0f, 0.0f);
+    if (key < p.keys) {
+      const float* kv = p.kv + key * p.ldkv + h * (p.nope + p.v);
+      const float* src = d >= kDq ? kv + p.nope + (d - kDq) : d < p.nope ? kv + d : p.k_pe + key * p.ldkpe + (d - p.nope);
+      x = *reinterpret_cast<const float2*>(src);
+    }
+    uint32_t hi, lo;
+    split2(x.x, x.y, hi, lo);
+    const bool is_k = d < kDq;
+    const int64_t base = is_k ? lay.k_hi(h) : lay.v_hi(h), width = is_k ? kDq : kDv, col = is_k ? d : d - kDq;
+    const int64_t at = base + key * width + col;
+    *reinterpret_cast<uint32_t*>(work + at) = hi;
+    *reinterpret_cast<uint32_t*>(work + at + lay.keys_padded * width) = lo;
+  }
+}
+
+// Block = (head, 64 query rows), the rows with the most keys first. Lane (g = lane / 4, c = lane % 4)
+// of warp w owns rows a = 16 w + g and b = a + 8 of the block: their scores at keys 8 j + 2 c (+ 1) of
+// each tile and their outputs at columns 8 j + 2 c (+ 1), as the m16n8 accumulator lays them out.
+template <bool LO>
+__global__ void __launch_bounds__(kThreads, 2) mla_prefill_kernel(const MlaPrefillParams p, const SplitLayout lay) {
+  extern __shared__ __align__(16) uint16_t smem[];
+  const int64_t q_blocks = (p.n + kRows - 1) / kRows;
+  const int64_t h = blockIdx.x % p.heads, t0 = (q_blocks - 1 - blockIdx.x / p.heads) * kRows;
+  const int64_t pos0 = p.keys - p.n;
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, c = lane % 4;
+  const int64_t block_last_key = pos0 + t0 + kRows - 1 < p.keys - 1 ? pos0 + t0 + kRows - 1 : p.keys - 1;
+  const int64_t tiles = block_last_key / kKeys + 1;
+  const uint16_t* work = static_cast<const uint16_t*>(p.work);
+  const uint16_t* k_src = work + lay.k_hi(h);
+  const uint16_t* v_src = work + lay.v_hi(h);
+  const int64_t k_lo = lay.keys_padded * kDq, v_lo = lay.keys_padded * kDv;
+
+  auto load_tile = [&](int64_t tile, int stage) {
+    uint16_t* s = smem + stage * kStage;
+    const int64_t k0 = tile * kKeys;
+#pragma unroll 1
+    for (int i = threadIdx.x; i < kKeys * kDq / 8; i += kThreads) {
+      const int r = i / (kDq / 8), col = i % (kDq / 8) * 8;
+      const uint16_t* src = k_src + (k0 + r) * kDq + col;
+      cp_async16(s + kKHi + r * kKStride + col, src);
+      if (LO) cp_async16(s + kKLo + r * kKStride + col, src + k_lo);
+    }
+#pragma unroll 1
+    for (int i = threadIdx.x; i < kKeys * kDv / 8; i += kThreads) {
+      const int r = i / (kDv / 8), col = i % (kDv / 8) * 8;
+      const uint16_t* src = v_src + (k0 + r) * kDv + col;
+      cp_async16(s + kVHi + r * kVStride + col, src);
+      if (LO) cp_async16(s + kVLo + r * kVStride + col, src + v_lo);
+    }
+  };
+  load_tile(0, 0);
+  cp_async_commit();
+
+  // The queries as A fragments, per 16-column k-step: {row a, row b} x {columns 2c, 2c + 8} (+ 1).
+  const int64_t row_a = t0 + warp * 16 + g, row_b = row_a + 8;
+  uint32_t q_hi[kDq / 16][4], q_lo[kDq / 16][4];  // q_lo unused (and optimized away) without LO
+#pragma unroll
+  for (int ks = 0; ks < kDq / 16; ++ks)
+#pragma unroll
+    for (int r = 0; r < 4; ++r) {
+      const int64_t row = r % 2 ? row_b : row_a;
+      const int64_t col = ks * 16 + 2 * c + (r / 2) * 8;
+      float2 x = make_float2(0.0f, 0.0f);
+      if (row < p.n)
+        x = *reinterpret_cast<const float2*>(col < p.nope ? p.q_nope + row * p.ldq_t + h * p.ldq_h + col
+                                                          : p.q_pe + row * p.ldqpe_t + h * p.ldqpe_h + (col - p.nope));
+      split2(x.x, x.y, q_hi[ks][r], q_lo[ks][r]);
+    }
+
+  float o[kDv / 8][4] = {};
+  float m_a = -INFINITY, m_b = -INFINITY, l_a = 0.0f, l_b = 0.0f;  // l: this lane's part of the row sum
+  const float scale2 = p.scale * 1.4426950408889634f;              // softmax in base 2
+  // Positions fit in 32 bits (the launcher checks keys); the last key each row sees.
+  const int last_a = static_cast<int>(pos0 + row_a < p.keys - 1 ? pos0 + row_a : p.keys - 1);
+  const int last_b = static_cast<int>(pos0 + row_b < p.keys - 1 ? pos0 + row_b : p.keys - 1);
+  const int64_t warp_last_key = pos0 + t0 + warp * 16 + 15;  // keys past it are masked for all its rows
+  // This lane's ldmatrix row addresses (bytes, within a stage): K (non-transposed) matrices are keys
+  // {0, 8} x columns {0, 8} of a 16 x 16 block, V (transposed) keys {0, 8} x columns {0, 8} the other way.
+  const uint32_t k_lane = 2 * (((lane / 16) * 8 + lane % 8) * kKStride + (lane / 8) % 2 * 8);
+  const uint32_t v_lane = 2 * (((lane / 8) % 2 * 8 + lane % 8) * kVStride + (lane / 16) * 8);
+  for (int64_t it = 0; it < tiles; ++it) {
+    if (it + 1 < tiles) {
+      load_tile(it + 1, static_cast<int>((it + 1) % 2));
+      cp_async_commit();
+      cp_async_wait<1>();
+    } else {
+      cp_async_wait<0>();
+    }
+    __syncthreads();
+    const int k0 = static_cast<int>(it * kKeys);
+    if (k0 <= warp_last_key) {  // else every key of the tile is after this warp's rows
+      const uint32_t stage = smem_addr(smem) + static_cast<uint32_t>((it % 2) * kStage * 2);
+      // S = Q K^T: n-tiles j of 8 keys; per k-step, one ldmatrix gives the B fragments of two n-tiles.
+      float sc[kKeys / 8][4] = {};
+#pragma unroll
+      for (int ks = 0; ks < kDq / 16; ++ks)
+#pragma unroll
+        for (int jp = 0; jp < kKeys / 16; ++jp) {
+          const uint32_t at = stage + k_lane + 2 * (jp * 16 * kKStride + ks * 16);
+          uint32_t kh[4], kl[4] = {};
+          ldsm_x4(kh, at + 2 * kKHi);
+          if constexpr (LO) ldsm_x4(kl, at + 2 * kKLo);
+          mma_two_tiles<LO>(sc[2 * jp], sc[2 * jp + 1], q_hi[ks], q_lo[ks], kh, kl);
+        }
+      // Online softmax: mask keys after a row's position (and past the last key), new row maxima over
+      // the row's 4 lanes, rescale what came before.
+      float mx_a = m_a, mx_b = m_b;
+#pragma unroll
+      for (int j = 0; j < kKeys / 8; ++j)
+#pragma unroll
+        for (int e = 0; e < 2; ++e) {
+          const int key = k0 + j * 8 + 2 * c + e;
+          sc[j][e] = key <= last_a ? sc[j][e] * scale2 : -INFINITY;
+          sc[j][2 + e] = key <= last_b ? sc[j][2 + e] * scale2 : -INFINITY;
+          mx_a = fmaxf(mx_a, sc[j][e]);
+          mx_b = fmaxf(mx_b, sc[j][2 + e]);
+        }
+#pragma unroll
+      for (int off = 1; off < 4; off *= 2) {
+        mx_a = fmaxf(mx_a, __shfl_xor_sync(0xffffffffu, mx_a, off));
+        mx_b = fmaxf(mx_b, __shfl_xor_sync(0xffffffffu, mx_b, off));
+      }
+      // Key 0 is in every row's first tile, so the maxima are finite from there on.
+      const float corr_a = exp2f(m_a - mx_a), corr_b = exp2f(m_b - mx_b);
+      m_a = mx_a;
+      m_b = mx_b;
+      l_a *= corr_a;
+      l_b *= corr_b;
+#pragma unroll
+      for (int j = 0; j < kKeys / 8; ++j) {
+        sc[j][0] = exp2f(sc[j][0] - m_a);
+        sc[j][1] = exp2f(sc[j][1] - m_a);
+        sc[j][2] = exp2f(sc[j][2] - m_b);
+        sc[j][3] = exp2f(sc[j][3] - m_b);
+        l_a += sc[j][0] + sc[j][1];
+        l_b += sc[j][2] + sc[j][3];
+      }
+#pragma unroll
+      for (int j = 0; j < kDv / 8; ++j) {
+        o[j][0] *= corr_a;
+        o[j][1] *= corr_a;
+        o[j][2] *= corr_b;
+        o[j][3] *= corr_b;
+      }
+      // O += P V: per 16-key k-step the A fragment is the scores of n-tiles 2 ks and 2 ks + 1; one
+      // transposed ldmatrix gives the B fragments of two 8-column n-tiles of V.
+#pragma unroll
+      for (int ks = 0; ks < kKeys / 16; ++ks) {
+        uint32_t p_hi[4], p_lo[4];
+        split2(sc[2 * ks][0], sc[2 * ks][1], p_hi[0], p_lo[0]);
+        split2(sc[2 * ks][2], sc[2 * ks][3], p_hi[1], p_lo[1]);
+        split2(sc[2 * ks + 1][0], sc[2 * ks + 1][1], p_hi[2], p_lo[2]);
+        split2(sc[2 * ks + 1][2], sc[2 * ks + 1][3], p_hi[3], p_lo[3]);
+#pragma unroll
+        for (int jp = 0; jp < kDv / 16; ++jp) {
+          const uint32_t at = stage + v_lane + 2 * (ks * 16 * kVStride + jp * 16);
+          uint32_t vh[4], vl[4] = {};
+          ldsm_x4_trans(vh, at + 2 * kVHi);
+          if constexpr (LO) ldsm_x4_trans(vl, at + 2 * kVLo);
+          mma_two_tiles<LO>(o[2 * jp], o[2 * jp + 1], p_hi, p_lo, vh, vl);
+        }
+      }
+    }
+    __syncthreads();  // every warp is done with this stage before the next iteration refills it
+  }
+
+#pragma unroll
+  for (int off = 1; off < 4; off *= 2) {
+    l_a += __shfl_xor_sync(0xffffffffu, l_a, off);
+    l_b += __shfl_xor_sync(0xffffffffu, l_b, off);
+  }
+  const float inv_a = 1.0f / l_a, inv_b = 1.0f / l_b;
+#pragma unroll
+  for (int j = 0; j < kDv / 8; ++j) {
+    const int64_t col = h * p.v + j * 8 + 2 * c;
+    if (row_a < p.n) *reinterpret_cast<float2*>(p.out + row_a * p.ldo + col) = make_float2(o[j][0] * inv_a, o[j][1] * inv_a);
+    if (row_b < p.n) *reinterpret_cast<float2*>(p.out + row_b * p.ldo + col) = make_float2(o[j][2] * inv_b, o[j][3] * inv_b);
+  }
+}
+
+template <bool LO>
+void launch_prefill(const MlaPrefillParams& p, const SplitLayout& lay) {
+  static const bool opted_in = [] {  // once per process: allow kSmemBytes of dynamic shared memory
+    DSV3_CUDA_CHECK(cudaFuncSetAttribute(mla_prefill_kernel<LO>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                         static_cast<int>(kSmemBytes)));
+    return true;
+  }();
+  DSV3_ASSERT(opted_in);
+  const int64_t blocks = (p.n + kRows - 1) / kRows * p.heads;
+  DSV3_ASSERT(blocks < (int64_t{1} << 31));
+  mla_prefill_kernel<LO><<<static_cast<unsigned>(blocks), kThreads, kSmemBytes, p.stream>>>(p, lay);
+  check_launch("mla_prefill_kernel");
+}
+
+}  // namespace
+
+void mla_gather_rows(const CachePages& cache, int64_t layer, int64_t keys, float* rows, cudaStream_t stream) {
+  DSV3_ASSERT(keys >= 0 && layer >= 0 && layer < cache.layers && cache.width > 0);
+  if (keys == 0) return;
+  DSV3_ASSERT(cache.pages && rows);
+  const int64_t pages = (keys + CachePages::kPageTokens - 1) / CachePages::kPageTokens;
+  mla_gather_kernel<<<static_cast<unsigned>(pages), 256, 0, stream>>>(cache, layer, keys, rows);
+  check_launch("mla_gather_kernel");
+}
+
+size_t mla_prefill_work_bytes(int64_t keys, int64_t heads) {
+  return static_cast<size_t>(SplitLayout{padded_keys(keys), heads}.halves()) * sizeof(uint16_t);
+}
+
+bool mla_prefill_supported(const MlaPrefillParams& p) {
+  auto even = [](int64_t v) { return v % 2 == 0; };
+  auto aligned8 = [](const void* ptr) { return reinterpret_cast<uintptr_t>(ptr) % 8 == 0; };
+  return p.nope + p.rope == kDq && p.v == kDv && p.nope >= 0 && even(p.nope) && even(p.rope) && even(p.ldq_t) &&
+         even(p.ldq_h) && even(p.ldqpe_t) && even(p.ldqpe_h) && even(p.ldkv) && even(p.ldkpe) && even(p.ldo) &&
+         aligned8(p.q_nope) && aligned8(p.q_pe) && aligned8(p.kv) && aligned8(p.k_pe) && aligned8(p.out);
+}
+
+void mla_prefill(const MlaPrefillParams& p) {
+  DSV3_ASSERT(p.n >= 0 && p.heads > 0 && p.keys >= p.n && p.keys < (int64_t{1} << 30));
+  if (p.n == 0) return;
+  check(mla_prefill_supported(p), "mla_prefill: unsupported head dims or layout (nope " + std::to_string(p.nope) +
+                                      " + rope " + std::to_string(p.rope) + ", v " + std::to_string(p.v) + ")",
+        "the kernel takes nope + rope = 192 and v = 128 with even strides; callers check mla_prefill_supported");
+  DSV3_ASSERT(p.q_nope && p.q_pe && p.kv && p.k_pe && p.out && p.work && aligned16(p.work));
+  const SplitLayout lay{padded_keys(p.keys), p.heads};
+  const int64_t pairs = lay.heads * lay.keys_padded * (kDq + kDv) / 2;
+  const unsigned split_blocks = static_cast<unsigned>(std::min<int64_t>((pairs + 255) / 256, 65536));
+  mla_prefill_split_kernel<<<split_blocks, 256, 0, p.stream>>>(p, lay);
+  check_launch("mla_prefill_split_kernel");
+  if (p.lo)
+    launch_prefill<true>(p, lay);
+  else
+    launch_prefill<false>(p, lay);
+}
+
+}  // namespace dsv3::cuda
