@@ -184,6 +184,17 @@ int64_t moe_group_min_tokens() {
   return n;
 }
 
+// Fewest rows of a forward() step (one sequence's prefill) that prefill_gemm "auto" runs on cuBLASLt:
+// 1,024, or DSV3_LT_AUTO_ROWS. Shorter steps stay on the fp32-accurate kernels, so short prompts give the
+// CPU engine's numbers (and CudaEngine's); longer ones take FP8 (or BF16) activations (the trained default
+// model's logits move ~6e-2) for several times the speed at 8K. Below ~1K rows the per-expert cuBLASLt
+// calls cost more host time than they save (H200, lite FP8: 512 rows 78 ms vs 55 ms; 1,024 82 vs 95 ms;
+// docs/PERF.md). Read once.
+int64_t auto_lt_rows() {
+  static const int64_t n = cuda::env_positive("DSV3_LT_AUTO_ROWS", 1024);
+  return n;
+}
+
 // How grouped expert projections run: DSV3_MOE_MMA=0 the gathered fp32 GEMV (cuda::linear), =hi the
 // tensor-core kernel with bf16 inputs only (measurement), otherwise (default) the tensor-core kernel
 // with inputs as bf16 hi + lo (cuda::expert_mma). Read once.
@@ -284,8 +295,10 @@ struct CudaModel::Impl {
   uint64_t scratch_gen = 0;
 
   bool use_graphs = true;
-  bool prefill_lt = false;  // CudaOptions::prefill_gemm == "lt": large projections may run on cuBLASLt
-  // Whether this step's projections may take cuBLASLt: forward() (one sequence) when prefill_lt;
+  // CudaOptions::prefill_gemm: "auto" (forward() steps of at least auto_lt_rows() rows may run on
+  // cuBLASLt), "lt" (every forward() step), "fp32" (none).
+  std::string prefill_mode = "auto";
+  // Whether this step's projections may take cuBLASLt: forward() (one sequence) as prefill_mode says;
   // never forward_batch(), where the batch's rows decide whether a projection reaches
   // cuda::lt_min_rows(), so a request's numbers (and greedy tokens) would depend on who else is in the
   // batch; CudaEngine guarantees they do not.
@@ -356,6 +369,34 @@ struct CudaModel::Impl {
   DevSwiGLU upload(const SwiGLUWeights& w, const std::string& what) {
     return {upload(w.gate_proj, what + ".gate_proj"), upload(w.up_proj, what + ".up_proj"),
             upload(w.down_proj, what + ".down_proj")};
+  }
+  // A routed expert whose gate_proj and up_proj share one allocation, up's rows (and FP8 scale rows) right
+  // after gate's, so that the prefill's cuBLASLt path runs the pair as one [2I x D] GEMM (gemm_lt.cpp);
+  // every other kernel sees two matrices as before. Separate uploads where the pair cannot be stacked
+  // (dtypes, widths or FP8 blocks differ, or gate's rows are not whole FP8 blocks).
+  DevSwiGLU upload_expert(const SwiGLUWeights& w, const std::string& what) {
+    const Matrix &g = w.gate_proj, &u = w.up_proj;
+    const bool fp8 = g.dtype == DType::F8_E4M3;
+    if (g.empty() || g.dtype != u.dtype || g.cols != u.cols || g.rows != u.rows ||
+        (fp8 && (g.block_rows != u.block_rows || g.block_cols != u.block_cols || g.rows % g.block_rows != 0)))
+      return upload(w, what);
+    const size_t bytes = static_cast<size_t>(g.rows * g.cols) * dtype_size(g.dtype);
+    auto* d = static_cast<uint8_t*>(device_alloc(2 * bytes, allocations, what + ".gate_proj/up_proj"));
+    DSV3_CUDA_CHECK(cudaMemcpy(d, g.data, bytes, cudaMemcpyHostToDevice));
+    DSV3_CUDA_CHECK(cudaMemcpy(d + bytes, u.data, bytes, cudaMemcpyHostToDevice));
+    weight_bytes += 2 * bytes;
+    DeviceMatrix dg{g.rows, g.cols, g.dtype, d, nullptr, g.block_rows, g.block_cols}, du = dg;
+    du.data = d + bytes;
+    if (fp8) {
+      const size_t n = static_cast<size_t>(g.rows / g.block_rows * ((g.cols + g.block_cols - 1) / g.block_cols));
+      auto* sc = static_cast<float*>(device_alloc(2 * n * 4, allocations, what + ".gate_proj/up_proj scales"));
+      DSV3_CUDA_CHECK(cudaMemcpy(sc, g.scale_inv, n * 4, cudaMemcpyHostToDevice));
+      DSV3_CUDA_CHECK(cudaMemcpy(sc + n, u.scale_inv, n * 4, cudaMemcpyHostToDevice));
+      weight_bytes += 2 * n * 4;
+      dg.scale_inv = sc;
+      du.scale_inv = sc + n;
+    }
+    return {dg, du, upload(w.down_proj, what + ".down_proj")};
   }
   // A matrix built on the host (bytes and FP8 scales in the layout of core/matrix.h).
   DeviceMatrix upload_built(const Matrix& like, int64_t rows, int64_t cols, const std::vector<uint8_t>& bytes,
@@ -769,7 +810,7 @@ struct CudaModel::Impl {
     p.work = s.kv_split;
     p.out = s.o;
     p.ldo = H * dv;
-    p.lo = mla_prefill_lo();
+    p.lo = mla_prefill_lo() && !lt_rows;  // a cuBLASLt step's FP8/BF16 activations set its precision
     p.stream = stream;
     if (!cuda::mla_prefill_supported(p)) p.n = 0;
     return p;
@@ -955,11 +996,13 @@ CudaModel::CudaModel(const Model& host, const CudaOptions& opt) : cfg_(host.conf
   std::string mode = opt.prefill_gemm;
   if (mode.empty()) {
     const char* env = std::getenv("DSV3_PREFILL_GEMM");
-    mode = env && *env ? env : "fp32";
+    mode = env && *env ? env : "auto";
   }
-  if (mode != "lt" && mode != "fp32")
-    throw Error("unknown prefill GEMM mode '" + mode + "'", "use lt (cuBLASLt, fast) or fp32 (DSV3_PREFILL_GEMM)");
-  m.prefill_lt = mode == "lt";
+  if (mode != "auto" && mode != "lt" && mode != "fp32")
+    throw Error("unknown prefill GEMM mode '" + mode + "'",
+                "use auto (cuBLASLt for long prompts, the default), lt (cuBLASLt for every prompt step) or fp32 "
+                "(the engine's fp32-accurate kernels), in CudaOptions::prefill_gemm or DSV3_PREFILL_GEMM");
+  m.prefill_mode = mode;
   select_device(opt.device);
   cudaDeviceProp prop{};
   DSV3_CUDA_CHECK(cudaGetDeviceProperties(&prop, opt.device));
@@ -1039,7 +1082,7 @@ CudaModel::CudaModel(const Model& host, const CudaOptions& opt) : cfg_(host.conf
       if (!lw.moe.score_bias.empty()) L.score_bias = m.upload(lw.moe.score_bias, p + "e_score_correction_bias");
       std::vector<DevSwiGLU> ex;
       for (size_t e = 0; e < lw.moe.experts.size(); ++e)
-        ex.push_back(m.upload(lw.moe.experts[e], p + "mlp.experts." + std::to_string(e)));
+        ex.push_back(m.upload_expert(lw.moe.experts[e], p + "mlp.experts." + std::to_string(e)));
       L.expert_shape = ex.front();
       if (c.n_shared_experts > 0) {
         const std::vector<DevSwiGLU> pieces =
@@ -1081,7 +1124,7 @@ size_t CudaModel::decode_bytes_per_step(int64_t batch, int64_t ctx) const {
 
 std::string CudaModel::device_name() const { return impl_->device_name; }
 
-std::string CudaModel::prefill_gemm() const { return impl_->prefill_lt ? "lt" : "fp32"; }
+std::string CudaModel::prefill_gemm() const { return impl_->prefill_mode; }
 
 std::vector<float> CudaModel::forward(std::span<const int32_t> tokens, CudaLatentCache& cache, const ForwardOptions& opt) {
   Impl& m = *impl_;
@@ -1094,7 +1137,7 @@ std::vector<float> CudaModel::forward(std::span<const int32_t> tokens, CudaLaten
               cache.row_width() == cfg_.kv_lora_rank + cfg_.qk_rope_head_dim);
   cache.reserve(n);
   m.ensure_scratch(n);
-  m.lt_rows = m.prefill_lt;
+  m.lt_rows = m.prefill_mode == "lt" || (m.prefill_mode == "auto" && n >= auto_lt_rows());
 
   const int64_t pos0 = cache.length();
   DSV3_CUDA_CHECK(cudaMemcpyAsync(m.s.tokens, tokens.data(), static_cast<size_t>(n) * 4, cudaMemcpyHostToDevice, m.stream));

@@ -65,12 +65,13 @@ class CudaLatentCache {
 struct CudaOptions {
   bool use_graphs = true;  // replay one-token steps from a captured CUDA graph
   int device = 0;
-  // Projections and grouped MoE steps of at least cuda::lt_min_rows() rows in forward() (one sequence's
-  // prefill): "lt" runs them on cuBLASLt (FP8 weights with FP8 activations, BF16 with BF16; logits move
-  // ~1e-2), "fp32" on the engine's own kernels (fp32 accumulation, fp32-accurate inputs: as the CPU engine
-  // to ~1e-5). forward_batch() always runs "fp32" (docs/CUDA.md).
-  // Empty: the environment's DSV3_PREFILL_GEMM, else "fp32" (so that forward() and forward_batch(),
-  // i.e. CudaModel and CudaEngine, give the same tokens).
+  // Projections and grouped MoE steps of forward() (one sequence's prefill): "lt" runs those of at least
+  // cuda::lt_min_rows() rows on cuBLASLt (FP8 weights with FP8 activations in 1x128 blocks, BF16 with
+  // BF16; logits move ~1e-2) and the step's attention on bf16 operands; "fp32" runs them on the engine's
+  // own kernels (fp32 accumulation, fp32-accurate inputs: the CPU engine's numbers to ~1e-5); "auto" is
+  // "lt" for steps of at least 1,024 rows (DSV3_LT_AUTO_ROWS) and "fp32" below. forward_batch() (CudaEngine)
+  // always runs "fp32", so CudaModel and CudaEngine give the same tokens for prompts under that size.
+  // Empty: the environment's DSV3_PREFILL_GEMM, else "auto" (docs/CUDA.md).
   std::string prefill_gemm;
 };
 
@@ -113,7 +114,8 @@ class CudaModel {
   // experts: the expected distinct count under uniform routing) once, and every sequence's cache rows.
   size_t decode_bytes_per_step(int64_t batch, int64_t ctx) const;
   std::string device_name() const;
-  // The prefill GEMM mode in effect ("lt" or "fp32"; CudaOptions::prefill_gemm resolved at construction).
+  // The prefill GEMM mode in effect ("auto", "lt" or "fp32"; CudaOptions::prefill_gemm resolved at
+  // construction).
   std::string prefill_gemm() const;
 
  private:

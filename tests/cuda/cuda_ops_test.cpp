@@ -1430,6 +1430,43 @@ TEST_F(CudaOps, GroupedLtMatchesTensorCoreKernel) {
     EXPECT_LE(e_dn, tol) << dtype_name(dt) << " down";
     std::printf("grouped lt %s: gate/up rel L2 %.2e, down %.2e\n", dtype_name(dt), e_gu, e_dn);
 
+    // The segments in waves of at most 64 rows (one expert each here: every segment is 64+ rows), each
+    // wave's GEMMs on the side streams then its epilogue: the same bits as one wave.
+    const std::vector<float> one_wave_gu = Dev::get(lt.y, act.size()), one_wave_dn = Dev::get(dn.y, down.size());
+    ASSERT_EQ(setenv("DSV3_LT_WAVE_ROWS", "64", 1), 0);
+    lt.y = dev.poisoned(act.size());
+    const bool ran_gu = cuda::linear_lt_grouped(lt);
+    dn.y = dev.poisoned(down.size());
+    const bool ran_dn = cuda::linear_lt_grouped(dn);
+    unsetenv("DSV3_LT_WAVE_ROWS");
+    ASSERT_TRUE(ran_gu && ran_dn);
+    EXPECT_EQ(Dev::get(lt.y, act.size()), one_wave_gu) << dtype_name(dt) << " gate/up in waves";
+    EXPECT_EQ(Dev::get(dn.y, down.size()), one_wave_dn) << dtype_name(dt) << " down in waves";
+
+    // Each expert's gate and up as the two halves of one [2I x D] matrix (as CudaModel uploads routed
+    // experts): cuBLASLt runs the pair as one GEMM. Against the tensor-core kernel on the same tables.
+    ExpertSet pairs = make_experts(rng, dev, dt, E, 2 * I, D), gs2, us2;
+    const size_t half = static_cast<size_t>(I * D) * dtype_size(dt);
+    for (int64_t e = 0; e < E; ++e) {
+      const cuda::MatrixPtrs& pe = pairs.table[static_cast<size_t>(e)];
+      gs2.table.push_back(pe);
+      us2.table.push_back({static_cast<const uint8_t*>(pe.data) + half,
+                           pe.scale_inv ? pe.scale_inv + I / 128 * (D / 128) : nullptr});
+    }
+    gs2.m.push_back(gs.m[0]);  // the shape (I x D) and dtype
+    gs2.dev_table = dev.put(gs2.table);
+    us2.dev_table = dev.put(us2.table);
+    cuda::LinearParams gu2 = grouped_gate_up(gs2, us2, plan, n, k, gu.x, gu.norm);
+    gu2.y = dev.poisoned(act.size());
+    cuda::expert_mma(gu2);
+    const std::vector<float> act2 = Dev::get(gu2.y, act.size());
+    gu2.lt = true;
+    gu2.y = dev.poisoned(act.size());
+    ASSERT_TRUE(cuda::linear_lt_grouped(gu2)) << dtype_name(dt);
+    const double e_pair = test::rel_l2(Dev::get(gu2.y, act.size()), act2);
+    EXPECT_LE(e_pair, tol) << dtype_name(dt) << " gate/up stored as one matrix";
+    std::printf("grouped lt %s: gate/up as one matrix rel L2 %.2e\n", dtype_name(dt), e_pair);
+
     dn.n = 16 * k;  // fewer problems than lt_min_rows(): left to the other kernels
     EXPECT_FALSE(cuda::linear_lt_grouped(dn));
   }

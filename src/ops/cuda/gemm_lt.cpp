@@ -131,7 +131,7 @@ Plan& plan_for(State& s, bool fp8, int64_t m, int64_t n, int64_t k, int64_t ldd,
 }
 
 // D (out x n, ld ldd, fp32) (=|+=) A^T B with the cached plan of this shape.
-void run_gemm(State& s, StreamBufs& b, bool fp8, int64_t m, int64_t n, int64_t k, const void* w, const float* w_scale,
+void run_gemm(State& s, void* workspace, bool fp8, int64_t m, int64_t n, int64_t k, const void* w, const float* w_scale,
               const void* act, const float* act_scale, float* d, int64_t ldd, bool accumulate, cudaStream_t stream) {
   Plan& pl = plan_for(s, fp8, m, n, k, ldd, w_scale, act_scale);
   if (!pl.ok)
@@ -141,7 +141,7 @@ void run_gemm(State& s, StreamBufs& b, bool fp8, int64_t m, int64_t n, int64_t k
   if (fp8) set_scales(pl, w_scale, act_scale);
   const float alpha = 1.0f, beta = accumulate ? 1.0f : 0.0f;
   DSV3_LT_CHECK(cublasLtMatmul(s.handle, pl.desc, &alpha, w, pl.a, act, pl.b, &beta, d, pl.d, d, pl.d, &pl.algo,
-                               b.workspace.ptr, kWorkspaceBytes, stream));
+                               workspace, kWorkspaceBytes, stream));
 }
 
 // The quantization of p's input rows (normed when p.norm) into b.act / b.scales, n rows of k columns.
@@ -162,19 +162,18 @@ ActQuantParams act_quant(const LinearParams& p, StreamBufs& b, int64_t n, int64_
 
 // cuBLASLt wants each row of 128x128 block scales padded to a multiple of 4 blocks: when ceil(k/128) is not
 // one, the mb rows of kb scales at *sa (and *sb of a gate/up pair's second matrix) are copied on the stream
-// into the padded buffer b.wscales (l4 = kb rounded up to 4) and the pointers moved there.
-void pad_weight_scales(StreamBufs& b, int64_t mb, int64_t kb, const float*& sa, const float*& sb, cudaStream_t stream) {
+// into the padded buffer at dst (2 * mb * l4 floats, l4 = kb rounded up to 4) and the pointers moved there.
+void pad_weight_scales(float* dst, int64_t mb, int64_t kb, const float*& sa, const float*& sb, cudaStream_t stream) {
   if (kb % 4 == 0) return;
   const int64_t l4 = (kb + 3) / 4 * 4;
   const auto sz = [](int64_t v) { return static_cast<size_t>(v); };
-  float* pa = static_cast<float*>(b.wscales.ptr);
   DSV3_CUDA_CHECK(
-      cudaMemcpy2DAsync(pa, sz(l4 * 4), sa, sz(kb * 4), sz(kb * 4), sz(mb), cudaMemcpyDeviceToDevice, stream));
-  sa = pa;
+      cudaMemcpy2DAsync(dst, sz(l4 * 4), sa, sz(kb * 4), sz(kb * 4), sz(mb), cudaMemcpyDeviceToDevice, stream));
+  sa = dst;
   if (sb) {
-    DSV3_CUDA_CHECK(cudaMemcpy2DAsync(pa + mb * l4, sz(l4 * 4), sb, sz(kb * 4), sz(kb * 4), sz(mb),
+    DSV3_CUDA_CHECK(cudaMemcpy2DAsync(dst + mb * l4, sz(l4 * 4), sb, sz(kb * 4), sz(kb * 4), sz(mb),
                                       cudaMemcpyDeviceToDevice, stream));
-    sb = pa + mb * l4;
+    sb = dst + mb * l4;
   }
 }
 
@@ -235,7 +234,7 @@ bool linear_lt(const LinearParams& p) {
   if (fp8) {
     sa = w.scale_inv + (p.row0 / 128) * kb;
     sb = dual ? p.w2_scale_inv + (p.row0 / 128) * kb : nullptr;
-    pad_weight_scales(b, mb, kb, sa, sb, p.stream);
+    pad_weight_scales(static_cast<float*>(b.wscales.ptr), mb, kb, sa, sb, p.stream);
   }
 
   if (padded) {
@@ -246,18 +245,18 @@ bool linear_lt(const LinearParams& p) {
   quantize_activations(q);
   const float* act_scale = q.scales;
   if (!via_scratch) {
-    run_gemm(s, b, fp8, m, ng, k, wa, sa, b.act.ptr, act_scale, p.y, p.ldy, p.accumulate, p.stream);
+    run_gemm(s, b.workspace.ptr, fp8, m, ng, k, wa, sa, b.act.ptr, act_scale, p.y, p.ldy, p.accumulate, p.stream);
     return true;
   }
   float* g = static_cast<float*>(b.gate.ptr);
-  run_gemm(s, b, fp8, m, ng, k, wa, sa, b.act.ptr, act_scale, g, ld_tmp, false, p.stream);
+  run_gemm(s, b.workspace.ptr, fp8, m, ng, k, wa, sa, b.act.ptr, act_scale, g, ld_tmp, false, p.stream);
   if (!dual) {
     add_rows(g, ld_tmp, n, m, p.y, p.ldy, p.accumulate, p.stream);
     return true;
   }
   // The SwiGLU pair: two GEMMs into scratch, then y = silu(gate) * up.
   float* u = static_cast<float*>(b.up.ptr);
-  run_gemm(s, b, fp8, m, ng, k, wb, sb, b.act.ptr, act_scale, u, ld_tmp, false, p.stream);
+  run_gemm(s, b.workspace.ptr, fp8, m, ng, k, wb, sb, b.act.ptr, act_scale, u, ld_tmp, false, p.stream);
   swiglu_rows(g, u, ld_tmp, n, m, p.y, p.ldy, p.stream);
   return true;
 }
@@ -271,12 +270,42 @@ struct Segment {
   int64_t c0 = 0, problems = 0, row0 = 0, rows = 0;
 };
 
+// Side streams for the per-expert GEMMs of one grouped projection: a single expert's GEMM at prefill
+// sizes (a few hundred rows) fills a fraction of the SMs, so consecutive experts run side by side.
+constexpr int kSideStreams = 4;
+// Rows of the grouped projection's fp32 output scratch: segments run in waves of at most this many rows
+// (or one segment, when a single expert has more), so the scratch stays bounded at long prompts. 32,768,
+// or DSV3_LT_WAVE_ROWS (read at every call, so that tests can force many waves on small problems).
+int64_t wave_rows_limit() { return env_positive("DSV3_LT_WAVE_ROWS", 32768); }
+
+struct Sides {
+  cudaStream_t stream[kSideStreams] = {};
+  cudaEvent_t fork = nullptr, join[kSideStreams] = {};
+  DevBuf workspace[kSideStreams];
+};
+
+Sides& sides_for(cudaStream_t main) {
+  static std::map<cudaStream_t, Sides>* all = new std::map<cudaStream_t, Sides>;  // lives for the process
+  Sides& sd = (*all)[main];
+  if (!sd.fork) {
+    DSV3_CUDA_CHECK(cudaEventCreateWithFlags(&sd.fork, cudaEventDisableTiming));
+    for (int i = 0; i < kSideStreams; ++i) {
+      DSV3_CUDA_CHECK(cudaStreamCreateWithFlags(&sd.stream[i], cudaStreamNonBlocking));
+      DSV3_CUDA_CHECK(cudaEventCreateWithFlags(&sd.join[i], cudaEventDisableTiming));
+      ensure(sd.workspace[i], kWorkspaceBytes, false);
+    }
+  }
+  return sd;
+}
+
 }  // namespace
 
 // A grouped MoE projection of a prefill step (moe_plan's chunks) on cuBLASLt: per expert one GEMM (two for
-// the gate/up pair) over its tokens, gathered and quantized in one launch. The expert of each chunk and the
-// chunk lists come to the host first (a synchronization per projection: prefill only, never in a capture).
-// Segments are padded to 64 rows so the cached plans stay few (at most 8,192 / 64 shapes per matrix).
+// the gate/up pair) over its tokens, gathered and quantized in one launch. The expert of each chunk, the
+// chunk lists and the expert tables come to the host first (one synchronization per projection: prefill
+// only, never in a capture). Segments are padded to 64 rows so the cached plans stay few (at most 8,192 /
+// 64 shapes per matrix). The GEMMs of a wave of segments run on kSideStreams streams into one scratch, then
+// one launch applies the epilogue (SwiGLU, or the copy back) to every row of the wave.
 bool linear_lt_grouped(const LinearParams& p) {
   if (!p.lt || !p.gather || !p.experts || p.combine || p.fixed_experts > 0 || p.n < lt_min_rows()) return false;
   if (p.row0 != 0 || (p.group_rows > 0 && p.group_rows < p.out)) return false;
@@ -284,14 +313,15 @@ bool linear_lt_grouped(const LinearParams& p) {
   const bool fp8 = w.dtype == DType::F8_E4M3;
   if (!fp8 && w.dtype != DType::BF16) return false;
   const int64_t m = p.out, k = w.cols, elem = fp8 ? 1 : 2;
-  if ((k * elem) % 16 != 0 || p.ldx < k || p.ldy % 4 != 0 || !aligned16(p.y)) return false;
+  if ((k * elem) % 16 != 0 || p.ldx < k || p.ldy % 4 != 0 || !aligned16(p.y) || m % 4 != 0) return false;
   if (fp8 && (w.block_rows != 128 || w.block_cols != 128 || k % 128 != 0)) return false;
   cudaStreamCaptureStatus cap = cudaStreamCaptureStatusNone;
   DSV3_CUDA_CHECK(cudaStreamIsCapturing(p.stream, &cap));
   if (cap != cudaStreamCaptureStatusNone) return false;
 
-  // The plan on the host: chunk experts and problem lists, then the experts' matrices.
+  // The plan on the host (chunk experts and problem lists), then the matrices of the experts it names.
   const auto sz = [](int64_t v) { return static_cast<size_t>(v); };
+  const bool dual = p.experts2 != nullptr;
   std::vector<int32_t> chunk_expert(sz(p.gather_chunks)), gather(sz(p.gather_chunks * kExpertChunk));
   DSV3_CUDA_CHECK(cudaMemcpyAsync(chunk_expert.data(), p.gather_expert, chunk_expert.size() * 4,
                                   cudaMemcpyDeviceToHost, p.stream));
@@ -307,11 +337,18 @@ bool linear_lt_grouped(const LinearParams& p) {
     experts = std::max(experts, e + 1);
   }
   if (segs.empty()) return true;  // nothing routed: nothing to write
-  int64_t total = 0;
+  std::vector<MatrixPtrs> table(sz(experts)), table2(dual ? sz(experts) : 0);
+  DSV3_CUDA_CHECK(cudaMemcpyAsync(table.data(), p.experts, table.size() * sizeof(MatrixPtrs), cudaMemcpyDeviceToHost,
+                                  p.stream));
+  if (dual)
+    DSV3_CUDA_CHECK(cudaMemcpyAsync(table2.data(), p.experts2, table2.size() * sizeof(MatrixPtrs),
+                                    cudaMemcpyDeviceToHost, p.stream));
+  int64_t total = 0, widest = 0;
   for (Segment& sg : segs) {
     sg.row0 = total;
     sg.rows = (sg.problems + 63) / 64 * 64;
     total += sg.rows;
+    widest = std::max(widest, sg.rows);
   }
   std::vector<int32_t> prob(sz(total), -1), row_seg(sz(total)), seg_rows;
   for (size_t i = 0; i < segs.size(); ++i) {
@@ -323,30 +360,34 @@ bool linear_lt_grouped(const LinearParams& p) {
     seg_rows.push_back(static_cast<int32_t>(sg.row0));
     seg_rows.push_back(static_cast<int32_t>(sg.rows));
   }
-  const bool dual = p.experts2 != nullptr;
-  std::vector<MatrixPtrs> table(sz(experts)), table2(dual ? sz(experts) : 0);
-  DSV3_CUDA_CHECK(cudaMemcpy(table.data(), p.experts, table.size() * sizeof(MatrixPtrs), cudaMemcpyDeviceToHost));
-  if (dual)
-    DSV3_CUDA_CHECK(cudaMemcpy(table2.data(), p.experts2, table2.size() * sizeof(MatrixPtrs), cudaMemcpyDeviceToHost));
+  DSV3_CUDA_CHECK(cudaStreamSynchronize(p.stream));  // the tables
 
   State& s = state();
   std::lock_guard<std::mutex> lock(s.mu);
   if (!s.handle) DSV3_LT_CHECK(cublasLtCreate(&s.handle));
   static const float dummy_scale = 1.0f;  // run_gemm sets the real scale pointers
-  const int64_t ld_tmp = (m + 3) / 4 * 4, kb = (k + 127) / 128, l4 = (kb + 3) / 4 * 4, mb = (m + 127) / 128;
-  int64_t widest = 0;
-  for (const Segment& sg : segs) {
-    widest = std::max(widest, sg.rows);
-    if (!plan_for(s, fp8, m, sg.rows, k, ld_tmp, &dummy_scale, &dummy_scale).ok) return false;
+  const int64_t kb = (k + 127) / 128, l4 = (kb + 3) / 4 * 4, mb = (m + 127) / 128;
+  // An expert's gate/up pair stored as one [2m x k] matrix (up's rows and FP8 scale rows right after
+  // gate's, as CudaModel uploads routed experts) runs as one GEMM of twice the width: fewer calls, wider
+  // tiles. Either way a pair's output row holds gate's m values, then up's (ld_tmp apart).
+  std::vector<char> fused(segs.size(), 0);
+  for (size_t i = 0; i < segs.size() && dual; ++i) {
+    const MatrixPtrs &a = table[sz(segs[i].e)], &c = table2[sz(segs[i].e)];
+    fused[i] = c.data == static_cast<const uint8_t*>(a.data) + m * k * elem &&
+               (!fp8 || (m % 128 == 0 && c.scale_inv == a.scale_inv + mb * kb));
   }
+  const int64_t ld_tmp = ((dual ? 2 * m : m) + 3) / 4 * 4;
+  for (size_t i = 0; i < segs.size(); ++i)
+    if (!plan_for(s, fp8, fused[i] ? 2 * m : m, segs[i].rows, k, ld_tmp, &dummy_scale, &dummy_scale).ok) return false;
   StreamBufs& b = s.bufs[p.stream];
+  Sides& sd = sides_for(p.stream);
   const bool pad_scales = fp8 && kb % 4 != 0;
-  ensure(b.workspace, kWorkspaceBytes, false);
+  const int64_t wave_rows = std::max(std::min(wave_rows_limit(), total), widest);
+  const int64_t pad_floats = (dual ? 2 : 1) * mb * l4;  // one expert's padded weight scales
   ensure(b.act, sz(total * k * elem), false);
   if (fp8) ensure(b.scales, sz(kb * total * 4), false);
-  if (pad_scales) ensure(b.wscales, sz(2 * mb * l4 * 4), false);
-  ensure(b.gate, sz(widest * ld_tmp * 4), false);
-  if (dual) ensure(b.up, sz(widest * ld_tmp * 4), false);
+  if (pad_scales) ensure(b.wscales, sz(static_cast<int64_t>(segs.size()) * pad_floats * 4), false);
+  ensure(b.gate, sz(wave_rows * ld_tmp * 4), false);
   ensure(b.prob, sz(total * 4), false);
   ensure(b.row_seg, sz(total * 4), false);
   ensure(b.seg_rows, seg_rows.size() * 4, false);
@@ -363,22 +404,49 @@ bool linear_lt_grouped(const LinearParams& p) {
   quantize_activations(q);
   // The host vectors above were copied from pageable memory: cudaMemcpyAsync has staged them already.
 
+  // Every expert's weight scales in cuBLASLt's padded layout, each in its own slot (the side streams
+  // read them concurrently), copied on the main stream before the fork.
+  std::vector<const float*> sa(segs.size()), sb(segs.size());
+  for (size_t i = 0; i < segs.size(); ++i) {
+    sa[i] = table[sz(segs[i].e)].scale_inv;
+    sb[i] = dual ? table2[sz(segs[i].e)].scale_inv : nullptr;
+    if (!fp8 || !pad_scales) continue;
+    pad_weight_scales(static_cast<float*>(b.wscales.ptr) + static_cast<int64_t>(i) * pad_floats, mb, kb, sa[i], sb[i],
+                      p.stream);
+  }
+
   float* g = static_cast<float*>(b.gate.ptr);
-  float* u = static_cast<float*>(b.up.ptr);
-  for (const Segment& sg : segs) {
-    const void* act = static_cast<const uint8_t*>(b.act.ptr) + sg.row0 * k * elem;
-    const float* act_scale = fp8 ? static_cast<const float*>(b.scales.ptr) + kb * sg.row0 : nullptr;
-    const MatrixPtrs& e1 = table[sz(sg.e)];
-    const float* sa = e1.scale_inv;
-    const float* sb = dual ? table2[sz(sg.e)].scale_inv : nullptr;
-    if (fp8) pad_weight_scales(b, mb, kb, sa, sb, p.stream);
-    run_gemm(s, b, fp8, m, sg.rows, k, e1.data, sa, act, act_scale, g, ld_tmp, false, p.stream);
-    if (dual) {
-      run_gemm(s, b, fp8, m, sg.rows, k, table2[sz(sg.e)].data, sb, act, act_scale, u, ld_tmp, false, p.stream);
-      swiglu_rows(g, u, ld_tmp, sg.rows, m, p.y, p.ldy, p.stream, dprob + sg.row0);
-    } else {
-      add_rows(g, ld_tmp, sg.rows, m, p.y, p.ldy, p.accumulate, p.stream, dprob + sg.row0);
+  for (size_t first = 0; first < segs.size();) {
+    // The wave: segments first .. last - 1, at most wave_rows rows.
+    size_t last = first;
+    const int64_t w0 = segs[first].row0;
+    while (last < segs.size() && segs[last].row0 + segs[last].rows - w0 <= wave_rows) ++last;
+    DSV3_CUDA_CHECK(cudaEventRecord(sd.fork, p.stream));
+    for (int i = 0; i < kSideStreams; ++i) DSV3_CUDA_CHECK(cudaStreamWaitEvent(sd.stream[i], sd.fork));
+    for (size_t i = first; i < last; ++i) {
+      const Segment& sg = segs[i];
+      const int side = static_cast<int>((i - first) % kSideStreams);
+      const void* act = static_cast<const uint8_t*>(b.act.ptr) + sg.row0 * k * elem;
+      const float* act_scale = fp8 ? static_cast<const float*>(b.scales.ptr) + kb * sg.row0 : nullptr;
+      const int64_t r0 = sg.row0 - w0;
+      void* ws = sd.workspace[side].ptr;
+      float* out = g + r0 * ld_tmp;
+      run_gemm(s, ws, fp8, fused[i] ? 2 * m : m, sg.rows, k, table[sz(sg.e)].data, sa[i], act, act_scale, out, ld_tmp,
+               false, sd.stream[side]);
+      if (dual && !fused[i])
+        run_gemm(s, ws, fp8, m, sg.rows, k, table2[sz(sg.e)].data, sb[i], act, act_scale, out + m, ld_tmp, false,
+                 sd.stream[side]);
     }
+    for (int i = 0; i < kSideStreams; ++i) {
+      DSV3_CUDA_CHECK(cudaEventRecord(sd.join[i], sd.stream[i]));
+      DSV3_CUDA_CHECK(cudaStreamWaitEvent(p.stream, sd.join[i]));
+    }
+    const int64_t rows = segs[last - 1].row0 + segs[last - 1].rows - w0;
+    if (dual)
+      swiglu_rows(g, g + m, ld_tmp, rows, m, p.y, p.ldy, p.stream, dprob + w0);
+    else
+      add_rows(g, ld_tmp, rows, m, p.y, p.ldy, p.accumulate, p.stream, dprob + w0);
+    first = last;
   }
   return true;
 }
@@ -441,7 +509,7 @@ double lt_gemm_tflops(DType dtype, int64_t m, int64_t n, int64_t k, int iters) {
     if (!s.handle) DSV3_LT_CHECK(cublasLtCreate(&s.handle));
     StreamBufs& b = s.bufs[stream];
     ensure(b.workspace, kWorkspaceBytes, false);
-    auto once = [&] { run_gemm(s, b, fp8, m, n, k, dw, dws, dx, dxs, dy, m, false, stream); };
+    auto once = [&] { run_gemm(s, b.workspace.ptr, fp8, m, n, k, dw, dws, dx, dxs, dy, m, false, stream); };
     once();
     DSV3_CUDA_CHECK(cudaEventRecord(start, stream));
     for (int i = 0; i < iters; ++i) once();
