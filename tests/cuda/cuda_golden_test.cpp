@@ -345,10 +345,11 @@ TEST_P(CudaGolden, LtPrefillMatchesFp32Prefill) {
 // activations are a trained model's, not the tiny random goldens' that amplify rounding): a 1,100-row
 // prompt takes cuBLASLt with FP8 activations (1x128 blocks) and bf16 attention operands, a 100-row one the
 // fp32-accurate path. FP8 activations move this small model's logits by ~6e-2 rel L2 (H200, 2026-11-27:
-// 5.58e-2 at 1,100 rows, all of it from the projections: bf16 attention operands alone add nothing
+// 5.64e-2 at 1,100 rows, all of it from the projections: bf16 attention operands alone add nothing
 // visible), above the 3e-2 for the goldens (which stay on the fp32 path), so the bound is 8e-2
 // and the greedy tokens carry the check: where the CPU's top two logits are more than 0.5 apart, the GPU
-// picks the CPU's token at 97% of the positions or more (measured 642 of 654, 98.2%).
+// picks the CPU's token at 95% of the positions or more (measured 637 of 654, 97.4%; 642 with fp32
+// GEMM scratch; another card's cuBLASLt algorithms may round differently).
 TEST(CudaDefaultModel, AutoPrefillMatchesCpu) {
   int count = 0;
   ASSERT_EQ(cudaGetDeviceCount(&count), cudaSuccess) << "these tests need an NVIDIA GPU (ctest label gpu)";
@@ -380,7 +381,7 @@ TEST(CudaDefaultModel, AutoPrefillMatchesCpu) {
                 static_cast<long long>(n), e, static_cast<long long>(same), static_cast<long long>(clear));
     EXPECT_LE(e, n >= 1024 ? 8e-2 : 1e-4) << "n=" << n;
     EXPECT_GT(clear, n / 10) << "n=" << n;
-    EXPECT_GE(same * 100, clear * 97) << "n=" << n;
+    EXPECT_GE(same * 100, clear * 95) << "n=" << n;
   }
 }
 

@@ -64,7 +64,7 @@ struct StreamBufs {
   DevBuf prob, row_seg, seg_rows;  // the grouped MoE's row lists (linear_lt_grouped)
 };
 
-// One cached matmul description per (dtype, out, n, k, ld of D): the heuristic runs once per shape.
+// One cached matmul description per (dtype, out, n, k, ld of D, D in bf16): the heuristic runs once per shape.
 struct Plan {
   bool ok = false;  // false: cuBLASLt has no algorithm for this shape (the fp32 kernels run it)
   cublasLtMatmulDesc_t desc = nullptr;
@@ -75,7 +75,7 @@ struct Plan {
 struct State {
   std::mutex mu;
   cublasLtHandle_t handle = nullptr;
-  std::map<std::tuple<bool, int64_t, int64_t, int64_t, int64_t>, Plan> plans;
+  std::map<std::tuple<bool, int64_t, int64_t, int64_t, int64_t, bool>, Plan> plans;
   std::map<cudaStream_t, StreamBufs> bufs;
 };
 
@@ -96,8 +96,8 @@ void set_scales(const Plan& pl, const float* a_scale, const float* b_scale) {
 }
 
 Plan& plan_for(State& s, bool fp8, int64_t m, int64_t n, int64_t k, int64_t ldd, const float* a_scale,
-               const float* b_scale) {
-  const auto key = std::make_tuple(fp8, m, n, k, ldd);
+               const float* b_scale, bool d_bf16 = false) {
+  const auto key = std::make_tuple(fp8, m, n, k, ldd, d_bf16);
   auto it = s.plans.find(key);
   if (it != s.plans.end()) return it->second;
   Plan pl;
@@ -112,7 +112,8 @@ Plan& plan_for(State& s, bool fp8, int64_t m, int64_t n, int64_t k, int64_t ldd,
   const cudaDataType_t ab = fp8 ? CUDA_R_8F_E4M3 : CUDA_R_16BF;
   DSV3_LT_CHECK(cublasLtMatrixLayoutCreate(&pl.a, ab, static_cast<uint64_t>(k), static_cast<uint64_t>(m), k));
   DSV3_LT_CHECK(cublasLtMatrixLayoutCreate(&pl.b, ab, static_cast<uint64_t>(k), static_cast<uint64_t>(n), k));
-  DSV3_LT_CHECK(cublasLtMatrixLayoutCreate(&pl.d, CUDA_R_32F, static_cast<uint64_t>(m), static_cast<uint64_t>(n), ldd));
+  DSV3_LT_CHECK(cublasLtMatrixLayoutCreate(&pl.d, d_bf16 ? CUDA_R_16BF : CUDA_R_32F, static_cast<uint64_t>(m),
+                                           static_cast<uint64_t>(n), ldd));
   cublasLtMatmulPreference_t pref = nullptr;
   DSV3_LT_CHECK(cublasLtMatmulPreferenceCreate(&pref));
   const size_t ws = kWorkspaceBytes;
@@ -130,10 +131,11 @@ Plan& plan_for(State& s, bool fp8, int64_t m, int64_t n, int64_t k, int64_t ldd,
   return s.plans.emplace(key, pl).first->second;
 }
 
-// D (out x n, ld ldd, fp32) (=|+=) A^T B with the cached plan of this shape.
+// D (out x n, ld ldd, fp32 or bf16) (=|+=) A^T B with the cached plan of this shape.
 void run_gemm(State& s, void* workspace, bool fp8, int64_t m, int64_t n, int64_t k, const void* w, const float* w_scale,
-              const void* act, const float* act_scale, float* d, int64_t ldd, bool accumulate, cudaStream_t stream) {
-  Plan& pl = plan_for(s, fp8, m, n, k, ldd, w_scale, act_scale);
+              const void* act, const float* act_scale, void* d, int64_t ldd, bool accumulate, cudaStream_t stream,
+              bool d_bf16 = false) {
+  Plan& pl = plan_for(s, fp8, m, n, k, ldd, w_scale, act_scale, d_bf16);
   if (!pl.ok)
     throw Error("cuBLASLt has no " + std::string(fp8 ? "FP8 block-scaled" : "BF16") + " GEMM for out=" +
                     std::to_string(m) + " n=" + std::to_string(n) + " k=" + std::to_string(k),
@@ -251,13 +253,13 @@ bool linear_lt(const LinearParams& p) {
   float* g = static_cast<float*>(b.gate.ptr);
   run_gemm(s, b.workspace.ptr, fp8, m, ng, k, wa, sa, b.act.ptr, act_scale, g, ld_tmp, false, p.stream);
   if (!dual) {
-    add_rows(g, ld_tmp, n, m, p.y, p.ldy, p.accumulate, p.stream);
+    add_rows(g, false, ld_tmp, n, m, p.y, p.ldy, p.accumulate, p.stream);
     return true;
   }
   // The SwiGLU pair: two GEMMs into scratch, then y = silu(gate) * up.
   float* u = static_cast<float*>(b.up.ptr);
   run_gemm(s, b.workspace.ptr, fp8, m, ng, k, wb, sb, b.act.ptr, act_scale, u, ld_tmp, false, p.stream);
-  swiglu_rows(g, u, ld_tmp, n, m, p.y, p.ldy, p.stream);
+  swiglu_rows(g, u, false, ld_tmp, n, m, p.y, p.ldy, p.stream);
   return true;
 }
 
@@ -277,6 +279,14 @@ constexpr int kSideStreams = 4;
 // (or one segment, when a single expert has more), so the scratch stays bounded at long prompts. 32,768,
 // or DSV3_LT_WAVE_ROWS (read at every call, so that tests can force many waves on small problems).
 int64_t wave_rows_limit() { return env_positive("DSV3_LT_WAVE_ROWS", 32768); }
+
+// Whether the grouped projections' GEMMs write bf16 scratch (half the bytes the epilogue reads; the
+// values then carry bf16's rounding before SwiGLU or the combine, well under what FP8 activations already
+// cost): on unless DSV3_LT_BF16_OUT=0 (measurement). Read once.
+bool bf16_scratch_enabled() {
+  static const bool on = env_enabled("DSV3_LT_BF16_OUT");
+  return on;
+}
 
 struct Sides {
   cudaStream_t stream[kSideStreams] = {};
@@ -376,9 +386,18 @@ bool linear_lt_grouped(const LinearParams& p) {
     fused[i] = c.data == static_cast<const uint8_t*>(a.data) + m * k * elem &&
                (!fp8 || (m % 128 == 0 && c.scale_inv == a.scale_inv + mb * kb));
   }
-  const int64_t ld_tmp = ((dual ? 2 * m : m) + 3) / 4 * 4;
-  for (size_t i = 0; i < segs.size(); ++i)
-    if (!plan_for(s, fp8, fused[i] ? 2 * m : m, segs[i].rows, k, ld_tmp, &dummy_scale, &dummy_scale).ok) return false;
+  // bf16 scratch needs 16-byte aligned rows and halves (m a multiple of 8) and cuBLASLt's bf16 output for
+  // every shape; else fp32 scratch.
+  const int64_t ld_tmp = ((dual ? 2 * m : m) + 7) / 8 * 8;
+  auto plans_ok = [&](bool bf16_out) {
+    for (size_t i = 0; i < segs.size(); ++i)
+      if (!plan_for(s, fp8, fused[i] ? 2 * m : m, segs[i].rows, k, ld_tmp, &dummy_scale, &dummy_scale, bf16_out).ok)
+        return false;
+    return true;
+  };
+  const bool bf16_out = bf16_scratch_enabled() && m % 8 == 0 && plans_ok(true);
+  if (!bf16_out && !plans_ok(false)) return false;
+  const int64_t out_elem = bf16_out ? 2 : 4;
   StreamBufs& b = s.bufs[p.stream];
   Sides& sd = sides_for(p.stream);
   const bool pad_scales = fp8 && kb % 4 != 0;
@@ -387,7 +406,7 @@ bool linear_lt_grouped(const LinearParams& p) {
   ensure(b.act, sz(total * k * elem), false);
   if (fp8) ensure(b.scales, sz(kb * total * 4), false);
   if (pad_scales) ensure(b.wscales, sz(static_cast<int64_t>(segs.size()) * pad_floats * 4), false);
-  ensure(b.gate, sz(wave_rows * ld_tmp * 4), false);
+  ensure(b.gate, sz(wave_rows * ld_tmp * out_elem), false);
   ensure(b.prob, sz(total * 4), false);
   ensure(b.row_seg, sz(total * 4), false);
   ensure(b.seg_rows, seg_rows.size() * 4, false);
@@ -415,7 +434,7 @@ bool linear_lt_grouped(const LinearParams& p) {
                       p.stream);
   }
 
-  float* g = static_cast<float*>(b.gate.ptr);
+  uint8_t* g = static_cast<uint8_t*>(b.gate.ptr);  // fp32 or bf16 rows of ld_tmp values
   for (size_t first = 0; first < segs.size();) {
     // The wave: segments first .. last - 1, at most wave_rows rows.
     size_t last = first;
@@ -430,12 +449,12 @@ bool linear_lt_grouped(const LinearParams& p) {
       const float* act_scale = fp8 ? static_cast<const float*>(b.scales.ptr) + kb * sg.row0 : nullptr;
       const int64_t r0 = sg.row0 - w0;
       void* ws = sd.workspace[side].ptr;
-      float* out = g + r0 * ld_tmp;
+      uint8_t* out = g + r0 * ld_tmp * out_elem;
       run_gemm(s, ws, fp8, fused[i] ? 2 * m : m, sg.rows, k, table[sz(sg.e)].data, sa[i], act, act_scale, out, ld_tmp,
-               false, sd.stream[side]);
+               false, sd.stream[side], bf16_out);
       if (dual && !fused[i])
-        run_gemm(s, ws, fp8, m, sg.rows, k, table2[sz(sg.e)].data, sb[i], act, act_scale, out + m, ld_tmp, false,
-                 sd.stream[side]);
+        run_gemm(s, ws, fp8, m, sg.rows, k, table2[sz(sg.e)].data, sb[i], act, act_scale, out + m * out_elem, ld_tmp,
+                 false, sd.stream[side], bf16_out);
     }
     for (int i = 0; i < kSideStreams; ++i) {
       DSV3_CUDA_CHECK(cudaEventRecord(sd.join[i], sd.stream[i]));
@@ -443,9 +462,9 @@ bool linear_lt_grouped(const LinearParams& p) {
     }
     const int64_t rows = segs[last - 1].row0 + segs[last - 1].rows - w0;
     if (dual)
-      swiglu_rows(g, g + m, ld_tmp, rows, m, p.y, p.ldy, p.stream, dprob + w0);
+      swiglu_rows(g, g + m * out_elem, bf16_out, ld_tmp, rows, m, p.y, p.ldy, p.stream, dprob + w0);
     else
-      add_rows(g, ld_tmp, rows, m, p.y, p.ldy, p.accumulate, p.stream, dprob + w0);
+      add_rows(g, bf16_out, ld_tmp, rows, m, p.y, p.ldy, p.accumulate, p.stream, dprob + w0);
     first = last;
   }
   return true;

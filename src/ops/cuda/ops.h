@@ -329,13 +329,14 @@ struct ActQuantParams {
   cudaStream_t stream = nullptr;
 };
 void quantize_activations(const ActQuantParams& p);
-// y[r(t)][o] = silu(g[t][o]) * u[t][o] for t < n, o < out (g and u with leading dimension ld_in), where
-// r(t) = y_rows ? y_rows[t] : t (y_rows[t] = -1: row t is dropped).
-void swiglu_rows(const float* g, const float* u, int64_t ld_in, int64_t n, int64_t out, float* y, int64_t ldy,
-                 cudaStream_t stream, const int32_t* y_rows = nullptr);
-// y[r(t)][o] (= or +=) src[t][o] for t < n, o < out, r(t) as in swiglu_rows.
-void add_rows(const float* src, int64_t ld_src, int64_t n, int64_t out, float* y, int64_t ldy, bool accumulate,
-              cudaStream_t stream, const int32_t* y_rows = nullptr);
+// y[r(t)][o] = silu(g[t][o]) * u[t][o] for t < n, o < out (g and u fp32, or bf16 when in_bf16, with
+// leading dimension ld_in), where r(t) = y_rows ? y_rows[t] : t (y_rows[t] = -1: row t is dropped).
+void swiglu_rows(const void* g, const void* u, bool in_bf16, int64_t ld_in, int64_t n, int64_t out, float* y,
+                 int64_t ldy, cudaStream_t stream, const int32_t* y_rows = nullptr);
+// y[r(t)][o] (= or +=) src[t][o] for t < n, o < out (src fp32, or bf16 when src_bf16), r(t) as in
+// swiglu_rows.
+void add_rows(const void* src, bool src_bf16, int64_t ld_src, int64_t n, int64_t out, float* y, int64_t ldy,
+              bool accumulate, cudaStream_t stream, const int32_t* y_rows = nullptr);
 // Whether cuBLASLt has a GEMM for an out x n x k projection of this weight dtype (FP8 or BF16; the
 // dimensions as `linear` passes them, n rounded up to 16); false means `linear` runs it on its own kernels.
 bool lt_gemm_supported(DType dtype, int64_t out, int64_t n, int64_t k);

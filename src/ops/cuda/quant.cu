@@ -1,7 +1,7 @@
 // Activation quantization for the cuBLASLt prefill GEMMs (gemm_lt.cpp): fp32 rows (gathered by an index
 // list for the grouped MoE), optionally RMSNorm-ed on the way, to FP8 e4m3 with one scale per 128
-// columns, or to BF16. Plus the epilogues of GEMMs into scratch: SwiGLU of a gate/up pair, and adding
-// rows back (both optionally scattered to other rows).
+// columns, or to BF16. Plus the epilogues of GEMMs into fp32 or bf16 scratch: SwiGLU of a gate/up pair,
+// and adding rows back (both optionally scattered to other rows).
 #include <cuda_bf16.h>
 #include <cuda_fp8.h>
 
@@ -77,34 +77,44 @@ __global__ void __launch_bounds__(kQuantThreads) quantize_kernel(const ActQuantP
   }
 }
 
-__global__ void swiglu_rows_kernel(const float* g, const float* u, int64_t ld_in, int64_t n, int64_t out, float* y,
+__device__ __forceinline__ float load_value(const float* p, int64_t i) { return p[i]; }
+__device__ __forceinline__ float load_value(const __nv_bfloat16* p, int64_t i) { return __bfloat162float(p[i]); }
+
+template <class In>
+__global__ void swiglu_rows_kernel(const In* g, const In* u, int64_t ld_in, int64_t n, int64_t out, float* y,
                                    int64_t ldy, const int32_t* y_rows) {
   const int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   if (i >= n * out) return;
   const int64_t t = i / out, o = i % out, r = y_rows ? y_rows[t] : t;
   if (r < 0) return;
-  const float a = g[t * ld_in + o];
-  y[r * ldy + o] = silu(a) * u[t * ld_in + o];
+  y[r * ldy + o] = silu(load_value(g, t * ld_in + o)) * load_value(u, t * ld_in + o);
 }
 
-__global__ void add_rows_kernel(const float* src, int64_t ld_src, int64_t n, int64_t out, float* y, int64_t ldy,
+template <class In>
+__global__ void add_rows_kernel(const In* src, int64_t ld_src, int64_t n, int64_t out, float* y, int64_t ldy,
                                 bool accumulate, const int32_t* y_rows) {
   const int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   if (i >= n * out) return;
   const int64_t t = i / out, o = i % out, r = y_rows ? y_rows[t] : t;
   if (r < 0) return;
-  const float v = src[t * ld_src + o];
+  const float v = load_value(src, t * ld_src + o);
   y[r * ldy + o] = accumulate ? y[r * ldy + o] + v : v;
 }
 
+unsigned blocks_for(int64_t total) { return static_cast<unsigned>((total + 255) / 256); }
+
 }  // namespace
 
-void add_rows(const float* src, int64_t ld_src, int64_t n, int64_t out, float* y, int64_t ldy, bool accumulate,
-              cudaStream_t stream, const int32_t* y_rows) {
+void add_rows(const void* src, bool src_bf16, int64_t ld_src, int64_t n, int64_t out, float* y, int64_t ldy,
+              bool accumulate, cudaStream_t stream, const int32_t* y_rows) {
   if (n == 0) return;
-  const int64_t total = n * out;
-  add_rows_kernel<<<static_cast<unsigned>((total + 255) / 256), 256, 0, stream>>>(src, ld_src, n, out, y, ldy,
-                                                                                 accumulate, y_rows);
+  const unsigned blocks = blocks_for(n * out);
+  if (src_bf16)
+    add_rows_kernel<<<blocks, 256, 0, stream>>>(static_cast<const __nv_bfloat16*>(src), ld_src, n, out, y, ldy,
+                                                accumulate, y_rows);
+  else
+    add_rows_kernel<<<blocks, 256, 0, stream>>>(static_cast<const float*>(src), ld_src, n, out, y, ldy, accumulate,
+                                                y_rows);
   check_launch("add_rows_kernel");
 }
 
@@ -117,12 +127,16 @@ void quantize_activations(const ActQuantParams& p) {
   check_launch("quantize_kernel");
 }
 
-void swiglu_rows(const float* g, const float* u, int64_t ld_in, int64_t n, int64_t out, float* y, int64_t ldy,
-                 cudaStream_t stream, const int32_t* y_rows) {
+void swiglu_rows(const void* g, const void* u, bool in_bf16, int64_t ld_in, int64_t n, int64_t out, float* y,
+                 int64_t ldy, cudaStream_t stream, const int32_t* y_rows) {
   if (n == 0) return;
-  const int64_t total = n * out;
-  swiglu_rows_kernel<<<static_cast<unsigned>((total + 255) / 256), 256, 0, stream>>>(g, u, ld_in, n, out, y, ldy,
-                                                                                     y_rows);
+  const unsigned blocks = blocks_for(n * out);
+  if (in_bf16)
+    swiglu_rows_kernel<<<blocks, 256, 0, stream>>>(static_cast<const __nv_bfloat16*>(g),
+                                                   static_cast<const __nv_bfloat16*>(u), ld_in, n, out, y, ldy, y_rows);
+  else
+    swiglu_rows_kernel<<<blocks, 256, 0, stream>>>(static_cast<const float*>(g), static_cast<const float*>(u), ld_in, n,
+                                                   out, y, ldy, y_rows);
   check_launch("swiglu_rows_kernel");
 }
 
