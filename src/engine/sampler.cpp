@@ -54,30 +54,7 @@ int32_t Sampler::sample(const float* logits, int64_t vocab) {
   if (p_.temperature == 0.0) {
     chosen = argmax(work_.data(), vocab);
   } else {
-    std::vector<int32_t> ids(static_cast<size_t>(vocab));
-    std::iota(ids.begin(), ids.end(), 0);
-    const int64_t finite = std::count_if(work_.begin(), work_.end(), [&](float w) { return w != kOut; });
-    const int64_t keep = p_.top_k > 0 ? std::min(p_.top_k, finite) : finite;
-    std::partial_sort(ids.begin(), ids.begin() + keep, ids.end(), [&](int32_t a, int32_t b) {
-      return work_[a] > work_[b] || (work_[a] == work_[b] && a < b);
-    });
-    // Relative probabilities exp((w - w_max) / T): the best candidate has 1.
-    std::vector<double> prob(static_cast<size_t>(keep));
-    const double m = work_[ids[0]];
-    double sum = 0.0;
-    for (int64_t i = 0; i < keep; ++i) sum += prob[i] = std::exp((work_[ids[i]] - m) / p_.temperature);
-    // Nucleus: the smallest prefix of the sorted candidates whose mass reaches top_p.
-    double mass = 0.0;
-    int64_t n = 0;
-    while (n < keep) {
-      mass += prob[n++] / sum;
-      if (mass >= p_.top_p) break;
-    }
-    // min-p: drop candidates below min_p times the most likely one (the ratio is the same before and
-    // after renormalization, so the order of the filters does not matter here).
-    while (n > 1 && prob[n - 1] < p_.min_p) --n;
-    std::discrete_distribution<int64_t> pick(prob.begin(), prob.begin() + n);
-    chosen = ids[static_cast<size_t>(pick(rng_))];
+    chosen = sample_tempered(vocab);
   }
 
   if (p_.top_logprobs >= 0) logprobs_ = logprobs_of(logits, vocab, chosen, p_.top_logprobs);
@@ -85,6 +62,63 @@ int32_t Sampler::sample(const float* logits, int64_t vocab) {
   seen_.insert(chosen);
   if (filter_) filter_->accept(chosen);
   return chosen;
+}
+
+// Temperature sampling over work_. Candidates: the finite entries, cut to the top_k best (ties to the
+// lower id), then to the nucleus: the shortest run of them in order of preference whose probability mass
+// (relative to all top_k candidates) reaches top_p, then those below min_p times the best are dropped.
+// Only the nucleus needs the order of preference, and only when top_p < 1: it is sorted in growing
+// prefixes until the mass is reached, so a typical step sorts a few hundred ids instead of the whole
+// vocabulary (a full sort of 102,400 ids took ~13 ms a token on one core). With top_p = 1 and no top_k
+// nothing is sorted and the pick is drawn over the candidates in id order: the same distribution.
+int32_t Sampler::sample_tempered(int64_t vocab) {
+  constexpr float kOut = -std::numeric_limits<float>::infinity();
+  std::vector<int32_t>& ids = ids_;
+  ids.resize(static_cast<size_t>(vocab));
+  std::iota(ids.begin(), ids.end(), 0);
+  if (std::find(work_.begin(), work_.begin() + vocab, kOut) != work_.begin() + vocab)  // filtered out: dropped
+    ids.erase(std::remove_if(ids.begin(), ids.end(), [&](int32_t id) { return work_[id] == kOut; }), ids.end());
+  if (ids.empty()) return argmax(work_.data(), vocab);  // nothing finite: as greedy would
+  const auto prefer = [&](int32_t a, int32_t b) { return work_[a] > work_[b] || (work_[a] == work_[b] && a < b); };
+  if (p_.top_k > 0 && p_.top_k < static_cast<int64_t>(ids.size())) {  // top_k best, sorted
+    std::partial_sort(ids.begin(), ids.begin() + p_.top_k, ids.end(), prefer);
+    ids.resize(static_cast<size_t>(p_.top_k));
+  }
+  // Relative probabilities exp((w - w_max) / T): the best candidate has 1.
+  const double m = work_[*std::min_element(ids.begin(), ids.end(), prefer)];
+  const auto rel = [&](int32_t id) { return std::exp((work_[id] - m) / p_.temperature); };
+  if (p_.top_p < 1.0) {
+    double sum = 0.0;
+    for (int32_t id : ids) sum += rel(id);
+    // The nucleus: sort the next `chunk` best after the sorted prefix, add their mass, repeat.
+    double mass = 0.0;
+    size_t n = 0, sorted = 0;
+    bool reached = false;
+    for (size_t chunk = 64; !reached && sorted < ids.size(); chunk *= 4) {
+      const size_t end = std::min(ids.size(), sorted + chunk);
+      std::partial_sort(ids.begin() + static_cast<std::ptrdiff_t>(sorted), ids.begin() + static_cast<std::ptrdiff_t>(end),
+                        ids.end(), prefer);
+      for (; n < end && !reached; ++n) {
+        mass += rel(ids[n]) / sum;
+        reached = mass >= p_.top_p;
+      }
+      sorted = end;
+    }
+    ids.resize(n);
+  }
+  // min-p: drop candidates below min_p times the most likely one (never the most likely itself).
+  std::vector<double> prob;
+  prob.reserve(ids.size());
+  size_t kept = 0;
+  for (int32_t id : ids) {
+    const double r = rel(id);
+    if (r < p_.min_p && r < 1.0) continue;
+    ids[kept++] = id;
+    prob.push_back(r);
+  }
+  ids.resize(kept);
+  std::discrete_distribution<int64_t> pick(prob.begin(), prob.end());
+  return ids[static_cast<size_t>(pick(rng_))];
 }
 
 SampleLogprobs logprobs_of(const float* logits, int64_t vocab, int32_t chosen, int64_t top) {

@@ -71,6 +71,7 @@ class Sampler {
   const SamplingParams& params() const { return p_; }
 
  private:
+  int32_t sample_tempered(int64_t vocab);  // temperature > 0: the pick among work_'s candidates
 
   SamplingParams p_;
   std::mt19937_64 rng_;
@@ -78,6 +79,7 @@ class Sampler {
   std::unordered_map<int32_t, int64_t> generated_;  // token -> times generated
   std::unordered_set<int32_t> seen_;                 // prompt + generated, for the repetition penalty
   std::vector<float> work_;                          // the adjusted logits of this step
+  std::vector<int32_t> ids_;                         // candidate ids (sample_tempered's scratch)
   SampleLogprobs logprobs_;
 };
 

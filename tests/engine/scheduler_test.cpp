@@ -135,6 +135,56 @@ TEST_F(EngineTest, ManyConcurrentSequencesMatchSoloGreedyRuns) {
   }
 }
 
+// Samplers run in parallel across a batch's sequences (scheduler.cpp); one that throws ends only its own
+// request, with the sampler's message, and the others keep their solo greedy outputs.
+class AllowsNothing : public TokenFilter {
+ public:
+  bool allowed(int32_t) const override { return false; }
+  void accept(int32_t) override {}
+};
+
+TEST_F(EngineTest, ASamplerThatThrowsEndsOnlyItsOwnRequest) {
+  const int64_t max_new = 12;
+  std::vector<std::vector<int32_t>> prompts;
+  for (uint32_t i = 0; i < 4; ++i) prompts.push_back(random_prompt(20 + 7 * i, 700 + i));
+  SchedulerOptions opt;
+  opt.max_batch = 5;
+  opt.ctx = 256;
+  std::vector<Outcome> outs(prompts.size());
+  Outcome broken;
+  std::mutex mu;
+  {
+    Scheduler s(*backend_, opt);
+    for (size_t i = 0; i < prompts.size(); ++i) submit(s, prompts[i], max_new, outs[i], mu);
+    SequenceRequest r;
+    r.prompt = random_prompt(30, 799);
+    r.max_new_tokens = max_new;
+    r.sampler = greedy();
+    r.sampler->set_filter(std::make_unique<AllowsNothing>());
+    r.on_token = [&](int32_t t) {
+      std::lock_guard<std::mutex> lock(mu);
+      broken.tokens.push_back(t);
+      return true;
+    };
+    r.on_done = [&](const SequenceResult& res) {
+      std::lock_guard<std::mutex> lock(mu);
+      broken.result = res;
+      broken.done = true;
+    };
+    s.submit(std::move(r));
+    s.shutdown(false);
+  }
+  ASSERT_TRUE(broken.done);
+  EXPECT_EQ(broken.result.reason, FinishReason::Error);
+  EXPECT_NE(broken.result.error.find("allows no token"), std::string::npos) << broken.result.error;
+  EXPECT_TRUE(broken.tokens.empty());
+  for (size_t i = 0; i < prompts.size(); ++i) {
+    ASSERT_TRUE(outs[i].done) << i;
+    EXPECT_EQ(outs[i].result.reason, FinishReason::Length) << i;
+    EXPECT_EQ(outs[i].tokens, solo(prompts[i], max_new)) << i;
+  }
+}
+
 TEST_F(EngineTest, ChunkSizeDoesNotChangeOutput) {
   const auto prompt = random_prompt(150, 7);
   std::vector<std::vector<int32_t>> results;

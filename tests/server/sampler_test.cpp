@@ -86,6 +86,49 @@ TEST(Sampler, TopKOneIsGreedyEvenWithTemperature) {
   for (int i = 0; i < 50; ++i) EXPECT_EQ(s.sample(logits.data(), 3), 1);
 }
 
+// The nucleus is found by sorting growing prefixes (64, then 4x more): 200 tied best tokens (ties go to
+// the lower id) over a vocabulary of 1,000 put the cut past the first prefix. Each of the 200 has ~1/200
+// of the mass, so top_p 0.503 keeps exactly ids 0..100, and every one of them gets picked.
+TEST(Sampler, TopPKeepsTheShortestPrefixReachingTheMassBeyondTheFirstSortedChunk) {
+  std::vector<float> logits(1000, -30.0f);
+  for (int i = 0; i < 200; ++i) logits[static_cast<size_t>(i)] = 0.0f;
+  SamplingParams p;
+  p.temperature = 1.0;
+  p.top_p = 0.503;
+  p.seed = 11;
+  Sampler s(p);
+  std::vector<int> counts(1000, 0);
+  for (int i = 0; i < 20000; ++i) ++counts[static_cast<size_t>(s.sample(logits.data(), 1000))];
+  for (int i = 0; i <= 100; ++i) EXPECT_GT(counts[static_cast<size_t>(i)], 100) << "id " << i;  // ~198 each
+  for (int i = 101; i < 1000; ++i) EXPECT_EQ(counts[static_cast<size_t>(i)], 0) << "id " << i;
+}
+
+// top_p = 1 samples the whole softmax without sorting: p(i) proportional to i + 1 over 1,000 ids puts
+// 74.97% of the mass on ids 500..999.
+TEST(Sampler, FullNucleusSamplesTheWholeSoftmax) {
+  std::vector<float> logits(1000);
+  for (int i = 0; i < 1000; ++i) logits[static_cast<size_t>(i)] = std::log(static_cast<float>(i + 1));
+  SamplingParams p;
+  p.temperature = 1.0;
+  p.seed = 5;
+  Sampler s(p);
+  int upper = 0;
+  const int draws = 20000;  // the fraction's standard deviation ~0.003
+  for (int i = 0; i < draws; ++i) upper += s.sample(logits.data(), 1000) >= 500;
+  EXPECT_NEAR(upper / static_cast<double>(draws), (500500.0 - 125250.0) / 500500.0, 0.015);
+  // Temperature 2 flattens it: p(i) proportional to sqrt(i + 1), upper half ~64.6%.
+  p.temperature = 2.0;
+  Sampler flat(p);
+  double num = 0.0, den = 0.0;
+  for (int i = 0; i < 1000; ++i) {
+    den += std::sqrt(i + 1.0);
+    if (i >= 500) num += std::sqrt(i + 1.0);
+  }
+  upper = 0;
+  for (int i = 0; i < draws; ++i) upper += flat.sample(logits.data(), 1000) >= 500;
+  EXPECT_NEAR(upper / static_cast<double>(draws), num / den, 0.015);
+}
+
 class OddOnly : public TokenFilter {
  public:
   explicit OddOnly(std::vector<int32_t>* accepted) : accepted_(accepted) {}
