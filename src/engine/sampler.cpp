@@ -9,13 +9,6 @@
 
 namespace dsv3 {
 
-int32_t argmax(const float* logits, int64_t n) {
-  int64_t best = 0;
-  for (int64_t i = 1; i < n; ++i)
-    if (logits[i] > logits[best]) best = i;
-  return static_cast<int32_t>(best);
-}
-
 Sampler::Sampler(const SamplingParams& p, std::span<const int32_t> prompt)
     : p_(p), rng_(p.seed), seen_(prompt.begin(), prompt.end()) {
   check(p.temperature >= 0.0 && std::isfinite(p.temperature), "temperature must be >= 0");
@@ -62,6 +55,18 @@ int32_t Sampler::sample(const float* logits, int64_t vocab) {
   seen_.insert(chosen);
   if (filter_) filter_->accept(chosen);
   return chosen;
+}
+
+bool Sampler::greedy_only() const {
+  return p_.temperature == 0.0 && p_.repetition_penalty == 1.0 && p_.presence_penalty == 0.0 &&
+         p_.frequency_penalty == 0.0 && !filter_ && p_.top_logprobs < 0;
+}
+
+int32_t Sampler::accept_greedy(int32_t id) {
+  DSV3_ASSERT(greedy_only());
+  ++generated_[id];
+  seen_.insert(id);
+  return id;
 }
 
 // Temperature sampling over work_. Candidates: the finite entries, cut to the top_k best (ties to the

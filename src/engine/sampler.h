@@ -22,6 +22,8 @@
 #include <unordered_set>
 #include <vector>
 
+#include "ops/cpu/ops.h"
+
 namespace dsv3 {
 
 struct SamplingParams {
@@ -64,6 +66,12 @@ class Sampler {
   // `prompt` seeds the repetition-penalty set (Hugging Face penalizes prompt tokens too).
   explicit Sampler(const SamplingParams& p, std::span<const int32_t> prompt = {});
   int32_t sample(const float* logits, int64_t vocab);
+  // Whether sample() is the plain argmax of the raw logits: temperature 0, no penalty, no token filter,
+  // no logprobs. Then a backend may pick the token itself (Model::BatchItem::greedy) and the engine hands
+  // it to accept_greedy() instead of calling sample().
+  bool greedy_only() const;
+  // Records `id` as this step's pick, as sample() would have (for greedy_only() samplers).
+  int32_t accept_greedy(int32_t id);
 
   void set_filter(std::unique_ptr<TokenFilter> filter) { filter_ = std::move(filter); }
   // The logprobs of the last sample() call; empty `top` and chosen.logprob 0 unless top_logprobs >= 0.
@@ -83,6 +91,6 @@ class Sampler {
   SampleLogprobs logprobs_;
 };
 
-int32_t argmax(const float* logits, int64_t n);
+using cpu::argmax;  // ops/cpu/ops.h: the index of the largest logit, the lowest on ties
 
 }  // namespace dsv3

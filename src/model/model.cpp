@@ -84,6 +84,8 @@ std::vector<std::vector<float>> Model::forward_batch(std::span<const BatchItem> 
   for (const BatchItem& item : items) {
     DSV3_ASSERT(item.cache != nullptr);
     check(!item.tokens.empty(), "no tokens to run");
+    check(!(item.greedy && item.all_logits), "a batch item asks for all logits and for the greedy token only",
+          "ask for one of them");
     segments.push_back({n, static_cast<int64_t>(item.tokens.size()), item.cache->length(), item.cache});
     n += segments.back().n;
   }
@@ -111,7 +113,8 @@ std::vector<std::vector<float>> Model::forward_batch(std::span<const BatchItem> 
   int64_t r = 0;
   for (size_t i = 0; i < items.size(); ++i) {
     const int64_t k = items[i].all_logits ? segments[i].n : 1;
-    out[i].assign(logits.begin() + r * V, logits.begin() + (r + k) * V);
+    if (items[i].greedy) out[i] = {static_cast<float>(cpu::argmax(logits.data() + r * V, V))};
+    else out[i].assign(logits.begin() + r * V, logits.begin() + (r + k) * V);
     r += k;
   }
   return out;

@@ -50,10 +50,14 @@ class Model {
   // its own cache, exactly as forward() would run them, but the token rows of all items go through every
   // linear layer together (the weights are read once per step); attention runs per sequence over its own
   // blocks. Returns per item the logits of its last token [vocab] (or of all its tokens with all_logits).
+  // With `greedy`, only the last token's argmax is wanted: the item's result is one value, that token's
+  // id (cpu::argmax of its logits, as a float: exact for vocabularies under 2^24), so that a GPU backend
+  // need not copy the logits back. Not together with all_logits.
   struct BatchItem {
     std::span<const int32_t> tokens;
     LatentCache* cache = nullptr;
     bool all_logits = false;
+    bool greedy = false;
   };
   std::vector<std::vector<float>> forward_batch(std::span<const BatchItem> items,
                                                 AttentionForm attention = AttentionForm::Auto);

@@ -586,6 +586,45 @@ std::string error_of(F f) {
   return {};
 }
 
+// Greedy items (Model::BatchItem::greedy) come back as one value, the argmax of the logits the same item
+// gets without the flag; asking for all logits and greedy at once is refused before any cache moves.
+// The engine sends plain-greedy picks this way; sampler.greedy_only() says when.
+TEST_F(EngineTest, GreedyBatchItemsReturnTheArgmax) {
+  const int64_t V = model_->config().vocab_size;
+  const auto p0 = random_prompt(40, 21), p1 = random_prompt(9, 22);
+  auto pool = std::make_shared<BlockPool>(model_->config().num_hidden_layers, model_->config().kv_lora_rank,
+                                          model_->config().qk_rope_head_dim, 8);
+  std::vector<float> full[2];
+  std::vector<float> ids[2];
+  for (int greedy = 0; greedy < 2; ++greedy) {
+    LatentCache c0(pool, 64), c1(pool, 64);
+    const std::vector<Model::BatchItem> items = {{p0, &c0, false, greedy == 1}, {p1, &c1, false, greedy == 1}};
+    const auto out = model_->forward_batch(items);
+    (greedy ? ids : full)[0] = out[0];
+    (greedy ? ids : full)[1] = out[1];
+  }
+  for (int i = 0; i < 2; ++i) {
+    ASSERT_EQ(full[i].size(), static_cast<size_t>(V));
+    ASSERT_EQ(ids[i].size(), 1u);
+    EXPECT_EQ(static_cast<int32_t>(ids[i][0]), argmax(full[i].data(), V)) << i;
+  }
+  LatentCache c(pool, 64);
+  const std::vector<Model::BatchItem> both = {{p0, &c, true, true}};
+  EXPECT_NE(error_of([&] { model_->forward_batch(both); }).find("greedy token only"), std::string::npos);
+  EXPECT_EQ(c.length(), 0);
+
+  SamplingParams plain;
+  EXPECT_TRUE(Sampler(plain).greedy_only());
+  for (int k = 0; k < 4; ++k) {
+    SamplingParams p;
+    if (k == 0) p.temperature = 0.5;
+    if (k == 1) p.repetition_penalty = 1.1;
+    if (k == 2) p.frequency_penalty = 0.5;
+    if (k == 3) p.top_logprobs = 0;
+    EXPECT_FALSE(Sampler(p).greedy_only()) << k;
+  }
+}
+
 }  // namespace
 
 TEST_F(EngineTest, GeneratorOverTheCpuBackendEqualsTheModelsOwnDecodeLoop) {

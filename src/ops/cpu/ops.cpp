@@ -100,4 +100,15 @@ void softmax(float* x, int64_t n) {
   for (int64_t i = 0; i < n; ++i) x[i] *= inv;
 }
 
+int32_t argmax(const float* x, int64_t n) {
+  int64_t best = 0;
+  float best_value = x[0];
+  for (int64_t i = 1; i < n; ++i)
+    if (x[i] > best_value) {
+      best_value = x[i];
+      best = i;
+    }
+  return static_cast<int32_t>(best);
+}
+
 }  // namespace dsv3::cpu

@@ -32,6 +32,10 @@ void rope_tables(const std::vector<double>& inv_freq, double scale, int64_t pos0
 // Rotates interleaved pairs (v[2i], v[2i+1]) by the angle whose cos/sin are given per pair.
 void rope_interleaved(float* v, int64_t dim, const float* cos, const float* sin);
 
+// The index of the largest of x[0..n) (n >= 1), the lowest on ties: a scan that moves on strictly larger
+// values only, so a NaN is never chosen unless it is x[0]. Greedy decoding everywhere uses this one.
+int32_t argmax(const float* x, int64_t n);
+
 // In-place softmax over n values (max-subtracted, fp32).
 void softmax(float* x, int64_t n);
 
