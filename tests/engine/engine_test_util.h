@@ -48,13 +48,15 @@ struct Outcome {
   bool done = false;
 };
 
-// Submits a greedy request that records its tokens and result into `out` (guarded by `mu`).
+// Submits a request (greedy unless `sampler` is given) that records its tokens and result into `out`
+// (guarded by `mu`).
 inline void submit(Scheduler& s, std::vector<int32_t> prompt, int64_t max_new, Outcome& out, std::mutex& mu,
-                   std::shared_ptr<std::atomic<bool>> cancelled = nullptr, int priority = 0) {
+                   std::shared_ptr<std::atomic<bool>> cancelled = nullptr, int priority = 0,
+                   std::unique_ptr<Sampler> sampler = nullptr) {
   SequenceRequest r;
   r.prompt = std::move(prompt);
   r.max_new_tokens = max_new;
-  r.sampler = greedy();
+  r.sampler = sampler ? std::move(sampler) : greedy();
   r.priority = priority;
   r.cancelled = std::move(cancelled);
   r.on_token = [&out, &mu](int32_t t) {

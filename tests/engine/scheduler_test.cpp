@@ -156,22 +156,9 @@ TEST_F(EngineTest, ASamplerThatThrowsEndsOnlyItsOwnRequest) {
   {
     Scheduler s(*backend_, opt);
     for (size_t i = 0; i < prompts.size(); ++i) submit(s, prompts[i], max_new, outs[i], mu);
-    SequenceRequest r;
-    r.prompt = random_prompt(30, 799);
-    r.max_new_tokens = max_new;
-    r.sampler = greedy();
-    r.sampler->set_filter(std::make_unique<AllowsNothing>());
-    r.on_token = [&](int32_t t) {
-      std::lock_guard<std::mutex> lock(mu);
-      broken.tokens.push_back(t);
-      return true;
-    };
-    r.on_done = [&](const SequenceResult& res) {
-      std::lock_guard<std::mutex> lock(mu);
-      broken.result = res;
-      broken.done = true;
-    };
-    s.submit(std::move(r));
+    std::unique_ptr<Sampler> refusing = greedy();
+    refusing->set_filter(std::make_unique<AllowsNothing>());
+    submit(s, random_prompt(30, 799), max_new, broken, mu, nullptr, 0, std::move(refusing));
     s.shutdown(false);
   }
   ASSERT_TRUE(broken.done);
