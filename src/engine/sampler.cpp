@@ -9,6 +9,10 @@
 
 namespace dsv3 {
 
+namespace {
+constexpr float kOut = -std::numeric_limits<float>::infinity();  // a token the filter removed
+}  // namespace
+
 Sampler::Sampler(const SamplingParams& p, std::span<const int32_t> prompt)
     : p_(p), rng_(p.seed), seen_(prompt.begin(), prompt.end()) {
   check(p.temperature >= 0.0 && std::isfinite(p.temperature), "temperature must be >= 0");
@@ -32,7 +36,6 @@ int32_t Sampler::sample(const float* logits, int64_t vocab) {
       if (t < 0 || t >= vocab) continue;
       work_[static_cast<size_t>(t)] -= static_cast<float>(p_.presence_penalty + p_.frequency_penalty * count);
     }
-  constexpr float kOut = -std::numeric_limits<float>::infinity();
   if (filter_) {
     bool any = false;
     for (int64_t i = 0; i < vocab; ++i) {
@@ -51,9 +54,7 @@ int32_t Sampler::sample(const float* logits, int64_t vocab) {
   }
 
   if (p_.top_logprobs >= 0) logprobs_ = logprobs_of(logits, vocab, chosen, p_.top_logprobs);
-  ++generated_[chosen];
-  seen_.insert(chosen);
-  if (filter_) filter_->accept(chosen);
+  remember(chosen);
   return chosen;
 }
 
@@ -64,9 +65,14 @@ bool Sampler::greedy_only() const {
 
 int32_t Sampler::accept_greedy(int32_t id) {
   DSV3_ASSERT(greedy_only());
+  remember(id);
+  return id;
+}
+
+void Sampler::remember(int32_t id) {
   ++generated_[id];
   seen_.insert(id);
-  return id;
+  if (filter_) filter_->accept(id);
 }
 
 // Temperature sampling over work_. Candidates: the finite entries, cut to the top_k best (ties to the
@@ -77,7 +83,6 @@ int32_t Sampler::accept_greedy(int32_t id) {
 // vocabulary (a full sort of 102,400 ids took ~13 ms a token on one core). With top_p = 1 and no top_k
 // nothing is sorted and the pick is drawn over the candidates in id order: the same distribution.
 int32_t Sampler::sample_tempered(int64_t vocab) {
-  constexpr float kOut = -std::numeric_limits<float>::infinity();
   std::vector<int32_t>& ids = ids_;
   ids.resize(static_cast<size_t>(vocab));
   std::iota(ids.begin(), ids.end(), 0);

@@ -80,6 +80,7 @@ class Sampler {
 
  private:
   int32_t sample_tempered(int64_t vocab);  // temperature > 0: the pick among work_'s candidates
+  void remember(int32_t id);               // the pick's state: counts, seen set, the filter's accept
 
   SamplingParams p_;
   std::mt19937_64 rng_;

@@ -15,7 +15,6 @@
 #include <string_view>
 
 #include "core/error.h"
-#include "ops/cpu/ops.h"
 #include "ops/cuda/gemm_lt.h"
 #include "ops/cuda/ops.h"
 
@@ -1205,9 +1204,7 @@ std::vector<std::vector<float>> CudaModel::forward_batch(std::span<const Model::
   bool decode_only = true;
   for (const Model::BatchItem& item : items) {
     DSV3_ASSERT(item.cache != nullptr);
-    check(!item.tokens.empty(), "no tokens to run");
-    check(!(item.greedy && item.all_logits), "a batch item asks for all logits and for the greedy token only",
-          "ask for one of them");
+    item.check();
     const BlockPool& pool = item.cache->pool();
     check(!pool.on_host(), "forward_batch on the GPU needs latent caches on a pool from CudaModel::new_pool",
           "make the cache pool with CudaModel::new_pool (device memory), not a host BlockPool");
@@ -1273,17 +1270,8 @@ std::vector<std::vector<float>> CudaModel::forward_batch(std::span<const Model::
                                   m.stream));
   DSV3_CUDA_CHECK(cudaStreamSynchronize(m.stream));
   for (const Model::BatchItem& item : items) item.cache->advance(static_cast<int64_t>(item.tokens.size()));
-
-  std::vector<std::vector<float>> out(items.size());
-  int64_t r = 0;
-  for (size_t i = 0; i < items.size(); ++i) {
-    const int64_t k = items[i].all_logits ? static_cast<int64_t>(items[i].tokens.size()) : 1;
-    // Greedy items: the argmax on the host for now (the logits came back anyway).
-    if (items[i].greedy) out[i] = {static_cast<float>(cpu::argmax(logits.data() + r * V, V))};
-    else out[i].assign(logits.begin() + r * V, logits.begin() + (r + k) * V);
-    r += k;
-  }
-  return out;
+  // Greedy items: the argmax on the host for now (the logits came back anyway).
+  return Model::batch_results(items, logits.data(), V);
 }
 
 }  // namespace dsv3

@@ -83,9 +83,7 @@ std::vector<std::vector<float>> Model::forward_batch(std::span<const BatchItem> 
   int64_t n = 0;
   for (const BatchItem& item : items) {
     DSV3_ASSERT(item.cache != nullptr);
-    check(!item.tokens.empty(), "no tokens to run");
-    check(!(item.greedy && item.all_logits), "a batch item asks for all logits and for the greedy token only",
-          "ask for one of them");
+    item.check();
     segments.push_back({n, static_cast<int64_t>(item.tokens.size()), item.cache->length(), item.cache});
     n += segments.back().n;
   }
@@ -109,12 +107,24 @@ std::vector<std::vector<float>> Model::forward_batch(std::span<const BatchItem> 
   std::vector<float> logits(static_cast<size_t>(rows * V));
   linear(w_.lm_head, h.data(), rows, logits.data());
 
+  return batch_results(items, logits.data(), V);
+}
+
+void Model::BatchItem::check() const {
+  dsv3::check(!tokens.empty(), "no tokens to run");
+  dsv3::check(!(greedy && all_logits), "a batch item asks for all logits and for the greedy token only",
+              "ask for one of them");
+}
+
+std::vector<std::vector<float>> Model::batch_results(std::span<const BatchItem> items, const float* logits,
+                                                     int64_t vocab) {
   std::vector<std::vector<float>> out(items.size());
   int64_t r = 0;
   for (size_t i = 0; i < items.size(); ++i) {
-    const int64_t k = items[i].all_logits ? segments[i].n : 1;
-    if (items[i].greedy) out[i] = {static_cast<float>(cpu::argmax(logits.data() + r * V, V))};
-    else out[i].assign(logits.begin() + r * V, logits.begin() + (r + k) * V);
+    const int64_t k = items[i].all_logits ? static_cast<int64_t>(items[i].tokens.size()) : 1;
+    const float* rows = logits + r * vocab;
+    if (items[i].greedy) out[i] = {static_cast<float>(cpu::argmax(rows, vocab))};
+    else out[i].assign(rows, rows + k * vocab);
     r += k;
   }
   return out;

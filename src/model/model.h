@@ -58,9 +58,16 @@ class Model {
     LatentCache* cache = nullptr;
     bool all_logits = false;
     bool greedy = false;
+    // Throws dsv3::Error for an item no forward_batch can run (no tokens; greedy with all_logits).
+    void check() const;
   };
   std::vector<std::vector<float>> forward_batch(std::span<const BatchItem> items,
                                                 AttentionForm attention = AttentionForm::Auto);
+  // forward_batch's result from the head's logits of a step (row-major [rows x vocab]: per item in order,
+  // its all_logits rows or its last row): per item its rows, or the argmax id of a greedy item's row.
+  // The CPU and GPU models both answer through it.
+  static std::vector<std::vector<float>> batch_results(std::span<const BatchItem> items, const float* logits,
+                                                       int64_t vocab);
 
   // A fingerprint of this model (config and a sample of its weights): cached latent rows written by one
   // model are never used by another.
