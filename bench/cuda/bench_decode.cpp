@@ -116,17 +116,19 @@ void bench_batched(dsv3::CudaModel& gpu, const std::string& label, int batch, in
   for (int b = 0; b < batch; ++b) {
     for (int64_t i = prefix; i < context + 1; ++i)
       tail[b].push_back(static_cast<int32_t>(2 + (i * 7919 + b * 131) % (cfg.vocab_size - 2)));
-    items.push_back({tail[b], &caches[b], false});
+    items.push_back({tail[b], &caches[b], false, /*greedy=*/true});
   }
-  std::vector<std::vector<float>> logits = gpu.forward_batch(items);
+  // Greedy decoding as the engine runs it for plain-greedy requests: the backend picks each token
+  // (Model::BatchItem::greedy), so only the ids come back.
+  std::vector<std::vector<float>> picked = gpu.forward_batch(items);
   std::vector<int32_t> ids(static_cast<size_t>(batch));
   auto step = [&] {
     items.clear();
     for (int b = 0; b < batch; ++b) {
-      ids[b] = argmax(logits[b].data(), cfg.vocab_size);
-      items.push_back({std::span(&ids[b], 1), &caches[b], false});
+      ids[b] = static_cast<int32_t>(picked[b].at(0));
+      items.push_back({std::span(&ids[b], 1), &caches[b], false, /*greedy=*/true});
     }
-    logits = gpu.forward_batch(items);
+    picked = gpu.forward_batch(items);
   };
   step();  // captures the graph of this batch size
   const double t0 = now_s();

@@ -313,12 +313,18 @@ struct CudaModel::Impl {
   std::map<int64_t, cudaGraphExec_t> batch_graphs;
   uint64_t batch_graphs_gen = 0;
 
+  // Device ids of a step's greedy picks (forward_batch steps whose items are all greedy), grown on demand.
+  int32_t* greedy_ids = nullptr;
+  int64_t greedy_cap = 0;
+
   ~Impl() {
+    if (greedy_ids) cudaFree(greedy_ids);
     if (graph) cudaGraphExecDestroy(graph);
     for (auto& [n, g] : batch_graphs)
       if (g) cudaGraphExecDestroy(g);
     if (step_pages) cudaFree(step_pages);
     for (void* p : scratch_allocs) cudaFree(p);
+    for (void* p : prefill_allocs) cudaFree(p);
     for (void* p : allocations) cudaFree(p);
     if (stream) cudaStreamDestroy(stream);
   }
@@ -584,25 +590,84 @@ struct CudaModel::Impl {
     t.tokens = reinterpret_cast<int32_t*>(t.step + cap * 8);
     t.row_table = reinterpret_cast<int32_t*>(t.step + cap * 12);
     t.pos = static_cast<int64_t*>(device_alloc(8, scratch_allocs, "position"));
-    // The non-absorbed prefill attention's buffers, for up to cap keys (cached + new), last and optional:
-    // where they do not fit, prefill keeps the absorbed path.
-    if (mla_prefill_enabled() && cap >= kMlaPrefillMinRows) {
-      const size_t required = scratch_allocs.size();
-      try {
-        t.lat = f(cap * (C + dr), "prefill attention: cache rows");
-        t.kv = f(cap * H * (c.qk_nope_head_dim + c.v_head_dim), "prefill attention: keys and values");
-        t.kv_split = device_alloc(cuda::mla_prefill_work_bytes(cap, H), scratch_allocs, "prefill attention: split tiles");
-        t.prefill_keys = cap;
-      } catch (const Error&) {
-        for (size_t i = required; i < scratch_allocs.size(); ++i) cudaFree(scratch_allocs[i]);
-        scratch_allocs.resize(required);
-        t.lat = t.kv = nullptr;
-        t.kv_split = nullptr;
-      }
-    }
+    // The non-absorbed prefill attention's buffers live apart (ensure_prefill_keys) and stay.
+    t.lat = s.lat;
+    t.kv = s.kv;
+    t.kv_split = s.kv_split;
+    t.prefill_keys = s.prefill_keys;
     s = t;
     ++scratch_gen;
   }
+
+  // The non-absorbed prefill attention's buffers for a step whose keys (cached + new) number `keys`:
+  // grown to that many (sized by the keys, not by the step's rows, so a prompt fed in chunks keeps the
+  // form for its later chunks), only for steps that can take the form, and optional: where they do not
+  // fit, the step keeps the absorbed path (prefill_params checks prefill_keys).
+  std::vector<void*> prefill_allocs;
+  void ensure_prefill_keys(int64_t n, int64_t keys) {
+    if (!mla_prefill_enabled() || n < kMlaPrefillMinRows || keys <= s.prefill_keys) return;
+    const ModelConfig& c = cfg;
+    const int64_t H = c.num_attention_heads, W = c.kv_lora_rank + c.qk_rope_head_dim;
+    for (void* p : prefill_allocs) cudaFree(p);  // cudaFree waits for the device: no step still reads them
+    prefill_allocs.clear();
+    s.lat = s.kv = nullptr;
+    s.kv_split = nullptr;
+    s.prefill_keys = 0;
+    try {
+      auto f = [&](int64_t count, const char* what) {
+        return static_cast<float*>(device_alloc(static_cast<size_t>(count) * sizeof(float), prefill_allocs, what));
+      };
+      s.lat = f(keys * W, "prefill attention: cache rows");
+      s.kv = f(keys * H * (c.qk_nope_head_dim + c.v_head_dim), "prefill attention: keys and values");
+      s.kv_split = device_alloc(cuda::mla_prefill_work_bytes(keys, H), prefill_allocs, "prefill attention: split tiles");
+      s.prefill_keys = keys;
+    } catch (const Error&) {
+      for (void* p : prefill_allocs) cudaFree(p);
+      prefill_allocs.clear();
+      s.lat = s.kv = nullptr;
+      s.kv_split = nullptr;
+    }
+  }
+
+  // Whether a forward()-path step of n rows runs its projections on cuBLASLt (CudaOptions::prefill_gemm).
+  bool lt_step(int64_t n) const { return prefill_mode == "lt" || (prefill_mode == "auto" && n >= auto_lt_rows()); }
+
+  // Whether a forward_batch() item of n new tokens runs on its own on forward()'s path: a long prompt
+  // piece (at least auto_lt_rows() tokens) unless prefill_gemm is "fp32". The rule looks at the item's
+  // own rows only, so its numbers never depend on who shares its step.
+  bool own_pass(int64_t n) const { return prefill_mode != "fp32" && n >= auto_lt_rows(); }
+
+  // One forward_batch() item on forward()'s path: its pool blocks are the step's page table and its cache
+  // length is known on the host, so the step may take cuBLASLt and the non-absorbed attention, as
+  // CudaModel::forward would on a CudaLatentCache holding the same rows (both caches page by 64 rows,
+  // [layers][64][C + dr] a page). The caller has checked the item, reserved its rows and sized the
+  // scratch for n rows. Returns the item's result (Model::batch_results: logits, or a greedy pick).
+  std::vector<float> forward_one(const Model::BatchItem& item, int64_t n) {
+    const LatentCache& cache = *item.cache;
+    const int64_t V = cfg.vocab_size, W = cfg.kv_lora_rank + cfg.qk_rope_head_dim;
+    ensure_prefill_keys(n, cache.length() + n);
+    std::vector<float*> pages;
+    for (int32_t b : cache.blocks()) pages.push_back(cache.pool().block_address(b));
+    ensure_step_pages(static_cast<int64_t>(pages.size()));
+    const int64_t pos0 = cache.length();
+    DSV3_CUDA_CHECK(cudaMemcpyAsync(step_pages, pages.data(), pages.size() * sizeof(float*), cudaMemcpyHostToDevice,
+                                    stream));
+    DSV3_CUDA_CHECK(cudaMemcpyAsync(s.tokens, item.tokens.data(), static_cast<size_t>(n) * 4, cudaMemcpyHostToDevice,
+                                    stream));
+    DSV3_CUDA_CHECK(cudaMemcpyAsync(s.pos, &pos0, 8, cudaMemcpyHostToDevice, stream));
+    lt_rows = lt_step(n);
+    const StepCache sc{{step_pages, nullptr, cfg.num_hidden_layers, W}, s.pos, nullptr, pos0};
+    const RowRun head = item.all_logits ? RowRun{0, n} : RowRun{n - 1, 1};
+    enqueue(n, std::span(&head, 1), sc);
+    std::vector<float> logits(static_cast<size_t>(head.count * V));
+    DSV3_CUDA_CHECK(
+        cudaMemcpyAsync(logits.data(), s.logits, logits.size() * sizeof(float), cudaMemcpyDeviceToHost, stream));
+    DSV3_CUDA_CHECK(cudaStreamSynchronize(stream));
+    item.cache->advance(n);
+    return std::move(Model::batch_results(std::span(&item, 1), logits.data(), V)[0]);
+  }
+
+  std::vector<std::vector<float>> forward_together(std::span<const Model::BatchItem> items, int64_t n);
 
   // Room for `count` page pointers in step_pages (a new buffer invalidates the captured batch graphs).
   void ensure_step_pages(int64_t count) {
@@ -1137,7 +1202,8 @@ std::vector<float> CudaModel::forward(std::span<const int32_t> tokens, CudaLaten
               cache.row_width() == cfg_.kv_lora_rank + cfg_.qk_rope_head_dim);
   cache.reserve(n);
   m.ensure_scratch(n);
-  m.lt_rows = m.prefill_mode == "lt" || (m.prefill_mode == "auto" && n >= auto_lt_rows());
+  m.ensure_prefill_keys(n, cache.length() + n);
+  m.lt_rows = m.lt_step(n);
 
   const int64_t pos0 = cache.length();
   DSV3_CUDA_CHECK(cudaMemcpyAsync(m.s.tokens, tokens.data(), static_cast<size_t>(n) * 4, cudaMemcpyHostToDevice, m.stream));
@@ -1198,10 +1264,8 @@ std::vector<std::vector<float>> CudaModel::forward_batch(std::span<const Model::
   const ModelConfig& c = cfg_;
   const int64_t V = c.vocab_size, W = c.kv_lora_rank + c.qk_rope_head_dim;
   check(!items.empty(), "no sequences to run");
-  m.lt_rows = false;
   // Every check before the first reserve, so a bad item leaves all caches as they were.
   int64_t n = 0;
-  bool decode_only = true;
   for (const Model::BatchItem& item : items) {
     DSV3_ASSERT(item.cache != nullptr);
     item.check();
@@ -1216,9 +1280,40 @@ std::vector<std::vector<float>> CudaModel::forward_batch(std::span<const Model::
       check(t >= 0 && t < V, "token id " + std::to_string(t) + " is out of range: the vocabulary has " +
                                  std::to_string(V) + " entries (ids 0.." + std::to_string(V - 1) + ")");
     n += static_cast<int64_t>(item.tokens.size());
-    decode_only = decode_only && item.tokens.size() == 1 && !item.all_logits;
   }
   for (const Model::BatchItem& item : items) item.cache->reserve(static_cast<int64_t>(item.tokens.size()));
+
+  // Long prompt pieces one by one on forward()'s path (Impl::own_pass), then the rest in one pass.
+  std::vector<std::vector<float>> out(items.size());
+  std::vector<Model::BatchItem> together;
+  std::vector<size_t> slot;
+  for (size_t i = 0; i < items.size(); ++i) {
+    const int64_t len = static_cast<int64_t>(items[i].tokens.size());
+    if (m.own_pass(len)) {
+      m.ensure_scratch(len);
+      out[i] = m.forward_one(items[i], len);
+      n -= len;
+    } else {
+      together.push_back(items[i]);
+      slot.push_back(i);
+    }
+  }
+  if (together.empty()) return out;
+  std::vector<std::vector<float>> rest = m.forward_together(together, n);
+  for (size_t k = 0; k < rest.size(); ++k) out[slot[k]] = std::move(rest[k]);
+  return out;
+}
+
+// Items run together on the fp32 kernels and the absorbed attention, one row per new token; all-decode
+// steps replay a captured graph. Checked and reserved by forward_batch.
+std::vector<std::vector<float>> CudaModel::Impl::forward_together(std::span<const Model::BatchItem> items, int64_t n) {
+  Impl& m = *this;
+  const bool decode_only = std::all_of(items.begin(), items.end(), [](const Model::BatchItem& item) {
+    return item.tokens.size() == 1 && !item.all_logits;
+  });
+  const ModelConfig& c = cfg;
+  const int64_t V = c.vocab_size, W = c.kv_lora_rank + c.qk_rope_head_dim;
+  m.lt_rows = false;
   m.ensure_scratch(n);
 
   // Per row: token, position and where its sequence's page table starts; the tables themselves, one
@@ -1263,6 +1358,29 @@ std::vector<std::vector<float>> CudaModel::forward_batch(std::span<const Model::
   cudaGraphExec_t& exec = graph_step ? m.batch_graphs[n] : unused;
   m.run_captured(exec, graph_step, [&] { m.enqueue(n, heads, sc); });
 
+  // Every item greedy (a batch of plain-greedy decodes): the picks on the device, 4 bytes a sequence back
+  // instead of its logits. Each item has one head row, in item order.
+  const bool all_greedy = std::all_of(items.begin(), items.end(), [](const Model::BatchItem& it) { return it.greedy; });
+  if (all_greedy) {
+    const int64_t count = static_cast<int64_t>(items.size());
+    if (count > m.greedy_cap) {
+      if (m.greedy_ids) DSV3_CUDA_CHECK(cudaFree(m.greedy_ids));
+      m.greedy_ids = nullptr;
+      m.greedy_cap = 0;
+      const int64_t cap = std::max<int64_t>(count, 64);
+      DSV3_CUDA_CHECK(cudaMalloc(reinterpret_cast<void**>(&m.greedy_ids), static_cast<size_t>(cap) * 4));
+      m.greedy_cap = cap;
+    }
+    cuda::argmax_rows({m.s.logits, V, V, count, m.greedy_ids, m.stream});
+    std::vector<int32_t> ids(static_cast<size_t>(count));
+    DSV3_CUDA_CHECK(cudaMemcpyAsync(ids.data(), m.greedy_ids, ids.size() * 4, cudaMemcpyDeviceToHost, m.stream));
+    DSV3_CUDA_CHECK(cudaStreamSynchronize(m.stream));
+    for (const Model::BatchItem& item : items) item.cache->advance(static_cast<int64_t>(item.tokens.size()));
+    std::vector<std::vector<float>> out(items.size());
+    for (size_t i = 0; i < items.size(); ++i) out[i] = {static_cast<float>(ids[i])};
+    return out;
+  }
+
   int64_t head_rows = 0;
   for (const Impl::RowRun& r : heads) head_rows += r.count;
   std::vector<float> logits(static_cast<size_t>(head_rows * V));
@@ -1270,7 +1388,7 @@ std::vector<std::vector<float>> CudaModel::forward_batch(std::span<const Model::
                                   m.stream));
   DSV3_CUDA_CHECK(cudaStreamSynchronize(m.stream));
   for (const Model::BatchItem& item : items) item.cache->advance(static_cast<int64_t>(item.tokens.size()));
-  // Greedy items: the argmax on the host for now (the logits came back anyway).
+  // Greedy items in a mixed step: the argmax on the host (the logits came back anyway).
   return Model::batch_results(items, logits.data(), V);
 }
 

@@ -65,6 +65,76 @@ TEST_F(CudaEngine, GeneratorEqualsCudaModelsOwnDecodeLoop) {
   EXPECT_EQ(backend_->device_name().rfind("cuda: ", 0), 0u) << backend_->device_name();
 }
 
+// A long prompt piece (>= 1,024 new tokens, DSV3_LT_AUTO_ROWS) runs on its own on CudaModel::forward's
+// path (cuBLASLt, the non-absorbed attention) even inside a batch: its logits equal forward()'s over a
+// CudaLatentCache fed the same two 1,100-row chunks (the second over 1,100 cached keys: the key buffers
+// grow with the cache), while a short prompt and a decode token in the same steps keep the batched fp32
+// path: their results equal the same items run without the long one.
+TEST_F(CudaEngine, LongPromptPiecesRunAloneOnTheFastPathInsideABatch) {
+  const int64_t chunk = 1100, n = 2 * chunk;
+  const auto prompt = random_prompt(static_cast<size_t>(n), 9);
+  const auto shorter = random_prompt(40, 10);
+  CudaModel direct(*model_);
+  CudaLatentCache cache = direct.new_cache(n);
+  std::shared_ptr<BlockPool> pool = backend_->new_pool(2 * (n / BlockPool::kBlockTokens + 2));
+  LatentCache long_cache(pool, n), mixed_short(pool, 128), alone_short(pool, 128);
+  for (int64_t c = 0; c < 2; ++c) {
+    const std::span<const int32_t> piece(prompt.data() + c * chunk, static_cast<size_t>(chunk));
+    ForwardOptions last;
+    last.all_logits = false;  // forward_batch returns the last row's logits
+    const std::vector<float> ref = direct.forward(piece, cache, last);
+    // Step 0 prefills the short prompt beside the long piece, step 1 decodes one token of it.
+    const std::span<const int32_t> other = c == 0 ? std::span<const int32_t>(shorter) : std::span(&shorter[0], 1);
+    const std::vector<Model::BatchItem> mixed{{other, &mixed_short, false}, {piece, &long_cache, false}};
+    const auto got = backend_->forward_batch(mixed);
+    const std::vector<Model::BatchItem> alone{{other, &alone_short, false}};
+    const auto want = backend_->forward_batch(alone);
+    const double e = test::rel_l2(got.at(1), ref);
+    std::printf("[cuda-engine] chunk %lld of 1,100 rows inside a batch vs forward(): %.3e\n", static_cast<long long>(c), e);
+    EXPECT_LE(e, 1e-6) << "chunk " << c;
+    EXPECT_EQ(got.at(0), want.at(0)) << "chunk " << c;
+    EXPECT_EQ(long_cache.length(), (c + 1) * chunk);
+  }
+}
+
+// Greedy items on the GPU: an all-greedy step picks on the device (cuda::argmax_rows), a mixed step on
+// the host; both give cpu::argmax of the logits the same items get without the flag. Three sequences,
+// prefilled, then decoded one token per step.
+TEST_F(CudaEngine, GreedyItemsPickTheArgmaxOnTheDevice) {
+  const int64_t V = model_->config().vocab_size;
+  std::vector<std::vector<int32_t>> prompts;
+  for (uint32_t i = 0; i < 3; ++i) prompts.push_back(random_prompt(30 + 20 * i, 40 + i));
+  for (int mixed = 0; mixed < 2; ++mixed) {
+    std::shared_ptr<BlockPool> pool = backend_->new_pool(16);
+    std::vector<LatentCache> plain, greedy;
+    for (size_t i = 0; i < prompts.size(); ++i) {
+      plain.emplace_back(pool, 128);
+      greedy.emplace_back(pool, 128);
+    }
+    std::vector<int32_t> next(prompts.size());
+    for (int step = 0; step < 4; ++step) {
+      std::vector<Model::BatchItem> a, b;
+      for (size_t i = 0; i < prompts.size(); ++i) {
+        const std::span<const int32_t> tokens = step == 0 ? std::span<const int32_t>(prompts[i]) : std::span(&next[i], 1);
+        a.push_back({tokens, &plain[i], false, false});
+        b.push_back({tokens, &greedy[i], false, !(mixed && i == 1)});  // mixed: item 1 wants its logits
+      }
+      const auto logits = backend_->forward_batch(a);
+      const auto picks = backend_->forward_batch(b);
+      for (size_t i = 0; i < prompts.size(); ++i) {
+        const int32_t want = cpu::argmax(logits[i].data(), V);
+        if (b[i].greedy) {
+          ASSERT_EQ(picks[i].size(), 1u);
+          EXPECT_EQ(static_cast<int32_t>(picks[i][0]), want) << "step " << step << " item " << i;
+        } else {
+          EXPECT_EQ(picks[i], logits[i]) << "step " << step << " item " << i;
+        }
+        next[i] = want;
+      }
+    }
+  }
+}
+
 TEST_F(CudaEngine, ConcurrentPromptsMatchSoloRunsAndSharePrefixes) {
   // Ragged prompts (some over a block), chunked prefill under a small token budget, more requests than
   // batch slots, submitted from several threads: every greedy output equals the prompt's solo GPU run.

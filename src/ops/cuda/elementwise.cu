@@ -1,4 +1,4 @@
-// Row-wise ops: embedding gather and RMSNorm; CUDA error checks.
+// Row-wise ops: embedding gather, RMSNorm and argmax; CUDA error checks.
 #include <string>
 
 #include "core/error.h"
@@ -57,6 +57,47 @@ __global__ void rmsnorm_kernel(const RMSNormParams p) {
   for (int64_t i = threadIdx.x; i < p.dim; i += blockDim.x) y[i] = p.w[i] * (x[i] * inv);
 }
 
+// Each thread scans its strided indices in increasing order keeping the first strictly larger value,
+// then the block keeps the larger value, the lower index on ties: the first index of the maximum over
+// the non-NaN values, which is cpu::argmax's answer unless the row starts with a NaN (then 0).
+__global__ void argmax_kernel(const ArgmaxParams p) {
+  const float* x = p.x + static_cast<int64_t>(blockIdx.x) * p.ld;
+  float best = -INFINITY;
+  int64_t at = INT64_MAX;
+  for (int64_t i = threadIdx.x; i < p.n; i += blockDim.x) {
+    const float v = x[i];
+    if (v > best || (v == best && i < at)) {  // NaN: both comparisons false
+      best = v;
+      at = i;
+    }
+  }
+  for (int o = 16; o > 0; o >>= 1) {
+    const float ov = __shfl_xor_sync(0xffffffffu, best, o);
+    const int64_t oi = __shfl_xor_sync(0xffffffffu, at, o);
+    if (ov > best || (ov == best && oi < at)) {
+      best = ov;
+      at = oi;
+    }
+  }
+  __shared__ float wv[32];
+  __shared__ int64_t wi[32];
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, warps = blockDim.x / 32;
+  if (lane == 0) {
+    wv[warp] = best;
+    wi[warp] = at;
+  }
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    for (int w = 1; w < warps; ++w)
+      if (wv[w] > best || (wv[w] == best && wi[w] < at)) {
+        best = wv[w];
+        at = wi[w];
+      }
+    // A row with no non-NaN value (at never set), or one that starts with a NaN: index 0, as the scan.
+    p.ids[blockIdx.x] = (at == INT64_MAX || x[0] != x[0]) ? 0 : static_cast<int32_t>(at);
+  }
+}
+
 }  // namespace
 
 void embed(const EmbedParams& p) {
@@ -72,6 +113,14 @@ void embed(const EmbedParams& p) {
     default: embed_kernel<kF8><<<grid, 256, 0, p.stream>>>(p, g); break;
   }
   check_launch("embed_kernel");
+}
+
+void argmax_rows(const ArgmaxParams& p) {
+  DSV3_ASSERT(p.rows >= 0 && p.n > 0 && p.ld >= p.n);
+  if (p.rows == 0) return;
+  DSV3_ASSERT(p.x && p.ids);
+  argmax_kernel<<<static_cast<unsigned>(p.rows), 256, 0, p.stream>>>(p);
+  check_launch("argmax_kernel");
 }
 
 void rmsnorm(const RMSNormParams& p) {

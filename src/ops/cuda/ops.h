@@ -149,6 +149,16 @@ struct RMSNormParams {
 };
 void rmsnorm(const RMSNormParams& p);
 
+// ids[r] = cpu::argmax of row r of x (n values, rows ld apart) for r < rows: the lowest index of the
+// largest value, a NaN never chosen unless it is the row's first value. One block per row.
+struct ArgmaxParams {
+  const float* x = nullptr;
+  int64_t ld = 0, n = 0, rows = 0;
+  int32_t* ids = nullptr;
+  cudaStream_t stream = nullptr;
+};
+void argmax_rows(const ArgmaxParams& p);
+
 // The latent cache on the device: pages of 64 tokens, each [layers][64][width] floats, found through a
 // device array of page pointers (pages need not be contiguous or in order). One sequence: `pages` is its
 // page table. A batch of sequences: `pages` holds every sequence's table one after another and
