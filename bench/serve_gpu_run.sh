@@ -12,7 +12,10 @@
 #   run (carry .devbin-g .cache/tokenizer): BIN=.devbin-g bench/serve_gpu_run.sh
 # Env: BIN (default .devbin-g), OUT (default build/serve-bench), TESTS=0 skips the tests, MODELS
 # ("default lite"), DEVICES ("cuda cpu"), CONCURRENCY ("1 8 32"), and the request mix per device:
-# GPU_MIX / CPU_MIX / CPU_LITE_MIX as "prompt_tokens max_tokens requests_per_client".
+# GPU_MIX / CPU_MIX / CPU_LITE_MIX as "prompt_tokens max_tokens requests_per_client", SERVE_FLAGS (the
+# server's batch flags; default "--max-batch 32 --ctx 1024", as in the first runs; "--ctx 1024" alone
+# takes the device's defaults), REFS=0 skips the engine-alone reference measurements, REF_BATCHES
+# (default 1,8,32) the batch sizes of the batched one.
 set -uo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 BIN=${BIN:-.devbin-g}
@@ -38,6 +41,7 @@ dir[default]=models/default
 if [[ " ${MODELS:-default lite} " == *" lite "* ]]; then
   dir[lite]=/tmp/dsv3-serve-lite
   t0=$(date +%s)
+  [ -f "${dir[lite]}/tokenizer_config.json" ] ||  # written by an earlier run of this script in the same call
   "$BIN/dsv3" random-checkpoint --config bench/configs/v2_lite.json --dtype fp8 --out "${dir[lite]}" >/dev/null &&
     cp .cache/tokenizer/tokenizer.json .cache/tokenizer/tokenizer_config.json "${dir[lite]}/" ||
     { say "lite checkpoint: failed"; unset 'dir[lite]'; }
@@ -66,25 +70,31 @@ for m in ${MODELS:-default lite}; do
   for dev in ${DEVICES:-cuda cpu}; do
     if [ "$dev" = cuda ]; then
       mix=${GPU_MIX:-128 64 4}
+    else
+      mix=${CPU_MIX:-128 64 2}
+      [ "$m" = lite ] && mix=${CPU_LITE_MIX:-32 16 1}
+    fi
+    if [ "${REFS:-1}" = 0 ]; then
+      :  # the engine-alone references were measured by an earlier run of this script in the same call
+    elif [ "$dev" = cuda ]; then
       timeout 120 "$BIN/dsv3_bench_cuda" --model "${dir[$m]}" --label "$m" --prompt-tokens 128 --decode-tokens 64 \
         >"$OUT/ref_${m}_cuda.txt" 2>&1
       say "reference $m cuda (dsv3_bench_cuda, batch 1, 128 + 64): $(grep -E '^\| *'"$m" "$OUT/ref_${m}_cuda.txt" | head -2 | tr '\n' ' ')"
       # Batched decode in the engine alone (forward_batch over a device pool, no server): the ceiling of
       # the server's throughput at that concurrency.
-      timeout 120 "$BIN/dsv3_bench_cuda" --model "${dir[$m]}" --label "$m" --batch 1,8,32 --context 192 \
+      timeout 120 "$BIN/dsv3_bench_cuda" --model "${dir[$m]}" --label "$m" --batch ${REF_BATCHES:-1,8,32} --context 192 \
         --decode-tokens 32 >"$OUT/ref_${m}_cuda_batch.txt" 2>&1
       grep -E '^\||error' "$OUT/ref_${m}_cuda_batch.txt" | tee -a "$summary"
     else
-      mix=${CPU_MIX:-128 64 2}
-      [ "$m" = lite ] && mix=${CPU_LITE_MIX:-32 16 1}
       timeout 240 "$BIN/dsv3" bench --model "${dir[$m]}" --threads "$cores" --prompt-tokens 32 --decode-tokens 16 --json \
         >"$OUT/ref_${m}_cpu.json" 2>"$OUT/ref_${m}_cpu.err"
       say "reference $m cpu (dsv3 bench, batch 1, 32 + 16, $cores threads): $(cat "$OUT/ref_${m}_cpu.json")"
     fi
     read -r ptok otok per_client <<<"$mix"
     port=$((port + 1))
-    "$BIN/dsv3" serve --model "${dir[$m]}" --device "$dev" --port "$port" --threads "$cores" --max-batch 32 \
-      --max-queue 256 --ctx 1024 >"$OUT/serve_${m}_${dev}.log" 2>&1 &
+    # shellcheck disable=SC2086  # SERVE_FLAGS is a list of flags
+    "$BIN/dsv3" serve --model "${dir[$m]}" --device "$dev" --port "$port" --threads "$cores" --max-queue 256 \
+      ${SERVE_FLAGS:---max-batch 32 --ctx 1024} >"$OUT/serve_${m}_${dev}.log" 2>&1 &
     pid=$!
     if ! wait_ready "$port" 180; then
       say "serve $m $dev: not ready in 180 s"; tail -5 "$OUT/serve_${m}_${dev}.log"; kill "$pid"; wait "$pid"; continue

@@ -1,6 +1,7 @@
 // dsv3 generate: continues a prompt given as token ids or as text. Prints the new ids (--ids) or streams
 // the new text as it is produced.
 #include <algorithm>
+#include <chrono>
 #include <cstdio>
 #include <functional>
 #include <span>
@@ -28,6 +29,7 @@ int cmd_generate(const Argv& argv) {
              sampling_flags()[0], sampling_flags()[1], sampling_flags()[2], sampling_flags()[3],
              {"ignore-eos", "", "keep going after an end-of-sequence token"},
              {"ids", "", "print only the new token ids, comma-separated, on one line"},
+             {"timings", "", "print the prompt's and the generation's speed to stderr when done"},
              {"device", "cpu", "where to run: cpu (default) or cuda (one NVIDIA GPU, if built with CUDA)"},
              threads_flag()});
   if (!args.parse(argv)) return 0;
@@ -60,7 +62,12 @@ int cmd_generate(const Argv& argv) {
   std::optional<tok::StreamDecoder> stream;
   const bool text = tokenizer && !args.has("ids");
   if (text) stream.emplace(*tokenizer);
+  // Time to the first new token (the prompt's prefill and the first pick), then from it to the last.
+  using Clock = std::chrono::steady_clock;
+  Clock::time_point start, first, last;
   const std::function<bool(int32_t)> on_token = [&](int32_t id) {
+    last = Clock::now();
+    if (out.empty()) first = last;
     out.push_back(id);
     if (text) {
       std::fputs(stream->push(id).c_str(), stdout);
@@ -72,17 +79,30 @@ int cmd_generate(const Argv& argv) {
   const std::unique_ptr<Backend> backend = make_backend(device, model);
   Generator gen(*backend, std::min<int64_t>(cfg.max_position_embeddings, static_cast<int64_t>(prompt.size()) + max_new),
                 eos);
+  start = Clock::now();
   gen.run(prompt, max_new, sampler, on_token);
   if (text) {
     std::printf("%s\n", stream->finish().c_str());
-    return 0;
+  } else {
+    std::string line;
+    for (size_t i = 0; i < out.size(); ++i) {
+      if (i) line += ',';
+      line += std::to_string(out[i]);
+    }
+    std::printf("%s\n", line.c_str());
   }
-  std::string line;
-  for (size_t i = 0; i < out.size(); ++i) {
-    if (i) line += ',';
-    line += std::to_string(out[i]);
+  std::fflush(stdout);
+  if (args.has("timings") && !out.empty()) {
+    const auto ms = [](Clock::duration d) { return std::chrono::duration<double, std::milli>(d).count(); };
+    const double prefill_ms = ms(first - start), decode_ms = ms(last - first);
+    const int64_t fed = static_cast<int64_t>(prompt.size()) - gen.last_reused();
+    std::fprintf(stderr, "dsv3 generate: prompt %lld tokens in %.1f ms (%.1f tok/s, first token included)",
+                 static_cast<long long>(fed), prefill_ms, 1e3 * static_cast<double>(fed) / prefill_ms);
+    if (out.size() > 1)
+      std::fprintf(stderr, "; %zu more tokens in %.1f ms (%.1f tok/s)", out.size() - 1, decode_ms,
+                   1e3 * static_cast<double>(out.size() - 1) / decode_ms);
+    std::fprintf(stderr, "\n");
   }
-  std::printf("%s\n", line.c_str());
   return 0;
 }
 

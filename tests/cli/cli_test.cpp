@@ -3,6 +3,7 @@
 
 #include <sys/wait.h>
 
+#include <algorithm>
 #include <cstdio>
 #include <filesystem>
 #include <sstream>
@@ -106,6 +107,16 @@ TEST_F(CliTest, GenerateIdsIsOneLineOfIds) {
   EXPECT_EQ(count, 6);
   // Greedy is deterministic; the same prompt gives the same ids.
   EXPECT_EQ(run("generate --model " + model() + " --tokens 5,17,42 --max-new-tokens 6 --ids --ignore-eos").out, r.out);
+}
+
+TEST_F(CliTest, GenerateTimingsFollowTheOutput) {
+  const Result r = run("generate --model " + model() + " --tokens 5,17,42 --max-new-tokens 4 --ids --ignore-eos --timings");
+  ASSERT_EQ(r.code, 0) << r.out;
+  // The ids line first (stdout is flushed before the report), then the report with the prompt's size.
+  const size_t report = r.out.find("dsv3 generate: prompt 3 tokens in ");
+  ASSERT_NE(report, std::string::npos) << r.out;
+  EXPECT_EQ(std::count(r.out.begin(), r.out.begin() + static_cast<std::ptrdiff_t>(report), ','), 3) << r.out;
+  EXPECT_NE(r.out.find("; 3 more tokens in ", report), std::string::npos) << r.out;
 }
 
 TEST_F(CliTest, InspectChecksTheWholeCheckpoint) {
