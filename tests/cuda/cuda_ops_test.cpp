@@ -242,6 +242,38 @@ TEST_F(CudaOps, LinearMatchesCpuAcrossDtypesShapesAndBatchSizes) {
       }
 }
 
+// Every e4m3 byte decodes exactly on the GEMV (batch 1 and 16) and the tensor-core path (32 rows):
+// W[r][c] = byte (r + c) mod 256 (the two NaN bytes as 0), each input row one-hot at a column that walks
+// every position of a 16-byte load, so y[t][r] is one weight times its block scale: the CPU's value
+// bit for bit.
+TEST_F(CudaOps, EveryFp8ByteDecodesExactly) {
+  Dev dev;
+  const int64_t R = 256, D = 256;
+  TestMatrix w = make_matrix(rng, dev, DType::F8_E4M3, R, D);
+  for (int64_t r = 0; r < R; ++r) {
+    for (int64_t c = 0; c < D; ++c) {
+      const uint8_t b = static_cast<uint8_t>((r + c) % 256);
+      w.bytes[static_cast<size_t>(r * D + c)] = (b & 0x7f) == 0x7f ? 0 : b;
+    }
+  }
+  w.dev.data = dev.put(w.bytes);
+  for (int64_t n : {1, 16, 32}) {
+    std::vector<float> x(static_cast<size_t>(n * D), 0.0f);
+    for (int64_t t = 0; t < n; ++t) x[static_cast<size_t>(t * D + (t * 7 + 3) % D)] = 1.0f;
+    std::vector<float> ref(static_cast<size_t>(n * R));
+    cpu::linear(w.host, x.data(), n, ref.data());
+    cuda::LinearParams p = projection(w, nullptr, n, dev.put(x), D, dev.poisoned(ref.size()));
+    if (n > 16) {
+      ASSERT_TRUE(cuda::expert_mma_supported(p));
+    }
+    cuda::linear(p);
+    const std::vector<float> y = Dev::get(p.y, ref.size());
+    int64_t wrong = 0;
+    for (size_t i = 0; i < y.size(); ++i) wrong += y[i] != ref[i];
+    EXPECT_EQ(wrong, 0) << "n=" << n;
+  }
+}
+
 TEST_F(CudaOps, LinearSwiGLUPairAndAccumulate) {
   for (DType dt : kDtypes)
     for (int64_t n : {1, 4, 9, 40}) {
