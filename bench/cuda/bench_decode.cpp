@@ -8,7 +8,9 @@
 // path), each decoding one token per step after --context cached tokens. The context is one synthetic
 // prefix shared by all B sequences (append_shared_block, as a prefix-cache hit), so 64 sequences at 32K
 // fit in memory; attention still reads every sequence's rows, so the bytes a step reads are as if each
-// had its own.
+// had its own. The sequences decode greedily, or with --temperature T [--top-p P] tempered and seeded
+// (one seed per sequence); either way the backend picks each token (cuda::draw_rows), as the engine's
+// Sampler::backend_pick lets it for requests without penalties, filters or logprobs.
 #include <cuda_profiler_api.h>
 #include <cuda_runtime_api.h>
 
@@ -94,8 +96,18 @@ void fill_synthetic(dsv3::LatentCache& cache, int64_t tokens, uint64_t seed) {
   cache.advance(tokens);
 }
 
-// Decode steps of `batch` sequences through forward_batch; prints a JSON line and a table row.
-void bench_batched(dsv3::CudaModel& gpu, const std::string& label, int batch, int context, int n_decode) {
+// What the sequences of a batched run sample with, in words for the table ("greedy", "T 0.8, top_p 0.95").
+std::string sampling_words(const dsv3::SamplingParams& p) {
+  if (p.temperature == 0.0) return "greedy";
+  char text[64];
+  std::snprintf(text, sizeof text, "T %g, top_p %g", p.temperature, p.top_p);
+  return text;
+}
+
+// Decode steps of `batch` sequences through forward_batch, each sampling with `sampling` (its seed
+// + the sequence's index); prints a JSON line and a table row.
+void bench_batched(dsv3::CudaModel& gpu, const std::string& label, int batch, int context, int n_decode,
+                   const dsv3::SamplingParams& sampling) {
   using namespace dsv3;
   const ModelConfig& cfg = gpu.config();
   const int64_t prefix = context / BlockPool::kBlockTokens * BlockPool::kBlockTokens;  // whole shared blocks
@@ -109,24 +121,29 @@ void bench_batched(dsv3::CudaModel& gpu, const std::string& label, int batch, in
     caches.emplace_back(pool, cap);
     for (int32_t blk : shared.blocks()) caches.back().append_shared_block(blk);
   }
+  // Decoding as the engine runs requests without penalties, filters or logprobs: the backend picks each
+  // token (Model::BatchItem::pick), so only the ids come back.
+  std::vector<Sampler> samplers;
+  for (int b = 0; b < batch; ++b) {
+    SamplingParams p = sampling;
+    p.seed += static_cast<uint64_t>(b);
+    samplers.emplace_back(p);
+  }
   // The rest of the context (under one block): real tokens, one prefill item per sequence.
-  std::vector<std::vector<int32_t>> next(static_cast<size_t>(batch));
   std::vector<Model::BatchItem> items;
   std::vector<std::vector<int32_t>> tail(static_cast<size_t>(batch));
   for (int b = 0; b < batch; ++b) {
     for (int64_t i = prefix; i < context + 1; ++i)
       tail[b].push_back(static_cast<int32_t>(2 + (i * 7919 + b * 131) % (cfg.vocab_size - 2)));
-    items.push_back({tail[b], &caches[b], false, /*greedy=*/true});
+    items.push_back({tail[b], &caches[b], false, samplers[b].backend_pick()});
   }
-  // Greedy decoding as the engine runs it for plain-greedy requests: the backend picks each token
-  // (Model::BatchItem::greedy), so only the ids come back.
   std::vector<std::vector<float>> picked = gpu.forward_batch(items);
   std::vector<int32_t> ids(static_cast<size_t>(batch));
   auto step = [&] {
     items.clear();
     for (int b = 0; b < batch; ++b) {
-      ids[b] = static_cast<int32_t>(picked[b].at(0));
-      items.push_back({std::span(&ids[b], 1), &caches[b], false, /*greedy=*/true});
+      ids[b] = samplers[b].accept_pick(static_cast<int32_t>(picked[b].at(0)));
+      items.push_back({std::span(&ids[b], 1), &caches[b], false, samplers[b].backend_pick()});
     }
     picked = gpu.forward_batch(items);
   };
@@ -147,6 +164,7 @@ void bench_batched(dsv3::CudaModel& gpu, const std::string& label, int batch, in
   Json j = {{"label", label},
             {"device", gpu.device_name()},
             {"batch", batch},
+            {"sampling", sampling_words(sampling)},
             {"context_tokens", context},
             {"decode_tokens", n_decode},
             {"decode_tokens_per_s", tps},
@@ -156,8 +174,9 @@ void bench_batched(dsv3::CudaModel& gpu, const std::string& label, int batch, in
             {"copy_bandwidth_gb_s", bw / 1e9},
             {"roofline_fraction", steps_per_s / roof_steps}};
   std::printf("%s\n", j.dump().c_str());
-  std::printf("| %s | %s | batch %d, ctx %d | %.1f tok/s (%.3f ms/step) | %.1f MB/step, %.0f GB/s of %.0f GB/s copy | %.1f%% |\n",
-              label.c_str(), gpu.device_name().c_str(), batch, context, tps, 1e3 / steps_per_s,
+  std::printf("| %s | %s | batch %d, ctx %d, %s | %.1f tok/s (%.3f ms/step) | %.1f MB/step, %.0f GB/s of %.0f GB/s copy | %.1f%% |\n",
+              label.c_str(), gpu.device_name().c_str(), batch, context, sampling_words(sampling).c_str(), tps,
+              1e3 / steps_per_s,
               static_cast<double>(bytes) / 1e6, steps_per_s * static_cast<double>(bytes) / 1e9, bw / 1e9,
               100.0 * steps_per_s / roof_steps);
 }
@@ -243,10 +262,15 @@ int main(int argc, char** argv) {
     const int n_context = arg_int(argc, argv, "--context", 0);
     const std::string batches = arg_str(argc, argv, "--batch", "");
     const std::string prefill = arg_str(argc, argv, "--prefill", "");
+    SamplingParams sampling;  // --batch runs only
+    sampling.temperature = std::atof(arg_str(argc, argv, "--temperature", "0").c_str());
+    sampling.top_p = std::atof(arg_str(argc, argv, "--top-p", "1").c_str());
+    sampling.seed = 1;
     CudaOptions copt;
     copt.prefill_gemm = arg_str(argc, argv, "--prefill-gemm", "");
     check(!dir.empty(), "usage: dsv3_bench_cuda --model DIR [--prompt-tokens N] [--decode-tokens N] [--context N] "
-                        "[--batch B[,B...]] [--prefill S[,S...]] [--prefill-gemm lt|fp32] [--label L]");
+                        "[--batch B[,B...] [--temperature T] [--top-p P]] [--prefill S[,S...]] "
+                        "[--prefill-gemm lt|fp32] [--label L]");
     check(n_prompt > 0 && n_decode > 1 && n_context >= 0, "--prompt-tokens must be > 0, --decode-tokens > 1, --context >= 0");
     if (!prefill.empty()) {
       const std::vector<int> lengths = positive_list(prefill, "--prefill");
@@ -259,7 +283,7 @@ int main(int argc, char** argv) {
       const std::vector<int> sizes = positive_list(batches, "--batch");
       Model host(dir);
       CudaModel gpu(host, copt);
-      for (const int batch : sizes) bench_batched(gpu, label, batch, n_context, n_decode);
+      for (const int batch : sizes) bench_batched(gpu, label, batch, n_context, n_decode, sampling);
       return 0;
     }
 

@@ -28,23 +28,30 @@ FinishReason Generator::run(std::span<const int32_t> prompt, int64_t max_new_tok
   cached_.resize(keep);
 
   const int64_t vocab = backend_.config().vocab_size;
-  // One sequence is a batch of one (its logits: the last token's only).
-  auto forward = [&](std::span<const int32_t> tokens) {
-    const Model::BatchItem item{tokens, &cache_, false};
-    return std::move(backend_.forward_batch(std::span(&item, 1))[0]);
+  // One sequence is a batch of one. A step that ends in a pick (the prompt's last piece, every decode
+  // step) lets the backend make it when the sampler allows (Model::BatchItem::pick); otherwise the
+  // sampler picks from the last token's logits. Returns the pick (-1 for a step without one).
+  auto run_step = [&](std::span<const int32_t> tokens, bool ends_in_pick) {
+    Model::BatchItem item{tokens, &cache_, false};
+    if (ends_in_pick) item.pick = sampler.backend_pick();
+    std::vector<float> out = std::move(backend_.forward_batch(std::span(&item, 1))[0]);
+    if (!ends_in_pick) return -1;
+    return item.pick ? sampler.accept_pick(static_cast<int32_t>(out.at(0))) : sampler.sample(out.data(), vocab);
   };
-  std::vector<float> logits;
-  for (size_t at = keep; at < prompt.size(); at += static_cast<size_t>(prefill_chunk_))
-    logits = forward(prompt.subspan(at, std::min(static_cast<size_t>(prefill_chunk_), prompt.size() - at)));
+  const size_t chunk = static_cast<size_t>(prefill_chunk_);
+  int32_t next = -1;
+  for (size_t at = keep; at < prompt.size(); at += chunk) {
+    const size_t n = std::min(chunk, prompt.size() - at);
+    next = run_step(prompt.subspan(at, n), at + n == prompt.size() && max_new_tokens > 0);
+  }
   cached_.insert(cached_.end(), prompt.begin() + static_cast<std::ptrdiff_t>(keep), prompt.end());
   for (int64_t i = 0; i < max_new_tokens; ++i) {
-    const int32_t next = sampler.sample(logits.data(), vocab);
     const bool eos = std::find(eos_.begin(), eos_.end(), next) != eos_.end();
     if (!on_token(next) || eos) return FinishReason::Stop;
     if (i + 1 == max_new_tokens) break;
     const int32_t step[1] = {next};
-    logits = forward(step);
-    cached_.push_back(next);
+    next = run_step(step, true);
+    cached_.push_back(step[0]);
   }
   return FinishReason::Length;
 }

@@ -9,13 +9,15 @@
 //   3. presence/frequency penalties (OpenAI): logit -= presence * [count > 0] + frequency * count, over
 //      the generated tokens only;
 //   4. the token filter (e.g. the JSON guard): disallowed tokens are removed;
-//   5. temperature 0 is greedy (argmax, lowest id on ties); otherwise softmax(logits / T) restricted by
-//      top-k, then top-p (nucleus), then min-p (tokens below min_p * p_max dropped), drawn from a
-//      generator seeded per request so that a run is reproducible.
+//   5. the pick (ops/draw.h, cpu::draw_token): temperature 0 is greedy (argmax, lowest id on ties);
+//      otherwise softmax(logits / T) restricted by top-k, then top-p (nucleus), then min-p (tokens below
+//      min_p * p_max dropped), drawn with one uniform from a generator seeded per request so that a run
+//      is reproducible, on the host or, when steps 1-4 do nothing, on the backend (backend_pick).
 #pragma once
 
 #include <cstdint>
 #include <memory>
+#include <optional>
 #include <random>
 #include <span>
 #include <unordered_map>
@@ -66,12 +68,14 @@ class Sampler {
   // `prompt` seeds the repetition-penalty set (Hugging Face penalizes prompt tokens too).
   explicit Sampler(const SamplingParams& p, std::span<const int32_t> prompt = {});
   int32_t sample(const float* logits, int64_t vocab);
-  // Whether sample() is the plain argmax of the raw logits: temperature 0, no penalty, no token filter,
-  // no logprobs. Then a backend may pick the token itself (Model::BatchItem::greedy) and the engine hands
-  // it to accept_greedy() instead of calling sample().
-  bool greedy_only() const;
-  // Records `id` as this step's pick, as sample() would have (for greedy_only() samplers).
-  int32_t accept_greedy(int32_t id);
+  // The next token's pick for a backend to make on the raw logits (Model::BatchItem::pick), when
+  // sample() would make the same one: no penalty, no token filter, no logprobs (they need the logits
+  // on the host); std::nullopt otherwise. A tempered pick draws this token's uniform from the seeded
+  // generator, as sample() would: call it once per token, instead of sample(), and hand the backend's
+  // answer to accept_pick().
+  std::optional<Draw> backend_pick();
+  // Records `id`, the backend's answer to backend_pick(), as this step's pick.
+  int32_t accept_pick(int32_t id);
 
   void set_filter(std::unique_ptr<TokenFilter> filter) { filter_ = std::move(filter); }
   // The logprobs of the last sample() call; empty `top` and chosen.logprob 0 unless top_logprobs >= 0.
@@ -79,8 +83,9 @@ class Sampler {
   const SamplingParams& params() const { return p_; }
 
  private:
-  int32_t sample_tempered(int64_t vocab);  // temperature > 0: the pick among work_'s candidates
-  void remember(int32_t id);               // the pick's state: counts, seen set, the filter's accept
+  bool plain() const;       // no penalty, no filter, no logprobs: sample() is draw_token of the raw logits
+  Draw next_draw();         // this token's pick spec (a tempered one takes the next uniform)
+  void remember(int32_t id);  // the pick's state: counts, seen set, the filter's accept
 
   SamplingParams p_;
   std::mt19937_64 rng_;
@@ -88,7 +93,7 @@ class Sampler {
   std::unordered_map<int32_t, int64_t> generated_;  // token -> times generated
   std::unordered_set<int32_t> seen_;                 // prompt + generated, for the repetition penalty
   std::vector<float> work_;                          // the adjusted logits of this step
-  std::vector<int32_t> ids_;                         // candidate ids (sample_tempered's scratch)
+  std::vector<int32_t> ids_;                         // draw_token's scratch
   SampleLogprobs logprobs_;
 };
 

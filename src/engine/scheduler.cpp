@@ -200,11 +200,12 @@ void Scheduler::Impl::step() {
   for (size_t i = 0; i < planned.size(); ++i) {
     Sequence& s = *planned[i];
     starts.push_back(s.cache->length());
-    // A step that brings the sequence up to date ends in a pick; a plain-greedy pick the backend makes
-    // itself (Model::BatchItem::greedy: on a GPU, no logits come back for it).
-    const bool greedy_pick = chunk[i] == s.remaining() && !s.wants_prompt_logits() && s.req.sampler->greedy_only();
+    // A step that brings the sequence up to date ends in a pick, which the backend makes itself when the
+    // sampler allows (Model::BatchItem::pick: on a GPU, no logits come back for it).
+    std::optional<Draw> pick;
+    if (chunk[i] == s.remaining() && !s.wants_prompt_logits()) pick = s.req.sampler->backend_pick();
     items.push_back({std::span(s.tokens).subspan(static_cast<size_t>(s.cache->length()), static_cast<size_t>(chunk[i])),
-                     &*s.cache, s.wants_prompt_logits(), greedy_pick});
+                     &*s.cache, s.wants_prompt_logits(), pick});
   }
   std::vector<std::vector<float>> logits;
   try {
@@ -233,10 +234,10 @@ void Scheduler::Impl::step() {
   for (int64_t i = 0; i < static_cast<int64_t>(planned.size()); ++i) {
     const size_t k = static_cast<size_t>(i);
     if (planned[k]->remaining() != 0) continue;
-    try {  // greedy items: the backend's pick; else the last row of the item's logits
+    try {  // the backend's pick, else the last row of the item's logits
       Sampler& sampler = *planned[k]->req.sampler;
-      picks[k].token = items[k].greedy ? sampler.accept_greedy(static_cast<int32_t>(logits[k].at(0)))
-                                       : sampler.sample(logits[k].data() + logits[k].size() - vocab, vocab);
+      picks[k].token = items[k].pick ? sampler.accept_pick(static_cast<int32_t>(logits[k].at(0)))
+                                     : sampler.sample(logits[k].data() + logits[k].size() - vocab, vocab);
     } catch (const std::exception& e) {
       picks[k].error = *e.what() ? e.what() : "the sampler failed";
     }

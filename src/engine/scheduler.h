@@ -46,7 +46,7 @@ struct SequenceRequest {
   std::vector<int32_t> prompt;
   int64_t max_new_tokens = 0;                 // 0: until the context (SchedulerOptions::ctx) is full
   std::vector<int64_t> eos_ids;               // end the sequence (passed to on_token, not fed back)
-  std::unique_ptr<Sampler> sampler;           // engine calls sampler->sample(logits, vocab) once per new token
+  std::unique_ptr<Sampler> sampler;           // picks each new token (sample, or backend_pick + accept_pick)
   int priority = 0;                           // lower runs first among waiting sequences
   std::shared_ptr<std::atomic<bool>> cancelled;  // may be set from any thread; checked every step, also while queued
   std::function<bool(int32_t token)> on_token;   // engine thread; return false to stop (reason Stop)

@@ -313,12 +313,15 @@ struct CudaModel::Impl {
   std::map<int64_t, cudaGraphExec_t> batch_graphs;
   uint64_t batch_graphs_gen = 0;
 
-  // Device ids of a step's greedy picks (forward_batch steps whose items are all greedy), grown on demand.
-  int32_t* greedy_ids = nullptr;
-  int64_t greedy_cap = 0;
+  // A step's picks on the device (forward_batch steps whose items all have one): each item's Draw and
+  // the id it picks, room for pick_cap items, grown on demand.
+  Draw* pick_draws = nullptr;
+  int32_t* pick_ids = nullptr;
+  int64_t pick_cap = 0;
 
   ~Impl() {
-    if (greedy_ids) cudaFree(greedy_ids);
+    if (pick_draws) cudaFree(pick_draws);
+    if (pick_ids) cudaFree(pick_ids);
     if (graph) cudaGraphExecDestroy(graph);
     for (auto& [n, g] : batch_graphs)
       if (g) cudaGraphExecDestroy(g);
@@ -641,7 +644,8 @@ struct CudaModel::Impl {
   // length is known on the host, so the step may take cuBLASLt and the non-absorbed attention, as
   // CudaModel::forward would on a CudaLatentCache holding the same rows (both caches page by 64 rows,
   // [layers][64][C + dr] a page). The caller has checked the item, reserved its rows and sized the
-  // scratch for n rows. Returns the item's result (Model::batch_results: logits, or a greedy pick).
+  // scratch for n rows. Returns the item's result (Model::batch_results: logits, or its pick, made on
+  // the host).
   std::vector<float> forward_one(const Model::BatchItem& item, int64_t n) {
     const LatentCache& cache = *item.cache;
     const int64_t V = cfg.vocab_size, W = cfg.kv_lora_rank + cfg.qk_rope_head_dim;
@@ -668,6 +672,20 @@ struct CudaModel::Impl {
   }
 
   std::vector<std::vector<float>> forward_together(std::span<const Model::BatchItem> items, int64_t n);
+
+  // Room for the picks of `count` items in pick_draws / pick_ids.
+  void ensure_picks(int64_t count) {
+    if (count <= pick_cap) return;
+    if (pick_draws) DSV3_CUDA_CHECK(cudaFree(pick_draws));
+    if (pick_ids) DSV3_CUDA_CHECK(cudaFree(pick_ids));
+    pick_draws = nullptr;
+    pick_ids = nullptr;
+    pick_cap = 0;
+    const int64_t cap = std::max<int64_t>(count, 64);
+    DSV3_CUDA_CHECK(cudaMalloc(reinterpret_cast<void**>(&pick_draws), static_cast<size_t>(cap) * sizeof(Draw)));
+    DSV3_CUDA_CHECK(cudaMalloc(reinterpret_cast<void**>(&pick_ids), static_cast<size_t>(cap) * 4));
+    pick_cap = cap;
+  }
 
   // Room for `count` page pointers in step_pages (a new buffer invalidates the captured batch graphs).
   void ensure_step_pages(int64_t count) {
@@ -1358,22 +1376,19 @@ std::vector<std::vector<float>> CudaModel::Impl::forward_together(std::span<cons
   cudaGraphExec_t& exec = graph_step ? m.batch_graphs[n] : unused;
   m.run_captured(exec, graph_step, [&] { m.enqueue(n, heads, sc); });
 
-  // Every item greedy (a batch of plain-greedy decodes): the picks on the device, 4 bytes a sequence back
-  // instead of its logits. Each item has one head row, in item order.
-  const bool all_greedy = std::all_of(items.begin(), items.end(), [](const Model::BatchItem& it) { return it.greedy; });
-  if (all_greedy) {
+  // Every item with a pick (a batch of plain decodes, greedy or tempered): the picks on the device, 4
+  // bytes a sequence back instead of its logits. Each item has one head row, in item order.
+  const bool all_picked = std::all_of(items.begin(), items.end(), [](const Model::BatchItem& it) { return it.pick; });
+  if (all_picked) {
     const int64_t count = static_cast<int64_t>(items.size());
-    if (count > m.greedy_cap) {
-      if (m.greedy_ids) DSV3_CUDA_CHECK(cudaFree(m.greedy_ids));
-      m.greedy_ids = nullptr;
-      m.greedy_cap = 0;
-      const int64_t cap = std::max<int64_t>(count, 64);
-      DSV3_CUDA_CHECK(cudaMalloc(reinterpret_cast<void**>(&m.greedy_ids), static_cast<size_t>(cap) * 4));
-      m.greedy_cap = cap;
-    }
-    cuda::argmax_rows({m.s.logits, V, V, count, m.greedy_ids, m.stream});
+    m.ensure_picks(count);
+    std::vector<Draw> draws;
+    for (const Model::BatchItem& item : items) draws.push_back(*item.pick);
+    DSV3_CUDA_CHECK(cudaMemcpyAsync(m.pick_draws, draws.data(), draws.size() * sizeof(Draw), cudaMemcpyHostToDevice,
+                                    m.stream));
+    cuda::draw_rows({m.s.logits, V, V, count, m.pick_draws, m.pick_ids, m.stream});
     std::vector<int32_t> ids(static_cast<size_t>(count));
-    DSV3_CUDA_CHECK(cudaMemcpyAsync(ids.data(), m.greedy_ids, ids.size() * 4, cudaMemcpyDeviceToHost, m.stream));
+    DSV3_CUDA_CHECK(cudaMemcpyAsync(ids.data(), m.pick_ids, ids.size() * 4, cudaMemcpyDeviceToHost, m.stream));
     DSV3_CUDA_CHECK(cudaStreamSynchronize(m.stream));
     for (const Model::BatchItem& item : items) item.cache->advance(static_cast<int64_t>(item.tokens.size()));
     std::vector<std::vector<float>> out(items.size());
@@ -1388,7 +1403,7 @@ std::vector<std::vector<float>> CudaModel::Impl::forward_together(std::span<cons
                                   m.stream));
   DSV3_CUDA_CHECK(cudaStreamSynchronize(m.stream));
   for (const Model::BatchItem& item : items) item.cache->advance(static_cast<int64_t>(item.tokens.size()));
-  // Greedy items in a mixed step: the argmax on the host (the logits came back anyway).
+  // Items with a pick in a mixed step: picked on the host (the logits came back anyway).
   return Model::batch_results(items, logits.data(), V);
 }
 

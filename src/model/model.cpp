@@ -112,18 +112,24 @@ std::vector<std::vector<float>> Model::forward_batch(std::span<const BatchItem> 
 
 void Model::BatchItem::check() const {
   dsv3::check(!tokens.empty(), "no tokens to run");
-  dsv3::check(!(greedy && all_logits), "a batch item asks for all logits and for the greedy token only",
+  dsv3::check(!(pick && all_logits), "a batch item asks for all logits and for the picked token only",
               "ask for one of them");
+  if (!pick) return;
+  const Draw& d = *pick;
+  dsv3::check(d.temperature >= 0.0f && std::isfinite(d.temperature) && d.top_k >= 0 && d.top_p > 0.0f &&
+                  d.top_p <= 1.0f && d.min_p >= 0.0f && d.min_p <= 1.0f && d.u >= 0.0 && d.u < 1.0,
+              "a batch item's pick has parameters out of range");
 }
 
 std::vector<std::vector<float>> Model::batch_results(std::span<const BatchItem> items, const float* logits,
                                                      int64_t vocab) {
   std::vector<std::vector<float>> out(items.size());
+  std::vector<int32_t> scratch;
   int64_t r = 0;
   for (size_t i = 0; i < items.size(); ++i) {
     const int64_t k = items[i].all_logits ? static_cast<int64_t>(items[i].tokens.size()) : 1;
     const float* rows = logits + r * vocab;
-    if (items[i].greedy) out[i] = {static_cast<float>(cpu::argmax(rows, vocab))};
+    if (items[i].pick) out[i] = {static_cast<float>(cpu::draw_token(rows, vocab, *items[i].pick, scratch))};
     else out[i].assign(rows, rows + k * vocab);
     r += k;
   }

@@ -4,6 +4,7 @@
 
 #include <cstdint>
 #include <memory>
+#include <optional>
 #include <span>
 #include <string>
 #include <vector>
@@ -12,6 +13,7 @@
 #include "model/checkpoint.h"
 #include "model/config.h"
 #include "model/weights.h"
+#include "ops/draw.h"
 
 namespace dsv3 {
 
@@ -50,21 +52,24 @@ class Model {
   // its own cache, exactly as forward() would run them, but the token rows of all items go through every
   // linear layer together (the weights are read once per step); attention runs per sequence over its own
   // blocks. Returns per item the logits of its last token [vocab] (or of all its tokens with all_logits).
-  // With `greedy`, only the last token's argmax is wanted: the item's result is one value, that token's
-  // id (cpu::argmax of its logits, as a float: exact for vocabularies under 2^24), so that a GPU backend
-  // need not copy the logits back. Not together with all_logits.
+  // With a `pick`, only the token it picks from the last token's logits is wanted (ops/draw.h: greedy
+  // or tempered): the item's result is one value, that token's id (cpu::draw_token, as a float: exact
+  // for vocabularies under 2^24), so that a GPU backend need not copy the logits back. Not together
+  // with all_logits.
   struct BatchItem {
     std::span<const int32_t> tokens;
     LatentCache* cache = nullptr;
     bool all_logits = false;
-    bool greedy = false;
-    // Throws dsv3::Error for an item no forward_batch can run (no tokens; greedy with all_logits).
+    std::optional<Draw> pick = std::nullopt;
+    // Throws dsv3::Error for an item no forward_batch can run (no tokens; a pick with all_logits; a pick
+    // whose parameters are out of range).
     void check() const;
   };
   std::vector<std::vector<float>> forward_batch(std::span<const BatchItem> items,
                                                 AttentionForm attention = AttentionForm::Auto);
   // forward_batch's result from the head's logits of a step (row-major [rows x vocab]: per item in order,
-  // its all_logits rows or its last row): per item its rows, or the argmax id of a greedy item's row.
+  // its all_logits rows or its last row): per item its rows, or the id that the item's pick draws from
+  // its row.
   // The CPU and GPU models both answer through it.
   static std::vector<std::vector<float>> batch_results(std::span<const BatchItem> items, const float* logits,
                                                        int64_t vocab);

@@ -16,6 +16,7 @@
 #include "core/dtype.h"
 #include "core/error.h"
 #include "core/matrix.h"
+#include "draw_reference.h"
 #include "model/config.h"
 #include "model/model.h"
 #include "ops/cpu/ops.h"
@@ -989,6 +990,48 @@ TEST_F(CudaOps, MoePlanGroupsEveryProblemOnceByExpert) {
   }
 }
 
+// cuda::draw_rows against cpu::draw_token (the rule of ops/draw.h) on random rows and Draws
+// (tests/draw_reference.h: greedy and tempered, ties on a value grid, -inf and NaN, rows with no finite
+// value, top_k 1 to past the vocabulary, top_p 1e-6 to 1, min_p), one launch per vocabulary size, rows
+// ld apart with +inf in the gaps (read by mistake, it would become the pick). Ids must be equal except
+// where moving u, top_p or min_p by 1e-5 changes the host's pick (the device sums in another order and
+// its expf may differ by an ulp or two): those are skipped, counted, and must be rare.
+TEST_F(CudaOps, DrawRowsPickWhatDrawTokenPicks) {
+  std::mt19937_64 gen(77);
+  std::vector<int32_t> scratch;
+  int cases = 0, skipped = 0, tempered = 0;
+  for (const int64_t n : {1, 2, 33, 1000, 4099, 102400}) {
+    const int64_t rows = n >= 100000 ? 24 : 300, ld = n + 3;
+    std::vector<float> x(static_cast<size_t>(rows * ld), std::numeric_limits<float>::infinity());
+    std::vector<test::DrawCase> cs;
+    std::vector<Draw> draws;
+    for (int64_t r = 0; r < rows; ++r) {
+      cs.push_back(test::random_draw_case(gen, n));
+      std::copy(cs.back().row.begin(), cs.back().row.end(), x.begin() + r * ld);
+      draws.push_back(cs.back().draw);
+    }
+    Dev dev;
+    int32_t* ids = dev.alloc<int32_t>(static_cast<size_t>(rows));
+    cuda::draw_rows({dev.put(x), ld, n, rows, dev.put(draws), ids, nullptr});
+    const std::vector<int32_t> got = Dev::get(ids, static_cast<size_t>(rows));
+    for (int64_t r = 0; r < rows; ++r) {
+      const test::DrawCase& c = cs[static_cast<size_t>(r)];
+      ++cases;
+      tempered += c.draw.temperature > 0.0f;
+      if (test::near_boundary(c.row, c.draw)) {
+        ++skipped;
+        continue;
+      }
+      EXPECT_EQ(got[static_cast<size_t>(r)], cpu::draw_token(c.row.data(), n, c.draw, scratch))
+          << "n " << n << " row " << r << ": T " << c.draw.temperature << " top_k " << c.draw.top_k << " top_p "
+          << c.draw.top_p << " min_p " << c.draw.min_p << " u " << c.draw.u;
+    }
+  }
+  std::printf("[draw_rows] %d rows (%d tempered), %d skipped near a boundary\n", cases, tempered, skipped);
+  EXPECT_LT(skipped, cases / 50);
+  EXPECT_GT(tempered, cases / 2);
+}
+
 TEST_F(CudaOps, ZeroLengthCallsAreNoOps) {
   Dev dev;
   TestMatrix w = make_matrix(rng, dev, DType::BF16, 16, 16);
@@ -1002,6 +1045,7 @@ TEST_F(CudaOps, ZeroLengthCallsAreNoOps) {
   p.ldy = 16;
   cuda::linear(p);
   cuda::rmsnorm({p.x, 16, p.x, 0, 16, 1e-6f, p.y, 16, nullptr});
+  cuda::draw_rows({p.x, 16, 16, 0, nullptr, nullptr, nullptr});  // no rows: nothing read or written
   DSV3_CUDA_CHECK(cudaDeviceSynchronize());
 }
 

@@ -573,46 +573,110 @@ std::string error_of(F f) {
   return {};
 }
 
-// Greedy items (Model::BatchItem::greedy) come back as one value, the argmax of the logits the same item
-// gets without the flag; asking for all logits and greedy at once is refused before any cache moves.
-// The engine sends plain-greedy picks this way; sampler.greedy_only() says when.
-TEST_F(EngineTest, GreedyBatchItemsReturnTheArgmax) {
+// Items with a pick (Model::BatchItem::pick) come back as one value: the token that Sampler::sample picks
+// from the logits the same item gets without one, greedy (the argmax) or tempered (the same seeded
+// draw); asking for all logits and a pick at once is refused before any cache moves. The engine sends
+// picks as Sampler::backend_pick allows: not with a penalty, a token filter or logprobs.
+TEST_F(EngineTest, PickedBatchItemsReturnTheSamplersToken) {
   const int64_t V = model_->config().vocab_size;
   const auto p0 = random_prompt(40, 21), p1 = random_prompt(9, 22);
   auto pool = std::make_shared<BlockPool>(model_->config().num_hidden_layers, model_->config().kv_lora_rank,
                                           model_->config().qk_rope_head_dim, 8);
-  std::vector<float> full[2];
-  std::vector<float> ids[2];
-  for (int greedy = 0; greedy < 2; ++greedy) {
-    LatentCache c0(pool, 64), c1(pool, 64);
-    const std::vector<Model::BatchItem> items = {{p0, &c0, false, greedy == 1}, {p1, &c1, false, greedy == 1}};
-    const auto out = model_->forward_batch(items);
-    (greedy ? ids : full)[0] = out[0];
-    (greedy ? ids : full)[1] = out[1];
-  }
-  for (int i = 0; i < 2; ++i) {
-    ASSERT_EQ(full[i].size(), static_cast<size_t>(V));
-    ASSERT_EQ(ids[i].size(), 1u);
-    EXPECT_EQ(static_cast<int32_t>(ids[i][0]), argmax(full[i].data(), V)) << i;
+  std::vector<SamplingParams> kinds(4);
+  kinds[1].temperature = 0.8;
+  kinds[1].top_p = 0.9;
+  kinds[1].seed = 3;
+  kinds[2].temperature = 1.3;
+  kinds[2].top_k = 40;
+  kinds[2].min_p = 0.05;
+  kinds[2].seed = 4;
+  kinds[3].temperature = 2.0;  // flat enough that the draw is seldom the argmax
+  kinds[3].seed = 5;
+  for (size_t k = 0; k < kinds.size(); ++k) {
+    Sampler host0(kinds[k]), host1(kinds[k]), backend0(kinds[k]), backend1(kinds[k]);
+    LatentCache a0(pool, 64), a1(pool, 64), b0(pool, 64), b1(pool, 64);
+    const std::vector<Model::BatchItem> plain = {{p0, &a0, false}, {p1, &a1, false}};
+    const std::vector<Model::BatchItem> picked = {{p0, &b0, false, backend0.backend_pick()},
+                                                  {p1, &b1, false, backend1.backend_pick()}};
+    ASSERT_TRUE(picked[0].pick && picked[1].pick);
+    const auto full = model_->forward_batch(plain);
+    const auto ids = model_->forward_batch(picked);
+    ASSERT_EQ(full[0].size(), static_cast<size_t>(V));
+    ASSERT_EQ(ids[0].size(), 1u);
+    ASSERT_EQ(ids[1].size(), 1u);
+    EXPECT_EQ(backend0.accept_pick(static_cast<int32_t>(ids[0][0])), host0.sample(full[0].data(), V)) << k;
+    EXPECT_EQ(backend1.accept_pick(static_cast<int32_t>(ids[1][0])), host1.sample(full[1].data(), V)) << k;
+    if (k == 0) {
+      EXPECT_EQ(static_cast<int32_t>(ids[0][0]), argmax(full[0].data(), V));
+    }
+    // More draws from the same row through Model::batch_results: the seeded streams stay in step.
+    int not_argmax = 0;
+    for (int t = 0; t < 30; ++t) {
+      const Model::BatchItem item{p0, nullptr, false, backend0.backend_pick()};
+      const int32_t id = static_cast<int32_t>(Model::batch_results(std::span(&item, 1), full[0].data(), V)[0][0]);
+      EXPECT_EQ(backend0.accept_pick(id), host0.sample(full[0].data(), V)) << k << " draw " << t;
+      not_argmax += id != argmax(full[0].data(), V);
+    }
+    if (k == 3) {
+      EXPECT_GT(not_argmax, 0);  // the tempered draws were not all greedy ones
+    }
   }
   LatentCache c(pool, 64);
-  const std::vector<Model::BatchItem> both = {{p0, &c, true, true}};
-  EXPECT_NE(error_of([&] { model_->forward_batch(both); }).find("greedy token only"), std::string::npos);
+  const std::vector<Model::BatchItem> both = {{p0, &c, true, Draw{}}};
+  EXPECT_NE(error_of([&] { model_->forward_batch(both); }).find("picked token only"), std::string::npos);
+  Draw bad;
+  bad.u = 1.0;
+  const std::vector<Model::BatchItem> out_of_range = {{p0, &c, false, bad}};
+  EXPECT_NE(error_of([&] { model_->forward_batch(out_of_range); }).find("out of range"), std::string::npos);
   EXPECT_EQ(c.length(), 0);
 
-  SamplingParams plain;
-  EXPECT_TRUE(Sampler(plain).greedy_only());
+  EXPECT_TRUE(Sampler(SamplingParams{}).backend_pick());
   for (int k = 0; k < 4; ++k) {
     SamplingParams p;
-    if (k == 0) p.temperature = 0.5;
+    p.temperature = 0.5;
+    if (k == 0) p.presence_penalty = 0.5;
     if (k == 1) p.repetition_penalty = 1.1;
     if (k == 2) p.frequency_penalty = 0.5;
     if (k == 3) p.top_logprobs = 0;
-    EXPECT_FALSE(Sampler(p).greedy_only()) << k;
+    EXPECT_FALSE(Sampler(p).backend_pick()) << k;
   }
 }
 
 }  // namespace
+
+// A tempered, seeded request gives the same tokens whether the backend picks them (the Generator hands
+// Model::BatchItem::pick to the backend when the sampler allows) or the sampler picks from the logits
+// (a manual decode loop over Model::forward); with a penalty the Generator samples on the host and
+// matches too. The prompt runs in pieces of 32 tokens.
+TEST_F(EngineTest, GeneratorPicksTheSeededTokensTheSamplerWould) {
+  const auto prompt = random_prompt(80, 33);
+  const int64_t V = model_->config().vocab_size;
+  for (int penalized = 0; penalized < 2; ++penalized) {
+    SamplingParams p;
+    p.temperature = 1.5;
+    p.top_p = 0.95;
+    p.seed = 17;
+    if (penalized) p.frequency_penalty = 0.3;
+    LatentCache cache = model_->new_cache(128);
+    ForwardOptions last;
+    last.all_logits = false;
+    std::vector<float> logits = model_->forward(prompt, cache, last);
+    Sampler host(p);
+    std::vector<int32_t> want;
+    for (int i = 0; i < 12; ++i) {
+      want.push_back(host.sample(logits.data(), V));
+      const int32_t step[1] = {want.back()};
+      logits = model_->forward(step, cache, last);
+    }
+    Generator gen(*backend_, 128, {}, 32);
+    Sampler s(p);
+    EXPECT_EQ(s.backend_pick().has_value(), !penalized);
+    Sampler fresh(p);
+    std::vector<int32_t> got;
+    gen.run(prompt, 12, fresh, [&](int32_t t) { got.push_back(t); return true; });
+    EXPECT_EQ(got, want) << "penalized " << penalized;
+  }
+}
 
 TEST_F(EngineTest, GeneratorOverTheCpuBackendEqualsTheModelsOwnDecodeLoop) {
   // The engine's single-sequence path (a batch of one through the Backend) against Model::forward on a

@@ -3,9 +3,11 @@
 
 #include <gtest/gtest.h>
 
+#include <cstdio>
 #include <random>
 
 #include "core/threads.h"
+#include "draw_reference.h"
 #include "model/safetensors_writer.h"
 #include "test_util.h"
 
@@ -108,6 +110,82 @@ TEST(Ops, Fp8PartialEdgeBlocks) {
   for (int64_t r : {0L, 127L, 128L, 129L}) {
     s.m.dequantize_row(r, row.data());
     for (int64_t c = 0; c < cols; ++c) ASSERT_FLOAT_EQ(row[c], w[r * cols + c]) << r << "," << c;
+  }
+}
+
+// cpu::draw_token against the rule written out plainly (tests/draw_reference.h: full sort, explicit
+// CDF) on random rows and Draws: ties, -inf and NaN, rows with no finite value, top_k past the
+// vocabulary, top_p from 1e-6 to 1, min_p. The same sums in the same orders: every case must agree
+// except where moving u, top_p or min_p by 1e-5 changes the pick (counted: they must be rare).
+TEST(Ops, DrawTokenFollowsTheRuleOfDrawH) {
+  std::mt19937_64 rng(2024);
+  std::vector<int32_t> scratch;
+  int cases = 0, skipped = 0, tempered = 0;
+  for (int k = 0; k < 3000; ++k) {
+    const int64_t n = std::vector<int64_t>{1, 2, 7, 64, 300, 2000}[rng() % 6];
+    const test::DrawCase c = test::random_draw_case(rng, n);
+    ++cases;
+    tempered += c.draw.temperature > 0.0f;
+    if (test::near_boundary(c.row, c.draw)) {
+      ++skipped;
+      continue;
+    }
+    const int32_t got = cpu::draw_token(c.row.data(), n, c.draw, scratch);
+    ASSERT_EQ(got, test::reference_draw(c.row, c.draw))
+        << "case " << k << ": n " << n << " T " << c.draw.temperature << " top_k " << c.draw.top_k << " top_p "
+        << c.draw.top_p << " min_p " << c.draw.min_p << " u " << c.draw.u;
+    const bool any_finite = std::any_of(c.row.begin(), c.row.end(), [](float v) { return std::isfinite(v); });
+    if (c.draw.temperature > 0.0f && any_finite) {
+      EXPECT_TRUE(std::isfinite(c.row[static_cast<size_t>(got)])) << "case " << k;  // never NaN or -inf
+    }
+  }
+  std::printf("[draw_token] %d cases (%d tempered), %d skipped near a boundary\n", cases, tempered, skipped);
+  EXPECT_LT(skipped, cases / 50);
+  EXPECT_GT(tempered, cases / 2);
+}
+
+// Hand-made rows: the draw walks the kept tokens in id order, so u picks by position in the CDF; ties
+// in value go to the lower id at a top_k cut; a top_k past the vocabulary is no limit.
+TEST(Ops, DrawTokenWalksTheKeptTokensInIdOrder) {
+  std::vector<int32_t> scratch;
+  // Weights 1, 2, 1 (log-spaced logits at T = 1): CDF 0.25, 0.75, 1.
+  const std::vector<float> x = {0.0f, std::log(2.0f), 0.0f};
+  Draw d;
+  d.temperature = 1.0f;
+  const auto draw = [&](double u) {
+    d.u = u;
+    return cpu::draw_token(x.data(), 3, d, scratch);
+  };
+  EXPECT_EQ(draw(0.0), 0);
+  EXPECT_EQ(draw(0.24), 0);
+  EXPECT_EQ(draw(0.26), 1);
+  EXPECT_EQ(draw(0.74), 1);
+  EXPECT_EQ(draw(0.76), 2);
+  d.top_k = 2;  // keeps id 1 and, of the tied 0 and 2, id 0: CDF 1/3, 1
+  EXPECT_EQ(draw(0.32), 0);
+  EXPECT_EQ(draw(0.34), 1);
+  EXPECT_EQ(draw(0.99), 1);
+  d.top_k = 1000;
+  EXPECT_EQ(draw(0.76), 2);
+  d.top_k = 0;
+  d.top_p = 0.5f;  // id 1 alone has half the mass
+  EXPECT_EQ(draw(0.0), 1);
+  EXPECT_EQ(draw(0.99), 1);
+  d.top_p = 0.51f;  // id 1, then id 0 (the lower of the tied ids): CDF 1/3, 1
+  EXPECT_EQ(draw(0.32), 0);
+  EXPECT_EQ(draw(0.34), 1);
+  d.top_p = 1.0f;
+  d.min_p = 0.6f;  // drops the two of weight 1/2 relative to the best
+  EXPECT_EQ(draw(0.0), 1);
+  d.min_p = 0.0f;
+  d.temperature = 0.0f;  // greedy
+  EXPECT_EQ(draw(0.9), 1);
+  const float inf = std::numeric_limits<float>::infinity();
+  const std::vector<float> holes = {-inf, std::nanf(""), 1.0f, -inf};
+  d.temperature = 5.0f;
+  for (double u : {0.0, 0.5, 0.999}) {
+    d.u = u;
+    EXPECT_EQ(cpu::draw_token(holes.data(), 4, d, scratch), 2);
   }
 }
 

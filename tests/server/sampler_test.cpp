@@ -5,6 +5,9 @@
 #include <gtest/gtest.h>
 
 #include <cmath>
+#include <memory>
+#include <random>
+#include <set>
 #include <vector>
 
 namespace dsv3 {
@@ -153,6 +156,50 @@ TEST(Sampler, AFilterRemovesTokensAndSeesThePick) {
   for (int i = 0; i < 100; ++i) EXPECT_EQ(h.sample(logits.data(), 5) % 2, 1);
   EXPECT_EQ(accepted.size(), 101u);
   EXPECT_EQ(accepted[0], 3);
+}
+
+// A backend that picks with backend_pick()'s Draw (cpu::draw_token here, cuda::draw_rows on a GPU) gives
+// the tokens sample() gives under the same seed, token after token: one uniform per tempered token
+// either way. Penalties, a filter or logprobs need the logits on the host: then no backend pick.
+TEST(Sampler, BackendPicksFollowTheSameSeededStreamAsSample) {
+  std::mt19937_64 rng(9);
+  std::normal_distribution<float> nd(0.0f, 2.0f);
+  std::vector<float> logits(500);
+  for (float& v : logits) v = nd(rng);
+  std::vector<SamplingParams> kinds(4);
+  kinds[1].temperature = 1.0;
+  kinds[2].temperature = 0.7;
+  kinds[2].top_p = 0.8;
+  kinds[2].min_p = 0.02;
+  kinds[3].temperature = 1.2;
+  kinds[3].top_k = 20;
+  std::vector<int32_t> scratch;
+  for (size_t k = 0; k < kinds.size(); ++k) {
+    kinds[k].seed = 100 + k;
+    Sampler host(kinds[k]), backend(kinds[k]);
+    std::vector<int32_t> a, b;
+    for (int t = 0; t < 200; ++t) {
+      a.push_back(host.sample(logits.data(), 500));
+      const std::optional<Draw> d = backend.backend_pick();
+      ASSERT_TRUE(d.has_value());
+      b.push_back(backend.accept_pick(cpu::draw_token(logits.data(), 500, *d, scratch)));
+    }
+    EXPECT_EQ(a, b) << k;
+    if (k > 0) {
+      EXPECT_GT(std::set<int32_t>(a.begin(), a.end()).size(), 3u) << k;  // really drawn
+    }
+  }
+  SamplingParams p;
+  p.temperature = 0.9;
+  p.presence_penalty = 0.1;
+  EXPECT_FALSE(Sampler(p).backend_pick());
+  p = {};
+  p.top_logprobs = 2;
+  EXPECT_FALSE(Sampler(p).backend_pick());
+  std::vector<int32_t> accepted;
+  Sampler filtered{SamplingParams{}};
+  filtered.set_filter(std::make_unique<OddOnly>(&accepted));
+  EXPECT_FALSE(filtered.backend_pick());
 }
 
 TEST(Sampler, RefusesBadParameters) {

@@ -1,6 +1,8 @@
 #include "ops/cpu/ops.h"
 
 #include <algorithm>
+#include <limits>
+#include <numeric>
 #include <vector>
 
 #include "core/threads.h"
@@ -109,6 +111,90 @@ int32_t argmax(const float* x, int64_t n) {
       best = i;
     }
   return static_cast<int32_t>(best);
+}
+
+namespace {
+
+// The largest non-NaN value of x[0..n) (-inf if none). Sixteen running maxima, as in dot(): one would
+// be a chain of dependent compares; `v > m ? v : m` is an exact vector max (a NaN v keeps m).
+float max_value(const float* x, int64_t n) {
+  float acc[16];
+  for (float& a : acc) a = -std::numeric_limits<float>::infinity();
+  int64_t i = 0;
+  for (; i + 16 <= n; i += 16)
+    for (int j = 0; j < 16; ++j) acc[j] = x[i + j] > acc[j] ? x[i + j] : acc[j];
+  float m = -std::numeric_limits<float>::infinity();
+  for (; i < n; ++i) m = x[i] > m ? x[i] : m;
+  for (int j = 0; j < 16; ++j) m = acc[j] > m ? acc[j] : m;
+  return m;
+}
+
+}  // namespace
+
+int32_t draw_token(const float* x, int64_t n, const Draw& d, std::vector<int32_t>& scratch) {
+  if (d.temperature == 0.0f) return argmax(x, n);
+  const float m = max_value(x, n);
+  if (!std::isfinite(m)) return argmax(x, n);
+  const auto weight = [&](int32_t id) { return std::exp((x[id] - m) / d.temperature); };
+
+  // The candidates: every finite logit, in id order.
+  std::vector<int32_t>& ids = scratch;
+  ids.resize(static_cast<size_t>(n));
+  std::iota(ids.begin(), ids.end(), 0);
+  int64_t non_finite = 0;  // NaN and -inf; a loop without early exit, which the compiler vectorizes
+  for (int64_t i = 0; i < n; ++i) non_finite += !(std::fabs(x[i]) <= std::numeric_limits<float>::max());
+  if (non_finite > 0) {
+    const auto dropped = [&](int32_t id) { return !std::isfinite(x[id]); };
+    ids.erase(std::remove_if(ids.begin(), ids.end(), dropped), ids.end());
+  }
+
+  // The top_k / top_p cuts keep a prefix of the order (l desc, id asc), which only they sort.
+  const auto prefer = [&](int32_t a, int32_t b) { return x[a] > x[b] || (x[a] == x[b] && a < b); };
+  bool cut = false;
+  if (d.top_k > 0 && d.top_k < static_cast<int64_t>(ids.size())) {
+    std::partial_sort(ids.begin(), ids.begin() + d.top_k, ids.end(), prefer);
+    ids.resize(static_cast<size_t>(d.top_k));
+    cut = true;
+  }
+  if (d.top_p < 1.0f) {
+    double total = 0.0;
+    for (int32_t id : ids) total += weight(id);
+    const double target = static_cast<double>(d.top_p) * total;
+    // The nucleus: sort the next `chunk` best after the sorted prefix, add their mass, repeat. If
+    // rounding keeps the mass below the target, everything ends up sorted and kept.
+    double mass = 0.0;
+    size_t keep = 0, sorted = 0;
+    bool reached = false;
+    for (size_t chunk = 64; !reached && sorted < ids.size(); chunk *= 4) {
+      const size_t end = std::min(ids.size(), sorted + chunk);
+      std::partial_sort(ids.begin() + static_cast<std::ptrdiff_t>(sorted),
+                        ids.begin() + static_cast<std::ptrdiff_t>(end), ids.end(), prefer);
+      for (; keep < end && !reached; ++keep) {
+        mass += weight(ids[keep]);
+        reached = mass >= target;
+      }
+      sorted = end;
+    }
+    ids.resize(keep);
+    cut = true;
+  }
+  if (cut) std::sort(ids.begin(), ids.end());  // back to id order for the draw
+
+  // min-p, then the draw: the first kept id at which the running mass exceeds u times the total.
+  double total = 0.0;
+  for (int32_t id : ids) {
+    const float w = weight(id);
+    if (w >= d.min_p) total += w;
+  }
+  const double target = d.u * total;
+  double mass = 0.0;
+  for (int32_t id : ids) {
+    const float w = weight(id);
+    if (w < d.min_p) continue;
+    mass += w;
+    if (mass > target) return id;
+  }
+  return static_cast<int32_t>(std::find(x, x + n, m) - x);  // u within an ulp of 1: the best token
 }
 
 }  // namespace dsv3::cpu

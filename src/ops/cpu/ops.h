@@ -7,6 +7,7 @@
 #include <vector>
 
 #include "core/matrix.h"
+#include "ops/draw.h"
 
 namespace dsv3::cpu {
 
@@ -35,6 +36,12 @@ void rope_interleaved(float* v, int64_t dim, const float* cos, const float* sin)
 // The index of the largest of x[0..n) (n >= 1), the lowest on ties: a scan that moves on strictly larger
 // values only, so a NaN is never chosen unless it is x[0]. Greedy decoding everywhere uses this one.
 int32_t argmax(const float* x, int64_t n);
+
+// The token that `d` picks from the raw logits x[0..n) (n >= 1), by the rule of ops/draw.h; `scratch`
+// is reused between calls. Temperature 0 is argmax(x, n). Only a top_k or top_p cut sorts anything, and
+// then only the top_k ids, or the nucleus in growing prefixes (a full sort of 102,400 ids costs ~13 ms
+// on one core; a typical nucleus is a few hundred), never the whole vocabulary.
+int32_t draw_token(const float* x, int64_t n, const Draw& d, std::vector<int32_t>& scratch);
 
 // In-place softmax over n values (max-subtracted, fp32).
 void softmax(float* x, int64_t n);

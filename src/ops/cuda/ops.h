@@ -14,6 +14,7 @@
 
 #include "core/dtype.h"
 #include "model/routing_kinds.h"
+#include "ops/draw.h"
 
 namespace dsv3::cuda {
 
@@ -149,15 +150,19 @@ struct RMSNormParams {
 };
 void rmsnorm(const RMSNormParams& p);
 
-// ids[r] = cpu::argmax of row r of x (n values, rows ld apart) for r < rows: the lowest index of the
-// largest value, a NaN never chosen unless it is the row's first value. One block per row.
-struct ArgmaxParams {
+// ids[r] = cpu::draw_token(row r of x, n, draws[r]) for r < rows: the token that the row's Draw picks
+// (ops/draw.h; temperature 0: cpu::argmax), the same id up to float rounding where u or top_p falls
+// within rounding of a boundary of the cumulative mass. One block per row; the top-k and top-p cuts are
+// found without sorting, by binary searches over the values (each step a count or a mass over the row,
+// which stays in L2), the draw by a block-wide prefix sum in id order.
+struct DrawParams {
   const float* x = nullptr;
   int64_t ld = 0, n = 0, rows = 0;
-  int32_t* ids = nullptr;
+  const Draw* draws = nullptr;  // [rows], device memory
+  int32_t* ids = nullptr;       // [rows]
   cudaStream_t stream = nullptr;
 };
-void argmax_rows(const ArgmaxParams& p);
+void draw_rows(const DrawParams& p);
 
 // The latent cache on the device: pages of 64 tokens, each [layers][64][width] floats, found through a
 // device array of page pointers (pages need not be contiguous or in order). One sequence: `pages` is its
