@@ -9,7 +9,7 @@ machine too (which has no Node).
         --prompt-tokens 128 --max-tokens 64
 
 Prompts are distinct from their first token on (a random tag per run, then the request number), so
-the prefix cache does not shorten them, also across runs against one server; the table reports the prompt and completion lengths the server counted (usage). Greedy (temperature 0); a request
+the prefix cache does not shorten them, also across runs against one server; the table reports the prompt and completion lengths the server counted (usage). Greedy (temperature 0) unless --temperature (then seeded per request); a request
 ends at max_tokens or at an end-of-sequence token, so completions can be shorter than --max-tokens (the
 "out tok/req" column says how long they were). One warm-up request (--warmup) runs first and is not
 counted: it pays for first-touch costs (weight pages, CUDA graph capture).
@@ -71,6 +71,8 @@ def main():
     ap.add_argument("--requests", type=int, default=32, help="requests in total (default 32)")
     ap.add_argument("--prompt-tokens", type=int, default=128, help="approximate prompt length (default 128)")
     ap.add_argument("--max-tokens", type=int, default=64, help="max_tokens of each request (default 64)")
+    ap.add_argument("--temperature", type=float, default=0.0, help="sampling temperature (default 0: greedy)")
+    ap.add_argument("--top-p", type=float, default=1.0, help="nucleus mass (default 1)")
     ap.add_argument("--warmup", type=int, default=1, help="uncounted requests first (default 1)")
     ap.add_argument("--api-key", default="")
     ap.add_argument("--label", default="", help="first column of the row (e.g. model and device)")
@@ -89,7 +91,8 @@ def main():
         headers["Authorization"] = "Bearer " + a.api_key
 
     def body(i):
-        return {"prompt": prompt(a.tag, i, a.prompt_tokens), "max_tokens": a.max_tokens, "temperature": 0,
+        return {"prompt": prompt(a.tag, i, a.prompt_tokens), "max_tokens": a.max_tokens, "temperature": a.temperature,
+                "top_p": a.top_p, "seed": i,
                 "stream": True, "stream_options": {"include_usage": True}}
 
     for w in range(a.warmup):

@@ -15,7 +15,8 @@
 # GPU_MIX / CPU_MIX / CPU_LITE_MIX as "prompt_tokens max_tokens requests_per_client", SERVE_FLAGS (the
 # server's batch flags; default "--max-batch 32 --ctx 1024", as in the first runs; "--ctx 1024" alone
 # takes the device's defaults), REFS=0 skips the engine-alone reference measurements, REF_BATCHES
-# (default 1,8,32) the batch sizes of the batched one.
+# (default 1,8,32) the batch sizes of the batched one, BENCH_ARGS more serve_bench.py flags (e.g.
+# "--temperature 0.8 --top-p 0.95").
 set -uo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 BIN=${BIN:-.devbin-g}
@@ -104,7 +105,7 @@ for m in ${MODELS:-default lite}; do
     for c in ${CONCURRENCY:-1 8 32}; do
       hdr=--no-header; [ $first = 1 ] && hdr=; first=0
       timeout 300 python3 bench/serve_bench.py --url "http://127.0.0.1:$port" --label "$m $dev" --clients "$c" \
-        --requests $((c * per_client)) --prompt-tokens "$ptok" --max-tokens "$otok" $hdr 2>&1 | tee -a "$summary"
+        --requests $((c * per_client)) --prompt-tokens "$ptok" --max-tokens "$otok" ${BENCH_ARGS:-} $hdr 2>&1 | tee -a "$summary"
     done
     curl -s "http://127.0.0.1:$port/metrics" >"$OUT/metrics_${m}_${dev}.txt" 2>/dev/null ||
       python3 -c "import urllib.request,sys; sys.stdout.write(urllib.request.urlopen('http://127.0.0.1:$port/metrics').read().decode())" \

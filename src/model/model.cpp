@@ -124,14 +124,17 @@ void Model::BatchItem::check() const {
 std::vector<std::vector<float>> Model::batch_results(std::span<const BatchItem> items, const float* logits,
                                                      int64_t vocab) {
   std::vector<std::vector<float>> out(items.size());
-  std::vector<int32_t> scratch;
-  int64_t r = 0;
+  std::vector<int64_t> first(items.size() + 1, 0);  // each item's first row of `logits`
+  for (size_t i = 0; i < items.size(); ++i)
+    first[i + 1] = first[i] + (items[i].all_logits ? static_cast<int64_t>(items[i].tokens.size()) : 1);
+  // Items in parallel: a tempered pick over a flat distribution sorts most of the vocabulary (~25 ms for
+  // a nucleus of 90,000 tokens); draw_token does not throw.
+#pragma omp parallel for schedule(dynamic) if (items.size() > 1)
   for (size_t i = 0; i < items.size(); ++i) {
-    const int64_t k = items[i].all_logits ? static_cast<int64_t>(items[i].tokens.size()) : 1;
-    const float* rows = logits + r * vocab;
+    thread_local std::vector<int32_t> scratch;
+    const float* rows = logits + first[i] * vocab;
     if (items[i].pick) out[i] = {static_cast<float>(cpu::draw_token(rows, vocab, *items[i].pick, scratch))};
-    else out[i].assign(rows, rows + k * vocab);
-    r += k;
+    else out[i].assign(rows, rows + (first[i + 1] - first[i]) * vocab);
   }
   return out;
 }
