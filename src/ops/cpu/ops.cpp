@@ -1,6 +1,7 @@
 #include "ops/cpu/ops.h"
 
 #include <algorithm>
+#include <cstring>
 #include <limits>
 #include <numeric>
 #include <vector>
@@ -129,6 +130,71 @@ float max_value(const float* x, int64_t n) {
   return m;
 }
 
+// A logit's place in the order of preference as an unsigned int: larger values get larger keys (the
+// float's bits made monotone, -0 as +0). Only finite values are keyed.
+uint32_t order_key(float v) {
+  uint32_t b;
+  const float z = v == 0.0f ? 0.0f : v;
+  std::memcpy(&b, &z, 4);
+  return (b & 0x80000000u) ? ~b : (b | 0x80000000u);
+}
+
+// The cut of the order (key desc, id asc) over the candidates where a running sum of their measures
+// (w[j], or 1 each without w), taken in that order, first reaches `need`: the key of the token at which
+// it does and the sum over the keys above it. A radix select over the keys' four bytes, high byte first
+// (four passes, no sort): at each byte, the candidates that share the bytes chosen so far are binned by
+// this byte, and the bins are walked from the top until one reaches `need`. If rounding lets none do,
+// the cut is the lowest key (all kept). Masses are summed in double.
+struct Cut {
+  uint32_t key;
+  double above;
+};
+Cut radix_cut(const std::vector<uint32_t>& keys, const std::vector<float>* w, double need) {
+  thread_local std::vector<uint32_t> active, next;  // candidates that share the bytes chosen so far
+  active.resize(keys.size());
+  for (size_t j = 0; j < keys.size(); ++j) active[j] = static_cast<uint32_t>(j);
+  uint32_t prefix = 0;
+  double above = 0.0;
+  for (int shift = 24; shift >= 0; shift -= 8) {
+    double bins[256] = {};
+    for (uint32_t j : active) bins[(keys[j] >> shift) & 0xffu] += w ? (*w)[j] : 1.0;
+    int b = 255;
+    for (; b > 0; --b) {
+      if (above + bins[b] >= need) break;
+      above += bins[b];
+    }
+    prefix |= static_cast<uint32_t>(b) << shift;
+    next.clear();
+    for (uint32_t j : active)
+      if (((keys[j] >> shift) & 0xffu) == static_cast<uint32_t>(b)) next.push_back(j);
+    active.swap(next);
+  }
+  return {prefix, above};
+}
+
+// Keeps, in id order, the candidates (ids, their keys and, if given, weights) above the cut, and those
+// at the cut key in id order while the running sum from the keys above has not reached `need` (the one
+// that reaches it stays): the shortest prefix of the order whose sum reaches `need`.
+void keep_to_cut(std::vector<int32_t>& ids, std::vector<uint32_t>& keys, std::vector<float>* w, double need) {
+  const Cut cut = radix_cut(keys, w, need);
+  double sum = cut.above;
+  size_t kept = 0;
+  for (size_t j = 0; j < ids.size(); ++j) {
+    if (keys[j] < cut.key) continue;
+    if (keys[j] == cut.key) {
+      if (sum >= need) continue;
+      sum += w ? (*w)[j] : 1.0;
+    }
+    ids[kept] = ids[j];
+    keys[kept] = keys[j];
+    if (w) (*w)[kept] = (*w)[j];
+    ++kept;
+  }
+  ids.resize(kept);
+  keys.resize(kept);
+  if (w) w->resize(kept);
+}
+
 }  // namespace
 
 int32_t draw_token(const float* x, int64_t n, const Draw& d, std::vector<int32_t>& scratch) {
@@ -137,48 +203,34 @@ int32_t draw_token(const float* x, int64_t n, const Draw& d, std::vector<int32_t
   if (!std::isfinite(m)) return argmax(x, n);
   const auto weight = [&](int32_t id) { return std::exp((x[id] - m) / d.temperature); };
 
-  // The candidates: every finite logit, in id order.
+  // The candidates: every finite logit (not NaN, not -inf), in id order. Nothing below sorts: a top_k or
+  // top_p cut is a radix select over the logits' keys (sorting a flat distribution's 90,000-token
+  // nucleus took ~25 ms), and the kept tokens stay in id order for the draw.
   std::vector<int32_t>& ids = scratch;
   ids.resize(static_cast<size_t>(n));
-  std::iota(ids.begin(), ids.end(), 0);
-  int64_t non_finite = 0;  // NaN and -inf; a loop without early exit, which the compiler vectorizes
-  for (int64_t i = 0; i < n; ++i) non_finite += !(std::fabs(x[i]) <= std::numeric_limits<float>::max());
-  if (non_finite > 0) {
-    const auto dropped = [&](int32_t id) { return !std::isfinite(x[id]); };
-    ids.erase(std::remove_if(ids.begin(), ids.end(), dropped), ids.end());
+  size_t count = 0;
+  for (int64_t i = 0; i < n; ++i) {
+    ids[count] = static_cast<int32_t>(i);
+    count += std::fabs(x[i]) <= std::numeric_limits<float>::max();  // branch-free: vectorizes
   }
-
-  // The top_k / top_p cuts keep a prefix of the order (l desc, id asc), which only they sort.
-  const auto prefer = [&](int32_t a, int32_t b) { return x[a] > x[b] || (x[a] == x[b] && a < b); };
-  bool cut = false;
-  if (d.top_k > 0 && d.top_k < static_cast<int64_t>(ids.size())) {
-    std::partial_sort(ids.begin(), ids.begin() + d.top_k, ids.end(), prefer);
-    ids.resize(static_cast<size_t>(d.top_k));
-    cut = true;
-  }
-  if (d.top_p < 1.0f) {
-    double total = 0.0;
-    for (int32_t id : ids) total += weight(id);
-    const double target = static_cast<double>(d.top_p) * total;
-    // The nucleus: sort the next `chunk` best after the sorted prefix, add their mass, repeat. If
-    // rounding keeps the mass below the target, everything ends up sorted and kept.
-    double mass = 0.0;
-    size_t keep = 0, sorted = 0;
-    bool reached = false;
-    for (size_t chunk = 64; !reached && sorted < ids.size(); chunk *= 4) {
-      const size_t end = std::min(ids.size(), sorted + chunk);
-      std::partial_sort(ids.begin() + static_cast<std::ptrdiff_t>(sorted),
-                        ids.begin() + static_cast<std::ptrdiff_t>(end), ids.end(), prefer);
-      for (; keep < end && !reached; ++keep) {
-        mass += weight(ids[keep]);
-        reached = mass >= target;
+  ids.resize(count);
+  const bool top_k = d.top_k > 0 && d.top_k < static_cast<int64_t>(count);
+  if (top_k || d.top_p < 1.0f) {
+    thread_local std::vector<uint32_t> keys;
+    keys.resize(count);
+    for (size_t j = 0; j < count; ++j) keys[j] = order_key(x[ids[j]]);
+    if (top_k) keep_to_cut(ids, keys, nullptr, static_cast<double>(d.top_k));
+    if (d.top_p < 1.0f) {
+      thread_local std::vector<float> w;
+      w.resize(ids.size());
+      double total = 0.0;
+      for (size_t j = 0; j < ids.size(); ++j) {
+        w[j] = weight(ids[j]);
+        total += w[j];
       }
-      sorted = end;
+      keep_to_cut(ids, keys, &w, static_cast<double>(d.top_p) * total);
     }
-    ids.resize(keep);
-    cut = true;
   }
-  if (cut) std::sort(ids.begin(), ids.end());  // back to id order for the draw
 
   // min-p, then the draw: the first kept id at which the running mass exceeds u times the total.
   double total = 0.0;
