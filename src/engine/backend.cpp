@@ -1,8 +1,13 @@
 #include "engine/backend.h"
 
+#include <algorithm>
 #include <cstdio>
+#include <memory>
+#include <span>
+#include <vector>
 
 #include "core/error.h"
+#include "kvcache/latent_cache.h"
 
 namespace dsv3 {
 
@@ -82,6 +87,30 @@ int64_t pool_blocks(const Backend& backend, int64_t memory_bytes, int64_t cache_
             std::to_string(one_ctx) + " one request of --ctx " + std::to_string(ctx) + " tokens needs",
         "give the cache more memory or lower --ctx");
   return blocks;
+}
+
+void warm_up(Backend& backend, int64_t step_tokens, int64_t ctx) {
+  check(step_tokens >= 1 && ctx >= 1, "warm_up needs a step of at least one token and a context of at least one");
+  const int64_t vocab = backend.config().vocab_size;
+  const int64_t longest = std::min(step_tokens, ctx), piece = std::min<int64_t>(512, longest);
+  std::vector<int32_t> ids(static_cast<size_t>(longest));
+  for (size_t i = 0; i < ids.size(); ++i) ids[i] = static_cast<int32_t>(static_cast<int64_t>(i) % vocab);
+  const int64_t pieces = (step_tokens + piece - 1) / piece;
+  std::shared_ptr<BlockPool> pool = backend.new_pool(BlockPool::blocks_for_tokens(longest) +
+                                                     pieces * BlockPool::blocks_for_tokens(piece));
+  {
+    LatentCache cache(pool, longest);
+    const Model::BatchItem item{ids, &cache, false};
+    backend.forward_batch(std::span(&item, 1));
+  }
+  std::vector<LatentCache> caches;
+  std::vector<Model::BatchItem> items;
+  caches.reserve(static_cast<size_t>(pieces));
+  for (int64_t i = 0, left = step_tokens; i < pieces; ++i, left -= piece) {
+    caches.emplace_back(pool, piece);
+    items.push_back({std::span(ids.data(), static_cast<size_t>(std::min(piece, left))), &caches.back(), false});
+  }
+  backend.forward_batch(items);
 }
 
 }  // namespace dsv3

@@ -85,4 +85,13 @@ inline constexpr double kDefaultDeviceCacheFraction = 0.8;
 // `ctx` tokens.
 int64_t pool_blocks(const Backend& backend, int64_t memory_bytes, int64_t cache_blocks, int64_t ctx);
 
+// Runs, once, the largest steps a Scheduler with this step budget and context sends, on a pool of its own
+// that is gone when it returns: one prompt piece of min(step_tokens, ctx) tokens (on a GPU, the long-piece
+// path with its cuBLASLt and attention buffers), then one step of shorter pieces (at most 512 tokens
+// each) adding up to step_tokens rows (the batched path's scratch). A GPU backend allocates its step
+// scratch on first use, so a server calls this before pool_blocks: the pool is then sized from the memory
+// free after the scratch, and a step that does not fit fails here, at load, not under traffic. Token ids
+// are 0, 1, 2, ... (any ids do). Throws what the backend throws.
+void warm_up(Backend& backend, int64_t step_tokens, int64_t ctx);
+
 }  // namespace dsv3

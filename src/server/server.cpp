@@ -316,6 +316,10 @@ struct Server::Impl {
       token_texts = std::move(texts);
       SchedulerOptions so = opt.engine;
       so.ctx = opt.ctx;
+      // A device allocates its step scratch on first use: the largest steps run once first, so that the
+      // pool is sized from the memory left after them (and a step that cannot fit fails now, not under
+      // traffic). The host's memory is not measured: nothing to size there.
+      if (backend->free_memory_bytes()) warm_up(*backend, so.max_batch_tokens, so.ctx);
       so.cache_blocks = pool_blocks(*backend, opt.cache_memory_bytes, so.cache_blocks, so.ctx);
       {
         std::lock_guard<std::mutex> lock(scheduler_mu);

@@ -562,6 +562,32 @@ class DeviceLikeBackend final : public Backend {
   int64_t free_;
 };
 
+// The CPU engine recording the item sizes of every forward_batch step.
+class RecordingBackend final : public Backend {
+ public:
+  explicit RecordingBackend(Model& model) : cpu_(model) {}
+  const ModelConfig& config() const override { return cpu_.config(); }
+  uint64_t identity() const override { return cpu_.identity(); }
+  std::string device_name() const override { return "recording"; }
+  std::shared_ptr<BlockPool> new_pool(int64_t n) const override {
+    pools.push_back(cpu_.new_pool(n));
+    return pools.back();
+  }
+  std::vector<std::vector<float>> forward_batch(std::span<const Model::BatchItem> items) override {
+    std::vector<int64_t> sizes;
+    for (const Model::BatchItem& item : items) sizes.push_back(static_cast<int64_t>(item.tokens.size()));
+    steps.push_back(sizes);
+    return cpu_.forward_batch(items);
+  }
+  std::optional<int64_t> free_memory_bytes() const override { return std::nullopt; }
+
+  std::vector<std::vector<int64_t>> steps;
+  mutable std::vector<std::shared_ptr<BlockPool>> pools;  // every pool made, to see them released
+
+ private:
+  CpuBackend cpu_;
+};
+
 // The message of the dsv3::Error that `f` throws ("" if none).
 template <class F>
 std::string error_of(F f) {
@@ -571,6 +597,24 @@ std::string error_of(F f) {
     return std::string(e.what()) + " | hint: " + e.hint();
   }
   return {};
+}
+
+// warm_up runs the largest steps a scheduler sends, once each: a piece of min(step, ctx) tokens alone,
+// then pieces of at most 512 (and at most ctx) tokens adding up to the step; its pool holds nothing
+// afterwards (every block back in the free list).
+TEST_F(EngineTest, WarmUpRunsTheLargestStepsOnce) {
+  RecordingBackend rec(*model_);
+  warm_up(rec, 100, 64);
+  ASSERT_EQ(rec.steps.size(), 2u);
+  EXPECT_EQ(rec.steps[0], (std::vector<int64_t>{64}));
+  EXPECT_EQ(rec.steps[1], (std::vector<int64_t>{64, 36}));
+  warm_up(rec, 1200, 4096);
+  ASSERT_EQ(rec.steps.size(), 4u);
+  EXPECT_EQ(rec.steps[2], (std::vector<int64_t>{1200}));
+  EXPECT_EQ(rec.steps[3], (std::vector<int64_t>{512, 512, 176}));
+  ASSERT_EQ(rec.pools.size(), 2u);
+  for (const auto& pool : rec.pools) EXPECT_EQ(pool->free_blocks(), pool->total_blocks());
+  EXPECT_NE(error_of([&] { warm_up(rec, 0, 64); }), "");
 }
 
 // Items with a pick (Model::BatchItem::pick) come back as one value: the token that Sampler::sample picks
