@@ -127,8 +127,8 @@ std::vector<std::vector<float>> Model::batch_results(std::span<const BatchItem> 
   std::vector<int64_t> first(items.size() + 1, 0);  // each item's first row of `logits`
   for (size_t i = 0; i < items.size(); ++i)
     first[i + 1] = first[i] + (items[i].all_logits ? static_cast<int64_t>(items[i].tokens.size()) : 1);
-  // Items in parallel: a tempered pick over a flat distribution sorts most of the vocabulary (~25 ms for
-  // a nucleus of 90,000 tokens); draw_token does not throw.
+  // Items in parallel: a tempered pick weighs the whole vocabulary (~0.7-1.7 ms a row over 102,400
+  // logits on one core, docs/PERF.md); draw_token does not throw.
 #pragma omp parallel for schedule(dynamic) if (items.size() > 1)
   for (size_t i = 0; i < items.size(); ++i) {
     thread_local std::vector<int32_t> scratch;

@@ -3,7 +3,6 @@
 #include <algorithm>
 #include <cstring>
 #include <limits>
-#include <numeric>
 #include <vector>
 
 #include "core/threads.h"
@@ -214,37 +213,33 @@ int32_t draw_token(const float* x, int64_t n, const Draw& d, std::vector<int32_t
     count += std::fabs(x[i]) <= std::numeric_limits<float>::max();  // branch-free: vectorizes
   }
   ids.resize(count);
-  const bool top_k = d.top_k > 0 && d.top_k < static_cast<int64_t>(count);
-  if (top_k || d.top_p < 1.0f) {
-    thread_local std::vector<uint32_t> keys;
+  const bool top_k = d.top_k > 0 && d.top_k < static_cast<int64_t>(count), top_p = d.top_p < 1.0f;
+  thread_local std::vector<uint32_t> keys;  // the candidates' order keys, for the cuts
+  if (top_k || top_p) {
     keys.resize(count);
     for (size_t j = 0; j < count; ++j) keys[j] = order_key(x[ids[j]]);
-    if (top_k) keep_to_cut(ids, keys, nullptr, static_cast<double>(d.top_k));
-    if (d.top_p < 1.0f) {
-      thread_local std::vector<float> w;
-      w.resize(ids.size());
-      double total = 0.0;
-      for (size_t j = 0; j < ids.size(); ++j) {
-        w[j] = weight(ids[j]);
-        total += w[j];
-      }
-      keep_to_cut(ids, keys, &w, static_cast<double>(d.top_p) * total);
-    }
+  }
+  if (top_k) keep_to_cut(ids, keys, nullptr, static_cast<double>(d.top_k));
+  // The weights of what is left, computed once (keep_to_cut keeps them in step with ids).
+  thread_local std::vector<float> w;
+  w.resize(ids.size());
+  for (size_t j = 0; j < ids.size(); ++j) w[j] = weight(ids[j]);
+  if (top_p) {
+    double total = 0.0;
+    for (const float v : w) total += v;
+    keep_to_cut(ids, keys, &w, static_cast<double>(d.top_p) * total);
   }
 
   // min-p, then the draw: the first kept id at which the running mass exceeds u times the total.
   double total = 0.0;
-  for (int32_t id : ids) {
-    const float w = weight(id);
-    if (w >= d.min_p) total += w;
-  }
+  for (const float v : w)
+    if (v >= d.min_p) total += v;
   const double target = d.u * total;
   double mass = 0.0;
-  for (int32_t id : ids) {
-    const float w = weight(id);
-    if (w < d.min_p) continue;
-    mass += w;
-    if (mass > target) return id;
+  for (size_t j = 0; j < ids.size(); ++j) {
+    if (w[j] < d.min_p) continue;
+    mass += w[j];
+    if (mass > target) return ids[j];
   }
   return static_cast<int32_t>(std::find(x, x + n, m) - x);  // u within an ulp of 1: the best token
 }
