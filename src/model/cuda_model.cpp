@@ -611,11 +611,15 @@ struct CudaModel::Impl {
     if (!mla_prefill_enabled() || n < kMlaPrefillMinRows || keys <= s.prefill_keys) return;
     const ModelConfig& c = cfg;
     const int64_t H = c.num_attention_heads, W = c.kv_lora_rank + c.qk_rope_head_dim;
-    for (void* p : prefill_allocs) cudaFree(p);  // cudaFree waits for the device: no step still reads them
-    prefill_allocs.clear();
-    s.lat = s.kv = nullptr;
-    s.kv_split = nullptr;
-    s.prefill_keys = 0;
+    // cudaFree waits for the device: no step still reads the old buffers.
+    const auto release = [&] {
+      for (void* p : prefill_allocs) cudaFree(p);
+      prefill_allocs.clear();
+      s.lat = s.kv = nullptr;
+      s.kv_split = nullptr;
+      s.prefill_keys = 0;
+    };
+    release();
     try {
       auto f = [&](int64_t count, const char* what) {
         return static_cast<float*>(device_alloc(static_cast<size_t>(count) * sizeof(float), prefill_allocs, what));
@@ -625,11 +629,21 @@ struct CudaModel::Impl {
       s.kv_split = device_alloc(cuda::mla_prefill_work_bytes(keys, H), prefill_allocs, "prefill attention: split tiles");
       s.prefill_keys = keys;
     } catch (const Error&) {
-      for (void* p : prefill_allocs) cudaFree(p);
-      prefill_allocs.clear();
-      s.lat = s.kv = nullptr;
-      s.kv_split = nullptr;
+      release();
     }
+  }
+
+  // The setup of one sequence's step on forward()'s path (CudaModel::forward, forward_one): the
+  // non-absorbed attention's key buffers for its cached + new keys, the cuBLASLt choice for its rows, its
+  // tokens and first position uploaded; returns the StepCache over its device page table. The caller has
+  // sized the scratch for the step's rows.
+  StepCache one_sequence_step(std::span<const int32_t> tokens, float* const* page_table, int64_t pos0) {
+    const int64_t n = static_cast<int64_t>(tokens.size());
+    ensure_prefill_keys(n, pos0 + n);
+    lt_rows = lt_step(n);
+    DSV3_CUDA_CHECK(cudaMemcpyAsync(s.tokens, tokens.data(), static_cast<size_t>(n) * 4, cudaMemcpyHostToDevice, stream));
+    DSV3_CUDA_CHECK(cudaMemcpyAsync(s.pos, &pos0, 8, cudaMemcpyHostToDevice, stream));
+    return {{page_table, nullptr, cfg.num_hidden_layers, cfg.kv_lora_rank + cfg.qk_rope_head_dim}, s.pos, nullptr, pos0};
   }
 
   // Whether a forward()-path step of n rows runs its projections on cuBLASLt (CudaOptions::prefill_gemm).
@@ -648,19 +662,13 @@ struct CudaModel::Impl {
   // the host).
   std::vector<float> forward_one(const Model::BatchItem& item, int64_t n) {
     const LatentCache& cache = *item.cache;
-    const int64_t V = cfg.vocab_size, W = cfg.kv_lora_rank + cfg.qk_rope_head_dim;
-    ensure_prefill_keys(n, cache.length() + n);
+    const int64_t V = cfg.vocab_size;
     std::vector<float*> pages;
     for (int32_t b : cache.blocks()) pages.push_back(cache.pool().block_address(b));
     ensure_step_pages(static_cast<int64_t>(pages.size()));
-    const int64_t pos0 = cache.length();
     DSV3_CUDA_CHECK(cudaMemcpyAsync(step_pages, pages.data(), pages.size() * sizeof(float*), cudaMemcpyHostToDevice,
                                     stream));
-    DSV3_CUDA_CHECK(cudaMemcpyAsync(s.tokens, item.tokens.data(), static_cast<size_t>(n) * 4, cudaMemcpyHostToDevice,
-                                    stream));
-    DSV3_CUDA_CHECK(cudaMemcpyAsync(s.pos, &pos0, 8, cudaMemcpyHostToDevice, stream));
-    lt_rows = lt_step(n);
-    const StepCache sc{{step_pages, nullptr, cfg.num_hidden_layers, W}, s.pos, nullptr, pos0};
+    const StepCache sc = one_sequence_step(item.tokens, step_pages, cache.length());
     const RowRun head = item.all_logits ? RowRun{0, n} : RowRun{n - 1, 1};
     enqueue(n, std::span(&head, 1), sc);
     std::vector<float> logits(static_cast<size_t>(head.count * V));
@@ -1220,15 +1228,9 @@ std::vector<float> CudaModel::forward(std::span<const int32_t> tokens, CudaLaten
               cache.row_width() == cfg_.kv_lora_rank + cfg_.qk_rope_head_dim);
   cache.reserve(n);
   m.ensure_scratch(n);
-  m.ensure_prefill_keys(n, cache.length() + n);
-  m.lt_rows = m.lt_step(n);
-
-  const int64_t pos0 = cache.length();
-  DSV3_CUDA_CHECK(cudaMemcpyAsync(m.s.tokens, tokens.data(), static_cast<size_t>(n) * 4, cudaMemcpyHostToDevice, m.stream));
-  DSV3_CUDA_CHECK(cudaMemcpyAsync(m.s.pos, &pos0, 8, cudaMemcpyHostToDevice, m.stream));
+  const StepCache sc = m.one_sequence_step(tokens, cache.device_page_table(), cache.length());
 
   const int64_t first = (opt.all_logits || opt.final_hidden) ? 0 : n - 1;
-  const StepCache sc{{cache.device_page_table(), nullptr, cache.layers(), cache.row_width()}, m.s.pos, nullptr, pos0};
   const Impl::RowRun head{first, n - first};
   // The graph holds this cache's page table and the scratch buffers: recaptured when either changes.
   const bool graph_step = m.use_graphs && n == 1 && !opt.final_hidden;
