@@ -31,12 +31,13 @@ inline int32_t reference_draw(const std::vector<float>& x, const Draw& d) {
   const int32_t best = order.front();
   if (d.top_k > 0 && d.top_k < static_cast<int64_t>(order.size())) order.resize(static_cast<size_t>(d.top_k));
   if (d.top_p < 1.0f) {
-    double total = 0.0;
-    for (int32_t i : order) total += weight(i);
-    double mass = 0.0;
+    uint64_t total = 0;
+    for (int32_t i : order) total += mass_units(weight(i));
+    const auto need = static_cast<uint64_t>(std::ceil(static_cast<double>(d.top_p) * static_cast<double>(total)));
+    uint64_t mass = 0;
     for (size_t j = 0; j < order.size(); ++j) {
-      mass += weight(order[j]);
-      if (mass >= static_cast<double>(d.top_p) * total) {
+      mass += mass_units(weight(order[j]));
+      if (mass >= need) {
         order.resize(j + 1);
         break;
       }
@@ -44,10 +45,11 @@ inline int32_t reference_draw(const std::vector<float>& x, const Draw& d) {
   }
   std::erase_if(order, [&](int32_t i) { return weight(i) < d.min_p; });
   std::sort(order.begin(), order.end());
-  std::vector<double> cdf;
-  double mass = 0.0;
-  for (int32_t i : order) cdf.push_back(mass += weight(i));
-  const auto at = std::upper_bound(cdf.begin(), cdf.end(), d.u * mass);
+  std::vector<uint64_t> cdf;
+  uint64_t mass = 0;
+  for (int32_t i : order) cdf.push_back(mass += mass_units(weight(i)));
+  const double target = d.u * static_cast<double>(mass);
+  const auto at = std::find_if(cdf.begin(), cdf.end(), [&](uint64_t c) { return static_cast<double>(c) > target; });
   return at == cdf.end() ? best : order[static_cast<size_t>(at - cdf.begin())];
 }
 

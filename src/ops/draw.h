@@ -6,18 +6,41 @@
 //   Otherwise, with m the largest non-NaN logit and w(i) = exp((l_i - m) / T) in float arithmetic:
 //   1. candidates: the finite logits (NaN and -inf are never kept), ordered by (l desc, id asc);
 //   2. top_k > 0 keeps the first top_k of that order;
-//   3. top_p < 1 keeps the shortest prefix of what is left whose mass (sum of w, in that order) reaches
-//      top_p times the mass of everything left;
+//   3. top_p < 1 keeps the shortest prefix of what is left whose mass reaches ceil(top_p * M) (double
+//      arithmetic), M the mass of everything left;
 //   4. min_p drops the tokens with w < min_p (never the best: its w is 1).
-//   The kept set K is a prefix of the order. The pick: walk K in ascending id order summing w, and take
-//   the first token at which the running mass exceeds u * (mass of K); the best token if rounding lets
-//   none do (u within an ulp of 1). Masses are summed in double.
+//   The kept set K is a prefix of the order. The pick: walk K in ascending id order summing masses, and
+//   take the first token at which the running mass exceeds u * (mass of K) (compared in double); the
+//   best token if none does.
+//   Masses are sums of mass_units(w), integers (each w truncated to a multiple of 2^-40), so that they
+//   do not depend on the order of addition and the host and the GPU, which add in different orders,
+//   make the same cuts and draws whenever their weights agree (expf and std::exp may differ by an ulp).
 // Header-only and C++17 (the CUDA kernels include it).
 #pragma once
 
 #include <cstdint>
+#include <cstring>
+
+#if defined(__CUDACC__)
+#define DSV3_HOST_DEVICE __host__ __device__
+#else
+#define DSV3_HOST_DEVICE
+#endif
 
 namespace dsv3 {
+
+// A weight w in [0, 1] (the best token's is 1) as a count of 2^-40 units, truncated: a vocabulary's
+// total stays below 2^57.
+DSV3_HOST_DEVICE inline uint64_t mass_units(float w) { return static_cast<uint64_t>(static_cast<double>(w) * 0x1p40); }
+
+// A finite logit's place in the order of preference as an unsigned int: larger values get larger keys
+// (the float's bits made monotone, -0 as +0, which it equals).
+DSV3_HOST_DEVICE inline uint32_t order_key(float v) {
+  const float z = v == 0.0f ? 0.0f : v;
+  uint32_t b;
+  std::memcpy(&b, &z, 4);
+  return (b & 0x80000000u) ? ~b : (b | 0x80000000u);
+}
 
 struct Draw {
   float temperature = 0.0f;  // 0: greedy

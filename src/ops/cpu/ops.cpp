@@ -1,6 +1,7 @@
 #include "ops/cpu/ops.h"
 
 #include <algorithm>
+#include <cmath>
 #include <cstring>
 #include <limits>
 #include <vector>
@@ -129,34 +130,25 @@ float max_value(const float* x, int64_t n) {
   return m;
 }
 
-// A logit's place in the order of preference as an unsigned int: larger values get larger keys (the
-// float's bits made monotone, -0 as +0). Only finite values are keyed.
-uint32_t order_key(float v) {
-  uint32_t b;
-  const float z = v == 0.0f ? 0.0f : v;
-  std::memcpy(&b, &z, 4);
-  return (b & 0x80000000u) ? ~b : (b | 0x80000000u);
-}
-
 // The cut of the order (key desc, id asc) over the candidates where a running sum of their measures
-// (w[j], or 1 each without w), taken in that order, first reaches `need`: the key of the token at which
-// it does and the sum over the keys above it. A radix select over the keys' four bytes, high byte first
+// (m[j], or 1 each without m), taken in that order, first reaches `need`: the key of the token at which it
+// does and the sum over the keys above it. A radix select over the keys' four bytes, high byte first
 // (four passes, no sort): at each byte, the candidates that share the bytes chosen so far are binned by
-// this byte, and the bins are walked from the top until one reaches `need`. If rounding lets none do,
-// the cut is the lowest key (all kept). Masses are summed in double.
+// this byte, and the bins are walked from the top until one reaches `need`. The sums are integers, so
+// the GPU's (cuda::draw_rows, another order of addition) are the same.
 struct Cut {
   uint32_t key;
-  double above;
+  uint64_t above;
 };
-Cut radix_cut(const std::vector<uint32_t>& keys, const std::vector<float>* w, double need) {
+Cut radix_cut(const std::vector<uint32_t>& keys, const std::vector<uint64_t>* m, uint64_t need) {
   thread_local std::vector<uint32_t> active, next;  // candidates that share the bytes chosen so far
   active.resize(keys.size());
   for (size_t j = 0; j < keys.size(); ++j) active[j] = static_cast<uint32_t>(j);
   uint32_t prefix = 0;
-  double above = 0.0;
+  uint64_t above = 0;
   for (int shift = 24; shift >= 0; shift -= 8) {
-    double bins[256] = {};
-    for (uint32_t j : active) bins[(keys[j] >> shift) & 0xffu] += w ? (*w)[j] : 1.0;
+    uint64_t bins[256] = {};
+    for (uint32_t j : active) bins[(keys[j] >> shift) & 0xffu] += m ? (*m)[j] : 1;
     int b = 255;
     for (; b > 0; --b) {
       if (above + bins[b] >= need) break;
@@ -171,26 +163,29 @@ Cut radix_cut(const std::vector<uint32_t>& keys, const std::vector<float>* w, do
   return {prefix, above};
 }
 
-// Keeps, in id order, the candidates (ids, their keys and, if given, weights) above the cut, and those
-// at the cut key in id order while the running sum from the keys above has not reached `need` (the one
-// that reaches it stays): the shortest prefix of the order whose sum reaches `need`.
-void keep_to_cut(std::vector<int32_t>& ids, std::vector<uint32_t>& keys, std::vector<float>* w, double need) {
-  const Cut cut = radix_cut(keys, w, need);
-  double sum = cut.above;
+// Keeps, in id order, the candidates (ids, their keys and, if given, masses m and weights w) above the
+// cut, and those at the cut key in id order while the running sum from the keys above has not reached
+// `need` (the one that reaches it stays): the shortest prefix of the order whose sum reaches `need`.
+void keep_to_cut(std::vector<int32_t>& ids, std::vector<uint32_t>& keys, std::vector<uint64_t>* m, uint64_t need,
+                 std::vector<float>* w = nullptr) {
+  const Cut cut = radix_cut(keys, m, need);
+  uint64_t sum = cut.above;
   size_t kept = 0;
   for (size_t j = 0; j < ids.size(); ++j) {
     if (keys[j] < cut.key) continue;
     if (keys[j] == cut.key) {
       if (sum >= need) continue;
-      sum += w ? (*w)[j] : 1.0;
+      sum += m ? (*m)[j] : 1;
     }
     ids[kept] = ids[j];
     keys[kept] = keys[j];
+    if (m) (*m)[kept] = (*m)[j];
     if (w) (*w)[kept] = (*w)[j];
     ++kept;
   }
   ids.resize(kept);
   keys.resize(kept);
+  if (m) m->resize(kept);
   if (w) w->resize(kept);
 }
 
@@ -219,29 +214,33 @@ int32_t draw_token(const float* x, int64_t n, const Draw& d, std::vector<int32_t
     keys.resize(count);
     for (size_t j = 0; j < count; ++j) keys[j] = order_key(x[ids[j]]);
   }
-  if (top_k) keep_to_cut(ids, keys, nullptr, static_cast<double>(d.top_k));
-  // The weights of what is left, computed once (keep_to_cut keeps them in step with ids).
+  if (top_k) keep_to_cut(ids, keys, nullptr, static_cast<uint64_t>(d.top_k));
+  // The weights of what is left and their masses, computed once (keep_to_cut keeps them in step with ids).
   thread_local std::vector<float> w;
+  thread_local std::vector<uint64_t> mass;
   w.resize(ids.size());
-  for (size_t j = 0; j < ids.size(); ++j) w[j] = weight(ids[j]);
-  if (top_p) {
-    double total = 0.0;
-    for (const float v : w) total += v;
-    keep_to_cut(ids, keys, &w, static_cast<double>(d.top_p) * total);
+  mass.resize(ids.size());
+  uint64_t left = 0;
+  for (size_t j = 0; j < ids.size(); ++j) {
+    w[j] = weight(ids[j]);
+    left += mass[j] = mass_units(w[j]);
   }
+  if (top_p)
+    keep_to_cut(ids, keys, &mass, static_cast<uint64_t>(std::ceil(static_cast<double>(d.top_p) * static_cast<double>(left))),
+                &w);
 
   // min-p, then the draw: the first kept id at which the running mass exceeds u times the total.
-  double total = 0.0;
-  for (const float v : w)
-    if (v >= d.min_p) total += v;
-  const double target = d.u * total;
-  double mass = 0.0;
+  uint64_t total = 0;
+  for (size_t j = 0; j < ids.size(); ++j)
+    if (w[j] >= d.min_p) total += mass[j];
+  const double target = d.u * static_cast<double>(total);
+  uint64_t running = 0;
   for (size_t j = 0; j < ids.size(); ++j) {
     if (w[j] < d.min_p) continue;
-    mass += w[j];
-    if (mass > target) return ids[j];
+    running += mass[j];
+    if (static_cast<double>(running) > target) return ids[j];
   }
-  return static_cast<int32_t>(std::find(x, x + n, m) - x);  // u within an ulp of 1: the best token
+  return static_cast<int32_t>(std::find(x, x + n, m) - x);  // none (u near 1, tiny masses): the best token
 }
 
 }  // namespace dsv3::cpu

@@ -6,6 +6,7 @@
 #include "core/error.h"
 #include "ops/cuda/block.cuh"
 #include "ops/cuda/dequant.cuh"
+#include "ops/draw.h"
 
 namespace dsv3::cuda {
 
@@ -13,18 +14,9 @@ namespace {
 
 constexpr int kThreads = 1024;
 
-// A logit's place in the order of preference as an unsigned int: larger values get larger keys (the
-// float's bits made monotone, -0 as +0, which it equals). NaN and -inf, never kept, get 0, below every
-// finite value's key. (+inf does not occur: its rows are greedy.)
-__device__ uint32_t order_key(float v) {
-  if (!isfinite(v)) return 0;
-  const uint32_t b = __float_as_uint(v == 0.0f ? 0.0f : v);
-  return (b & 0x80000000u) ? ~b : (b | 0x80000000u);
-}
-
-__device__ float value_of_key(uint32_t k) {
-  return __uint_as_float((k & 0x80000000u) ? (k & 0x7fffffffu) : ~k);
-}
+// ops/draw.h's order key of a finite value (at least 0x00800000), 0 for NaN and -inf, which are never
+// kept. (+inf does not occur: its rows are greedy.)
+__device__ uint32_t key_of(float v) { return isfinite(v) ? order_key(v) : 0; }
 
 // The largest non-NaN value of x[0..n) and its lowest index (at = n when every value is NaN), in every
 // thread: each thread scans its strided indices keeping the first strictly larger value, then the block
@@ -67,12 +59,96 @@ __device__ Best block_best(const float* x, int n) {
   return {best, at};
 }
 
+// The candidates of a cut: the finite tokens of the row inside the kept prefix so far, the prefix of the
+// order (key desc, id asc) that ends at the token (key, id); at first every finite token.
+struct Prefix {
+  uint32_t key = 1;
+  int id = INT_MAX;
+  __device__ bool holds(uint32_t k, int i) const { return k > key || (k == key && i <= id); }
+};
+
+// Shared state of the radix select: kCopies histograms of 256 bins (warp w adds into copy w % kCopies, so
+// that warps seldom wait on one another's atomics), their sums, and the bin the block chose.
+constexpr int kCopies = 8;
+struct RadixShared {
+  unsigned long long bins[kCopies][256];
+  unsigned long long sums[256];
+  int chosen;
+  unsigned long long above;
+};
+
+// draw.h's cut inside `in`: the shortest prefix of the order whose measure (1 per token, or its
+// mass_units) reaches `need`. A radix select over the keys' four bytes, high byte first, as
+// cpu::draw_token's: per byte one pass over the row into the shared histograms, then one thread walks
+// the bins from the top; integer sums, so the host's cut is the same whatever the order of addition.
+// The tokens at the cut key are then taken in id order until the sum reaches `need` (a block-wide scan
+// over contiguous runs of ids): the returned prefix ends at the one that reaches it.
+template <class Measure>
+__device__ Prefix radix_cut(const float* x, int n, Prefix in, Measure measure, unsigned long long need,
+                            RadixShared& rs, unsigned long long* scan_scratch, int& first) {
+  uint32_t prefix = 0, mask = 0;
+  unsigned long long above = 0;
+  for (int shift = 24; shift >= 0; shift -= 8) {
+    for (int i = threadIdx.x; i < kCopies * 256; i += blockDim.x) (&rs.bins[0][0])[i] = 0;
+    __syncthreads();
+    unsigned long long* mine = rs.bins[(threadIdx.x / 32) % kCopies];
+    for (int i = threadIdx.x; i < n; i += blockDim.x) {
+      const float v = x[i];
+      const uint32_t k = key_of(v);
+      if (k != 0 && (k & mask) == prefix && in.holds(k, i)) atomicAdd(&mine[(k >> shift) & 0xffu], measure(v));
+    }
+    __syncthreads();
+    for (int b = threadIdx.x; b < 256; b += blockDim.x) {
+      unsigned long long s = 0;
+      for (int c = 0; c < kCopies; ++c) s += rs.bins[c][b];
+      rs.sums[b] = s;
+    }
+    __syncthreads();
+    if (threadIdx.x == 0) {
+      int b = 255;
+      for (; b > 0; --b) {
+        if (above + rs.sums[b] >= need) break;
+        above += rs.sums[b];
+      }
+      rs.chosen = b;
+      rs.above = above;
+    }
+    __syncthreads();
+    prefix |= static_cast<uint32_t>(rs.chosen) << shift;
+    mask |= 0xffu << shift;
+    above = rs.above;
+  }
+  // The tokens at key `prefix`, in id order: each thread takes a contiguous run of ids.
+  const int per = (n + static_cast<int>(blockDim.x) - 1) / static_cast<int>(blockDim.x);
+  const int begin = min(n, static_cast<int>(threadIdx.x) * per), end = min(n, begin + per);
+  unsigned long long local = 0;
+  for (int i = begin; i < end; ++i)
+    if (key_of(x[i]) == prefix && in.holds(prefix, i)) local += measure(x[i]);
+  unsigned long long total = 0;
+  unsigned long long sum = above + block_exclusive_scan(local, scan_scratch, total);
+  if (threadIdx.x == 0) first = INT_MAX;
+  __syncthreads();
+  for (int i = begin; i < end; ++i) {
+    if (key_of(x[i]) != prefix || !in.holds(prefix, i)) continue;
+    sum += measure(x[i]);
+    if (sum >= need) {
+      atomicMin(&first, i);
+      break;
+    }
+  }
+  __syncthreads();
+  Prefix out;
+  out.key = prefix;
+  out.id = first;  // INT_MAX: every token at the key (only when rounding never let the sum reach `need`)
+  return out;
+}
+
 // One block per row. Every branch below depends only on the row's Draw and block-wide results, so all
 // threads take it together (the reductions synchronize).
 __global__ void __launch_bounds__(kThreads) draw_kernel(const DrawParams p) {
-  __shared__ int count_scratch[32];
-  __shared__ double mass_scratch[32];
-  __shared__ int first_crossing;
+  __shared__ RadixShared rs;
+  __shared__ unsigned long long scan_scratch[32];
+  __shared__ int first;
   const int n = static_cast<int>(p.n);
   const float* x = p.x + static_cast<int64_t>(blockIdx.x) * p.ld;
   const Draw d = p.draws[blockIdx.x];
@@ -86,79 +162,26 @@ __global__ void __launch_bounds__(kThreads) draw_kernel(const DrawParams p) {
   }
   // The same float expression as cpu::draw_token (IEEE division; expf within 2 ulp of the host's).
   const auto weight = [&](float v) { return expf((v - m) / d.temperature); };
+  const auto units = [&](float v) { return static_cast<unsigned long long>(mass_units(weight(v))); };
+  const auto one = [](float) { return 1ull; };
 
-  // The kept set before min-p is the prefix of the order (key desc, id asc) that ends at the token
-  // (cut_key, cut_id); at first, every finite value.
-  uint32_t cut_key = 1;
-  int cut_id = n;
-  const auto in_prefix = [&](uint32_t k, int i) { return k > cut_key || (k == cut_key && i <= cut_id); };
-  // How many tokens of the prefix have a key >= t, and their mass.
-  const auto count_from = [&](uint32_t t) {
-    int c = 0;
-    for (int i = threadIdx.x; i < n; i += blockDim.x) {
-      const uint32_t k = order_key(x[i]);
-      c += k >= t && in_prefix(k, i);
-    }
-    return block_sum(c, count_scratch);
-  };
-  const auto mass_from = [&](uint32_t t) {
-    double s = 0.0;
-    for (int i = threadIdx.x; i < n; i += blockDim.x) {
-      const uint32_t k = order_key(x[i]);
-      if (k >= t && in_prefix(k, i)) s += weight(x[i]);
-    }
-    return block_sum(s, mass_scratch);
-  };
-  // The largest key t >= 1 for which enough(t) holds, where enough(1) holds and enough(t) implies
-  // enough(t') for every t' < t: a binary search over the 32-bit keys, one block reduction a step.
-  const auto largest_key = [&](auto enough) {
-    uint32_t lo = 1, hi = 0xffffffffu;
-    while (lo < hi) {
-      const uint32_t mid = lo + (hi - lo + 1) / 2;
-      if (enough(mid)) lo = mid;
-      else hi = mid - 1;
-    }
-    return lo;
-  };
-  // The id of the r-th (from 1) token of key t in the prefix, in id order: ties in value go to the
-  // lower id. A binary search over ids.
-  const auto nth_of_key = [&](uint32_t t, int r) {
-    int lo = 0, hi = n - 1;
-    while (lo < hi) {
-      const int mid = lo + (hi - lo) / 2;
-      int c = 0;
-      for (int i = threadIdx.x; i < n; i += blockDim.x) {
-        const uint32_t k = order_key(x[i]);
-        c += k == t && i <= mid && in_prefix(k, i);
-      }
-      if (block_sum(c, count_scratch) >= r) hi = mid;
-      else lo = mid + 1;
-    }
-    return lo;
-  };
-
-  // top-k: the k-th key in the order, and among the tokens of that key the (k - above)-th by id.
+  // The kept prefix before min-p: top_k, then top_p inside it.
+  Prefix kept;
   if (d.top_k > 0 && d.top_k < n) {
-    const int k = static_cast<int>(d.top_k);
-    if (count_from(1) > k) {
-      const uint32_t t = largest_key([&](uint32_t v) { return count_from(v) >= k; });
-      const int above = count_from(t + 1), ties = count_from(t) - above;
-      cut_id = ties > k - above ? nth_of_key(t, k - above) : n;
-      cut_key = t;
-    }
+    unsigned long long finite = 0;
+    for (int i = threadIdx.x; i < n; i += blockDim.x) finite += key_of(x[i]) != 0;
+    if (block_sum(finite, scan_scratch) > static_cast<unsigned long long>(d.top_k))
+      kept = radix_cut(x, n, kept, one, static_cast<unsigned long long>(d.top_k), rs, scan_scratch, first);
   }
-  // top-p: the key t at which the mass from the top reaches the target, then how many of its tokens
-  // (each of the same weight) the host's one-by-one sum would add before reaching it.
   if (d.top_p < 1.0f) {
-    const double target = static_cast<double>(d.top_p) * mass_from(1);
-    const uint32_t t = largest_key([&](uint32_t v) { return mass_from(v) >= target; });
-    const double above = mass_from(t + 1);
-    const int ties = count_from(t) - count_from(t + 1);
-    const double need = ceil((target - above) / static_cast<double>(weight(value_of_key(t))));
-    const int r = need >= ties ? ties : max(1, static_cast<int>(need));
-    const int id = r < ties ? nth_of_key(t, r) : (t == cut_key ? cut_id : n);
-    cut_id = id;
-    cut_key = t;
+    unsigned long long total = 0;
+    for (int i = threadIdx.x; i < n; i += blockDim.x) {
+      const uint32_t k = key_of(x[i]);
+      if (k != 0 && kept.holds(k, i)) total += units(x[i]);
+    }
+    total = block_sum(total, scan_scratch);
+    const auto need = static_cast<unsigned long long>(ceil(static_cast<double>(d.top_p) * static_cast<double>(total)));
+    kept = radix_cut(x, n, kept, units, need, rs, scan_scratch, first);
   }
 
   // min-p, then the draw: each thread takes a contiguous run of ids, so that thread order is id order;
@@ -166,30 +189,29 @@ __global__ void __launch_bounds__(kThreads) draw_kernel(const DrawParams p) {
   // the running mass exceeds u times the total wins.
   const int per = (n + static_cast<int>(blockDim.x) - 1) / static_cast<int>(blockDim.x);
   const int begin = min(n, static_cast<int>(threadIdx.x) * per), end = min(n, begin + per);
-  double local = 0.0;
-  for (int i = begin; i < end; ++i) {
-    if (!in_prefix(order_key(x[i]), i)) continue;
-    const float w = weight(x[i]);
-    if (w >= d.min_p) local += w;
-  }
-  double total = 0.0;
-  double mass = block_exclusive_scan(local, mass_scratch, total);
-  const double target = d.u * total;
-  if (threadIdx.x == 0) first_crossing = n;
+  const auto drawn = [&](int i) {
+    const uint32_t k = key_of(x[i]);
+    return k != 0 && kept.holds(k, i) && weight(x[i]) >= d.min_p;
+  };
+  unsigned long long local = 0;
+  for (int i = begin; i < end; ++i)
+    if (drawn(i)) local += units(x[i]);
+  unsigned long long total = 0;
+  unsigned long long running = block_exclusive_scan(local, scan_scratch, total);
+  const double target = d.u * static_cast<double>(total);
+  if (threadIdx.x == 0) first = INT_MAX;
   __syncthreads();
   for (int i = begin; i < end; ++i) {
-    if (!in_prefix(order_key(x[i]), i)) continue;
-    const float w = weight(x[i]);
-    if (w < d.min_p) continue;
-    mass += w;
-    if (mass > target) {
-      atomicMin(&first_crossing, i);
+    if (!drawn(i)) continue;
+    running += units(x[i]);
+    if (static_cast<double>(running) > target) {
+      atomicMin(&first, i);
       break;
     }
   }
   __syncthreads();
-  // None: rounding with u within an ulp of 1; the best token, as on the host.
-  if (threadIdx.x == 0) p.ids[blockIdx.x] = first_crossing < n ? first_crossing : best.at;
+  // None: u near 1 or masses below one unit; the best token, as on the host.
+  if (threadIdx.x == 0) p.ids[blockIdx.x] = first < n ? first : best.at;
 }
 
 }  // namespace
