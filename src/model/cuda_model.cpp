@@ -195,6 +195,14 @@ int64_t auto_lt_rows() {
   return n;
 }
 
+// Whether a cuBLASLt step runs the routed experts' MLP as one call (cuda::linear_lt_grouped_mlp: SwiGLU
+// written as the down projection's FP8 operand, the plan read once): on unless DSV3_LT_FUSED_MLP=0
+// (measurement; the same bytes either way). Read once.
+bool lt_fused_mlp_enabled() {
+  static const bool on = cuda::env_enabled("DSV3_LT_FUSED_MLP");
+  return on;
+}
+
 // How grouped expert projections run: DSV3_MOE_MMA=0 the gathered fp32 GEMV (cuda::linear), =hi the
 // tensor-core kernel with bf16 inputs only (measurement), otherwise (default) the tensor-core kernel
 // with inputs as bf16 hi + lo (cuda::expert_mma). Read once.
@@ -1001,9 +1009,6 @@ struct CudaModel::Impl {
     gu.gather = s.gather;
     gu.gather_expert = s.gather_expert;
     gu.gather_chunks = chunks;
-    const MoeMma mma = moe_mma_mode();
-    run_grouped(gu, mma);
-    if (separate_shared) swiglu_down(L.shared, s.act_shared, n);
     cuda::LinearParams down = lin(L.expert_shape.down, s.act, I, n * slots, s.moe_out, D);
     down.experts = L.expert_down;
     down.ids = s.ids;
@@ -1011,7 +1016,16 @@ struct CudaModel::Impl {
     down.gather = s.gather;
     down.gather_expert = s.gather_expert;
     down.gather_chunks = chunks;
-    run_grouped(down, mma);
+    // On cuBLASLt the pair's SwiGLU goes straight into the down projection's operand (one call); the
+    // shared experts' down projection adds into the residual before the combine either way.
+    if (lt_fused_mlp_enabled() && cuda::linear_lt_grouped_mlp(gu, down)) {
+      if (separate_shared) swiglu_down(L.shared, s.act_shared, n);
+    } else {
+      const MoeMma mma = moe_mma_mode();
+      run_grouped(gu, mma);
+      if (separate_shared) swiglu_down(L.shared, s.act_shared, n);
+      run_grouped(down, mma);
+    }
     cuda::moe_combine({s.moe_out, s.wts, n, k, slots, D, s.x, D, stream});
   }
 

@@ -1519,6 +1519,34 @@ TEST_F(CudaOps, GroupedLtMatchesTensorCoreKernel) {
     EXPECT_EQ(Dev::get(lt.y, act.size()), one_wave_gu) << dtype_name(dt) << " gate/up in waves";
     EXPECT_EQ(Dev::get(dn.y, down.size()), one_wave_dn) << dtype_name(dt) << " down in waves";
 
+    // Each token quantized once and its codes gathered per slot (the default) against each slot's row
+    // quantized again (DSV3_LT_QUANT_ONCE=0): quantization is per row, so the same bits.
+    ASSERT_EQ(setenv("DSV3_LT_QUANT_ONCE", "0", 1), 0);
+    lt.y = dev.poisoned(act.size());
+    const bool ran_per_slot = cuda::linear_lt_grouped(lt);
+    unsetenv("DSV3_LT_QUANT_ONCE");
+    ASSERT_TRUE(ran_per_slot);
+    EXPECT_EQ(Dev::get(lt.y, act.size()), one_wave_gu) << dtype_name(dt) << " gate/up quantized per slot";
+
+    // The whole MLP in one call (the pair's SwiGLU written as down's quantized operand): the same bits
+    // in down.y as the two calls above (gu.y is not written).
+    {
+      cuda::LinearParams pair = lt;
+      pair.y = dev.poisoned(act.size());
+      ASSERT_TRUE(cuda::linear_lt_grouped(pair));
+      cuda::LinearParams two = grouped_down(ds, pair, dev.poisoned(down.size()));  // reads the pair's lt rows
+      two.lt = true;
+      ASSERT_TRUE(cuda::linear_lt_grouped(two));
+      cuda::LinearParams dn2 = grouped_down(ds, pair, dev.poisoned(down.size()));
+      dn2.lt = true;
+      ASSERT_TRUE(cuda::linear_lt_grouped_mlp(pair, dn2)) << dtype_name(dt);
+      EXPECT_EQ(Dev::get(dn2.y, down.size()), Dev::get(two.y, down.size()))
+          << dtype_name(dt) << " gate/up + down in one call";
+      cuda::LinearParams plain = dn2;
+      plain.x_div = 2;  // not the pair's operand rows: refused, nothing enqueued
+      EXPECT_FALSE(cuda::linear_lt_grouped_mlp(pair, plain));
+    }
+
     // Each expert's gate and up as the two halves of one [2I x D] matrix (as CudaModel uploads routed
     // experts): cuBLASLt runs the pair as one GEMM. Against the tensor-core kernel on the same tables.
     ExpertSet pairs = make_experts(rng, dev, dt, E, 2 * I, D), gs2, us2;

@@ -62,6 +62,8 @@ bool ensure(DevBuf& b, size_t bytes, bool capturing) {
 struct StreamBufs {
   DevBuf act, scales, wscales, gate, up, workspace;
   DevBuf prob, row_seg, seg_rows;  // the grouped MoE's row lists (linear_lt_grouped)
+  DevBuf tok_act, tok_scales;      // its tokens quantized once each, before the gather
+  DevBuf down_act, down_scales;    // the down projection's operand, written by the gate/up epilogue
 };
 
 // One cached matmul description per (dtype, out, n, k, ld of D, D in bf16): the heuristic runs once per shape.
@@ -280,6 +282,12 @@ constexpr int kSideStreams = 4;
 // or DSV3_LT_WAVE_ROWS (read at every call, so that tests can force many waves on small problems).
 int64_t wave_rows_limit() { return env_positive("DSV3_LT_WAVE_ROWS", 32768); }
 
+// Whether a grouped projection whose problems share token rows (x_div > 1: the gate/up pair, each token
+// routed to several experts) quantizes each token once and gathers the codes (gather_quantized) instead
+// of quantizing a token's fp32 row again for every slot: the same bytes, a fraction of the reads. On
+// unless DSV3_LT_QUANT_ONCE=0 (read at every call, so that tests can compare both).
+bool quantize_once_enabled() { return env_enabled("DSV3_LT_QUANT_ONCE"); }
+
 // Whether the grouped projections' GEMMs write bf16 scratch (half the bytes the epilogue reads; the
 // values then carry bf16's rounding before SwiGLU or the combine, well under what FP8 activations already
 // cost): on unless DSV3_LT_BF16_OUT=0 (measurement). Read once.
@@ -308,6 +316,239 @@ Sides& sides_for(cudaStream_t main) {
   return sd;
 }
 
+// Whether p is a grouped projection linear_lt_grouped takes (its shape checks; the capture test apart).
+bool grouped_eligible(const LinearParams& p) {
+  if (!p.lt || !p.gather || !p.experts || p.combine || p.fixed_experts > 0 || p.n < lt_min_rows()) return false;
+  if (p.row0 != 0 || (p.group_rows > 0 && p.group_rows < p.out)) return false;
+  const DeviceMatrix& w = p.w;
+  const bool fp8 = w.dtype == DType::F8_E4M3;
+  if (!fp8 && w.dtype != DType::BF16) return false;
+  const int64_t m = p.out, k = w.cols, elem = fp8 ? 1 : 2;
+  if ((k * elem) % 16 != 0 || p.ldx < k || p.ldy % 4 != 0 || !aligned16(p.y) || m % 4 != 0) return false;
+  if (fp8 && (w.block_rows != 128 || w.block_cols != 128 || k % 128 != 0)) return false;
+  return true;
+}
+
+bool capturing(cudaStream_t stream) {
+  cudaStreamCaptureStatus cap = cudaStreamCaptureStatusNone;
+  DSV3_CUDA_CHECK(cudaStreamIsCapturing(stream, &cap));
+  return cap != cudaStreamCaptureStatusNone;
+}
+
+size_t sz(int64_t v) { return static_cast<size_t>(v); }
+
+// The host side of moe_plan's lists, shared by the grouped projections over them: the segments (one per
+// expert that has problems, padded to 64 rows), each operand row's problem (-1: padding) and segment on
+// the device (b.prob, b.row_seg, b.seg_rows).
+struct GroupedPlan {
+  std::vector<Segment> segs;
+  int64_t total = 0, widest = 0;
+  int32_t experts = 0;  // 1 + the largest expert named
+  const int32_t* prob = nullptr;
+  const int32_t* row_seg = nullptr;
+  const int32_t* seg_rows = nullptr;
+};
+
+// Reads p's plan (one synchronization) and uploads its row lists. False: nothing is routed.
+bool fetch_plan(const LinearParams& p, StreamBufs& b, GroupedPlan& plan) {
+  std::vector<int32_t> chunk_expert(sz(p.gather_chunks)), gather(sz(p.gather_chunks * kExpertChunk));
+  DSV3_CUDA_CHECK(cudaMemcpyAsync(chunk_expert.data(), p.gather_expert, chunk_expert.size() * 4,
+                                  cudaMemcpyDeviceToHost, p.stream));
+  DSV3_CUDA_CHECK(cudaMemcpyAsync(gather.data(), p.gather, gather.size() * 4, cudaMemcpyDeviceToHost, p.stream));
+  DSV3_CUDA_CHECK(cudaStreamSynchronize(p.stream));
+  for (int64_t c = 0; c < p.gather_chunks; ++c) {
+    const int32_t e = chunk_expert[sz(c)];
+    if (e < 0) continue;
+    if (plan.segs.empty() || plan.segs.back().e != e) plan.segs.push_back({e, c, 0, 0, 0});
+    plan.segs.back().problems += kExpertChunk;
+    plan.experts = std::max(plan.experts, e + 1);
+  }
+  if (plan.segs.empty()) return false;
+  for (Segment& sg : plan.segs) {
+    sg.row0 = plan.total;
+    sg.rows = (sg.problems + 63) / 64 * 64;
+    plan.total += sg.rows;
+    plan.widest = std::max(plan.widest, sg.rows);
+  }
+  std::vector<int32_t> prob(sz(plan.total), -1), row_seg(sz(plan.total)), seg_rows;
+  for (size_t i = 0; i < plan.segs.size(); ++i) {
+    const Segment& sg = plan.segs[i];
+    for (int64_t r = 0; r < sg.rows; ++r) {
+      row_seg[sz(sg.row0 + r)] = static_cast<int32_t>(i);
+      if (r < sg.problems) prob[sz(sg.row0 + r)] = gather[sz(sg.c0 * kExpertChunk + r)];
+    }
+    seg_rows.push_back(static_cast<int32_t>(sg.row0));
+    seg_rows.push_back(static_cast<int32_t>(sg.rows));
+  }
+  ensure(b.prob, prob.size() * 4, false);
+  ensure(b.row_seg, row_seg.size() * 4, false);
+  ensure(b.seg_rows, seg_rows.size() * 4, false);
+  // Pageable sources: cudaMemcpyAsync has staged them by the time it returns.
+  DSV3_CUDA_CHECK(cudaMemcpyAsync(b.prob.ptr, prob.data(), prob.size() * 4, cudaMemcpyHostToDevice, p.stream));
+  DSV3_CUDA_CHECK(cudaMemcpyAsync(b.row_seg.ptr, row_seg.data(), row_seg.size() * 4, cudaMemcpyHostToDevice, p.stream));
+  DSV3_CUDA_CHECK(cudaMemcpyAsync(b.seg_rows.ptr, seg_rows.data(), seg_rows.size() * 4, cudaMemcpyHostToDevice, p.stream));
+  plan.prob = static_cast<const int32_t*>(b.prob.ptr);
+  plan.row_seg = static_cast<const int32_t*>(b.row_seg.ptr);
+  plan.seg_rows = static_cast<const int32_t*>(b.seg_rows.ptr);
+  return true;
+}
+
+// Copies `count` entries of a device expert table to the host (asynchronously: synchronize before use).
+std::vector<MatrixPtrs> fetch_table(const MatrixPtrs* table, int32_t count, cudaStream_t stream) {
+  std::vector<MatrixPtrs> host(sz(count));
+  DSV3_CUDA_CHECK(cudaMemcpyAsync(host.data(), table, host.size() * sizeof(MatrixPtrs), cudaMemcpyDeviceToHost, stream));
+  return host;
+}
+
+// One grouped projection's GEMMs: its experts' matrices (a SwiGLU pair's second ones in table2) and how
+// each segment runs. An expert's gate/up pair stored as one [2m x k] matrix (up's rows and FP8 scale rows
+// right after gate's, as CudaModel uploads routed experts) runs as one GEMM of twice the width: fewer
+// calls, wider tiles. Either way a pair's output row holds gate's m values, then up's (ld_tmp apart).
+struct GroupedGemms {
+  std::vector<MatrixPtrs> table, table2;
+  bool fp8 = false, dual = false, bf16_out = false;
+  int64_t m = 0, k = 0, elem = 0, mb = 0, kb = 0, ld_tmp = 0;
+  std::vector<char> fused;
+};
+
+// Fills g's shape facts for p's segments and checks that cuBLASLt has every GEMM: false if not. bf16
+// scratch needs 16-byte aligned rows and halves (m a multiple of 8) and cuBLASLt's bf16 output for every
+// shape; else fp32 scratch.
+bool plan_gemms(State& s, const LinearParams& p, const GroupedPlan& plan, GroupedGemms& g) {
+  g.fp8 = p.w.dtype == DType::F8_E4M3;
+  g.dual = p.experts2 != nullptr;
+  g.m = p.out;
+  g.k = p.w.cols;
+  g.elem = g.fp8 ? 1 : 2;
+  g.kb = (g.k + 127) / 128;
+  g.mb = (g.m + 127) / 128;
+  g.fused.assign(plan.segs.size(), 0);
+  for (size_t i = 0; i < plan.segs.size() && g.dual; ++i) {
+    const MatrixPtrs &a = g.table[sz(plan.segs[i].e)], &c = g.table2[sz(plan.segs[i].e)];
+    g.fused[i] = c.data == static_cast<const uint8_t*>(a.data) + g.m * g.k * g.elem &&
+                 (!g.fp8 || (g.m % 128 == 0 && c.scale_inv == a.scale_inv + g.mb * g.kb));
+  }
+  g.ld_tmp = ((g.dual ? 2 * g.m : g.m) + 7) / 8 * 8;
+  static const float dummy_scale = 1.0f;  // run_gemm sets the real scale pointers
+  auto plans_ok = [&](bool bf16_out) {
+    for (size_t i = 0; i < plan.segs.size(); ++i)
+      if (!plan_for(s, g.fp8, g.fused[i] ? 2 * g.m : g.m, plan.segs[i].rows, g.k, g.ld_tmp, &dummy_scale, &dummy_scale,
+                    bf16_out).ok)
+        return false;
+    return true;
+  };
+  g.bf16_out = bf16_scratch_enabled() && g.m % 8 == 0 && plans_ok(true);
+  return g.bf16_out || plans_ok(false);
+}
+
+// The GEMMs of one grouped projection over its operand (act, act_scales: rows in plan's segment order),
+// in waves of segments on the side streams into the scratch b.gate, then per wave epilogue(scratch,
+// rows, w0) on p.stream for the wave's operand rows w0 .. w0 + rows.
+template <class Epilogue>
+void run_waves(State& s, const LinearParams& p, const GroupedPlan& plan, const GroupedGemms& g, const void* act,
+               const float* act_scales, Epilogue epilogue) {
+  StreamBufs& b = s.bufs[p.stream];
+  Sides& sd = sides_for(p.stream);
+  const bool pad_scales = g.fp8 && g.kb % 4 != 0;
+  const int64_t l4 = (g.kb + 3) / 4 * 4, out_elem = g.bf16_out ? 2 : 4;
+  const int64_t wave_rows = std::max(std::min(wave_rows_limit(), plan.total), plan.widest);
+  const int64_t pad_floats = (g.dual ? 2 : 1) * g.mb * l4;  // one expert's padded weight scales
+  if (pad_scales) ensure(b.wscales, sz(static_cast<int64_t>(plan.segs.size()) * pad_floats * 4), false);
+  ensure(b.gate, sz(wave_rows * g.ld_tmp * out_elem), false);
+
+  // Every expert's weight scales in cuBLASLt's padded layout, each in its own slot (the side streams
+  // read them concurrently), copied on the main stream before the fork.
+  std::vector<const float*> sa(plan.segs.size()), sb(plan.segs.size());
+  for (size_t i = 0; i < plan.segs.size(); ++i) {
+    sa[i] = g.table[sz(plan.segs[i].e)].scale_inv;
+    sb[i] = g.dual ? g.table2[sz(plan.segs[i].e)].scale_inv : nullptr;
+    if (!pad_scales) continue;
+    pad_weight_scales(static_cast<float*>(b.wscales.ptr) + static_cast<int64_t>(i) * pad_floats, g.mb, g.kb, sa[i],
+                      sb[i], p.stream);
+  }
+
+  uint8_t* scratch = static_cast<uint8_t*>(b.gate.ptr);  // fp32 or bf16 rows of ld_tmp values
+  for (size_t first = 0; first < plan.segs.size();) {
+    // The wave: segments first .. last - 1, at most wave_rows rows.
+    size_t last = first;
+    const int64_t w0 = plan.segs[first].row0;
+    while (last < plan.segs.size() && plan.segs[last].row0 + plan.segs[last].rows - w0 <= wave_rows) ++last;
+    DSV3_CUDA_CHECK(cudaEventRecord(sd.fork, p.stream));
+    for (int i = 0; i < kSideStreams; ++i) DSV3_CUDA_CHECK(cudaStreamWaitEvent(sd.stream[i], sd.fork));
+    for (size_t i = first; i < last; ++i) {
+      const Segment& sg = plan.segs[i];
+      const int side = static_cast<int>((i - first) % kSideStreams);
+      const void* a = static_cast<const uint8_t*>(act) + sg.row0 * g.k * g.elem;
+      const float* a_scale = g.fp8 ? act_scales + g.kb * sg.row0 : nullptr;
+      void* ws = sd.workspace[side].ptr;
+      uint8_t* out = scratch + (sg.row0 - w0) * g.ld_tmp * out_elem;
+      run_gemm(s, ws, g.fp8, g.fused[i] ? 2 * g.m : g.m, sg.rows, g.k, g.table[sz(sg.e)].data, sa[i], a, a_scale, out,
+               g.ld_tmp, false, sd.stream[side], g.bf16_out);
+      if (g.dual && !g.fused[i])
+        run_gemm(s, ws, g.fp8, g.m, sg.rows, g.k, g.table2[sz(sg.e)].data, sb[i], a, a_scale, out + g.m * out_elem,
+                 g.ld_tmp, false, sd.stream[side], g.bf16_out);
+    }
+    for (int i = 0; i < kSideStreams; ++i) {
+      DSV3_CUDA_CHECK(cudaEventRecord(sd.join[i], sd.stream[i]));
+      DSV3_CUDA_CHECK(cudaStreamWaitEvent(p.stream, sd.join[i]));
+    }
+    epilogue(scratch, plan.segs[last - 1].row0 + plan.segs[last - 1].rows - w0, w0);
+    first = last;
+  }
+}
+
+// p's operand in b.act / b.scales: its problems' input rows (normed when p.norm) quantized in segment
+// order. Problems that share a token row (x_div > 1) take the token's codes quantized once
+// (quantize_once_enabled); otherwise each row is quantized from x.
+void quantize_operand(const LinearParams& p, const GroupedPlan& plan, StreamBufs& b, int64_t k, bool fp8) {
+  const int64_t elem = fp8 ? 1 : 2, kb = (k + 127) / 128;
+  ensure(b.act, sz(plan.total * k * elem), false);
+  if (fp8) ensure(b.scales, sz(kb * plan.total * 4), false);
+  if (p.x_div > 1 && quantize_once_enabled()) {
+    const int64_t tokens = (p.n + p.x_div - 1) / p.x_div;
+    ensure(b.tok_act, sz(tokens * k * elem), false);
+    if (fp8) ensure(b.tok_scales, sz(kb * tokens * 4), false);
+    ActQuantParams q = act_quant(p, b, tokens, k, fp8);
+    q.q = b.tok_act.ptr;
+    q.scales = fp8 ? static_cast<float*>(b.tok_scales.ptr) : nullptr;
+    quantize_activations(q);
+    GatherQuantParams gq;
+    gq.src = b.tok_act.ptr;
+    gq.src_scales = q.scales;
+    gq.tokens = tokens;
+    gq.n = plan.total;
+    gq.k = k;
+    gq.fp8 = fp8;
+    gq.q = b.act.ptr;
+    gq.scales = fp8 ? static_cast<float*>(b.scales.ptr) : nullptr;
+    gq.rows = plan.prob;
+    gq.x_div = p.x_div;
+    gq.row_seg = plan.row_seg;
+    gq.seg_rows = plan.seg_rows;
+    gq.stream = p.stream;
+    gather_quantized(gq);
+  } else {
+    ActQuantParams q = act_quant(p, b, plan.total, k, fp8);
+    q.rows = plan.prob;
+    q.x_div = p.x_div;
+    q.row_seg = plan.row_seg;
+    q.seg_rows = plan.seg_rows;
+    quantize_activations(q);
+  }
+}
+
+// The epilogue that writes a grouped projection's results to p.y: SwiGLU of a pair, or the rows copied
+// (or added) back, each operand row to its problem's row.
+auto write_back(const LinearParams& p, const GroupedPlan& plan, const GroupedGemms& g) {
+  return [&p, &plan, &g](const uint8_t* scratch, int64_t rows, int64_t w0) {
+    const int64_t out_elem = g.bf16_out ? 2 : 4;
+    if (g.dual)
+      swiglu_rows(scratch, scratch + g.m * out_elem, g.bf16_out, g.ld_tmp, rows, g.m, p.y, p.ldy, p.stream, plan.prob + w0);
+    else
+      add_rows(scratch, g.bf16_out, g.ld_tmp, rows, g.m, p.y, p.ldy, p.accumulate, p.stream, plan.prob + w0);
+  };
+}
+
 }  // namespace
 
 // A grouped MoE projection of a prefill step (moe_plan's chunks) on cuBLASLt: per expert one GEMM (two for
@@ -317,156 +558,60 @@ Sides& sides_for(cudaStream_t main) {
 // 64 shapes per matrix). The GEMMs of a wave of segments run on kSideStreams streams into one scratch, then
 // one launch applies the epilogue (SwiGLU, or the copy back) to every row of the wave.
 bool linear_lt_grouped(const LinearParams& p) {
-  if (!p.lt || !p.gather || !p.experts || p.combine || p.fixed_experts > 0 || p.n < lt_min_rows()) return false;
-  if (p.row0 != 0 || (p.group_rows > 0 && p.group_rows < p.out)) return false;
-  const DeviceMatrix& w = p.w;
-  const bool fp8 = w.dtype == DType::F8_E4M3;
-  if (!fp8 && w.dtype != DType::BF16) return false;
-  const int64_t m = p.out, k = w.cols, elem = fp8 ? 1 : 2;
-  if ((k * elem) % 16 != 0 || p.ldx < k || p.ldy % 4 != 0 || !aligned16(p.y) || m % 4 != 0) return false;
-  if (fp8 && (w.block_rows != 128 || w.block_cols != 128 || k % 128 != 0)) return false;
-  cudaStreamCaptureStatus cap = cudaStreamCaptureStatusNone;
-  DSV3_CUDA_CHECK(cudaStreamIsCapturing(p.stream, &cap));
-  if (cap != cudaStreamCaptureStatusNone) return false;
-
-  // The plan on the host (chunk experts and problem lists), then the matrices of the experts it names.
-  const auto sz = [](int64_t v) { return static_cast<size_t>(v); };
-  const bool dual = p.experts2 != nullptr;
-  std::vector<int32_t> chunk_expert(sz(p.gather_chunks)), gather(sz(p.gather_chunks * kExpertChunk));
-  DSV3_CUDA_CHECK(cudaMemcpyAsync(chunk_expert.data(), p.gather_expert, chunk_expert.size() * 4,
-                                  cudaMemcpyDeviceToHost, p.stream));
-  DSV3_CUDA_CHECK(cudaMemcpyAsync(gather.data(), p.gather, gather.size() * 4, cudaMemcpyDeviceToHost, p.stream));
-  DSV3_CUDA_CHECK(cudaStreamSynchronize(p.stream));
-  std::vector<Segment> segs;
-  int32_t experts = 0;
-  for (int64_t c = 0; c < p.gather_chunks; ++c) {
-    const int32_t e = chunk_expert[sz(c)];
-    if (e < 0) continue;
-    if (segs.empty() || segs.back().e != e) segs.push_back({e, c, 0, 0, 0});
-    segs.back().problems += kExpertChunk;
-    experts = std::max(experts, e + 1);
-  }
-  if (segs.empty()) return true;  // nothing routed: nothing to write
-  std::vector<MatrixPtrs> table(sz(experts)), table2(dual ? sz(experts) : 0);
-  DSV3_CUDA_CHECK(cudaMemcpyAsync(table.data(), p.experts, table.size() * sizeof(MatrixPtrs), cudaMemcpyDeviceToHost,
-                                  p.stream));
-  if (dual)
-    DSV3_CUDA_CHECK(cudaMemcpyAsync(table2.data(), p.experts2, table2.size() * sizeof(MatrixPtrs),
-                                    cudaMemcpyDeviceToHost, p.stream));
-  int64_t total = 0, widest = 0;
-  for (Segment& sg : segs) {
-    sg.row0 = total;
-    sg.rows = (sg.problems + 63) / 64 * 64;
-    total += sg.rows;
-    widest = std::max(widest, sg.rows);
-  }
-  std::vector<int32_t> prob(sz(total), -1), row_seg(sz(total)), seg_rows;
-  for (size_t i = 0; i < segs.size(); ++i) {
-    const Segment& sg = segs[i];
-    for (int64_t r = 0; r < sg.rows; ++r) {
-      row_seg[sz(sg.row0 + r)] = static_cast<int32_t>(i);
-      if (r < sg.problems) prob[sz(sg.row0 + r)] = gather[sz(sg.c0 * kExpertChunk + r)];
-    }
-    seg_rows.push_back(static_cast<int32_t>(sg.row0));
-    seg_rows.push_back(static_cast<int32_t>(sg.rows));
-  }
-  DSV3_CUDA_CHECK(cudaStreamSynchronize(p.stream));  // the tables
-
+  if (!grouped_eligible(p) || capturing(p.stream)) return false;
   State& s = state();
   std::lock_guard<std::mutex> lock(s.mu);
   if (!s.handle) DSV3_LT_CHECK(cublasLtCreate(&s.handle));
-  static const float dummy_scale = 1.0f;  // run_gemm sets the real scale pointers
-  const int64_t kb = (k + 127) / 128, l4 = (kb + 3) / 4 * 4, mb = (m + 127) / 128;
-  // An expert's gate/up pair stored as one [2m x k] matrix (up's rows and FP8 scale rows right after
-  // gate's, as CudaModel uploads routed experts) runs as one GEMM of twice the width: fewer calls, wider
-  // tiles. Either way a pair's output row holds gate's m values, then up's (ld_tmp apart).
-  std::vector<char> fused(segs.size(), 0);
-  for (size_t i = 0; i < segs.size() && dual; ++i) {
-    const MatrixPtrs &a = table[sz(segs[i].e)], &c = table2[sz(segs[i].e)];
-    fused[i] = c.data == static_cast<const uint8_t*>(a.data) + m * k * elem &&
-               (!fp8 || (m % 128 == 0 && c.scale_inv == a.scale_inv + mb * kb));
-  }
-  // bf16 scratch needs 16-byte aligned rows and halves (m a multiple of 8) and cuBLASLt's bf16 output for
-  // every shape; else fp32 scratch.
-  const int64_t ld_tmp = ((dual ? 2 * m : m) + 7) / 8 * 8;
-  auto plans_ok = [&](bool bf16_out) {
-    for (size_t i = 0; i < segs.size(); ++i)
-      if (!plan_for(s, fp8, fused[i] ? 2 * m : m, segs[i].rows, k, ld_tmp, &dummy_scale, &dummy_scale, bf16_out).ok)
-        return false;
-    return true;
-  };
-  const bool bf16_out = bf16_scratch_enabled() && m % 8 == 0 && plans_ok(true);
-  if (!bf16_out && !plans_ok(false)) return false;
-  const int64_t out_elem = bf16_out ? 2 : 4;
   StreamBufs& b = s.bufs[p.stream];
-  Sides& sd = sides_for(p.stream);
-  const bool pad_scales = fp8 && kb % 4 != 0;
-  const int64_t wave_rows = std::max(std::min(wave_rows_limit(), total), widest);
-  const int64_t pad_floats = (dual ? 2 : 1) * mb * l4;  // one expert's padded weight scales
-  ensure(b.act, sz(total * k * elem), false);
-  if (fp8) ensure(b.scales, sz(kb * total * 4), false);
-  if (pad_scales) ensure(b.wscales, sz(static_cast<int64_t>(segs.size()) * pad_floats * 4), false);
-  ensure(b.gate, sz(wave_rows * ld_tmp * out_elem), false);
-  ensure(b.prob, sz(total * 4), false);
-  ensure(b.row_seg, sz(total * 4), false);
-  ensure(b.seg_rows, seg_rows.size() * 4, false);
-  int32_t* dprob = static_cast<int32_t*>(b.prob.ptr);
-  DSV3_CUDA_CHECK(cudaMemcpyAsync(dprob, prob.data(), prob.size() * 4, cudaMemcpyHostToDevice, p.stream));
-  DSV3_CUDA_CHECK(cudaMemcpyAsync(b.row_seg.ptr, row_seg.data(), row_seg.size() * 4, cudaMemcpyHostToDevice, p.stream));
-  DSV3_CUDA_CHECK(cudaMemcpyAsync(b.seg_rows.ptr, seg_rows.data(), seg_rows.size() * 4, cudaMemcpyHostToDevice, p.stream));
+  GroupedPlan plan;
+  if (!fetch_plan(p, b, plan)) return true;  // nothing routed: nothing to write
+  GroupedGemms g;
+  g.table = fetch_table(p.experts, plan.experts, p.stream);
+  if (p.experts2) g.table2 = fetch_table(p.experts2, plan.experts, p.stream);
+  DSV3_CUDA_CHECK(cudaStreamSynchronize(p.stream));  // the tables
+  if (!plan_gemms(s, p, plan, g)) return false;
+  quantize_operand(p, plan, b, g.k, g.fp8);
+  run_waves(s, p, plan, g, b.act.ptr, static_cast<const float*>(b.scales.ptr), write_back(p, plan, g));
+  return true;
+}
 
-  ActQuantParams q = act_quant(p, b, total, k, fp8);
-  q.rows = dprob;
-  q.x_div = p.x_div;
-  q.row_seg = static_cast<const int32_t*>(b.row_seg.ptr);
-  q.seg_rows = static_cast<const int32_t*>(b.seg_rows.ptr);
-  quantize_activations(q);
-  // The host vectors above were copied from pageable memory: cudaMemcpyAsync has staged them already.
-
-  // Every expert's weight scales in cuBLASLt's padded layout, each in its own slot (the side streams
-  // read them concurrently), copied on the main stream before the fork.
-  std::vector<const float*> sa(segs.size()), sb(segs.size());
-  for (size_t i = 0; i < segs.size(); ++i) {
-    sa[i] = table[sz(segs[i].e)].scale_inv;
-    sb[i] = dual ? table2[sz(segs[i].e)].scale_inv : nullptr;
-    if (!fp8 || !pad_scales) continue;
-    pad_weight_scales(static_cast<float*>(b.wscales.ptr) + static_cast<int64_t>(i) * pad_floats, mb, kb, sa[i], sb[i],
-                      p.stream);
-  }
-
-  uint8_t* g = static_cast<uint8_t*>(b.gate.ptr);  // fp32 or bf16 rows of ld_tmp values
-  for (size_t first = 0; first < segs.size();) {
-    // The wave: segments first .. last - 1, at most wave_rows rows.
-    size_t last = first;
-    const int64_t w0 = segs[first].row0;
-    while (last < segs.size() && segs[last].row0 + segs[last].rows - w0 <= wave_rows) ++last;
-    DSV3_CUDA_CHECK(cudaEventRecord(sd.fork, p.stream));
-    for (int i = 0; i < kSideStreams; ++i) DSV3_CUDA_CHECK(cudaStreamWaitEvent(sd.stream[i], sd.fork));
-    for (size_t i = first; i < last; ++i) {
-      const Segment& sg = segs[i];
-      const int side = static_cast<int>((i - first) % kSideStreams);
-      const void* act = static_cast<const uint8_t*>(b.act.ptr) + sg.row0 * k * elem;
-      const float* act_scale = fp8 ? static_cast<const float*>(b.scales.ptr) + kb * sg.row0 : nullptr;
-      const int64_t r0 = sg.row0 - w0;
-      void* ws = sd.workspace[side].ptr;
-      uint8_t* out = g + r0 * ld_tmp * out_elem;
-      run_gemm(s, ws, fp8, fused[i] ? 2 * m : m, sg.rows, k, table[sz(sg.e)].data, sa[i], act, act_scale, out, ld_tmp,
-               false, sd.stream[side], bf16_out);
-      if (dual && !fused[i])
-        run_gemm(s, ws, fp8, m, sg.rows, k, table2[sz(sg.e)].data, sb[i], act, act_scale, out + m * out_elem, ld_tmp,
-                 false, sd.stream[side], bf16_out);
-    }
-    for (int i = 0; i < kSideStreams; ++i) {
-      DSV3_CUDA_CHECK(cudaEventRecord(sd.join[i], sd.stream[i]));
-      DSV3_CUDA_CHECK(cudaStreamWaitEvent(p.stream, sd.join[i]));
-    }
-    const int64_t rows = segs[last - 1].row0 + segs[last - 1].rows - w0;
-    if (dual)
-      swiglu_rows(g, g + m * out_elem, bf16_out, ld_tmp, rows, m, p.y, p.ldy, p.stream, dprob + w0);
-    else
-      add_rows(g, bf16_out, ld_tmp, rows, m, p.y, p.ldy, p.accumulate, p.stream, dprob + w0);
-    first = last;
-  }
+bool linear_lt_grouped_mlp(const LinearParams& gu, const LinearParams& down) {
+  if (!grouped_eligible(gu) || !grouped_eligible(down) || !gu.experts2 || down.experts2 || down.x_div != 1 ||
+      down.gather != gu.gather || down.n != gu.n || down.w.dtype != gu.w.dtype || down.w.cols != gu.out ||
+      capturing(gu.stream) || down.stream != gu.stream)
+    return false;
+  State& s = state();
+  std::lock_guard<std::mutex> lock(s.mu);
+  if (!s.handle) DSV3_LT_CHECK(cublasLtCreate(&s.handle));
+  StreamBufs& b = s.bufs[gu.stream];
+  GroupedPlan plan;
+  if (!fetch_plan(gu, b, plan)) return true;  // nothing routed: nothing to write
+  GroupedGemms pair, dn;
+  pair.table = fetch_table(gu.experts, plan.experts, gu.stream);
+  pair.table2 = fetch_table(gu.experts2, plan.experts, gu.stream);
+  dn.table = fetch_table(down.experts, plan.experts, gu.stream);
+  DSV3_CUDA_CHECK(cudaStreamSynchronize(gu.stream));  // the tables
+  // Both projections' GEMMs must exist before anything runs: the pair writes only the down operand.
+  if (!plan_gemms(s, gu, plan, pair) || !plan_gemms(s, down, plan, dn)) return false;
+  quantize_operand(gu, plan, b, pair.k, pair.fp8);
+  const int64_t I = gu.out, kb = (I + 127) / 128;
+  ensure(b.down_act, sz(plan.total * I * dn.elem), false);
+  if (dn.fp8) ensure(b.down_scales, sz(kb * plan.total * 4), false);
+  SwigluQuantParams sq;
+  sq.fp8 = dn.fp8;
+  sq.q = b.down_act.ptr;
+  sq.scales = static_cast<float*>(b.down_scales.ptr);
+  sq.n = plan.total;
+  sq.row_seg = plan.row_seg;
+  sq.seg_rows = plan.seg_rows;
+  run_waves(s, gu, plan, pair, b.act.ptr, static_cast<const float*>(b.scales.ptr),
+            [&](const uint8_t* scratch, int64_t rows, int64_t w0) {
+              SwigluQuantParams at = sq;
+              at.w0 = w0;
+              const int64_t out_elem = pair.bf16_out ? 2 : 4;
+              swiglu_quantize_rows(scratch, scratch + I * out_elem, pair.bf16_out, pair.ld_tmp, rows, I, at, gu.stream);
+            });
+  run_waves(s, down, plan, dn, b.down_act.ptr, static_cast<const float*>(b.down_scales.ptr), write_back(down, plan, dn));
   return true;
 }
 

@@ -17,4 +17,11 @@ bool linear_lt(const LinearParams& p);
 // or BF16) in one launch. Synchronizes with p.stream once to read moe_plan's lists.
 bool linear_lt_grouped(const LinearParams& p);
 
+// The routed experts' MLP of a prefill step in one call: the gate/up pair `gu` (experts2 set) as
+// linear_lt_grouped, its SwiGLU written by the pair's epilogue straight into the quantized operand of
+// `down` (same plan: gather lists and problems; x_div 1), then `down` as linear_lt_grouped. One read of
+// the plan instead of two and no fp32 SwiGLU rows (gu.y is not written); the same bytes in down.y as the
+// two calls. False (nothing enqueued) where either call would refuse.
+bool linear_lt_grouped_mlp(const LinearParams& gu, const LinearParams& down);
+
 }  // namespace dsv3::cuda

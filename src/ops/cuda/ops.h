@@ -344,6 +344,39 @@ struct ActQuantParams {
   cudaStream_t stream = nullptr;
 };
 void quantize_activations(const ActQuantParams& p);
+// Rows of an operand quantize_activations already wrote for every token (src: [tokens x k] codes,
+// src_scales: [ceil(k / 128)][tokens] for FP8), gathered into the grouped layout that its row lists
+// describe (rows, x_div, row_seg, seg_rows: output row t is token rows[t] / x_div, -1 a zero row, its
+// scales in its segment's block). The same bytes as quantize_activations with those lists, which
+// quantizes a token once per slot it is routed to.
+struct GatherQuantParams {
+  const void* src = nullptr;
+  const float* src_scales = nullptr;
+  int64_t tokens = 0, n = 0, k = 0;
+  bool fp8 = true;
+  void* q = nullptr;
+  float* scales = nullptr;
+  const int32_t* rows = nullptr;
+  int64_t x_div = 1;
+  const int32_t* row_seg = nullptr;
+  const int32_t* seg_rows = nullptr;
+  cudaStream_t stream = nullptr;
+};
+void gather_quantized(const GatherQuantParams& p);
+// The operand of the projection after a gate/up pair, written by the pair's epilogue instead of fp32 rows:
+// rows w0 .. w0 + rows of an n-row operand quantized as quantize_activations would quantize the SwiGLU
+// rows (FP8 codes [n x out] with scales in the segment blocks of row_seg / seg_rows, or BF16).
+struct SwigluQuantParams {
+  bool fp8 = true;
+  void* q = nullptr;
+  float* scales = nullptr;
+  int64_t n = 0, w0 = 0;
+  const int32_t* row_seg = nullptr;
+  const int32_t* seg_rows = nullptr;
+};
+// Row w0 + t of that operand = SwiGLU of scratch row t (g, u as in swiglu_rows), for t < rows.
+void swiglu_quantize_rows(const void* g, const void* u, bool in_bf16, int64_t ld_in, int64_t rows, int64_t out,
+                          const SwigluQuantParams& p, cudaStream_t stream);
 // y[r(t)][o] = silu(g[t][o]) * u[t][o] for t < n, o < out (g and u fp32, or bf16 when in_bf16, with
 // leading dimension ld_in), where r(t) = y_rows ? y_rows[t] : t (y_rows[t] = -1: row t is dropped).
 void swiglu_rows(const void* g, const void* u, bool in_bf16, int64_t ld_in, int64_t n, int64_t out, float* y,

@@ -31,54 +31,101 @@ __device__ float row_inv_rms(const float* x, int64_t k, const float* norm, float
   return static_cast<float>(1.0 / sqrt(total / static_cast<double>(k) + static_cast<double>(eps)));
 }
 
+__device__ __forceinline__ float load_value(const float* p, int64_t i) { return p[i]; }
+__device__ __forceinline__ float load_value(const __nv_bfloat16* p, int64_t i) { return __bfloat162float(p[i]); }
+
+// Writes one 128-column group of output row t: this lane's 4 values v (columns g * 128 + lane * 4 ..,
+// those past k ignored) as FP8 codes with the group's scale (amax / 448, at scale_at), or as BF16. Every
+// lane of the warp calls it (the amax is a warp reduction).
+__device__ void store_group(const float (&v)[4], int64_t g, int64_t k, bool fp8, void* q, int64_t t, float* scale_at) {
+  const int lane = threadIdx.x % 32;
+  if (fp8) {
+    float amax = 0.0f;
+    for (int i = 0; i < 4; ++i) amax = fmaxf(amax, fabsf(v[i]));
+    for (int o = 16; o > 0; o >>= 1) amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, o));
+    // scale = amax / 448 maps the group's largest value to e4m3's largest; an all-zero group keeps
+    // scale 0 (its codes are 0, so the product is 0 either way).
+    const float scale = amax / kE4m3Max;
+    const float inv = amax > 0.0f ? kE4m3Max / amax : 0.0f;
+    uint8_t* row = static_cast<uint8_t*>(q) + t * k;
+    for (int i = 0; i < 4; ++i) {
+      const int64_t c = g * 128 + lane * 4 + i;
+      if (c < k) row[c] = __nv_cvt_float_to_fp8(v[i] * inv, __NV_SATFINITE, __NV_E4M3);
+    }
+    if (lane == 0) *scale_at = scale;
+  } else {
+    __nv_bfloat16* row = static_cast<__nv_bfloat16*>(q) + t * k;
+    for (int i = 0; i < 4; ++i) {
+      const int64_t c = g * 128 + lane * 4 + i;
+      if (c < k) row[c] = __float2bfloat16_rn(v[i]);
+    }
+  }
+}
+
+// Where group g of output row t keeps its FP8 scale: g * scale_ld + t (scale_ld 0: n), or, with segment
+// lists, in its segment's own VEC128 block.
+__device__ int64_t scale_index(int64_t t, int64_t g, int64_t groups, int64_t scale_ld, int64_t n,
+                               const int32_t* row_seg, const int32_t* seg_rows) {
+  if (!row_seg) return g * (scale_ld > 0 ? scale_ld : n) + t;
+  const int32_t s = row_seg[t], row0 = seg_rows[2 * s];
+  return groups * row0 + (t - row0) + g * seg_rows[2 * s + 1];
+}
+
 // One block per row; warp w takes the 128-column groups w, w + 8, ...; each lane 4 consecutive columns.
 __global__ void __launch_bounds__(kQuantThreads) quantize_kernel(const ActQuantParams p) {
   const int64_t t = blockIdx.x;
   const int64_t groups = (p.k + 127) / 128;
   const int32_t src = p.rows ? p.rows[t] : static_cast<int32_t>(t);
   const float* x = src >= 0 ? p.x + src / p.x_div * p.ldx : nullptr;  // null: a zero (padding) row
-  // Where group g's scale goes: g * scale_ld + t, or in the row's segment block.
-  int64_t scale0 = t, scale_ld = p.scale_ld > 0 ? p.scale_ld : p.n;
-  if (p.row_seg) {
-    const int32_t s = p.row_seg[t], row0 = p.seg_rows[2 * s];
-    scale0 = groups * row0 + (t - row0);
-    scale_ld = p.seg_rows[2 * s + 1];
-  }
   const float inv_rms = x ? row_inv_rms(x, p.k, p.norm, p.norm_eps) : 1.0f;
   const int lane = threadIdx.x % 32;
   for (int64_t g = threadIdx.x / 32; g < groups; g += kQuantWarps) {
     float v[4];
-    float amax = 0.0f;
     for (int i = 0; i < 4; ++i) {
       const int64_t c = g * 128 + lane * 4 + i;
       v[i] = x && c < p.k ? x[c] * (p.norm ? p.norm[c] * inv_rms : 1.0f) : 0.0f;
-      amax = fmaxf(amax, fabsf(v[i]));
     }
-    if (p.fp8) {
-      for (int o = 16; o > 0; o >>= 1) amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, o));
-      // scale = amax / 448 maps the group's largest value to e4m3's largest; an all-zero group keeps
-      // scale 0 (its codes are 0, so the product is 0 either way).
-      const float scale = amax / kE4m3Max;
-      const float inv = amax > 0.0f ? kE4m3Max / amax : 0.0f;
-      uint8_t* q = static_cast<uint8_t*>(p.q) + t * p.k;
-      for (int i = 0; i < 4; ++i) {
-        const int64_t c = g * 128 + lane * 4 + i;
-        if (c < p.k) q[c] = __nv_cvt_float_to_fp8(v[i] * inv, __NV_SATFINITE, __NV_E4M3);
-      }
-      // Scales are outer-dim-major, as cuBLASLt's VEC128_32F wants: group g of row t at g * n + t.
-      if (lane == 0) p.scales[scale0 + g * scale_ld] = scale;
-    } else {
-      __nv_bfloat16* q = static_cast<__nv_bfloat16*>(p.q) + t * p.k;
-      for (int i = 0; i < 4; ++i) {
-        const int64_t c = g * 128 + lane * 4 + i;
-        if (c < p.k) q[c] = __float2bfloat16_rn(v[i]);
-      }
-    }
+    store_group(v, g, p.k, p.fp8, p.q, t,
+                p.fp8 ? p.scales + scale_index(t, g, groups, p.scale_ld, p.n, p.row_seg, p.seg_rows) : nullptr);
   }
 }
 
-__device__ __forceinline__ float load_value(const float* p, int64_t i) { return p[i]; }
-__device__ __forceinline__ float load_value(const __nv_bfloat16* p, int64_t i) { return __bfloat162float(p[i]); }
+// SwiGLU of gate/up scratch rows straight into the next projection's quantized operand: output row
+// w0 + t from scratch row t, silu(g) * u as swiglu_rows computes it, then stored as quantize_kernel stores
+// a row (so the same bytes as swiglu_rows followed by quantize_activations of those rows).
+template <class In>
+__global__ void __launch_bounds__(kQuantThreads) swiglu_quantize_kernel(const In* g, const In* u, int64_t ld_in,
+                                                                        int64_t out, SwigluQuantParams p) {
+  const int64_t t = blockIdx.x, row = p.w0 + t;
+  const int64_t groups = (out + 127) / 128;
+  const int lane = threadIdx.x % 32;
+  for (int64_t grp = threadIdx.x / 32; grp < groups; grp += kQuantWarps) {
+    float v[4];
+    for (int i = 0; i < 4; ++i) {
+      const int64_t c = grp * 128 + lane * 4 + i;
+      v[i] = c < out ? silu(load_value(g, t * ld_in + c)) * load_value(u, t * ld_in + c) : 0.0f;
+    }
+    store_group(v, grp, out, p.fp8, p.q, row,
+                p.fp8 ? p.scales + scale_index(row, grp, groups, 0, p.n, p.row_seg, p.seg_rows) : nullptr);
+  }
+}
+
+// One block per output row: the token's codes copied in 16-byte pieces, its FP8 scales into the row's
+// segment block (a zero row: zero codes, scale 0, as quantize_kernel writes for a missing row).
+__global__ void __launch_bounds__(kQuantThreads) gather_quantized_kernel(const GatherQuantParams p) {
+  const int64_t t = blockIdx.x;
+  const int32_t src = p.rows[t];
+  const int64_t token = src >= 0 ? src / p.x_div : -1, bytes = p.k * (p.fp8 ? 1 : 2);
+  const uint4* from = token >= 0 ? reinterpret_cast<const uint4*>(static_cast<const uint8_t*>(p.src) + token * bytes) : nullptr;
+  uint4* to = reinterpret_cast<uint4*>(static_cast<uint8_t*>(p.q) + t * bytes);
+  for (int64_t i = threadIdx.x; i < bytes / 16; i += blockDim.x) to[i] = from ? from[i] : make_uint4(0, 0, 0, 0);
+  if (!p.fp8) return;
+  const int64_t groups = (p.k + 127) / 128;
+  const int32_t s = p.row_seg[t], row0 = p.seg_rows[2 * s];
+  for (int64_t g = threadIdx.x; g < groups; g += blockDim.x)
+    p.scales[groups * row0 + (t - row0) + g * p.seg_rows[2 * s + 1]] = token >= 0 ? p.src_scales[g * p.tokens + token] : 0.0f;
+}
+
 
 template <class In>
 __global__ void swiglu_rows_kernel(const In* g, const In* u, int64_t ld_in, int64_t n, int64_t out, float* y,
@@ -125,6 +172,29 @@ void quantize_activations(const ActQuantParams& p) {
   DSV3_ASSERT(p.x && p.q && (!p.fp8 || p.scales));
   quantize_kernel<<<static_cast<unsigned>(p.n), kQuantThreads, 0, p.stream>>>(p);
   check_launch("quantize_kernel");
+}
+
+void gather_quantized(const GatherQuantParams& p) {
+  DSV3_ASSERT(p.n >= 0 && p.k > 0 && p.tokens >= 0 && p.x_div >= 1 && (p.k * (p.fp8 ? 1 : 2)) % 16 == 0);
+  if (p.n == 0) return;
+  DSV3_ASSERT(p.src && p.q && p.rows && (!p.fp8 || (p.src_scales && p.scales && p.row_seg && p.seg_rows)));
+  DSV3_ASSERT(aligned16(p.src) && aligned16(p.q));
+  gather_quantized_kernel<<<static_cast<unsigned>(p.n), kQuantThreads, 0, p.stream>>>(p);
+  check_launch("gather_quantized_kernel");
+}
+
+void swiglu_quantize_rows(const void* g, const void* u, bool in_bf16, int64_t ld_in, int64_t rows, int64_t out,
+                          const SwigluQuantParams& p, cudaStream_t stream) {
+  DSV3_ASSERT(rows >= 0 && out > 0 && p.w0 >= 0 && p.w0 + rows <= p.n);
+  if (rows == 0) return;
+  DSV3_ASSERT(p.q && (!p.fp8 || (p.scales && p.row_seg && p.seg_rows)));
+  if (in_bf16)
+    swiglu_quantize_kernel<<<static_cast<unsigned>(rows), kQuantThreads, 0, stream>>>(
+        static_cast<const __nv_bfloat16*>(g), static_cast<const __nv_bfloat16*>(u), ld_in, out, p);
+  else
+    swiglu_quantize_kernel<<<static_cast<unsigned>(rows), kQuantThreads, 0, stream>>>(
+        static_cast<const float*>(g), static_cast<const float*>(u), ld_in, out, p);
+  check_launch("swiglu_quantize_kernel");
 }
 
 void swiglu_rows(const void* g, const void* u, bool in_bf16, int64_t ld_in, int64_t n, int64_t out, float* y,
