@@ -2,7 +2,7 @@
 // backend.cpp calls it). The pool lives in device memory (CudaModel::new_pool); the scheduler's disk
 // tier reaches it through whole-block host copies.
 #include <memory>
-#include <string_view>
+#include <string>
 
 #include "engine/backend.h"
 #include "kvcache/block_hash.h"
@@ -15,10 +15,13 @@ namespace {
 class CudaBackend final : public Backend {
  public:
   explicit CudaBackend(const Model& host) : gpu_(host) {
-    // The GPU's rows differ from the CPU's in float rounding: its own identity keeps their prefix-cache
-    // blocks (and disk files) apart (backend.h).
-    constexpr std::string_view kTag = "device:cuda";
-    identity_ = hash_bytes(host.identity(), kTag.data(), kTag.size());
+    // The GPU's rows differ from the CPU's in float rounding, and rows of long prompt pieces (FP8
+    // activations unless prefill_gemm is "fp32") from the fp32 path's: its own identity per setting keeps
+    // their prefix-cache blocks (and disk files) apart (backend.h). The fp32 setting keeps the tag that
+    // caches written before the fast prefill path carry.
+    std::string tag = "device:cuda";
+    if (!gpu_.numerics_tag().empty()) tag += "; " + gpu_.numerics_tag();
+    identity_ = hash_bytes(host.identity(), tag.data(), tag.size());
   }
   const ModelConfig& config() const override { return gpu_.config(); }
   uint64_t identity() const override { return identity_; }

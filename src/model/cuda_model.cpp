@@ -1231,6 +1231,11 @@ std::string CudaModel::device_name() const { return impl_->device_name; }
 
 std::string CudaModel::prefill_gemm() const { return impl_->prefill_mode; }
 
+std::string CudaModel::numerics_tag() const {
+  if (impl_->prefill_mode == "fp32") return "";
+  return "prefill " + impl_->prefill_mode + " from " + std::to_string(auto_lt_rows()) + " rows";
+}
+
 std::vector<float> CudaModel::forward(std::span<const int32_t> tokens, CudaLatentCache& cache, const ForwardOptions& opt) {
   Impl& m = *impl_;
   const int64_t n = static_cast<int64_t>(tokens.size()), D = cfg_.hidden_size, V = cfg_.vocab_size;

@@ -119,6 +119,11 @@ class CudaModel {
   // The prefill GEMM mode in effect ("auto", "lt" or "fp32"; CudaOptions::prefill_gemm resolved at
   // construction).
   std::string prefill_gemm() const;
+  // What, besides the weights, decides the numbers of the latent rows this model writes: empty when every
+  // step runs the fp32-accurate kernels ("fp32"), else the prefill mode and its row threshold (e.g.
+  // "prefill auto from 1024 rows": pieces that long take FP8 activations). The engine keeps prefix-cache
+  // blocks of different settings apart by it.
+  std::string numerics_tag() const;
 
  private:
   struct Impl;

@@ -8,6 +8,7 @@
 
 #include <chrono>
 #include <filesystem>
+#include <map>
 #include <mutex>
 #include <random>
 #include <thread>
@@ -166,6 +167,22 @@ TEST_F(CudaEngine, PickedItemsPickOnTheDeviceAsTheHostWould) {
   }
   std::printf("[cuda-engine] %d picks on the device, %d skipped near a boundary\n", device_picks, skipped);
   EXPECT_LE(skipped, 2);
+}
+
+// Rows written under different prefill settings differ (FP8 activations for long pieces), so their
+// prefix-cache blocks must not mix: the backend's identity follows DSV3_PREFILL_GEMM (read when the
+// backend is made).
+TEST_F(CudaEngine, IdentityFollowsThePrefillSetting) {
+  std::map<std::string, uint64_t> ids;
+  for (const char* mode : {"fp32", "auto", "lt"}) {
+    ASSERT_EQ(setenv("DSV3_PREFILL_GEMM", mode, 1), 0);
+    ids[mode] = make_backend("cuda", *model_)->identity();
+  }
+  unsetenv("DSV3_PREFILL_GEMM");
+  EXPECT_NE(ids["fp32"], ids["auto"]);
+  EXPECT_NE(ids["auto"], ids["lt"]);
+  EXPECT_NE(ids["fp32"], model_->identity());
+  EXPECT_EQ(make_backend("cuda", *model_)->identity(), ids["auto"]);  // the default
 }
 
 TEST_F(CudaEngine, ConcurrentPromptsMatchSoloRunsAndSharePrefixes) {
