@@ -2,8 +2,11 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdlib>
 #include <cstring>
+#include <memory>
 #include <unordered_map>
+#include <vector>
 
 #include "core/error.h"
 #include "ops/cuda/ops.h"
@@ -161,6 +164,15 @@ struct CudaTrainModel::Impl {
   RouterSpec router;
   cudaStream_t stream = nullptr;
   std::unique_ptr<Gemm> gemm;
+  // The routed experts' GEMMs: each is a fraction of the GPU at training sizes (a few thousand rows), so
+  // experts run side by side, expert e on side stream e % count, each stream with its own cuBLAS handle
+  // and workspace, forked from and joined to `stream` around each group of GEMMs. The same GEMMs as on
+  // one stream, so the same numbers. DSV3_TRAIN_EXPERT_STREAMS=N sets how many (default 4; 1: every
+  // expert on `stream`, one after another).
+  std::vector<cudaStream_t> side;
+  std::vector<std::unique_ptr<Gemm>> side_gemm;
+  cudaEvent_t side_fork = nullptr;
+  std::vector<cudaEvent_t> side_join;
   bool fused_attention = false;  // flash-style attention kernels: opt-in (BF16 mode, head dims they take)
   int64_t D, H, C, Q, dn, dr, dv, dq, dkv, E, k, V;
 
@@ -227,6 +239,22 @@ struct CudaTrainModel::Impl {
     V = cfg.vocab_size;
     DSV3_CUDA_CHECK(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking));
     gemm = std::make_unique<Gemm>(stream, p);
+    const char* env = std::getenv("DSV3_TRAIN_EXPERT_STREAMS");
+    const int64_t sides = env && *env ? std::atoll(env) : 4;
+    check(sides >= 1 && sides <= 64, "DSV3_TRAIN_EXPERT_STREAMS must be a count from 1 to 64",
+          "unset it for the default (4 streams), or 1 for the experts one after another");
+    if (sides > 1 && E > 1) {
+      DSV3_CUDA_CHECK(cudaEventCreateWithFlags(&side_fork, cudaEventDisableTiming));
+      for (int64_t i = 0; i < sides; ++i) {
+        cudaStream_t st = nullptr;
+        DSV3_CUDA_CHECK(cudaStreamCreateWithFlags(&st, cudaStreamNonBlocking));
+        side.push_back(st);
+        side_gemm.push_back(std::make_unique<Gemm>(st, p));
+        cudaEvent_t ev = nullptr;
+        DSV3_CUDA_CHECK(cudaEventCreateWithFlags(&ev, cudaEventDisableTiming));
+        side_join.push_back(ev);
+      }
+    }
     allocate_params(p == Precision::BF16);
     DSV3_CUDA_CHECK(cudaMalloc(reinterpret_cast<void**>(&sumsq),
                                static_cast<size_t>(1 + sumsq_partial_doubles()) * sizeof(double)));
@@ -249,6 +277,10 @@ struct CudaTrainModel::Impl {
 
   ~Impl() {
     gemm.reset();
+    side_gemm.clear();
+    for (cudaStream_t st : side) cudaStreamDestroy(st);
+    for (cudaEvent_t ev : side_join) cudaEventDestroy(ev);
+    if (side_fork) cudaEventDestroy(side_fork);
     for (DLayer* L : moe_layers()) cudaFree(L->load);
     cudaFreeHost(counts_host);
     if (counts_ready) cudaEventDestroy(counts_ready);
@@ -667,6 +699,22 @@ struct CudaTrainModel::Impl {
   }
 
   // The routing runs on the device (choice, weights, loads, packing); only the E segment sizes come back,
+  // The GEMM object for expert e's GEMMs (its side stream's, or the main one's without side streams),
+  // and the fork / join around a group of them: the side streams start after everything enqueued on
+  // `stream` so far, and `stream` continues after all of them.
+  Gemm& expert_gemm(int64_t e) { return side.empty() ? *gemm : *side_gemm[static_cast<size_t>(e) % side.size()]; }
+  void fork_experts() {
+    if (side.empty()) return;
+    DSV3_CUDA_CHECK(cudaEventRecord(side_fork, stream));
+    for (cudaStream_t st : side) DSV3_CUDA_CHECK(cudaStreamWaitEvent(st, side_fork));
+  }
+  void join_experts() {
+    for (size_t i = 0; i < side.size(); ++i) {
+      DSV3_CUDA_CHECK(cudaEventRecord(side_join[i], side[i]));
+      DSV3_CUDA_CHECK(cudaStreamWaitEvent(stream, side_join[i]));
+    }
+  }
+
   // while the shared expert runs. With alpha > 0 the per-sequence balance losses go to aux_d.
   void moe_fwd(DLayer& L, MoEActs& m, const float* xn, const __nv_bfloat16* xn16, int64_t Bn, int64_t Sn,
                bool count_load, double alpha, float* y) {
@@ -701,18 +749,22 @@ struct CudaTrainModel::Impl {
     m.count.assign(counts_host, counts_host + E);
     m.offset.assign(static_cast<size_t>(E), 0);
     for (int64_t e = 1; e < E; ++e) m.offset[e] = m.offset[e - 1] + m.count[e - 1];
+    fork_experts();
     for (int64_t e = 0; e < E; ++e) {
       if (m.count[e] == 0) continue;
       const int64_t o = m.offset[e], ne = m.count[e];
-      gemm->linear_forward(m.ge + o * I, m.xe + o * D, L.experts[e].gate->w, ne, D, I);
-      gemm->linear_forward(m.ue + o * I, m.xe + o * D, L.experts[e].up->w, ne, D, I);
+      expert_gemm(e).linear_forward(m.ge + o * I, m.xe + o * D, L.experts[e].gate->w, ne, D, I);
+      expert_gemm(e).linear_forward(m.ue + o * I, m.xe + o * D, L.experts[e].up->w, ne, D, I);
     }
+    join_experts();
     swiglu_forward(m.ae, m.ge, m.ue, M * I, stream);
+    fork_experts();
     for (int64_t e = 0; e < E; ++e) {
       if (m.count[e] == 0) continue;
       const int64_t o = m.offset[e], ne = m.count[e];
-      gemm->linear_forward(m.ye + o * D, m.ae + o * I, L.experts[e].down->w, ne, I, D);
+      expert_gemm(e).linear_forward(m.ye + o * D, m.ae + o * I, L.experts[e].down->w, ne, I, D);
     }
+    join_experts();
     moe_combine(y, m.ye, m.weights_d, m.pos_d, N, k, D, stream);
     if (alpha > 0) {
       seq_balance_loss(aux_d + aux_layers * Bn, m.logits_d, m.ids_d, Bn, Sn, router, alpha, stream);
@@ -732,24 +784,29 @@ struct CudaTrainModel::Impl {
     float* dw = scratch.floats(M);
     moe_combine_backward(dye, dw, dy, m.ye, m.weights_d, m.pos_d, N, k, D, stream);
     float* dae = scratch.floats(M * I);
+    float* dge = scratch.floats(M * I);
+    float* due = scratch.floats(M * I);
+    float* dxe = scratch.floats(M * D);
+    fork_experts();
     for (int64_t e = 0; e < E; ++e) {
       if (m.count[e] == 0) continue;
       const int64_t o = m.offset[e], ne = m.count[e];
-      gemm->linear_backward(dae + o * I, L.experts[e].down->g, dye + o * D, m.ae + o * I, L.experts[e].down->w, ne,
-                            I, D);
+      expert_gemm(e).linear_backward(dae + o * I, L.experts[e].down->g, dye + o * D, m.ae + o * I,
+                                     L.experts[e].down->w, ne, I, D);
     }
-    float* dge = scratch.floats(M * I);
-    float* due = scratch.floats(M * I);
+    join_experts();
     swiglu_backward(dge, due, dae, m.ge, m.ue, M * I, stream);
-    float* dxe = scratch.floats(M * D);
+    fork_experts();
     for (int64_t e = 0; e < E; ++e) {
       if (m.count[e] == 0) continue;
       const int64_t o = m.offset[e], ne = m.count[e];
       const DSwiGLU& x = L.experts[e];
-      gemm->linear_backward(dxe + o * D, x.gate->g, dge + o * I, m.xe + o * D, x.gate->w, ne, D, I);
-      gemm->rm(false, false, ne, D, I, 1.0f, due + o * I, I, x.up->w, D, 1.0f, dxe + o * D, D);
-      gemm->rm(true, false, I, D, ne, 1.0f, due + o * I, I, m.xe + o * D, D, 1.0f, x.up->g, D);
+      Gemm& g = expert_gemm(e);
+      g.linear_backward(dxe + o * D, x.gate->g, dge + o * I, m.xe + o * D, x.gate->w, ne, D, I);
+      g.rm(false, false, ne, D, I, 1.0f, due + o * I, I, x.up->w, D, 1.0f, dxe + o * D, D);
+      g.rm(true, false, I, D, ne, 1.0f, due + o * I, I, m.xe + o * D, D, 1.0f, x.up->g, D);
     }
+    join_experts();
     moe_scatter_add(dxn, dxe, m.pos_d, N, k, D, stream);
 
     float* dscores_d = nullptr;
