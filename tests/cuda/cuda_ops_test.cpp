@@ -226,7 +226,7 @@ class CudaOps : public ::testing::Test {
 
 TEST_F(CudaOps, LinearMatchesCpuAcrossDtypesShapesAndBatchSizes) {
   struct Shape { int64_t rows, cols; };
-  const Shape shapes[] = {{1, 8}, {37, 200}, {300, 136}, {129, 257}, {64, 33}, {520, 1024}};
+  const Shape shapes[] = {{1, 8}, {37, 200}, {300, 136}, {129, 257}, {64, 33}, {520, 1024}, {3000, 1408}};
   for (DType dt : kDtypes)
     for (const Shape& sh : shapes)
       for (int64_t n : {0, 1, 2, 3, 5, 8, 13, 17, 70}) {
@@ -350,7 +350,7 @@ TEST_F(CudaOps, GroupedRowsMatchPerHeadLinear) {
 // pairs, with an input row stride wider than the matrix (the normed values are the first cols).
 TEST_F(CudaOps, LinearWithFusedRMSNormMatchesNormThenLinear) {
   struct Shape { int64_t rows, cols; };
-  const Shape shapes[] = {{37, 200}, {129, 256}, {300, 1024}, {5, 33}};
+  const Shape shapes[] = {{37, 200}, {129, 256}, {300, 1024}, {5, 33}, {2100, 1408}};
   for (DType dt : kDtypes)
     for (const Shape& sh : shapes)
       for (int64_t n : {1, 2, 7, 16, 40})
@@ -437,11 +437,15 @@ TEST_F(CudaOps, ExpertIndirectionMatchesPerExpertLinear) {
   }
 }
 
-// Fixed experts (shared-expert pieces) run after each token's routed slots, in the same launches.
+// Fixed experts (shared-expert pieces) run after each token's routed slots, in the same launches. The
+// second shape is a decode step's on the streamed GEMV (gemv_stream.cu): rows of 1408 columns end in a
+// partial warp-wide step, and each warp's run of outputs crosses from one slot's expert to the next.
 TEST_F(CudaOps, FixedExpertsFollowRoutedSlots) {
+  struct Shape { int64_t I, D, n; };
+  for (const Shape sh : {Shape{64, 256, 4}, Shape{208, 1408, 1}, Shape{208, 1408, 3}})
   for (DType dt : kDtypes) {
     Dev dev;
-    const int64_t E = 5, F = 2, I = 64, D = 256, n = 4, k = 3, S = k + F;
+    const int64_t E = 5, F = 2, I = sh.I, D = sh.D, n = sh.n, k = 3, S = k + F;
     const ExpertSet gs = make_experts(rng, dev, dt, E + F, I, D), us = make_experts(rng, dev, dt, E + F, I, D),
                     ds = make_experts(rng, dev, dt, E + F, D, I);
     const std::vector<TestMatrix>&gate = gs.m, &up = us.m, &down = ds.m;
@@ -476,7 +480,7 @@ TEST_F(CudaOps, FixedExpertsFollowRoutedSlots) {
     p.y = dev.poisoned(act.size());
     p.ldy = I;
     cuda::linear(p);
-    EXPECT_LE(test::rel_l2(Dev::get(p.y, act.size()), act), 1e-5) << dtype_name(dt) << " gate/up";
+    EXPECT_LE(test::rel_l2(Dev::get(p.y, act.size()), act), 1e-5) << dtype_name(dt) << " gate/up, D=" << D << " n=" << n;
 
     cuda::LinearParams c;
     c.w = down[0].dev;
@@ -494,7 +498,7 @@ TEST_F(CudaOps, FixedExpertsFollowRoutedSlots) {
     c.ldy = D;
     c.accumulate = true;
     cuda::linear(c);
-    EXPECT_LE(test::rel_l2(Dev::get(c.y, out.size()), out), 1e-5) << dtype_name(dt) << " down + combine";
+    EXPECT_LE(test::rel_l2(Dev::get(c.y, out.size()), out), 1e-5) << dtype_name(dt) << " down + combine, D=" << D << " n=" << n;
   }
 }
 

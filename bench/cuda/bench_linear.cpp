@@ -1,0 +1,257 @@
+// dsv3_bench_linear: the decode-sized linear layers of one batch-1 step, each timed alone, next to the
+// device-to-device copy bandwidth measured in the same run. The shapes are a "lite" layer's (V2-Lite /
+// Moonlight: hidden 2048, 16 heads, 64 routed experts of 1408, 6 chosen, the shared expert as 2 fixed
+// pieces) in FP8 with 128x128 block scales, plus larger problems that show the kernel's rate once launch
+// and tail costs are small. Each row: microseconds per call (back-to-back launches on one stream, as a
+// captured step runs them), weight bytes read per call, GB/s, and that over the copy bandwidth.
+// Usage: dsv3_bench_linear [--iters N] [--dtype fp8|bf16]. Tuning knobs of cuda::linear (DSV3_GEMV_*)
+// come from the environment, read once per process.
+#include <cuda_runtime_api.h>
+
+#include <algorithm>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <functional>
+#include <random>
+#include <string>
+#include <vector>
+
+#include "core/dtype.h"
+#include "core/error.h"
+#include "ops/cuda/ops.h"
+
+namespace {
+
+using namespace dsv3;
+
+struct DeviceArena {
+  std::vector<void*> ptrs;
+  ~DeviceArena() {
+    for (void* p : ptrs) cudaFree(p);
+  }
+  void* alloc(size_t bytes) {
+    void* p = nullptr;
+    DSV3_CUDA_CHECK(cudaMalloc(&p, std::max<size_t>(bytes, 16)));
+    ptrs.push_back(p);
+    return p;
+  }
+  template <class T>
+  T* put(const std::vector<T>& v) {
+    T* d = static_cast<T*>(alloc(v.size() * sizeof(T)));
+    DSV3_CUDA_CHECK(cudaMemcpy(d, v.data(), v.size() * sizeof(T), cudaMemcpyHostToDevice));
+    return d;
+  }
+};
+
+// Random weights in `dtype` (FP8: random bytes with the NaN codes replaced; BF16: small normals), and
+// scales for FP8's 128x128 blocks.
+cuda::DeviceMatrix random_matrix(DeviceArena& dev, std::mt19937& rng, DType dtype, int64_t rows, int64_t cols) {
+  cuda::DeviceMatrix m;
+  m.rows = rows;
+  m.cols = cols;
+  m.dtype = dtype;
+  const size_t n = static_cast<size_t>(rows * cols);
+  if (dtype == DType::F8_E4M3) {
+    std::vector<uint8_t> b(n);
+    for (auto& v : b) {
+      v = static_cast<uint8_t>(rng());
+      if ((v & 0x7f) == 0x7f) v = 0;
+    }
+    m.data = dev.put(b);
+    std::vector<float> s(static_cast<size_t>(((rows + 127) / 128) * ((cols + 127) / 128)), 1e-3f);
+    m.scale_inv = dev.put(s);
+    m.block_rows = m.block_cols = 128;
+  } else {
+    std::normal_distribution<float> d(0.0f, 0.02f);
+    std::vector<uint16_t> b(n);
+    for (auto& v : b) v = f32_to_bf16(d(rng));
+    m.data = dev.put(b);
+  }
+  return m;
+}
+
+double copy_bandwidth(DeviceArena& dev, size_t bytes) {
+  void* a = dev.alloc(bytes);
+  void* b = dev.alloc(bytes);
+  DSV3_CUDA_CHECK(cudaMemset(a, 1, bytes));
+  cudaEvent_t e0, e1;
+  DSV3_CUDA_CHECK(cudaEventCreate(&e0));
+  DSV3_CUDA_CHECK(cudaEventCreate(&e1));
+  double best = 0;
+  for (int i = 0; i < 10; ++i) {
+    DSV3_CUDA_CHECK(cudaEventRecord(e0));
+    DSV3_CUDA_CHECK(cudaMemcpy(i % 2 ? a : b, i % 2 ? b : a, bytes, cudaMemcpyDeviceToDevice));
+    DSV3_CUDA_CHECK(cudaEventRecord(e1));
+    DSV3_CUDA_CHECK(cudaEventSynchronize(e1));
+    float ms = 0;
+    DSV3_CUDA_CHECK(cudaEventElapsedTime(&ms, e0, e1));
+    if (i >= 2) best = std::max(best, 2.0 * static_cast<double>(bytes) / (ms * 1e-3));
+  }
+  cudaEventDestroy(e0);
+  cudaEventDestroy(e1);
+  return best;
+}
+
+// Median over 5 rounds of the mean time of `iters` back-to-back calls, in microseconds.
+double time_us(const std::function<void()>& call, int iters) {
+  cudaEvent_t e0, e1;
+  DSV3_CUDA_CHECK(cudaEventCreate(&e0));
+  DSV3_CUDA_CHECK(cudaEventCreate(&e1));
+  for (int i = 0; i < 10; ++i) call();
+  std::vector<double> rounds;
+  for (int r = 0; r < 5; ++r) {
+    DSV3_CUDA_CHECK(cudaEventRecord(e0));
+    for (int i = 0; i < iters; ++i) call();
+    DSV3_CUDA_CHECK(cudaEventRecord(e1));
+    DSV3_CUDA_CHECK(cudaEventSynchronize(e1));
+    float ms = 0;
+    DSV3_CUDA_CHECK(cudaEventElapsedTime(&ms, e0, e1));
+    rounds.push_back(1e3 * ms / iters);
+  }
+  cudaEventDestroy(e0);
+  cudaEventDestroy(e1);
+  std::sort(rounds.begin(), rounds.end());
+  return rounds[2];
+}
+
+int run(int argc, char** argv) {
+  int iters = 200;
+  DType dtype = DType::F8_E4M3;
+  for (int i = 1; i < argc; ++i) {
+    const std::string a = argv[i];
+    if (a == "--iters" && i + 1 < argc) {
+      iters = std::max(1, std::atoi(argv[++i]));
+    } else if (a == "--dtype" && i + 1 < argc) {
+      const std::string d = argv[++i];
+      if (d == "fp8") dtype = DType::F8_E4M3;
+      else if (d == "bf16") dtype = DType::BF16;
+      else throw Error("--dtype " + d + " is not known", "use fp8 or bf16");
+    } else {
+      throw Error("unknown argument " + a, "usage: dsv3_bench_linear [--iters N] [--dtype fp8|bf16]");
+    }
+  }
+  DeviceArena dev;
+  std::mt19937 rng(1);
+  const double bw = copy_bandwidth(dev, size_t{1} << 30);
+  cudaDeviceProp prop{};
+  DSV3_CUDA_CHECK(cudaGetDeviceProperties(&prop, 0));
+  std::printf("device %s, %d SMs, copy bandwidth %.0f GB/s, %s weights, %d calls per timing\n\n", prop.name,
+              prop.multiProcessorCount, bw / 1e9, dtype_name(dtype), iters);
+  std::printf("| linear | shape | us/call | MB read | GB/s | of copy bandwidth |\n|---|---|---:|---:|---:|---:|\n");
+
+  const int64_t D = 2048, H = 16, E = 64, F = 2, k = 6, I = 1408, S = k + F, esz = dtype_size(dtype);
+  const size_t kmax = 64 * 8;  // enough problems for the largest call below
+  std::vector<float> xh(static_cast<size_t>(kmax * 4096));
+  std::normal_distribution<float> nd(0.0f, 1.0f);
+  for (float& v : xh) v = nd(rng);
+  const float* x = dev.put(xh);
+  float* y = static_cast<float*>(dev.alloc(kmax * 16384 * sizeof(float)));
+  DSV3_CUDA_CHECK(cudaMemset(y, 0, kmax * 16384 * sizeof(float)));
+  const float* norm = dev.put(std::vector<float>(static_cast<size_t>(D), 1.0f));
+
+  auto row = [&](const char* name, const std::string& shape, double bytes, const cuda::LinearParams& p) {
+    const double us = time_us([&] { cuda::linear(p); }, iters);
+    const double gbs = bytes / (us * 1e-6) / 1e9;
+    std::printf("| %s | %s | %.2f | %.2f | %.0f | %.1f%% |\n", name, shape.c_str(), us, bytes / 1e6, gbs,
+                100.0 * gbs * 1e9 / bw);
+  };
+  auto plain = [&](const cuda::DeviceMatrix& w, int64_t n) {
+    cuda::LinearParams p;
+    p.w = w;
+    p.n = n;
+    p.out = w.rows;
+    p.x = x;
+    p.ldx = w.cols;
+    p.y = y;
+    p.ldy = w.rows;
+    return p;
+  };
+  const double mat = static_cast<double>(esz);
+
+  // Attention projections of one token: q and kv_a together behind the input norm, o_proj, W_UV per head.
+  const cuda::DeviceMatrix qkv = random_matrix(dev, rng, dtype, H * 192 + 576, D);
+  cuda::LinearParams pq = plain(qkv, 1);
+  pq.norm = norm;
+  pq.norm_eps = 1e-6f;
+  row("q + kv_a, normed", "3648 x 2048", mat * qkv.rows * qkv.cols, pq);
+  const cuda::DeviceMatrix o = random_matrix(dev, rng, dtype, D, H * 128);
+  row("o_proj", "2048 x 2048", mat * o.rows * o.cols, plain(o, 1));
+  const cuda::DeviceMatrix kvb = random_matrix(dev, rng, dtype, H * 256, 512);
+  cuda::LinearParams uv = plain(kvb, 1);
+  uv.out = H * 128;
+  uv.group_rows = 128;
+  uv.group_stride = 256;
+  uv.row0 = 128;
+  uv.group_x = 512;
+  uv.ldy = uv.out;
+  row("W_UV per head", "16 x 128 x 512", mat * H * 128 * 512, uv);
+
+  // The MoE of one token: gate/up of 6 routed + 2 shared pieces (SwiGLU), down with the weighted combine.
+  std::vector<cuda::DeviceMatrix> gate, up, down;
+  std::vector<cuda::MatrixPtrs> tg, tu, td;
+  for (int64_t e = 0; e < E + F; ++e) {
+    gate.push_back(random_matrix(dev, rng, dtype, I, D));
+    up.push_back(random_matrix(dev, rng, dtype, I, D));
+    down.push_back(random_matrix(dev, rng, dtype, D, I));
+    tg.push_back({gate.back().data, gate.back().scale_inv});
+    tu.push_back({up.back().data, up.back().scale_inv});
+    td.push_back({down.back().data, down.back().scale_inv});
+  }
+  const cuda::MatrixPtrs *dg = dev.put(tg), *du = dev.put(tu), *dd = dev.put(td);
+  std::vector<int32_t> idh(kmax);
+  for (size_t i = 0; i < idh.size(); ++i) idh[i] = static_cast<int32_t>((i * 7 + 3) % E);
+  const int32_t* ids = dev.put(idh);
+  std::vector<float> wh(kmax, 0.1f);
+  const float* wts = dev.put(wh);
+  auto gate_up = [&](int64_t tokens) {
+    cuda::LinearParams p = plain(gate[0], tokens * S);
+    p.experts = dg;
+    p.experts2 = du;
+    p.ids = ids;
+    p.ids_settled = true;
+    p.x_div = S;
+    p.fixed_experts = F;
+    p.fixed_first = E;
+    p.norm = norm;
+    p.norm_eps = 1e-6f;
+    return p;
+  };
+  auto down_combine = [&](int64_t tokens) {
+    cuda::LinearParams p = plain(down[0], tokens);
+    p.experts = dd;
+    p.ids = ids;
+    p.ids_settled = true;
+    p.combine = wts;
+    p.combine_k = k;
+    p.fixed_experts = F;
+    p.fixed_first = E;
+    p.x = x;
+    p.ldx = I;
+    p.accumulate = true;
+    return p;
+  };
+  const double expert = mat * I * D;
+  row("expert gate/up, normed", "8 slots x 2 x 1408 x 2048", 2 * S * expert, gate_up(1));
+  row("expert down + combine", "8 slots x 2048 x 1408", S * expert, down_combine(1));
+
+  // Larger problems: the kernel's own rate.
+  const cuda::DeviceMatrix big = random_matrix(dev, rng, dtype, 16384, D);
+  row("plain, large", "16384 x 2048", mat * big.rows * big.cols, plain(big, 1));
+  const cuda::DeviceMatrix wide = random_matrix(dev, rng, dtype, 4096, 7168);
+  row("plain, V3 width", "4096 x 7168", mat * wide.rows * wide.cols, plain(wide, 1));
+  row("expert gate/up, 4 tokens", "32 slots x 2 x 1408 x 2048", 2 * 4 * S * expert, gate_up(4));
+  row("expert down + combine, 4 tokens", "4 x 8 slots x 2048 x 1408", 4 * S * expert, down_combine(4));
+  return 0;
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  try {
+    return run(argc, argv);
+  } catch (const std::exception& e) {
+    std::fprintf(stderr, "dsv3_bench_linear: %s\n", e.what());
+    return 1;
+  }
+}
