@@ -203,6 +203,14 @@ bool lt_fused_mlp_enabled() {
   return on;
 }
 
+// Whether that call leaves the down projection's rows where its GEMMs wrote them for the combine to read
+// (cuda::LtRows) instead of copying them into problem order first: on unless DSV3_LT_KEEP_ROWS=0
+// (measurement; the same bits either way). Read once.
+bool lt_keep_rows_enabled() {
+  static const bool on = cuda::env_enabled("DSV3_LT_KEEP_ROWS");
+  return on;
+}
+
 // How grouped expert projections run: DSV3_MOE_MMA=0 the gathered fp32 GEMV (cuda::linear), =hi the
 // tensor-core kernel with bf16 inputs only (measurement), otherwise (default) the tensor-core kernel
 // with inputs as bf16 hi + lo (cuda::expert_mma). Read once.
@@ -257,6 +265,7 @@ struct Scratch {
         *logits = nullptr,
         *work = nullptr, *moe_out = nullptr;
   int32_t *gather = nullptr, *gather_expert = nullptr;  // expert-grouped MoE problems (cuda::moe_plan)
+  int32_t* row_of = nullptr;  // each expert problem's row of the kept down-projection rows (cuda::LtRows)
   int32_t *ids = nullptr, *tokens = nullptr, *counters = nullptr;
   int64_t* pos = nullptr;
   // Non-absorbed prefill attention (CudaModel::Impl::mla_prefill): the gathered cache rows, their
@@ -596,6 +605,7 @@ struct CudaModel::Impl {
     t.moe_out = f(cap * slots * D, "expert outputs");
     t.gather = static_cast<int32_t*>(device_alloc(static_cast<size_t>(chunks * cuda::kExpertChunk) * 4, scratch_allocs, "expert groups"));
     t.gather_expert = static_cast<int32_t*>(device_alloc(static_cast<size_t>(chunks) * 4, scratch_allocs, "expert groups"));
+    t.row_of = static_cast<int32_t*>(device_alloc(static_cast<size_t>(cap * slots) * 4, scratch_allocs, "expert groups"));
     t.step = static_cast<unsigned char*>(device_alloc(Scratch::step_bytes(cap), scratch_allocs, "token ids and positions"));
     t.row_pos = reinterpret_cast<int64_t*>(t.step);
     t.tokens = reinterpret_cast<int32_t*>(t.step + cap * 8);
@@ -1018,7 +1028,11 @@ struct CudaModel::Impl {
     down.gather_chunks = chunks;
     // On cuBLASLt the pair's SwiGLU goes straight into the down projection's operand (one call); the
     // shared experts' down projection adds into the residual before the combine either way.
-    if (lt_fused_mlp_enabled() && cuda::linear_lt_grouped_mlp(gu, down)) {
+    // The down projection's rows may stay where its GEMMs wrote them (in s.moe_out's memory, bf16 or
+    // fp32 in the plan's order) for the combine to read through row_of: no copy into problem order.
+    const int64_t moe_out_floats = s.cap * (k + c.n_shared_experts) * D;  // as Scratch allocates it
+    cuda::LtRows keep{s.moe_out, static_cast<size_t>(moe_out_floats) * sizeof(float), s.row_of};
+    if (lt_fused_mlp_enabled() && cuda::linear_lt_grouped_mlp(gu, down, lt_keep_rows_enabled() ? &keep : nullptr)) {
       if (separate_shared) swiglu_down(L.shared, s.act_shared, n);
     } else {
       const MoeMma mma = moe_mma_mode();
@@ -1026,7 +1040,14 @@ struct CudaModel::Impl {
       if (separate_shared) swiglu_down(L.shared, s.act_shared, n);
       run_grouped(down, mma);
     }
-    cuda::moe_combine({s.moe_out, s.wts, n, k, slots, D, s.x, D, stream});
+    cuda::MoeCombineParams mc{s.moe_out, s.wts, n, k, slots, D, s.x, D, stream};
+    if (keep.used) {
+      mc.rows = keep.rows;
+      mc.rows_bf16 = keep.bf16;
+      mc.ld_rows = keep.ld;
+      mc.row_of = keep.row_of;
+    }
+    cuda::moe_combine(mc);
   }
 
   // A grouped expert projection: per-expert cuBLASLt GEMMs when p.lt (single-sequence prefill with

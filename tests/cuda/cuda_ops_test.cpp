@@ -1549,6 +1549,33 @@ TEST_F(CudaOps, GroupedLtMatchesTensorCoreKernel) {
       cuda::LinearParams plain = dn2;
       plain.x_div = 2;  // not the pair's operand rows: refused, nothing enqueued
       EXPECT_FALSE(cuda::linear_lt_grouped_mlp(pair, plain));
+
+      // The down rows kept where the GEMMs wrote them (LtRows) and combined from there: the same bits in
+      // x as the combine of the rows copied into problem order; with too little room, the copy as before.
+      const std::vector<float> wts = randn(rng, static_cast<size_t>(P)), x0 = randn(rng, static_cast<size_t>(n * D));
+      float* x_ref = dev.put(x0);
+      cuda::moe_combine({dn2.y, dev.put(wts), n, k, k, D, x_ref, D, nullptr});
+      cuda::LtRows keep{dev.alloc<float>(static_cast<size_t>(P * D)), static_cast<size_t>(P * D) * sizeof(float),
+                        dev.alloc<int32_t>(static_cast<size_t>(P))};
+      cuda::LinearParams dn3 = grouped_down(ds, pair, dev.poisoned(down.size()));
+      dn3.lt = true;
+      ASSERT_TRUE(cuda::linear_lt_grouped_mlp(pair, dn3, &keep)) << dtype_name(dt);
+      ASSERT_TRUE(keep.used);
+      float* x_kept = dev.put(x0);
+      cuda::MoeCombineParams mc{nullptr, dev.put(wts), n, k, k, D, x_kept, D, nullptr};
+      mc.rows = keep.rows;
+      mc.rows_bf16 = keep.bf16;
+      mc.ld_rows = keep.ld;
+      mc.row_of = keep.row_of;
+      cuda::moe_combine(mc);
+      EXPECT_EQ(Dev::get(x_kept, x0.size()), Dev::get(x_ref, x0.size())) << dtype_name(dt) << " combine of kept rows";
+      cuda::LtRows small = keep;
+      small.rows_bytes = 1024;
+      cuda::LinearParams dn4 = grouped_down(ds, pair, dev.poisoned(down.size()));
+      dn4.lt = true;
+      ASSERT_TRUE(cuda::linear_lt_grouped_mlp(pair, dn4, &small));
+      EXPECT_FALSE(small.used);
+      EXPECT_EQ(Dev::get(dn4.y, down.size()), Dev::get(two.y, down.size())) << dtype_name(dt) << " no room: copied";
     }
 
     // Each expert's gate and up as the two halves of one [2I x D] matrix (as CudaModel uploads routed

@@ -443,18 +443,19 @@ bool plan_gemms(State& s, const LinearParams& p, const GroupedPlan& plan, Groupe
 
 // The GEMMs of one grouped projection over its operand (act, act_scales: rows in plan's segment order),
 // in waves of segments on the side streams into the scratch b.gate, then per wave epilogue(scratch,
-// rows, w0) on p.stream for the wave's operand rows w0 .. w0 + rows.
+// rows, w0) on p.stream for the wave's operand rows w0 .. w0 + rows. With `dest`, every row goes to
+// dest in one wave (room for plan.total rows of g.ld_tmp values is the caller's to check).
 template <class Epilogue>
 void run_waves(State& s, const LinearParams& p, const GroupedPlan& plan, const GroupedGemms& g, const void* act,
-               const float* act_scales, Epilogue epilogue) {
+               const float* act_scales, Epilogue epilogue, void* dest = nullptr) {
   StreamBufs& b = s.bufs[p.stream];
   Sides& sd = sides_for(p.stream);
   const bool pad_scales = g.fp8 && g.kb % 4 != 0;
   const int64_t l4 = (g.kb + 3) / 4 * 4, out_elem = g.bf16_out ? 2 : 4;
-  const int64_t wave_rows = std::max(std::min(wave_rows_limit(), plan.total), plan.widest);
+  const int64_t wave_rows = dest ? plan.total : std::max(std::min(wave_rows_limit(), plan.total), plan.widest);
   const int64_t pad_floats = (g.dual ? 2 : 1) * g.mb * l4;  // one expert's padded weight scales
   if (pad_scales) ensure(b.wscales, sz(static_cast<int64_t>(plan.segs.size()) * pad_floats * 4), false);
-  ensure(b.gate, sz(wave_rows * g.ld_tmp * out_elem), false);
+  if (!dest) ensure(b.gate, sz(wave_rows * g.ld_tmp * out_elem), false);
 
   // Every expert's weight scales in cuBLASLt's padded layout, each in its own slot (the side streams
   // read them concurrently), copied on the main stream before the fork.
@@ -467,7 +468,7 @@ void run_waves(State& s, const LinearParams& p, const GroupedPlan& plan, const G
                       sb[i], p.stream);
   }
 
-  uint8_t* scratch = static_cast<uint8_t*>(b.gate.ptr);  // fp32 or bf16 rows of ld_tmp values
+  uint8_t* scratch = static_cast<uint8_t*>(dest ? dest : b.gate.ptr);  // fp32 or bf16 rows of ld_tmp values
   for (size_t first = 0; first < plan.segs.size();) {
     // The wave: segments first .. last - 1, at most wave_rows rows.
     size_t last = first;
@@ -575,7 +576,8 @@ bool linear_lt_grouped(const LinearParams& p) {
   return true;
 }
 
-bool linear_lt_grouped_mlp(const LinearParams& gu, const LinearParams& down) {
+bool linear_lt_grouped_mlp(const LinearParams& gu, const LinearParams& down, LtRows* keep) {
+  if (keep) keep->used = false;
   if (!grouped_eligible(gu) || !grouped_eligible(down) || !gu.experts2 || down.experts2 || down.x_div != 1 ||
       down.gather != gu.gather || down.n != gu.n || down.w.dtype != gu.w.dtype || down.w.cols != gu.out ||
       capturing(gu.stream) || down.stream != gu.stream)
@@ -611,6 +613,16 @@ bool linear_lt_grouped_mlp(const LinearParams& gu, const LinearParams& down) {
               const int64_t out_elem = pair.bf16_out ? 2 : 4;
               swiglu_quantize_rows(scratch, scratch + I * out_elem, pair.bf16_out, pair.ld_tmp, rows, I, at, gu.stream);
             });
+  const int64_t kept_bytes = plan.total * dn.ld_tmp * (dn.bf16_out ? 2 : 4);
+  if (keep && keep->rows && keep->row_of && static_cast<size_t>(kept_bytes) <= keep->rows_bytes) {
+    run_waves(s, down, plan, dn, b.down_act.ptr, static_cast<const float*>(b.down_scales.ptr),
+              [](const uint8_t*, int64_t, int64_t) {}, keep->rows);
+    invert_rows(plan.prob, plan.total, keep->row_of, gu.stream);
+    keep->used = true;
+    keep->bf16 = dn.bf16_out;
+    keep->ld = dn.ld_tmp;
+    return true;
+  }
   run_waves(s, down, plan, dn, b.down_act.ptr, static_cast<const float*>(b.down_scales.ptr), write_back(down, plan, dn));
   return true;
 }

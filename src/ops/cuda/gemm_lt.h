@@ -22,6 +22,20 @@ bool linear_lt_grouped(const LinearParams& p);
 // `down` (same plan: gather lists and problems; x_div 1), then `down` as linear_lt_grouped. One read of
 // the plan instead of two and no fp32 SwiGLU rows (gu.y is not written); the same bytes in down.y as the
 // two calls. False (nothing enqueued) where either call would refuse.
-bool linear_lt_grouped_mlp(const LinearParams& gu, const LinearParams& down);
+//
+// With `keep` (and room for them: keep->rows_bytes), the down projection's rows are not copied to
+// down.y: its GEMMs write them to keep->rows in their operand order (one wave, no reuse of a scratch)
+// and keep->row_of[problem] gives each problem's row; keep->used, bf16 and ld say so and how they are
+// stored, for moe_combine (MoeCombineParams::row_of), which then reads the same values it would have
+// read from down.y. That saves the copy (a bf16 read and an fp32 write of every problem's row) and
+// the combine's fp32 read.
+struct LtRows {
+  void* rows = nullptr;
+  size_t rows_bytes = 0;
+  int32_t* row_of = nullptr;  // [down.n]
+  bool used = false, bf16 = false;
+  int64_t ld = 0;
+};
+bool linear_lt_grouped_mlp(const LinearParams& gu, const LinearParams& down, LtRows* keep = nullptr);
 
 }  // namespace dsv3::cuda

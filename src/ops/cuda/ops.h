@@ -310,6 +310,9 @@ void moe_plan(const MoePlanParams& p);
 
 // The MoE combine after a gathered down projection: x[t] += sum_j w_j * y[t * slots + j], w_j =
 // weights[t * k + j] for the routed slots j < k and 1 for the fixed slots after them (in slot order).
+// With row_of set, slot j of token t reads row row_of[t * slots + j] of `rows` instead (fp32, or bf16
+// when rows_bf16; ld_rows values apart): the down projection's output left where its GEMMs wrote it
+// (linear_lt_grouped_mlp's LtRows), the same values in the same order as the dense y.
 struct MoeCombineParams {
   const float* y = nullptr;        // [n * slots x dim]
   const float* weights = nullptr;  // [n x k]
@@ -317,6 +320,10 @@ struct MoeCombineParams {
   float* x = nullptr;
   int64_t ldx = 0;
   cudaStream_t stream = nullptr;
+  const void* rows = nullptr;
+  bool rows_bf16 = false;
+  int64_t ld_rows = 0;
+  const int32_t* row_of = nullptr;  // [n * slots]
 };
 void moe_combine(const MoeCombineParams& p);
 
@@ -385,6 +392,8 @@ void swiglu_rows(const void* g, const void* u, bool in_bf16, int64_t ld_in, int6
 // swiglu_rows.
 void add_rows(const void* src, bool src_bf16, int64_t ld_src, int64_t n, int64_t out, float* y, int64_t ldy,
               bool accumulate, cudaStream_t stream, const int32_t* y_rows = nullptr);
+// row_of[prob[r]] = r for r < total with prob[r] >= 0 (the inverse of a grouped projection's row order).
+void invert_rows(const int32_t* prob, int64_t total, int32_t* row_of, cudaStream_t stream);
 // Whether cuBLASLt has a GEMM for an out x n x k projection of this weight dtype (FP8 or BF16; the
 // dimensions as `linear` passes them, n rounded up to 16); false means `linear` runs it on its own kernels.
 bool lt_gemm_supported(DType dtype, int64_t out, int64_t n, int64_t k);

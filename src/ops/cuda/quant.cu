@@ -150,6 +150,11 @@ __global__ void add_rows_kernel(const In* src, int64_t ld_src, int64_t n, int64_
 
 unsigned blocks_for(int64_t total) { return static_cast<unsigned>((total + 255) / 256); }
 
+__global__ void invert_rows_kernel(const int32_t* prob, int64_t total, int32_t* row_of) {
+  const int64_t r = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (r < total && prob[r] >= 0) row_of[prob[r]] = static_cast<int32_t>(r);
+}
+
 }  // namespace
 
 void add_rows(const void* src, bool src_bf16, int64_t ld_src, int64_t n, int64_t out, float* y, int64_t ldy,
@@ -163,6 +168,12 @@ void add_rows(const void* src, bool src_bf16, int64_t ld_src, int64_t n, int64_t
     add_rows_kernel<<<blocks, 256, 0, stream>>>(static_cast<const float*>(src), ld_src, n, out, y, ldy, accumulate,
                                                 y_rows);
   check_launch("add_rows_kernel");
+}
+
+void invert_rows(const int32_t* prob, int64_t total, int32_t* row_of, cudaStream_t stream) {
+  if (total == 0) return;
+  invert_rows_kernel<<<blocks_for(total), 256, 0, stream>>>(prob, total, row_of);
+  check_launch("invert_rows_kernel");
 }
 
 void quantize_activations(const ActQuantParams& p) {

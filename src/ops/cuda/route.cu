@@ -165,12 +165,21 @@ __global__ void __launch_bounds__(kPlanThreads) moe_plan_kernel(const MoePlanPar
   }
 }
 
+__device__ __forceinline__ float value_at(const float* v, int64_t i) { return v[i]; }
+__device__ __forceinline__ float value_at(const __nv_bfloat16* v, int64_t i) { return __bfloat162float(v[i]); }
+
+// In: the slot rows' element type. Slot j of token t is row t * slots + j of p.y, or row_of's row of p.rows.
+template <class In>
 __global__ void moe_combine_kernel(const MoeCombineParams p) {
   const int64_t t = blockIdx.x;
-  const float* y = p.y + t * p.slots * p.dim;
+  const In* base = static_cast<const In*>(p.row_of ? p.rows : static_cast<const void*>(p.y));
+  const int64_t ld = p.row_of ? p.ld_rows : p.dim;
   for (int64_t c = threadIdx.x; c < p.dim; c += blockDim.x) {
     float acc = 0.0f;
-    for (int64_t j = 0; j < p.slots; ++j) acc = fmaf(j < p.k ? p.weights[t * p.k + j] : 1.0f, y[j * p.dim + c], acc);
+    for (int64_t j = 0; j < p.slots; ++j) {
+      const int64_t row = p.row_of ? p.row_of[t * p.slots + j] : t * p.slots + j;
+      acc = fmaf(j < p.k ? p.weights[t * p.k + j] : 1.0f, value_at(base, row * ld + c), acc);
+    }
     p.x[t * p.ldx + c] += acc;
   }
 }
@@ -195,8 +204,12 @@ void moe_plan(const MoePlanParams& p) {
 void moe_combine(const MoeCombineParams& p) {
   DSV3_ASSERT(p.n >= 0 && p.k > 0 && p.slots >= p.k && p.dim > 0 && p.ldx >= p.dim);
   if (p.n == 0) return;
-  DSV3_ASSERT(p.y && p.weights && p.x);
-  moe_combine_kernel<<<static_cast<unsigned>(p.n), 256, 0, p.stream>>>(p);
+  DSV3_ASSERT(p.weights && p.x && (p.row_of ? p.rows && p.ld_rows >= p.dim : p.y != nullptr));
+  const unsigned blocks = static_cast<unsigned>(p.n);
+  if (p.row_of && p.rows_bf16)
+    moe_combine_kernel<__nv_bfloat16><<<blocks, 256, 0, p.stream>>>(p);
+  else
+    moe_combine_kernel<float><<<blocks, 256, 0, p.stream>>>(p);
   check_launch("moe_combine_kernel");
 }
 
