@@ -2,11 +2,13 @@
 // of one sequence's new rows over its expanded per-head keys and values, on mma.sync m16n8k16 (bf16 in,
 // fp32 accumulate) with an online softmax.
 //
-// A block is 64 queries (4 warps x 16 rows) of one head; key tiles of 32 keys stream through shared
-// memory (cp.async, two stages), each shared by the block's 4 warps. Every operand is a bf16 hi + lo
+// A block is 64 queries (4 warps x 16 rows) of one head; key tiles stream through shared memory
+// (cp.async, two stages), each shared by the block's 4 warps. With `lo` every operand is a bf16 hi + lo
 // pair (hi = bf16(x), lo = bf16(x - hi)) and each product runs as hi*hi + hi*lo + lo*hi, so a score or
 // an output carries ~16 mantissa bits of its inputs (within ~1e-5 of fp32); lo*lo (~2^-16 relative) is
-// dropped. The split of keys and values into hi/lo tiles is a pass of its own (mla_prefill_split_kernel,
+// dropped; tiles of 32 keys. Without it (the cuBLASLt steps) only the hi parts are stored and multiplied,
+// in tiles of 64 keys (DSV3_MLA_PREFILL_KEYS=32 for 32; measurement): twice the products between two
+// block barriers in the same shared memory. The split of keys and values into hi/lo tiles is a pass of its own (mla_prefill_split_kernel,
 // into `work`), so the attention kernel only copies tiles and feeds ldmatrix. Queries stay in registers
 // (split once per block), the scores never leave them: the S accumulator's layout is the A fragment of
 // the P V product (FlashAttention-2's arrangement).
@@ -24,16 +26,20 @@ namespace {
 constexpr int kDq = static_cast<int>(kMlaPrefillQk), kDv = static_cast<int>(kMlaPrefillV);
 constexpr int kWarps = 4, kThreads = kWarps * 32;
 constexpr int kRows = kWarps * 16;  // queries per block
-constexpr int kKeys = 32;           // keys per tile
+constexpr int kMaxKeys = 64;        // the largest key tile; `work` pads the keys to whole tiles of it
 // Shared-memory row strides in bf16: + 8 (16 bytes), so the 8 rows of an ldmatrix phase start 4 banks
 // apart and hit all 32 banks once.
 constexpr int kKStride = kDq + 8, kVStride = kDv + 8;
-// One stage: K hi, K lo ([kKeys][kKStride] each), V hi, V lo ([kKeys][kVStride] each).
-constexpr int kKHi = 0, kKLo = kKeys * kKStride, kVHi = 2 * kKeys * kKStride, kVLo = kVHi + kKeys * kVStride;
-constexpr int kStage = 2 * kKeys * (kKStride + kVStride);  // bf16 elements
-constexpr size_t kSmemBytes = 2 * kStage * sizeof(uint16_t);  // 84 KiB: two blocks per SM
+// One stage of KEYS keys: K hi, [K lo], V hi, [V lo] ([KEYS][kKStride] or [KEYS][kVStride] each).
+template <bool LO, int KEYS>
+struct Stage {
+  static constexpr int kParts = LO ? 2 : 1;
+  static constexpr int kKHi = 0, kKLo = KEYS * kKStride, kVHi = kParts * KEYS * kKStride, kVLo = kVHi + KEYS * kVStride;
+  static constexpr int kSize = kParts * KEYS * (kKStride + kVStride);  // bf16 elements
+  static constexpr size_t kSmemBytes = 2 * kSize * sizeof(uint16_t);   // two stages: 84 KiB at (LO, 32), (hi, 64)
+};
 
-int64_t padded_keys(int64_t keys) { return (keys + kKeys - 1) / kKeys * kKeys; }
+int64_t padded_keys(int64_t keys) { return (keys + kMaxKeys - 1) / kMaxKeys * kMaxKeys; }
 
 // The split tiles in `work`: per head K hi, K lo [padded keys][kDq], then per head V hi, V lo [padded keys][kDv].
 struct SplitLayout {
@@ -125,9 +131,11 @@ __global__ void mla_prefill_split_kernel(const MlaPrefillParams p, const SplitLa
 // Block = (head, 64 query rows), the rows with the most keys first. Lane (g = lane / 4, c = lane % 4)
 // of warp w owns rows a = 16 w + g and b = a + 8 of the block: their scores at keys 8 j + 2 c (+ 1) of
 // each tile and their outputs at columns 8 j + 2 c (+ 1), as the m16n8 accumulator lays them out.
-template <bool LO>
+template <bool LO, int KEYS>
 __global__ void __launch_bounds__(kThreads, 2) mla_prefill_kernel(const MlaPrefillParams p, const SplitLayout lay) {
   extern __shared__ __align__(16) uint16_t smem[];
+  using St = Stage<LO, KEYS>;
+  constexpr int kKeys = KEYS, kStage = St::kSize, kKHi = St::kKHi, kKLo = St::kKLo, kVHi = St::kVHi, kVLo = St::kVLo;
   const int64_t q_blocks = (p.n + kRows - 1) / kRows;
   const int64_t h = blockIdx.x % p.heads, t0 = (q_blocks - 1 - blockIdx.x / p.heads) * kRows;
   const int64_t pos0 = p.keys - p.n;
@@ -287,18 +295,25 @@ __global__ void __launch_bounds__(kThreads, 2) mla_prefill_kernel(const MlaPrefi
   }
 }
 
-template <bool LO>
+template <bool LO, int KEYS>
 void launch_prefill(const MlaPrefillParams& p, const SplitLayout& lay) {
-  static const bool opted_in = [] {  // once per process: allow kSmemBytes of dynamic shared memory
-    DSV3_CUDA_CHECK(cudaFuncSetAttribute(mla_prefill_kernel<LO>, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                         static_cast<int>(kSmemBytes)));
+  constexpr size_t smem = Stage<LO, KEYS>::kSmemBytes;
+  static const bool opted_in = [] {  // once per process: allow the stages' dynamic shared memory
+    DSV3_CUDA_CHECK(cudaFuncSetAttribute(mla_prefill_kernel<LO, KEYS>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                         static_cast<int>(smem)));
     return true;
   }();
   DSV3_ASSERT(opted_in);
   const int64_t blocks = (p.n + kRows - 1) / kRows * p.heads;
   DSV3_ASSERT(blocks < (int64_t{1} << 31));
-  mla_prefill_kernel<LO><<<static_cast<unsigned>(blocks), kThreads, kSmemBytes, p.stream>>>(p, lay);
+  mla_prefill_kernel<LO, KEYS><<<static_cast<unsigned>(blocks), kThreads, smem, p.stream>>>(p, lay);
   check_launch("mla_prefill_kernel");
+}
+
+// Keys per tile of the hi-only kernel: 64, or DSV3_MLA_PREFILL_KEYS=32 (measurement; read once).
+int hi_tile_keys() {
+  static const int keys = env_positive("DSV3_MLA_PREFILL_KEYS", 64) == 32 ? 32 : 64;
+  return keys;
 }
 
 }  // namespace
@@ -337,9 +352,11 @@ void mla_prefill(const MlaPrefillParams& p) {
   mla_prefill_split_kernel<<<split_blocks, 256, 0, p.stream>>>(p, lay);
   check_launch("mla_prefill_split_kernel");
   if (p.lo)
-    launch_prefill<true>(p, lay);
+    launch_prefill<true, 32>(p, lay);
+  else if (hi_tile_keys() == 32)
+    launch_prefill<false, 32>(p, lay);
   else
-    launch_prefill<false>(p, lay);
+    launch_prefill<false, 64>(p, lay);
 }
 
 }  // namespace dsv3::cuda
