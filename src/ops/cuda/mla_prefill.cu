@@ -104,27 +104,27 @@ __global__ void mla_gather_kernel(const CachePages cache, int64_t layer, int64_t
 }
 
 // The keys and values of every head as hi/lo bf16 tiles (SplitLayout), keys past p.keys zero (the tail
-// of the last tile: finite, so a masked score times a value stays 0). One thread per pair of values.
-__global__ void mla_prefill_split_kernel(const MlaPrefillParams p, const SplitLayout lay) {
-  constexpr int kPairs = (kDq + kDv) / 2;
-  uint16_t* work = static_cast<uint16_t*>(p.work);
-  const int64_t total = lay.heads * lay.keys_padded * kPairs;
-  for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < total;
-       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-    const int64_t d = 2 * (i % kPairs), key = i / kPairs % lay.keys_padded, h = i / kPairs / lay.keys_padded;
+// of the last tile: finite, so a masked score times a value stays 0); the lo parts only when p.lo (the
+// hi-only kernel never reads them). Block = (kSplitKeys keys, head), thread = a pair of values of a key
+// row (K's 96 pairs, then V's 64), so reads and writes run along the rows.
+constexpr int kSplitPairs = (kDq + kDv) / 2, kSplitKeys = 16;
+__global__ void __launch_bounds__(kSplitPairs) mla_prefill_split_kernel(const MlaPrefillParams p, const SplitLayout lay) {
+  const int64_t h = blockIdx.y, key0 = static_cast<int64_t>(blockIdx.x) * kSplitKeys;
+  const int d = 2 * static_cast<int>(threadIdx.x);
+  const bool is_k = d < kDq;
+  const int64_t width = is_k ? kDq : kDv, col = is_k ? d : d - kDq, lo_off = lay.keys_padded * width;
+  uint16_t* dst = static_cast<uint16_t*>(p.work) + (is_k ? lay.k_hi(h) : lay.v_hi(h)) + col;
+  for (int64_t key = key0; key < key0 + kSplitKeys && key < lay.keys_padded; ++key) {
     float2 x = make_float2(0.0f, 0.0f);
     if (key < p.keys) {
       const float* kv = p.kv + key * p.ldkv + h * (p.nope + p.v);
-      const float* src = d >= kDq ? kv + p.nope + (d - kDq) : d < p.nope ? kv + d : p.k_pe + key * p.ldkpe + (d - p.nope);
+      const float* src = !is_k ? kv + p.nope + col : d < p.nope ? kv + d : p.k_pe + key * p.ldkpe + (d - p.nope);
       x = *reinterpret_cast<const float2*>(src);
     }
     uint32_t hi, lo;
     split2(x.x, x.y, hi, lo);
-    const bool is_k = d < kDq;
-    const int64_t base = is_k ? lay.k_hi(h) : lay.v_hi(h), width = is_k ? kDq : kDv, col = is_k ? d : d - kDq;
-    const int64_t at = base + key * width + col;
-    *reinterpret_cast<uint32_t*>(work + at) = hi;
-    *reinterpret_cast<uint32_t*>(work + at + lay.keys_padded * width) = lo;
+    *reinterpret_cast<uint32_t*>(dst + key * width) = hi;
+    if (p.lo) *reinterpret_cast<uint32_t*>(dst + key * width + lo_off) = lo;
   }
 }
 
@@ -347,9 +347,9 @@ void mla_prefill(const MlaPrefillParams& p) {
         "the kernel takes nope + rope = 192 and v = 128 with even strides; callers check mla_prefill_supported");
   DSV3_ASSERT(p.q_nope && p.q_pe && p.kv && p.k_pe && p.out && p.work && aligned16(p.work));
   const SplitLayout lay{padded_keys(p.keys), p.heads};
-  const int64_t pairs = lay.heads * lay.keys_padded * (kDq + kDv) / 2;
-  const unsigned split_blocks = static_cast<unsigned>(std::min<int64_t>((pairs + 255) / 256, 65536));
-  mla_prefill_split_kernel<<<split_blocks, 256, 0, p.stream>>>(p, lay);
+  DSV3_ASSERT(p.heads <= 65535);
+  const dim3 split_grid(static_cast<unsigned>((lay.keys_padded + kSplitKeys - 1) / kSplitKeys), static_cast<unsigned>(p.heads));
+  mla_prefill_split_kernel<<<split_grid, kSplitPairs, 0, p.stream>>>(p, lay);
   check_launch("mla_prefill_split_kernel");
   if (p.lo)
     launch_prefill<true, 32>(p, lay);

@@ -48,16 +48,25 @@ __device__ void store_group(const float (&v)[4], int64_t g, int64_t k, bool fp8,
     const float scale = amax / kE4m3Max;
     const float inv = amax > 0.0f ? kE4m3Max / amax : 0.0f;
     uint8_t* row = static_cast<uint8_t*>(q) + t * k;
-    for (int i = 0; i < 4; ++i) {
-      const int64_t c = g * 128 + lane * 4 + i;
-      if (c < k) row[c] = __nv_cvt_float_to_fp8(v[i] * inv, __NV_SATFINITE, __NV_E4M3);
+    const int64_t c0 = g * 128 + lane * 4;
+    uint8_t code[4];
+    for (int i = 0; i < 4; ++i) code[i] = __nv_cvt_float_to_fp8(v[i] * inv, __NV_SATFINITE, __NV_E4M3);
+    if (c0 + 3 < k && reinterpret_cast<uintptr_t>(row + c0) % 4 == 0) {  // the 4 codes as one store
+      *reinterpret_cast<uint32_t*>(row + c0) = code[0] | code[1] << 8 | code[2] << 16 | static_cast<uint32_t>(code[3]) << 24;
+    } else {
+      for (int i = 0; i < 4; ++i)
+        if (c0 + i < k) row[c0 + i] = code[i];
     }
     if (lane == 0) *scale_at = scale;
   } else {
     __nv_bfloat16* row = static_cast<__nv_bfloat16*>(q) + t * k;
-    for (int i = 0; i < 4; ++i) {
-      const int64_t c = g * 128 + lane * 4 + i;
-      if (c < k) row[c] = __float2bfloat16_rn(v[i]);
+    const int64_t c0 = g * 128 + lane * 4;
+    if (c0 + 3 < k && reinterpret_cast<uintptr_t>(row + c0) % 8 == 0) {  // 4 values as one 8-byte store
+      const uint2 b = make_uint2(bf16x2_bits(v[0], v[1]), bf16x2_bits(v[2], v[3]));
+      *reinterpret_cast<uint2*>(row + c0) = b;
+    } else {
+      for (int i = 0; i < 4; ++i)
+        if (c0 + i < k) row[c0 + i] = __float2bfloat16_rn(v[i]);
     }
   }
 }
@@ -79,11 +88,24 @@ __global__ void __launch_bounds__(kQuantThreads) quantize_kernel(const ActQuantP
   const float* x = src >= 0 ? p.x + src / p.x_div * p.ldx : nullptr;  // null: a zero (padding) row
   const float inv_rms = x ? row_inv_rms(x, p.k, p.norm, p.norm_eps) : 1.0f;
   const int lane = threadIdx.x % 32;
+  // 16-byte loads where the row and the norm allow them (the same values either way).
+  const bool vec = x && p.k % 4 == 0 && reinterpret_cast<uintptr_t>(x) % 16 == 0 &&
+                   (!p.norm || reinterpret_cast<uintptr_t>(p.norm) % 16 == 0);
   for (int64_t g = threadIdx.x / 32; g < groups; g += kQuantWarps) {
     float v[4];
-    for (int i = 0; i < 4; ++i) {
-      const int64_t c = g * 128 + lane * 4 + i;
-      v[i] = x && c < p.k ? x[c] * (p.norm ? p.norm[c] * inv_rms : 1.0f) : 0.0f;
+    const int64_t c0 = g * 128 + lane * 4;
+    if (vec && c0 < p.k) {
+      const float4 a = *reinterpret_cast<const float4*>(x + c0);
+      v[0] = a.x; v[1] = a.y; v[2] = a.z; v[3] = a.w;
+      if (p.norm) {
+        const float4 n = *reinterpret_cast<const float4*>(p.norm + c0);
+        v[0] *= n.x * inv_rms; v[1] *= n.y * inv_rms; v[2] *= n.z * inv_rms; v[3] *= n.w * inv_rms;
+      }
+    } else {
+      for (int i = 0; i < 4; ++i) {
+        const int64_t c = c0 + i;
+        v[i] = x && c < p.k ? x[c] * (p.norm ? p.norm[c] * inv_rms : 1.0f) : 0.0f;
+      }
     }
     store_group(v, g, p.k, p.fp8, p.q, t,
                 p.fp8 ? p.scales + scale_index(t, g, groups, p.scale_ld, p.n, p.row_seg, p.seg_rows) : nullptr);
