@@ -34,6 +34,26 @@ __device__ float row_inv_rms(const float* x, int64_t k, const float* norm, float
 __device__ __forceinline__ float load_value(const float* p, int64_t i) { return p[i]; }
 __device__ __forceinline__ float load_value(const __nv_bfloat16* p, int64_t i) { return __bfloat162float(p[i]); }
 
+// Values i .. i + 3 of p (the caller knows they exist), in one 16-byte (fp32) or 8-byte (bf16) load when
+// aligned for it.
+__device__ __forceinline__ void load4(const float* p, int64_t i, float (&v)[4]) {
+  if (reinterpret_cast<uintptr_t>(p + i) % 16 == 0) {
+    const float4 a = *reinterpret_cast<const float4*>(p + i);
+    v[0] = a.x; v[1] = a.y; v[2] = a.z; v[3] = a.w;
+  } else {
+    for (int j = 0; j < 4; ++j) v[j] = p[i + j];
+  }
+}
+__device__ __forceinline__ void load4(const __nv_bfloat16* p, int64_t i, float (&v)[4]) {
+  if (reinterpret_cast<uintptr_t>(p + i) % 8 == 0) {
+    const uint2 a = *reinterpret_cast<const uint2*>(p + i);
+    v[0] = bf16_bits_to_float(a.x & 0xffffu); v[1] = bf16_bits_to_float(a.x >> 16);
+    v[2] = bf16_bits_to_float(a.y & 0xffffu); v[3] = bf16_bits_to_float(a.y >> 16);
+  } else {
+    for (int j = 0; j < 4; ++j) v[j] = __bfloat162float(p[i + j]);
+  }
+}
+
 // Writes one 128-column group of output row t: this lane's 4 values v (columns g * 128 + lane * 4 ..,
 // those past k ignored) as FP8 codes with the group's scale (amax / 448, at scale_at), or as BF16. Every
 // lane of the warp calls it (the amax is a warp reduction).
@@ -123,9 +143,17 @@ __global__ void __launch_bounds__(kQuantThreads) swiglu_quantize_kernel(const In
   const int lane = threadIdx.x % 32;
   for (int64_t grp = threadIdx.x / 32; grp < groups; grp += kQuantWarps) {
     float v[4];
-    for (int i = 0; i < 4; ++i) {
-      const int64_t c = grp * 128 + lane * 4 + i;
-      v[i] = c < out ? silu(load_value(g, t * ld_in + c)) * load_value(u, t * ld_in + c) : 0.0f;
+    const int64_t c0 = grp * 128 + lane * 4;
+    if (c0 + 3 < out) {
+      float gv[4], uv[4];
+      load4(g, t * ld_in + c0, gv);
+      load4(u, t * ld_in + c0, uv);
+      for (int i = 0; i < 4; ++i) v[i] = silu(gv[i]) * uv[i];
+    } else {
+      for (int i = 0; i < 4; ++i) {
+        const int64_t c = c0 + i;
+        v[i] = c < out ? silu(load_value(g, t * ld_in + c)) * load_value(u, t * ld_in + c) : 0.0f;
+      }
     }
     store_group(v, grp, out, p.fp8, p.q, row,
                 p.fp8 ? p.scales + scale_index(row, grp, groups, 0, p.n, p.row_seg, p.seg_rows) : nullptr);
