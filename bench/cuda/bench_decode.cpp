@@ -28,37 +28,12 @@
 #include "model/cuda_model.h"
 #include "model/model.h"
 #include "ops/cuda/ops.h"
+#include "copy_bandwidth.h"
 
 namespace {
 
 double now_s() {
   return std::chrono::duration<double>(std::chrono::steady_clock::now().time_since_epoch()).count();
-}
-
-// Best of several device-to-device copies of `bytes`, counting bytes read plus bytes written.
-double copy_bandwidth(size_t bytes) {
-  void *a = nullptr, *b = nullptr;
-  DSV3_CUDA_CHECK(cudaMalloc(&a, bytes));
-  DSV3_CUDA_CHECK(cudaMalloc(&b, bytes));
-  DSV3_CUDA_CHECK(cudaMemset(a, 1, bytes));
-  cudaEvent_t e0, e1;
-  DSV3_CUDA_CHECK(cudaEventCreate(&e0));
-  DSV3_CUDA_CHECK(cudaEventCreate(&e1));
-  double best = 0;
-  for (int i = 0; i < 12; ++i) {
-    DSV3_CUDA_CHECK(cudaEventRecord(e0));
-    DSV3_CUDA_CHECK(cudaMemcpy(i % 2 ? a : b, i % 2 ? b : a, bytes, cudaMemcpyDeviceToDevice));
-    DSV3_CUDA_CHECK(cudaEventRecord(e1));
-    DSV3_CUDA_CHECK(cudaEventSynchronize(e1));
-    float ms = 0;
-    DSV3_CUDA_CHECK(cudaEventElapsedTime(&ms, e0, e1));
-    if (i >= 2) best = std::max(best, 2.0 * static_cast<double>(bytes) / (ms * 1e-3));
-  }
-  cudaEventDestroy(e0);
-  cudaEventDestroy(e1);
-  cudaFree(a);
-  cudaFree(b);
-  return best;
 }
 
 int arg_int(int argc, char** argv, const char* name, int def) {
@@ -157,7 +132,7 @@ void bench_batched(dsv3::CudaModel& gpu, const std::string& label, int batch, in
     DSV3_CUDA_CHECK(cudaProfilerStop());
   }
   const double steps_per_s = (n_decode - 1) / decode_s, tps = steps_per_s * batch;
-  const double bw = copy_bandwidth(size_t{2} << 30);
+  const double bw = dsv3::bench::copy_bandwidth(size_t{2} << 30);
   const int ctx = context + 1 + n_decode / 2;  // mean context of the timed steps
   const size_t bytes = gpu.decode_bytes_per_step(batch, ctx);
   const double roof_steps = bw / static_cast<double>(bytes);
@@ -334,7 +309,7 @@ int main(int argc, char** argv) {
       DSV3_CUDA_CHECK(cudaProfilerStop());
     }
     const double tps = (n_decode - 1) / decode_s;
-    const double bw = copy_bandwidth(size_t{2} << 30);
+    const double bw = dsv3::bench::copy_bandwidth(size_t{2} << 30);
     const int ctx = n_context + n_prompt + n_decode / 2;  // mean context of the timed steps
     const size_t bytes = gpu.decode_bytes_per_token(ctx);
     const double roof = bw / static_cast<double>(bytes);

@@ -20,6 +20,7 @@
 #include "core/dtype.h"
 #include "core/error.h"
 #include "ops/cuda/ops.h"
+#include "copy_bandwidth.h"
 
 namespace {
 
@@ -71,28 +72,6 @@ cuda::DeviceMatrix random_matrix(DeviceArena& dev, std::mt19937& rng, DType dtyp
   return m;
 }
 
-double copy_bandwidth(DeviceArena& dev, size_t bytes) {
-  void* a = dev.alloc(bytes);
-  void* b = dev.alloc(bytes);
-  DSV3_CUDA_CHECK(cudaMemset(a, 1, bytes));
-  cudaEvent_t e0, e1;
-  DSV3_CUDA_CHECK(cudaEventCreate(&e0));
-  DSV3_CUDA_CHECK(cudaEventCreate(&e1));
-  double best = 0;
-  for (int i = 0; i < 10; ++i) {
-    DSV3_CUDA_CHECK(cudaEventRecord(e0));
-    DSV3_CUDA_CHECK(cudaMemcpy(i % 2 ? a : b, i % 2 ? b : a, bytes, cudaMemcpyDeviceToDevice));
-    DSV3_CUDA_CHECK(cudaEventRecord(e1));
-    DSV3_CUDA_CHECK(cudaEventSynchronize(e1));
-    float ms = 0;
-    DSV3_CUDA_CHECK(cudaEventElapsedTime(&ms, e0, e1));
-    if (i >= 2) best = std::max(best, 2.0 * static_cast<double>(bytes) / (ms * 1e-3));
-  }
-  cudaEventDestroy(e0);
-  cudaEventDestroy(e1);
-  return best;
-}
-
 // Median over 5 rounds of the mean time of `iters` back-to-back calls, in microseconds.
 double time_us(const std::function<void()>& call, int iters) {
   cudaEvent_t e0, e1;
@@ -133,7 +112,7 @@ int run(int argc, char** argv) {
   }
   DeviceArena dev;
   std::mt19937 rng(1);
-  const double bw = copy_bandwidth(dev, size_t{1} << 30);
+  const double bw = bench::copy_bandwidth(size_t{1} << 30);
   cudaDeviceProp prop{};
   DSV3_CUDA_CHECK(cudaGetDeviceProperties(&prop, 0));
   std::printf("device %s, %d SMs, copy bandwidth %.0f GB/s, %s weights, %d calls per timing\n\n", prop.name,

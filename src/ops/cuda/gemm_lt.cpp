@@ -558,22 +558,31 @@ auto write_back(const LinearParams& p, const GroupedPlan& plan, const GroupedGem
 // only, never in a capture). Segments are padded to 64 rows so the cached plans stay few (at most 8,192 /
 // 64 shapes per matrix). The GEMMs of a wave of segments run on kSideStreams streams into one scratch, then
 // one launch applies the epilogue (SwiGLU, or the copy back) to every row of the wave.
-bool linear_lt_grouped(const LinearParams& p) {
-  if (!grouped_eligible(p) || capturing(p.stream)) return false;
+// Under the state's lock, with p.stream's buffers: body(s, b, plan) on the plan of p's gather lists, or
+// true without it when nothing is routed (nothing to write).
+template <class Body>
+bool with_grouped_plan(const LinearParams& p, Body body) {
   State& s = state();
   std::lock_guard<std::mutex> lock(s.mu);
   if (!s.handle) DSV3_LT_CHECK(cublasLtCreate(&s.handle));
   StreamBufs& b = s.bufs[p.stream];
   GroupedPlan plan;
-  if (!fetch_plan(p, b, plan)) return true;  // nothing routed: nothing to write
-  GroupedGemms g;
-  g.table = fetch_table(p.experts, plan.experts, p.stream);
-  if (p.experts2) g.table2 = fetch_table(p.experts2, plan.experts, p.stream);
-  DSV3_CUDA_CHECK(cudaStreamSynchronize(p.stream));  // the tables
-  if (!plan_gemms(s, p, plan, g)) return false;
-  quantize_operand(p, plan, b, g.k, g.fp8);
-  run_waves(s, p, plan, g, b.act.ptr, static_cast<const float*>(b.scales.ptr), write_back(p, plan, g));
-  return true;
+  if (!fetch_plan(p, b, plan)) return true;
+  return body(s, b, plan);
+}
+
+bool linear_lt_grouped(const LinearParams& p) {
+  if (!grouped_eligible(p) || capturing(p.stream)) return false;
+  return with_grouped_plan(p, [&](State& s, StreamBufs& b, const GroupedPlan& plan) {
+    GroupedGemms g;
+    g.table = fetch_table(p.experts, plan.experts, p.stream);
+    if (p.experts2) g.table2 = fetch_table(p.experts2, plan.experts, p.stream);
+    DSV3_CUDA_CHECK(cudaStreamSynchronize(p.stream));  // the tables
+    if (!plan_gemms(s, p, plan, g)) return false;
+    quantize_operand(p, plan, b, g.k, g.fp8);
+    run_waves(s, p, plan, g, b.act.ptr, static_cast<const float*>(b.scales.ptr), write_back(p, plan, g));
+    return true;
+  });
 }
 
 bool linear_lt_grouped_mlp(const LinearParams& gu, const LinearParams& down, LtRows* keep) {
@@ -582,49 +591,45 @@ bool linear_lt_grouped_mlp(const LinearParams& gu, const LinearParams& down, LtR
       down.gather != gu.gather || down.n != gu.n || down.w.dtype != gu.w.dtype || down.w.cols != gu.out ||
       capturing(gu.stream) || down.stream != gu.stream)
     return false;
-  State& s = state();
-  std::lock_guard<std::mutex> lock(s.mu);
-  if (!s.handle) DSV3_LT_CHECK(cublasLtCreate(&s.handle));
-  StreamBufs& b = s.bufs[gu.stream];
-  GroupedPlan plan;
-  if (!fetch_plan(gu, b, plan)) return true;  // nothing routed: nothing to write
-  GroupedGemms pair, dn;
-  pair.table = fetch_table(gu.experts, plan.experts, gu.stream);
-  pair.table2 = fetch_table(gu.experts2, plan.experts, gu.stream);
-  dn.table = fetch_table(down.experts, plan.experts, gu.stream);
-  DSV3_CUDA_CHECK(cudaStreamSynchronize(gu.stream));  // the tables
-  // Both projections' GEMMs must exist before anything runs: the pair writes only the down operand.
-  if (!plan_gemms(s, gu, plan, pair) || !plan_gemms(s, down, plan, dn)) return false;
-  quantize_operand(gu, plan, b, pair.k, pair.fp8);
-  const int64_t I = gu.out, kb = (I + 127) / 128;
-  ensure(b.down_act, sz(plan.total * I * dn.elem), false);
-  if (dn.fp8) ensure(b.down_scales, sz(kb * plan.total * 4), false);
-  SwigluQuantParams sq;
-  sq.fp8 = dn.fp8;
-  sq.q = b.down_act.ptr;
-  sq.scales = static_cast<float*>(b.down_scales.ptr);
-  sq.n = plan.total;
-  sq.row_seg = plan.row_seg;
-  sq.seg_rows = plan.seg_rows;
-  run_waves(s, gu, plan, pair, b.act.ptr, static_cast<const float*>(b.scales.ptr),
-            [&](const uint8_t* scratch, int64_t rows, int64_t w0) {
-              SwigluQuantParams at = sq;
-              at.w0 = w0;
-              const int64_t out_elem = pair.bf16_out ? 2 : 4;
-              swiglu_quantize_rows(scratch, scratch + I * out_elem, pair.bf16_out, pair.ld_tmp, rows, I, at, gu.stream);
-            });
-  const int64_t kept_bytes = plan.total * dn.ld_tmp * (dn.bf16_out ? 2 : 4);
-  if (keep && keep->rows && keep->row_of && static_cast<size_t>(kept_bytes) <= keep->rows_bytes) {
-    run_waves(s, down, plan, dn, b.down_act.ptr, static_cast<const float*>(b.down_scales.ptr),
-              [](const uint8_t*, int64_t, int64_t) {}, keep->rows);
-    invert_rows(plan.prob, plan.total, keep->row_of, gu.stream);
-    keep->used = true;
-    keep->bf16 = dn.bf16_out;
-    keep->ld = dn.ld_tmp;
+  return with_grouped_plan(gu, [&](State& s, StreamBufs& b, const GroupedPlan& plan) {
+    GroupedGemms pair, dn;
+    pair.table = fetch_table(gu.experts, plan.experts, gu.stream);
+    pair.table2 = fetch_table(gu.experts2, plan.experts, gu.stream);
+    dn.table = fetch_table(down.experts, plan.experts, gu.stream);
+    DSV3_CUDA_CHECK(cudaStreamSynchronize(gu.stream));  // the tables
+    // Both projections' GEMMs must exist before anything runs: the pair writes only the down operand.
+    if (!plan_gemms(s, gu, plan, pair) || !plan_gemms(s, down, plan, dn)) return false;
+    quantize_operand(gu, plan, b, pair.k, pair.fp8);
+    const int64_t I = gu.out, kb = (I + 127) / 128;
+    ensure(b.down_act, sz(plan.total * I * dn.elem), false);
+    if (dn.fp8) ensure(b.down_scales, sz(kb * plan.total * 4), false);
+    SwigluQuantParams sq;
+    sq.fp8 = dn.fp8;
+    sq.q = b.down_act.ptr;
+    sq.scales = static_cast<float*>(b.down_scales.ptr);
+    sq.n = plan.total;
+    sq.row_seg = plan.row_seg;
+    sq.seg_rows = plan.seg_rows;
+    run_waves(s, gu, plan, pair, b.act.ptr, static_cast<const float*>(b.scales.ptr),
+              [&](const uint8_t* scratch, int64_t rows, int64_t w0) {
+                SwigluQuantParams at = sq;
+                at.w0 = w0;
+                const int64_t out_elem = pair.bf16_out ? 2 : 4;
+                swiglu_quantize_rows(scratch, scratch + I * out_elem, pair.bf16_out, pair.ld_tmp, rows, I, at, gu.stream);
+              });
+    const int64_t kept_bytes = plan.total * dn.ld_tmp * (dn.bf16_out ? 2 : 4);
+    if (keep && keep->rows && keep->row_of && static_cast<size_t>(kept_bytes) <= keep->rows_bytes) {
+      run_waves(s, down, plan, dn, b.down_act.ptr, static_cast<const float*>(b.down_scales.ptr),
+                [](const uint8_t*, int64_t, int64_t) {}, keep->rows);
+      invert_rows(plan.prob, plan.total, keep->row_of, gu.stream);
+      keep->used = true;
+      keep->bf16 = dn.bf16_out;
+      keep->ld = dn.ld_tmp;
+      return true;
+    }
+    run_waves(s, down, plan, dn, b.down_act.ptr, static_cast<const float*>(b.down_scales.ptr), write_back(down, plan, dn));
     return true;
-  }
-  run_waves(s, down, plan, dn, b.down_act.ptr, static_cast<const float*>(b.down_scales.ptr), write_back(down, plan, dn));
-  return true;
+  });
 }
 
 bool lt_gemm_supported(DType dtype, int64_t out, int64_t n, int64_t k) {
