@@ -2,13 +2,14 @@
 // of one sequence's new rows over its expanded per-head keys and values, on mma.sync m16n8k16 (bf16 in,
 // fp32 accumulate) with an online softmax.
 //
-// A block is 64 queries (4 warps x 16 rows) of one head; key tiles stream through shared memory
-// (cp.async, two stages), each shared by the block's 4 warps. With `lo` every operand is a bf16 hi + lo
+// A block is 16 queries per warp of one head; key tiles stream through shared memory (cp.async, two
+// stages), each shared by the block's warps. With `lo` every operand is a bf16 hi + lo
 // pair (hi = bf16(x), lo = bf16(x - hi)) and each product runs as hi*hi + hi*lo + lo*hi, so a score or
 // an output carries ~16 mantissa bits of its inputs (within ~1e-5 of fp32); lo*lo (~2^-16 relative) is
-// dropped; tiles of 32 keys. Without it (the cuBLASLt steps) only the hi parts are stored and multiplied,
-// in tiles of 64 keys (DSV3_MLA_PREFILL_KEYS=32 for 32; measurement): twice the products between two
-// block barriers in the same shared memory. The split of keys and values into hi/lo tiles is a pass of its own (mla_prefill_split_kernel,
+// dropped; 4 warps, tiles of 32 keys. Without it (the cuBLASLt steps) only the hi parts are stored and
+// multiplied, in tiles of 64 keys (twice the products between two block barriers in the same shared
+// memory) shared by 8 warps (128 queries: each tile copied from L2 half as often per query); the
+// measurement knobs DSV3_MLA_PREFILL_KEYS=32 and DSV3_MLA_PREFILL_WARPS=4 give the smaller forms. The split of keys and values into hi/lo tiles is a pass of its own (mla_prefill_split_kernel,
 // into `work`), so the attention kernel only copies tiles and feeds ldmatrix. Queries stay in registers
 // (split once per block), the scores never leave them: the S accumulator's layout is the A fragment of
 // the P V product (FlashAttention-2's arrangement).
@@ -24,8 +25,6 @@ namespace dsv3::cuda {
 namespace {
 
 constexpr int kDq = static_cast<int>(kMlaPrefillQk), kDv = static_cast<int>(kMlaPrefillV);
-constexpr int kWarps = 4, kThreads = kWarps * 32;
-constexpr int kRows = kWarps * 16;  // queries per block
 constexpr int kMaxKeys = 64;        // the largest key tile; `work` pads the keys to whole tiles of it
 // Shared-memory row strides in bf16: + 8 (16 bytes), so the 8 rows of an ldmatrix phase start 4 banks
 // apart and hit all 32 banks once.
@@ -128,11 +127,12 @@ __global__ void __launch_bounds__(kSplitPairs) mla_prefill_split_kernel(const Ml
   }
 }
 
-// Block = (head, 64 query rows), the rows with the most keys first. Lane (g = lane / 4, c = lane % 4)
+// Block = (head, 16 WARPS query rows), the rows with the most keys first. Lane (g = lane / 4, c = lane % 4)
 // of warp w owns rows a = 16 w + g and b = a + 8 of the block: their scores at keys 8 j + 2 c (+ 1) of
 // each tile and their outputs at columns 8 j + 2 c (+ 1), as the m16n8 accumulator lays them out.
-template <bool LO, int KEYS>
-__global__ void __launch_bounds__(kThreads, 2) mla_prefill_kernel(const MlaPrefillParams p, const SplitLayout lay) {
+template <bool LO, int KEYS, int WARPS>
+__global__ void __launch_bounds__(WARPS * 32, WARPS == 4 ? 2 : 1) mla_prefill_kernel(const MlaPrefillParams p, const SplitLayout lay) {
+  constexpr int kThreads = WARPS * 32, kRows = WARPS * 16;  // queries per block
   extern __shared__ __align__(16) uint16_t smem[];
   using St = Stage<LO, KEYS>;
   constexpr int kKeys = KEYS, kStage = St::kSize, kKHi = St::kKHi, kKLo = St::kKLo, kVHi = St::kVHi, kVLo = St::kVLo;
@@ -295,18 +295,19 @@ __global__ void __launch_bounds__(kThreads, 2) mla_prefill_kernel(const MlaPrefi
   }
 }
 
-template <bool LO, int KEYS>
+template <bool LO, int KEYS, int WARPS>
 void launch_prefill(const MlaPrefillParams& p, const SplitLayout& lay) {
   constexpr size_t smem = Stage<LO, KEYS>::kSmemBytes;
+  constexpr int rows = WARPS * 16;
   static const bool opted_in = [] {  // once per process: allow the stages' dynamic shared memory
-    DSV3_CUDA_CHECK(cudaFuncSetAttribute(mla_prefill_kernel<LO, KEYS>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+    DSV3_CUDA_CHECK(cudaFuncSetAttribute(mla_prefill_kernel<LO, KEYS, WARPS>, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                          static_cast<int>(smem)));
     return true;
   }();
   DSV3_ASSERT(opted_in);
-  const int64_t blocks = (p.n + kRows - 1) / kRows * p.heads;
+  const int64_t blocks = (p.n + rows - 1) / rows * p.heads;
   DSV3_ASSERT(blocks < (int64_t{1} << 31));
-  mla_prefill_kernel<LO, KEYS><<<static_cast<unsigned>(blocks), kThreads, smem, p.stream>>>(p, lay);
+  mla_prefill_kernel<LO, KEYS, WARPS><<<static_cast<unsigned>(blocks), WARPS * 32, smem, p.stream>>>(p, lay);
   check_launch("mla_prefill_kernel");
 }
 
@@ -314,6 +315,13 @@ void launch_prefill(const MlaPrefillParams& p, const SplitLayout& lay) {
 int hi_tile_keys() {
   static const int keys = env_positive("DSV3_MLA_PREFILL_KEYS", 64) == 32 ? 32 : 64;
   return keys;
+}
+
+// Warps (16 queries each) per block of the hi-only kernel: 8, or DSV3_MLA_PREFILL_WARPS=4 (measurement;
+// read once).
+int hi_block_warps() {
+  static const int warps = env_positive("DSV3_MLA_PREFILL_WARPS", 8) == 4 ? 4 : 8;
+  return warps;
 }
 
 }  // namespace
@@ -351,12 +359,13 @@ void mla_prefill(const MlaPrefillParams& p) {
   const dim3 split_grid(static_cast<unsigned>((lay.keys_padded + kSplitKeys - 1) / kSplitKeys), static_cast<unsigned>(p.heads));
   mla_prefill_split_kernel<<<split_grid, kSplitPairs, 0, p.stream>>>(p, lay);
   check_launch("mla_prefill_split_kernel");
+  const bool wide = hi_block_warps() == 8;
   if (p.lo)
-    launch_prefill<true, 32>(p, lay);
+    launch_prefill<true, 32, 4>(p, lay);
   else if (hi_tile_keys() == 32)
-    launch_prefill<false, 32>(p, lay);
+    wide ? launch_prefill<false, 32, 8>(p, lay) : launch_prefill<false, 32, 4>(p, lay);
   else
-    launch_prefill<false, 64>(p, lay);
+    wide ? launch_prefill<false, 64, 8>(p, lay) : launch_prefill<false, 64, 4>(p, lay);
 }
 
 }  // namespace dsv3::cuda
