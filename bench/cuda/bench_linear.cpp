@@ -165,6 +165,12 @@ int run(int argc, char** argv) {
   uv.group_x = 512;
   uv.ldy = uv.out;
   row("W_UV per head", "16 x 128 x 512", mat * H * 128 * 512, uv);
+  // The router: BF16 in the FP8 checkpoints too, behind the post-attention norm.
+  const cuda::DeviceMatrix router = random_matrix(dev, rng, DType::BF16, E, D);
+  cuda::LinearParams pr = plain(router, 1);
+  pr.norm = norm;
+  pr.norm_eps = 1e-6f;
+  row("router (BF16), normed", "64 x 2048", 2.0 * E * D, pr);
 
   // The MoE of one token: gate/up of 6 routed + 2 shared pieces (SwiGLU), down with the weighted combine.
   std::vector<cuda::DeviceMatrix> gate, up, down;
