@@ -1183,7 +1183,8 @@ TEST_F(CudaOps, ActivationQuantizerMatchesCpu) {
 // (the tolerance: 3e-2 with FP8 activations, 5e-3 with BF16).
 TEST_F(CudaOps, LtLinearMatchesFloat64Reference) {
   struct Shape { int64_t out, k; };
-  const Shape shapes[] = {{256, 2048}, {200, 1408}, {384, 1408}, {136, 384}};
+  // k = 1088 and 10,944 (V2-Lite's dense width): FP8 runs them padded to whole 128-column blocks.
+  const Shape shapes[] = {{256, 2048}, {200, 1408}, {384, 1408}, {136, 384}, {256, 1088}, {128, 10944}};
   ASSERT_EQ(cuda::lt_min_rows(), 64) << "DSV3_LT_MIN_ROWS changes which rows this test sends to cuBLASLt";
   int lt_runs = 0;
   for (DType dt : {DType::F8_E4M3, DType::BF16})

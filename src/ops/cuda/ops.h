@@ -334,6 +334,7 @@ void moe_combine(const MoeCombineParams& p);
 struct ActQuantParams {
   const float* x = nullptr;
   int64_t ldx = 0, n = 0, k = 0;
+  int64_t k_in = 0;  // columns of x (0: k); columns k_in .. k quantize as zeros (k padded to whole blocks)
   const float* norm = nullptr;
   float norm_eps = 0.0f;
   bool fp8 = true;

@@ -106,15 +106,16 @@ __global__ void __launch_bounds__(kQuantThreads) quantize_kernel(const ActQuantP
   const int64_t groups = (p.k + 127) / 128;
   const int32_t src = p.rows ? p.rows[t] : static_cast<int32_t>(t);
   const float* x = src >= 0 ? p.x + src / p.x_div * p.ldx : nullptr;  // null: a zero (padding) row
-  const float inv_rms = x ? row_inv_rms(x, p.k, p.norm, p.norm_eps) : 1.0f;
+  const int64_t k_in = p.k_in > 0 ? p.k_in : p.k;
+  const float inv_rms = x ? row_inv_rms(x, k_in, p.norm, p.norm_eps) : 1.0f;
   const int lane = threadIdx.x % 32;
   // 16-byte loads where the row and the norm allow them (the same values either way).
-  const bool vec = x && p.k % 4 == 0 && reinterpret_cast<uintptr_t>(x) % 16 == 0 &&
+  const bool vec = x && k_in % 4 == 0 && reinterpret_cast<uintptr_t>(x) % 16 == 0 &&
                    (!p.norm || reinterpret_cast<uintptr_t>(p.norm) % 16 == 0);
   for (int64_t g = threadIdx.x / 32; g < groups; g += kQuantWarps) {
     float v[4];
     const int64_t c0 = g * 128 + lane * 4;
-    if (vec && c0 < p.k) {
+    if (vec && c0 < k_in) {
       const float4 a = *reinterpret_cast<const float4*>(x + c0);
       v[0] = a.x; v[1] = a.y; v[2] = a.z; v[3] = a.w;
       if (p.norm) {
@@ -124,7 +125,7 @@ __global__ void __launch_bounds__(kQuantThreads) quantize_kernel(const ActQuantP
     } else {
       for (int i = 0; i < 4; ++i) {
         const int64_t c = c0 + i;
-        v[i] = x && c < p.k ? x[c] * (p.norm ? p.norm[c] * inv_rms : 1.0f) : 0.0f;
+        v[i] = x && c < k_in ? x[c] * (p.norm ? p.norm[c] * inv_rms : 1.0f) : 0.0f;
       }
     }
     store_group(v, g, p.k, p.fp8, p.q, t,
@@ -227,7 +228,8 @@ void invert_rows(const int32_t* prob, int64_t total, int32_t* row_of, cudaStream
 }
 
 void quantize_activations(const ActQuantParams& p) {
-  DSV3_ASSERT(p.n >= 0 && p.k > 0 && p.ldx >= p.k && p.x_div >= 1 && (p.scale_ld == 0 || p.scale_ld >= p.n));
+  DSV3_ASSERT(p.n >= 0 && p.k > 0 && p.k_in >= 0 && p.k_in <= p.k && p.x_div >= 1 && (p.scale_ld == 0 || p.scale_ld >= p.n));
+  DSV3_ASSERT(p.ldx >= (p.k_in > 0 ? p.k_in : p.k));
   DSV3_ASSERT((p.row_seg == nullptr) == (p.seg_rows == nullptr));
   if (p.n == 0) return;
   DSV3_ASSERT(p.x && p.q && (!p.fp8 || p.scales));
