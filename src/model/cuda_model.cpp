@@ -605,7 +605,7 @@ struct CudaModel::Impl {
     t.moe_out = f(cap * slots * D, "expert outputs");
     t.gather = static_cast<int32_t*>(device_alloc(static_cast<size_t>(chunks * cuda::kExpertChunk) * 4, scratch_allocs, "expert groups"));
     t.gather_expert = static_cast<int32_t*>(device_alloc(static_cast<size_t>(chunks) * 4, scratch_allocs, "expert groups"));
-    t.row_of = static_cast<int32_t*>(device_alloc(static_cast<size_t>(cap * slots) * 4, scratch_allocs, "expert groups"));
+    t.row_of = static_cast<int32_t*>(device_alloc(static_cast<size_t>(cap * slots) * 4, scratch_allocs, "expert output rows"));
     t.step = static_cast<unsigned char*>(device_alloc(Scratch::step_bytes(cap), scratch_allocs, "token ids and positions"));
     t.row_pos = reinterpret_cast<int64_t*>(t.step);
     t.tokens = reinterpret_cast<int32_t*>(t.step + cap * 8);

@@ -568,12 +568,6 @@ auto write_back(const LinearParams& p, const GroupedPlan& plan, const GroupedGem
 
 }  // namespace
 
-// A grouped MoE projection of a prefill step (moe_plan's chunks) on cuBLASLt: per expert one GEMM (two for
-// the gate/up pair) over its tokens, gathered and quantized in one launch. The expert of each chunk, the
-// chunk lists and the expert tables come to the host first (one synchronization per projection: prefill
-// only, never in a capture). Segments are padded to 64 rows so the cached plans stay few (at most 8,192 /
-// 64 shapes per matrix). The GEMMs of a wave of segments run on kSideStreams streams into one scratch, then
-// one launch applies the epilogue (SwiGLU, or the copy back) to every row of the wave.
 // Under the state's lock, with p.stream's buffers: body(s, b, plan) on the plan of p's gather lists, or
 // true without it when nothing is routed (nothing to write).
 template <class Body>
@@ -587,6 +581,12 @@ bool with_grouped_plan(const LinearParams& p, Body body) {
   return body(s, b, plan);
 }
 
+// A grouped MoE projection of a prefill step (moe_plan's chunks) on cuBLASLt: per expert one GEMM (two for
+// the gate/up pair) over its tokens, gathered and quantized in one launch. The expert of each chunk, the
+// chunk lists and the expert tables come to the host first (one synchronization per projection: prefill
+// only, never in a capture). Segments are padded to 64 rows so the cached plans stay few (at most 8,192 /
+// 64 shapes per matrix). The GEMMs of a wave of segments run on kSideStreams streams into one scratch, then
+// one launch applies the epilogue (SwiGLU, or the copy back) to every row of the wave.
 bool linear_lt_grouped(const LinearParams& p) {
   if (!grouped_eligible(p) || capturing(p.stream)) return false;
   return with_grouped_plan(p, [&](State& s, StreamBufs& b, const GroupedPlan& plan) {

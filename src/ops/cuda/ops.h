@@ -153,8 +153,9 @@ void rmsnorm(const RMSNormParams& p);
 // ids[r] = cpu::draw_token(row r of x, n, draws[r]) for r < rows: the token that the row's Draw picks
 // (ops/draw.h; temperature 0: cpu::argmax), the same id up to float rounding where u or top_p falls
 // within rounding of a boundary of the cumulative mass. One block per row; the top-k and top-p cuts are
-// found without sorting, by binary searches over the values (each step a count or a mass over the row,
-// which stays in L2), the draw by a block-wide prefix sum in id order.
+// found without sorting, by a radix select over the values' order keys (draw.h; four byte-wide passes
+// over the row, which stays in L2, into shared histograms), the draw by a block-wide prefix sum in id
+// order.
 struct DrawParams {
   const float* x = nullptr;
   int64_t ld = 0, n = 0, rows = 0;

@@ -698,7 +698,6 @@ struct CudaTrainModel::Impl {
     }
   }
 
-  // The routing runs on the device (choice, weights, loads, packing); only the E segment sizes come back,
   // The GEMM object for expert e's GEMMs (its side stream's, or the main one's without side streams),
   // and the fork / join around a group of them: the side streams start after everything enqueued on
   // `stream` so far, and `stream` continues after all of them.
@@ -715,6 +714,7 @@ struct CudaTrainModel::Impl {
     }
   }
 
+  // The routing runs on the device (choice, weights, loads, packing); only the E segment sizes come back,
   // while the shared expert runs. With alpha > 0 the per-sequence balance losses go to aux_d.
   void moe_fwd(DLayer& L, MoEActs& m, const float* xn, const __nv_bfloat16* xn16, int64_t Bn, int64_t Sn,
                bool count_load, double alpha, float* y) {
