@@ -36,7 +36,7 @@ FinishReason Generator::run(std::span<const int32_t> prompt, int64_t max_new_tok
     if (ends_in_pick) item.pick = sampler.backend_pick();
     std::vector<float> out = std::move(backend_.forward_batch(std::span(&item, 1))[0]);
     if (!ends_in_pick) return -1;
-    return item.pick ? sampler.accept_pick(static_cast<int32_t>(out.at(0))) : sampler.sample(out.data(), vocab);
+    return sampler.take(item.pick.has_value(), out, vocab);
   };
   const size_t chunk = static_cast<size_t>(prefill_chunk_);
   int32_t next = -1;

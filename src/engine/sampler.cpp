@@ -68,6 +68,16 @@ int32_t Sampler::accept_pick(int32_t id) {
   return id;
 }
 
+int32_t Sampler::take(bool picked, std::span<const float> result, int64_t vocab) {
+  if (picked) {
+    check(result.size() == 1, "a picked batch item's result must be its token id alone");
+    return accept_pick(static_cast<int32_t>(result[0]));
+  }
+  check(vocab > 0 && result.size() >= static_cast<size_t>(vocab) && result.size() % static_cast<size_t>(vocab) == 0,
+        "a batch item's result must be whole rows of logits");
+  return sample(result.data() + result.size() - static_cast<size_t>(vocab), vocab);
+}
+
 Draw Sampler::next_draw() {
   Draw d;
   d.temperature = static_cast<float>(p_.temperature);

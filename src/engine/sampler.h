@@ -76,6 +76,10 @@ class Sampler {
   std::optional<Draw> backend_pick();
   // Records `id`, the backend's answer to backend_pick(), as this step's pick.
   int32_t accept_pick(int32_t id);
+  // This step's token from a forward_batch result: with `picked` (the item carried backend_pick()'s
+  // Draw) the backend's pick, its one value, through accept_pick(); else sample() on the result's last
+  // row of logits. Throws dsv3::Error for a result of the wrong size.
+  int32_t take(bool picked, std::span<const float> result, int64_t vocab);
 
   void set_filter(std::unique_ptr<TokenFilter> filter) { filter_ = std::move(filter); }
   // The logprobs of the last sample() call; empty `top` and chosen.logprob 0 unless top_logprobs >= 0.

@@ -235,9 +235,7 @@ void Scheduler::Impl::step() {
     const size_t k = static_cast<size_t>(i);
     if (planned[k]->remaining() != 0) continue;
     try {  // the backend's pick, else the last row of the item's logits
-      Sampler& sampler = *planned[k]->req.sampler;
-      picks[k].token = items[k].pick ? sampler.accept_pick(static_cast<int32_t>(logits[k].at(0)))
-                                     : sampler.sample(logits[k].data() + logits[k].size() - vocab, vocab);
+      picks[k].token = planned[k]->req.sampler->take(items[k].pick.has_value(), logits[k], vocab);
     } catch (const std::exception& e) {
       picks[k].error = *e.what() ? e.what() : "the sampler failed";
     }

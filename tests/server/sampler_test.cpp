@@ -10,6 +10,8 @@
 #include <set>
 #include <vector>
 
+#include "core/error.h"
+
 namespace dsv3 {
 namespace {
 
@@ -200,6 +202,19 @@ TEST(Sampler, BackendPicksFollowTheSameSeededStreamAsSample) {
   Sampler filtered{SamplingParams{}};
   filtered.set_filter(std::make_unique<OddOnly>(&accepted));
   EXPECT_FALSE(filtered.backend_pick());
+}
+
+// take() reads a forward_batch result: a picked item's one value, else the last row of its logits (all
+// rows of an all_logits item come back); a result of the wrong shape is an error, not a read past it.
+TEST(Sampler, TakeReadsThePickOrTheLastRow) {
+  const std::vector<float> rows = {0.0f, 5.0f, 1.0f, 7.0f, 0.0f, 2.0f};  // two rows of 3: argmax 1, then 0
+  Sampler greedy{SamplingParams{}};
+  EXPECT_EQ(greedy.take(false, rows, 3), 0);
+  EXPECT_EQ(greedy.take(false, std::span(rows).first(3), 3), 1);
+  EXPECT_EQ(greedy.take(true, std::vector<float>{2.0f}, 3), 2);
+  EXPECT_THROW(greedy.take(true, rows, 3), Error);
+  EXPECT_THROW(greedy.take(false, std::span(rows).first(4), 3), Error);
+  EXPECT_THROW(greedy.take(false, {}, 3), Error);
 }
 
 TEST(Sampler, RefusesBadParameters) {
