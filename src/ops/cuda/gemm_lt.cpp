@@ -165,13 +165,26 @@ ActQuantParams act_quant(const LinearParams& p, StreamBufs& b, int64_t n, int64_
   return q;
 }
 
+bool capturing(cudaStream_t stream) {
+  cudaStreamCaptureStatus cap = cudaStreamCaptureStatusNone;
+  DSV3_CUDA_CHECK(cudaStreamIsCapturing(stream, &cap));
+  return cap != cudaStreamCaptureStatusNone;
+}
+
+size_t sz(int64_t v) { return static_cast<size_t>(v); }
+
+// The k a plain projection's GEMM runs over: FP8 in whole 128-column blocks (cuBLASLt's per-block
+// scales; fed a partial last block as it is, a golden with k = 96 and 144 moved 9e-2), so that a width
+// like V2-Lite's dense 10,944 runs as 11,008 (linear_lt pads the weights and the activations with zeros);
+// BF16 as it is.
+int64_t gemm_k(bool fp8, int64_t k) { return fp8 ? (k + 127) / 128 * 128 : k; }
+
 // cuBLASLt wants each row of 128x128 block scales padded to a multiple of 4 blocks: when ceil(k/128) is not
 // one, the mb rows of kb scales at *sa (and *sb of a gate/up pair's second matrix) are copied on the stream
 // into the padded buffer at dst (2 * mb * l4 floats, l4 = kb rounded up to 4) and the pointers moved there.
 void pad_weight_scales(float* dst, int64_t mb, int64_t kb, const float*& sa, const float*& sb, cudaStream_t stream) {
   if (kb % 4 == 0) return;
   const int64_t l4 = (kb + 3) / 4 * 4;
-  const auto sz = [](int64_t v) { return static_cast<size_t>(v); };
   DSV3_CUDA_CHECK(
       cudaMemcpy2DAsync(dst, sz(l4 * 4), sa, sz(kb * 4), sz(kb * 4), sz(mb), cudaMemcpyDeviceToDevice, stream));
   sa = dst;
@@ -199,24 +212,20 @@ bool linear_lt(const LinearParams& p) {
   const int64_t m = p.out, n = p.n, k = w.cols, elem = fp8 ? 1 : 2;
   if ((k * elem) % 16 != 0 || p.ldx < k || p.ldy % 4 != 0 || !aligned16(p.y)) return false;
   if (fp8 && (w.block_rows != 128 || w.block_cols != 128 || p.row0 % 128 != 0)) return false;
-  // The GEMM's k: FP8 runs over whole 128-column blocks (cuBLASLt's per-block scales; fed a partial last
-  // block as it is, a golden with k = 96 and 144 moved 9e-2), so a width like V2-Lite's dense 10,944
-  // runs as 11,008: the weights copied per call into rows of whole blocks, zero past k (a copy of the
-  // matrix, ~1% of the GEMM's time), the activations quantized with zeros there. The block scales are
-  // already per whole block.
-  const int64_t kg = fp8 ? (k + 127) / 128 * 128 : k;
+  // Where k is not whole blocks (gemm_k), the weights are copied per call into rows of whole blocks,
+  // zero past k (a copy of the matrix, ~1% of the GEMM's time), and the activations quantized with zeros
+  // there. The block scales are already per whole block.
+  const int64_t kg = gemm_k(fp8, k);
   const bool dual = p.w2 != nullptr;
   const void* wa = static_cast<const uint8_t*>(w.data) + p.row0 * k * elem;
   const void* wb = dual ? static_cast<const uint8_t*>(p.w2) + p.row0 * k * elem : nullptr;
   if (!aligned16(wa) || (dual && !aligned16(wb))) return false;
 
-  cudaStreamCaptureStatus cap = cudaStreamCaptureStatusNone;
-  DSV3_CUDA_CHECK(cudaStreamIsCapturing(p.stream, &cap));
-  const bool capturing = cap != cudaStreamCaptureStatusNone;
+  const bool in_capture = capturing(p.stream);
   State& s = state();
   std::lock_guard<std::mutex> lock(s.mu);
   if (!s.handle) {
-    if (capturing) return false;
+    if (in_capture) return false;
     DSV3_LT_CHECK(cublasLtCreate(&s.handle));
   }
   // cuBLASLt's FP8 kernels want the token count a multiple of 16: the GEMM runs over ng rows (the rows
@@ -229,13 +238,12 @@ bool linear_lt(const LinearParams& p) {
   StreamBufs& b = s.bufs[p.stream];
   const int64_t kb = (kg + 127) / 128, l4 = (kb + 3) / 4 * 4, mb = (m + 127) / 128;
   const bool pad_scales = fp8 && kb % 4 != 0, pad_k = kg != k;
-  const auto sz = [](int64_t v) { return static_cast<size_t>(v); };
-  if (!ensure(b.workspace, kWorkspaceBytes, capturing) || !ensure(b.act, sz(ng * kg * elem), capturing) ||
-      (fp8 && !ensure(b.scales, sz(kb * ng * 4), capturing)) ||
-      (pad_scales && !ensure(b.wscales, sz(2 * mb * l4 * 4), capturing)) ||
-      (via_scratch && !ensure(b.gate, sz(ng * ld_tmp * 4), capturing)) ||
-      (dual && !ensure(b.up, sz(ng * ld_tmp * 4), capturing)) ||
-      (pad_k && !ensure(b.wpad, sz(m * kg), capturing)) || (pad_k && dual && !ensure(b.wpad2, sz(m * kg), capturing)))
+  if (!ensure(b.workspace, kWorkspaceBytes, in_capture) || !ensure(b.act, sz(ng * kg * elem), in_capture) ||
+      (fp8 && !ensure(b.scales, sz(kb * ng * 4), in_capture)) ||
+      (pad_scales && !ensure(b.wscales, sz(2 * mb * l4 * 4), in_capture)) ||
+      (via_scratch && !ensure(b.gate, sz(ng * ld_tmp * 4), in_capture)) ||
+      (dual && !ensure(b.up, sz(ng * ld_tmp * 4), in_capture)) ||
+      (pad_k && !ensure(b.wpad, sz(m * kg), in_capture)) || (pad_k && dual && !ensure(b.wpad2, sz(m * kg), in_capture)))
     return false;
   if (pad_k) {  // rows of kg bytes: the k weights, then zeros (set on every call: the buffer is shared)
     auto pad_rows = [&](DevBuf& dst, const void*& src) {
@@ -344,14 +352,6 @@ bool grouped_eligible(const LinearParams& p) {
   if (fp8 && (w.block_rows != 128 || w.block_cols != 128 || k % 128 != 0)) return false;
   return true;
 }
-
-bool capturing(cudaStream_t stream) {
-  cudaStreamCaptureStatus cap = cudaStreamCaptureStatusNone;
-  DSV3_CUDA_CHECK(cudaStreamIsCapturing(stream, &cap));
-  return cap != cudaStreamCaptureStatusNone;
-}
-
-size_t sz(int64_t v) { return static_cast<size_t>(v); }
 
 // The host side of moe_plan's lists, shared by the grouped projections over them: the segments (one per
 // expert that has problems, padded to 64 rows), each operand row's problem (-1: padding) and segment on
@@ -654,8 +654,8 @@ bool lt_gemm_supported(DType dtype, int64_t out, int64_t n, int64_t k) {
   std::lock_guard<std::mutex> lock(s.mu);
   if (!s.handle) DSV3_LT_CHECK(cublasLtCreate(&s.handle));
   static const float dummy_scale = 1.0f;  // heuristics look at the attributes, never at the values
-  const int64_t kg = dtype == DType::F8_E4M3 ? (k + 127) / 128 * 128 : k;  // as linear_lt pads it
-  return plan_for(s, dtype == DType::F8_E4M3, out, (n + 15) / 16 * 16, kg, (out + 3) / 4 * 4, &dummy_scale,
+  const bool fp8 = dtype == DType::F8_E4M3;
+  return plan_for(s, fp8, out, (n + 15) / 16 * 16, gemm_k(fp8, k), (out + 3) / 4 * 4, &dummy_scale,
                   &dummy_scale).ok;
 }
 
