@@ -151,6 +151,42 @@ __device__ __forceinline__ float warp_max(float v) {
   return v;
 }
 
+// Lane 0..31 hold (value, index); every lane gets the largest value with the lowest index among equals
+// (a NaN never wins: both comparisons are false).
+__device__ __forceinline__ void warp_argmax(float& v, int& i) {
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) {
+    const float v2 = __shfl_xor_sync(0xffffffffu, v, o);
+    const int i2 = __shfl_xor_sync(0xffffffffu, i, o);
+    if (v2 > v || (v2 == v && i2 < i)) {
+      v = v2;
+      i = i2;
+    }
+  }
+}
+
+// Activations and scratch rows stored as fp32 or bf16, read as fp32: value i, or values i .. i + 3 (the
+// caller knows they exist) in one 16-byte (fp32) or 8-byte (bf16) load when aligned for it.
+__device__ __forceinline__ float load_value(const float* p, int64_t i) { return p[i]; }
+__device__ __forceinline__ float load_value(const __nv_bfloat16* p, int64_t i) { return __bfloat162float(p[i]); }
+__device__ __forceinline__ void load4(const float* p, int64_t i, float (&v)[4]) {
+  if (reinterpret_cast<uintptr_t>(p + i) % 16 == 0) {
+    const float4 a = *reinterpret_cast<const float4*>(p + i);
+    v[0] = a.x; v[1] = a.y; v[2] = a.z; v[3] = a.w;
+  } else {
+    for (int j = 0; j < 4; ++j) v[j] = p[i + j];
+  }
+}
+__device__ __forceinline__ void load4(const __nv_bfloat16* p, int64_t i, float (&v)[4]) {
+  if (reinterpret_cast<uintptr_t>(p + i) % 8 == 0) {
+    const uint2 a = *reinterpret_cast<const uint2*>(p + i);
+    v[0] = bf16_bits_to_float(a.x & 0xffffu); v[1] = bf16_bits_to_float(a.x >> 16);
+    v[2] = bf16_bits_to_float(a.y & 0xffffu); v[3] = bf16_bits_to_float(a.y >> 16);
+  } else {
+    for (int j = 0; j < 4; ++j) v[j] = __bfloat162float(p[i + j]);
+  }
+}
+
 __device__ __forceinline__ float silu(float x) { return x / (1.0f + expf(-x)); }
 
 // Programmatic dependent launch: a kernel launched by launch_pdl may start while the previous kernel of

@@ -31,29 +31,6 @@ __device__ float row_inv_rms(const float* x, int64_t k, const float* norm, float
   return static_cast<float>(1.0 / sqrt(total / static_cast<double>(k) + static_cast<double>(eps)));
 }
 
-__device__ __forceinline__ float load_value(const float* p, int64_t i) { return p[i]; }
-__device__ __forceinline__ float load_value(const __nv_bfloat16* p, int64_t i) { return __bfloat162float(p[i]); }
-
-// Values i .. i + 3 of p (the caller knows they exist), in one 16-byte (fp32) or 8-byte (bf16) load when
-// aligned for it.
-__device__ __forceinline__ void load4(const float* p, int64_t i, float (&v)[4]) {
-  if (reinterpret_cast<uintptr_t>(p + i) % 16 == 0) {
-    const float4 a = *reinterpret_cast<const float4*>(p + i);
-    v[0] = a.x; v[1] = a.y; v[2] = a.z; v[3] = a.w;
-  } else {
-    for (int j = 0; j < 4; ++j) v[j] = p[i + j];
-  }
-}
-__device__ __forceinline__ void load4(const __nv_bfloat16* p, int64_t i, float (&v)[4]) {
-  if (reinterpret_cast<uintptr_t>(p + i) % 8 == 0) {
-    const uint2 a = *reinterpret_cast<const uint2*>(p + i);
-    v[0] = bf16_bits_to_float(a.x & 0xffffu); v[1] = bf16_bits_to_float(a.x >> 16);
-    v[2] = bf16_bits_to_float(a.y & 0xffffu); v[3] = bf16_bits_to_float(a.y >> 16);
-  } else {
-    for (int j = 0; j < 4; ++j) v[j] = __bfloat162float(p[i + j]);
-  }
-}
-
 // Writes one 128-column group of output row t: this lane's 4 values v (columns g * 128 + lane * 4 ..,
 // those past k ignored) as FP8 codes with the group's scale (amax / 448, at scale_at), or as BF16. Every
 // lane of the warp calls it (the amax is a warp reduction).

@@ -9,19 +9,6 @@ namespace dsv3::cuda {
 
 namespace {
 
-// Lane 0..31 hold (value, index); returns the largest value with the lowest index among equals.
-__device__ void warp_argmax(float& v, int& i) {
-#pragma unroll
-  for (int o = 16; o > 0; o >>= 1) {
-    const float v2 = __shfl_xor_sync(0xffffffffu, v, o);
-    const int i2 = __shfl_xor_sync(0xffffffffu, i, o);
-    if (v2 > v || (v2 == v && i2 < i)) {
-      v = v2;
-      i = i2;
-    }
-  }
-}
-
 __global__ void route_kernel(const RouteParams p, bool early) {
   pdl_wait();  // the logits are the previous kernel's
   if (early) pdl_trigger();
@@ -165,19 +152,6 @@ __global__ void __launch_bounds__(kPlanThreads) moe_plan_kernel(const MoePlanPar
   }
 }
 
-__device__ __forceinline__ float value_at(const float* v, int64_t i) { return v[i]; }
-__device__ __forceinline__ float value_at(const __nv_bfloat16* v, int64_t i) { return __bfloat162float(v[i]); }
-
-__device__ __forceinline__ void values4_at(const float* v, int64_t i, float (&out)[4]) {
-  const float4 a = *reinterpret_cast<const float4*>(v + i);
-  out[0] = a.x; out[1] = a.y; out[2] = a.z; out[3] = a.w;
-}
-__device__ __forceinline__ void values4_at(const __nv_bfloat16* v, int64_t i, float (&out)[4]) {
-  const uint2 a = *reinterpret_cast<const uint2*>(v + i);
-  out[0] = bf16_bits_to_float(a.x & 0xffffu); out[1] = bf16_bits_to_float(a.x >> 16);
-  out[2] = bf16_bits_to_float(a.y & 0xffffu); out[3] = bf16_bits_to_float(a.y >> 16);
-}
-
 // In: the slot rows' element type. Slot j of token t is row t * slots + j of p.y, or row_of's row of p.rows.
 // VEC: each thread takes 4 adjacent columns (one 16- or 8-byte load per slot row); the sums are the same,
 // column by column, in slot order.
@@ -193,8 +167,8 @@ __global__ void moe_combine_kernel(const MoeCombineParams p) {
       const int64_t row = p.row_of ? p.row_of[t * p.slots + j] : t * p.slots + j;
       const float w = j < p.k ? p.weights[t * p.k + j] : 1.0f;
       float v[4];
-      if constexpr (VEC) values4_at(base, row * ld + c, v);
-      else v[0] = value_at(base, row * ld + c);
+      if constexpr (VEC) load4(base, row * ld + c, v);
+      else v[0] = load_value(base, row * ld + c);
 #pragma unroll
       for (int i = 0; i < W; ++i) acc[i] = fmaf(w, v[i], acc[i]);
     }

@@ -35,14 +35,7 @@ __device__ Best block_best(const float* x, int n) {
       at = i;
     }
   }
-  for (int o = 16; o > 0; o >>= 1) {
-    const float ov = __shfl_xor_sync(0xffffffffu, best, o);
-    const int oi = __shfl_xor_sync(0xffffffffu, at, o);
-    if (ov > best || (ov == best && oi < at)) {
-      best = ov;
-      at = oi;
-    }
-  }
+  warp_argmax(best, at);
   __shared__ float warp_value[32];
   __shared__ int warp_at[32];
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, warps = blockDim.x / 32;
