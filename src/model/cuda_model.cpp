@@ -264,6 +264,7 @@ struct Scratch {
         *olat = nullptr, *o = nullptr, *rlogits = nullptr, *wts = nullptr, *act = nullptr, *act_shared = nullptr,
         *logits = nullptr,
         *work = nullptr, *moe_out = nullptr;
+  size_t moe_out_bytes = 0;  // moe_out's room: every expert problem's output row in fp32
   int32_t *gather = nullptr, *gather_expert = nullptr;  // expert-grouped MoE problems (cuda::moe_plan)
   int32_t* row_of = nullptr;  // each expert problem's row of the kept down-projection rows (cuda::LtRows)
   int32_t *ids = nullptr, *tokens = nullptr, *counters = nullptr;
@@ -603,6 +604,7 @@ struct CudaModel::Impl {
     t.ids = static_cast<int32_t*>(device_alloc(static_cast<size_t>(cap * k) * 4, scratch_allocs, "expert ids"));
     const int64_t slots = k + c.n_shared_experts, chunks = cuda::moe_plan_chunks(cap * slots, c.n_routed_experts + c.n_shared_experts);
     t.moe_out = f(cap * slots * D, "expert outputs");
+    t.moe_out_bytes = static_cast<size_t>(cap * slots * D) * sizeof(float);
     t.gather = static_cast<int32_t*>(device_alloc(static_cast<size_t>(chunks * cuda::kExpertChunk) * 4, scratch_allocs, "expert groups"));
     t.gather_expert = static_cast<int32_t*>(device_alloc(static_cast<size_t>(chunks) * 4, scratch_allocs, "expert groups"));
     t.row_of = static_cast<int32_t*>(device_alloc(static_cast<size_t>(cap * slots) * 4, scratch_allocs, "expert output rows"));
@@ -1030,8 +1032,7 @@ struct CudaModel::Impl {
     // shared experts' down projection adds into the residual before the combine either way.
     // The down projection's rows may stay where its GEMMs wrote them (in s.moe_out's memory, bf16 or
     // fp32 in the plan's order) for the combine to read through row_of: no copy into problem order.
-    const int64_t moe_out_floats = s.cap * (k + c.n_shared_experts) * D;  // as Scratch allocates it
-    cuda::LtRows keep{s.moe_out, static_cast<size_t>(moe_out_floats) * sizeof(float), s.row_of};
+    cuda::LtRows keep{s.moe_out, s.moe_out_bytes, s.row_of};
     if (lt_fused_mlp_enabled() && cuda::linear_lt_grouped_mlp(gu, down, lt_keep_rows_enabled() ? &keep : nullptr)) {
       if (separate_shared) swiglu_down(L.shared, s.act_shared, n);
     } else {
