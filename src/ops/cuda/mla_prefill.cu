@@ -1,31 +1,34 @@
 // MLA prefill attention in the non-absorbed form (ops.h, "MLA prefill attention"): causal flash attention
 // of one sequence's new rows over its expanded per-head keys and values, on mma.sync m16n8k16 (bf16 in,
-// fp32 accumulate) with an online softmax.
+// fp32 accumulate) with an online softmax. The hi-only calls (the cuBLASLt steps) go to the wgmma kernel
+// of mla_prefill_wgmma.cu unless p.wgmma is false or DSV3_MLA_PREFILL_WGMMA=0; this file keeps the
+// split pass both kernels read, the hi + lo kernel, and the hi-only mma.sync kernel as their reference.
 //
 // A block is 16 queries per warp of one head; key tiles stream through shared memory (cp.async, two
 // stages), each shared by the block's warps. With `lo` every operand is a bf16 hi + lo
 // pair (hi = bf16(x), lo = bf16(x - hi)) and each product runs as hi*hi + hi*lo + lo*hi, so a score or
 // an output carries ~16 mantissa bits of its inputs (within ~1e-5 of fp32); lo*lo (~2^-16 relative) is
-// dropped; 4 warps, tiles of 32 keys. Without it (the cuBLASLt steps) only the hi parts are stored and
-// multiplied, in tiles of 64 keys (twice the products between two block barriers in the same shared
-// memory) shared by 8 warps (128 queries: each tile copied from L2 half as often per query); the
-// measurement knobs DSV3_MLA_PREFILL_KEYS=32 and DSV3_MLA_PREFILL_WARPS=4 give the smaller forms. The split of keys and values into hi/lo tiles is a pass of its own (mla_prefill_split_kernel,
-// into `work`), so the attention kernel only copies tiles and feeds ldmatrix. Queries stay in registers
-// (split once per block), the scores never leave them: the S accumulator's layout is the A fragment of
-// the P V product (FlashAttention-2's arrangement).
+// dropped; 4 warps, tiles of 32 keys. Without it only the hi parts are stored and multiplied, in tiles
+// of 64 keys (twice the products between two block barriers in the same shared memory) shared by 8
+// warps (128 queries: each tile copied from L2 half as often per query); the measurement knobs
+// DSV3_MLA_PREFILL_KEYS=32 and DSV3_MLA_PREFILL_WARPS=4 give the smaller forms. The split of keys and
+// values into hi/lo tiles is a pass of its own (mla_prefill_split_kernel, into `work`), so the
+// attention kernel only copies tiles and feeds ldmatrix. Queries stay in registers (split once per
+// block), the scores never leave them: the S accumulator's layout is the A fragment of the P V product
+// (FlashAttention-2's arrangement).
 #include <algorithm>
 #include <cmath>
 #include <string>
 
 #include "core/error.h"
-#include "ops/cuda/dequant.cuh"
+#include "ops/cuda/mla_prefill.cuh"
 
 namespace dsv3::cuda {
 
 namespace {
 
-constexpr int kDq = static_cast<int>(kMlaPrefillQk), kDv = static_cast<int>(kMlaPrefillV);
-constexpr int kMaxKeys = 64;        // the largest key tile; `work` pads the keys to whole tiles of it
+using namespace mla_prefill_detail;
+
 // Shared-memory row strides in bf16: + 8 (16 bytes), so the 8 rows of an ldmatrix phase start 4 banks
 // apart and hit all 32 banks once.
 constexpr int kKStride = kDq + 8, kVStride = kDv + 8;
@@ -36,16 +39,6 @@ struct Stage {
   static constexpr int kKHi = 0, kKLo = KEYS * kKStride, kVHi = kParts * KEYS * kKStride, kVLo = kVHi + KEYS * kVStride;
   static constexpr int kSize = kParts * KEYS * (kKStride + kVStride);  // bf16 elements
   static constexpr size_t kSmemBytes = 2 * kSize * sizeof(uint16_t);   // two stages: 84 KiB at (LO, 32), (hi, 64)
-};
-
-int64_t padded_keys(int64_t keys) { return (keys + kMaxKeys - 1) / kMaxKeys * kMaxKeys; }
-
-// The split tiles in `work`: per head K hi, K lo [padded keys][kDq], then per head V hi, V lo [padded keys][kDv].
-struct SplitLayout {
-  int64_t keys_padded, heads;
-  __host__ __device__ int64_t k_hi(int64_t h) const { return 2 * h * keys_padded * kDq; }
-  __host__ __device__ int64_t v_hi(int64_t h) const { return 2 * heads * keys_padded * kDq + 2 * h * keys_padded * kDv; }
-  __host__ __device__ int64_t halves() const { return 2 * heads * keys_padded * (kDq + kDv); }
 };
 
 // hi = bf16(x), lo = bf16(x - hi), per element of the pair.
@@ -68,10 +61,6 @@ __device__ __forceinline__ void mma_two_tiles(float (&acc0)[4], float (&acc1)[4]
   }
   mma_bf16(acc0, a_hi, b_hi[0], b_hi[1]);
   mma_bf16(acc1, a_hi, b_hi[2], b_hi[3]);
-}
-
-__device__ __forceinline__ uint32_t smem_addr(const void* p) {
-  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
 }
 
 // Four 8x8 bf16 matrices; lane L gives the address of row L % 8 of matrix L / 8 and receives, of each
@@ -176,17 +165,13 @@ __global__ void __launch_bounds__(WARPS * 32, WARPS == 4 ? 2 : 1) mla_prefill_ke
 #pragma unroll
     for (int r = 0; r < 4; ++r) {
       const int64_t row = r % 2 ? row_b : row_a;
-      const int64_t col = ks * 16 + 2 * c + (r / 2) * 8;
-      float2 x = make_float2(0.0f, 0.0f);
-      if (row < p.n)
-        x = *reinterpret_cast<const float2*>(col < p.nope ? p.q_nope + row * p.ldq_t + h * p.ldq_h + col
-                                                          : p.q_pe + row * p.ldqpe_t + h * p.ldqpe_h + (col - p.nope));
+      const float2 x = query_pair(p, h, row, ks * 16 + 2 * c + (r / 2) * 8);
       split2(x.x, x.y, q_hi[ks][r], q_lo[ks][r]);
     }
 
   float o[kDv / 8][4] = {};
-  float m_a = -INFINITY, m_b = -INFINITY, l_a = 0.0f, l_b = 0.0f;  // l: this lane's part of the row sum
-  const float scale2 = p.scale * 1.4426950408889634f;              // softmax in base 2
+  RowState st;
+  const float scale2 = p.scale * 1.4426950408889634f;  // softmax in base 2
   // Positions fit in 32 bits (the launcher checks keys); the last key each row sees.
   const int last_a = static_cast<int>(pos0 + row_a < p.keys - 1 ? pos0 + row_a : p.keys - 1);
   const int last_b = static_cast<int>(pos0 + row_b < p.keys - 1 ? pos0 + row_b : p.keys - 1);
@@ -219,46 +204,7 @@ __global__ void __launch_bounds__(WARPS * 32, WARPS == 4 ? 2 : 1) mla_prefill_ke
           if constexpr (LO) ldsm_x4(kl, at + 2 * kKLo);
           mma_two_tiles<LO>(sc[2 * jp], sc[2 * jp + 1], q_hi[ks], q_lo[ks], kh, kl);
         }
-      // Online softmax: mask keys after a row's position (and past the last key), new row maxima over
-      // the row's 4 lanes, rescale what came before.
-      float mx_a = m_a, mx_b = m_b;
-#pragma unroll
-      for (int j = 0; j < kKeys / 8; ++j)
-#pragma unroll
-        for (int e = 0; e < 2; ++e) {
-          const int key = k0 + j * 8 + 2 * c + e;
-          sc[j][e] = key <= last_a ? sc[j][e] * scale2 : -INFINITY;
-          sc[j][2 + e] = key <= last_b ? sc[j][2 + e] * scale2 : -INFINITY;
-          mx_a = fmaxf(mx_a, sc[j][e]);
-          mx_b = fmaxf(mx_b, sc[j][2 + e]);
-        }
-#pragma unroll
-      for (int off = 1; off < 4; off *= 2) {
-        mx_a = fmaxf(mx_a, __shfl_xor_sync(0xffffffffu, mx_a, off));
-        mx_b = fmaxf(mx_b, __shfl_xor_sync(0xffffffffu, mx_b, off));
-      }
-      // Key 0 is in every row's first tile, so the maxima are finite from there on.
-      const float corr_a = exp2f(m_a - mx_a), corr_b = exp2f(m_b - mx_b);
-      m_a = mx_a;
-      m_b = mx_b;
-      l_a *= corr_a;
-      l_b *= corr_b;
-#pragma unroll
-      for (int j = 0; j < kKeys / 8; ++j) {
-        sc[j][0] = exp2f(sc[j][0] - m_a);
-        sc[j][1] = exp2f(sc[j][1] - m_a);
-        sc[j][2] = exp2f(sc[j][2] - m_b);
-        sc[j][3] = exp2f(sc[j][3] - m_b);
-        l_a += sc[j][0] + sc[j][1];
-        l_b += sc[j][2] + sc[j][3];
-      }
-#pragma unroll
-      for (int j = 0; j < kDv / 8; ++j) {
-        o[j][0] *= corr_a;
-        o[j][1] *= corr_a;
-        o[j][2] *= corr_b;
-        o[j][3] *= corr_b;
-      }
+      rescale_rows(o, online_softmax_tile<kKeys>(sc, st, k0, c, last_a, last_b, scale2));
       // O += P V: per 16-key k-step the A fragment is the scores of n-tiles 2 ks and 2 ks + 1; one
       // transposed ldmatrix gives the B fragments of two 8-column n-tiles of V.
 #pragma unroll
@@ -281,18 +227,7 @@ __global__ void __launch_bounds__(WARPS * 32, WARPS == 4 ? 2 : 1) mla_prefill_ke
     __syncthreads();  // every warp is done with this stage before the next iteration refills it
   }
 
-#pragma unroll
-  for (int off = 1; off < 4; off *= 2) {
-    l_a += __shfl_xor_sync(0xffffffffu, l_a, off);
-    l_b += __shfl_xor_sync(0xffffffffu, l_b, off);
-  }
-  const float inv_a = 1.0f / l_a, inv_b = 1.0f / l_b;
-#pragma unroll
-  for (int j = 0; j < kDv / 8; ++j) {
-    const int64_t col = h * p.v + j * 8 + 2 * c;
-    if (row_a < p.n) *reinterpret_cast<float2*>(p.out + row_a * p.ldo + col) = make_float2(o[j][0] * inv_a, o[j][1] * inv_a);
-    if (row_b < p.n) *reinterpret_cast<float2*>(p.out + row_b * p.ldo + col) = make_float2(o[j][2] * inv_b, o[j][3] * inv_b);
-  }
+  store_rows(p, h, row_a, c, o, st);
 }
 
 template <bool LO, int KEYS, int WARPS>
@@ -322,6 +257,13 @@ int hi_tile_keys() {
 int hi_block_warps() {
   static const int warps = env_positive("DSV3_MLA_PREFILL_WARPS", 8) == 4 ? 4 : 8;
   return warps;
+}
+
+// Whether the hi-only attention may take the wgmma kernel: DSV3_MLA_PREFILL_WGMMA=0 turns it off
+// (measurement; read once).
+bool wgmma_allowed() {
+  static const bool allowed = env_enabled("DSV3_MLA_PREFILL_WGMMA");
+  return allowed;
 }
 
 }  // namespace
@@ -362,6 +304,8 @@ void mla_prefill(const MlaPrefillParams& p) {
   const bool wide = hi_block_warps() == 8;
   if (p.lo)
     launch_prefill<true, 32, 4>(p, lay);
+  else if (p.wgmma && wgmma_allowed())
+    launch_prefill_wgmma(p, lay);
   else if (hi_tile_keys() == 32)
     wide ? launch_prefill<false, 32, 8>(p, lay) : launch_prefill<false, 32, 4>(p, lay);
   else

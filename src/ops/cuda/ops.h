@@ -268,6 +268,9 @@ struct MlaPrefillParams {
   float* out = nullptr;  // row t, head h at out + t * ldo + h * v
   int64_t ldo = 0;
   bool lo = true;
+  // Without lo: the wgmma kernel (Hopper's warpgroup products), or false for the mma.sync one (tests
+  // compare both; DSV3_MLA_PREFILL_WGMMA=0 turns it off for every call, a measurement knob).
+  bool wgmma = true;
   cudaStream_t stream = nullptr;
 };
 // Head dims of the kernel: nope + rope = kMlaPrefillQk, v = kMlaPrefillV (DeepSeek-V2/V3, V2-Lite).
