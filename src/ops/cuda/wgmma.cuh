@@ -6,6 +6,7 @@
 #pragma once
 
 #include <cstdint>
+#include <type_traits>
 
 namespace dsv3::cuda {
 
@@ -40,19 +41,18 @@ __device__ __forceinline__ void wgmma_wait() {
 __device__ __forceinline__ void fence_async_shared() { asm volatile("fence.proxy.async.shared::cta;" ::: "memory"); }
 // Keeps the compiler from moving reads or writes of an accumulator (or of A registers an issued wgmma
 // still reads) across a wgmma_wait: the registers count as rewritten here.
-template <int R, int C>
-__device__ __forceinline__ void wgmma_hold(float (&d)[R][C]) {
+template <typename T, int R, int C>
+__device__ __forceinline__ void wgmma_hold(T (&d)[R][C]) {
+  static_assert(std::is_same_v<T, float> || std::is_same_v<T, uint32_t>);
 #pragma unroll
   for (int i = 0; i < R; ++i)
 #pragma unroll
-    for (int j = 0; j < C; ++j) asm volatile("" : "+f"(d[i][j])::"memory");
-}
-template <int R, int C>
-__device__ __forceinline__ void wgmma_hold(uint32_t (&a)[R][C]) {
-#pragma unroll
-  for (int i = 0; i < R; ++i)
-#pragma unroll
-    for (int j = 0; j < C; ++j) asm volatile("" : "+r"(a[i][j])::"memory");
+    for (int j = 0; j < C; ++j) {
+      if constexpr (std::is_same_v<T, float>)
+        asm volatile("" : "+f"(d[i][j])::"memory");
+      else
+        asm volatile("" : "+r"(d[i][j])::"memory");
+    }
 }
 
 // d (64 x 64, fp32) = a b (ACCUMULATE false; d's old values are not read) or d + a b: m64n64k16, a
