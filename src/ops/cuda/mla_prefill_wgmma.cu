@@ -6,15 +6,15 @@
 // for 64 rows at once.
 //
 // Block = 128 queries of one head, two warpgroups of 64 rows each, the rows with the most keys first.
-// The queries are converted to bf16 once into shared memory; key/value tiles of 64 keys stream through
-// three cp.async stages shared by both warpgroups (tile it + 2 loads while tile it is used). Per tile a
-// warpgroup computes S = Q K^T (12 wgmma m64n64k16, both operands K-major in shared memory), the online
-// softmax on S in registers, and o += P V (4 wgmma m64n128k16: P from registers, S's accumulator layout
-// rounded to bf16; V an N-major tile). The products are software-pipelined one tile deep
-// (FlashAttention-3's intra-warpgroup overlap, Shah et al. 2024): P V of tile it is issued right after
-// S of tile it + 1, and the softmax of tile it + 1 runs while P V is still on the tensor cores; only
-// the output's rescale and P's bf16 conversion wait for it. The two warpgroups of an SM overlap
-// further.
+// The queries are converted to bf16 once into shared memory; keys and values stream through it in tiles
+// of 128 (or 64, DSV3_MLA_PREFILL_WGMMA_KEYS=64) by cp.async, K and V each in a pair of slots shared by
+// both warpgroups. Per tile a warpgroup computes S = Q K^T (12 wgmma m64nKEYSk16, both operands K-major
+// in shared memory), the online softmax on S in registers, and o += P V (wgmma m64n128k16 per 16 keys:
+// P from registers, S's accumulator layout rounded to bf16; V an N-major tile). The products are
+// software-pipelined one tile deep (FlashAttention-3's intra-warpgroup overlap, Shah et al. 2024): S of
+// tile it + 1 is issued right before P V of tile it, and the softmax of tile it + 1 runs while P V is
+// still on the tensor cores; only the output's rescale and P's bf16 conversion wait for it. The two
+// warpgroups of an SM overlap further.
 #include "core/error.h"
 #include "ops/cuda/mla_prefill.cuh"
 #include "ops/cuda/wgmma.cuh"
