@@ -10,8 +10,7 @@
 // an output carries ~16 mantissa bits of its inputs (within ~1e-5 of fp32); lo*lo (~2^-16 relative) is
 // dropped; 4 warps, tiles of 32 keys. Without it only the hi parts are stored and multiplied, in tiles
 // of 64 keys (twice the products between two block barriers in the same shared memory) shared by 8
-// warps (128 queries: each tile copied from L2 half as often per query); the measurement knobs
-// DSV3_MLA_PREFILL_KEYS=32 and DSV3_MLA_PREFILL_WARPS=4 give the smaller forms. The split of keys and
+// warps (128 queries: each tile copied from L2 half as often per query). The split of keys and
 // values into hi/lo tiles is a pass of its own (mla_prefill_split_kernel, into `work`), so the
 // attention kernel only copies tiles and feeds ldmatrix. Queries stay in registers (split once per
 // block), the scores never leave them: the S accumulator's layout is the A fragment of the P V product
@@ -246,19 +245,6 @@ void launch_prefill(const MlaPrefillParams& p, const SplitLayout& lay) {
   check_launch("mla_prefill_kernel");
 }
 
-// Keys per tile of the hi-only kernel: 64, or DSV3_MLA_PREFILL_KEYS=32 (measurement; read once).
-int hi_tile_keys() {
-  static const int keys = env_positive("DSV3_MLA_PREFILL_KEYS", 64) == 32 ? 32 : 64;
-  return keys;
-}
-
-// Warps (16 queries each) per block of the hi-only kernel: 8, or DSV3_MLA_PREFILL_WARPS=4 (measurement;
-// read once).
-int hi_block_warps() {
-  static const int warps = env_positive("DSV3_MLA_PREFILL_WARPS", 8) == 4 ? 4 : 8;
-  return warps;
-}
-
 // Whether the hi-only attention may take the wgmma kernel: DSV3_MLA_PREFILL_WGMMA=0 turns it off
 // (measurement; read once).
 bool wgmma_allowed() {
@@ -301,15 +287,12 @@ void mla_prefill(const MlaPrefillParams& p) {
   const dim3 split_grid(static_cast<unsigned>((lay.keys_padded + kSplitKeys - 1) / kSplitKeys), static_cast<unsigned>(p.heads));
   mla_prefill_split_kernel<<<split_grid, kSplitPairs, 0, p.stream>>>(p, lay);
   check_launch("mla_prefill_split_kernel");
-  const bool wide = hi_block_warps() == 8;
   if (p.lo)
     launch_prefill<true, 32, 4>(p, lay);
   else if (p.wgmma && wgmma_allowed())
     launch_prefill_wgmma(p, lay);
-  else if (hi_tile_keys() == 32)
-    wide ? launch_prefill<false, 32, 8>(p, lay) : launch_prefill<false, 32, 4>(p, lay);
   else
-    wide ? launch_prefill<false, 64, 8>(p, lay) : launch_prefill<false, 64, 4>(p, lay);
+    launch_prefill<false, 64, 8>(p, lay);
 }
 
 }  // namespace dsv3::cuda

@@ -7,9 +7,8 @@
 //
 // Block = 128 queries of one head, two warpgroups of 64 rows each, the rows with the most keys first.
 // The queries are converted to bf16 once into shared memory; keys and values stream through it in tiles
-// of 128 (or 64, DSV3_MLA_PREFILL_WGMMA_KEYS=64) by cp.async, K and V each in a pair of slots shared by
-// both warpgroups. Per tile a warpgroup computes S = Q K^T (12 wgmma m64nKEYSk16, both operands K-major
-// in shared memory), the online softmax on S in registers, and o += P V (wgmma m64n128k16 per 16 keys:
+// of 128 by cp.async, K and V each in a pair of slots shared by both warpgroups. Per tile a warpgroup
+// computes S = Q K^T (12 wgmma m64n128k16, both operands K-major in shared memory), the online softmax on S in registers, and o += P V (wgmma m64n128k16 per 16 keys:
 // P from registers, S's accumulator layout rounded to bf16; V an N-major tile). The products are
 // software-pipelined one tile deep (FlashAttention-3's intra-warpgroup overlap, Shah et al. 2024): S of
 // tile it + 1 is issued right before P V of tile it, and the softmax of tile it + 1 runs while P V is
@@ -23,23 +22,19 @@ namespace dsv3::cuda::mla_prefill_detail {
 
 namespace {
 
-constexpr int kRows = 128, kThreads = 256;
+constexpr int kRows = 128, kThreads = 256, kKeys = kMaxKeys;  // kKeys: keys per tile (the split tiles' padding)
 // Shared memory (bytes; every part starts on a 1,024-byte swizzle atom): Q [128][192] as 3 column blocks
-// of 64 values, then two slots of K [KEYS][192] (3 blocks) and two of V [KEYS][128] (2 blocks). K and V
+// of 64 values, then two slots of K [kKeys][192] (3 blocks) and two of V [kKeys][128] (2 blocks). K and V
 // rotate separately: iteration it reads K of tile it + 1 and V of tile it, and meanwhile K of tile it + 2
 // and V of tile it + 1 load into the slots iteration it - 1 finished with.
-constexpr uint32_t kQBytes = kRows * kDq * 2;
-template <int KEYS>
 struct Slots {
-  static constexpr uint32_t kK = KEYS * kDq * 2, kV = KEYS * kDv * 2;
-  __device__ static constexpr uint32_t k(int64_t tile) { return kQBytes + static_cast<uint32_t>(tile % 2) * kK; }
-  __device__ static constexpr uint32_t v(int64_t tile) { return kQBytes + 2 * kK + static_cast<uint32_t>(tile % 2) * kV; }
-  static constexpr size_t kSmemBytes = kQBytes + 2 * (kK + kV) + 1024;  // + room to align the base to 1,024
+  static constexpr uint32_t kQ = kRows * kDq * 2, kK = kKeys * kDq * 2, kV = kKeys * kDv * 2;
+  __device__ static constexpr uint32_t k(int64_t tile) { return kQ + static_cast<uint32_t>(tile % 2) * kK; }
+  __device__ static constexpr uint32_t v(int64_t tile) { return kQ + 2 * kK + static_cast<uint32_t>(tile % 2) * kV; }
+  static constexpr size_t kSmemBytes = kQ + 2 * (kK + kV) + 1024;  // + room to align the base to 1,024
 };
 
-template <int KEYS>
 __global__ void __launch_bounds__(kThreads, 1) mla_prefill_wgmma_kernel(const MlaPrefillParams p, const SplitLayout lay) {
-  using S = Slots<KEYS>;
   extern __shared__ uint8_t smem_raw[];
   uint8_t* smem = smem_raw + ((1024 - smem_addr(smem_raw) % 1024) % 1024);
   const uint32_t smem_s = smem_addr(smem);
@@ -48,7 +43,7 @@ __global__ void __launch_bounds__(kThreads, 1) mla_prefill_wgmma_kernel(const Ml
   const int64_t pos0 = p.keys - p.n;
   const int wg = threadIdx.x / 128, warp = threadIdx.x % 128 / 32, lane = threadIdx.x % 32, g = lane / 4, c = lane % 4;
   const int64_t block_last_key = pos0 + t0 + kRows - 1 < p.keys - 1 ? pos0 + t0 + kRows - 1 : p.keys - 1;
-  const int64_t tiles = block_last_key / KEYS + 1;
+  const int64_t tiles = block_last_key / kKeys + 1;
   const uint16_t* work = static_cast<const uint16_t*>(p.work);
   const uint16_t* k_src = work + lay.k_hi(h);
   const uint16_t* v_src = work + lay.v_hi(h);
@@ -57,13 +52,13 @@ __global__ void __launch_bounds__(kThreads, 1) mla_prefill_wgmma_kernel(const Ml
   auto load = [&](uint32_t dst_off, const uint16_t* src, int width, int64_t tile) {
     const int chunks = width / 8;
 #pragma unroll 1
-    for (int i = threadIdx.x; i < KEYS * chunks; i += kThreads) {
+    for (int i = threadIdx.x; i < kKeys * chunks; i += kThreads) {
       const int r = i / chunks, chunk = i % chunks;
-      cp_async16(smem + dst_off + swizzled_chunk(r, chunk, KEYS), src + (tile * KEYS + r) * width + chunk * 8);
+      cp_async16(smem + dst_off + swizzled_chunk(r, chunk, kKeys), src + (tile * kKeys + r) * width + chunk * 8);
     }
   };
-  auto load_k = [&](int64_t tile) { load(S::k(tile), k_src, kDq, tile); };
-  auto load_v = [&](int64_t tile) { load(S::v(tile), v_src, kDv, tile); };
+  auto load_k = [&](int64_t tile) { load(Slots::k(tile), k_src, kDq, tile); };
+  auto load_v = [&](int64_t tile) { load(Slots::v(tile), v_src, kDv, tile); };
   load_k(0);
   load_v(0);
   if (tiles > 1) load_k(1);
@@ -95,40 +90,33 @@ __global__ void __launch_bounds__(kThreads, 1) mla_prefill_wgmma_kernel(const Ml
   // The first key some row of the warpgroup does not see (its first row's last key + 1; rows past p.n
   // see keys up to p.keys - 1): tiles wholly before it take no mask.
   const int64_t wg_first_key_masked = (pos0 + wg_row0 < p.keys - 1 ? pos0 + wg_row0 : p.keys - 1) + 1;
-  const int64_t wg_tiles = !active ? 0 : tiles < wg_last_key / KEYS + 1 ? tiles : wg_last_key / KEYS + 1;
+  const int64_t wg_tiles = !active ? 0 : tiles < wg_last_key / kKeys + 1 ? tiles : wg_last_key / kKeys + 1;
   const float scale2 = p.scale * 1.4426950408889634f;  // softmax in base 2
   const uint32_t q_wg = smem_s + wg * 64 * 128;
 
   // S = Q K^T of tile `tile` into sc (issued, not waited for): 12 k-steps of 16, k-step ks is bytes
-  // 32 (ks % 4) of the rows of column block ks / 4 (N = 64 keys per wgmma).
-  float sc[KEYS / 8][4];
+  // 32 (ks % 4) of the rows of column block ks / 4.
+  float sc[kKeys / 8][4];
   auto issue_scores = [&](int64_t tile) {
-    const uint32_t k_s = smem_s + S::k(tile);
+    const uint32_t k_s = smem_s + Slots::k(tile);
 #pragma unroll
     for (int ks = 0; ks < kDq / 16; ++ks) {
       const uint32_t col = static_cast<uint32_t>(ks % 4) * 32;
       const uint64_t qd = wgmma_desc(q_wg + (ks / 4) * kRows * 128 + col, 16, 1024);
-      const uint64_t kd = wgmma_desc(k_s + (ks / 4) * KEYS * 128 + col, 16, 1024);
-      if constexpr (KEYS == 128) {
-        if (ks == 0)
-          wgmma_m64n128k16_ss<false>(sc, qd, kd);
-        else
-          wgmma_m64n128k16_ss<true>(sc, qd, kd);
-      } else {
-        if (ks == 0)
-          wgmma_m64n64k16_ss<false>(sc, qd, kd);
-        else
-          wgmma_m64n64k16_ss<true>(sc, qd, kd);
-      }
+      const uint64_t kd = wgmma_desc(k_s + (ks / 4) * kKeys * 128 + col, 16, 1024);
+      if (ks == 0)
+        wgmma_m64n128k16_ss<false>(sc, qd, kd);
+      else
+        wgmma_m64n128k16_ss<true>(sc, qd, kd);
     }
     wgmma_commit();
   };
   // The probabilities of a tile (sc after the softmax) as P's A fragments, per 16-key k-step the
   // scores of key groups 2 ks and 2 ks + 1, rounded to bf16.
-  uint32_t pf[KEYS / 16][4];  // P of the tile whose P V comes next
+  uint32_t pf[kKeys / 16][4];  // P of the tile whose P V comes next
   auto to_fragments = [&] {
 #pragma unroll
-    for (int ks = 0; ks < KEYS / 16; ++ks) {
+    for (int ks = 0; ks < kKeys / 16; ++ks) {
       pf[ks][0] = bf16x2_bits(sc[2 * ks][0], sc[2 * ks][1]);
       pf[ks][1] = bf16x2_bits(sc[2 * ks][2], sc[2 * ks][3]);
       pf[ks][2] = bf16x2_bits(sc[2 * ks + 1][0], sc[2 * ks + 1][1]);
@@ -137,11 +125,11 @@ __global__ void __launch_bounds__(kThreads, 1) mla_prefill_wgmma_kernel(const Ml
   };
   float o[kDv / 8][4] = {};
   // o += P V of tile `tile` (issued, not waited for): k-steps of 16 keys; V's k-step ks is its rows
-  // 16 ks .., in two column blocks KEYS rows apart.
+  // 16 ks .., in two column blocks kKeys rows apart.
   auto issue_values = [&](int64_t tile) {
-    const uint32_t v_s = smem_s + S::v(tile);
+    const uint32_t v_s = smem_s + Slots::v(tile);
 #pragma unroll
-    for (int ks = 0; ks < KEYS / 16; ++ks) wgmma_m64n128k16_rs(o, pf[ks], wgmma_desc(v_s + ks * 16 * 128, KEYS * 128, 1024));
+    for (int ks = 0; ks < kKeys / 16; ++ks) wgmma_m64n128k16_rs(o, pf[ks], wgmma_desc(v_s + ks * 16 * 128, kKeys * 128, 1024));
     wgmma_commit();
   };
 
@@ -151,7 +139,7 @@ __global__ void __launch_bounds__(kThreads, 1) mla_prefill_wgmma_kernel(const Ml
     issue_scores(0);
     wgmma_wait<0>();
     wgmma_hold(sc);
-    online_softmax_tile<KEYS>(sc, st, 0, c, last_a, last_b, scale2, KEYS > wg_first_key_masked);  // o is zero: no rescale
+    online_softmax_tile<kKeys>(sc, st, 0, c, last_a, last_b, scale2, kKeys > wg_first_key_masked);  // o is zero: no rescale
     to_fragments();
   }
   // Iteration it: P V of tile it, and meanwhile the scores and softmax of tile it + 1 (S is issued
@@ -173,9 +161,9 @@ __global__ void __launch_bounds__(kThreads, 1) mla_prefill_wgmma_kernel(const Ml
       issue_values(it);
       wgmma_wait<1>();  // the scores (committed first)
       wgmma_hold(sc);
-      const int64_t k0 = (it + 1) * KEYS;
-      const Rescale r = online_softmax_tile<KEYS>(sc, st, static_cast<int>(k0), c, last_a, last_b, scale2,
-                                                  k0 + KEYS > wg_first_key_masked);
+      const int64_t k0 = (it + 1) * kKeys;
+      const Rescale r = online_softmax_tile<kKeys>(sc, st, static_cast<int>(k0), c, last_a, last_b, scale2,
+                                                  k0 + kKeys > wg_first_key_masked);
       wgmma_wait<0>();
       wgmma_hold(o);
       wgmma_hold(pf);  // P V read pf until here
@@ -193,27 +181,19 @@ __global__ void __launch_bounds__(kThreads, 1) mla_prefill_wgmma_kernel(const Ml
   if (active) store_rows(p, h, row_a, c, o, st);
 }
 
-template <int KEYS>
-void launch(const MlaPrefillParams& p, const SplitLayout& lay) {
-  constexpr size_t smem = Slots<KEYS>::kSmemBytes;
-  static const bool opted_in = [] {  // once per process: allow the slots' dynamic shared memory
-    DSV3_CUDA_CHECK(cudaFuncSetAttribute(mla_prefill_wgmma_kernel<KEYS>, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                         static_cast<int>(smem)));
-    return true;
-  }();
-  DSV3_ASSERT(opted_in && lay.keys_padded % KEYS == 0);
-  const int64_t blocks = (p.n + kRows - 1) / kRows * p.heads;
-  DSV3_ASSERT(blocks < (int64_t{1} << 31));
-  mla_prefill_wgmma_kernel<KEYS><<<static_cast<unsigned>(blocks), kThreads, smem, p.stream>>>(p, lay);
-  check_launch("mla_prefill_wgmma_kernel");
-}
-
 }  // namespace
 
 void launch_prefill_wgmma(const MlaPrefillParams& p, const SplitLayout& lay) {
-  // Keys per tile: 128, or DSV3_MLA_PREFILL_WGMMA_KEYS=64 (measurement; read once).
-  static const bool narrow = env_positive("DSV3_MLA_PREFILL_WGMMA_KEYS", 128) == 64;
-  narrow ? launch<64>(p, lay) : launch<128>(p, lay);
+  static const bool opted_in = [] {  // once per process: allow the slots' dynamic shared memory
+    DSV3_CUDA_CHECK(cudaFuncSetAttribute(mla_prefill_wgmma_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                         static_cast<int>(Slots::kSmemBytes)));
+    return true;
+  }();
+  DSV3_ASSERT(opted_in && lay.keys_padded % kKeys == 0);
+  const int64_t blocks = (p.n + kRows - 1) / kRows * p.heads;
+  DSV3_ASSERT(blocks < (int64_t{1} << 31));
+  mla_prefill_wgmma_kernel<<<static_cast<unsigned>(blocks), kThreads, Slots::kSmemBytes, p.stream>>>(p, lay);
+  check_launch("mla_prefill_wgmma_kernel");
 }
 
 }  // namespace dsv3::cuda::mla_prefill_detail
