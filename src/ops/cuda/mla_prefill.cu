@@ -95,12 +95,14 @@ __global__ void mla_gather_kernel(const CachePages cache, int64_t layer, int64_t
 // hi-only kernel never reads them). Block = (kSplitKeys keys, head), thread = a pair of values of a key
 // row (K's 96 pairs, then V's 64), so reads and writes run along the rows.
 constexpr int kSplitPairs = (kDq + kDv) / 2, kSplitKeys = 16;
-__global__ void __launch_bounds__(kSplitPairs) mla_prefill_split_kernel(const MlaPrefillParams p, const SplitLayout lay) {
+// With `images` (the wgmma kernel) the hi parts go to ImageLayout's swizzled tile images instead.
+__global__ void __launch_bounds__(kSplitPairs) mla_prefill_split_kernel(const MlaPrefillParams p, const SplitLayout lay, bool images) {
   const int64_t h = blockIdx.y, key0 = static_cast<int64_t>(blockIdx.x) * kSplitKeys;
   const int d = 2 * static_cast<int>(threadIdx.x);
   const bool is_k = d < kDq;
   const int64_t width = is_k ? kDq : kDv, col = is_k ? d : d - kDq, lo_off = lay.keys_padded * width;
   uint16_t* dst = static_cast<uint16_t*>(p.work) + (is_k ? lay.k_hi(h) : lay.v_hi(h)) + col;
+  const ImageLayout img{lay.keys_padded};
   for (int64_t key = key0; key < key0 + kSplitKeys && key < lay.keys_padded; ++key) {
     float2 x = make_float2(0.0f, 0.0f);
     if (key < p.keys) {
@@ -110,8 +112,15 @@ __global__ void __launch_bounds__(kSplitPairs) mla_prefill_split_kernel(const Ml
     }
     uint32_t hi, lo;
     split2(x.x, x.y, hi, lo);
-    *reinterpret_cast<uint32_t*>(dst + key * width) = hi;
-    if (p.lo) *reinterpret_cast<uint32_t*>(dst + key * width + lo_off) = lo;
+    if (images) {
+      const int64_t tile = key / ImageLayout::kImageKeys, r = key % ImageLayout::kImageKeys;
+      const int64_t at = (is_k ? img.k_image(h, tile) : img.v_image(h, tile)) +
+                         swizzled_chunk(static_cast<int>(r), static_cast<int>(col / 8), ImageLayout::kImageKeys) + col % 8 * 2;
+      *reinterpret_cast<uint32_t*>(static_cast<uint8_t*>(p.work) + at) = hi;
+    } else {
+      *reinterpret_cast<uint32_t*>(dst + key * width) = hi;
+      if (p.lo) *reinterpret_cast<uint32_t*>(dst + key * width + lo_off) = lo;
+    }
   }
 }
 
@@ -285,11 +294,12 @@ void mla_prefill(const MlaPrefillParams& p) {
   const SplitLayout lay{padded_keys(p.keys), p.heads};
   DSV3_ASSERT(p.heads <= 65535);
   const dim3 split_grid(static_cast<unsigned>((lay.keys_padded + kSplitKeys - 1) / kSplitKeys), static_cast<unsigned>(p.heads));
-  mla_prefill_split_kernel<<<split_grid, kSplitPairs, 0, p.stream>>>(p, lay);
+  const bool wgmma = !p.lo && p.wgmma && wgmma_allowed();
+  mla_prefill_split_kernel<<<split_grid, kSplitPairs, 0, p.stream>>>(p, lay, wgmma);
   check_launch("mla_prefill_split_kernel");
   if (p.lo)
     launch_prefill<true, 32, 4>(p, lay);
-  else if (p.wgmma && wgmma_allowed())
+  else if (wgmma)
     launch_prefill_wgmma(p, lay);
   else
     launch_prefill<false, 64, 8>(p, lay);

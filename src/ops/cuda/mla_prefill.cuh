@@ -8,6 +8,7 @@
 
 #include "ops/cuda/dequant.cuh"
 #include "ops/cuda/ops.h"
+#include "ops/cuda/wgmma.cuh"
 
 namespace dsv3::cuda::mla_prefill_detail {
 
@@ -22,6 +23,20 @@ struct SplitLayout {
   __host__ __device__ int64_t k_hi(int64_t h) const { return 2 * h * keys_padded * kDq; }
   __host__ __device__ int64_t v_hi(int64_t h) const { return 2 * heads * keys_padded * kDq + 2 * h * keys_padded * kDv; }
   __host__ __device__ int64_t halves() const { return 2 * heads * keys_padded * (kDq + kDv); }
+};
+
+// The wgmma kernel's form of `work` (mla_prefill_wgmma.cu): per head, per tile of kImageKeys keys, the
+// bytes of that tile's K and V exactly as the kernel's shared memory holds them (swizzled_chunk rows of
+// 64 values: K's 3 column blocks, then V's 2), so that one bulk copy per operand fills a slot. It takes
+// half of the bytes SplitLayout reserves (the hi parts' share).
+struct ImageLayout {
+  static constexpr int kImageKeys = kMaxKeys;
+  static constexpr int64_t kKBytes = int64_t{kImageKeys} * kDq * 2, kVBytes = int64_t{kImageKeys} * kDv * 2;
+  int64_t keys_padded;
+  __host__ __device__ int64_t k_image(int64_t h, int64_t tile) const {
+    return (h * (keys_padded / kImageKeys) + tile) * (kKBytes + kVBytes);
+  }
+  __host__ __device__ int64_t v_image(int64_t h, int64_t tile) const { return k_image(h, tile) + kKBytes; }
 };
 
 __device__ __forceinline__ uint32_t smem_addr(const void* p) {

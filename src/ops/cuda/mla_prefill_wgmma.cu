@@ -5,15 +5,19 @@
 // an H200 (docs/PERF.md); wgmma reads both operands of Q K^T and V of P V straight from shared memory
 // for 64 rows at once.
 //
-// Block = 128 queries of one head, two warpgroups of 64 rows each, the rows with the most keys first.
-// The queries are converted to bf16 once into shared memory; keys and values stream through it in tiles
-// of 128 by cp.async, K and V each in a pair of slots shared by both warpgroups. Per tile a warpgroup
-// computes S = Q K^T (12 wgmma m64n128k16, both operands K-major in shared memory), the online softmax on S in registers, and o += P V (wgmma m64n128k16 per 16 keys:
-// P from registers, S's accumulator layout rounded to bf16; V an N-major tile). The products are
-// software-pipelined one tile deep (FlashAttention-3's intra-warpgroup overlap, Shah et al. 2024): S of
-// tile it + 1 is issued right before P V of tile it, and the softmax of tile it + 1 runs while P V is
-// still on the tensor cores; only the output's rescale and P's bf16 conversion wait for it. The two
-// warpgroups of an SM overlap further.
+// Block = 128 queries of one head: two consumer warpgroups of 64 rows each and a producer warpgroup, the
+// rows with the most keys first. The split pass wrote each 128-key tile of K and of V as the exact bytes
+// of a shared-memory slot (ImageLayout); the producer brings them in with one bulk copy each, K and V in
+// a pair of slots apiece, and transaction barriers say when a slot is full (the copy's bytes arrived)
+// and when it is empty (all 8 consumer warps are done with it), so the warpgroups never wait for each
+// other (the producer warpgroup hands its registers to them: 24 against their 240). The queries are
+// converted to bf16 once into shared memory. Per tile a warpgroup computes
+// S = Q K^T (12 wgmma m64n128k16, both operands K-major in shared memory), the online softmax on S in
+// registers, and o += P V (8 wgmma m64n128k16: P from registers, S's accumulator layout rounded to
+// bf16; V an N-major tile). The products are software-pipelined one tile deep (FlashAttention-3's
+// intra-warpgroup overlap, Shah et al. 2024): S of tile it + 1 is issued right before P V of tile it,
+// and the softmax of tile it + 1 runs while P V is still on the tensor cores; only the output's rescale
+// and P's bf16 conversion wait for it.
 #include "core/error.h"
 #include "ops/cuda/mla_prefill.cuh"
 #include "ops/cuda/wgmma.cuh"
@@ -22,51 +26,62 @@ namespace dsv3::cuda::mla_prefill_detail {
 
 namespace {
 
-constexpr int kRows = 128, kThreads = 256, kKeys = kMaxKeys;  // kKeys: keys per tile (the split tiles' padding)
-// Shared memory (bytes; every part starts on a 1,024-byte swizzle atom): Q [128][192] as 3 column blocks
-// of 64 values, then two slots of K [kKeys][192] (3 blocks) and two of V [kKeys][128] (2 blocks). K and V
-// rotate separately: iteration it reads K of tile it + 1 and V of tile it, and meanwhile K of tile it + 2
-// and V of tile it + 1 load into the slots iteration it - 1 finished with.
-struct Slots {
-  static constexpr uint32_t kQ = kRows * kDq * 2, kK = kKeys * kDq * 2, kV = kKeys * kDv * 2;
-  __device__ static constexpr uint32_t k(int64_t tile) { return kQ + static_cast<uint32_t>(tile % 2) * kK; }
-  __device__ static constexpr uint32_t v(int64_t tile) { return kQ + 2 * kK + static_cast<uint32_t>(tile % 2) * kV; }
-  static constexpr size_t kSmemBytes = kQ + 2 * (kK + kV) + 1024;  // + room to align the base to 1,024
-};
+constexpr int kKeys = ImageLayout::kImageKeys, kRows = 128, kConsumers = 256, kThreads = kConsumers + 128;
+// Shared memory (bytes; every tile starts on a 1,024-byte swizzle atom): Q [128][192] as 3 column blocks
+// of 64 values, two K slots [128][192], two V slots [128][128], then the barriers.
+constexpr uint32_t kQBytes = kRows * kDq * 2, kKBytes = ImageLayout::kKBytes, kVBytes = ImageLayout::kVBytes;
+constexpr uint32_t kK0 = kQBytes, kV0 = kK0 + 2 * kKBytes, kBars = kV0 + 2 * kVBytes;
+constexpr size_t kSmemBytes = kBars + 8 * 8 + 1024;  // + room to align the base to 1,024
+// Barrier b of the 8: full K, empty K, full V, empty V, each for slots 0 and 1.
+enum Bar { kFullK = 0, kEmptyK = 2, kFullV = 4, kEmptyV = 6 };
+constexpr uint32_t kConsumerWarps = kConsumers / 32;
 
-__global__ void __launch_bounds__(kThreads, 1) mla_prefill_wgmma_kernel(const MlaPrefillParams p, const SplitLayout lay) {
+__global__ void __launch_bounds__(kThreads, 1) mla_prefill_wgmma_kernel(const MlaPrefillParams p, const ImageLayout img) {
   extern __shared__ uint8_t smem_raw[];
   uint8_t* smem = smem_raw + ((1024 - smem_addr(smem_raw) % 1024) % 1024);
   const uint32_t smem_s = smem_addr(smem);
+  auto bar = [&](int b, int64_t tile) { return smem_s + kBars + 8 * static_cast<uint32_t>(b + tile % 2); };
   const int64_t q_blocks = (p.n + kRows - 1) / kRows;
   const int64_t h = blockIdx.x % p.heads, t0 = (q_blocks - 1 - blockIdx.x / p.heads) * kRows;
   const int64_t pos0 = p.keys - p.n;
-  const int wg = threadIdx.x / 128, warp = threadIdx.x % 128 / 32, lane = threadIdx.x % 32, g = lane / 4, c = lane % 4;
   const int64_t block_last_key = pos0 + t0 + kRows - 1 < p.keys - 1 ? pos0 + t0 + kRows - 1 : p.keys - 1;
   const int64_t tiles = block_last_key / kKeys + 1;
-  const uint16_t* work = static_cast<const uint16_t*>(p.work);
-  const uint16_t* k_src = work + lay.k_hi(h);
-  const uint16_t* v_src = work + lay.v_hi(h);
 
-  // Every thread its share of a tile's 16-byte chunks (rows of WIDTH values from src, tile `tile`).
-  auto load = [&](uint32_t dst_off, const uint16_t* src, int width, int64_t tile) {
-    const int chunks = width / 8;
-#pragma unroll 1
-    for (int i = threadIdx.x; i < kKeys * chunks; i += kThreads) {
-      const int r = i / chunks, chunk = i % chunks;
-      cp_async16(smem + dst_off + swizzled_chunk(r, chunk, kKeys), src + (tile * kKeys + r) * width + chunk * 8);
+  if (threadIdx.x == 0) {
+    for (int s = 0; s < 2; ++s) {
+      mbar_init(bar(kFullK, s), 1);
+      mbar_init(bar(kFullV, s), 1);
+      mbar_init(bar(kEmptyK, s), kConsumerWarps);
+      mbar_init(bar(kEmptyV, s), kConsumerWarps);
     }
-  };
-  auto load_k = [&](int64_t tile) { load(Slots::k(tile), k_src, kDq, tile); };
-  auto load_v = [&](int64_t tile) { load(Slots::v(tile), v_src, kDv, tile); };
-  load_k(0);
-  load_v(0);
-  if (tiles > 1) load_k(1);
-  cp_async_commit();
+    mbar_init_fence();
+  }
+  __syncthreads();
 
+  if (threadIdx.x >= kConsumers) {  // the producer warpgroup: one lane issues every copy, in the order used
+    regs_shrink<24>();
+    if (threadIdx.x == kConsumers) {
+      const uint8_t* work = static_cast<const uint8_t*>(p.work);
+      // Tile t's K slot was last used by tile t - 2, whose scores every consumer warp finished (phase
+      // t / 2 - 1 of the slot's empty barrier); likewise V.
+      auto fill = [&](int full, int empty, uint32_t slot0, uint32_t bytes, int64_t t, int64_t src) {
+        if (t >= 2) mbar_wait(bar(empty, t), static_cast<uint32_t>((t / 2 - 1) & 1));
+        mbar_arrive_expect_tx(bar(full, t), bytes);
+        bulk_copy(smem_s + slot0 + static_cast<uint32_t>(t % 2) * bytes, work + src, bytes, bar(full, t));
+      };
+      for (int64_t t = 0; t < tiles; ++t) {
+        fill(kFullK, kEmptyK, kK0, kKBytes, t, img.k_image(h, t));
+        fill(kFullV, kEmptyV, kV0, kVBytes, t, img.v_image(h, t));
+      }
+    }
+    return;
+  }
+
+  regs_grow<240>();
+  const int wg = threadIdx.x / 128, warp = threadIdx.x % 128 / 32, lane = threadIdx.x % 32, g = lane / 4, c = lane % 4;
   // Q rows t0 .. t0 + 127 in bf16 (zeros past p.n), 8 values (one 16-byte chunk) at a time.
 #pragma unroll 1
-  for (int i = threadIdx.x; i < kRows * kDq / 8; i += kThreads) {
+  for (int i = threadIdx.x; i < kRows * kDq / 8; i += kConsumers) {
     const int r = i / (kDq / 8), chunk = i % (kDq / 8);
     uint32_t packed[4];
 #pragma unroll
@@ -76,16 +91,15 @@ __global__ void __launch_bounds__(kThreads, 1) mla_prefill_wgmma_kernel(const Ml
     }
     *reinterpret_cast<uint4*>(smem + swizzled_chunk(r, chunk, kRows)) = make_uint4(packed[0], packed[1], packed[2], packed[3]);
   }
-  cp_async_wait<0>();
   fence_async_shared();
-  __syncthreads();
+  named_barrier(1, kConsumers);
 
   // This lane's rows (a and b = a + 8) and the last key each one sees; positions fit in 32 bits (the
   // launcher checks keys).
   const int64_t wg_row0 = t0 + wg * 64, row_a = wg_row0 + warp * 16 + g, row_b = row_a + 8;
   const int last_a = static_cast<int>(pos0 + row_a < p.keys - 1 ? pos0 + row_a : p.keys - 1);
   const int last_b = static_cast<int>(pos0 + row_b < p.keys - 1 ? pos0 + row_b : p.keys - 1);
-  const bool active = wg_row0 < p.n;                 // a warpgroup wholly past the last row only keeps step
+  const bool active = wg_row0 < p.n;                 // a warpgroup wholly past the last row only releases slots
   const int64_t wg_last_key = pos0 + wg_row0 + 63;  // keys past it are masked for all its rows
   // The first key some row of the warpgroup does not see (its first row's last key + 1; rows past p.n
   // see keys up to p.keys - 1): tiles wholly before it take no mask.
@@ -93,12 +107,17 @@ __global__ void __launch_bounds__(kThreads, 1) mla_prefill_wgmma_kernel(const Ml
   const int64_t wg_tiles = !active ? 0 : tiles < wg_last_key / kKeys + 1 ? tiles : wg_last_key / kKeys + 1;
   const float scale2 = p.scale * 1.4426950408889634f;  // softmax in base 2
   const uint32_t q_wg = smem_s + wg * 64 * 128;
+  // A slot is released by lane 0 of each consumer warp once the warp's wgmma reading it completed.
+  auto release = [&](int empty, int64_t tile) {
+    if (lane == 0) mbar_arrive(bar(empty, tile));
+  };
+  auto wait_full = [&](int full, int64_t tile) { mbar_wait(bar(full, tile), static_cast<uint32_t>((tile / 2) & 1)); };
 
   // S = Q K^T of tile `tile` into sc (issued, not waited for): 12 k-steps of 16, k-step ks is bytes
   // 32 (ks % 4) of the rows of column block ks / 4.
   float sc[kKeys / 8][4];
   auto issue_scores = [&](int64_t tile) {
-    const uint32_t k_s = smem_s + Slots::k(tile);
+    const uint32_t k_s = smem_s + kK0 + static_cast<uint32_t>(tile % 2) * kKBytes;
 #pragma unroll
     for (int ks = 0; ks < kDq / 16; ++ks) {
       const uint32_t col = static_cast<uint32_t>(ks % 4) * 32;
@@ -127,14 +146,17 @@ __global__ void __launch_bounds__(kThreads, 1) mla_prefill_wgmma_kernel(const Ml
   // o += P V of tile `tile` (issued, not waited for): k-steps of 16 keys; V's k-step ks is its rows
   // 16 ks .., in two column blocks kKeys rows apart.
   auto issue_values = [&](int64_t tile) {
-    const uint32_t v_s = smem_s + Slots::v(tile);
+    const uint32_t v_s = smem_s + kV0 + static_cast<uint32_t>(tile % 2) * kVBytes;
 #pragma unroll
     for (int ks = 0; ks < kKeys / 16; ++ks) wgmma_m64n128k16_rs(o, pf[ks], wgmma_desc(v_s + ks * 16 * 128, kKeys * 128, 1024));
     wgmma_commit();
   };
 
   RowState st;
-  if (wg_tiles > 0) {  // tile 0: its scores and softmax before the loop
+  // Tile 0's scores and softmax come before the loop. Every consumer warp waits for and releases every
+  // tile of the block, used or not, so each release counts toward that tile's phase of the barrier.
+  wait_full(kFullK, 0);
+  if (wg_tiles > 0) {
     wgmma_fence();
     issue_scores(0);
     wgmma_wait<0>();
@@ -142,17 +164,13 @@ __global__ void __launch_bounds__(kThreads, 1) mla_prefill_wgmma_kernel(const Ml
     online_softmax_tile<kKeys>(sc, st, 0, c, last_a, last_b, scale2, kKeys > wg_first_key_masked);  // o is zero: no rescale
     to_fragments();
   }
+  release(kEmptyK, 0);
   // Iteration it: P V of tile it, and meanwhile the scores and softmax of tile it + 1 (S is issued
   // first, so its group completes first; the rescale of o and P's conversion wait for P V).
   for (int64_t it = 0; it < tiles; ++it) {
-    // K of tile it + 1 and V of tile it have landed, and every warpgroup is past iteration it - 1 (for
-    // it = 0: past tile 0's scores), so the slots of K of tile it and V of tile it - 1 are free.
-    cp_async_wait<0>();
-    fence_async_shared();
-    __syncthreads();
-    if (it + 2 < tiles) load_k(it + 2);
-    if (it + 1 < tiles) load_v(it + 1);
-    cp_async_commit();
+    const bool next_tile = it + 1 < tiles;
+    wait_full(kFullV, it);
+    if (next_tile) wait_full(kFullK, it + 1);
     if (it + 1 < wg_tiles) {
       wgmma_hold(o);  // the rescale and P's conversion stay before the products that read them
       wgmma_hold(pf);
@@ -161,21 +179,27 @@ __global__ void __launch_bounds__(kThreads, 1) mla_prefill_wgmma_kernel(const Ml
       issue_values(it);
       wgmma_wait<1>();  // the scores (committed first)
       wgmma_hold(sc);
+      release(kEmptyK, it + 1);
       const int64_t k0 = (it + 1) * kKeys;
       const Rescale r = online_softmax_tile<kKeys>(sc, st, static_cast<int>(k0), c, last_a, last_b, scale2,
-                                                  k0 + kKeys > wg_first_key_masked);
+                                                   k0 + kKeys > wg_first_key_masked);
       wgmma_wait<0>();
       wgmma_hold(o);
       wgmma_hold(pf);  // P V read pf until here
+      release(kEmptyV, it);
       rescale_rows(o, r);
       to_fragments();
-    } else if (it < wg_tiles) {  // the warpgroup's last tile
-      wgmma_hold(o);
-      wgmma_hold(pf);
-      wgmma_fence();
-      issue_values(it);
-      wgmma_wait<0>();
-      wgmma_hold(o);
+    } else {
+      if (it < wg_tiles) {  // the warpgroup's last tile
+        wgmma_hold(o);
+        wgmma_hold(pf);
+        wgmma_fence();
+        issue_values(it);
+        wgmma_wait<0>();
+        wgmma_hold(o);
+      }
+      release(kEmptyV, it);
+      if (next_tile) release(kEmptyK, it + 1);
     }
   }
   if (active) store_rows(p, h, row_a, c, o, st);
@@ -186,13 +210,13 @@ __global__ void __launch_bounds__(kThreads, 1) mla_prefill_wgmma_kernel(const Ml
 void launch_prefill_wgmma(const MlaPrefillParams& p, const SplitLayout& lay) {
   static const bool opted_in = [] {  // once per process: allow the slots' dynamic shared memory
     DSV3_CUDA_CHECK(cudaFuncSetAttribute(mla_prefill_wgmma_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                         static_cast<int>(Slots::kSmemBytes)));
+                                         static_cast<int>(kSmemBytes)));
     return true;
   }();
-  DSV3_ASSERT(opted_in && lay.keys_padded % kKeys == 0);
+  DSV3_ASSERT(opted_in && lay.keys_padded % kKeys == 0 && aligned16(p.work));
   const int64_t blocks = (p.n + kRows - 1) / kRows * p.heads;
   DSV3_ASSERT(blocks < (int64_t{1} << 31));
-  mla_prefill_wgmma_kernel<<<static_cast<unsigned>(blocks), kThreads, Slots::kSmemBytes, p.stream>>>(p, lay);
+  mla_prefill_wgmma_kernel<<<static_cast<unsigned>(blocks), kThreads, kSmemBytes, p.stream>>>(p, ImageLayout{lay.keys_padded});
   check_launch("mla_prefill_wgmma_kernel");
 }
 

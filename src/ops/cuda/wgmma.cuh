@@ -55,6 +55,54 @@ __device__ __forceinline__ void wgmma_hold(T (&d)[R][C]) {
     }
 }
 
+// Transaction barriers (mbarrier, in shared memory) and bulk copies (cp.async.bulk, the copy engine
+// writing shared memory through the async proxy that wgmma reads): a full barrier counts the bytes a
+// copy brings (the producer announces them with expect_tx, the copy completes them); an empty barrier
+// counts the consumers done with a slot. Waits name the phase parity they wait out.
+__device__ __forceinline__ void mbar_init(uint32_t bar, uint32_t count) {
+  asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;" ::"r"(bar), "r"(count) : "memory");
+}
+// After the inits, before any other thread or the copy engine uses the barriers (then a block barrier).
+__device__ __forceinline__ void mbar_init_fence() { asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory"); }
+__device__ __forceinline__ void mbar_arrive(uint32_t bar) {
+  asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];" ::"r"(bar) : "memory");
+}
+__device__ __forceinline__ void mbar_arrive_expect_tx(uint32_t bar, uint32_t bytes) {
+  asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;" ::"r"(bar), "r"(bytes) : "memory");
+}
+__device__ __forceinline__ void mbar_wait(uint32_t bar, uint32_t parity) {
+  asm volatile(
+      "{\n.reg .pred done;\nwait:\n"
+      "mbarrier.try_wait.parity.shared::cta.b64 done, [%0], %1;\n"
+      "@!done bra wait;\n}\n" ::"r"(bar),
+      "r"(parity)
+      : "memory");
+}
+// bytes (a multiple of 16; both addresses 16-byte aligned) from global memory to shared memory, completing
+// them on bar's transaction count.
+__device__ __forceinline__ void bulk_copy(uint32_t dst, const void* src, uint32_t bytes, uint32_t bar) {
+  asm volatile("cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];" ::"r"(dst),
+               "l"(src), "r"(bytes), "r"(bar)
+               : "memory");
+}
+// Moves registers between warpgroups of a block (all threads of a warpgroup run it together): a
+// producer warpgroup that only issues copies gives registers back, the consumers take them, so that a
+// block of 3 warpgroups (compiled to at most 168 registers a thread) can run consumers at 240.
+template <int REGS>
+__device__ __forceinline__ void regs_shrink() {
+  asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;" ::"n"(REGS));
+}
+template <int REGS>
+__device__ __forceinline__ void regs_grow() {
+  asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;" ::"n"(REGS));
+}
+
+// A barrier among `threads` threads of the block (a multiple of 32) on hardware barrier `id` (1..15;
+// __syncthreads uses 0).
+__device__ __forceinline__ void named_barrier(int id, int threads) {
+  asm volatile("bar.sync %0, %1;" ::"r"(id), "r"(threads) : "memory");
+}
+
 // d (64 x 128, fp32) = a b (ACCUMULATE false; d's old values are not read) or d + a b: m64n128k16, a
 // (64 x 16) and b (16 x 128) both K-major bf16 tiles in shared memory. d[j][0..1] are row 16 w + g,
 // columns 8 j + 2 c (+ 1) of warp w, lane 4 g + c; d[j][2..3] row + 8.
