@@ -16,54 +16,79 @@ constexpr int kQuantThreads = 256;
 constexpr int kQuantWarps = kQuantThreads / 32;
 constexpr float kE4m3Max = 448.0f;
 
-// 1 / sqrt(mean(x^2) + eps) of row x[0:k] (sum of squares in double, as cpu::rmsnorm), or 1 without a
-// norm; every thread of the block gets it.
-__device__ float row_inv_rms(const float* x, int64_t k, const float* norm, float eps) {
-  if (!norm) return 1.0f;
-  __shared__ double partial[kQuantWarps];
-  double s = 0.0;
-  for (int64_t c = threadIdx.x; c < k; c += blockDim.x) s += static_cast<double>(x[c]) * x[c];
-  for (int o = 16; o > 0; o >>= 1) s += __shfl_xor_sync(0xffffffffu, s, o);
-  if (threadIdx.x % 32 == 0) partial[threadIdx.x / 32] = s;
-  __syncthreads();
-  double total = 0.0;
-  for (int w = 0; w < kQuantWarps; ++w) total += partial[w];
-  return static_cast<float>(1.0 / sqrt(total / static_cast<double>(k) + static_cast<double>(eps)));
+// A 128-column group of a row is 8 lanes' work, 16 consecutive values each, so a warp covers 4 groups
+// at a time and a group's amax is a reduction over its 8 lanes. Lane l of step s of a row holds
+// columns c0 = g * 128 + 16 (l % 8) .. + 15 of group g = 4 s + l / 8.
+constexpr int kGroupLanes = 8, kWarpGroups = 32 / kGroupLanes;
+
+__device__ __forceinline__ int64_t step_group(int64_t step) { return step * kWarpGroups + threadIdx.x % 32 / kGroupLanes; }
+__device__ __forceinline__ int64_t step_col0(int64_t step) { return step_group(step) * 128 + threadIdx.x % kGroupLanes * 16; }
+
+// 16 consecutive values at p (16-byte aligned), as floats.
+__device__ __forceinline__ void load16(const float* p, float (&v)[16]) {
+#pragma unroll
+  for (int j = 0; j < 4; ++j) {
+    const float4 a = reinterpret_cast<const float4*>(p)[j];
+    v[4 * j] = a.x; v[4 * j + 1] = a.y; v[4 * j + 2] = a.z; v[4 * j + 3] = a.w;
+  }
+}
+__device__ __forceinline__ void load16(const __nv_bfloat16* p, float (&v)[16]) {
+#pragma unroll
+  for (int j = 0; j < 2; ++j) {
+    const uint4 a = reinterpret_cast<const uint4*>(p)[j];
+    const uint32_t w[4] = {a.x, a.y, a.z, a.w};
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      v[8 * j + 2 * i] = bf16_bits_to_float(w[i] & 0xffffu);
+      v[8 * j + 2 * i + 1] = bf16_bits_to_float(w[i] >> 16);
+    }
+  }
 }
 
-// Writes one 128-column group of output row t: this lane's 4 values v (columns g * 128 + lane * 4 ..,
-// those past k ignored) as FP8 codes with the group's scale (amax / 448, at scale_at), or as BF16. Every
-// lane of the warp calls it (the amax is a warp reduction).
-__device__ void store_group(const float (&v)[4], int64_t g, int64_t k, bool fp8, void* q, int64_t t, float* scale_at) {
-  const int lane = threadIdx.x % 32;
+// Writes this lane's 16 values v of group g of output row t (columns from step_col0; those past k
+// ignored) as FP8 codes with the group's scale (amax / 448, at scale_at, by the group's first lane), or
+// as BF16. All 32 lanes call it together; a lane whose group is past the row's end passes zeros and
+// valid = false.
+__device__ void store_group(const float (&v)[16], int64_t c0, bool valid, int64_t k, bool fp8, void* q, int64_t t,
+                            float* scale_at) {
   if (fp8) {
     float amax = 0.0f;
-    for (int i = 0; i < 4; ++i) amax = fmaxf(amax, fabsf(v[i]));
-    for (int o = 16; o > 0; o >>= 1) amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, o));
+#pragma unroll
+    for (int i = 0; i < 16; ++i) amax = fmaxf(amax, fabsf(v[i]));
+#pragma unroll
+    for (int o = kGroupLanes / 2; o > 0; o >>= 1) amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, o));
+    if (!valid) return;
     // scale = amax / 448 maps the group's largest value to e4m3's largest; an all-zero group keeps
     // scale 0 (its codes are 0, so the product is 0 either way).
     const float scale = amax / kE4m3Max;
     const float inv = amax > 0.0f ? kE4m3Max / amax : 0.0f;
-    uint8_t* row = static_cast<uint8_t*>(q) + t * k;
-    const int64_t c0 = g * 128 + lane * 4;
-    uint8_t code[4];
-    for (int i = 0; i < 4; ++i) code[i] = __nv_cvt_float_to_fp8(v[i] * inv, __NV_SATFINITE, __NV_E4M3);
-    if (c0 + 3 < k && reinterpret_cast<uintptr_t>(row + c0) % 4 == 0) {  // the 4 codes as one store
-      *reinterpret_cast<uint32_t*>(row + c0) = code[0] | code[1] << 8 | code[2] << 16 | static_cast<uint32_t>(code[3]) << 24;
-    } else {
-      for (int i = 0; i < 4; ++i)
-        if (c0 + i < k) row[c0 + i] = code[i];
+    uint32_t w[4];  // codes of values 4j .. 4j + 3, the first in the low byte
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+      const uint32_t lo = __nv_cvt_float2_to_fp8x2(make_float2(v[4 * j] * inv, v[4 * j + 1] * inv), __NV_SATFINITE, __NV_E4M3);
+      const uint32_t hi = __nv_cvt_float2_to_fp8x2(make_float2(v[4 * j + 2] * inv, v[4 * j + 3] * inv), __NV_SATFINITE, __NV_E4M3);
+      w[j] = lo | hi << 16;
     }
-    if (lane == 0) *scale_at = scale;
-  } else {
-    __nv_bfloat16* row = static_cast<__nv_bfloat16*>(q) + t * k;
-    const int64_t c0 = g * 128 + lane * 4;
-    if (c0 + 3 < k && reinterpret_cast<uintptr_t>(row + c0) % 8 == 0) {  // 4 values as one 8-byte store
-      const uint2 b = make_uint2(bf16x2_bits(v[0], v[1]), bf16x2_bits(v[2], v[3]));
-      *reinterpret_cast<uint2*>(row + c0) = b;
+    uint8_t* at = static_cast<uint8_t*>(q) + t * k + c0;
+    if (c0 + 16 <= k && reinterpret_cast<uintptr_t>(at) % 16 == 0) {
+      *reinterpret_cast<uint4*>(at) = make_uint4(w[0], w[1], w[2], w[3]);
     } else {
-      for (int i = 0; i < 4; ++i)
-        if (c0 + i < k) row[c0 + i] = __float2bfloat16_rn(v[i]);
+      for (int i = 0; i < 16; ++i)
+        if (c0 + i < k) at[i] = static_cast<uint8_t>(w[i / 4] >> (8 * (i % 4)));
+    }
+    if (threadIdx.x % kGroupLanes == 0) *scale_at = scale;
+  } else {
+    if (!valid) return;
+    uint32_t w[8];
+#pragma unroll
+    for (int i = 0; i < 8; ++i) w[i] = bf16x2_bits(v[2 * i], v[2 * i + 1]);
+    __nv_bfloat16* at = static_cast<__nv_bfloat16*>(q) + t * k + c0;
+    if (c0 + 16 <= k && reinterpret_cast<uintptr_t>(at) % 16 == 0) {
+      reinterpret_cast<uint4*>(at)[0] = make_uint4(w[0], w[1], w[2], w[3]);
+      reinterpret_cast<uint4*>(at)[1] = make_uint4(w[4], w[5], w[6], w[7]);
+    } else {
+      for (int i = 0; i < 16; ++i)
+        if (c0 + i < k) at[i] = __float2bfloat16_rn(v[i]);
     }
   }
 }
@@ -77,80 +102,104 @@ __device__ int64_t scale_index(int64_t t, int64_t g, int64_t groups, int64_t sca
   return groups * row0 + (t - row0) + g * seg_rows[2 * s + 1];
 }
 
-// One block per row; warp w takes the 128-column groups w, w + 8, ...; each lane 4 consecutive columns.
+// One warp per row (a block holds kQuantWarps rows), 4 groups per step. With a norm, a first pass sums
+// the row's squares and the second reads the row again (from L1 or L2 by then).
 __global__ void __launch_bounds__(kQuantThreads) quantize_kernel(const ActQuantParams p) {
-  const int64_t t = blockIdx.x;
-  const int64_t groups = (p.k + 127) / 128;
+  const int64_t t = static_cast<int64_t>(blockIdx.x) * kQuantWarps + threadIdx.x / 32;
+  if (t >= p.n) return;
+  const int64_t groups = (p.k + 127) / 128, steps = (groups + kWarpGroups - 1) / kWarpGroups;
   const int32_t src = p.rows ? p.rows[t] : static_cast<int32_t>(t);
   const float* x = src >= 0 ? p.x + src / p.x_div * p.ldx : nullptr;  // null: a zero (padding) row
   const int64_t k_in = p.k_in > 0 ? p.k_in : p.k;
-  const float inv_rms = x ? row_inv_rms(x, k_in, p.norm, p.norm_eps) : 1.0f;
-  const int lane = threadIdx.x % 32;
   // 16-byte loads where the row and the norm allow them (the same values either way).
   const bool vec = x && k_in % 4 == 0 && reinterpret_cast<uintptr_t>(x) % 16 == 0 &&
                    (!p.norm || reinterpret_cast<uintptr_t>(p.norm) % 16 == 0);
-  for (int64_t g = threadIdx.x / 32; g < groups; g += kQuantWarps) {
-    float v[4];
-    const int64_t c0 = g * 128 + lane * 4;
-    if (vec && c0 < k_in) {
-      const float4 a = *reinterpret_cast<const float4*>(x + c0);
-      v[0] = a.x; v[1] = a.y; v[2] = a.z; v[3] = a.w;
-      if (p.norm) {
-        const float4 n = *reinterpret_cast<const float4*>(p.norm + c0);
-        v[0] *= n.x * inv_rms; v[1] *= n.y * inv_rms; v[2] *= n.z * inv_rms; v[3] *= n.w * inv_rms;
-      }
+  // This lane's 16 inputs at columns c0 .. (zeros past k_in and for a zero row).
+  auto load = [&](int64_t c0, float (&v)[16]) {
+    if (vec && c0 + 16 <= k_in) {
+      load16(x + c0, v);
     } else {
-      for (int i = 0; i < 4; ++i) {
-        const int64_t c = c0 + i;
-        v[i] = x && c < k_in ? x[c] * (p.norm ? p.norm[c] * inv_rms : 1.0f) : 0.0f;
-      }
+      for (int i = 0; i < 16; ++i) v[i] = x && c0 + i < k_in ? x[c0 + i] : 0.0f;
     }
-    store_group(v, g, p.k, p.fp8, p.q, t,
-                p.fp8 ? p.scales + scale_index(t, g, groups, p.scale_ld, p.n, p.row_seg, p.seg_rows) : nullptr);
+  };
+  float inv_rms = 1.0f;
+  if (p.norm && x) {
+    double ss = 0.0;  // sum of squares in double, as cpu::rmsnorm
+#pragma unroll 2
+    for (int64_t st = 0; st < steps; ++st) {
+      float v[16];
+      load(step_col0(st), v);
+      for (int i = 0; i < 16; ++i) ss += static_cast<double>(v[i]) * v[i];
+    }
+    for (int o = 16; o > 0; o >>= 1) ss += __shfl_xor_sync(0xffffffffu, ss, o);
+    inv_rms = static_cast<float>(1.0 / sqrt(ss / static_cast<double>(k_in) + static_cast<double>(p.norm_eps)));
+  }
+#pragma unroll 2
+  for (int64_t st = 0; st < steps; ++st) {
+    const int64_t g = step_group(st), c0 = step_col0(st);
+    float v[16];
+    load(c0, v);
+    if (p.norm && vec && c0 + 16 <= k_in) {  // x * (w * 1/rms), as the CPU rounds it
+      float w[16];
+      load16(p.norm + c0, w);
+      for (int i = 0; i < 16; ++i) v[i] *= w[i] * inv_rms;
+    } else if (p.norm) {
+      for (int i = 0; i < 16; ++i) v[i] = c0 + i < k_in ? v[i] * (p.norm[c0 + i] * inv_rms) : 0.0f;
+    }
+    const bool valid = g < groups;
+    store_group(v, c0, valid, p.k, p.fp8, p.q, t,
+                p.fp8 && valid ? p.scales + scale_index(t, g, groups, p.scale_ld, p.n, p.row_seg, p.seg_rows) : nullptr);
   }
 }
 
 // SwiGLU of gate/up scratch rows straight into the next projection's quantized operand: output row
 // w0 + t from scratch row t, silu(g) * u as swiglu_rows computes it, then stored as quantize_kernel stores
-// a row (so the same bytes as swiglu_rows followed by quantize_activations of those rows).
+// a row (so the same bytes as swiglu_rows followed by quantize_activations of those rows). One warp per
+// row, 4 groups per step.
 template <class In>
 __global__ void __launch_bounds__(kQuantThreads) swiglu_quantize_kernel(const In* g, const In* u, int64_t ld_in,
-                                                                        int64_t out, SwigluQuantParams p) {
-  const int64_t t = blockIdx.x, row = p.w0 + t;
-  const int64_t groups = (out + 127) / 128;
-  const int lane = threadIdx.x % 32;
-  for (int64_t grp = threadIdx.x / 32; grp < groups; grp += kQuantWarps) {
-    float v[4];
-    const int64_t c0 = grp * 128 + lane * 4;
-    if (c0 + 3 < out) {
-      float gv[4], uv[4];
-      load4(g, t * ld_in + c0, gv);
-      load4(u, t * ld_in + c0, uv);
-      for (int i = 0; i < 4; ++i) v[i] = silu(gv[i]) * uv[i];
+                                                                        int64_t rows, int64_t out,
+                                                                        SwigluQuantParams p) {
+  const int64_t t = static_cast<int64_t>(blockIdx.x) * kQuantWarps + threadIdx.x / 32, row = p.w0 + t;
+  if (t >= rows) return;
+  const int64_t groups = (out + 127) / 128, steps = (groups + kWarpGroups - 1) / kWarpGroups;
+  const In* gr = g + t * ld_in;
+  const In* ur = u + t * ld_in;
+  const bool vec = reinterpret_cast<uintptr_t>(gr) % 16 == 0 && reinterpret_cast<uintptr_t>(ur) % 16 == 0;
+#pragma unroll 2
+  for (int64_t st = 0; st < steps; ++st) {
+    const int64_t grp = step_group(st), c0 = step_col0(st);
+    float v[16];
+    if (vec && c0 + 16 <= out) {
+      float gv[16];
+      load16(gr + c0, gv);
+      load16(ur + c0, v);
+      for (int i = 0; i < 16; ++i) v[i] = silu(gv[i]) * v[i];
     } else {
-      for (int i = 0; i < 4; ++i) {
-        const int64_t c = c0 + i;
-        v[i] = c < out ? silu(load_value(g, t * ld_in + c)) * load_value(u, t * ld_in + c) : 0.0f;
-      }
+      for (int i = 0; i < 16; ++i) v[i] = c0 + i < out ? silu(load_value(gr, c0 + i)) * load_value(ur, c0 + i) : 0.0f;
     }
-    store_group(v, grp, out, p.fp8, p.q, row,
-                p.fp8 ? p.scales + scale_index(row, grp, groups, 0, p.n, p.row_seg, p.seg_rows) : nullptr);
+    const bool valid = grp < groups;
+    store_group(v, c0, valid, out, p.fp8, p.q, row,
+                p.fp8 && valid ? p.scales + scale_index(row, grp, groups, 0, p.n, p.row_seg, p.seg_rows) : nullptr);
   }
 }
 
-// One block per output row: the token's codes copied in 16-byte pieces, its FP8 scales into the row's
+// One warp per output row: the token's codes copied in 16-byte pieces, its FP8 scales into the row's
 // segment block (a zero row: zero codes, scale 0, as quantize_kernel writes for a missing row).
 __global__ void __launch_bounds__(kQuantThreads) gather_quantized_kernel(const GatherQuantParams p) {
-  const int64_t t = blockIdx.x;
+  const int64_t t = static_cast<int64_t>(blockIdx.x) * kQuantWarps + threadIdx.x / 32;
+  if (t >= p.n) return;
+  const int lane = threadIdx.x % 32;
   const int32_t src = p.rows[t];
   const int64_t token = src >= 0 ? src / p.x_div : -1, bytes = p.k * (p.fp8 ? 1 : 2);
   const uint4* from = token >= 0 ? reinterpret_cast<const uint4*>(static_cast<const uint8_t*>(p.src) + token * bytes) : nullptr;
   uint4* to = reinterpret_cast<uint4*>(static_cast<uint8_t*>(p.q) + t * bytes);
-  for (int64_t i = threadIdx.x; i < bytes / 16; i += blockDim.x) to[i] = from ? from[i] : make_uint4(0, 0, 0, 0);
+#pragma unroll 4
+  for (int64_t i = lane; i < bytes / 16; i += 32) to[i] = from ? from[i] : make_uint4(0, 0, 0, 0);
   if (!p.fp8) return;
   const int64_t groups = (p.k + 127) / 128;
   const int32_t s = p.row_seg[t], row0 = p.seg_rows[2 * s];
-  for (int64_t g = threadIdx.x; g < groups; g += blockDim.x)
+  for (int64_t g = lane; g < groups; g += 32)
     p.scales[groups * row0 + (t - row0) + g * p.seg_rows[2 * s + 1]] = token >= 0 ? p.src_scales[g * p.tokens + token] : 0.0f;
 }
 
@@ -177,6 +226,9 @@ __global__ void add_rows_kernel(const In* src, int64_t ld_src, int64_t n, int64_
 }
 
 unsigned blocks_for(int64_t total) { return static_cast<unsigned>((total + 255) / 256); }
+
+// Blocks of the warp-per-row kernels for `rows` rows.
+unsigned row_blocks(int64_t rows) { return static_cast<unsigned>((rows + kQuantWarps - 1) / kQuantWarps); }
 
 __global__ void invert_rows_kernel(const int32_t* prob, int64_t total, int32_t* row_of) {
   const int64_t r = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
@@ -210,7 +262,7 @@ void quantize_activations(const ActQuantParams& p) {
   DSV3_ASSERT((p.row_seg == nullptr) == (p.seg_rows == nullptr));
   if (p.n == 0) return;
   DSV3_ASSERT(p.x && p.q && (!p.fp8 || p.scales));
-  quantize_kernel<<<static_cast<unsigned>(p.n), kQuantThreads, 0, p.stream>>>(p);
+  quantize_kernel<<<row_blocks(p.n), kQuantThreads, 0, p.stream>>>(p);
   check_launch("quantize_kernel");
 }
 
@@ -219,7 +271,7 @@ void gather_quantized(const GatherQuantParams& p) {
   if (p.n == 0) return;
   DSV3_ASSERT(p.src && p.q && p.rows && (!p.fp8 || (p.src_scales && p.scales && p.row_seg && p.seg_rows)));
   DSV3_ASSERT(aligned16(p.src) && aligned16(p.q));
-  gather_quantized_kernel<<<static_cast<unsigned>(p.n), kQuantThreads, 0, p.stream>>>(p);
+  gather_quantized_kernel<<<row_blocks(p.n), kQuantThreads, 0, p.stream>>>(p);
   check_launch("gather_quantized_kernel");
 }
 
@@ -229,11 +281,11 @@ void swiglu_quantize_rows(const void* g, const void* u, bool in_bf16, int64_t ld
   if (rows == 0) return;
   DSV3_ASSERT(p.q && (!p.fp8 || (p.scales && p.row_seg && p.seg_rows)));
   if (in_bf16)
-    swiglu_quantize_kernel<<<static_cast<unsigned>(rows), kQuantThreads, 0, stream>>>(
-        static_cast<const __nv_bfloat16*>(g), static_cast<const __nv_bfloat16*>(u), ld_in, out, p);
+    swiglu_quantize_kernel<<<row_blocks(rows), kQuantThreads, 0, stream>>>(
+        static_cast<const __nv_bfloat16*>(g), static_cast<const __nv_bfloat16*>(u), ld_in, rows, out, p);
   else
-    swiglu_quantize_kernel<<<static_cast<unsigned>(rows), kQuantThreads, 0, stream>>>(
-        static_cast<const float*>(g), static_cast<const float*>(u), ld_in, out, p);
+    swiglu_quantize_kernel<<<row_blocks(rows), kQuantThreads, 0, stream>>>(
+        static_cast<const float*>(g), static_cast<const float*>(u), ld_in, rows, out, p);
   check_launch("swiglu_quantize_kernel");
 }
 
