@@ -7,6 +7,7 @@
 #include <cmath>
 #include <cstdlib>
 #include <cstring>
+#include <functional>
 #include <limits>
 #include <map>
 #include <numeric>
@@ -1011,12 +1012,18 @@ struct CudaModel::Impl {
     plan.gather_expert = s.gather_expert;
     plan.stream = stream;
     cuda::moe_plan(plan);
-    if (separate_shared) swiglu_up(L.shared, L.post_norm, n, s.act_shared);
+    // The shared experts' gate/up needs no plan: on the cuBLASLt path it is enqueued while the host waits
+    // for the plan (linear_lt_grouped_mlp's `meanwhile`), so the device has it to run meanwhile.
+    bool shared_up_done = !separate_shared;
+    auto shared_up = [&] {
+      swiglu_up(L.shared, L.post_norm, n, s.act_shared);
+      shared_up_done = true;
+    };
     cuda::LinearParams gu = normed_lin(L.expert_shape.gate, L.post_norm, eps(), s.x, D, n * slots, s.act, I);
     gu.experts = L.expert_gate;
     gu.experts2 = L.expert_up;
     gu.ids = s.ids;
-    gu.ids_settled = separate_shared;  // the plan is two launches back only when the shared gate/up ran
+    gu.ids_settled = separate_shared;  // the plan is two launches back only when the shared gate/up ran first
     gu.x_div = slots;
     gu.gather = s.gather;
     gu.gather_expert = s.gather_expert;
@@ -1033,9 +1040,12 @@ struct CudaModel::Impl {
     // The down projection's rows may stay where its GEMMs wrote them (in s.moe_out's memory, bf16 or
     // fp32 in the plan's order) for the combine to read through row_of: no copy into problem order.
     cuda::LtRows keep{s.moe_out, s.moe_out_bytes, s.row_of};
-    if (lt_fused_mlp_enabled() && cuda::linear_lt_grouped_mlp(gu, down, lt_keep_rows_enabled() ? &keep : nullptr)) {
+    if (lt_fused_mlp_enabled() &&
+        cuda::linear_lt_grouped_mlp(gu, down, lt_keep_rows_enabled() ? &keep : nullptr,
+                                    separate_shared ? std::function<void()>(shared_up) : std::function<void()>())) {
       if (separate_shared) swiglu_down(L.shared, s.act_shared, n);
     } else {
+      if (!shared_up_done) shared_up();
       const MoeMma mma = moe_mma_mode();
       run_grouped(gu, mma);
       if (separate_shared) swiglu_down(L.shared, s.act_shared, n);

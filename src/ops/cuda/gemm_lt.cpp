@@ -17,6 +17,7 @@
 #include <algorithm>
 #include <chrono>
 #include <cstring>
+#include <functional>
 #include <map>
 #include <mutex>
 #include <random>
@@ -58,13 +59,31 @@ bool ensure(DevBuf& b, size_t bytes, bool capturing) {
   return true;
 }
 
+// Page-locked host memory, grown like DevBuf: the grouped MoE's plan comes to the host through it
+// asynchronously (a copy into pageable memory would hold the host until the stream reached it).
+struct HostBuf {
+  void* ptr = nullptr;
+  size_t bytes = 0;
+};
+
+void ensure_host(HostBuf& b, size_t bytes) {
+  if (b.bytes >= bytes) return;
+  // cudaFreeHost waits for the device, so no enqueued copy still uses the old buffer.
+  if (b.ptr) DSV3_CUDA_CHECK(cudaFreeHost(b.ptr));
+  b = {};
+  DSV3_CUDA_CHECK(cudaMallocHost(&b.ptr, bytes));
+  b.bytes = bytes;
+}
+
 // Per stream, so that engines on different streams never share activations or workspace.
 struct StreamBufs {
   DevBuf act, scales, wscales, gate, up, workspace;
-  DevBuf prob, row_seg, seg_rows;  // the grouped MoE's row lists (linear_lt_grouped)
+  DevBuf prob;                     // the grouped MoE's row lists (linear_lt_grouped): prob, row_seg, seg_rows
   DevBuf tok_act, tok_scales;      // its tokens quantized once each, before the gather
   DevBuf down_act, down_scales;    // the down projection's operand, written by the gate/up epilogue
   DevBuf wpad, wpad2;              // FP8 weights copied with whole 128-column blocks (linear_lt)
+  HostBuf h_plan, h_lists;         // the plan's chunk lists and expert tables on the host, its row lists
+  cudaEvent_t plan_ready = nullptr;
 };
 
 // One cached matmul description per (dtype, out, n, k, ld of D, D in bf16): the heuristic runs once per shape.
@@ -365,55 +384,80 @@ struct GroupedPlan {
   const int32_t* seg_rows = nullptr;
 };
 
-// Reads p's plan (one synchronization) and uploads its row lists. False: nothing is routed.
-bool fetch_plan(const LinearParams& p, StreamBufs& b, GroupedPlan& plan) {
-  std::vector<int32_t> chunk_expert(sz(p.gather_chunks)), gather(sz(p.gather_chunks * kExpertChunk));
-  DSV3_CUDA_CHECK(cudaMemcpyAsync(chunk_expert.data(), p.gather_expert, chunk_expert.size() * 4,
-                                  cudaMemcpyDeviceToHost, p.stream));
-  DSV3_CUDA_CHECK(cudaMemcpyAsync(gather.data(), p.gather, gather.size() * 4, cudaMemcpyDeviceToHost, p.stream));
-  DSV3_CUDA_CHECK(cudaStreamSynchronize(p.stream));
-  for (int64_t c = 0; c < p.gather_chunks; ++c) {
-    const int32_t e = chunk_expert[sz(c)];
+// The device-to-host copies of p's plan: the expert of every chunk, the chunk lists, and the expert
+// tables (up to three: a pair's two and the down projection's), whole (moe_plan's table size), into
+// b.h_plan; b.plan_ready is recorded after them.
+struct PlanCopies {
+  int32_t* chunk_expert = nullptr;
+  int32_t* gather = nullptr;
+  int64_t table_size = 0;
+  std::vector<const MatrixPtrs*> tables;  // host copies, in the order asked for
+};
+
+PlanCopies start_plan_copies(const LinearParams& p, StreamBufs& b, const std::vector<const MatrixPtrs*>& tables) {
+  PlanCopies c;
+  c.table_size = p.gather_chunks - (p.n + kExpertChunk - 1) / kExpertChunk;  // moe_plan_chunks' second term
+  DSV3_ASSERT(c.table_size > 0);
+  const size_t lists = sz(p.gather_chunks * (1 + kExpertChunk)) * 4;
+  const size_t table_bytes = sz(c.table_size) * sizeof(MatrixPtrs);
+  const size_t table_at = (lists + alignof(MatrixPtrs) - 1) / alignof(MatrixPtrs) * alignof(MatrixPtrs);
+  ensure_host(b.h_plan, table_at + tables.size() * table_bytes);
+  if (!b.plan_ready) DSV3_CUDA_CHECK(cudaEventCreateWithFlags(&b.plan_ready, cudaEventDisableTiming));
+  uint8_t* host = static_cast<uint8_t*>(b.h_plan.ptr);
+  c.chunk_expert = reinterpret_cast<int32_t*>(host);
+  c.gather = c.chunk_expert + p.gather_chunks;
+  DSV3_CUDA_CHECK(cudaMemcpyAsync(c.chunk_expert, p.gather_expert, sz(p.gather_chunks) * 4, cudaMemcpyDeviceToHost, p.stream));
+  DSV3_CUDA_CHECK(cudaMemcpyAsync(c.gather, p.gather, sz(p.gather_chunks * kExpertChunk) * 4, cudaMemcpyDeviceToHost, p.stream));
+  for (const MatrixPtrs* t : tables) {
+    MatrixPtrs* to = reinterpret_cast<MatrixPtrs*>(host + table_at + c.tables.size() * table_bytes);
+    DSV3_CUDA_CHECK(cudaMemcpyAsync(to, t, table_bytes, cudaMemcpyDeviceToHost, p.stream));
+    c.tables.push_back(to);
+  }
+  DSV3_CUDA_CHECK(cudaEventRecord(b.plan_ready, p.stream));
+  return c;
+}
+
+// The plan from the copies of start_plan_copies (waits for them), its row lists uploaded. False: nothing
+// is routed.
+bool finish_plan(const LinearParams& p, StreamBufs& b, const PlanCopies& c, GroupedPlan& plan) {
+  DSV3_CUDA_CHECK(cudaEventSynchronize(b.plan_ready));
+  for (int64_t ch = 0; ch < p.gather_chunks; ++ch) {
+    const int32_t e = c.chunk_expert[ch];
     if (e < 0) continue;
-    if (plan.segs.empty() || plan.segs.back().e != e) plan.segs.push_back({e, c, 0, 0, 0});
+    if (plan.segs.empty() || plan.segs.back().e != e) plan.segs.push_back({e, ch, 0, 0, 0});
     plan.segs.back().problems += kExpertChunk;
     plan.experts = std::max(plan.experts, e + 1);
   }
   if (plan.segs.empty()) return false;
+  DSV3_ASSERT(plan.experts <= c.table_size);
   for (Segment& sg : plan.segs) {
     sg.row0 = plan.total;
     sg.rows = (sg.problems + 63) / 64 * 64;
     plan.total += sg.rows;
     plan.widest = std::max(plan.widest, sg.rows);
   }
-  std::vector<int32_t> prob(sz(plan.total), -1), row_seg(sz(plan.total)), seg_rows;
-  for (size_t i = 0; i < plan.segs.size(); ++i) {
-    const Segment& sg = plan.segs[i];
+  // prob, row_seg, seg_rows back to back in b.h_lists. The previous step's upload from it is done: this
+  // stream has passed plan_ready since.
+  const int64_t nseg = static_cast<int64_t>(plan.segs.size());
+  ensure_host(b.h_lists, sz(2 * plan.total + 2 * nseg) * 4);
+  int32_t* prob = static_cast<int32_t*>(b.h_lists.ptr);
+  int32_t* row_seg = prob + plan.total;
+  int32_t* seg_rows = row_seg + plan.total;
+  for (int64_t i = 0; i < nseg; ++i) {
+    const Segment& sg = plan.segs[sz(i)];
     for (int64_t r = 0; r < sg.rows; ++r) {
-      row_seg[sz(sg.row0 + r)] = static_cast<int32_t>(i);
-      if (r < sg.problems) prob[sz(sg.row0 + r)] = gather[sz(sg.c0 * kExpertChunk + r)];
+      row_seg[sg.row0 + r] = static_cast<int32_t>(i);
+      prob[sg.row0 + r] = r < sg.problems ? c.gather[sg.c0 * kExpertChunk + r] : -1;
     }
-    seg_rows.push_back(static_cast<int32_t>(sg.row0));
-    seg_rows.push_back(static_cast<int32_t>(sg.rows));
+    seg_rows[2 * i] = static_cast<int32_t>(sg.row0);
+    seg_rows[2 * i + 1] = static_cast<int32_t>(sg.rows);
   }
-  ensure(b.prob, prob.size() * 4, false);
-  ensure(b.row_seg, row_seg.size() * 4, false);
-  ensure(b.seg_rows, seg_rows.size() * 4, false);
-  // Pageable sources: cudaMemcpyAsync has staged them by the time it returns.
-  DSV3_CUDA_CHECK(cudaMemcpyAsync(b.prob.ptr, prob.data(), prob.size() * 4, cudaMemcpyHostToDevice, p.stream));
-  DSV3_CUDA_CHECK(cudaMemcpyAsync(b.row_seg.ptr, row_seg.data(), row_seg.size() * 4, cudaMemcpyHostToDevice, p.stream));
-  DSV3_CUDA_CHECK(cudaMemcpyAsync(b.seg_rows.ptr, seg_rows.data(), seg_rows.size() * 4, cudaMemcpyHostToDevice, p.stream));
+  ensure(b.prob, sz(2 * plan.total + 2 * nseg) * 4, false);
+  DSV3_CUDA_CHECK(cudaMemcpyAsync(b.prob.ptr, prob, sz(2 * plan.total + 2 * nseg) * 4, cudaMemcpyHostToDevice, p.stream));
   plan.prob = static_cast<const int32_t*>(b.prob.ptr);
-  plan.row_seg = static_cast<const int32_t*>(b.row_seg.ptr);
-  plan.seg_rows = static_cast<const int32_t*>(b.seg_rows.ptr);
+  plan.row_seg = plan.prob + plan.total;
+  plan.seg_rows = plan.row_seg + plan.total;
   return true;
-}
-
-// Copies `count` entries of a device expert table to the host (asynchronously: synchronize before use).
-std::vector<MatrixPtrs> fetch_table(const MatrixPtrs* table, int32_t count, cudaStream_t stream) {
-  std::vector<MatrixPtrs> host(sz(count));
-  DSV3_CUDA_CHECK(cudaMemcpyAsync(host.data(), table, host.size() * sizeof(MatrixPtrs), cudaMemcpyDeviceToHost, stream));
-  return host;
 }
 
 // One grouped projection's GEMMs: its experts' matrices (a SwiGLU pair's second ones in table2) and how
@@ -514,25 +558,35 @@ void run_waves(State& s, const LinearParams& p, const GroupedPlan& plan, const G
   }
 }
 
+// The part of p's operand that needs no plan: where problems share a token row (x_div > 1) and
+// quantize_once_enabled(), each token's row (normed when p.norm) quantized once into b.tok_act /
+// b.tok_scales. False: nothing to do (quantize_operand quantizes every row from x).
+bool quantize_tokens(const LinearParams& p, StreamBufs& b) {
+  if (p.x_div <= 1 || !quantize_once_enabled()) return false;
+  const bool fp8 = p.w.dtype == DType::F8_E4M3;
+  const int64_t k = p.w.cols, elem = fp8 ? 1 : 2, kb = (k + 127) / 128;
+  const int64_t tokens = (p.n + p.x_div - 1) / p.x_div;
+  ensure(b.tok_act, sz(tokens * k * elem), false);
+  if (fp8) ensure(b.tok_scales, sz(kb * tokens * 4), false);
+  ActQuantParams q = act_quant(p, b, tokens, k, fp8);
+  q.q = b.tok_act.ptr;
+  q.scales = fp8 ? static_cast<float*>(b.tok_scales.ptr) : nullptr;
+  quantize_activations(q);
+  return true;
+}
+
 // p's operand in b.act / b.scales: its problems' input rows (normed when p.norm) quantized in segment
-// order. Problems that share a token row (x_div > 1) take the token's codes quantized once
-// (quantize_once_enabled); otherwise each row is quantized from x.
-void quantize_operand(const LinearParams& p, const GroupedPlan& plan, StreamBufs& b, int64_t k, bool fp8) {
-  const int64_t elem = fp8 ? 1 : 2, kb = (k + 127) / 128;
+// order, gathered from the tokens' codes when quantize_tokens wrote them, else quantized from x.
+void quantize_operand(const LinearParams& p, const GroupedPlan& plan, StreamBufs& b, bool tokens_quantized) {
+  const bool fp8 = p.w.dtype == DType::F8_E4M3;
+  const int64_t k = p.w.cols, elem = fp8 ? 1 : 2, kb = (k + 127) / 128;
   ensure(b.act, sz(plan.total * k * elem), false);
   if (fp8) ensure(b.scales, sz(kb * plan.total * 4), false);
-  if (p.x_div > 1 && quantize_once_enabled()) {
-    const int64_t tokens = (p.n + p.x_div - 1) / p.x_div;
-    ensure(b.tok_act, sz(tokens * k * elem), false);
-    if (fp8) ensure(b.tok_scales, sz(kb * tokens * 4), false);
-    ActQuantParams q = act_quant(p, b, tokens, k, fp8);
-    q.q = b.tok_act.ptr;
-    q.scales = fp8 ? static_cast<float*>(b.tok_scales.ptr) : nullptr;
-    quantize_activations(q);
+  if (tokens_quantized) {
     GatherQuantParams gq;
     gq.src = b.tok_act.ptr;
-    gq.src_scales = q.scales;
-    gq.tokens = tokens;
+    gq.src_scales = fp8 ? static_cast<const float*>(b.tok_scales.ptr) : nullptr;
+    gq.tokens = (p.n + p.x_div - 1) / p.x_div;
     gq.n = plan.total;
     gq.k = k;
     gq.fp8 = fp8;
@@ -568,17 +622,30 @@ auto write_back(const LinearParams& p, const GroupedPlan& plan, const GroupedGem
 
 }  // namespace
 
-// Under the state's lock, with p.stream's buffers: body(s, b, plan) on the plan of p's gather lists, or
-// true without it when nothing is routed (nothing to write).
+// Under the state's lock, with p.stream's buffers: the copies of p's plan and of `tables` to the host
+// started, then, before the host waits for them, the work that needs no plan (the tokens' quantization,
+// and the caller's `meanwhile`, if any), so the device is busy while the host reads the plan; then
+// body(s, b, plan, host tables, tokens_quantized). True without body when nothing is routed.
+using HostTables = std::vector<std::vector<MatrixPtrs>>;
 template <class Body>
-bool with_grouped_plan(const LinearParams& p, Body body) {
+bool with_grouped_plan(const LinearParams& p, const std::vector<const MatrixPtrs*>& tables,
+                       const std::function<void()>& meanwhile, Body body) {
   State& s = state();
-  std::lock_guard<std::mutex> lock(s.mu);
+  std::unique_lock<std::mutex> lock(s.mu);
   if (!s.handle) DSV3_LT_CHECK(cublasLtCreate(&s.handle));
-  StreamBufs& b = s.bufs[p.stream];
+  StreamBufs& b = s.bufs[p.stream];  // map entries stay where they are while others are added
+  const PlanCopies c = start_plan_copies(p, b, tables);
+  const bool tokens_quantized = quantize_tokens(p, b);
+  if (meanwhile) {  // without the lock: its projections take it (stream order keeps the buffers apart)
+    lock.unlock();
+    meanwhile();
+    lock.lock();
+  }
   GroupedPlan plan;
-  if (!fetch_plan(p, b, plan)) return true;
-  return body(s, b, plan);
+  if (!finish_plan(p, b, c, plan)) return true;
+  HostTables host;
+  for (const MatrixPtrs* t : c.tables) host.emplace_back(t, t + plan.experts);
+  return body(s, b, plan, host, tokens_quantized);
 }
 
 // A grouped MoE projection of a prefill step (moe_plan's chunks) on cuBLASLt: per expert one GEMM (two for
@@ -589,33 +656,39 @@ bool with_grouped_plan(const LinearParams& p, Body body) {
 // one launch applies the epilogue (SwiGLU, or the copy back) to every row of the wave.
 bool linear_lt_grouped(const LinearParams& p) {
   if (!grouped_eligible(p) || capturing(p.stream)) return false;
-  return with_grouped_plan(p, [&](State& s, StreamBufs& b, const GroupedPlan& plan) {
-    GroupedGemms g;
-    g.table = fetch_table(p.experts, plan.experts, p.stream);
-    if (p.experts2) g.table2 = fetch_table(p.experts2, plan.experts, p.stream);
-    DSV3_CUDA_CHECK(cudaStreamSynchronize(p.stream));  // the tables
-    if (!plan_gemms(s, p, plan, g)) return false;
-    quantize_operand(p, plan, b, g.k, g.fp8);
-    run_waves(s, p, plan, g, b.act.ptr, static_cast<const float*>(b.scales.ptr), write_back(p, plan, g));
-    return true;
-  });
+  std::vector<const MatrixPtrs*> tables{p.experts};
+  if (p.experts2) tables.push_back(p.experts2);
+  return with_grouped_plan(p, tables, {},
+                           [&](State& s, StreamBufs& b, const GroupedPlan& plan, HostTables& t, bool tokens_quantized) {
+                             GroupedGemms g;
+                             g.table = std::move(t[0]);
+                             if (p.experts2) g.table2 = std::move(t[1]);
+                             if (!plan_gemms(s, p, plan, g)) return false;
+                             quantize_operand(p, plan, b, tokens_quantized);
+                             run_waves(s, p, plan, g, b.act.ptr, static_cast<const float*>(b.scales.ptr),
+                                       write_back(p, plan, g));
+                             return true;
+                           });
 }
 
-bool linear_lt_grouped_mlp(const LinearParams& gu, const LinearParams& down, LtRows* keep) {
+bool linear_lt_grouped_mlp(const LinearParams& gu, const LinearParams& down, LtRows* keep,
+                           const std::function<void()>& meanwhile) {
   if (keep) keep->used = false;
   if (!grouped_eligible(gu) || !grouped_eligible(down) || !gu.experts2 || down.experts2 || down.x_div != 1 ||
       down.gather != gu.gather || down.n != gu.n || down.w.dtype != gu.w.dtype || down.w.cols != gu.out ||
-      capturing(gu.stream) || down.stream != gu.stream)
+      capturing(gu.stream) || down.stream != gu.stream) {
+    if (meanwhile) meanwhile();
     return false;
-  return with_grouped_plan(gu, [&](State& s, StreamBufs& b, const GroupedPlan& plan) {
+  }
+  return with_grouped_plan(gu, {gu.experts, gu.experts2, down.experts}, meanwhile,
+                           [&](State& s, StreamBufs& b, const GroupedPlan& plan, HostTables& t, bool tokens_quantized) {
     GroupedGemms pair, dn;
-    pair.table = fetch_table(gu.experts, plan.experts, gu.stream);
-    pair.table2 = fetch_table(gu.experts2, plan.experts, gu.stream);
-    dn.table = fetch_table(down.experts, plan.experts, gu.stream);
-    DSV3_CUDA_CHECK(cudaStreamSynchronize(gu.stream));  // the tables
+    pair.table = std::move(t[0]);
+    pair.table2 = std::move(t[1]);
+    dn.table = std::move(t[2]);
     // Both projections' GEMMs must exist before anything runs: the pair writes only the down operand.
     if (!plan_gemms(s, gu, plan, pair) || !plan_gemms(s, down, plan, dn)) return false;
-    quantize_operand(gu, plan, b, pair.k, pair.fp8);
+    quantize_operand(gu, plan, b, tokens_quantized);
     const int64_t I = gu.out, kb = (I + 127) / 128;
     ensure(b.down_act, sz(plan.total * I * dn.elem), false);
     if (dn.fp8) ensure(b.down_scales, sz(kb * plan.total * 4), false);

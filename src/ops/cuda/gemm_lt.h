@@ -1,6 +1,8 @@
 // cuBLASLt GEMMs for prefill-sized plain projections (see LinearParams::lt in ops.h).
 #pragma once
 
+#include <functional>
+
 #include "ops/cuda/ops.h"
 
 namespace dsv3::cuda {
@@ -14,14 +16,20 @@ bool linear_lt(const LinearParams& p);
 // The same for an expert-grouped projection (gather set, experts with optional experts2 SwiGLU, optional
 // norm; no combine or fixed experts) of at least lt_min_rows() problems outside stream capture: per expert
 // a cuBLASLt GEMM over its problems, activations gathered and quantized (FP8 per token per 128 columns,
-// or BF16) in one launch. Synchronizes with p.stream once to read moe_plan's lists.
+// or BF16) in one launch. Synchronizes with p.stream once to read moe_plan's lists. False: p.y is not
+// written (scratch may have been).
 bool linear_lt_grouped(const LinearParams& p);
 
 // The routed experts' MLP of a prefill step in one call: the gate/up pair `gu` (experts2 set) as
 // linear_lt_grouped, its SwiGLU written by the pair's epilogue straight into the quantized operand of
 // `down` (same plan: gather lists and problems; x_div 1), then `down` as linear_lt_grouped. One read of
 // the plan instead of two and no fp32 SwiGLU rows (gu.y is not written); the same bytes in down.y as the
-// two calls. False (nothing enqueued) where either call would refuse.
+// two calls. False where either call would refuse: down.y and keep are then not written (scratch may
+// have been), and the caller runs the projections another way.
+//
+// `meanwhile`, if given, is called exactly once (also when false is returned), on this thread, to
+// enqueue work on gu.stream that neither reads nor writes what these projections use: it runs on the
+// device while the host waits for the plan (the one synchronization of this call), instead of after.
 //
 // With `keep` (and room for them: keep->rows_bytes), the down projection's rows are not copied to
 // down.y: its GEMMs write them to keep->rows in their operand order (one wave, no reuse of a scratch)
@@ -36,6 +44,7 @@ struct LtRows {
   bool used = false, bf16 = false;
   int64_t ld = 0;
 };
-bool linear_lt_grouped_mlp(const LinearParams& gu, const LinearParams& down, LtRows* keep = nullptr);
+bool linear_lt_grouped_mlp(const LinearParams& gu, const LinearParams& down, LtRows* keep = nullptr,
+                           const std::function<void()>& meanwhile = {});
 
 }  // namespace dsv3::cuda
