@@ -165,18 +165,27 @@ __global__ void __launch_bounds__(kThreads, 1) mla_prefill_wgmma_kernel(const Ml
     to_fragments();
   }
   release(kEmptyK, 0);
+  // The two consumer warpgroups take turns issuing their products (FlashAttention-3's ping-pong), so
+  // one's softmax runs while the other's products have the tensor cores: named barrier 2 + w is
+  // warpgroup w's turn, which the other grants once it has issued. Both run every iteration, so the
+  // turns pair up; warpgroup 0 goes first, and warpgroup 1's last grant would have no taker.
+  auto take_turn = [&] { named_barrier(2 + wg, kConsumers); };
+  auto pass_turn = [&](int64_t it) { named_arrive(2 + (1 - wg), kConsumers, wg == 0 || it + 1 < tiles); };
+  if (wg == 1) named_arrive(2, kConsumers);
   // Iteration it: P V of tile it, and meanwhile the scores and softmax of tile it + 1 (S is issued
   // first, so its group completes first; the rescale of o and P's conversion wait for P V).
   for (int64_t it = 0; it < tiles; ++it) {
     const bool next_tile = it + 1 < tiles;
     wait_full(kFullV, it);
     if (next_tile) wait_full(kFullK, it + 1);
+    take_turn();
     if (it + 1 < wg_tiles) {
       wgmma_hold(o);  // the rescale and P's conversion stay before the products that read them
       wgmma_hold(pf);
       wgmma_fence();
       issue_scores(it + 1);
       issue_values(it);
+      pass_turn(it);
       wgmma_wait<1>();  // the scores (committed first)
       wgmma_hold(sc);
       release(kEmptyK, it + 1);
@@ -190,7 +199,7 @@ __global__ void __launch_bounds__(kThreads, 1) mla_prefill_wgmma_kernel(const Ml
       rescale_rows(o, r);
       to_fragments();
     } else {
-      if (it < wg_tiles) {  // the warpgroup's last tile
+      if (it < wg_tiles) {  // the warpgroup's last tile (the turn passes after it: once per block)
         wgmma_hold(o);
         wgmma_hold(pf);
         wgmma_fence();
@@ -198,6 +207,7 @@ __global__ void __launch_bounds__(kThreads, 1) mla_prefill_wgmma_kernel(const Ml
         wgmma_wait<0>();
         wgmma_hold(o);
       }
+      pass_turn(it);
       release(kEmptyV, it);
       if (next_tile) release(kEmptyK, it + 1);
     }

@@ -102,6 +102,15 @@ __device__ __forceinline__ void regs_grow() {
 __device__ __forceinline__ void named_barrier(int id, int threads) {
   asm volatile("bar.sync %0, %1;" ::"r"(id), "r"(threads) : "memory");
 }
+// This thread's arrival at barrier `id` (counted toward `threads`) without waiting for the others: the
+// signalling half of a producer / consumer pair on a named barrier.
+// Predicated (when `arrive` is false, nothing), not branched: a branch between a wgmma's issue and its
+// wait makes ptxas serialize the wgmma.
+__device__ __forceinline__ void named_arrive(int id, int threads, bool arrive = true) {
+  asm volatile("{\n.reg .pred p;\nsetp.ne.u32 p, %2, 0;\n@p bar.arrive %0, %1;\n}\n" ::"r"(id), "r"(threads),
+               "r"(static_cast<uint32_t>(arrive))
+               : "memory");
+}
 
 // d (64 x 128, fp32) = a b (ACCUMULATE false; d's old values are not read) or d + a b: m64n128k16, a
 // (64 x 16) and b (16 x 128) both K-major bf16 tiles in shared memory. d[j][0..1] are row 16 w + g,
