@@ -382,6 +382,7 @@ struct GroupedPlan {
   const int32_t* prob = nullptr;
   const int32_t* row_seg = nullptr;
   const int32_t* seg_rows = nullptr;
+  const int32_t* seg_expert = nullptr;  // [segs.size()]
 };
 
 // The device-to-host copies of p's plan: the expert of every chunk, the chunk lists, and the expert
@@ -436,13 +437,14 @@ bool finish_plan(const LinearParams& p, StreamBufs& b, const PlanCopies& c, Grou
     plan.total += sg.rows;
     plan.widest = std::max(plan.widest, sg.rows);
   }
-  // prob, row_seg, seg_rows back to back in b.h_lists. The previous step's upload from it is done: this
+  // prob, row_seg, seg_rows, seg_expert back to back in b.h_lists. The previous step's upload from it is done: this
   // stream has passed plan_ready since.
-  const int64_t nseg = static_cast<int64_t>(plan.segs.size());
-  ensure_host(b.h_lists, sz(2 * plan.total + 2 * nseg) * 4);
+  const int64_t nseg = static_cast<int64_t>(plan.segs.size()), words = 2 * plan.total + 3 * nseg;
+  ensure_host(b.h_lists, sz(words) * 4);
   int32_t* prob = static_cast<int32_t*>(b.h_lists.ptr);
   int32_t* row_seg = prob + plan.total;
   int32_t* seg_rows = row_seg + plan.total;
+  int32_t* seg_expert = seg_rows + 2 * nseg;
   for (int64_t i = 0; i < nseg; ++i) {
     const Segment& sg = plan.segs[sz(i)];
     for (int64_t r = 0; r < sg.rows; ++r) {
@@ -451,12 +453,14 @@ bool finish_plan(const LinearParams& p, StreamBufs& b, const PlanCopies& c, Grou
     }
     seg_rows[2 * i] = static_cast<int32_t>(sg.row0);
     seg_rows[2 * i + 1] = static_cast<int32_t>(sg.rows);
+    seg_expert[i] = sg.e;
   }
-  ensure(b.prob, sz(2 * plan.total + 2 * nseg) * 4, false);
-  DSV3_CUDA_CHECK(cudaMemcpyAsync(b.prob.ptr, prob, sz(2 * plan.total + 2 * nseg) * 4, cudaMemcpyHostToDevice, p.stream));
+  ensure(b.prob, sz(words) * 4, false);
+  DSV3_CUDA_CHECK(cudaMemcpyAsync(b.prob.ptr, prob, sz(words) * 4, cudaMemcpyHostToDevice, p.stream));
   plan.prob = static_cast<const int32_t*>(b.prob.ptr);
   plan.row_seg = plan.prob + plan.total;
   plan.seg_rows = plan.row_seg + plan.total;
+  plan.seg_expert = plan.seg_rows + 2 * nseg;
   return true;
 }
 
@@ -518,14 +522,15 @@ void run_waves(State& s, const LinearParams& p, const GroupedPlan& plan, const G
   if (!dest) ensure(b.gate, sz(wave_rows * g.ld_tmp * out_elem), false);
 
   // Every expert's weight scales in cuBLASLt's padded layout, each in its own slot (the side streams
-  // read them concurrently), copied on the main stream before the fork.
+  // read them concurrently), written on the main stream before the fork by one launch.
   std::vector<const float*> sa(plan.segs.size()), sb(plan.segs.size());
+  if (pad_scales)
+    pad_expert_scales(p.experts, g.dual ? p.experts2 : nullptr, plan.seg_expert, static_cast<int64_t>(plan.segs.size()),
+                      g.mb, g.kb, static_cast<float*>(b.wscales.ptr), p.stream);
   for (size_t i = 0; i < plan.segs.size(); ++i) {
-    sa[i] = g.table[sz(plan.segs[i].e)].scale_inv;
-    sb[i] = g.dual ? g.table2[sz(plan.segs[i].e)].scale_inv : nullptr;
-    if (!pad_scales) continue;
-    pad_weight_scales(static_cast<float*>(b.wscales.ptr) + static_cast<int64_t>(i) * pad_floats, g.mb, g.kb, sa[i],
-                      sb[i], p.stream);
+    const int64_t slot = static_cast<int64_t>(i) * pad_floats;
+    sa[i] = pad_scales ? static_cast<float*>(b.wscales.ptr) + slot : g.table[sz(plan.segs[i].e)].scale_inv;
+    sb[i] = !g.dual ? nullptr : pad_scales ? sa[i] + g.mb * l4 : g.table2[sz(plan.segs[i].e)].scale_inv;
   }
 
   uint8_t* scratch = static_cast<uint8_t*>(dest ? dest : b.gate.ptr);  // fp32 or bf16 rows of ld_tmp values

@@ -2,6 +2,7 @@
 // new tokens' cache rows (latent norm + RoPE), and multi-query attention over [c | k_pe] rows with a
 // split-K flash-decoding layout (online softmax per split; the last split to finish combines).
 #include <cmath>
+#include <string>
 
 #include "core/error.h"
 #include "ops/cuda/dequant.cuh"
@@ -30,9 +31,12 @@ __device__ __forceinline__ int64_t row_splits(const MlaAttentionParams& p, int64
   return min(static_cast<int64_t>(p.splits), max(int64_t{1}, (visible + p.split_keys - 1) / p.split_keys));
 }
 
+constexpr int64_t kMaxRopePairs = 64;  // RoPE dimensions up to 128 (DeepSeek-V2/V3: 64)
+
 // The cache row and q_pe of new token t (one block).
 __device__ void prepare_token(const MlaPrepareParams& p, int64_t t) {
   __shared__ double scratch[32];
+  __shared__ float cos_s[kMaxRopePairs], sin_s[kMaxRopePairs];
   const int64_t pos = row_position(p.pos0, p.pos, t);
   const int64_t C = p.latent, dr = p.rope, half = dr / 2;
   const float* kva = p.kva + t * (p.ldkva ? p.ldkva : C + dr);
@@ -49,12 +53,17 @@ __device__ void prepare_token(const MlaPrepareParams& p, int64_t t) {
   const float inv = static_cast<float>(1.0 / sqrt(ss / static_cast<double>(C) + p.eps));
   for (int64_t i = threadIdx.x; i < C; i += blockDim.x) row[i] = p.kv_norm[i] * (kva[i] * inv);
 
+  // The token's rotation of each RoPE pair, once (in double, as the CPU), shared by k_pe and every head.
+  for (int64_t i = threadIdx.x; i < half; i += blockDim.x) {
+    const double angle = static_cast<double>(pos) * p.inv_freq[i];
+    cos_s[i] = static_cast<float>(cos(angle) * p.cos_sin_scale);
+    sin_s[i] = static_cast<float>(sin(angle) * p.cos_sin_scale);
+  }
+  __syncthreads();
   // RoPE pairs: index j < half for k_pe, then (head, pair) for q_pe.
   for (int64_t j = threadIdx.x; j < (1 + p.heads) * half; j += blockDim.x) {
     const int64_t i = j % half, h = j / half - 1;
-    const double angle = static_cast<double>(pos) * p.inv_freq[i];
-    const float cs = static_cast<float>(cos(angle) * p.cos_sin_scale);
-    const float sn = static_cast<float>(sin(angle) * p.cos_sin_scale);
+    const float cs = cos_s[i], sn = sin_s[i];
     const float* src = h < 0 ? kva + C : q + h * (p.nope + dr) + p.nope;
     float* dst = h < 0 ? row + C : p.qabs + (t * p.heads + h) * (C + dr) + C;
     const float a = src[2 * i], b = src[2 * i + 1];
@@ -513,6 +522,10 @@ __global__ void __launch_bounds__(kCombineThreads) mla_combine_kernel(const MlaA
 
 void mla_prepare(const MlaPrepareParams& p) {
   DSV3_ASSERT(p.n >= 0 && p.heads > 0 && p.latent > 0 && p.rope > 0 && p.rope % 2 == 0 && p.nope >= 0);
+  if (p.rope > 2 * kMaxRopePairs)
+    throw Error("mla_prepare: a RoPE dimension of " + std::to_string(p.rope) + " is over the CUDA kernel's " +
+                    std::to_string(2 * kMaxRopePairs),
+                "run this model on the CPU (--device cpu), or raise kMaxRopePairs in src/ops/cuda/mla.cu");
   if (p.n == 0) return;
   DSV3_ASSERT(p.kva && p.kv_norm && p.q && p.qabs && p.inv_freq && (p.pos0 || p.pos) && p.cache.pages);
   DSV3_ASSERT(p.cache.width == p.latent + p.rope && p.layer >= 0 && p.layer < p.cache.layers);

@@ -399,6 +399,12 @@ void add_rows(const void* src, bool src_bf16, int64_t ld_src, int64_t n, int64_t
               bool accumulate, cudaStream_t stream, const int32_t* y_rows = nullptr);
 // row_of[prob[r]] = r for r < total with prob[r] >= 0 (the inverse of a grouped projection's row order).
 void invert_rows(const int32_t* prob, int64_t total, int32_t* row_of, cudaStream_t stream);
+// The 128x128 block scales of segment i's expert (mb rows of kb values at table[seg_expert[i]].scale_inv,
+// then table2's when given) copied to dst + i * (table2 ? 2 : 1) * mb * l4 with rows l4 = kb rounded up
+// to 4 apart (the padded layout cuBLASLt's VEC128 / BLK128x128 scales want), for i < segments, in one
+// launch. The padding values are left as they are.
+void pad_expert_scales(const MatrixPtrs* table, const MatrixPtrs* table2, const int32_t* seg_expert, int64_t segments,
+                       int64_t mb, int64_t kb, float* dst, cudaStream_t stream);
 // Whether cuBLASLt has a GEMM for an out x n x k projection of this weight dtype (FP8 or BF16; the
 // dimensions as `linear` passes them, n rounded up to 16); false means `linear` runs it on its own kernels.
 bool lt_gemm_supported(DType dtype, int64_t out, int64_t n, int64_t k);

@@ -1,7 +1,8 @@
 // Activation quantization for the cuBLASLt prefill GEMMs (gemm_lt.cpp): fp32 rows (gathered by an index
 // list for the grouped MoE), optionally RMSNorm-ed on the way, to FP8 e4m3 with one scale per 128
 // columns, or to BF16. Plus the epilogues of GEMMs into fp32 or bf16 scratch: SwiGLU of a gate/up pair,
-// and adding rows back (both optionally scattered to other rows).
+// and adding rows back (both optionally scattered to other rows); and the grouped GEMMs' weight scales
+// copied into cuBLASLt's padded layout.
 #include <cuda_bf16.h>
 #include <cuda_fp8.h>
 
@@ -235,7 +236,28 @@ __global__ void invert_rows_kernel(const int32_t* prob, int64_t total, int32_t* 
   if (r < total && prob[r] >= 0) row_of[prob[r]] = static_cast<int32_t>(r);
 }
 
+// Block = one segment's expert: its scale rows (and its second matrix's) into the padded slot.
+__global__ void pad_expert_scales_kernel(const MatrixPtrs* table, const MatrixPtrs* table2, const int32_t* seg_expert,
+                                         int64_t mb, int64_t kb, float* dst) {
+  const int64_t l4 = (kb + 3) / 4 * 4, matrices = table2 ? 2 : 1;
+  const int32_t e = seg_expert[blockIdx.x];
+  for (int64_t m = 0; m < matrices; ++m) {
+    const float* src = (m == 0 ? table : table2)[e].scale_inv;
+    float* out = dst + (static_cast<int64_t>(blockIdx.x) * matrices + m) * mb * l4;
+    for (int64_t i = threadIdx.x; i < mb * kb; i += blockDim.x) out[i / kb * l4 + i % kb] = src[i];
+  }
+}
+
 }  // namespace
+
+void pad_expert_scales(const MatrixPtrs* table, const MatrixPtrs* table2, const int32_t* seg_expert, int64_t segments,
+                       int64_t mb, int64_t kb, float* dst, cudaStream_t stream) {
+  DSV3_ASSERT(segments >= 0 && mb > 0 && kb > 0 && segments < (int64_t{1} << 31));
+  if (segments == 0) return;
+  DSV3_ASSERT(table && seg_expert && dst);
+  pad_expert_scales_kernel<<<static_cast<unsigned>(segments), 256, 0, stream>>>(table, table2, seg_expert, mb, kb, dst);
+  check_launch("pad_expert_scales_kernel");
+}
 
 void add_rows(const void* src, bool src_bf16, int64_t ld_src, int64_t n, int64_t out, float* y, int64_t ldy,
               bool accumulate, cudaStream_t stream, const int32_t* y_rows) {
