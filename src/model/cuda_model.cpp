@@ -267,6 +267,7 @@ struct Scratch {
         *work = nullptr, *moe_out = nullptr;
   size_t moe_out_bytes = 0;  // moe_out's room: every expert problem's output row in fp32
   int32_t *gather = nullptr, *gather_expert = nullptr;  // expert-grouped MoE problems (cuda::moe_plan)
+  int32_t* plan_scratch = nullptr;  // cuda::moe_plan's per-block counts
   int32_t* row_of = nullptr;  // each expert problem's row of the kept down-projection rows (cuda::LtRows)
   int32_t *ids = nullptr, *tokens = nullptr, *counters = nullptr;
   int64_t* pos = nullptr;
@@ -603,11 +604,14 @@ struct CudaModel::Impl {
     t.counters = static_cast<int32_t*>(device_alloc(static_cast<size_t>(cap * H) * 4, scratch_allocs, "attention counters"));
     DSV3_CUDA_CHECK(cudaMemsetAsync(t.counters, 0, static_cast<size_t>(cap * H) * 4, stream));
     t.ids = static_cast<int32_t*>(device_alloc(static_cast<size_t>(cap * k) * 4, scratch_allocs, "expert ids"));
-    const int64_t slots = k + c.n_shared_experts, chunks = cuda::moe_plan_chunks(cap * slots, c.n_routed_experts + c.n_shared_experts);
+    const int64_t slots = k + c.n_shared_experts, table = c.n_routed_experts + c.n_shared_experts;
+    const int64_t chunks = cuda::moe_plan_chunks(cap * slots, table);
     t.moe_out = f(cap * slots * D, "expert outputs");
     t.moe_out_bytes = static_cast<size_t>(cap * slots * D) * sizeof(float);
     t.gather = static_cast<int32_t*>(device_alloc(static_cast<size_t>(chunks * cuda::kExpertChunk) * 4, scratch_allocs, "expert groups"));
     t.gather_expert = static_cast<int32_t*>(device_alloc(static_cast<size_t>(chunks) * 4, scratch_allocs, "expert groups"));
+    const int64_t plan_scratch = cuda::moe_plan_scratch_ints(cap * slots, table);
+    t.plan_scratch = static_cast<int32_t*>(device_alloc(static_cast<size_t>(plan_scratch) * 4, scratch_allocs, "expert group counts"));
     t.row_of = static_cast<int32_t*>(device_alloc(static_cast<size_t>(cap * slots) * 4, scratch_allocs, "expert output rows"));
     t.step = static_cast<unsigned char*>(device_alloc(Scratch::step_bytes(cap), scratch_allocs, "token ids and positions"));
     t.row_pos = reinterpret_cast<int64_t*>(t.step);
@@ -1010,6 +1014,7 @@ struct CudaModel::Impl {
     plan.table_size = E + L.fixed;
     plan.gather = s.gather;
     plan.gather_expert = s.gather_expert;
+    plan.scratch = s.plan_scratch;
     plan.stream = stream;
     cuda::moe_plan(plan);
     // The shared experts' gate/up needs no plan: on the cuBLASLt path it is enqueued while the host waits

@@ -172,6 +172,7 @@ ExpertPlan plan_experts(Dev& dev, const std::vector<int32_t>& ids, int64_t n, in
   plan.table_size = E;
   plan.gather = out.gather;
   plan.gather_expert = out.gather_expert;
+  plan.scratch = dev.alloc<int32_t>(static_cast<size_t>(cuda::moe_plan_scratch_ints(n * k, E)));
   cuda::moe_plan(plan);
   return out;
 }
@@ -955,16 +956,25 @@ TEST_F(CudaOps, MlaPrefillRefusesUnsupportedLayouts) {
   EXPECT_THROW(cuda::mla_prefill(bad), Error);
 }
 
-// The MoE plan: every (token, slot) problem appears exactly once, each chunk holds problems of its own
-// expert only (routed slots from ids, fixed slots after them), unused entries and chunks are -1.
+// The MoE plan against its contract: each expert's problems (routed slots from ids, fixed slots after
+// them) fill the first entries of its ceil(count / 8) chunks, the experts' chunks back to back in expert
+// order, every problem exactly once; padding entries and unused chunks are -1. The outputs start
+// poisoned, so an entry the plan leaves unwritten fails. Past 2048 problems (256 x 8 is the largest
+// one-block step) a count kernel and several plan blocks run: a last block of 4 problems, 24 to 36
+// blocks, and a skewed routing with 15 of 16 ids on one expert.
 TEST_F(CudaOps, MoePlanGroupsEveryProblemOnceByExpert) {
-  struct Case { int64_t n, k, fixed, E; };
-  for (const Case c : {Case{1, 6, 2, 64}, Case{64, 6, 2, 64}, Case{37, 8, 0, 256}, Case{300, 2, 1, 5}}) {
+  struct Case { int64_t n, k, fixed, E; bool skewed; };
+  for (const Case c : {Case{1, 6, 2, 64, false}, Case{64, 6, 2, 64, false}, Case{37, 8, 0, 256, false},
+                       Case{300, 2, 1, 5, false}, Case{256, 8, 0, 64, false}, Case{342, 6, 0, 64, false},
+                       Case{1000, 8, 1, 256, false}, Case{8192, 6, 0, 64, false}, Case{8192, 6, 2, 64, false},
+                       Case{8192, 8, 1, 256, true}}) {
     Dev dev;
-    const int64_t slots = c.k + c.fixed, table = c.E + c.fixed, chunks = cuda::moe_plan_chunks(c.n * slots, table);
+    const int64_t slots = c.k + c.fixed, table = c.E + c.fixed, problems = c.n * slots;
+    const int64_t chunks = cuda::moe_plan_chunks(problems, table);
+    const int64_t scratch = cuda::moe_plan_scratch_ints(problems, table);
     std::vector<int32_t> ids(static_cast<size_t>(c.n * c.k));
-    std::uniform_int_distribution<int32_t> pick(0, static_cast<int32_t>(c.E - 1));
-    for (int32_t& e : ids) e = pick(rng);
+    std::uniform_int_distribution<int32_t> pick(0, static_cast<int32_t>(c.E - 1)), coin(0, 15);
+    for (int32_t& e : ids) e = c.skewed && coin(rng) > 0 ? static_cast<int32_t>(c.E / 2) : pick(rng);
     cuda::MoePlanParams p;
     p.ids = dev.put(ids);
     p.n = c.n;
@@ -974,25 +984,43 @@ TEST_F(CudaOps, MoePlanGroupsEveryProblemOnceByExpert) {
     p.table_size = table;
     p.gather = dev.alloc<int32_t>(static_cast<size_t>(chunks * cuda::kExpertChunk));
     p.gather_expert = dev.alloc<int32_t>(static_cast<size_t>(chunks));
+    p.scratch = dev.alloc<int32_t>(static_cast<size_t>(scratch));
+    ASSERT_EQ(cudaMemset(p.gather, 0x55, static_cast<size_t>(chunks * cuda::kExpertChunk) * 4), cudaSuccess);
+    ASSERT_EQ(cudaMemset(p.gather_expert, 0x55, static_cast<size_t>(chunks) * 4), cudaSuccess);
+    ASSERT_EQ(cudaMemset(p.scratch, 0x55, static_cast<size_t>(scratch) * 4), cudaSuccess);
     cuda::moe_plan(p);
     const std::vector<int32_t> gather = Dev::get(p.gather, static_cast<size_t>(chunks * cuda::kExpertChunk));
     const std::vector<int32_t> expert = Dev::get(p.gather_expert, static_cast<size_t>(chunks));
-    std::vector<int> seen(static_cast<size_t>(c.n * slots), 0);
+
+    auto expert_of = [&](int64_t q) {
+      const int64_t t = q / slots, j = q % slots;
+      return j < c.k ? ids[static_cast<size_t>(t * c.k + j)] : static_cast<int32_t>(c.E + j - c.k);
+    };
+    std::vector<int64_t> count(static_cast<size_t>(table), 0), start(static_cast<size_t>(table));
+    for (int64_t q = 0; q < problems; ++q) ++count[static_cast<size_t>(expert_of(q))];
+    std::vector<int32_t> want_expert(static_cast<size_t>(chunks), -1);
+    for (size_t e = 0, next = 0; e < count.size(); ++e) {
+      start[e] = static_cast<int64_t>(next);
+      for (int64_t i = 0; i < (count[e] + cuda::kExpertChunk - 1) / cuda::kExpertChunk; ++i)
+        want_expert[next++] = static_cast<int32_t>(e);
+    }
+    const auto wrong = std::mismatch(expert.begin(), expert.end(), want_expert.begin()).first;
+    EXPECT_EQ(wrong - expert.begin(), expert.end() - expert.begin()) << "n=" << c.n << ": a chunk's expert";
+
+    std::vector<int> seen(static_cast<size_t>(problems), 0);
     for (int64_t ch = 0; ch < chunks; ++ch)
       for (int64_t i = 0; i < cuda::kExpertChunk; ++i) {
         const int32_t q = gather[static_cast<size_t>(ch * cuda::kExpertChunk + i)];
-        if (expert[ch] < 0 || q < 0) {
-          EXPECT_EQ(q, -1) << "chunk " << ch;
+        const int32_t e = want_expert[static_cast<size_t>(ch)];
+        const size_t ue = static_cast<size_t>(e);
+        if (e < 0 || (ch - start[ue]) * cuda::kExpertChunk + i >= count[ue]) {
+          EXPECT_EQ(q, -1) << "n=" << c.n << ": chunk " << ch << " entry " << i << " is padding";
           continue;
         }
-        ASSERT_LT(q, c.n * slots);
+        ASSERT_GE(q, 0) << "n=" << c.n << ": chunk " << ch << " entry " << i;
+        ASSERT_LT(q, problems) << "n=" << c.n << ": chunk " << ch << " entry " << i;
         ++seen[static_cast<size_t>(q)];
-        const int64_t t = q / slots, j = q % slots;
-        const int32_t want = j < c.k ? ids[static_cast<size_t>(t * c.k + j)] : static_cast<int32_t>(c.E + j - c.k);
-        EXPECT_EQ(expert[ch], want) << "problem " << q;
-        if (i > 0) {
-          EXPECT_GE(gather[static_cast<size_t>(ch * cuda::kExpertChunk + i - 1)], 0) << "chunks fill from the front";
-        }
+        EXPECT_EQ(expert_of(q), e) << "n=" << c.n << ": problem " << q;
       }
     EXPECT_EQ(std::count(seen.begin(), seen.end(), 1), static_cast<std::ptrdiff_t>(seen.size())) << "n=" << c.n;
   }

@@ -298,18 +298,22 @@ void route(const RouteParams& p);
 
 // Groups an MoE layer's (token, slot) problems by expert for the gathered linear: problem q = t * slots
 // + j runs routed expert ids[t * k + j] for j < k, and table entry fixed_first + (j - k) for the fixed
-// slots after them. Each expert's problems fill whole chunks of kExpertChunk entries (padding -1); chunks
-// past the last used one get expert -1. One block; the order inside a chunk is not fixed (each problem's
-// result does not depend on it).
+// slots after them. Each expert's problems fill whole chunks of kExpertChunk entries (padding -1), the
+// experts' chunks back to back in expert order; chunks past the last used one get expert -1. One block
+// per 2048 problems (kPlanBlockProblems, route.cu), after a count kernel into `scratch` when there are
+// several; the order inside an expert's chunks is not fixed (each problem's result does not depend on it).
 struct MoePlanParams {
   const int32_t* ids = nullptr;  // [n x k]
   int64_t n = 0, k = 0, slots = 0, fixed_first = 0, table_size = 0;
   int32_t* gather = nullptr;         // [moe_plan_chunks(...) * kExpertChunk]
   int32_t* gather_expert = nullptr;  // [moe_plan_chunks(...)]
+  int32_t* scratch = nullptr;        // [moe_plan_scratch_ints(...)]; may be null for one block
   cudaStream_t stream = nullptr;
 };
 // Chunks enough for any routing of `problems` problems over `table_size` experts.
 int64_t moe_plan_chunks(int64_t problems, int64_t table_size);
+// The scratch moe_plan needs for `problems` problems over `table_size` experts: each block's counts.
+int64_t moe_plan_scratch_ints(int64_t problems, int64_t table_size);
 void moe_plan(const MoePlanParams& p);
 
 // The MoE combine after a gathered down projection: x[t] += sum_j w_j * y[t * slots + j], w_j =

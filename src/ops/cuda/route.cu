@@ -115,41 +115,111 @@ __global__ void route_kernel(const RouteParams p, bool early) {
 
 namespace {
 
-constexpr int kPlanThreads = 1024;
+// moe_plan: block b takes problems b * kPlanBlockProblems onwards. With several blocks, a count kernel
+// first writes each block's problems per expert to p.scratch ([block][expert]); each plan block sums
+// those into the experts' totals and the counts of the blocks before it (where its problems start
+// inside each expert's entries), then places its own problems with shared-memory atomics only. Every
+// entry of gather and gather_expert is written once (a problem, or padding by its chunk's thread), so
+// no -1 fill has to come first.
+constexpr int kPlanThreads = 512;
+constexpr int64_t kPlanBlockProblems = 2048;
 
-__global__ void __launch_bounds__(kPlanThreads) moe_plan_kernel(const MoePlanParams p, int64_t chunks) {
-  extern __shared__ int32_t counts[];  // [table_size] problems per expert, then chunk starts, then fill
-  int32_t* start = counts + p.table_size;
-  int32_t* fill = start + p.table_size;
-  const int64_t problems = p.n * p.slots;
-  auto expert = [&](int64_t q) {
-    const int64_t t = q / p.slots, j = q % p.slots;
-    return j < p.k ? p.ids[t * p.k + j] : static_cast<int32_t>(p.fixed_first + (j - p.k));
+int64_t plan_blocks(int64_t problems) { return (problems + kPlanBlockProblems - 1) / kPlanBlockProblems; }
+
+// f(q, expert of q) for each of this block's problems q (int32: 64-bit division is several times slower).
+template <class F>
+__device__ void for_block_problems(const MoePlanParams& p, F f) {
+  const int32_t problems = static_cast<int32_t>(p.n * p.slots), slots = static_cast<int32_t>(p.slots);
+  const int32_t k = static_cast<int32_t>(p.k), fixed_first = static_cast<int32_t>(p.fixed_first);
+  const int32_t first = static_cast<int32_t>(blockIdx.x * kPlanBlockProblems);
+  const int32_t last = problems - first < kPlanBlockProblems ? problems : first + kPlanBlockProblems;
+  for (int32_t q = first + static_cast<int32_t>(threadIdx.x); q < last; q += kPlanThreads) {
+    const int32_t t = q / slots, j = q - t * slots;
+    f(q, j < k ? p.ids[t * k + j] : fixed_first + (j - k));
+  }
+}
+
+// start[e] = the chunks of experts e' < e, start[E] = all chunks in use; by one warp, each lane summing
+// a run of experts (a few hundred at most), then a shuffle scan over the lanes.
+__device__ void chunk_starts(const int32_t* total, int32_t* start, int64_t E) {
+  const int lane = static_cast<int>(threadIdx.x);
+  const int64_t per = (E + 31) / 32, first = min(E, lane * per), last = min(E, first + per);
+  auto chunks_of = [&](int64_t e) {
+    return static_cast<int32_t>((total[e] + kExpertChunk - 1) / kExpertChunk);
   };
-  for (int64_t e = threadIdx.x; e < p.table_size; e += kPlanThreads) counts[e] = fill[e] = 0;
-  for (int64_t i = threadIdx.x; i < chunks * kExpertChunk; i += kPlanThreads) p.gather[i] = -1;
-  for (int64_t c = threadIdx.x; c < chunks; c += kPlanThreads) p.gather_expert[c] = -1;
+  int32_t sum = 0;
+  for (int64_t e = first; e < last; ++e) sum += chunks_of(e);
+  int32_t inclusive = sum;
+#pragma unroll
+  for (int o = 1; o < 32; o <<= 1) {
+    const int32_t v = __shfl_up_sync(0xffffffffu, inclusive, o);
+    if (lane >= o) inclusive += v;
+  }
+  int32_t at = inclusive - sum;
+  for (int64_t e = first; e < last; ++e) {
+    start[e] = at;
+    at += chunks_of(e);
+  }
+  if (lane == 31) start[E] = at;
+}
+
+__global__ void __launch_bounds__(kPlanThreads) moe_plan_count_kernel(const MoePlanParams p, bool early) {
+  extern __shared__ int32_t counts[];  // [table_size] this block's problems per expert
+  for (int64_t e = threadIdx.x; e < p.table_size; e += kPlanThreads) counts[e] = 0;
+  pdl_wait();  // the ids are an earlier kernel's
+  if (early) pdl_trigger();
   __syncthreads();
-  for (int64_t q = threadIdx.x; q < problems; q += kPlanThreads) atomicAdd(&counts[expert(q)], 1);
+  for_block_problems(p, [&](int32_t, int32_t e) { atomicAdd(&counts[e], 1); });
   __syncthreads();
-  if (threadIdx.x == 0) {  // at most a few hundred experts: a serial scan is shorter than a parallel one
-    int32_t next = 0;
-    for (int64_t e = 0; e < p.table_size; ++e) {
-      start[e] = next;
-      next += (counts[e] + static_cast<int32_t>(kExpertChunk) - 1) / static_cast<int32_t>(kExpertChunk);
+  int32_t* out = p.scratch + blockIdx.x * p.table_size;
+  for (int64_t e = threadIdx.x; e < p.table_size; e += kPlanThreads) out[e] = counts[e];
+}
+
+// One block alone counts its problems itself; several read the count kernel's counts.
+__global__ void __launch_bounds__(kPlanThreads)
+moe_plan_kernel(const MoePlanParams p, int64_t chunks, bool early) {
+  const int64_t E = p.table_size;
+  extern __shared__ int32_t total[];  // [E] problems per expert
+  int32_t* next = total + E;          // [E] this block's next entry among each expert's
+  int32_t* start = next + E;          // [E + 1] each expert's first chunk, then the chunks in use
+  for (int64_t e = threadIdx.x; e < E; e += kPlanThreads) total[e] = next[e] = 0;
+  pdl_wait();  // the ids, and the count kernel's counts
+  if (early) pdl_trigger();
+  __syncthreads();
+  if (gridDim.x == 1) {
+    for_block_problems(p, [&](int32_t, int32_t e) { atomicAdd(&total[e], 1); });
+  } else {
+    const int32_t counts = static_cast<int32_t>(gridDim.x * E), experts = static_cast<int32_t>(E);
+    for (int32_t i = static_cast<int32_t>(threadIdx.x); i < counts; i += kPlanThreads) {
+      const int32_t b = i / experts, e = i - b * experts, v = p.scratch[i];
+      atomicAdd(&total[e], v);
+      if (b < static_cast<int32_t>(blockIdx.x)) atomicAdd(&next[e], v);
     }
   }
   __syncthreads();
-  for (int64_t e = threadIdx.x; e < p.table_size; e += kPlanThreads) {
-    const int32_t used = (counts[e] + static_cast<int32_t>(kExpertChunk) - 1) / static_cast<int32_t>(kExpertChunk);
-    for (int32_t c = 0; c < used; ++c) p.gather_expert[start[e] + c] = static_cast<int32_t>(e);
+  if (threadIdx.x < 32) chunk_starts(total, start, E);
+  __syncthreads();
+  // Chunk c's expert, and -1 in its entries past the expert's problems (all of them in an unused chunk).
+  const int32_t used = start[E];
+  for (int64_t c = blockIdx.x * kPlanThreads + threadIdx.x; c < chunks; c += gridDim.x * kPlanThreads) {
+    int32_t e = -1, filled = 0;
+    if (c < used) {
+      int64_t lo = 0, hi = E;  // start[lo] <= c < start[hi]; ends on the expert whose chunks hold c
+      while (hi - lo > 1) {
+        const int64_t mid = (lo + hi) / 2;
+        if (start[mid] <= c) lo = mid;
+        else hi = mid;
+      }
+      e = static_cast<int32_t>(lo);
+      const int64_t left = total[lo] - (c - start[lo]) * kExpertChunk;
+      filled = static_cast<int32_t>(left < kExpertChunk ? left : kExpertChunk);
+    }
+    p.gather_expert[c] = e;
+    for (int64_t i = filled; i < kExpertChunk; ++i) p.gather[c * kExpertChunk + i] = -1;
   }
-  __syncthreads();  // the -1 fill above and the entries below touch the same words
-  for (int64_t q = threadIdx.x; q < problems; q += kPlanThreads) {
-    const int32_t e = expert(q);
-    const int32_t at = atomicAdd(&fill[e], 1);
-    p.gather[static_cast<int64_t>(start[e]) * kExpertChunk + at] = static_cast<int32_t>(q);
-  }
+  for_block_problems(p, [&](int32_t q, int32_t e) {
+    p.gather[start[e] * kExpertChunk + atomicAdd(&next[e], 1)] = q;
+  });
 }
 
 // In: the slot rows' element type. Slot j of token t is row t * slots + j of p.y, or row_of's row of p.rows.
@@ -183,14 +253,28 @@ int64_t moe_plan_chunks(int64_t problems, int64_t table_size) {
   return (problems + kExpertChunk - 1) / kExpertChunk + table_size;
 }
 
+int64_t moe_plan_scratch_ints(int64_t problems, int64_t table_size) {
+  return plan_blocks(problems) * table_size;
+}
+
 void moe_plan(const MoePlanParams& p) {
   DSV3_ASSERT(p.n >= 0 && p.k > 0 && p.slots >= p.k && p.table_size > 0);
   DSV3_ASSERT(p.slots == p.k || p.fixed_first + (p.slots - p.k) <= p.table_size);
   if (p.n == 0) return;
   DSV3_ASSERT(p.ids && p.gather && p.gather_expert);
-  const size_t smem = static_cast<size_t>(3 * p.table_size) * sizeof(int32_t);
+  const int64_t problems = p.n * p.slots, blocks = plan_blocks(problems);
+  DSV3_ASSERT(problems < (int64_t{1} << 30));  // int32 problems and counts in the kernels, with room
+  DSV3_ASSERT(blocks == 1 || p.scratch != nullptr);
+  const size_t counts = static_cast<size_t>(p.table_size) * sizeof(int32_t);
+  const size_t smem = 3 * counts + sizeof(int32_t);
   DSV3_ASSERT(smem <= 48 * 1024);
-  moe_plan_kernel<<<1, kPlanThreads, smem, p.stream>>>(p, moe_plan_chunks(p.n * p.slots, p.table_size));
+  const dim3 grid(static_cast<unsigned>(blocks));
+  if (blocks > 1) {
+    launch_pdl(moe_plan_count_kernel, grid, dim3(kPlanThreads), counts, p.stream, p, pdl_early());
+    check_launch("moe_plan_count_kernel");
+  }
+  const int64_t chunks = moe_plan_chunks(problems, p.table_size);
+  launch_pdl(moe_plan_kernel, grid, dim3(kPlanThreads), smem, p.stream, p, chunks, pdl_early());
   check_launch("moe_plan_kernel");
 }
 
