@@ -1543,6 +1543,24 @@ TEST_F(CudaOps, GroupedLtMatchesTensorCoreKernel) {
     EXPECT_LE(e_dn, tol) << dtype_name(dt) << " down";
     std::printf("grouped lt %s: gate/up rel L2 %.2e, down %.2e\n", dtype_name(dt), e_gu, e_dn);
 
+    // FP8 runs our grouped kernel (one launch per projection; two for gate/up stored as separate
+    // matrices, as here) unless DSV3_LT_GROUPED_FP8=0: against cuBLASLt's per-expert GEMMs on the same
+    // operands, the same products summed in another order, rounded to bf16 either way.
+    if (dt == DType::F8_E4M3) {
+      cuda::LinearParams lt_c = lt, dn_c = dn;
+      lt_c.y = dev.poisoned(act.size());
+      dn_c.y = dev.poisoned(down.size());
+      ASSERT_EQ(setenv("DSV3_LT_GROUPED_FP8", "0", 1), 0);
+      const bool ran_c = cuda::linear_lt_grouped(lt_c) && cuda::linear_lt_grouped(dn_c);
+      unsetenv("DSV3_LT_GROUPED_FP8");
+      ASSERT_TRUE(ran_c);
+      const double c_gu = test::rel_l2(Dev::get(lt.y, act.size()), Dev::get(lt_c.y, act.size()));
+      const double c_dn = test::rel_l2(Dev::get(dn.y, down.size()), Dev::get(dn_c.y, down.size()));
+      EXPECT_LE(c_gu, 1e-2) << "grouped FP8 kernel against cuBLASLt, gate/up";
+      EXPECT_LE(c_dn, 1e-2) << "grouped FP8 kernel against cuBLASLt, down";
+      std::printf("grouped FP8 kernel against cuBLASLt: gate/up rel L2 %.2e, down %.2e\n", c_gu, c_dn);
+    }
+
     // The segments in waves of at most 64 rows (one expert each here: every segment is 64+ rows), each
     // wave's GEMMs on the side streams then its epilogue: the same bits as one wave.
     const std::vector<float> one_wave_gu = Dev::get(lt.y, act.size()), one_wave_dn = Dev::get(dn.y, down.size());
@@ -1588,8 +1606,10 @@ TEST_F(CudaOps, GroupedLtMatchesTensorCoreKernel) {
       const std::vector<float> wts = randn(rng, static_cast<size_t>(P)), x0 = randn(rng, static_cast<size_t>(n * D));
       float* x_ref = dev.put(x0);
       cuda::moe_combine({dn2.y, dev.put(wts), n, k, k, D, x_ref, D, nullptr});
-      cuda::LtRows keep{dev.alloc<float>(static_cast<size_t>(P * D)), static_cast<size_t>(P * D) * sizeof(float),
-                        dev.alloc<int32_t>(static_cast<size_t>(P))};
+      // Room for the rows as the GEMMs write them: segments padded up to 128 rows (the grouped FP8 kernel's
+      // tiles), fp32 at most.
+      const size_t kept = static_cast<size_t>((P + 128 * E) * D);
+      cuda::LtRows keep{dev.alloc<float>(kept), kept * sizeof(float), dev.alloc<int32_t>(static_cast<size_t>(P))};
       cuda::LinearParams dn3 = grouped_down(ds, pair, dev.poisoned(down.size()));
       dn3.lt = true;
       ASSERT_TRUE(cuda::linear_lt_grouped_mlp(pair, dn3, &keep)) << dtype_name(dt);

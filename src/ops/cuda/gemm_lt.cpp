@@ -16,12 +16,14 @@
 
 #include <algorithm>
 #include <chrono>
+#include <cstdlib>
 #include <cstring>
 #include <functional>
 #include <map>
 #include <mutex>
 #include <random>
 #include <string>
+#include <string_view>
 #include <tuple>
 #include <vector>
 
@@ -339,6 +341,25 @@ bool bf16_scratch_enabled() {
   return on;
 }
 
+// The expert table size of p's plan (moe_plan_chunks' second term).
+int64_t plan_table_size(const LinearParams& p) { return p.gather_chunks - (p.n + kExpertChunk - 1) / kExpertChunk; }
+
+// Problems per expert up to which a grouped FP8 projection runs as one launch of our kernel
+// (grouped_fp8_gemm) rather than one cuBLASLt GEMM per expert: each of those takes ~10 us whatever its
+// size, so few rows per expert favour the one launch, while on large segments cuBLASLt's kernels are
+// faster than ours (docs/PERF.md, "Seventh session").
+constexpr int64_t kGroupedMaxRows = 256;
+
+// Whether p's GEMMs take grouped_fp8_gemm: FP8, whole 128 blocks of outputs and k, and then
+// DSV3_LT_GROUPED_FP8=1 always, =0 never (read at every call, so that tests can compare both), unset
+// when the experts average at most kGroupedMaxRows problems.
+bool own_kernel_for(const LinearParams& p) {
+  if (p.w.dtype != DType::F8_E4M3 || !grouped_fp8_supported(p.out, p.w.cols)) return false;
+  const char* v = std::getenv("DSV3_LT_GROUPED_FP8");
+  if (v && *v) return std::string_view(v) != "0";
+  return p.n <= kGroupedMaxRows * plan_table_size(p);
+}
+
 struct Sides {
   cudaStream_t stream[kSideStreams] = {};
   cudaEvent_t fork = nullptr, join[kSideStreams] = {};
@@ -397,7 +418,7 @@ struct PlanCopies {
 
 PlanCopies start_plan_copies(const LinearParams& p, StreamBufs& b, const std::vector<const MatrixPtrs*>& tables) {
   PlanCopies c;
-  c.table_size = p.gather_chunks - (p.n + kExpertChunk - 1) / kExpertChunk;  // moe_plan_chunks' second term
+  c.table_size = plan_table_size(p);
   DSV3_ASSERT(c.table_size > 0);
   const size_t lists = sz(p.gather_chunks * (1 + kExpertChunk)) * 4;
   const size_t table_bytes = sz(c.table_size) * sizeof(MatrixPtrs);
@@ -420,7 +441,7 @@ PlanCopies start_plan_copies(const LinearParams& p, StreamBufs& b, const std::ve
 
 // The plan from the copies of start_plan_copies (waits for them), its row lists uploaded. False: nothing
 // is routed.
-bool finish_plan(const LinearParams& p, StreamBufs& b, const PlanCopies& c, GroupedPlan& plan) {
+bool finish_plan(const LinearParams& p, StreamBufs& b, const PlanCopies& c, int64_t row_align, GroupedPlan& plan) {
   DSV3_CUDA_CHECK(cudaEventSynchronize(b.plan_ready));
   for (int64_t ch = 0; ch < p.gather_chunks; ++ch) {
     const int32_t e = c.chunk_expert[ch];
@@ -433,7 +454,7 @@ bool finish_plan(const LinearParams& p, StreamBufs& b, const PlanCopies& c, Grou
   DSV3_ASSERT(plan.experts <= c.table_size);
   for (Segment& sg : plan.segs) {
     sg.row0 = plan.total;
-    sg.rows = (sg.problems + 63) / 64 * 64;
+    sg.rows = (sg.problems + row_align - 1) / row_align * row_align;
     plan.total += sg.rows;
     plan.widest = std::max(plan.widest, sg.rows);
   }
@@ -471,14 +492,16 @@ bool finish_plan(const LinearParams& p, StreamBufs& b, const PlanCopies& c, Grou
 struct GroupedGemms {
   std::vector<MatrixPtrs> table, table2;
   bool fp8 = false, dual = false, bf16_out = false;
+  bool own = false;  // grouped_fp8_gemm instead of cuBLASLt (bf16 scratch)
   int64_t m = 0, k = 0, elem = 0, mb = 0, kb = 0, ld_tmp = 0;
   std::vector<char> fused;
 };
 
 // Fills g's shape facts for p's segments and checks that cuBLASLt has every GEMM: false if not. bf16
 // scratch needs 16-byte aligned rows and halves (m a multiple of 8) and cuBLASLt's bf16 output for every
-// shape; else fp32 scratch.
-bool plan_gemms(State& s, const LinearParams& p, const GroupedPlan& plan, GroupedGemms& g) {
+// shape; else fp32 scratch. With `own` (segments in whole 128-row tiles), our grouped kernel takes the
+// projection instead.
+bool plan_gemms(State& s, const LinearParams& p, const GroupedPlan& plan, bool own, GroupedGemms& g) {
   g.fp8 = p.w.dtype == DType::F8_E4M3;
   g.dual = p.experts2 != nullptr;
   g.m = p.out;
@@ -493,6 +516,10 @@ bool plan_gemms(State& s, const LinearParams& p, const GroupedPlan& plan, Groupe
                  (!g.fp8 || (g.m % 128 == 0 && c.scale_inv == a.scale_inv + g.mb * g.kb));
   }
   g.ld_tmp = ((g.dual ? 2 * g.m : g.m) + 7) / 8 * 8;
+  if (own) {
+    g.own = g.bf16_out = true;
+    return true;
+  }
   static const float dummy_scale = 1.0f;  // run_gemm sets the real scale pointers
   auto plans_ok = [&](bool bf16_out) {
     for (size_t i = 0; i < plan.segs.size(); ++i)
@@ -506,15 +533,16 @@ bool plan_gemms(State& s, const LinearParams& p, const GroupedPlan& plan, Groupe
 }
 
 // The GEMMs of one grouped projection over its operand (act, act_scales: rows in plan's segment order),
-// in waves of segments on the side streams into the scratch b.gate, then per wave epilogue(scratch,
-// rows, w0) on p.stream for the wave's operand rows w0 .. w0 + rows. With `dest`, every row goes to
-// dest in one wave (room for plan.total rows of g.ld_tmp values is the caller's to check).
+// in waves of segments (on the side streams, or one launch of our kernel with g.own) into the scratch
+// b.gate, then per wave epilogue(scratch, rows, w0) on p.stream for the wave's operand rows w0 .. w0 +
+// rows. With `dest`, every row goes to dest in one wave (room for plan.total rows of g.ld_tmp values is
+// the caller's to check).
 template <class Epilogue>
 void run_waves(State& s, const LinearParams& p, const GroupedPlan& plan, const GroupedGemms& g, const void* act,
                const float* act_scales, Epilogue epilogue, void* dest = nullptr) {
   StreamBufs& b = s.bufs[p.stream];
   Sides& sd = sides_for(p.stream);
-  const bool pad_scales = g.fp8 && g.kb % 4 != 0;
+  const bool pad_scales = g.fp8 && g.kb % 4 != 0 && !g.own;
   const int64_t l4 = (g.kb + 3) / 4 * 4, out_elem = g.bf16_out ? 2 : 4;
   const int64_t wave_rows = dest ? plan.total : std::max(std::min(wave_rows_limit(), plan.total), plan.widest);
   const int64_t pad_floats = (g.dual ? 2 : 1) * g.mb * l4;  // one expert's padded weight scales
@@ -539,6 +567,28 @@ void run_waves(State& s, const LinearParams& p, const GroupedPlan& plan, const G
     size_t last = first;
     const int64_t w0 = plan.segs[first].row0;
     while (last < plan.segs.size() && plan.segs[last].row0 + plan.segs[last].rows - w0 <= wave_rows) ++last;
+    const int64_t rows = plan.segs[last - 1].row0 + plan.segs[last - 1].rows - w0;
+    if (g.own) {  // the whole wave in one launch
+      GroupedFp8Params q;
+      q.a = act;
+      q.a_scales = act_scales;
+      q.table = p.experts;
+      q.table2 = g.dual ? p.experts2 : nullptr;
+      q.row_seg = plan.row_seg;
+      q.seg_rows = plan.seg_rows;
+      q.seg_expert = plan.seg_expert;
+      q.row_base = w0;
+      q.rows = rows;
+      q.out = g.dual ? 2 * g.m : g.m;
+      q.k = g.k;
+      q.d = scratch;
+      q.ldd = g.ld_tmp;
+      q.stream = p.stream;
+      grouped_fp8_gemm(q);
+      epilogue(scratch, rows, w0);
+      first = last;
+      continue;
+    }
     DSV3_CUDA_CHECK(cudaEventRecord(sd.fork, p.stream));
     for (int i = 0; i < kSideStreams; ++i) DSV3_CUDA_CHECK(cudaStreamWaitEvent(sd.stream[i], sd.fork));
     for (size_t i = first; i < last; ++i) {
@@ -558,7 +608,7 @@ void run_waves(State& s, const LinearParams& p, const GroupedPlan& plan, const G
       DSV3_CUDA_CHECK(cudaEventRecord(sd.join[i], sd.stream[i]));
       DSV3_CUDA_CHECK(cudaStreamWaitEvent(p.stream, sd.join[i]));
     }
-    epilogue(scratch, plan.segs[last - 1].row0 + plan.segs[last - 1].rows - w0, w0);
+    epilogue(scratch, rows, w0);
     first = last;
   }
 }
@@ -633,7 +683,7 @@ auto write_back(const LinearParams& p, const GroupedPlan& plan, const GroupedGem
 // body(s, b, plan, host tables, tokens_quantized). True without body when nothing is routed.
 using HostTables = std::vector<std::vector<MatrixPtrs>>;
 template <class Body>
-bool with_grouped_plan(const LinearParams& p, const std::vector<const MatrixPtrs*>& tables,
+bool with_grouped_plan(const LinearParams& p, const std::vector<const MatrixPtrs*>& tables, int64_t row_align,
                        const std::function<void()>& meanwhile, Body body) {
   State& s = state();
   std::unique_lock<std::mutex> lock(s.mu);
@@ -647,7 +697,7 @@ bool with_grouped_plan(const LinearParams& p, const std::vector<const MatrixPtrs
     lock.lock();
   }
   GroupedPlan plan;
-  if (!finish_plan(p, b, c, plan)) return true;
+  if (!finish_plan(p, b, c, row_align, plan)) return true;
   HostTables host;
   for (const MatrixPtrs* t : c.tables) host.emplace_back(t, t + plan.experts);
   return body(s, b, plan, host, tokens_quantized);
@@ -656,19 +706,23 @@ bool with_grouped_plan(const LinearParams& p, const std::vector<const MatrixPtrs
 // A grouped MoE projection of a prefill step (moe_plan's chunks) on cuBLASLt: per expert one GEMM (two for
 // the gate/up pair) over its tokens, gathered and quantized in one launch. The expert of each chunk, the
 // chunk lists and the expert tables come to the host first (one synchronization per projection: prefill
-// only, never in a capture). Segments are padded to 64 rows so the cached plans stay few (at most 8,192 /
-// 64 shapes per matrix). The GEMMs of a wave of segments run on kSideStreams streams into one scratch, then
-// one launch applies the epilogue (SwiGLU, or the copy back) to every row of the wave.
+// only, never in a capture). FP8 projections in whole 128-blocks whose experts average few problems
+// (own_kernel_for) run every expert's GEMM in one launch of our kernel (grouped_fp8_gemm, segments
+// padded to 128 rows); otherwise segments are padded to 64 rows so
+// the cached plans stay few (at most 8,192 / 64 shapes per matrix) and the GEMMs of a wave of segments
+// run on kSideStreams streams into one scratch. Then one launch applies the epilogue (SwiGLU, or the
+// copy back) to every row of the wave.
 bool linear_lt_grouped(const LinearParams& p) {
   if (!grouped_eligible(p) || capturing(p.stream)) return false;
   std::vector<const MatrixPtrs*> tables{p.experts};
   if (p.experts2) tables.push_back(p.experts2);
-  return with_grouped_plan(p, tables, {},
+  const bool own = own_kernel_for(p);
+  return with_grouped_plan(p, tables, own ? 128 : 64, {},
                            [&](State& s, StreamBufs& b, const GroupedPlan& plan, HostTables& t, bool tokens_quantized) {
                              GroupedGemms g;
                              g.table = std::move(t[0]);
                              if (p.experts2) g.table2 = std::move(t[1]);
-                             if (!plan_gemms(s, p, plan, g)) return false;
+                             if (!plan_gemms(s, p, plan, own, g)) return false;
                              quantize_operand(p, plan, b, tokens_quantized);
                              run_waves(s, p, plan, g, b.act.ptr, static_cast<const float*>(b.scales.ptr),
                                        write_back(p, plan, g));
@@ -685,14 +739,15 @@ bool linear_lt_grouped_mlp(const LinearParams& gu, const LinearParams& down, LtR
     if (meanwhile) meanwhile();
     return false;
   }
-  return with_grouped_plan(gu, {gu.experts, gu.experts2, down.experts}, meanwhile,
+  const bool own = own_kernel_for(gu) && own_kernel_for(down);
+  return with_grouped_plan(gu, {gu.experts, gu.experts2, down.experts}, own ? 128 : 64, meanwhile,
                            [&](State& s, StreamBufs& b, const GroupedPlan& plan, HostTables& t, bool tokens_quantized) {
     GroupedGemms pair, dn;
     pair.table = std::move(t[0]);
     pair.table2 = std::move(t[1]);
     dn.table = std::move(t[2]);
     // Both projections' GEMMs must exist before anything runs: the pair writes only the down operand.
-    if (!plan_gemms(s, gu, plan, pair) || !plan_gemms(s, down, plan, dn)) return false;
+    if (!plan_gemms(s, gu, plan, own, pair) || !plan_gemms(s, down, plan, own, dn)) return false;
     quantize_operand(gu, plan, b, tokens_quantized);
     const int64_t I = gu.out, kb = (I + 127) / 128;
     ensure(b.down_act, sz(plan.total * I * dn.elem), false);

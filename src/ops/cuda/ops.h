@@ -409,6 +409,32 @@ void invert_rows(const int32_t* prob, int64_t total, int32_t* row_of, cudaStream
 // launch. The padding values are left as they are.
 void pad_expert_scales(const MatrixPtrs* table, const MatrixPtrs* table2, const int32_t* seg_expert, int64_t segments,
                        int64_t mb, int64_t kb, float* dst, cudaStream_t stream);
+
+// The GEMMs of a grouped FP8 projection in one launch (grouped_fp8.cu, Hopper): for every operand row r
+// of rows row_base .. row_base + rows (whole 128-row tiles of segments) and output column o < out,
+//   d[r - row_base][o] = sum_c a[r][c] * w[o][c] * a_scale(r, c / 128) * w_scale(o / 128, c / 128)
+// in fp32, stored as bf16, where r's segment s = row_seg[r] (rows seg_rows[2s] .. + seg_rows[2s + 1], a
+// multiple of 128) runs expert e = seg_expert[s]: w = table[e].data ([out x k] e4m3, 16-byte aligned) and
+// table[e].scale_inv ([out / 128][k / 128] row-major, as checkpoints store them); a: [rows x k] e4m3 codes
+// with a_scale in the segments' VEC128 blocks (a_scales + (k / 128) * seg_rows[2s] + (r - seg_rows[2s]) +
+// g * seg_rows[2s + 1] for block g; quantize_activations with segment lists). out and k whole 128 blocks.
+// With table2 (a SwiGLU pair), columns out / 2 .. out come from table2[e]'s rows 0 .. out / 2 (out / 2
+// whole 128 blocks): one launch whether an expert's gate and up are one matrix or two.
+struct GroupedFp8Params {
+  const void* a = nullptr;
+  const float* a_scales = nullptr;
+  const MatrixPtrs* table = nullptr;   // device
+  const MatrixPtrs* table2 = nullptr;  // device, optional
+  const int32_t* row_seg = nullptr;
+  const int32_t* seg_rows = nullptr;
+  const int32_t* seg_expert = nullptr;
+  int64_t row_base = 0, rows = 0, out = 0, k = 0;
+  void* d = nullptr;  // bf16, row i at d + i * ldd
+  int64_t ldd = 0;
+  cudaStream_t stream = nullptr;
+};
+bool grouped_fp8_supported(int64_t out, int64_t k);
+void grouped_fp8_gemm(const GroupedFp8Params& p);
 // Whether cuBLASLt has a GEMM for an out x n x k projection of this weight dtype (FP8 or BF16; the
 // dimensions as `linear` passes them, n rounded up to 16); false means `linear` runs it on its own kernels.
 bool lt_gemm_supported(DType dtype, int64_t out, int64_t n, int64_t k);
