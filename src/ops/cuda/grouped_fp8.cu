@@ -12,10 +12,11 @@
 // threads copy each 128-column k-block of the operand rows and of the expert's weight rows (16 KB each)
 // with cp.async into 128-byte-swizzled slots, with the operand rows' 128 scales of that block; a slot's
 // full barrier completes when every producer thread's copies have landed (cp.async.mbarrier.arrive),
-// its empty barrier when the 8 consumer warps are done with it. Per k-block a consumer warpgroup runs 4 wgmma m64n128k32 (e4m3 x e4m3, fp32) into a
-// partial and adds it to its accumulators times row scale x block scale: the scales are per 128 columns
-// of k, so the products of one block share them, and the fp32 sum across blocks outside the tensor cores
-// is DeepSeek-V3's promotion every 128 k (REFERENCE.md §5).
+// its empty barrier when the 8 consumer warps are done with it. Per k-block a consumer warpgroup runs 4
+// wgmma m64n128k32 (e4m3 x e4m3, fp32) into a partial and adds it to its accumulators times row scale x
+// block scale: the scales are per 128 columns of k, so the products of one block share them, and the
+// fp32 sum across blocks outside the tensor cores is DeepSeek-V3's promotion every 128 k (REFERENCE.md
+// §5).
 #include <cuda_bf16.h>
 
 #include <algorithm>
@@ -38,32 +39,6 @@ constexpr uint32_t kTileBytes = kTile * kTile;  // an FP8 tile: 128 rows of 128 
 constexpr uint32_t kStageBytes = 2 * kTileBytes + 1024;
 constexpr uint32_t kBars = kStages * kStageBytes;
 constexpr size_t kSmemBytes = kBars + 2 * kStages * 8 + 1024;  // + room to align the base to 1,024
-
-__device__ __forceinline__ uint32_t shared_addr(const void* p) {
-  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
-}
-
-// Arrives on bar once every cp.async this thread issued before has landed (noinc: the arrival is one of
-// the barrier's expected count).
-__device__ __forceinline__ void cp_async_arrive(uint32_t bar) {
-  asm volatile("cp.async.mbarrier.arrive.noinc.shared::cta.b64 [%0];" ::"r"(bar) : "memory");
-}
-
-// d (64 x 128, fp32) = a b (ACCUMULATE false) or d + a b: m64n128k32, a (64 x 32) and b (32 x 128) K-major
-// e4m3 tiles in shared memory (FP8 operands are K-major only). d's layout as wgmma_m64n128k16_ss's.
-template <bool ACCUMULATE>
-__device__ __forceinline__ void wgmma_m64n128k32_e4m3(float (&d)[16][4], uint64_t a, uint64_t b) {
-  if constexpr (ACCUMULATE)
-    asm volatile(
-        "wgmma.mma_async.sync.aligned.m64n128k32.f32.e4m3.e4m3 {%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, %48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63}, %64, %65, 1, 1, 1;\n"
-        : "+f"(d[0][0]), "+f"(d[0][1]), "+f"(d[0][2]), "+f"(d[0][3]), "+f"(d[1][0]), "+f"(d[1][1]), "+f"(d[1][2]), "+f"(d[1][3]), "+f"(d[2][0]), "+f"(d[2][1]), "+f"(d[2][2]), "+f"(d[2][3]), "+f"(d[3][0]), "+f"(d[3][1]), "+f"(d[3][2]), "+f"(d[3][3]), "+f"(d[4][0]), "+f"(d[4][1]), "+f"(d[4][2]), "+f"(d[4][3]), "+f"(d[5][0]), "+f"(d[5][1]), "+f"(d[5][2]), "+f"(d[5][3]), "+f"(d[6][0]), "+f"(d[6][1]), "+f"(d[6][2]), "+f"(d[6][3]), "+f"(d[7][0]), "+f"(d[7][1]), "+f"(d[7][2]), "+f"(d[7][3]), "+f"(d[8][0]), "+f"(d[8][1]), "+f"(d[8][2]), "+f"(d[8][3]), "+f"(d[9][0]), "+f"(d[9][1]), "+f"(d[9][2]), "+f"(d[9][3]), "+f"(d[10][0]), "+f"(d[10][1]), "+f"(d[10][2]), "+f"(d[10][3]), "+f"(d[11][0]), "+f"(d[11][1]), "+f"(d[11][2]), "+f"(d[11][3]), "+f"(d[12][0]), "+f"(d[12][1]), "+f"(d[12][2]), "+f"(d[12][3]), "+f"(d[13][0]), "+f"(d[13][1]), "+f"(d[13][2]), "+f"(d[13][3]), "+f"(d[14][0]), "+f"(d[14][1]), "+f"(d[14][2]), "+f"(d[14][3]), "+f"(d[15][0]), "+f"(d[15][1]), "+f"(d[15][2]), "+f"(d[15][3])
-        : "l"(a), "l"(b));
-  else
-    asm volatile(
-        "wgmma.mma_async.sync.aligned.m64n128k32.f32.e4m3.e4m3 {%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, %48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63}, %64, %65, 0, 1, 1;\n"
-        : "=f"(d[0][0]), "=f"(d[0][1]), "=f"(d[0][2]), "=f"(d[0][3]), "=f"(d[1][0]), "=f"(d[1][1]), "=f"(d[1][2]), "=f"(d[1][3]), "=f"(d[2][0]), "=f"(d[2][1]), "=f"(d[2][2]), "=f"(d[2][3]), "=f"(d[3][0]), "=f"(d[3][1]), "=f"(d[3][2]), "=f"(d[3][3]), "=f"(d[4][0]), "=f"(d[4][1]), "=f"(d[4][2]), "=f"(d[4][3]), "=f"(d[5][0]), "=f"(d[5][1]), "=f"(d[5][2]), "=f"(d[5][3]), "=f"(d[6][0]), "=f"(d[6][1]), "=f"(d[6][2]), "=f"(d[6][3]), "=f"(d[7][0]), "=f"(d[7][1]), "=f"(d[7][2]), "=f"(d[7][3]), "=f"(d[8][0]), "=f"(d[8][1]), "=f"(d[8][2]), "=f"(d[8][3]), "=f"(d[9][0]), "=f"(d[9][1]), "=f"(d[9][2]), "=f"(d[9][3]), "=f"(d[10][0]), "=f"(d[10][1]), "=f"(d[10][2]), "=f"(d[10][3]), "=f"(d[11][0]), "=f"(d[11][1]), "=f"(d[11][2]), "=f"(d[11][3]), "=f"(d[12][0]), "=f"(d[12][1]), "=f"(d[12][2]), "=f"(d[12][3]), "=f"(d[13][0]), "=f"(d[13][1]), "=f"(d[13][2]), "=f"(d[13][3]), "=f"(d[14][0]), "=f"(d[14][1]), "=f"(d[14][2]), "=f"(d[14][3]), "=f"(d[15][0]), "=f"(d[15][1]), "=f"(d[15][2]), "=f"(d[15][3])
-        : "l"(a), "l"(b));
-}
 
 // Output tile `tile` (n tiles fastest, so consecutive tiles share their operand rows): its rows, output
 // columns, the expert matrix and row they come from, and the segment's place (for the operand scales).
@@ -90,8 +65,8 @@ __device__ __forceinline__ Tile tile_at(const GroupedFp8Params& p, int64_t tile)
 // producer loads the next tile's first k-blocks while the consumers finish and store this one.
 __global__ void __launch_bounds__(kThreads, 1) grouped_fp8_kernel(const GroupedFp8Params p) {
   extern __shared__ uint8_t smem_raw[];
-  uint8_t* smem = smem_raw + ((1024 - shared_addr(smem_raw) % 1024) % 1024);
-  const uint32_t smem_s = shared_addr(smem);
+  uint8_t* smem = smem_raw + ((1024 - smem_addr(smem_raw) % 1024) % 1024);
+  const uint32_t smem_s = smem_addr(smem);
   auto full = [&](int64_t s) { return smem_s + kBars + 8 * static_cast<uint32_t>(s); };
   auto empty = [&](int64_t s) { return smem_s + kBars + 8 * static_cast<uint32_t>(kStages + s); };
   const int64_t tiles = p.out / kTile * (p.rows / kTile), kbs = p.k / kTile;

@@ -39,10 +39,6 @@ struct ImageLayout {
   __host__ __device__ int64_t v_image(int64_t h, int64_t tile) const { return k_image(h, tile) + kKBytes; }
 };
 
-__device__ __forceinline__ uint32_t smem_addr(const void* p) {
-  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
-}
-
 // Columns col and col + 1 of query row `row`, head h: [q_nope | q_pe] (nope is even, so a pair never
 // straddles the two); zeros for rows at or past p.n.
 __device__ __forceinline__ float2 query_pair(const MlaPrefillParams& p, int64_t h, int64_t row, int64_t col) {
