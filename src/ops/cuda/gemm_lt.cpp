@@ -458,8 +458,8 @@ bool finish_plan(const LinearParams& p, StreamBufs& b, const PlanCopies& c, int6
     plan.total += sg.rows;
     plan.widest = std::max(plan.widest, sg.rows);
   }
-  // prob, row_seg, seg_rows, seg_expert back to back in b.h_lists. The previous step's upload from it is done: this
-  // stream has passed plan_ready since.
+  // prob, row_seg, seg_rows, seg_expert back to back in b.h_lists. The previous step's upload from it is
+  // done: this stream has passed plan_ready since.
   const int64_t nseg = static_cast<int64_t>(plan.segs.size()), words = 2 * plan.total + 3 * nseg;
   ensure_host(b.h_lists, sz(words) * 4);
   int32_t* prob = static_cast<int32_t*>(b.h_lists.ptr);
@@ -509,16 +509,16 @@ bool plan_gemms(State& s, const LinearParams& p, const GroupedPlan& plan, bool o
   g.elem = g.fp8 ? 1 : 2;
   g.kb = (g.k + 127) / 128;
   g.mb = (g.m + 127) / 128;
+  g.ld_tmp = ((g.dual ? 2 * g.m : g.m) + 7) / 8 * 8;
+  if (own) {  // one launch over every segment: no per-expert plans or fused pairs to look up
+    g.own = g.bf16_out = true;
+    return true;
+  }
   g.fused.assign(plan.segs.size(), 0);
   for (size_t i = 0; i < plan.segs.size() && g.dual; ++i) {
     const MatrixPtrs &a = g.table[sz(plan.segs[i].e)], &c = g.table2[sz(plan.segs[i].e)];
     g.fused[i] = c.data == static_cast<const uint8_t*>(a.data) + g.m * g.k * g.elem &&
                  (!g.fp8 || (g.m % 128 == 0 && c.scale_inv == a.scale_inv + g.mb * g.kb));
-  }
-  g.ld_tmp = ((g.dual ? 2 * g.m : g.m) + 7) / 8 * 8;
-  if (own) {
-    g.own = g.bf16_out = true;
-    return true;
   }
   static const float dummy_scale = 1.0f;  // run_gemm sets the real scale pointers
   auto plans_ok = [&](bool bf16_out) {
@@ -555,7 +555,7 @@ void run_waves(State& s, const LinearParams& p, const GroupedPlan& plan, const G
   if (pad_scales)
     pad_expert_scales(p.experts, g.dual ? p.experts2 : nullptr, plan.seg_expert, static_cast<int64_t>(plan.segs.size()),
                       g.mb, g.kb, static_cast<float*>(b.wscales.ptr), p.stream);
-  for (size_t i = 0; i < plan.segs.size(); ++i) {
+  for (size_t i = 0; i < plan.segs.size() && !g.own; ++i) {  // our kernel reads the tables itself
     const int64_t slot = static_cast<int64_t>(i) * pad_floats;
     sa[i] = pad_scales ? static_cast<float*>(b.wscales.ptr) + slot : g.table[sz(plan.segs[i].e)].scale_inv;
     sb[i] = !g.dual ? nullptr : pad_scales ? sa[i] + g.mb * l4 : g.table2[sz(plan.segs[i].e)].scale_inv;
@@ -708,10 +708,9 @@ bool with_grouped_plan(const LinearParams& p, const std::vector<const MatrixPtrs
 // chunk lists and the expert tables come to the host first (one synchronization per projection: prefill
 // only, never in a capture). FP8 projections in whole 128-blocks whose experts average few problems
 // (own_kernel_for) run every expert's GEMM in one launch of our kernel (grouped_fp8_gemm, segments
-// padded to 128 rows); otherwise segments are padded to 64 rows so
-// the cached plans stay few (at most 8,192 / 64 shapes per matrix) and the GEMMs of a wave of segments
-// run on kSideStreams streams into one scratch. Then one launch applies the epilogue (SwiGLU, or the
-// copy back) to every row of the wave.
+// padded to 128 rows); otherwise segments are padded to 64 rows so the cached plans stay few (at most
+// 8,192 / 64 shapes per matrix) and the GEMMs of a wave of segments run on kSideStreams streams into one
+// scratch. Then one launch applies the epilogue (SwiGLU, or the copy back) to every row of the wave.
 bool linear_lt_grouped(const LinearParams& p) {
   if (!grouped_eligible(p) || capturing(p.stream)) return false;
   std::vector<const MatrixPtrs*> tables{p.experts};
