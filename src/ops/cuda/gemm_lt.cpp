@@ -344,20 +344,14 @@ bool bf16_scratch_enabled() {
 // The expert table size of p's plan (moe_plan_chunks' second term).
 int64_t plan_table_size(const LinearParams& p) { return p.gather_chunks - (p.n + kExpertChunk - 1) / kExpertChunk; }
 
-// Problems per expert up to which a grouped FP8 projection runs as one launch of our kernel
-// (grouped_fp8_gemm) rather than one cuBLASLt GEMM per expert: each of those takes ~10 us whatever its
-// size, so few rows per expert favour the one launch, while on large segments cuBLASLt's kernels are
-// faster than ours (docs/PERF.md, "Seventh session").
-constexpr int64_t kGroupedMaxRows = 256;
-
-// Whether p's GEMMs take grouped_fp8_gemm: FP8, whole 128 blocks of outputs and k, and then
-// DSV3_LT_GROUPED_FP8=1 always, =0 never (read at every call, so that tests can compare both), unset
-// when the experts average at most kGroupedMaxRows problems.
+// Whether p's GEMMs take grouped_fp8_gemm (every expert's GEMM in one launch of our kernel) rather than
+// one cuBLASLt GEMM per expert: FP8 in whole 128 blocks of outputs and k, unless DSV3_LT_GROUPED_FP8=0
+// (read at every call, so that tests can compare both). cuBLASLt's per-expert GEMMs take ~10 us each
+// whatever their size, and since the kernel loads through TMA it is the faster one from 1K to 8K
+// prompts on lite (docs/PERF.md, "Eighth session").
 bool own_kernel_for(const LinearParams& p) {
   if (p.w.dtype != DType::F8_E4M3 || !grouped_fp8_supported(p.out, p.w.cols)) return false;
-  const char* v = std::getenv("DSV3_LT_GROUPED_FP8");
-  if (v && *v) return std::string_view(v) != "0";
-  return p.n <= kGroupedMaxRows * plan_table_size(p);
+  return env_enabled("DSV3_LT_GROUPED_FP8");
 }
 
 struct Sides {
@@ -532,6 +526,30 @@ bool plan_gemms(State& s, const LinearParams& p, const GroupedPlan& plan, bool o
   return g.bf16_out || plans_ok(false);
 }
 
+// grouped_fp8_gemm's parameters for p's segments first .. last - 1 of plan (their list in segs), the
+// output left to the caller.
+GroupedFp8Params own_params(const LinearParams& p, const GroupedPlan& plan, const GroupedGemms& g, const void* act,
+                            const float* act_scales, size_t first, size_t last, std::vector<GroupedFp8Segment>& segs) {
+  for (size_t i = first; i < last; ++i) segs.push_back({plan.segs[i].row0, plan.segs[i].rows, plan.segs[i].e});
+  GroupedFp8Params q;
+  q.a = act;
+  q.a_rows = plan.total;
+  q.a_scales = act_scales;
+  q.table = p.experts;
+  q.table2 = g.dual ? p.experts2 : nullptr;
+  q.host_table = g.table.data();
+  q.host_table2 = g.dual ? g.table2.data() : nullptr;
+  q.table_size = static_cast<int64_t>(g.table.size());
+  q.segs = segs.data();
+  q.nsegs = static_cast<int64_t>(segs.size());
+  q.row_base = plan.segs[first].row0;
+  q.rows = plan.segs[last - 1].row0 + plan.segs[last - 1].rows - q.row_base;
+  q.out = g.dual ? 2 * g.m : g.m;
+  q.k = g.k;
+  q.stream = p.stream;
+  return q;
+}
+
 // The GEMMs of one grouped projection over its operand (act, act_scales: rows in plan's segment order),
 // in waves of segments (on the side streams, or one launch of our kernel with g.own) into the scratch
 // b.gate, then per wave epilogue(scratch, rows, w0) on p.stream for the wave's operand rows w0 .. w0 +
@@ -569,21 +587,10 @@ void run_waves(State& s, const LinearParams& p, const GroupedPlan& plan, const G
     while (last < plan.segs.size() && plan.segs[last].row0 + plan.segs[last].rows - w0 <= wave_rows) ++last;
     const int64_t rows = plan.segs[last - 1].row0 + plan.segs[last - 1].rows - w0;
     if (g.own) {  // the whole wave in one launch
-      GroupedFp8Params q;
-      q.a = act;
-      q.a_scales = act_scales;
-      q.table = p.experts;
-      q.table2 = g.dual ? p.experts2 : nullptr;
-      q.row_seg = plan.row_seg;
-      q.seg_rows = plan.seg_rows;
-      q.seg_expert = plan.seg_expert;
-      q.row_base = w0;
-      q.rows = rows;
-      q.out = g.dual ? 2 * g.m : g.m;
-      q.k = g.k;
+      std::vector<GroupedFp8Segment> segs;
+      GroupedFp8Params q = own_params(p, plan, g, act, act_scales, first, last, segs);
       q.d = scratch;
       q.ldd = g.ld_tmp;
-      q.stream = p.stream;
       grouped_fp8_gemm(q);
       epilogue(scratch, rows, w0);
       first = last;
@@ -698,8 +705,8 @@ bool with_grouped_plan(const LinearParams& p, const std::vector<const MatrixPtrs
   }
   GroupedPlan plan;
   if (!finish_plan(p, b, c, row_align, plan)) return true;
-  HostTables host;
-  for (const MatrixPtrs* t : c.tables) host.emplace_back(t, t + plan.experts);
+  HostTables host;  // whole tables: grouped_fp8_gemm keys its tensor maps on them
+  for (const MatrixPtrs* t : c.tables) host.emplace_back(t, t + c.table_size);
   return body(s, b, plan, host, tokens_quantized);
 }
 
@@ -758,13 +765,24 @@ bool linear_lt_grouped_mlp(const LinearParams& gu, const LinearParams& down, LtR
     sq.n = plan.total;
     sq.row_seg = plan.row_seg;
     sq.seg_rows = plan.seg_rows;
-    run_waves(s, gu, plan, pair, b.act.ptr, static_cast<const float*>(b.scales.ptr),
-              [&](const uint8_t* scratch, int64_t rows, int64_t w0) {
-                SwigluQuantParams at = sq;
-                at.w0 = w0;
-                const int64_t out_elem = pair.bf16_out ? 2 : 4;
-                swiglu_quantize_rows(scratch, scratch + I * out_elem, pair.bf16_out, pair.ld_tmp, rows, I, at, gu.stream);
-              });
+    if (pair.own && env_enabled("DSV3_GFP8_SWIGLU")) {
+      // One launch writes down's operand: no bf16 scratch of gate and up, no SwiGLU pass (=0: measurement).
+      std::vector<GroupedFp8Segment> segs;
+      GroupedFp8Params q = own_params(gu, plan, pair, b.act.ptr, static_cast<const float*>(b.scales.ptr), 0,
+                                      plan.segs.size(), segs);
+      q.q = sq.q;
+      q.q_scales = sq.scales;
+      grouped_fp8_gemm(q);
+    } else {
+      run_waves(s, gu, plan, pair, b.act.ptr, static_cast<const float*>(b.scales.ptr),
+                [&](const uint8_t* scratch, int64_t rows, int64_t w0) {
+                  SwigluQuantParams at = sq;
+                  at.w0 = w0;
+                  const int64_t out_elem = pair.bf16_out ? 2 : 4;
+                  swiglu_quantize_rows(scratch, scratch + I * out_elem, pair.bf16_out, pair.ld_tmp, rows, I, at,
+                                       gu.stream);
+                });
+    }
     const int64_t kept_bytes = plan.total * dn.ld_tmp * (dn.bf16_out ? 2 : 4);
     if (keep && keep->rows && keep->row_of && static_cast<size_t>(kept_bytes) <= keep->rows_bytes) {
       run_waves(s, down, plan, dn, b.down_act.ptr, static_cast<const float*>(b.down_scales.ptr),

@@ -1,25 +1,42 @@
 // The routed experts' FP8 GEMMs of a grouped prefill projection in one launch on Hopper's warpgroup
 // products, in place of one cuBLASLt call per expert (gemm_lt.cpp): cuBLASLt's only algorithm for these
 // block-scaled shapes takes ~10 us a GEMM whatever its size (docs/PERF.md, "Seventh session"), and a
-// lite layer runs 64 experts twice. gemm_lt.cpp takes it while the experts average few rows (prompts up
-// to ~2K tokens on lite: 1K prefill 26.4k -> 54.0k tok/s on an H200); on large segments cuBLASLt's
-// kernels are faster (8K: 92.9k against 75.2k), as this kernel is a first, simple form: no TMA, no
-// multicast, and each k-block's products waited for before their promotion.
+// lite layer runs 64 experts twice.
 //
 // A tile = 128 x 128 of the output: 128 operand rows of one segment (the segments are padded to whole
 // 128-row tiles, so a tile never spans two experts) by 128 output columns. One persistent block per SM
-// walks the tiles: two consumer warpgroups of 64 rows and a producer warpgroup. The producer's 128
-// threads copy each 128-column k-block of the operand rows and of the expert's weight rows (16 KB each)
-// with cp.async into 128-byte-swizzled slots, with the operand rows' 128 scales of that block; a slot's
-// full barrier completes when every producer thread's copies have landed (cp.async.mbarrier.arrive),
-// its empty barrier when the 8 consumer warps are done with it. Per k-block a consumer warpgroup runs 4
-// wgmma m64n128k32 (e4m3 x e4m3, fp32) into a partial and adds it to its accumulators times row scale x
-// block scale: the scales are per 128 columns of k, so the products of one block share them, and the
-// fp32 sum across blocks outside the tensor cores is DeepSeek-V3's promotion every 128 k (REFERENCE.md
-// §5).
+// walks the tiles: two consumer warpgroups of 64 rows and one producer thread. Per 128-column k-block
+// the producer has the tensor-memory accelerator (TMA) copy the operand rows and the expert's weight
+// rows (16 KB each, 128-byte swizzled by the tensor maps) and a bulk copy bring the rows' 128 scales,
+// all completing on the slot's full barrier; it stores the weight block's scale in the slot itself. The
+// empty barrier completes when the 8 consumer warps are done with the slot. Per k-block a consumer
+// warpgroup runs 4 wgmma m64n128k32 (e4m3 x e4m3, fp32) into a partial and adds it to its accumulators
+// times row scale x block scale: the scales are per 128 columns of k, so the products of one block share
+// them, and the fp32 sum across blocks outside the tensor cores is DeepSeek-V3's promotion every 128 k
+// (REFERENCE.md §5).
+//
+// The first form (seventh session) had the 128 producer threads copy with cp.async and look up each
+// tile's segment, expert and scales through a chain of dependent loads at every tile start; ncu showed
+// the consumers waiting on the full barriers about as long as on their products (tensor pipe 57% busy
+// on an 8K gate/up). Now the host resolves each 128-row tile's segment and expert into the launch's
+// parameters and builds one tensor map per expert matrix (cached per expert table), so the producer is
+// one thread issuing three copies per k-block and the consumers read nothing but shared memory. And a
+// consumer warpgroup keeps two partials, so that k-block kb + 1's products run while kb's are promoted
+// (registers moved from the producer warpgroup to the consumers with setmaxnreg). 8K prefill on an
+// H200: the experts' GEMMs 39.3 ms -> 34.0 ms with the overlap (docs/PERF.md, "Eighth session").
+//
+// SwiGLU mode (a gate/up pair whose result feeds the down projection): a tile is the gate block, then
+// the up block of the same columns; the epilogue writes silu(gate) * up as the down projection's FP8
+// operand, so no bf16 gate/up scratch is written and read again.
+#include <cuda.h>
 #include <cuda_bf16.h>
+#include <cuda_fp8.h>
+#include <cudaTypedefs.h>
 
 #include <algorithm>
+#include <map>
+#include <mutex>
+#include <vector>
 
 #include "core/error.h"
 #include "ops/cuda/dequant.cuh"
@@ -34,127 +51,326 @@ constexpr int kTile = 128;  // rows, output columns, and k columns (one scale bl
 constexpr int kStages = 5;
 constexpr int kConsumers = 256, kThreads = kConsumers + 128;
 constexpr uint32_t kTileBytes = kTile * kTile;  // an FP8 tile: 128 rows of 128 bytes
-// A stage: the operand tile, the weight tile, the operand rows' 128 scales (512 bytes, padded to 1,024
-// so every tile starts on a swizzle atom). Then the barriers: full 0..kStages-1, empty 0..kStages-1.
+// A stage: the operand tile, the weight tile, the operand rows' 128 scales (512 bytes), the weight
+// block's scale, padded to 1,024 so that every tile starts on a swizzle atom. Then the barriers: full
+// 0..kStages-1, empty 0..kStages-1.
+constexpr uint32_t kScalesAt = 2 * kTileBytes, kWeightScaleAt = kScalesAt + kTile * 4;
 constexpr uint32_t kStageBytes = 2 * kTileBytes + 1024;
+constexpr uint32_t kStageTx = 2 * kTileBytes + kTile * 4;  // what the copies of a stage bring
 constexpr uint32_t kBars = kStages * kStageBytes;
-constexpr size_t kSmemBytes = kBars + 2 * kStages * 8 + 1024;  // + room to align the base to 1,024
+// SwiGLU mode: each consumer thread's gate values (16 pairs of bf16x2) between its two passes, pair j of
+// thread t at kGateAt + 8 (j * kConsumers + t) (a warp's stores hit consecutive words).
+constexpr uint32_t kGateAt = kBars + 2 * kStages * 8;
+constexpr size_t kSmemBytes = kGateAt + 16 * kConsumers * 8 + 1024;  // + room to align the base to 1,024
+// Row tiles one launch resolves in its parameters (12 bytes each; kernel parameters hold up to 32 KB).
+constexpr int kMaxRowTiles = 1024;
+constexpr float kE4m3Max = 448.0f;
 
-// Output tile `tile` (n tiles fastest, so consecutive tiles share their operand rows): its rows, output
-// columns, the expert matrix and row they come from, and the segment's place (for the operand scales).
-struct Tile {
-  int64_t row0, n0, w_row0, seg_row0, seg_n;
-  MatrixPtrs w;
+// One expert matrix: its tensor map (TMA descriptor; CUtensorMap keeps it 128-byte aligned) and block scales.
+struct ExpertMap {
+  CUtensorMap map;
+  const float* scale_inv;
 };
-__device__ __forceinline__ Tile tile_at(const GroupedFp8Params& p, int64_t tile) {
-  const int64_t n_tiles = p.out / kTile;
-  Tile t;
-  t.row0 = p.row_base + tile / n_tiles * kTile;
-  t.n0 = tile % n_tiles * kTile;
-  const int32_t seg = p.row_seg[t.row0];
-  t.seg_row0 = p.seg_rows[2 * seg];
-  t.seg_n = p.seg_rows[2 * seg + 1];
-  const int32_t e = p.seg_expert[seg];
-  const bool second = p.table2 && t.n0 >= p.out / 2;  // a pair's up half: the second table's matrix
-  t.w = second ? p.table2[e] : p.table[e];
-  t.w_row0 = second ? t.n0 - p.out / 2 : t.n0;
-  return t;
+
+// A 128-row tile's segment (first operand row and rows, both whole tiles) and expert.
+struct RowTile {
+  int32_t seg_row0, seg_rows, expert;
+};
+
+struct KernelArgs {
+  CUtensorMap a_map;  // the operand rows, [a_rows x k]
+  const ExpertMap* maps = nullptr;
+  const ExpertMap* maps2 = nullptr;  // a pair's up half (columns out / 2 ..), or null
+  const float* a_scales = nullptr;
+  __nv_bfloat16* d = nullptr;
+  // SwiGLU mode (q set): a tile is a pair's gate block then its up block; silu(gate) * up leaves as FP8
+  // codes (q, rows of out / 2 bytes) with one scale per 128 columns in the segments' VEC128 blocks.
+  uint8_t* q = nullptr;
+  float* q_scales = nullptr;
+  int64_t row_base = 0, ldd = 0;
+  int32_t row_tiles = 0, out = 0, k = 0;
+  RowTile tiles[kMaxRowTiles];  // row tile t covers operand rows row_base + 128 t ..
+};
+
+// TMA: the box at columns x, rows y of the tensor map `map` (a generic address: kernel parameter or
+// global memory) into shared memory at dst, completing on bar's transaction count.
+__device__ __forceinline__ void tma_load_2d(uint32_t dst, const void* map, int32_t x, int32_t y, uint32_t bar) {
+  asm volatile(
+      "cp.async.bulk.tensor.2d.shared::cluster.global.tile.mbarrier::complete_tx::bytes [%0], [%1, {%2, %3}], [%4];"
+      ::"r"(dst), "l"(map), "r"(x), "r"(y), "r"(bar)
+      : "memory");
+}
+// A tensor map in global memory written through the generic proxy (cudaMemcpy) made visible to the
+// tensor-map proxy that TMA reads it through.
+__device__ __forceinline__ void tensormap_acquire(const void* map) {
+  asm volatile("fence.proxy.tensormap::generic.acquire.gpu [%0], 128;" ::"l"(map) : "memory");
+}
+__device__ __forceinline__ void st_shared_f32(uint32_t addr, float v) {
+  asm volatile("st.shared.f32 [%0], %1;" ::"r"(addr), "f"(v) : "memory");
 }
 
-// Persistent: block b takes tiles b, b + gridDim.x, ...; the stages' barriers run on across tiles, so the
-// producer loads the next tile's first k-blocks while the consumers finish and store this one.
-__global__ void __launch_bounds__(kThreads, 1) grouped_fp8_kernel(const GroupedFp8Params p) {
+// Persistent: block b takes tiles b, b + gridDim.x, ... (n tiles fastest, so consecutive tiles share
+// their operand rows); the stages' barriers run on across tiles, so the producer loads the next tile's
+// first k-blocks while the consumers finish and store this one.
+template <bool OVERLAP>
+__global__ void __launch_bounds__(kThreads, 1) grouped_fp8_kernel(const __grid_constant__ KernelArgs p) {
   extern __shared__ uint8_t smem_raw[];
   uint8_t* smem = smem_raw + ((1024 - smem_addr(smem_raw) % 1024) % 1024);
   const uint32_t smem_s = smem_addr(smem);
   auto full = [&](int64_t s) { return smem_s + kBars + 8 * static_cast<uint32_t>(s); };
   auto empty = [&](int64_t s) { return smem_s + kBars + 8 * static_cast<uint32_t>(kStages + s); };
-  const int64_t tiles = p.out / kTile * (p.rows / kTile), kbs = p.k / kTile;
+  const int32_t n_tiles = (p.q ? p.out / 2 : p.out) / kTile, kbs = p.k / kTile;
+  const int64_t tiles = static_cast<int64_t>(n_tiles) * p.row_tiles;
 
   if (threadIdx.x == 0) {
     for (int s = 0; s < kStages; ++s) {
-      mbar_init(full(s), kThreads - kConsumers);
+      mbar_init(full(s), 1);
       mbar_init(empty(s), kConsumers / 32);
     }
     mbar_init_fence();
   }
   __syncthreads();
 
-  if (threadIdx.x >= kConsumers) {  // the producer warpgroup
-    const int t = threadIdx.x - kConsumers;
+  if (threadIdx.x >= kConsumers) {  // the producer warpgroup: its first thread issues every copy
+    if constexpr (OVERLAP) regs_shrink<40>();
+    if (threadIdx.x != kConsumers) return;
     int64_t it = 0;  // k-blocks loaded so far: stage it % kStages, its (it / kStages)-th use
     for (int64_t tile = blockIdx.x; tile < tiles; tile += gridDim.x) {
-      const Tile tl = tile_at(p, tile);
-      const uint8_t* a = static_cast<const uint8_t*>(p.a) + tl.row0 * p.k;
-      const uint8_t* b = static_cast<const uint8_t*>(tl.w.data) + tl.w_row0 * p.k;
+      const int32_t rt = static_cast<int32_t>(tile / n_tiles), n0 = static_cast<int32_t>(tile % n_tiles) * kTile;
+      const RowTile r = p.tiles[rt];
+      const int32_t row0 = static_cast<int32_t>(p.row_base) + rt * kTile;
       // The tile rows' scales of k-block kb: 128 consecutive floats of the segment's block (VEC128 layout).
-      const float* sa = p.a_scales + kbs * tl.seg_row0 + (tl.row0 - tl.seg_row0);
-      for (int64_t kb = 0; kb < kbs; ++kb, ++it) {
-        const int64_t s = it % kStages;
-        if (it >= kStages) mbar_wait(empty(s), static_cast<uint32_t>((it / kStages - 1) & 1));  // its last use done
-        uint8_t* st = smem + s * kStageBytes;
-#pragma unroll 4
-        for (int i = t; i < kTile * 8; i += kThreads - kConsumers) {  // 8 chunks of 16 bytes per row
-          const int r = i / 8, ch = i % 8;
-          const uint32_t at = swizzled_chunk(r, ch, kTile);
-          cp_async16(st + at, a + r * p.k + kb * kTile + ch * 16);
-          cp_async16(st + kTileBytes + at, b + r * p.k + kb * kTile + ch * 16);
+      const float* sa = p.a_scales + static_cast<int64_t>(kbs) * r.seg_row0 + (row0 - r.seg_row0);
+      for (int half = 0; half < (p.q ? 2 : 1); ++half) {
+        // The weight rows: a pair's up half (SwiGLU mode's second pass, or the columns from out / 2) come
+        // from the second table's matrix.
+        const bool second = p.q ? half == 1 : p.maps2 && n0 >= p.out / 2;
+        const ExpertMap* w = (second ? p.maps2 : p.maps) + r.expert;
+        const int32_t w_row0 = second && !p.q ? n0 - p.out / 2 : n0;
+        const float* w_scales = w->scale_inv + static_cast<int64_t>(w_row0 / kTile) * kbs;
+        tensormap_acquire(&w->map);
+        for (int32_t kb = 0; kb < kbs; ++kb, ++it) {
+          const int64_t s = it % kStages;
+          const float sb = w_scales[kb];
+          if (it >= kStages) mbar_wait(empty(s), static_cast<uint32_t>((it / kStages - 1) & 1));  // its last use done
+          const uint32_t st = smem_s + static_cast<uint32_t>(s) * kStageBytes;
+          st_shared_f32(st + kWeightScaleAt, sb);
+          mbar_arrive_expect_tx(full(s), kStageTx);  // releases the scale stored above with the arrival
+          tma_load_2d(st, &p.a_map, kb * kTile, row0, full(s));
+          tma_load_2d(st + kTileBytes, &w->map, kb * kTile, w_row0, full(s));
+          bulk_copy(st + kScalesAt, sa + static_cast<int64_t>(kb) * r.seg_rows, kTile * 4, full(s));
         }
-        if (t < kTile / 4) cp_async16(st + 2 * kTileBytes + t * 16, sa + kb * tl.seg_n + t * 4);
-        cp_async_arrive(full(s));
       }
     }
-    asm volatile("cp.async.wait_all;" ::: "memory");  // leave with no copy of this thread in flight
     return;
   }
 
+  if constexpr (OVERLAP) regs_grow<232>();
   const int wg = threadIdx.x / 128, warp = threadIdx.x % 128 / 32, lane = threadIdx.x % 32, g = lane / 4, c = lane % 4;
   const int ra = wg * 64 + warp * 16 + g, rb = ra + 8;  // this lane's two rows of a tile
-  __nv_bfloat16* d = static_cast<__nv_bfloat16*>(p.d);
-  int64_t it = 0;
-  for (int64_t tile = blockIdx.x; tile < tiles; tile += gridDim.x) {
-    const Tile tl = tile_at(p, tile);
-    const float* w_scales = tl.w.scale_inv + (tl.w_row0 / kTile) * kbs;  // the weight block scales of these rows
-    float acc[16][4], part[16][4];
+  // k-block `it` (counted across tiles): wait for its slot, then its 4 products into `part`, committed;
+  // the scales of this lane's two rows (row scale x weight block scale) read while they run.
+  auto issue = [&](float(&part)[16][4], int64_t it) {
+    const int64_t s = it % kStages;
+    mbar_wait(full(s), static_cast<uint32_t>((it / kStages) & 1));
+    const uint32_t a_s = smem_s + static_cast<uint32_t>(s) * kStageBytes + wg * 64 * kTile;
+    const uint32_t b_s = smem_s + static_cast<uint32_t>(s) * kStageBytes + kTileBytes;
+    wgmma_fence();
+    wgmma_m64n128k32_e4m3<false>(part, wgmma_desc(a_s, 16, 1024), wgmma_desc(b_s, 16, 1024));
+#pragma unroll
+    for (int ks = 1; ks < kTile / 32; ++ks)
+      wgmma_m64n128k32_e4m3<true>(part, wgmma_desc(a_s + 32 * ks, 16, 1024), wgmma_desc(b_s + 32 * ks, 16, 1024));
+    wgmma_commit();
+    const uint8_t* stage = smem + s * kStageBytes;
+    const float* sa = reinterpret_cast<const float*>(stage + kScalesAt);
+    const float sb = *reinterpret_cast<const float*>(stage + kWeightScaleAt);
+    return float2{sa[ra] * sb, sa[rb] * sb};
+  };
+  // k-block it's products (waited for) added to acc times their rows' scales f; its slot released.
+  auto promote = [&](float(&acc)[16][4], float(&part)[16][4], float2 f, int64_t it) {
+    wgmma_hold(part);
+    __syncwarp();
+    if (lane == 0) mbar_arrive(empty(it % kStages));
+#pragma unroll
+    for (int j = 0; j < 16; ++j) {
+      acc[j][0] = fmaf(part[j][0], f.x, acc[j][0]);
+      acc[j][1] = fmaf(part[j][1], f.x, acc[j][1]);
+      acc[j][2] = fmaf(part[j][2], f.y, acc[j][2]);
+      acc[j][3] = fmaf(part[j][3], f.y, acc[j][3]);
+    }
+  };
+  int64_t it = 0;  // k-blocks consumed so far
+  // acc = the next kbs k-blocks' products, promoted.
+  auto mainloop = [&](float(&acc)[16][4]) {
 #pragma unroll
     for (int j = 0; j < 16; ++j)
 #pragma unroll
       for (int i = 0; i < 4; ++i) acc[j][i] = 0.0f;
-    for (int64_t kb = 0; kb < kbs; ++kb, ++it) {
-      const int64_t s = it % kStages;
-      const float sb = w_scales[kb];
-      mbar_wait(full(s), static_cast<uint32_t>((it / kStages) & 1));
-      fence_async_shared();  // the copies (generic proxy) before wgmma's reads (async proxy)
-      const uint32_t a_s = smem_s + static_cast<uint32_t>(s) * kStageBytes + wg * 64 * kTile;
-      const uint32_t b_s = smem_s + static_cast<uint32_t>(s) * kStageBytes + kTileBytes;
-      wgmma_fence();
-      wgmma_m64n128k32_e4m3<false>(part, wgmma_desc(a_s, 16, 1024), wgmma_desc(b_s, 16, 1024));
-#pragma unroll
-      for (int ks = 1; ks < kTile / 32; ++ks)
-        wgmma_m64n128k32_e4m3<true>(part, wgmma_desc(a_s + 32 * ks, 16, 1024), wgmma_desc(b_s + 32 * ks, 16, 1024));
-      wgmma_commit();
-      wgmma_wait<0>();
-      wgmma_hold(part);
-      const float* sa = reinterpret_cast<const float*>(smem + s * kStageBytes + 2 * kTileBytes);
-      const float fa = sa[ra] * sb, fb = sa[rb] * sb;
-      __syncwarp();
-      if (lane == 0) mbar_arrive(empty(s));
-#pragma unroll
-      for (int j = 0; j < 16; ++j) {
-        acc[j][0] = fmaf(part[j][0], fa, acc[j][0]);
-        acc[j][1] = fmaf(part[j][1], fa, acc[j][1]);
-        acc[j][2] = fmaf(part[j][2], fb, acc[j][2]);
-        acc[j][3] = fmaf(part[j][3], fb, acc[j][3]);
+    if constexpr (OVERLAP) {
+      // Two partials: k-block kb + 1's products run on the tensor cores while kb's are promoted.
+      float p0[16][4], p1[16][4];
+      const int64_t end = it + kbs;
+      float2 f0 = issue(p0, it), f1;
+      for (; it + 2 < end; it += 2) {
+        f1 = issue(p1, it + 1);
+        wgmma_wait<1>();
+        promote(acc, p0, f0, it);
+        f0 = issue(p0, it + 2);
+        wgmma_wait<1>();
+        promote(acc, p1, f1, it + 1);
+      }
+      if (it + 1 < end) {  // two left, p0's in flight
+        f1 = issue(p1, it + 1);
+        wgmma_wait<1>();
+        promote(acc, p0, f0, it);
+        wgmma_wait<0>();
+        promote(acc, p1, f1, it + 1);
+        it += 2;
+      } else {  // one left
+        wgmma_wait<0>();
+        promote(acc, p0, f0, it);
+        it += 1;
+      }
+    } else {
+      float part[16][4];
+      for (int32_t kb = 0; kb < kbs; ++kb, ++it) {
+        const float2 f = issue(part, it);
+        wgmma_wait<0>();
+        promote(acc, part, f, it);
       }
     }
-    __nv_bfloat16* da = d + (tl.row0 - p.row_base + ra) * p.ldd + tl.n0 + 2 * c;
-    __nv_bfloat16* db = d + (tl.row0 - p.row_base + rb) * p.ldd + tl.n0 + 2 * c;
+  };
+  for (int64_t tile = blockIdx.x; tile < tiles; tile += gridDim.x) {
+    const int64_t rt = tile / n_tiles, n0 = tile % n_tiles * kTile;
+    float acc[16][4];
+    if (!p.q) {
+      mainloop(acc);
+      __nv_bfloat16* da = p.d + (rt * kTile + ra) * p.ldd + n0 + 2 * c;
+      __nv_bfloat16* db = p.d + (rt * kTile + rb) * p.ldd + n0 + 2 * c;
+#pragma unroll
+      for (int j = 0; j < 16; ++j) {
+        *reinterpret_cast<uint32_t*>(da + 8 * j) = bf16x2_bits(acc[j][0], acc[j][1]);
+        *reinterpret_cast<uint32_t*>(db + 8 * j) = bf16x2_bits(acc[j][2], acc[j][3]);
+      }
+      continue;
+    }
+    // SwiGLU mode: the gate block kept as bf16 (as the two-pass path rounds it into scratch), then the up
+    // block; silu(gate) * up as swiglu_quantize computes it from bf16 scratch, quantized per row over the
+    // tile's 128 columns (a row's columns sit in the 4 lanes of its quad).
+    uint2* gate = reinterpret_cast<uint2*>(smem + kGateAt) + threadIdx.x;  // this thread's, kConsumers apart
+    mainloop(acc);
+#pragma unroll
+    for (int j = 0; j < 16; ++j)
+      gate[j * kConsumers] = make_uint2(bf16x2_bits(acc[j][0], acc[j][1]), bf16x2_bits(acc[j][2], acc[j][3]));
+    mainloop(acc);
+    float amax_a = 0.0f, amax_b = 0.0f;
 #pragma unroll
     for (int j = 0; j < 16; ++j) {
-      *reinterpret_cast<uint32_t*>(da + 8 * j) = bf16x2_bits(acc[j][0], acc[j][1]);
-      *reinterpret_cast<uint32_t*>(db + 8 * j) = bf16x2_bits(acc[j][2], acc[j][3]);
+      const uint2 gj = gate[j * kConsumers];
+      const uint32_t ua = bf16x2_bits(acc[j][0], acc[j][1]), ub = bf16x2_bits(acc[j][2], acc[j][3]);
+      acc[j][0] = silu(bf16_bits_to_float(gj.x & 0xffffu)) * bf16_bits_to_float(ua & 0xffffu);
+      acc[j][1] = silu(bf16_bits_to_float(gj.x >> 16)) * bf16_bits_to_float(ua >> 16);
+      acc[j][2] = silu(bf16_bits_to_float(gj.y & 0xffffu)) * bf16_bits_to_float(ub & 0xffffu);
+      acc[j][3] = silu(bf16_bits_to_float(gj.y >> 16)) * bf16_bits_to_float(ub >> 16);
+      amax_a = fmaxf(amax_a, fmaxf(fabsf(acc[j][0]), fabsf(acc[j][1])));
+      amax_b = fmaxf(amax_b, fmaxf(fabsf(acc[j][2]), fabsf(acc[j][3])));
+    }
+#pragma unroll
+    for (int o = 1; o < 4; o <<= 1) {
+      amax_a = fmaxf(amax_a, __shfl_xor_sync(0xffffffffu, amax_a, o));
+      amax_b = fmaxf(amax_b, __shfl_xor_sync(0xffffffffu, amax_b, o));
+    }
+    // As quantize's store_group: scale amax / 448, an all-zero group scale 0 and codes 0.
+    const float inv_a = amax_a > 0.0f ? kE4m3Max / amax_a : 0.0f, inv_b = amax_b > 0.0f ? kE4m3Max / amax_b : 0.0f;
+    const int64_t m = p.out / 2, row_a = p.row_base + rt * kTile + ra, row_b = row_a + 8;
+    uint8_t* qa = p.q + row_a * m + n0 + 2 * c;
+    uint8_t* qb = p.q + row_b * m + n0 + 2 * c;
+#pragma unroll
+    for (int j = 0; j < 16; ++j) {
+      *reinterpret_cast<uint16_t*>(qa + 8 * j) = static_cast<uint16_t>(
+          __nv_cvt_float2_to_fp8x2(make_float2(acc[j][0] * inv_a, acc[j][1] * inv_a), __NV_SATFINITE, __NV_E4M3));
+      *reinterpret_cast<uint16_t*>(qb + 8 * j) = static_cast<uint16_t>(
+          __nv_cvt_float2_to_fp8x2(make_float2(acc[j][2] * inv_b, acc[j][3] * inv_b), __NV_SATFINITE, __NV_E4M3));
+    }
+    if (c == 0) {
+      const RowTile r = p.tiles[rt];
+      const int64_t groups = m / kTile, at = groups * r.seg_row0 + n0 / kTile * r.seg_rows - r.seg_row0;
+      p.q_scales[at + row_a] = amax_a / kE4m3Max;
+      p.q_scales[at + row_b] = amax_b / kE4m3Max;
     }
   }
+}
+
+// cuTensorMapEncodeTiled from the driver (through the runtime, so nothing links libcuda).
+PFN_cuTensorMapEncodeTiled_v12000 encode_fn() {
+  static const PFN_cuTensorMapEncodeTiled_v12000 fn = [] {
+    void* f = nullptr;
+    cudaDriverEntryPointQueryResult found{};
+    DSV3_CUDA_CHECK(cudaGetDriverEntryPointByVersion("cuTensorMapEncodeTiled", &f, 12000, cudaEnableDefault, &found));
+    check(found == cudaDriverEntryPointSuccess && f, "the CUDA driver has no cuTensorMapEncodeTiled (TMA)",
+          "update the NVIDIA driver, or set DSV3_LT_GROUPED_FP8=0 to run the experts on cuBLASLt");
+    return reinterpret_cast<PFN_cuTensorMapEncodeTiled_v12000>(f);
+  }();
+  return fn;
+}
+
+// A tensor map over an [rows x k] e4m3 matrix (rows k bytes apart) in boxes of 128 x 128, each landing in
+// shared memory in the 128-byte swizzle wgmma's descriptors name.
+CUtensorMap fp8_map(const void* data, int64_t rows, int64_t k) {
+  CUtensorMap m;
+  const cuuint64_t dims[2] = {static_cast<cuuint64_t>(k), static_cast<cuuint64_t>(rows)};
+  const cuuint64_t strides[1] = {static_cast<cuuint64_t>(k)};
+  const cuuint32_t box[2] = {kTile, kTile}, elem_strides[2] = {1, 1};
+  const CUresult r = encode_fn()(&m, CU_TENSOR_MAP_DATA_TYPE_UINT8, 2, const_cast<void*>(data), dims, strides, box,
+                                 elem_strides, CU_TENSOR_MAP_INTERLEAVE_NONE, CU_TENSOR_MAP_SWIZZLE_128B,
+                                 CU_TENSOR_MAP_L2_PROMOTION_L2_256B, CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
+  check(r == CUDA_SUCCESS, "cuTensorMapEncodeTiled failed (" + std::to_string(static_cast<int>(r)) +
+                               ") for an FP8 matrix of " + std::to_string(rows) + " x " + std::to_string(k));
+  return m;
+}
+
+// The tensor maps of an expert table's matrices ([rows x k] each), built once and kept in device memory
+// for as long as the process runs; rebuilt when the table's entries change (another model at the same
+// address).
+const ExpertMap* expert_maps(const MatrixPtrs* device_table, const MatrixPtrs* host_table, int64_t entries,
+                             int64_t rows, int64_t k, cudaStream_t stream) {
+  struct Cached {
+    std::vector<MatrixPtrs> entries;
+    int64_t rows = 0, k = 0;
+    ExpertMap* maps = nullptr;
+  };
+  static std::mutex mu;
+  static auto* cache = new std::map<const MatrixPtrs*, Cached>;  // lives for the process
+  std::lock_guard<std::mutex> lock(mu);
+  Cached& c = (*cache)[device_table];
+  auto same_entry = [](const MatrixPtrs& a, const MatrixPtrs& b) {
+    return a.data == b.data && a.scale_inv == b.scale_inv;
+  };
+  const bool same = c.maps && c.rows == rows && c.k == k && c.entries.size() == static_cast<size_t>(entries) &&
+                    std::equal(c.entries.begin(), c.entries.end(), host_table, same_entry);
+  if (same) return c.maps;
+  std::vector<ExpertMap> host(static_cast<size_t>(entries));  // zeros where an entry is unused
+  for (int64_t e = 0; e < entries; ++e) {
+    const MatrixPtrs& m = host_table[e];
+    if (!m.data) continue;  // an unused entry (the launch checks that no segment names it)
+    DSV3_ASSERT(m.scale_inv && aligned16(m.data));
+    host[static_cast<size_t>(e)].map = fp8_map(m.data, rows, k);
+    host[static_cast<size_t>(e)].scale_inv = m.scale_inv;
+  }
+  if (c.maps) {  // a launch of this stream may still read the old maps
+    DSV3_CUDA_CHECK(cudaStreamSynchronize(stream));
+    DSV3_CUDA_CHECK(cudaFree(c.maps));
+    c.maps = nullptr;
+  }
+  void* dev = nullptr;
+  DSV3_CUDA_CHECK(cudaMalloc(&dev, host.size() * sizeof(ExpertMap)));
+  DSV3_CUDA_CHECK(cudaMemcpyAsync(dev, host.data(), host.size() * sizeof(ExpertMap), cudaMemcpyHostToDevice, stream));
+  DSV3_CUDA_CHECK(cudaStreamSynchronize(stream));  // `host` goes away on return
+  c.maps = static_cast<ExpertMap*>(dev);
+  c.entries.assign(host_table, host_table + entries);
+  c.rows = rows;
+  c.k = k;
+  return c.maps;
 }
 
 }  // namespace
@@ -162,17 +378,25 @@ __global__ void __launch_bounds__(kThreads, 1) grouped_fp8_kernel(const GroupedF
 bool grouped_fp8_supported(int64_t out, int64_t k) { return out > 0 && k > 0 && out % kTile == 0 && k % kTile == 0; }
 
 void grouped_fp8_gemm(const GroupedFp8Params& p) {
-  DSV3_ASSERT(grouped_fp8_supported(p.table2 ? p.out / 2 : p.out, p.k) && p.rows >= 0 && p.rows % kTile == 0);
-  DSV3_ASSERT(p.row_base >= 0 && (!p.table2 || p.out % 2 == 0));
-  DSV3_ASSERT(p.ldd >= p.out && p.ldd % 2 == 0);
+  const int64_t m = p.table2 ? p.out / 2 : p.out;  // rows of each expert matrix
+  DSV3_ASSERT(grouped_fp8_supported(m, p.k) && p.rows >= 0 && p.rows % kTile == 0);
+  DSV3_ASSERT(p.row_base >= 0 && (!p.table2 || p.out % 2 == 0) && p.row_base + p.rows <= p.a_rows);
+  DSV3_ASSERT(p.q ? p.table2 && p.q_scales : p.ldd >= p.out && p.ldd % 2 == 0);
   if (p.rows == 0) return;
-  DSV3_ASSERT(p.a && p.a_scales && p.table && p.row_seg && p.seg_rows && p.seg_expert && p.d);
-  DSV3_ASSERT(aligned16(p.a) && aligned16(p.a_scales) && reinterpret_cast<uintptr_t>(p.d) % 4 == 0);
+  DSV3_ASSERT(p.a && p.a_scales && p.table && p.host_table && p.segs && p.nsegs > 0 && (p.q || p.d));
+  DSV3_ASSERT(!p.table2 || p.host_table2);
+  DSV3_ASSERT(aligned16(p.a) && aligned16(p.a_scales) && reinterpret_cast<uintptr_t>(p.d) % 4 == 0 && p.k % 16 == 0);
+  DSV3_ASSERT(p.a_rows < (int64_t{1} << 31) && p.out < (int64_t{1} << 31) && p.k < (int64_t{1} << 31));
   static const bool opted_in = [] {  // once per process: allow the stages' dynamic shared memory
-    DSV3_CUDA_CHECK(cudaFuncSetAttribute(grouped_fp8_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                         static_cast<int>(kSmemBytes)));
+    for (auto* kernel : {grouped_fp8_kernel<false>, grouped_fp8_kernel<true>})
+      DSV3_CUDA_CHECK(
+          cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(kSmemBytes)));
     return true;
   }();
+  // Measurement and test knobs, read at every call: DSV3_GFP8_OVERLAP=0 waits for each k-block's products
+  // before promoting them (no second partial); DSV3_GFP8_LAUNCH_TILES caps the row tiles per launch.
+  const bool overlap = env_enabled("DSV3_GFP8_OVERLAP");
+  const int64_t launch_tiles = std::min<int64_t>(env_positive("DSV3_GFP8_LAUNCH_TILES", kMaxRowTiles), kMaxRowTiles);
   DSV3_ASSERT(opted_in);
   // One block per SM (the stages fill most of its shared memory), each looping over tiles.
   static const int sms = [] {
@@ -181,9 +405,40 @@ void grouped_fp8_gemm(const GroupedFp8Params& p) {
     DSV3_CUDA_CHECK(cudaDeviceGetAttribute(&count, cudaDevAttrMultiProcessorCount, device));
     return count;
   }();
-  const int64_t tiles = p.out / kTile * (p.rows / kTile);
-  grouped_fp8_kernel<<<static_cast<unsigned>(std::min<int64_t>(tiles, sms)), kThreads, kSmemBytes, p.stream>>>(p);
-  check_launch("grouped_fp8_kernel");
+
+  KernelArgs args;
+  args.a_map = fp8_map(p.a, p.a_rows, p.k);
+  args.maps = expert_maps(p.table, p.host_table, p.table_size, m, p.k, p.stream);
+  args.maps2 = p.table2 ? expert_maps(p.table2, p.host_table2, p.table_size, m, p.k, p.stream) : nullptr;
+  args.a_scales = p.a_scales;
+  args.q = static_cast<uint8_t*>(p.q);
+  args.q_scales = p.q_scales;
+  args.ldd = p.ldd;
+  args.out = static_cast<int32_t>(p.out);
+  args.k = static_cast<int32_t>(p.k);
+  // Launches of at most kMaxRowTiles row tiles, each tile's segment found on the host.
+  int64_t seg = 0;
+  for (int64_t t0 = 0; t0 < p.rows / kTile; t0 += launch_tiles) {
+    args.row_base = p.row_base + t0 * kTile;
+    args.row_tiles = static_cast<int32_t>(std::min<int64_t>(launch_tiles, p.rows / kTile - t0));
+    args.d = p.q ? nullptr : static_cast<__nv_bfloat16*>(p.d) + t0 * kTile * p.ldd;
+    for (int32_t t = 0; t < args.row_tiles; ++t) {
+      const int64_t row = args.row_base + static_cast<int64_t>(t) * kTile;
+      while (seg < p.nsegs && p.segs[seg].row0 + p.segs[seg].rows <= row) ++seg;
+      const GroupedFp8Segment& sg = p.segs[seg < p.nsegs ? seg : 0];
+      DSV3_ASSERT(seg < p.nsegs && sg.row0 <= row && sg.row0 % kTile == 0 && sg.rows % kTile == 0);
+      DSV3_ASSERT(sg.expert >= 0 && sg.expert < p.table_size && p.host_table[sg.expert].data &&
+                  (!p.table2 || p.host_table2[sg.expert].data));
+      args.tiles[t] = {static_cast<int32_t>(sg.row0), static_cast<int32_t>(sg.rows), sg.expert};
+    }
+    const int64_t tiles = (p.q ? m : p.out) / kTile * args.row_tiles;
+    const unsigned blocks = static_cast<unsigned>(std::min<int64_t>(tiles, sms));
+    if (overlap)
+      grouped_fp8_kernel<true><<<blocks, kThreads, kSmemBytes, p.stream>>>(args);
+    else
+      grouped_fp8_kernel<false><<<blocks, kThreads, kSmemBytes, p.stream>>>(args);
+    check_launch("grouped_fp8_kernel");
+  }
 }
 
 }  // namespace dsv3::cuda

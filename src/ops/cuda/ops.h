@@ -410,27 +410,43 @@ void invert_rows(const int32_t* prob, int64_t total, int32_t* row_of, cudaStream
 void pad_expert_scales(const MatrixPtrs* table, const MatrixPtrs* table2, const int32_t* seg_expert, int64_t segments,
                        int64_t mb, int64_t kb, float* dst, cudaStream_t stream);
 
-// The GEMMs of a grouped FP8 projection in one launch (grouped_fp8.cu, Hopper): for every operand row r
-// of rows row_base .. row_base + rows (whole 128-row tiles of segments) and output column o < out,
+// The GEMMs of a grouped FP8 projection (grouped_fp8.cu, Hopper; one launch per 131,072 rows): for every
+// operand row r of rows row_base .. row_base + rows (whole 128-row tiles of segments) and output column
+// o < out,
 //   d[r - row_base][o] = sum_c a[r][c] * w[o][c] * a_scale(r, c / 128) * w_scale(o / 128, c / 128)
-// in fp32, stored as bf16, where r's segment s = row_seg[r] (rows seg_rows[2s] .. + seg_rows[2s + 1], a
-// multiple of 128) runs expert e = seg_expert[s]: w = table[e].data ([out x k] e4m3, 16-byte aligned) and
-// table[e].scale_inv ([out / 128][k / 128] row-major, as checkpoints store them); a: [rows x k] e4m3 codes
-// with a_scale in the segments' VEC128 blocks (a_scales + (k / 128) * seg_rows[2s] + (r - seg_rows[2s]) +
-// g * seg_rows[2s + 1] for block g; quantize_activations with segment lists). out and k whole 128 blocks.
-// With table2 (a SwiGLU pair), columns out / 2 .. out come from table2[e]'s rows 0 .. out / 2 (out / 2
-// whole 128 blocks): one launch whether an expert's gate and up are one matrix or two.
+// in fp32, stored as bf16, where r's segment s (segs[s].row0 .. + segs[s].rows, both multiples of 128;
+// host memory, in row order) runs expert e = segs[s].expert: w = table[e].data ([out x k] e4m3, 16-byte
+// aligned) and table[e].scale_inv ([out / 128][k / 128] row-major, as checkpoints store them); a: [a_rows
+// x k] e4m3 codes with a_scale in the segments' VEC128 blocks (a_scales + (k / 128) * segs[s].row0 + (r -
+// segs[s].row0) + g * segs[s].rows for block g; quantize_activations with segment lists). out and k whole
+// 128 blocks. With table2 (a SwiGLU pair), columns out / 2 .. out come from table2[e]'s rows 0 .. out / 2
+// (out / 2 whole 128 blocks): one launch whether an expert's gate and up are one matrix or two. The
+// tables are given twice: on the device (the key under which the kernel's tensor maps of the experts'
+// matrices are kept) and their host copies (table_size entries each, what the maps are built from).
+// SwiGLU mode (q set, table2 required, d unused): row r of the pair's result, silu(gate) * up with gate
+// and up rounded to bf16 first, leaves as the down projection's FP8 operand: codes at q + r * (out / 2),
+// one scale per 128 columns g at q_scales + (out / 256) * segs[s].row0 + (r - segs[s].row0) + g *
+// segs[s].rows (the same bytes as d in bf16 followed by swiglu_quantize_rows).
+struct GroupedFp8Segment {
+  int64_t row0 = 0, rows = 0;
+  int32_t expert = 0;
+};
 struct GroupedFp8Params {
   const void* a = nullptr;
+  int64_t a_rows = 0;
   const float* a_scales = nullptr;
   const MatrixPtrs* table = nullptr;   // device
   const MatrixPtrs* table2 = nullptr;  // device, optional
-  const int32_t* row_seg = nullptr;
-  const int32_t* seg_rows = nullptr;
-  const int32_t* seg_expert = nullptr;
+  const MatrixPtrs* host_table = nullptr;
+  const MatrixPtrs* host_table2 = nullptr;
+  int64_t table_size = 0;
+  const GroupedFp8Segment* segs = nullptr;  // host
+  int64_t nsegs = 0;
   int64_t row_base = 0, rows = 0, out = 0, k = 0;
   void* d = nullptr;  // bf16, row i at d + i * ldd
   int64_t ldd = 0;
+  void* q = nullptr;  // SwiGLU mode
+  float* q_scales = nullptr;
   cudaStream_t stream = nullptr;
 };
 bool grouped_fp8_supported(int64_t out, int64_t k);
