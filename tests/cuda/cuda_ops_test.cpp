@@ -1575,6 +1575,26 @@ TEST_F(CudaOps, GroupedLtMatchesTensorCoreKernel) {
         EXPECT_EQ(Dev::get(lt_v.y, act.size()), Dev::get(lt.y, act.size())) << knob << ", gate/up";
         EXPECT_EQ(Dev::get(dn_v.y, down.size()), Dev::get(dn.y, down.size())) << knob << ", down";
       }
+
+      // The kernel keeps its tensor maps per device table and rebuilds them when the table's entries
+      // change: the down table's entries reversed in place give what a fresh table of the reversed entries
+      // gives (not the old maps' results).
+      std::vector<cuda::MatrixPtrs> reversed(ds.table.rbegin(), ds.table.rend());
+      cuda::LinearParams dn_t = dn;
+      dn_t.experts = dev.put(ds.table);
+      dn_t.y = dev.poisoned(down.size());
+      ASSERT_TRUE(cuda::linear_lt_grouped(dn_t));
+      EXPECT_EQ(Dev::get(dn_t.y, down.size()), Dev::get(dn.y, down.size())) << "a copy of the down table";
+      DSV3_CUDA_CHECK(cudaMemcpy(const_cast<cuda::MatrixPtrs*>(dn_t.experts), reversed.data(),
+                                 reversed.size() * sizeof(cuda::MatrixPtrs), cudaMemcpyHostToDevice));
+      dn_t.y = dev.poisoned(down.size());
+      ASSERT_TRUE(cuda::linear_lt_grouped(dn_t));
+      cuda::LinearParams dn_r = dn;
+      dn_r.experts = dev.put(reversed);
+      dn_r.y = dev.poisoned(down.size());
+      ASSERT_TRUE(cuda::linear_lt_grouped(dn_r));
+      EXPECT_EQ(Dev::get(dn_t.y, down.size()), Dev::get(dn_r.y, down.size())) << "the down table changed in place";
+      EXPECT_NE(Dev::get(dn_t.y, down.size()), Dev::get(dn.y, down.size())) << "reversed experts, same results";
     }
 
     // The segments in waves of at most 64 rows (one expert each here: every segment is 64+ rows), each
@@ -1687,6 +1707,46 @@ TEST_F(CudaOps, GroupedLtMatchesTensorCoreKernel) {
     dn.n = 16 * k;  // fewer problems than lt_min_rows(): left to the other kernels
     EXPECT_FALSE(cuda::linear_lt_grouped(dn));
   }
+}
+
+// DeepSeek-V3's expert shapes (hidden 7168, intermediate 2048: 56 k-blocks for gate/up, 16 for down)
+// through the grouped FP8 kernel (the default) against cuBLASLt's per-expert GEMMs
+// (DSV3_LT_GROUPED_FP8=0): the whole MLP in one call (the kernel's SwiGLU mode) and the gate/up pair
+// alone. The same products per 128-column block and the same promotion, so the results agree to
+// rounding order at most.
+TEST_F(CudaOps, GroupedFp8KernelAtV3Shapes) {
+  Dev dev;
+  const int64_t E = 3, D = 7168, I = 2048, n = 96, k = 2, P = n * k;
+  const DType dt = DType::F8_E4M3;
+  const ExpertSet gs = make_experts(rng, dev, dt, E, I, D), us = make_experts(rng, dev, dt, E, I, D),
+                  ds = make_experts(rng, dev, dt, E, D, I);
+  std::vector<int32_t> ids(static_cast<size_t>(P));
+  for (int64_t q = 0; q < P; ++q) ids[static_cast<size_t>(q)] = static_cast<int32_t>((q * 5 + q / 7) % E);
+  const ExpertPlan plan = plan_experts(dev, ids, n, k, E);
+  cuda::LinearParams gu =
+      grouped_gate_up(gs, us, plan, n, k, dev.put(randn(rng, static_cast<size_t>(n * D))), nullptr);
+  gu.lt = true;
+  auto run = [&](bool own) {
+    if (!own) {
+      EXPECT_EQ(setenv("DSV3_LT_GROUPED_FP8", "0", 1), 0);
+    }
+    cuda::LinearParams pair = gu;
+    pair.y = dev.poisoned(static_cast<size_t>(P * I));
+    EXPECT_TRUE(cuda::linear_lt_grouped(pair));
+    cuda::LinearParams dn = grouped_down(ds, pair, dev.poisoned(static_cast<size_t>(P * D)));
+    dn.lt = true;
+    EXPECT_TRUE(cuda::linear_lt_grouped_mlp(pair, dn));
+    unsetenv("DSV3_LT_GROUPED_FP8");
+    return std::make_pair(Dev::get(pair.y, static_cast<size_t>(P * I)), Dev::get(dn.y, static_cast<size_t>(P * D)));
+  };
+  const auto own = run(true), lt = run(false);
+  const double e_pair = test::rel_l2(own.first, lt.first), e_mlp = test::rel_l2(own.second, lt.second);
+  std::printf("V3 shapes, grouped FP8 kernel against cuBLASLt: gate/up rel L2 %.2e, MLP %.2e\n", e_pair, e_mlp);
+  EXPECT_LE(e_pair, 1e-3);
+  EXPECT_LE(e_mlp, 1e-3);
+  size_t nan = 0;
+  for (float v : own.second) nan += std::isnan(v);
+  EXPECT_EQ(nan, 0u) << "every output written";
 }
 }  // namespace
 }  // namespace dsv3
