@@ -187,7 +187,12 @@ __device__ __forceinline__ void load4(const __nv_bfloat16* p, int64_t i, float (
   }
 }
 
-__device__ __forceinline__ float silu(float x) { return x / (1.0f + expf(-x)); }
+// silu(x) = x / (1 + e^-x) on the hardware's approximate exponential and reciprocal (a few ulp; 0 for x
+// below about -88 where the exact value is under 1e-36): the grouped FP8 kernel's SwiGLU epilogue runs
+// it on every value of a tile while the tensor cores wait, and expf with an IEEE division took ~30
+// instructions a value there (a third of that kernel's time, ncu, eighth session). Every inference
+// kernel uses this one definition, so their SwiGLU results agree bit for bit.
+__device__ __forceinline__ float silu(float x) { return __fdividef(x, 1.0f + __expf(-x)); }
 
 // Programmatic dependent launch: a kernel launched by launch_pdl may start while the previous kernel of
 // the stream finishes; everything before its pdl_wait() must not read that kernel's outputs (weights

@@ -282,15 +282,19 @@ __global__ void __launch_bounds__(kThreads, 1) grouped_fp8_kernel(const __grid_c
     }
     // As quantize's store_group: scale amax / 448, an all-zero group scale 0 and codes 0.
     const float inv_a = amax_a > 0.0f ? kE4m3Max / amax_a : 0.0f, inv_b = amax_b > 0.0f ? kE4m3Max / amax_b : 0.0f;
+    // Each lane has 2 codes of each of its rows per 8 columns; lanes c and c ^ 1 swap halves so that the
+    // even one stores 4 codes of row a and the odd one 4 of row b (one 4-byte store each).
     const int64_t m = p.out / 2, row_a = p.row_base + rt * kTile + ra, row_b = row_a + 8;
-    uint8_t* qa = p.q + row_a * m + n0 + 2 * c;
-    uint8_t* qb = p.q + row_b * m + n0 + 2 * c;
+    const bool odd = c & 1;
+    uint8_t* qrow = p.q + (odd ? row_b : row_a) * m + n0 + 4 * (c / 2);
 #pragma unroll
     for (int j = 0; j < 16; ++j) {
-      *reinterpret_cast<uint16_t*>(qa + 8 * j) = static_cast<uint16_t>(
+      const uint32_t ca = static_cast<uint16_t>(
           __nv_cvt_float2_to_fp8x2(make_float2(acc[j][0] * inv_a, acc[j][1] * inv_a), __NV_SATFINITE, __NV_E4M3));
-      *reinterpret_cast<uint16_t*>(qb + 8 * j) = static_cast<uint16_t>(
+      const uint32_t cb = static_cast<uint16_t>(
           __nv_cvt_float2_to_fp8x2(make_float2(acc[j][2] * inv_b, acc[j][3] * inv_b), __NV_SATFINITE, __NV_E4M3));
+      const uint32_t got = __shfl_xor_sync(0xffffffffu, odd ? ca : cb, 1);
+      *reinterpret_cast<uint32_t*>(qrow + 8 * j) = odd ? got | cb << 16 : ca | got << 16;
     }
     if (c == 0) {
       const RowTile r = p.tiles[rt];
