@@ -18,12 +18,13 @@
 // The first form (seventh session) had the 128 producer threads copy with cp.async and look up each
 // tile's segment, expert and scales through a chain of dependent loads at every tile start; ncu showed
 // the consumers waiting on the full barriers about as long as on their products (tensor pipe 57% busy
-// on an 8K gate/up). Now the host resolves each 128-row tile's segment and expert into the launch's
-// parameters and builds one tensor map per expert matrix (cached per expert table), so the producer is
-// one thread issuing three copies per k-block and the consumers read nothing but shared memory. And a
-// consumer warpgroup keeps two partials, so that k-block kb + 1's products run while kb's are promoted
-// (registers moved from the producer warpgroup to the consumers with setmaxnreg). 8K prefill on an
-// H200: the experts' GEMMs 39.3 ms -> 34.0 ms with the overlap (docs/PERF.md, "Eighth session").
+// on an 8K down projection). Now the host resolves each 128-row tile's segment and expert into the
+// launch's parameters and builds one tensor map per expert matrix (cached per expert table), so the
+// producer is one thread issuing three copies per k-block and the consumers read nothing but shared
+// memory. And a consumer warpgroup keeps two partials, so that k-block kb + 1's products run while kb's
+// are promoted (registers moved from the producer warpgroup to the consumers with setmaxnreg). 8K
+// prefill on an H200: the experts' GEMMs 39.3 -> 34.0 ms of kernel time with the overlap (docs/PERF.md,
+// "Eighth session").
 //
 // SwiGLU mode (a gate/up pair whose result feeds the down projection): a tile is the gate block, then
 // the up block of the same columns; the epilogue writes silu(gate) * up as the down projection's FP8
