@@ -246,12 +246,15 @@ __global__ void __launch_bounds__(kThreads, 1) grouped_fp8_kernel(const __grid_c
     float acc[16][4];
     if (!p.q) {
       mainloop(acc);
-      __nv_bfloat16* da = p.d + (rt * kTile + ra) * p.ldd + n0 + 2 * c;
-      __nv_bfloat16* db = p.d + (rt * kTile + rb) * p.ldd + n0 + 2 * c;
+      // As the SwiGLU mode's codes: lanes c and c ^ 1 swap halves, the even one stores 4 values of row a,
+      // the odd one 4 of row b (8 bytes each).
+      const bool odd = c & 1;
+      __nv_bfloat16* drow = p.d + (rt * kTile + (odd ? rb : ra)) * p.ldd + n0 + 4 * (c / 2);
 #pragma unroll
       for (int j = 0; j < 16; ++j) {
-        *reinterpret_cast<uint32_t*>(da + 8 * j) = bf16x2_bits(acc[j][0], acc[j][1]);
-        *reinterpret_cast<uint32_t*>(db + 8 * j) = bf16x2_bits(acc[j][2], acc[j][3]);
+        const uint32_t va = bf16x2_bits(acc[j][0], acc[j][1]), vb = bf16x2_bits(acc[j][2], acc[j][3]);
+        const uint32_t got = __shfl_xor_sync(0xffffffffu, odd ? va : vb, 1);
+        *reinterpret_cast<uint2*>(drow + 8 * j) = odd ? make_uint2(got, vb) : make_uint2(va, got);
       }
       continue;
     }
@@ -386,11 +389,12 @@ void grouped_fp8_gemm(const GroupedFp8Params& p) {
   const int64_t m = p.table2 ? p.out / 2 : p.out;  // rows of each expert matrix
   DSV3_ASSERT(grouped_fp8_supported(m, p.k) && p.rows >= 0 && p.rows % kTile == 0);
   DSV3_ASSERT(p.row_base >= 0 && (!p.table2 || p.out % 2 == 0) && p.row_base + p.rows <= p.a_rows);
-  DSV3_ASSERT(p.q ? p.table2 && p.q_scales : p.ldd >= p.out && p.ldd % 2 == 0);
+  DSV3_ASSERT(p.q ? p.table2 && p.q_scales : p.ldd >= p.out);
   if (p.rows == 0) return;
   DSV3_ASSERT(p.a && p.a_scales && p.table && p.host_table && p.segs && p.nsegs > 0 && (p.q || p.d));
   DSV3_ASSERT(!p.table2 || p.host_table2);
-  DSV3_ASSERT(aligned16(p.a) && aligned16(p.a_scales) && reinterpret_cast<uintptr_t>(p.d) % 4 == 0 && p.k % 16 == 0);
+  DSV3_ASSERT(aligned16(p.a) && aligned16(p.a_scales) && p.k % 16 == 0);
+  DSV3_ASSERT(p.q || (reinterpret_cast<uintptr_t>(p.d) % 8 == 0 && p.ldd % 4 == 0));  // 8-byte stores
   DSV3_ASSERT(p.a_rows < (int64_t{1} << 31) && p.out < (int64_t{1} << 31) && p.k < (int64_t{1} << 31));
   static const bool opted_in = [] {  // once per process: allow the stages' dynamic shared memory
     for (auto* kernel : {grouped_fp8_kernel<false>, grouped_fp8_kernel<true>})

@@ -443,7 +443,7 @@ struct GroupedFp8Params {
   const GroupedFp8Segment* segs = nullptr;  // host
   int64_t nsegs = 0;
   int64_t row_base = 0, rows = 0, out = 0, k = 0;
-  void* d = nullptr;  // bf16, row i at d + i * ldd
+  void* d = nullptr;  // bf16, row i at d + i * ldd (8-byte aligned, ldd a multiple of 4)
   int64_t ldd = 0;
   void* q = nullptr;  // SwiGLU mode
   float* q_scales = nullptr;
