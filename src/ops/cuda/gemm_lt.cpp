@@ -461,11 +461,11 @@ bool finish_plan(const LinearParams& p, StreamBufs& b, const PlanCopies& c, int6
   int32_t* seg_rows = row_seg + plan.total;
   int32_t* seg_expert = seg_rows + 2 * nseg;
   for (int64_t i = 0; i < nseg; ++i) {
-    const Segment& sg = plan.segs[sz(i)];
-    for (int64_t r = 0; r < sg.rows; ++r) {
-      row_seg[sg.row0 + r] = static_cast<int32_t>(i);
-      prob[sg.row0 + r] = r < sg.problems ? c.gather[sg.c0 * kExpertChunk + r] : -1;
-    }
+    const Segment& sg = plan.segs[sz(i)];  // its chunks' problems, then padding rows (-1)
+    std::fill(row_seg + sg.row0, row_seg + sg.row0 + sg.rows, static_cast<int32_t>(i));
+    const int32_t* chunks = c.gather + sg.c0 * kExpertChunk;
+    std::copy(chunks, chunks + sg.problems, prob + sg.row0);
+    std::fill(prob + sg.row0 + sg.problems, prob + sg.row0 + sg.rows, -1);
     seg_rows[2 * i] = static_cast<int32_t>(sg.row0);
     seg_rows[2 * i + 1] = static_cast<int32_t>(sg.rows);
     seg_expert[i] = sg.e;
