@@ -16,14 +16,12 @@
 
 #include <algorithm>
 #include <chrono>
-#include <cstdlib>
 #include <cstring>
 #include <functional>
 #include <map>
 #include <mutex>
 #include <random>
 #include <string>
-#include <string_view>
 #include <tuple>
 #include <vector>
 
@@ -713,9 +711,8 @@ bool with_grouped_plan(const LinearParams& p, const std::vector<const MatrixPtrs
 // A grouped MoE projection of a prefill step (moe_plan's chunks) on cuBLASLt: per expert one GEMM (two for
 // the gate/up pair) over its tokens, gathered and quantized in one launch. The expert of each chunk, the
 // chunk lists and the expert tables come to the host first (one synchronization per projection: prefill
-// only, never in a capture). FP8 projections in whole 128-blocks whose experts average few problems
-// (own_kernel_for) run every expert's GEMM in one launch of our kernel (grouped_fp8_gemm, segments
-// padded to 128 rows); otherwise segments are padded to 64 rows so the cached plans stay few (at most
+// only, never in a capture). FP8 projections in whole 128-blocks (own_kernel_for) run every expert's GEMM
+// in one launch of our kernel (grouped_fp8_gemm, segments padded to 128 rows); otherwise segments are padded to 64 rows so the cached plans stay few (at most
 // 8,192 / 64 shapes per matrix) and the GEMMs of a wave of segments run on kSideStreams streams into one
 // scratch. Then one launch applies the epilogue (SwiGLU, or the copy back) to every row of the wave.
 bool linear_lt_grouped(const LinearParams& p) {
