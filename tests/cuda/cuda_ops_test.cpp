@@ -11,6 +11,7 @@
 #include <numeric>
 #include <random>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "core/dtype.h"
@@ -1504,6 +1505,11 @@ TEST_F(CudaOps, ExpertMmaWideBlocksMatchNarrowBitForBit) {
   }
 }
 
+// The grouped FP8 kernel's switches that must leave its results bit for bit the same: each k-block's
+// products waited for before their promotion (no second partial), and one launch per 128-row tile.
+constexpr std::pair<const char*, const char*> kGroupedFp8Variants[] = {{"DSV3_GFP8_OVERLAP", "0"},
+                                                                      {"DSV3_GFP8_LAUNCH_TILES", "1"}};
+
 // The grouped MoE projections of a prefill on cuBLASLt (LinearParams::lt): per-expert GEMMs over gathered,
 // quantized rows against the tensor-core kernel (fp32-accurate): FP8 activations (3 mantissa bits) move
 // results by a few 1e-2 (the SwiGLU product compounds two), BF16 by ~2e-3. Gate/up with RMSNorm and
@@ -1560,17 +1566,14 @@ TEST_F(CudaOps, GroupedLtMatchesTensorCoreKernel) {
       EXPECT_LE(c_dn, 1e-2) << "grouped FP8 kernel against cuBLASLt, down";
       std::printf("grouped FP8 kernel against cuBLASLt: gate/up rel L2 %.2e, down %.2e\n", c_gu, c_dn);
 
-      // The kernel's variants give the same bits: each k-block's products waited for before their
-      // promotion (no second partial), and one launch per 128-row tile (the launches' split).
-      for (const char* knob : {"DSV3_GFP8_OVERLAP=0", "DSV3_GFP8_LAUNCH_TILES=1"}) {
-        const std::string kv(knob);
-        const std::string name = kv.substr(0, kv.find('=')), value = kv.substr(kv.find('=') + 1);
-        ASSERT_EQ(setenv(name.c_str(), value.c_str(), 1), 0);
+      // The kernel's variants (kGroupedFp8Variants) give the same bits.
+      for (const auto& [knob, value] : kGroupedFp8Variants) {
+        ASSERT_EQ(setenv(knob, value, 1), 0);
         cuda::LinearParams lt_v = lt, dn_v = dn;
         lt_v.y = dev.poisoned(act.size());
         dn_v.y = dev.poisoned(down.size());
         const bool ran_v = cuda::linear_lt_grouped(lt_v) && cuda::linear_lt_grouped(dn_v);
-        unsetenv(name.c_str());
+        unsetenv(knob);
         ASSERT_TRUE(ran_v) << knob;
         EXPECT_EQ(Dev::get(lt_v.y, act.size()), Dev::get(lt.y, act.size())) << knob << ", gate/up";
         EXPECT_EQ(Dev::get(dn_v.y, down.size()), Dev::get(dn.y, down.size())) << knob << ", down";
@@ -1634,11 +1637,10 @@ TEST_F(CudaOps, GroupedLtMatchesTensorCoreKernel) {
       EXPECT_EQ(Dev::get(dn2.y, down.size()), Dev::get(two.y, down.size()))
           << dtype_name(dt) << " gate/up + down in one call";
       // FP8: the pair ran in the grouped kernel's SwiGLU mode (down's operand written by its epilogue); the
-      // same bits with it split into one launch per 128-row tile, and with each k-block's products waited
-      // for before their promotion.
-      for (const char* knob : {"DSV3_GFP8_LAUNCH_TILES", "DSV3_GFP8_OVERLAP"}) {
+      // same bits in its variants (kGroupedFp8Variants).
+      for (const auto& [knob, value] : kGroupedFp8Variants) {
         if (dt != DType::F8_E4M3) break;
-        ASSERT_EQ(setenv(knob, std::string_view(knob) == "DSV3_GFP8_OVERLAP" ? "0" : "1", 1), 0);
+        ASSERT_EQ(setenv(knob, value, 1), 0);
         cuda::LinearParams dn_v = grouped_down(ds, pair, dev.poisoned(down.size()));
         dn_v.lt = true;
         const bool ran_v = cuda::linear_lt_grouped_mlp(pair, dn_v);
