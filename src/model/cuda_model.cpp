@@ -255,6 +255,9 @@ struct DevLayer {
   const MatrixPtrs* expert_gate = nullptr;
   const MatrixPtrs* expert_up = nullptr;
   const MatrixPtrs* expert_down = nullptr;
+  const MatrixPtrs* host_gate = nullptr;  // their host copies (CudaModel::tables)
+  const MatrixPtrs* host_up = nullptr;
+  const MatrixPtrs* host_down = nullptr;
 };
 
 // Activation buffers for up to `cap` tokens per forward.
@@ -268,6 +271,7 @@ struct Scratch {
   size_t moe_out_bytes = 0;  // moe_out's room: every expert problem's output row in fp32
   int32_t *gather = nullptr, *gather_expert = nullptr;  // expert-grouped MoE problems (cuda::moe_plan)
   int32_t* plan_scratch = nullptr;  // cuda::moe_plan's per-block counts
+  int32_t* plan_counts = nullptr;   // its problems per expert (for the row plan built on the device)
   int32_t* row_of = nullptr;  // each expert problem's row of the kept down-projection rows (cuda::LtRows)
   int32_t *ids = nullptr, *tokens = nullptr, *counters = nullptr;
   int64_t* pos = nullptr;
@@ -606,12 +610,16 @@ struct CudaModel::Impl {
     t.ids = static_cast<int32_t*>(device_alloc(static_cast<size_t>(cap * k) * 4, scratch_allocs, "expert ids"));
     const int64_t slots = k + c.n_shared_experts, table = c.n_routed_experts + c.n_shared_experts;
     const int64_t chunks = cuda::moe_plan_chunks(cap * slots, table);
-    t.moe_out = f(cap * slots * D, "expert outputs");
-    t.moe_out_bytes = static_cast<size_t>(cap * slots * D) * sizeof(float);
+    // Dense fp32 rows, or the grouped MLP's bf16 rows in its padded order (cuda::LtRows; rows of D
+    // rounded up to 8 values, at most moe_rows_bound of them).
+    const int64_t kept = cuda::moe_rows_bound(cap * slots, table) * ((D + 7) / 8 * 8) / 2;
+    t.moe_out = f(std::max(cap * slots * D, kept), "expert outputs");
+    t.moe_out_bytes = static_cast<size_t>(std::max(cap * slots * D, kept)) * sizeof(float);
     t.gather = static_cast<int32_t*>(device_alloc(static_cast<size_t>(chunks * cuda::kExpertChunk) * 4, scratch_allocs, "expert groups"));
     t.gather_expert = static_cast<int32_t*>(device_alloc(static_cast<size_t>(chunks) * 4, scratch_allocs, "expert groups"));
     const int64_t plan_scratch = cuda::moe_plan_scratch_ints(cap * slots, table);
     t.plan_scratch = static_cast<int32_t*>(device_alloc(static_cast<size_t>(plan_scratch) * 4, scratch_allocs, "expert group counts"));
+    t.plan_counts = static_cast<int32_t*>(device_alloc(static_cast<size_t>(table) * 4, scratch_allocs, "expert problem counts"));
     t.row_of = static_cast<int32_t*>(device_alloc(static_cast<size_t>(cap * slots) * 4, scratch_allocs, "expert output rows"));
     t.step = static_cast<unsigned char*>(device_alloc(Scratch::step_bytes(cap), scratch_allocs, "token ids and positions"));
     t.row_pos = reinterpret_cast<int64_t*>(t.step);
@@ -964,18 +972,17 @@ struct CudaModel::Impl {
     r.stream = stream;
     cuda::route(r);
 
-    // Every reader of the normed input runs before the first write to x (shared down, expert down).
-    const bool separate_shared = c.n_shared_experts > 0 && L.fixed == 0;
-    if (separate_shared) swiglu_up(L.shared, L.post_norm, n, s.act_shared);
-
     // Gate/up: each (token, slot) pair is one problem on its own expert's weights; the slots are the k
     // routed experts, then the shared-expert pieces. Down: one problem per token summing its slots with
     // the routing weights (1 for shared pieces) straight into the residual stream.
+    const bool separate_shared = c.n_shared_experts > 0 && L.fixed == 0;
     const int64_t slots = k + L.fixed;
-    if (n >= moe_group_min_tokens()) {
+    if (n >= moe_group_min_tokens()) {  // it runs the shared experts' gate/up itself
       moe_grouped(L, n, slots, separate_shared);
       return;
     }
+    // Every reader of the normed input runs before the first write to x (shared down, expert down).
+    if (separate_shared) swiglu_up(L.shared, L.post_norm, n, s.act_shared);
     cuda::LinearParams gu = normed_lin(L.expert_shape.gate, L.post_norm, eps(), s.x, D, n * slots, s.act, I);
     gu.experts = L.expert_gate;
     gu.experts2 = L.expert_up;
@@ -1015,6 +1022,7 @@ struct CudaModel::Impl {
     plan.gather = s.gather;
     plan.gather_expert = s.gather_expert;
     plan.scratch = s.plan_scratch;
+    plan.counts = s.plan_counts;
     plan.stream = stream;
     cuda::moe_plan(plan);
     // The shared experts' gate/up needs no plan: on the cuBLASLt path it is enqueued while the host waits
@@ -1033,6 +1041,9 @@ struct CudaModel::Impl {
     gu.gather = s.gather;
     gu.gather_expert = s.gather_expert;
     gu.gather_chunks = chunks;
+    gu.gather_counts = s.plan_counts;
+    gu.host_experts = L.host_gate;
+    gu.host_experts2 = L.host_up;
     cuda::LinearParams down = lin(L.expert_shape.down, s.act, I, n * slots, s.moe_out, D);
     down.experts = L.expert_down;
     down.ids = s.ids;
@@ -1040,6 +1051,7 @@ struct CudaModel::Impl {
     down.gather = s.gather;
     down.gather_expert = s.gather_expert;
     down.gather_chunks = chunks;
+    down.host_experts = L.host_down;
     // On cuBLASLt the pair's SwiGLU goes straight into the down projection's operand (one call); the
     // shared experts' down projection adds into the residual before the combine either way.
     // The down projection's rows may stay where its GEMMs wrote them (in s.moe_out's memory, bf16 or
@@ -1234,8 +1246,11 @@ CudaModel::CudaModel(const Model& host, const CudaOptions& opt) : cfg_(host.conf
         if (pieces.empty()) L.shared = m.upload(lw.moe.shared, p + "mlp.shared_experts");
       }
       L.expert_gate = m.upload_table(ex, &DevSwiGLU::gate);
+      L.host_gate = m.tables.back().data();
       L.expert_up = m.upload_table(ex, &DevSwiGLU::up);
+      L.host_up = m.tables.back().data();
       L.expert_down = m.upload_table(ex, &DevSwiGLU::down);
+      L.host_down = m.tables.back().data();
     }
     m.layers.push_back(L);
   }

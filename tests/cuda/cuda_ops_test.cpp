@@ -155,6 +155,7 @@ struct ExpertPlan {
   const int32_t* ids = nullptr;
   int32_t* gather = nullptr;
   int32_t* gather_expert = nullptr;
+  int32_t* counts = nullptr;
   int64_t chunks = 0;
 };
 
@@ -164,6 +165,7 @@ ExpertPlan plan_experts(Dev& dev, const std::vector<int32_t>& ids, int64_t n, in
   out.ids = dev.put(ids);
   out.gather = dev.alloc<int32_t>(static_cast<size_t>(out.chunks * cuda::kExpertChunk));
   out.gather_expert = dev.alloc<int32_t>(static_cast<size_t>(out.chunks));
+  out.counts = dev.alloc<int32_t>(static_cast<size_t>(E));
   cuda::MoePlanParams plan;
   plan.ids = out.ids;
   plan.n = n;
@@ -174,6 +176,7 @@ ExpertPlan plan_experts(Dev& dev, const std::vector<int32_t>& ids, int64_t n, in
   plan.gather = out.gather;
   plan.gather_expert = out.gather_expert;
   plan.scratch = dev.alloc<int32_t>(static_cast<size_t>(cuda::moe_plan_scratch_ints(n * k, E)));
+  plan.counts = out.counts;
   cuda::moe_plan(plan);
   return out;
 }
@@ -1505,6 +1508,19 @@ TEST_F(CudaOps, ExpertMmaWideBlocksMatchNarrowBitForBit) {
   }
 }
 
+// x0 plus moe_combine of the down rows linear_lt_grouped_mlp kept (keep), weighted by wts [n x k].
+std::vector<float> combine_kept(Dev& dev, const cuda::LtRows& keep, const std::vector<float>& wts,
+                                const std::vector<float>& x0, int64_t n, int64_t k, int64_t D) {
+  float* x = dev.put(x0);
+  cuda::MoeCombineParams mc{nullptr, dev.put(wts), n, k, k, D, x, D, nullptr};
+  mc.rows = keep.rows;
+  mc.rows_bf16 = keep.bf16;
+  mc.ld_rows = keep.ld;
+  mc.row_of = keep.row_of;
+  cuda::moe_combine(mc);
+  return Dev::get(x, x0.size());
+}
+
 // The grouped FP8 kernel's switches that must leave its results bit for bit the same: each k-block's
 // products waited for before their promotion (no second partial), and one launch per 128-row tile.
 constexpr std::pair<const char*, const char*> kGroupedFp8Variants[] = {{"DSV3_GFP8_OVERLAP", "0"},
@@ -1665,14 +1681,8 @@ TEST_F(CudaOps, GroupedLtMatchesTensorCoreKernel) {
       dn3.lt = true;
       ASSERT_TRUE(cuda::linear_lt_grouped_mlp(pair, dn3, &keep)) << dtype_name(dt);
       ASSERT_TRUE(keep.used);
-      float* x_kept = dev.put(x0);
-      cuda::MoeCombineParams mc{nullptr, dev.put(wts), n, k, k, D, x_kept, D, nullptr};
-      mc.rows = keep.rows;
-      mc.rows_bf16 = keep.bf16;
-      mc.ld_rows = keep.ld;
-      mc.row_of = keep.row_of;
-      cuda::moe_combine(mc);
-      EXPECT_EQ(Dev::get(x_kept, x0.size()), Dev::get(x_ref, x0.size())) << dtype_name(dt) << " combine of kept rows";
+      EXPECT_EQ(combine_kept(dev, keep, wts, x0, n, k, D), Dev::get(x_ref, x0.size()))
+          << dtype_name(dt) << " combine of kept rows";
       cuda::LtRows small = keep;
       small.rows_bytes = 1024;
       cuda::LinearParams dn4 = grouped_down(ds, pair, dev.poisoned(down.size()));
@@ -1708,6 +1718,65 @@ TEST_F(CudaOps, GroupedLtMatchesTensorCoreKernel) {
 
     dn.n = 16 * k;  // fewer problems than lt_min_rows(): left to the other kernels
     EXPECT_FALSE(cuda::linear_lt_grouped(dn));
+  }
+}
+
+// The grouped MLP with its row plan built on the device (moe_rows; the expert tables' host copies given)
+// against the plan read on the host (DSV3_MOE_DEVICE_PLAN=0): the same segments in the same order, so the
+// combine of the kept rows gives the same bits. Two routings in turn over the same stream buffers, the
+// first with more operand rows (an expert in two row tiles, one with no problems between used ones, one
+// with a single problem), so that the second runs over rows the first left past its own row count.
+TEST_F(CudaOps, GroupedMlpPlannedOnDeviceMatchesHostPlan) {
+  Dev dev;
+  const DType dt = DType::F8_E4M3;
+  const int64_t E = 6, D = 1024, I = 384, n = 100, k = 3, P = n * k;
+  const ExpertSet gs = make_experts(rng, dev, dt, E, I, D), us = make_experts(rng, dev, dt, E, I, D),
+                  ds = make_experts(rng, dev, dt, E, D, I);
+  std::vector<float> norm = randn(rng, static_cast<size_t>(D), 0.3f);
+  for (float& v : norm) v += 1.0f;
+  const float* x_in = dev.put(randn(rng, static_cast<size_t>(n * D)));
+  const float* nw = dev.put(norm);
+  std::vector<int32_t> irregular(static_cast<size_t>(P)), even(static_cast<size_t>(P));
+  for (int64_t t = 0; t < n; ++t) {
+    const size_t at = static_cast<size_t>(t * k);
+    irregular[at] = 0;
+    irregular[at + 1] = t == 0 ? 4 : t % 2 ? 2 : 3;  // expert 4: one problem; expert 1: none
+    irregular[at + 2] = t % 5 == 0 ? 5 : 0;           // expert 0: 180 problems, two row tiles
+    for (int64_t j = 0; j < k; ++j) even[at + static_cast<size_t>(j)] = static_cast<int32_t>((t * 7 + j * 2) % 5);
+  }
+  const std::vector<float> wts = randn(rng, static_cast<size_t>(P)), x0 = randn(rng, static_cast<size_t>(n * D));
+  const int64_t bound = cuda::moe_rows_bound(P, E);
+  const size_t room = static_cast<size_t>(bound * D / 2);  // floats: bf16 rows of D values
+  for (const std::vector<int32_t>* ids : {&irregular, &even}) {
+    const ExpertPlan plan = plan_experts(dev, *ids, n, k, E);
+    auto combined = [&](bool on_device) {
+      cuda::LinearParams pair = grouped_gate_up(gs, us, plan, n, k, x_in, nw);
+      pair.lt = true;
+      pair.gather_counts = plan.counts;
+      pair.host_experts = gs.table.data();
+      pair.host_experts2 = us.table.data();
+      cuda::LinearParams down = grouped_down(ds, pair, dev.poisoned(static_cast<size_t>(P * D)));
+      down.lt = true;
+      down.host_experts = ds.table.data();
+      cuda::LtRows keep{dev.poisoned(room), room * sizeof(float), dev.alloc<int32_t>(static_cast<size_t>(P))};
+      if (!on_device) {
+        EXPECT_EQ(setenv("DSV3_MOE_DEVICE_PLAN", "0", 1), 0);
+      }
+      const bool ran = cuda::linear_lt_grouped_mlp(pair, down, &keep);
+      unsetenv("DSV3_MOE_DEVICE_PLAN");
+      EXPECT_TRUE(ran && keep.used);
+      EXPECT_EQ(keep.on_device, on_device);
+      return combine_kept(dev, keep, wts, x0, n, k, D);
+    };
+    const std::vector<float> host = combined(false), device = combined(true);
+    EXPECT_EQ(device, host) << (ids == &even ? "even" : "irregular") << " routing";
+    EXPECT_NE(host, x0);
+    for (const auto& [knob, value] : kGroupedFp8Variants) {  // the kernel's forms on device tiles
+      ASSERT_EQ(setenv(knob, value, 1), 0);
+      const std::vector<float> variant = combined(true);
+      unsetenv(knob);
+      EXPECT_EQ(variant, device) << knob << ", " << (ids == &even ? "even" : "irregular") << " routing";
+    }
   }
 }
 

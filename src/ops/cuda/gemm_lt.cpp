@@ -79,6 +79,7 @@ void ensure_host(HostBuf& b, size_t bytes) {
 struct StreamBufs {
   DevBuf act, scales, wscales, gate, up, workspace;
   DevBuf prob;                     // the grouped MoE's row lists (linear_lt_grouped): prob, row_seg, seg_rows
+  DevBuf dev_rows;                 // the same built on the device (moe_rows), with the tiles' records
   DevBuf tok_act, tok_scales;      // its tokens quantized once each, before the gather
   DevBuf down_act, down_scales;    // the down projection's operand, written by the gate/up epilogue
   DevBuf wpad, wpad2;              // FP8 weights copied with whole 128-column blocks (linear_lt)
@@ -524,27 +525,35 @@ bool plan_gemms(State& s, const LinearParams& p, const GroupedPlan& plan, bool o
   return g.bf16_out || plans_ok(false);
 }
 
-// grouped_fp8_gemm's parameters for p's segments first .. last - 1 of plan (their list in segs), the
-// output left to the caller.
+// grouped_fp8_gemm's parameters for p's experts (host copies of its tables: host, host2 for a pair) over
+// an operand of a_rows rows; the rows, segments and output left to the caller.
+GroupedFp8Params fp8_params(const LinearParams& p, const MatrixPtrs* host, const MatrixPtrs* host2, int64_t table_size,
+                            const void* act, int64_t a_rows, const float* act_scales) {
+  GroupedFp8Params q;
+  q.a = act;
+  q.a_rows = a_rows;
+  q.a_scales = act_scales;
+  q.table = p.experts;
+  q.table2 = p.experts2;
+  q.host_table = host;
+  q.host_table2 = p.experts2 ? host2 : nullptr;
+  q.table_size = table_size;
+  q.out = p.experts2 ? 2 * p.out : p.out;
+  q.k = p.w.cols;
+  q.stream = p.stream;
+  return q;
+}
+
+// The same for p's segments first .. last - 1 of plan (their list in segs).
 GroupedFp8Params own_params(const LinearParams& p, const GroupedPlan& plan, const GroupedGemms& g, const void* act,
                             const float* act_scales, size_t first, size_t last, std::vector<GroupedFp8Segment>& segs) {
   for (size_t i = first; i < last; ++i) segs.push_back({plan.segs[i].row0, plan.segs[i].rows, plan.segs[i].e});
-  GroupedFp8Params q;
-  q.a = act;
-  q.a_rows = plan.total;
-  q.a_scales = act_scales;
-  q.table = p.experts;
-  q.table2 = g.dual ? p.experts2 : nullptr;
-  q.host_table = g.table.data();
-  q.host_table2 = g.dual ? g.table2.data() : nullptr;
-  q.table_size = static_cast<int64_t>(g.table.size());
+  GroupedFp8Params q = fp8_params(p, g.table.data(), g.table2.data(), static_cast<int64_t>(g.table.size()), act,
+                                  plan.total, act_scales);
   q.segs = segs.data();
   q.nsegs = static_cast<int64_t>(segs.size());
   q.row_base = plan.segs[first].row0;
   q.rows = plan.segs[last - 1].row0 + plan.segs[last - 1].rows - q.row_base;
-  q.out = g.dual ? 2 * g.m : g.m;
-  q.k = g.k;
-  q.stream = p.stream;
   return q;
 }
 
@@ -635,6 +644,27 @@ bool quantize_tokens(const LinearParams& p, StreamBufs& b) {
   return true;
 }
 
+// The gather of the tokens' codes (quantize_tokens) into p's operand b.act / b.scales: n rows in the
+// order of the row lists (prob, row_seg, seg_rows).
+GatherQuantParams token_gather(const LinearParams& p, StreamBufs& b, int64_t n, bool fp8, const int32_t* prob,
+                               const int32_t* row_seg, const int32_t* seg_rows) {
+  GatherQuantParams gq;
+  gq.src = b.tok_act.ptr;
+  gq.src_scales = fp8 ? static_cast<const float*>(b.tok_scales.ptr) : nullptr;
+  gq.tokens = (p.n + p.x_div - 1) / p.x_div;
+  gq.n = n;
+  gq.k = p.w.cols;
+  gq.fp8 = fp8;
+  gq.q = b.act.ptr;
+  gq.scales = fp8 ? static_cast<float*>(b.scales.ptr) : nullptr;
+  gq.rows = prob;
+  gq.x_div = p.x_div;
+  gq.row_seg = row_seg;
+  gq.seg_rows = seg_rows;
+  gq.stream = p.stream;
+  return gq;
+}
+
 // p's operand in b.act / b.scales: its problems' input rows (normed when p.norm) quantized in segment
 // order, gathered from the tokens' codes when quantize_tokens wrote them, else quantized from x.
 void quantize_operand(const LinearParams& p, const GroupedPlan& plan, StreamBufs& b, bool tokens_quantized) {
@@ -643,21 +673,7 @@ void quantize_operand(const LinearParams& p, const GroupedPlan& plan, StreamBufs
   ensure(b.act, sz(plan.total * k * elem), false);
   if (fp8) ensure(b.scales, sz(kb * plan.total * 4), false);
   if (tokens_quantized) {
-    GatherQuantParams gq;
-    gq.src = b.tok_act.ptr;
-    gq.src_scales = fp8 ? static_cast<const float*>(b.tok_scales.ptr) : nullptr;
-    gq.tokens = (p.n + p.x_div - 1) / p.x_div;
-    gq.n = plan.total;
-    gq.k = k;
-    gq.fp8 = fp8;
-    gq.q = b.act.ptr;
-    gq.scales = fp8 ? static_cast<float*>(b.scales.ptr) : nullptr;
-    gq.rows = plan.prob;
-    gq.x_div = p.x_div;
-    gq.row_seg = plan.row_seg;
-    gq.seg_rows = plan.seg_rows;
-    gq.stream = p.stream;
-    gather_quantized(gq);
+    gather_quantized(token_gather(p, b, plan.total, fp8, plan.prob, plan.row_seg, plan.seg_rows));
   } else {
     ActQuantParams q = act_quant(p, b, plan.total, k, fp8);
     q.rows = plan.prob;
@@ -733,9 +749,83 @@ bool linear_lt_grouped(const LinearParams& p) {
                            });
 }
 
+namespace {
+
+// Whether the grouped MLP runs with its row plan built on the device (mlp_on_device): every piece of it
+// must work from a row count on the device: our kernel for both projections, the pair in SwiGLU mode,
+// each token quantized once and its codes gathered, the down projection's rows kept for the combine
+// (keep's room holding moe_rows_bound rows), the plan's counts and the expert tables' host copies given. On unless
+// DSV3_MOE_DEVICE_PLAN=0 (read at every call, so that tests can compare both).
+bool device_plan_for(const LinearParams& gu, const LinearParams& down, const LtRows* keep, bool own) {
+  if (!own || !env_enabled("DSV3_GFP8_SWIGLU") || !env_enabled("DSV3_MOE_DEVICE_PLAN") || !quantize_once_enabled() ||
+      gu.x_div <= 1 || !gu.gather_counts || !gu.host_experts || !gu.host_experts2 || !down.host_experts || !keep || !keep->rows ||
+      !keep->row_of)
+    return false;
+  const int64_t bound = moe_rows_bound(gu.n, plan_table_size(gu)), ld = (down.out + 7) / 8 * 8;
+  return sz(bound * ld * 2) <= keep->rows_bytes;
+}
+
+// The grouped MLP of linear_lt_grouped_mlp with no host round trip: moe_rows lays the operand's rows out
+// on the device, and every launch after it covers the most rows any routing can take (moe_rows_bound),
+// reading the real count on the device (the grouped kernel is persistent, the row kernels skip the
+// rest). The host enqueues on without waiting for the plan, so the device never idles for it.
+void mlp_on_device(const LinearParams& gu, const LinearParams& down, LtRows& keep, const std::function<void()>& meanwhile) {
+  State& s = state();
+  std::unique_lock<std::mutex> lock(s.mu);
+  StreamBufs& b = s.bufs[gu.stream];
+  const int64_t table_size = plan_table_size(gu), bound = moe_rows_bound(gu.n, table_size);
+  ensure(b.dev_rows, sz(moe_rows_ints(bound, table_size)) * 4, false);
+  MoeRowsParams rp;
+  rp.gather = gu.gather;
+  rp.counts = gu.gather_counts;
+  rp.table_size = table_size;
+  rp.bound = bound;
+  rp.out = static_cast<int32_t*>(b.dev_rows.ptr);
+  rp.stream = gu.stream;
+  const MoeRows rows = moe_rows(rp);
+  const bool tokens_quantized = quantize_tokens(gu, b);
+  DSV3_ASSERT(tokens_quantized);  // device_plan_for checked that they are quantized once
+  if (meanwhile) {  // without the lock, as with_grouped_plan
+    lock.unlock();
+    meanwhile();
+    lock.lock();
+  }
+  const int64_t k = gu.w.cols, I = gu.out, ld = (down.out + 7) / 8 * 8;
+  ensure(b.act, sz(bound * k), false);
+  ensure(b.scales, sz(k / 128 * bound * 4), false);
+  GatherQuantParams gq = token_gather(gu, b, bound, true, rows.prob, rows.row_seg, rows.seg_rows);
+  gq.live = rows.total;  // the rows past the plan's are left alone
+  gather_quantized(gq);
+  ensure(b.down_act, sz(bound * I), false);
+  ensure(b.down_scales, sz(I / 128 * bound * 4), false);
+  auto on_rows = [&](GroupedFp8Params q) {
+    q.rows = bound;
+    q.dev_tiles = rows.tiles;
+    q.dev_rows = rows.total;
+    return q;
+  };
+  GroupedFp8Params pair = on_rows(fp8_params(gu, gu.host_experts, gu.host_experts2, table_size, b.act.ptr, bound,
+                                             static_cast<const float*>(b.scales.ptr)));
+  pair.q = b.down_act.ptr;
+  pair.q_scales = static_cast<float*>(b.down_scales.ptr);
+  grouped_fp8_gemm(pair);
+  GroupedFp8Params dn = on_rows(fp8_params(down, down.host_experts, nullptr, table_size, b.down_act.ptr, bound,
+                                           static_cast<const float*>(b.down_scales.ptr)));
+  dn.d = keep.rows;
+  dn.ldd = ld;
+  grouped_fp8_gemm(dn);
+  invert_rows(rows.prob, bound, keep.row_of, gu.stream, rows.total);
+  keep.used = true;
+  keep.bf16 = true;
+  keep.ld = ld;
+  keep.on_device = true;
+}
+
+}  // namespace
+
 bool linear_lt_grouped_mlp(const LinearParams& gu, const LinearParams& down, LtRows* keep,
                            const std::function<void()>& meanwhile) {
-  if (keep) keep->used = false;
+  if (keep) keep->used = keep->on_device = false;
   if (!grouped_eligible(gu) || !grouped_eligible(down) || !gu.experts2 || down.experts2 || down.x_div != 1 ||
       down.gather != gu.gather || down.n != gu.n || down.w.dtype != gu.w.dtype || down.w.cols != gu.out ||
       capturing(gu.stream) || down.stream != gu.stream) {
@@ -743,6 +833,10 @@ bool linear_lt_grouped_mlp(const LinearParams& gu, const LinearParams& down, LtR
     return false;
   }
   const bool own = own_kernel_for(gu) && own_kernel_for(down);
+  if (device_plan_for(gu, down, keep, own)) {
+    mlp_on_device(gu, down, *keep, meanwhile);
+    return true;
+  }
   return with_grouped_plan(gu, {gu.experts, gu.experts2, down.experts}, own ? 128 : 64, meanwhile,
                            [&](State& s, StreamBufs& b, const GroupedPlan& plan, HostTables& t, bool tokens_quantized) {
     GroupedGemms pair, dn;

@@ -29,6 +29,10 @@
 // SwiGLU mode (a gate/up pair whose result feeds the down projection): a tile is the gate block, then
 // the up block of the same columns; the epilogue writes silu(gate) * up as the down projection's FP8
 // operand, so no bf16 gate/up scratch is written and read again.
+//
+// Device tiles: the tiles' records and their count may instead come from moe_rows in device memory (the
+// row plan built on the device, ninth session): one launch of one block per SM, whatever the routing,
+// so the host never waits for the plan.
 #include <cuda.h>
 #include <cuda_bf16.h>
 #include <cuda_fp8.h>
@@ -77,6 +81,7 @@ struct ExpertMap {
 struct RowTile {
   int32_t seg_row0, seg_rows, expert;
 };
+static_assert(sizeof(RowTile) == 3 * sizeof(int32_t), "moe_rows writes the tiles as int32 triples");
 
 struct KernelArgs {
   CUtensorMap a_map;  // the operand rows, [a_rows x k]
@@ -90,7 +95,12 @@ struct KernelArgs {
   float* q_scales = nullptr;
   int64_t row_base = 0, ldd = 0;
   int32_t row_tiles = 0, out = 0, k = 0;
+  // Device tiles (moe_rows): the row tiles' records and their count (operand rows / 128) in global
+  // memory, in place of `tiles` and row_tiles.
+  const RowTile* dev_tiles = nullptr;
+  const int32_t* dev_rows = nullptr;
   RowTile tiles[kMaxRowTiles];  // row tile t covers operand rows row_base + 128 t ..
+  __device__ RowTile tile(int64_t rt) const { return dev_tiles ? dev_tiles[rt] : tiles[rt]; }
 };
 
 // TMA: the box at columns x, rows y of the tensor map `map` (a generic address: kernel parameter or
@@ -118,10 +128,11 @@ __global__ void __launch_bounds__(kThreads, 1) grouped_fp8_kernel(const __grid_c
   extern __shared__ uint8_t smem_raw[];
   uint8_t* smem = smem_raw + ((1024 - smem_addr(smem_raw) % 1024) % 1024);
   const uint32_t smem_s = smem_addr(smem);
-  auto full = [&](int64_t s) { return smem_s + kBars + 8 * static_cast<uint32_t>(s); };
-  auto empty = [&](int64_t s) { return smem_s + kBars + 8 * static_cast<uint32_t>(kStages + s); };
+  auto full = [&](uint32_t s) { return smem_s + kBars + 8 * s; };
+  auto empty = [&](uint32_t s) { return smem_s + kBars + 8 * (kStages + s); };
   const int32_t n_tiles = (p.q ? p.out / 2 : p.out) / kTile, kbs = p.k / kTile;
-  const int64_t tiles = static_cast<int64_t>(n_tiles) * p.row_tiles;
+  const int32_t row_tiles = p.dev_rows ? *p.dev_rows / kTile : p.row_tiles;
+  const int32_t tiles = n_tiles * row_tiles;  // (int32 here and below: 64-bit arithmetic costs registers)
 
   if (threadIdx.x == 0) {
     for (int s = 0; s < kStages; ++s) {
@@ -135,10 +146,10 @@ __global__ void __launch_bounds__(kThreads, 1) grouped_fp8_kernel(const __grid_c
   if (threadIdx.x >= kConsumers) {  // the producer warpgroup: its first thread issues every copy
     if constexpr (OVERLAP) regs_shrink<40>();
     if (threadIdx.x != kConsumers) return;
-    int64_t it = 0;  // k-blocks loaded so far: stage it % kStages, its (it / kStages)-th use
-    for (int64_t tile = blockIdx.x; tile < tiles; tile += gridDim.x) {
-      const int32_t rt = static_cast<int32_t>(tile / n_tiles), n0 = static_cast<int32_t>(tile % n_tiles) * kTile;
-      const RowTile r = p.tiles[rt];
+    uint32_t it = 0;  // k-blocks loaded so far: stage it % kStages, its (it / kStages)-th use (int32: registers)
+    for (int32_t tile = blockIdx.x; tile < tiles; tile += gridDim.x) {
+      const int32_t rt = tile / n_tiles, n0 = tile % n_tiles * kTile;
+      const RowTile r = p.tile(rt);
       const int32_t row0 = static_cast<int32_t>(p.row_base) + rt * kTile;
       // The tile rows' scales of k-block kb: 128 consecutive floats of the segment's block (VEC128 layout).
       const float* sa = p.a_scales + static_cast<int64_t>(kbs) * r.seg_row0 + (row0 - r.seg_row0);
@@ -151,9 +162,9 @@ __global__ void __launch_bounds__(kThreads, 1) grouped_fp8_kernel(const __grid_c
         const float* w_scales = w->scale_inv + static_cast<int64_t>(w_row0 / kTile) * kbs;
         tensormap_acquire(&w->map);
         for (int32_t kb = 0; kb < kbs; ++kb, ++it) {
-          const int64_t s = it % kStages;
+          const uint32_t s = it % kStages;
           const float sb = w_scales[kb];
-          if (it >= kStages) mbar_wait(empty(s), static_cast<uint32_t>((it / kStages - 1) & 1));  // its last use done
+          if (it >= kStages) mbar_wait(empty(s), (it / kStages - 1) & 1);  // its last use done
           const uint32_t st = smem_s + static_cast<uint32_t>(s) * kStageBytes;
           st_shared_f32(st + kWeightScaleAt, sb);
           mbar_arrive_expect_tx(full(s), kStageTx);  // releases the scale stored above with the arrival
@@ -171,9 +182,9 @@ __global__ void __launch_bounds__(kThreads, 1) grouped_fp8_kernel(const __grid_c
   const int ra = wg * 64 + warp * 16 + g, rb = ra + 8;  // this lane's two rows of a tile
   // k-block `it` (counted across tiles): wait for its slot, then its 4 products into `part`, committed;
   // the scales of this lane's two rows (row scale x weight block scale) read while they run.
-  auto issue = [&](float(&part)[16][4], int64_t it) {
-    const int64_t s = it % kStages;
-    mbar_wait(full(s), static_cast<uint32_t>((it / kStages) & 1));
+  auto issue = [&](float(&part)[16][4], uint32_t it) {
+    const uint32_t s = it % kStages;
+    mbar_wait(full(s), (it / kStages) & 1);
     const uint32_t a_s = smem_s + static_cast<uint32_t>(s) * kStageBytes + wg * 64 * kTile;
     const uint32_t b_s = smem_s + static_cast<uint32_t>(s) * kStageBytes + kTileBytes;
     wgmma_fence();
@@ -188,7 +199,7 @@ __global__ void __launch_bounds__(kThreads, 1) grouped_fp8_kernel(const __grid_c
     return float2{sa[ra] * sb, sa[rb] * sb};
   };
   // k-block it's products (waited for) added to acc times their rows' scales f; its slot released.
-  auto promote = [&](float(&acc)[16][4], float(&part)[16][4], float2 f, int64_t it) {
+  auto promote = [&](float(&acc)[16][4], float(&part)[16][4], float2 f, uint32_t it) {
     wgmma_hold(part);
     __syncwarp();
     if (lane == 0) mbar_arrive(empty(it % kStages));
@@ -200,7 +211,7 @@ __global__ void __launch_bounds__(kThreads, 1) grouped_fp8_kernel(const __grid_c
       acc[j][3] = fmaf(part[j][3], f.y, acc[j][3]);
     }
   };
-  int64_t it = 0;  // k-blocks consumed so far
+  uint32_t it = 0;  // k-blocks consumed so far
   // acc = the next kbs k-blocks' products, promoted.
   auto mainloop = [&](float(&acc)[16][4]) {
 #pragma unroll
@@ -210,7 +221,7 @@ __global__ void __launch_bounds__(kThreads, 1) grouped_fp8_kernel(const __grid_c
     if constexpr (OVERLAP) {
       // Two partials: k-block kb + 1's products run on the tensor cores while kb's are promoted.
       float p0[16][4], p1[16][4];
-      const int64_t end = it + kbs;
+      const uint32_t end = it + kbs;
       float2 f0 = issue(p0, it), f1;
       for (; it + 2 < end; it += 2) {
         f1 = issue(p1, it + 1);
@@ -241,11 +252,11 @@ __global__ void __launch_bounds__(kThreads, 1) grouped_fp8_kernel(const __grid_c
       }
     }
   };
-  for (int64_t tile = blockIdx.x; tile < tiles; tile += gridDim.x) {
-    const int64_t rt = tile / n_tiles, n0 = tile % n_tiles * kTile;
+  for (int32_t tile = blockIdx.x; tile < tiles; tile += gridDim.x) {
     float acc[16][4];
     if (!p.q) {
       mainloop(acc);
+      const int64_t rt = tile / n_tiles, n0 = tile % n_tiles * kTile;
       // As the SwiGLU mode's codes: lanes c and c ^ 1 swap halves, the even one stores 4 values of row a,
       // the odd one 4 of row b (8 bytes each).
       const bool odd = c & 1;
@@ -267,6 +278,7 @@ __global__ void __launch_bounds__(kThreads, 1) grouped_fp8_kernel(const __grid_c
     for (int j = 0; j < 16; ++j)
       gate[j * kConsumers] = make_uint2(bf16x2_bits(acc[j][0], acc[j][1]), bf16x2_bits(acc[j][2], acc[j][3]));
     mainloop(acc);
+    const int64_t rt = tile / n_tiles, n0 = tile % n_tiles * kTile;
     float amax_a = 0.0f, amax_b = 0.0f;
 #pragma unroll
     for (int j = 0; j < 16; ++j) {
@@ -301,7 +313,7 @@ __global__ void __launch_bounds__(kThreads, 1) grouped_fp8_kernel(const __grid_c
       *reinterpret_cast<uint32_t*>(qrow + 8 * j) = odd ? got | cb << 16 : ca | got << 16;
     }
     if (c == 0) {
-      const RowTile r = p.tiles[rt];
+      const RowTile r = p.tile(rt);
       const int64_t groups = m / kTile, at = groups * r.seg_row0 + n0 / kTile * r.seg_rows - r.seg_row0;
       p.q_scales[at + row_a] = amax_a / kE4m3Max;
       p.q_scales[at + row_b] = amax_b / kE4m3Max;
@@ -391,7 +403,9 @@ void grouped_fp8_gemm(const GroupedFp8Params& p) {
   DSV3_ASSERT(p.row_base >= 0 && (!p.table2 || p.out % 2 == 0) && p.row_base + p.rows <= p.a_rows);
   DSV3_ASSERT(p.q ? p.table2 && p.q_scales : p.ldd >= p.out);
   if (p.rows == 0) return;
-  DSV3_ASSERT(p.a && p.a_scales && p.table && p.host_table && p.segs && p.nsegs > 0 && (p.q || p.d));
+  const bool dev_tiles = p.dev_tiles != nullptr;
+  DSV3_ASSERT(dev_tiles == (p.dev_rows != nullptr) && (!dev_tiles || p.row_base == 0));
+  DSV3_ASSERT(p.a && p.a_scales && p.table && p.host_table && (dev_tiles || (p.segs && p.nsegs > 0)) && (p.q || p.d));
   DSV3_ASSERT(!p.table2 || p.host_table2);
   DSV3_ASSERT(aligned16(p.a) && aligned16(p.a_scales) && p.k % 16 == 0);
   DSV3_ASSERT(p.q || (reinterpret_cast<uintptr_t>(p.d) % 8 == 0 && p.ldd % 4 == 0));  // 8-byte stores
@@ -425,6 +439,24 @@ void grouped_fp8_gemm(const GroupedFp8Params& p) {
   args.ldd = p.ldd;
   args.out = static_cast<int32_t>(p.out);
   args.k = static_cast<int32_t>(p.k);
+  // `tiles` output tiles on at most one block per SM.
+  auto launch = [&](int64_t tiles) {
+    const unsigned blocks = static_cast<unsigned>(std::min<int64_t>(tiles, sms));
+    if (overlap)
+      grouped_fp8_kernel<true><<<blocks, kThreads, kSmemBytes, p.stream>>>(args);
+    else
+      grouped_fp8_kernel<false><<<blocks, kThreads, kSmemBytes, p.stream>>>(args);
+    check_launch("grouped_fp8_kernel");
+  };
+  if (dev_tiles) {  // any entry may be routed: each must have its matrices (the maps skip empty ones)
+    for (int64_t e = 0; e < p.table_size; ++e)
+      DSV3_ASSERT(p.host_table[e].data && (!p.table2 || p.host_table2[e].data));
+    args.dev_tiles = reinterpret_cast<const RowTile*>(p.dev_tiles);
+    args.dev_rows = p.dev_rows;
+    args.d = static_cast<__nv_bfloat16*>(p.d);
+    launch(sms);  // as many blocks as SMs whatever the routing: those without tiles leave at once
+    return;
+  }
   // Launches of at most kMaxRowTiles row tiles, each tile's segment found on the host.
   int64_t seg = 0;
   for (int64_t t0 = 0; t0 < p.rows / kTile; t0 += launch_tiles) {
@@ -441,12 +473,7 @@ void grouped_fp8_gemm(const GroupedFp8Params& p) {
       args.tiles[t] = {static_cast<int32_t>(sg.row0), static_cast<int32_t>(sg.rows), sg.expert};
     }
     const int64_t tiles = (p.q ? m : p.out) / kTile * args.row_tiles;
-    const unsigned blocks = static_cast<unsigned>(std::min<int64_t>(tiles, sms));
-    if (overlap)
-      grouped_fp8_kernel<true><<<blocks, kThreads, kSmemBytes, p.stream>>>(args);
-    else
-      grouped_fp8_kernel<false><<<blocks, kThreads, kSmemBytes, p.stream>>>(args);
-    check_launch("grouped_fp8_kernel");
+    launch(tiles);
   }
 }
 

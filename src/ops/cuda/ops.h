@@ -103,6 +103,12 @@ struct LinearParams {
   const int32_t* gather = nullptr;
   const int32_t* gather_expert = nullptr;
   int64_t gather_chunks = 0;
+  const int32_t* gather_counts = nullptr;  // optional: each expert's problems (MoePlanParams::counts)
+  // Host copies of `experts` / `experts2` (moe_plan's table size entries), when the caller has them: the
+  // grouped FP8 MLP then builds its row plan on the device (moe_rows) instead of copying the plan and
+  // the tables to the host and waiting for them (gemm_lt.cpp).
+  const MatrixPtrs* host_experts = nullptr;
+  const MatrixPtrs* host_experts2 = nullptr;
   // Allow cuBLASLt (gemm_lt.cpp) for a plain projection of at least lt_min_rows() rows: FP8 weights get
   // FP8 activations (per token per 128 columns, results change at ~1e-2), BF16 weights BF16 activations.
   bool lt = false;
@@ -308,6 +314,7 @@ struct MoePlanParams {
   int32_t* gather = nullptr;         // [moe_plan_chunks(...) * kExpertChunk]
   int32_t* gather_expert = nullptr;  // [moe_plan_chunks(...)]
   int32_t* scratch = nullptr;        // [moe_plan_scratch_ints(...)]; may be null for one block
+  int32_t* counts = nullptr;         // optional [table_size]: each expert's problems (for moe_rows)
   cudaStream_t stream = nullptr;
 };
 // Chunks enough for any routing of `problems` problems over `table_size` experts.
@@ -315,6 +322,32 @@ int64_t moe_plan_chunks(int64_t problems, int64_t table_size);
 // The scratch moe_plan needs for `problems` problems over `table_size` experts: each block's counts.
 int64_t moe_plan_scratch_ints(int64_t problems, int64_t table_size);
 void moe_plan(const MoePlanParams& p);
+
+// The grouped operand's rows laid out from moe_plan's chunks (and its counts) on the device, for launches whose grids do
+// not depend on the routing (no copy of the plan to the host, no wait): every expert with problems gets
+// a segment of its problems padded to whole kMoeRowTile-row tiles, the segments back to back in expert
+// order. Writes, into `out` (moe_rows_ints(bound, table_size) ints): the operand's row count, each row's
+// problem (-1: padding) and segment, each segment's first row and rows, and each tile's {segment's first
+// row, segment's rows, expert}. Rows and tiles from the row count on are left unwritten. `bound` =
+// moe_rows_bound(problems, table_size), the most rows any routing can take.
+constexpr int64_t kMoeRowTile = 128;
+struct MoeRowsParams {
+  const int32_t* gather = nullptr;
+  const int32_t* counts = nullptr;  // MoePlanParams::counts
+  int64_t table_size = 0, bound = 0;
+  int32_t* out = nullptr;
+  cudaStream_t stream = nullptr;
+};
+struct MoeRows {
+  const int32_t* total = nullptr;     // [1] the operand's rows (whole tiles)
+  const int32_t* prob = nullptr;      // [bound]
+  const int32_t* row_seg = nullptr;   // [bound]
+  const int32_t* seg_rows = nullptr;  // [2 x table_size]: first row, rows
+  const int32_t* tiles = nullptr;     // [bound / kMoeRowTile x 3]
+};
+int64_t moe_rows_bound(int64_t problems, int64_t table_size);
+int64_t moe_rows_ints(int64_t bound, int64_t table_size);
+MoeRows moe_rows(const MoeRowsParams& p);
 
 // The MoE combine after a gathered down projection: x[t] += sum_j w_j * y[t * slots + j], w_j =
 // weights[t * k + j] for the routed slots j < k and 1 for the fixed slots after them (in slot order).
@@ -376,6 +409,7 @@ struct GatherQuantParams {
   int64_t x_div = 1;
   const int32_t* row_seg = nullptr;
   const int32_t* seg_rows = nullptr;
+  const int32_t* live = nullptr;  // optional: rows from *live on (a row count on the device) are skipped
   cudaStream_t stream = nullptr;
 };
 void gather_quantized(const GatherQuantParams& p);
@@ -401,8 +435,10 @@ void swiglu_rows(const void* g, const void* u, bool in_bf16, int64_t ld_in, int6
 // swiglu_rows.
 void add_rows(const void* src, bool src_bf16, int64_t ld_src, int64_t n, int64_t out, float* y, int64_t ldy,
               bool accumulate, cudaStream_t stream, const int32_t* y_rows = nullptr);
-// row_of[prob[r]] = r for r < total with prob[r] >= 0 (the inverse of a grouped projection's row order).
-void invert_rows(const int32_t* prob, int64_t total, int32_t* row_of, cudaStream_t stream);
+// row_of[prob[r]] = r for r < total with prob[r] >= 0 (the inverse of a grouped projection's row order);
+// with `live`, only r < *live (a row count on the device).
+void invert_rows(const int32_t* prob, int64_t total, int32_t* row_of, cudaStream_t stream,
+                 const int32_t* live = nullptr);
 // The 128x128 block scales of segment i's expert (mb rows of kb values at table[seg_expert[i]].scale_inv,
 // then table2's when given) copied to dst + i * (table2 ? 2 : 1) * mb * l4 with rows l4 = kb rounded up
 // to 4 apart (the padded layout cuBLASLt's VEC128 / BLK128x128 scales want), for i < segments, in one
@@ -427,6 +463,9 @@ void pad_expert_scales(const MatrixPtrs* table, const MatrixPtrs* table2, const 
 // and up rounded to bf16 first, leaves as the down projection's FP8 operand: codes at q + r * (out / 2),
 // one scale per 128 columns g at q_scales + (out / 256) * segs[s].row0 + (r - segs[s].row0) + g *
 // segs[s].rows (the same bytes as d in bf16 followed by swiglu_quantize_rows).
+// Device tiles (dev_tiles and dev_rows set, segs unused, row_base 0): the segments come from moe_rows
+// (tiles = MoeRows::tiles, dev_rows = MoeRows::total), one launch over at most `rows` rows (the bound),
+// every table entry present; the grid does not depend on the routing.
 struct GroupedFp8Segment {
   int64_t row0 = 0, rows = 0;
   int32_t expert = 0;
@@ -447,6 +486,8 @@ struct GroupedFp8Params {
   int64_t ldd = 0;
   void* q = nullptr;  // SwiGLU mode
   float* q_scales = nullptr;
+  const int32_t* dev_tiles = nullptr;  // device tiles
+  const int32_t* dev_rows = nullptr;
   cudaStream_t stream = nullptr;
 };
 bool grouped_fp8_supported(int64_t out, int64_t k);

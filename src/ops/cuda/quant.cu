@@ -189,7 +189,7 @@ __global__ void __launch_bounds__(kQuantThreads) swiglu_quantize_kernel(const In
 // segment block (a zero row: zero codes, scale 0, as quantize_kernel writes for a missing row).
 __global__ void __launch_bounds__(kQuantThreads) gather_quantized_kernel(const GatherQuantParams p) {
   const int64_t t = static_cast<int64_t>(blockIdx.x) * kQuantWarps + threadIdx.x / 32;
-  if (t >= p.n) return;
+  if (t >= p.n || (p.live && t >= *p.live)) return;
   const int lane = threadIdx.x % 32;
   const int32_t src = p.rows[t];
   const int64_t token = src >= 0 ? src / p.x_div : -1, bytes = p.k * (p.fp8 ? 1 : 2);
@@ -231,9 +231,9 @@ unsigned blocks_for(int64_t total) { return static_cast<unsigned>((total + 255) 
 // Blocks of the warp-per-row kernels for `rows` rows.
 unsigned row_blocks(int64_t rows) { return static_cast<unsigned>((rows + kQuantWarps - 1) / kQuantWarps); }
 
-__global__ void invert_rows_kernel(const int32_t* prob, int64_t total, int32_t* row_of) {
+__global__ void invert_rows_kernel(const int32_t* prob, int64_t total, int32_t* row_of, const int32_t* live) {
   const int64_t r = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
-  if (r < total && prob[r] >= 0) row_of[prob[r]] = static_cast<int32_t>(r);
+  if (r < total && (!live || r < *live) && prob[r] >= 0) row_of[prob[r]] = static_cast<int32_t>(r);
 }
 
 // Block = one segment's expert: its scale rows (and its second matrix's) into the padded slot.
@@ -272,9 +272,9 @@ void add_rows(const void* src, bool src_bf16, int64_t ld_src, int64_t n, int64_t
   check_launch("add_rows_kernel");
 }
 
-void invert_rows(const int32_t* prob, int64_t total, int32_t* row_of, cudaStream_t stream) {
+void invert_rows(const int32_t* prob, int64_t total, int32_t* row_of, cudaStream_t stream, const int32_t* live) {
   if (total == 0) return;
-  invert_rows_kernel<<<blocks_for(total), 256, 0, stream>>>(prob, total, row_of);
+  invert_rows_kernel<<<blocks_for(total), 256, 0, stream>>>(prob, total, row_of, live);
   check_launch("invert_rows_kernel");
 }
 

@@ -1,5 +1,6 @@
 // MoE routing on the device: one warp per token, the same choices as route_token (src/model/model.cpp).
 // Ties go to the lower index, as the stable sorts there do; dropped groups are -inf.
+#include <algorithm>
 #include <cmath>
 
 #include "core/error.h"
@@ -139,16 +140,14 @@ __device__ void for_block_problems(const MoePlanParams& p, F f) {
   }
 }
 
-// start[e] = the chunks of experts e' < e, start[E] = all chunks in use; by one warp, each lane summing
-// a run of experts (a few hundred at most), then a shuffle scan over the lanes.
-__device__ void chunk_starts(const int32_t* total, int32_t* start, int64_t E) {
-  const int lane = static_cast<int>(threadIdx.x);
+// start[e] = size(0) + ... + size(e - 1) for e <= E (start[E]: all of them); by one warp, each lane
+// summing a run of experts (a few hundred at most), then a shuffle scan over the lanes.
+template <class Size>
+__device__ void exclusive_starts(int64_t E, Size size, int32_t* start) {
+  const int lane = static_cast<int>(threadIdx.x % 32);
   const int64_t per = (E + 31) / 32, first = min(E, lane * per), last = min(E, first + per);
-  auto chunks_of = [&](int64_t e) {
-    return static_cast<int32_t>((total[e] + kExpertChunk - 1) / kExpertChunk);
-  };
   int32_t sum = 0;
-  for (int64_t e = first; e < last; ++e) sum += chunks_of(e);
+  for (int64_t e = first; e < last; ++e) sum += size(e);
   int32_t inclusive = sum;
 #pragma unroll
   for (int o = 1; o < 32; o <<= 1) {
@@ -158,9 +157,15 @@ __device__ void chunk_starts(const int32_t* total, int32_t* start, int64_t E) {
   int32_t at = inclusive - sum;
   for (int64_t e = first; e < last; ++e) {
     start[e] = at;
-    at += chunks_of(e);
+    at += size(e);
   }
   if (lane == 31) start[E] = at;
+}
+
+// start[e] = the chunks of experts e' < e, start[E] = all chunks in use.
+__device__ void chunk_starts(const int32_t* total, int32_t* start, int64_t E) {
+  exclusive_starts(E, [&](int64_t e) { return static_cast<int32_t>((total[e] + kExpertChunk - 1) / kExpertChunk); },
+                   start);
 }
 
 __global__ void __launch_bounds__(kPlanThreads) moe_plan_count_kernel(const MoePlanParams p, bool early) {
@@ -198,6 +203,8 @@ moe_plan_kernel(const MoePlanParams p, int64_t chunks, bool early) {
   }
   __syncthreads();
   if (threadIdx.x < 32) chunk_starts(total, start, E);
+  if (blockIdx.x == 0 && p.counts)
+    for (int64_t e = threadIdx.x; e < E; e += kPlanThreads) p.counts[e] = total[e];
   __syncthreads();
   // Chunk c's expert, and -1 in its entries past the expert's problems (all of them in an unused chunk).
   const int32_t used = start[E];
@@ -220,6 +227,78 @@ moe_plan_kernel(const MoePlanParams p, int64_t chunks, bool early) {
   for_block_problems(p, [&](int32_t q, int32_t e) {
     p.gather[start[e] * kExpertChunk + atomicAdd(&next[e], 1)] = q;
   });
+}
+
+// moe_rows: one block lays out the segments and tiles from the experts' problem counts (a few hundred
+// experts), then a kernel over the rows fills each row's problem and segment from its tile.
+constexpr int kRowsThreads = 512;
+
+// Where moe_rows' pieces sit in its output (moe_rows_ints in all).
+struct RowsLayout {
+  int32_t *total, *seg_rows, *info, *tiles, *prob, *row_seg;
+};
+__host__ __device__ RowsLayout rows_layout(int32_t* out, int64_t bound, int64_t table_size) {
+  RowsLayout l;
+  l.total = out;
+  l.seg_rows = out + 1;
+  l.info = l.seg_rows + 2 * table_size;  // per expert: first chunk, problems, segment
+  l.tiles = l.info + 3 * table_size;
+  l.prob = l.tiles + 3 * (bound / kMoeRowTile);
+  l.row_seg = l.prob + bound;
+  return l;
+}
+
+__global__ void __launch_bounds__(kRowsThreads) moe_segments_kernel(const MoeRowsParams p, RowsLayout l) {
+  const int64_t E = p.table_size;
+  extern __shared__ int32_t problems[];  // [E]
+  int32_t* first = problems + E;         // [E + 1] each expert's first chunk (as moe_plan placed them)
+  int32_t* row0 = first + E + 1;         // [E + 1] each expert's first operand row (its segment's)
+  int32_t* seg = row0 + E + 1;           // [E + 1] each expert's segment
+  for (int64_t e = threadIdx.x; e < E; e += kRowsThreads) problems[e] = p.counts[e];
+  __syncthreads();
+  if (threadIdx.x < 32)
+    chunk_starts(problems, first, E);
+  else if (threadIdx.x < 64)
+    exclusive_starts(E, [&](int64_t e) { return static_cast<int32_t>((problems[e] + kMoeRowTile - 1) / kMoeRowTile * kMoeRowTile); }, row0);
+  else if (threadIdx.x < 96)
+    exclusive_starts(E, [&](int64_t e) { return problems[e] > 0 ? 1 : 0; }, seg);
+  __syncthreads();
+  if (threadIdx.x == 0) *l.total = row0[E];
+  for (int64_t e = threadIdx.x; e < E; e += kRowsThreads) {
+    if (problems[e] == 0) continue;
+    const int32_t s = seg[e];
+    l.seg_rows[2 * s] = row0[e];
+    l.seg_rows[2 * s + 1] = row0[e + 1] - row0[e];
+    l.info[3 * e] = first[e];
+    l.info[3 * e + 1] = problems[e];
+    l.info[3 * e + 2] = s;
+  }
+  // Tile t's expert: the last e with row0[e] <= its first row (experts without rows share their
+  // successor's row0, so the search passes them).
+  for (int32_t t = static_cast<int32_t>(threadIdx.x); t < row0[E] / kMoeRowTile; t += kRowsThreads) {
+    const int32_t r = t * static_cast<int32_t>(kMoeRowTile);
+    int64_t lo = 0, hi = E;
+    while (hi - lo > 1) {
+      const int64_t mid = (lo + hi) / 2;
+      if (row0[mid] <= r) lo = mid;
+      else hi = mid;
+    }
+    l.tiles[3 * t] = row0[lo];
+    l.tiles[3 * t + 1] = row0[lo + 1] - row0[lo];
+    l.tiles[3 * t + 2] = static_cast<int32_t>(lo);
+  }
+}
+
+__global__ void __launch_bounds__(256) moe_rows_kernel(const MoeRowsParams p, RowsLayout l) {
+  const int32_t total = *l.total;
+  for (int32_t r = static_cast<int32_t>(blockIdx.x * blockDim.x + threadIdx.x); r < total;
+       r += static_cast<int32_t>(gridDim.x * blockDim.x)) {
+    const int32_t* tile = l.tiles + 3 * (r / kMoeRowTile);
+    const int32_t* info = l.info + 3 * tile[2];
+    const int32_t j = r - tile[0];
+    l.prob[r] = j < info[1] ? p.gather[info[0] * kExpertChunk + j] : -1;
+    l.row_seg[r] = info[2];
+  }
 }
 
 // In: the slot rows' element type. Slot j of token t is row t * slots + j of p.y, or row_of's row of p.rows.
@@ -276,6 +355,28 @@ void moe_plan(const MoePlanParams& p) {
   const int64_t chunks = moe_plan_chunks(problems, p.table_size);
   launch_pdl(moe_plan_kernel, grid, dim3(kPlanThreads), smem, p.stream, p, chunks, pdl_early());
   check_launch("moe_plan_kernel");
+}
+
+int64_t moe_rows_bound(int64_t problems, int64_t table_size) {
+  // Each segment pads fewer than kMoeRowTile rows, and there are at most min(table, problems) segments.
+  const int64_t rows = problems + (kMoeRowTile - 1) * std::min(table_size, problems);
+  return (rows + kMoeRowTile - 1) / kMoeRowTile * kMoeRowTile;
+}
+
+int64_t moe_rows_ints(int64_t bound, int64_t table_size) { return 1 + 5 * table_size + 3 * (bound / kMoeRowTile) + 2 * bound; }
+
+MoeRows moe_rows(const MoeRowsParams& p) {
+  DSV3_ASSERT(p.table_size > 0 && p.bound >= 0 && p.bound % kMoeRowTile == 0);
+  DSV3_ASSERT(p.bound < (int64_t{1} << 30) && p.gather && p.counts && p.out);
+  const RowsLayout l = rows_layout(p.out, p.bound, p.table_size);
+  const size_t smem = static_cast<size_t>(4 * p.table_size + 3) * sizeof(int32_t);
+  DSV3_ASSERT(smem <= 48 * 1024);
+  moe_segments_kernel<<<1, kRowsThreads, smem, p.stream>>>(p, l);
+  check_launch("moe_segments_kernel");
+  const unsigned blocks = static_cast<unsigned>(std::clamp<int64_t>((p.bound + 255) / 256, 1, 1024));
+  moe_rows_kernel<<<blocks, 256, 0, p.stream>>>(p, l);
+  check_launch("moe_rows_kernel");
+  return {l.total, l.prob, l.row_seg, l.seg_rows, l.tiles};
 }
 
 void moe_combine(const MoeCombineParams& p) {
