@@ -781,6 +781,7 @@ void mlp_on_device(const LinearParams& gu, const LinearParams& down, LtRows& kee
   rp.table_size = table_size;
   rp.bound = bound;
   rp.out = static_cast<int32_t*>(b.dev_rows.ptr);
+  rp.row_of = keep.row_of;  // where the combine finds each problem's down row
   rp.stream = gu.stream;
   const MoeRows rows = moe_rows(rp);
   const bool tokens_quantized = quantize_tokens(gu, b);
@@ -814,7 +815,6 @@ void mlp_on_device(const LinearParams& gu, const LinearParams& down, LtRows& kee
   dn.d = keep.rows;
   dn.ldd = ld;
   grouped_fp8_gemm(dn);
-  invert_rows(rows.prob, bound, keep.row_of, gu.stream, rows.total);
   keep.used = true;
   keep.bf16 = true;
   keep.ld = ld;

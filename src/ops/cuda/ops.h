@@ -336,6 +336,7 @@ struct MoeRowsParams {
   const int32_t* counts = nullptr;  // MoePlanParams::counts
   int64_t table_size = 0, bound = 0;
   int32_t* out = nullptr;
+  int32_t* row_of = nullptr;  // optional [problems]: each problem's row (the inverse of prob, as invert_rows)
   cudaStream_t stream = nullptr;
 };
 struct MoeRows {
@@ -435,10 +436,8 @@ void swiglu_rows(const void* g, const void* u, bool in_bf16, int64_t ld_in, int6
 // swiglu_rows.
 void add_rows(const void* src, bool src_bf16, int64_t ld_src, int64_t n, int64_t out, float* y, int64_t ldy,
               bool accumulate, cudaStream_t stream, const int32_t* y_rows = nullptr);
-// row_of[prob[r]] = r for r < total with prob[r] >= 0 (the inverse of a grouped projection's row order);
-// with `live`, only r < *live (a row count on the device).
-void invert_rows(const int32_t* prob, int64_t total, int32_t* row_of, cudaStream_t stream,
-                 const int32_t* live = nullptr);
+// row_of[prob[r]] = r for r < total with prob[r] >= 0 (the inverse of a grouped projection's row order).
+void invert_rows(const int32_t* prob, int64_t total, int32_t* row_of, cudaStream_t stream);
 // The 128x128 block scales of segment i's expert (mb rows of kb values at table[seg_expert[i]].scale_inv,
 // then table2's when given) copied to dst + i * (table2 ? 2 : 1) * mb * l4 with rows l4 = kb rounded up
 // to 4 apart (the padded layout cuBLASLt's VEC128 / BLK128x128 scales want), for i < segments, in one

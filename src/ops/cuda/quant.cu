@@ -231,9 +231,9 @@ unsigned blocks_for(int64_t total) { return static_cast<unsigned>((total + 255) 
 // Blocks of the warp-per-row kernels for `rows` rows.
 unsigned row_blocks(int64_t rows) { return static_cast<unsigned>((rows + kQuantWarps - 1) / kQuantWarps); }
 
-__global__ void invert_rows_kernel(const int32_t* prob, int64_t total, int32_t* row_of, const int32_t* live) {
+__global__ void invert_rows_kernel(const int32_t* prob, int64_t total, int32_t* row_of) {
   const int64_t r = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
-  if (r < total && (!live || r < *live) && prob[r] >= 0) row_of[prob[r]] = static_cast<int32_t>(r);
+  if (r < total && prob[r] >= 0) row_of[prob[r]] = static_cast<int32_t>(r);
 }
 
 // Block = one segment's expert: its scale rows (and its second matrix's) into the padded slot.
@@ -272,9 +272,9 @@ void add_rows(const void* src, bool src_bf16, int64_t ld_src, int64_t n, int64_t
   check_launch("add_rows_kernel");
 }
 
-void invert_rows(const int32_t* prob, int64_t total, int32_t* row_of, cudaStream_t stream, const int32_t* live) {
+void invert_rows(const int32_t* prob, int64_t total, int32_t* row_of, cudaStream_t stream) {
   if (total == 0) return;
-  invert_rows_kernel<<<blocks_for(total), 256, 0, stream>>>(prob, total, row_of, live);
+  invert_rows_kernel<<<blocks_for(total), 256, 0, stream>>>(prob, total, row_of);
   check_launch("invert_rows_kernel");
 }
 

@@ -295,9 +295,10 @@ __global__ void __launch_bounds__(256) moe_rows_kernel(const MoeRowsParams p, Ro
        r += static_cast<int32_t>(gridDim.x * blockDim.x)) {
     const int32_t* tile = l.tiles + 3 * (r / kMoeRowTile);
     const int32_t* info = l.info + 3 * tile[2];
-    const int32_t j = r - tile[0];
-    l.prob[r] = j < info[1] ? p.gather[info[0] * kExpertChunk + j] : -1;
+    const int32_t j = r - tile[0], prob = j < info[1] ? p.gather[info[0] * kExpertChunk + j] : -1;
+    l.prob[r] = prob;
     l.row_seg[r] = info[2];
+    if (p.row_of && prob >= 0) p.row_of[prob] = r;
   }
 }
 
