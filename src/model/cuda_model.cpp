@@ -619,7 +619,8 @@ struct CudaModel::Impl {
     t.gather_expert = static_cast<int32_t*>(device_alloc(static_cast<size_t>(chunks) * 4, scratch_allocs, "expert groups"));
     const int64_t plan_scratch = cuda::moe_plan_scratch_ints(cap * slots, table);
     t.plan_scratch = static_cast<int32_t*>(device_alloc(static_cast<size_t>(plan_scratch) * 4, scratch_allocs, "expert group counts"));
-    t.plan_counts = static_cast<int32_t*>(device_alloc(static_cast<size_t>(table) * 4, scratch_allocs, "expert problem counts"));
+    t.plan_counts = static_cast<int32_t*>(
+        device_alloc(static_cast<size_t>(table) * 4, scratch_allocs, "expert problem counts"));
     t.row_of = static_cast<int32_t*>(device_alloc(static_cast<size_t>(cap * slots) * 4, scratch_allocs, "expert output rows"));
     t.step = static_cast<unsigned char*>(device_alloc(Scratch::step_bytes(cap), scratch_allocs, "token ids and positions"));
     t.row_pos = reinterpret_cast<int64_t*>(t.step);

@@ -1741,10 +1741,12 @@ TEST_F(CudaOps, GroupedMlpPlannedOnDeviceMatchesHostPlan) {
     const size_t at = static_cast<size_t>(t * k);
     irregular[at] = 0;
     irregular[at + 1] = t == 0 ? 4 : t % 2 ? 2 : 3;  // expert 4: one problem; expert 1: none
-    irregular[at + 2] = t % 5 == 0 ? 5 : 0;           // expert 0: 180 problems, two row tiles
-    for (int64_t j = 0; j < k; ++j) even[at + static_cast<size_t>(j)] = static_cast<int32_t>((t * 7 + j * 2) % 5);
+    irregular[at + 2] = t % 5 == 0 ? 5 : 0;          // expert 0: 180 problems, two row tiles
+    for (int64_t j = 0; j < k; ++j)
+      even[at + static_cast<size_t>(j)] = static_cast<int32_t>((t * 7 + j * 2) % 5);
   }
-  const std::vector<float> wts = randn(rng, static_cast<size_t>(P)), x0 = randn(rng, static_cast<size_t>(n * D));
+  const std::vector<float> wts = randn(rng, static_cast<size_t>(P)),
+                           x0 = randn(rng, static_cast<size_t>(n * D));
   const int64_t bound = cuda::moe_rows_bound(P, E);
   const size_t room = static_cast<size_t>(bound * D / 2);  // floats: bf16 rows of D values
   for (const std::vector<int32_t>* ids : {&irregular, &even}) {

@@ -527,8 +527,8 @@ bool plan_gemms(State& s, const LinearParams& p, const GroupedPlan& plan, bool o
 
 // grouped_fp8_gemm's parameters for p's experts (host copies of its tables: host, host2 for a pair) over
 // an operand of a_rows rows; the rows, segments and output left to the caller.
-GroupedFp8Params fp8_params(const LinearParams& p, const MatrixPtrs* host, const MatrixPtrs* host2, int64_t table_size,
-                            const void* act, int64_t a_rows, const float* act_scales) {
+GroupedFp8Params fp8_params(const LinearParams& p, const MatrixPtrs* host, const MatrixPtrs* host2,
+                            int64_t table_size, const void* act, int64_t a_rows, const float* act_scales) {
   GroupedFp8Params q;
   q.a = act;
   q.a_rows = a_rows;
@@ -545,11 +545,13 @@ GroupedFp8Params fp8_params(const LinearParams& p, const MatrixPtrs* host, const
 }
 
 // The same for p's segments first .. last - 1 of plan (their list in segs).
-GroupedFp8Params own_params(const LinearParams& p, const GroupedPlan& plan, const GroupedGemms& g, const void* act,
-                            const float* act_scales, size_t first, size_t last, std::vector<GroupedFp8Segment>& segs) {
-  for (size_t i = first; i < last; ++i) segs.push_back({plan.segs[i].row0, plan.segs[i].rows, plan.segs[i].e});
-  GroupedFp8Params q = fp8_params(p, g.table.data(), g.table2.data(), static_cast<int64_t>(g.table.size()), act,
-                                  plan.total, act_scales);
+GroupedFp8Params own_params(const LinearParams& p, const GroupedPlan& plan, const GroupedGemms& g,
+                            const void* act, const float* act_scales, size_t first, size_t last,
+                            std::vector<GroupedFp8Segment>& segs) {
+  for (size_t i = first; i < last; ++i)
+    segs.push_back({plan.segs[i].row0, plan.segs[i].rows, plan.segs[i].e});
+  GroupedFp8Params q = fp8_params(p, g.table.data(), g.table2.data(), static_cast<int64_t>(g.table.size()),
+                                  act, plan.total, act_scales);
   q.segs = segs.data();
   q.nsegs = static_cast<int64_t>(segs.size());
   q.row_base = plan.segs[first].row0;
@@ -754,12 +756,12 @@ namespace {
 // Whether the grouped MLP runs with its row plan built on the device (mlp_on_device): every piece of it
 // must work from a row count on the device: our kernel for both projections, the pair in SwiGLU mode,
 // each token quantized once and its codes gathered, the down projection's rows kept for the combine
-// (keep's room holding moe_rows_bound rows), the plan's counts and the expert tables' host copies given. On unless
-// DSV3_MOE_DEVICE_PLAN=0 (read at every call, so that tests can compare both).
+// (keep's room holding moe_rows_bound rows), the plan's counts and the expert tables' host copies given. On
+// unless DSV3_MOE_DEVICE_PLAN=0 (read at every call, so that tests can compare both).
 bool device_plan_for(const LinearParams& gu, const LinearParams& down, const LtRows* keep, bool own) {
-  if (!own || !env_enabled("DSV3_GFP8_SWIGLU") || !env_enabled("DSV3_MOE_DEVICE_PLAN") || !quantize_once_enabled() ||
-      gu.x_div <= 1 || !gu.gather_counts || !gu.host_experts || !gu.host_experts2 || !down.host_experts || !keep || !keep->rows ||
-      !keep->row_of)
+  if (!own || !env_enabled("DSV3_GFP8_SWIGLU") || !env_enabled("DSV3_MOE_DEVICE_PLAN") ||
+      !quantize_once_enabled() || gu.x_div <= 1 || !gu.gather_counts || !gu.host_experts ||
+      !gu.host_experts2 || !down.host_experts || !keep || !keep->rows || !keep->row_of)
     return false;
   const int64_t bound = moe_rows_bound(gu.n, plan_table_size(gu)), ld = (down.out + 7) / 8 * 8;
   return sz(bound * ld * 2) <= keep->rows_bytes;
@@ -769,7 +771,8 @@ bool device_plan_for(const LinearParams& gu, const LinearParams& down, const LtR
 // on the device, and every launch after it covers the most rows any routing can take (moe_rows_bound),
 // reading the real count on the device (the grouped kernel is persistent, the row kernels skip the
 // rest). The host enqueues on without waiting for the plan, so the device never idles for it.
-void mlp_on_device(const LinearParams& gu, const LinearParams& down, LtRows& keep, const std::function<void()>& meanwhile) {
+void mlp_on_device(const LinearParams& gu, const LinearParams& down, LtRows& keep,
+                   const std::function<void()>& meanwhile) {
   State& s = state();
   std::unique_lock<std::mutex> lock(s.mu);
   StreamBufs& b = s.bufs[gu.stream];
@@ -786,7 +789,8 @@ void mlp_on_device(const LinearParams& gu, const LinearParams& down, LtRows& kee
   const MoeRows rows = moe_rows(rp);
   const bool tokens_quantized = quantize_tokens(gu, b);
   DSV3_ASSERT(tokens_quantized);  // device_plan_for checked that they are quantized once
-  if (meanwhile) {  // without the lock, as with_grouped_plan
+  // The caller's work that needs no plan, without the lock (as with_grouped_plan).
+  if (meanwhile) {
     lock.unlock();
     meanwhile();
     lock.lock();
@@ -805,13 +809,13 @@ void mlp_on_device(const LinearParams& gu, const LinearParams& down, LtRows& kee
     q.dev_rows = rows.total;
     return q;
   };
-  GroupedFp8Params pair = on_rows(fp8_params(gu, gu.host_experts, gu.host_experts2, table_size, b.act.ptr, bound,
-                                             static_cast<const float*>(b.scales.ptr)));
+  GroupedFp8Params pair = on_rows(fp8_params(gu, gu.host_experts, gu.host_experts2, table_size, b.act.ptr,
+                                             bound, static_cast<const float*>(b.scales.ptr)));
   pair.q = b.down_act.ptr;
   pair.q_scales = static_cast<float*>(b.down_scales.ptr);
   grouped_fp8_gemm(pair);
-  GroupedFp8Params dn = on_rows(fp8_params(down, down.host_experts, nullptr, table_size, b.down_act.ptr, bound,
-                                           static_cast<const float*>(b.down_scales.ptr)));
+  GroupedFp8Params dn = on_rows(fp8_params(down, down.host_experts, nullptr, table_size, b.down_act.ptr,
+                                           bound, static_cast<const float*>(b.down_scales.ptr)));
   dn.d = keep.rows;
   dn.ldd = ld;
   grouped_fp8_gemm(dn);

@@ -40,9 +40,10 @@ bool linear_lt_grouped(const LinearParams& p);
 // the combine's fp32 read.
 //
 // With keep, FP8 experts on our grouped kernel, moe_plan's counts in gu.gather_counts and the expert
-// tables' host copies in gu.host_experts / host_experts2 / down.host_experts, the row plan is built on the device (moe_rows) and the call never
-// waits for the device (keep->on_device says so); keep->rows then needs room for moe_rows_bound(gu.n,
-// table size) rows of bf16 values, ld = down.out rounded up to 8. DSV3_MOE_DEVICE_PLAN=0 turns it off.
+// tables' host copies in gu.host_experts / host_experts2 / down.host_experts, the row plan is built on the
+// device (moe_rows) and the call never waits for the device (keep->on_device says so); keep->rows then needs
+// room for moe_rows_bound(gu.n, table size) rows of bf16 values, ld = down.out rounded up to 8.
+// DSV3_MOE_DEVICE_PLAN=0 turns it off.
 struct LtRows {
   void* rows = nullptr;
   size_t rows_bytes = 0;

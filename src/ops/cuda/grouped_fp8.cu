@@ -146,7 +146,7 @@ __global__ void __launch_bounds__(kThreads, 1) grouped_fp8_kernel(const __grid_c
   if (threadIdx.x >= kConsumers) {  // the producer warpgroup: its first thread issues every copy
     if constexpr (OVERLAP) regs_shrink<40>();
     if (threadIdx.x != kConsumers) return;
-    uint32_t it = 0;  // k-blocks loaded so far: stage it % kStages, its (it / kStages)-th use (int32: registers)
+    uint32_t it = 0;  // k-blocks loaded so far: stage it % kStages, its (it / kStages)-th use
     for (int32_t tile = blockIdx.x; tile < tiles; tile += gridDim.x) {
       const int32_t rt = tile / n_tiles, n0 = tile % n_tiles * kTile;
       const RowTile r = p.tile(rt);
@@ -405,7 +405,8 @@ void grouped_fp8_gemm(const GroupedFp8Params& p) {
   if (p.rows == 0) return;
   const bool dev_tiles = p.dev_tiles != nullptr;
   DSV3_ASSERT(dev_tiles == (p.dev_rows != nullptr) && (!dev_tiles || p.row_base == 0));
-  DSV3_ASSERT(p.a && p.a_scales && p.table && p.host_table && (dev_tiles || (p.segs && p.nsegs > 0)) && (p.q || p.d));
+  DSV3_ASSERT(p.a && p.a_scales && p.table && p.host_table && (dev_tiles || (p.segs && p.nsegs > 0)) &&
+              (p.q || p.d));
   DSV3_ASSERT(!p.table2 || p.host_table2);
   DSV3_ASSERT(aligned16(p.a) && aligned16(p.a_scales) && p.k % 16 == 0);
   DSV3_ASSERT(p.q || (reinterpret_cast<uintptr_t>(p.d) % 8 == 0 && p.ldd % 4 == 0));  // 8-byte stores

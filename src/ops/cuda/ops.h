@@ -323,12 +323,12 @@ int64_t moe_plan_chunks(int64_t problems, int64_t table_size);
 int64_t moe_plan_scratch_ints(int64_t problems, int64_t table_size);
 void moe_plan(const MoePlanParams& p);
 
-// The grouped operand's rows laid out from moe_plan's chunks (and its counts) on the device, for launches whose grids do
-// not depend on the routing (no copy of the plan to the host, no wait): every expert with problems gets
-// a segment of its problems padded to whole kMoeRowTile-row tiles, the segments back to back in expert
-// order. Writes, into `out` (moe_rows_ints(bound, table_size) ints): the operand's row count, each row's
-// problem (-1: padding) and segment, each segment's first row and rows, and each tile's {segment's first
-// row, segment's rows, expert}. Rows and tiles from the row count on are left unwritten. `bound` =
+// The grouped operand's rows laid out from moe_plan's chunks (and its counts) on the device, for launches
+// whose grids do not depend on the routing (no copy of the plan to the host, no wait): every expert with
+// problems gets a segment of its problems padded to whole kMoeRowTile-row tiles, the segments back to back in
+// expert order. Writes, into `out` (moe_rows_ints(bound, table_size) ints): the operand's row count, each
+// row's problem (-1: padding) and segment, each segment's first row and rows, and each tile's {segment's
+// first row, segment's rows, expert}. Rows and tiles from the row count on are left unwritten. `bound` =
 // moe_rows_bound(problems, table_size), the most rows any routing can take.
 constexpr int64_t kMoeRowTile = 128;
 struct MoeRowsParams {

@@ -164,8 +164,10 @@ __device__ void exclusive_starts(int64_t E, Size size, int32_t* start) {
 
 // start[e] = the chunks of experts e' < e, start[E] = all chunks in use.
 __device__ void chunk_starts(const int32_t* total, int32_t* start, int64_t E) {
-  exclusive_starts(E, [&](int64_t e) { return static_cast<int32_t>((total[e] + kExpertChunk - 1) / kExpertChunk); },
-                   start);
+  auto chunks_of = [&](int64_t e) {
+    return static_cast<int32_t>((total[e] + kExpertChunk - 1) / kExpertChunk);
+  };
+  exclusive_starts(E, chunks_of, start);
 }
 
 __global__ void __launch_bounds__(kPlanThreads) moe_plan_count_kernel(const MoePlanParams p, bool early) {
@@ -256,12 +258,16 @@ __global__ void __launch_bounds__(kRowsThreads) moe_segments_kernel(const MoeRow
   int32_t* seg = row0 + E + 1;           // [E + 1] each expert's segment
   for (int64_t e = threadIdx.x; e < E; e += kRowsThreads) problems[e] = p.counts[e];
   __syncthreads();
+  auto rows_of = [&](int64_t e) {
+    return static_cast<int32_t>((problems[e] + kMoeRowTile - 1) / kMoeRowTile * kMoeRowTile);
+  };
+  auto segments_of = [&](int64_t e) { return problems[e] > 0 ? 1 : 0; };
   if (threadIdx.x < 32)
     chunk_starts(problems, first, E);
   else if (threadIdx.x < 64)
-    exclusive_starts(E, [&](int64_t e) { return static_cast<int32_t>((problems[e] + kMoeRowTile - 1) / kMoeRowTile * kMoeRowTile); }, row0);
+    exclusive_starts(E, rows_of, row0);
   else if (threadIdx.x < 96)
-    exclusive_starts(E, [&](int64_t e) { return problems[e] > 0 ? 1 : 0; }, seg);
+    exclusive_starts(E, segments_of, seg);
   __syncthreads();
   if (threadIdx.x == 0) *l.total = row0[E];
   for (int64_t e = threadIdx.x; e < E; e += kRowsThreads) {
@@ -280,8 +286,10 @@ __global__ void __launch_bounds__(kRowsThreads) moe_segments_kernel(const MoeRow
     int64_t lo = 0, hi = E;
     while (hi - lo > 1) {
       const int64_t mid = (lo + hi) / 2;
-      if (row0[mid] <= r) lo = mid;
-      else hi = mid;
+      if (row0[mid] <= r)
+        lo = mid;
+      else
+        hi = mid;
     }
     l.tiles[3 * t] = row0[lo];
     l.tiles[3 * t + 1] = row0[lo + 1] - row0[lo];
@@ -364,7 +372,9 @@ int64_t moe_rows_bound(int64_t problems, int64_t table_size) {
   return (rows + kMoeRowTile - 1) / kMoeRowTile * kMoeRowTile;
 }
 
-int64_t moe_rows_ints(int64_t bound, int64_t table_size) { return 1 + 5 * table_size + 3 * (bound / kMoeRowTile) + 2 * bound; }
+int64_t moe_rows_ints(int64_t bound, int64_t table_size) {
+  return 1 + 5 * table_size + 3 * (bound / kMoeRowTile) + 2 * bound;
+}
 
 MoeRows moe_rows(const MoeRowsParams& p) {
   DSV3_ASSERT(p.table_size > 0 && p.bound >= 0 && p.bound % kMoeRowTile == 0);
