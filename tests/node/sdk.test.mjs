@@ -2,14 +2,16 @@
 // chat, streaming, completions with suffix (FIM), tools, logprobs, JSON mode, usage with the cache-hit
 // fields, errors as the SDK's typed exceptions, and concurrent clients matching solo greedy runs.
 import assert from "node:assert/strict";
-import { execFileSync } from "node:child_process";
+import { execFile } from "node:child_process";
 import fs from "node:fs";
 import path from "node:path";
 import { after, before, test } from "node:test";
+import { promisify } from "node:util";
 
 import { dsv3, makeModel, openai, startServer } from "./harness.mjs";
 
 const OpenAI = await openai();
+const execFileAsync = promisify(execFile);
 let model, server, client;
 
 before(async () => {
@@ -96,12 +98,15 @@ test("completions echo with logprobs: the prompt's logprobs are a direct forward
   const lp = r.choices[0].logprobs;
   // The prompt's ids (BOS first when the tokenizer adds one) and `dsv3 logits` over them.
   const bos = JSON.parse(fs.readFileSync(path.join(model.model, "tokenizer_config.json"), "utf8")).add_bos_token;
-  const ids = JSON.parse(execFileSync(dsv3, ["tokenize", "--model", model.model, "--text", prompt, ...(bos ? ["--bos"] : [])],
-                                      { encoding: "utf8" })).ids;
+  // The CLI runs asynchronously: a blocking run can outlast the server's keep-alive timeout (5 s under the
+  // sanitizers) without the client seeing the idle connection close, and its next request on that pooled
+  // connection then fails with a connection error (this client has no retries).
+  const ids = JSON.parse((await execFileAsync(dsv3, ["tokenize", "--model", model.model, "--text", prompt,
+                                                     ...(bos ? ["--bos"] : [])], { encoding: "utf8" })).stdout).ids;
   assert.equal(r.usage.prompt_tokens, ids.length);
   assert.equal(lp.tokens.length, ids.length + r.usage.completion_tokens);
   const out = path.join(model.dir, "prompt_logits.f32");
-  execFileSync(dsv3, ["logits", "--model", model.model, "--tokens", ids.join(","), "--out", out]);
+  await execFileAsync(dsv3, ["logits", "--model", model.model, "--tokens", ids.join(","), "--out", out]);
   const raw = fs.readFileSync(out);
   const logits = new Float32Array(raw.buffer.slice(raw.byteOffset, raw.byteOffset + raw.length));
   const vocab = logits.length / ids.length;
