@@ -343,6 +343,10 @@ bool bf16_scratch_enabled() {
 // The expert table size of p's plan (moe_plan_chunks' second term).
 int64_t plan_table_size(const LinearParams& p) { return p.gather_chunks - (p.n + kExpertChunk - 1) / kExpertChunk; }
 
+// The leading dimension of a grouped projection's scratch or kept rows of `values` outputs: whole
+// 16-byte rows of bf16 (and of fp32).
+int64_t rows_ld(int64_t values) { return (values + 7) / 8 * 8; }
+
 // Whether p's GEMMs take grouped_fp8_gemm (every expert's GEMM in one launch of our kernel) rather than
 // one cuBLASLt GEMM per expert: FP8 in whole 128 blocks of outputs and k, unless DSV3_LT_GROUPED_FP8=0
 // (read at every call, so that tests can compare both). cuBLASLt's per-expert GEMMs take ~10 us each
@@ -502,7 +506,7 @@ bool plan_gemms(State& s, const LinearParams& p, const GroupedPlan& plan, bool o
   g.elem = g.fp8 ? 1 : 2;
   g.kb = (g.k + 127) / 128;
   g.mb = (g.m + 127) / 128;
-  g.ld_tmp = ((g.dual ? 2 * g.m : g.m) + 7) / 8 * 8;
+  g.ld_tmp = rows_ld(g.dual ? 2 * g.m : g.m);
   if (own) {  // one launch over every segment: no per-expert plans or fused pairs to look up
     g.own = g.bf16_out = true;
     return true;
@@ -730,9 +734,10 @@ bool with_grouped_plan(const LinearParams& p, const std::vector<const MatrixPtrs
 // the gate/up pair) over its tokens, gathered and quantized in one launch. The expert of each chunk, the
 // chunk lists and the expert tables come to the host first (one synchronization per projection: prefill
 // only, never in a capture). FP8 projections in whole 128-blocks (own_kernel_for) run every expert's GEMM
-// in one launch of our kernel (grouped_fp8_gemm, segments padded to 128 rows); otherwise segments are padded to 64 rows so the cached plans stay few (at most
-// 8,192 / 64 shapes per matrix) and the GEMMs of a wave of segments run on kSideStreams streams into one
-// scratch. Then one launch applies the epilogue (SwiGLU, or the copy back) to every row of the wave.
+// in one launch of our kernel (grouped_fp8_gemm, segments padded to 128 rows); otherwise segments are
+// padded to 64 rows so the cached plans stay few (at most 8,192 / 64 shapes per matrix) and the GEMMs of
+// a wave of segments run on kSideStreams streams into one scratch. Then one launch applies the epilogue
+// (SwiGLU, or the copy back) to every row of the wave.
 bool linear_lt_grouped(const LinearParams& p) {
   if (!grouped_eligible(p) || capturing(p.stream)) return false;
   std::vector<const MatrixPtrs*> tables{p.experts};
@@ -763,8 +768,7 @@ bool device_plan_for(const LinearParams& gu, const LinearParams& down, const LtR
       !quantize_once_enabled() || gu.x_div <= 1 || !gu.gather_counts || !gu.host_experts ||
       !gu.host_experts2 || !down.host_experts || !keep || !keep->rows || !keep->row_of)
     return false;
-  const int64_t bound = moe_rows_bound(gu.n, plan_table_size(gu)), ld = (down.out + 7) / 8 * 8;
-  return sz(bound * ld * 2) <= keep->rows_bytes;
+  return sz(moe_rows_bound(gu.n, plan_table_size(gu)) * rows_ld(down.out) * 2) <= keep->rows_bytes;
 }
 
 // The grouped MLP of linear_lt_grouped_mlp with no host round trip: moe_rows lays the operand's rows out
@@ -795,7 +799,7 @@ void mlp_on_device(const LinearParams& gu, const LinearParams& down, LtRows& kee
     meanwhile();
     lock.lock();
   }
-  const int64_t k = gu.w.cols, I = gu.out, ld = (down.out + 7) / 8 * 8;
+  const int64_t k = gu.w.cols, I = gu.out, ld = rows_ld(down.out);
   ensure(b.act, sz(bound * k), false);
   ensure(b.scales, sz(k / 128 * bound * 4), false);
   GatherQuantParams gq = token_gather(gu, b, bound, true, rows.prob, rows.row_seg, rows.seg_rows);

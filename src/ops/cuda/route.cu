@@ -239,7 +239,7 @@ constexpr int kRowsThreads = 512;
 struct RowsLayout {
   int32_t *total, *seg_rows, *info, *tiles, *prob, *row_seg;
 };
-__host__ __device__ RowsLayout rows_layout(int32_t* out, int64_t bound, int64_t table_size) {
+RowsLayout rows_layout(int32_t* out, int64_t bound, int64_t table_size) {
   RowsLayout l;
   l.total = out;
   l.seg_rows = out + 1;
