@@ -71,10 +71,10 @@ void print_ids(const std::vector<int32_t>& ids) {
 // Every id must be a token of this tokenizer; a typo should not silently vanish from the text.
 void check_ids(const tok::Tokenizer& t, const std::vector<int32_t>& ids, const std::string& where) {
   for (int32_t id : ids) {
-    check(id >= 0 && id < t.vocab_size(),
-          where + ": id " + std::to_string(id) + " is outside the vocabulary (0.." +
-              std::to_string(t.vocab_size() - 1) + ")",
-          "ids must come from this model's tokenizer");
+    if (id >= 0 && id < t.vocab_size()) continue;
+    throw Error(where + ": id " + std::to_string(id) + " is outside the vocabulary (0.." +
+                    std::to_string(t.vocab_size() - 1) + ")",
+                "ids must come from this model's tokenizer");
   }
 }
 

@@ -458,9 +458,7 @@ void Scheduler::submit(SequenceRequest req) {
   const Impl& m = *impl_;
   const int64_t vocab = m.backend.config().vocab_size, n = static_cast<int64_t>(req.prompt.size());
   check(n > 0, "the prompt is empty");
-  for (int32_t t : req.prompt)
-    check(t >= 0 && t < vocab, "token id " + std::to_string(t) + " is out of range: the vocabulary has " +
-                                   std::to_string(vocab) + " entries");
+  check_token_ids(req.prompt.data(), req.prompt.size(), vocab);
   check(req.sampler != nullptr, "the request has no sampler");
   check(req.max_new_tokens >= 0, "max_new_tokens must be >= 0 (got " + std::to_string(req.max_new_tokens) + ")");
   const int64_t max_new = req.max_new_tokens > 0 ? req.max_new_tokens : m.opt.ctx - n;

@@ -256,4 +256,16 @@ std::string ModelConfig::summary() const {
   return s.str();
 }
 
+void check_token_ids(const int32_t* ids, size_t n, int64_t vocab_size, const std::string& origin,
+                     const std::string& hint) {
+  for (size_t i = 0; i < n; ++i) {
+    const int32_t t = ids[i];
+    if (t >= 0 && t < vocab_size) continue;
+    throw Error((origin.empty() ? "" : origin + ": ") + "token id " + std::to_string(t) +
+                    " is out of range: the vocabulary has " + std::to_string(vocab_size) +
+                    " entries (ids 0.." + std::to_string(vocab_size - 1) + ")",
+                hint);
+  }
+}
+
 }  // namespace dsv3

@@ -3,6 +3,7 @@
 // Values for V3 / V2-Lite are in ../shared/REFERENCE.md §2.
 #pragma once
 
+#include <cstddef>
 #include <cstdint>
 #include <string>
 #include <vector>
@@ -90,5 +91,11 @@ struct ModelConfig {
 
 // YaRN's attention temperature m(s) = 0.1 * s * ln(factor) + 1 (1 when factor <= 1).
 double yarn_mscale(double factor, double s);
+
+// Throws dsv3::Error for the first of the n ids outside [0, vocab_size): "token id X is out of range: the
+// vocabulary has V entries (ids 0..V-1)", after `origin` + ": " when an origin is given. The message is built
+// only for a bad id: the callers check whole prompts and training batches on every step.
+void check_token_ids(const int32_t* ids, size_t n, int64_t vocab_size, const std::string& origin = {},
+                     const std::string& hint = {});
 
 }  // namespace dsv3

@@ -4,7 +4,9 @@
 
 #include <algorithm>
 #include <atomic>
+#include <chrono>
 #include <cmath>
+#include <cstdio>
 #include <cstdlib>
 #include <cstring>
 #include <functional>
@@ -1291,11 +1293,10 @@ std::string CudaModel::numerics_tag() const {
 
 std::vector<float> CudaModel::forward(std::span<const int32_t> tokens, CudaLatentCache& cache, const ForwardOptions& opt) {
   Impl& m = *impl_;
+  const auto entry = std::chrono::steady_clock::now();
   const int64_t n = static_cast<int64_t>(tokens.size()), D = cfg_.hidden_size, V = cfg_.vocab_size;
   check(n > 0, "no tokens to run");
-  for (int32_t t : tokens)
-    check(t >= 0 && t < V, "token id " + std::to_string(t) + " is out of range: the vocabulary has " +
-                               std::to_string(V) + " entries (ids 0.." + std::to_string(V - 1) + ")");
+  check_token_ids(tokens.data(), tokens.size(), V);
   DSV3_ASSERT(cache.layers() == cfg_.num_hidden_layers &&
               cache.row_width() == cfg_.kv_lora_rank + cfg_.qk_rope_head_dim);
   cache.reserve(n);
@@ -1310,7 +1311,28 @@ std::vector<float> CudaModel::forward(std::span<const int32_t> tokens, CudaLaten
     DSV3_CUDA_CHECK(cudaGraphExecDestroy(m.graph));
     m.graph = nullptr;
   }
+  // Measurement knob DSV3_HOLD_STEP_US=N: the GPU spins N us before the step, so the host has queued all of
+  // it before it starts; the step's GPU time (events after the spin and after the step) and the host's time
+  // from forward's entry to the last launch go to stderr. Wall time minus the GPU time is what the host
+  // adds (docs/PERF.md, "Tenth session").
+  static const int64_t hold_us = cuda::env_positive("DSV3_HOLD_STEP_US", 0);
+  cudaEvent_t held[2] = {nullptr, nullptr};
+  if (hold_us > 0) {
+    for (cudaEvent_t& e : held) DSV3_CUDA_CHECK(cudaEventCreate(&e));
+    cuda::spin(hold_us, m.stream);
+    DSV3_CUDA_CHECK(cudaEventRecord(held[0], m.stream));
+  }
   m.run_captured(m.graph, graph_step, [&] { m.enqueue(n, std::span(&head, 1), sc); });
+  if (hold_us > 0) {
+    const std::chrono::duration<double, std::milli> host = std::chrono::steady_clock::now() - entry;
+    DSV3_CUDA_CHECK(cudaEventRecord(held[1], m.stream));
+    DSV3_CUDA_CHECK(cudaEventSynchronize(held[1]));
+    float ms = 0.0f;
+    DSV3_CUDA_CHECK(cudaEventElapsedTime(&ms, held[0], held[1]));
+    std::fprintf(stderr, "held step: %lld rows, %.3f ms of GPU time, %.3f ms on the host to queue it\n",
+                 static_cast<long long>(n), ms, host.count());
+    for (cudaEvent_t e : held) cudaEventDestroy(e);
+  }
   if (graph_step) {
     m.graph_cache = cache.id();
     m.graph_gen = m.scratch_gen;
@@ -1368,9 +1390,7 @@ std::vector<std::vector<float>> CudaModel::forward_batch(std::span<const Model::
           "the latent cache pool's shape does not match this model (" + std::to_string(pool.n_layers()) + " layers x " +
               std::to_string(pool.row_width()) + " floats per row; the model needs " +
               std::to_string(c.num_hidden_layers) + " x " + std::to_string(W) + ")");
-    for (int32_t t : item.tokens)
-      check(t >= 0 && t < V, "token id " + std::to_string(t) + " is out of range: the vocabulary has " +
-                                 std::to_string(V) + " entries (ids 0.." + std::to_string(V - 1) + ")");
+    check_token_ids(item.tokens.data(), item.tokens.size(), V);
     n += static_cast<int64_t>(item.tokens.size());
   }
   for (const Model::BatchItem& item : items) item.cache->reserve(static_cast<int64_t>(item.tokens.size()));

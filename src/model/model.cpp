@@ -46,12 +46,8 @@ LatentCache Model::new_mtp_cache(int64_t max_tokens) const {
 }
 
 void Model::embed(const Matrix& table, std::span<const int32_t> tokens, float* x) const {
-  for (size_t t = 0; t < tokens.size(); ++t) {
-    check(tokens[t] >= 0 && tokens[t] < cfg_.vocab_size,
-          "token id " + std::to_string(tokens[t]) + " is out of range: the vocabulary has " +
-              std::to_string(cfg_.vocab_size) + " entries (ids 0.." + std::to_string(cfg_.vocab_size - 1) + ")");
-    table.dequantize_row(tokens[t], x + t * cfg_.hidden_size);
-  }
+  check_token_ids(tokens.data(), tokens.size(), cfg_.vocab_size);
+  for (size_t t = 0; t < tokens.size(); ++t) table.dequantize_row(tokens[t], x + t * cfg_.hidden_size);
 }
 
 std::vector<float> Model::forward(std::span<const int32_t> tokens, LatentCache& cache, const ForwardOptions& opt) {

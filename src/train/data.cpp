@@ -39,9 +39,9 @@ std::vector<int32_t> load_tokens(const std::string& path, DataFormat format, int
     for (size_t i = 0; i < out.size(); ++i) {
       uint32_t v;
       std::memcpy(&v, bytes.data() + 4 * i, 4);
-      check(v < static_cast<uint64_t>(vocab_size), path + ": token " + std::to_string(i) + " has id " +
-                                                       std::to_string(v) + ", vocab_size is " +
-                                                       std::to_string(vocab_size));
+      if (v >= static_cast<uint64_t>(vocab_size))  // the message only for a bad id: this runs per token
+        throw Error(path + ": token " + std::to_string(i) + " has id " + std::to_string(v) +
+                    ", vocab_size is " + std::to_string(vocab_size));
       out[i] = static_cast<int32_t>(v);
     }
   } else {

@@ -531,10 +531,7 @@ LossParts TrainModel<T>::forward(const int32_t* tokens, int64_t B, int64_t S, bo
   const ModelConfig& c = cfg_;
   const int64_t D = c.hidden_size, V = c.vocab_size, N = B * S;
   check(B >= 1 && S >= 2, "a training batch needs at least one sequence of at least 3 tokens");
-  for (int64_t i = 0; i < B * (S + 1); ++i)
-    check(tokens[i] >= 0 && tokens[i] < V,
-          "token id " + std::to_string(tokens[i]) + " is out of range: vocab_size is " + std::to_string(V),
-          "check the data file and the byte offset");
+  check_token_ids(tokens, static_cast<size_t>(B * (S + 1)), V, {}, "check the data file and the byte offset");
   Acts& a = *acts_;
   a.B = B;
   a.S = S;

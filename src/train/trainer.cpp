@@ -93,10 +93,8 @@ Trainer::Trainer(const Json& config, const std::string& origin, std::vector<int3
   opt_ = std::make_unique<AdamW<float>>(model_->params(),
                                         AdamWConfig{cfg_.beta1, cfg_.beta2, cfg_.eps, cfg_.weight_decay});
   backend_ = make_cpu_backend(*model_, *opt_);
-  for (int32_t t : train_tokens)
-    check(t >= 0 && t < model_cfg_.vocab_size, origin + ": training token id " + std::to_string(t) +
-                                                   " is outside the vocabulary (" +
-                                                   std::to_string(model_cfg_.vocab_size) + ")");
+  check_token_ids(train_tokens.data(), train_tokens.size(), model_cfg_.vocab_size,
+                  origin + ": training data");
   if (eval_tokens.empty() && cfg_.eval_fraction > 0) {
     const size_t held = static_cast<size_t>(static_cast<double>(train_tokens.size()) * cfg_.eval_fraction);
     if (held > static_cast<size_t>(cfg_.seq_len) + 1 &&

@@ -46,7 +46,19 @@ __global__ void rmsnorm_kernel(const RMSNormParams p) {
   for (int64_t i = threadIdx.x; i < p.dim; i += blockDim.x) y[i] = p.w[i] * (x[i] * inv);
 }
 
+__global__ void spin_kernel(int64_t ns) {
+  uint64_t t0, t;
+  asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t0));
+  do asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));
+  while (static_cast<int64_t>(t - t0) < ns);
+}
+
 }  // namespace
+
+void spin(int64_t us, cudaStream_t stream) {
+  spin_kernel<<<1, 1, 0, stream>>>(us * 1000);
+  check_launch("spin_kernel");
+}
 
 void embed(const EmbedParams& p) {
   DSV3_ASSERT(p.n >= 0 && wt_of(p.table.dtype) >= 0);

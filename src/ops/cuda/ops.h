@@ -156,6 +156,10 @@ struct RMSNormParams {
 };
 void rmsnorm(const RMSNormParams& p);
 
+// One block that spins for `us` microseconds on the GPU's clock: a measurement aid that holds a stream
+// while the host queues work behind it.
+void spin(int64_t us, cudaStream_t stream);
+
 // ids[r] = cpu::draw_token(row r of x, n, draws[r]) for r < rows: the token that the row's Draw picks
 // (ops/draw.h; temperature 0: cpu::argmax), the same id up to float rounding where u or top_p falls
 // within rounding of a boundary of the cumulative mass. One block per row; the top-k and top-p cuts are

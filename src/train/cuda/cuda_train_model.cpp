@@ -891,10 +891,8 @@ struct CudaTrainModel::Impl {
 
   LossParts forward(const int32_t* tokens, int64_t Bn, int64_t Sn, bool count_load) {
     check(Bn >= 1 && Sn >= 2, "a training batch needs at least one sequence of at least 3 tokens");
-    for (int64_t i = 0; i < Bn * (Sn + 1); ++i)
-      check(tokens[i] >= 0 && tokens[i] < V,
-            "token id " + std::to_string(tokens[i]) + " is out of range: vocab_size is " + std::to_string(V),
-            "check the data file and the byte offset");
+    check_token_ids(tokens, static_cast<size_t>(Bn * (Sn + 1)), V, {},
+                    "check the data file and the byte offset");
     acts.reset();
     B = Bn;
     S = Sn;
