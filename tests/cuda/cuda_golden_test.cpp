@@ -5,6 +5,7 @@
 #include <gtest/gtest.h>
 
 #include <algorithm>
+#include <array>
 #include <cmath>
 #include <cstdio>
 #include <cstdlib>
@@ -436,10 +437,11 @@ TEST(CudaRealHeadDims, PrefillMatchesCpu) {
   }
 }
 
-// A prompt prefilled in two chunks of 300 rows, the second over the first's 300 cached keys, on the
-// non-absorbed prefill attention (CudaModel takes it for 256+ rows whose keys fit the buffers sized by the
-// largest step so far: a 700-row prompt on another cache runs first). Every logit of both chunks against
-// the CPU engine fed the same chunks.
+// A prompt prefilled in two chunks, the second over the first's cached keys, on the non-absorbed prefill
+// attention (CudaModel takes it for 256+ rows whose keys fit the buffers sized by the largest step so
+// far: a longer prompt on another cache runs first). Every logit of both chunks against the CPU engine
+// fed the same chunks. Chunks of 300 rows, and of 1,029 and 1,027 (steps of 1,024+ rows write their
+// cache rows eight tokens a block, the last block partly).
 TEST(CudaRealHeadDims, ChunkedPrefillOverCachedPrefixMatchesCpu) {
   int count = 0;
   ASSERT_EQ(cudaGetDeviceCount(&count), cudaSuccess) << "these tests need an NVIDIA GPU (ctest label gpu)";
@@ -452,26 +454,33 @@ TEST(CudaRealHeadDims, ChunkedPrefillOverCachedPrefixMatchesCpu) {
   CudaOptions exact;
   exact.prefill_gemm = "fp32";
   CudaModel gpu(host, exact);
-  {
-    const std::vector<int32_t> long_prompt(700, 5);
-    CudaLatentCache other = gpu.new_cache(700);
-    gpu.forward(long_prompt, other);
-  }
-  ForwardOptions all;
-  all.all_logits = true;
-  CudaLatentCache cache = gpu.new_cache(600);
-  LatentCache cpu_cache = host.new_cache(600);
-  for (int chunk = 0; chunk < 2; ++chunk) {
-    std::vector<int32_t> tokens(300);
-    for (size_t i = 0; i < tokens.size(); ++i) tokens[i] = static_cast<int32_t>(((chunk * 300 + i) * 53 + 7) % 512);
-    const std::vector<float> logits = gpu.forward(tokens, cache, all);
-    const std::vector<float> cpu = host.forward(tokens, cpu_cache, all);
-    const double e = test::rel_l2(logits, cpu);
-    std::printf("[gpu-real-dims] chunk %d (pos0 %d, 300 rows) rel_l2 vs cpu %.3e\n", chunk, chunk * 300, e);
-    EXPECT_LE(e, 1e-4) << "chunk " << chunk;
+  for (const std::array<int64_t, 2> chunks :
+       {std::array<int64_t, 2>{300, 300}, std::array<int64_t, 2>{1029, 1027}}) {
+    const int64_t total = chunks[0] + chunks[1];
+    {
+      const std::vector<int32_t> long_prompt(static_cast<size_t>(total + 100), 5);
+      CudaLatentCache other = gpu.new_cache(total + 100);
+      gpu.forward(long_prompt, other);
+    }
+    ForwardOptions all;
+    all.all_logits = true;
+    CudaLatentCache cache = gpu.new_cache(total);
+    LatentCache cpu_cache = host.new_cache(total);
+    int64_t pos0 = 0;
+    for (const int64_t rows : chunks) {
+      std::vector<int32_t> tokens(static_cast<size_t>(rows));
+      for (size_t i = 0; i < tokens.size(); ++i)
+        tokens[i] = static_cast<int32_t>(((pos0 + i) * 53 + 7) % 512);
+      const std::vector<float> logits = gpu.forward(tokens, cache, all);
+      const std::vector<float> cpu = host.forward(tokens, cpu_cache, all);
+      const double e = test::rel_l2(logits, cpu);
+      std::printf("[gpu-real-dims] chunk at pos0 %lld, %lld rows: rel_l2 vs cpu %.3e\n",
+                  static_cast<long long>(pos0), static_cast<long long>(rows), e);
+      EXPECT_LE(e, 1e-4) << "chunk at pos0 " << pos0 << ", " << rows << " rows";
+      pos0 += rows;
+    }
   }
 }
-
 
 }  // namespace
 }  // namespace dsv3

@@ -32,57 +32,101 @@ __device__ __forceinline__ int64_t row_splits(const MlaAttentionParams& p, int64
 }
 
 constexpr int64_t kMaxRopePairs = 64;  // RoPE dimensions up to 128 (DeepSeek-V2/V3: 64)
+// New tokens per block of mla_prepare_kernel for steps of at least kPrepareTokensFrom rows without the
+// absorbed query (prefill), and the tokens whose RoPE inputs a thread loads before it stores any.
+// Smaller steps take one token a block (more blocks in flight for a few tokens), and so do blocks that
+// absorb (decode), as the absorbing blocks beside them must stay at 80 registers: the eight-token form
+// takes ~100 and cost a batch-1 decode step ~0.13 ms (docs/PERF.md, "Tenth session").
+constexpr int kPrepareTokens = 8, kPrepareTokensFrom = 1024, kRopeBatch = 4;
 
-// The cache row and q_pe of new token t (one block).
-__device__ void prepare_token(const MlaPrepareParams& p, int64_t t) {
-  __shared__ double scratch[32];
-  __shared__ float cos_s[kMaxRopePairs], sin_s[kMaxRopePairs];
-  const int64_t pos = row_position(p.pos0, p.pos, t);
-  const int64_t C = p.latent, dr = p.rope, half = dr / 2;
-  const float* kva = p.kva + t * (p.ldkva ? p.ldkva : C + dr);
-  const float* q = p.q + t * (p.ldq ? p.ldq : p.heads * (p.nope + dr));
-  float* row = cache_row(p.cache, t, p.layer, pos);
+// The cache rows and q_pe of new tokens t0 .. t0 + TOKENS - 1 below p.n (one block of 8 warps). A token's
+// RoPE rotation is computed once (in double, as the CPU does) for k_pe and every head. With one token
+// a block, an 8K-token prompt's step spent ~90 us a layer here (docs/PERF.md, "Tenth session"): a warp
+// of double-precision cos/sin per token, each waiting out one load at a time in the RoPE loop.
+template <int TOKENS>
+__device__ void prepare_tokens(const MlaPrepareParams& p, int64_t t0) {
+  constexpr int batch = TOKENS < kRopeBatch ? TOKENS : kRopeBatch;
+  __shared__ float cos_s[TOKENS][kMaxRopePairs], sin_s[TOKENS][kMaxRopePairs];
+  __shared__ double partial[8];
+  const int64_t C = p.latent, dr = p.rope, ldkva = p.ldkva ? p.ldkva : C + dr;
+  const int64_t ldq = p.ldq ? p.ldq : p.heads * (p.nope + dr);
+  const int half = static_cast<int>(dr / 2), count = static_cast<int>(min(int64_t{TOKENS}, p.n - t0));
+  const int tid = static_cast<int>(threadIdx.x), warp = tid / 32, lane = tid % 32;
 
-  double ss = 0.0;
-  for (int64_t i = threadIdx.x; i < C; i += blockDim.x) ss += static_cast<double>(kva[i]) * kva[i];
-  for (int o = 16; o > 0; o >>= 1) ss += __shfl_xor_sync(0xffffffffu, ss, o);
-  if (threadIdx.x % 32 == 0) scratch[threadIdx.x / 32] = ss;
-  __syncthreads();
-  ss = 0.0;
-  for (int w = 0; w < static_cast<int>(blockDim.x / 32); ++w) ss += scratch[w];
-  const float inv = static_cast<float>(1.0 / sqrt(ss / static_cast<double>(C) + p.eps));
-  for (int64_t i = threadIdx.x; i < C; i += blockDim.x) row[i] = p.kv_norm[i] * (kva[i] * inv);
-
-  // The token's rotation of each RoPE pair, once (in double, as the CPU), shared by k_pe and every head.
-  for (int64_t i = threadIdx.x; i < half; i += blockDim.x) {
-    const double angle = static_cast<double>(pos) * p.inv_freq[i];
-    cos_s[i] = static_cast<float>(cos(angle) * p.cos_sin_scale);
-    sin_s[i] = static_cast<float>(sin(angle) * p.cos_sin_scale);
+  // Rotations from the block's last threads (item j on thread blockDim.x - 1 - j), so that with few
+  // tokens (decode) their cos/sin run beside the norm's loads in the first warps.
+  for (int j = static_cast<int>(blockDim.x) - 1 - tid; j < count * half; j += blockDim.x) {
+    const int tk = j / half, i = j % half;
+    const double angle = static_cast<double>(row_position(p.pos0, p.pos, t0 + tk)) * p.inv_freq[i];
+    double s, c;
+    sincos(angle, &s, &c);
+    cos_s[tk][i] = static_cast<float>(c * p.cos_sin_scale);
+    sin_s[tk][i] = static_cast<float>(s * p.cos_sin_scale);
+  }
+  // The latent's RMSNorm into each token's cache row: `per` warps a token (all 8 for one token, one
+  // each for eight), their sums of squares met in shared memory.
+  const int per = static_cast<int>(blockDim.x) / 32 / count, tn = warp / per, part = warp % per;
+  const bool norms = tn < count;
+  const float* kva = p.kva + (t0 + tn) * ldkva;
+  if (norms) {
+    double ss = 0.0;
+#pragma unroll 8
+    for (int64_t i = part * 32 + lane; i < C; i += per * 32) ss += static_cast<double>(kva[i]) * kva[i];
+    for (int o = 16; o > 0; o >>= 1) ss += __shfl_xor_sync(0xffffffffu, ss, o);
+    if (lane == 0) partial[warp] = ss;
   }
   __syncthreads();
-  // RoPE pairs: index j < half for k_pe, then (head, pair) for q_pe.
-  for (int64_t j = threadIdx.x; j < (1 + p.heads) * half; j += blockDim.x) {
-    const int64_t i = j % half, h = j / half - 1;
-    const float cs = cos_s[i], sn = sin_s[i];
-    const float* src = h < 0 ? kva + C : q + h * (p.nope + dr) + p.nope;
-    float* dst = h < 0 ? row + C : p.qabs + (t * p.heads + h) * (C + dr) + C;
-    const float a = src[2 * i], b = src[2 * i + 1];
-    dst[2 * i] = a * cs - b * sn;
-    dst[2 * i + 1] = a * sn + b * cs;
+  if (norms) {
+    double ss = 0.0;
+    for (int w = tn * per; w < (tn + 1) * per; ++w) ss += partial[w];
+    const float inv = static_cast<float>(1.0 / sqrt(ss / static_cast<double>(C) + p.eps));
+    float* row = cache_row(p.cache, t0 + tn, p.layer, row_position(p.pos0, p.pos, t0 + tn));
+#pragma unroll 8
+    for (int64_t i = part * 32 + lane; i < C; i += per * 32) row[i] = p.kv_norm[i] * (kva[i] * inv);
   }
+  // RoPE pairs: thread pair i = tid % half of "head" h = -1 (k_pe into the cache row) .. heads - 1 (q_pe),
+  // stepping over heads; threads past a whole number of pair rows idle. The inputs of `batch` tokens
+  // are loaded before any is stored (the stores could alias them for the compiler, which would
+  // otherwise wait out each load in turn).
+  const int heads_per_pass = static_cast<int>(blockDim.x) / half, i = tid % half;
+  if (tid >= heads_per_pass * half) return;
+  for (int64_t h = tid / half - 1; h < p.heads; h += heads_per_pass)
+    for (int tb = 0; tb < count; tb += batch) {
+      float a[batch], b[batch];
+#pragma unroll
+      for (int u = 0; u < batch; ++u) {
+        if (tb + u >= count) break;
+        const int64_t t = t0 + tb + u;
+        const float* src = h < 0 ? p.kva + t * ldkva + C : p.q + t * ldq + h * (p.nope + dr) + p.nope;
+        a[u] = src[2 * i];
+        b[u] = src[2 * i + 1];
+      }
+#pragma unroll
+      for (int u = 0; u < batch; ++u) {
+        if (tb + u >= count) break;
+        const int64_t t = t0 + tb + u;
+        float* dst = h < 0 ? cache_row(p.cache, t, p.layer, row_position(p.pos0, p.pos, t)) + C
+                           : p.qabs + (t * p.heads + h) * (C + dr) + C;
+        const float cs = cos_s[tb + u][i], sn = sin_s[tb + u][i];
+        dst[2 * i] = a[u] * cs - b[u] * sn;
+        dst[2 * i + 1] = a[u] * sn + b[u] * cs;
+      }
+    }
 }
 
-// Blocks [0, n): one new token each; the rest (when absorbing): linear_transposed's blocks, column
-// block fastest.
-template <int T>
-__global__ void __launch_bounds__(256) mla_prepare_kernel(const MlaPrepareParams p, const MatGeom geom, bool early) {
+// Blocks [0, ceil(n / TOKENS)): TOKENS new tokens each; the rest (when absorbing, TOKENS = 1):
+// linear_transposed's blocks, column block fastest.
+template <int T, int TOKENS>
+__global__ void __launch_bounds__(256)
+    mla_prepare_kernel(const MlaPrepareParams p, const MatGeom geom, bool early) {
   pdl_wait();  // kva and q are the previous kernel's
   if (early) pdl_trigger();
-  if (blockIdx.x < p.n) {
-    prepare_token(p, blockIdx.x);
+  const int64_t token_blocks = (p.n + TOKENS - 1) / TOKENS;
+  if (blockIdx.x < token_blocks) {
+    prepare_tokens<TOKENS>(p, blockIdx.x * TOKENS);
     return;
   }
-  const int64_t b = blockIdx.x - p.n, col_blocks = (geom.cols + 31) / 32;
+  const int64_t b = blockIdx.x - token_blocks, col_blocks = (geom.cols + 31) / 32;
   transposed_block<T>(p.absorb, geom, b % col_blocks, b / col_blocks);
 }
 
@@ -530,22 +574,36 @@ void mla_prepare(const MlaPrepareParams& p) {
   DSV3_ASSERT(p.kva && p.kv_norm && p.q && p.qabs && p.inv_freq && (p.pos0 || p.pos) && p.cache.pages);
   DSV3_ASSERT(p.cache.width == p.latent + p.rope && p.layer >= 0 && p.layer < p.cache.layers);
   const LinearTransposedParams& a = p.absorb;
-  int64_t blocks = p.n;
-  MatGeom geom{1, 0, 1, 1};
-  int t = kF32;  // without absorb: no transposed blocks, any instantiation
-  if (a.w.data) {
-    check_transposed(a);
-    DSV3_ASSERT(a.n == p.n && a.x == p.q && a.y == p.qabs);
-    geom = geom_of(a.w);
-    blocks += (a.w.cols + 31) / 32 * a.groups;
-    t = wt_of(a.w.dtype);
+  if (!a.w.data) {  // no absorbed query: only token blocks
+    const MatGeom none{1, 0, 1, 1};
+    if (p.n >= kPrepareTokensFrom) {
+      const unsigned grid = static_cast<unsigned>((p.n + kPrepareTokens - 1) / kPrepareTokens);
+      launch_pdl(mla_prepare_kernel<kF32, kPrepareTokens>, grid, dim3(256), 0, p.stream, p, none,
+                 pdl_early());
+    } else {
+      launch_pdl(mla_prepare_kernel<kF32, 1>, static_cast<unsigned>(p.n), dim3(256), 0, p.stream, p, none,
+                 pdl_early());
+    }
+    check_launch("mla_prepare_kernel");
+    return;
   }
-  const unsigned grid = static_cast<unsigned>(blocks);
-  switch (t) {
-    case kF32: launch_pdl(mla_prepare_kernel<kF32>, grid, dim3(256), 0, p.stream, p, geom, pdl_early()); break;
-    case kF16: launch_pdl(mla_prepare_kernel<kF16>, grid, dim3(256), 0, p.stream, p, geom, pdl_early()); break;
-    case kBF16: launch_pdl(mla_prepare_kernel<kBF16>, grid, dim3(256), 0, p.stream, p, geom, pdl_early()); break;
-    default: launch_pdl(mla_prepare_kernel<kF8>, grid, dim3(256), 0, p.stream, p, geom, pdl_early()); break;
+  check_transposed(a);
+  DSV3_ASSERT(a.n == p.n && a.x == p.q && a.y == p.qabs);
+  const MatGeom geom = geom_of(a.w);
+  const unsigned grid = static_cast<unsigned>(p.n + (a.w.cols + 31) / 32 * a.groups);
+  switch (wt_of(a.w.dtype)) {
+    case kF32:
+      launch_pdl(mla_prepare_kernel<kF32, 1>, grid, dim3(256), 0, p.stream, p, geom, pdl_early());
+      break;
+    case kF16:
+      launch_pdl(mla_prepare_kernel<kF16, 1>, grid, dim3(256), 0, p.stream, p, geom, pdl_early());
+      break;
+    case kBF16:
+      launch_pdl(mla_prepare_kernel<kBF16, 1>, grid, dim3(256), 0, p.stream, p, geom, pdl_early());
+      break;
+    default:
+      launch_pdl(mla_prepare_kernel<kF8, 1>, grid, dim3(256), 0, p.stream, p, geom, pdl_early());
+      break;
   }
   check_launch("mla_prepare_kernel");
 }
