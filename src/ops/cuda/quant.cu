@@ -104,7 +104,11 @@ __device__ int64_t scale_index(int64_t t, int64_t g, int64_t groups, int64_t sca
 }
 
 // One warp per row (a block holds kQuantWarps rows), 4 groups per step. With a norm, a first pass sums
-// the row's squares and the second reads the row again (from L1 or L2 by then).
+// the row's squares before the second normalizes and stores. KEEP > 0 (rows of at most KEEP steps, k <=
+// 512 KEEP): the lane's values of all steps are loaded at once and kept in registers for both passes, one
+// round of loads a row; a 2048-wide row read twice, a step at a time, ran at ~40% of the DRAM bandwidth
+// (docs/PERF.md, "Tenth session"). KEEP = 0, for wider rows, reads the row again in the second pass.
+template <int KEEP>
 __global__ void __launch_bounds__(kQuantThreads) quantize_kernel(const ActQuantParams p) {
   const int64_t t = static_cast<int64_t>(blockIdx.x) * kQuantWarps + threadIdx.x / 32;
   if (t >= p.n) return;
@@ -123,23 +127,34 @@ __global__ void __launch_bounds__(kQuantThreads) quantize_kernel(const ActQuantP
       for (int i = 0; i < 16; ++i) v[i] = x && c0 + i < k_in ? x[c0 + i] : 0.0f;
     }
   };
+  float kept[KEEP > 0 ? KEEP : 1][16];
+  if constexpr (KEEP > 0) {
+#pragma unroll
+    for (int st = 0; st < KEEP; ++st)
+      if (st < steps) load(step_col0(st), kept[st]);
+  }
   float inv_rms = 1.0f;
   if (p.norm && x) {
     double ss = 0.0;  // sum of squares in double, as cpu::rmsnorm
+    if constexpr (KEEP > 0) {
+#pragma unroll
+      for (int st = 0; st < KEEP; ++st)
+        if (st < steps)
+          for (int i = 0; i < 16; ++i) ss += static_cast<double>(kept[st][i]) * kept[st][i];
+    } else {
 #pragma unroll 2
-    for (int64_t st = 0; st < steps; ++st) {
-      float v[16];
-      load(step_col0(st), v);
-      for (int i = 0; i < 16; ++i) ss += static_cast<double>(v[i]) * v[i];
+      for (int64_t st = 0; st < steps; ++st) {
+        float v[16];
+        load(step_col0(st), v);
+        for (int i = 0; i < 16; ++i) ss += static_cast<double>(v[i]) * v[i];
+      }
     }
     for (int o = 16; o > 0; o >>= 1) ss += __shfl_xor_sync(0xffffffffu, ss, o);
     inv_rms = static_cast<float>(1.0 / sqrt(ss / static_cast<double>(k_in) + static_cast<double>(p.norm_eps)));
   }
-#pragma unroll 2
-  for (int64_t st = 0; st < steps; ++st) {
+  // Normalizes (with a norm) and stores step st's values v.
+  auto finish = [&](int64_t st, float (&v)[16]) {
     const int64_t g = step_group(st), c0 = step_col0(st);
-    float v[16];
-    load(c0, v);
     if (p.norm && vec && c0 + 16 <= k_in) {  // x * (w * 1/rms), as the CPU rounds it
       float w[16];
       load16(p.norm + c0, w);
@@ -150,8 +165,23 @@ __global__ void __launch_bounds__(kQuantThreads) quantize_kernel(const ActQuantP
     const bool valid = g < groups;
     store_group(v, c0, valid, p.k, p.fp8, p.q, t,
                 p.fp8 && valid ? p.scales + scale_index(t, g, groups, p.scale_ld, p.n, p.row_seg, p.seg_rows) : nullptr);
+  };
+  if constexpr (KEEP > 0) {
+#pragma unroll
+    for (int st = 0; st < KEEP; ++st)
+      if (st < steps) finish(st, kept[st]);
+  } else {
+#pragma unroll 2
+    for (int64_t st = 0; st < steps; ++st) {
+      float v[16];
+      load(step_col0(st), v);
+      finish(st, v);
+    }
   }
 }
+
+// Steps a row keeps in registers in quantize_kernel: 4 (rows up to 2,048 columns: 64 values a lane).
+constexpr int kQuantKeepSteps = 4;
 
 // SwiGLU of gate/up scratch rows straight into the next projection's quantized operand: output row
 // w0 + t from scratch row t, silu(g) * u as swiglu_rows computes it, then stored as quantize_kernel stores
@@ -284,7 +314,10 @@ void quantize_activations(const ActQuantParams& p) {
   DSV3_ASSERT((p.row_seg == nullptr) == (p.seg_rows == nullptr));
   if (p.n == 0) return;
   DSV3_ASSERT(p.x && p.q && (!p.fp8 || p.scales));
-  quantize_kernel<<<row_blocks(p.n), kQuantThreads, 0, p.stream>>>(p);
+  if ((p.k + 127) / 128 <= kQuantKeepSteps * kWarpGroups)
+    quantize_kernel<kQuantKeepSteps><<<row_blocks(p.n), kQuantThreads, 0, p.stream>>>(p);
+  else
+    quantize_kernel<0><<<row_blocks(p.n), kQuantThreads, 0, p.stream>>>(p);
   check_launch("quantize_kernel");
 }
 
