@@ -107,13 +107,24 @@ __global__ void __launch_bounds__(kSplitPairs) mla_prefill_split_kernel(const Ml
   const int64_t width = is_k ? kDq : kDv, col = is_k ? d : d - kDq, lo_off = lay.keys_padded * width;
   uint16_t* dst = static_cast<uint16_t*>(p.work) + (is_k ? lay.k_hi(h) : lay.v_hi(h)) + col;
   const ImageLayout img{lay.keys_padded};
-  for (int64_t key = key0; key < key0 + kSplitKeys && key < lay.keys_padded; ++key) {
-    float2 x = make_float2(0.0f, 0.0f);
+  // The block's kSplitKeys values loaded before any store (the stores could alias the loads for the
+  // compiler, which otherwise waits out each load in turn).
+  float2 xs[kSplitKeys];
+#pragma unroll
+  for (int j = 0; j < kSplitKeys; ++j) {
+    const int64_t key = key0 + j;
+    xs[j] = make_float2(0.0f, 0.0f);
     if (key < p.keys) {
       const float* kv = p.kv + key * p.ldkv + h * (p.nope + p.v);
       const float* src = !is_k ? kv + p.nope + col : d < p.nope ? kv + d : p.k_pe + key * p.ldkpe + (d - p.nope);
-      x = *reinterpret_cast<const float2*>(src);
+      xs[j] = *reinterpret_cast<const float2*>(src);
     }
+  }
+#pragma unroll
+  for (int j = 0; j < kSplitKeys; ++j) {
+    const int64_t key = key0 + j;
+    if (key >= lay.keys_padded) break;
+    const float2 x = xs[j];
     uint32_t hi, lo;
     split2(x.x, x.y, hi, lo);
     if (images) {

@@ -225,8 +225,18 @@ __global__ void __launch_bounds__(kQuantThreads) gather_quantized_kernel(const G
   const int64_t token = src >= 0 ? src / p.x_div : -1, bytes = p.k * (p.fp8 ? 1 : 2);
   const uint4* from = token >= 0 ? reinterpret_cast<const uint4*>(static_cast<const uint8_t*>(p.src) + token * bytes) : nullptr;
   uint4* to = reinterpret_cast<uint4*>(static_cast<uint8_t*>(p.q) + t * bytes);
-#pragma unroll 4
-  for (int64_t i = lane; i < bytes / 16; i += 32) to[i] = from ? from[i] : make_uint4(0, 0, 0, 0);
+  // Four 16-byte loads a lane before any store: the stores could alias the loads for the compiler, which
+  // otherwise waits out each load in turn (a 2,048-byte row then took four round trips).
+  const int64_t chunks = bytes / 16;
+  for (int64_t i0 = lane; i0 < chunks; i0 += 4 * 32) {
+    uint4 v[4];
+#pragma unroll
+    for (int u = 0; u < 4; ++u)
+      v[u] = from && i0 + 32 * u < chunks ? from[i0 + 32 * u] : make_uint4(0, 0, 0, 0);
+#pragma unroll
+    for (int u = 0; u < 4; ++u)
+      if (i0 + 32 * u < chunks) to[i0 + 32 * u] = v[u];
+  }
   if (!p.fp8) return;
   const int64_t groups = (p.k + 127) / 128;
   const int32_t s = p.row_seg[t], row0 = p.seg_rows[2 * s];
