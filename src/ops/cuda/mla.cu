@@ -37,7 +37,7 @@ constexpr int64_t kMaxRopePairs = 64;  // RoPE dimensions up to 128 (DeepSeek-V2
 // Smaller steps take one token a block (more blocks in flight for a few tokens), and so do blocks that
 // absorb (decode), as the absorbing blocks beside them must stay at 80 registers: the eight-token form
 // takes ~100 and cost a batch-1 decode step ~0.13 ms (docs/PERF.md, "Tenth session").
-constexpr int kPrepareTokens = 8, kPrepareTokensFrom = 1024, kRopeBatch = 4;
+constexpr int kPrepareTokens = 8, kPrepareTokensFrom = 1024, kRopeBatch = 4, kPrepareThreads = 256;
 
 // The cache rows and q_pe of new tokens t0 .. t0 + TOKENS - 1 below p.n (one block of 8 warps). A token's
 // RoPE rotation is computed once (in double, as the CPU does) for k_pe and every head. With one token
@@ -47,7 +47,7 @@ template <int TOKENS>
 __device__ void prepare_tokens(const MlaPrepareParams& p, int64_t t0) {
   constexpr int batch = TOKENS < kRopeBatch ? TOKENS : kRopeBatch;
   __shared__ float cos_s[TOKENS][kMaxRopePairs], sin_s[TOKENS][kMaxRopePairs];
-  __shared__ double partial[8];
+  __shared__ double partial[kPrepareThreads / 32];
   const int64_t C = p.latent, dr = p.rope, ldkva = p.ldkva ? p.ldkva : C + dr;
   const int64_t ldq = p.ldq ? p.ldq : p.heads * (p.nope + dr);
   const int half = static_cast<int>(dr / 2), count = static_cast<int>(min(int64_t{TOKENS}, p.n - t0));
@@ -117,7 +117,7 @@ __device__ void prepare_tokens(const MlaPrepareParams& p, int64_t t0) {
 // Blocks [0, ceil(n / TOKENS)): TOKENS new tokens each; the rest (when absorbing, TOKENS = 1):
 // linear_transposed's blocks, column block fastest.
 template <int T, int TOKENS>
-__global__ void __launch_bounds__(256)
+__global__ void __launch_bounds__(kPrepareThreads)
     mla_prepare_kernel(const MlaPrepareParams p, const MatGeom geom, bool early) {
   pdl_wait();  // kva and q are the previous kernel's
   if (early) pdl_trigger();
@@ -578,11 +578,11 @@ void mla_prepare(const MlaPrepareParams& p) {
     const MatGeom none{1, 0, 1, 1};
     if (p.n >= kPrepareTokensFrom) {
       const unsigned grid = static_cast<unsigned>((p.n + kPrepareTokens - 1) / kPrepareTokens);
-      launch_pdl(mla_prepare_kernel<kF32, kPrepareTokens>, grid, dim3(256), 0, p.stream, p, none,
+      launch_pdl(mla_prepare_kernel<kF32, kPrepareTokens>, grid, dim3(kPrepareThreads), 0, p.stream, p, none,
                  pdl_early());
     } else {
-      launch_pdl(mla_prepare_kernel<kF32, 1>, static_cast<unsigned>(p.n), dim3(256), 0, p.stream, p, none,
-                 pdl_early());
+      launch_pdl(mla_prepare_kernel<kF32, 1>, static_cast<unsigned>(p.n), dim3(kPrepareThreads), 0, p.stream,
+                 p, none, pdl_early());
     }
     check_launch("mla_prepare_kernel");
     return;
@@ -593,16 +593,17 @@ void mla_prepare(const MlaPrepareParams& p) {
   const unsigned grid = static_cast<unsigned>(p.n + (a.w.cols + 31) / 32 * a.groups);
   switch (wt_of(a.w.dtype)) {
     case kF32:
-      launch_pdl(mla_prepare_kernel<kF32, 1>, grid, dim3(256), 0, p.stream, p, geom, pdl_early());
+      launch_pdl(mla_prepare_kernel<kF32, 1>, grid, dim3(kPrepareThreads), 0, p.stream, p, geom, pdl_early());
       break;
     case kF16:
-      launch_pdl(mla_prepare_kernel<kF16, 1>, grid, dim3(256), 0, p.stream, p, geom, pdl_early());
+      launch_pdl(mla_prepare_kernel<kF16, 1>, grid, dim3(kPrepareThreads), 0, p.stream, p, geom, pdl_early());
       break;
     case kBF16:
-      launch_pdl(mla_prepare_kernel<kBF16, 1>, grid, dim3(256), 0, p.stream, p, geom, pdl_early());
+      launch_pdl(mla_prepare_kernel<kBF16, 1>, grid, dim3(kPrepareThreads), 0, p.stream, p, geom,
+                 pdl_early());
       break;
     default:
-      launch_pdl(mla_prepare_kernel<kF8, 1>, grid, dim3(256), 0, p.stream, p, geom, pdl_early());
+      launch_pdl(mla_prepare_kernel<kF8, 1>, grid, dim3(kPrepareThreads), 0, p.stream, p, geom, pdl_early());
       break;
   }
   check_launch("mla_prepare_kernel");
