@@ -1293,7 +1293,12 @@ std::string CudaModel::numerics_tag() const {
 
 std::vector<float> CudaModel::forward(std::span<const int32_t> tokens, CudaLatentCache& cache, const ForwardOptions& opt) {
   Impl& m = *impl_;
-  const auto entry = std::chrono::steady_clock::now();
+  // Measurement knob DSV3_HOLD_STEP_US=N: the GPU spins N us before the step, so the host has queued all of
+  // it before it starts; the step's GPU time (events after the spin and after the step) and the host's time
+  // from forward's entry to the last launch go to stderr. Wall time minus the GPU time is what the host
+  // adds (docs/PERF.md, "Tenth session").
+  static const int64_t hold_us = cuda::env_positive("DSV3_HOLD_STEP_US", 0);
+  const auto entry = hold_us > 0 ? std::chrono::steady_clock::now() : std::chrono::steady_clock::time_point{};
   const int64_t n = static_cast<int64_t>(tokens.size()), D = cfg_.hidden_size, V = cfg_.vocab_size;
   check(n > 0, "no tokens to run");
   check_token_ids(tokens.data(), tokens.size(), V);
@@ -1311,11 +1316,6 @@ std::vector<float> CudaModel::forward(std::span<const int32_t> tokens, CudaLaten
     DSV3_CUDA_CHECK(cudaGraphExecDestroy(m.graph));
     m.graph = nullptr;
   }
-  // Measurement knob DSV3_HOLD_STEP_US=N: the GPU spins N us before the step, so the host has queued all of
-  // it before it starts; the step's GPU time (events after the spin and after the step) and the host's time
-  // from forward's entry to the last launch go to stderr. Wall time minus the GPU time is what the host
-  // adds (docs/PERF.md, "Tenth session").
-  static const int64_t hold_us = cuda::env_positive("DSV3_HOLD_STEP_US", 0);
   cudaEvent_t held[2] = {nullptr, nullptr};
   if (hold_us > 0) {
     for (cudaEvent_t& e : held) DSV3_CUDA_CHECK(cudaEventCreate(&e));
