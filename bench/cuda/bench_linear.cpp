@@ -4,6 +4,8 @@
 // pieces) in FP8 with 128x128 block scales, plus larger problems that show the kernel's rate once launch
 // and tail costs are small. Each row: microseconds per call (back-to-back launches on one stream, as a
 // captured step runs them), weight bytes read per call, GB/s, and that over the copy bandwidth.
+// Each call reads other weights than the call before (copies of the matrix, other experts), as a
+// decode step's layers do, so the rates are DRAM rates, not L2 ones.
 // Usage: dsv3_bench_linear [--iters N] [--dtype fp8|bf16]. Tuning knobs of cuda::linear (DSV3_GEMV_*)
 // come from the environment, read once per process.
 #include <cuda_runtime_api.h>
@@ -72,16 +74,16 @@ cuda::DeviceMatrix random_matrix(DeviceArena& dev, std::mt19937& rng, DType dtyp
   return m;
 }
 
-// Median over 5 rounds of the mean time of `iters` back-to-back calls, in microseconds.
-double time_us(const std::function<void()>& call, int iters) {
+// Median over 5 rounds of the mean time of `iters` back-to-back calls, in microseconds; call i gets i.
+double time_us(const std::function<void(int)>& call, int iters) {
   cudaEvent_t e0, e1;
   DSV3_CUDA_CHECK(cudaEventCreate(&e0));
   DSV3_CUDA_CHECK(cudaEventCreate(&e1));
-  for (int i = 0; i < 10; ++i) call();
+  for (int i = 0; i < 10; ++i) call(i);
   std::vector<double> rounds;
   for (int r = 0; r < 5; ++r) {
     DSV3_CUDA_CHECK(cudaEventRecord(e0));
-    for (int i = 0; i < iters; ++i) call();
+    for (int i = 0; i < iters; ++i) call(i);
     DSV3_CUDA_CHECK(cudaEventRecord(e1));
     DSV3_CUDA_CHECK(cudaEventSynchronize(e1));
     float ms = 0;
@@ -129,12 +131,18 @@ int run(int argc, char** argv) {
   DSV3_CUDA_CHECK(cudaMemset(y, 0, kmax * 16384 * sizeof(float)));
   const float* norm = dev.put(std::vector<float>(static_cast<size_t>(D), 1.0f));
 
-  auto row = [&](const char* name, const std::string& shape, double bytes, const cuda::LinearParams& p) {
-    const double us = time_us([&] { cuda::linear(p); }, iters);
+  // Call i runs variant i % variants.size(): copies of the weights (or other expert choices) so that the
+  // calls, like a decode step's layers, read their weights from memory rather than from L2.
+  auto rows = [&](const char* name, const std::string& shape, double bytes,
+                  const std::vector<cuda::LinearParams>& variants) {
+    const double us =
+        time_us([&](int i) { cuda::linear(variants[static_cast<size_t>(i) % variants.size()]); }, iters);
     const double gbs = bytes / (us * 1e-6) / 1e9;
     std::printf("| %s | %s | %.2f | %.2f | %.0f | %.1f%% |\n", name, shape.c_str(), us, bytes / 1e6, gbs,
                 100.0 * gbs * 1e9 / bw);
   };
+  // Weight copies: at least 256 MB of them (5 x the H100/H200 L2), at most 200.
+  auto copies = [&](double bytes) { return static_cast<int>(std::clamp(256e6 / bytes, 1.0, 200.0)); };
   auto plain = [&](const cuda::DeviceMatrix& w, int64_t n) {
     cuda::LinearParams p;
     p.w = w;
@@ -148,31 +156,47 @@ int run(int argc, char** argv) {
   };
   const double mat = static_cast<double>(esz);
 
+  // `n` copies of a random matrix, each with the same call around it (`make` turns a matrix into params).
+  auto variants = [&](DType dt, int64_t r, int64_t c,
+                      const std::function<cuda::LinearParams(const cuda::DeviceMatrix&)>& make) {
+    std::vector<cuda::LinearParams> v;
+    const int n = copies(static_cast<double>(dtype_size(dt)) * static_cast<double>(r * c));
+    for (int i = 0; i < n; ++i) v.push_back(make(random_matrix(dev, rng, dt, r, c)));
+    return v;
+  };
+
   // Attention projections of one token: q and kv_a together behind the input norm, o_proj, W_UV per head.
-  const cuda::DeviceMatrix qkv = random_matrix(dev, rng, dtype, H * 192 + 576, D);
-  cuda::LinearParams pq = plain(qkv, 1);
-  pq.norm = norm;
-  pq.norm_eps = 1e-6f;
-  row("q + kv_a, normed", "3648 x 2048", mat * qkv.rows * qkv.cols, pq);
-  const cuda::DeviceMatrix o = random_matrix(dev, rng, dtype, D, H * 128);
-  row("o_proj", "2048 x 2048", mat * o.rows * o.cols, plain(o, 1));
-  const cuda::DeviceMatrix kvb = random_matrix(dev, rng, dtype, H * 256, 512);
-  cuda::LinearParams uv = plain(kvb, 1);
-  uv.out = H * 128;
-  uv.group_rows = 128;
-  uv.group_stride = 256;
-  uv.row0 = 128;
-  uv.group_x = 512;
-  uv.ldy = uv.out;
-  row("W_UV per head", "16 x 128 x 512", mat * H * 128 * 512, uv);
+  rows("q + kv_a, normed", "3648 x 2048", mat * (H * 192 + 576) * D,
+       variants(dtype, H * 192 + 576, D, [&](const cuda::DeviceMatrix& w) {
+         cuda::LinearParams p = plain(w, 1);
+         p.norm = norm;
+         p.norm_eps = 1e-6f;
+         return p;
+       }));
+  rows("o_proj", "2048 x 2048", mat * D * H * 128,
+       variants(dtype, D, H * 128, [&](const cuda::DeviceMatrix& w) { return plain(w, 1); }));
+  rows("W_UV per head", "16 x 128 x 512", mat * H * 128 * 512,
+       variants(dtype, H * 256, 512, [&](const cuda::DeviceMatrix& w) {
+         cuda::LinearParams p = plain(w, 1);
+         p.out = H * 128;
+         p.group_rows = 128;
+         p.group_stride = 256;
+         p.row0 = 128;
+         p.group_x = 512;
+         p.ldy = p.out;
+         return p;
+       }));
   // The router: BF16 in the FP8 checkpoints too, behind the post-attention norm.
-  const cuda::DeviceMatrix router = random_matrix(dev, rng, DType::BF16, E, D);
-  cuda::LinearParams pr = plain(router, 1);
-  pr.norm = norm;
-  pr.norm_eps = 1e-6f;
-  row("router (BF16), normed", "64 x 2048", 2.0 * E * D, pr);
+  rows("router (BF16), normed", "64 x 2048", 2.0 * E * D,
+       variants(DType::BF16, E, D, [&](const cuda::DeviceMatrix& w) {
+         cuda::LinearParams p = plain(w, 1);
+         p.norm = norm;
+         p.norm_eps = 1e-6f;
+         return p;
+       }));
 
   // The MoE of one token: gate/up of 6 routed + 2 shared pieces (SwiGLU), down with the weighted combine.
+  // 16 sets of routing choices (each token's k experts distinct), one per call in turn.
   std::vector<cuda::DeviceMatrix> gate, up, down;
   std::vector<cuda::MatrixPtrs> tg, tu, td;
   for (int64_t e = 0; e < E + F; ++e) {
@@ -184,49 +208,66 @@ int run(int argc, char** argv) {
     td.push_back({down.back().data, down.back().scale_inv});
   }
   const cuda::MatrixPtrs *dg = dev.put(tg), *du = dev.put(tu), *dd = dev.put(td);
-  std::vector<int32_t> idh(kmax);
-  for (size_t i = 0; i < idh.size(); ++i) idh[i] = static_cast<int32_t>((i * 7 + 3) % E);
-  const int32_t* ids = dev.put(idh);
+  constexpr int kSets = 16;
+  std::vector<const int32_t*> id_sets;
+  for (int set = 0; set < kSets; ++set) {
+    std::vector<int32_t> idh(kmax);
+    std::vector<int32_t> perm(static_cast<size_t>(E));
+    for (size_t t = 0; t < idh.size() / k; ++t) {
+      for (int64_t e = 0; e < E; ++e) perm[static_cast<size_t>(e)] = static_cast<int32_t>(e);
+      std::shuffle(perm.begin(), perm.end(), rng);
+      for (int64_t j = 0; j < k; ++j) idh[t * k + static_cast<size_t>(j)] = perm[static_cast<size_t>(j)];
+    }
+    id_sets.push_back(dev.put(idh));
+  }
   std::vector<float> wh(kmax, 0.1f);
   const float* wts = dev.put(wh);
   auto gate_up = [&](int64_t tokens) {
-    cuda::LinearParams p = plain(gate[0], tokens * S);
-    p.experts = dg;
-    p.experts2 = du;
-    p.ids = ids;
-    p.ids_settled = true;
-    p.x_div = S;
-    p.fixed_experts = F;
-    p.fixed_first = E;
-    p.norm = norm;
-    p.norm_eps = 1e-6f;
-    return p;
+    std::vector<cuda::LinearParams> v;
+    for (const int32_t* ids : id_sets) {
+      cuda::LinearParams p = plain(gate[0], tokens * S);
+      p.experts = dg;
+      p.experts2 = du;
+      p.ids = ids;
+      p.ids_settled = true;
+      p.x_div = S;
+      p.fixed_experts = F;
+      p.fixed_first = E;
+      p.norm = norm;
+      p.norm_eps = 1e-6f;
+      v.push_back(p);
+    }
+    return v;
   };
   auto down_combine = [&](int64_t tokens) {
-    cuda::LinearParams p = plain(down[0], tokens);
-    p.experts = dd;
-    p.ids = ids;
-    p.ids_settled = true;
-    p.combine = wts;
-    p.combine_k = k;
-    p.fixed_experts = F;
-    p.fixed_first = E;
-    p.x = x;
-    p.ldx = I;
-    p.accumulate = true;
-    return p;
+    std::vector<cuda::LinearParams> v;
+    for (const int32_t* ids : id_sets) {
+      cuda::LinearParams p = plain(down[0], tokens);
+      p.experts = dd;
+      p.ids = ids;
+      p.ids_settled = true;
+      p.combine = wts;
+      p.combine_k = k;
+      p.fixed_experts = F;
+      p.fixed_first = E;
+      p.x = x;
+      p.ldx = I;
+      p.accumulate = true;
+      v.push_back(p);
+    }
+    return v;
   };
   const double expert = mat * I * D;
-  row("expert gate/up, normed", "8 slots x 2 x 1408 x 2048", 2 * S * expert, gate_up(1));
-  row("expert down + combine", "8 slots x 2048 x 1408", S * expert, down_combine(1));
+  rows("expert gate/up, normed", "8 slots x 2 x 1408 x 2048", 2 * S * expert, gate_up(1));
+  rows("expert down + combine", "8 slots x 2048 x 1408", S * expert, down_combine(1));
 
   // Larger problems: the kernel's own rate.
-  const cuda::DeviceMatrix big = random_matrix(dev, rng, dtype, 16384, D);
-  row("plain, large", "16384 x 2048", mat * big.rows * big.cols, plain(big, 1));
-  const cuda::DeviceMatrix wide = random_matrix(dev, rng, dtype, 4096, 7168);
-  row("plain, V3 width", "4096 x 7168", mat * wide.rows * wide.cols, plain(wide, 1));
-  row("expert gate/up, 4 tokens", "32 slots x 2 x 1408 x 2048", 2 * 4 * S * expert, gate_up(4));
-  row("expert down + combine, 4 tokens", "4 x 8 slots x 2048 x 1408", 4 * S * expert, down_combine(4));
+  rows("plain, large", "16384 x 2048", mat * 16384 * D,
+       variants(dtype, 16384, D, [&](const cuda::DeviceMatrix& w) { return plain(w, 1); }));
+  rows("plain, V3 width", "4096 x 7168", mat * 4096 * 7168,
+       variants(dtype, 4096, 7168, [&](const cuda::DeviceMatrix& w) { return plain(w, 1); }));
+  rows("expert gate/up, 4 tokens", "32 slots x 2 x 1408 x 2048", 2 * 4 * S * expert, gate_up(4));
+  rows("expert down + combine, 4 tokens", "4 x 8 slots x 2048 x 1408", 4 * S * expert, down_combine(4));
   return 0;
 }
 

@@ -30,6 +30,11 @@ namespace {
 
 constexpr float kLatentNormEps = 1e-6f;  // q_a_layernorm and kv_a_layernorm, as in model.cpp
 
+// n rounded up to whole 16-row batches, the row granularity of cuBLASLt's FP8 kernels (gemm_lt.cpp).
+int64_t round16(int64_t n) {
+  return (n + 15) / 16 * 16;
+}
+
 std::string gib(size_t bytes) {
   char buf[32];
   std::snprintf(buf, sizeof buf, "%.2f GiB", static_cast<double>(bytes) / (1ull << 30));
@@ -277,12 +282,14 @@ struct Scratch {
   int32_t* row_of = nullptr;  // each expert problem's row of the kept down-projection rows (cuda::LtRows)
   int32_t *ids = nullptr, *tokens = nullptr, *counters = nullptr;
   int64_t* pos = nullptr;
-  // Non-absorbed prefill attention (CudaModel::Impl::mla_prefill): the gathered cache rows, their
-  // per-head keys and values, and those split into bf16 hi/lo tiles, for up to prefill_keys keys
-  // (0: not allocated).
+  // Non-absorbed prefill attention (CudaModel::Impl::mla_prefill): the gathered cache rows (whole
+  // 16-row batches, zeros where never written), their per-head keys and values (fp32, or bf16 for the
+  // kernel's TMA), those split into bf16 hi/lo tiles, and the rows' k_pe in bf16, for up to
+  // prefill_keys keys (0: not allocated).
   int64_t prefill_keys = 0;
   float *lat = nullptr, *kv = nullptr;
   void* kv_split = nullptr;
+  uint16_t* k_pe16 = nullptr;
   // Per-row inputs of a batched step, uploaded together in one copy: [row_pos int64 | tokens int32 |
   // row_table int32] x cap (`tokens` above points into it).
   unsigned char* step = nullptr;
@@ -633,6 +640,7 @@ struct CudaModel::Impl {
     t.lat = s.lat;
     t.kv = s.kv;
     t.kv_split = s.kv_split;
+    t.k_pe16 = s.k_pe16;
     t.prefill_keys = s.prefill_keys;
     s = t;
     ++scratch_gen;
@@ -653,6 +661,7 @@ struct CudaModel::Impl {
       prefill_allocs.clear();
       s.lat = s.kv = nullptr;
       s.kv_split = nullptr;
+      s.k_pe16 = nullptr;
       s.prefill_keys = 0;
     };
     release();
@@ -660,9 +669,15 @@ struct CudaModel::Impl {
       auto f = [&](int64_t count, const char* what) {
         return static_cast<float*>(device_alloc(static_cast<size_t>(count) * sizeof(float), prefill_allocs, what));
       };
-      s.lat = f(keys * W, "prefill attention: cache rows");
+      const int64_t keys16 = round16(keys);
+      s.lat = f(keys16 * W, "prefill attention: cache rows");
+      DSV3_CUDA_CHECK(cudaMemset(s.lat, 0, static_cast<size_t>(keys16 * W) * sizeof(float)));
+      // keys x 2 (dn + dv) x 4 bytes hold the bf16 form's keys16 rows too (keys >= kMlaPrefillMinRows).
       s.kv = f(keys * H * (c.qk_nope_head_dim + c.v_head_dim), "prefill attention: keys and values");
       s.kv_split = device_alloc(cuda::mla_prefill_work_bytes(keys, H), prefill_allocs, "prefill attention: split tiles");
+      s.k_pe16 =
+          static_cast<uint16_t*>(device_alloc(static_cast<size_t>(keys16 * c.qk_rope_head_dim) * 2,
+                                              prefill_allocs, "prefill attention: rotary keys (bf16)"));
       s.prefill_keys = keys;
     } catch (const Error&) {
       release();
@@ -947,9 +962,25 @@ struct CudaModel::Impl {
   // from its cached latent (the cache rows gathered, times kv_b_proj: [W_UK[h]; W_UV[h]] per head, one
   // GEMM), then causal flash attention on tensor cores into s.o (cuda::mla_prefill). 2 (dn + dr + dv)
   // FLOPs per (query, key, head) instead of the absorbed form's 2 (2 C + dr), and dense tiles.
-  void mla_prefill(const DevLayer& L, int64_t layer, const StepCache& sc, const cuda::MlaPrefillParams& p) {
-    const int64_t W = cfg.kv_lora_rank + cfg.qk_rope_head_dim;
-    cuda::mla_gather_rows(sc.pages, layer, p.keys, s.lat, stream);
+  //
+  // Where the kernel can read them by TMA (mla_prefill_reads_bf16), the GEMM writes the keys and values in
+  // bf16 (cuBLASLt, over whole 16-row batches: rows past the keys are never read), the gather writes k_pe
+  // in bf16 beside the rows, and the kernel loads its tiles straight from them: no split pass, and half
+  // the GEMM's output bytes. The bf16 values are the ones the split would have rounded the fp32 output to.
+  void mla_prefill(const DevLayer& L, int64_t layer, const StepCache& sc, cuda::MlaPrefillParams p) {
+    const int64_t W = cfg.kv_lora_rank + cfg.qk_rope_head_dim, rope = cfg.qk_rope_head_dim;
+    const bool bf16 = cuda::mla_prefill_reads_bf16(p);
+    cuda::mla_gather_rows(sc.pages, layer, p.keys, s.lat, stream, bf16 ? s.k_pe16 : nullptr, rope);
+    if (bf16) {
+      cuda::LinearParams kv = lin(L.kv_b, s.lat, W, round16(p.keys), s.kv, p.ldkv);
+      kv.y_bf16 = true;
+      if (cuda::linear_lt(kv)) {
+        p.kv_bf16 = reinterpret_cast<const uint16_t*>(s.kv);
+        p.k_pe_bf16 = s.k_pe16;
+        cuda::mla_prefill(p);
+        return;
+      }
+    }
     cuda::linear(lin(L.kv_b, s.lat, W, p.keys, s.kv, p.ldkv));
     cuda::mla_prefill(p);
   }

@@ -834,6 +834,19 @@ TEST_F(CudaOps, MlaGatherRowsCopiesOneSequencesRows) {
     cuda::mla_gather_rows({dev.put(table), nullptr, layers, W}, layer, keys, rows, nullptr);
     const std::vector<float> got = Dev::get(rows, want.size());
     EXPECT_EQ(std::memcmp(got.data(), want.data(), want.size() * sizeof(float)), 0) << "keys " << keys;
+    // With k_pe_bf16: the same rows, and each row's last 12 values rounded to bf16 (nearest even).
+    const int64_t rope = 12;
+    uint16_t* pe = dev.alloc<uint16_t>(static_cast<size_t>(keys * rope));
+    DSV3_CUDA_CHECK(cudaMemset(pe, 0xff, static_cast<size_t>(keys * rope) * 2));
+    rows = dev.poisoned(want.size());
+    cuda::mla_gather_rows({dev.put(table), nullptr, layers, W}, layer, keys, rows, nullptr, pe, rope);
+    const std::vector<float> got2 = Dev::get(rows, want.size());
+    EXPECT_EQ(std::memcmp(got2.data(), want.data(), want.size() * sizeof(float)), 0) << "keys " << keys;
+    const std::vector<uint16_t> pe_got = Dev::get(pe, static_cast<size_t>(keys * rope));
+    for (int64_t k = 0; k < keys; ++k)
+      for (int64_t i = 0; i < rope; ++i)
+        ASSERT_EQ(pe_got[k * rope + i], f32_to_bf16(want[k * W + W - rope + i]))
+            << "keys " << keys << " row " << k;
   }
 }
 
@@ -922,6 +935,78 @@ TEST_F(CudaOps, MlaPrefillMatchesFloat64Reference) {
   }
   std::printf("prefill attention: worst rel L2 vs float64: hi + lo %.3g, bf16 hi only: wgmma %.3g, mma.sync %.3g\n",
               worst[0], worst[1], worst[2]);
+}
+
+// The wgmma kernel fed by TMA from bf16 keys and values (kv_bf16, k_pe_bf16: no split pass) gives the
+// same bits as fed from the split pass's images of the same values (fp32 inputs that are bf16 numbers,
+// which the split keeps exactly): ragged last tiles (keys not whole 128-key tiles, fewer than one tile),
+// cached prefixes, 2 to 16 heads, a padded kv stride; keys past the last read as zeros.
+TEST_F(CudaOps, MlaPrefillFromBf16KeysMatchesSplitImages) {
+  struct Case {
+    int64_t n, pos0, H;
+  };
+  const Case cases[] = {{1, 0, 2},     {64, 0, 2},   {65, 31, 16}, {300, 0, 2},
+                        {333, 140, 3}, {129, 1, 16}, {257, 700, 2}};
+  const int64_t dn = 128, dr = 64, dv = 128, dq = dn + dr, C = 32, W = C + dr;
+  for (const Case& c : cases) {
+    Dev dev;
+    const int64_t H = c.H, n = c.n, keys = c.pos0 + n;
+    const int64_t ldq = H * dq + 6, ldkv = H * (dn + dv) + 8, ldo = H * dv + 4;
+    auto bf16_values = [&](size_t count) {
+      std::vector<float> v = randn(rng, count);
+      for (float& x : v) x = bf16_to_f32(f32_to_bf16(x));
+      return v;
+    };
+    const std::vector<float> q = randn(rng, static_cast<size_t>(n * ldq));
+    const std::vector<float> qabs = randn(rng, static_cast<size_t>(n * H * W));
+    const std::vector<float> kv = bf16_values(static_cast<size_t>(keys * ldkv));
+    const std::vector<float> lat = bf16_values(static_cast<size_t>(keys * W));
+    std::vector<uint16_t> kv16(kv.size()), pe16(static_cast<size_t>(keys * dr));
+    for (size_t i = 0; i < kv.size(); ++i) kv16[i] = f32_to_bf16(kv[i]);
+    for (int64_t k = 0; k < keys; ++k)
+      for (int64_t i = 0; i < dr; ++i) pe16[k * dr + i] = f32_to_bf16(lat[k * W + C + i]);
+    cuda::MlaPrefillParams p;
+    p.q_nope = dev.put(q);
+    p.ldq_t = ldq;
+    p.ldq_h = dq;
+    p.q_pe = dev.put(qabs) + C;
+    p.ldqpe_t = H * W;
+    p.ldqpe_h = W;
+    p.kv = dev.put(kv);
+    p.ldkv = ldkv;
+    p.k_pe = dev.put(lat) + C;
+    p.ldkpe = W;
+    p.n = n;
+    p.keys = keys;
+    p.heads = H;
+    p.nope = dn;
+    p.rope = dr;
+    p.v = dv;
+    p.scale = 0.1f;
+    p.work = dev.poisoned((cuda::mla_prefill_work_bytes(keys, H) + 3) / 4);
+    p.ldo = ldo;
+    p.lo = false;
+    p.wgmma = true;
+    ASSERT_TRUE(cuda::mla_prefill_supported(p) && cuda::mla_prefill_reads_bf16(p))
+        << "needs the wgmma kernel with TMA (DSV3_MLA_PREFILL_WGMMA / DSV3_MLA_PREFILL_TMA unset)";
+    p.out = dev.poisoned(static_cast<size_t>(n * ldo));
+    cuda::mla_prefill(p);
+    const std::vector<float> split = Dev::get(p.out, static_cast<size_t>(n * ldo));
+    cuda::MlaPrefillParams t = p;
+    t.kv = nullptr;
+    t.k_pe = nullptr;
+    t.work = nullptr;
+    t.kv_bf16 = dev.put(kv16);
+    t.k_pe_bf16 = dev.put(pe16);
+    t.out = dev.poisoned(static_cast<size_t>(n * ldo));
+    cuda::mla_prefill(t);
+    const std::vector<float> tma = Dev::get(t.out, static_cast<size_t>(n * ldo));
+    for (int64_t r = 0; r < n; ++r) {
+      ASSERT_FALSE(std::isnan(tma[r * ldo])) << "row " << r << " not written";
+      ASSERT_EQ(std::memcmp(tma.data() + r * ldo, split.data() + r * ldo, static_cast<size_t>(H * dv) * 4), 0)
+          << "n=" << n << " pos0=" << c.pos0 << " H=" << H << " row " << r;
+    }
+  }
 }
 
 // Head dims other than 192 + 128, odd strides or misaligned pointers are refused by mla_prefill_supported
@@ -1275,6 +1360,47 @@ TEST_F(CudaOps, LtLinearMatchesFloat64Reference) {
   EXPECT_TRUE(cuda::lt_gemm_supported(DType::F8_E4M3, 256, 64, 2048));
   EXPECT_TRUE(cuda::lt_gemm_supported(DType::BF16, 256, 133, 2048));
   EXPECT_GT(lt_runs, 0);
+}
+
+// y_bf16: cuBLASLt writes the projection's rows as bf16, the fp32 result rounded (within one bf16 step:
+// the two GEMMs may sum in another order); calls it cannot write that way (rows not whole 16-row
+// batches, accumulate) are refused by linear_lt and by linear().
+TEST_F(CudaOps, LtLinearWritesBf16Rows) {
+  for (DType dt : {DType::F8_E4M3, DType::BF16})
+    for (const auto& [out, n] : {std::pair<int64_t, int64_t>{256, 64}, {4096, 144}}) {
+      Dev dev;
+      const int64_t k = 512, ldy = out + 8;
+      TestMatrix w = make_matrix(rng, dev, dt, out, k);
+      const std::vector<float> x = randn(rng, static_cast<size_t>(n * k));
+      cuda::LinearParams p =
+          projection(w, nullptr, n, dev.put(x), k, dev.poisoned(static_cast<size_t>(n * ldy)));
+      p.ldy = ldy;
+      p.lt = true;
+      ASSERT_TRUE(cuda::linear_lt(p));
+      const std::vector<float> y32 = Dev::get(p.y, static_cast<size_t>(n * ldy));
+      uint16_t* y16 = dev.alloc<uint16_t>(static_cast<size_t>(n * ldy));
+      DSV3_CUDA_CHECK(cudaMemset(y16, 0xff, static_cast<size_t>(n * ldy) * 2));
+      cuda::LinearParams b = p;
+      b.y = reinterpret_cast<float*>(y16);
+      b.y_bf16 = true;
+      ASSERT_TRUE(cuda::linear_lt(b)) << dtype_name(dt) << " " << out;
+      const std::vector<uint16_t> got = Dev::get(y16, static_cast<size_t>(n * ldy));
+      for (int64_t r = 0; r < n; ++r) {
+        for (int64_t c = 0; c < out; ++c) {
+          const float want = y32[r * ldy + c], have = bf16_to_f32(got[r * ldy + c]);
+          ASSERT_LE(std::fabs(have - want), std::fabs(want) * (1.0f / 128) + 1e-30f)
+              << dtype_name(dt) << " out=" << out << " row " << r << " col " << c;
+        }
+        ASSERT_EQ(got[r * ldy + out], 0xffffu) << "row " << r << " written past out";
+      }
+      cuda::LinearParams ragged = b;
+      ragged.n = n - 1;
+      EXPECT_FALSE(cuda::linear_lt(ragged));
+      EXPECT_THROW(cuda::linear(ragged), Error);
+      cuda::LinearParams acc = b;
+      acc.accumulate = true;
+      EXPECT_FALSE(cuda::linear_lt(acc));
+    }
 }
 
 // Below lt_min_rows(), or without LinearParams::lt, the fp32 kernels run (results as the CPU to 1e-5).

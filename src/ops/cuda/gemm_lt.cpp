@@ -252,9 +252,12 @@ bool linear_lt(const LinearParams& p) {
   // past n are zero activations) into scratch, and only the n real rows reach y.
   const int64_t ng = (n + 15) / 16 * 16;
   const bool padded = ng != n, via_scratch = dual || padded;
+  if (p.y_bf16 && (via_scratch || p.accumulate || p.ldy % 8 != 0))
+    return false;                          // GEMMs straight into y only
   const int64_t ld_tmp = (m + 3) / 4 * 4;  // scratch rows, 16-byte aligned
   static const float dummy_scale = 1.0f;  // run_gemm sets the real scale pointers
-  if (!plan_for(s, fp8, m, ng, kg, via_scratch ? ld_tmp : p.ldy, &dummy_scale, &dummy_scale).ok) return false;
+  if (!plan_for(s, fp8, m, ng, kg, via_scratch ? ld_tmp : p.ldy, &dummy_scale, &dummy_scale, p.y_bf16).ok)
+    return false;
   StreamBufs& b = s.bufs[p.stream];
   const int64_t kb = (kg + 127) / 128, l4 = (kb + 3) / 4 * 4, mb = (m + 127) / 128;
   const bool pad_scales = fp8 && kb % 4 != 0, pad_k = kg != k;
@@ -293,7 +296,8 @@ bool linear_lt(const LinearParams& p) {
   quantize_activations(q);
   const float* act_scale = q.scales;
   if (!via_scratch) {
-    run_gemm(s, b.workspace.ptr, fp8, m, ng, kg, wa, sa, b.act.ptr, act_scale, p.y, p.ldy, p.accumulate, p.stream);
+    run_gemm(s, b.workspace.ptr, fp8, m, ng, kg, wa, sa, b.act.ptr, act_scale, p.y, p.ldy, p.accumulate,
+             p.stream, p.y_bf16);
     return true;
   }
   float* g = static_cast<float*>(b.gate.ptr);

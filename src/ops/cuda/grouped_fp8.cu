@@ -36,7 +36,6 @@
 #include <cuda.h>
 #include <cuda_bf16.h>
 #include <cuda_fp8.h>
-#include <cudaTypedefs.h>
 
 #include <algorithm>
 #include <map>
@@ -46,6 +45,7 @@
 #include "core/error.h"
 #include "ops/cuda/dequant.cuh"
 #include "ops/cuda/ops.h"
+#include "ops/cuda/tma.h"
 #include "ops/cuda/wgmma.cuh"
 
 namespace dsv3::cuda {
@@ -103,14 +103,6 @@ struct KernelArgs {
   __device__ RowTile tile(int64_t rt) const { return dev_tiles ? dev_tiles[rt] : tiles[rt]; }
 };
 
-// TMA: the box at columns x, rows y of the tensor map `map` (a generic address: kernel parameter or
-// global memory) into shared memory at dst, completing on bar's transaction count.
-__device__ __forceinline__ void tma_load_2d(uint32_t dst, const void* map, int32_t x, int32_t y, uint32_t bar) {
-  asm volatile(
-      "cp.async.bulk.tensor.2d.shared::cluster.global.tile.mbarrier::complete_tx::bytes [%0], [%1, {%2, %3}], [%4];"
-      ::"r"(dst), "l"(map), "r"(x), "r"(y), "r"(bar)
-      : "memory");
-}
 // A tensor map in global memory written through the generic proxy (cudaMemcpy) made visible to the
 // tensor-map proxy that TMA reads it through.
 __device__ __forceinline__ void tensormap_acquire(const void* map) {
@@ -321,32 +313,10 @@ __global__ void __launch_bounds__(kThreads, 1) grouped_fp8_kernel(const __grid_c
   }
 }
 
-// cuTensorMapEncodeTiled from the driver (through the runtime, so nothing links libcuda).
-PFN_cuTensorMapEncodeTiled_v12000 encode_fn() {
-  static const PFN_cuTensorMapEncodeTiled_v12000 fn = [] {
-    void* f = nullptr;
-    cudaDriverEntryPointQueryResult found{};
-    DSV3_CUDA_CHECK(cudaGetDriverEntryPointByVersion("cuTensorMapEncodeTiled", &f, 12000, cudaEnableDefault, &found));
-    check(found == cudaDriverEntryPointSuccess && f, "the CUDA driver has no cuTensorMapEncodeTiled (TMA)",
-          "update the NVIDIA driver, or set DSV3_LT_GROUPED_FP8=0 to run the experts on cuBLASLt");
-    return reinterpret_cast<PFN_cuTensorMapEncodeTiled_v12000>(f);
-  }();
-  return fn;
-}
-
 // A tensor map over an [rows x k] e4m3 matrix (rows k bytes apart) in boxes of 128 x 128, each landing in
 // shared memory in the 128-byte swizzle wgmma's descriptors name.
 CUtensorMap fp8_map(const void* data, int64_t rows, int64_t k) {
-  CUtensorMap m;
-  const cuuint64_t dims[2] = {static_cast<cuuint64_t>(k), static_cast<cuuint64_t>(rows)};
-  const cuuint64_t strides[1] = {static_cast<cuuint64_t>(k)};
-  const cuuint32_t box[2] = {kTile, kTile}, elem_strides[2] = {1, 1};
-  const CUresult r = encode_fn()(&m, CU_TENSOR_MAP_DATA_TYPE_UINT8, 2, const_cast<void*>(data), dims, strides, box,
-                                 elem_strides, CU_TENSOR_MAP_INTERLEAVE_NONE, CU_TENSOR_MAP_SWIZZLE_128B,
-                                 CU_TENSOR_MAP_L2_PROMOTION_L2_256B, CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
-  check(r == CUDA_SUCCESS, "cuTensorMapEncodeTiled failed (" + std::to_string(static_cast<int>(r)) +
-                               ") for an FP8 matrix of " + std::to_string(rows) + " x " + std::to_string(k));
-  return m;
+  return tma_map_2d(data, CU_TENSOR_MAP_DATA_TYPE_UINT8, 1, rows, k, k, kTile, kTile);
 }
 
 // The tensor maps of an expert table's matrices ([rows x k] each), built once and kept in device memory

@@ -78,10 +78,13 @@ __device__ __forceinline__ void ldsm_x4_trans(uint32_t (&r)[4], uint32_t addr) {
 // rows[k] = cache row (layer, k): each 64-key page holds a layer's rows as one contiguous run. Blocks =
 // (page, kGatherSplit parts of it): a block per page alone left most SMs idle (~1 TB/s at 8K keys).
 constexpr int kGatherSplit = 8;
-__global__ void mla_gather_kernel(const CachePages cache, int64_t layer, int64_t keys, float* rows) {
+// With k_pe, also each row's last `rope` values in bf16 (4 at a time; the caller checks rope % 4 == 0).
+__global__ void mla_gather_kernel(const CachePages cache, int64_t layer, int64_t keys, float* rows,
+                                  uint16_t* k_pe, int64_t rope) {
   const int64_t page = blockIdx.x, W = cache.width;
   const int64_t left = keys - page * CachePages::kPageTokens;
-  const int64_t count = (left < CachePages::kPageTokens ? left : CachePages::kPageTokens) * W;
+  const int64_t page_rows = left < CachePages::kPageTokens ? left : CachePages::kPageTokens,
+                count = page_rows * W;
   const float* src = cache.pages[page] + layer * CachePages::kPageTokens * W;
   float* dst = rows + page * CachePages::kPageTokens * W;
   const int64_t first = static_cast<int64_t>(blockIdx.y) * blockDim.x + threadIdx.x,
@@ -91,6 +94,14 @@ __global__ void mla_gather_kernel(const CachePages cache, int64_t layer, int64_t
       reinterpret_cast<float4*>(dst)[i] = reinterpret_cast<const float4*>(src)[i];
   } else {
     for (int64_t i = first; i < count; i += step) dst[i] = src[i];
+  }
+  if (!k_pe) return;
+  uint16_t* pe = k_pe + page * CachePages::kPageTokens * rope;
+  for (int64_t i = first; i < page_rows * rope / 4; i += step) {
+    const int64_t r = i / (rope / 4), c = i % (rope / 4) * 4;
+    const float* x = src + r * W + (W - rope) + c;
+    *reinterpret_cast<uint2*>(pe + r * rope + c) =
+        make_uint2(bf16x2_bits(x[0], x[1]), bf16x2_bits(x[2], x[3]));
   }
 }
 
@@ -278,13 +289,15 @@ bool wgmma_allowed() {
 
 }  // namespace
 
-void mla_gather_rows(const CachePages& cache, int64_t layer, int64_t keys, float* rows, cudaStream_t stream) {
+void mla_gather_rows(const CachePages& cache, int64_t layer, int64_t keys, float* rows, cudaStream_t stream,
+                     uint16_t* k_pe_bf16, int64_t rope) {
   DSV3_ASSERT(keys >= 0 && layer >= 0 && layer < cache.layers && cache.width > 0);
   if (keys == 0) return;
   DSV3_ASSERT(cache.pages && rows);
+  DSV3_ASSERT(!k_pe_bf16 || (rope > 0 && rope % 4 == 0 && rope <= cache.width && aligned16(k_pe_bf16)));
   const int64_t pages = (keys + CachePages::kPageTokens - 1) / CachePages::kPageTokens;
-  mla_gather_kernel<<<dim3(static_cast<unsigned>(pages), kGatherSplit), 256, 0, stream>>>(cache, layer, keys,
-                                                                                          rows);
+  mla_gather_kernel<<<dim3(static_cast<unsigned>(pages), kGatherSplit), 256, 0, stream>>>(
+      cache, layer, keys, rows, k_pe_bf16, rope);
   check_launch("mla_gather_kernel");
 }
 
@@ -300,13 +313,35 @@ bool mla_prefill_supported(const MlaPrefillParams& p) {
          aligned8(p.q_nope) && aligned8(p.q_pe) && aligned8(p.kv) && aligned8(p.k_pe) && aligned8(p.out);
 }
 
+namespace {
+
+// DSV3_MLA_PREFILL_TMA=0: the wgmma kernel always reads the split pass's tile images (measurement; read
+// once).
+bool tma_allowed() {
+  static const bool allowed = env_enabled("DSV3_MLA_PREFILL_TMA");
+  return allowed;
+}
+
+}  // namespace
+
+bool mla_prefill_reads_bf16(const MlaPrefillParams& p) {
+  return !p.lo && p.wgmma && wgmma_allowed() && tma_allowed() && p.nope == 128 && p.rope == 64 &&
+         p.v == 128 && p.ldkv % 8 == 0;
+}
+
 void mla_prefill(const MlaPrefillParams& p) {
   DSV3_ASSERT(p.n >= 0 && p.heads > 0 && p.keys >= p.n && p.keys < (int64_t{1} << 30));
   if (p.n == 0) return;
   check(mla_prefill_supported(p), "mla_prefill: unsupported head dims or layout (nope " + std::to_string(p.nope) +
                                       " + rope " + std::to_string(p.rope) + ", v " + std::to_string(p.v) + ")",
         "the kernel takes nope + rope = 192 and v = 128 with even strides; callers check mla_prefill_supported");
-  DSV3_ASSERT(p.q_nope && p.q_pe && p.kv && p.k_pe && p.out && p.work && aligned16(p.work));
+  DSV3_ASSERT(p.q_nope && p.q_pe && p.out);
+  if (p.kv_bf16) {  // the tiles straight from the bf16 keys and values, by TMA
+    DSV3_ASSERT(mla_prefill_reads_bf16(p) && p.k_pe_bf16 && aligned16(p.kv_bf16) && aligned16(p.k_pe_bf16));
+    launch_prefill_wgmma_bf16(p);
+    return;
+  }
+  DSV3_ASSERT(p.kv && p.k_pe && p.work && aligned16(p.work));
   const SplitLayout lay{padded_keys(p.keys), p.heads};
   DSV3_ASSERT(p.heads <= 65535);
   const dim3 split_grid(static_cast<unsigned>((lay.keys_padded + kSplitKeys - 1) / kSplitKeys), static_cast<unsigned>(p.heads));

@@ -145,7 +145,9 @@ __device__ __forceinline__ void store_rows(const MlaPrefillParams& p, int64_t h,
   }
 }
 
-// The hi-only attention on wgmma (mla_prefill_wgmma.cu), after the split kernel filled `work`'s hi tiles.
+// The hi-only attention on wgmma (mla_prefill_wgmma.cu), after the split kernel filled `work`'s hi tiles;
+// or (_bf16) from p.kv_bf16 and p.k_pe_bf16 by TMA (nope 128, rope 64, v 128).
 void launch_prefill_wgmma(const MlaPrefillParams& p, const SplitLayout& lay);
+void launch_prefill_wgmma_bf16(const MlaPrefillParams& p);
 
 }  // namespace dsv3::cuda::mla_prefill_detail

@@ -20,6 +20,7 @@
 // and P's bf16 conversion wait for it.
 #include "core/error.h"
 #include "ops/cuda/mla_prefill.cuh"
+#include "ops/cuda/tma.h"
 #include "ops/cuda/wgmma.cuh"
 
 namespace dsv3::cuda::mla_prefill_detail {
@@ -36,7 +37,18 @@ constexpr size_t kSmemBytes = kBars + 8 * 8 + 1024;  // + room to align the base
 enum Bar { kFullK = 0, kEmptyK = 2, kFullV = 4, kEmptyV = 6 };
 constexpr uint32_t kConsumerWarps = kConsumers / 32;
 
-__global__ void __launch_bounds__(kThreads, 1) mla_prefill_wgmma_kernel(const MlaPrefillParams p, const ImageLayout img) {
+// Where the producer finds a tile: the split pass's images in p.work, or (tma) the bf16 keys and values
+// themselves: K's three 64-column blocks are the head's k_nope columns 0-63 and 64-127 of `kv` and the
+// shared k_pe (`k_pe`), V's two the head's value columns; boxes of 64 columns x 128 keys, zeros past the
+// last key, landing in the same swizzled layout the images hold.
+struct TileSource {
+  CUtensorMap kv, k_pe;
+  bool tma = false;
+};
+
+__global__ void __launch_bounds__(kThreads, 1)
+    mla_prefill_wgmma_kernel(const MlaPrefillParams p, const ImageLayout img,
+                             const __grid_constant__ TileSource src) {
   extern __shared__ uint8_t smem_raw[];
   uint8_t* smem = smem_raw + ((1024 - smem_addr(smem_raw) % 1024) % 1024);
   const uint32_t smem_s = smem_addr(smem);
@@ -69,9 +81,28 @@ __global__ void __launch_bounds__(kThreads, 1) mla_prefill_wgmma_kernel(const Ml
         mbar_arrive_expect_tx(bar(full, t), bytes);
         bulk_copy(smem_s + slot0 + static_cast<uint32_t>(t % 2) * bytes, work + src, bytes, bar(full, t));
       };
+      // TMA: the same slots and barriers, filled by 64-column boxes (16 KB each).
+      auto fill_tma = [&](int full, int empty, uint32_t slot0, uint32_t bytes, int64_t t, int first_col,
+                          int blocks, bool pe_last) {
+        if (t >= 2) mbar_wait(bar(empty, t), static_cast<uint32_t>((t / 2 - 1) & 1));
+        mbar_arrive_expect_tx(bar(full, t), bytes);
+        const uint32_t dst = smem_s + slot0 + static_cast<uint32_t>(t % 2) * bytes;
+        const int32_t key0 = static_cast<int32_t>(t * kKeys);
+        for (int b = 0; b < blocks; ++b) {
+          const bool pe = pe_last && b == blocks - 1;
+          tma_load_2d(dst + static_cast<uint32_t>(b) * kKeys * 128, pe ? &src.k_pe : &src.kv,
+                      pe ? 0 : first_col + 64 * b, key0, bar(full, t));
+        }
+      };
+      const int head_col = static_cast<int>(h * (p.nope + p.v));
       for (int64_t t = 0; t < tiles; ++t) {
-        fill(kFullK, kEmptyK, kK0, kKBytes, t, img.k_image(h, t));
-        fill(kFullV, kEmptyV, kV0, kVBytes, t, img.v_image(h, t));
+        if (src.tma) {
+          fill_tma(kFullK, kEmptyK, kK0, kKBytes, t, head_col, kDq / 64, true);
+          fill_tma(kFullV, kEmptyV, kV0, kVBytes, t, head_col + static_cast<int>(p.nope), kDv / 64, false);
+        } else {
+          fill(kFullK, kEmptyK, kK0, kKBytes, t, img.k_image(h, t));
+          fill(kFullV, kEmptyV, kV0, kVBytes, t, img.v_image(h, t));
+        }
       }
     }
     return;
@@ -215,19 +246,34 @@ __global__ void __launch_bounds__(kThreads, 1) mla_prefill_wgmma_kernel(const Ml
   if (active) store_rows(p, h, row_a, c, o, st);
 }
 
-}  // namespace
-
-void launch_prefill_wgmma(const MlaPrefillParams& p, const SplitLayout& lay) {
+void launch(const MlaPrefillParams& p, const ImageLayout& img, const TileSource& src) {
   static const bool opted_in = [] {  // once per process: allow the slots' dynamic shared memory
     DSV3_CUDA_CHECK(cudaFuncSetAttribute(mla_prefill_wgmma_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                          static_cast<int>(kSmemBytes)));
     return true;
   }();
-  DSV3_ASSERT(opted_in && lay.keys_padded % kKeys == 0 && aligned16(p.work));
+  DSV3_ASSERT(opted_in);
   const int64_t blocks = (p.n + kRows - 1) / kRows * p.heads;
   DSV3_ASSERT(blocks < (int64_t{1} << 31));
-  mla_prefill_wgmma_kernel<<<static_cast<unsigned>(blocks), kThreads, kSmemBytes, p.stream>>>(p, ImageLayout{lay.keys_padded});
+  mla_prefill_wgmma_kernel<<<static_cast<unsigned>(blocks), kThreads, kSmemBytes, p.stream>>>(p, img, src);
   check_launch("mla_prefill_wgmma_kernel");
+}
+
+}  // namespace
+
+void launch_prefill_wgmma(const MlaPrefillParams& p, const SplitLayout& lay) {
+  DSV3_ASSERT(lay.keys_padded % kKeys == 0 && aligned16(p.work));
+  launch(p, ImageLayout{lay.keys_padded}, TileSource{});
+}
+
+void launch_prefill_wgmma_bf16(const MlaPrefillParams& p) {
+  DSV3_ASSERT(p.nope == 2 * 64 && p.rope == 64 && p.v == 2 * 64 && p.ldkv % 8 == 0);
+  TileSource src;
+  src.kv = tma_map_2d(p.kv_bf16, CU_TENSOR_MAP_DATA_TYPE_BFLOAT16, 2, p.keys, p.heads * (p.nope + p.v),
+                      p.ldkv, 64, kKeys);
+  src.k_pe = tma_map_2d(p.k_pe_bf16, CU_TENSOR_MAP_DATA_TYPE_BFLOAT16, 2, p.keys, p.rope, p.rope, 64, kKeys);
+  src.tma = true;
+  launch(p, ImageLayout{padded_keys(p.keys)}, src);
 }
 
 }  // namespace dsv3::cuda::mla_prefill_detail

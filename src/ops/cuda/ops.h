@@ -112,6 +112,10 @@ struct LinearParams {
   // Allow cuBLASLt (gemm_lt.cpp) for a plain projection of at least lt_min_rows() rows: FP8 weights get
   // FP8 activations (per token per 128 columns, results change at ~1e-2), BF16 weights BF16 activations.
   bool lt = false;
+  // y holds bf16 values (y reinterpreted; ldy counts bf16 elements): only cuBLASLt writes them, for a
+  // plain projection of whole 16-row batches (n % 16 == 0) without accumulate. linear() refuses a call
+  // that linear_lt does not take; callers try linear_lt first and keep an fp32 form to fall back on.
+  bool y_bf16 = false;
   cudaStream_t stream = nullptr;
 };
 void linear(const LinearParams& p);
@@ -253,8 +257,10 @@ void mla_attention(const MlaAttentionParams& p);
 // every key tile shared by a block's 64 queries.
 
 // rows[k] = the cache row (layer, k) of one sequence (the table at cache.pages; row_table unused), for
-// k < keys: the GEMM's operand, rows of cache.width floats.
-void mla_gather_rows(const CachePages& cache, int64_t layer, int64_t keys, float* rows, cudaStream_t stream);
+// k < keys: the GEMM's operand, rows of cache.width floats. With k_pe_bf16, also the rows' last `rope`
+// values (the shared rotary key) rounded to bf16, `rope` per row, contiguous.
+void mla_gather_rows(const CachePages& cache, int64_t layer, int64_t keys, float* rows, cudaStream_t stream,
+                     uint16_t* k_pe_bf16 = nullptr, int64_t rope = 0);
 
 // New rows t < n at positions keys - n + t attend causally to keys 0 .. keys - 1; per head h
 //   q = [q_nope[t][h] (nope) | q_pe[t][h] (rope, already roped)],  k_j = [kv[j][h][:nope] | k_pe[j] (shared)],
@@ -281,6 +287,11 @@ struct MlaPrefillParams {
   // Without lo: the wgmma kernel (Hopper's warpgroup products), or false for the mma.sync one (tests
   // compare both; DSV3_MLA_PREFILL_WGMMA=0 turns it off for every call, a measurement knob).
   bool wgmma = true;
+  // The keys and values already in bf16 (kv's layout, ldkv apart; kv unused) and k_pe in bf16 (rope
+  // values a key, contiguous): the wgmma kernel loads its tiles from them by TMA, with no split pass and
+  // no `work`. Only where mla_prefill_reads_bf16(p) says so.
+  const uint16_t* kv_bf16 = nullptr;
+  const uint16_t* k_pe_bf16 = nullptr;
   cudaStream_t stream = nullptr;
 };
 // Head dims of the kernel: nope + rope = kMlaPrefillQk, v = kMlaPrefillV (DeepSeek-V2/V3, V2-Lite).
@@ -289,6 +300,9 @@ size_t mla_prefill_work_bytes(int64_t keys, int64_t heads);
 // The head dims above, nope and rope even, every pointer 8-byte aligned and every stride even (float2
 // reads and writes).
 bool mla_prefill_supported(const MlaPrefillParams& p);
+// Whether mla_prefill would run p on the wgmma kernel, which can take kv_bf16 / k_pe_bf16 (hi only, the
+// kernel allowed, and DSV3_MLA_PREFILL_TMA not 0: a measurement knob, read once).
+bool mla_prefill_reads_bf16(const MlaPrefillParams& p);
 void mla_prefill(const MlaPrefillParams& p);
 
 // Expert choice per token, exactly as route_token in src/model/model.cpp (REFERENCE.md §3.3).

@@ -96,6 +96,17 @@ __device__ __forceinline__ void bulk_copy(uint32_t dst, const void* src, uint32_
                "l"(src), "r"(bytes), "r"(bar)
                : "memory");
 }
+// TMA (tma.h): the box at columns x, rows y of the tensor map `map` (a generic address: a __grid_constant__
+// kernel parameter or global memory) into shared memory at dst, completing on bar's transaction count
+// (the box's full bytes, zeros included where it reaches past the matrix).
+__device__ __forceinline__ void tma_load_2d(uint32_t dst, const void* map, int32_t x, int32_t y,
+                                            uint32_t bar) {
+  asm volatile(
+      "cp.async.bulk.tensor.2d.shared::cluster.global.tile.mbarrier::complete_tx::bytes [%0], [%1, {%2, "
+      "%3}], [%4];" ::"r"(dst),
+      "l"(map), "r"(x), "r"(y), "r"(bar)
+      : "memory");
+}
 // Moves registers between warpgroups of a block (all threads of a warpgroup run it together): a
 // producer warpgroup that only issues copies gives registers back, the consumers take them, so that a
 // block of 3 warpgroups (compiled to at most 168 registers a thread) can run consumers at 240.
