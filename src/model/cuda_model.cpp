@@ -868,14 +868,17 @@ struct CudaModel::Impl {
     if (uk_mma || pf.n > 0) qt.w = {};
     cuda::mla_prepare(prep);
     if (uk_mma) cuda::expert_mma(uk);
+    cuda::LinearParams op = lin(L.o, s.o, H * dv, n, s.x, D);
+    op.accumulate = true;
     if (pf.n > 0) {
-      mla_prefill(L, layer, sc, pf);
+      op.x_quantized = mla_prefill(L, layer, sc, pf, op);
+      if (op.x_quantized && !cuda::linear_lt(op))
+        throw Error("internal: cuBLASLt refused o_proj after its operand was written",
+                    "set DSV3_MLA_PREFILL_TMA=0");
+      if (op.x_quantized) return;
     } else {
       absorbed_attention(L, layer, n, sc);
     }
-
-    cuda::LinearParams op = lin(L.o, s.o, H * dv, n, s.x, D);
-    op.accumulate = true;
     cuda::linear(op);
   }
 
@@ -967,7 +970,13 @@ struct CudaModel::Impl {
   // bf16 (cuBLASLt, over whole 16-row batches: rows past the keys are never read), the gather writes k_pe
   // in bf16 beside the rows, and the kernel loads its tiles straight from them: no split pass, and half
   // the GEMM's output bytes. The bf16 values are the ones the split would have rounded the fp32 output to.
-  void mla_prefill(const DevLayer& L, int64_t layer, const StepCache& sc, cuda::MlaPrefillParams p) {
+  //
+  // On the same path the kernel writes its output as the FP8 operand of o_proj's cuBLASLt GEMM
+  // (cuda::lt_operand: the buffers linear_lt would quantize s.o into), so the fp32 rows and their
+  // quantization pass are skipped; returns true when it did (the caller then runs `o_proj` with
+  // x_quantized, before any other cuBLASLt projection).
+  bool mla_prefill(const DevLayer& L, int64_t layer, const StepCache& sc, cuda::MlaPrefillParams p,
+                   const cuda::LinearParams& o_proj) {
     const int64_t W = cfg.kv_lora_rank + cfg.qk_rope_head_dim, rope = cfg.qk_rope_head_dim;
     const bool bf16 = cuda::mla_prefill_reads_bf16(p);
     cuda::mla_gather_rows(sc.pages, layer, p.keys, s.lat, stream, bf16 ? s.k_pe16 : nullptr, rope);
@@ -977,12 +986,18 @@ struct CudaModel::Impl {
       if (cuda::linear_lt(kv)) {
         p.kv_bf16 = reinterpret_cast<const uint16_t*>(s.kv);
         p.k_pe_bf16 = s.k_pe16;
+        // After the kv_b GEMM: it uses the same operand buffers, and may have grown them.
+        const cuda::LtOperand o = cuda::lt_operand(o_proj);
+        p.out_q = o.q;
+        p.out_scales = o.scales;
+        p.out_scale_ld = o.scale_ld;
         cuda::mla_prefill(p);
-        return;
+        return o.q != nullptr;
       }
     }
     cuda::linear(lin(L.kv_b, s.lat, W, p.keys, s.kv, p.ldkv));
     cuda::mla_prefill(p);
+    return false;
   }
 
   void moe(const DevLayer& L, int64_t n) {

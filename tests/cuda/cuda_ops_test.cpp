@@ -1006,6 +1006,33 @@ TEST_F(CudaOps, MlaPrefillFromBf16KeysMatchesSplitImages) {
       ASSERT_EQ(std::memcmp(tma.data() + r * ldo, split.data() + r * ldo, static_cast<size_t>(H * dv) * 4), 0)
           << "n=" << n << " pos0=" << c.pos0 << " H=" << H << " row " << r;
     }
+    // out_q: the same rows as FP8 codes and per-head scales, the bytes quantize_activations writes
+    // from the fp32 rows (scale rows padded to 16, as the GEMM operand's).
+    const int64_t k = H * dv, ld = (n + 15) / 16 * 16;
+    cuda::ActQuantParams aq;
+    aq.x = t.out;
+    aq.ldx = ldo;
+    aq.n = n;
+    aq.k = k;
+    aq.q = dev.alloc<uint8_t>(static_cast<size_t>(n * k));
+    aq.scales = dev.poisoned(static_cast<size_t>(H * ld));
+    aq.scale_ld = ld;
+    cuda::quantize_activations(aq);
+    cuda::MlaPrefillParams f = t;
+    f.out = nullptr;
+    f.out_q = dev.alloc<uint8_t>(static_cast<size_t>(n * k));
+    f.out_scales = dev.poisoned(static_cast<size_t>(H * ld));
+    f.out_scale_ld = ld;
+    cuda::mla_prefill(f);
+    const std::vector<uint8_t> codes = Dev::get(f.out_q, static_cast<size_t>(n * k)),
+                               want_codes =
+                                   Dev::get(static_cast<const uint8_t*>(aq.q), static_cast<size_t>(n * k));
+    EXPECT_EQ(std::memcmp(codes.data(), want_codes.data(), codes.size()), 0) << "n=" << n << " H=" << H;
+    const std::vector<float> scales = Dev::get(f.out_scales, static_cast<size_t>(H * ld)),
+                             want_scales = Dev::get(aq.scales, static_cast<size_t>(H * ld));
+    for (int64_t h = 0; h < H; ++h)
+      for (int64_t r = 0; r < n; ++r)
+        ASSERT_EQ(scales[h * ld + r], want_scales[h * ld + r]) << "n=" << n << " head " << h << " row " << r;
   }
 }
 
@@ -1401,6 +1428,66 @@ TEST_F(CudaOps, LtLinearWritesBf16Rows) {
       acc.accumulate = true;
       EXPECT_FALSE(cuda::linear_lt(acc));
     }
+}
+
+// lt_operand names the buffers linear_lt quantizes into; an operand written there by someone else
+// (here quantize_activations, as linear_lt itself would) and run with x_quantized gives linear_lt's bits.
+// Refused: BF16 weights, a norm, a SwiGLU pair, k not whole 128-column blocks; and linear() refuses
+// x_quantized where cuBLASLt does not run.
+TEST_F(CudaOps, LtOperandWrittenByItsProducer) {
+  for (const int64_t n : {64, 133}) {
+    Dev dev;
+    const int64_t out = 256, k = 1024;
+    TestMatrix w = make_matrix(rng, dev, DType::F8_E4M3, out, k);
+    const std::vector<float> x = randn(rng, static_cast<size_t>(n * k));
+    const std::vector<float> y0 = randn(rng, static_cast<size_t>(n * out));
+    cuda::LinearParams p = projection(w, nullptr, n, dev.put(x), k, dev.put(y0));
+    p.lt = true;
+    p.accumulate = true;
+    ASSERT_TRUE(cuda::linear_lt(p));
+    const std::vector<float> want = Dev::get(p.y, y0.size());
+    const cuda::LtOperand o = cuda::lt_operand(p);
+    ASSERT_NE(o.q, nullptr);
+    EXPECT_EQ(o.scale_ld, (n + 15) / 16 * 16);
+    cuda::ActQuantParams aq;
+    aq.x = p.x;
+    aq.ldx = k;
+    aq.n = n;
+    aq.k = k;
+    aq.q = o.q;
+    aq.scales = o.scales;
+    aq.scale_ld = o.scale_ld;
+    cuda::quantize_activations(aq);
+    cuda::LinearParams given = p;
+    given.x = nullptr;
+    given.x_quantized = true;
+    given.y = dev.put(y0);
+    ASSERT_TRUE(cuda::linear_lt(given));
+    const std::vector<float> got = Dev::get(given.y, y0.size());
+    EXPECT_EQ(std::memcmp(got.data(), want.data(), want.size() * sizeof(float)), 0) << "n=" << n;
+
+    TestMatrix wb = make_matrix(rng, dev, DType::BF16, out, k),
+               w2 = make_matrix(rng, dev, DType::F8_E4M3, out, k);
+    TestMatrix ragged = make_matrix(rng, dev, DType::F8_E4M3, out, 1088);
+    cuda::LinearParams bad = p;
+    bad.w = wb.dev;
+    EXPECT_EQ(cuda::lt_operand(bad).q, nullptr);
+    bad = p;
+    bad.norm = dev.put(std::vector<float>(static_cast<size_t>(k), 1.0f));
+    EXPECT_EQ(cuda::lt_operand(bad).q, nullptr);
+    bad = p;
+    bad.w2 = w2.dev.data;
+    bad.w2_scale_inv = w2.dev.scale_inv;
+    bad.accumulate = false;
+    EXPECT_EQ(cuda::lt_operand(bad).q, nullptr);
+    bad = projection(ragged, nullptr, n, dev.put(x), k, dev.poisoned(static_cast<size_t>(n * out)));
+    bad.lt = true;
+    EXPECT_EQ(cuda::lt_operand(bad).q, nullptr);
+    bad = given;
+    bad.lt = false;
+    EXPECT_FALSE(cuda::linear_lt(bad));
+    EXPECT_THROW(cuda::linear(bad), Error);
+  }
 }
 
 // Below lt_min_rows(), or without LinearParams::lt, the fp32 kernels run (results as the CPU to 1e-5).

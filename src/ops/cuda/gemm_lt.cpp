@@ -222,7 +222,10 @@ int64_t lt_min_rows() {
   return n;
 }
 
-bool linear_lt(const LinearParams& p) {
+namespace {
+
+// linear_lt, or (operand_only) lt_operand: the same checks and buffers, then only the operand's place.
+bool lt_run(const LinearParams& p, LtOperand* operand_only) {
   if (!p.lt || p.n < lt_min_rows() || p.experts || p.combine || p.fixed_experts > 0 || p.gather || p.x_div != 1)
     return false;
   if (p.group_rows > 0 && p.group_rows < p.out) return false;
@@ -237,6 +240,9 @@ bool linear_lt(const LinearParams& p) {
   // there. The block scales are already per whole block.
   const int64_t kg = gemm_k(fp8, k);
   const bool dual = p.w2 != nullptr;
+  // An operand written by its producer: FP8 codes of whole blocks, no norm to apply, one matrix.
+  const bool given = operand_only || p.x_quantized;
+  if (given && (!fp8 || p.norm || dual || kg != k)) return false;
   const void* wa = static_cast<const uint8_t*>(w.data) + p.row0 * k * elem;
   const void* wb = dual ? static_cast<const uint8_t*>(p.w2) + p.row0 * k * elem : nullptr;
   if (!aligned16(wa) || (dual && !aligned16(wb))) return false;
@@ -287,14 +293,20 @@ bool linear_lt(const LinearParams& p) {
     pad_weight_scales(static_cast<float*>(b.wscales.ptr), mb, kb, sa, sb, p.stream);
   }
 
-  if (padded) {
+  if (padded && !p.x_quantized) {
     DSV3_CUDA_CHECK(cudaMemsetAsync(static_cast<uint8_t*>(b.act.ptr) + n * kg * elem, 0, sz((ng - n) * kg * elem), p.stream));
   }
-  ActQuantParams q = act_quant(p, b, n, kg, fp8);
-  q.k_in = k;
-  q.scale_ld = ng;
-  quantize_activations(q);
-  const float* act_scale = q.scales;
+  if (operand_only) {
+    *operand_only = {static_cast<uint8_t*>(b.act.ptr), static_cast<float*>(b.scales.ptr), ng};
+    return true;
+  }
+  const float* act_scale = static_cast<const float*>(b.scales.ptr);
+  if (!p.x_quantized) {
+    ActQuantParams q = act_quant(p, b, n, kg, fp8);
+    q.k_in = k;
+    q.scale_ld = ng;
+    quantize_activations(q);
+  }
   if (!via_scratch) {
     run_gemm(s, b.workspace.ptr, fp8, m, ng, kg, wa, sa, b.act.ptr, act_scale, p.y, p.ldy, p.accumulate,
              p.stream, p.y_bf16);
@@ -311,6 +323,18 @@ bool linear_lt(const LinearParams& p) {
   run_gemm(s, b.workspace.ptr, fp8, m, ng, kg, wb, sb, b.act.ptr, act_scale, u, ld_tmp, false, p.stream);
   swiglu_rows(g, u, false, ld_tmp, n, m, p.y, p.ldy, p.stream);
   return true;
+}
+
+}  // namespace
+
+bool linear_lt(const LinearParams& p) {
+  return lt_run(p, nullptr);
+}
+
+LtOperand lt_operand(const LinearParams& p) {
+  LtOperand o;
+  if (p.x_quantized || !lt_run(p, &o)) return {};
+  return o;
 }
 
 namespace {

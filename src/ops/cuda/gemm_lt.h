@@ -13,6 +13,19 @@ namespace dsv3::cuda {
 // enqueues nothing.
 bool linear_lt(const LinearParams& p);
 
+// Where linear_lt would run p with FP8 activations of whole 128-column blocks and no norm: the buffers it
+// quantizes p's input into, so that the kernel producing that input can write the operand itself: codes
+// [scale_ld rows x k] (rows from p.n on are zeroed here, on p.stream) and scales [k / 128][scale_ld],
+// scale_ld = p.n rounded up to 16. The producer fills rows < p.n, then linear_lt(p with x_quantized)
+// runs the GEMM on them; no other cuBLASLt projection may run on p.stream in between (they share the
+// buffers). {} (q null) where linear_lt would not take p that way.
+struct LtOperand {
+  uint8_t* q = nullptr;
+  float* scales = nullptr;
+  int64_t scale_ld = 0;
+};
+LtOperand lt_operand(const LinearParams& p);
+
 // The same for an expert-grouped projection (gather set, experts with optional experts2 SwiGLU, optional
 // norm; no combine or fixed experts) of at least lt_min_rows() problems outside stream capture: per expert
 // a cuBLASLt GEMM over its problems (FP8 in whole 128 blocks: all experts in one launch of

@@ -335,7 +335,8 @@ void mla_prefill(const MlaPrefillParams& p) {
   check(mla_prefill_supported(p), "mla_prefill: unsupported head dims or layout (nope " + std::to_string(p.nope) +
                                       " + rope " + std::to_string(p.rope) + ", v " + std::to_string(p.v) + ")",
         "the kernel takes nope + rope = 192 and v = 128 with even strides; callers check mla_prefill_supported");
-  DSV3_ASSERT(p.q_nope && p.q_pe && p.out);
+  DSV3_ASSERT(p.q_nope && p.q_pe && (p.out || p.out_q));
+  DSV3_ASSERT(!p.out_q || (mla_prefill_reads_bf16(p) && p.out_scales && p.out_scale_ld >= p.n));
   if (p.kv_bf16) {  // the tiles straight from the bf16 keys and values, by TMA
     DSV3_ASSERT(mla_prefill_reads_bf16(p) && p.k_pe_bf16 && aligned16(p.kv_bf16) && aligned16(p.k_pe_bf16));
     launch_prefill_wgmma_bf16(p);

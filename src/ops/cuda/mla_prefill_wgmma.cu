@@ -46,6 +46,56 @@ struct TileSource {
   bool tma = false;
 };
 
+// store_rows's values as the o_proj GEMM's FP8 operand (MlaPrefillParams::out_q): per row and head one
+// block of 128 values with scale amax / 448, the arithmetic of quantize_activations' store_group, so the
+// codes are the ones it would write from the fp32 rows. A row's 128 values sit in its quad's 4 lanes;
+// lanes c and c ^ 1 swap halves so that each stores 4 codes of one row.
+__device__ __forceinline__ void store_rows_fp8(const MlaPrefillParams& p, int64_t h, int64_t row_a, int c,
+                                               const float (&o)[kDv / 8][4], RowState st) {
+#pragma unroll
+  for (int off = 1; off < 4; off *= 2) {
+    st.l_a += __shfl_xor_sync(0xffffffffu, st.l_a, off);
+    st.l_b += __shfl_xor_sync(0xffffffffu, st.l_b, off);
+  }
+  const float inv_a = 1.0f / st.l_a, inv_b = 1.0f / st.l_b;
+  float va[kDv / 8][2], vb[kDv / 8][2];
+  float amax_a = 0.0f, amax_b = 0.0f;
+#pragma unroll
+  for (int j = 0; j < kDv / 8; ++j) {
+    va[j][0] = o[j][0] * inv_a;
+    va[j][1] = o[j][1] * inv_a;
+    vb[j][0] = o[j][2] * inv_b;
+    vb[j][1] = o[j][3] * inv_b;
+    amax_a = fmaxf(amax_a, fmaxf(fabsf(va[j][0]), fabsf(va[j][1])));
+    amax_b = fmaxf(amax_b, fmaxf(fabsf(vb[j][0]), fabsf(vb[j][1])));
+  }
+#pragma unroll
+  for (int off = 1; off < 4; off *= 2) {
+    amax_a = fmaxf(amax_a, __shfl_xor_sync(0xffffffffu, amax_a, off));
+    amax_b = fmaxf(amax_b, __shfl_xor_sync(0xffffffffu, amax_b, off));
+  }
+  constexpr float kE4m3Max = 448.0f;
+  const float sc_a = amax_a > 0.0f ? kE4m3Max / amax_a : 0.0f,
+              sc_b = amax_b > 0.0f ? kE4m3Max / amax_b : 0.0f;
+  const int64_t row_b = row_a + 8, width = p.heads * p.v;
+  const bool odd = c & 1;
+  const int64_t row = odd ? row_b : row_a;
+  uint8_t* dst = p.out_q + row * width + h * p.v + 4 * (c / 2);
+#pragma unroll
+  for (int j = 0; j < kDv / 8; ++j) {
+    const uint32_t ca = static_cast<uint16_t>(
+        __nv_cvt_float2_to_fp8x2(make_float2(va[j][0] * sc_a, va[j][1] * sc_a), __NV_SATFINITE, __NV_E4M3));
+    const uint32_t cb = static_cast<uint16_t>(
+        __nv_cvt_float2_to_fp8x2(make_float2(vb[j][0] * sc_b, vb[j][1] * sc_b), __NV_SATFINITE, __NV_E4M3));
+    const uint32_t got = __shfl_xor_sync(0xffffffffu, odd ? ca : cb, 1);
+    if (row < p.n) *reinterpret_cast<uint32_t*>(dst + 8 * j) = odd ? got | cb << 16 : ca | got << 16;
+  }
+  if (c == 0) {
+    if (row_a < p.n) p.out_scales[h * p.out_scale_ld + row_a] = amax_a / kE4m3Max;
+    if (row_b < p.n) p.out_scales[h * p.out_scale_ld + row_b] = amax_b / kE4m3Max;
+  }
+}
+
 __global__ void __launch_bounds__(kThreads, 1)
     mla_prefill_wgmma_kernel(const MlaPrefillParams p, const ImageLayout img,
                              const __grid_constant__ TileSource src) {
@@ -243,7 +293,11 @@ __global__ void __launch_bounds__(kThreads, 1)
       if (next_tile) release(kEmptyK, it + 1);
     }
   }
-  if (active) store_rows(p, h, row_a, c, o, st);
+  if (!active) return;
+  if (p.out_q)
+    store_rows_fp8(p, h, row_a, c, o, st);
+  else
+    store_rows(p, h, row_a, c, o, st);
 }
 
 void launch(const MlaPrefillParams& p, const ImageLayout& img, const TileSource& src) {

@@ -116,6 +116,9 @@ struct LinearParams {
   // plain projection of whole 16-row batches (n % 16 == 0) without accumulate. linear() refuses a call
   // that linear_lt does not take; callers try linear_lt first and keep an fp32 form to fall back on.
   bool y_bf16 = false;
+  // The FP8 operand is already in the buffers lt_operand(p) named (written by the kernel that produced
+  // the input): x is not read. Only cuBLASLt takes it; linear() refuses a call linear_lt did not take.
+  bool x_quantized = false;
   cudaStream_t stream = nullptr;
 };
 void linear(const LinearParams& p);
@@ -292,6 +295,12 @@ struct MlaPrefillParams {
   // no `work`. Only where mla_prefill_reads_bf16(p) says so.
   const uint16_t* kv_bf16 = nullptr;
   const uint16_t* k_pe_bf16 = nullptr;
+  // The output as the o_proj GEMM's FP8 operand instead of fp32 rows in `out` (the wgmma kernel only:
+  // mla_prefill_reads_bf16): row t's codes at out_q + t * heads * v, head h's scale (one 128-value block,
+  // v = 128) at out_scales[h * out_scale_ld + t], as quantize_activations writes them from fp32 rows.
+  uint8_t* out_q = nullptr;
+  float* out_scales = nullptr;
+  int64_t out_scale_ld = 0;
   cudaStream_t stream = nullptr;
 };
 // Head dims of the kernel: nope + rope = kMlaPrefillQk, v = kMlaPrefillV (DeepSeek-V2/V3, V2-Lite).
