@@ -355,7 +355,8 @@ TEST_F(CudaOps, GroupedRowsMatchPerHeadLinear) {
 // pairs, with an input row stride wider than the matrix (the normed values are the first cols).
 TEST_F(CudaOps, LinearWithFusedRMSNormMatchesNormThenLinear) {
   struct Shape { int64_t rows, cols; };
-  const Shape shapes[] = {{37, 200}, {129, 256}, {300, 1024}, {5, 33}, {2100, 1408}};
+  // {300, 1024} and {333, 2048} at n = 1 with FP8 pairs: swiglu_stream_kernel.
+  const Shape shapes[] = {{37, 200}, {129, 256}, {300, 1024}, {5, 33}, {2100, 1408}, {333, 2048}};
   for (DType dt : kDtypes)
     for (const Shape& sh : shapes)
       for (int64_t n : {1, 2, 7, 16, 40})
@@ -447,64 +448,73 @@ TEST_F(CudaOps, ExpertIndirectionMatchesPerExpertLinear) {
 // partial warp-wide step, and each warp's run of outputs crosses from one slot's expert to the next.
 TEST_F(CudaOps, FixedExpertsFollowRoutedSlots) {
   struct Shape { int64_t I, D, n; };
-  for (const Shape sh : {Shape{64, 256, 4}, Shape{208, 1408, 1}, Shape{208, 1408, 3}})
-  for (DType dt : kDtypes) {
-    Dev dev;
-    const int64_t E = 5, F = 2, I = sh.I, D = sh.D, n = sh.n, k = 3, S = k + F;
-    const ExpertSet gs = make_experts(rng, dev, dt, E + F, I, D), us = make_experts(rng, dev, dt, E + F, I, D),
-                    ds = make_experts(rng, dev, dt, E + F, D, I);
-    const std::vector<TestMatrix>&gate = gs.m, &up = us.m, &down = ds.m;
-    std::vector<int32_t> ids(static_cast<size_t>(n * k));
-    for (auto& id : ids) id = static_cast<int32_t>(rng() % E);
-    auto expert = [&](int64_t t, int64_t j) { return j < k ? ids[t * k + j] : static_cast<int32_t>(E + j - k); };
-    const std::vector<float> x = randn(rng, static_cast<size_t>(n * D)), wts = randn(rng, static_cast<size_t>(n * k));
-    const std::vector<float> y0 = randn(rng, static_cast<size_t>(n * D));
-    std::vector<float> act(static_cast<size_t>(n * S * I)), g(static_cast<size_t>(I)), u(g.size()), out = y0,
-        ye(static_cast<size_t>(D));
-    for (int64_t t = 0; t < n; ++t)
-      for (int64_t j = 0; j < S; ++j) {
-        const int32_t e = expert(t, j);
-        cpu::linear(gate[e].host, x.data() + t * D, 1, g.data());
-        cpu::linear(up[e].host, x.data() + t * D, 1, u.data());
-        for (int64_t i = 0; i < I; ++i) act[(t * S + j) * I + i] = cpu::silu(g[i]) * u[i];
-        cpu::linear(down[e].host, act.data() + (t * S + j) * I, 1, ye.data());
-        cpu::axpy(j < k ? wts[t * k + j] : 1.0f, ye.data(), out.data() + t * D, D);
-      }
-    cuda::LinearParams p;
-    p.w = gate[0].dev;
-    p.experts = gs.dev_table;
-    p.experts2 = us.dev_table;
-    p.ids = dev.put(ids);
-    p.n = n * S;
-    p.out = I;
-    p.x = dev.put(x);
-    p.ldx = D;
-    p.x_div = S;
-    p.fixed_experts = F;
-    p.fixed_first = E;
-    p.y = dev.poisoned(act.size());
-    p.ldy = I;
-    cuda::linear(p);
-    EXPECT_LE(test::rel_l2(Dev::get(p.y, act.size()), act), 1e-5) << dtype_name(dt) << " gate/up, D=" << D << " n=" << n;
+  // One token with FP8 experts of 1,024 or 2,048 columns: swiglu_stream_kernel for the gate/up (I = 3: fewer
+  // units than warps).
+  for (const Shape sh : {Shape{64, 256, 4}, Shape{208, 1408, 1}, Shape{208, 1408, 3}, Shape{208, 2048, 1},
+                         Shape{130, 1024, 1}, Shape{3, 1024, 1}})
+    for (DType dt : kDtypes) {
+      Dev dev;
+      const int64_t E = 5, F = 2, I = sh.I, D = sh.D, n = sh.n, k = 3, S = k + F;
+      const ExpertSet gs = make_experts(rng, dev, dt, E + F, I, D),
+                      us = make_experts(rng, dev, dt, E + F, I, D),
+                      ds = make_experts(rng, dev, dt, E + F, D, I);
+      const std::vector<TestMatrix>&gate = gs.m, &up = us.m, &down = ds.m;
+      std::vector<int32_t> ids(static_cast<size_t>(n * k));
+      for (auto& id : ids) id = static_cast<int32_t>(rng() % E);
+      auto expert = [&](int64_t t, int64_t j) {
+        return j < k ? ids[t * k + j] : static_cast<int32_t>(E + j - k);
+      };
+      const std::vector<float> x = randn(rng, static_cast<size_t>(n * D)),
+                               wts = randn(rng, static_cast<size_t>(n * k));
+      const std::vector<float> y0 = randn(rng, static_cast<size_t>(n * D));
+      std::vector<float> act(static_cast<size_t>(n * S * I)), g(static_cast<size_t>(I)), u(g.size()),
+          out = y0, ye(static_cast<size_t>(D));
+      for (int64_t t = 0; t < n; ++t)
+        for (int64_t j = 0; j < S; ++j) {
+          const int32_t e = expert(t, j);
+          cpu::linear(gate[e].host, x.data() + t * D, 1, g.data());
+          cpu::linear(up[e].host, x.data() + t * D, 1, u.data());
+          for (int64_t i = 0; i < I; ++i) act[(t * S + j) * I + i] = cpu::silu(g[i]) * u[i];
+          cpu::linear(down[e].host, act.data() + (t * S + j) * I, 1, ye.data());
+          cpu::axpy(j < k ? wts[t * k + j] : 1.0f, ye.data(), out.data() + t * D, D);
+        }
+      cuda::LinearParams p;
+      p.w = gate[0].dev;
+      p.experts = gs.dev_table;
+      p.experts2 = us.dev_table;
+      p.ids = dev.put(ids);
+      p.n = n * S;
+      p.out = I;
+      p.x = dev.put(x);
+      p.ldx = D;
+      p.x_div = S;
+      p.fixed_experts = F;
+      p.fixed_first = E;
+      p.y = dev.poisoned(act.size());
+      p.ldy = I;
+      cuda::linear(p);
+      EXPECT_LE(test::rel_l2(Dev::get(p.y, act.size()), act), 1e-5)
+          << dtype_name(dt) << " gate/up, D=" << D << " n=" << n;
 
-    cuda::LinearParams c;
-    c.w = down[0].dev;
-    c.experts = ds.dev_table;
-    c.ids = p.ids;
-    c.combine = dev.put(wts);
-    c.combine_k = k;
-    c.fixed_experts = F;
-    c.fixed_first = E;
-    c.n = n;
-    c.out = D;
-    c.x = p.y;
-    c.ldx = I;
-    c.y = dev.put(y0);
-    c.ldy = D;
-    c.accumulate = true;
-    cuda::linear(c);
-    EXPECT_LE(test::rel_l2(Dev::get(c.y, out.size()), out), 1e-5) << dtype_name(dt) << " down + combine, D=" << D << " n=" << n;
-  }
+      cuda::LinearParams c;
+      c.w = down[0].dev;
+      c.experts = ds.dev_table;
+      c.ids = p.ids;
+      c.combine = dev.put(wts);
+      c.combine_k = k;
+      c.fixed_experts = F;
+      c.fixed_first = E;
+      c.n = n;
+      c.out = D;
+      c.x = p.y;
+      c.ldx = I;
+      c.y = dev.put(y0);
+      c.ldy = D;
+      c.accumulate = true;
+      cuda::linear(c);
+      EXPECT_LE(test::rel_l2(Dev::get(c.y, out.size()), out), 1e-5)
+          << dtype_name(dt) << " down + combine, D=" << D << " n=" << n;
+    }
 }
 
 TEST_F(CudaOps, TransposedRowsMatchCpu) {

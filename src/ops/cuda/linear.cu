@@ -289,6 +289,152 @@ __global__ void __launch_bounds__(kWarps * 32) gemv_kernel(const GemvArgs a) {
   }
 }
 
+// One token's SwiGLU pairs on FP8 weights of 128 x 128 blocks, rows of J x 512 columns (the expert gate/up
+// of a batch-1 decode step, or a dense pair): the slots' (slot, row) units, slot-major, split into
+// contiguous runs, one per warp, over one wave of blocks. A warp keeps the normed input of its lane's
+// columns (J x 16 values) in registers for all its units and keeps the next unit's gate and up loads in
+// flight while it finishes the current one, so every SM streams weights without block boundaries or
+// shared memory. gemv_kernel's tiles (one round of loads per block, then a reduction) reached ~48% of
+// the copy bandwidth on lite's 46 MB gate/up; this kernel ~60% (docs/PERF.md, "Eleventh session").
+// The arithmetic is gemv_kernel's: 16-value partial dots times their block scale, 1/rms at the end.
+constexpr int kStreamWarps = 4, kStreamDepth = 2;
+template <int J>
+__global__ void __launch_bounds__(kStreamWarps * 32) swiglu_stream_kernel(const GemvArgs a, int64_t units) {
+  const LinearParams& p = a.p;
+  const int lane = threadIdx.x % 32;
+  const int64_t warp = static_cast<int64_t>(blockIdx.x) * kStreamWarps + threadIdx.x / 32,
+                warps = static_cast<int64_t>(gridDim.x) * kStreamWarps;
+  const int64_t u0 = warp * units / warps, u1 = (warp + 1) * units / warps;
+  const int64_t rows = p.out, cols = a.geom.cols, fixed = p.experts ? p.fixed_experts : 0,
+                k_routed = p.x_div - fixed;
+  uint4 rg[kStreamDepth][J], ru[kStreamDepth][J];
+  float sg[kStreamDepth][J], su[kStreamDepth][J];
+  // Unit u's loads into buffer d (nothing past the run's end); `settled`: expert ids may be read.
+  auto issue = [&](int d, int64_t u) {
+    if (u >= u1) return;
+    const int64_t slot = u / rows, r = u - slot * rows;
+    const uint8_t *wg = static_cast<const uint8_t*>(p.w.data), *wu = static_cast<const uint8_t*>(p.w2);
+    const float *scg = p.w.scale_inv, *scu = p.w2_scale_inv;
+    if (p.experts) {
+      const int32_t e = expert_of(p, 0, slot, k_routed);
+      wg = static_cast<const uint8_t*>(p.experts[e].data);
+      wu = static_cast<const uint8_t*>(p.experts2[e].data);
+      scg = p.experts[e].scale_inv;
+      scu = p.experts2[e].scale_inv;
+    }
+    const int64_t srow = static_cast<int32_t>(r) / 128 * a.geom.scale_cols;
+#pragma unroll
+    for (int j = 0; j < J; ++j) {
+      const int64_t c = (lane + 32 * j) * 16;
+      rg[d][j] = load_raw<kF8>(wg, r, cols, c);
+      ru[d][j] = load_raw<kF8>(wu, r, cols, c);
+      sg[d][j] = scg[srow + (lane + 32 * j) / 8];
+      su[d][j] = scu[srow + (lane + 32 * j) / 8];
+    }
+  };
+  // Units of fixed slots (shared experts) or of a dense pair need no expert id: their loads start before
+  // the previous kernel has finished.
+  auto needs_ids = [&](int64_t u) { return p.experts && u / rows < k_routed; };
+#pragma unroll
+  for (int d = 0; d < kStreamDepth; ++d)
+    if (!needs_ids(u0 + d)) issue(d, u0 + d);
+  pdl_wait();
+  if (a.early) pdl_trigger();
+#pragma unroll
+  for (int d = 0; d < kStreamDepth; ++d)
+    if (needs_ids(u0 + d)) issue(d, u0 + d);
+  float xin[J][16];
+  float ss = 0.0f;
+#pragma unroll
+  for (int j = 0; j < J; ++j) {
+    const int64_t c = (lane + 32 * j) * 16;
+#pragma unroll
+    for (int q = 0; q < 4; ++q) {
+      float4 u = *reinterpret_cast<const float4*>(p.x + c + 4 * q);
+      if (p.norm) {
+        ss = fmaf(u.x, u.x, fmaf(u.y, u.y, fmaf(u.z, u.z, fmaf(u.w, u.w, ss))));
+        const float4 gw = __ldg(reinterpret_cast<const float4*>(p.norm + c + 4 * q));
+        u.x *= gw.x;
+        u.y *= gw.y;
+        u.z *= gw.z;
+        u.w *= gw.w;
+      }
+      xin[j][4 * q] = u.x;
+      xin[j][4 * q + 1] = u.y;
+      xin[j][4 * q + 2] = u.z;
+      xin[j][4 * q + 3] = u.w;
+    }
+  }
+  const float inv = p.norm ? 1.0f / sqrtf(warp_sum(ss) / static_cast<float>(cols) + p.norm_eps) : 1.0f;
+  for (int64_t u = u0; u < u1; u += kStreamDepth) {
+#pragma unroll
+    for (int d = 0; d < kStreamDepth; ++d) {
+      if (u + d >= u1) break;
+      float g = 0.0f, v = 0.0f;
+#pragma unroll
+      for (int j = 0; j < J; ++j) {
+        float w[16];
+        convert_raw<kF8>(rg[d][j], w);
+        float dg = 0.0f;
+#pragma unroll
+        for (int i = 0; i < 16; ++i) dg = fmaf(w[i], xin[j][i], dg);
+        convert_raw<kF8>(ru[d][j], w);
+        float du = 0.0f;
+#pragma unroll
+        for (int i = 0; i < 16; ++i) du = fmaf(w[i], xin[j][i], du);
+        g = fmaf(sg[d][j], dg, g);
+        v = fmaf(su[d][j], du, v);
+      }
+      issue(d, u + d + kStreamDepth);
+      g = warp_sum(g) * inv;
+      v = warp_sum(v) * inv;
+      if (lane == 0) {
+        const int64_t slot = (u + d) / rows;
+        p.y[slot * p.ldy + (u + d - slot * rows)] = silu(g) * v;
+      }
+    }
+  }
+  if (!a.early) pdl_trigger();
+}
+
+// Whether swiglu_stream_kernel takes p: one token's FP8 SwiGLU pairs (expert slots or a dense pair,
+// 128 x 128 blocks) of 1,024 or 2,048 columns, vector loads legal. DSV3_GEMV_STREAM=0 keeps gemv_kernel
+// (measurement; read once).
+bool swiglu_stream_takes(const GemvArgs& a) {
+  static const bool on = env_enabled("DSV3_GEMV_STREAM");
+  const LinearParams& p = a.p;
+  const int64_t tokens = p.experts ? p.n / p.x_div : p.n;
+  return on && a.vec && p.w.dtype == DType::F8_E4M3 &&
+         (p.experts ? p.experts2 != nullptr : p.w2 != nullptr) && tokens == 1 &&
+         (!p.experts || p.n == p.x_div) && !p.gather && !p.combine && !p.accumulate && a.groups == 1 &&
+         p.row0 == 0 && p.w.block_rows == 128 && p.w.block_cols == 128 &&
+         (a.geom.cols == 1024 || a.geom.cols == 2048);
+}
+
+void launch_swiglu_stream(const GemvArgs& a) {
+  const LinearParams& p = a.p;
+  // One wave: as many blocks as fit on the SMs at once (at most one warp per unit).
+  static const int per_sm = [] {
+    int n = 0;
+    DSV3_CUDA_CHECK(
+        cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, swiglu_stream_kernel<4>, kStreamWarps * 32, 0));
+    return std::max(n, 1);
+  }();
+  static const int sms = [] {
+    int device = 0, count = 0;
+    DSV3_CUDA_CHECK(cudaGetDevice(&device));
+    DSV3_CUDA_CHECK(cudaDeviceGetAttribute(&count, cudaDevAttrMultiProcessorCount, device));
+    return count;
+  }();
+  const int64_t units = (p.experts ? p.x_div : 1) * p.out;
+  const int64_t blocks = std::min<int64_t>(int64_t{sms} * per_sm, (units + kStreamWarps - 1) / kStreamWarps);
+  const dim3 grid(static_cast<unsigned>(blocks));
+  if (a.geom.cols == 2048)
+    launch_pdl(swiglu_stream_kernel<4>, grid, dim3(kStreamWarps * 32), 0, p.stream, a, units);
+  else
+    launch_pdl(swiglu_stream_kernel<2>, grid, dim3(kStreamWarps * 32), 0, p.stream, a, units);
+}
+
 // Tiled GEMM for many tokens sharing one matrix: block = 64 outputs x 64 tokens, k-steps of 32, each
 // thread 4 x 4 results. Weights are dequantized into shared memory once per block and k-step.
 constexpr int kTile = 64, kStep = 32;
@@ -415,6 +561,12 @@ void launch_linear(GemvArgs a) {
     gemm_kernel<T, DUAL><<<grid, 256, 0, p.stream>>>(a);
     check_launch("gemm_kernel");
     return;
+  }
+  if constexpr (T == kF8 && DUAL) {
+    if (swiglu_stream_takes(a)) {
+      launch_swiglu_stream(a);
+      return;
+    }
   }
   auto go = [&](auto nt, auto rows) {
     constexpr int NT = decltype(nt)::value, R = decltype(rows)::value;
