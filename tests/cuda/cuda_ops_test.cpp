@@ -860,6 +860,35 @@ TEST_F(CudaOps, MlaGatherRowsCopiesOneSequencesRows) {
   }
 }
 
+// The prefill attention's parameters over device copies of the engine's layouts: q rows of ldq (head h's
+// [q_nope | q_pe] at h * 192), q_pe taken from the absorbed query rows' tails (H rows of C + 64 each), kv
+// rows of ldkv, k_pe from the cache rows' tails (C + 64 each), a poisoned split buffer; 128 + 64 / 128.
+cuda::MlaPrefillParams prefill_params(Dev& dev, const std::vector<float>& q, int64_t ldq, const std::vector<float>& qabs,
+                                      const std::vector<float>& kv, int64_t ldkv, const std::vector<float>& lat,
+                                      int64_t C, int64_t n, int64_t keys, int64_t H, int64_t ldo) {
+  const int64_t dn = 128, dr = 64, W = C + dr;
+  cuda::MlaPrefillParams p;
+  p.q_nope = dev.put(q);
+  p.ldq_t = ldq;
+  p.ldq_h = dn + dr;
+  p.q_pe = dev.put(qabs) + C;
+  p.ldqpe_t = H * W;
+  p.ldqpe_h = W;
+  p.kv = dev.put(kv);
+  p.ldkv = ldkv;
+  p.k_pe = dev.put(lat) + C;
+  p.ldkpe = W;
+  p.n = n;
+  p.keys = keys;
+  p.heads = H;
+  p.nope = dn;
+  p.rope = dr;
+  p.v = 128;
+  p.work = dev.poisoned((cuda::mla_prefill_work_bytes(keys, H) + 3) / 4);
+  p.ldo = ldo;
+  return p;
+}
+
 // Causal attention of n new rows after a cached prefix of pos0 keys against float64, with the engine's
 // layouts (q_nope inside wider q rows, q_pe in the absorbed query's tail, k_pe in the cache rows, padded
 // strides): ragged row blocks (64, 128 rows) and key tiles (32 to 128 keys), 2 to 128 heads, poisoned work
@@ -901,26 +930,8 @@ TEST_F(CudaOps, MlaPrefillMatchesFloat64Reference) {
           ref[t * ldo + h * dv + i] = static_cast<float>(o / sum);
         }
       }
-    cuda::MlaPrefillParams p;
-    p.q_nope = dev.put(q);
-    p.ldq_t = ldq;
-    p.ldq_h = dq;
-    p.q_pe = dev.put(qabs) + C;
-    p.ldqpe_t = H * W;
-    p.ldqpe_h = W;
-    p.kv = dev.put(kv);
-    p.ldkv = ldkv;
-    p.k_pe = dev.put(lat) + C;
-    p.ldkpe = W;
-    p.n = n;
-    p.keys = keys;
-    p.heads = H;
-    p.nope = dn;
-    p.rope = dr;
-    p.v = dv;
+    cuda::MlaPrefillParams p = prefill_params(dev, q, ldq, qabs, kv, ldkv, lat, C, n, keys, H, ldo);
     p.scale = scale;
-    p.work = dev.poisoned((cuda::mla_prefill_work_bytes(keys, H) + 3) / 4);
-    p.ldo = ldo;
     ASSERT_TRUE(cuda::mla_prefill_supported(p));
     for (int kernel = 0; kernel < 3; ++kernel) {
       const bool lo = kernel == 0;
@@ -975,26 +986,8 @@ TEST_F(CudaOps, MlaPrefillFromBf16KeysMatchesSplitImages) {
     for (size_t i = 0; i < kv.size(); ++i) kv16[i] = f32_to_bf16(kv[i]);
     for (int64_t k = 0; k < keys; ++k)
       for (int64_t i = 0; i < dr; ++i) pe16[k * dr + i] = f32_to_bf16(lat[k * W + C + i]);
-    cuda::MlaPrefillParams p;
-    p.q_nope = dev.put(q);
-    p.ldq_t = ldq;
-    p.ldq_h = dq;
-    p.q_pe = dev.put(qabs) + C;
-    p.ldqpe_t = H * W;
-    p.ldqpe_h = W;
-    p.kv = dev.put(kv);
-    p.ldkv = ldkv;
-    p.k_pe = dev.put(lat) + C;
-    p.ldkpe = W;
-    p.n = n;
-    p.keys = keys;
-    p.heads = H;
-    p.nope = dn;
-    p.rope = dr;
-    p.v = dv;
+    cuda::MlaPrefillParams p = prefill_params(dev, q, ldq, qabs, kv, ldkv, lat, C, n, keys, H, ldo);
     p.scale = 0.1f;
-    p.work = dev.poisoned((cuda::mla_prefill_work_bytes(keys, H) + 3) / 4);
-    p.ldo = ldo;
     p.lo = false;
     p.wgmma = true;
     ASSERT_TRUE(cuda::mla_prefill_supported(p) && cuda::mla_prefill_reads_bf16(p))

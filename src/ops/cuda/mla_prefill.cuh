@@ -126,16 +126,22 @@ __device__ __forceinline__ void rescale_rows(float (&o)[kDv / 8][4], Rescale r) 
   }
 }
 
-// Rows a and b of a lane's output, divided by their softmax sums (summed over the row's 4 lanes), to
-// p.out at head h; rows at or past p.n are not written.
-__device__ __forceinline__ void store_rows(const MlaPrefillParams& p, int64_t h, int64_t row_a, int c,
-                                           const float (&o)[kDv / 8][4], RowState st) {
+// 1 / the softmax sums of a lane's rows a (x) and b (y), the lanes' parts summed over each row's 4 lanes.
+__device__ __forceinline__ float2 row_inverses(RowState st) {
 #pragma unroll
   for (int off = 1; off < 4; off *= 2) {
     st.l_a += __shfl_xor_sync(0xffffffffu, st.l_a, off);
     st.l_b += __shfl_xor_sync(0xffffffffu, st.l_b, off);
   }
-  const float inv_a = 1.0f / st.l_a, inv_b = 1.0f / st.l_b;
+  return make_float2(1.0f / st.l_a, 1.0f / st.l_b);
+}
+
+// Rows a and b of a lane's output, divided by their softmax sums, to p.out at head h; rows at or past
+// p.n are not written.
+__device__ __forceinline__ void store_rows(const MlaPrefillParams& p, int64_t h, int64_t row_a, int c,
+                                           const float (&o)[kDv / 8][4], RowState st) {
+  const float2 inv = row_inverses(st);
+  const float inv_a = inv.x, inv_b = inv.y;
   const int64_t row_b = row_a + 8;
 #pragma unroll
   for (int j = 0; j < kDv / 8; ++j) {

@@ -52,12 +52,8 @@ struct TileSource {
 // lanes c and c ^ 1 swap halves so that each stores 4 codes of one row.
 __device__ __forceinline__ void store_rows_fp8(const MlaPrefillParams& p, int64_t h, int64_t row_a, int c,
                                                const float (&o)[kDv / 8][4], RowState st) {
-#pragma unroll
-  for (int off = 1; off < 4; off *= 2) {
-    st.l_a += __shfl_xor_sync(0xffffffffu, st.l_a, off);
-    st.l_b += __shfl_xor_sync(0xffffffffu, st.l_b, off);
-  }
-  const float inv_a = 1.0f / st.l_a, inv_b = 1.0f / st.l_b;
+  const float2 inv = row_inverses(st);
+  const float inv_a = inv.x, inv_b = inv.y;
   float va[kDv / 8][2], vb[kDv / 8][2];
   float amax_a = 0.0f, amax_b = 0.0f;
 #pragma unroll
