@@ -1037,6 +1037,9 @@ struct CudaModel::Impl {
     gu.experts2 = L.expert_up;
     gu.ids = s.ids;
     gu.ids_settled = separate_shared;  // the shared gate/up ran between routing and here
+    // x's last writer (o_proj) is three launches back (the router and the routing between), and s.act's
+    // last reader (the previous layer's down projection) is long done.
+    gu.x_settled = true;
     gu.x_div = slots;
     gu.fixed_experts = L.fixed;
     gu.fixed_first = E;

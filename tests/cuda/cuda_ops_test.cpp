@@ -490,6 +490,7 @@ TEST_F(CudaOps, FixedExpertsFollowRoutedSlots) {
       p.x_div = S;
       p.fixed_experts = F;
       p.fixed_first = E;
+      p.x_settled = true;  // nothing runs before it here; the stream kernel then takes the fixed units first
       p.y = dev.poisoned(act.size());
       p.ldy = I;
       cuda::linear(p);

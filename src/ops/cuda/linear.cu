@@ -290,29 +290,50 @@ __global__ void __launch_bounds__(kWarps * 32) gemv_kernel(const GemvArgs a) {
 }
 
 // One token's SwiGLU pairs on FP8 weights of 128 x 128 blocks, rows of J x 512 columns (the expert gate/up
-// of a batch-1 decode step, or a dense pair): the slots' (slot, row) units, slot-major, split into
-// contiguous runs, one per warp, over one wave of blocks. A warp keeps the normed input of its lane's
-// columns (J x 16 values) in registers for all its units and keeps the next unit's gate and up loads in
-// flight while it finishes the current one, so every SM streams weights without block boundaries or
-// shared memory. gemv_kernel's tiles (one round of loads per block, then a reduction) reached ~48% of
-// the copy bandwidth on lite's 46 MB gate/up; this kernel ~60% (docs/PERF.md, "Eleventh session").
-// The arithmetic is gemv_kernel's: 16-value partial dots times their block scale, 1/rms at the end.
+// of a batch-1 decode step, or a dense pair): the slots' (slot, row) units split into contiguous runs,
+// one per warp, over one wave of blocks. A warp keeps the normed input of its lane's columns (J x 16
+// values) in registers for all its units and keeps the next unit's gate and up loads in flight while it
+// finishes the current one, so every SM streams weights without block boundaries or shared memory.
+// gemv_kernel's tiles (one round of loads per block, then a reduction) reached ~48% of the copy
+// bandwidth on lite's 46 MB gate/up; this kernel ~60% (docs/PERF.md, "Eleventh session"). The
+// arithmetic is gemv_kernel's: 16-value partial dots times their block scale, 1/rms at the end.
+//
+// Each warp takes its share of the fixed slots' units (the shared experts, which need no expert id)
+// first, then its share of the routed ones. With p.x_settled the fixed units run before pdl_wait, while
+// the routing kernel still runs, so that a quarter of lite's bytes stream during it.
 constexpr int kStreamWarps = 4, kStreamDepth = 2;
 template <int J>
-__global__ void __launch_bounds__(kStreamWarps * 32) swiglu_stream_kernel(const GemvArgs a, int64_t units) {
+__global__ void __launch_bounds__(kStreamWarps * 32) swiglu_stream_kernel(const GemvArgs a) {
   const LinearParams& p = a.p;
   const int lane = threadIdx.x % 32;
   const int64_t warp = static_cast<int64_t>(blockIdx.x) * kStreamWarps + threadIdx.x / 32,
                 warps = static_cast<int64_t>(gridDim.x) * kStreamWarps;
-  const int64_t u0 = warp * units / warps, u1 = (warp + 1) * units / warps;
   const int64_t rows = p.out, cols = a.geom.cols, fixed = p.experts ? p.fixed_experts : 0,
                 k_routed = p.x_div - fixed;
+  const int64_t slots = p.experts ? p.x_div : 1, routed_units = (p.experts ? k_routed : 1) * rows,
+                fixed_units = (slots * rows) - routed_units;
+  // This warp's runs: fixed units f0 .. f1 (units routed_units + i), then routed units r0 .. r1.
+  const int64_t f0 = warp * fixed_units / warps, f1 = (warp + 1) * fixed_units / warps;
+  const int64_t r0 = warp * routed_units / warps, r1 = (warp + 1) * routed_units / warps;
+  const int64_t nf = f1 - f0, count = nf + r1 - r0;
+  auto unit = [&](int64_t q) { return q < nf ? routed_units + f0 + q : r0 + (q - nf); };
+  // A dense pair's units are "routed" ones here (slot 0), but need no id.
+  auto needs_ids = [&](int64_t q) { return p.experts && q >= nf; };
+  bool waited = false;
+  auto wait_once = [&] {
+    if (waited) return;
+    pdl_wait();
+    if (a.early) pdl_trigger();
+    waited = true;
+  };
+  if (!p.x_settled || !p.experts) wait_once();
   uint4 rg[kStreamDepth][J], ru[kStreamDepth][J];
   float sg[kStreamDepth][J], su[kStreamDepth][J];
-  // Unit u's loads into buffer d (nothing past the run's end); `settled`: expert ids may be read.
-  auto issue = [&](int d, int64_t u) {
-    if (u >= u1) return;
-    const int64_t slot = u / rows, r = u - slot * rows;
+  // Position q's loads into buffer d (nothing past the warp's units).
+  auto issue = [&](int d, int64_t q) {
+    if (q >= count) return;
+    if (needs_ids(q)) wait_once();
+    const int64_t u = unit(q), slot = u / rows, r = u - slot * rows;
     const uint8_t *wg = static_cast<const uint8_t*>(p.w.data), *wu = static_cast<const uint8_t*>(p.w2);
     const float *scg = p.w.scale_inv, *scu = p.w2_scale_inv;
     if (p.experts) {
@@ -332,17 +353,8 @@ __global__ void __launch_bounds__(kStreamWarps * 32) swiglu_stream_kernel(const 
       su[d][j] = scu[srow + (lane + 32 * j) / 8];
     }
   };
-  // Units of fixed slots (shared experts) or of a dense pair need no expert id: their loads start before
-  // the previous kernel has finished.
-  auto needs_ids = [&](int64_t u) { return p.experts && u / rows < k_routed; };
 #pragma unroll
-  for (int d = 0; d < kStreamDepth; ++d)
-    if (!needs_ids(u0 + d)) issue(d, u0 + d);
-  pdl_wait();
-  if (a.early) pdl_trigger();
-#pragma unroll
-  for (int d = 0; d < kStreamDepth; ++d)
-    if (needs_ids(u0 + d)) issue(d, u0 + d);
+  for (int d = 0; d < kStreamDepth; ++d) issue(d, d);
   float xin[J][16];
   float ss = 0.0f;
 #pragma unroll
@@ -366,10 +378,10 @@ __global__ void __launch_bounds__(kStreamWarps * 32) swiglu_stream_kernel(const 
     }
   }
   const float inv = p.norm ? 1.0f / sqrtf(warp_sum(ss) / static_cast<float>(cols) + p.norm_eps) : 1.0f;
-  for (int64_t u = u0; u < u1; u += kStreamDepth) {
+  for (int64_t q = 0; q < count; q += kStreamDepth) {
 #pragma unroll
     for (int d = 0; d < kStreamDepth; ++d) {
-      if (u + d >= u1) break;
+      if (q + d >= count) break;
       float g = 0.0f, v = 0.0f;
 #pragma unroll
       for (int j = 0; j < J; ++j) {
@@ -385,15 +397,16 @@ __global__ void __launch_bounds__(kStreamWarps * 32) swiglu_stream_kernel(const 
         g = fmaf(sg[d][j], dg, g);
         v = fmaf(su[d][j], du, v);
       }
-      issue(d, u + d + kStreamDepth);
+      issue(d, q + d + kStreamDepth);
       g = warp_sum(g) * inv;
       v = warp_sum(v) * inv;
       if (lane == 0) {
-        const int64_t slot = (u + d) / rows;
-        p.y[slot * p.ldy + (u + d - slot * rows)] = silu(g) * v;
+        const int64_t u = unit(q + d), slot = u / rows;
+        p.y[slot * p.ldy + (u - slot * rows)] = silu(g) * v;
       }
     }
   }
+  wait_once();  // every launch_pdl kernel waits for the previous one before it ends
   if (!a.early) pdl_trigger();
 }
 
@@ -430,9 +443,9 @@ void launch_swiglu_stream(const GemvArgs& a) {
   const int64_t blocks = std::min<int64_t>(int64_t{sms} * per_sm, (units + kStreamWarps - 1) / kStreamWarps);
   const dim3 grid(static_cast<unsigned>(blocks));
   if (a.geom.cols == 2048)
-    launch_pdl(swiglu_stream_kernel<4>, grid, dim3(kStreamWarps * 32), 0, p.stream, a, units);
+    launch_pdl(swiglu_stream_kernel<4>, grid, dim3(kStreamWarps * 32), 0, p.stream, a);
   else
-    launch_pdl(swiglu_stream_kernel<2>, grid, dim3(kStreamWarps * 32), 0, p.stream, a, units);
+    launch_pdl(swiglu_stream_kernel<2>, grid, dim3(kStreamWarps * 32), 0, p.stream, a);
 }
 
 // Tiled GEMM for many tokens sharing one matrix: block = 64 outputs x 64 tokens, k-steps of 32, each

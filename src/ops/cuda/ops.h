@@ -80,6 +80,10 @@ struct LinearParams {
   const MatrixPtrs* experts2 = nullptr;  // SwiGLU up matrices of the same experts
   const int32_t* ids = nullptr;          // [n] expert of each problem ([n * combine_k] when combining)
   bool ids_settled = false;
+  // x was written at least two launches back and the previous launch does not use y: the batch-1 SwiGLU
+  // stream (linear.cu) then runs its fixed-slot units (the shared experts) before waiting for the
+  // previous kernel (the routing), reading x and writing their rows of y.
+  bool x_settled = false;
   const float* combine = nullptr;        // [n * combine_k] routing weights
   int64_t combine_k = 0;
   int64_t n = 0, out = 0;
