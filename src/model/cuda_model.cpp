@@ -870,14 +870,13 @@ struct CudaModel::Impl {
     if (uk_mma) cuda::expert_mma(uk);
     cuda::LinearParams op = lin(L.o, s.o, H * dv, n, s.x, D);
     op.accumulate = true;
-    if (pf.n > 0) {
-      op.x_quantized = mla_prefill(L, layer, sc, pf, op);
-      if (op.x_quantized && !cuda::linear_lt(op))
-        throw Error("internal: cuBLASLt refused o_proj after its operand was written",
-                    "set DSV3_MLA_PREFILL_TMA=0");
-      if (op.x_quantized) return;
-    } else {
+    if (pf.n == 0) {
       absorbed_attention(L, layer, n, sc);
+    } else if (mla_prefill(L, layer, sc, pf, op)) {  // the kernel wrote o_proj's operand
+      op.x_quantized = true;
+      check(cuda::linear_lt(op), "internal: cuBLASLt refused o_proj after its operand was written",
+            "set DSV3_MLA_PREFILL_TMA=0");
+      return;
     }
     cuda::linear(op);
   }

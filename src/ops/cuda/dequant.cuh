@@ -211,6 +211,18 @@ inline bool pdl_early() {
   return on;
 }
 
+// Multiprocessors of the current device (looked up once per process): the grid of a kernel sized to one
+// wave.
+inline int sm_count() {
+  static const int sms = [] {
+    int device = 0, count = 0;
+    DSV3_CUDA_CHECK(cudaGetDevice(&device));
+    DSV3_CUDA_CHECK(cudaDeviceGetAttribute(&count, cudaDevAttrMultiProcessorCount, device));
+    return count;
+  }();
+  return sms;
+}
+
 template <typename Kernel, typename... Args>
 void launch_pdl(Kernel kernel, dim3 grid, dim3 block, size_t smem, cudaStream_t stream, const Args&... args) {
   cudaLaunchConfig_t cfg = {};

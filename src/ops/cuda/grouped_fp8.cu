@@ -393,12 +393,7 @@ void grouped_fp8_gemm(const GroupedFp8Params& p) {
   const int64_t launch_tiles = std::min<int64_t>(env_positive("DSV3_GFP8_LAUNCH_TILES", kMaxRowTiles), kMaxRowTiles);
   DSV3_ASSERT(opted_in);
   // One block per SM (the stages fill most of its shared memory), each looping over tiles.
-  static const int sms = [] {
-    int device = 0, count = 0;
-    DSV3_CUDA_CHECK(cudaGetDevice(&device));
-    DSV3_CUDA_CHECK(cudaDeviceGetAttribute(&count, cudaDevAttrMultiProcessorCount, device));
-    return count;
-  }();
+  const int sms = sm_count();
 
   KernelArgs args;
   args.a_map = fp8_map(p.a, p.a_rows, p.k);

@@ -433,12 +433,7 @@ void launch_swiglu_stream(const GemvArgs& a) {
         cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, swiglu_stream_kernel<4>, kStreamWarps * 32, 0));
     return std::max(n, 1);
   }();
-  static const int sms = [] {
-    int device = 0, count = 0;
-    DSV3_CUDA_CHECK(cudaGetDevice(&device));
-    DSV3_CUDA_CHECK(cudaDeviceGetAttribute(&count, cudaDevAttrMultiProcessorCount, device));
-    return count;
-  }();
+  const int sms = sm_count();
   const int64_t units = (p.experts ? p.x_div : 1) * p.out;
   const int64_t blocks = std::min<int64_t>(int64_t{sms} * per_sm, (units + kStreamWarps - 1) / kStreamWarps);
   const dim3 grid(static_cast<unsigned>(blocks));
