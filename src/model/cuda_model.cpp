@@ -211,6 +211,14 @@ bool lt_fused_mlp_enabled() {
   return on;
 }
 
+// Whether the router's pass over the MoE's normed input also writes the grouped gate/up's per-token FP8
+// codes (LinearParams::also_fp8), instead of the MLP quantizing the tokens again: on unless
+// DSV3_ROUTER_CODES=0 (measurement; the same bytes either way). Read once.
+bool router_codes_enabled() {
+  static const bool on = cuda::env_enabled("DSV3_ROUTER_CODES");
+  return on;
+}
+
 // Whether that call leaves the down projection's rows where its GEMMs wrote them for the combine to read
 // (cuda::LtRows) instead of copying them into problem order first: on unless DSV3_LT_KEEP_ROWS=0
 // (measurement; the same bits either way). Read once.
@@ -866,6 +874,7 @@ struct CudaModel::Impl {
     const cuda::MlaPrefillParams pf = prefill_params(n, sc, q, ldq);
     const bool uk_mma = pf.n == 0 && L.uk_t.data && n > cuda::kGemvMaxBatch && cuda::expert_mma_supported(uk);
     if (uk_mma || pf.n > 0) qt.w = {};
+    if (pf.n > 0 && pf.q_pe_bf16) prep.q_pe_bf16 = reinterpret_cast<uint16_t*>(s.qabs);  // the form pf reads
     cuda::mla_prepare(prep);
     if (uk_mma) cuda::expert_mma(uk);
     cuda::LinearParams op = lin(L.o, s.o, H * dv, n, s.x, D);
@@ -955,6 +964,9 @@ struct CudaModel::Impl {
     p.out = s.o;
     p.ldo = H * dv;
     p.lo = mla_prefill_lo() && !lt_rows;  // a cuBLASLt step's FP8/BF16 activations set its precision
+    // Where the kernel rounds its queries to bf16 (no lo parts), mla_prepare writes the rotated q_pe in
+    // bf16 (half the bytes), in the absorbed queries' room.
+    if (!p.lo) p.q_pe_bf16 = reinterpret_cast<const uint16_t*>(s.qabs);
     p.stream = stream;
     if (!cuda::mla_prefill_supported(p)) p.n = 0;
     return p;
@@ -967,8 +979,9 @@ struct CudaModel::Impl {
   //
   // Where the kernel can read them by TMA (mla_prefill_reads_bf16), the GEMM writes the keys and values in
   // bf16 (cuBLASLt, over whole 16-row batches: rows past the keys are never read), the gather writes k_pe
-  // in bf16 beside the rows, and the kernel loads its tiles straight from them: no split pass, and half
-  // the GEMM's output bytes. The bf16 values are the ones the split would have rounded the fp32 output to.
+  // in bf16 and the rows as the GEMM's FP8 operand (mla_gather_codes), and the kernel loads its tiles
+  // straight from them: no split pass, and half the GEMM's output bytes. The bf16 values are the ones the
+  // split would have rounded the fp32 output to.
   //
   // On the same path the kernel writes its output as the FP8 operand of o_proj's cuBLASLt GEMM
   // (cuda::lt_operand: the buffers linear_lt would quantize s.o into), so the fp32 rows and their
@@ -978,11 +991,23 @@ struct CudaModel::Impl {
                    const cuda::LinearParams& o_proj) {
     const int64_t W = cfg.kv_lora_rank + cfg.qk_rope_head_dim, rope = cfg.qk_rope_head_dim;
     const bool bf16 = cuda::mla_prefill_reads_bf16(p);
-    cuda::mla_gather_rows(sc.pages, layer, p.keys, s.lat, stream, bf16 ? s.k_pe16 : nullptr, rope);
     if (bf16) {
       cuda::LinearParams kv = lin(L.kv_b, s.lat, W, round16(p.keys), s.kv, p.ldkv);
       kv.y_bf16 = true;
-      if (cuda::linear_lt(kv)) {
+      // Where cuBLASLt would quantize the gathered rows, the gather writes that FP8 operand itself (no
+      // fp32 rows written and read back).
+      const cuda::LtOperand in = cuda::lt_operand(kv);
+      if (in.q) {
+        cuda::mla_gather_codes(sc.pages, layer, p.keys, cfg.kv_lora_rank, in.q, in.scales, in.scale_ld,
+                               s.k_pe16, rope, stream);
+        kv.x_quantized = true;
+      } else {
+        cuda::mla_gather_rows(sc.pages, layer, p.keys, s.lat, stream, s.k_pe16, rope);
+      }
+      const bool ran = cuda::linear_lt(kv);
+      check(ran || !kv.x_quantized, "internal: cuBLASLt refused kv_b_proj after its operand was written",
+            "set DSV3_MLA_PREFILL_TMA=0");
+      if (ran) {
         p.kv_bf16 = reinterpret_cast<const uint16_t*>(s.kv);
         p.k_pe_bf16 = s.k_pe16;
         // After the kv_b GEMM: it uses the same operand buffers, and may have grown them.
@@ -994,6 +1019,7 @@ struct CudaModel::Impl {
         return o.q != nullptr;
       }
     }
+    if (!bf16) cuda::mla_gather_rows(sc.pages, layer, p.keys, s.lat, stream);
     cuda::linear(lin(L.kv_b, s.lat, W, p.keys, s.kv, p.ldkv));
     cuda::mla_prefill(p);
     return false;
@@ -1002,7 +1028,23 @@ struct CudaModel::Impl {
   void moe(const DevLayer& L, int64_t n) {
     const ModelConfig& c = cfg;
     const int64_t D = c.hidden_size, E = c.n_routed_experts, k = c.num_experts_per_tok, I = c.moe_intermediate_size;
-    cuda::linear(normed_lin(L.gate, L.post_norm, eps(), s.x, D, n, s.rlogits, E));
+    const bool separate_shared = c.n_shared_experts > 0 && L.fixed == 0;
+    const int64_t slots = k + L.fixed;
+    const bool grouped = n >= moe_group_min_tokens();
+    // Where the grouped MLP quantizes each token's normed row once (cuda::lt_token_operand), the router's
+    // pass over the same normed rows writes those codes too, so x is read and normed once for both.
+    cuda::LinearParams router = normed_lin(L.gate, L.post_norm, eps(), s.x, D, n, s.rlogits, E);
+    const cuda::LtOperand tok = grouped && router_codes_enabled()
+                                    ? cuda::lt_token_operand(grouped_gate_up(L, n, slots))
+                                    : cuda::LtOperand{};
+    router.also_fp8 = tok.q;
+    router.also_fp8_scales = tok.scales;
+    const bool tokens_quantized = tok.q && cuda::linear_lt(router);
+    if (!tokens_quantized) {
+      router.also_fp8 = nullptr;
+      router.also_fp8_scales = nullptr;
+      cuda::linear(router);
+    }
     cuda::RouteParams r;
     r.logits = s.rlogits;
     r.bias = L.score_bias;
@@ -1023,10 +1065,8 @@ struct CudaModel::Impl {
     // Gate/up: each (token, slot) pair is one problem on its own expert's weights; the slots are the k
     // routed experts, then the shared-expert pieces. Down: one problem per token summing its slots with
     // the routing weights (1 for shared pieces) straight into the residual stream.
-    const bool separate_shared = c.n_shared_experts > 0 && L.fixed == 0;
-    const int64_t slots = k + L.fixed;
-    if (n >= moe_group_min_tokens()) {  // it runs the shared experts' gate/up itself
-      moe_grouped(L, n, slots, separate_shared);
+    if (grouped) {  // it runs the shared experts' gate/up itself
+      moe_grouped(L, n, slots, separate_shared, tokens_quantized);
       return;
     }
     // Every reader of the normed input runs before the first write to x (shared down, expert down).
@@ -1059,7 +1099,25 @@ struct CudaModel::Impl {
   // Several tokens: their (token, slot) problems grouped by expert (cuda::moe_plan), so each expert's
   // weights are read once per chunk of up to kExpertChunk tokens instead of once per token; the down
   // projection writes every problem's output and a combine adds them, weighted, to the residual stream.
-  void moe_grouped(const DevLayer& L, int64_t n, int64_t slots, bool separate_shared) {
+  // The grouped gate/up pair's parameters: n tokens of `slots` problems each over moe_plan's lists.
+  cuda::LinearParams grouped_gate_up(const DevLayer& L, int64_t n, int64_t slots) const {
+    const ModelConfig& c = cfg;
+    const int64_t D = c.hidden_size, E = c.n_routed_experts, I = c.moe_intermediate_size;
+    cuda::LinearParams gu = normed_lin(L.expert_shape.gate, L.post_norm, eps(), s.x, D, n * slots, s.act, I);
+    gu.experts = L.expert_gate;
+    gu.experts2 = L.expert_up;
+    gu.ids = s.ids;
+    gu.x_div = slots;
+    gu.gather = s.gather;
+    gu.gather_expert = s.gather_expert;
+    gu.gather_chunks = cuda::moe_plan_chunks(n * slots, E + L.fixed);
+    gu.gather_counts = s.plan_counts;
+    gu.host_experts = L.host_gate;
+    gu.host_experts2 = L.host_up;
+    return gu;
+  }
+
+  void moe_grouped(const DevLayer& L, int64_t n, int64_t slots, bool separate_shared, bool tokens_quantized) {
     const ModelConfig& c = cfg;
     const int64_t D = c.hidden_size, E = c.n_routed_experts, k = c.num_experts_per_tok, I = c.moe_intermediate_size;
     const int64_t chunks = cuda::moe_plan_chunks(n * slots, E + L.fixed);
@@ -1083,18 +1141,9 @@ struct CudaModel::Impl {
       swiglu_up(L.shared, L.post_norm, n, s.act_shared);
       shared_up_done = true;
     };
-    cuda::LinearParams gu = normed_lin(L.expert_shape.gate, L.post_norm, eps(), s.x, D, n * slots, s.act, I);
-    gu.experts = L.expert_gate;
-    gu.experts2 = L.expert_up;
-    gu.ids = s.ids;
+    cuda::LinearParams gu = grouped_gate_up(L, n, slots);
     gu.ids_settled = separate_shared;  // the plan is two launches back only when the shared gate/up ran first
-    gu.x_div = slots;
-    gu.gather = s.gather;
-    gu.gather_expert = s.gather_expert;
-    gu.gather_chunks = chunks;
-    gu.gather_counts = s.plan_counts;
-    gu.host_experts = L.host_gate;
-    gu.host_experts2 = L.host_up;
+    gu.tokens_quantized = tokens_quantized;
     cuda::LinearParams down = lin(L.expert_shape.down, s.act, I, n * slots, s.moe_out, D);
     down.experts = L.expert_down;
     down.ids = s.ids;

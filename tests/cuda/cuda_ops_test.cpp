@@ -861,6 +861,65 @@ TEST_F(CudaOps, MlaGatherRowsCopiesOneSequencesRows) {
   }
 }
 
+// mla_gather_codes writes what mla_gather_rows followed by quantize_activations of the rows' latents
+// writes (codes and scales, scale rows ld apart), zero rows from the keys to ld, and the same bf16 k_pe:
+// a latent of 256 (half a warp's step of four 128-column groups), shuffled pages, NaN everywhere else.
+TEST_F(CudaOps, MlaGatherCodesMatchQuantizedRows) {
+  for (int64_t keys : {1, 63, 65, 200}) {
+    Dev dev;
+    const int64_t latent = 256, rope = 64, W = latent + rope, layers = 2, layer = 1;
+    const int64_t pages = (keys + 63) / 64 + 1, page_floats = layers * 64 * W,
+                  ld = (keys + 15) / 16 * 16 + 16;
+    std::vector<float> storage(static_cast<size_t>(pages * page_floats),
+                               std::numeric_limits<float>::quiet_NaN());
+    std::vector<int64_t> order(static_cast<size_t>(pages));
+    std::iota(order.begin(), order.end(), 0);
+    std::shuffle(order.begin(), order.end(), rng);
+    for (int64_t pos = 0; pos < keys; ++pos) {
+      const std::vector<float> r = randn(rng, W);
+      std::copy(r.begin(), r.end(),
+                storage.begin() + order[pos / 64] * page_floats + (layer * 64 + pos % 64) * W);
+    }
+    float* dstore = dev.put(storage);
+    std::vector<float*> table(static_cast<size_t>(pages));
+    for (int64_t i = 0; i < pages; ++i) table[i] = dstore + order[i] * page_floats;
+    const cuda::CachePages cache{dev.put(table), nullptr, layers, W};
+    float* rows = dev.poisoned(static_cast<size_t>(keys * W));
+    uint16_t* pe_rows = dev.alloc<uint16_t>(static_cast<size_t>(keys * rope));
+    cuda::mla_gather_rows(cache, layer, keys, rows, nullptr, pe_rows, rope);
+    cuda::ActQuantParams aq;
+    aq.x = rows;
+    aq.ldx = W;
+    aq.n = keys;
+    aq.k = latent;
+    aq.q = dev.alloc<uint8_t>(static_cast<size_t>(keys * latent));
+    aq.scales = dev.poisoned(static_cast<size_t>(2 * ld));
+    aq.scale_ld = ld;
+    cuda::quantize_activations(aq);
+
+    uint8_t* codes = dev.alloc<uint8_t>(static_cast<size_t>(ld * latent));
+    DSV3_CUDA_CHECK(cudaMemset(codes, 0x7f, static_cast<size_t>(ld * latent)));  // e4m3 NaN
+    float* scales = dev.poisoned(static_cast<size_t>(2 * ld));
+    uint16_t* pe = dev.alloc<uint16_t>(static_cast<size_t>(keys * rope));
+    cuda::mla_gather_codes(cache, layer, keys, latent, codes, scales, ld, pe, rope, nullptr);
+    const std::vector<uint8_t> got = Dev::get(codes, static_cast<size_t>(ld * latent)),
+                               want = Dev::get(static_cast<const uint8_t*>(aq.q),
+                                               static_cast<size_t>(keys * latent));
+    EXPECT_EQ(std::memcmp(got.data(), want.data(), want.size()), 0) << "keys " << keys;
+    for (size_t i = want.size(); i < got.size(); ++i)
+      ASSERT_EQ(got[i], 0) << "keys " << keys << " byte " << i;
+    const std::vector<float> sc = Dev::get(scales, static_cast<size_t>(2 * ld)),
+                             want_sc = Dev::get(aq.scales, static_cast<size_t>(2 * ld));
+    for (int64_t g = 0; g < 2; ++g)
+      for (int64_t k = 0; k < ld; ++k)
+        ASSERT_EQ(sc[g * ld + k], k < keys ? want_sc[g * ld + k] : 0.0f)
+            << "keys " << keys << " group " << g << " row " << k;
+    EXPECT_EQ(Dev::get(pe, static_cast<size_t>(keys * rope)),
+              Dev::get(pe_rows, static_cast<size_t>(keys * rope)))
+        << "keys " << keys;
+  }
+}
+
 // The prefill attention's parameters over device copies of the engine's layouts: q rows of ldq (head h's
 // [q_nope | q_pe] at h * 192), q_pe taken from the absorbed query rows' tails (H rows of C + 64 each), kv
 // rows of ldkv, k_pe from the cache rows' tails (C + 64 each), a poisoned split buffer; 128 + 64 / 128.
@@ -1037,6 +1096,69 @@ TEST_F(CudaOps, MlaPrefillFromBf16KeysMatchesSplitImages) {
     for (int64_t h = 0; h < H; ++h)
       for (int64_t r = 0; r < n; ++r)
         ASSERT_EQ(scales[h * ld + r], want_scales[h * ld + r]) << "n=" << n << " head " << h << " row " << r;
+  }
+}
+
+// The queries' rotated q_pe read in bf16 (q_pe_bf16, the engine's prefill: mla_prepare writes it) against
+// the same values in fp32 (bf16 numbers, which every kernel keeps exactly), for each kernel (hi + lo,
+// bf16 hi on wgmma from the split images and by TMA, and on mma.sync): the same bits.
+TEST_F(CudaOps, MlaPrefillReadsBf16QueryPe) {
+  struct Case {
+    int64_t n, pos0, H;
+  };
+  const Case cases[] = {{1, 0, 2}, {65, 31, 16}, {300, 0, 2}, {129, 140, 3}};
+  const int64_t dn = 128, dr = 64, dv = 128, dq = dn + dr, C = 32, W = C + dr;
+  for (const Case& c : cases) {
+    Dev dev;
+    const int64_t H = c.H, n = c.n, keys = c.pos0 + n;
+    const int64_t ldq = H * dq + 6, ldkv = H * (dn + dv) + 8, ldo = H * dv + 4;
+    auto bf16_values = [&](size_t count) {
+      std::vector<float> v = randn(rng, count);
+      for (float& x : v) x = bf16_to_f32(f32_to_bf16(x));
+      return v;
+    };
+    const std::vector<float> q = randn(rng, static_cast<size_t>(n * ldq));
+    const std::vector<float> qabs = bf16_values(static_cast<size_t>(n * H * W));
+    const std::vector<float> kv = bf16_values(static_cast<size_t>(keys * ldkv));
+    const std::vector<float> lat = bf16_values(static_cast<size_t>(keys * W));
+    std::vector<uint16_t> qpe16(static_cast<size_t>(n * H * dr));
+    for (int64_t r = 0; r < n * H; ++r)
+      for (int64_t i = 0; i < dr; ++i) qpe16[r * dr + i] = f32_to_bf16(qabs[r * W + C + i]);
+    cuda::MlaPrefillParams fp32 = prefill_params(dev, q, ldq, qabs, kv, ldkv, lat, C, n, keys, H, ldo);
+    fp32.scale = 0.1f;
+    cuda::MlaPrefillParams bf16 = fp32;
+    bf16.q_pe = nullptr;
+    bf16.q_pe_bf16 = dev.put(qpe16);
+    ASSERT_TRUE(cuda::mla_prefill_supported(bf16));
+    std::vector<uint16_t> kv16(kv.size()), pe16(static_cast<size_t>(keys * dr));
+    for (size_t i = 0; i < kv.size(); ++i) kv16[i] = f32_to_bf16(kv[i]);
+    for (int64_t k = 0; k < keys; ++k)
+      for (int64_t i = 0; i < dr; ++i) pe16[k * dr + i] = f32_to_bf16(lat[k * W + C + i]);
+    const uint16_t* kv16_dev = dev.put(kv16);
+    const uint16_t* pe16_dev = dev.put(pe16);
+    for (int kernel = 0; kernel < 4; ++kernel) {  // hi + lo, wgmma (split images), wgmma (TMA), mma.sync
+      auto run = [&](cuda::MlaPrefillParams p) {
+        p.lo = kernel == 0;
+        p.wgmma = kernel == 1 || kernel == 2;
+        if (kernel == 2) {
+          p.kv = nullptr;
+          p.k_pe = nullptr;
+          p.work = nullptr;
+          p.kv_bf16 = kv16_dev;
+          p.k_pe_bf16 = pe16_dev;
+        }
+        p.out = dev.poisoned(static_cast<size_t>(n * ldo));
+        cuda::mla_prefill(p);
+        return Dev::get(p.out, static_cast<size_t>(n * ldo));
+      };
+      const std::vector<float> want = run(fp32), got = run(bf16);
+      for (int64_t r = 0; r < n; ++r) {
+        ASSERT_FALSE(std::isnan(got[r * ldo])) << "row " << r << " not written";
+        ASSERT_EQ(std::memcmp(got.data() + r * ldo, want.data() + r * ldo, static_cast<size_t>(H * dv) * 4),
+                  0)
+            << "kernel " << kernel << " n=" << n << " pos0=" << c.pos0 << " H=" << H << " row " << r;
+      }
+    }
   }
 }
 
@@ -1326,6 +1448,27 @@ TEST_F(CudaOps, ActivationQuantizerMatchesCpu) {
           std::vector<float> got(h.size());
           for (size_t i = 0; i < h.size(); ++i) got[i] = bf16_to_f32(h[i]);
           EXPECT_LE(test::rel_l2(got, want.seen), 1e-6) << what;
+          if (k % 16 != 0) continue;
+          // also_q: the bf16 pass writes the same rows' FP8 codes and scales too, the bytes an FP8 pass
+          // writes, and its bf16 rows stay the same.
+          const int64_t groups = (k + 127) / 128;
+          cuda::ActQuantParams f = p;
+          f.fp8 = true;
+          f.q = dev.alloc<uint8_t>(static_cast<size_t>(n * k));
+          f.scales = dev.poisoned(static_cast<size_t>(groups * n));
+          cuda::quantize_activations(f);
+          cuda::ActQuantParams both = p;
+          both.q = dev.alloc<uint16_t>(static_cast<size_t>(n * k));
+          both.also_q = dev.alloc<uint8_t>(static_cast<size_t>(n * k));
+          both.also_scales = dev.poisoned(static_cast<size_t>(groups * n));
+          cuda::quantize_activations(both);
+          EXPECT_EQ(Dev::get(static_cast<const uint16_t*>(both.q), h.size()), h) << what;
+          EXPECT_EQ(Dev::get(static_cast<const uint8_t*>(both.also_q), static_cast<size_t>(n * k)),
+                    Dev::get(static_cast<const uint8_t*>(f.q), static_cast<size_t>(n * k)))
+              << what;
+          EXPECT_EQ(Dev::get(both.also_scales, static_cast<size_t>(groups * n)),
+                    Dev::get(f.scales, static_cast<size_t>(groups * n)))
+              << what;
         }
       }
 }

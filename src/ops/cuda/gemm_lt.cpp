@@ -243,6 +243,9 @@ bool lt_run(const LinearParams& p, LtOperand* operand_only) {
   // An operand written by its producer: FP8 codes of whole blocks, no norm to apply, one matrix.
   const bool given = operand_only || p.x_quantized;
   if (given && (!fp8 || p.norm || dual || kg != k)) return false;
+  if ((p.also_fp8 != nullptr) != (p.also_fp8_scales != nullptr) ||
+      (p.also_fp8 && (fp8 || !p.norm || given || dual || k % 128 != 0)))
+    return false;
   const void* wa = static_cast<const uint8_t*>(w.data) + p.row0 * k * elem;
   const void* wb = dual ? static_cast<const uint8_t*>(p.w2) + p.row0 * k * elem : nullptr;
   if (!aligned16(wa) || (dual && !aligned16(wb))) return false;
@@ -305,6 +308,8 @@ bool lt_run(const LinearParams& p, LtOperand* operand_only) {
     ActQuantParams q = act_quant(p, b, n, kg, fp8);
     q.k_in = k;
     q.scale_ld = ng;
+    q.also_q = p.also_fp8;
+    q.also_scales = p.also_fp8_scales;
     quantize_activations(q);
   }
   if (!via_scratch) {
@@ -666,6 +671,7 @@ void run_waves(State& s, const LinearParams& p, const GroupedPlan& plan, const G
 // b.tok_scales. False: nothing to do (quantize_operand quantizes every row from x).
 bool quantize_tokens(const LinearParams& p, StreamBufs& b) {
   if (p.x_div <= 1 || !quantize_once_enabled()) return false;
+  if (p.tokens_quantized) return true;  // written by the router's pass (lt_token_operand)
   const bool fp8 = p.w.dtype == DType::F8_E4M3;
   const int64_t k = p.w.cols, elem = fp8 ? 1 : 2, kb = (k + 127) / 128;
   const int64_t tokens = (p.n + p.x_div - 1) / p.x_div;
@@ -923,6 +929,19 @@ bool linear_lt_grouped_mlp(const LinearParams& gu, const LinearParams& down, LtR
     run_waves(s, down, plan, dn, b.down_act.ptr, static_cast<const float*>(b.down_scales.ptr), write_back(down, plan, dn));
     return true;
   });
+}
+
+LtOperand lt_token_operand(const LinearParams& p) {
+  if (!grouped_eligible(p) || p.x_div <= 1 || !quantize_once_enabled() || p.w.dtype != DType::F8_E4M3 ||
+      capturing(p.stream))
+    return {};
+  State& s = state();
+  std::lock_guard<std::mutex> lock(s.mu);
+  StreamBufs& b = s.bufs[p.stream];
+  const int64_t tokens = (p.n + p.x_div - 1) / p.x_div, k = p.w.cols;
+  ensure(b.tok_act, sz(tokens * k), false);
+  ensure(b.tok_scales, sz(k / 128 * tokens * 4), false);
+  return {static_cast<uint8_t*>(b.tok_act.ptr), static_cast<float*>(b.tok_scales.ptr), tokens};
 }
 
 bool lt_gemm_supported(DType dtype, int64_t out, int64_t n, int64_t k) {

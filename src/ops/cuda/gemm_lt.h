@@ -26,6 +26,13 @@ struct LtOperand {
 };
 LtOperand lt_operand(const LinearParams& p);
 
+// For a grouped gate/up pair whose problems share token rows (x_div > 1) on our FP8 path: the buffers it
+// quantizes each token's normed row into once (codes [tokens x k], scales [k / 128][scale_ld = tokens]),
+// so that a pass over the same normed rows (the router's, LinearParams::also_fp8) writes them instead;
+// the pair then runs with tokens_quantized. No other grouped projection may run on p.stream in between.
+// {} where the pair would not quantize its tokens that way.
+LtOperand lt_token_operand(const LinearParams& p);
+
 // The same for an expert-grouped projection (gather set, experts with optional experts2 SwiGLU, optional
 // norm; no combine or fixed experts) of at least lt_min_rows() problems outside stream capture: per expert
 // a cuBLASLt GEMM over its problems (FP8 in whole 128 blocks: all experts in one launch of

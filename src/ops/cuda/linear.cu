@@ -619,9 +619,11 @@ void linear(const LinearParams& p) {
   DSV3_ASSERT(p.n >= 0 && p.out > 0 && p.x_div >= 1);
   if (p.n == 0) return;
   if (linear_lt(p)) return;  // prefill-sized plain projections on cuBLASLt (gemm_lt.cpp)
-  if (p.y_bf16 || p.x_quantized)
+  if (p.y_bf16 || p.x_quantized || p.also_fp8)
     throw Error(std::string("linear: ") +
-                    (p.y_bf16 ? "bf16 output (y_bf16)" : "a pre-quantized operand (x_quantized)") +
+                    (p.y_bf16        ? "bf16 output (y_bf16)"
+                     : p.x_quantized ? "a pre-quantized operand (x_quantized)"
+                                     : "FP8 codes of the input (also_fp8)") +
                     " runs only on cuBLASLt, which did not take this call",
                 "call cuda::linear_lt (or cuda::lt_operand) first and keep an fp32 form to fall back on");
   if (!p.experts && p.n > gemv_max_batch() && linear_mma_enabled() && expert_mma_supported(p)) {

@@ -84,10 +84,10 @@ __device__ void prepare_tokens(const MlaPrepareParams& p, int64_t t0) {
 #pragma unroll 8
     for (int64_t i = part * 32 + lane; i < C; i += per * 32) row[i] = p.kv_norm[i] * (kva[i] * inv);
   }
-  // RoPE pairs: thread pair i = tid % half of "head" h = -1 (k_pe into the cache row) .. heads - 1 (q_pe),
-  // stepping over heads; threads past a whole number of pair rows idle. The inputs of `batch` tokens
-  // are loaded before any is stored (the stores could alias them for the compiler, which would
-  // otherwise wait out each load in turn).
+  // RoPE pairs: thread pair i = tid % half of "head" h = -1 (k_pe into the cache row) .. heads - 1 (q_pe,
+  // into qabs or q_pe_bf16), stepping over heads; threads past a whole number of pair rows idle. The
+  // inputs of `batch` tokens are loaded before any is stored (the stores could alias them for the
+  // compiler, which would otherwise wait out each load in turn).
   const int heads_per_pass = static_cast<int>(blockDim.x) / half, i = tid % half;
   if (tid >= heads_per_pass * half) return;
   for (int64_t h = tid / half - 1; h < p.heads; h += heads_per_pass)
@@ -105,11 +105,16 @@ __device__ void prepare_tokens(const MlaPrepareParams& p, int64_t t0) {
       for (int u = 0; u < batch; ++u) {
         if (tb + u >= count) break;
         const int64_t t = t0 + tb + u;
+        const float cs = cos_s[tb + u][i], sn = sin_s[tb + u][i];
+        const float x = a[u] * cs - b[u] * sn, y = a[u] * sn + b[u] * cs;
+        if (h >= 0 && p.q_pe_bf16) {
+          *reinterpret_cast<uint32_t*>(p.q_pe_bf16 + (t * p.heads + h) * dr + 2 * i) = bf16x2_bits(x, y);
+          continue;
+        }
         float* dst = h < 0 ? cache_row(p.cache, t, p.layer, row_position(p.pos0, p.pos, t)) + C
                            : p.qabs + (t * p.heads + h) * (C + dr) + C;
-        const float cs = cos_s[tb + u][i], sn = sin_s[tb + u][i];
-        dst[2 * i] = a[u] * cs - b[u] * sn;
-        dst[2 * i + 1] = a[u] * sn + b[u] * cs;
+        dst[2 * i] = x;
+        dst[2 * i + 1] = y;
       }
     }
 }
@@ -571,7 +576,9 @@ void mla_prepare(const MlaPrepareParams& p) {
                     std::to_string(2 * kMaxRopePairs),
                 "run this model on the CPU (--device cpu), or raise kMaxRopePairs in src/ops/cuda/mla.cu");
   if (p.n == 0) return;
-  DSV3_ASSERT(p.kva && p.kv_norm && p.q && p.qabs && p.inv_freq && (p.pos0 || p.pos) && p.cache.pages);
+  DSV3_ASSERT(p.kva && p.kv_norm && p.q && (p.qabs || p.q_pe_bf16) && p.inv_freq && (p.pos0 || p.pos) &&
+              p.cache.pages);
+  DSV3_ASSERT(!p.q_pe_bf16 || (!p.absorb.w.data && reinterpret_cast<uintptr_t>(p.q_pe_bf16) % 4 == 0));
   DSV3_ASSERT(p.cache.width == p.latent + p.rope && p.layer >= 0 && p.layer < p.cache.layers);
   const LinearTransposedParams& a = p.absorb;
   if (!a.w.data) {  // no absorbed query: only token blocks

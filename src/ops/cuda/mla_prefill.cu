@@ -21,6 +21,7 @@
 
 #include "core/error.h"
 #include "ops/cuda/mla_prefill.cuh"
+#include "ops/cuda/quant.cuh"
 
 namespace dsv3::cuda {
 
@@ -103,6 +104,31 @@ __global__ void mla_gather_kernel(const CachePages cache, int64_t layer, int64_t
     *reinterpret_cast<uint2*>(pe + r * rope + c) =
         make_uint2(bf16x2_bits(x[0], x[1]), bf16x2_bits(x[2], x[3]));
   }
+}
+
+// mla_gather_codes: one warp per operand row k < ld, kWarpGroups 128-column groups a step as
+// quantize_kernel stores them; the rope tail in bf16 by the first rope / 4 lanes.
+constexpr int kGatherCodeWarps = 8;
+__global__ void __launch_bounds__(kGatherCodeWarps * 32)
+    mla_gather_codes_kernel(const CachePages cache, int64_t layer, int64_t keys, int64_t latent,
+                            uint8_t* codes, float* scales, int64_t ld, uint16_t* k_pe, int64_t rope) {
+  const int64_t k = static_cast<int64_t>(blockIdx.x) * kGatherCodeWarps + threadIdx.x / 32;
+  if (k >= ld) return;
+  const int lane = threadIdx.x % 32;
+  const int64_t W = cache.width, groups = latent / 128;
+  const float* row = k < keys ? cache.pages[k / CachePages::kPageTokens] +
+                                    (layer * CachePages::kPageTokens + k % CachePages::kPageTokens) * W
+                              : nullptr;  // past the keys: a zero row
+  for (int64_t st = 0; st * kWarpGroups < groups; ++st) {
+    const int64_t g = step_group(st), c0 = step_col0(st);
+    float v[16] = {};
+    if (row && g < groups) load16(row + c0, v);
+    store_group(v, c0, g < groups, latent, true, codes, k, g < groups ? scales + g * ld + k : nullptr);
+  }
+  if (!row || lane >= rope / 4) return;
+  const float4 x = *reinterpret_cast<const float4*>(row + W - rope + 4 * lane);
+  *reinterpret_cast<uint2*>(k_pe + k * rope + 4 * lane) =
+      make_uint2(bf16x2_bits(x.x, x.y), bf16x2_bits(x.z, x.w));
 }
 
 // The keys and values of every head as hi/lo bf16 tiles (SplitLayout), keys past p.keys zero (the tail
@@ -301,6 +327,20 @@ void mla_gather_rows(const CachePages& cache, int64_t layer, int64_t keys, float
   check_launch("mla_gather_kernel");
 }
 
+void mla_gather_codes(const CachePages& cache, int64_t layer, int64_t keys, int64_t latent, uint8_t* codes,
+                      float* scales, int64_t ld, uint16_t* k_pe_bf16, int64_t rope, cudaStream_t stream) {
+  DSV3_ASSERT(keys >= 0 && ld >= keys && layer >= 0 && layer < cache.layers && latent > 0 &&
+              latent % 128 == 0);
+  DSV3_ASSERT(rope > 0 && rope % 4 == 0 && rope <= 128 && cache.width == latent + rope);
+  if (ld == 0) return;
+  DSV3_ASSERT(cache.pages && codes && scales && k_pe_bf16 && aligned16(codes) && aligned16(k_pe_bf16));
+  DSV3_ASSERT(cache.width % 4 == 0);  // 16-byte row loads (the pages are cudaMalloc'd)
+  const unsigned blocks = static_cast<unsigned>((ld + kGatherCodeWarps - 1) / kGatherCodeWarps);
+  mla_gather_codes_kernel<<<blocks, kGatherCodeWarps * 32, 0, stream>>>(cache, layer, keys, latent, codes,
+                                                                        scales, ld, k_pe_bf16, rope);
+  check_launch("mla_gather_codes_kernel");
+}
+
 size_t mla_prefill_work_bytes(int64_t keys, int64_t heads) {
   return static_cast<size_t>(SplitLayout{padded_keys(keys), heads}.halves()) * sizeof(uint16_t);
 }
@@ -308,9 +348,10 @@ size_t mla_prefill_work_bytes(int64_t keys, int64_t heads) {
 bool mla_prefill_supported(const MlaPrefillParams& p) {
   auto even = [](int64_t v) { return v % 2 == 0; };
   auto aligned8 = [](const void* ptr) { return reinterpret_cast<uintptr_t>(ptr) % 8 == 0; };
-  return p.nope + p.rope == kDq && p.v == kDv && p.nope >= 0 && even(p.nope) && even(p.rope) && even(p.ldq_t) &&
-         even(p.ldq_h) && even(p.ldqpe_t) && even(p.ldqpe_h) && even(p.ldkv) && even(p.ldkpe) && even(p.ldo) &&
-         aligned8(p.q_nope) && aligned8(p.q_pe) && aligned8(p.kv) && aligned8(p.k_pe) && aligned8(p.out);
+  return p.nope + p.rope == kDq && p.v == kDv && p.nope >= 0 && even(p.nope) && even(p.rope) &&
+         even(p.ldq_t) && even(p.ldq_h) && even(p.ldqpe_t) && even(p.ldqpe_h) && even(p.ldkv) &&
+         even(p.ldkpe) && even(p.ldo) && aligned8(p.q_nope) && aligned8(p.q_pe) && aligned8(p.kv) &&
+         aligned8(p.k_pe) && aligned8(p.out) && reinterpret_cast<uintptr_t>(p.q_pe_bf16) % 4 == 0;
 }
 
 namespace {
@@ -335,7 +376,7 @@ void mla_prefill(const MlaPrefillParams& p) {
   check(mla_prefill_supported(p), "mla_prefill: unsupported head dims or layout (nope " + std::to_string(p.nope) +
                                       " + rope " + std::to_string(p.rope) + ", v " + std::to_string(p.v) + ")",
         "the kernel takes nope + rope = 192 and v = 128 with even strides; callers check mla_prefill_supported");
-  DSV3_ASSERT(p.q_nope && p.q_pe && (p.out || p.out_q));
+  DSV3_ASSERT(p.q_nope && (p.q_pe || p.q_pe_bf16) && (p.out || p.out_q));
   DSV3_ASSERT(!p.out_q || (mla_prefill_reads_bf16(p) && p.out_scales && p.out_scale_ld >= p.n));
   if (p.kv_bf16) {  // the tiles straight from the bf16 keys and values, by TMA
     DSV3_ASSERT(mla_prefill_reads_bf16(p) && p.k_pe_bf16 && aligned16(p.kv_bf16) && aligned16(p.k_pe_bf16));

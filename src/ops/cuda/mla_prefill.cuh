@@ -40,11 +40,16 @@ struct ImageLayout {
 };
 
 // Columns col and col + 1 of query row `row`, head h: [q_nope | q_pe] (nope is even, so a pair never
-// straddles the two); zeros for rows at or past p.n.
+// straddles the two; q_pe from q_pe_bf16 where given); zeros for rows at or past p.n.
 __device__ __forceinline__ float2 query_pair(const MlaPrefillParams& p, int64_t h, int64_t row, int64_t col) {
   if (row >= p.n) return make_float2(0.0f, 0.0f);
-  return *reinterpret_cast<const float2*>(col < p.nope ? p.q_nope + row * p.ldq_t + h * p.ldq_h + col
-                                                       : p.q_pe + row * p.ldqpe_t + h * p.ldqpe_h + (col - p.nope));
+  if (col < p.nope) return *reinterpret_cast<const float2*>(p.q_nope + row * p.ldq_t + h * p.ldq_h + col);
+  if (p.q_pe_bf16) {
+    const uint32_t w =
+        *reinterpret_cast<const uint32_t*>(p.q_pe_bf16 + (row * p.heads + h) * p.rope + (col - p.nope));
+    return make_float2(bf16_bits_to_float(w & 0xffffu), bf16_bits_to_float(w >> 16));
+  }
+  return *reinterpret_cast<const float2*>(p.q_pe + row * p.ldqpe_t + h * p.ldqpe_h + (col - p.nope));
 }
 
 // 2^x in one MUFU instruction (ex2.approx, ~2 ulp; results below 2^-126 flush to 0, which a probability

@@ -156,17 +156,29 @@ __global__ void __launch_bounds__(kThreads, 1)
 
   regs_grow<240>();
   const int wg = threadIdx.x / 128, warp = threadIdx.x % 128 / 32, lane = threadIdx.x % 32, g = lane / 4, c = lane % 4;
-  // Q rows t0 .. t0 + 127 in bf16 (zeros past p.n), 8 values (one 16-byte chunk) at a time.
+  // Q rows t0 .. t0 + 127 in bf16 (zeros past p.n), 8 values (one 16-byte chunk) at a time, kQBatch
+  // chunks' loads in flight before any is converted and stored: the products wait for this, and one
+  // chunk's loads at a time left every block's start a chain of memory round trips.
+  constexpr int kQChunks = kRows * kDq / 8, kQBatch = 4;
+  static_assert(kQChunks % (kConsumers * kQBatch) == 0, "whole batches of chunks per thread");
 #pragma unroll 1
-  for (int i = threadIdx.x; i < kRows * kDq / 8; i += kConsumers) {
-    const int r = i / (kDq / 8), chunk = i % (kDq / 8);
-    uint32_t packed[4];
+  for (int i0 = threadIdx.x; i0 < kQChunks; i0 += kConsumers * kQBatch) {
+    float2 x[kQBatch][4];
 #pragma unroll
-    for (int e = 0; e < 4; ++e) {
-      const float2 x = query_pair(p, h, t0 + r, chunk * 8 + 2 * e);
-      packed[e] = bf16x2_bits(x.x, x.y);
+    for (int u = 0; u < kQBatch; ++u) {
+      const int i = i0 + u * kConsumers, r = i / (kDq / 8), chunk = i % (kDq / 8);
+#pragma unroll
+      for (int e = 0; e < 4; ++e) x[u][e] = query_pair(p, h, t0 + r, chunk * 8 + 2 * e);
     }
-    *reinterpret_cast<uint4*>(smem + swizzled_chunk(r, chunk, kRows)) = make_uint4(packed[0], packed[1], packed[2], packed[3]);
+#pragma unroll
+    for (int u = 0; u < kQBatch; ++u) {
+      const int i = i0 + u * kConsumers, r = i / (kDq / 8), chunk = i % (kDq / 8);
+      uint32_t packed[4];
+#pragma unroll
+      for (int e = 0; e < 4; ++e) packed[e] = bf16x2_bits(x[u][e].x, x[u][e].y);
+      *reinterpret_cast<uint4*>(smem + swizzled_chunk(r, chunk, kRows)) =
+          make_uint4(packed[0], packed[1], packed[2], packed[3]);
+    }
   }
   fence_async_shared();
   named_barrier(1, kConsumers);

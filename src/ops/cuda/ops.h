@@ -123,6 +123,14 @@ struct LinearParams {
   // The FP8 operand is already in the buffers lt_operand(p) named (written by the kernel that produced
   // the input): x is not read. Only cuBLASLt takes it; linear() refuses a call linear_lt did not take.
   bool x_quantized = false;
+  // On cuBLASLt with BF16 weights and a norm (the MoE router): the normed input rows also leave as FP8
+  // codes [n x k] (k whole 128-column blocks) with their scales at also_fp8_scales[g * n + t], the grouped
+  // gate/up's per-token operand (lt_token_operand). linear_lt refuses p otherwise.
+  uint8_t* also_fp8 = nullptr;
+  float* also_fp8_scales = nullptr;
+  // A grouped gate/up whose tokens' codes are already in lt_token_operand(p)'s buffers (the router's pass
+  // wrote them): its quantization of the tokens is skipped. x stays valid for paths that read it.
+  bool tokens_quantized = false;
   cudaStream_t stream = nullptr;
 };
 void linear(const LinearParams& p);
@@ -218,6 +226,10 @@ struct MlaPrepareParams {
   const int64_t* pos = nullptr;  // [n], overrides pos0
   CachePages cache;
   int64_t layer = 0;
+  // Optional, for the non-absorbed prefill attention (no absorb): the queries' rotated q_pe leave in bf16
+  // here, row t head h at q_pe_bf16 + (t * heads + h) * rope (4-byte aligned), instead of into qabs (not
+  // written); the attention rounds its queries to bf16 anyway (MlaPrefillParams::q_pe_bf16).
+  uint16_t* q_pe_bf16 = nullptr;
   // Optional (absorb.w.data set): the same launch also runs linear_transposed(absorb), the absorbed
   // query's latent part (it reads q and writes qabs[..][:C], disjoint from the rest); absorb.stream unused.
   LinearTransposedParams absorb;
@@ -268,6 +280,12 @@ void mla_attention(const MlaAttentionParams& p);
 // values (the shared rotary key) rounded to bf16, `rope` per row, contiguous.
 void mla_gather_rows(const CachePages& cache, int64_t layer, int64_t keys, float* rows, cudaStream_t stream,
                      uint16_t* k_pe_bf16 = nullptr, int64_t rope = 0);
+// The same rows' first `latent` values (a multiple of 128) straight into the kv_b GEMM's FP8 operand
+// (lt_operand's buffers) instead of fp32 rows: codes [ld x latent], one scale per 128 columns at
+// scales[g * ld + k] (the bytes quantize_activations writes from the fp32 rows; rows keys .. ld - 1
+// zero), and k_pe_bf16 as above.
+void mla_gather_codes(const CachePages& cache, int64_t layer, int64_t keys, int64_t latent, uint8_t* codes,
+                      float* scales, int64_t ld, uint16_t* k_pe_bf16, int64_t rope, cudaStream_t stream);
 
 // New rows t < n at positions keys - n + t attend causally to keys 0 .. keys - 1; per head h
 //   q = [q_nope[t][h] (nope) | q_pe[t][h] (rope, already roped)],  k_j = [kv[j][h][:nope] | k_pe[j] (shared)],
@@ -281,6 +299,9 @@ struct MlaPrefillParams {
   int64_t ldq_t = 0, ldq_h = 0;
   const float* q_pe = nullptr;  // row t, head h at q_pe + t * ldqpe_t + h * ldqpe_h
   int64_t ldqpe_t = 0, ldqpe_h = 0;
+  // Optional, in place of q_pe: the rotated q_pe in bf16, row t head h at q_pe_bf16 + (t * heads + h) *
+  // rope (mla_prepare's q_pe_bf16): the values the kernels would round q_pe to.
+  const uint16_t* q_pe_bf16 = nullptr;
   const float* kv = nullptr;  // key j, head h at kv + j * ldkv + h * (nope + v)
   int64_t ldkv = 0;
   const float* k_pe = nullptr;  // key j at k_pe + j * ldkpe
@@ -422,6 +443,10 @@ struct ActQuantParams {
   int64_t x_div = 1;
   const int32_t* row_seg = nullptr;
   const int32_t* seg_rows = nullptr;
+  // BF16 output only (no gathered rows): the same (normed) rows also as FP8 codes [n x k] with their
+  // scales at also_scales[g * n + t], the operand of another projection of the same input.
+  uint8_t* also_q = nullptr;
+  float* also_scales = nullptr;
   cudaStream_t stream = nullptr;
 };
 void quantize_activations(const ActQuantParams& p);
