@@ -184,8 +184,11 @@ double prefill_flops_per_token(const dsv3::ModelConfig& c, int64_t S) {
 }
 
 // --prefill S[,S...]: one prompt's forward per length, next to the cuBLASLt GEMM rate of the weights'
-// dtype (FP8 block-scaled or BF16, 8192^3) measured in this process.
-void bench_prefill(dsv3::CudaModel& gpu, const std::string& label, const std::vector<int>& lengths, bool fp8) {
+// dtype (FP8 block-scaled or BF16, 8192^3) measured in this process. --prefill-repeat R (default 1): R
+// prompts of that length back to back, each into its own cache allocated beforehand, timed together (a
+// busy server's steady state; one prompt alone starts on a GPU that idled while its cache was allocated).
+void bench_prefill(dsv3::CudaModel& gpu, const std::string& label, const std::vector<int>& lengths, bool fp8,
+                   int repeat) {
   using namespace dsv3;
   const std::string mode = gpu.prefill_gemm();
   const ModelConfig& cfg = gpu.config();
@@ -200,18 +203,20 @@ void bench_prefill(dsv3::CudaModel& gpu, const std::string& label, const std::ve
   for (const int S : lengths) {
     std::vector<int32_t> prompt(static_cast<size_t>(S));
     for (int i = 0; i < S; ++i) prompt[i] = static_cast<int32_t>(2 + (i * 7919) % (cfg.vocab_size - 2));
-    CudaLatentCache cache = gpu.new_cache(S);
+    std::vector<CudaLatentCache> caches;
+    for (int r = 0; r < repeat; ++r) caches.push_back(gpu.new_cache(S));
     const bool profile = std::getenv("DSV3_PROFILE") && *std::getenv("DSV3_PROFILE") == '1';
     if (profile) DSV3_CUDA_CHECK(cudaProfilerStart());  // for `ncu --profile-from-start off`
     const double t0 = now_s();
-    gpu.forward(prompt, cache, last);
-    const double sec = now_s() - t0;
+    for (CudaLatentCache& cache : caches) gpu.forward(prompt, cache, last);
+    const double sec = (now_s() - t0) / repeat;  // per prompt
     if (profile) DSV3_CUDA_CHECK(cudaProfilerStop());
     const double tps = S / sec, fpt = prefill_flops_per_token(cfg, S);
     Json j = {{"label", label},
               {"device", gpu.device_name()},
               {"prefill_gemm", mode},
               {"prompt_tokens", S},
+              {"prompts_back_to_back", repeat},
               {"prefill_s", sec},
               {"prefill_tokens_per_s", tps},
               {"model_gflop_per_token", fpt / 1e9},
@@ -220,9 +225,12 @@ void bench_prefill(dsv3::CudaModel& gpu, const std::string& label, const std::ve
               {"gemm_tflop_s", peak / 1e12},
               {"roofline_fraction", tps * fpt / peak}};
     std::printf("%s\n", j.dump().c_str());
-    std::printf("| %s | %s | prefill %d (%s) | %.0f tok/s (%.3f s) | %.2f GFLOP/token, %.1f TFLOP/s of %.0f %s | %.1f%% |\n",
-                label.c_str(), gpu.device_name().c_str(), S, mode.c_str(), tps, sec, fpt / 1e9, tps * fpt / 1e12,
-                peak / 1e12, fp8 ? "FP8" : "BF16", 100.0 * tps * fpt / peak);
+    const std::string what = repeat > 1 ? " x" + std::to_string(repeat) + " back to back" : "";
+    std::printf(
+        "| %s | %s | prefill %d%s (%s) | %.0f tok/s (%.3f s) | %.2f GFLOP/token, %.1f TFLOP/s of %.0f %s | "
+        "%.1f%% |\n",
+        label.c_str(), gpu.device_name().c_str(), S, what.c_str(), mode.c_str(), tps, sec, fpt / 1e9,
+        tps * fpt / 1e12, peak / 1e12, fp8 ? "FP8" : "BF16", 100.0 * tps * fpt / peak);
   }
 }
 }  // namespace
@@ -237,21 +245,24 @@ int main(int argc, char** argv) {
     const int n_context = arg_int(argc, argv, "--context", 0);
     const std::string batches = arg_str(argc, argv, "--batch", "");
     const std::string prefill = arg_str(argc, argv, "--prefill", "");
+    const int prefill_repeat = arg_int(argc, argv, "--prefill-repeat", 1);
     SamplingParams sampling;  // --batch runs only
     sampling.temperature = std::atof(arg_str(argc, argv, "--temperature", "0").c_str());
     sampling.top_p = std::atof(arg_str(argc, argv, "--top-p", "1").c_str());
     sampling.seed = 1;
     CudaOptions copt;
     copt.prefill_gemm = arg_str(argc, argv, "--prefill-gemm", "");
-    check(!dir.empty(), "usage: dsv3_bench_cuda --model DIR [--prompt-tokens N] [--decode-tokens N] [--context N] "
-                        "[--batch B[,B...] [--temperature T] [--top-p P]] [--prefill S[,S...]] "
-                        "[--prefill-gemm lt|fp32] [--label L]");
+    check(!dir.empty(),
+          "usage: dsv3_bench_cuda --model DIR [--prompt-tokens N] [--decode-tokens N] [--context N] "
+          "[--batch B[,B...] [--temperature T] [--top-p P]] [--prefill S[,S...]] "
+          "[--prefill-repeat R] [--prefill-gemm lt|fp32] [--label L]");
+    check(prefill_repeat > 0, "--prefill-repeat must be > 0");
     check(n_prompt > 0 && n_decode > 1 && n_context >= 0, "--prompt-tokens must be > 0, --decode-tokens > 1, --context >= 0");
     if (!prefill.empty()) {
       const std::vector<int> lengths = positive_list(prefill, "--prefill");
       Model host(dir);
       CudaModel gpu(host, copt);
-      bench_prefill(gpu, label, lengths, host.config().fp8);
+      bench_prefill(gpu, label, lengths, host.config().fp8, prefill_repeat);
       return 0;
     }
     if (!batches.empty()) {
