@@ -920,6 +920,26 @@ TEST_F(CudaOps, MlaGatherCodesMatchQuantizedRows) {
   }
 }
 
+// Normal draws rounded to bf16 (numbers the bf16 kernels keep exactly), as floats.
+std::vector<float> bf16_randn(std::mt19937& rng, size_t count) {
+  std::vector<float> v = randn(rng, count);
+  for (float& x : v) x = bf16_to_f32(f32_to_bf16(x));
+  return v;
+}
+std::vector<uint16_t> bf16_bits(const std::vector<float>& v) {
+  std::vector<uint16_t> b(v.size());
+  for (size_t i = 0; i < v.size(); ++i) b[i] = f32_to_bf16(v[i]);
+  return b;
+}
+// The last `rope` values of each of `keys` rows of `width` in bf16, contiguous (mla_gather_rows' k_pe_bf16).
+std::vector<uint16_t> rope_tails_bf16(const std::vector<float>& rows, int64_t keys, int64_t width,
+                                      int64_t rope) {
+  std::vector<uint16_t> pe(static_cast<size_t>(keys * rope));
+  for (int64_t k = 0; k < keys; ++k)
+    for (int64_t i = 0; i < rope; ++i) pe[k * rope + i] = f32_to_bf16(rows[k * width + width - rope + i]);
+  return pe;
+}
+
 // The prefill attention's parameters over device copies of the engine's layouts: q rows of ldq (head h's
 // [q_nope | q_pe] at h * 192), q_pe taken from the absorbed query rows' tails (H rows of C + 64 each), kv
 // rows of ldkv, k_pe from the cache rows' tails (C + 64 each), a poisoned split buffer; 128 + 64 / 128.
@@ -1021,7 +1041,9 @@ TEST_F(CudaOps, MlaPrefillMatchesFloat64Reference) {
 // The wgmma kernel fed by TMA from bf16 keys and values (kv_bf16, k_pe_bf16: no split pass) gives the
 // same bits as fed from the split pass's images of the same values (fp32 inputs that are bf16 numbers,
 // which the split keeps exactly): ragged last tiles (keys not whole 128-key tiles, fewer than one tile),
-// cached prefixes, 2 to 16 heads, a padded kv stride; keys past the last read as zeros.
+// cached prefixes, 2 to 16 heads, a padded kv stride; keys past the last read as zeros. Either way, the
+// queries' q_pe read in bf16 (q_pe_bf16, as mla_prepare writes it for the engine's prefill) gives the
+// bits its fp32 values (bf16 numbers here too) give.
 TEST_F(CudaOps, MlaPrefillFromBf16KeysMatchesSplitImages) {
   struct Case {
     int64_t n, pos0, H;
@@ -1033,19 +1055,11 @@ TEST_F(CudaOps, MlaPrefillFromBf16KeysMatchesSplitImages) {
     Dev dev;
     const int64_t H = c.H, n = c.n, keys = c.pos0 + n;
     const int64_t ldq = H * dq + 6, ldkv = H * (dn + dv) + 8, ldo = H * dv + 4;
-    auto bf16_values = [&](size_t count) {
-      std::vector<float> v = randn(rng, count);
-      for (float& x : v) x = bf16_to_f32(f32_to_bf16(x));
-      return v;
-    };
     const std::vector<float> q = randn(rng, static_cast<size_t>(n * ldq));
-    const std::vector<float> qabs = randn(rng, static_cast<size_t>(n * H * W));
-    const std::vector<float> kv = bf16_values(static_cast<size_t>(keys * ldkv));
-    const std::vector<float> lat = bf16_values(static_cast<size_t>(keys * W));
-    std::vector<uint16_t> kv16(kv.size()), pe16(static_cast<size_t>(keys * dr));
-    for (size_t i = 0; i < kv.size(); ++i) kv16[i] = f32_to_bf16(kv[i]);
-    for (int64_t k = 0; k < keys; ++k)
-      for (int64_t i = 0; i < dr; ++i) pe16[k * dr + i] = f32_to_bf16(lat[k * W + C + i]);
+    const std::vector<float> qabs = bf16_randn(rng, static_cast<size_t>(n * H * W));
+    const std::vector<float> kv = bf16_randn(rng, static_cast<size_t>(keys * ldkv));
+    const std::vector<float> lat = bf16_randn(rng, static_cast<size_t>(keys * W));
+    const std::vector<uint16_t> kv16 = bf16_bits(kv), pe16 = rope_tails_bf16(lat, keys, W, dr);
     cuda::MlaPrefillParams p = prefill_params(dev, q, ldq, qabs, kv, ldkv, lat, C, n, keys, H, ldo);
     p.scale = 0.1f;
     p.lo = false;
@@ -1064,10 +1078,24 @@ TEST_F(CudaOps, MlaPrefillFromBf16KeysMatchesSplitImages) {
     t.out = dev.poisoned(static_cast<size_t>(n * ldo));
     cuda::mla_prefill(t);
     const std::vector<float> tma = Dev::get(t.out, static_cast<size_t>(n * ldo));
+    const uint16_t* qpe16 = dev.put(rope_tails_bf16(qabs, n * H, W, dr));  // each head's q_pe
+    auto with_bf16_qpe = [&](cuda::MlaPrefillParams v) {
+      v.q_pe = nullptr;
+      v.q_pe_bf16 = qpe16;
+      v.out = dev.poisoned(static_cast<size_t>(n * ldo));
+      cuda::mla_prefill(v);
+      return Dev::get(v.out, static_cast<size_t>(n * ldo));
+    };
+    const std::vector<float> split_qpe16 = with_bf16_qpe(p), tma_qpe16 = with_bf16_qpe(t);
     for (int64_t r = 0; r < n; ++r) {
       ASSERT_FALSE(std::isnan(tma[r * ldo])) << "row " << r << " not written";
-      ASSERT_EQ(std::memcmp(tma.data() + r * ldo, split.data() + r * ldo, static_cast<size_t>(H * dv) * 4), 0)
+      const size_t at = static_cast<size_t>(r * ldo), bytes = static_cast<size_t>(H * dv) * 4;
+      ASSERT_EQ(std::memcmp(tma.data() + at, split.data() + at, bytes), 0)
           << "n=" << n << " pos0=" << c.pos0 << " H=" << H << " row " << r;
+      ASSERT_EQ(std::memcmp(split_qpe16.data() + at, split.data() + at, bytes), 0)
+          << "q_pe_bf16, split, row " << r;
+      ASSERT_EQ(std::memcmp(tma_qpe16.data() + at, split.data() + at, bytes), 0)
+          << "q_pe_bf16, TMA, row " << r;
     }
     // out_q: the same rows as FP8 codes and per-head scales, the bytes quantize_activations writes
     // from the fp32 rows (scale rows padded to 16, as the GEMM operand's).
@@ -1096,69 +1124,6 @@ TEST_F(CudaOps, MlaPrefillFromBf16KeysMatchesSplitImages) {
     for (int64_t h = 0; h < H; ++h)
       for (int64_t r = 0; r < n; ++r)
         ASSERT_EQ(scales[h * ld + r], want_scales[h * ld + r]) << "n=" << n << " head " << h << " row " << r;
-  }
-}
-
-// The queries' rotated q_pe read in bf16 (q_pe_bf16, the engine's prefill: mla_prepare writes it) against
-// the same values in fp32 (bf16 numbers, which every kernel keeps exactly), for each kernel (hi + lo,
-// bf16 hi on wgmma from the split images and by TMA, and on mma.sync): the same bits.
-TEST_F(CudaOps, MlaPrefillReadsBf16QueryPe) {
-  struct Case {
-    int64_t n, pos0, H;
-  };
-  const Case cases[] = {{1, 0, 2}, {65, 31, 16}, {300, 0, 2}, {129, 140, 3}};
-  const int64_t dn = 128, dr = 64, dv = 128, dq = dn + dr, C = 32, W = C + dr;
-  for (const Case& c : cases) {
-    Dev dev;
-    const int64_t H = c.H, n = c.n, keys = c.pos0 + n;
-    const int64_t ldq = H * dq + 6, ldkv = H * (dn + dv) + 8, ldo = H * dv + 4;
-    auto bf16_values = [&](size_t count) {
-      std::vector<float> v = randn(rng, count);
-      for (float& x : v) x = bf16_to_f32(f32_to_bf16(x));
-      return v;
-    };
-    const std::vector<float> q = randn(rng, static_cast<size_t>(n * ldq));
-    const std::vector<float> qabs = bf16_values(static_cast<size_t>(n * H * W));
-    const std::vector<float> kv = bf16_values(static_cast<size_t>(keys * ldkv));
-    const std::vector<float> lat = bf16_values(static_cast<size_t>(keys * W));
-    std::vector<uint16_t> qpe16(static_cast<size_t>(n * H * dr));
-    for (int64_t r = 0; r < n * H; ++r)
-      for (int64_t i = 0; i < dr; ++i) qpe16[r * dr + i] = f32_to_bf16(qabs[r * W + C + i]);
-    cuda::MlaPrefillParams fp32 = prefill_params(dev, q, ldq, qabs, kv, ldkv, lat, C, n, keys, H, ldo);
-    fp32.scale = 0.1f;
-    cuda::MlaPrefillParams bf16 = fp32;
-    bf16.q_pe = nullptr;
-    bf16.q_pe_bf16 = dev.put(qpe16);
-    ASSERT_TRUE(cuda::mla_prefill_supported(bf16));
-    std::vector<uint16_t> kv16(kv.size()), pe16(static_cast<size_t>(keys * dr));
-    for (size_t i = 0; i < kv.size(); ++i) kv16[i] = f32_to_bf16(kv[i]);
-    for (int64_t k = 0; k < keys; ++k)
-      for (int64_t i = 0; i < dr; ++i) pe16[k * dr + i] = f32_to_bf16(lat[k * W + C + i]);
-    const uint16_t* kv16_dev = dev.put(kv16);
-    const uint16_t* pe16_dev = dev.put(pe16);
-    for (int kernel = 0; kernel < 4; ++kernel) {  // hi + lo, wgmma (split images), wgmma (TMA), mma.sync
-      auto run = [&](cuda::MlaPrefillParams p) {
-        p.lo = kernel == 0;
-        p.wgmma = kernel == 1 || kernel == 2;
-        if (kernel == 2) {
-          p.kv = nullptr;
-          p.k_pe = nullptr;
-          p.work = nullptr;
-          p.kv_bf16 = kv16_dev;
-          p.k_pe_bf16 = pe16_dev;
-        }
-        p.out = dev.poisoned(static_cast<size_t>(n * ldo));
-        cuda::mla_prefill(p);
-        return Dev::get(p.out, static_cast<size_t>(n * ldo));
-      };
-      const std::vector<float> want = run(fp32), got = run(bf16);
-      for (int64_t r = 0; r < n; ++r) {
-        ASSERT_FALSE(std::isnan(got[r * ldo])) << "row " << r << " not written";
-        ASSERT_EQ(std::memcmp(got.data() + r * ldo, want.data() + r * ldo, static_cast<size_t>(H * dv) * 4),
-                  0)
-            << "kernel " << kernel << " n=" << n << " pos0=" << c.pos0 << " H=" << H << " row " << r;
-      }
-    }
   }
 }
 
