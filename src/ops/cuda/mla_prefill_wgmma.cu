@@ -156,10 +156,10 @@ __global__ void __launch_bounds__(kThreads, 1)
 
   regs_grow<240>();
   const int wg = threadIdx.x / 128, warp = threadIdx.x % 128 / 32, lane = threadIdx.x % 32, g = lane / 4, c = lane % 4;
-  // Q rows t0 .. t0 + 127 in bf16 (zeros past p.n), 8 values (one 16-byte chunk) at a time, kQBatch
-  // chunks' loads in flight before any is converted and stored: the products wait for this, and one
-  // chunk's loads at a time left every block's start a chain of memory round trips.
-  constexpr int kQChunks = kRows * kDq / 8, kQBatch = 4;
+  // Q rows t0 .. t0 + 127 in bf16 (zeros past p.n), 8 values (one 16-byte chunk) at a time, all kQBatch of
+  // a thread's chunks loaded before any is converted and stored: the products wait for this, and one
+  // chunk's loads at a time left every block's start a chain of twelve memory round trips.
+  constexpr int kQChunks = kRows * kDq / 8, kQBatch = 12;
   static_assert(kQChunks % (kConsumers * kQBatch) == 0, "whole batches of chunks per thread");
 #pragma unroll 1
   for (int i0 = threadIdx.x; i0 < kQChunks; i0 += kConsumers * kQBatch) {
