@@ -1096,9 +1096,6 @@ struct CudaModel::Impl {
     cuda::linear(down);
   }
 
-  // Several tokens: their (token, slot) problems grouped by expert (cuda::moe_plan), so each expert's
-  // weights are read once per chunk of up to kExpertChunk tokens instead of once per token; the down
-  // projection writes every problem's output and a combine adds them, weighted, to the residual stream.
   // The grouped gate/up pair's parameters: n tokens of `slots` problems each over moe_plan's lists.
   cuda::LinearParams grouped_gate_up(const DevLayer& L, int64_t n, int64_t slots) const {
     const ModelConfig& c = cfg;
@@ -1117,6 +1114,10 @@ struct CudaModel::Impl {
     return gu;
   }
 
+  // Several tokens: their (token, slot) problems grouped by expert (cuda::moe_plan), so each expert's
+  // weights are read once per chunk of up to kExpertChunk tokens instead of once per token; the down
+  // projection writes every problem's output and a combine adds them, weighted, to the residual stream.
+  // tokens_quantized: the router's pass wrote the pair's token codes (cuda::lt_token_operand).
   void moe_grouped(const DevLayer& L, int64_t n, int64_t slots, bool separate_shared, bool tokens_quantized) {
     const ModelConfig& c = cfg;
     const int64_t D = c.hidden_size, E = c.n_routed_experts, k = c.num_experts_per_tok, I = c.moe_intermediate_size;
