@@ -181,25 +181,35 @@ ExpertPlan plan_experts(Dev& dev, const std::vector<int32_t>& ids, int64_t n, in
   return out;
 }
 
-// The grouped gate/up pair of a plan's problems: silu(G RMSNorm(x)) * (U RMSNorm(x)), x [n x D].
-cuda::LinearParams grouped_gate_up(const ExpertSet& gs, const ExpertSet& us, const ExpertPlan& plan, int64_t n,
-                                   int64_t k, const float* x, const float* norm) {
+// The gate/up pair silu(G x) * (U x) of `problems` problems over expert tables: problem i reads token row
+// i / x_div of x (rows of the experts' width) and writes row i of y (rows of their height); its expert comes
+// from `ids` (the caller sets fixed slots or a plan).
+cuda::LinearParams expert_gate_up(const ExpertSet& gs, const ExpertSet& us, const int32_t* ids,
+                                  int64_t problems, int64_t x_div, const float* x, float* y) {
   cuda::LinearParams gu;
   gu.w = gs.m[0].dev;
   gu.experts = gs.dev_table;
   gu.experts2 = us.dev_table;
-  gu.ids = plan.ids;
-  gu.n = n * k;
+  gu.ids = ids;
+  gu.n = problems;
   gu.out = gu.w.rows;
   gu.x = x;
   gu.ldx = gu.w.cols;
-  gu.x_div = k;
+  gu.x_div = x_div;
+  gu.y = y;
+  gu.ldy = gu.out;
+  return gu;
+}
+
+// The grouped gate/up pair of a plan's problems: silu(G RMSNorm(x)) * (U RMSNorm(x)), x [n x D].
+cuda::LinearParams grouped_gate_up(const ExpertSet& gs, const ExpertSet& us, const ExpertPlan& plan,
+                                   int64_t n, int64_t k, const float* x, const float* norm) {
+  cuda::LinearParams gu = expert_gate_up(gs, us, plan.ids, n * k, k, x, nullptr);
   gu.norm = norm;
   gu.norm_eps = 1e-6f;
   gu.gather = plan.gather;
   gu.gather_expert = plan.gather_expert;
   gu.gather_chunks = plan.chunks;
-  gu.ldy = gu.out;
   return gu;
 }
 
@@ -400,18 +410,7 @@ TEST_F(CudaOps, ExpertIndirectionMatchesPerExpertLinear) {
       for (int64_t i = 0; i < I; ++i) ref[pidx * I + i] = cpu::silu(g[i]) * u[i];
     }
     float* dy = dev.poisoned(ref.size());
-    cuda::LinearParams p;
-    p.w = gate[0].dev;
-    p.experts = gs.dev_table;
-    p.experts2 = us.dev_table;
-    p.ids = dev.put(ids);
-    p.n = n * k;
-    p.out = I;
-    p.x = dev.put(x);
-    p.ldx = D;
-    p.x_div = k;
-    p.y = dy;
-    p.ldy = I;
+    cuda::LinearParams p = expert_gate_up(gs, us, dev.put(ids), n * k, k, dev.put(x), dy);
     cuda::linear(p);
     EXPECT_LE(test::rel_l2(Dev::get(dy, ref.size()), ref), 1e-5) << dtype_name(dt);
 
@@ -478,21 +477,11 @@ TEST_F(CudaOps, FixedExpertsFollowRoutedSlots) {
           cpu::linear(down[e].host, act.data() + (t * S + j) * I, 1, ye.data());
           cpu::axpy(j < k ? wts[t * k + j] : 1.0f, ye.data(), out.data() + t * D, D);
         }
-      cuda::LinearParams p;
-      p.w = gate[0].dev;
-      p.experts = gs.dev_table;
-      p.experts2 = us.dev_table;
-      p.ids = dev.put(ids);
-      p.n = n * S;
-      p.out = I;
-      p.x = dev.put(x);
-      p.ldx = D;
-      p.x_div = S;
+      cuda::LinearParams p =
+          expert_gate_up(gs, us, dev.put(ids), n * S, S, dev.put(x), dev.poisoned(act.size()));
       p.fixed_experts = F;
       p.fixed_first = E;
       p.x_settled = true;  // nothing runs before it here; the stream kernel then takes the fixed units first
-      p.y = dev.poisoned(act.size());
-      p.ldy = I;
       cuda::linear(p);
       EXPECT_LE(test::rel_l2(Dev::get(p.y, act.size()), act), 1e-5)
           << dtype_name(dt) << " gate/up, D=" << D << " n=" << n;

@@ -45,6 +45,7 @@
 #include "core/error.h"
 #include "ops/cuda/dequant.cuh"
 #include "ops/cuda/ops.h"
+#include "ops/cuda/quant.cuh"
 #include "ops/cuda/tma.h"
 #include "ops/cuda/wgmma.cuh"
 
@@ -69,7 +70,6 @@ constexpr uint32_t kGateAt = kBars + 2 * kStages * 8;
 constexpr size_t kSmemBytes = kGateAt + 16 * kConsumers * 8 + 1024;  // + room to align the base to 1,024
 // Row tiles one launch resolves in its parameters (12 bytes each; kernel parameters hold up to 32 KB).
 constexpr int kMaxRowTiles = 1024;
-constexpr float kE4m3Max = 448.0f;
 
 // One expert matrix: its tensor map (TMA descriptor; CUtensorMap keeps it 128-byte aligned) and block scales.
 struct ExpertMap {

@@ -20,6 +20,7 @@
 // and P's bf16 conversion wait for it.
 #include "core/error.h"
 #include "ops/cuda/mla_prefill.cuh"
+#include "ops/cuda/quant.cuh"
 #include "ops/cuda/tma.h"
 #include "ops/cuda/wgmma.cuh"
 
@@ -70,7 +71,6 @@ __device__ __forceinline__ void store_rows_fp8(const MlaPrefillParams& p, int64_
     amax_a = fmaxf(amax_a, __shfl_xor_sync(0xffffffffu, amax_a, off));
     amax_b = fmaxf(amax_b, __shfl_xor_sync(0xffffffffu, amax_b, off));
   }
-  constexpr float kE4m3Max = 448.0f;
   const float sc_a = amax_a > 0.0f ? kE4m3Max / amax_a : 0.0f,
               sc_b = amax_b > 0.0f ? kE4m3Max / amax_b : 0.0f;
   const int64_t row_b = row_a + 8, width = p.heads * p.v;
