@@ -219,6 +219,14 @@ bool router_codes_enabled() {
   return on;
 }
 
+// Whether the grouped MoE's combine also writes the next layer's q / kv_a operand (RMSNorm of the new x,
+// quantized; cuda::CombineOperand), instead of that projection norming and quantizing x in a pass of
+// its own: on unless DSV3_COMBINE_CODES=0 (measurement; the same bytes either way). Read once.
+bool combine_codes_enabled() {
+  static const bool on = cuda::env_enabled("DSV3_COMBINE_CODES");
+  return on;
+}
+
 // Whether that call leaves the down projection's rows where its GEMMs wrote them for the combine to read
 // (cuda::LtRows) instead of copying them into problem order first: on unless DSV3_LT_KEEP_ROWS=0
 // (measurement; the same bits either way). Read once.
@@ -344,6 +352,9 @@ struct CudaModel::Impl {
   // cuda::lt_min_rows(), so a request's numbers (and greedy tokens) would depend on who else is in the
   // batch; CudaEngine guarantees they do not.
   bool lt_rows = false;
+  // Set by a grouped MoE's combine that wrote the next layer's q / kv_a operand (normed, FP8: lt_operand's
+  // buffers); that layer's attention then runs its first projection on it and clears this.
+  bool qkv_a_quantized = false;
   cudaGraphExec_t graph = nullptr;
   uint64_t graph_cache = 0, graph_gen = 0;
 
@@ -798,17 +809,31 @@ struct CudaModel::Impl {
 
   // act = silu(gate RMSNorm(x)) * (up RMSNorm(x)) for a single (dense or shared) SwiGLU unit.
   void swiglu_up(const DevSwiGLU& u, const float* norm, int64_t n, float* act) {
+    cuda::linear(swiglu_up_params(u, norm, n, act));
+  }
+  cuda::LinearParams swiglu_up_params(const DevSwiGLU& u, const float* norm, int64_t n, float* act) const {
     cuda::LinearParams gu = normed_lin(u.gate, norm, eps(), s.x, cfg.hidden_size, n, act, u.gate.rows);
     gu.w2 = u.up.data;
     gu.w2_scale_inv = u.up.scale_inv;
-    cuda::linear(gu);
+    return gu;
   }
   float eps() const { return static_cast<float>(cfg.rms_norm_eps); }
   // x += down act.
   void swiglu_down(const DevSwiGLU& u, const float* act, int64_t n) {
+    cuda::linear(swiglu_down_params(u, act, n));
+  }
+  cuda::LinearParams swiglu_down_params(const DevSwiGLU& u, const float* act, int64_t n) const {
     cuda::LinearParams down = lin(u.down, act, u.gate.rows, n, s.x, cfg.hidden_size);
     down.accumulate = true;
-    cuda::linear(down);
+    return down;
+  }
+
+  // x += down(silu(gate x') * up x') for a dense layer's MLP: on cuBLASLt in one call where it takes both
+  // (the SwiGLU written as down's FP8 operand), else the two projections as above.
+  void dense_mlp(const DevSwiGLU& u, const float* norm, int64_t n) {
+    if (cuda::linear_lt_mlp(swiglu_up_params(u, norm, n, s.act), swiglu_down_params(u, s.act, n))) return;
+    swiglu_up(u, norm, n, s.act);
+    swiglu_down(u, s.act, n);
   }
 
   void attention(const DevLayer& L, int64_t layer, int64_t n, const StepCache& sc) {
@@ -817,7 +842,16 @@ struct CudaModel::Impl {
                   dr = c.qk_rope_head_dim, dv = c.v_head_dim, dq = dn + dr, dkv = dn + dv, W = C + dr;
     // qkv rows: [query section (q, or the q_lora latent) | kv_a], from one pass over RMSNorm(x).
     const int64_t ldqkv = q_part + W;
-    cuda::linear(normed_lin(L.qkv_a, L.input_norm, eps(), s.x, D, n, s.qkv, ldqkv));
+    cuda::LinearParams qkv = qkv_a_params(L, n);
+    if (qkv_a_quantized) {  // the previous layer's combine wrote the normed operand
+      qkv.norm = nullptr;
+      qkv.x_quantized = true;
+      qkv_a_quantized = false;
+      check(cuda::linear_lt(qkv), "internal: cuBLASLt refused q/kv_a after its operand was written",
+            "set DSV3_COMBINE_CODES=0");
+    } else {
+      cuda::linear(qkv);
+    }
     if (L.kv_a.data) cuda::linear(normed_lin(L.kv_a, L.input_norm, eps(), s.x, D, n, s.qkv + q_part, ldqkv));
     const float* q = s.qkv;
     int64_t ldq = ldqkv;
@@ -1025,7 +1059,15 @@ struct CudaModel::Impl {
     return false;
   }
 
-  void moe(const DevLayer& L, int64_t n) {
+  // The attention's first projection: q (or q_a) and kv_a of RMSNorm(x) in one pass.
+  cuda::LinearParams qkv_a_params(const DevLayer& L, int64_t n) const {
+    const int64_t D = cfg.hidden_size, ldqkv = q_part + cfg.kv_lora_rank + cfg.qk_rope_head_dim;
+    return normed_lin(L.qkv_a, L.input_norm, eps(), s.x, D, n, s.qkv, ldqkv);
+  }
+
+  // `next`: the layer after this one (null for the last), whose q / kv_a operand the grouped MoE's combine
+  // may write (qkv_a_quantized).
+  void moe(const DevLayer& L, int64_t n, const DevLayer* next) {
     const ModelConfig& c = cfg;
     const int64_t D = c.hidden_size, E = c.n_routed_experts, k = c.num_experts_per_tok, I = c.moe_intermediate_size;
     const bool separate_shared = c.n_shared_experts > 0 && L.fixed == 0;
@@ -1066,7 +1108,7 @@ struct CudaModel::Impl {
     // routed experts, then the shared-expert pieces. Down: one problem per token summing its slots with
     // the routing weights (1 for shared pieces) straight into the residual stream.
     if (grouped) {  // it runs the shared experts' gate/up itself
-      moe_grouped(L, n, slots, separate_shared, tokens_quantized);
+      moe_grouped(L, n, slots, separate_shared, tokens_quantized, next);
       return;
     }
     // Every reader of the normed input runs before the first write to x (shared down, expert down).
@@ -1118,7 +1160,10 @@ struct CudaModel::Impl {
   // weights are read once per chunk of up to kExpertChunk tokens instead of once per token; the down
   // projection writes every problem's output and a combine adds them, weighted, to the residual stream.
   // tokens_quantized: the router's pass wrote the pair's token codes (cuda::lt_token_operand).
-  void moe_grouped(const DevLayer& L, int64_t n, int64_t slots, bool separate_shared, bool tokens_quantized) {
+  // With `next` (the layer after), the combine also writes next's q / kv_a operand where cuBLASLt takes it
+  // (combine_codes_enabled, lt_operand): x is then not read again to be normed and quantized.
+  void moe_grouped(const DevLayer& L, int64_t n, int64_t slots, bool separate_shared, bool tokens_quantized,
+                   const DevLayer* next) {
     const ModelConfig& c = cfg;
     const int64_t D = c.hidden_size, E = c.n_routed_experts, k = c.num_experts_per_tok, I = c.moe_intermediate_size;
     const int64_t chunks = cuda::moe_plan_chunks(n * slots, E + L.fixed);
@@ -1176,7 +1221,18 @@ struct CudaModel::Impl {
       mc.ld_rows = keep.ld;
       mc.row_of = keep.row_of;
     }
-    cuda::moe_combine(mc);
+    cuda::CombineOperand codes;
+    if (next && !next->kv_a.data && keep.used && keep.bf16 && D % 128 == 0 && slots <= 32 &&
+        combine_codes_enabled()) {
+      cuda::LinearParams qkv = qkv_a_params(*next, n);
+      qkv.norm = nullptr;  // the combine norms x itself
+      const cuda::LtOperand in = cuda::lt_operand(qkv);
+      if (in.q) {
+        codes = {next->input_norm, eps(), in.q, in.scales, in.scale_ld};
+        qkv_a_quantized = true;
+      }
+    }
+    cuda::moe_combine(mc, codes);
   }
 
   // A grouped expert projection: per-expert cuBLASLt GEMMs when p.lt (single-sequence prefill with
@@ -1198,15 +1254,15 @@ struct CudaModel::Impl {
   void enqueue(int64_t n, std::span<const RowRun> heads, const StepCache& sc) {
     const ModelConfig& c = cfg;
     const int64_t D = c.hidden_size;
+    qkv_a_quantized = false;  // (a step that threw part way may have left it set)
     cuda::embed({embed, s.tokens, n, s.x, stream});
     for (int64_t l = 0; l < c.num_hidden_layers; ++l) {
       const DevLayer& L = layers[l];
       attention(L, l, n, sc);
       if (L.is_moe) {
-        moe(L, n);
+        moe(L, n, l + 1 < c.num_hidden_layers ? &layers[l + 1] : nullptr);
       } else {
-        swiglu_up(L.mlp, L.post_norm, n, s.act);
-        swiglu_down(L.mlp, s.act, n);
+        dense_mlp(L.mlp, L.post_norm, n);
       }
     }
     // The final hidden states are an output of their own (opt.final_hidden), so this norm is stored.

@@ -909,6 +909,68 @@ TEST_F(CudaOps, MlaGatherCodesMatchQuantizedRows) {
   }
 }
 
+// moe_combine that also writes the next projection's operand (MoeCombineParams::q) against moe_combine
+// followed by quantize_activations with the norm: the same x, codes and scales bit for bit. Bf16 kept rows
+// in shuffled order with two fixed slots after the routed ones; a 2,048-wide row (kept in registers) and
+// a 7,168-wide one (read back), token counts off the kernel's 8 a block.
+TEST_F(CudaOps, MoeCombineWritesNextOperand) {
+  for (const int64_t D : {2048, 7168}) {
+    Dev dev;
+    const int64_t n = 37, k = 3, slots = 5, rows = n * slots, ld = D + 8, scale_ld = (n + 15) / 16 * 16;
+    std::vector<uint16_t> kept(static_cast<size_t>(rows * ld));
+    for (uint16_t& v : kept) v = f32_to_bf16(std::normal_distribution<float>(0.0f, 1.0f)(rng));
+    std::vector<int32_t> row_of(static_cast<size_t>(rows));
+    std::iota(row_of.begin(), row_of.end(), 0);
+    std::shuffle(row_of.begin(), row_of.end(), rng);
+    std::vector<float> norm = randn(rng, static_cast<size_t>(D), 0.3f);
+    for (float& v : norm) v += 1.0f;
+    const std::vector<float> x0 = randn(rng, static_cast<size_t>(n * D), 3.0f);
+    cuda::MoeCombineParams mc;
+    mc.weights = dev.put(randn(rng, static_cast<size_t>(n * k)));
+    mc.n = n;
+    mc.k = k;
+    mc.slots = slots;
+    mc.dim = D;
+    mc.ldx = D;
+    mc.rows = dev.put(kept);
+    mc.rows_bf16 = true;
+    mc.ld_rows = ld;
+    mc.row_of = dev.put(row_of);
+
+    mc.x = dev.put(x0);
+    cuda::moe_combine(mc);
+    cuda::ActQuantParams aq;
+    aq.x = mc.x;
+    aq.ldx = D;
+    aq.n = n;
+    aq.k = D;
+    aq.norm = dev.put(norm);
+    aq.norm_eps = 1e-6f;
+    aq.q = dev.alloc<uint8_t>(static_cast<size_t>(n * D));
+    aq.scales = dev.poisoned(static_cast<size_t>(D / 128 * scale_ld));
+    aq.scale_ld = scale_ld;
+    cuda::quantize_activations(aq);
+
+    cuda::MoeCombineParams fused = mc;
+    fused.x = dev.put(x0);
+    const cuda::CombineOperand next{aq.norm, aq.norm_eps, dev.alloc<uint8_t>(static_cast<size_t>(n * D)),
+                                    dev.poisoned(static_cast<size_t>(D / 128 * scale_ld)), scale_ld};
+    cuda::moe_combine(fused, next);
+    const std::vector<float> x_want = Dev::get(mc.x, x0.size()), x_got = Dev::get(fused.x, x0.size());
+    EXPECT_EQ(x_got, x_want) << "D " << D;
+    EXPECT_NE(x_got, x0);
+    EXPECT_EQ(Dev::get(static_cast<const uint8_t*>(next.q), static_cast<size_t>(n * D)),
+              Dev::get(static_cast<const uint8_t*>(aq.q), static_cast<size_t>(n * D)))
+        << "D " << D;
+    const std::vector<float> sc = Dev::get(next.scales, static_cast<size_t>(D / 128 * scale_ld)),
+                             want = Dev::get(aq.scales, static_cast<size_t>(D / 128 * scale_ld));
+    for (int64_t g = 0; g < D / 128; ++g)
+      for (int64_t t = 0; t < n; ++t)
+        ASSERT_EQ(sc[g * scale_ld + t], want[g * scale_ld + t])
+            << "D " << D << " group " << g << " row " << t;
+  }
+}
+
 // Normal draws rounded to bf16 (numbers the bf16 kernels keep exactly), as floats.
 std::vector<float> bf16_randn(std::mt19937& rng, size_t count) {
   std::vector<float> v = randn(rng, count);
@@ -1589,6 +1651,73 @@ TEST_F(CudaOps, LtOperandWrittenByItsProducer) {
     EXPECT_FALSE(cuda::linear_lt(bad));
     EXPECT_THROW(cuda::linear(bad), Error);
   }
+}
+
+// linear_lt_mlp (a dense SwiGLU MLP in one call: bf16 gate/up scratch, the SwiGLU quantized straight into
+// the down projection's operand) against the two linear_lt calls (fp32 SwiGLU rows, quantized by the down
+// projection): the same up to bf16's rounding of gate and up before the SwiGLU, which moves a few FP8
+// codes by one step. An intermediate width of whole 128 blocks and one that is not (zeros past it in the
+// operand), token counts on and off cuBLASLt's 16-row batches; BF16 weights and an intermediate narrower
+// than the hidden size are refused.
+TEST_F(CudaOps, LtDenseMlpMatchesTwoCalls) {
+  for (const int64_t I : {384, 320})
+    for (const int64_t n : {64, 133}) {
+      Dev dev;
+      const int64_t D = 256;
+      TestMatrix g = make_matrix(rng, dev, DType::F8_E4M3, I, D),
+                 u = make_matrix(rng, dev, DType::F8_E4M3, I, D),
+                 d = make_matrix(rng, dev, DType::F8_E4M3, D, I);
+      std::vector<float> norm = randn(rng, static_cast<size_t>(D), 0.3f);
+      for (float& v : norm) v += 1.0f;
+      const std::vector<float> x = randn(rng, static_cast<size_t>(n * D));
+      const float* xd = dev.put(x);
+      auto pair = [&](float* act) {
+        cuda::LinearParams gu = projection(g, &u, n, xd, D, act);
+        gu.norm = dev.put(norm);
+        gu.norm_eps = 1e-6f;
+        gu.lt = true;
+        return gu;
+      };
+      auto down = [&](const float* act, float* y) {
+        cuda::LinearParams dn = projection(d, nullptr, n, act, I, y);
+        dn.accumulate = true;
+        dn.lt = true;
+        return dn;
+      };
+      float* act = dev.poisoned(static_cast<size_t>(n * I));
+      float* y_two = dev.put(x);
+      ASSERT_TRUE(cuda::linear_lt(pair(act)));
+      ASSERT_TRUE(cuda::linear_lt(down(act, y_two)));
+      float* y_one = dev.put(x);
+      ASSERT_TRUE(cuda::linear_lt_mlp(pair(dev.poisoned(static_cast<size_t>(n * I))), down(act, y_one)));
+      const std::vector<float> two = Dev::get(y_two, x.size()), one = Dev::get(y_one, x.size());
+      std::vector<float> d_two(x.size()), d_one(x.size());
+      for (size_t i = 0; i < x.size(); ++i) {
+        d_two[i] = two[i] - x[i];
+        d_one[i] = one[i] - x[i];
+      }
+      const double e = test::rel_l2(d_one, d_two);
+      std::printf("dense MLP in one call, I=%lld n=%lld: rel L2 of the update %.2e\n",
+                  static_cast<long long>(I), static_cast<long long>(n), e);
+      EXPECT_LE(e, 2e-2) << "I=" << I << " n=" << n;
+      EXPECT_GT(e, 0.0) << "bf16 scratch should round somewhere";
+
+      TestMatrix gb = make_matrix(rng, dev, DType::BF16, I, D), ub = make_matrix(rng, dev, DType::BF16, I, D);
+      cuda::LinearParams bf = projection(gb, &ub, n, xd, D, act);
+      bf.lt = true;
+      EXPECT_FALSE(cuda::linear_lt_mlp(bf, down(act, y_one)));
+      const int64_t wide = 512;  // a hidden size above the intermediate width
+      TestMatrix gw = make_matrix(rng, dev, DType::F8_E4M3, I, wide),
+                 uw = make_matrix(rng, dev, DType::F8_E4M3, I, wide),
+                 dw = make_matrix(rng, dev, DType::F8_E4M3, wide, I);
+      const float* xw = dev.put(randn(rng, static_cast<size_t>(n * wide)));
+      cuda::LinearParams gu_w = projection(gw, &uw, n, xw, wide, act),
+                         dn_w = projection(dw, nullptr, n, act, I,
+                                           dev.put(randn(rng, static_cast<size_t>(n * wide))));
+      gu_w.lt = dn_w.lt = true;
+      dn_w.accumulate = true;
+      EXPECT_FALSE(cuda::linear_lt_mlp(gu_w, dn_w)) << "I=" << I;
+    }
 }
 
 // Below lt_min_rows(), or without LinearParams::lt, the fp32 kernels run (results as the CPU to 1e-5).

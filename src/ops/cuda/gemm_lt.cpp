@@ -225,7 +225,11 @@ int64_t lt_min_rows() {
 namespace {
 
 // linear_lt, or (operand_only) lt_operand: the same checks and buffers, then only the operand's place.
-bool lt_run(const LinearParams& p, LtOperand* operand_only) {
+// swiglu_into (a gate/up pair, linear_lt_mlp): the pair's GEMMs write bf16 scratch and its SwiGLU leaves
+// as that operand's FP8 codes instead of as y. pad_ok (linear_lt_mlp): an operand of whole 128 blocks may
+// stand for a k that is not (its producer writes zeros past k).
+bool lt_run(const LinearParams& p, LtOperand* operand_only, const LtOperand* swiglu_into = nullptr,
+            bool pad_ok = false) {
   if (!p.lt || p.n < lt_min_rows() || p.experts || p.combine || p.fixed_experts > 0 || p.gather || p.x_div != 1)
     return false;
   if (p.group_rows > 0 && p.group_rows < p.out) return false;
@@ -242,7 +246,9 @@ bool lt_run(const LinearParams& p, LtOperand* operand_only) {
   const bool dual = p.w2 != nullptr;
   // An operand written by its producer: FP8 codes of whole blocks, no norm to apply, one matrix.
   const bool given = operand_only || p.x_quantized;
-  if (given && (!fp8 || p.norm || dual || kg != k)) return false;
+  if (given && (!fp8 || p.norm || dual || (kg != k && !pad_ok))) return false;
+  if (swiglu_into && (!dual || p.y_bf16)) return false;
+  const bool bf16_scratch = swiglu_into != nullptr;
   if ((p.also_fp8 != nullptr) != (p.also_fp8_scales != nullptr) ||
       (p.also_fp8 && (fp8 || !p.norm || given || dual || k % 128 != 0)))
     return false;
@@ -263,9 +269,11 @@ bool lt_run(const LinearParams& p, LtOperand* operand_only) {
   const bool padded = ng != n, via_scratch = dual || padded;
   if (p.y_bf16 && (via_scratch || p.accumulate || p.ldy % 8 != 0))
     return false;                          // GEMMs straight into y only
-  const int64_t ld_tmp = (m + 3) / 4 * 4;  // scratch rows, 16-byte aligned
+  const int64_t ld_tmp = bf16_scratch ? (m + 7) / 8 * 8 : (m + 3) / 4 * 4;  // scratch rows, 16-byte aligned
   static const float dummy_scale = 1.0f;  // run_gemm sets the real scale pointers
-  if (!plan_for(s, fp8, m, ng, kg, via_scratch ? ld_tmp : p.ldy, &dummy_scale, &dummy_scale, p.y_bf16).ok)
+  if (!plan_for(s, fp8, m, ng, kg, via_scratch ? ld_tmp : p.ldy, &dummy_scale, &dummy_scale,
+                p.y_bf16 || bf16_scratch)
+           .ok)
     return false;
   StreamBufs& b = s.bufs[p.stream];
   const int64_t kb = (kg + 127) / 128, l4 = (kb + 3) / 4 * 4, mb = (m + 127) / 128;
@@ -300,7 +308,7 @@ bool lt_run(const LinearParams& p, LtOperand* operand_only) {
     DSV3_CUDA_CHECK(cudaMemsetAsync(static_cast<uint8_t*>(b.act.ptr) + n * kg * elem, 0, sz((ng - n) * kg * elem), p.stream));
   }
   if (operand_only) {
-    *operand_only = {static_cast<uint8_t*>(b.act.ptr), static_cast<float*>(b.scales.ptr), ng};
+    *operand_only = {static_cast<uint8_t*>(b.act.ptr), static_cast<float*>(b.scales.ptr), ng, kg};
     return true;
   }
   const float* act_scale = static_cast<const float*>(b.scales.ptr);
@@ -317,15 +325,28 @@ bool lt_run(const LinearParams& p, LtOperand* operand_only) {
              p.stream, p.y_bf16);
     return true;
   }
-  float* g = static_cast<float*>(b.gate.ptr);
-  run_gemm(s, b.workspace.ptr, fp8, m, ng, kg, wa, sa, b.act.ptr, act_scale, g, ld_tmp, false, p.stream);
+  void* g = b.gate.ptr;
+  run_gemm(s, b.workspace.ptr, fp8, m, ng, kg, wa, sa, b.act.ptr, act_scale, g, ld_tmp, false, p.stream,
+           bf16_scratch);
   if (!dual) {
     add_rows(g, false, ld_tmp, n, m, p.y, p.ldy, p.accumulate, p.stream);
     return true;
   }
-  // The SwiGLU pair: two GEMMs into scratch, then y = silu(gate) * up.
-  float* u = static_cast<float*>(b.up.ptr);
-  run_gemm(s, b.workspace.ptr, fp8, m, ng, kg, wb, sb, b.act.ptr, act_scale, u, ld_tmp, false, p.stream);
+  // The SwiGLU pair: two GEMMs into scratch, then y = silu(gate) * up (or its codes in swiglu_into, from
+  // bf16 gate and up as the grouped MLP rounds them).
+  void* u = b.up.ptr;
+  run_gemm(s, b.workspace.ptr, fp8, m, ng, kg, wb, sb, b.act.ptr, act_scale, u, ld_tmp, false, p.stream,
+           bf16_scratch);
+  if (swiglu_into) {
+    SwigluQuantParams sq;
+    sq.q = swiglu_into->q;
+    sq.scales = swiglu_into->scales;
+    sq.n = n;
+    sq.ldq = swiglu_into->k;
+    sq.scale_ld = swiglu_into->scale_ld;
+    swiglu_quantize_rows(g, u, true, ld_tmp, n, m, sq, p.stream);
+    return true;
+  }
   swiglu_rows(g, u, false, ld_tmp, n, m, p.y, p.ldy, p.stream);
   return true;
 }
@@ -340,6 +361,25 @@ LtOperand lt_operand(const LinearParams& p) {
   LtOperand o;
   if (p.x_quantized || !lt_run(p, &o)) return {};
   return o;
+}
+
+bool linear_lt_mlp(const LinearParams& gu, const LinearParams& down) {
+  static const bool on = env_enabled("DSV3_DENSE_MLP_CODES");
+  // The down projection's operand is sized first and must be the larger (the intermediate width at least
+  // the hidden size, as in every SwiGLU MLP of the family): the pair then quantizes its own input into the
+  // same buffers without reallocating them (its GEMMs consume it before the SwiGLU overwrites it).
+  if (!on || !gu.w2 || gu.w.dtype != DType::F8_E4M3 || down.w.dtype != DType::F8_E4M3 || down.w2 ||
+      down.norm || down.w.cols != gu.out || down.n != gu.n || down.stream != gu.stream || down.x_quantized ||
+      gemm_k(true, down.w.cols) < gemm_k(true, gu.w.cols))
+    return false;
+  LtOperand op;
+  if (!lt_run(down, &op, nullptr, true) || !lt_run(gu, nullptr, &op)) return false;
+  LinearParams dn = down;
+  dn.x_quantized = true;
+  if (!lt_run(dn, nullptr, nullptr, true))
+    throw Error("internal: cuBLASLt refused a dense down projection after its operand was written",
+                "set DSV3_DENSE_MLP_CODES=0");
+  return true;
 }
 
 namespace {

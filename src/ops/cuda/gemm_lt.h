@@ -23,8 +23,18 @@ struct LtOperand {
   uint8_t* q = nullptr;
   float* scales = nullptr;
   int64_t scale_ld = 0;
+  int64_t k = 0;  // codes per row: p's k (whole 128 blocks here)
 };
 LtOperand lt_operand(const LinearParams& p);
+
+// A dense SwiGLU MLP of a prefill step, x += down(silu(gate x') * up x') with x' = RMSNorm(x) (gu: the
+// pair, w2 set; down: accumulate into x), FP8 weights, in one call: the pair's GEMMs write bf16 scratch and
+// its SwiGLU goes straight into down's FP8 operand (quantized per 128 columns, zeros past k where k is
+// not whole blocks, as V2-Lite's 10,944), so no fp32 rows of the SwiGLU are written and read again.
+// False (nothing enqueued that matters) where linear_lt would not take both, or the intermediate width is
+// below the hidden size; the caller then runs them with `linear`. DSV3_DENSE_MLP_CODES=0 turns it off
+// (read once).
+bool linear_lt_mlp(const LinearParams& gu, const LinearParams& down);
 
 // For a grouped gate/up pair whose problems share token rows (x_div > 1) on our FP8 path: the buffers it
 // quantizes each token's normed row into once (codes [tokens x k], scales [k / 128][scale_ld = tokens]),

@@ -117,7 +117,8 @@ __global__ void __launch_bounds__(kQuantThreads) swiglu_quantize_kernel(const In
                                                                         SwigluQuantParams p) {
   const int64_t t = static_cast<int64_t>(blockIdx.x) * kQuantWarps + threadIdx.x / 32, row = p.w0 + t;
   if (t >= rows) return;
-  const int64_t groups = (out + 127) / 128, steps = (groups + kWarpGroups - 1) / kWarpGroups;
+  const int64_t kq = p.ldq > 0 ? p.ldq : out, groups = (kq + 127) / 128,
+                steps = (groups + kWarpGroups - 1) / kWarpGroups;
   const In* gr = g + t * ld_in;
   const In* ur = u + t * ld_in;
   const bool vec = reinterpret_cast<uintptr_t>(gr) % 16 == 0 && reinterpret_cast<uintptr_t>(ur) % 16 == 0;
@@ -134,8 +135,10 @@ __global__ void __launch_bounds__(kQuantThreads) swiglu_quantize_kernel(const In
       for (int i = 0; i < 16; ++i) v[i] = c0 + i < out ? silu(load_value(gr, c0 + i)) * load_value(ur, c0 + i) : 0.0f;
     }
     const bool valid = grp < groups;
-    store_group(v, c0, valid, out, p.fp8, p.q, row,
-                p.fp8 && valid ? p.scales + scale_index(row, grp, groups, 0, p.n, p.row_seg, p.seg_rows) : nullptr);
+    store_group(v, c0, valid, kq, p.fp8, p.q, row,
+                p.fp8 && valid
+                    ? p.scales + scale_index(row, grp, groups, p.scale_ld, p.n, p.row_seg, p.seg_rows)
+                    : nullptr);
   }
 }
 
@@ -269,7 +272,9 @@ void swiglu_quantize_rows(const void* g, const void* u, bool in_bf16, int64_t ld
                           const SwigluQuantParams& p, cudaStream_t stream) {
   DSV3_ASSERT(rows >= 0 && out > 0 && p.w0 >= 0 && p.w0 + rows <= p.n);
   if (rows == 0) return;
-  DSV3_ASSERT(p.q && (!p.fp8 || (p.scales && p.row_seg && p.seg_rows)));
+  DSV3_ASSERT(p.q && (!p.fp8 || p.scales) && (p.row_seg == nullptr) == (p.seg_rows == nullptr));
+  DSV3_ASSERT(p.ldq == 0 || p.ldq >= out);
+  DSV3_ASSERT(p.row_seg || p.scale_ld == 0 || p.scale_ld >= p.n);
   if (in_bf16)
     swiglu_quantize_kernel<<<row_blocks(rows), kQuantThreads, 0, stream>>>(
         static_cast<const __nv_bfloat16*>(g), static_cast<const __nv_bfloat16*>(u), ld_in, rows, out, p);

@@ -51,6 +51,13 @@ __device__ __forceinline__ void load16(const __nv_bfloat16* p, float (&v)[16]) {
   }
 }
 
+// 16 floats to p (16-byte aligned).
+__device__ __forceinline__ void store16(float* p, const float (&v)[16]) {
+#pragma unroll
+  for (int j = 0; j < 4; ++j)
+    reinterpret_cast<float4*>(p)[j] = make_float4(v[4 * j], v[4 * j + 1], v[4 * j + 2], v[4 * j + 3]);
+}
+
 // Writes this lane's 16 values v of group g of output row t (columns from step_col0; those past k
 // ignored) as FP8 codes with the group's scale (amax / 448, at scale_at, by the group's first lane), or
 // as BF16. All 32 lanes call it together; a lane whose group is past the row's end passes zeros and

@@ -5,23 +5,27 @@
 
 #include "core/error.h"
 #include "ops/cuda/dequant.cuh"
+#include "ops/cuda/quant.cuh"
 
 namespace dsv3::cuda {
 
 namespace {
 
-__global__ void route_kernel(const RouteParams p, bool early) {
+// One warp per token, each with its own `stride` floats of shared memory; blockDim.x / 32 tokens a block.
+__global__ void route_kernel(const RouteParams p, int64_t stride, bool early) {
   pdl_wait();  // the logits are the previous kernel's
   if (early) pdl_trigger();
-  extern __shared__ float smem[];
+  const int64_t t = static_cast<int64_t>(blockIdx.x) * (blockDim.x / 32) + threadIdx.x / 32;
+  if (t >= p.n) return;
+  extern __shared__ float smem_all[];
+  float* smem = smem_all + threadIdx.x / 32 * stride;
   const int64_t E = p.experts;
   float* s = smem;              // scores
   float* sel = smem + E;        // selection scores
   float* gscore = smem + 2 * E; // [n_group]
   float* chosen = gscore + p.n_group;  // [k] weights of the chosen experts, before normalization
   uint8_t* taken = reinterpret_cast<uint8_t*>(chosen + p.k);  // [max(E, n_group)]
-  const int lane = threadIdx.x;
-  const int64_t t = blockIdx.x;
+  const int lane = threadIdx.x % 32;
   const float* logits = p.logits + t * E;
   const float neg_inf = -INFINITY;
 
@@ -335,6 +339,83 @@ __global__ void moe_combine_kernel(const MoeCombineParams p) {
   }
 }
 
+// The combine of bf16 kept rows that also writes the next projection's FP8 operand from the new rows of x:
+// one warp per token in quantize_kernel's layout (lane l of step st holds columns step_col0(st) .. + 15),
+// so that the sum of squares, the norm and the codes are quantize_kernel's arithmetic in its order (the
+// same bytes as moe_combine_kernel followed by quantize_activations with that norm). Each column's slot
+// sum is moe_combine_kernel's: fmaf over the slots in order from 0, then added to x. A pass holds 4
+// steps (a 2,048-wide row: all of it, kept in registers for the second half); wider rows read back the
+// x they wrote.
+constexpr int kCombineSteps = 4;
+__global__ void __launch_bounds__(256)
+    moe_combine_quantize_kernel(const MoeCombineParams p, const CombineOperand next) {
+  const int64_t t = static_cast<int64_t>(blockIdx.x) * 8 + threadIdx.x / 32;
+  if (t >= p.n) return;
+  const int64_t groups = p.dim / 128, steps = (groups + kWarpGroups - 1) / kWarpGroups;
+  const __nv_bfloat16* rows = static_cast<const __nv_bfloat16*>(p.rows);
+  float* x = p.x + t * p.ldx;
+  // Slot j's row and weight, read once into lane j (slots <= 32) and passed round by shuffles.
+  const int lane = threadIdx.x % 32;
+  const int32_t my_row = lane < p.slots ? p.row_of[t * p.slots + lane] : 0;
+  const float my_w = lane < p.k ? p.weights[t * p.k + lane] : 1.0f;
+  float kept[kCombineSteps][16];
+  double ss = 0.0;  // as quantize_kernel: this lane's squares in double, step by step
+  for (int64_t s0 = 0; s0 < steps; s0 += kCombineSteps) {
+#pragma unroll
+    for (int s = 0; s < kCombineSteps; ++s)
+#pragma unroll
+      for (int i = 0; i < 16; ++i) kept[s][i] = 0.0f;
+#pragma unroll 2
+    for (int j = 0; j < static_cast<int>(p.slots); ++j) {
+      const __nv_bfloat16* row = rows + static_cast<int64_t>(__shfl_sync(0xffffffffu, my_row, j)) * p.ld_rows;
+      const float w = __shfl_sync(0xffffffffu, my_w, j);
+#pragma unroll
+      for (int s = 0; s < kCombineSteps; ++s) {
+        if (step_group(s0 + s) >= groups) continue;
+        float v[16];
+        load16(row + step_col0(s0 + s), v);
+#pragma unroll
+        for (int i = 0; i < 16; ++i) kept[s][i] = fmaf(w, v[i], kept[s][i]);
+      }
+    }
+#pragma unroll
+    for (int s = 0; s < kCombineSteps; ++s) {
+      if (step_group(s0 + s) >= groups) continue;
+      float v[16];
+      load16(x + step_col0(s0 + s), v);
+#pragma unroll
+      for (int i = 0; i < 16; ++i) {
+        kept[s][i] += v[i];
+        ss += static_cast<double>(kept[s][i]) * kept[s][i];
+      }
+      store16(x + step_col0(s0 + s), kept[s]);
+    }
+  }
+  for (int o = 16; o > 0; o >>= 1) ss += __shfl_xor_sync(0xffffffffu, ss, o);
+  const float inv_rms =
+      static_cast<float>(1.0 / sqrt(ss / static_cast<double>(p.dim) + static_cast<double>(next.eps)));
+  for (int64_t st = 0; st < steps; ++st) {
+    const int64_t g = step_group(st), c0 = step_col0(st);
+    const bool valid = g < groups;
+    float v[16] = {}, w[16];
+    if (valid) {
+      if (steps <= kCombineSteps) {
+#pragma unroll
+        for (int s = 0; s < kCombineSteps; ++s)
+          if (s == st)
+#pragma unroll
+            for (int i = 0; i < 16; ++i) v[i] = kept[s][i];
+      } else {
+        load16(x + c0, v);  // this lane's own store above
+      }
+      load16(next.norm + c0, w);
+#pragma unroll
+      for (int i = 0; i < 16; ++i) v[i] *= w[i] * inv_rms;  // x * (w * 1/rms), as quantize_kernel
+    }
+    store_group(v, c0, valid, p.dim, true, next.q, t, valid ? next.scales + g * next.scale_ld + t : nullptr);
+  }
+}
+
 }  // namespace
 
 int64_t moe_plan_chunks(int64_t problems, int64_t table_size) {
@@ -390,10 +471,19 @@ MoeRows moe_rows(const MoeRowsParams& p) {
   return {l.total, l.prob, l.row_seg, l.seg_rows, l.tiles};
 }
 
-void moe_combine(const MoeCombineParams& p) {
+void moe_combine(const MoeCombineParams& p, const CombineOperand& next) {
   DSV3_ASSERT(p.n >= 0 && p.k > 0 && p.slots >= p.k && p.dim > 0 && p.ldx >= p.dim);
   if (p.n == 0) return;
   DSV3_ASSERT(p.weights && p.x && (p.row_of ? p.rows && p.ld_rows >= p.dim : p.y != nullptr));
+  if (next.q) {
+    DSV3_ASSERT(p.slots <= 32);
+    DSV3_ASSERT(p.row_of && p.rows_bf16 && next.scales && next.norm && p.dim % 128 == 0 &&
+                p.ld_rows % 8 == 0 && p.ldx % 4 == 0 && next.scale_ld >= p.n && aligned16(p.rows) &&
+                aligned16(p.x) && aligned16(next.norm) && aligned16(next.q));
+    moe_combine_quantize_kernel<<<static_cast<unsigned>((p.n + 7) / 8), 256, 0, p.stream>>>(p, next);
+    check_launch("moe_combine_quantize_kernel");
+    return;
+  }
   const unsigned blocks = static_cast<unsigned>(p.n);
   const bool bf16 = p.row_of && p.rows_bf16;
   const void* base = p.row_of ? p.rows : static_cast<const void*>(p.y);
@@ -414,10 +504,17 @@ void route(const RouteParams& p) {
   DSV3_ASSERT(p.experts % p.n_group == 0 && p.topk_group >= 1 && p.topk_group <= p.n_group);
   if (p.n == 0) return;
   DSV3_ASSERT(p.logits && p.ids && p.weights);
-  const size_t smem = static_cast<size_t>(2 * p.experts + p.n_group + p.k) * sizeof(float) +
-                      static_cast<size_t>(p.experts > p.n_group ? p.experts : p.n_group);
+  const size_t bytes = static_cast<size_t>(2 * p.experts + p.n_group + p.k) * sizeof(float) +
+                       static_cast<size_t>(p.experts > p.n_group ? p.experts : p.n_group);
+  const int64_t stride = static_cast<int64_t>((bytes + 15) / 16 * 4);  // floats, 16-byte steps
+  // Eight tokens a block for long steps: an 8K prompt's 8,192 blocks of one warp took 16.5 us a layer on
+  // an H200, 14.6 us as 1,024 blocks of eight (docs/PERF.md, "Thirteenth session"); decode steps keep a
+  // warp a block.
+  const int64_t per_block = p.n >= 64 ? 8 : 1;
+  const size_t smem = static_cast<size_t>(per_block * stride) * sizeof(float);
   DSV3_ASSERT(smem <= 48 * 1024);
-  launch_pdl(route_kernel, dim3(static_cast<unsigned>(p.n)), dim3(32), smem, p.stream, p, pdl_early());
+  launch_pdl(route_kernel, dim3(static_cast<unsigned>((p.n + per_block - 1) / per_block)),
+             dim3(static_cast<unsigned>(32 * per_block)), smem, p.stream, p, stride, pdl_early());
   check_launch("route_kernel");
 }
 
