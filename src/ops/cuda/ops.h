@@ -423,8 +423,9 @@ struct MoeCombineParams {
 // next projection's FP8 operand from the combined rows of x in the same pass: RMSNorm(x) with weight
 // `norm` and eps, quantized per 128 columns into codes q [n x dim] and scales[g * scale_ld + t]
 // (lt_operand's buffers), the bytes quantize_activations with that norm would write from the new x. (A
-// struct of its own: grown by these fields, MoeCombineParams made nvcc read the plain combine's
-// parameters through a pointer, and that kernel took 126 us instead of 102 us an 8K lite layer.)
+// struct of its own: grown by these fields, MoeCombineParams made nvcc compile the plain combine
+// differently, parameters through an address and its loop less unrolled, and that kernel took 126 us
+// instead of 102 us an 8K lite layer.)
 struct CombineOperand {
   const float* norm = nullptr;
   float eps = 0.0f;
