@@ -841,8 +841,8 @@ struct CudaModel::Impl {
     const int64_t D = c.hidden_size, H = c.num_attention_heads, C = c.kv_lora_rank, dn = c.qk_nope_head_dim,
                   dr = c.qk_rope_head_dim, dv = c.v_head_dim, dq = dn + dr, dkv = dn + dv, W = C + dr;
     // qkv rows: [query section (q, or the q_lora latent) | kv_a], from one pass over RMSNorm(x).
-    const int64_t ldqkv = q_part + W;
     cuda::LinearParams qkv = qkv_a_params(L, n);
+    const int64_t ldqkv = qkv.ldy;
     if (qkv_a_quantized) {  // the previous layer's combine wrote the normed operand
       qkv.norm = nullptr;
       qkv.x_quantized = true;

@@ -71,8 +71,7 @@ __global__ void __launch_bounds__(kQuantThreads) quantize_kernel(const ActQuantP
         for (int i = 0; i < 16; ++i) ss += static_cast<double>(v[i]) * v[i];
       }
     }
-    for (int o = 16; o > 0; o >>= 1) ss += __shfl_xor_sync(0xffffffffu, ss, o);
-    inv_rms = static_cast<float>(1.0 / sqrt(ss / static_cast<double>(k_in) + static_cast<double>(p.norm_eps)));
+    inv_rms = warp_inv_rms(ss, k_in, p.norm_eps);
   }
   // Normalizes (with a norm) and stores step st's values v.
   auto finish = [&](int64_t st, float (&v)[16]) {

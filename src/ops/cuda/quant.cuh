@@ -51,6 +51,13 @@ __device__ __forceinline__ void load16(const __nv_bfloat16* p, float (&v)[16]) {
   }
 }
 
+// A row's RMSNorm factor 1 / sqrt(mean square + eps) from each lane's sum of squares over its share of the
+// row's k values (in double, as cpu::rmsnorm), summed across the warp; every lane gets it.
+__device__ __forceinline__ float warp_inv_rms(double ss, int64_t k, float eps) {
+  for (int o = 16; o > 0; o >>= 1) ss += __shfl_xor_sync(0xffffffffu, ss, o);
+  return static_cast<float>(1.0 / sqrt(ss / static_cast<double>(k) + static_cast<double>(eps)));
+}
+
 // 16 floats to p (16-byte aligned).
 __device__ __forceinline__ void store16(float* p, const float (&v)[16]) {
 #pragma unroll

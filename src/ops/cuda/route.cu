@@ -391,9 +391,7 @@ __global__ void __launch_bounds__(256)
       store16(x + step_col0(s0 + s), kept[s]);
     }
   }
-  for (int o = 16; o > 0; o >>= 1) ss += __shfl_xor_sync(0xffffffffu, ss, o);
-  const float inv_rms =
-      static_cast<float>(1.0 / sqrt(ss / static_cast<double>(p.dim) + static_cast<double>(next.eps)));
+  const float inv_rms = warp_inv_rms(ss, p.dim, next.eps);
   for (int64_t st = 0; st < steps; ++st) {
     const int64_t g = step_group(st), c0 = step_col0(st);
     const bool valid = g < groups;
