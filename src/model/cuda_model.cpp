@@ -344,6 +344,11 @@ struct CudaModel::Impl {
   uint64_t scratch_gen = 0;
 
   bool use_graphs = true;
+  // Measurement knob DSV3_LAYER_EVENTS=1 (forward() only): an event and a host timestamp at each layer's
+  // start, so that forward can print when the GPU reached a layer against when the host queued it.
+  std::vector<cudaEvent_t> layer_events;
+  std::vector<double> layer_host_ms;
+  std::chrono::steady_clock::time_point layer_entry;
   // CudaOptions::prefill_gemm: "auto" (forward() steps of at least auto_lt_rows() rows may run on
   // cuBLASLt), "lt" (every forward() step), "fp32" (none).
   std::string prefill_mode = "auto";
@@ -577,8 +582,11 @@ struct CudaModel::Impl {
 
   // The attention grid's key splits per (token, head): up to 128, as many as a 256 MiB buffer of
   // partials allows. Each row uses as many as give it >= kAttentionSplitKeys keys per split (a 32K
-  // context all 128, 1K 16, a short one 1-2), so one captured grid serves every context length.
-  static constexpr int64_t kAttentionSplitKeys = 64;
+  // context all 128, 1K 16, a short one 1-2), so one captured grid serves every context length. A
+  // one-token step splits twice as finely (kSingleTokenSplitKeys): its attention is a handful of blocks
+  // (16 heads share one, so 1K keys in 64-key splits is 16 blocks on 132 SMs), and 32 keys a split
+  // measured 5% more tokens/s at batch 1 and 1-2% fewer at batch 8 (docs/PERF.md, "Fourteenth session").
+  static constexpr int64_t kAttentionSplitKeys = 64, kSingleTokenSplitKeys = 32;
   int attention_splits(int64_t n) const {
     const int64_t per_split = cuda::mla_attention_work_floats(n, cfg.num_attention_heads, cfg.kv_lora_rank, 1) * 4;
     return static_cast<int>(std::clamp<int64_t>((int64_t{256} << 20) / per_split, 1, 128));
@@ -945,10 +953,10 @@ struct CudaModel::Impl {
     // one (docs/CUDA.md, "Tensor-core attention"), DSV3_MLA_SPLIT_KEYS=N the fewest keys per split,
     // DSV3_MLA_MAX_SPLITS=N the most splits per row.
     static const bool mla_mma = cuda::env_enabled("DSV3_MLA_MMA");
-    static const int64_t split_keys = cuda::env_positive("DSV3_MLA_SPLIT_KEYS", kAttentionSplitKeys);
+    static const int64_t split_keys = cuda::env_positive("DSV3_MLA_SPLIT_KEYS", 0);
     static const int max_splits = static_cast<int>(cuda::env_positive("DSV3_MLA_MAX_SPLITS", 128));
     at.splits = std::min(at.splits, max_splits);
-    at.split_keys = split_keys;
+    at.split_keys = split_keys > 0 ? split_keys : n == 1 ? kSingleTokenSplitKeys : kAttentionSplitKeys;
     at.mma = mla_mma;
     at.work = s.work;
     at.counters = s.counters;
@@ -1258,6 +1266,7 @@ struct CudaModel::Impl {
     cuda::embed({embed, s.tokens, n, s.x, stream});
     for (int64_t l = 0; l < c.num_hidden_layers; ++l) {
       const DevLayer& L = layers[l];
+      if (!layer_events.empty()) mark_layer(l);
       attention(L, l, n, sc);
       if (L.is_moe) {
         moe(L, n, l + 1 < c.num_hidden_layers ? &layers[l + 1] : nullptr);
@@ -1272,6 +1281,14 @@ struct CudaModel::Impl {
       rows += r.count;
     }
     cuda::linear(lin(lm_head, s.h, D, rows, s.logits, c.vocab_size));
+    if (!layer_events.empty()) mark_layer(c.num_hidden_layers);
+  }
+
+  // DSV3_LAYER_EVENTS: layer l's event (l = layers: the step's end) and the host's time since entry.
+  void mark_layer(int64_t l) {
+    DSV3_CUDA_CHECK(cudaEventRecord(layer_events[static_cast<size_t>(l) + 1], stream));
+    const std::chrono::duration<double, std::milli> host = std::chrono::steady_clock::now() - layer_entry;
+    layer_host_ms[static_cast<size_t>(l) + 1] = host.count();
   }
 
   // Runs `enqueue` now, or (use_graphs) replays it from a graph captured on first use into `exec`.
@@ -1476,7 +1493,41 @@ std::vector<float> CudaModel::forward(std::span<const int32_t> tokens, CudaLaten
     cuda::spin(hold_us, m.stream);
     DSV3_CUDA_CHECK(cudaEventRecord(held[0], m.stream));
   }
-  m.run_captured(m.graph, graph_step, [&] { m.enqueue(n, std::span(&head, 1), sc); });
+  // Measurement knob DSV3_LAYER_EVENTS=1 (eager steps): per layer, when the GPU started it and when the
+  // host had queued it, both from forward's entry (event 0, recorded first: the GPU reaches it at once
+  // when idle); a GPU start before the host's time means the GPU waited for the host there.
+  static const bool layer_events = cuda::env_positive("DSV3_LAYER_EVENTS", 0) > 0;
+  const bool mark = layer_events && !graph_step;
+  if (mark) {
+    m.layer_entry = std::chrono::steady_clock::now();
+    m.layer_events.assign(static_cast<size_t>(cfg_.num_hidden_layers) + 2, nullptr);
+    m.layer_host_ms.assign(m.layer_events.size(), 0.0);
+    for (cudaEvent_t& e : m.layer_events) DSV3_CUDA_CHECK(cudaEventCreate(&e));
+    DSV3_CUDA_CHECK(cudaEventRecord(m.layer_events[0], m.stream));
+  }
+  auto drop_events = [&] {
+    for (cudaEvent_t e : m.layer_events) cudaEventDestroy(e);
+    m.layer_events.clear();  // later steps (graph captures among them) record none
+  };
+  try {
+    m.run_captured(m.graph, graph_step, [&] { m.enqueue(n, std::span(&head, 1), sc); });
+  } catch (...) {
+    drop_events();
+    throw;
+  }
+  if (mark) {
+    DSV3_CUDA_CHECK(cudaEventSynchronize(m.layer_events.back()));
+    const std::chrono::duration<double, std::milli> wall = std::chrono::steady_clock::now() - m.layer_entry;
+    std::fprintf(stderr, "layer events: %lld rows, wall to the last event %.3f ms\n",
+                 static_cast<long long>(n), wall.count());
+    for (size_t l = 1; l < m.layer_events.size(); ++l) {
+      float gpu = 0.0f;
+      DSV3_CUDA_CHECK(cudaEventElapsedTime(&gpu, m.layer_events[0], m.layer_events[l]));
+      std::fprintf(stderr, "  %s %zu: GPU at %.3f ms, queued by %.3f ms\n",
+                   l + 1 == m.layer_events.size() ? "end" : "layer", l - 1, gpu, m.layer_host_ms[l]);
+    }
+    drop_events();
+  }
   if (hold_us > 0) {
     const std::chrono::duration<double, std::milli> host = std::chrono::steady_clock::now() - entry;
     DSV3_CUDA_CHECK(cudaEventRecord(held[1], m.stream));
