@@ -1,7 +1,8 @@
 // Per-token FP8 quantization of activation rows as the cuBLASLt and grouped GEMMs take them (one scale
 // per 128 columns of a row, amax / 448), by one warp per row: shared by quantize_activations (quant.cu)
-// and the kernels that write such an operand themselves (mla_gather_codes; the grouped GEMM's SwiGLU
-// epilogue and the attention's store_rows_fp8 use kE4m3Max with their own register layouts).
+// and the kernels that write such an operand themselves (mla_gather_codes, moe_combine_quantize_kernel;
+// the grouped GEMM's SwiGLU epilogue and the attention's store_rows_fp8 use kE4m3Max with their own
+// register layouts).
 #pragma once
 
 #include <cuda_bf16.h>
