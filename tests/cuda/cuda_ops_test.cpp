@@ -1965,9 +1965,12 @@ std::vector<float> combine_kept(Dev& dev, const cuda::LtRows& keep, const std::v
 }
 
 // The grouped FP8 kernel's switches that must leave its results bit for bit the same: each k-block's
-// products waited for before their promotion (no second partial), and one launch per 128-row tile.
+// products waited for before their promotion (no second partial), one launch per 128-row tile, and a
+// SwiGLU pair in one pass (grouped_fp8_pair_kernel) or two per tile, whatever the rows per expert.
 constexpr std::pair<const char*, const char*> kGroupedFp8Variants[] = {{"DSV3_GFP8_OVERLAP", "0"},
-                                                                      {"DSV3_GFP8_LAUNCH_TILES", "1"}};
+                                                                       {"DSV3_GFP8_LAUNCH_TILES", "1"},
+                                                                       {"DSV3_GFP8_WIDE", "1"},
+                                                                       {"DSV3_GFP8_WIDE", "0"}};
 
 // The grouped MoE projections of a prefill on cuBLASLt (LinearParams::lt): per-expert GEMMs over gathered,
 // quantized rows against the tensor-core kernel (fp32-accurate): FP8 activations (3 mantissa bits) move
@@ -2229,7 +2232,7 @@ TEST_F(CudaOps, GroupedMlpPlannedOnDeviceMatchesHostPlan) {
 // through the grouped FP8 kernel (the default) against cuBLASLt's per-expert GEMMs
 // (DSV3_LT_GROUPED_FP8=0): the whole MLP in one call (the kernel's SwiGLU mode) and the gate/up pair
 // alone. The same products per 128-column block and the same promotion, so the results agree to
-// rounding order at most.
+// rounding order at most. The one-pass SwiGLU pair gives the two-pass one's bits.
 TEST_F(CudaOps, GroupedFp8KernelAtV3Shapes) {
   Dev dev;
   const int64_t E = 3, D = 7168, I = 2048, n = 96, k = 2, P = n * k;
@@ -2263,6 +2266,12 @@ TEST_F(CudaOps, GroupedFp8KernelAtV3Shapes) {
   size_t nan = 0;
   for (float v : own.second) nan += std::isnan(v);
   EXPECT_EQ(nan, 0u) << "every output written";
+  // The SwiGLU pair in one pass per tile (taken for many rows per expert) at these 56 k-blocks: the MLP's
+  // same bits.
+  ASSERT_EQ(setenv("DSV3_GFP8_WIDE", "1", 1), 0);
+  const auto wide = run(true);
+  unsetenv("DSV3_GFP8_WIDE");
+  EXPECT_EQ(wide.second, own.second) << "one-pass SwiGLU pair";
 }
 }  // namespace
 }  // namespace dsv3

@@ -28,7 +28,8 @@
 //
 // SwiGLU mode (a gate/up pair whose result feeds the down projection): a tile is the gate block, then
 // the up block of the same columns; the epilogue writes silu(gate) * up as the down projection's FP8
-// operand, so no bf16 gate/up scratch is written and read again.
+// operand, so no bf16 gate/up scratch is written and read again. With many rows per expert the pair runs
+// in grouped_fp8_pair_kernel instead: both blocks in one pass over k, the operand tile read once.
 //
 // Device tiles: the tiles' records and their count may instead come from moe_rows in device memory (the
 // row plan built on the device, ninth session): one launch of one block per SM, whatever the routing,
@@ -68,6 +69,15 @@ constexpr uint32_t kBars = kStages * kStageBytes;
 // thread t at kGateAt + 8 (j * kConsumers + t) (a warp's stores hit consecutive words).
 constexpr uint32_t kGateAt = kBars + 2 * kStages * 8;
 constexpr size_t kSmemBytes = kGateAt + 16 * kConsumers * 8 + 1024;  // + room to align the base to 1,024
+// The SwiGLU pair in one pass (wide tiles): a stage holds the operand tile and the expert's gate and up
+// weight tiles of the same 128 columns (48 KB + scales), so the operand is read once for both halves and
+// no gate values wait in shared memory; 4 stages.
+constexpr int kWideStages = 4;
+constexpr uint32_t kWideScalesAt = 3 * kTileBytes, kWideWeightScaleAt = kWideScalesAt + kTile * 4;
+constexpr uint32_t kWideStageBytes = 3 * kTileBytes + 1024;
+constexpr uint32_t kWideStageTx = 3 * kTileBytes + kTile * 4;
+constexpr size_t kWideSmemBytes = kWideStages * kWideStageBytes + 2 * kWideStages * 8 + 1024;
+constexpr int64_t kWideMinRowsPerExpert = 640;  // operand rows (a bound, padding included) per table entry
 // Row tiles one launch resolves in its parameters (12 bytes each; kernel parameters hold up to 32 KB).
 constexpr int kMaxRowTiles = 1024;
 
@@ -112,6 +122,70 @@ __device__ __forceinline__ void st_shared_f32(uint32_t addr, float v) {
   asm volatile("st.shared.f32 [%0], %1;" ::"r"(addr), "f"(v) : "memory");
 }
 
+// The stages' barriers at `bars`: full 0..stages-1 (one arrival: the producer's, plus the copies' bytes),
+// then empty 0..stages-1 (one arrival per consumer warp); the first thread inits them, then the block syncs.
+__device__ __forceinline__ void init_stage_barriers(uint32_t bars, int stages) {
+  if (threadIdx.x == 0) {
+    for (int s = 0; s < stages; ++s) {
+      mbar_init(bars + 8 * s, 1);
+      mbar_init(bars + 8 * (stages + s), kConsumers / 32);
+    }
+    mbar_init_fence();
+  }
+  __syncthreads();
+}
+
+// SwiGLU mode's epilogue: silu(gate) * up for this lane's two rows (ra, ra + 8) of the tile and its 32
+// columns, as swiglu_quantize computes it from bf16 scratch (gate_bits(j): the gate values of the
+// lane's accumulator j as bf16 pairs, up rounded to bf16 here), quantized per row over the tile's 128
+// columns (a row's columns sit in the 4 lanes of its quad), written as the down projection's FP8 operand
+// with one scale per row and 128 columns in the segments' VEC128 blocks.
+template <typename GateBits>
+__device__ __forceinline__ void store_swiglu(const KernelArgs& p, int32_t tile, int32_t n_tiles, int ra,
+                                             int c, float (&acc)[16][4], GateBits gate_bits) {
+  const int64_t rt = tile / n_tiles, n0 = tile % n_tiles * kTile;
+  float amax_a = 0.0f, amax_b = 0.0f;
+#pragma unroll
+  for (int j = 0; j < 16; ++j) {
+    const uint2 gj = gate_bits(j);
+    const uint32_t ua = bf16x2_bits(acc[j][0], acc[j][1]), ub = bf16x2_bits(acc[j][2], acc[j][3]);
+    acc[j][0] = silu(bf16_bits_to_float(gj.x & 0xffffu)) * bf16_bits_to_float(ua & 0xffffu);
+    acc[j][1] = silu(bf16_bits_to_float(gj.x >> 16)) * bf16_bits_to_float(ua >> 16);
+    acc[j][2] = silu(bf16_bits_to_float(gj.y & 0xffffu)) * bf16_bits_to_float(ub & 0xffffu);
+    acc[j][3] = silu(bf16_bits_to_float(gj.y >> 16)) * bf16_bits_to_float(ub >> 16);
+    amax_a = fmaxf(amax_a, fmaxf(fabsf(acc[j][0]), fabsf(acc[j][1])));
+    amax_b = fmaxf(amax_b, fmaxf(fabsf(acc[j][2]), fabsf(acc[j][3])));
+  }
+#pragma unroll
+  for (int o = 1; o < 4; o <<= 1) {
+    amax_a = fmaxf(amax_a, __shfl_xor_sync(0xffffffffu, amax_a, o));
+    amax_b = fmaxf(amax_b, __shfl_xor_sync(0xffffffffu, amax_b, o));
+  }
+  // As quantize's store_group: scale amax / 448, an all-zero group scale 0 and codes 0.
+  const float inv_a = amax_a > 0.0f ? kE4m3Max / amax_a : 0.0f,
+              inv_b = amax_b > 0.0f ? kE4m3Max / amax_b : 0.0f;
+  // Each lane has 2 codes of each of its rows per 8 columns; lanes c and c ^ 1 swap halves so that the
+  // even one stores 4 codes of row a and the odd one 4 of row b (one 4-byte store each).
+  const int64_t m = p.out / 2, row_a = p.row_base + rt * kTile + ra, row_b = row_a + 8;
+  const bool odd = c & 1;
+  uint8_t* qrow = p.q + (odd ? row_b : row_a) * m + n0 + 4 * (c / 2);
+#pragma unroll
+  for (int j = 0; j < 16; ++j) {
+    const uint32_t ca = static_cast<uint16_t>(__nv_cvt_float2_to_fp8x2(
+        make_float2(acc[j][0] * inv_a, acc[j][1] * inv_a), __NV_SATFINITE, __NV_E4M3));
+    const uint32_t cb = static_cast<uint16_t>(__nv_cvt_float2_to_fp8x2(
+        make_float2(acc[j][2] * inv_b, acc[j][3] * inv_b), __NV_SATFINITE, __NV_E4M3));
+    const uint32_t got = __shfl_xor_sync(0xffffffffu, odd ? ca : cb, 1);
+    *reinterpret_cast<uint32_t*>(qrow + 8 * j) = odd ? got | cb << 16 : ca | got << 16;
+  }
+  if (c == 0) {
+    const RowTile r = p.tile(rt);
+    const int64_t groups = m / kTile, at = groups * r.seg_row0 + n0 / kTile * r.seg_rows - r.seg_row0;
+    p.q_scales[at + row_a] = amax_a / kE4m3Max;
+    p.q_scales[at + row_b] = amax_b / kE4m3Max;
+  }
+}
+
 // Persistent: block b takes tiles b, b + gridDim.x, ... (n tiles fastest, so consecutive tiles share
 // their operand rows); the stages' barriers run on across tiles, so the producer loads the next tile's
 // first k-blocks while the consumers finish and store this one.
@@ -126,14 +200,7 @@ __global__ void __launch_bounds__(kThreads, 1) grouped_fp8_kernel(const __grid_c
   const int32_t row_tiles = p.dev_rows ? *p.dev_rows / kTile : p.row_tiles;
   const int32_t tiles = n_tiles * row_tiles;  // (int32 here and below: 64-bit arithmetic costs registers)
 
-  if (threadIdx.x == 0) {
-    for (int s = 0; s < kStages; ++s) {
-      mbar_init(full(s), 1);
-      mbar_init(empty(s), kConsumers / 32);
-    }
-    mbar_init_fence();
-  }
-  __syncthreads();
+  init_stage_barriers(full(0), kStages);
 
   if (threadIdx.x >= kConsumers) {  // the producer warpgroup: its first thread issues every copy
     if constexpr (OVERLAP) regs_shrink<40>();
@@ -262,54 +329,122 @@ __global__ void __launch_bounds__(kThreads, 1) grouped_fp8_kernel(const __grid_c
       continue;
     }
     // SwiGLU mode: the gate block kept as bf16 (as the two-pass path rounds it into scratch), then the up
-    // block; silu(gate) * up as swiglu_quantize computes it from bf16 scratch, quantized per row over the
-    // tile's 128 columns (a row's columns sit in the 4 lanes of its quad).
+    // block.
     uint2* gate = reinterpret_cast<uint2*>(smem + kGateAt) + threadIdx.x;  // this thread's, kConsumers apart
     mainloop(acc);
 #pragma unroll
     for (int j = 0; j < 16; ++j)
       gate[j * kConsumers] = make_uint2(bf16x2_bits(acc[j][0], acc[j][1]), bf16x2_bits(acc[j][2], acc[j][3]));
     mainloop(acc);
-    const int64_t rt = tile / n_tiles, n0 = tile % n_tiles * kTile;
-    float amax_a = 0.0f, amax_b = 0.0f;
-#pragma unroll
-    for (int j = 0; j < 16; ++j) {
-      const uint2 gj = gate[j * kConsumers];
-      const uint32_t ua = bf16x2_bits(acc[j][0], acc[j][1]), ub = bf16x2_bits(acc[j][2], acc[j][3]);
-      acc[j][0] = silu(bf16_bits_to_float(gj.x & 0xffffu)) * bf16_bits_to_float(ua & 0xffffu);
-      acc[j][1] = silu(bf16_bits_to_float(gj.x >> 16)) * bf16_bits_to_float(ua >> 16);
-      acc[j][2] = silu(bf16_bits_to_float(gj.y & 0xffffu)) * bf16_bits_to_float(ub & 0xffffu);
-      acc[j][3] = silu(bf16_bits_to_float(gj.y >> 16)) * bf16_bits_to_float(ub >> 16);
-      amax_a = fmaxf(amax_a, fmaxf(fabsf(acc[j][0]), fabsf(acc[j][1])));
-      amax_b = fmaxf(amax_b, fmaxf(fabsf(acc[j][2]), fabsf(acc[j][3])));
-    }
-#pragma unroll
-    for (int o = 1; o < 4; o <<= 1) {
-      amax_a = fmaxf(amax_a, __shfl_xor_sync(0xffffffffu, amax_a, o));
-      amax_b = fmaxf(amax_b, __shfl_xor_sync(0xffffffffu, amax_b, o));
-    }
-    // As quantize's store_group: scale amax / 448, an all-zero group scale 0 and codes 0.
-    const float inv_a = amax_a > 0.0f ? kE4m3Max / amax_a : 0.0f, inv_b = amax_b > 0.0f ? kE4m3Max / amax_b : 0.0f;
-    // Each lane has 2 codes of each of its rows per 8 columns; lanes c and c ^ 1 swap halves so that the
-    // even one stores 4 codes of row a and the odd one 4 of row b (one 4-byte store each).
-    const int64_t m = p.out / 2, row_a = p.row_base + rt * kTile + ra, row_b = row_a + 8;
-    const bool odd = c & 1;
-    uint8_t* qrow = p.q + (odd ? row_b : row_a) * m + n0 + 4 * (c / 2);
-#pragma unroll
-    for (int j = 0; j < 16; ++j) {
-      const uint32_t ca = static_cast<uint16_t>(
-          __nv_cvt_float2_to_fp8x2(make_float2(acc[j][0] * inv_a, acc[j][1] * inv_a), __NV_SATFINITE, __NV_E4M3));
-      const uint32_t cb = static_cast<uint16_t>(
-          __nv_cvt_float2_to_fp8x2(make_float2(acc[j][2] * inv_b, acc[j][3] * inv_b), __NV_SATFINITE, __NV_E4M3));
-      const uint32_t got = __shfl_xor_sync(0xffffffffu, odd ? ca : cb, 1);
-      *reinterpret_cast<uint32_t*>(qrow + 8 * j) = odd ? got | cb << 16 : ca | got << 16;
-    }
-    if (c == 0) {
+    store_swiglu(p, tile, n_tiles, ra, c, acc, [&](int j) { return gate[j * kConsumers]; });
+  }
+}
+
+// SwiGLU mode in one pass (wide tiles): per k-block the producer brings the operand tile, the expert's
+// gate tile and its up tile of the same 128 columns; a consumer warpgroup runs the gate's 4 products into
+// its partial, promotes them into the gate accumulators, then the up's 4 into the same partial and
+// promotes them into the up accumulators (64 + 64 + 64 registers: no room for a second partial, so
+// each warpgroup's promotions wait for its products and the other warpgroup's products fill the tensor
+// cores meanwhile). Against the two-pass form the operand tile is read from L2 once instead of twice per
+// output tile (the kernel was L2-bound: ncu, fifteenth session) and the gate values stay in registers.
+// The same products and promotions in the same order: the same bits.
+__global__ void __launch_bounds__(kThreads, 1) grouped_fp8_pair_kernel(const __grid_constant__ KernelArgs p) {
+  extern __shared__ uint8_t smem_raw[];
+  uint8_t* smem = smem_raw + ((1024 - smem_addr(smem_raw) % 1024) % 1024);
+  const uint32_t smem_s = smem_addr(smem);
+  constexpr uint32_t kBarsAt = kWideStages * kWideStageBytes;
+  auto full = [&](uint32_t s) { return smem_s + kBarsAt + 8 * s; };
+  auto empty = [&](uint32_t s) { return smem_s + kBarsAt + 8 * (kWideStages + s); };
+  const int32_t n_tiles = p.out / 2 / kTile, kbs = p.k / kTile;
+  const int32_t row_tiles = p.dev_rows ? *p.dev_rows / kTile : p.row_tiles;
+  const int32_t tiles = n_tiles * row_tiles;
+
+  init_stage_barriers(full(0), kWideStages);
+
+  if (threadIdx.x >= kConsumers) {  // the producer warpgroup: its first thread issues every copy
+    regs_shrink<40>();
+    if (threadIdx.x != kConsumers) return;
+    uint32_t it = 0;
+    for (int32_t tile = blockIdx.x; tile < tiles; tile += gridDim.x) {
+      const int32_t rt = tile / n_tiles, n0 = tile % n_tiles * kTile;
       const RowTile r = p.tile(rt);
-      const int64_t groups = m / kTile, at = groups * r.seg_row0 + n0 / kTile * r.seg_rows - r.seg_row0;
-      p.q_scales[at + row_a] = amax_a / kE4m3Max;
-      p.q_scales[at + row_b] = amax_b / kE4m3Max;
+      const int32_t row0 = static_cast<int32_t>(p.row_base) + rt * kTile;
+      const float* sa = p.a_scales + static_cast<int64_t>(kbs) * r.seg_row0 + (row0 - r.seg_row0);
+      const ExpertMap *wg = p.maps + r.expert, *wu = p.maps2 + r.expert;
+      const float* sg = wg->scale_inv + n0 / kTile * kbs;  // the weight blocks' scales along k
+      const float* su = wu->scale_inv + n0 / kTile * kbs;
+      tensormap_acquire(&wg->map);
+      tensormap_acquire(&wu->map);
+      for (int32_t kb = 0; kb < kbs; ++kb, ++it) {
+        const uint32_t s = it % kWideStages;
+        const float2 w_scales = make_float2(sg[kb], su[kb]);
+        if (it >= kWideStages) mbar_wait(empty(s), (it / kWideStages - 1) & 1);
+        const uint32_t st = smem_s + s * kWideStageBytes;
+        st_shared_f32(st + kWideWeightScaleAt, w_scales.x);
+        st_shared_f32(st + kWideWeightScaleAt + 4, w_scales.y);
+        mbar_arrive_expect_tx(full(s), kWideStageTx);  // releases the scales stored above
+        tma_load_2d(st, &p.a_map, kb * kTile, row0, full(s));
+        tma_load_2d(st + kTileBytes, &wg->map, kb * kTile, n0, full(s));
+        tma_load_2d(st + 2 * kTileBytes, &wu->map, kb * kTile, n0, full(s));
+        bulk_copy(st + kWideScalesAt, sa + static_cast<int64_t>(kb) * r.seg_rows, kTile * 4, full(s));
+      }
     }
+    return;
+  }
+
+  regs_grow<232>();
+  const int wg = threadIdx.x / 128, warp = threadIdx.x % 128 / 32, lane = threadIdx.x % 32, c = lane % 4;
+  const int ra = wg * 64 + warp * 16 + lane / 4, rb = ra + 8;
+  // part = the 4 products of one 128-column k-block of the operand (a_s) with a weight tile (b_s), waited
+  // for; then added to acc times the rows' scales.
+  auto product = [&](float(&part)[16][4], uint32_t a_s, uint32_t b_s) {
+    wgmma_fence();
+    wgmma_m64n128k32_e4m3<false, true>(part, wgmma_desc(a_s, 16, 1024), wgmma_desc(b_s, 16, 1024));
+#pragma unroll
+    for (int ks = 1; ks < kTile / 32; ++ks)
+      wgmma_m64n128k32_e4m3<true>(part, wgmma_desc(a_s + 32 * ks, 16, 1024),
+                                  wgmma_desc(b_s + 32 * ks, 16, 1024));
+    wgmma_commit();
+  };
+  auto promote = [&](float(&acc)[16][4], float(&part)[16][4], float fa, float fb) {
+    wgmma_wait<0>();
+    wgmma_hold(part);
+#pragma unroll
+    for (int j = 0; j < 16; ++j) {
+      acc[j][0] = fmaf(part[j][0], fa, acc[j][0]);
+      acc[j][1] = fmaf(part[j][1], fa, acc[j][1]);
+      acc[j][2] = fmaf(part[j][2], fb, acc[j][2]);
+      acc[j][3] = fmaf(part[j][3], fb, acc[j][3]);
+    }
+  };
+  uint32_t it = 0;
+  for (int32_t tile = blockIdx.x; tile < tiles; tile += gridDim.x) {
+    float gate[16][4], up[16][4], part[16][4];  // part's first values are never read (TIED products)
+#pragma unroll
+    for (int j = 0; j < 16; ++j)
+#pragma unroll
+      for (int i = 0; i < 4; ++i) gate[j][i] = up[j][i] = part[j][i] = 0.0f;
+#pragma unroll 1
+    for (int32_t kb = 0; kb < kbs; ++kb, ++it) {
+      const uint32_t s = it % kWideStages;
+      mbar_wait(full(s), (it / kWideStages) & 1);
+      const uint32_t st = smem_s + s * kWideStageBytes, a_s = st + wg * 64 * kTile;
+      product(part, a_s, st + kTileBytes);
+      const uint8_t* stage = smem + s * kWideStageBytes;
+      const float* sa = reinterpret_cast<const float*>(stage + kWideScalesAt);
+      const float* sw = reinterpret_cast<const float*>(stage + kWideWeightScaleAt);
+      const float a0 = sa[ra], a1 = sa[rb], sg = sw[0], su = sw[1];
+      promote(gate, part, a0 * sg, a1 * sg);
+      product(part, a_s, st + 2 * kTileBytes);
+      promote(up, part, a0 * su, a1 * su);
+      __syncwarp();
+      if (lane == 0) mbar_arrive(empty(s));
+    }
+    uint2 gate_bits[16];  // rounded to bf16 as the two-pass form parks them
+#pragma unroll
+    for (int j = 0; j < 16; ++j)
+      gate_bits[j] = make_uint2(bf16x2_bits(gate[j][0], gate[j][1]), bf16x2_bits(gate[j][2], gate[j][3]));
+    store_swiglu(p, tile, n_tiles, ra, c, up, [&](int j) { return gate_bits[j]; });
   }
 }
 
@@ -385,11 +520,21 @@ void grouped_fp8_gemm(const GroupedFp8Params& p) {
     for (auto* kernel : {grouped_fp8_kernel<false>, grouped_fp8_kernel<true>})
       DSV3_CUDA_CHECK(
           cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(kSmemBytes)));
+    DSV3_CUDA_CHECK(cudaFuncSetAttribute(grouped_fp8_pair_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                         static_cast<int>(kWideSmemBytes)));
     return true;
   }();
   // Measurement and test knobs, read at every call: DSV3_GFP8_OVERLAP=0 waits for each k-block's products
-  // before promoting them (no second partial); DSV3_GFP8_LAUNCH_TILES caps the row tiles per launch.
+  // before promoting them (no second partial); DSV3_GFP8_WIDE=0 / =1 runs a SwiGLU pair always in two
+  // passes per tile (grouped_fp8_kernel) / always in one (grouped_fp8_pair_kernel); DSV3_GFP8_LAUNCH_TILES
+  // caps the row tiles per launch.
   const bool overlap = env_enabled("DSV3_GFP8_OVERLAP");
+  // The one-pass pair saves L2 traffic where many row tiles share an expert's weights (lite at 8K: ~1,100
+  // rows an expert, -11% for the pair); with few rows an expert the weights come from DRAM once and the
+  // two-pass kernel's fifth stage hides more of that (v3-slice at 8K, ~380 rows an expert: not faster).
+  const char* wide_knob = std::getenv("DSV3_GFP8_WIDE");
+  const bool wide = p.q && (wide_knob ? std::string_view(wide_knob) != "0"
+                                      : p.rows >= kWideMinRowsPerExpert * p.table_size);
   const int64_t launch_tiles = std::min<int64_t>(env_positive("DSV3_GFP8_LAUNCH_TILES", kMaxRowTiles), kMaxRowTiles);
   DSV3_ASSERT(opted_in);
   // One block per SM (the stages fill most of its shared memory), each looping over tiles.
@@ -408,7 +553,9 @@ void grouped_fp8_gemm(const GroupedFp8Params& p) {
   // `tiles` output tiles on at most one block per SM.
   auto launch = [&](int64_t tiles) {
     const unsigned blocks = static_cast<unsigned>(std::min<int64_t>(tiles, sms));
-    if (overlap)
+    if (wide)
+      grouped_fp8_pair_kernel<<<blocks, kThreads, kWideSmemBytes, p.stream>>>(args);
+    else if (overlap)
       grouped_fp8_kernel<true><<<blocks, kThreads, kSmemBytes, p.stream>>>(args);
     else
       grouped_fp8_kernel<false><<<blocks, kThreads, kSmemBytes, p.stream>>>(args);
