@@ -2,9 +2,9 @@
 // trainer config, next to the cuBLAS BF16 GEMM rate measured in the same process (the roofline).
 //
 //   dsv3_bench_train CONFIG [--steps N] [--warmup N] [--precision bf16|fp32] [--batch B] [--seq S]
-//                    [--attention explicit|tf32|fused]   (explicit: S x S products on bf16 operands in bf16
-//                                                         mode; tf32: on fp32 operands, run 7's path; fused:
-//                                                         the opt-in flash-style kernels, bf16 only)
+//                    [--attention fused|explicit|tf32]   (fused: the flash-style kernels, the default in bf16
+//                                                         mode; explicit: S x S products on bf16 operands;
+//                                                         tf32: on fp32 operands, run 7's path)
 //                    [--linears tf32|bf16]   (bf16 mode: the non-expert linear layers on fp32 operands that
 //                                             cuBLAS runs as TF32, the default, or opt-in on bf16 operands)
 //
@@ -121,7 +121,7 @@ int run(int argc, char** argv) {
   }
   const std::string config_path = argv[1];
   int64_t steps = 10, warmup = 2, batch = 0, seq = 0;
-  std::string precision = "bf16", attention = "explicit", linears = "tf32";
+  std::string precision = "bf16", attention = "fused", linears = "tf32";
   for (int i = 2; i + 1 < argc; i += 2) {
     const std::string f = argv[i], v = argv[i + 1];
     if (f == "--steps") steps = std::stoll(v);
@@ -141,7 +141,8 @@ int run(int argc, char** argv) {
   }
   if (attention != "fused" && attention != "explicit" && attention != "tf32") {
     throw Error("--attention " + attention + " is not an attention path",
-                "use --attention explicit (the default), tf32 (explicit on fp32 operands) or fused");
+                "use --attention fused (the default), explicit (S x S products on bf16 operands) or tf32 (on "
+                "fp32 operands)");
   }
   Json config = read_json_file(config_path);
   if (!config.contains("training")) config["training"] = Json::object();

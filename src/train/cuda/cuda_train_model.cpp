@@ -173,7 +173,9 @@ struct CudaTrainModel::Impl {
   std::vector<std::unique_ptr<Gemm>> side_gemm;
   cudaEvent_t side_fork = nullptr;
   std::vector<cudaEvent_t> side_join;
-  bool fused_attention = false;  // flash-style attention kernels: opt-in (BF16 mode, head dims they take)
+  // The flash-style attention kernels (flash_attention.cu): the default in BF16 mode where they take the
+  // head widths; otherwise, or after set_fused_attention(false), the explicit path.
+  bool fused_attention = false;
   int64_t D, H, C, Q, dn, dr, dv, dq, dkv, E, k, V;
 
   // Parameters: four slabs (weights, grads, AdamW m and v) of `slab_floats` each.
@@ -273,6 +275,7 @@ struct CudaTrainModel::Impl {
       head_norm = P(mp + "shared_head.norm.weight");
       mtp_layer = make_layer(cfg.num_hidden_layers);
     }
+    set_fused_attention(true);
   }
 
   ~Impl() {
@@ -581,8 +584,11 @@ struct CudaTrainModel::Impl {
     a.o16 = xn16 ? acts.bf16s(N * H * dv) : nullptr;
     if (fused_attention) {
       a.lse = acts.floats(Bn * H * Sn);
-      flash_attention_forward({a.o, H * dv, dv}, a.lse, {a.q, H * dq, dq}, {a.kfull, H * dq, dq},
-                              {a.kv + dn, H * dkv, dkv}, {Bn, Sn, H, dq, dv, sc}, stream);
+      const FlashShape sh{Bn, Sn, H, dq, dv, sc};
+      scratch.reset();  // nothing else of the forward uses it
+      flash_attention_forward(
+          {a.o, H * dv, dv}, a.lse, {a.q, H * dq, dq}, {a.kfull, H * dq, dq}, {a.kv + dn, H * dkv, dkv}, sh,
+          scratch.floats(static_cast<int64_t>(flash_attention_workspace_bytes(sh) / 4)), stream);
       o_proj_fwd(p, a, N, y);
       return;
     }
@@ -661,12 +667,14 @@ struct CudaTrainModel::Impl {
     float* dkv_ = scratch.floats(N * H * dkv);
     float* dq_ = scratch.floats(N * H * dq);
     float* dkfull = scratch.floats(N * H * dq);
-    if (a.lse)
+    if (a.lse) {
+      const FlashShape sh{Bn, Sn, H, dq, dv, static_cast<float>(cfg.softmax_scale())};
       flash_attention_backward({dq_, H * dq, dq}, {dkfull, H * dq, dq}, {dkv_ + dn, H * dkv, dkv},
                                scratch.floats(Bn * H * Sn), {a.q, H * dq, dq}, {a.kfull, H * dq, dq},
-                               {a.kv + dn, H * dkv, dkv}, {a.o, H * dv, dv}, {dout, H * dv, dv}, a.lse,
-                               {Bn, Sn, H, dq, dv, static_cast<float>(cfg.softmax_scale())}, stream);
-    else if (a.probs16) {
+                               {a.kv + dn, H * dkv, dkv}, {a.o, H * dv, dv}, {dout, H * dv, dv}, a.lse, sh,
+                               scratch.floats(static_cast<int64_t>(flash_attention_workspace_bytes(sh) / 4)),
+                               stream);
+    } else if (a.probs16) {
       __nv_bfloat16* dout16 = scratch.bf16s(N * H * dv);
       to_bf16(dout16, dout, N * H * dv, stream);
       explicit_attention_bwd(a.q16, a.k16, a.kv16, a.probs16, dout16, scratch.floats(Bn * H * Sn * Sn),

@@ -52,10 +52,10 @@ class CudaTrainModel final : public TrainBackend {
   // Device memory in use for parameters, gradients and moments; for activations (high-water mark).
   int64_t param_bytes() const;
   int64_t activation_bytes() const;
-  // Attention: by default the explicit path (S x S score tensors, cuBLAS batched GEMMs, the warp-per-row
-  // softmax kernels of train_kernels.h). set_fused_attention(true) asks for the fused flash-style kernels
-  // instead (BF16 mode and head widths they take only; fused_attention() says whether it applies): an
-  // opt-in experiment, slower than the explicit path and with larger bf16 gradient errors (docs/TRAINING.md).
+  // Attention: in BF16 mode, by default, the fused flash-style kernels (flash_attention.cu: no S x S tensor
+  // in memory; q/k widths up to 192, v up to 128). set_fused_attention(false), FP32 mode and wider heads
+  // take the explicit path (S x S score tensors, cuBLAS batched GEMMs, the warp-per-row softmax kernels of
+  // train_kernels.h). fused_attention() says which applies (docs/TRAINING.md).
   void set_fused_attention(bool on);
   bool fused_attention() const;
   // BF16 mode: the non-expert linear layers on bf16 operands (opt-in: on the tiny test models gradients

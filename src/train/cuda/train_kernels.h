@@ -98,13 +98,15 @@ struct FlashShape {
 };
 // Whether the fused kernels take these head widths (qk <= 192, v <= 128); otherwise use the explicit path.
 bool flash_attention_supported(int64_t dq, int64_t dv);
+// Device scratch both calls need (`work`, 16-byte aligned): the operands packed as bf16 tiles.
+size_t flash_attention_workspace_bytes(const FlashShape& sh);
 // o [.. x dv] written; lse [B x H x S] (logsumexp of each row's scaled scores) written, for backward.
 void flash_attention_forward(FlashOut o, float* lse, FlashTensor q, FlashTensor k, FlashTensor v,
-                             const FlashShape& sh, cudaStream_t s);
+                             const FlashShape& sh, void* work, cudaStream_t s);
 // dq, dk, dv written from dout and forward's o and lse (scores recomputed); delta: [B x H x S] scratch.
 void flash_attention_backward(FlashOut dq, FlashOut dk, FlashOut dv, float* delta, FlashTensor q,
                               FlashTensor k, FlashTensor v, FlashTensor o, FlashTensor dout, const float* lse,
-                              const FlashShape& sh, cudaStream_t s);
+                              const FlashShape& sh, void* work, cudaStream_t s);
 
 // ---- cross-entropy ----
 // loss[t] = logsumexp(logits[t]) - logits[t][target]; lse[t] cached.
