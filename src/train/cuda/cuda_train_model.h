@@ -9,7 +9,8 @@
 //
 // The MoE router runs on the device (train_kernels.h: route_tokens, moe_permute, router_backward): gate
 // logits -> expert choice and weights (the CPU trainer's route_forward choices, ties included) -> the
-// permutation of tokens into per-expert segments, each segment then one cuBLAS GEMM per expert. Per MoE
+// permutation of tokens into per-expert segments, each segment then one cuBLAS GEMM per expert (or, with
+// DSV3_TRAIN_EXPERTS=padded, the segments padded to one size and each product one batched GEMM). Per MoE
 // layer only the E segment sizes come back to the host (the GEMM shapes), while the shared expert runs;
 // the backward reuses them. Expert loads accumulate on the device and reach the store's BalanceState once
 // per optimizer step (and on pull), where the bias update runs. The optional sequence-wise balance loss
@@ -70,6 +71,13 @@ class CudaTrainModel final : public TrainBackend {
   // it applies (never in FP32 mode or with the fused attention).
   void set_bf16_attention(bool on);
   bool bf16_attention() const;
+
+  // The routed experts' GEMMs, set at construction by DSV3_TRAIN_EXPERTS (docs/TRAINING.md): "per-expert"
+  // (unset: one cuBLAS call per expert and product), "padded" (each product one strided-batched call over
+  // the experts' rows padded to a common count) or "padded16" (that on bf16 operands; BF16 mode only,
+  // FP32 mode takes it as padded). A layer whose expert tensors are not evenly spaced in the parameter slab
+  // runs per expert (a note on stderr), and then this says "per-expert".
+  std::string expert_gemms() const;
 
   struct Impl;
 
