@@ -5,8 +5,9 @@
 //                    [--attention fused|explicit|tf32]   (fused: the flash-style kernels, the default in bf16
 //                                                         mode; explicit: S x S products on bf16 operands;
 //                                                         tf32: on fp32 operands, run 7's path)
-//                    [--linears tf32|bf16]   (bf16 mode: the non-expert linear layers on fp32 operands that
-//                                             cuBLAS runs as TF32, the default, or opt-in on bf16 operands)
+//                    [--linears bf16|tf32]   (bf16 mode: the non-expert linear layers on bf16 operands, the
+//                                             default, or on fp32 operands that cuBLAS runs as TF32)
+//   DSV3_TRAIN_EXPERTS=per-expert|padded|padded16 picks the routed experts' GEMMs (docs/TRAINING.md).
 //
 // Data: uniformly random token ids (speed does not depend on the text). Model FLOPs per optimizer step
 // (PaLM's convention, docs/PERF.md):
@@ -115,13 +116,13 @@ int run(int argc, char** argv) {
   if (argc < 2) {
     std::fprintf(stderr,
                  "usage: %s CONFIG [--steps N] [--warmup N] [--precision bf16|fp32] [--batch B] [--seq S] "
-                 "[--attention explicit|tf32|fused] [--linears tf32|bf16]\n",
+                 "[--attention fused|explicit|tf32] [--linears bf16|tf32]\n",
                  argv[0]);
     return 2;
   }
   const std::string config_path = argv[1];
   int64_t steps = 10, warmup = 2, batch = 0, seq = 0;
-  std::string precision = "bf16", attention = "fused", linears = "tf32";
+  std::string precision = "bf16", attention = "fused", linears = "bf16";
   for (int i = 2; i + 1 < argc; i += 2) {
     const std::string f = argv[i], v = argv[i + 1];
     if (f == "--steps") steps = std::stoll(v);
@@ -137,7 +138,8 @@ int run(int argc, char** argv) {
       throw Error("unknown flag " + f, "flags: --steps --warmup --precision --batch --seq --attention --linears");
   }
   if (linears != "bf16" && linears != "tf32") {
-    throw Error("--linears " + linears + " is not an operand type", "use --linears tf32 (the default) or bf16");
+    throw Error("--linears " + linears + " is not an operand type",
+                "use --linears bf16 (the default) or tf32");
   }
   if (attention != "fused" && attention != "explicit" && attention != "tf32") {
     throw Error("--attention " + attention + " is not an attention path",

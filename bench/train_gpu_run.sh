@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One GPU-machine call for the CUDA trainer (docs/TRAINING.md, "CUDA"): the GPU trainer tests, the
-# kernel tests under compute-sanitizer, the training speed of the default and ~300M configs (explicit
-# attention, the default, then the ~300M config with the opt-in fused attention for comparison) and, with
+# kernel tests under compute-sanitizer, the training speed of the default and ~300M configs (the
+# defaults, then the ~300M config with the explicit attention for comparison) and, with
 # HF_CHECK=1, the transformers load check of models/default (tools/check_transformers_load.py, docs/MODEL.md).
 # Binaries come from `CARRY_BUILD=build/h-carry CARRY_DEST=.devbin-h bench/cuda/make_carry.sh
 # dsv3_train_cuda_tests dsv3_bench_train` (carry .devbin-h; BIN names another folder). Logs go to $OUT
@@ -25,8 +25,8 @@ fi
 for cfg in ${BENCH_CONFIGS:-train/configs/default.json train/configs/v3_300m.json}; do
   timeout 200 "$BIN/dsv3_bench_train" "$cfg" --steps "${BENCH_STEPS:-10}" --warmup 3 2>&1 | tee -a "$OUT/bench.log"
 done
-for cfg in ${FUSED_CONFIGS:-train/configs/v3_300m.json}; do
-  timeout 200 "$BIN/dsv3_bench_train" "$cfg" --steps "${BENCH_STEPS:-10}" --warmup 3 --attention fused 2>&1 |
+for cfg in ${EXPLICIT_CONFIGS:-train/configs/v3_300m.json}; do
+  timeout 200 "$BIN/dsv3_bench_train" "$cfg" --steps "${BENCH_STEPS:-10}" --warmup 3 --attention explicit 2>&1 |
     tee -a "$OUT/bench.log"
 done
 if [ "${HF_CHECK:-0}" = 1 ]; then

@@ -2,9 +2,11 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdio>
 #include <cstdlib>
 #include <cstring>
 #include <memory>
+#include <type_traits>
 #include <unordered_map>
 #include <vector>
 
@@ -59,6 +61,13 @@ class Arena {
     for (Chunk& c : chunks_) c.used = 0;
     cur_ = 0;
   }
+  // Frees every chunk (the caller makes sure the device is done with them): after the sizes asked for
+  // have changed, the next requests lay the chunks out afresh instead of leaving old ones unused.
+  void release() {
+    for (Chunk& c : chunks_) cudaFree(c.p);
+    chunks_.clear();
+    cur_ = 0;
+  }
   int64_t bytes() const {
     int64_t b = 0;
     for (const Chunk& c : chunks_) b += c.cap * static_cast<int64_t>(sizeof(float));
@@ -99,6 +108,10 @@ struct DLayer {
   DSwiGLU mlp;
   DevParam* gate = nullptr;
   std::vector<DSwiGLU> experts;
+  // The element distance between consecutive experts' gate, up and down tensors (the same in w, g and the
+  // bf16 copies, which share the slab layout), or 0 where it is not one value: the padded experts' batched
+  // GEMMs address expert e's tensor as expert 0's plus e strides.
+  int64_t gate_stride = 0, up_stride = 0, down_stride = 0;
   DSwiGLU shared;
   BalanceState* balance = nullptr;
   double* load = nullptr;        // [E] on the device: tokens per expert since the last flush_loads
@@ -133,9 +146,17 @@ struct MoEActs {
   float* logits_d = nullptr;           // [N x E] gate logits
   int32_t* ids_d = nullptr;            // [N x k] chosen experts
   float* weights_d = nullptr;          // [N x k]
-  int32_t* pos_d = nullptr;            // [N x k]: packed row of each (token, slot)
+  int32_t* pos_d = nullptr;            // [N x k]: row of each (token, slot) in the expert buffers
   std::vector<int64_t> offset, count;  // host per expert: first packed row, rows (the GEMM shapes)
-  float *xe = nullptr, *ge = nullptr, *ue = nullptr, *ae = nullptr, *ye = nullptr;  // packed rows
+  float *xe = nullptr, *ge = nullptr, *ue = nullptr, *ae = nullptr, *ye = nullptr;  // the experts' rows
+  // The padded layout (DSV3_TRAIN_EXPERTS=padded*): expert e's rows at e*cap .. e*cap + count[e] - 1 of
+  // E*cap, the pad rows zeros; padded_src_d [E*cap]: the token of each row, -1 for pad rows. Else the packed
+  // layout (expert e's rows from offset[e]).
+  bool padded = false;
+  int64_t cap = 0;
+  int32_t* padded_src_d = nullptr;
+  // padded16: the bf16 operands of the expert GEMMs, kept instead of the fp32 xe and ae (then null).
+  __nv_bfloat16 *xe16 = nullptr, *ae16 = nullptr;
   SwiGLUActs shared;
 };
 
@@ -173,6 +194,20 @@ struct CudaTrainModel::Impl {
   std::vector<std::unique_ptr<Gemm>> side_gemm;
   cudaEvent_t side_fork = nullptr;
   std::vector<cudaEvent_t> side_join;
+  // The routed experts' GEMMs (DSV3_TRAIN_EXPERTS overrides the default). padded: each expert's rows
+  // padded to a common cap (a multiple of 64), so each of the 9 products of a MoE layer is one
+  // strided-batched cuBLAS call over the E experts on `stream` (fewer host calls and fuller launches, for
+  // some work on pad rows), on fp32 operands: the default in FP32 mode. padded16: the same calls on bf16
+  // operands (the weights' bf16 copies, the activations rounded once), fp32 outputs and gradients: the
+  // default in BF16 mode (300M step -8%, docs/PERF.md). per-expert: the per-expert GEMMs above.
+  enum class Experts { PerExpert, Padded, Padded16 };
+  Experts experts_mode = Experts::Padded;
+  bool warned_strides = false;  // the one note when a layer's expert tensors are not evenly spaced
+  // Rows per expert the padded buffers are sized for: the largest cap so far with 1/8 headroom, so the
+  // arenas see the same sizes step after step. When it grows past an earlier size, release_arenas has
+  // the next forward lay the arenas out again (the old chunks would otherwise sit unused).
+  int64_t expert_cap_reserved = 0;
+  bool release_arenas = false;
   // The flash-style attention kernels (flash_attention.cu): the default in BF16 mode where they take the
   // head widths; otherwise, or after set_fused_attention(false), the explicit path.
   bool fused_attention = false;
@@ -188,14 +223,13 @@ struct CudaTrainModel::Impl {
   // BF16 mode: every weight rounded to bf16, at the same offsets as in w_slab (written by push and by
   // each AdamW step), so that the head's GEMMs (the largest of the step: V x D against every token, twice
   // with MTP) and, with bf16_linears, those of the non-expert linear layers (attention projections, dense
-  // MLP, shared experts, MTP's eh_proj) run on the native bf16 kernels instead of cuBLAS's TF32 ones
-  // (gemm.h). Null in FP32 mode. The routed experts and the router gate keep fp32 operands (TF32):
-  // per-expert bf16 calls cost more host time than they save (docs/TRAINING.md), and the gate's logits
-  // pick the experts.
+  // MLP, shared experts, MTP's eh_proj) and the routed experts (padded16) run on the native bf16 kernels
+  // instead of cuBLAS's TF32 ones (gemm.h). Null in FP32 mode. The router gate keeps fp32 operands
+  // (TF32): its logits pick the experts.
   __nv_bfloat16* w16_slab = nullptr;
-  // Opt-in (set_bf16_linears): the 300M step 7% shorter but the default model's 9% longer, and the tiny
-  // test models' gradients over the bf16 bound (docs/TRAINING.md).
-  bool bf16_linears = false;
+  // The default (BF16 mode): the 300M step 8% shorter, the default model's 4% (H100, docs/PERF.md);
+  // set_bf16_linears(false) keeps fp32 operands (TF32).
+  bool bf16_linears = true;
   // The explicit attention's S x S products on bf16 operands (BF16 mode): the default, faster on the 300M
   // and the default model (docs/TRAINING.md); set_bf16_attention(false) keeps fp32 operands (TF32).
   bool bf16_attention = true;
@@ -245,6 +279,15 @@ struct CudaTrainModel::Impl {
     const int64_t sides = env && *env ? std::atoll(env) : 4;
     check(sides >= 1 && sides <= 64, "DSV3_TRAIN_EXPERT_STREAMS must be a count from 1 to 64",
           "unset it for the default (4 streams), or 1 for the experts one after another");
+    const char* ex = std::getenv("DSV3_TRAIN_EXPERTS");
+    const std::string experts = ex ? ex : "";
+    check(experts.empty() || experts == "per-expert" || experts == "padded" || experts == "padded16",
+          "DSV3_TRAIN_EXPERTS must be per-expert, padded or padded16, not '" + experts + "'",
+          "unset it for the default (padded16 in BF16 mode, padded in FP32 mode)");
+    const bool bf16_experts = p == Precision::BF16 && (experts.empty() || experts == "padded16");
+    experts_mode = experts == "per-expert" ? Experts::PerExpert
+                   : bf16_experts          ? Experts::Padded16
+                                           : Experts::Padded;
     if (sides > 1 && E > 1) {
       DSV3_CUDA_CHECK(cudaEventCreateWithFlags(&side_fork, cudaEventDisableTiming));
       for (int64_t i = 0; i < sides; ++i) {
@@ -377,6 +420,9 @@ struct CudaTrainModel::Impl {
     }
     L.gate = P(p + "mlp.gate.weight");
     for (int64_t e = 0; e < E; ++e) L.experts.push_back(swiglu(p + "mlp.experts." + std::to_string(e) + "."));
+    L.gate_stride = expert_stride(L.experts, &DSwiGLU::gate);
+    L.up_stride = expert_stride(L.experts, &DSwiGLU::up);
+    L.down_stride = expert_stride(L.experts, &DSwiGLU::down);
     if (cfg.n_shared_experts > 0) L.shared = swiglu(p + "mlp.shared_experts.");
     for (BalanceState* b : store.balance_layers())
       if (b->bias_name == p + "mlp.gate.e_score_correction_bias") L.balance = b;
@@ -384,6 +430,22 @@ struct CudaTrainModel::Impl {
     DSV3_CUDA_CHECK(cudaMalloc(reinterpret_cast<void**>(&L.load), static_cast<size_t>(E) * sizeof(double)));
     DSV3_CUDA_CHECK(cudaMemsetAsync(L.load, 0, static_cast<size_t>(E) * sizeof(double), stream));
     return L;
+  }
+
+  // The element distance between consecutive experts' `which` tensors when it is one value for every pair,
+  // in the weights and the gradients alike, and at least a tensor long (expert e's dW of a batched GEMM
+  // must not overlap another's); else 0.
+  static int64_t expert_stride(const std::vector<DSwiGLU>& ex, DevParam* DSwiGLU::*which) {
+    if (ex.empty()) return 0;
+    const DevParam* first = ex[0].*which;
+    if (ex.size() == 1) return align_up(first->n);
+    const int64_t s = (ex[1].*which)->w - first->w;
+    if (s < first->n) return 0;
+    for (size_t e = 1; e < ex.size(); ++e) {
+      const DevParam *a = ex[e - 1].*which, *b = ex[e].*which;
+      if (b->n != first->n || b->w - a->w != s || b->g - a->g != s) return 0;
+    }
+    return s;
   }
 
   std::vector<DLayer*> moe_layers() {
@@ -410,6 +472,14 @@ struct CudaTrainModel::Impl {
 
   // A weight's bf16 copy (BF16 mode).
   const __nv_bfloat16* w16(const DevParam* p) const { return w16_slab + (p->w - w_slab); }
+  // A weight as a GEMM operand of type T: the fp32 master or its bf16 copy.
+  template <typename T>
+  const T* weights(const DevParam* p) const {
+    if constexpr (std::is_same_v<T, float>)
+      return p->w;
+    else
+      return w16(p);
+  }
   // Room for the bf16 copy of an operand of the non-expert linear layers, or null when they run on fp32
   // operands (FP32 mode, or bf16_linears off).
   __nv_bfloat16* bf16_operand(Arena& a, int64_t n) { return w16_slab && bf16_linears ? a.bf16s(n) : nullptr; }
@@ -600,7 +670,9 @@ struct CudaTrainModel::Impl {
       to_bf16(a.k16, a.kfull, N * H * dq, stream);
       to_bf16(a.kv16, a.kv, N * H * dkv, stream);
       a.probs16 = acts.bf16s(Bn * H * Sn * Sn);
-      scratch.reset();  // nothing else of the forward uses it: the fp32 scores live until the softmax
+      // Nothing else of the forward holds scratch across layers (padded16's experts use it within theirs):
+      // the fp32 scores live until the softmax.
+      scratch.reset();
       explicit_attention_fwd(a.q16, a.k16, a.kv16, scratch.floats(Bn * H * Sn * Sn), a.probs16, Bn, Sn, a.o);
     } else {
       a.probs = acts.floats(Bn * H * Sn * Sn);
@@ -722,6 +794,173 @@ struct CudaTrainModel::Impl {
     }
   }
 
+  // The E segment sizes, copied while the shared expert runs: the one wait of a MoE layer.
+  void read_counts(MoEActs& m) {
+    DSV3_CUDA_CHECK(cudaEventSynchronize(counts_ready));
+    m.count.assign(counts_host, counts_host + E);
+    m.offset.assign(static_cast<size_t>(E), 0);
+    for (int64_t e = 1; e < E; ++e) m.offset[e] = m.offset[e - 1] + m.count[e - 1];
+  }
+
+  // The routed experts' forward GEMMs in the packed layout, one cuBLAS call per expert and product.
+  void per_expert_fwd(const DLayer& L, MoEActs& m, int64_t M) {
+    const int64_t I = cfg.moe_intermediate_size;
+    fork_experts();
+    for (int64_t e = 0; e < E; ++e) {
+      if (m.count[e] == 0) continue;
+      const int64_t o = m.offset[e], ne = m.count[e];
+      expert_gemm(e).linear_forward(m.ge + o * I, m.xe + o * D, L.experts[e].gate->w, ne, D, I);
+      expert_gemm(e).linear_forward(m.ue + o * I, m.xe + o * D, L.experts[e].up->w, ne, D, I);
+    }
+    join_experts();
+    swiglu_forward(m.ae, m.ge, m.ue, M * I, stream);
+    fork_experts();
+    for (int64_t e = 0; e < E; ++e) {
+      if (m.count[e] == 0) continue;
+      const int64_t o = m.offset[e], ne = m.count[e];
+      expert_gemm(e).linear_forward(m.ye + o * D, m.ae + o * I, L.experts[e].down->w, ne, I, D);
+    }
+    join_experts();
+  }
+
+  // Their backward (dye, dae, dge, due, dxe: M packed rows each).
+  void per_expert_bwd(const DLayer& L, const MoEActs& m, int64_t M, const float* dye, float* dae, float* dge,
+                      float* due, float* dxe) {
+    const int64_t I = cfg.moe_intermediate_size;
+    fork_experts();
+    for (int64_t e = 0; e < E; ++e) {
+      if (m.count[e] == 0) continue;
+      const int64_t o = m.offset[e], ne = m.count[e];
+      expert_gemm(e).linear_backward(dae + o * I, L.experts[e].down->g, dye + o * D, m.ae + o * I,
+                                     L.experts[e].down->w, ne, I, D);
+    }
+    join_experts();
+    swiglu_backward(dge, due, dae, m.ge, m.ue, M * I, stream);
+    fork_experts();
+    for (int64_t e = 0; e < E; ++e) {
+      if (m.count[e] == 0) continue;
+      const int64_t o = m.offset[e], ne = m.count[e];
+      const DSwiGLU& x = L.experts[e];
+      Gemm& g = expert_gemm(e);
+      g.linear_backward(dxe + o * D, x.gate->g, dge + o * I, m.xe + o * D, x.gate->w, ne, D, I);
+      g.rm(false, false, ne, D, I, 1.0f, due + o * I, I, x.up->w, D, 1.0f, dxe + o * D, D);
+      g.rm(true, false, I, D, ne, 1.0f, due + o * I, I, m.xe + o * D, D, 1.0f, x.up->g, D);
+    }
+    join_experts();
+  }
+
+  // Whether this layer's experts take the padded batched GEMMs (DSV3_TRAIN_EXPERTS, and expert tensors
+  // evenly spaced in the slabs; else the per-expert path, with a note once).
+  bool padded_experts(const DLayer& L) {
+    if (experts_mode == Experts::PerExpert) return false;
+    if (L.gate_stride > 0 && L.up_stride > 0 && L.down_stride > 0) return true;
+    if (!warned_strides)
+      std::fprintf(stderr,
+                   "DSV3_TRAIN_EXPERTS: the experts' tensors are not evenly spaced in the parameter "
+                   "slab; one GEMM per expert instead\n");
+    warned_strides = true;
+    return false;
+  }
+
+  // Rows per expert to size the padded buffers for (at least cap; see expert_cap_reserved).
+  int64_t reserve_cap(int64_t cap) {
+    if (cap > expert_cap_reserved) {
+      release_arenas |= expert_cap_reserved > 0;
+      expert_cap_reserved = align_up(cap + cap / 8);
+    }
+    return expert_cap_reserved;
+  }
+
+  // The padded experts' products, one strided-batched GEMM over the E experts each (operands T: float, or
+  // __nv_bfloat16 for padded16): expert e's rows of x at e*cap*in, of y at e*cap*out, its weight at
+  // e*w_stride from W0's. y = x W^T.
+  template <typename T>
+  void experts_forward(float* y, const T* x, const DevParam* W0, int64_t w_stride, int64_t cap, int64_t in,
+                       int64_t out) {
+    gemm->rm(false, true, cap, out, in, 1.0f, x, in, weights<T>(W0), in, 0.0f, y, out, E, cap * in, w_stride,
+             cap * out);
+  }
+  // Its backward: dx = dy W written (added with accumulate_dx); each expert's weight gradient += dy^T x.
+  template <typename T>
+  void experts_backward(float* dx, bool accumulate_dx, const DevParam* W0, int64_t w_stride, const T* dy,
+                        const T* x, int64_t cap, int64_t in, int64_t out) {
+    gemm->rm(false, false, cap, in, out, 1.0f, dy, out, weights<T>(W0), in, accumulate_dx ? 1.0f : 0.0f, dx,
+             in, E, cap * out, w_stride, cap * in);
+    gemm->rm(true, false, out, in, cap, 1.0f, dy, out, x, in, 1.0f, W0->g, in, E, cap * out, cap * in,
+             w_stride);
+  }
+
+  // The routed experts' forward in the padded layout: the counts first (the layer's one wait; the buffers'
+  // sizes depend on them), then m.pos_d remapped into the padded rows on the device, the rows gathered
+  // (pad rows zeros, so their gate/up outputs, SwiGLU and down outputs are zeros too), three batched GEMMs.
+  void padded_experts_fwd(const DLayer& L, MoEActs& m, const float* xn, const int32_t* count_d,
+                          const int32_t* offset_d, const int32_t* src_d, int64_t M) {
+    const int64_t I = cfg.moe_intermediate_size;
+    read_counts(m);
+    // A multiple of 64: every expert's block starts 256-byte aligned and fills whole GEMM tiles. A
+    // batch always has rows, so some count is positive; were every count 0, cap = 0 and every call
+    // below would do nothing.
+    m.cap = align_up(*std::max_element(m.count.begin(), m.count.end()));
+    const int64_t rows = E * m.cap, room = E * reserve_cap(m.cap);
+    m.padded_src_d = acts.ints(room);
+    moe_pad_rows(m.pos_d, m.padded_src_d, m.ids_d, count_d, offset_d, src_d, M, E, m.cap, stream);
+    // padded16: the fp32 xe and ae only feed their bf16 copies, which the backward keeps; they go in
+    // scratch (nothing else of the forward holds any of it by now: see attention_fwd).
+    const bool bf16 = experts_mode == Experts::Padded16;
+    if (bf16) scratch.reset();
+    Arena& fp32_operands = bf16 ? scratch : acts;
+    float* xe = fp32_operands.floats(room * D);
+    m.ge = acts.floats(room * I);
+    m.ue = acts.floats(room * I);
+    float* ae = fp32_operands.floats(room * I);
+    m.ye = acts.floats(room * D);
+    gather_rows(xe, xn, m.padded_src_d, rows, D, stream);
+    const DSwiGLU& x0 = L.experts[0];
+    if (bf16) {
+      m.xe = m.ae = nullptr;
+      m.xe16 = acts.bf16s(room * D);
+      m.ae16 = acts.bf16s(room * I);
+      to_bf16(m.xe16, xe, rows * D, stream);
+      experts_forward(m.ge, m.xe16, x0.gate, L.gate_stride, m.cap, D, I);
+      experts_forward(m.ue, m.xe16, x0.up, L.up_stride, m.cap, D, I);
+      swiglu_forward(ae, m.ge, m.ue, rows * I, stream, m.ae16);
+      experts_forward(m.ye, m.ae16, x0.down, L.down_stride, m.cap, I, D);
+    } else {
+      m.xe = xe;
+      m.ae = ae;
+      experts_forward(m.ge, m.xe, x0.gate, L.gate_stride, m.cap, D, I);
+      experts_forward(m.ue, m.xe, x0.up, L.up_stride, m.cap, D, I);
+      swiglu_forward(m.ae, m.ge, m.ue, rows * I, stream);
+      experts_forward(m.ye, m.ae, x0.down, L.down_stride, m.cap, I, D);
+    }
+  }
+
+  // Their backward from dye (the real rows written by moe_combine_backward): dae, dge, due and dxe are
+  // scratch of E*cap rows (or more).
+  void padded_experts_bwd(const DLayer& L, const MoEActs& m, float* dye, float* dae, float* dge, float* due,
+                          float* dxe) {
+    const int64_t I = cfg.moe_intermediate_size, rows = E * m.cap, room = E * expert_cap_reserved;
+    // The pad rows of dye hold whatever scratch held: zeros there keep them out of dae and so out of
+    // the SwiGLU backward and the gradients (a stale NaN times a zero activation is NaN).
+    zero_pad_rows(dye, m.padded_src_d, rows, D, stream);
+    const DSwiGLU& x0 = L.experts[0];
+    if (m.xe16) {
+      __nv_bfloat16* dye16 = scratch.bf16s(room * D);
+      __nv_bfloat16* dge16 = scratch.bf16s(room * I);
+      __nv_bfloat16* due16 = scratch.bf16s(room * I);
+      to_bf16(dye16, dye, rows * D, stream);
+      experts_backward(dae, false, x0.down, L.down_stride, dye16, m.ae16, m.cap, I, D);
+      swiglu_backward(dge, due, dae, m.ge, m.ue, rows * I, stream, dge16, due16);
+      experts_backward(dxe, false, x0.gate, L.gate_stride, dge16, m.xe16, m.cap, D, I);
+      experts_backward(dxe, true, x0.up, L.up_stride, due16, m.xe16, m.cap, D, I);
+    } else {
+      experts_backward(dae, false, x0.down, L.down_stride, dye, m.ae, m.cap, I, D);
+      swiglu_backward(dge, due, dae, m.ge, m.ue, rows * I, stream);
+      experts_backward(dxe, false, x0.gate, L.gate_stride, dge, m.xe, m.cap, D, I);
+      experts_backward(dxe, true, x0.up, L.up_stride, due, m.xe, m.cap, D, I);
+    }
+  }
+
   // The routing runs on the device (choice, weights, loads, packing); only the E segment sizes come back,
   // while the shared expert runs. With alpha > 0 the per-sequence balance losses go to aux_d.
   void moe_fwd(DLayer& L, MoEActs& m, const float* xn, const __nv_bfloat16* xn16, int64_t Bn, int64_t Sn,
@@ -746,33 +985,20 @@ struct CudaTrainModel::Impl {
       swiglu_fwd(L.shared, m.shared, xn, xn16, N, y);
     else
       zero(y, N * D);
-    m.xe = acts.floats(M * D);
-    m.ge = acts.floats(M * I);
-    m.ue = acts.floats(M * I);
-    m.ae = acts.floats(M * I);
-    m.ye = acts.floats(M * D);
-    gather_rows(m.xe, xn, src_d, M, D, stream);
-    // The per-expert GEMMs need their shapes on the host: the one wait of the layer.
-    DSV3_CUDA_CHECK(cudaEventSynchronize(counts_ready));
-    m.count.assign(counts_host, counts_host + E);
-    m.offset.assign(static_cast<size_t>(E), 0);
-    for (int64_t e = 1; e < E; ++e) m.offset[e] = m.offset[e - 1] + m.count[e - 1];
-    fork_experts();
-    for (int64_t e = 0; e < E; ++e) {
-      if (m.count[e] == 0) continue;
-      const int64_t o = m.offset[e], ne = m.count[e];
-      expert_gemm(e).linear_forward(m.ge + o * I, m.xe + o * D, L.experts[e].gate->w, ne, D, I);
-      expert_gemm(e).linear_forward(m.ue + o * I, m.xe + o * D, L.experts[e].up->w, ne, D, I);
+    m.padded = padded_experts(L);
+    m.xe16 = m.ae16 = nullptr;
+    if (m.padded) {
+      padded_experts_fwd(L, m, xn, count_d, offset_d, src_d, M);
+    } else {
+      m.xe = acts.floats(M * D);
+      m.ge = acts.floats(M * I);
+      m.ue = acts.floats(M * I);
+      m.ae = acts.floats(M * I);
+      m.ye = acts.floats(M * D);
+      gather_rows(m.xe, xn, src_d, M, D, stream);
+      read_counts(m);  // the per-expert GEMMs need their shapes on the host
+      per_expert_fwd(L, m, M);
     }
-    join_experts();
-    swiglu_forward(m.ae, m.ge, m.ue, M * I, stream);
-    fork_experts();
-    for (int64_t e = 0; e < E; ++e) {
-      if (m.count[e] == 0) continue;
-      const int64_t o = m.offset[e], ne = m.count[e];
-      expert_gemm(e).linear_forward(m.ye + o * D, m.ae + o * I, L.experts[e].down->w, ne, I, D);
-    }
-    join_experts();
     moe_combine(y, m.ye, m.weights_d, m.pos_d, N, k, D, stream);
     if (alpha > 0) {
       seq_balance_loss(aux_d + aux_layers * Bn, m.logits_d, m.ids_d, Bn, Sn, router, alpha, stream);
@@ -781,40 +1007,26 @@ struct CudaTrainModel::Impl {
   }
 
   // dxn written. `scale` is dLoss/dLoss_total (for the balance loss).
-  void moe_bwd(DLayer& L, const MoEActs& m, const float* xn, const __nv_bfloat16* xn16, int64_t Bn, int64_t Sn,
-               double alpha, double scale, const float* dy, float* dxn) {
+  void moe_bwd(DLayer& L, const MoEActs& m, const float* xn, const __nv_bfloat16* xn16, int64_t Bn,
+               int64_t Sn, double alpha, double scale, const float* dy, float* dxn) {
     const int64_t N = Bn * Sn, M = N * k, I = cfg.moe_intermediate_size;
     if (L.shared.gate)
       swiglu_bwd(L.shared, m.shared, xn, xn16, dy, N, dxn);
     else
       zero(dxn, N * D);
-    float* dye = scratch.floats(M * D);
+    // Rows of the expert buffers: M packed, or E times the reserved cap padded.
+    const int64_t R = m.padded ? E * expert_cap_reserved : M;
+    float* dye = scratch.floats(R * D);
     float* dw = scratch.floats(M);
     moe_combine_backward(dye, dw, dy, m.ye, m.weights_d, m.pos_d, N, k, D, stream);
-    float* dae = scratch.floats(M * I);
-    float* dge = scratch.floats(M * I);
-    float* due = scratch.floats(M * I);
-    float* dxe = scratch.floats(M * D);
-    fork_experts();
-    for (int64_t e = 0; e < E; ++e) {
-      if (m.count[e] == 0) continue;
-      const int64_t o = m.offset[e], ne = m.count[e];
-      expert_gemm(e).linear_backward(dae + o * I, L.experts[e].down->g, dye + o * D, m.ae + o * I,
-                                     L.experts[e].down->w, ne, I, D);
-    }
-    join_experts();
-    swiglu_backward(dge, due, dae, m.ge, m.ue, M * I, stream);
-    fork_experts();
-    for (int64_t e = 0; e < E; ++e) {
-      if (m.count[e] == 0) continue;
-      const int64_t o = m.offset[e], ne = m.count[e];
-      const DSwiGLU& x = L.experts[e];
-      Gemm& g = expert_gemm(e);
-      g.linear_backward(dxe + o * D, x.gate->g, dge + o * I, m.xe + o * D, x.gate->w, ne, D, I);
-      g.rm(false, false, ne, D, I, 1.0f, due + o * I, I, x.up->w, D, 1.0f, dxe + o * D, D);
-      g.rm(true, false, I, D, ne, 1.0f, due + o * I, I, m.xe + o * D, D, 1.0f, x.up->g, D);
-    }
-    join_experts();
+    float* dae = scratch.floats(R * I);
+    float* dge = scratch.floats(R * I);
+    float* due = scratch.floats(R * I);
+    float* dxe = scratch.floats(R * D);
+    if (m.padded)
+      padded_experts_bwd(L, m, dye, dae, dge, due, dxe);
+    else
+      per_expert_bwd(L, m, M, dye, dae, dge, due, dxe);
     moe_scatter_add(dxn, dxe, m.pos_d, N, k, D, stream);
 
     float* dscores_d = nullptr;
@@ -901,6 +1113,12 @@ struct CudaTrainModel::Impl {
     check(Bn >= 1 && Sn >= 2, "a training batch needs at least one sequence of at least 3 tokens");
     check_token_ids(tokens, static_cast<size_t>(Bn * (Sn + 1)), V, {},
                     "check the data file and the byte offset");
+    if (release_arenas) {  // the padded experts' buffers grew: lay the arenas out again (cudaFree waits)
+      DSV3_CUDA_CHECK(cudaDeviceSynchronize());
+      acts.release();
+      scratch.release();
+      release_arenas = false;
+    }
     acts.reset();
     B = Bn;
     S = Sn;
@@ -1090,7 +1308,7 @@ std::string CudaTrainModel::name() const {
          (impl_->fused_attention                     ? "fused"
           : impl_->bf16_attention && impl_->w16_slab ? "explicit bf16"
                                                      : "explicit") +
-         " attention, " + gpu_description() + ")";
+         " attention, " + expert_gemms() + " experts, " + gpu_description() + ")";
 }
 
 LossParts CudaTrainModel::forward(const int32_t* tokens, int64_t B, int64_t S, bool count_load) {
@@ -1129,6 +1347,18 @@ bool CudaTrainModel::bf16_attention() const {
 }
 bool CudaTrainModel::fused_attention() const {
   return impl_->fused_attention;
+}
+std::string CudaTrainModel::expert_gemms() const {
+  for (DLayer* L : impl_->moe_layers())
+    if (!(L->gate_stride > 0 && L->up_stride > 0 && L->down_stride > 0)) return "per-expert";
+  switch (impl_->experts_mode) {
+    case Impl::Experts::Padded:
+      return "padded";
+    case Impl::Experts::Padded16:
+      return "padded16";
+    default:
+      return "per-expert";
+  }
 }
 
 std::string gpu_description() {

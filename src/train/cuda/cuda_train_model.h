@@ -1,15 +1,16 @@
 // CudaTrainModel: the GPU backend of the trainer (docs/TRAINING.md, "CUDA"). It mirrors TrainModel<float>
 // (train/train_model.cpp) op for op on one GPU: fp32 master weights, gradients and AdamW moments in
 // device memory, GEMMs through cuBLAS (train/cuda/gemm.h; or plain fp32), everything else in the kernels of
-// train/cuda/train_kernels.h with fp32 activations. In BF16 mode the head and the explicit attention's
-// S x S products (and, opt-in, the non-expert linear layers: attention projections, dense MLP, shared
-// experts, MTP's eh_proj) run on bf16 operands with fp32 accumulation: bf16 copies of the weights written
-// by each AdamW step, bf16 copies of the inputs written by the producing kernels (norms, SwiGLU, the
-// softmax pair) or one rounding pass; the other GEMMs keep fp32 operands (cuBLAS runs those as TF32).
+// train/cuda/train_kernels.h with fp32 activations. In BF16 mode the head, the attention (fused kernels),
+// the non-expert linear layers (attention projections, dense MLP, shared experts, MTP's eh_proj) and the
+// routed experts run on bf16 operands with fp32 accumulation: bf16 copies of the weights written by each
+// AdamW step, bf16 copies of the inputs written by the producing kernels (norms, SwiGLU) or one rounding
+// pass; the router gate keeps fp32 operands (cuBLAS runs those as TF32).
 //
 // The MoE router runs on the device (train_kernels.h: route_tokens, moe_permute, router_backward): gate
 // logits -> expert choice and weights (the CPU trainer's route_forward choices, ties included) -> the
-// permutation of tokens into per-expert segments, each segment then one cuBLAS GEMM per expert. Per MoE
+// permutation of tokens into per-expert segments, padded to one size so that each product is one batched
+// GEMM over the experts (or, with DSV3_TRAIN_EXPERTS=per-expert, one cuBLAS GEMM per expert). Per MoE
 // layer only the E segment sizes come back to the host (the GEMM shapes), while the shared expert runs;
 // the backward reuses them. Expert loads accumulate on the device and reach the store's BalanceState once
 // per optimizer step (and on pull), where the bias update runs. The optional sequence-wise balance loss
@@ -58,10 +59,9 @@ class CudaTrainModel final : public TrainBackend {
   // train_kernels.h). fused_attention() says which applies (docs/TRAINING.md).
   void set_fused_attention(bool on);
   bool fused_attention() const;
-  // BF16 mode: the non-expert linear layers on bf16 operands (opt-in: on the tiny test models gradients
-  // land at up to 7.6e-2 relative, over the 5e-2 bound the default path meets, and a near-tied routing
-  // choice moves; docs/TRAINING.md) or on fp32 operands that cuBLAS runs as TF32 (the default).
-  // bf16_linears() says whether they run on bf16 now (never in FP32 mode).
+  // BF16 mode: the non-expert linear layers on bf16 operands (the default) or on fp32 operands that cuBLAS
+  // runs as TF32 (set_bf16_linears(false)). bf16_linears() says whether they run on bf16 now (never in
+  // FP32 mode).
   void set_bf16_linears(bool on);
   bool bf16_linears() const;
   // BF16 mode, explicit attention: its S x S products (scores, P V and the four of the backward) on bf16
@@ -70,6 +70,13 @@ class CudaTrainModel final : public TrainBackend {
   // it applies (never in FP32 mode or with the fused attention).
   void set_bf16_attention(bool on);
   bool bf16_attention() const;
+
+  // The routed experts' GEMMs, set at construction (DSV3_TRAIN_EXPERTS overrides; docs/TRAINING.md):
+  // "padded" (each product one strided-batched call over the experts' rows padded to a common count; the
+  // FP32 default), "padded16" (that on bf16 operands; the BF16 default, FP32 mode takes it as padded) or
+  // "per-expert" (one cuBLAS call per expert and product). A layer whose expert tensors are not evenly
+  // spaced in the parameter slab runs per expert (a note on stderr), and then this says "per-expert".
+  std::string expert_gemms() const;
 
   struct Impl;
 

@@ -460,14 +460,29 @@ __device__ float4 operator*(float c, float4 a) {
   return make_float4(c * a.x, c * a.y, c * a.z, c * a.w);
 }
 
-// xe[j] = x[src[j]]; D in units of V.
+// xe[j] = x[src[j]], or zeros where src[j] < 0 (the pad rows of the padded expert layout; the test is
+// per row, uniform across the warp, so the packed layout pays one compare a row); D in units of V.
 template <typename V>
 __global__ void __launch_bounds__(32 * kNormWarps)
     gather_rows_kernel(V* xe, const V* x, const int32_t* src, int64_t m, int64_t D) {
   const int64_t j = int64_t{blockIdx.x} * kNormWarps + threadIdx.x / 32;
   if (j >= m) return;
-  const V* row = x + static_cast<int64_t>(src[j]) * D;
+  const int32_t s = src[j];
+  if (s < 0) {
+    for (int64_t i = threadIdx.x % 32; i < D; i += 32) xe[j * D + i] = V{};
+    return;
+  }
+  const V* row = x + static_cast<int64_t>(s) * D;
   for (int64_t i = threadIdx.x % 32; i < D; i += 32) xe[j * D + i] = row[i];
+}
+
+// x[j] = 0 for the rows j < m with src[j] < 0; D in units of V.
+template <typename V>
+__global__ void __launch_bounds__(32 * kNormWarps)
+    zero_pad_rows_kernel(V* x, const int32_t* src, int64_t m, int64_t D) {
+  const int64_t j = int64_t{blockIdx.x} * kNormWarps + threadIdx.x / 32;
+  if (j >= m || src[j] >= 0) return;
+  for (int64_t i = threadIdx.x % 32; i < D; i += 32) x[j * D + i] = V{};
 }
 
 // y[t] += sum_j w[t,j] ye[pos[t,j]].
@@ -548,6 +563,25 @@ __global__ void expert_place_kernel(int32_t* offset, int32_t* pos, int32_t* src,
       src[row] = static_cast<int32_t>(i / k);
       ++row;
     }
+}
+
+// One thread per index i < max(m, E * cap): slot i's packed row becomes its padded row (pos in place), and
+// padded row i gets the token of its packed row, or -1 past the end of its expert's segment.
+__global__ void moe_pad_rows_kernel(int32_t* pos, int32_t* padded_src, const int32_t* ids,
+                                    const int32_t* count, const int32_t* offset, const int32_t* src,
+                                    int64_t m, int64_t E, int64_t cap) {
+  const int64_t rows = E * cap;
+  for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < m || i < rows;
+       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    if (i < m) {
+      const int32_t e = ids[i];
+      pos[i] = static_cast<int32_t>(e * cap + (pos[i] - offset[e]));
+    }
+    if (i < rows) {
+      const int64_t e = i / cap, j = i % cap;
+      padded_src[i] = j < count[e] ? src[offset[e] + j] : -1;
+    }
+  }
 }
 
 // The router scores of one token's logits l [E], recomputed as route_forward does: sigmoid, or softmax
@@ -938,6 +972,16 @@ void gather_rows(float* xe, const float* x, const int32_t* src, int64_t m, int64
   DSV3_TRAIN_LAUNCH_CHECK();
 }
 
+void zero_pad_rows(float* x, const int32_t* src, int64_t m, int64_t D, cudaStream_t s) {
+  if (m == 0) return;
+  if (rows_of_float4(D, {x}))
+    zero_pad_rows_kernel<<<norm_blocks(m), 32 * kNormWarps, 0, s>>>(reinterpret_cast<float4*>(x), src, m,
+                                                                    D / 4);
+  else
+    zero_pad_rows_kernel<<<norm_blocks(m), 32 * kNormWarps, 0, s>>>(x, src, m, D);
+  DSV3_TRAIN_LAUNCH_CHECK();
+}
+
 void moe_combine(float* y, const float* ye, const float* w, const int32_t* pos, int64_t n, int64_t k, int64_t D,
                  cudaStream_t s) {
   if (n == 0) return;
@@ -972,6 +1016,15 @@ void moe_permute(int32_t* count, int32_t* offset, int32_t* pos, int32_t* src, do
   expert_count_kernel<<<static_cast<unsigned>(E), kThreads, 0, s>>>(count, ids, m);
   DSV3_TRAIN_LAUNCH_CHECK();
   expert_place_kernel<<<static_cast<unsigned>(E), kThreads, 0, s>>>(offset, pos, src, load, count, ids, m, k);
+  DSV3_TRAIN_LAUNCH_CHECK();
+}
+
+void moe_pad_rows(int32_t* pos, int32_t* padded_src, const int32_t* ids, const int32_t* count,
+                  const int32_t* offset, const int32_t* src, int64_t m, int64_t E, int64_t cap,
+                  cudaStream_t s) {
+  const int64_t n = m > E * cap ? m : E * cap;
+  if (n == 0) return;
+  moe_pad_rows_kernel<<<blocks_for(n), kThreads, 0, s>>>(pos, padded_src, ids, count, offset, src, m, E, cap);
   DSV3_TRAIN_LAUNCH_CHECK();
 }
 

@@ -120,8 +120,10 @@ void crossentropy_backward_bf16(__nv_bfloat16* dlogits, const float* logits, con
                                 const int32_t* targets, int64_t n, int64_t V, float g, cudaStream_t s);
 
 // ---- MoE ----
-// xe[j] = x[src[j]] for j < m (rows of width D).
+// xe[j] = x[src[j]] for j < m (rows of width D); a row with src[j] < 0 is zeros (a pad row).
 void gather_rows(float* xe, const float* x, const int32_t* src, int64_t m, int64_t D, cudaStream_t s);
+// x[j] = 0 for each row j < m (width D) with src[j] < 0: the pad rows of a padded expert buffer.
+void zero_pad_rows(float* x, const int32_t* src, int64_t m, int64_t D, cudaStream_t s);
 // y[t] += sum_{j<k} w[t*k+j] * ye[pos[t*k+j]].
 void moe_combine(float* y, const float* ye, const float* w, const int32_t* pos, int64_t n, int64_t k, int64_t D,
                  cudaStream_t s);
@@ -143,6 +145,13 @@ void route_tokens(int32_t* ids, float* weights, const float* logits, const float
 // row of slot i) and src[row] (token of that row); load[e] += count[e] unless load is null. No atomics.
 void moe_permute(int32_t* count, int32_t* offset, int32_t* pos, int32_t* src, double* load, const int32_t* ids,
                  int64_t m, int64_t k, int64_t E, cudaStream_t s);
+// The padded expert layout (the batched expert GEMMs): expert e's rows at e*cap .. e*cap + count[e] - 1 of
+// E*cap rows, the rest pad rows. From moe_permute's count, offset, pos and src: pos[i] (m slots, in place)
+// becomes slot i's padded row ids[i]*cap + pos[i] - offset[ids[i]]; padded_src [E*cap] gets the token of
+// each padded row, -1 for a pad row (gather_rows then writes zeros there). cap >= every count.
+void moe_pad_rows(int32_t* pos, int32_t* padded_src, const int32_t* ids, const int32_t* count,
+                  const int32_t* offset, const int32_t* src, int64_t m, int64_t E, int64_t cap,
+                  cudaStream_t s);
 // route_backward of train_ops.h for n tokens: dlogits [n x E] written from the gradient of the chosen
 // weights dweights [n x k] (ids [n x k]) and, unless null, dscores [n x E]; the scores are recomputed from
 // logits [n x E].

@@ -8,6 +8,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdlib>
 #include <cstring>
 #include <string>
 #include <vector>
@@ -82,6 +83,32 @@ std::vector<float> round_bf16(const std::vector<float>& x) {
   return v;
 }
 __nv_bfloat16* bf(Dev<uint16_t>& d) { return reinterpret_cast<__nv_bfloat16*>(d.p); }
+
+// Sets an environment variable (value null: unsets it) until scope end, then restores what was there.
+class ScopedEnv {
+ public:
+  ScopedEnv(const char* name, const char* value) : name_(name) {
+    const char* old = std::getenv(name);
+    had_ = old != nullptr;
+    if (had_) old_ = old;
+    if (value)
+      setenv(name, value, 1);
+    else
+      unsetenv(name);
+  }
+  ~ScopedEnv() {
+    if (had_)
+      setenv(name_.c_str(), old_.c_str(), 1);
+    else
+      unsetenv(name_.c_str());
+  }
+  ScopedEnv(const ScopedEnv&) = delete;
+  ScopedEnv& operator=(const ScopedEnv&) = delete;
+
+ private:
+  std::string name_, old_;
+  bool had_ = false;
+};
 
 TEST(TrainKernels, RMSNormForwardBackward) {
   for (int64_t D : {7, 64, 300}) {
@@ -336,6 +363,52 @@ TEST(TrainKernels, DeviceRoutingMatchesRouteForward) {
       for (int64_t i = 1; i < k; ++i)
         tied += scores[t * E + chosen[t * k + i]] == scores[t * E + chosen[t * k + i - 1]] ? 1 : 0;
     EXPECT_GT(tied, 0) << what;
+  }
+}
+
+// The padded expert layout of DSV3_TRAIN_EXPERTS=padded: moe_pad_rows moves each slot to row
+// e*cap + (its rank within expert e) and marks the rest pad rows; gather_rows writes zeros for those,
+// zero_pad_rows clears exactly those. An idle expert, a cap above the largest count, rows of float4 (D 8)
+// and of floats (D 5).
+TEST(TrainKernels, PaddedExpertLayout) {
+  const int64_t n = 61, k = 3, E = 6, m = n * k;
+  // k distinct experts per token out of the first E - 1: expert E - 1 gets no tokens.
+  std::vector<int32_t> ids;
+  for (int64_t t = 0; t < n; ++t)
+    for (int64_t j = 0; j < k; ++j)
+      ids.push_back(static_cast<int32_t>((t * 7 / 3 + j * (1 + t % 2)) % (E - 1)));
+  std::vector<int32_t> count(static_cast<size_t>(E), 0), offset(static_cast<size_t>(E), 0), rank(ids.size());
+  for (size_t i = 0; i < ids.size(); ++i) rank[i] = count[ids[i]]++;
+  for (int64_t e = 1; e < E; ++e) offset[e] = offset[e - 1] + count[e - 1];
+  ASSERT_EQ(count[E - 1], 0);
+  const int64_t cap = *std::max_element(count.begin(), count.end()) + 5, rows = E * cap;
+  Dev<int32_t> idd(ids), cd(static_cast<size_t>(E)), od(static_cast<size_t>(E)), pd(static_cast<size_t>(m)),
+      sd(static_cast<size_t>(m)), psrc(static_cast<size_t>(rows));
+  cuda::moe_permute(cd.p, od.p, pd.p, sd.p, nullptr, idd.p, m, k, E, nullptr);
+  cuda::moe_pad_rows(pd.p, psrc.p, idd.p, cd.p, od.p, sd.p, m, E, cap, nullptr);
+  std::vector<int32_t> want_pos(static_cast<size_t>(m)), want_src(static_cast<size_t>(rows), -1);
+  for (int64_t i = 0; i < m; ++i) {
+    want_pos[i] = static_cast<int32_t>(ids[i] * cap + rank[i]);
+    want_src[want_pos[i]] = static_cast<int32_t>(i / k);
+  }
+  EXPECT_EQ(pd.get(), want_pos);
+  EXPECT_EQ(psrc.get(), want_src);
+  for (int64_t D : {8, 5}) {
+    const std::vector<float> x = rnd(n * D, 40 + D);
+    std::vector<float> want_x(static_cast<size_t>(rows * D), 0.0f),
+        want_zeroed(static_cast<size_t>(rows * D), 0.0f);
+    for (int64_t r = 0; r < rows; ++r)
+      for (int64_t c = 0; c < D; ++c) {
+        if (want_src[r] < 0) continue;  // a pad row: zeros in both
+        want_x[r * D + c] = x[want_src[r] * D + c];
+        want_zeroed[r * D + c] = 3.0f;
+      }
+    Dev<float> xd(x), xe(std::vector<float>(static_cast<size_t>(rows * D), 7.0f)),
+        buf(std::vector<float>(static_cast<size_t>(rows * D), 3.0f));
+    cuda::gather_rows(xe.p, xd.p, psrc.p, rows, D, nullptr);
+    cuda::zero_pad_rows(buf.p, psrc.p, rows, D, nullptr);
+    EXPECT_EQ(xe.get(), want_x) << "D " << D;
+    EXPECT_EQ(buf.get(), want_zeroed) << "D " << D;
   }
 }
 
@@ -639,13 +712,19 @@ TEST_P(CudaModelGrad, LossAndEveryGradientMatchTheCpuTrainer) {
               "%d times)\n",
               v.name, rounding, rounding_logits, rounding_mtp, bias_draws);
 
-  // 0: FP32. BF16 with the explicit attention: 1 on bf16 operands, 2 on fp32 operands (TF32); 3: BF16
-  // with the fused attention kernels (the default); 4: BF16 with every bf16 operand of the explicit path
-  // (the attention's and the opt-in non-expert linear layers').
-  for (int mode = 0; mode < 5; ++mode) {
-    const auto prec = mode == 0 ? cuda::Precision::FP32 : cuda::Precision::BF16;
-    const bool fp32 = mode == 0, attention16 = mode == 1 || mode == 4, tf32 = mode == 2, fused = mode == 3,
-               linears16 = mode == 4;
+  // 0: FP32. BF16 with the explicit attention: 1 on bf16 operands, 2 on fp32 operands (TF32); 3: BF16 with
+  // the defaults (the fused attention, bf16 linear layers, the padded experts on bf16 operands); 4: BF16
+  // with every bf16 operand of the explicit path (the attention's and the linear layers'). The routed
+  // experts' GEMMs (DSV3_TRAIN_EXPERTS): 5: FP32 with padded (the FP32 default); 6: mode 1 with padded
+  // (the experts on fp32 operands, TF32); 7: mode 1 with padded16. Modes 0-2 and 4 run one GEMM per expert.
+  for (int mode = 0; mode < 8; ++mode) {
+    const auto prec = mode == 0 || mode == 5 ? cuda::Precision::FP32 : cuda::Precision::BF16;
+    const bool fp32 = prec == cuda::Precision::FP32, attention16 = mode == 1 || mode == 4 || mode >= 6,
+               tf32 = mode == 2, fused = mode == 3, linears16 = mode == 3 || mode == 4;
+    const char* experts = mode == 5 || mode == 6 ? "padded"
+                          : mode == 7            ? "padded16"
+                          : mode == 3            ? nullptr
+                                                 : "per-expert";
     // Bounds. FP32: 1e-4 (IEEE products in another order). TF32 attention: 5e-2 (observed <= 5.7e-3).
     // Modes with bf16 operands: kBf16Factor times the bf16-rounding reference above, per model (its worst
     // logits and its worst gradient). Rounding the weights alone moves these tiny models' gradients by
@@ -661,10 +740,12 @@ TEST_P(CudaModelGrad, LossAndEveryGradientMatchTheCpuTrainer) {
     const double grad_tol = fp32 ? 1e-4 : tf32 ? 5e-2 : kBf16Factor * rounding;
     AdamW<float> opt(store.params(), AdamWConfig{});
     for (BalanceState* b : store.balance_layers()) std::fill(b->load.begin(), b->load.end(), 0.0);
+    const ScopedEnv experts_env("DSV3_TRAIN_EXPERTS", experts);  // read by the constructor
     cuda::CudaTrainModel gpu(store, opt, AdamWConfig{}, prec);
+    ASSERT_EQ(gpu.expert_gemms(), experts ? experts : "padded16");
     EXPECT_EQ(gpu.fused_attention(), !fp32) << "BF16 mode: the fused attention by default";
     EXPECT_FALSE(gpu.bf16_attention()) << "the explicit path's operand type applies only when it runs";
-    EXPECT_FALSE(gpu.bf16_linears()) << "the linear layers on fp32 operands by default";
+    EXPECT_EQ(gpu.bf16_linears(), !fp32) << "BF16 mode: the linear layers on bf16 operands by default";
     gpu.set_fused_attention(fused);
     ASSERT_EQ(gpu.fused_attention(), fused);
     gpu.set_bf16_attention(attention16);
@@ -673,10 +754,11 @@ TEST_P(CudaModelGrad, LossAndEveryGradientMatchTheCpuTrainer) {
     ASSERT_EQ(gpu.bf16_linears(), linears16);
     const std::string label =
         std::string(cuda::precision_name(prec)) +
-        (fused  ? " fused"
+        (fused  ? " defaults: fused attention + linears"
          : tf32 ? " explicit, tf32 attention"
          : fp32 ? " explicit"
-                : std::string(" explicit, bf16 attention") + (linears16 ? " + linears" : ""));
+                : std::string(" explicit, bf16 attention") + (linears16 ? " + linears" : "")) +
+        (experts ? std::string(", ") + experts + " experts" : std::string(", padded16 experts"));
     gpu.zero_grad();
     const LossParts lg = gpu.forward(tokens.data(), v.B, v.S, true);
     EXPECT_NEAR(lg.main, lc.main, tol * lc.main) << label;
