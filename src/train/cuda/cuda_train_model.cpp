@@ -893,8 +893,8 @@ struct CudaTrainModel::Impl {
   // The routed experts' forward in the padded layout: the counts first (the layer's one wait; the buffers'
   // sizes depend on them), then m.pos_d remapped into the padded rows on the device, the rows gathered
   // (pad rows zeros, so their gate/up outputs, SwiGLU and down outputs are zeros too), three batched GEMMs.
-  void padded_experts_fwd(const DLayer& L, MoEActs& m, const float* xn, const int32_t* count_d,
-                          const int32_t* offset_d, const int32_t* src_d, int64_t M) {
+  void padded_experts_fwd(const DLayer& L, MoEActs& m, const float* xn, const __nv_bfloat16* xn16,
+                          const int32_t* count_d, const int32_t* offset_d, const int32_t* src_d, int64_t M) {
     const int64_t I = cfg.moe_intermediate_size;
     read_counts(m);
     // A multiple of 64: every expert's block starts 256-byte aligned and fills whole GEMM tiles. A
@@ -904,30 +904,33 @@ struct CudaTrainModel::Impl {
     const int64_t rows = E * m.cap, room = E * reserve_cap(m.cap);
     m.padded_src_d = acts.ints(room);
     moe_pad_rows(m.pos_d, m.padded_src_d, m.ids_d, count_d, offset_d, src_d, M, E, m.cap, stream);
-    // padded16: the fp32 xe and ae only feed their bf16 copies, which the backward keeps; they go in
-    // scratch (nothing else of the forward holds any of it by now: see attention_fwd).
-    const bool bf16 = experts_mode == Experts::Padded16;
-    if (bf16) scratch.reset();
-    Arena& fp32_operands = bf16 ? scratch : acts;
-    float* xe = fp32_operands.floats(room * D);
     m.ge = acts.floats(room * I);
     m.ue = acts.floats(room * I);
-    float* ae = fp32_operands.floats(room * I);
     m.ye = acts.floats(room * D);
-    gather_rows(xe, xn, m.padded_src_d, rows, D, stream);
     const DSwiGLU& x0 = L.experts[0];
-    if (bf16) {
+    if (experts_mode == Experts::Padded16) {
+      // Only the bf16 operands: x gathered from the norm's bf16 copy where the linear layers keep one
+      // (else gathered in fp32 and rounded, in scratch: nothing else of the forward holds any of it by
+      // now, see attention_fwd), the SwiGLU output written in bf16 alone.
       m.xe = m.ae = nullptr;
       m.xe16 = acts.bf16s(room * D);
       m.ae16 = acts.bf16s(room * I);
-      to_bf16(m.xe16, xe, rows * D, stream);
+      if (xn16) {
+        gather_rows(m.xe16, xn16, m.padded_src_d, rows, D, stream);
+      } else {
+        scratch.reset();
+        float* xe = scratch.floats(room * D);
+        gather_rows(xe, xn, m.padded_src_d, rows, D, stream);
+        to_bf16(m.xe16, xe, rows * D, stream);
+      }
       experts_forward(m.ge, m.xe16, x0.gate, L.gate_stride, m.cap, D, I);
       experts_forward(m.ue, m.xe16, x0.up, L.up_stride, m.cap, D, I);
-      swiglu_forward(ae, m.ge, m.ue, rows * I, stream, m.ae16);
+      swiglu_forward(nullptr, m.ge, m.ue, rows * I, stream, m.ae16);
       experts_forward(m.ye, m.ae16, x0.down, L.down_stride, m.cap, I, D);
     } else {
-      m.xe = xe;
-      m.ae = ae;
+      m.xe = acts.floats(room * D);
+      m.ae = acts.floats(room * I);
+      gather_rows(m.xe, xn, m.padded_src_d, rows, D, stream);
       experts_forward(m.ge, m.xe, x0.gate, L.gate_stride, m.cap, D, I);
       experts_forward(m.ue, m.xe, x0.up, L.up_stride, m.cap, D, I);
       swiglu_forward(m.ae, m.ge, m.ue, rows * I, stream);
@@ -935,25 +938,25 @@ struct CudaTrainModel::Impl {
     }
   }
 
-  // Their backward from dye (the real rows written by moe_combine_backward): dae, dge, due and dxe are
-  // scratch of E*cap rows (or more).
-  void padded_experts_bwd(const DLayer& L, const MoEActs& m, float* dye, float* dae, float* dge, float* due,
-                          float* dxe) {
+  // Their backward from dY (the real rows written by moe_combine_backward: dye16 for padded16, else dye):
+  // dae, dge, due and dxe are scratch of E*cap rows (or more); padded16 leaves dge and due null (only
+  // their bf16 copies feed the GEMMs).
+  void padded_experts_bwd(const DLayer& L, const MoEActs& m, float* dye, __nv_bfloat16* dye16, float* dae,
+                          float* dge, float* due, float* dxe) {
     const int64_t I = cfg.moe_intermediate_size, rows = E * m.cap, room = E * expert_cap_reserved;
-    // The pad rows of dye hold whatever scratch held: zeros there keep them out of dae and so out of
+    // The pad rows of dY hold whatever scratch held: zeros there keep them out of dae and so out of
     // the SwiGLU backward and the gradients (a stale NaN times a zero activation is NaN).
-    zero_pad_rows(dye, m.padded_src_d, rows, D, stream);
     const DSwiGLU& x0 = L.experts[0];
     if (m.xe16) {
-      __nv_bfloat16* dye16 = scratch.bf16s(room * D);
+      zero_pad_rows(dye16, m.padded_src_d, rows, D, stream);
       __nv_bfloat16* dge16 = scratch.bf16s(room * I);
       __nv_bfloat16* due16 = scratch.bf16s(room * I);
-      to_bf16(dye16, dye, rows * D, stream);
       experts_backward(dae, false, x0.down, L.down_stride, dye16, m.ae16, m.cap, I, D);
-      swiglu_backward(dge, due, dae, m.ge, m.ue, rows * I, stream, dge16, due16);
+      swiglu_backward(nullptr, nullptr, dae, m.ge, m.ue, rows * I, stream, dge16, due16);
       experts_backward(dxe, false, x0.gate, L.gate_stride, dge16, m.xe16, m.cap, D, I);
       experts_backward(dxe, true, x0.up, L.up_stride, due16, m.xe16, m.cap, D, I);
     } else {
+      zero_pad_rows(dye, m.padded_src_d, rows, D, stream);
       experts_backward(dae, false, x0.down, L.down_stride, dye, m.ae, m.cap, I, D);
       swiglu_backward(dge, due, dae, m.ge, m.ue, rows * I, stream);
       experts_backward(dxe, false, x0.gate, L.gate_stride, dge, m.xe, m.cap, D, I);
@@ -988,7 +991,7 @@ struct CudaTrainModel::Impl {
     m.padded = padded_experts(L);
     m.xe16 = m.ae16 = nullptr;
     if (m.padded) {
-      padded_experts_fwd(L, m, xn, count_d, offset_d, src_d, M);
+      padded_experts_fwd(L, m, xn, xn16, count_d, offset_d, src_d, M);
     } else {
       m.xe = acts.floats(M * D);
       m.ge = acts.floats(M * I);
@@ -1016,15 +1019,23 @@ struct CudaTrainModel::Impl {
       zero(dxn, N * D);
     // Rows of the expert buffers: M packed, or E times the reserved cap padded.
     const int64_t R = m.padded ? E * expert_cap_reserved : M;
-    float* dye = scratch.floats(R * D);
+    const bool bf16_experts = m.padded && m.xe16;  // padded16: dY, dG and dU only as bf16 operands
     float* dw = scratch.floats(M);
-    moe_combine_backward(dye, dw, dy, m.ye, m.weights_d, m.pos_d, N, k, D, stream);
+    float* dye = nullptr;
+    __nv_bfloat16* dye16 = nullptr;
+    if (bf16_experts) {
+      dye16 = scratch.bf16s(R * D);
+      moe_combine_backward(dye16, dw, dy, m.ye, m.weights_d, m.pos_d, N, k, D, stream);
+    } else {
+      dye = scratch.floats(R * D);
+      moe_combine_backward(dye, dw, dy, m.ye, m.weights_d, m.pos_d, N, k, D, stream);
+    }
     float* dae = scratch.floats(R * I);
-    float* dge = scratch.floats(R * I);
-    float* due = scratch.floats(R * I);
+    float* dge = bf16_experts ? nullptr : scratch.floats(R * I);
+    float* due = bf16_experts ? nullptr : scratch.floats(R * I);
     float* dxe = scratch.floats(R * D);
     if (m.padded)
-      padded_experts_bwd(L, m, dye, dae, dge, due, dxe);
+      padded_experts_bwd(L, m, dye, dye16, dae, dge, due, dxe);
     else
       per_expert_bwd(L, m, M, dye, dae, dge, due, dxe);
     moe_scatter_add(dxn, dxe, m.pos_d, N, k, D, stream);

@@ -187,8 +187,9 @@ __device__ float silu(float g) { return g / (1.0f + expf(-g)); }
 __global__ void swiglu_forward_kernel(float* a, __nv_bfloat16* a16, const float* g, const float* u, int64_t n) {
   for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < n;
        i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-    a[i] = silu(g[i]) * u[i];
-    if (a16) a16[i] = __float2bfloat16(a[i]);
+    const float v = silu(g[i]) * u[i];
+    if (a) a[i] = v;
+    if (a16) a16[i] = __float2bfloat16(v);
   }
 }
 
@@ -198,11 +199,14 @@ __global__ void swiglu_backward_kernel(float* dg, float* du, __nv_bfloat16* dg16
        i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
     const float sg = 1.0f / (1.0f + expf(-g[i]));
     const float s = g[i] * sg;
-    du[i] = da[i] * s;
-    dg[i] = da[i] * u[i] * (sg * (1.0f + g[i] * (1.0f - sg)));
+    const float dui = da[i] * s, dgi = da[i] * u[i] * (sg * (1.0f + g[i] * (1.0f - sg)));
+    if (du) {
+      du[i] = dui;
+      dg[i] = dgi;
+    }
     if (dg16) {
-      dg16[i] = __float2bfloat16(dg[i]);
-      du16[i] = __float2bfloat16(du[i]);
+      dg16[i] = __float2bfloat16(dgi);
+      du16[i] = __float2bfloat16(dui);
     }
   }
 }
@@ -431,9 +435,11 @@ __global__ void crossentropy_backward_bf16_kernel(__nv_bfloat16* dlogits, const 
     out[v] = __float2bfloat16((expf(row[v] - l) - (v == target ? 1.0f : 0.0f)) * g);
 }
 
-// One warp per slot (kNormWarps slots per block): the dot needs only a warp shuffle.
+// One warp per slot (kNormWarps slots per block): the dot needs only a warp shuffle. dye in fp32 or bf16
+// (the operand of the padded experts' bf16 GEMMs, written once).
+template <typename T>
 __global__ void __launch_bounds__(32 * kNormWarps)
-    moe_combine_backward_kernel(float* dye, float* dw, const float* dy, const float* ye, const float* w,
+    moe_combine_backward_kernel(T* dye, float* dw, const float* dy, const float* ye, const float* w,
                                 const int32_t* pos, int64_t m, int64_t k, int64_t D) {
   const int64_t slot = int64_t{blockIdx.x} * kNormWarps + threadIdx.x / 32;
   if (slot >= m) return;
@@ -444,7 +450,7 @@ __global__ void __launch_bounds__(32 * kNormWarps)
   for (int64_t i = lane; i < D; i += 32) {
     const float g = dy[t * D + i];
     dot += g * ye[row * D + i];
-    dye[row * D + i] = wi * g;
+    store_f(dye + row * D + i, wi * g);
   }
   dot = warp_sum(dot);
   if (lane == 0) dw[slot] = dot;
@@ -972,11 +978,33 @@ void gather_rows(float* xe, const float* x, const int32_t* src, int64_t m, int64
   DSV3_TRAIN_LAUNCH_CHECK();
 }
 
+// bf16 rows: 8 at a time (16 bytes, as float4) where the rows allow it.
+void gather_rows(__nv_bfloat16* xe, const __nv_bfloat16* x, const int32_t* src, int64_t m, int64_t D,
+                 cudaStream_t s) {
+  if (m == 0) return;
+  if (D % 8 == 0 && rows_of_float4(D / 2, {xe, x}))
+    gather_rows_kernel<<<norm_blocks(m), 32 * kNormWarps, 0, s>>>(
+        reinterpret_cast<float4*>(xe), reinterpret_cast<const float4*>(x), src, m, D / 8);
+  else
+    gather_rows_kernel<<<norm_blocks(m), 32 * kNormWarps, 0, s>>>(xe, x, src, m, D);
+  DSV3_TRAIN_LAUNCH_CHECK();
+}
+
 void zero_pad_rows(float* x, const int32_t* src, int64_t m, int64_t D, cudaStream_t s) {
   if (m == 0) return;
   if (rows_of_float4(D, {x}))
     zero_pad_rows_kernel<<<norm_blocks(m), 32 * kNormWarps, 0, s>>>(reinterpret_cast<float4*>(x), src, m,
                                                                     D / 4);
+  else
+    zero_pad_rows_kernel<<<norm_blocks(m), 32 * kNormWarps, 0, s>>>(x, src, m, D);
+  DSV3_TRAIN_LAUNCH_CHECK();
+}
+
+void zero_pad_rows(__nv_bfloat16* x, const int32_t* src, int64_t m, int64_t D, cudaStream_t s) {
+  if (m == 0) return;
+  if (D % 8 == 0 && rows_of_float4(D / 2, {x}))
+    zero_pad_rows_kernel<<<norm_blocks(m), 32 * kNormWarps, 0, s>>>(reinterpret_cast<float4*>(x), src, m,
+                                                                    D / 8);
   else
     zero_pad_rows_kernel<<<norm_blocks(m), 32 * kNormWarps, 0, s>>>(x, src, m, D);
   DSV3_TRAIN_LAUNCH_CHECK();
@@ -997,6 +1025,14 @@ void moe_combine_backward(float* dye, float* dw, const float* dy, const float* y
                           const int32_t* pos, int64_t n, int64_t k, int64_t D, cudaStream_t s) {
   if (n == 0) return;
   moe_combine_backward_kernel<<<norm_blocks(n * k), 32 * kNormWarps, 0, s>>>(dye, dw, dy, ye, w, pos, n * k, k, D);
+  DSV3_TRAIN_LAUNCH_CHECK();
+}
+
+void moe_combine_backward(__nv_bfloat16* dye, float* dw, const float* dy, const float* ye, const float* w,
+                          const int32_t* pos, int64_t n, int64_t k, int64_t D, cudaStream_t s) {
+  if (n == 0) return;
+  moe_combine_backward_kernel<<<norm_blocks(n * k), 32 * kNormWarps, 0, s>>>(dye, dw, dy, ye, w, pos, n * k,
+                                                                             k, D);
   DSV3_TRAIN_LAUNCH_CHECK();
 }
 

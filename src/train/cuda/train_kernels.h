@@ -42,7 +42,8 @@ void rope(float* x, const float* cos, const float* sin, int64_t n, int64_t S, in
           int64_t offset, int64_t dim, bool inverse, cudaStream_t s);
 
 // a = silu(g) * u; backward dg, du written. The bf16 outputs, unless null, get the same values rounded
-// (dg16 and du16 together).
+// (dg16 and du16 together); the fp32 outputs may be null where only the bf16 ones are needed (a, or dg
+// and du together).
 void swiglu_forward(float* a, const float* g, const float* u, int64_t n, cudaStream_t s,
                     __nv_bfloat16* a16 = nullptr);
 void swiglu_backward(float* dg, float* du, const float* da, const float* g, const float* u, int64_t n,
@@ -122,13 +123,19 @@ void crossentropy_backward_bf16(__nv_bfloat16* dlogits, const float* logits, con
 // ---- MoE ----
 // xe[j] = x[src[j]] for j < m (rows of width D); a row with src[j] < 0 is zeros (a pad row).
 void gather_rows(float* xe, const float* x, const int32_t* src, int64_t m, int64_t D, cudaStream_t s);
+void gather_rows(__nv_bfloat16* xe, const __nv_bfloat16* x, const int32_t* src, int64_t m, int64_t D,
+                 cudaStream_t s);
 // x[j] = 0 for each row j < m (width D) with src[j] < 0: the pad rows of a padded expert buffer.
 void zero_pad_rows(float* x, const int32_t* src, int64_t m, int64_t D, cudaStream_t s);
+void zero_pad_rows(__nv_bfloat16* x, const int32_t* src, int64_t m, int64_t D, cudaStream_t s);
 // y[t] += sum_{j<k} w[t*k+j] * ye[pos[t*k+j]].
 void moe_combine(float* y, const float* ye, const float* w, const int32_t* pos, int64_t n, int64_t k, int64_t D,
                  cudaStream_t s);
-// For each slot i = t*k+j: dye[pos[i]] = w[i] * dy[t]; dw[i] = dy[t] . ye[pos[i]].
+// For each slot i = t*k+j: dye[pos[i]] = w[i] * dy[t]; dw[i] = dy[t] . ye[pos[i]]. The bf16 form rounds
+// dye once (the padded experts' bf16 operand).
 void moe_combine_backward(float* dye, float* dw, const float* dy, const float* ye, const float* w,
+                          const int32_t* pos, int64_t n, int64_t k, int64_t D, cudaStream_t s);
+void moe_combine_backward(__nv_bfloat16* dye, float* dw, const float* dy, const float* ye, const float* w,
                           const int32_t* pos, int64_t n, int64_t k, int64_t D, cudaStream_t s);
 // dx[t] += sum_{j<k} dxe[pos[t*k+j]].
 void moe_scatter_add(float* dx, const float* dxe, const int32_t* pos, int64_t n, int64_t k, int64_t D,

@@ -409,6 +409,15 @@ TEST(TrainKernels, PaddedExpertLayout) {
     cuda::zero_pad_rows(buf.p, psrc.p, rows, D, nullptr);
     EXPECT_EQ(xe.get(), want_x) << "D " << D;
     EXPECT_EQ(buf.get(), want_zeroed) << "D " << D;
+    // The bf16 forms (padded16's operands): the same rows of x's bf16 copy, the same zeros.
+    Dev<uint16_t> x16(static_cast<size_t>(n * D)),
+        xe16(std::vector<uint16_t>(static_cast<size_t>(rows * D), 0x4040)),
+        buf16(std::vector<uint16_t>(static_cast<size_t>(rows * D), 0x4040));  // 3.0 in bf16
+    cuda::to_bf16(bf(x16), xd.p, n * D, nullptr);
+    cuda::gather_rows(bf(xe16), bf(x16), psrc.p, rows, D, nullptr);
+    cuda::zero_pad_rows(bf(buf16), psrc.p, rows, D, nullptr);
+    EXPECT_EQ(from_bf16(xe16), round_bf16(want_x)) << "D " << D;
+    EXPECT_EQ(from_bf16(buf16), want_zeroed) << "D " << D;
   }
 }
 
@@ -572,6 +581,28 @@ TEST(TrainKernels, Bf16CopiesOfOutputs) {
   EXPECT_EQ(from_bf16(a16), round_bf16(ad.get()));
   EXPECT_EQ(from_bf16(dg16), round_bf16(dgd.get()));
   EXPECT_EQ(from_bf16(du16), round_bf16(dud.get()));
+  // The bf16 outputs alone (null fp32 outputs): the same values.
+  Dev<uint16_t> a16b(static_cast<size_t>(m)), dg16b(static_cast<size_t>(m)), du16b(static_cast<size_t>(m));
+  cuda::swiglu_forward(nullptr, gd.p, ud.p, m, nullptr, bf(a16b));
+  cuda::swiglu_backward(nullptr, nullptr, dad.p, gd.p, ud.p, m, nullptr, bf(dg16b), bf(du16b));
+  EXPECT_EQ(from_bf16(a16b), from_bf16(a16));
+  EXPECT_EQ(from_bf16(dg16b), from_bf16(dg16));
+  EXPECT_EQ(from_bf16(du16b), from_bf16(du16));
+
+  // The MoE combine backward writing dY in bf16: its fp32 form rounded, the same routing-weight grads.
+  const int64_t tn = 23, tk = 3, tD = 40, trows = tn * tk + 5;
+  std::vector<int32_t> pos(static_cast<size_t>(tn * tk));
+  for (size_t i = 0; i < pos.size(); ++i)
+    pos[i] = static_cast<int32_t>((i * 7) % pos.size());  // a permutation
+  Dev<float> cdy(rnd(tn * tD, 35)), cye(rnd(trows * tD, 36)), cw(rnd(tn * tk, 37)),
+      dye(static_cast<size_t>(trows * tD)), dw1(static_cast<size_t>(tn * tk)),
+      dw2(static_cast<size_t>(tn * tk));
+  Dev<int32_t> posd(pos);
+  Dev<uint16_t> dye16(static_cast<size_t>(trows * tD));
+  cuda::moe_combine_backward(dye.p, dw1.p, cdy.p, cye.p, cw.p, posd.p, tn, tk, tD, nullptr);
+  cuda::moe_combine_backward(bf(dye16), dw2.p, cdy.p, cye.p, cw.p, posd.p, tn, tk, tD, nullptr);
+  EXPECT_EQ(from_bf16(dye16), round_bf16(dye.get()));
+  EXPECT_EQ(dw2.get(), dw1.get());
 
   const int64_t slab = 2 * cuda::kSlabBlockFloats;  // one decaying tensor, one not
   const std::vector<uint8_t> decays{1, 0};
