@@ -494,6 +494,16 @@ void pack(bf16* dst, FlashTensor src, const FlashShape& sh, int P, int64_t cols,
   DSV3_CUDA_CHECK(cudaGetLastError());
 }
 
+// q, k and v packed into the workspace (dO's place left for the backward).
+Packs pack_qkv(void* work, FlashTensor q, FlashTensor k, FlashTensor v, const FlashShape& sh, int pq, int pv,
+               cudaStream_t s) {
+  const Packs p = packs_of(work, sh, pq, pv);
+  pack(p.q, q, sh, pq, sh.dq, s);
+  pack(p.k, k, sh, pq, sh.dq, s);
+  pack(p.v, v, sh, pv, sh.dv, s);
+  return p;
+}
+
 }  // namespace
 
 bool flash_attention_supported(int64_t dq, int64_t dv) {
@@ -517,10 +527,7 @@ void flash_attention_forward(FlashOut o, float* lse, FlashTensor q, FlashTensor 
   const Args a = args_of(sh);
   with_class(sh.dq, sh.dv, [&](auto pq, auto pv) {
     constexpr int PQ = decltype(pq)::value, PV = decltype(pv)::value;
-    const Packs p = packs_of(work, sh, PQ, PV);
-    pack(p.q, q, sh, PQ, sh.dq, s);
-    pack(p.k, k, sh, PQ, sh.dq, s);
-    pack(p.v, v, sh, PV, sh.dv, s);
+    const Packs p = pack_qkv(work, q, k, v, sh, PQ, PV, s);
     launch(flash_forward_kernel<PQ, PV>, Smem<PQ, PV>::forward, sh, s, o, lse, p.q, p.k, p.v, a);
   });
 }
@@ -536,10 +543,7 @@ void flash_attention_backward(FlashOut dq, FlashOut dk, FlashOut dv, float* delt
   DSV3_CUDA_CHECK(cudaGetLastError());
   with_class(sh.dq, sh.dv, [&](auto pq, auto pv) {
     constexpr int PQ = decltype(pq)::value, PV = decltype(pv)::value;
-    const Packs p = packs_of(work, sh, PQ, PV);
-    pack(p.q, q, sh, PQ, sh.dq, s);
-    pack(p.k, k, sh, PQ, sh.dq, s);
-    pack(p.v, v, sh, PV, sh.dv, s);
+    const Packs p = pack_qkv(work, q, k, v, sh, PQ, PV, s);
     pack(p.dout, dout, sh, PV, sh.dv, s);
     launch(flash_dkv_kernel<PQ, PV>, Smem<PQ, PV>::dkv, sh, s, dk, dv, p.q, p.k, p.v, p.dout, lse, delta, a);
     launch(flash_dq_kernel<PQ, PV>, Smem<PQ, PV>::dq, sh, s, dq, p.q, p.k, p.v, p.dout, lse, delta, a);
