@@ -112,6 +112,7 @@ struct DLayer {
   // bf16 copies, which share the slab layout), or 0 where it is not one value: the padded experts' batched
   // GEMMs address expert e's tensor as expert 0's plus e strides.
   int64_t gate_stride = 0, up_stride = 0, down_stride = 0;
+  bool experts_evenly_spaced() const { return gate_stride > 0 && up_stride > 0 && down_stride > 0; }
   DSwiGLU shared;
   BalanceState* balance = nullptr;
   double* load = nullptr;        // [E] on the device: tokens per expert since the last flush_loads
@@ -480,6 +481,10 @@ struct CudaTrainModel::Impl {
     else
       return w16(p);
   }
+  // The fused attention's workspace (its packed operands), in scratch: per call, forward or backward.
+  void* flash_workspace(const FlashShape& sh) {
+    return scratch.floats(static_cast<int64_t>((flash_attention_workspace_bytes(sh) + 3) / 4));
+  }
   // Room for the bf16 copy of an operand of the non-expert linear layers, or null when they run on fp32
   // operands (FP32 mode, or bf16_linears off).
   __nv_bfloat16* bf16_operand(Arena& a, int64_t n) { return w16_slab && bf16_linears ? a.bf16s(n) : nullptr; }
@@ -656,9 +661,8 @@ struct CudaTrainModel::Impl {
       a.lse = acts.floats(Bn * H * Sn);
       const FlashShape sh{Bn, Sn, H, dq, dv, sc};
       scratch.reset();  // nothing else of the forward uses it
-      flash_attention_forward(
-          {a.o, H * dv, dv}, a.lse, {a.q, H * dq, dq}, {a.kfull, H * dq, dq}, {a.kv + dn, H * dkv, dkv}, sh,
-          scratch.floats(static_cast<int64_t>(flash_attention_workspace_bytes(sh) / 4)), stream);
+      flash_attention_forward({a.o, H * dv, dv}, a.lse, {a.q, H * dq, dq}, {a.kfull, H * dq, dq},
+                              {a.kv + dn, H * dkv, dkv}, sh, flash_workspace(sh), stream);
       o_proj_fwd(p, a, N, y);
       return;
     }
@@ -744,8 +748,7 @@ struct CudaTrainModel::Impl {
       flash_attention_backward({dq_, H * dq, dq}, {dkfull, H * dq, dq}, {dkv_ + dn, H * dkv, dkv},
                                scratch.floats(Bn * H * Sn), {a.q, H * dq, dq}, {a.kfull, H * dq, dq},
                                {a.kv + dn, H * dkv, dkv}, {a.o, H * dv, dv}, {dout, H * dv, dv}, a.lse, sh,
-                               scratch.floats(static_cast<int64_t>(flash_attention_workspace_bytes(sh) / 4)),
-                               stream);
+                               flash_workspace(sh), stream);
     } else if (a.probs16) {
       __nv_bfloat16* dout16 = scratch.bf16s(N * H * dv);
       to_bf16(dout16, dout, N * H * dv, stream);
@@ -853,7 +856,7 @@ struct CudaTrainModel::Impl {
   // evenly spaced in the slabs; else the per-expert path, with a note once).
   bool padded_experts(const DLayer& L) {
     if (experts_mode == Experts::PerExpert) return false;
-    if (L.gate_stride > 0 && L.up_stride > 0 && L.down_stride > 0) return true;
+    if (L.experts_evenly_spaced()) return true;
     if (!warned_strides)
       std::fprintf(stderr,
                    "DSV3_TRAIN_EXPERTS: the experts' tensors are not evenly spaced in the parameter "
@@ -1019,7 +1022,7 @@ struct CudaTrainModel::Impl {
       zero(dxn, N * D);
     // Rows of the expert buffers: M packed, or E times the reserved cap padded.
     const int64_t R = m.padded ? E * expert_cap_reserved : M;
-    const bool bf16_experts = m.padded && m.xe16;  // padded16: dY, dG and dU only as bf16 operands
+    const bool bf16_experts = m.xe16 != nullptr;  // padded16: dY, dG and dU only as bf16 operands
     float* dw = scratch.floats(M);
     float* dye = nullptr;
     __nv_bfloat16* dye16 = nullptr;
@@ -1361,7 +1364,7 @@ bool CudaTrainModel::fused_attention() const {
 }
 std::string CudaTrainModel::expert_gemms() const {
   for (DLayer* L : impl_->moe_layers())
-    if (!(L->gate_stride > 0 && L->up_stride > 0 && L->down_stride > 0)) return "per-expert";
+    if (!L->experts_evenly_spaced()) return "per-expert";
   switch (impl_->experts_mode) {
     case Impl::Experts::Padded:
       return "padded";
