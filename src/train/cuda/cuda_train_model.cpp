@@ -121,7 +121,8 @@ struct DLayer {
 
 // ---- activations kept from forward to backward (device pointers into the activation arena) ----
 // The *16 members: bf16 copies of the operands of the bf16 linear layers, written by their producers
-// (BF16 mode with bf16 linears; null otherwise, and the fp32 operands are used).
+// (BF16 mode with bf16 linears; null otherwise, and the fp32 operands are used). A norm's output that only
+// those layers read (xn1, qan, c, a dense layer's xn2) is then kept in bf16 alone (its fp32 member null).
 struct SwiGLUActs {
   float *g = nullptr, *u = nullptr, *a = nullptr;
   __nv_bfloat16* a16 = nullptr;
@@ -130,16 +131,18 @@ struct SwiGLUActs {
 struct AttnActs {
   float *qa = nullptr, *qa_rstd = nullptr, *qan = nullptr;  // q low-rank path
   __nv_bfloat16 *qan16 = nullptr, *c16 = nullptr, *o16 = nullptr;
-  float* q = nullptr;                                      // [N x H*dq], roped
+  float* q = nullptr;                                      // [N x H*dq], roped (explicit path)
   float* kva = nullptr;                                    // [N x (C+dr)] (c_in is its first C columns)
   float *c_rstd = nullptr, *c = nullptr;                   // [N], [N x C]
-  float* kpe = nullptr;                                    // roped [N x dr]
-  float* kv = nullptr;                                     // [N x H*(dn+dv)]
-  float* kfull = nullptr;                                  // [N x H*dq]: per-head keys
+  float* kpe = nullptr;                                    // roped [N x dr] (explicit path)
+  float* kv = nullptr;                                     // [N x H*(dn+dv)] (explicit path)
+  float* kfull = nullptr;                                  // [N x H*dq]: per-head keys (explicit path)
   float* probs = nullptr;                                  // [B x H x S x S] (explicit path)
   // The explicit path on bf16 operands: q, the keys and kv rounded, the probabilities in bf16 (probs null).
   __nv_bfloat16 *q16 = nullptr, *k16 = nullptr, *kv16 = nullptr, *probs16 = nullptr;
   float* lse = nullptr;                                    // [B x H x S] (fused path)
+  void* flash_work =
+      nullptr;  // the fused path's packed operands: q, the keys and v as the forward packed them
   float* o = nullptr;                                      // [N x H*dv]
 };
 
@@ -243,6 +246,7 @@ struct CudaTrainModel::Impl {
   // Within one layer's backward; in forward, the bf16 attention's fp32 scores (until its softmax).
   Arena scratch{int64_t{64} << 20};
   double* sumsq = nullptr;           // [1 + sumsq_partial_doubles()]
+  float pending_grad_scale = 1.0f;   // clip's factor, not yet applied to g_slab (see clip)
   int32_t* counts_host = nullptr;    // [E] pinned: one MoE layer's segment sizes
   cudaEvent_t counts_ready = nullptr;
 
@@ -257,6 +261,7 @@ struct CudaTrainModel::Impl {
   LayerActs mla;
   __nv_bfloat16 *hf16 = nullptr, *xmn16 = nullptr, *cat16 = nullptr;  // bf16 GEMM inputs (BF16 mode)
   float *x_last = nullptr, *hf = nullptr, *rstd_f = nullptr, *logits = nullptr, *lse = nullptr;
+  __nv_bfloat16 *dlogits16 = nullptr, *mdlogits16 = nullptr;  // BF16 mode: the loss gradients (head_and_loss)
   float *emb = nullptr, *e_rstd = nullptr, *hsel = nullptr, *h_rstd = nullptr, *cat = nullptr, *xm_out = nullptr;
   float *xmn = nullptr, *xm_rstd = nullptr, *mlogits = nullptr, *mlse = nullptr;
 
@@ -481,9 +486,9 @@ struct CudaTrainModel::Impl {
     else
       return w16(p);
   }
-  // The fused attention's workspace (its packed operands), in scratch: per call, forward or backward.
+  // The fused attention's workspace (its packed operands): the forward's in acts, kept for the backward.
   void* flash_workspace(const FlashShape& sh) {
-    return scratch.floats(static_cast<int64_t>((flash_attention_workspace_bytes(sh) + 3) / 4));
+    return acts.floats(static_cast<int64_t>((flash_attention_workspace_bytes(sh) + 3) / 4));
   }
   // Room for the bf16 copy of an operand of the non-expert linear layers, or null when they run on fp32
   // operands (FP32 mode, or bf16_linears off).
@@ -512,17 +517,21 @@ struct CudaTrainModel::Impl {
     return v;
   }
 
+  // The rows of each distinct token id in token order, by counting (ids are < V): a comparison sort of a
+  // 16K-token batch took ~1 ms of host time at the start of every step, with the GPU idle.
   TokenGroups token_groups(const std::vector<int32_t>& tokens) {
-    std::vector<int32_t> order(tokens.size());
-    for (size_t i = 0; i < order.size(); ++i) order[i] = static_cast<int32_t>(i);
-    std::stable_sort(order.begin(), order.end(), [&](int32_t a, int32_t b) { return tokens[a] < tokens[b]; });
+    std::vector<int32_t> start(static_cast<size_t>(V) + 1, 0);  // start[id]: id's first place in `order`
+    for (int32_t t : tokens) ++start[static_cast<size_t>(t) + 1];
+    for (int64_t id = 0; id < V; ++id) start[id + 1] += start[id];
     std::vector<int32_t> ids, offsets;
-    for (size_t j = 0; j < order.size(); ++j)
-      if (j == 0 || tokens[order[j]] != tokens[order[j - 1]]) {
-        ids.push_back(tokens[order[j]]);
-        offsets.push_back(static_cast<int32_t>(j));
+    for (int64_t id = 0; id < V; ++id)
+      if (start[id + 1] > start[id]) {
+        ids.push_back(static_cast<int32_t>(id));
+        offsets.push_back(start[id]);
       }
-    offsets.push_back(static_cast<int32_t>(order.size()));
+    offsets.push_back(static_cast<int32_t>(tokens.size()));
+    std::vector<int32_t> order(tokens.size()), next(start.begin(), start.end() - 1);
+    for (size_t i = 0; i < tokens.size(); ++i) order[next[tokens[i]]++] = static_cast<int32_t>(i);
     TokenGroups g;
     g.n_ids = static_cast<int64_t>(ids.size());
     g.ids = upload(acts, ids);
@@ -549,18 +558,19 @@ struct CudaTrainModel::Impl {
       gemm->linear_forward(out, x, lm_head->w, n, D, V);
   }
 
-  // The cross-entropy's and the head's backward: dx [n x D] written, lm_head's gradient accumulated, from
-  // the logits of head_forward (turned into dlogits * g; in BF16 mode into a bf16 copy, logits kept).
-  void head_backward(float* dx, float* logits_, const float* lse_, const int32_t* tgt, const float* x,
-                     const __nv_bfloat16* x16, int64_t n, float g) {
+  // The cross-entropy's and the head's backward: dx [n x D] written, lm_head's gradient accumulated. In
+  // FP32 mode from the logits of head_forward (turned into dlogits * g * scale in place); in BF16 mode
+  // from head_and_loss's bf16 dlogits16 (the loss gradient times g), the GEMMs scaling by `scale`.
+  void head_backward(float* dx, float* logits_, const __nv_bfloat16* dlogits16_, const float* lse_,
+                     const int32_t* tgt, const float* x, const __nv_bfloat16* x16, int64_t n, double g,
+                     double scale) {
     if (!x16) {
-      crossentropy_backward(logits_, lse_, tgt, n, V, g, stream);
+      crossentropy_backward(logits_, lse_, tgt, n, V, static_cast<float>(g * scale), stream);
       gemm->linear_backward(dx, lm_head->g, logits_, x, lm_head->w, n, D, V);
       return;
     }
-    __nv_bfloat16* dl = acts.bf16s(n * V);
-    crossentropy_backward_bf16(dl, logits_, lse_, tgt, n, V, g, stream);
-    gemm->linear_backward(dx, lm_head->g, dl, x16, w16(lm_head), n, D, V);
+    gemm->linear_backward(dx, lm_head->g, dlogits16_, x16, w16(lm_head), n, D, V, false,
+                          static_cast<float>(scale));
   }
 
   // The non-expert linear layers: y [n x out] = x W^T, on bf16 operands when x16 (x's bf16 copy, written
@@ -606,15 +616,15 @@ struct CudaTrainModel::Impl {
     linear_fwd(y, a.a, a.a16, p.down, n, p.I, D);
   }
 
-  // dx written.
+  // dx written. dy16: dy's bf16 copy from its producer, or null.
   void swiglu_bwd(const DSwiGLU& p, const SwiGLUActs& a, const float* x, const __nv_bfloat16* x16,
-                  const float* dy, int64_t n, float* dx) {
+                  const float* dy, const __nv_bfloat16* dy16, int64_t n, float* dx) {
     float* da = scratch.floats(n * p.I);
     float* dg = scratch.floats(n * p.I);
     float* du = scratch.floats(n * p.I);
     __nv_bfloat16* dg16 = x16 ? scratch.bf16s(n * p.I) : nullptr;
     __nv_bfloat16* du16 = x16 ? scratch.bf16s(n * p.I) : nullptr;
-    linear_bwd(da, false, p.down, dy, nullptr, a.a, a.a16, n, p.I, D);
+    linear_bwd(da, false, p.down, dy, dy16, a.a, a.a16, n, p.I, D);
     swiglu_backward(dg, du, da, a.g, a.u, n * p.I, stream, dg16, du16);
     linear_bwd(dx, false, p.gate, dg, dg16, x, x16, n, D, p.I);
     linear_bwd(dx, true, p.up, du, du16, x, x16, n, D, p.I);
@@ -624,13 +634,18 @@ struct CudaTrainModel::Impl {
   void attention_fwd(const DAttn& p, AttnActs& a, const float* xn, const __nv_bfloat16* xn16, int64_t Bn,
                      int64_t Sn, const float* cs, const float* sn, float* y) {
     const int64_t N = Bn * Sn;
-    a.q = acts.floats(N * H * dq);
+    // The fused path's backward reads q, the keys and kv as its forward packed them (a.flash_work): in
+    // that path q and kv live in scratch until the packing (which applies RoPE and assembles the keys
+    // itself), else in acts, with the roped copies and the per-head keys, for the explicit backward.
+    if (fused_attention) scratch.reset();  // nothing else of the forward holds scratch across layers
+    Arena& qkv = fused_attention ? scratch : acts;
+    a.q = qkv.floats(N * H * dq);
     a.qan16 = nullptr;
     if (p.q_a) {
       a.qa = acts.floats(N * Q);
-      a.qan = acts.floats(N * Q);
       a.qa_rstd = acts.floats(N);
       if (xn16) a.qan16 = acts.bf16s(N * Q);
+      a.qan = a.qan16 ? nullptr : acts.floats(N * Q);  // the fp32 norm output only where it is the operand
       linear_fwd(a.qa, xn, xn16, p.q_a, N, D, Q);
       rmsnorm_forward(a.qan, Q, a.qa_rstd, a.qa, Q, p.q_a_norm->w, N, Q, kLatentNormEps, stream, a.qan16);
       linear_fwd(a.q, a.qan, a.qan16, p.q_b, N, Q, H * dq);
@@ -639,18 +654,12 @@ struct CudaTrainModel::Impl {
     }
     a.kva = acts.floats(N * (C + dr));
     linear_fwd(a.kva, xn, xn16, p.kv_a, N, D, C + dr);
-    a.c = acts.floats(N * C);
     a.c_rstd = acts.floats(N);
     a.c16 = xn16 ? acts.bf16s(N * C) : nullptr;
+    a.c = a.c16 ? nullptr : acts.floats(N * C);
     rmsnorm_forward(a.c, C, a.c_rstd, a.kva, C + dr, p.kv_a_norm->w, N, C, kLatentNormEps, stream, a.c16);
-    a.kpe = acts.floats(N * dr);
-    copy_cols(a.kpe, dr, a.kva + C, C + dr, N, dr, stream);
-    rope(a.kpe, cs, sn, N, Sn, 1, dr, 0, dr, false, stream);
-    rope(a.q, cs, sn, N, Sn, H, dq, dn, dr, false, stream);
-    a.kv = acts.floats(N * H * dkv);
+    a.kv = qkv.floats(N * H * dkv);
     linear_fwd(a.kv, a.c, a.c16, p.kv_b, N, C, H * dkv);
-    a.kfull = acts.floats(N * H * dq);
-    attention_keys(a.kfull, a.kv, a.kpe, N, H, dn, dr, dv, stream);
     a.o = acts.floats(N * H * dv);
     const float sc = static_cast<float>(cfg.softmax_scale());
     a.lse = nullptr;  // which path ran is what backward follows (set_fused_attention may come in between)
@@ -660,12 +669,33 @@ struct CudaTrainModel::Impl {
     if (fused_attention) {
       a.lse = acts.floats(Bn * H * Sn);
       const FlashShape sh{Bn, Sn, H, dq, dv, sc};
-      scratch.reset();  // nothing else of the forward uses it
-      flash_attention_forward({a.o, H * dv, dv}, a.lse, {a.q, H * dq, dq}, {a.kfull, H * dq, dq},
-                              {a.kv + dn, H * dkv, dkv}, sh, flash_workspace(sh), stream);
-      o_proj_fwd(p, a, N, y);
+      a.flash_work = flash_workspace(sh);
+      // q rotated, and each head's keys [k_nope of the head | the token's k_pe rotated], as they are packed
+      const FlashTensor q{
+          a.q, H * dq, dq, nullptr, 0, 0, 0, cs, sn, static_cast<int>(dn), static_cast<int>(dr)};
+      const FlashTensor keys{a.kv,
+                             H * dkv,
+                             dkv,
+                             a.kva + C,
+                             C + dr,
+                             0,
+                             static_cast<int>(dn),
+                             cs,
+                             sn,
+                             static_cast<int>(dn),
+                             static_cast<int>(dr)};
+      flash_attention_forward({a.o, H * dv, dv, a.o16}, a.lse, q, keys, {a.kv + dn, H * dkv, dkv}, sh,
+                              a.flash_work, stream);
+      a.q = a.kv = a.kpe = a.kfull = nullptr;        // q and kv in scratch, free from here on
+      linear_fwd(y, a.o, a.o16, p.o, N, H * dv, D);  // o16 written by the kernel
       return;
     }
+    a.kpe = acts.floats(N * dr);
+    copy_cols(a.kpe, dr, a.kva + C, C + dr, N, dr, stream);
+    rope(a.kpe, cs, sn, N, Sn, 1, dr, 0, dr, false, stream);
+    rope(a.q, cs, sn, N, Sn, H, dq, dn, dr, false, stream);
+    a.kfull = acts.floats(N * H * dq);
+    attention_keys(a.kfull, a.kv, a.kpe, N, H, dn, dr, dv, stream);
     if (w16_slab && bf16_attention) {
       a.q16 = acts.bf16s(N * H * dq);
       a.k16 = acts.bf16s(N * H * dq);
@@ -734,21 +764,27 @@ struct CudaTrainModel::Impl {
     }
   }
 
-  // dxn written.
-  void attention_bwd(const DAttn& p, const AttnActs& a, const float* xn, const __nv_bfloat16* xn16, int64_t Bn,
-                     int64_t Sn, const float* cs, const float* sn, const float* dy, float* dxn) {
+  // dxn written. dy16: dy's bf16 copy from its producer, or null.
+  void attention_bwd(const DAttn& p, const AttnActs& a, const float* xn, const __nv_bfloat16* xn16,
+                     int64_t Bn, int64_t Sn, const float* cs, const float* sn, const float* dy,
+                     const __nv_bfloat16* dy16, float* dxn) {
     const int64_t N = Bn * Sn;
     float* dout = scratch.floats(N * H * dv);
-    linear_bwd(dout, false, p.o, dy, nullptr, a.o, a.o16, N, H * dv, D);
-    float* dkv_ = scratch.floats(N * H * dkv);
+    linear_bwd(dout, false, p.o, dy, dy16, a.o, a.o16, N, H * dv, D);
+    // kv_b's dy with bf16 linear layers after the fused attention: only its bf16 copy, the v part written
+    // by the dK/dV kernel, the k_nope part by attention_keys_backward.
+    __nv_bfloat16* dkv16 = xn16 && a.lse ? scratch.bf16s(N * H * dkv) : nullptr;
+    float* dkv_ = dkv16 ? nullptr : scratch.floats(N * H * dkv);
     float* dq_ = scratch.floats(N * H * dq);
     float* dkfull = scratch.floats(N * H * dq);
     if (a.lse) {
       const FlashShape sh{Bn, Sn, H, dq, dv, static_cast<float>(cfg.softmax_scale())};
-      flash_attention_backward({dq_, H * dq, dq}, {dkfull, H * dq, dq}, {dkv_ + dn, H * dkv, dkv},
-                               scratch.floats(Bn * H * Sn), {a.q, H * dq, dq}, {a.kfull, H * dq, dq},
-                               {a.kv + dn, H * dkv, dkv}, {a.o, H * dv, dv}, {dout, H * dv, dv}, a.lse, sh,
-                               flash_workspace(sh), stream);
+      const FlashOut dv_out =
+          dkv16 ? FlashOut{nullptr, H * dkv, dkv, dkv16 + dn} : FlashOut{dkv_ + dn, H * dkv, dkv};
+      const FlashTensor packed{nullptr, 0, 0};  // q, k and v: as the forward packed them into a.flash_work
+      flash_attention_backward({dq_, H * dq, dq}, {dkfull, H * dq, dq}, dv_out, scratch.floats(Bn * H * Sn),
+                               packed, packed, packed, {a.o, H * dv, dv}, {dout, H * dv, dv}, a.lse, sh,
+                               a.flash_work, true, stream);
     } else if (a.probs16) {
       __nv_bfloat16* dout16 = scratch.bf16s(N * H * dv);
       to_bf16(dout16, dout, N * H * dv, stream);
@@ -759,25 +795,31 @@ struct CudaTrainModel::Impl {
       explicit_attention_bwd(a.q, a.kfull, a.kv, a.probs, dout, dp, dp, Bn, Sn, dq_, dkfull, dkv_);
     }
     float* dkpe = scratch.floats(N * dr);
-    attention_keys_backward(dkv_, dkpe, dkfull, N, H, dn, dr, dv, stream);
+    attention_keys_backward(dkv_, dkpe, dkfull, N, H, dn, dr, dv, stream, dkv16);
     float* dc = scratch.floats(N * C);
-    linear_bwd(dc, false, p.kv_b, dkv_, nullptr, a.c, a.c16, N, C, H * dkv);
+    linear_bwd(dc, false, p.kv_b, dkv_, dkv16, a.c, a.c16, N, C, H * dkv);
     float* dkva = scratch.floats(N * (C + dr));
     rmsnorm_backward(dkva, C + dr, p.kv_a_norm->g, dc, a.kva, C + dr, p.kv_a_norm->w, a.c_rstd, N, C,
                      scratch.floats(rmsnorm_partial_floats(N, C)), stream);
     rope(dkpe, cs, sn, N, Sn, 1, dr, 0, dr, true, stream);
     copy_cols(dkva + C, C + dr, dkpe, dr, N, dr, stream);
-    rope(dq_, cs, sn, N, Sn, H, dq, dn, dr, true, stream);
+    // q's projection's dy: the rotation undone in place, or with bf16 linear layers into the bf16 operand
+    __nv_bfloat16* dq16 = xn16 ? scratch.bf16s(N * H * dq) : nullptr;
+    if (dq16)
+      rope_to_bf16(dq16, dq_, cs, sn, N, Sn, H, dq, dn, dr, true, stream);
+    else
+      rope(dq_, cs, sn, N, Sn, H, dq, dn, dr, true, stream);
     linear_bwd(dxn, false, p.kv_a, dkva, nullptr, xn, xn16, N, D, C + dr);
     if (p.q_a) {
       float* dqan = scratch.floats(N * Q);
       float* dqa = scratch.floats(N * Q);
-      linear_bwd(dqan, false, p.q_b, dq_, nullptr, a.qan, a.qan16, N, Q, H * dq);
+      __nv_bfloat16* dqa16 = xn16 ? scratch.bf16s(N * Q) : nullptr;
+      linear_bwd(dqan, false, p.q_b, dq_, dq16, a.qan, a.qan16, N, Q, H * dq);
       rmsnorm_backward(dqa, Q, p.q_a_norm->g, dqan, a.qa, Q, p.q_a_norm->w, a.qa_rstd, N, Q,
-                       scratch.floats(rmsnorm_partial_floats(N, Q)), stream);
-      linear_bwd(dxn, true, p.q_a, dqa, nullptr, xn, xn16, N, D, Q);
+                       scratch.floats(rmsnorm_partial_floats(N, Q)), stream, false, dqa16);
+      linear_bwd(dxn, true, p.q_a, dqa, dqa16, xn, xn16, N, D, Q);
     } else {
-      linear_bwd(dxn, true, p.q, dq_, nullptr, xn, xn16, N, D, H * dq);
+      linear_bwd(dxn, true, p.q, dq_, dq16, xn, xn16, N, D, H * dq);
     }
   }
 
@@ -1012,12 +1054,13 @@ struct CudaTrainModel::Impl {
     }
   }
 
-  // dxn written. `scale` is dLoss/dLoss_total (for the balance loss).
+  // dxn written. `scale` is dLoss/dLoss_total (for the balance loss); dy16: dy's bf16 copy, or null.
   void moe_bwd(DLayer& L, const MoEActs& m, const float* xn, const __nv_bfloat16* xn16, int64_t Bn,
-               int64_t Sn, double alpha, double scale, const float* dy, float* dxn) {
+               int64_t Sn, double alpha, double scale, const float* dy, const __nv_bfloat16* dy16,
+               float* dxn) {
     const int64_t N = Bn * Sn, M = N * k, I = cfg.moe_intermediate_size;
     if (L.shared.gate)
-      swiglu_bwd(L.shared, m.shared, xn, xn16, dy, N, dxn);
+      swiglu_bwd(L.shared, m.shared, xn, xn16, dy, dy16, N, dxn);
     else
       zero(dxn, N * D);
     // Rows of the expert buffers: M packed, or E times the reserved cap padded.
@@ -1061,14 +1104,16 @@ struct CudaTrainModel::Impl {
     const int64_t N = Bn * Sn;
     const double eps = cfg.rms_norm_eps;
     a.x_in = x;
-    a.xn1 = acts.floats(N * D);
+    // The norms' fp32 outputs only where something reads them: the projections take the bf16 copies when
+    // there are any, the router (MoE layers) the fp32 values.
     a.xn1_16 = bf16_operand(acts, N * D);
+    a.xn1 = a.xn1_16 ? nullptr : acts.floats(N * D);
     a.rstd1 = acts.floats(N);
     rmsnorm_forward(a.xn1, D, a.rstd1, x, D, L.input_norm->w, N, D, eps, stream, a.xn1_16);
     a.h = acts.floats(N * D);
     attention_fwd(L.attn, a.attn, a.xn1, a.xn1_16, Bn, Sn, cs, sn, a.h);
-    a.xn2 = acts.floats(N * D);
     a.xn2_16 = bf16_operand(acts, N * D);
+    a.xn2 = a.xn2_16 && !L.moe ? nullptr : acts.floats(N * D);
     a.rstd2 = acts.floats(N);
     // h = x + attn, and its norm
     add_rmsnorm_forward(a.xn2, D, a.rstd2, a.h, x, L.post_norm->w, N, D, eps, stream, a.xn2_16);
@@ -1081,46 +1126,71 @@ struct CudaTrainModel::Impl {
     return a.out;
   }
 
-  // dx [N x D] in place: gradient w.r.t. the layer output in, w.r.t. its input out.
-  void layer_bwd(DLayer& L, const LayerActs& a, float* dx, int64_t Bn, int64_t Sn, const float* cs, const float* sn,
-                 double alpha, double scale) {
+  // dx [N x D] in place: gradient w.r.t. the layer output in, w.r.t. its input out; dx16 (or null) its
+  // bf16 copy, in and out the same way (the dy of the linear layers that read dx: the FFN's down
+  // projections, o_proj; written by the norms' backward).
+  void layer_bwd(DLayer& L, const LayerActs& a, float* dx, __nv_bfloat16* dx16, int64_t Bn, int64_t Sn,
+                 const float* cs, const float* sn, double alpha, double scale) {
     scratch.reset();
     const int64_t N = Bn * Sn;
     float* dxn = scratch.floats(N * D);
     float* partial = scratch.floats(rmsnorm_partial_floats(N, D));
     if (L.moe)
-      moe_bwd(L, a.moe, a.xn2, a.xn2_16, Bn, Sn, alpha, scale, dx, dxn);
+      moe_bwd(L, a.moe, a.xn2, a.xn2_16, Bn, Sn, alpha, scale, dx, dx16, dxn);
     else
-      swiglu_bwd(L.mlp, a.mlp, a.xn2, a.xn2_16, dx, N, dxn);
+      swiglu_bwd(L.mlp, a.mlp, a.xn2, a.xn2_16, dx, dx16, N, dxn);
     // dx += the norm's dx: dx is now dLoss/dh
-    rmsnorm_backward(dx, D, L.post_norm->g, dxn, a.h, D, L.post_norm->w, a.rstd2, N, D, partial, stream,
-                     true);
-    attention_bwd(L.attn, a.attn, a.xn1, a.xn1_16, Bn, Sn, cs, sn, dx, dxn);
+    rmsnorm_backward(dx, D, L.post_norm->g, dxn, a.h, D, L.post_norm->w, a.rstd2, N, D, partial, stream, true,
+                     dx16);
+    attention_bwd(L.attn, a.attn, a.xn1, a.xn1_16, Bn, Sn, cs, sn, dx, dx16, dxn);
     rmsnorm_backward(dx, D, L.input_norm->g, dxn, a.x_in, D, L.input_norm->w, a.rstd1, N, D, partial, stream,
-                     true);
+                     true, dx16);
   }
 
-  // Sum over the MoE layers of the mean over sequences of the balance losses in aux_d (as the CPU trainer).
-  double balance_loss() const {
+  // The step's losses from the per-row losses (main [B*S], MTP [B*(S-1)] or null) and the per-sequence
+  // balance losses in aux_d: one copy back and one wait, at the end of the forward.
+  LossParts losses(const float* rows, const float* mrows) const {
+    const int64_t N = B * S, M = B * (S - 1);
+    std::vector<float> main_h(static_cast<size_t>(N)), mtp_h(mrows ? static_cast<size_t>(M) : 0);
     std::vector<double> seq(static_cast<size_t>(aux_layers * B));
-    if (seq.empty()) return 0.0;
-    DSV3_CUDA_CHECK(
-        cudaMemcpyAsync(seq.data(), aux_d, seq.size() * sizeof(double), cudaMemcpyDeviceToHost, stream));
+    const auto copy = [&](void* dst, const void* src, size_t bytes) {
+      if (bytes) DSV3_CUDA_CHECK(cudaMemcpyAsync(dst, src, bytes, cudaMemcpyDeviceToHost, stream));
+    };
+    copy(main_h.data(), rows, main_h.size() * sizeof(float));
+    copy(mtp_h.data(), mrows, mtp_h.size() * sizeof(float));
+    copy(seq.data(), aux_d, seq.size() * sizeof(double));
     DSV3_CUDA_CHECK(cudaStreamSynchronize(stream));
-    double aux = 0.0;
-    for (int64_t l = 0; l < aux_layers; ++l) {
+    const auto mean = [](const std::vector<float>& l) {
+      double sum = 0.0;
+      for (float v : l) sum += v;
+      return l.empty() ? 0.0 : sum / static_cast<double>(l.size());
+    };
+    LossParts loss;
+    loss.main = mean(main_h);
+    loss.mtp = mean(mtp_h);
+    for (int64_t l = 0; l < aux_layers; ++l) {  // the sum over the MoE layers of the mean over sequences
       double sum = 0.0;
       for (int64_t b = 0; b < B; ++b) sum += seq[l * B + b];
-      aux += sum / static_cast<double>(B);
+      loss.aux += sum / static_cast<double>(B);
     }
-    return aux;
+    const TrainOptions& topt = store.options();
+    loss.total = loss.main + (has_mtp ? topt.mtp_lambda * loss.mtp : 0.0) + loss.aux;
+    return loss;
   }
 
-  double mean_loss(const float* loss_rows, int64_t n) const {
-    const std::vector<float> l = download(loss_rows, n);
-    double s = 0.0;
-    for (float v : l) s += v;
-    return s / static_cast<double>(n);
+  // The head and its cross-entropy: logits [n x V] written, the loss of each row into rows. In BF16 mode
+  // the loss gradient too, (softmax - onehot) * g rounded to bf16, in the same pass over the logits (the
+  // backward scales it by its `scale`): the bf16 operand of the head's backward GEMMs.
+  __nv_bfloat16* head_and_loss(float* logits_, float* lse_, float* rows, const int32_t* tgt, const float* x,
+                               const __nv_bfloat16* x16, int64_t n, double g) {
+    head_forward(logits_, x, x16, n);
+    if (!x16) {
+      crossentropy_forward(rows, lse_, logits_, tgt, n, V, stream);
+      return nullptr;
+    }
+    __nv_bfloat16* dl = acts.bf16s(n * V);
+    crossentropy_fused_bf16(rows, lse_, dl, logits_, tgt, n, V, static_cast<float>(g), stream);
+    return dl;
   }
 
   LossParts forward(const int32_t* tokens, int64_t Bn, int64_t Sn, bool count_load) {
@@ -1136,8 +1206,11 @@ struct CudaTrainModel::Impl {
     acts.reset();
     B = Bn;
     S = Sn;
-    const int64_t N = B * S;
+    const int64_t N = B * S, Sm = S - 1, M = B * Sm;
     const TrainOptions& topt = store.options();
+
+    // What the host prepares for the step (token arrays, the embedding backward's groups, RoPE tables, the
+    // biases), all uploaded before the first launch: done between kernels, it would leave the GPU idle.
     std::vector<int32_t> inputs(static_cast<size_t>(N)), tgt(static_cast<size_t>(N));
     for (int64_t b = 0; b < B; ++b)
       for (int64_t s = 0; s < S; ++s) {
@@ -1151,7 +1224,23 @@ struct CudaTrainModel::Impl {
     rope_tables(c, s, cfg.rope_inv_freq(), cfg.rope_cos_sin_scale(), 0, S);
     cos = upload(acts, c);
     sin = upload(acts, s);
-
+    const int32_t* mi_d = nullptr;
+    if (has_mtp) {  // MTP: the token after each position's next, from the main trunk's row b*S + i
+      std::vector<int32_t> mi(static_cast<size_t>(M)), mt(static_cast<size_t>(M)), mr(static_cast<size_t>(M));
+      for (int64_t b = 0; b < B; ++b)
+        for (int64_t i = 0; i < Sm; ++i) {
+          mi[b * Sm + i] = tokens[b * (S + 1) + i + 1];
+          mt[b * Sm + i] = tokens[b * (S + 1) + i + 2];
+          mr[b * Sm + i] = static_cast<int32_t>(b * S + i);
+        }
+      mi_d = upload(acts, mi);
+      mtp_targets = upload(acts, mt);
+      mtp_rows = upload(acts, mr);
+      mtp_groups = token_groups(mi);
+      rope_tables(c, s, cfg.rope_inv_freq(), cfg.rope_cos_sin_scale(), 0, Sm);
+      mtp_cos = upload(acts, c);
+      mtp_sin = upload(acts, s);
+    }
     const std::vector<DLayer*> moe = moe_layers();
     for (DLayer* L : moe) L->bias = L->balance->bias.empty() ? nullptr : upload(acts, L->balance->bias);
     aux_d = reinterpret_cast<double*>(acts.floats(2 * B * static_cast<int64_t>(moe.size())));
@@ -1160,7 +1249,6 @@ struct CudaTrainModel::Impl {
     float* x = acts.floats(N * D);
     embedding_forward(x, inputs_d, embed->w, N, D, stream);
     la.resize(layers.size());
-    LossParts loss;
     for (size_t l = 0; l < layers.size(); ++l)
       x = layer_fwd(layers[l], la[l], x, B, S, cos, sin, count_load, topt.aux_alpha);
     x_last = x;
@@ -1171,24 +1259,11 @@ struct CudaTrainModel::Impl {
     logits = acts.floats(N * V);
     lse = acts.floats(N);
     float* rows = acts.floats(N);
-    head_forward(logits, hf, hf16, N);
-    crossentropy_forward(rows, lse, logits, targets, N, V, stream);
-    loss.main = mean_loss(rows, N);
+    dlogits16 = head_and_loss(logits, lse, rows, targets, hf, hf16, N, 1.0 / static_cast<double>(N));
 
+    float* mrows = nullptr;
     if (has_mtp) {
-      const int64_t Sm = S - 1, M = B * Sm;
       const double eps = cfg.rms_norm_eps;
-      std::vector<int32_t> mi(static_cast<size_t>(M)), mt(static_cast<size_t>(M)), mr(static_cast<size_t>(M));
-      for (int64_t b = 0; b < B; ++b)
-        for (int64_t i = 0; i < Sm; ++i) {
-          mi[b * Sm + i] = tokens[b * (S + 1) + i + 1];
-          mt[b * Sm + i] = tokens[b * (S + 1) + i + 2];
-          mr[b * Sm + i] = static_cast<int32_t>(b * S + i);
-        }
-      const int32_t* mi_d = upload(acts, mi);
-      mtp_targets = upload(acts, mt);
-      mtp_rows = upload(acts, mr);
-      mtp_groups = token_groups(mi);
       hsel = acts.floats(M * D);
       gather_rows(hsel, hf, mtp_rows, M, D, stream);
       emb = acts.floats(M * D);
@@ -1201,9 +1276,6 @@ struct CudaTrainModel::Impl {
       rmsnorm_forward(cat + D, 2 * D, h_rstd, hsel, D, hnorm->w, M, D, eps, stream, cat16 ? cat16 + D : nullptr);
       float* xm = acts.floats(M * D);
       linear_fwd(xm, cat, cat16, eh_proj, M, 2 * D, D);
-      rope_tables(c, s, cfg.rope_inv_freq(), cfg.rope_cos_sin_scale(), 0, Sm);
-      mtp_cos = upload(acts, c);
-      mtp_sin = upload(acts, s);
       xm_out = layer_fwd(mtp_layer, mla, xm, B, Sm, mtp_cos, mtp_sin, count_load, topt.aux_alpha);
       xmn = acts.floats(M * D);
       xmn16 = w16_slab ? acts.bf16s(M * D) : nullptr;
@@ -1211,34 +1283,34 @@ struct CudaTrainModel::Impl {
       rmsnorm_forward(xmn, D, xm_rstd, xm_out, D, head_norm->w, M, D, eps, stream, xmn16);
       mlogits = acts.floats(M * V);
       mlse = acts.floats(M);
-      float* mrows = acts.floats(M);
-      head_forward(mlogits, xmn, xmn16, M);
-      crossentropy_forward(mrows, mlse, mlogits, mtp_targets, M, V, stream);
-      loss.mtp = mean_loss(mrows, M);
+      mrows = acts.floats(M);
+      mdlogits16 = head_and_loss(mlogits, mlse, mrows, mtp_targets, xmn, xmn16, M,
+                                 topt.mtp_lambda / static_cast<double>(M));
     }
-    loss.aux = balance_loss();
-    loss.total = loss.main + (has_mtp ? topt.mtp_lambda * loss.mtp : 0.0) + loss.aux;
-    return loss;
+    return losses(rows, mrows);
   }
 
   void backward(double scale) {
     check(logits != nullptr, "CudaTrainModel::backward needs a forward first");
+    apply_grad_scale();  // this backward adds to the gradients as clipped
     const int64_t N = B * S;
     const TrainOptions& topt = store.options();
     scratch.reset();
     float* dhf = acts.floats(N * D);
-    head_backward(dhf, logits, lse, targets, hf, hf16, N, static_cast<float>(scale / static_cast<double>(N)));
+    head_backward(dhf, logits, dlogits16, lse, targets, hf, hf16, N, 1.0 / static_cast<double>(N), scale);
     if (has_mtp) {
       const int64_t Sm = S - 1, M = B * Sm;
       float* dxmn = acts.floats(M * D);
       float* dxm = acts.floats(M * D);
       float* partial = acts.floats(rmsnorm_partial_floats(M, 2 * D));
-      head_backward(dxmn, mlogits, mlse, mtp_targets, xmn, xmn16, M,
-                    static_cast<float>(scale * topt.mtp_lambda / static_cast<double>(M)));
-      rmsnorm_backward(dxm, D, head_norm->g, dxmn, xm_out, D, head_norm->w, xm_rstd, M, D, partial, stream);
-      layer_bwd(mtp_layer, mla, dxm, B, Sm, mtp_cos, mtp_sin, topt.aux_alpha, scale);
+      head_backward(dxmn, mlogits, mdlogits16, mlse, mtp_targets, xmn, xmn16, M,
+                    topt.mtp_lambda / static_cast<double>(M), scale);
+      __nv_bfloat16* dxm16 = bf16_operand(acts, M * D);
+      rmsnorm_backward(dxm, D, head_norm->g, dxmn, xm_out, D, head_norm->w, xm_rstd, M, D, partial, stream,
+                       false, dxm16);
+      layer_bwd(mtp_layer, mla, dxm, dxm16, B, Sm, mtp_cos, mtp_sin, topt.aux_alpha, scale);
       float* dcat = acts.floats(M * 2 * D);
-      linear_bwd(dcat, false, eh_proj, dxm, nullptr, cat, cat16, M, 2 * D, D);
+      linear_bwd(dcat, false, eh_proj, dxm, dxm16, cat, cat16, M, 2 * D, D);
       float* den = acts.floats(M * D);
       float* dhn = acts.floats(M * D);
       float* tmp = acts.floats(M * D);
@@ -1251,23 +1323,31 @@ struct CudaTrainModel::Impl {
       add_rows(dhf, tmp, mtp_rows, M, D, stream);
     }
     float* dx = acts.floats(N * D);
+    __nv_bfloat16* dx16 = bf16_operand(acts, N * D);
     rmsnorm_backward(dx, D, final_norm->g, dhf, x_last, D, final_norm->w, rstd_f, N, D,
-                     acts.floats(rmsnorm_partial_floats(N, D)), stream);
+                     acts.floats(rmsnorm_partial_floats(N, D)), stream, false, dx16);
     for (size_t l = layers.size(); l-- > 0;)
-      layer_bwd(layers[l], la[l], dx, B, S, cos, sin, topt.aux_alpha, scale);
+      layer_bwd(layers[l], la[l], dx, dx16, B, S, cos, sin, topt.aux_alpha, scale);
     embedding_backward(embed->g, dx, groups.ids, groups.offsets, groups.rows, groups.n_ids, D, stream);
-    logits = nullptr;  // overwritten by dlogits: a second backward needs a new forward
+    logits = nullptr;  // overwritten by dlogits (FP32 mode): a second backward needs a new forward
   }
 
+  // The global-norm clipping: its factor is left pending for the AdamW step to apply as it reads the
+  // gradients (one pass over the slab fewer); anything else that reads or adds to them first applies it.
   double clip(double max_norm) {
+    apply_grad_scale();
     sum_squares(sumsq, g_slab, slab_floats, sumsq + 1, stream);
     double ss = 0.0;
     DSV3_CUDA_CHECK(cudaMemcpyAsync(&ss, sumsq, sizeof(double), cudaMemcpyDeviceToHost, stream));
     DSV3_CUDA_CHECK(cudaStreamSynchronize(stream));
     const double norm = std::sqrt(ss);
     if (max_norm > 0 && max_norm / (norm + 1e-6) < 1.0)
-      scale(g_slab, static_cast<float>(max_norm / (norm + 1e-6)), slab_floats, stream);
+      pending_grad_scale = static_cast<float>(max_norm / (norm + 1e-6));
     return norm;
+  }
+  void apply_grad_scale() {
+    if (pending_grad_scale != 1.0f) scale(g_slab, pending_grad_scale, slab_floats, stream);
+    pending_grad_scale = 1.0f;
   }
 
   void adamw_step(double lr) {
@@ -1276,7 +1356,9 @@ struct CudaTrainModel::Impl {
     const double bc2 = 1.0 - std::pow(hp.beta2, static_cast<double>(t));
     adamw_slab(w_slab, g_slab, m_slab, v_slab, slab_floats, decays, static_cast<float>(hp.beta1),
                static_cast<float>(hp.beta2), static_cast<float>(lr / bc1), static_cast<float>(std::sqrt(bc2)),
-               static_cast<float>(hp.eps), static_cast<float>(1.0 - lr * hp.weight_decay), stream, w16_slab);
+               static_cast<float>(hp.eps), static_cast<float>(1.0 - lr * hp.weight_decay), stream, w16_slab,
+               pending_grad_scale);
+    pending_grad_scale = 1.0f;
     opt.set_steps_taken(t);
     flush_loads();  // synchronizes, so that step times are honest
   }
@@ -1294,6 +1376,7 @@ struct CudaTrainModel::Impl {
   }
 
   void pull(bool grads) {
+    if (grads) apply_grad_scale();
     for (size_t i = 0; i < params.size(); ++i) {
       DevParam& p = params[i];
       const size_t bytes = static_cast<size_t>(p.n) * sizeof(float);
@@ -1329,7 +1412,10 @@ LossParts CudaTrainModel::forward(const int32_t* tokens, int64_t B, int64_t S, b
   return impl_->forward(tokens, B, S, count_load);
 }
 void CudaTrainModel::backward(double scale) { impl_->backward(scale); }
-void CudaTrainModel::zero_grad() { impl_->zero(impl_->g_slab, impl_->slab_floats); }
+void CudaTrainModel::zero_grad() {
+  impl_->pending_grad_scale = 1.0f;  // the gradients it applied to are gone
+  impl_->zero(impl_->g_slab, impl_->slab_floats);
+}
 double CudaTrainModel::clip_grad_norm(double max_norm) { return impl_->clip(max_norm); }
 void CudaTrainModel::optimizer_step(double lr) { impl_->adamw_step(lr); }
 void CudaTrainModel::push() { impl_->push(); }

@@ -63,12 +63,9 @@ struct Args {
 __device__ const float* at(FlashTensor t, int64_t tok0, int h) {
   return t.p + tok0 * t.ld + h * t.hs;
 }
-__device__ float* at(FlashOut t, int64_t tok0, int h) {
-  return t.p + tok0 * t.ld + h * t.hs;
-}
 
-// dst [(b*H + h) * Sp + s][P] = src's element (b*S + s, h, c) as bf16, zero for s >= S or c >= cols: one
-// thread per 8 bf16 (a 16-byte store).
+// dst [(b*H + h) * Sp + s][P] = src's element (b*S + s, h, c) as bf16 (from its tail past the split,
+// rotated where it asks for RoPE), zero for s >= S or c >= cols: one thread per 8 bf16 (a 16-byte store).
 __global__ void pack_kernel(bf16* dst, FlashTensor src, int64_t B, int64_t S, int64_t H, int64_t Sp, int P,
                             int cols) {
   const int64_t i = int64_t{blockIdx.x} * blockDim.x + threadIdx.x, chunks = P / 8;
@@ -79,8 +76,24 @@ __global__ void pack_kernel(bf16* dst, FlashTensor src, int64_t B, int64_t S, in
   const int h = static_cast<int>(bh % H);
   float v[8];
   const float* p = at(src, b * S + s, h);
+  const float* tail = src.tail ? src.tail + (b * S + s) * src.tail_ld + h * src.tail_hs : nullptr;
 #pragma unroll
-  for (int j = 0; j < 8; ++j) v[j] = s < S && c0 + j < cols ? p[c0 + j] : 0.0f;
+  for (int j = 0; j < 8; ++j) {
+    const int col = c0 + j;
+    v[j] = s < S && col < cols ? (tail && col >= src.split ? tail[col - src.split] : p[col]) : 0.0f;
+  }
+  if (src.rope_cos && s < S) {  // pairs (col, col + 1) with col even: never split between two chunks
+    const int half = src.rope_dim / 2;
+#pragma unroll
+    for (int j = 0; j < 8; j += 2) {
+      const int i = (c0 + j - src.rope_off) / 2;
+      if (c0 + j < src.rope_off || i >= half) continue;
+      const float c = src.rope_cos[s * half + i], sn = src.rope_sin[s * half + i];
+      const float x0 = v[j], x1 = v[j + 1];
+      v[j] = x0 * c - x1 * sn;
+      v[j + 1] = x0 * sn + x1 * c;
+    }
+  }
   uint4 out;
   out.x = bf16x2_bits(v[0], v[1]);
   out.y = bf16x2_bits(v[2], v[3]);
@@ -173,23 +186,41 @@ __device__ __forceinline__ void acc_by_tile(float (&out)[P / 8][4], const float 
   }
 }
 
-// Writes a [16 x P] accumulator's first `cols` columns to rows r0 (lane rows g and g + 8) of a view,
-// rows at or past S skipped.
+// Writes a [16 x P] accumulator's first `cols` columns to rows r0 (lane rows g and g + 8) of head h of a
+// view whose token rows start at tok0 (its fp32 values and/or their bf16 copy), rows at or past S skipped.
 template <int P>
-__device__ void store_rows(float* base, int64_t ld, int64_t r0, int64_t S, int cols,
+__device__ void store_rows(FlashOut o, int64_t tok0, int h, int64_t r0, int64_t S, int cols,
                            const float (&acc)[P / 8][4]) {
   const int g = threadIdx.x % 32 / 4, c = threadIdx.x % 4;
+  const int64_t head = tok0 * o.ld + h * o.hs;
 #pragma unroll
   for (int half = 0; half < 2; ++half) {
     const int64_t r = r0 + g + 8 * half;
     if (r >= S) continue;
 #pragma unroll
-    for (int n = 0; n < P / 8; ++n)
-#pragma unroll
-      for (int e = 0; e < 2; ++e) {
-        const int col = n * 8 + 2 * c + e;
-        if (col < cols) base[r * ld + col] = acc[n][2 * half + e];
+    for (int n = 0; n < P / 8; ++n) {
+      const int col = n * 8 + 2 * c;  // this lane's two adjacent columns: one store where aligned
+      if (col >= cols) continue;
+      const int64_t i = head + r * o.ld + col;
+      const float x0 = acc[n][2 * half], x1 = acc[n][2 * half + 1];
+      const bool pair = col + 1 < cols;
+      if (float* d = o.p ? o.p + i : nullptr) {
+        if (pair && reinterpret_cast<uintptr_t>(d) % 8 == 0) {
+          *reinterpret_cast<float2*>(d) = make_float2(x0, x1);
+        } else {
+          d[0] = x0;
+          if (pair) d[1] = x1;
+        }
       }
+      if (bf16* d = o.p16 ? o.p16 + i : nullptr) {
+        if (pair && reinterpret_cast<uintptr_t>(d) % 4 == 0) {
+          *reinterpret_cast<__nv_bfloat162*>(d) = __floats2bfloat162_rn(x0, x1);
+        } else {
+          d[0] = __float2bfloat16(x0);
+          if (pair) d[1] = __float2bfloat16(x1);
+        }
+      }
+    }
   }
 }
 
@@ -287,7 +318,7 @@ __global__ void __launch_bounds__(kThreads)
     }
     if (c == 0 && row[hr] < a.S) lse[bh * a.S + row[hr]] = (m[hr] + log2f(l[hr])) * kLn2;
   }
-  store_rows<PV>(at(o, tok0, h), o.ld, q0 + wr, a.S, a.dv, o_acc);
+  store_rows<PV>(o, tok0, h, q0 + wr, a.S, a.dv, o_acc);
 }
 
 // delta[(b*H + h)*S + s] = sum_c dO[t][h][c] * O[t][h][c] (t = b*S + s): one warp per (token, head).
@@ -379,8 +410,8 @@ __global__ void __launch_bounds__(kThreads)
     acc_by_tile<PQ>(dk_acc, dp, Qs[cur]);  // dK += dS^T Q
     __syncthreads();                       // every warp is done with this buffer before it is refilled
   }
-  store_rows<PQ>(at(dk, tok0, h), dk.ld, k0 + wr, a.S, a.dq, dk_acc);
-  store_rows<PV>(at(dvg, tok0, h), dvg.ld, k0 + wr, a.S, a.dv, dv_acc);
+  store_rows<PQ>(dk, tok0, h, k0 + wr, a.S, a.dq, dk_acc);
+  store_rows<PV>(dvg, tok0, h, k0 + wr, a.S, a.dv, dv_acc);
 }
 
 // dQ of one query tile, over the key tiles up to the diagonal.
@@ -442,7 +473,7 @@ __global__ void __launch_bounds__(kThreads)
     acc_by_tile<PQ>(dq_acc, dp, Ks[cur]);  // dQ += dS K
     __syncthreads();                       // every warp is done with this buffer before it is refilled
   }
-  store_rows<PQ>(at(dq, tok0, h), dq.ld, q0 + wr, a.S, a.dq, dq_acc);
+  store_rows<PQ>(dq, tok0, h, q0 + wr, a.S, a.dq, dq_acc);
 }
 
 // The compiled head-width classes (q/k width, v width), smallest first: (32, 32), (64, 32), (64, 64),
@@ -534,7 +565,7 @@ void flash_attention_forward(FlashOut o, float* lse, FlashTensor q, FlashTensor 
 
 void flash_attention_backward(FlashOut dq, FlashOut dk, FlashOut dv, float* delta, FlashTensor q,
                               FlashTensor k, FlashTensor v, FlashTensor o, FlashTensor dout, const float* lse,
-                              const FlashShape& sh, void* work, cudaStream_t s) {
+                              const FlashShape& sh, void* work, bool packed, cudaStream_t s) {
   check(flash_attention_supported(sh.dq, sh.dv), "flash_attention_backward: head widths too large for the kernel");
   if (sh.B == 0 || sh.S == 0 || sh.H == 0) return;
   const Args a = args_of(sh);
@@ -543,7 +574,7 @@ void flash_attention_backward(FlashOut dq, FlashOut dk, FlashOut dv, float* delt
   DSV3_CUDA_CHECK(cudaGetLastError());
   with_class(sh.dq, sh.dv, [&](auto pq, auto pv) {
     constexpr int PQ = decltype(pq)::value, PV = decltype(pv)::value;
-    const Packs p = pack_qkv(work, q, k, v, sh, PQ, PV, s);
+    const Packs p = packed ? packs_of(work, sh, PQ, PV) : pack_qkv(work, q, k, v, sh, PQ, PV, s);
     pack(p.dout, dout, sh, PV, sh.dv, s);
     launch(flash_dkv_kernel<PQ, PV>, Smem<PQ, PV>::dkv, sh, s, dk, dv, p.q, p.k, p.v, p.dout, lse, delta, a);
     launch(flash_dq_kernel<PQ, PV>, Smem<PQ, PV>::dq, sh, s, dq, p.q, p.k, p.v, p.dout, lse, delta, a);

@@ -96,9 +96,10 @@ void Gemm::linear_forward(float* y, const __nv_bfloat16* x, const __nv_bfloat16*
 }
 
 void Gemm::linear_backward(float* dx, float* dW, const __nv_bfloat16* dy, const __nv_bfloat16* x,
-                           const __nv_bfloat16* W, int64_t n, int64_t in, int64_t out, bool accumulate_dx) {
-  if (dx) rm(false, false, n, in, out, 1.0f, dy, out, W, in, accumulate_dx ? 1.0f : 0.0f, dx, in);
-  rm(true, false, out, in, n, 1.0f, dy, out, x, in, 1.0f, dW, in);
+                           const __nv_bfloat16* W, int64_t n, int64_t in, int64_t out, bool accumulate_dx,
+                           float dy_scale) {
+  if (dx) rm(false, false, n, in, out, dy_scale, dy, out, W, in, accumulate_dx ? 1.0f : 0.0f, dx, in);
+  rm(true, false, out, in, n, dy_scale, dy, out, x, in, 1.0f, dW, in);
 }
 
 }  // namespace dsv3::train::cuda

@@ -45,11 +45,13 @@ class Gemm {
   void linear_forward(float* y, const float* x, const float* W, int64_t n, int64_t in, int64_t out);
   void linear_backward(float* dx, float* dW, const float* dy, const float* x, const float* W, int64_t n,
                        int64_t in, int64_t out, bool accumulate_dx = false);
-  // The same pair on bf16 operands (y, dx and dW fp32; dW still accumulates in fp32).
+  // The same pair on bf16 operands (y, dx and dW fp32; dW still accumulates in fp32). dy_scale: the
+  // products use dy * dy_scale (a loss scale applied after dy was rounded to bf16).
   void linear_forward(float* y, const __nv_bfloat16* x, const __nv_bfloat16* W, int64_t n, int64_t in,
                       int64_t out);
   void linear_backward(float* dx, float* dW, const __nv_bfloat16* dy, const __nv_bfloat16* x,
-                       const __nv_bfloat16* W, int64_t n, int64_t in, int64_t out, bool accumulate_dx = false);
+                       const __nv_bfloat16* W, int64_t n, int64_t in, int64_t out, bool accumulate_dx = false,
+                       float dy_scale = 1.0f);
 
  private:
   void gemm_ex(bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K, float alpha, const void* A,

@@ -23,23 +23,30 @@ void embedding_backward(float* dtable, const float* dout, const int32_t* ids, co
                         const int32_t* rows, int64_t n_ids, int64_t D, cudaStream_t s);
 
 // y = w * x * rstd per row (x and y with leading dimensions); rstd [n] cached. y16, unless null, gets y
-// rounded to bf16 as well (leading dimension ldy): the operand of the bf16 GEMMs that read y.
+// rounded to bf16 as well (leading dimension ldy): the operand of the bf16 GEMMs that read y. y may be
+// null where only y16 is read (the backward needs x and rstd, not y).
 void rmsnorm_forward(float* y, int64_t ldy, float* rstd, const float* x, int64_t ldx, const float* w, int64_t n,
                      int64_t D, double eps, cudaStream_t s, __nv_bfloat16* y16 = nullptr);
 // The residual add fused into the norm after it: h [n x D] += res, then y = rmsnorm(h) as above.
 void add_rmsnorm_forward(float* y, int64_t ldy, float* rstd, float* h, const float* res, const float* w,
                          int64_t n, int64_t D, double eps, cudaStream_t s, __nv_bfloat16* y16 = nullptr);
 // dx written (lddx), or with accumulate added to dx (a residual branch's gradient joining the trunk's);
-// dw += sum_rows dy * x * rstd (through `partial`, rmsnorm_partial_floats(n, D) floats).
+// dw += sum_rows dy * x * rstd (through `partial`, rmsnorm_partial_floats(n, D) floats). dx16, unless
+// null, gets the final dx rounded to bf16 (leading dimension lddx): the dy of the bf16 linear layers that
+// read it. Rows up to 1024 wide in one pass (x and dy read once).
 void rmsnorm_backward(float* dx, int64_t lddx, float* dw, const float* dy, const float* x, int64_t ldx,
                       const float* w, const float* rstd, int64_t n, int64_t D, float* partial, cudaStream_t s,
-                      bool accumulate = false);
+                      bool accumulate = false, __nv_bfloat16* dx16 = nullptr);
 int64_t rmsnorm_partial_floats(int64_t n, int64_t D);
 
 // Interleaved RoPE in place on `dim` values at `offset` of each of `heads` vectors of width `stride` per
 // token; token t of a window uses table row t % S (the tables are [S x dim/2]). inverse: dx = R^T dy.
 void rope(float* x, const float* cos, const float* sin, int64_t n, int64_t S, int64_t heads, int64_t stride,
           int64_t offset, int64_t dim, bool inverse, cudaStream_t s);
+// The same rotation written to a bf16 copy of x (all heads * stride values of each token; x left alone),
+// in one pass: the operand of the bf16 GEMM that reads the rotated values.
+void rope_to_bf16(__nv_bfloat16* y, const float* x, const float* cos, const float* sin, int64_t n, int64_t S,
+                  int64_t heads, int64_t stride, int64_t offset, int64_t dim, bool inverse, cudaStream_t s);
 
 // a = silu(g) * u; backward dg, du written. The bf16 outputs, unless null, get the same values rounded
 // (dg16 and du16 together); the fp32 outputs may be null where only the bf16 ones are needed (a, or dg
@@ -67,8 +74,10 @@ void add_rows(float* dst, const float* src, const int32_t* idx, int64_t m, int64
 void attention_keys(float* kfull, const float* kv, const float* kpe, int64_t N, int64_t H, int64_t dn,
                     int64_t dr, int64_t dv, cudaStream_t s);
 // dkv's k_nope part (written; the v part is left alone) and dkpe (written, sum over heads) from dkfull.
+// dkv16, unless null, gets the k_nope part rounded to bf16 (its v part left alone too); dkv may then be
+// null.
 void attention_keys_backward(float* dkv, float* dkpe, const float* dkfull, int64_t N, int64_t H, int64_t dn,
-                             int64_t dr, int64_t dv, cudaStream_t s);
+                             int64_t dr, int64_t dv, cudaStream_t s, __nv_bfloat16* dkv16 = nullptr);
 // Rows [rows x S] of scores: row r is query position r % S; p = softmax over t <= r % S, 0 after. p is
 // the scores themselves (fp32, in place) or a bf16 tensor (the probabilities rounded once: the operand of
 // the bf16 attention's P V and P^T dO).
@@ -85,13 +94,26 @@ void softmax_backward(__nv_bfloat16* ds, const float* dp, const __nv_bfloat16* p
 // Causal softmax(Q K^T * scale) V per (sequence b, head h) without an S x S tensor in memory, on the BF16
 // tensor cores (inputs rounded to bf16, fp32 accumulation). A tensor view: element c of head h at token
 // row t = b*S + s is p[t * ld + h * hs + c].
+// MLA's queries and keys can be read straight from the projections (no roped copy, no per-head key tensor
+// in memory): columns from `split` on come from `tail` instead (its own ld and head stride; tail_hs 0 for
+// one vector shared by all heads, as k_pe), and, with rope_cos / rope_sin given (tables [S x rope_dim/2],
+// the row's position in its sequence), the interleaved RoPE rotation is applied to columns [rope_off,
+// rope_off + rope_dim) as the operand is packed (rope_off and rope_dim even).
 struct FlashTensor {
   const float* p;
   int64_t ld, hs;
+  const float* tail = nullptr;
+  int64_t tail_ld = 0, tail_hs = 0;
+  int split = 0;
+  const float *rope_cos = nullptr, *rope_sin = nullptr;
+  int rope_off = 0, rope_dim = 0;
 };
+// An output view: fp32 at p, and, unless null, a bf16 copy at p16 with the same layout (the operand of a
+// bf16 GEMM that reads it); p may be null where only the copy is needed.
 struct FlashOut {
   float* p;
   int64_t ld, hs;
+  __nv_bfloat16* p16 = nullptr;
 };
 struct FlashShape {
   int64_t B, S, H, dq, dv;  // dq: the q/k head width, dv: the v/o head width
@@ -105,9 +127,11 @@ size_t flash_attention_workspace_bytes(const FlashShape& sh);
 void flash_attention_forward(FlashOut o, float* lse, FlashTensor q, FlashTensor k, FlashTensor v,
                              const FlashShape& sh, void* work, cudaStream_t s);
 // dq, dk, dv written from dout and forward's o and lse (scores recomputed); delta: [B x H x S] scratch.
+// packed: `work` is the forward's workspace, kept since, with q, k and v as the forward packed them (the
+// views q, k and v are then not read); else they are packed again from the views.
 void flash_attention_backward(FlashOut dq, FlashOut dk, FlashOut dv, float* delta, FlashTensor q,
                               FlashTensor k, FlashTensor v, FlashTensor o, FlashTensor dout, const float* lse,
-                              const FlashShape& sh, void* work, cudaStream_t s);
+                              const FlashShape& sh, void* work, bool packed, cudaStream_t s);
 
 // ---- cross-entropy ----
 // loss[t] = logsumexp(logits[t]) - logits[t][target]; lse[t] cached.
@@ -119,6 +143,12 @@ void crossentropy_backward(float* logits, const float* lse, const int32_t* targe
 // The same written as bf16 into dlogits (logits left alone): the operand of the head's bf16 GEMMs.
 void crossentropy_backward_bf16(__nv_bfloat16* dlogits, const float* logits, const float* lse,
                                 const int32_t* targets, int64_t n, int64_t V, float g, cudaStream_t s);
+
+// crossentropy_forward and crossentropy_backward_bf16 with one read of the logits (an online softmax; the
+// same values up to the order of the sums): loss, lse and dlogits written, logits left alone. Rows of
+// V % 4 == 0 (16-byte aligned); other widths take the two kernels.
+void crossentropy_fused_bf16(float* loss, float* lse, __nv_bfloat16* dlogits, const float* logits,
+                             const int32_t* targets, int64_t n, int64_t V, float g, cudaStream_t s);
 
 // ---- MoE ----
 // xe[j] = x[src[j]] for j < m (rows of width D); a row with src[j] < 0 is zeros (a pad row).
@@ -180,10 +210,11 @@ int64_t sumsq_partial_doubles();
 // slab of tensors in one launch: element j decays (d = `decay`, else 1) when decays[j / kSlabBlockFloats]
 // is nonzero. Every tensor must start on a kSlabBlockFloats boundary; the padding between tensors must be
 // zero in w, g, m and v (AdamW keeps it zero). w16, unless null, gets the new weights rounded to bf16 (the
-// BF16 mode's weight copies, same offsets as w).
+// BF16 mode's weight copies, same offsets as w). The gradient used is g * g_scale (the global-norm
+// clipping's factor, applied here instead of in a pass of its own; g itself is left alone).
 constexpr int64_t kSlabBlockFloats = 64;
-void adamw_slab(float* w, const float* g, float* m, float* v, int64_t n, const uint8_t* decays, float b1, float b2,
-                float step_size, float bc2_sqrt, float eps, float decay, cudaStream_t s,
-                __nv_bfloat16* w16 = nullptr);
+void adamw_slab(float* w, const float* g, float* m, float* v, int64_t n, const uint8_t* decays, float b1,
+                float b2, float step_size, float bc2_sqrt, float eps, float decay, cudaStream_t s,
+                __nv_bfloat16* w16 = nullptr, float g_scale = 1.0f);
 
 }  // namespace dsv3::train::cuda

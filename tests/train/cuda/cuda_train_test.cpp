@@ -111,8 +111,9 @@ class ScopedEnv {
 };
 
 TEST(TrainKernels, RMSNormForwardBackward) {
-  for (int64_t D : {7, 64, 300}) {
-    const int64_t n = 70;  // more than one 64-row chunk of the dw reduction
+  // Widths of the one-pass backward (up to 1024) and past it (dx and the weight's partial sums apart).
+  for (int64_t D : {7, 64, 300, 1024, 1100}) {
+    const int64_t n = 70;  // several chunks of the dw reduction, the last one partial
     const auto x = rnd(n * D, 1), w = rnd(D, 2), dy = rnd(n * D, 3);
     std::vector<float> y(x.size()), rstd(n), dx(x.size()), dw = rnd(D, 4);
     const std::vector<float> dw0 = dw;
@@ -136,7 +137,10 @@ TEST(TrainKernels, RMSNormForwardBackward) {
     Dev<float> hd(a), resd(res), y2d(a.size()), r2d(static_cast<size_t>(n)), dx2d(base),
         dw2d(static_cast<size_t>(D));
     cuda::add_rmsnorm_forward(y2d.p, D, r2d.p, hd.p, resd.p, wd.p, n, D, 1e-6, nullptr);
-    cuda::rmsnorm_backward(dx2d.p, D, dw2d.p, dyd.p, hd.p, D, wd.p, r2d.p, n, D, part.p, nullptr, true);
+    Dev<uint16_t> dx2_16(a.size());  // the bf16 copy of what dx ends up as
+    cuda::rmsnorm_backward(dx2d.p, D, dw2d.p, dyd.p, hd.p, D, wd.p, r2d.p, n, D, part.p, nullptr, true,
+                           bf(dx2_16));
+    EXPECT_EQ(from_bf16(dx2_16), round_bf16(dx2d.get())) << D;
     EXPECT_LE(rel_l2(hd.get(), h), kTol) << D;
     EXPECT_LE(rel_l2(y2d.get(), y2), kTol) << D;
     EXPECT_LE(rel_l2(r2d.get(), rstd2), kTol) << D;
@@ -266,6 +270,47 @@ TEST(TrainKernels, RopeSwigluCrossEntropy) {
     dl_bf16.push_back(f);
   }
   EXPECT_LE(rel_l2(dl_bf16, dl), 4e-3);  // rounding to 8 significant bits: <= 2^-9 relative per value
+}
+
+// The one-read cross-entropy (loss, lse and the bf16 gradient; an online softmax) against the separate
+// forward and bf16 backward kernels: the same values up to the order of the sums (the gradient within a
+// bf16 unit in the last place), and on the fallback (V % 4 != 0: the two kernels themselves, the same bits).
+TEST(TrainKernels, CrossEntropyFusedMatchesSeparateKernels) {
+  for (int64_t V : {500, 3000, 3001, 32000}) {
+    const int64_t rows = 37;
+    const auto logits = rnd(rows * V, 10 + V, 3.0);
+    std::vector<int32_t> targets;
+    for (int64_t t = 0; t < rows; ++t) targets.push_back(static_cast<int32_t>((t * 7919 + 3) % V));
+    Dev<float> ld(logits), loss1(static_cast<size_t>(rows)), lse1(static_cast<size_t>(rows)),
+        loss2(static_cast<size_t>(rows)), lse2(static_cast<size_t>(rows));
+    Dev<int32_t> td(targets);
+    Dev<uint16_t> dl1(logits.size()), dl2(logits.size());
+    const float g = 0.37f;
+    cuda::crossentropy_forward(loss1.p, lse1.p, ld.p, td.p, rows, V, nullptr);
+    cuda::crossentropy_backward_bf16(bf(dl1), ld.p, lse1.p, td.p, rows, V, g, nullptr);
+    cuda::crossentropy_fused_bf16(loss2.p, lse2.p, bf(dl2), ld.p, td.p, rows, V, g, nullptr);
+    const std::vector<float> l1 = loss1.get(), l2 = loss2.get(), s1 = lse1.get(), s2 = lse2.get();
+    for (int64_t t = 0; t < rows; ++t) {
+      EXPECT_NEAR(l2[t], l1[t], 2e-6 * std::fabs(s1[t])) << V << " row " << t;
+      EXPECT_NEAR(s2[t], s1[t], 2e-6 * std::fabs(s1[t])) << V << " row " << t;
+    }
+    const std::vector<float> d1 = from_bf16(dl1), d2 = from_bf16(dl2);
+    int64_t far = 0;
+    for (size_t i = 0; i < d1.size(); ++i)
+      far += std::fabs(d2[i] - d1[i]) > std::ldexp(std::fabs(d1[i]), -7) + 1e-30;
+    EXPECT_EQ(far, 0) << V;
+    if (V % 4 != 0) {
+      EXPECT_EQ(l2, l1) << V;
+      EXPECT_EQ(d2, d1) << V;
+    }
+    EXPECT_EQ(ld.get(), logits) << V;  // the logits left alone
+    // And the loss against the CPU op.
+    std::vector<float> probs(logits.size());
+    const double loss = crossentropy_forward(probs.data(), logits.data(), targets.data(), rows, V);
+    double gpu_loss = 0;
+    for (float v : l2) gpu_loss += v / static_cast<double>(rows);
+    EXPECT_NEAR(gpu_loss, loss, 1e-5 * loss) << V;
+  }
 }
 
 // The device router (choice, weights, packing, loads, backward, sequence-wise balance loss) against the
@@ -492,7 +537,7 @@ TEST(TrainKernels, FusedAttentionMatchesReference) {
     cuda::flash_attention_forward({od.p, c.H * c.dv, c.dv}, lsed.p, qt, kt, vt, sh, work.p, nullptr);
     cuda::flash_attention_backward({dqd.p, c.H * c.dq, c.dq}, {dkd.p, c.H * c.dq, c.dq},
                                    {dvd.p + voff, c.H * vhs, vhs}, delta.p, qt, kt, vt, ot, dot, lsed.p, sh,
-                                   work.p, nullptr);
+                                   work.p, false, nullptr);
     const auto as_f = [](const std::vector<double>& x) { return std::vector<float>(x.begin(), x.end()); };
     EXPECT_LE(rel_l2(od.get(), as_f(o)), 1e-2) << what;
     EXPECT_LE(rel_l2(lsed.get(), as_f(lse)), 1e-2) << what;
@@ -515,13 +560,89 @@ TEST(TrainKernels, FusedAttentionMatchesReference) {
     const std::vector<float> dq1 = dqd.get(), dk1 = dkd.get();
     cuda::flash_attention_backward({dqd.p, c.H * c.dq, c.dq}, {dkd.p, c.H * c.dq, c.dq},
                                    {dvd.p + voff, c.H * vhs, vhs}, delta.p, qt, kt, vt, ot, dot, lsed.p, sh,
-                                   work.p, nullptr);
+                                   work.p, false, nullptr);
     EXPECT_EQ(dqd.get(), dq1) << what;
     EXPECT_EQ(dkd.get(), dk1) << what;
     EXPECT_EQ(dvd.get(), dv_all) << what;
+    // The bf16 copies of the outputs: o's beside o (the same values rounded), dv's alone (its fp32 view
+    // null) in dv's strided layout, the other columns untouched.
+    Dev<uint16_t> o16(o.size()), dv16(v.size());
+    const std::vector<float> o1 = od.get();
+    cuda::flash_attention_forward({od.p, c.H * c.dv, c.dv, bf(o16)}, lsed.p, qt, kt, vt, sh, work.p, nullptr);
+    EXPECT_EQ(od.get(), o1) << what;
+    EXPECT_EQ(from_bf16(o16), round_bf16(o1)) << what;
+    // This backward takes q, k and v as the forward just packed them into the workspace: the same bits.
+    const cuda::FlashTensor none{nullptr, 0, 0};
+    cuda::flash_attention_backward({dqd.p, c.H * c.dq, c.dq}, {dkd.p, c.H * c.dq, c.dq},
+                                   {nullptr, c.H * vhs, vhs, bf(dv16) + voff}, delta.p, none, none, none, ot,
+                                   dot, lsed.p, sh, work.p, true, nullptr);
+    EXPECT_EQ(dqd.get(), dq1) << what;
+    EXPECT_EQ(dkd.get(), dk1) << what;
+    std::vector<float> want_dv16 = round_bf16(dv_all);
+    for (int64_t i = 0; i < N * c.H * vhs; ++i)
+      if (i % vhs < voff || i % vhs >= voff + c.dv) want_dv16[i] = 0.0f;
+    EXPECT_EQ(from_bf16(dv16), want_dv16) << what;
   }
   EXPECT_FALSE(cuda::flash_attention_supported(256, 128));
   EXPECT_FALSE(cuda::flash_attention_supported(192, 256));
+}
+
+// MLA's operands packed straight from the projections (the rotation applied and the keys assembled
+// while packing: FlashTensor's tail and rope fields) against the same attention on the explicitly rotated
+// q and per-head keys (cuda::rope, cuda::attention_keys); then the backward on those packs.
+TEST(TrainKernels, FusedAttentionPacksRopeAndKeys) {
+  const int64_t B = 2, S = 70, H = 3, dn = 16, dr = 8, dv = 16, dq = dn + dr, dkv = dn + dv, C = 5, N = B * S;
+  std::vector<float> cs, sn;
+  rope_tables(cs, sn, {1.0, 0.3, 0.1, 0.03}, 0.9, 0, S);
+  const auto q_raw = rnd(N * H * dq, 50), kv = rnd(N * H * dkv, 51), kva = rnd(N * (C + dr), 52),
+             dout = rnd(N * H * dv, 53);
+  Dev<float> qd(q_raw), kvd(kv), kvad(kva), cd(cs), sd(sn), doutd(dout);
+  // The explicit operands.
+  Dev<float> qr(q_raw), kpe(static_cast<size_t>(N * dr)), kfull(static_cast<size_t>(N * H * dq));
+  cuda::rope(qr.p, cd.p, sd.p, N, S, H, dq, dn, dr, false, nullptr);
+  cuda::copy_cols(kpe.p, dr, kvad.p + C, C + dr, N, dr, nullptr);
+  cuda::rope(kpe.p, cd.p, sd.p, N, S, 1, dr, 0, dr, false, nullptr);
+  cuda::attention_keys(kfull.p, kvd.p, kpe.p, N, H, dn, dr, dv, nullptr);
+  const cuda::FlashShape sh{B, S, H, dq, dv, 0.2f};
+  Dev<float> work(cuda::flash_attention_workspace_bytes(sh) / 4);
+  const cuda::FlashTensor v{kvd.p + dn, H * dkv, dkv};
+  Dev<float> o1(static_cast<size_t>(N * H * dv)), lse1(static_cast<size_t>(B * H * S)), o2(o1.n),
+      lse2(lse1.n), dq1(static_cast<size_t>(N * H * dq)), dk1(dq1.n), dv1(o1.n), dq2(dq1.n), dk2(dq1.n),
+      dv2(o1.n), delta(lse1.n);
+  const cuda::FlashTensor ot1{o1.p, H * dv, dv}, ot2{o2.p, H * dv, dv}, dot{doutd.p, H * dv, dv};
+  cuda::flash_attention_forward({o1.p, H * dv, dv}, lse1.p, {qr.p, H * dq, dq}, {kfull.p, H * dq, dq}, v, sh,
+                                work.p, nullptr);
+  cuda::flash_attention_backward({dq1.p, H * dq, dq}, {dk1.p, H * dq, dq}, {dv1.p, H * dv, dv}, delta.p,
+                                 {qr.p, H * dq, dq}, {kfull.p, H * dq, dq}, v, ot1, dot, lse1.p, sh, work.p,
+                                 false, nullptr);
+  // The same from the raw projections.
+  const cuda::FlashTensor q{
+      qd.p, H * dq, dq, nullptr, 0, 0, 0, cd.p, sd.p, static_cast<int>(dn), static_cast<int>(dr)};
+  const cuda::FlashTensor keys{kvd.p,
+                               H * dkv,
+                               dkv,
+                               kvad.p + C,
+                               C + dr,
+                               0,
+                               static_cast<int>(dn),
+                               cd.p,
+                               sd.p,
+                               static_cast<int>(dn),
+                               static_cast<int>(dr)};
+  cuda::flash_attention_forward({o2.p, H * dv, dv}, lse2.p, q, keys, v, sh, work.p, nullptr);
+  const cuda::FlashTensor none{nullptr, 0, 0};
+  cuda::flash_attention_backward({dq2.p, H * dq, dq}, {dk2.p, H * dq, dq}, {dv2.p, H * dv, dv}, delta.p, none,
+                                 none, none, ot2, dot, lse2.p, sh, work.p, true, nullptr);
+  // The rotation inside the pack may contract into an fma differently: values equal up to an odd bf16 step.
+  EXPECT_LE(rel_l2(o2.get(), o1.get()), 1e-3);
+  EXPECT_LE(rel_l2(lse2.get(), lse1.get()), 1e-5);
+  EXPECT_LE(rel_l2(dq2.get(), dq1.get()), 1e-3);
+  EXPECT_LE(rel_l2(dk2.get(), dk1.get()), 1e-3);
+  EXPECT_LE(rel_l2(dv2.get(), dv1.get()), 1e-3);
+  // And without the rotation the result is a different attention (the fields are not ignored).
+  const cuda::FlashTensor q_unrotated{qd.p, H * dq, dq};
+  cuda::flash_attention_forward({o2.p, H * dv, dv}, lse2.p, q_unrotated, keys, v, sh, work.p, nullptr);
+  EXPECT_GT(rel_l2(o2.get(), o1.get()), 1e-2);
 }
 
 // The cuBLAS wrapper's row-major conventions against linear_forward/backward, both precisions.
@@ -570,6 +691,53 @@ TEST(TrainKernels, Bf16CopiesOfOutputs) {
   EXPECT_EQ(from_bf16(y16), round_bf16(yd.get()));  // the right halves: zero on both sides
   cuda::add_rmsnorm_forward(yd.p, ld, rd.p, xd.p, resd.p, wd.p, n, D, 1e-6, nullptr, bf(y16));
   EXPECT_EQ(from_bf16(y16), round_bf16(yd.get()));
+  Dev<uint16_t> y16b(static_cast<size_t>(n * ld));  // the copy alone (y null): the same values
+  cuda::rmsnorm_forward(nullptr, ld, rd.p, xd.p, D, wd.p, n, D, 1e-6, nullptr, bf(y16b));
+  Dev<float> y1(static_cast<size_t>(n * ld));
+  cuda::rmsnorm_forward(y1.p, ld, rd.p, xd.p, D, wd.p, n, D, 1e-6, nullptr);
+  EXPECT_EQ(from_bf16(y16b), round_bf16(y1.get()));
+
+  // The keys' backward: k_nope parts into dkv (fp32) or its bf16 copy alone, the v parts left alone.
+  {
+    const int64_t N = 9, H = 3, dn = 8, dr = 4, dv = 6, dkv = dn + dv;
+    const auto dkfull = rnd(N * H * (dn + dr), 40);
+    const std::vector<float> sentinel(N * H * dkv, 5.0f);
+    Dev<float> dkf(dkfull), dkvd(sentinel), dkpe1(static_cast<size_t>(N * dr)),
+        dkpe2(static_cast<size_t>(N * dr));
+    Dev<uint16_t> dkv16(static_cast<size_t>(N * H * dkv));
+    cuda::attention_keys_backward(dkvd.p, dkpe1.p, dkf.p, N, H, dn, dr, dv, nullptr);
+    cuda::attention_keys_backward(nullptr, dkpe2.p, dkf.p, N, H, dn, dr, dv, nullptr, bf(dkv16));
+    const std::vector<float> got = dkvd.get();
+    std::vector<float> want16 = round_bf16(got);
+    for (int64_t i = 0; i < N * H * dkv; ++i)
+      if (i % dkv >= dn) want16[i] = 0.0f;  // the v parts of the zeroed bf16 buffer stay zero
+    EXPECT_EQ(from_bf16(dkv16), want16);
+    EXPECT_EQ(dkpe2.get(), dkpe1.get());
+    for (int64_t i = 0; i < N * H * dkv; ++i)
+      if (i % dkv >= dn) {
+        EXPECT_EQ(got[i], 5.0f) << i;
+      }
+  }
+
+  // RoPE into a bf16 copy: the in-place rotation's values, rounded; the columns outside it just rounded.
+  {
+    const int64_t N = 10, S = 5, heads = 3, stride = 12, offset = 4, dim = 6;
+    std::vector<float> cs, sn;
+    rope_tables(cs, sn, {1.0, 0.1, 0.01}, 0.9, 0, S);
+    const auto xr = rnd(N * heads * stride, 41);
+    Dev<float> x1(xr), cd(cs), sd(sn);
+    Dev<uint16_t> y16r(xr.size());
+    for (bool inverse : {false, true}) {
+      cuda::rope_to_bf16(bf(y16r), x1.p, cd.p, sd.p, N, S, heads, stride, offset, dim, inverse, nullptr);
+      EXPECT_EQ(x1.get(), xr);  // x left alone
+      Dev<float> x2(xr);
+      cuda::rope(x2.p, cd.p, sd.p, N, S, heads, stride, offset, dim, inverse, nullptr);
+      const std::vector<float> rotated = x2.get(), got16 = from_bf16(y16r), want16 = round_bf16(rotated);
+      for (size_t i = 0; i < xr.size(); ++i)  // a contraction into fma may differ by an ulp before rounding
+        EXPECT_NEAR(got16[i], want16[i], 1e-2 * std::fabs(rotated[i]) + 1e-6) << i << " inverse " << inverse;
+      EXPECT_GT(rel_l2(rotated, xr), 1e-2);  // the rotation did move the values
+    }
+  }
 
   const int64_t m = 1000;
   const auto g = rnd(m, 24, 3.0), u = rnd(m, 25), da = rnd(m, 26);
@@ -609,9 +777,18 @@ TEST(TrainKernels, Bf16CopiesOfOutputs) {
   Dev<float> w0(rnd(slab, 27)), g0(rnd(slab, 28)), m0(rnd(slab, 29, 0.1)), v0(std::vector<float>(slab, 0.01f));
   Dev<uint8_t> dec(decays);
   Dev<uint16_t> w16(static_cast<size_t>(slab));
+  // The clipping factor inside the step: the same bits as scaling g first, g itself left alone.
+  Dev<float> w1(w0.get()), g1(g0.get()), m1(m0.get()), v1(v0.get());
+  const std::vector<float> g_before = g0.get();
   cuda::adamw_slab(w0.p, g0.p, m0.p, v0.p, slab, dec.p, 0.9f, 0.95f, 1e-2f, 0.5f, 1e-8f, 0.999f, nullptr,
-                   bf(w16));
+                   bf(w16), 0.37f);
   EXPECT_EQ(from_bf16(w16), round_bf16(w0.get()));
+  EXPECT_EQ(g0.get(), g_before);
+  cuda::scale(g1.p, 0.37f, slab, nullptr);
+  cuda::adamw_slab(w1.p, g1.p, m1.p, v1.p, slab, dec.p, 0.9f, 0.95f, 1e-2f, 0.5f, 1e-8f, 0.999f, nullptr);
+  EXPECT_EQ(w0.get(), w1.get());
+  EXPECT_EQ(m0.get(), m1.get());
+  EXPECT_EQ(v0.get(), v1.get());
 
   const int64_t rows = 37, in = 53, out = 29;
   const auto xl = rnd(rows * in, 30), W = rnd(out * in, 31), dy = rnd(rows * out, 32), dx0 = rnd(rows * in, 33);
