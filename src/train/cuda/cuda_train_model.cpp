@@ -159,8 +159,8 @@ struct MoEActs {
   bool padded = false;
   int64_t cap = 0;
   int32_t* padded_src_d = nullptr;
-  // padded16: the bf16 operands of the expert GEMMs, kept instead of the fp32 xe and ae (then null).
-  __nv_bfloat16 *xe16 = nullptr, *ae16 = nullptr;
+  // padded16: every tensor of the experts in bf16 alone (the fp32 members then null).
+  __nv_bfloat16 *xe16 = nullptr, *ae16 = nullptr, *ge16 = nullptr, *ue16 = nullptr, *ye16 = nullptr;
   SwiGLUActs shared;
 };
 
@@ -917,17 +917,17 @@ struct CudaTrainModel::Impl {
   }
 
   // The padded experts' products, one strided-batched GEMM over the E experts each (operands T: float, or
-  // __nv_bfloat16 for padded16): expert e's rows of x at e*cap*in, of y at e*cap*out, its weight at
-  // e*w_stride from W0's. y = x W^T.
-  template <typename T>
-  void experts_forward(float* y, const T* x, const DevParam* W0, int64_t w_stride, int64_t cap, int64_t in,
+  // __nv_bfloat16 for padded16, whose outputs Y are bf16 too): expert e's rows of x at e*cap*in, of y at
+  // e*cap*out, its weight at e*w_stride from W0's. y = x W^T.
+  template <typename T, typename Y>
+  void experts_forward(Y* y, const T* x, const DevParam* W0, int64_t w_stride, int64_t cap, int64_t in,
                        int64_t out) {
     gemm->rm(false, true, cap, out, in, 1.0f, x, in, weights<T>(W0), in, 0.0f, y, out, E, cap * in, w_stride,
              cap * out);
   }
   // Its backward: dx = dy W written (added with accumulate_dx); each expert's weight gradient += dy^T x.
-  template <typename T>
-  void experts_backward(float* dx, bool accumulate_dx, const DevParam* W0, int64_t w_stride, const T* dy,
+  template <typename T, typename Y>
+  void experts_backward(Y* dx, bool accumulate_dx, const DevParam* W0, int64_t w_stride, const T* dy,
                         const T* x, int64_t cap, int64_t in, int64_t out) {
     gemm->rm(false, false, cap, in, out, 1.0f, dy, out, weights<T>(W0), in, accumulate_dx ? 1.0f : 0.0f, dx,
              in, E, cap * out, w_stride, cap * in);
@@ -949,17 +949,18 @@ struct CudaTrainModel::Impl {
     const int64_t rows = E * m.cap, room = E * reserve_cap(m.cap);
     m.padded_src_d = acts.ints(room);
     moe_pad_rows(m.pos_d, m.padded_src_d, m.ids_d, count_d, offset_d, src_d, M, E, m.cap, stream);
-    m.ge = acts.floats(room * I);
-    m.ue = acts.floats(room * I);
-    m.ye = acts.floats(room * D);
     const DSwiGLU& x0 = L.experts[0];
     if (experts_mode == Experts::Padded16) {
-      // Only the bf16 operands: x gathered from the norm's bf16 copy where the linear layers keep one
+      // Every tensor in bf16 alone: x gathered from the norm's bf16 copy where the linear layers keep one
       // (else gathered in fp32 and rounded, in scratch: nothing else of the forward holds any of it by
-      // now, see attention_fwd), the SwiGLU output written in bf16 alone.
-      m.xe = m.ae = nullptr;
+      // now, see attention_fwd), the GEMMs' outputs rounded once (the next steps are a bf16 GEMM operand or
+      // memory-bound kernels that sum in fp32: half the bytes to move, 300M step -5%, docs/PERF.md).
+      m.xe = m.ae = m.ge = m.ue = m.ye = nullptr;
       m.xe16 = acts.bf16s(room * D);
       m.ae16 = acts.bf16s(room * I);
+      m.ge16 = acts.bf16s(room * I);
+      m.ue16 = acts.bf16s(room * I);
+      m.ye16 = acts.bf16s(room * D);
       if (xn16) {
         gather_rows(m.xe16, xn16, m.padded_src_d, rows, D, stream);
       } else {
@@ -968,11 +969,15 @@ struct CudaTrainModel::Impl {
         gather_rows(xe, xn, m.padded_src_d, rows, D, stream);
         to_bf16(m.xe16, xe, rows * D, stream);
       }
-      experts_forward(m.ge, m.xe16, x0.gate, L.gate_stride, m.cap, D, I);
-      experts_forward(m.ue, m.xe16, x0.up, L.up_stride, m.cap, D, I);
-      swiglu_forward(nullptr, m.ge, m.ue, rows * I, stream, m.ae16);
-      experts_forward(m.ye, m.ae16, x0.down, L.down_stride, m.cap, I, D);
+      experts_forward(m.ge16, m.xe16, x0.gate, L.gate_stride, m.cap, D, I);
+      experts_forward(m.ue16, m.xe16, x0.up, L.up_stride, m.cap, D, I);
+      swiglu_forward(nullptr, m.ge16, m.ue16, rows * I, stream, m.ae16);
+      experts_forward(m.ye16, m.ae16, x0.down, L.down_stride, m.cap, I, D);
     } else {
+      m.ge16 = m.ue16 = m.ye16 = nullptr;
+      m.ge = acts.floats(room * I);
+      m.ue = acts.floats(room * I);
+      m.ye = acts.floats(room * D);
       m.xe = acts.floats(room * D);
       m.ae = acts.floats(room * I);
       gather_rows(m.xe, xn, m.padded_src_d, rows, D, stream);
@@ -983,30 +988,38 @@ struct CudaTrainModel::Impl {
     }
   }
 
-  // Their backward from dY (the real rows written by moe_combine_backward: dye16 for padded16, else dye):
-  // dae, dge, due and dxe are scratch of E*cap rows (or more); padded16 leaves dge and due null (only
-  // their bf16 copies feed the GEMMs).
-  void padded_experts_bwd(const DLayer& L, const MoEActs& m, float* dye, __nv_bfloat16* dye16, float* dae,
-                          float* dge, float* due, float* dxe) {
+  // Their backward from dY (the real rows written by moe_combine_backward; the pad rows of dY hold whatever
+  // scratch held: zeros there keep them out of dae and so out of the SwiGLU backward and the gradients, a
+  // stale NaN times a zero activation being NaN). T: float, or bf16 for padded16 (every tensor in bf16,
+  // the GEMMs' outputs rounded once). dxe [E*cap rows or more] written.
+  template <typename T>
+  void padded_experts_bwd(const DLayer& L, const MoEActs& m, T* dye, T* dxe) {
     const int64_t I = cfg.moe_intermediate_size, rows = E * m.cap, room = E * expert_cap_reserved;
-    // The pad rows of dY hold whatever scratch held: zeros there keep them out of dae and so out of
-    // the SwiGLU backward and the gradients (a stale NaN times a zero activation is NaN).
     const DSwiGLU& x0 = L.experts[0];
-    if (m.xe16) {
-      zero_pad_rows(dye16, m.padded_src_d, rows, D, stream);
+    zero_pad_rows(dye, m.padded_src_d, rows, D, stream);
+    T* dae = scratch_of<T>(room * I);
+    if constexpr (std::is_same_v<T, __nv_bfloat16>) {
       __nv_bfloat16* dge16 = scratch.bf16s(room * I);
       __nv_bfloat16* due16 = scratch.bf16s(room * I);
-      experts_backward(dae, false, x0.down, L.down_stride, dye16, m.ae16, m.cap, I, D);
-      swiglu_backward(nullptr, nullptr, dae, m.ge, m.ue, rows * I, stream, dge16, due16);
+      experts_backward(dae, false, x0.down, L.down_stride, dye, m.ae16, m.cap, I, D);
+      swiglu_backward(nullptr, nullptr, dae, m.ge16, m.ue16, rows * I, stream, dge16, due16);
       experts_backward(dxe, false, x0.gate, L.gate_stride, dge16, m.xe16, m.cap, D, I);
       experts_backward(dxe, true, x0.up, L.up_stride, due16, m.xe16, m.cap, D, I);
     } else {
-      zero_pad_rows(dye, m.padded_src_d, rows, D, stream);
+      float* dge = scratch.floats(room * I);
+      float* due = scratch.floats(room * I);
       experts_backward(dae, false, x0.down, L.down_stride, dye, m.ae, m.cap, I, D);
       swiglu_backward(dge, due, dae, m.ge, m.ue, rows * I, stream);
       experts_backward(dxe, false, x0.gate, L.gate_stride, dge, m.xe, m.cap, D, I);
       experts_backward(dxe, true, x0.up, L.up_stride, due, m.xe, m.cap, D, I);
     }
+  }
+  template <typename T>
+  T* scratch_of(int64_t n) {
+    if constexpr (std::is_same_v<T, __nv_bfloat16>)
+      return scratch.bf16s(n);
+    else
+      return scratch.floats(n);
   }
 
   // The routing runs on the device (choice, weights, loads, packing); only the E segment sizes come back,
@@ -1034,7 +1047,7 @@ struct CudaTrainModel::Impl {
     else
       zero(y, N * D);
     m.padded = padded_experts(L);
-    m.xe16 = m.ae16 = nullptr;
+    m.xe16 = m.ae16 = m.ge16 = m.ue16 = m.ye16 = nullptr;
     if (m.padded) {
       padded_experts_fwd(L, m, xn, xn16, count_d, offset_d, src_d, M);
     } else {
@@ -1047,7 +1060,10 @@ struct CudaTrainModel::Impl {
       read_counts(m);  // the per-expert GEMMs need their shapes on the host
       per_expert_fwd(L, m, M);
     }
-    moe_combine(y, m.ye, m.weights_d, m.pos_d, N, k, D, stream);
+    if (m.ye16)
+      moe_combine(y, m.ye16, m.weights_d, m.pos_d, N, k, D, stream);
+    else
+      moe_combine(y, m.ye, m.weights_d, m.pos_d, N, k, D, stream);
     if (alpha > 0) {
       seq_balance_loss(aux_d + aux_layers * Bn, m.logits_d, m.ids_d, Bn, Sn, router, alpha, stream);
       ++aux_layers;
@@ -1065,26 +1081,24 @@ struct CudaTrainModel::Impl {
       zero(dxn, N * D);
     // Rows of the expert buffers: M packed, or E times the reserved cap padded.
     const int64_t R = m.padded ? E * expert_cap_reserved : M;
-    const bool bf16_experts = m.xe16 != nullptr;  // padded16: dY, dG and dU only as bf16 operands
     float* dw = scratch.floats(M);
-    float* dye = nullptr;
-    __nv_bfloat16* dye16 = nullptr;
-    if (bf16_experts) {
-      dye16 = scratch.bf16s(R * D);
-      moe_combine_backward(dye16, dw, dy, m.ye, m.weights_d, m.pos_d, N, k, D, stream);
+    if (m.xe16) {  // padded16: the experts' tensors in bf16, summed into dxn in fp32
+      __nv_bfloat16* dye16 = scratch.bf16s(R * D);
+      moe_combine_backward(dye16, dw, dy, m.ye16, m.weights_d, m.pos_d, N, k, D, stream);
+      __nv_bfloat16* dxe16 = scratch.bf16s(R * D);
+      padded_experts_bwd(L, m, dye16, dxe16);
+      moe_scatter_add(dxn, dxe16, m.pos_d, N, k, D, stream);
     } else {
-      dye = scratch.floats(R * D);
+      float* dye = scratch.floats(R * D);
       moe_combine_backward(dye, dw, dy, m.ye, m.weights_d, m.pos_d, N, k, D, stream);
+      float* dxe = scratch.floats(R * D);
+      if (m.padded)
+        padded_experts_bwd(L, m, dye, dxe);
+      else
+        per_expert_bwd(L, m, M, dye, scratch.floats(R * I), scratch.floats(R * I), scratch.floats(R * I),
+                       dxe);
+      moe_scatter_add(dxn, dxe, m.pos_d, N, k, D, stream);
     }
-    float* dae = scratch.floats(R * I);
-    float* dge = bf16_experts ? nullptr : scratch.floats(R * I);
-    float* due = bf16_experts ? nullptr : scratch.floats(R * I);
-    float* dxe = scratch.floats(R * D);
-    if (m.padded)
-      padded_experts_bwd(L, m, dye, dye16, dae, dge, due, dxe);
-    else
-      per_expert_bwd(L, m, M, dye, dae, dge, due, dxe);
-    moe_scatter_add(dxn, dxe, m.pos_d, N, k, D, stream);
 
     float* dscores_d = nullptr;
     if (alpha > 0) {

@@ -44,29 +44,39 @@ Gemm::~Gemm() {
 void Gemm::rm(bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K, float alpha, const float* A,
               int64_t lda, const float* B, int64_t ldb, float beta, float* C, int64_t ldc, int64_t batch,
               int64_t stride_a, int64_t stride_b, int64_t stride_c) {
-  gemm_ex(trans_a, trans_b, M, N, K, alpha, A, lda, B, ldb, CUDA_R_32F, beta, C, ldc, batch, stride_a,
-          stride_b, stride_c,
+  gemm_ex(trans_a, trans_b, M, N, K, alpha, A, lda, B, ldb, CUDA_R_32F, beta, C, CUDA_R_32F, ldc, batch,
+          stride_a, stride_b, stride_c,
           precision_ == Precision::BF16 ? CUBLAS_COMPUTE_32F_FAST_16BF : CUBLAS_COMPUTE_32F_PEDANTIC);
 }
 
 void Gemm::rm(bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K, float alpha, const __nv_bfloat16* A,
               int64_t lda, const __nv_bfloat16* B, int64_t ldb, float beta, float* C, int64_t ldc, int64_t batch,
               int64_t stride_a, int64_t stride_b, int64_t stride_c) {
-  gemm_ex(trans_a, trans_b, M, N, K, alpha, A, lda, B, ldb, CUDA_R_16BF, beta, C, ldc, batch, stride_a, stride_b,
-          stride_c, CUBLAS_COMPUTE_32F);
+  gemm_ex(trans_a, trans_b, M, N, K, alpha, A, lda, B, ldb, CUDA_R_16BF, beta, C, CUDA_R_32F, ldc, batch,
+          stride_a, stride_b, stride_c, CUBLAS_COMPUTE_32F);
+}
+
+void Gemm::rm(bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K, float alpha,
+              const __nv_bfloat16* A, int64_t lda, const __nv_bfloat16* B, int64_t ldb, float beta,
+              __nv_bfloat16* C, int64_t ldc, int64_t batch, int64_t stride_a, int64_t stride_b,
+              int64_t stride_c) {
+  gemm_ex(trans_a, trans_b, M, N, K, alpha, A, lda, B, ldb, CUDA_R_16BF, beta, C, CUDA_R_16BF, ldc, batch,
+          stride_a, stride_b, stride_c, CUBLAS_COMPUTE_32F);
 }
 
 void Gemm::gemm_ex(bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K, float alpha, const void* A,
-                   int64_t lda, const void* B, int64_t ldb, cudaDataType_t ab_type, float beta, float* C,
-                   int64_t ldc, int64_t batch, int64_t stride_a, int64_t stride_b, int64_t stride_c,
-                   cublasComputeType_t compute) {
+                   int64_t lda, const void* B, int64_t ldb, cudaDataType_t ab_type, float beta, void* C,
+                   cudaDataType_t c_type, int64_t ldc, int64_t batch, int64_t stride_a, int64_t stride_b,
+                   int64_t stride_c, cublasComputeType_t compute) {
   if (M == 0 || N == 0 || batch == 0) return;
   if (K == 0) {
     check(beta == 1.0f || beta == 0.0f, "Gemm::rm: an empty product needs beta 0 or 1");
+    const size_t elem = c_type == CUDA_R_16BF ? 2 : 4;
     if (beta == 0.0f)
       for (int64_t b = 0; b < batch; ++b)
-        DSV3_CUDA_CHECK(cudaMemset2DAsync(C + b * stride_c, static_cast<size_t>(ldc) * sizeof(float), 0,
-                                          static_cast<size_t>(N) * sizeof(float), static_cast<size_t>(M), stream_));
+        DSV3_CUDA_CHECK(cudaMemset2DAsync(static_cast<char*>(C) + b * stride_c * elem,
+                                          static_cast<size_t>(ldc) * elem, 0, static_cast<size_t>(N) * elem,
+                                          static_cast<size_t>(M), stream_));
     return;
   }
   // Row-major C = op(A) op(B) is column-major C^T = op(B)^T op(A)^T, and a row-major matrix read
@@ -75,7 +85,7 @@ void Gemm::gemm_ex(bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K, 
                                           trans_a ? CUBLAS_OP_T : CUBLAS_OP_N, static_cast<int>(N),
                                           static_cast<int>(M), static_cast<int>(K), &alpha, B, ab_type,
                                           static_cast<int>(ldb), stride_b, A, ab_type, static_cast<int>(lda),
-                                          stride_a, &beta, C, CUDA_R_32F, static_cast<int>(ldc), stride_c,
+                                          stride_a, &beta, C, c_type, static_cast<int>(ldc), stride_c,
                                           static_cast<int>(batch), compute, CUBLAS_GEMM_DEFAULT),
                "cublasGemmStridedBatchedEx");
 }

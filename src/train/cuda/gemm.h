@@ -38,6 +38,11 @@ class Gemm {
   void rm(bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K, float alpha, const __nv_bfloat16* A,
           int64_t lda, const __nv_bfloat16* B, int64_t ldb, float beta, float* C, int64_t ldc, int64_t batch = 1,
           int64_t stride_a = 0, int64_t stride_b = 0, int64_t stride_c = 0);
+  // The same with C in bf16 (the fp32 result, plus beta times C read as fp32, rounded once): activations
+  // that only bf16 operands and memory-bound kernels read.
+  void rm(bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K, float alpha, const __nv_bfloat16* A,
+          int64_t lda, const __nv_bfloat16* B, int64_t ldb, float beta, __nv_bfloat16* C, int64_t ldc,
+          int64_t batch = 1, int64_t stride_a = 0, int64_t stride_b = 0, int64_t stride_c = 0);
 
   // The op pairs of train_ops.h: y = x W^T; dx = dy W (written, skipped when dx is null); dW += dy^T x.
   // x [n x in], W [out x in], y [n x out].
@@ -55,9 +60,9 @@ class Gemm {
 
  private:
   void gemm_ex(bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K, float alpha, const void* A,
-               int64_t lda, const void* B, int64_t ldb, cudaDataType_t ab_type, float beta, float* C,
-               int64_t ldc, int64_t batch, int64_t stride_a, int64_t stride_b, int64_t stride_c,
-               cublasComputeType_t compute);
+               int64_t lda, const void* B, int64_t ldb, cudaDataType_t ab_type, float beta, void* C,
+               cudaDataType_t c_type, int64_t ldc, int64_t batch, int64_t stride_a, int64_t stride_b,
+               int64_t stride_c, cublasComputeType_t compute);
 
   cudaStream_t stream_;
   Precision precision_;

@@ -55,6 +55,20 @@ __device__ float block_max(float v) {
   return m;
 }
 
+// An element as fp32 from either storage type, and stored rounded where the storage is bf16.
+__device__ float load_f(const float* p) {
+  return *p;
+}
+__device__ float load_f(const __nv_bfloat16* p) {
+  return __bfloat162float(*p);
+}
+__device__ void store_f(float* p, float v) {
+  *p = v;
+}
+__device__ void store_f(__nv_bfloat16* p, float v) {
+  *p = __float2bfloat16(v);
+}
+
 __global__ void embedding_forward_kernel(float* out, const int32_t* tokens, const float* table, int64_t D) {
   const int64_t t = blockIdx.x;
   const float* row = table + static_cast<int64_t>(tokens[t]) * D;
@@ -254,22 +268,26 @@ __global__ void rope_to_bf16_kernel(__nv_bfloat162* y, const float2* x, const fl
 
 __device__ float silu(float g) { return g / (1.0f + expf(-g)); }
 
-__global__ void swiglu_forward_kernel(float* a, __nv_bfloat16* a16, const float* g, const float* u, int64_t n) {
+// The SwiGLU pair on inputs (g, u, da) of type T: fp32, or bf16 (the padded16 experts' GEMM outputs).
+template <typename T>
+__global__ void swiglu_forward_kernel(float* a, __nv_bfloat16* a16, const T* g, const T* u, int64_t n) {
   for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < n;
        i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-    const float v = silu(g[i]) * u[i];
+    const float v = silu(load_f(g + i)) * load_f(u + i);
     if (a) a[i] = v;
     if (a16) a16[i] = __float2bfloat16(v);
   }
 }
 
+template <typename T>
 __global__ void swiglu_backward_kernel(float* dg, float* du, __nv_bfloat16* dg16, __nv_bfloat16* du16,
-                                       const float* da, const float* g, const float* u, int64_t n) {
+                                       const T* da, const T* g, const T* u, int64_t n) {
   for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < n;
        i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-    const float sg = 1.0f / (1.0f + expf(-g[i]));
-    const float s = g[i] * sg;
-    const float dui = da[i] * s, dgi = da[i] * u[i] * (sg * (1.0f + g[i] * (1.0f - sg)));
+    const float gi = load_f(g + i), ui = load_f(u + i), dai = load_f(da + i);
+    const float sg = 1.0f / (1.0f + expf(-gi));
+    const float s = gi * sg;
+    const float dui = dai * s, dgi = dai * ui * (sg * (1.0f + gi * (1.0f - sg)));
     if (du) {
       du[i] = dui;
       dg[i] = dgi;
@@ -367,12 +385,8 @@ __device__ float warp_max(float v) {
 constexpr int kSoftmaxWarps = 8;           // rows per block
 constexpr int64_t kSoftmaxMaxChunks = 64;  // S <= 2048 in registers; longer rows use the block kernels
 
-// Element access of the softmax pair's tensors: fp32 (the in-place forms) or bf16 (the bf16 attention's
-// probabilities and dS, computed in fp32 and rounded once on the way out).
-__device__ float load_f(const float* p) { return *p; }
-__device__ float load_f(const __nv_bfloat16* p) { return __bfloat162float(*p); }
-__device__ void store_f(float* p, float v) { *p = v; }
-__device__ void store_f(__nv_bfloat16* p, float v) { *p = __float2bfloat16(v); }
+// The softmax pair's tensors are fp32 (the in-place forms) or bf16 (the bf16 attention's probabilities and
+// dS, computed in fp32 and rounded once on the way out): load_f / store_f.
 
 // p may alias scores (T = float): each lane reads its columns before it writes them.
 template <int kChunks, typename T>
@@ -549,9 +563,9 @@ __global__ void crossentropy_fused_bf16_kernel(float* loss, float* lse, __nv_bfl
 
 // One warp per slot (kNormWarps slots per block): the dot needs only a warp shuffle. dye in fp32 or bf16
 // (the operand of the padded experts' bf16 GEMMs, written once).
-template <typename T>
+template <typename T, typename Y>
 __global__ void __launch_bounds__(32 * kNormWarps)
-    moe_combine_backward_kernel(T* dye, float* dw, const float* dy, const float* ye, const float* w,
+    moe_combine_backward_kernel(T* dye, float* dw, const float* dy, const Y* ye, const float* w,
                                 const int32_t* pos, int64_t m, int64_t k, int64_t D) {
   const int64_t slot = int64_t{blockIdx.x} * kNormWarps + threadIdx.x / 32;
   if (slot >= m) return;
@@ -561,7 +575,7 @@ __global__ void __launch_bounds__(32 * kNormWarps)
   float dot = 0.0f;
   for (int64_t i = lane; i < D; i += 32) {
     const float g = dy[t * D + i];
-    dot += g * ye[row * D + i];
+    dot += g * load_f(ye + row * D + i);
     store_f(dye + row * D + i, wi * g);
   }
   dot = warp_sum(dot);
@@ -576,6 +590,16 @@ __device__ float4 operator+(float4 a, float4 b) {
 }
 __device__ float4 operator*(float c, float4 a) {
   return make_float4(c * a.x, c * a.y, c * a.z, c * a.w);
+}
+// An element of a row as its accumulator type: float4 and float as they are, bf16 widened.
+__device__ float4 element(const float4* p) {
+  return *p;
+}
+__device__ float element(const float* p) {
+  return *p;
+}
+__device__ float element(const __nv_bfloat16* p) {
+  return __bfloat162float(*p);
 }
 
 // xe[j] = x[src[j]], or zeros where src[j] < 0 (the pad rows of the padded expert layout; the test is
@@ -603,30 +627,30 @@ __global__ void __launch_bounds__(32 * kNormWarps)
   for (int64_t i = threadIdx.x % 32; i < D; i += 32) x[j * D + i] = V{};
 }
 
-// y[t] += sum_j w[t,j] ye[pos[t,j]].
-template <typename V>
+// y[t] += sum_j w[t,j] ye[pos[t,j]]; Y: ye's type, V for the fp32 ones (float or float4), float for bf16 ye.
+template <typename V, typename Y = V>
 __global__ void __launch_bounds__(32 * kNormWarps)
-    moe_combine_kernel(V* y, const V* ye, const float* w, const int32_t* pos, int64_t n, int64_t k,
+    moe_combine_kernel(V* y, const Y* ye, const float* w, const int32_t* pos, int64_t n, int64_t k,
                        int64_t D) {
   const int64_t t = int64_t{blockIdx.x} * kNormWarps + threadIdx.x / 32;
   if (t >= n) return;
   for (int64_t i = threadIdx.x % 32; i < D; i += 32) {
     V acc = y[t * D + i];
     for (int64_t j = 0; j < k; ++j)
-      acc = acc + w[t * k + j] * ye[static_cast<int64_t>(pos[t * k + j]) * D + i];
+      acc = acc + w[t * k + j] * element(ye + static_cast<int64_t>(pos[t * k + j]) * D + i);
     y[t * D + i] = acc;
   }
 }
 
-// dx[t] += sum_j dxe[pos[t,j]].
-template <typename V>
+// dx[t] += sum_j dxe[pos[t,j]]; X: dxe's type as Y of moe_combine_kernel.
+template <typename V, typename X = V>
 __global__ void __launch_bounds__(32 * kNormWarps)
-    moe_scatter_add_kernel(V* dx, const V* dxe, const int32_t* pos, int64_t n, int64_t k, int64_t D) {
+    moe_scatter_add_kernel(V* dx, const X* dxe, const int32_t* pos, int64_t n, int64_t k, int64_t D) {
   const int64_t t = int64_t{blockIdx.x} * kNormWarps + threadIdx.x / 32;
   if (t >= n) return;
   for (int64_t i = threadIdx.x % 32; i < D; i += 32) {
     V acc = dx[t * D + i];
-    for (int64_t j = 0; j < k; ++j) acc = acc + dxe[static_cast<int64_t>(pos[t * k + j]) * D + i];
+    for (int64_t j = 0; j < k; ++j) acc = acc + element(dxe + static_cast<int64_t>(pos[t * k + j]) * D + i);
     dx[t * D + i] = acc;
   }
 }
@@ -1024,17 +1048,35 @@ void rope_to_bf16(__nv_bfloat16* y, const float* x, const float* cos, const floa
   DSV3_TRAIN_LAUNCH_CHECK();
 }
 
-void swiglu_forward(float* a, const float* g, const float* u, int64_t n, cudaStream_t s, __nv_bfloat16* a16) {
+template <typename T>
+void swiglu_forward_any(float* a, const T* g, const T* u, int64_t n, cudaStream_t s, __nv_bfloat16* a16) {
   if (n == 0) return;
   swiglu_forward_kernel<<<blocks_for(n), kThreads, 0, s>>>(a, a16, g, u, n);
   DSV3_TRAIN_LAUNCH_CHECK();
 }
+void swiglu_forward(float* a, const float* g, const float* u, int64_t n, cudaStream_t s, __nv_bfloat16* a16) {
+  swiglu_forward_any(a, g, u, n, s, a16);
+}
+void swiglu_forward(float* a, const __nv_bfloat16* g, const __nv_bfloat16* u, int64_t n, cudaStream_t s,
+                    __nv_bfloat16* a16) {
+  swiglu_forward_any(a, g, u, n, s, a16);
+}
 
-void swiglu_backward(float* dg, float* du, const float* da, const float* g, const float* u, int64_t n,
-                     cudaStream_t s, __nv_bfloat16* dg16, __nv_bfloat16* du16) {
+template <typename T>
+void swiglu_backward_any(float* dg, float* du, const T* da, const T* g, const T* u, int64_t n, cudaStream_t s,
+                         __nv_bfloat16* dg16, __nv_bfloat16* du16) {
   if (n == 0) return;
   swiglu_backward_kernel<<<blocks_for(n), kThreads, 0, s>>>(dg, du, dg16, du16, da, g, u, n);
   DSV3_TRAIN_LAUNCH_CHECK();
+}
+void swiglu_backward(float* dg, float* du, const float* da, const float* g, const float* u, int64_t n,
+                     cudaStream_t s, __nv_bfloat16* dg16, __nv_bfloat16* du16) {
+  swiglu_backward_any(dg, du, da, g, u, n, s, dg16, du16);
+}
+void swiglu_backward(float* dg, float* du, const __nv_bfloat16* da, const __nv_bfloat16* g,
+                     const __nv_bfloat16* u, int64_t n, cudaStream_t s, __nv_bfloat16* dg16,
+                     __nv_bfloat16* du16) {
+  swiglu_backward_any(dg, du, da, g, u, n, s, dg16, du16);
 }
 
 void add_into(float* y, const float* x, int64_t n, cudaStream_t s) {
@@ -1199,6 +1241,29 @@ void moe_combine_backward(__nv_bfloat16* dye, float* dw, const float* dy, const 
   if (n == 0) return;
   moe_combine_backward_kernel<<<norm_blocks(n * k), 32 * kNormWarps, 0, s>>>(dye, dw, dy, ye, w, pos, n * k,
                                                                              k, D);
+  DSV3_TRAIN_LAUNCH_CHECK();
+}
+
+void moe_combine_backward(__nv_bfloat16* dye, float* dw, const float* dy, const __nv_bfloat16* ye,
+                          const float* w, const int32_t* pos, int64_t n, int64_t k, int64_t D,
+                          cudaStream_t s) {
+  if (n == 0) return;
+  moe_combine_backward_kernel<<<norm_blocks(n * k), 32 * kNormWarps, 0, s>>>(dye, dw, dy, ye, w, pos, n * k,
+                                                                             k, D);
+  DSV3_TRAIN_LAUNCH_CHECK();
+}
+
+void moe_combine(float* y, const __nv_bfloat16* ye, const float* w, const int32_t* pos, int64_t n, int64_t k,
+                 int64_t D, cudaStream_t s) {
+  if (n == 0) return;
+  moe_combine_kernel<<<norm_blocks(n), 32 * kNormWarps, 0, s>>>(y, ye, w, pos, n, k, D);
+  DSV3_TRAIN_LAUNCH_CHECK();
+}
+
+void moe_scatter_add(float* dx, const __nv_bfloat16* dxe, const int32_t* pos, int64_t n, int64_t k, int64_t D,
+                     cudaStream_t s) {
+  if (n == 0) return;
+  moe_scatter_add_kernel<<<norm_blocks(n), 32 * kNormWarps, 0, s>>>(dx, dxe, pos, n, k, D);
   DSV3_TRAIN_LAUNCH_CHECK();
 }
 

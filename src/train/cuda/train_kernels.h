@@ -55,6 +55,12 @@ void swiglu_forward(float* a, const float* g, const float* u, int64_t n, cudaStr
                     __nv_bfloat16* a16 = nullptr);
 void swiglu_backward(float* dg, float* du, const float* da, const float* g, const float* u, int64_t n,
                      cudaStream_t s, __nv_bfloat16* dg16 = nullptr, __nv_bfloat16* du16 = nullptr);
+// The same on bf16 inputs (the padded16 experts' gate/up outputs and the down projection's dx).
+void swiglu_forward(float* a, const __nv_bfloat16* g, const __nv_bfloat16* u, int64_t n, cudaStream_t s,
+                    __nv_bfloat16* a16 = nullptr);
+void swiglu_backward(float* dg, float* du, const __nv_bfloat16* da, const __nv_bfloat16* g,
+                     const __nv_bfloat16* u, int64_t n, cudaStream_t s, __nv_bfloat16* dg16 = nullptr,
+                     __nv_bfloat16* du16 = nullptr);
 
 // y += x (n values).
 void add_into(float* y, const float* x, int64_t n, cudaStream_t s);
@@ -167,6 +173,14 @@ void moe_combine_backward(float* dye, float* dw, const float* dy, const float* y
                           const int32_t* pos, int64_t n, int64_t k, int64_t D, cudaStream_t s);
 void moe_combine_backward(__nv_bfloat16* dye, float* dw, const float* dy, const float* ye, const float* w,
                           const int32_t* pos, int64_t n, int64_t k, int64_t D, cudaStream_t s);
+// The padded16 experts' forms: their outputs ye and input gradients dxe in bf16 (sums in fp32).
+void moe_combine(float* y, const __nv_bfloat16* ye, const float* w, const int32_t* pos, int64_t n, int64_t k,
+                 int64_t D, cudaStream_t s);
+void moe_combine_backward(__nv_bfloat16* dye, float* dw, const float* dy, const __nv_bfloat16* ye,
+                          const float* w, const int32_t* pos, int64_t n, int64_t k, int64_t D,
+                          cudaStream_t s);
+void moe_scatter_add(float* dx, const __nv_bfloat16* dxe, const int32_t* pos, int64_t n, int64_t k, int64_t D,
+                     cudaStream_t s);
 // dx[t] += sum_{j<k} dxe[pos[t*k+j]].
 void moe_scatter_add(float* dx, const float* dxe, const int32_t* pos, int64_t n, int64_t k, int64_t D,
                      cudaStream_t s);
