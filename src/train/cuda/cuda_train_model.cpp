@@ -123,9 +123,10 @@ struct DLayer {
 // The *16 members: bf16 copies of the operands of the bf16 linear layers, written by their producers
 // (BF16 mode with bf16 linears; null otherwise, and the fp32 operands are used). A norm's output that only
 // those layers read (xn1, qan, c, a dense layer's xn2) is then kept in bf16 alone (its fp32 member null).
+// With bf16 linear layers only the bf16 members (the GEMMs write g and u in bf16, as the padded16 experts).
 struct SwiGLUActs {
   float *g = nullptr, *u = nullptr, *a = nullptr;
-  __nv_bfloat16* a16 = nullptr;
+  __nv_bfloat16 *g16 = nullptr, *u16 = nullptr, *a16 = nullptr;
 };
 
 struct AttnActs {
@@ -606,28 +607,53 @@ struct CudaTrainModel::Impl {
   // The dense MLP and the shared expert (x16: x's bf16 copy, or null for fp32 operands).
   void swiglu_fwd(const DSwiGLU& p, SwiGLUActs& a, const float* x, const __nv_bfloat16* x16, int64_t n,
                   float* y) {
+    if (x16) {  // every intermediate in bf16 alone
+      a.g = a.u = a.a = nullptr;
+      a.g16 = acts.bf16s(n * p.I);
+      a.u16 = acts.bf16s(n * p.I);
+      a.a16 = acts.bf16s(n * p.I);
+      gemm->rm(false, true, n, p.I, D, 1.0f, x16, D, w16(p.gate), D, 0.0f, a.g16, p.I);
+      gemm->rm(false, true, n, p.I, D, 1.0f, x16, D, w16(p.up), D, 0.0f, a.u16, p.I);
+      swiglu_forward(nullptr, a.g16, a.u16, n * p.I, stream, a.a16);
+      linear_fwd(y, nullptr, a.a16, p.down, n, p.I, D);
+      return;
+    }
+    a.g16 = a.u16 = a.a16 = nullptr;
     a.g = acts.floats(n * p.I);
     a.u = acts.floats(n * p.I);
     a.a = acts.floats(n * p.I);
-    a.a16 = x16 ? acts.bf16s(n * p.I) : nullptr;
-    linear_fwd(a.g, x, x16, p.gate, n, D, p.I);
-    linear_fwd(a.u, x, x16, p.up, n, D, p.I);
-    swiglu_forward(a.a, a.g, a.u, n * p.I, stream, a.a16);
-    linear_fwd(y, a.a, a.a16, p.down, n, p.I, D);
+    linear_fwd(a.g, x, nullptr, p.gate, n, D, p.I);
+    linear_fwd(a.u, x, nullptr, p.up, n, D, p.I);
+    swiglu_forward(a.a, a.g, a.u, n * p.I, stream);
+    linear_fwd(y, a.a, nullptr, p.down, n, p.I, D);
   }
 
   // dx written. dy16: dy's bf16 copy from its producer, or null.
   void swiglu_bwd(const DSwiGLU& p, const SwiGLUActs& a, const float* x, const __nv_bfloat16* x16,
                   const float* dy, const __nv_bfloat16* dy16, int64_t n, float* dx) {
+    if (x16) {  // da, dg and du in bf16 alone, as the forward's tensors
+      __nv_bfloat16* da16 = scratch.bf16s(n * p.I);
+      __nv_bfloat16* dg16 = scratch.bf16s(n * p.I);
+      __nv_bfloat16* du16 = scratch.bf16s(n * p.I);
+      if (!dy16) {
+        __nv_bfloat16* r = scratch.bf16s(n * D);
+        to_bf16(r, dy, n * D, stream);
+        dy16 = r;
+      }
+      gemm->rm(false, false, n, p.I, D, 1.0f, dy16, D, w16(p.down), p.I, 0.0f, da16, p.I);  // da = dy W_down
+      gemm->rm(true, false, D, p.I, n, 1.0f, dy16, D, a.a16, p.I, 1.0f, p.down->g, p.I);  // dW_down += dy^T a
+      swiglu_backward(nullptr, nullptr, da16, a.g16, a.u16, n * p.I, stream, dg16, du16);
+      linear_bwd(dx, false, p.gate, nullptr, dg16, nullptr, x16, n, D, p.I);
+      linear_bwd(dx, true, p.up, nullptr, du16, nullptr, x16, n, D, p.I);
+      return;
+    }
     float* da = scratch.floats(n * p.I);
     float* dg = scratch.floats(n * p.I);
     float* du = scratch.floats(n * p.I);
-    __nv_bfloat16* dg16 = x16 ? scratch.bf16s(n * p.I) : nullptr;
-    __nv_bfloat16* du16 = x16 ? scratch.bf16s(n * p.I) : nullptr;
-    linear_bwd(da, false, p.down, dy, dy16, a.a, a.a16, n, p.I, D);
-    swiglu_backward(dg, du, da, a.g, a.u, n * p.I, stream, dg16, du16);
-    linear_bwd(dx, false, p.gate, dg, dg16, x, x16, n, D, p.I);
-    linear_bwd(dx, true, p.up, du, du16, x, x16, n, D, p.I);
+    linear_bwd(da, false, p.down, dy, nullptr, a.a, nullptr, n, p.I, D);
+    swiglu_backward(dg, du, da, a.g, a.u, n * p.I, stream);
+    linear_bwd(dx, false, p.gate, dg, nullptr, x, nullptr, n, D, p.I);
+    linear_bwd(dx, true, p.up, du, nullptr, x, nullptr, n, D, p.I);
   }
 
   // xn16: xn's bf16 copy (the projections on bf16 operands), or null.
@@ -1037,7 +1063,8 @@ struct CudaTrainModel::Impl {
     int32_t* offset_d = acts.ints(E);
     int32_t* src_d = acts.ints(M);
     m.pos_d = acts.ints(M);
-    moe_permute(count_d, offset_d, m.pos_d, src_d, count_load ? L.load : nullptr, m.ids_d, M, k, E, stream);
+    moe_permute(count_d, offset_d, m.pos_d, src_d, count_load ? L.load : nullptr, m.ids_d, M, k, E,
+                acts.ints(moe_permute_work_ints(M, E)), stream);
     DSV3_CUDA_CHECK(cudaMemcpyAsync(counts_host, count_d, static_cast<size_t>(E) * sizeof(int32_t),
                                     cudaMemcpyDeviceToHost, stream));
     DSV3_CUDA_CHECK(cudaEventRecord(counts_ready, stream));
@@ -1112,9 +1139,11 @@ struct CudaTrainModel::Impl {
     gemm->rm(true, false, E, D, N, 1.0f, dlogits_d, E, xn, D, 1.0f, L.gate->g, D);
   }
 
-  // Returns the layer output [N x D] (a new buffer); x is left alone.
-  float* layer_fwd(DLayer& L, LayerActs& a, const float* x, int64_t Bn, int64_t Sn, const float* cs, const float* sn,
-                   bool count_load, double alpha) {
+  // The layer's input is x + res (res null: x alone); the residual add is fused into the input norm and
+  // left in x. Returns the FFN's output (a new buffer): the layer's output is it plus a.h, added the same
+  // way by the norm that reads it next (the next layer's, or the final one).
+  float* layer_fwd(DLayer& L, LayerActs& a, float* x, const float* res, int64_t Bn, int64_t Sn,
+                   const float* cs, const float* sn, bool count_load, double alpha) {
     const int64_t N = Bn * Sn;
     const double eps = cfg.rms_norm_eps;
     a.x_in = x;
@@ -1123,7 +1152,10 @@ struct CudaTrainModel::Impl {
     a.xn1_16 = bf16_operand(acts, N * D);
     a.xn1 = a.xn1_16 ? nullptr : acts.floats(N * D);
     a.rstd1 = acts.floats(N);
-    rmsnorm_forward(a.xn1, D, a.rstd1, x, D, L.input_norm->w, N, D, eps, stream, a.xn1_16);
+    if (res)
+      add_rmsnorm_forward(a.xn1, D, a.rstd1, x, res, L.input_norm->w, N, D, eps, stream, a.xn1_16);
+    else
+      rmsnorm_forward(a.xn1, D, a.rstd1, x, D, L.input_norm->w, N, D, eps, stream, a.xn1_16);
     a.h = acts.floats(N * D);
     attention_fwd(L.attn, a.attn, a.xn1, a.xn1_16, Bn, Sn, cs, sn, a.h);
     a.xn2_16 = bf16_operand(acts, N * D);
@@ -1136,7 +1168,6 @@ struct CudaTrainModel::Impl {
       moe_fwd(L, a.moe, a.xn2, a.xn2_16, Bn, Sn, count_load, alpha, a.out);
     else
       swiglu_fwd(L.mlp, a.mlp, a.xn2, a.xn2_16, N, a.out);
-    add_into(a.out, a.h, N * D, stream);  // out = h + ffn
     return a.out;
   }
 
@@ -1207,6 +1238,15 @@ struct CudaTrainModel::Impl {
     return dl;
   }
 
+  // A trunk's last norm: y = norm(x + res), the sum left in x (the last layer's output).
+  void final_norm_fwd(float* y, float* rstd, float* x, const float* res, const DevParam* w, int64_t n,
+                      __nv_bfloat16* y16) {
+    if (res)
+      add_rmsnorm_forward(y, D, rstd, x, res, w->w, n, D, cfg.rms_norm_eps, stream, y16);
+    else
+      rmsnorm_forward(y, D, rstd, x, D, w->w, n, D, cfg.rms_norm_eps, stream, y16);
+  }
+
   LossParts forward(const int32_t* tokens, int64_t Bn, int64_t Sn, bool count_load) {
     check(Bn >= 1 && Sn >= 2, "a training batch needs at least one sequence of at least 3 tokens");
     check_token_ids(tokens, static_cast<size_t>(Bn * (Sn + 1)), V, {},
@@ -1263,13 +1303,16 @@ struct CudaTrainModel::Impl {
     float* x = acts.floats(N * D);
     embedding_forward(x, inputs_d, embed->w, N, D, stream);
     la.resize(layers.size());
-    for (size_t l = 0; l < layers.size(); ++l)
-      x = layer_fwd(layers[l], la[l], x, B, S, cos, sin, count_load, topt.aux_alpha);
+    const float* res = nullptr;  // the residual the next norm adds into x
+    for (size_t l = 0; l < layers.size(); ++l) {
+      x = layer_fwd(layers[l], la[l], x, res, B, S, cos, sin, count_load, topt.aux_alpha);
+      res = la[l].h;
+    }
     x_last = x;
     hf = acts.floats(N * D);
     hf16 = w16_slab ? acts.bf16s(N * D) : nullptr;  // the head is on bf16 operands in BF16 mode
     rstd_f = acts.floats(N);
-    rmsnorm_forward(hf, D, rstd_f, x, D, final_norm->w, N, D, cfg.rms_norm_eps, stream, hf16);
+    final_norm_fwd(hf, rstd_f, x, res, final_norm, N, hf16);
     logits = acts.floats(N * V);
     lse = acts.floats(N);
     float* rows = acts.floats(N);
@@ -1290,11 +1333,11 @@ struct CudaTrainModel::Impl {
       rmsnorm_forward(cat + D, 2 * D, h_rstd, hsel, D, hnorm->w, M, D, eps, stream, cat16 ? cat16 + D : nullptr);
       float* xm = acts.floats(M * D);
       linear_fwd(xm, cat, cat16, eh_proj, M, 2 * D, D);
-      xm_out = layer_fwd(mtp_layer, mla, xm, B, Sm, mtp_cos, mtp_sin, count_load, topt.aux_alpha);
+      xm_out = layer_fwd(mtp_layer, mla, xm, nullptr, B, Sm, mtp_cos, mtp_sin, count_load, topt.aux_alpha);
       xmn = acts.floats(M * D);
       xmn16 = w16_slab ? acts.bf16s(M * D) : nullptr;
       xm_rstd = acts.floats(M);
-      rmsnorm_forward(xmn, D, xm_rstd, xm_out, D, head_norm->w, M, D, eps, stream, xmn16);
+      final_norm_fwd(xmn, xm_rstd, xm_out, mla.h, head_norm, M, xmn16);
       mlogits = acts.floats(M * V);
       mlse = acts.floats(M);
       mrows = acts.floats(M);

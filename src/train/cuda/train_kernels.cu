@@ -591,6 +591,10 @@ __device__ float4 operator+(float4 a, float4 b) {
 __device__ float4 operator*(float c, float4 a) {
   return make_float4(c * a.x, c * a.y, c * a.z, c * a.w);
 }
+// Four bf16 of a row (one 8-byte load): the bf16 rows' counterpart of float4.
+struct alignas(8) Bf16x4 {
+  __nv_bfloat162 lo, hi;
+};
 // An element of a row as its accumulator type: float4 and float as they are, bf16 widened.
 __device__ float4 element(const float4* p) {
   return *p;
@@ -600,6 +604,11 @@ __device__ float element(const float* p) {
 }
 __device__ float element(const __nv_bfloat16* p) {
   return __bfloat162float(*p);
+}
+__device__ float4 element(const Bf16x4* p) {
+  const Bf16x4 v = *p;
+  const float2 a = __bfloat1622float2(v.lo), b = __bfloat1622float2(v.hi);
+  return make_float4(a.x, a.y, b.x, b.y);
 }
 
 // xe[j] = x[src[j]], or zeros where src[j] < 0 (the pad rows of the padded expert layout; the test is
@@ -662,19 +671,24 @@ bool rows_of_float4(int64_t D, std::initializer_list<const void*> bases) {
   return true;
 }
 
-// The routing's packing: block e of kPermuteThreads threads handles expert e (E blocks; a few dozen
-// microseconds each on a 64K-slot batch, so the loads are unrolled to keep several in flight).
-constexpr int kPermuteThreads = 1024;
+// The routing's packing in three steps over tiles of kPermuteTile slots (one block of as many threads a
+// tile): each tile's count per expert; one block turns them into the experts' segments and each tile's
+// first row in each segment; each tile places its slots. Within a tile a slot's place among those of its
+// expert is its rank in its warp (the lanes with the same expert, __match_any_sync) plus the earlier
+// warps' counts, so every expert's slots keep increasing order without atomics deciding anything (the
+// integer counts alone use shared-memory atomics, whose sums do not depend on the order).
+constexpr int kPermuteTile = 1024;
+constexpr int kPermuteWarps = kPermuteTile / 32;
 
-// Block e counts the slots that chose expert e.
-__global__ void __launch_bounds__(kPermuteThreads)
-    expert_count_kernel(int32_t* count, const int32_t* ids, int64_t m) {
-  const int32_t e = static_cast<int32_t>(blockIdx.x);
-  int32_t c = 0;
-#pragma unroll 8
-  for (int64_t i = threadIdx.x; i < m; i += blockDim.x) c += ids[i] == e ? 1 : 0;
-  c = block_sum(c);
-  if (threadIdx.x == 0) count[blockIdx.x] = c;
+__global__ void __launch_bounds__(kPermuteTile)
+    permute_tile_count_kernel(int32_t* tile_counts, const int32_t* ids, int64_t m, int64_t E) {
+  extern __shared__ int32_t hist[];  // [E]
+  for (int64_t e = threadIdx.x; e < E; e += blockDim.x) hist[e] = 0;
+  __syncthreads();
+  const int64_t i = int64_t{blockIdx.x} * kPermuteTile + threadIdx.x;
+  if (i < m) atomicAdd(&hist[ids[i]], 1);
+  __syncthreads();
+  for (int64_t e = threadIdx.x; e < E; e += blockDim.x) tile_counts[blockIdx.x * E + e] = hist[e];
 }
 
 // Exclusive prefix sum over the block's threads (blockDim.x a multiple of 32): warp scans by shuffles,
@@ -702,33 +716,55 @@ __device__ int32_t block_exclusive_scan(int32_t v) {
   return warp_total[warp] + incl - v;
 }
 
-// Block e places its slots: thread t walks the contiguous range t of the slots, so the running offsets of
-// the threads (an exclusive scan over the block) keep the slots of expert e in increasing order.
-__global__ void __launch_bounds__(kPermuteThreads)
-    expert_place_kernel(int32_t* offset, int32_t* pos, int32_t* src, double* load, const int32_t* count,
-                        const int32_t* ids, int64_t m, int64_t k) {
-  __shared__ int32_t first_row;
-  const int32_t e = static_cast<int32_t>(blockIdx.x);
-  const int64_t per = (m + blockDim.x - 1) / blockDim.x;
-  const int64_t lo = threadIdx.x * per, hi = lo + per < m ? lo + per : m;
-  int32_t mine = 0;
-#pragma unroll 8
-  for (int64_t i = lo; i < hi; ++i) mine += ids[i] == e ? 1 : 0;
-  if (threadIdx.x == 0) {
-    int32_t row = 0;
-    for (int32_t x = 0; x < e; ++x) row += count[x];
-    first_row = row;
-    offset[e] = row;
-    if (load) load[e] += static_cast<double>(count[e]);
+// One block of kPermuteTile threads, thread e for expert e (E <= kPermuteTile): count[e], offset[e] (its
+// segment's first row), load[e] += count[e]; tile_counts[t][e] becomes tile t's first row for expert e.
+__global__ void __launch_bounds__(kPermuteTile)
+    permute_scan_kernel(int32_t* count, int32_t* offset, double* load, int32_t* tile_counts, int64_t tiles,
+                        int64_t E) {
+  const int64_t e = threadIdx.x;
+  int32_t total = 0;
+  if (e < E)
+    for (int64_t t = 0; t < tiles; ++t) total += tile_counts[t * E + e];
+  const int32_t first = block_exclusive_scan(total);
+  if (e >= E) return;
+  count[e] = total;
+  offset[e] = first;
+  if (load) load[e] += static_cast<double>(total);
+  int32_t row = first;
+  for (int64_t t = 0; t < tiles; ++t) {
+    const int32_t c = tile_counts[t * E + e];
+    tile_counts[t * E + e] = row;
+    row += c;
   }
-  int32_t row = block_exclusive_scan(mine);  // its __syncthreads also publish first_row
-  row += first_row;
-  for (int64_t i = lo; i < hi; ++i)
-    if (ids[i] == e) {
-      pos[i] = row;
-      src[row] = static_cast<int32_t>(i / k);
-      ++row;
+}
+
+__global__ void __launch_bounds__(kPermuteTile)
+    permute_place_kernel(int32_t* pos, int32_t* src, const int32_t* tile_first, const int32_t* ids, int64_t m,
+                         int64_t k, int64_t E) {
+  extern __shared__ int32_t before[];  // [kPermuteWarps][E]: per warp, then the earlier warps' counts
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  for (int64_t j = threadIdx.x; j < kPermuteWarps * E; j += blockDim.x) before[j] = 0;
+  __syncthreads();
+  const int64_t i = int64_t{blockIdx.x} * kPermuteTile + threadIdx.x;
+  const bool real = i < m;
+  const int32_t id = real ? ids[i] : -1;
+  const uint32_t same = __match_any_sync(0xffffffffu, id);
+  const int rank = __popc(same & ((1u << lane) - 1u));
+  if (real && rank == 0) before[warp * E + id] = __popc(same);
+  __syncthreads();
+  for (int64_t e = threadIdx.x; e < E; e += blockDim.x) {
+    int32_t run = 0;
+    for (int w = 0; w < kPermuteWarps; ++w) {
+      const int32_t c = before[w * E + e];
+      before[w * E + e] = run;
+      run += c;
     }
+  }
+  __syncthreads();
+  if (!real) return;
+  const int32_t row = tile_first[blockIdx.x * E + id] + before[warp * E + id] + rank;
+  pos[i] = row;
+  src[row] = static_cast<int32_t>(i / k);
 }
 
 // One thread per index i < max(m, E * cap): slot i's packed row becomes its padded row (pos in place), and
@@ -1253,17 +1289,31 @@ void moe_combine_backward(__nv_bfloat16* dye, float* dw, const float* dy, const 
   DSV3_TRAIN_LAUNCH_CHECK();
 }
 
+// Four columns a lane where the rows allow it (D % 4 == 0, 16-byte aligned fp32 and 8-byte aligned bf16
+// rows): float4 and Bf16x4.
+bool rows_of_4(int64_t D, const float* f32, const __nv_bfloat16* b16) {
+  return D % 4 == 0 && dsv3::cuda::aligned16(f32) && reinterpret_cast<uintptr_t>(b16) % 8 == 0;
+}
+
 void moe_combine(float* y, const __nv_bfloat16* ye, const float* w, const int32_t* pos, int64_t n, int64_t k,
                  int64_t D, cudaStream_t s) {
   if (n == 0) return;
-  moe_combine_kernel<<<norm_blocks(n), 32 * kNormWarps, 0, s>>>(y, ye, w, pos, n, k, D);
+  if (rows_of_4(D, y, ye))
+    moe_combine_kernel<<<norm_blocks(n), 32 * kNormWarps, 0, s>>>(
+        reinterpret_cast<float4*>(y), reinterpret_cast<const Bf16x4*>(ye), w, pos, n, k, D / 4);
+  else
+    moe_combine_kernel<<<norm_blocks(n), 32 * kNormWarps, 0, s>>>(y, ye, w, pos, n, k, D);
   DSV3_TRAIN_LAUNCH_CHECK();
 }
 
 void moe_scatter_add(float* dx, const __nv_bfloat16* dxe, const int32_t* pos, int64_t n, int64_t k, int64_t D,
                      cudaStream_t s) {
   if (n == 0) return;
-  moe_scatter_add_kernel<<<norm_blocks(n), 32 * kNormWarps, 0, s>>>(dx, dxe, pos, n, k, D);
+  if (rows_of_4(D, dx, dxe))
+    moe_scatter_add_kernel<<<norm_blocks(n), 32 * kNormWarps, 0, s>>>(
+        reinterpret_cast<float4*>(dx), reinterpret_cast<const Bf16x4*>(dxe), pos, n, k, D / 4);
+  else
+    moe_scatter_add_kernel<<<norm_blocks(n), 32 * kNormWarps, 0, s>>>(dx, dxe, pos, n, k, D);
   DSV3_TRAIN_LAUNCH_CHECK();
 }
 
@@ -1278,13 +1328,31 @@ void moe_scatter_add(float* dx, const float* dxe, const int32_t* pos, int64_t n,
   DSV3_TRAIN_LAUNCH_CHECK();
 }
 
-void moe_permute(int32_t* count, int32_t* offset, int32_t* pos, int32_t* src, double* load, const int32_t* ids,
-                 int64_t m, int64_t k, int64_t E, cudaStream_t s) {
-  expert_count_kernel<<<static_cast<unsigned>(E), kPermuteThreads, 0, s>>>(count, ids, m);
+int64_t moe_permute_work_ints(int64_t m, int64_t E) {
+  return (m + kPermuteTile - 1) / kPermuteTile * E;
+}
+
+void moe_permute(int32_t* count, int32_t* offset, int32_t* pos, int32_t* src, double* load,
+                 const int32_t* ids, int64_t m, int64_t k, int64_t E, int32_t* work, cudaStream_t s) {
+  check(E >= 1 && E <= kPermuteTile, "moe_permute: the device packing handles 1 to " +
+                                         std::to_string(kPermuteTile) + " experts, not " + std::to_string(E));
+  const int64_t tiles = (m + kPermuteTile - 1) / kPermuteTile;
+  const size_t place_smem = static_cast<size_t>(kPermuteWarps * E) * sizeof(int32_t);
+  if (place_smem > 48 * 1024)
+    DSV3_CUDA_CHECK(cudaFuncSetAttribute(permute_place_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                         static_cast<int>(place_smem)));
+  if (tiles > 0) {
+    permute_tile_count_kernel<<<static_cast<unsigned>(tiles), kPermuteTile, E * sizeof(int32_t), s>>>(
+        work, ids, m, E);
+    DSV3_TRAIN_LAUNCH_CHECK();
+  }
+  permute_scan_kernel<<<1, kPermuteTile, 0, s>>>(count, offset, load, work, tiles, E);
   DSV3_TRAIN_LAUNCH_CHECK();
-  expert_place_kernel<<<static_cast<unsigned>(E), kPermuteThreads, 0, s>>>(offset, pos, src, load, count, ids,
-                                                                           m, k);
-  DSV3_TRAIN_LAUNCH_CHECK();
+  if (tiles > 0) {
+    permute_place_kernel<<<static_cast<unsigned>(tiles), kPermuteTile, place_smem, s>>>(pos, src, work, ids,
+                                                                                        m, k, E);
+    DSV3_TRAIN_LAUNCH_CHECK();
+  }
 }
 
 void moe_pad_rows(int32_t* pos, int32_t* padded_src, const int32_t* ids, const int32_t* count,

@@ -194,8 +194,10 @@ void route_tokens(int32_t* ids, float* weights, const float* logits, const float
 // Packs the slots i = t*k + j of ids [m = n*k] expert by expert, each expert's slots in increasing i (the
 // CPU trainer's order): count[e] and offset[e] (first packed row) of each of the E experts, pos[i] (packed
 // row of slot i) and src[row] (token of that row); load[e] += count[e] unless load is null. No atomics.
-void moe_permute(int32_t* count, int32_t* offset, int32_t* pos, int32_t* src, double* load, const int32_t* ids,
-                 int64_t m, int64_t k, int64_t E, cudaStream_t s);
+// work: moe_permute_work_ints(m, E) ints of scratch. E <= 1024.
+void moe_permute(int32_t* count, int32_t* offset, int32_t* pos, int32_t* src, double* load,
+                 const int32_t* ids, int64_t m, int64_t k, int64_t E, int32_t* work, cudaStream_t s);
+int64_t moe_permute_work_ints(int64_t m, int64_t E);
 // The padded expert layout (the batched expert GEMMs): expert e's rows at e*cap .. e*cap + count[e] - 1 of
 // E*cap rows, the rest pad rows. From moe_permute's count, offset, pos and src: pos[i] (m slots, in place)
 // becomes slot i's padded row ids[i]*cap + pos[i] - offset[ids[i]]; padded_src [E*cap] gets the token of

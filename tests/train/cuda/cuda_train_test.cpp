@@ -371,7 +371,8 @@ TEST(TrainKernels, DeviceRoutingMatchesRouteForward) {
         pd(static_cast<size_t>(m)), sd(static_cast<size_t>(m));
     Dev<double> load(std::vector<double>(static_cast<size_t>(E), 1.0));
     cuda::route_tokens(idd.p, wd.p, ld.p, c.bias ? bd.p : nullptr, n, r, nullptr);
-    cuda::moe_permute(cd.p, od.p, pd.p, sd.p, load.p, idd.p, m, k, E, nullptr);
+    Dev<int32_t> work(static_cast<size_t>(cuda::moe_permute_work_ints(m, E)));
+    cuda::moe_permute(cd.p, od.p, pd.p, sd.p, load.p, idd.p, m, k, E, work.p, nullptr);
     cuda::router_backward(dl1.p, dwd.p, nullptr, ld.p, idd.p, n, r, nullptr);
     cuda::router_backward(dl2.p, dwd.p, dsd.p, ld.p, idd.p, n, r, nullptr);
     const std::string what = "E=" + std::to_string(E) + " method " + std::to_string(static_cast<int>(c.method));
@@ -429,7 +430,8 @@ TEST(TrainKernels, PaddedExpertLayout) {
   const int64_t cap = *std::max_element(count.begin(), count.end()) + 5, rows = E * cap;
   Dev<int32_t> idd(ids), cd(static_cast<size_t>(E)), od(static_cast<size_t>(E)), pd(static_cast<size_t>(m)),
       sd(static_cast<size_t>(m)), psrc(static_cast<size_t>(rows));
-  cuda::moe_permute(cd.p, od.p, pd.p, sd.p, nullptr, idd.p, m, k, E, nullptr);
+  Dev<int32_t> work(static_cast<size_t>(cuda::moe_permute_work_ints(m, E)));
+  cuda::moe_permute(cd.p, od.p, pd.p, sd.p, nullptr, idd.p, m, k, E, work.p, nullptr);
   cuda::moe_pad_rows(pd.p, psrc.p, idd.p, cd.p, od.p, sd.p, m, E, cap, nullptr);
   std::vector<int32_t> want_pos(static_cast<size_t>(m)), want_src(static_cast<size_t>(rows), -1);
   for (int64_t i = 0; i < m; ++i) {
