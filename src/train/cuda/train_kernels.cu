@@ -268,14 +268,62 @@ __global__ void rope_to_bf16_kernel(__nv_bfloat162* y, const float2* x, const fl
 
 __device__ float silu(float g) { return g / (1.0f + expf(-g)); }
 
+// a = silu(g) u, and its gradients from da.
+__device__ float swiglu_value(float g, float u) {
+  return silu(g) * u;
+}
+__device__ void swiglu_grads(float g, float u, float da, float& dg, float& du) {
+  const float sg = 1.0f / (1.0f + expf(-g));
+  du = da * (g * sg);
+  dg = da * u * (sg * (1.0f + g * (1.0f - sg)));
+}
+
 // The SwiGLU pair on inputs (g, u, da) of type T: fp32, or bf16 (the padded16 experts' GEMM outputs).
 template <typename T>
 __global__ void swiglu_forward_kernel(float* a, __nv_bfloat16* a16, const T* g, const T* u, int64_t n) {
   for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < n;
        i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-    const float v = silu(load_f(g + i)) * load_f(u + i);
+    const float v = swiglu_value(load_f(g + i), load_f(u + i));
     if (a) a[i] = v;
     if (a16) a16[i] = __float2bfloat16(v);
+  }
+}
+
+// The bf16-only forms eight values a thread (16-byte loads and stores; the same values as above).
+struct alignas(16) Bf16x8 {
+  __nv_bfloat162 h[4];
+};
+__global__ void swiglu_forward_x8_kernel(Bf16x8* a16, const Bf16x8* g, const Bf16x8* u, int64_t n8) {
+  for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < n8;
+       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const Bf16x8 gv = g[i], uv = u[i];
+    Bf16x8 out;
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+      const float2 gf = __bfloat1622float2(gv.h[j]), uf = __bfloat1622float2(uv.h[j]);
+      out.h[j] = __floats2bfloat162_rn(swiglu_value(gf.x, uf.x), swiglu_value(gf.y, uf.y));
+    }
+    a16[i] = out;
+  }
+}
+__global__ void swiglu_backward_x8_kernel(Bf16x8* dg16, Bf16x8* du16, const Bf16x8* da, const Bf16x8* g,
+                                          const Bf16x8* u, int64_t n8) {
+  for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < n8;
+       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const Bf16x8 gv = g[i], uv = u[i], dav = da[i];
+    Bf16x8 dgv, duv;
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+      const float2 gf = __bfloat1622float2(gv.h[j]), uf = __bfloat1622float2(uv.h[j]),
+                   df = __bfloat1622float2(dav.h[j]);
+      float dg0, du0, dg1, du1;
+      swiglu_grads(gf.x, uf.x, df.x, dg0, du0);
+      swiglu_grads(gf.y, uf.y, df.y, dg1, du1);
+      dgv.h[j] = __floats2bfloat162_rn(dg0, dg1);
+      duv.h[j] = __floats2bfloat162_rn(du0, du1);
+    }
+    dg16[i] = dgv;
+    du16[i] = duv;
   }
 }
 
@@ -284,10 +332,8 @@ __global__ void swiglu_backward_kernel(float* dg, float* du, __nv_bfloat16* dg16
                                        const T* da, const T* g, const T* u, int64_t n) {
   for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < n;
        i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-    const float gi = load_f(g + i), ui = load_f(u + i), dai = load_f(da + i);
-    const float sg = 1.0f / (1.0f + expf(-gi));
-    const float s = gi * sg;
-    const float dui = dai * s, dgi = dai * ui * (sg * (1.0f + gi * (1.0f - sg)));
+    float dgi, dui;
+    swiglu_grads(load_f(g + i), load_f(u + i), load_f(da + i), dgi, dui);
     if (du) {
       du[i] = dui;
       dg[i] = dgi;
@@ -609,6 +655,26 @@ __device__ float4 element(const Bf16x4* p) {
   const Bf16x4 v = *p;
   const float2 a = __bfloat1622float2(v.lo), b = __bfloat1622float2(v.hi);
   return make_float4(a.x, a.y, b.x, b.y);
+}
+
+// moe_combine_backward_kernel's bf16 form four columns a lane (dy float4, ye and dye Bf16x4).
+__global__ void __launch_bounds__(32 * kNormWarps)
+    moe_combine_backward_x4_kernel(Bf16x4* dye, float* dw, const float4* dy, const Bf16x4* ye, const float* w,
+                                   const int32_t* pos, int64_t m, int64_t k, int64_t D4) {
+  const int64_t slot = int64_t{blockIdx.x} * kNormWarps + threadIdx.x / 32;
+  if (slot >= m) return;
+  const int lane = threadIdx.x % 32;
+  const int64_t t = slot / k, row = pos[slot];
+  const float wi = w[slot];
+  float dot = 0.0f;
+  for (int64_t i = lane; i < D4; i += 32) {
+    const float4 g = dy[t * D4 + i], y = element(ye + row * D4 + i);
+    dot += g.x * y.x + g.y * y.y + g.z * y.z + g.w * y.w;
+    dye[row * D4 + i] =
+        Bf16x4{__floats2bfloat162_rn(wi * g.x, wi * g.y), __floats2bfloat162_rn(wi * g.z, wi * g.w)};
+  }
+  dot = warp_sum(dot);
+  if (lane == 0) dw[slot] = dot;
 }
 
 // xe[j] = x[src[j]], or zeros where src[j] < 0 (the pad rows of the padded expert layout; the test is
@@ -1093,8 +1159,23 @@ void swiglu_forward_any(float* a, const T* g, const T* u, int64_t n, cudaStream_
 void swiglu_forward(float* a, const float* g, const float* u, int64_t n, cudaStream_t s, __nv_bfloat16* a16) {
   swiglu_forward_any(a, g, u, n, s, a16);
 }
+// Whether bf16 tensors take the eight-a-thread kernels: n % 8 == 0 and 16-byte aligned.
+bool x8(int64_t n, std::initializer_list<const void*> bases) {
+  if (n % 8 != 0) return false;
+  for (const void* b : bases)
+    if (!dsv3::cuda::aligned16(b)) return false;
+  return true;
+}
+
 void swiglu_forward(float* a, const __nv_bfloat16* g, const __nv_bfloat16* u, int64_t n, cudaStream_t s,
                     __nv_bfloat16* a16) {
+  if (n > 0 && !a && a16 && x8(n, {g, u, a16})) {
+    swiglu_forward_x8_kernel<<<blocks_for(n / 8), kThreads, 0, s>>>(
+        reinterpret_cast<Bf16x8*>(a16), reinterpret_cast<const Bf16x8*>(g),
+        reinterpret_cast<const Bf16x8*>(u), n / 8);
+    DSV3_TRAIN_LAUNCH_CHECK();
+    return;
+  }
   swiglu_forward_any(a, g, u, n, s, a16);
 }
 
@@ -1112,6 +1193,13 @@ void swiglu_backward(float* dg, float* du, const float* da, const float* g, cons
 void swiglu_backward(float* dg, float* du, const __nv_bfloat16* da, const __nv_bfloat16* g,
                      const __nv_bfloat16* u, int64_t n, cudaStream_t s, __nv_bfloat16* dg16,
                      __nv_bfloat16* du16) {
+  if (n > 0 && !dg && dg16 && x8(n, {da, g, u, dg16, du16})) {
+    swiglu_backward_x8_kernel<<<blocks_for(n / 8), kThreads, 0, s>>>(
+        reinterpret_cast<Bf16x8*>(dg16), reinterpret_cast<Bf16x8*>(du16), reinterpret_cast<const Bf16x8*>(da),
+        reinterpret_cast<const Bf16x8*>(g), reinterpret_cast<const Bf16x8*>(u), n / 8);
+    DSV3_TRAIN_LAUNCH_CHECK();
+    return;
+  }
   swiglu_backward_any(dg, du, da, g, u, n, s, dg16, du16);
 }
 
@@ -1280,19 +1368,24 @@ void moe_combine_backward(__nv_bfloat16* dye, float* dw, const float* dy, const 
   DSV3_TRAIN_LAUNCH_CHECK();
 }
 
-void moe_combine_backward(__nv_bfloat16* dye, float* dw, const float* dy, const __nv_bfloat16* ye,
-                          const float* w, const int32_t* pos, int64_t n, int64_t k, int64_t D,
-                          cudaStream_t s) {
-  if (n == 0) return;
-  moe_combine_backward_kernel<<<norm_blocks(n * k), 32 * kNormWarps, 0, s>>>(dye, dw, dy, ye, w, pos, n * k,
-                                                                             k, D);
-  DSV3_TRAIN_LAUNCH_CHECK();
-}
-
 // Four columns a lane where the rows allow it (D % 4 == 0, 16-byte aligned fp32 and 8-byte aligned bf16
 // rows): float4 and Bf16x4.
 bool rows_of_4(int64_t D, const float* f32, const __nv_bfloat16* b16) {
   return D % 4 == 0 && dsv3::cuda::aligned16(f32) && reinterpret_cast<uintptr_t>(b16) % 8 == 0;
+}
+
+void moe_combine_backward(__nv_bfloat16* dye, float* dw, const float* dy, const __nv_bfloat16* ye,
+                          const float* w, const int32_t* pos, int64_t n, int64_t k, int64_t D,
+                          cudaStream_t s) {
+  if (n == 0) return;
+  if (rows_of_4(D, dy, ye) && reinterpret_cast<uintptr_t>(dye) % 8 == 0)
+    moe_combine_backward_x4_kernel<<<norm_blocks(n * k), 32 * kNormWarps, 0, s>>>(
+        reinterpret_cast<Bf16x4*>(dye), dw, reinterpret_cast<const float4*>(dy),
+        reinterpret_cast<const Bf16x4*>(ye), w, pos, n * k, k, D / 4);
+  else
+    moe_combine_backward_kernel<<<norm_blocks(n * k), 32 * kNormWarps, 0, s>>>(dye, dw, dy, ye, w, pos, n * k,
+                                                                               k, D);
+  DSV3_TRAIN_LAUNCH_CHECK();
 }
 
 void moe_combine(float* y, const __nv_bfloat16* ye, const float* w, const int32_t* pos, int64_t n, int64_t k,

@@ -647,54 +647,60 @@ TEST(TrainKernels, FusedAttentionPacksRopeAndKeys) {
   EXPECT_GT(rel_l2(o2.get(), o1.get()), 1e-2);
 }
 
-// The padded16 experts' bf16 tensors: SwiGLU on bf16 inputs, the combine, its backward and the scatter on
-// bf16 rows give exactly what the fp32 kernels give on the same values widened; a GEMM writing bf16 gives
-// its fp32 result rounded (up to the accumulation order cuBLAS picks).
-TEST(TrainKernels, Bf16ExpertTensors) {
-  const int64_t m = 999;
+// The bits of bf16 values (x must hold bf16 values already: exact).
+std::vector<uint16_t> bf16_bits(const std::vector<float>& x) {
+  std::vector<uint16_t> v;
+  for (float f : x) {
+    uint32_t b;
+    std::memcpy(&b, &f, sizeof b);
+    v.push_back(static_cast<uint16_t>(b >> 16));
+  }
+  return v;
+}
+
+// SwiGLU on bf16 inputs, bf16 outputs alone, against the fp32 inputs' kernels on the same values.
+void bf16_swiglu_matches_fp32(int64_t m) {
   const auto g = round_bf16(rnd(m, 60, 3.0)), u = round_bf16(rnd(m, 61)), da = round_bf16(rnd(m, 62));
-  const auto to16 = [](const std::vector<float>& x) {
-    std::vector<uint16_t> v;
-    for (float f : x) {
-      uint32_t b;
-      std::memcpy(&b, &f, sizeof b);
-      v.push_back(static_cast<uint16_t>(b >> 16));  // x already holds bf16 values: exact
-    }
-    return v;
-  };
   Dev<float> gd(g), ud(u), dad(da), a1(static_cast<size_t>(m)), dg1(a1.n), du1(a1.n);
-  Dev<uint16_t> g16(to16(g)), u16(to16(u)), da16(to16(da)), a16a(a1.n), a16b(a1.n), dg16a(a1.n), dg16b(a1.n),
-      du16a(a1.n), du16b(a1.n);
+  Dev<uint16_t> g16(bf16_bits(g)), u16(bf16_bits(u)), da16(bf16_bits(da)), a16a(a1.n), a16b(a1.n),
+      dg16a(a1.n), dg16b(a1.n), du16a(a1.n), du16b(a1.n);
   cuda::swiglu_forward(a1.p, gd.p, ud.p, m, nullptr, bf(a16a));
   cuda::swiglu_forward(nullptr, bf(g16), bf(u16), m, nullptr, bf(a16b));
-  EXPECT_EQ(from_bf16(a16b), from_bf16(a16a));
+  EXPECT_EQ(from_bf16(a16b), from_bf16(a16a)) << m;
   cuda::swiglu_backward(dg1.p, du1.p, dad.p, gd.p, ud.p, m, nullptr, bf(dg16a), bf(du16a));
   cuda::swiglu_backward(nullptr, nullptr, bf(da16), bf(g16), bf(u16), m, nullptr, bf(dg16b), bf(du16b));
-  EXPECT_EQ(from_bf16(dg16b), from_bf16(dg16a));
-  EXPECT_EQ(from_bf16(du16b), from_bf16(du16a));
+  EXPECT_EQ(from_bf16(dg16b), from_bf16(dg16a)) << m;
+  EXPECT_EQ(from_bf16(du16b), from_bf16(du16a)) << m;
+}
 
+// The padded16 experts' bf16 tensors: SwiGLU on bf16 inputs (one value a thread, and eight), the combine,
+// its backward and the scatter on bf16 rows give what the fp32 kernels give on the same values widened
+// (the combine backward's weight gradients up to the order of a dot); a GEMM writing bf16 gives its fp32
+// result rounded (up to the accumulation order cuBLAS picks).
+TEST(TrainKernels, Bf16ExpertTensors) {
+  for (int64_t m : {999, 1000}) bf16_swiglu_matches_fp32(m);
   const int64_t n = 37, k = 3, D = 20, rows = n * k + 5;
   std::vector<int32_t> pos(static_cast<size_t>(n * k));
   for (size_t i = 0; i < pos.size(); ++i) pos[i] = static_cast<int32_t>((i * 11) % pos.size());
   const auto ye = round_bf16(rnd(rows * D, 63)), w = rnd(n * k, 64), y0 = rnd(n * D, 65), dy = rnd(n * D, 66);
   Dev<int32_t> posd(pos);
   Dev<float> yed(ye), wd(w), ya(y0), yb(y0), dyd(dy), dwa(static_cast<size_t>(n * k)), dwb(dwa.n);
-  Dev<uint16_t> ye16(to16(ye)), dyea(static_cast<size_t>(rows * D)), dyeb(dyea.n);
+  Dev<uint16_t> ye16(bf16_bits(ye)), dyea(static_cast<size_t>(rows * D)), dyeb(dyea.n);
   cuda::moe_combine(ya.p, yed.p, wd.p, posd.p, n, k, D, nullptr);
   cuda::moe_combine(yb.p, bf(ye16), wd.p, posd.p, n, k, D, nullptr);
   EXPECT_EQ(yb.get(), ya.get());
   cuda::moe_combine_backward(bf(dyea), dwa.p, dyd.p, yed.p, wd.p, posd.p, n, k, D, nullptr);
   cuda::moe_combine_backward(bf(dyeb), dwb.p, dyd.p, bf(ye16), wd.p, posd.p, n, k, D, nullptr);
   EXPECT_EQ(from_bf16(dyeb), from_bf16(dyea));
-  EXPECT_EQ(dwb.get(), dwa.get());
+  EXPECT_LE(rel_l2(dwb.get(), dwa.get()), 1e-6);  // four columns a lane: the dot's order differs
   Dev<float> dxa(y0), dxb(y0);
   cuda::moe_scatter_add(dxa.p, yed.p, posd.p, n, k, D, nullptr);
   cuda::moe_scatter_add(dxb.p, bf(ye16), posd.p, n, k, D, nullptr);
   EXPECT_EQ(dxb.get(), dxa.get());
 
   const int64_t M = 70, N = 48, K = 64, batch = 3;
-  Dev<uint16_t> A(to16(round_bf16(rnd(batch * M * K, 67)))), B(to16(round_bf16(rnd(batch * N * K, 68)))),
-      C16(static_cast<size_t>(batch * M * N));
+  Dev<uint16_t> A(bf16_bits(round_bf16(rnd(batch * M * K, 67)))),
+      B(bf16_bits(round_bf16(rnd(batch * N * K, 68)))), C16(static_cast<size_t>(batch * M * N));
   Dev<float> C32(static_cast<size_t>(batch * M * N));
   cuda::Gemm gemm(nullptr, cuda::Precision::BF16);
   gemm.rm(false, true, M, N, K, 1.0f, bf(A), K, bf(B), K, 0.0f, C32.p, N, batch, M * K, N * K, M * N);
