@@ -129,19 +129,12 @@ __global__ void __launch_bounds__(32 * kNormWarps)
   }
 }
 
-// dx = r w dy - x c with c = r^3/D sum(w dy x); accumulate: dx += that instead. dx16, unless null, gets
-// the dx written rounded to bf16 (leading dimension lddx). Rows wider than kNormFusedMaxD.
-__global__ void __launch_bounds__(32 * kNormWarps)
-    rmsnorm_backward_dx_kernel(float* dx, __nv_bfloat16* dx16, int64_t lddx, const float* dy, const float* x,
-                               int64_t ldx, const float* w, const float* rstd, int64_t n, int64_t D,
-                               bool accumulate) {
-  const int64_t t = int64_t{blockIdx.x} * kNormWarps + threadIdx.x / 32;
-  if (t >= n) return;
+// One row of the backward, by a warp: dx = r w dy - x c with c = r^3/D sum(w dy x) (accumulate: dx += that
+// instead); dx16, unless null, gets the dx written rounded to bf16; wsum, unless null (shared memory),
+// gets dy * x * r added per column (the weight gradient's products, from the same reads).
+__device__ void rmsnorm_backward_row(float* dxt, __nv_bfloat16* dx16t, const float* dyt, const float* xt,
+                                     const float* w, float r, int64_t D, bool accumulate, float* wsum) {
   const int lane = threadIdx.x % 32;
-  const float* xt = x + t * ldx;
-  const float* dyt = dy + t * D;
-  float* dxt = dx + t * lddx;
-  const float r = rstd[t];
   double dot = 0.0;
   for (int64_t i = lane; i < D; i += 32) dot += static_cast<double>(w[i]) * dyt[i] * xt[i];
   dot = warp_sum_d(dot);
@@ -149,8 +142,20 @@ __global__ void __launch_bounds__(32 * kNormWarps)
   for (int64_t i = lane; i < D; i += 32) {
     const float v = r * w[i] * dyt[i] - xt[i] * c + (accumulate ? dxt[i] : 0.0f);
     dxt[i] = v;
-    if (dx16) dx16[t * lddx + i] = __float2bfloat16(v);
+    if (dx16t) dx16t[i] = __float2bfloat16(v);
+    if (wsum) wsum[i] += dyt[i] * xt[i] * r;
   }
+}
+
+// Rows wider than kNormFusedMaxD: one warp per row, the weight gradient in rmsnorm_dw_partial_kernel.
+__global__ void __launch_bounds__(32 * kNormWarps)
+    rmsnorm_backward_dx_kernel(float* dx, __nv_bfloat16* dx16, int64_t lddx, const float* dy, const float* x,
+                               int64_t ldx, const float* w, const float* rstd, int64_t n, int64_t D,
+                               bool accumulate) {
+  const int64_t t = int64_t{blockIdx.x} * kNormWarps + threadIdx.x / 32;
+  if (t >= n) return;
+  rmsnorm_backward_row(dx + t * lddx, dx16 ? dx16 + t * lddx : nullptr, dy + t * D, x + t * ldx, w, rstd[t],
+                       D, accumulate, nullptr);
 }
 
 // Rows per chunk of the weight gradient's partial sums: two rows a warp in the one-pass backward.
@@ -159,8 +164,8 @@ constexpr int64_t kNormFusedMaxD = 1024;
 
 // The backward of rows up to kNormFusedMaxD wide in one pass over x and dy (the weight gradient's products
 // taken from the same reads as dx's instead of a second kernel's): a block takes a chunk of
-// kNormRowsPerChunk rows, a warp rows warp and warp + kNormWarps, each as rmsnorm_backward_dx_kernel;
-// each warp adds its rows' dy * x * rstd up in shared memory, and the block adds the warps' sums in
+// kNormRowsPerChunk rows, a warp rows warp and warp + kNormWarps (rmsnorm_backward_row); each warp adds
+// its rows' dy * x * rstd up in shared memory, and the block adds the warps' sums in
 // order into partial[chunk] (column_sum_into_kernel adds the chunks). Holding the rows in registers
 // instead measured slower: the occupancy fell to a quarter (7.7 ms a 300M step against 6.9 for two
 // kernels, H100).
@@ -173,22 +178,9 @@ __global__ void __launch_bounds__(32 * kNormWarps)
   const int64_t chunk = blockIdx.x;
   for (int64_t i = lane; i < D; i += 32) rows[warp][i] = 0.0f;
   for (int64_t t = chunk * kNormRowsPerChunk + warp; t < min(n, (chunk + 1) * kNormRowsPerChunk);
-       t += kNormWarps) {
-    const float* xt = x + t * ldx;
-    const float* dyt = dy + t * D;
-    float* dxt = dx + t * lddx;
-    const float r = rstd[t];
-    double dot = 0.0;
-    for (int64_t i = lane; i < D; i += 32) dot += static_cast<double>(w[i]) * dyt[i] * xt[i];
-    dot = warp_sum_d(dot);
-    const float c = static_cast<float>(dot * static_cast<double>(r) * r * r / static_cast<double>(D));
-    for (int64_t i = lane; i < D; i += 32) {
-      const float v = r * w[i] * dyt[i] - xt[i] * c + (accumulate ? dxt[i] : 0.0f);
-      dxt[i] = v;
-      if (dx16) dx16[t * lddx + i] = __float2bfloat16(v);
-      rows[warp][i] += dyt[i] * xt[i] * r;
-    }
-  }
+       t += kNormWarps)
+    rmsnorm_backward_row(dx + t * lddx, dx16 ? dx16 + t * lddx : nullptr, dy + t * D, x + t * ldx, w, rstd[t],
+                         D, accumulate, rows[warp]);
   __syncthreads();
   for (int64_t i = threadIdx.x; i < D; i += blockDim.x) {
     float total = 0.0f;
@@ -343,12 +335,6 @@ __global__ void swiglu_backward_kernel(float* dg, float* du, __nv_bfloat16* dg16
       du16[i] = __float2bfloat16(dui);
     }
   }
-}
-
-__global__ void add_into_kernel(float* y, const float* x, int64_t n) {
-  for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < n;
-       i += static_cast<int64_t>(gridDim.x) * blockDim.x)
-    y[i] += x[i];
 }
 
 __global__ void to_bf16_kernel(__nv_bfloat16* dst, const float* src, int64_t n) {
@@ -607,27 +593,6 @@ __global__ void crossentropy_fused_bf16_kernel(float* loss, float* lse, __nv_bfl
   }
 }
 
-// One warp per slot (kNormWarps slots per block): the dot needs only a warp shuffle. dye in fp32 or bf16
-// (the operand of the padded experts' bf16 GEMMs, written once).
-template <typename T, typename Y>
-__global__ void __launch_bounds__(32 * kNormWarps)
-    moe_combine_backward_kernel(T* dye, float* dw, const float* dy, const Y* ye, const float* w,
-                                const int32_t* pos, int64_t m, int64_t k, int64_t D) {
-  const int64_t slot = int64_t{blockIdx.x} * kNormWarps + threadIdx.x / 32;
-  if (slot >= m) return;
-  const int lane = threadIdx.x % 32;
-  const int64_t t = slot / k, row = pos[slot];
-  const float wi = w[slot];
-  float dot = 0.0f;
-  for (int64_t i = lane; i < D; i += 32) {
-    const float g = dy[t * D + i];
-    dot += g * load_f(ye + row * D + i);
-    store_f(dye + row * D + i, wi * g);
-  }
-  dot = warp_sum(dot);
-  if (lane == 0) dw[slot] = dot;
-}
-
 // Row kernels of the MoE path, one warp per row (kNormWarps rows per block), in float4 when the rows
 // allow it (V = float4: D % 4 == 0 and 16-byte aligned bases), else float. Sums run in slot order j, so a
 // step stays bitwise repeatable.
@@ -657,21 +622,33 @@ __device__ float4 element(const Bf16x4* p) {
   return make_float4(a.x, a.y, b.x, b.y);
 }
 
-// moe_combine_backward_kernel's bf16 form four columns a lane (dy float4, ye and dye Bf16x4).
+__device__ float dot_of(float a, float b) {
+  return a * b;
+}
+__device__ float dot_of(float4 a, float4 b) {
+  return a.x * b.x + a.y * b.y + a.z * b.z + a.w * b.w;
+}
+__device__ void store_f(Bf16x4* p, float4 v) {
+  *p = Bf16x4{__floats2bfloat162_rn(v.x, v.y), __floats2bfloat162_rn(v.z, v.w)};
+}
+
+// For each slot, one warp (kNormWarps slots per block; the dot needs only a warp shuffle): dye[pos] = w dy,
+// dw = dy . ye[pos]. Units G of dy: float, or float4 with ye and dye four columns a lane (Bf16x4); dye in
+// fp32 or bf16 (the operand of the padded experts' bf16 GEMMs, written once), ye in fp32 or bf16.
+template <typename T, typename G, typename Y>
 __global__ void __launch_bounds__(32 * kNormWarps)
-    moe_combine_backward_x4_kernel(Bf16x4* dye, float* dw, const float4* dy, const Bf16x4* ye, const float* w,
-                                   const int32_t* pos, int64_t m, int64_t k, int64_t D4) {
+    moe_combine_backward_kernel(T* dye, float* dw, const G* dy, const Y* ye, const float* w,
+                                const int32_t* pos, int64_t m, int64_t k, int64_t D) {
   const int64_t slot = int64_t{blockIdx.x} * kNormWarps + threadIdx.x / 32;
   if (slot >= m) return;
   const int lane = threadIdx.x % 32;
   const int64_t t = slot / k, row = pos[slot];
   const float wi = w[slot];
   float dot = 0.0f;
-  for (int64_t i = lane; i < D4; i += 32) {
-    const float4 g = dy[t * D4 + i], y = element(ye + row * D4 + i);
-    dot += g.x * y.x + g.y * y.y + g.z * y.z + g.w * y.w;
-    dye[row * D4 + i] =
-        Bf16x4{__floats2bfloat162_rn(wi * g.x, wi * g.y), __floats2bfloat162_rn(wi * g.z, wi * g.w)};
+  for (int64_t i = lane; i < D; i += 32) {
+    const G g = dy[t * D + i];
+    dot += dot_of(g, element(ye + row * D + i));
+    store_f(dye + row * D + i, wi * g);
   }
   dot = warp_sum(dot);
   if (lane == 0) dw[slot] = dot;
@@ -1203,12 +1180,6 @@ void swiglu_backward(float* dg, float* du, const __nv_bfloat16* da, const __nv_b
   swiglu_backward_any(dg, du, da, g, u, n, s, dg16, du16);
 }
 
-void add_into(float* y, const float* x, int64_t n, cudaStream_t s) {
-  if (n == 0) return;
-  add_into_kernel<<<blocks_for(n), kThreads, 0, s>>>(y, x, n);
-  DSV3_TRAIN_LAUNCH_CHECK();
-}
-
 void to_bf16(__nv_bfloat16* dst, const float* src, int64_t n, cudaStream_t s) {
   if (n == 0) return;
   to_bf16_kernel<<<blocks_for(n), kThreads, 0, s>>>(dst, src, n);
@@ -1379,7 +1350,7 @@ void moe_combine_backward(__nv_bfloat16* dye, float* dw, const float* dy, const 
                           cudaStream_t s) {
   if (n == 0) return;
   if (rows_of_4(D, dy, ye) && reinterpret_cast<uintptr_t>(dye) % 8 == 0)
-    moe_combine_backward_x4_kernel<<<norm_blocks(n * k), 32 * kNormWarps, 0, s>>>(
+    moe_combine_backward_kernel<<<norm_blocks(n * k), 32 * kNormWarps, 0, s>>>(
         reinterpret_cast<Bf16x4*>(dye), dw, reinterpret_cast<const float4*>(dy),
         reinterpret_cast<const Bf16x4*>(ye), w, pos, n * k, k, D / 4);
   else

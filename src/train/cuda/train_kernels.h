@@ -62,8 +62,6 @@ void swiglu_backward(float* dg, float* du, const __nv_bfloat16* da, const __nv_b
                      const __nv_bfloat16* u, int64_t n, cudaStream_t s, __nv_bfloat16* dg16 = nullptr,
                      __nv_bfloat16* du16 = nullptr);
 
-// y += x (n values).
-void add_into(float* y, const float* x, int64_t n, cudaStream_t s);
 // dst = src rounded to bf16 (n values): operands of Gemm::rm's bf16 form.
 void to_bf16(__nv_bfloat16* dst, const float* src, int64_t n, cudaStream_t s);
 // y *= c (n values).
