@@ -105,6 +105,17 @@ void Gemm::linear_forward(float* y, const __nv_bfloat16* x, const __nv_bfloat16*
   rm(false, true, n, out, in, 1.0f, x, in, W, in, 0.0f, y, out);
 }
 
+void Gemm::linear_forward(__nv_bfloat16* y, const __nv_bfloat16* x, const __nv_bfloat16* W, int64_t n,
+                          int64_t in, int64_t out) {
+  rm(false, true, n, out, in, 1.0f, x, in, W, in, 0.0f, y, out);
+}
+
+void Gemm::linear_backward(__nv_bfloat16* dx, float* dW, const __nv_bfloat16* dy, const __nv_bfloat16* x,
+                           const __nv_bfloat16* W, int64_t n, int64_t in, int64_t out) {
+  rm(false, false, n, in, out, 1.0f, dy, out, W, in, 0.0f, dx, in);
+  rm(true, false, out, in, n, 1.0f, dy, out, x, in, 1.0f, dW, in);
+}
+
 void Gemm::linear_backward(float* dx, float* dW, const __nv_bfloat16* dy, const __nv_bfloat16* x,
                            const __nv_bfloat16* W, int64_t n, int64_t in, int64_t out, bool accumulate_dx,
                            float dy_scale) {

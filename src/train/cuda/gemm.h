@@ -57,6 +57,11 @@ class Gemm {
   void linear_backward(float* dx, float* dW, const __nv_bfloat16* dy, const __nv_bfloat16* x,
                        const __nv_bfloat16* W, int64_t n, int64_t in, int64_t out, bool accumulate_dx = false,
                        float dy_scale = 1.0f);
+  // And with y / dx written in bf16 (dW still fp32): activations that only bf16 operands read.
+  void linear_forward(__nv_bfloat16* y, const __nv_bfloat16* x, const __nv_bfloat16* W, int64_t n, int64_t in,
+                      int64_t out);
+  void linear_backward(__nv_bfloat16* dx, float* dW, const __nv_bfloat16* dy, const __nv_bfloat16* x,
+                       const __nv_bfloat16* W, int64_t n, int64_t in, int64_t out);
 
  private:
   void gemm_ex(bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K, float alpha, const void* A,
