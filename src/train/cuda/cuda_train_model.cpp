@@ -591,12 +591,14 @@ struct CudaTrainModel::Impl {
       gemm->linear_backward(dx, W->g, dy, x, W->w, n, in, out, accumulate_dx);
       return;
     }
-    if (!dy16) {
-      __nv_bfloat16* r = scratch.bf16s(n * out);
-      to_bf16(r, dy, n * out, stream);
-      dy16 = r;
-    }
-    gemm->linear_backward(dx, W->g, dy16, x16, w16(W), n, in, out, accumulate_dx);
+    gemm->linear_backward(dx, W->g, bf16_of(dy, dy16, n * out), x16, w16(W), n, in, out, accumulate_dx);
+  }
+  // dy16 where its producer wrote one, else dy rounded here (one pass, into scratch).
+  const __nv_bfloat16* bf16_of(const float* dy, const __nv_bfloat16* dy16, int64_t n) {
+    if (dy16) return dy16;
+    __nv_bfloat16* r = scratch.bf16s(n);
+    to_bf16(r, dy, n, stream);
+    return r;
   }
 
   // BF16 mode: the weights' bf16 copies from the fp32 masters (AdamW keeps them current after that).
@@ -635,12 +637,7 @@ struct CudaTrainModel::Impl {
       __nv_bfloat16* da16 = scratch.bf16s(n * p.I);
       __nv_bfloat16* dg16 = scratch.bf16s(n * p.I);
       __nv_bfloat16* du16 = scratch.bf16s(n * p.I);
-      if (!dy16) {
-        __nv_bfloat16* r = scratch.bf16s(n * D);
-        to_bf16(r, dy, n * D, stream);
-        dy16 = r;
-      }
-      gemm->linear_backward(da16, p.down->g, dy16, a.a16, w16(p.down), n, p.I, D);
+      gemm->linear_backward(da16, p.down->g, bf16_of(dy, dy16, n * D), a.a16, w16(p.down), n, p.I, D);
       swiglu_backward(nullptr, nullptr, da16, a.g16, a.u16, n * p.I, stream, dg16, du16);
       linear_bwd(dx, false, p.gate, nullptr, dg16, nullptr, x16, n, D, p.I);
       linear_bwd(dx, true, p.up, nullptr, du16, nullptr, x16, n, D, p.I);
@@ -696,19 +693,25 @@ struct CudaTrainModel::Impl {
       const FlashShape sh{Bn, Sn, H, dq, dv, sc};
       a.flash_work = flash_workspace(sh);
       // q rotated, and each head's keys [k_nope of the head | the token's k_pe rotated], as they are packed
-      const FlashTensor q{
-          a.q, H * dq, dq, nullptr, 0, 0, 0, cs, sn, static_cast<int>(dn), static_cast<int>(dr)};
-      const FlashTensor keys{a.kv,
-                             H * dkv,
-                             dkv,
-                             a.kva + C,
-                             C + dr,
-                             0,
-                             static_cast<int>(dn),
-                             cs,
-                             sn,
-                             static_cast<int>(dn),
-                             static_cast<int>(dr)};
+      const int rope_off = static_cast<int>(dn), rope_dim = static_cast<int>(dr);
+      const FlashTensor q{.p = a.q,
+                          .ld = H * dq,
+                          .hs = dq,
+                          .rope_cos = cs,
+                          .rope_sin = sn,
+                          .rope_off = rope_off,
+                          .rope_dim = rope_dim};
+      const FlashTensor keys{.p = a.kv,
+                             .ld = H * dkv,
+                             .hs = dkv,
+                             .tail = a.kva + C,
+                             .tail_ld = C + dr,
+                             .tail_hs = 0,
+                             .split = rope_off,
+                             .rope_cos = cs,
+                             .rope_sin = sn,
+                             .rope_off = rope_off,
+                             .rope_dim = rope_dim};
       flash_attention_forward({a.o, H * dv, dv, a.o16}, a.lse, q, keys, {a.kv + dn, H * dkv, dkv}, sh,
                               a.flash_work, stream);
       a.q = a.kv = a.kpe = a.kfull = nullptr;        // q and kv in scratch, free from here on
@@ -1151,10 +1154,7 @@ struct CudaTrainModel::Impl {
     a.xn1_16 = bf16_operand(acts, N * D);
     a.xn1 = a.xn1_16 ? nullptr : acts.floats(N * D);
     a.rstd1 = acts.floats(N);
-    if (res)
-      add_rmsnorm_forward(a.xn1, D, a.rstd1, x, res, L.input_norm->w, N, D, eps, stream, a.xn1_16);
-    else
-      rmsnorm_forward(a.xn1, D, a.rstd1, x, D, L.input_norm->w, N, D, eps, stream, a.xn1_16);
+    add_rmsnorm_forward(a.xn1, D, a.rstd1, x, res, L.input_norm->w, N, D, eps, stream, a.xn1_16);
     a.h = acts.floats(N * D);
     attention_fwd(L.attn, a.attn, a.xn1, a.xn1_16, Bn, Sn, cs, sn, a.h);
     a.xn2_16 = bf16_operand(acts, N * D);
@@ -1237,15 +1237,6 @@ struct CudaTrainModel::Impl {
     return dl;
   }
 
-  // A trunk's last norm: y = norm(x + res), the sum left in x (the last layer's output).
-  void final_norm_fwd(float* y, float* rstd, float* x, const float* res, const DevParam* w, int64_t n,
-                      __nv_bfloat16* y16) {
-    if (res)
-      add_rmsnorm_forward(y, D, rstd, x, res, w->w, n, D, cfg.rms_norm_eps, stream, y16);
-    else
-      rmsnorm_forward(y, D, rstd, x, D, w->w, n, D, cfg.rms_norm_eps, stream, y16);
-  }
-
   LossParts forward(const int32_t* tokens, int64_t Bn, int64_t Sn, bool count_load) {
     check(Bn >= 1 && Sn >= 2, "a training batch needs at least one sequence of at least 3 tokens");
     check_token_ids(tokens, static_cast<size_t>(Bn * (Sn + 1)), V, {},
@@ -1311,7 +1302,7 @@ struct CudaTrainModel::Impl {
     hf = acts.floats(N * D);
     hf16 = w16_slab ? acts.bf16s(N * D) : nullptr;  // the head is on bf16 operands in BF16 mode
     rstd_f = acts.floats(N);
-    final_norm_fwd(hf, rstd_f, x, res, final_norm, N, hf16);
+    add_rmsnorm_forward(hf, D, rstd_f, x, res, final_norm->w, N, D, cfg.rms_norm_eps, stream, hf16);
     logits = acts.floats(N * V);
     lse = acts.floats(N);
     float* rows = acts.floats(N);
@@ -1336,7 +1327,7 @@ struct CudaTrainModel::Impl {
       xmn = acts.floats(M * D);
       xmn16 = w16_slab ? acts.bf16s(M * D) : nullptr;
       xm_rstd = acts.floats(M);
-      final_norm_fwd(xmn, xm_rstd, xm_out, mla.h, head_norm, M, xmn16);
+      add_rmsnorm_forward(xmn, D, xm_rstd, xm_out, mla.h, head_norm->w, M, D, eps, stream, xmn16);
       mlogits = acts.floats(M * V);
       mlse = acts.floats(M);
       mrows = acts.floats(M);

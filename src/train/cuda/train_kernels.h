@@ -27,7 +27,8 @@ void embedding_backward(float* dtable, const float* dout, const int32_t* ids, co
 // null where only y16 is read (the backward needs x and rstd, not y).
 void rmsnorm_forward(float* y, int64_t ldy, float* rstd, const float* x, int64_t ldx, const float* w, int64_t n,
                      int64_t D, double eps, cudaStream_t s, __nv_bfloat16* y16 = nullptr);
-// The residual add fused into the norm after it: h [n x D] += res, then y = rmsnorm(h) as above.
+// The residual add fused into the norm after it: h [n x D] += res, then y = rmsnorm(h) as above; res null:
+// no add (h left alone), the plain norm of h.
 void add_rmsnorm_forward(float* y, int64_t ldy, float* rstd, float* h, const float* res, const float* w,
                          int64_t n, int64_t D, double eps, cudaStream_t s, __nv_bfloat16* y16 = nullptr);
 // dx written (lddx), or with accumulate added to dx (a residual branch's gradient joining the trunk's);
