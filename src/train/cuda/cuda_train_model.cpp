@@ -693,25 +693,8 @@ struct CudaTrainModel::Impl {
       const FlashShape sh{Bn, Sn, H, dq, dv, sc};
       a.flash_work = flash_workspace(sh);
       // q rotated, and each head's keys [k_nope of the head | the token's k_pe rotated], as they are packed
-      const int rope_off = static_cast<int>(dn), rope_dim = static_cast<int>(dr);
-      const FlashTensor q{.p = a.q,
-                          .ld = H * dq,
-                          .hs = dq,
-                          .rope_cos = cs,
-                          .rope_sin = sn,
-                          .rope_off = rope_off,
-                          .rope_dim = rope_dim};
-      const FlashTensor keys{.p = a.kv,
-                             .ld = H * dkv,
-                             .hs = dkv,
-                             .tail = a.kva + C,
-                             .tail_ld = C + dr,
-                             .tail_hs = 0,
-                             .split = rope_off,
-                             .rope_cos = cs,
-                             .rope_sin = sn,
-                             .rope_off = rope_off,
-                             .rope_dim = rope_dim};
+      const FlashTensor q = mla_queries(a.q, H, dn, dr, cs, sn);
+      const FlashTensor keys = mla_keys(a.kv, H, dn, dv, a.kva + C, C + dr, dr, cs, sn);
       flash_attention_forward({a.o, H * dv, dv, a.o16}, a.lse, q, keys, {a.kv + dn, H * dkv, dkv}, sh,
                               a.flash_work, stream);
       a.q = a.kv = a.kpe = a.kfull = nullptr;        // q and kv in scratch, free from here on

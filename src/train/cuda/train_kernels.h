@@ -113,6 +113,33 @@ struct FlashTensor {
   const float *rope_cos = nullptr, *rope_sin = nullptr;
   int rope_off = 0, rope_dim = 0;
 };
+// MLA's two such views, with the RoPE tables [S x dr/2]: q [.. x H*(dn+dr)] (each head's last dr columns
+// rotated), and the keys of heads [k_nope of kv's head h | the token's shared k_pe rotated] from kv
+// [.. x H*(dn+dv)] and k_pe (row stride kpe_ld).
+inline FlashTensor mla_queries(const float* q, int64_t H, int64_t dn, int64_t dr, const float* cos,
+                               const float* sin) {
+  return {.p = q,
+          .ld = H * (dn + dr),
+          .hs = dn + dr,
+          .rope_cos = cos,
+          .rope_sin = sin,
+          .rope_off = static_cast<int>(dn),
+          .rope_dim = static_cast<int>(dr)};
+}
+inline FlashTensor mla_keys(const float* kv, int64_t H, int64_t dn, int64_t dv, const float* kpe,
+                            int64_t kpe_ld, int64_t dr, const float* cos, const float* sin) {
+  return {.p = kv,
+          .ld = H * (dn + dv),
+          .hs = dn + dv,
+          .tail = kpe,
+          .tail_ld = kpe_ld,
+          .tail_hs = 0,
+          .split = static_cast<int>(dn),
+          .rope_cos = cos,
+          .rope_sin = sin,
+          .rope_off = static_cast<int>(dn),
+          .rope_dim = static_cast<int>(dr)};
+}
 // An output view: fp32 at p, and, unless null, a bf16 copy at p16 with the same layout (the operand of a
 // bf16 GEMM that reads it); p may be null where only the copy is needed.
 struct FlashOut {

@@ -618,25 +618,8 @@ TEST(TrainKernels, FusedAttentionPacksRopeAndKeys) {
                                  {qr.p, H * dq, dq}, {kfull.p, H * dq, dq}, v, ot1, dot, lse1.p, sh, work.p,
                                  false, nullptr);
   // The same from the raw projections.
-  const int rope_off = static_cast<int>(dn), rope_dim = static_cast<int>(dr);
-  const cuda::FlashTensor q{.p = qd.p,
-                            .ld = H * dq,
-                            .hs = dq,
-                            .rope_cos = cd.p,
-                            .rope_sin = sd.p,
-                            .rope_off = rope_off,
-                            .rope_dim = rope_dim};
-  const cuda::FlashTensor keys{.p = kvd.p,
-                               .ld = H * dkv,
-                               .hs = dkv,
-                               .tail = kvad.p + C,
-                               .tail_ld = C + dr,
-                               .tail_hs = 0,
-                               .split = rope_off,
-                               .rope_cos = cd.p,
-                               .rope_sin = sd.p,
-                               .rope_off = rope_off,
-                               .rope_dim = rope_dim};
+  const cuda::FlashTensor q = cuda::mla_queries(qd.p, H, dn, dr, cd.p, sd.p);
+  const cuda::FlashTensor keys = cuda::mla_keys(kvd.p, H, dn, dv, kvad.p + C, C + dr, dr, cd.p, sd.p);
   cuda::flash_attention_forward({o2.p, H * dv, dv}, lse2.p, q, keys, v, sh, work.p, nullptr);
   const cuda::FlashTensor none{nullptr, 0, 0};
   cuda::flash_attention_backward({dq2.p, H * dq, dq}, {dk2.p, H * dq, dq}, {dv2.p, H * dv, dv}, delta.p, none,
