@@ -266,6 +266,8 @@ int run(int argc, char** argv) {
        variants(dtype, 16384, D, [&](const cuda::DeviceMatrix& w) { return plain(w, 1); }));
   rows("plain, V3 width", "4096 x 7168", mat * 4096 * 7168,
        variants(dtype, 4096, 7168, [&](const cuda::DeviceMatrix& w) { return plain(w, 1); }));
+  rows("lm_head (BF16)", "102400 x 2048", 2.0 * 102400 * D,
+       variants(DType::BF16, 102400, D, [&](const cuda::DeviceMatrix& w) { return plain(w, 1); }));
   rows("expert gate/up, 4 tokens", "32 slots x 2 x 1408 x 2048", 2 * 4 * S * expert, gate_up(4));
   rows("expert down + combine, 4 tokens", "4 x 8 slots x 2048 x 1408", 4 * S * expert, down_combine(4));
   return 0;

@@ -858,7 +858,7 @@ struct CudaModel::Impl {
       check(cuda::linear_lt(qkv), "internal: cuBLASLt refused q/kv_a after its operand was written",
             "set DSV3_COMBINE_CODES=0");
     } else {
-      cuda::linear(qkv);
+      if (!skip("qkv")) cuda::linear(qkv);
     }
     if (L.kv_a.data) cuda::linear(normed_lin(L.kv_a, L.input_norm, eps(), s.x, D, n, s.qkv + q_part, ldqkv));
     const float* q = s.qkv;
@@ -929,7 +929,7 @@ struct CudaModel::Impl {
             "set DSV3_MLA_PREFILL_TMA=0");
       return;
     }
-    cuda::linear(op);
+    if (!skip("oproj")) cuda::linear(op);
   }
 
   // Absorbed attention over the latent cache (qabs from mla_prepare), then o[h] = W_UV[h] o_lat[h].
@@ -962,7 +962,7 @@ struct CudaModel::Impl {
     at.counters = s.counters;
     at.out = s.olat;
     at.stream = stream;
-    cuda::mla_attention(at);
+    if (!skip("attention")) cuda::mla_attention(at);
 
     // o[h] = W_UV[h] o_lat[h]: rows dn..dn+dv of each head's block of kv_b_proj.
     cuda::LinearParams uv = lin(L.kv_b, s.olat, H * C, n, s.o, H * dv);
@@ -971,7 +971,7 @@ struct CudaModel::Impl {
     uv.group_stride = dkv;
     uv.row0 = dn;
     uv.group_x = C;
-    cuda::linear(uv);
+    if (!skip("uv")) cuda::linear(uv);
   }
 
   // The non-absorbed prefill attention's parameters for this step, or n = 0 where it does not run. It
@@ -1093,7 +1093,7 @@ struct CudaModel::Impl {
     if (!tokens_quantized) {
       router.also_fp8 = nullptr;
       router.also_fp8_scales = nullptr;
-      cuda::linear(router);
+      if (!skip("router")) cuda::linear(router);
     }
     cuda::RouteParams r;
     r.logits = s.rlogits;
@@ -1110,7 +1110,7 @@ struct CudaModel::Impl {
     r.ids = s.ids;
     r.weights = s.wts;
     r.stream = stream;
-    cuda::route(r);
+    if (!skip("route")) cuda::route(r);
 
     // Gate/up: each (token, slot) pair is one problem on its own expert's weights; the slots are the k
     // routed experts, then the shared-expert pieces. Down: one problem per token summing its slots with
@@ -1132,7 +1132,7 @@ struct CudaModel::Impl {
     gu.x_div = slots;
     gu.fixed_experts = L.fixed;
     gu.fixed_first = E;
-    cuda::linear(gu);
+    if (!skip("gateup")) cuda::linear(gu);
     if (separate_shared) swiglu_down(L.shared, s.act_shared, n);
     cuda::LinearParams down = lin(L.expert_shape.down, s.act, I, n, s.x, D);
     down.experts = L.expert_down;
@@ -1143,7 +1143,7 @@ struct CudaModel::Impl {
     down.fixed_experts = L.fixed;
     down.fixed_first = E;
     down.accumulate = true;
-    cuda::linear(down);
+    if (!skip("down")) cuda::linear(down);
   }
 
   // The grouped gate/up pair's parameters: n tokens of `slots` problems each over moe_plan's lists.
@@ -1259,6 +1259,18 @@ struct CudaModel::Impl {
   struct RowRun {
     int64_t first, count;
   };
+  // Measurement knob DSV3_DECODE_SKIP=launch[,launch...] (qkv, attention, uv, oproj, router, route,
+  // gateup, down, dense, head, draw; read once): those launches are left out of every step. The results
+  // are wrong, but the step's time without a launch is what that launch costs inside the chain of
+  // launches, overlap included, which a profiler's per-kernel times do not show (docs/PERF.md,
+  // "Eighteenth session").
+  static bool skip(const char* launch) {
+    static const std::string list = [] {
+      const char* v = std::getenv("DSV3_DECODE_SKIP");
+      return v && *v ? "," + std::string(v) + "," : std::string();
+    }();
+    return !list.empty() && list.find("," + std::string(launch) + ",") != std::string::npos;
+  }
   void enqueue(int64_t n, std::span<const RowRun> heads, const StepCache& sc) {
     const ModelConfig& c = cfg;
     const int64_t D = c.hidden_size;
@@ -1270,7 +1282,7 @@ struct CudaModel::Impl {
       attention(L, l, n, sc);
       if (L.is_moe) {
         moe(L, n, l + 1 < c.num_hidden_layers ? &layers[l + 1] : nullptr);
-      } else {
+      } else if (!skip("dense")) {
         dense_mlp(L.mlp, L.post_norm, n);
       }
     }
@@ -1280,7 +1292,7 @@ struct CudaModel::Impl {
       cuda::rmsnorm({s.x + r.first * D, D, final_norm, r.count, D, eps(), s.h + rows * D, D, stream});
       rows += r.count;
     }
-    cuda::linear(lin(lm_head, s.h, D, rows, s.logits, c.vocab_size));
+    if (!skip("head")) cuda::linear(lin(lm_head, s.h, D, rows, s.logits, c.vocab_size));
     if (!layer_events.empty()) mark_layer(c.num_hidden_layers);
   }
 
@@ -1685,7 +1697,7 @@ std::vector<std::vector<float>> CudaModel::Impl::forward_together(std::span<cons
     for (const Model::BatchItem& item : items) draws.push_back(*item.pick);
     DSV3_CUDA_CHECK(cudaMemcpyAsync(m.pick_draws, draws.data(), draws.size() * sizeof(Draw), cudaMemcpyHostToDevice,
                                     m.stream));
-    cuda::draw_rows({m.s.logits, V, V, count, m.pick_draws, m.pick_ids, m.stream});
+    if (!skip("draw")) cuda::draw_rows({m.s.logits, V, V, count, m.pick_draws, m.pick_ids, m.stream});
     std::vector<int32_t> ids(static_cast<size_t>(count));
     DSV3_CUDA_CHECK(cudaMemcpyAsync(ids.data(), m.pick_ids, ids.size() * 4, cudaMemcpyDeviceToHost, m.stream));
     DSV3_CUDA_CHECK(cudaStreamSynchronize(m.stream));

@@ -524,7 +524,7 @@ __global__ void __launch_bounds__(256) gemm_kernel(const GemvArgs a) {
 
 template <int T>
 __global__ void __launch_bounds__(256) linear_t_kernel(const LinearTransposedParams p, const MatGeom geom) {
-  transposed_block<T>(p, geom, blockIdx.x, blockIdx.y);
+  transposed_block<T>(p, geom, blockIdx.x, blockIdx.y, [] {});
 }
 
 void check_matrix(const DeviceMatrix& w, const char* op) {
@@ -535,12 +535,15 @@ void check_matrix(const DeviceMatrix& w, const char* op) {
   (void)where;
 }
 
-// Fewest loads per lane per row before the columns are split among warps: 2 (H100, "lite" decode: 2 beat
-// 1 and 4 by 8-14% FP8 and 2-4% BF16, docs/CUDA.md), or DSV3_GEMV_LANE_STEPS (a tuning knob for
+// Fewest loads per lane per row before the columns are split among warps: 2 for a decode step's
+// projections (H100, "lite" decode: 2 beat 1 and 4 by 8-14% FP8 and 2-4% BF16, docs/CUDA.md), 4 for
+// matrices of 16 MB and more (the lm_head: lite's 102,400 x 2,048 BF16 head 148 -> 125 us a call on an
+// H200, docs/PERF.md, "Eighteenth session"), or DSV3_GEMV_LANE_STEPS for all (a tuning knob for
 // benchmarks, read once).
-int64_t gemv_lane_steps() {
-  static const int64_t steps = env_positive("DSV3_GEMV_LANE_STEPS", 2);
-  return steps;
+int64_t gemv_lane_steps(int64_t weight_bytes) {
+  static const int64_t steps = env_positive("DSV3_GEMV_LANE_STEPS", 0);
+  if (steps > 0) return steps;
+  return weight_bytes >= (int64_t{16} << 20) ? 4 : 2;
 }
 
 // Largest plain batch the GEMV path takes: kGemvMaxBatch, or DSV3_GEMV_MAX_BATCH (a tuning knob for
@@ -580,12 +583,14 @@ void launch_linear(GemvArgs a) {
     constexpr int NT = decltype(nt)::value, R = decltype(rows)::value;
     a.tiles_per_group = (a.group_rows + R - 1) / R;
     // Column slices: as many as fill the block's warps (with the slots), but at least
-    // gemv_lane_steps() 16-byte loads per lane per row (more steps per warp: deeper pipelining; more
+    // gemv_lane_steps(its bytes) 16-byte loads per lane per row (more steps per warp: deeper pipelining; more
     // slices: more warps); a tile with fewer parts than warps shares its block with other tiles.
     const int64_t slots = p.combine ? p.combine_k + p.fixed_experts : 1;
     const int64_t lane_steps = a.vec ? a.geom.cols / vec_elems<T>() : a.geom.cols;
+    const int64_t min_steps =
+        gemv_lane_steps(p.w.rows * p.w.cols * static_cast<int64_t>(dtype_size(p.w.dtype)));
     a.ksplit = 1;
-    while (a.ksplit * 2 * slots <= kWarps && a.ksplit * 2 * 32 * gemv_lane_steps() <= lane_steps) a.ksplit *= 2;
+    while (a.ksplit * 2 * slots <= kWarps && a.ksplit * 2 * 32 * min_steps <= lane_steps) a.ksplit *= 2;
     a.parts = static_cast<int>(slots) * a.ksplit;
     a.tiles_per_block = a.parts >= kWarps ? 1 : kWarps / a.parts;
     const int64_t tiles = a.groups * a.tiles_per_group;

@@ -120,19 +120,26 @@ __device__ void prepare_tokens(const MlaPrepareParams& p, int64_t t0) {
 }
 
 // Blocks [0, ceil(n / TOKENS)): TOKENS new tokens each; the rest (when absorbing, TOKENS = 1):
-// linear_transposed's blocks, column block fastest.
+// linear_transposed's blocks, column block fastest. Held to three blocks an SM (80 registers, as before
+// the wait moved into the two branches; ptxas took 128 for the FP8 form then, two blocks an SM for lite's
+// 257 blocks of a decode step, beside the early attention blocks that PDL puts on some SMs).
 template <int T, int TOKENS>
-__global__ void __launch_bounds__(kPrepareThreads)
+__global__ void __launch_bounds__(kPrepareThreads, 3)
     mla_prepare_kernel(const MlaPrepareParams p, const MatGeom geom, bool early) {
-  pdl_wait();  // kva and q are the previous kernel's
-  if (early) pdl_trigger();
+  // kva and q are the previous kernel's; W_UK is not, so the absorbing blocks load their first weights
+  // before they wait.
+  auto wait = [early] {
+    pdl_wait();
+    if (early) pdl_trigger();
+  };
   const int64_t token_blocks = (p.n + TOKENS - 1) / TOKENS;
   if (blockIdx.x < token_blocks) {
+    wait();
     prepare_tokens<TOKENS>(p, blockIdx.x * TOKENS);
     return;
   }
   const int64_t b = blockIdx.x - token_blocks, col_blocks = (geom.cols + 31) / 32;
-  transposed_block<T>(p.absorb, geom, b % col_blocks, b / col_blocks);
+  transposed_block<T>(p.absorb, geom, b % col_blocks, b / col_blocks, wait);
 }
 
 // After a block wrote its split's partials: whether it is the last of `splits` blocks to arrive at
@@ -344,7 +351,6 @@ __global__ void __launch_bounds__(kMmaThreads, 1) mla_attention_mma_kernel(const
   const int64_t visible = row_position(p.pos0, p.pos, t) + 1;
   const int64_t splits = row_splits(p, t);
   if (split >= splits) return;
-  pdl_wait();  // the queries and the new cache rows are mla_prepare's (or the absorbed query's)
   // Splits of whole tiles, so every tile starts at a multiple of 32 keys.
   const int64_t chunk = ((visible + splits - 1) / splits + kMmaKeys - 1) / kMmaKeys * kMmaKeys;
   const int64_t kb = split * chunk, ke = min(visible, kb + chunk);
@@ -369,8 +375,14 @@ __global__ void __launch_bounds__(kMmaThreads, 1) mla_attention_mma_kernel(const
     }
     cp_async_commit();
   };
-  // The queries join tile 0's copy group (one plain load per value would wait out a round trip each);
-  // a split without keys never reads them.
+  // A one-token step writes one cache row, its own (key visible - 1, mla_prepare's): every split whose
+  // tile 0 ends before it stages that tile before waiting for mla_prepare, so the tile's loads overlap the
+  // previous kernel's tail. (Positions and page tables come from the host, before the step.)
+  const bool staged_early = p.n == 1 && tiles > 0 && kb + kMmaKeys < visible;
+  if (staged_early) stage(0, tile_rows(0));
+  pdl_wait();  // the queries and the new cache rows are mla_prepare's (or the absorbed query's)
+  // The queries by cp.async (one plain load per value would wait out a round trip each); a split
+  // without keys never reads them.
   for (int r = warp; r < kMmaHeads && tiles > 0; r += kMmaWarps) {
     const float* qr = p.qabs + (t * H + h0 + r) * W;
     for (int col = lane * 4; col < quads * 4; col += 128) {
@@ -382,7 +394,13 @@ __global__ void __launch_bounds__(kMmaThreads, 1) mla_attention_mma_kernel(const
     }
     for (int64_t col = W + lane; col < L.width_pad; col += 32) q[r * ls + col] = 0.0f;
   }
-  if (tiles > 0) stage(0, tile_rows(0));
+  // After an early tile 0 the queries form their own copy group (the loop's waits cover both); else they
+  // join tile 0's.
+  if (staged_early) {
+    cp_async_commit();
+  } else if (tiles > 0) {
+    stage(0, tile_rows(0));
+  }
   const float* next_rows = tile_rows(1);  // read a tile ahead: its latency hides behind a tile's work
   for (int r = warp; r < 2 * kMmaKeys; r += kMmaWarps)
     for (int64_t col = W + lane; col < L.width_pad; col += 32) kbuf[r * ls + col] = 0.0f;

@@ -11,14 +11,35 @@ void check_transposed(const LinearTransposedParams& p);
 
 // One block of 256 threads = 32 output columns of group g; its 8 warps split the k rows and reduce
 // through shared memory. NT tokens per pass: 8, or 1 for a single token (a batch-1 decode step would
-// otherwise load and multiply its one input eight times per weight).
-template <int T, int NT>
-__device__ void transposed_block_nt(const LinearTransposedParams& p, const MatGeom& geom, int64_t col_block, int64_t g) {
+// otherwise load and multiply its one input eight times per weight). `wait()` runs before the inputs
+// are read (pdl_wait in a kernel launched with programmatic dependent launch); the block's weights
+// depend on nothing, so it first asks L2 for them. (Loading 16 weights a thread before the wait instead
+// took mla_prepare_kernel from 80 to 128 registers, and a lite batch-1 step on an H200 was ~3% slower
+// than with these prefetches: docs/PERF.md, "Eighteenth session".)
+template <int T, int NT, class Wait>
+__device__ void transposed_block_nt(const LinearTransposedParams& p, const MatGeom& geom, int64_t col_block,
+                                    int64_t g, Wait wait) {
   __shared__ float part[8][NT][33];
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int64_t c = col_block * 32 + lane;
   const bool active = c < geom.cols;
   const int64_t cc = active ? c : 0;
+  constexpr int64_t esize = T == kF32 ? 4 : T == kF8 ? 1 : 2;
+  // Lane i of warp w: the 32 columns of row w + 8 i (one or two 128-byte lines), and its block scales.
+  for (int64_t j = warp + 8 * lane; j < p.k && lane < 16; j += 8 * 16) {
+    const int64_t r = g * p.group_stride + p.row0 + j;
+    const char* line = static_cast<const char*>(p.w.data) + (r * geom.cols + col_block * 32) * esize;
+    asm volatile("prefetch.global.L2 [%0];" ::"l"(line));
+    if (esize == 4 && col_block * 32 + 16 < geom.cols)
+      asm volatile("prefetch.global.L2 [%0];" ::"l"(line + 64));
+    if constexpr (T == kF8) {
+      const float* scale = p.w.scale_inv +
+                           static_cast<int32_t>(r) / static_cast<int32_t>(geom.block_rows) * geom.scale_cols +
+                           static_cast<int32_t>(col_block * 32) / static_cast<int32_t>(geom.block_cols);
+      asm volatile("prefetch.global.L2 [%0];" ::"l"(scale));
+    }
+  }
+  wait();
   for (int64_t t0 = 0; t0 < p.n; t0 += NT) {
     float acc[NT] = {};
     const float* xs[NT];
@@ -45,12 +66,13 @@ __device__ void transposed_block_nt(const LinearTransposedParams& p, const MatGe
   }
 }
 
-template <int T>
-__device__ void transposed_block(const LinearTransposedParams& p, const MatGeom& geom, int64_t col_block, int64_t g) {
+template <int T, class Wait>
+__device__ void transposed_block(const LinearTransposedParams& p, const MatGeom& geom, int64_t col_block,
+                                 int64_t g, Wait wait) {
   if (p.n == 1) {
-    transposed_block_nt<T, 1>(p, geom, col_block, g);
+    transposed_block_nt<T, 1>(p, geom, col_block, g, wait);
   } else {
-    transposed_block_nt<T, 8>(p, geom, col_block, g);
+    transposed_block_nt<T, 8>(p, geom, col_block, g, wait);
   }
 }
 
