@@ -48,6 +48,25 @@ __device__ __forceinline__ float2 fp8x2_to_float2(uint16_t v) {
   return __half22float2(*reinterpret_cast<const __half2*>(&h));
 }
 
+// Bytes of one stored weight.
+template <int T>
+__host__ __device__ constexpr int64_t elem_bytes() {
+  return T == kF32 ? 4 : T == kF8 ? 1 : 2;
+}
+
+// The FP8 block scale of weight (r, c) in `scale` (the matrix's scale_inv). 32-bit divisions: 64-bit ones
+// cost dozens of instructions (shapes are far below 2^31).
+__device__ __forceinline__ const float* block_scale(const float* scale, const MatGeom& g, int64_t r,
+                                                    int64_t c) {
+  return scale + static_cast<int32_t>(r) / static_cast<int32_t>(g.block_rows) * g.scale_cols +
+         static_cast<int32_t>(c) / static_cast<int32_t>(g.block_cols);
+}
+
+// Asks L2 for the 128-byte line holding `ptr` (a hint: no registers wait on it).
+__device__ __forceinline__ void prefetch_l2_line(const void* ptr) {
+  asm volatile("prefetch.global.L2 [%0];" ::"l"(ptr));
+}
+
 template <int T>
 __device__ __forceinline__ float load1(const void* data, const float* scale, const MatGeom& g, int64_t r, int64_t c) {
   const int64_t i = r * g.cols + c;
@@ -60,9 +79,7 @@ __device__ __forceinline__ float load1(const void* data, const float* scale, con
   } else {
     const uint8_t b = static_cast<const uint8_t*>(data)[i];
     const float v = fp8x2_to_float2(b).x;
-    // 32-bit divisions: 64-bit ones cost dozens of instructions (shapes are far below 2^31).
-    return v * scale[static_cast<int32_t>(r) / static_cast<int32_t>(g.block_rows) * g.scale_cols +
-                     static_cast<int32_t>(c) / static_cast<int32_t>(g.block_cols)];
+    return v * *block_scale(scale, g, r, c);
   }
 }
 
@@ -77,8 +94,8 @@ __host__ __device__ constexpr int vec_elems() {
 // unscaled: the caller applies the block scale (once per 16 values, which share one block).
 template <int T>
 __device__ __forceinline__ uint4 load_raw(const void* data, int64_t r, int64_t cols, int64_t c) {
-  constexpr int64_t esize = T == kF32 ? 4 : T == kF8 ? 1 : 2;
-  return __ldg(reinterpret_cast<const uint4*>(static_cast<const char*>(data) + (r * cols + c) * esize));
+  return __ldg(
+      reinterpret_cast<const uint4*>(static_cast<const char*>(data) + (r * cols + c) * elem_bytes<T>()));
 }
 template <int T>
 __device__ __forceinline__ void convert_raw(uint4 v, float* out) {

@@ -34,7 +34,7 @@ struct GemvArgs {
 __device__ __forceinline__ void prefetch_l2(const void* ptr, int64_t bytes, int lane) {
   const char* base = static_cast<const char*>(ptr);
   for (int64_t off = static_cast<int64_t>(lane) * 128; off < bytes; off += 32 * 128)
-    asm volatile("prefetch.global.L2 [%0];" ::"l"(base + off));
+    prefetch_l2_line(base + off);
 }
 
 // Expert of slot j of token t: routed slots (j < k) from the ids, fixed slots after them.
@@ -63,7 +63,7 @@ __global__ void __launch_bounds__(kWarps * 32) gemv_kernel(const GemvArgs a) {
   const int64_t live_rows = warp_used && g < a.groups ? min(static_cast<int64_t>(R), min(a.group_rows - i0, p.out - o0)) : 0;
   const int64_t p0 = static_cast<int64_t>(blockIdx.y) * NT;
   const int64_t cols = a.geom.cols;
-  constexpr int64_t esize = T == kF32 ? 4 : T == kF8 ? 1 : 2;
+  constexpr int64_t esize = elem_bytes<T>();
   const int64_t row_bytes = cols * esize;
   int64_t rows[R];  // weight rows; rows past the tile's end repeat the last live one (results dropped)
 #pragma unroll

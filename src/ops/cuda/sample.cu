@@ -37,6 +37,12 @@ __device__ Best block_best(const float* x, int n) {
       at = i;
     }
   };
+  const auto take4 = [&](float4 v, int i4) {  // values 4 i4 .. 4 i4 + 3 (v by value: one vector load)
+    take(v.x, 4 * i4);
+    take(v.y, 4 * i4 + 1);
+    take(v.z, 4 * i4 + 2);
+    take(v.w, 4 * i4 + 3);
+  };
   int tail = 0;  // the scalar loop's first index
   if (reinterpret_cast<uintptr_t>(x) % 16 == 0) {
     constexpr int kInFlight = 4;
@@ -48,21 +54,9 @@ __device__ Best block_best(const float* x, int n) {
 #pragma unroll
       for (int u = 0; u < kInFlight; ++u) v[u] = x4[i + u * step];
 #pragma unroll
-      for (int u = 0; u < kInFlight; ++u) {
-        const int at4 = 4 * (i + u * step);
-        take(v[u].x, at4);
-        take(v[u].y, at4 + 1);
-        take(v[u].z, at4 + 2);
-        take(v[u].w, at4 + 3);
-      }
+      for (int u = 0; u < kInFlight; ++u) take4(v[u], i + u * step);
     }
-    for (; i < n4; i += step) {
-      const float4 v = x4[i];
-      take(v.x, 4 * i);
-      take(v.y, 4 * i + 1);
-      take(v.z, 4 * i + 2);
-      take(v.w, 4 * i + 3);
-    }
+    for (; i < n4; i += step) take4(x4[i], i);
     tail = 4 * n4;
   }
   for (int i = tail + static_cast<int>(threadIdx.x); i < n; i += blockDim.x) take(x[i], i);

@@ -24,20 +24,14 @@ __device__ void transposed_block_nt(const LinearTransposedParams& p, const MatGe
   const int64_t c = col_block * 32 + lane;
   const bool active = c < geom.cols;
   const int64_t cc = active ? c : 0;
-  constexpr int64_t esize = T == kF32 ? 4 : T == kF8 ? 1 : 2;
+  constexpr int64_t esize = elem_bytes<T>();
   // Lane i of warp w: the 32 columns of row w + 8 i (one or two 128-byte lines), and its block scales.
   for (int64_t j = warp + 8 * lane; j < p.k && lane < 16; j += 8 * 16) {
     const int64_t r = g * p.group_stride + p.row0 + j;
     const char* line = static_cast<const char*>(p.w.data) + (r * geom.cols + col_block * 32) * esize;
-    asm volatile("prefetch.global.L2 [%0];" ::"l"(line));
-    if (esize == 4 && col_block * 32 + 16 < geom.cols)
-      asm volatile("prefetch.global.L2 [%0];" ::"l"(line + 64));
-    if constexpr (T == kF8) {
-      const float* scale = p.w.scale_inv +
-                           static_cast<int32_t>(r) / static_cast<int32_t>(geom.block_rows) * geom.scale_cols +
-                           static_cast<int32_t>(col_block * 32) / static_cast<int32_t>(geom.block_cols);
-      asm volatile("prefetch.global.L2 [%0];" ::"l"(scale));
-    }
+    prefetch_l2_line(line);
+    if (esize == 4 && col_block * 32 + 16 < geom.cols) prefetch_l2_line(line + 64);
+    if constexpr (T == kF8) prefetch_l2_line(block_scale(p.w.scale_inv, geom, r, col_block * 32));
   }
   wait();
   for (int64_t t0 = 0; t0 < p.n; t0 += NT) {
