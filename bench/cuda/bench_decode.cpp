@@ -81,14 +81,44 @@ std::string sampling_words(const dsv3::SamplingParams& p) {
 
 // Decode steps of `batch` sequences through forward_batch, each sampling with `sampling` (its seed
 // + the sequence's index); prints a JSON line and a table row.
+// Runs `steps` (a callable) with the kernels' block timelines recorded (ops.h, trace_start) and writes the
+// records to `path`: one line a block, times in ns from the first block's start.
+template <typename Steps>
+void write_trace(const char* path, Steps steps) {
+  using namespace dsv3;
+  cuda::trace_start(1 << 16);
+  steps();
+  steps();
+  int64_t dropped = 0;
+  const std::vector<cuda::TraceRecord> recs = cuda::trace_stop(&dropped);
+  check(dropped == 0, "DSV3_TRACE: " + std::to_string(dropped) + " blocks did not fit the trace buffer",
+        "trace fewer steps");
+  uint64_t t0 = UINT64_MAX;
+  for (const cuda::TraceRecord& r : recs) t0 = std::min(t0, r.start);
+  FILE* f = std::fopen(path, "w");
+  check(f != nullptr, std::string("DSV3_TRACE: cannot write ") + path, "give a writable path");
+  std::fprintf(f, "grid,kernel,block,sm,start,waited,mark,end,cycles\n");
+  for (const cuda::TraceRecord& r : recs)
+    std::fprintf(f, "%llu,%s,%u,%u,%lld,%lld,%lld,%lld,%llu\n", static_cast<unsigned long long>(r.grid),
+                 cuda::trace_kernel_name(static_cast<cuda::TraceKernel>(r.kernel)), r.block, r.sm,
+                 static_cast<long long>(r.start - t0),
+                 r.waited ? static_cast<long long>(r.waited - t0) : -1LL,
+                 r.mark ? static_cast<long long>(r.start - t0 + r.mark) : -1LL,
+                 static_cast<long long>(r.end - t0), static_cast<unsigned long long>(r.cycles));
+  std::fclose(f);
+  std::printf("trace: %zu blocks written to %s\n", recs.size(), path);
+}
+
 void bench_batched(dsv3::CudaModel& gpu, const std::string& label, int batch, int context, int n_decode,
                    const dsv3::SamplingParams& sampling) {
   using namespace dsv3;
   const ModelConfig& cfg = gpu.config();
   const int64_t prefix = context / BlockPool::kBlockTokens * BlockPool::kBlockTokens;  // whole shared blocks
-  const int64_t own = BlockPool::blocks_for_tokens(context - prefix + n_decode + 2);
+  // Room for the timed steps and the measurement steps after them (DSV3_PROFILE's one, DSV3_TRACE's two).
+  const int64_t spare = 3;
+  const int64_t own = BlockPool::blocks_for_tokens(context - prefix + n_decode + 2 + spare);
   std::shared_ptr<BlockPool> pool = gpu.new_pool(prefix / BlockPool::kBlockTokens + batch * own + 1);
-  const int64_t cap = context + n_decode + 2;
+  const int64_t cap = context + n_decode + 2 + spare;
   LatentCache shared(pool, cap);
   fill_synthetic(shared, prefix, 42);
   std::vector<LatentCache> caches;
@@ -131,6 +161,9 @@ void bench_batched(dsv3::CudaModel& gpu, const std::string& label, int batch, in
     step();
     DSV3_CUDA_CHECK(cudaProfilerStop());
   }
+  // DSV3_TRACE=FILE (a -DDSV3_CUDA_TRACE=ON build): the block timelines of two more steps, as CSV for
+  // bench/cuda/trace_table.py.
+  if (const char* path = std::getenv("DSV3_TRACE"); path && *path) write_trace(path, step);
   const double steps_per_s = (n_decode - 1) / decode_s, tps = steps_per_s * batch;
   const double bw = dsv3::bench::copy_bandwidth(size_t{2} << 30);
   const int ctx = context + 1 + n_decode / 2;  // mean context of the timed steps

@@ -962,9 +962,11 @@ struct CudaModel::Impl {
     at.counters = s.counters;
     at.out = s.olat;
     at.stream = stream;
+    // o[h] = W_UV[h] o_lat[h]: rows dn..dn+dv of each head's block of kv_b_proj. One token: the split
+    // combine and W_UV in one launch after the attention's.
+    const cuda::MlaValueParams values{L.kv_b, dv, dkv, dn, s.o, H * dv};
+    if (!skip("attention") && !skip("uv") && cuda::mla_attention_values(at, values)) return;
     if (!skip("attention")) cuda::mla_attention(at);
-
-    // o[h] = W_UV[h] o_lat[h]: rows dn..dn+dv of each head's block of kv_b_proj.
     cuda::LinearParams uv = lin(L.kv_b, s.olat, H * C, n, s.o, H * dv);
     uv.out = H * dv;
     uv.group_rows = dv;

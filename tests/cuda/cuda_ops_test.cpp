@@ -229,6 +229,42 @@ cuda::LinearParams grouped_down(const ExpertSet& ds, const cuda::LinearParams& g
   return dn;
 }
 
+// A paged latent cache built on the host for the attention and gather tests: `pages` pages of `layers` x 64
+// rows of `width` floats, NaN everywhere until written, stored in a shuffled order (a sequence's page i is
+// storage page order[i]), so that a kernel reading a wrong page or an unwritten row shows.
+struct ShuffledPages {
+  int64_t width, layers, page_floats;
+  std::vector<float> storage;
+  std::vector<int64_t> order;
+  ShuffledPages(std::mt19937& rng, int64_t pages, int64_t layers_, int64_t width_)
+      : width(width_),
+        layers(layers_),
+        page_floats(layers_ * 64 * width_),
+        storage(static_cast<size_t>(pages * page_floats), std::numeric_limits<float>::quiet_NaN()),
+        order(static_cast<size_t>(pages)) {
+    std::iota(order.begin(), order.end(), 0);
+    std::shuffle(order.begin(), order.end(), rng);
+  }
+  // Row `pos` of `layer` counted from page `first` of the order (a sequence's table starts there).
+  float* row(int64_t layer, int64_t pos, int64_t first = 0) {
+    return storage.data() + order[static_cast<size_t>(first + pos / 64)] * page_floats +
+           (layer * 64 + pos % 64) * width;
+  }
+  // Row `pos` of `layer` set to random values, which are returned.
+  std::vector<float> fill(std::mt19937& rng, int64_t layer, int64_t pos, int64_t first = 0) {
+    const std::vector<float> r = randn(rng, static_cast<size_t>(width));
+    std::copy(r.begin(), r.end(), row(layer, pos, first));
+    return r;
+  }
+  // The storage uploaded to dev, and the device page table in the order's sequence.
+  float* const* table(Dev& dev) const {
+    float* base = dev.put(storage);
+    std::vector<float*> t(order.size());
+    for (size_t i = 0; i < order.size(); ++i) t[i] = base + order[i] * page_floats;
+    return dev.put(t);
+  }
+};
+
 class CudaOps : public ::testing::Test {
  protected:
   void SetUp() override {
@@ -621,18 +657,9 @@ TEST_F(CudaOps, MlaAttentionMatchesReferenceWithNaNPages) {
   for (const Case& c : cases) {
     Dev dev;
     const int64_t W = c.C + c.dr, total = c.pos0 + c.n, pages = (total + 63) / 64 + 1;  // one spare page
-    const int64_t page_floats = c.layers * 64 * W;
-    std::vector<float> storage(static_cast<size_t>(pages * page_floats), std::numeric_limits<float>::quiet_NaN());
-    std::vector<int64_t> order(static_cast<size_t>(pages));
-    std::iota(order.begin(), order.end(), 0);
-    std::shuffle(order.begin(), order.end(), rng);
-    auto row = [&](int64_t layer, int64_t pos) {
-      return storage.data() + order[pos / 64] * page_floats + (layer * 64 + pos % 64) * W;
-    };
-    for (int64_t pos = 0; pos < total; ++pos) {
-      const std::vector<float> r = randn(rng, W);
-      std::copy(r.begin(), r.end(), row(c.layer, pos));
-    }
+    ShuffledPages cache(rng, pages, c.layers, W);
+    auto row = [&](int64_t layer, int64_t pos) { return cache.row(layer, pos); };
+    for (int64_t pos = 0; pos < total; ++pos) cache.fill(rng, c.layer, pos);
     const std::vector<float> q = randn(rng, static_cast<size_t>(c.n * c.H * W), 0.2f);
     const float scale = 0.13f;
     std::vector<float> ref(static_cast<size_t>(c.n * c.H * c.C));
@@ -655,16 +682,13 @@ TEST_F(CudaOps, MlaAttentionMatchesReferenceWithNaNPages) {
           ref[(t * c.H + h) * c.C + i] = static_cast<float>(o / sum);
         }
       }
-    float* dstore = dev.put(storage);
-    std::vector<float*> table(static_cast<size_t>(pages));
-    for (int64_t i = 0; i < pages; ++i) table[i] = dstore + order[i] * page_floats;
     const std::vector<int64_t> pos0{c.pos0};
     cuda::MlaAttentionParams p;
     p.qabs = dev.put(q);
     p.n = c.n;
     p.heads = c.H;
     p.latent = c.C;
-    p.cache = {dev.put(table), nullptr, c.layers, W};
+    p.cache = {cache.table(dev), nullptr, c.layers, W};
     p.layer = c.layer;
     p.pos0 = dev.put(pos0);
     p.scale = scale;
@@ -692,6 +716,54 @@ TEST_F(CudaOps, MlaAttentionMatchesReferenceWithNaNPages) {
   std::printf("tensor-core attention: worst rel L2 vs float64 %.3g\n", worst_mma);
 }
 
+// cuda::mla_attention_values (one token: the split combine and W_UV in one launch) against mla_attention
+// then the W_UV GEMV (cuda::linear over kv_b_proj's value rows), FP8 and BF16 kv_b, contexts of one key to
+// 3,000 over pages in a shuffled order whose unused rows are NaN, 1 to 128 splits.
+TEST_F(CudaOps, MlaAttentionValuesMatchAttentionThenLinear) {
+  const int64_t H = 16, C = 512, dr = 64, dn = 128, dv = 128, W = C + dr;
+  for (DType dt : {DType::F8_E4M3, DType::BF16})
+    for (const int64_t pos0 : {0, 200, 1000, 2999}) {
+      Dev dev;
+      const int64_t total = pos0 + 1;
+      ShuffledPages cache(rng, (total + 63) / 64 + 1, 1, W);
+      for (int64_t pos = 0; pos < total; ++pos) cache.fill(rng, 0, pos);
+      const TestMatrix kv_b = make_matrix(rng, dev, dt, H * (dn + dv), C);
+      cuda::MlaAttentionParams p;
+      p.qabs = dev.put(randn(rng, static_cast<size_t>(H * W), 0.2f));
+      p.n = 1;
+      p.heads = H;
+      p.latent = C;
+      p.cache = {cache.table(dev), nullptr, 1, W};
+      p.pos0 = dev.put(std::vector<int64_t>{pos0});
+      p.scale = 0.13f;
+      p.splits = 128;
+      p.split_keys = 32;
+      p.work = dev.poisoned(static_cast<size_t>(cuda::mla_attention_work_floats(1, H, C, p.splits)));
+      p.counters = dev.put(std::vector<int32_t>(static_cast<size_t>(H), 0));
+      p.out = dev.poisoned(static_cast<size_t>(H * C));
+      cuda::MlaValueParams v{kv_b.dev, dv, dn + dv, dn, dev.poisoned(static_cast<size_t>(H * dv)), H * dv};
+      ASSERT_TRUE(cuda::mla_attention_values(p, v)) << dtype_name(dt);
+      const std::vector<float> got = Dev::get(v.out, static_cast<size_t>(H * dv));
+
+      cuda::mla_attention(p);
+      cuda::LinearParams uv;
+      uv.w = kv_b.dev;
+      uv.n = 1;
+      uv.out = H * dv;
+      uv.x = p.out;
+      uv.ldx = H * C;
+      uv.y = dev.poisoned(static_cast<size_t>(H * dv));
+      uv.ldy = H * dv;
+      uv.group_rows = dv;
+      uv.group_stride = dn + dv;
+      uv.row0 = dn;
+      uv.group_x = C;
+      cuda::linear(uv);
+      EXPECT_LE(test::rel_l2(got, Dev::get(uv.y, static_cast<size_t>(H * dv))), 1e-5)
+          << dtype_name(dt) << " pos0=" << pos0;
+    }
+}
+
 // Shapes outside the tensor-core kernel (latent not a multiple of 8, or above 512; width not a multiple
 // of 4) are refused by mla_attention_mma_supported, so mla_attention keeps the per-head kernel for them.
 TEST_F(CudaOps, MlaAttentionMmaRefusesUnsupportedShapes) {
@@ -712,7 +784,7 @@ TEST_F(CudaOps, MlaAttentionMmaRefusesUnsupportedShapes) {
 // both kernels; and each row run alone gives the same bits as in the batch.
 TEST_F(CudaOps, MlaAttentionBatchedSequencesMatchReference) {
   struct Seq { int64_t pos0, n; };
-  const int64_t H = 3, C = 64, dr = 16, W = C + dr, layers = 2, layer = 1, page_floats = layers * 64 * W;
+  const int64_t H = 3, C = 64, dr = 16, W = C + dr, layers = 2, layer = 1;
   const std::vector<Seq> seqs{{61, 5}, {130, 1}, {0, 1}, {0, 7}, {255, 1}};
   int64_t pages = 0, n = 0;
   for (const Seq& q : seqs) {
@@ -720,10 +792,7 @@ TEST_F(CudaOps, MlaAttentionBatchedSequencesMatchReference) {
     n += q.n;
   }
   pages += 2;  // spare NaN pages
-  std::vector<float> storage(static_cast<size_t>(pages * page_floats), std::numeric_limits<float>::quiet_NaN());
-  std::vector<int64_t> order(static_cast<size_t>(pages));
-  std::iota(order.begin(), order.end(), 0);
-  std::shuffle(order.begin(), order.end(), rng);
+  ShuffledPages cache(rng, pages, layers, W);
   // Sequence i's table: slots [first[i], first[i] + its pages) of `order`.
   std::vector<int64_t> first;
   std::vector<int32_t> row_table;
@@ -737,14 +806,9 @@ TEST_F(CudaOps, MlaAttentionBatchedSequencesMatchReference) {
     }
     next += (q.pos0 + q.n + 63) / 64;
   }
-  auto row = [&](size_t seq, int64_t pos) {
-    return storage.data() + order[static_cast<size_t>(first[seq] + pos / 64)] * page_floats + (layer * 64 + pos % 64) * W;
-  };
+  auto row = [&](size_t seq, int64_t pos) { return cache.row(layer, pos, first[seq]); };
   for (size_t i = 0; i < seqs.size(); ++i)
-    for (int64_t pos = 0; pos < seqs[i].pos0 + seqs[i].n; ++pos) {
-      const std::vector<float> r = randn(rng, W);
-      std::copy(r.begin(), r.end(), row(i, pos));
-    }
+    for (int64_t pos = 0; pos < seqs[i].pos0 + seqs[i].n; ++pos) cache.fill(rng, layer, pos, first[i]);
   const std::vector<float> q = randn(rng, static_cast<size_t>(n * H * W), 0.2f);
   const float scale = 0.11f;
   std::vector<float> ref(static_cast<size_t>(n * H * C));
@@ -770,9 +834,7 @@ TEST_F(CudaOps, MlaAttentionBatchedSequencesMatchReference) {
         }
       }
   Dev dev;
-  float* dstore = dev.put(storage);
-  std::vector<float*> table(static_cast<size_t>(pages));
-  for (int64_t i = 0; i < pages; ++i) table[i] = dstore + order[i] * page_floats;
+  float* const* table = cache.table(dev);
   for (int splits : {1, 5, 64}) {
     for (bool mma : {true, false}) {
       cuda::MlaAttentionParams p;
@@ -781,7 +843,7 @@ TEST_F(CudaOps, MlaAttentionBatchedSequencesMatchReference) {
       p.n = n;
       p.heads = H;
       p.latent = C;
-      p.cache = {dev.put(table), dev.put(row_table), layers, W};
+      p.cache = {table, dev.put(row_table), layers, W};
       p.layer = layer;
       p.pos = dev.put(row_pos);
       p.scale = scale;
@@ -816,22 +878,16 @@ TEST_F(CudaOps, MlaAttentionBatchedSequencesMatchReference) {
 TEST_F(CudaOps, MlaGatherRowsCopiesOneSequencesRows) {
   for (int64_t keys : {1, 63, 64, 65, 200}) {
     Dev dev;
-    const int64_t W = 36, layers = 3, layer = 2, pages = (keys + 63) / 64 + 2, page_floats = layers * 64 * W;
-    std::vector<float> storage(static_cast<size_t>(pages * page_floats), std::numeric_limits<float>::quiet_NaN());
-    std::vector<int64_t> order(static_cast<size_t>(pages));
-    std::iota(order.begin(), order.end(), 0);
-    std::shuffle(order.begin(), order.end(), rng);
+    const int64_t W = 36, layers = 3, layer = 2;
+    ShuffledPages cache(rng, (keys + 63) / 64 + 2, layers, W);
     std::vector<float> want;
     for (int64_t pos = 0; pos < keys; ++pos) {
-      const std::vector<float> r = randn(rng, W);
-      std::copy(r.begin(), r.end(), storage.begin() + order[pos / 64] * page_floats + (layer * 64 + pos % 64) * W);
+      const std::vector<float> r = cache.fill(rng, layer, pos);
       want.insert(want.end(), r.begin(), r.end());
     }
-    float* dstore = dev.put(storage);
-    std::vector<float*> table(static_cast<size_t>(pages));
-    for (int64_t i = 0; i < pages; ++i) table[i] = dstore + order[i] * page_floats;
+    float* const* table = cache.table(dev);
     float* rows = dev.poisoned(want.size());
-    cuda::mla_gather_rows({dev.put(table), nullptr, layers, W}, layer, keys, rows, nullptr);
+    cuda::mla_gather_rows({table, nullptr, layers, W}, layer, keys, rows, nullptr);
     const std::vector<float> got = Dev::get(rows, want.size());
     EXPECT_EQ(std::memcmp(got.data(), want.data(), want.size() * sizeof(float)), 0) << "keys " << keys;
     // With k_pe_bf16: the same rows, and each row's last 12 values rounded to bf16 (nearest even).
@@ -839,7 +895,7 @@ TEST_F(CudaOps, MlaGatherRowsCopiesOneSequencesRows) {
     uint16_t* pe = dev.alloc<uint16_t>(static_cast<size_t>(keys * rope));
     DSV3_CUDA_CHECK(cudaMemset(pe, 0xff, static_cast<size_t>(keys * rope) * 2));
     rows = dev.poisoned(want.size());
-    cuda::mla_gather_rows({dev.put(table), nullptr, layers, W}, layer, keys, rows, nullptr, pe, rope);
+    cuda::mla_gather_rows({table, nullptr, layers, W}, layer, keys, rows, nullptr, pe, rope);
     const std::vector<float> got2 = Dev::get(rows, want.size());
     EXPECT_EQ(std::memcmp(got2.data(), want.data(), want.size() * sizeof(float)), 0) << "keys " << keys;
     const std::vector<uint16_t> pe_got = Dev::get(pe, static_cast<size_t>(keys * rope));
@@ -857,22 +913,10 @@ TEST_F(CudaOps, MlaGatherCodesMatchQuantizedRows) {
   for (int64_t keys : {1, 63, 65, 200}) {
     Dev dev;
     const int64_t latent = 256, rope = 64, W = latent + rope, layers = 2, layer = 1;
-    const int64_t pages = (keys + 63) / 64 + 1, page_floats = layers * 64 * W,
-                  ld = (keys + 15) / 16 * 16 + 16;
-    std::vector<float> storage(static_cast<size_t>(pages * page_floats),
-                               std::numeric_limits<float>::quiet_NaN());
-    std::vector<int64_t> order(static_cast<size_t>(pages));
-    std::iota(order.begin(), order.end(), 0);
-    std::shuffle(order.begin(), order.end(), rng);
-    for (int64_t pos = 0; pos < keys; ++pos) {
-      const std::vector<float> r = randn(rng, W);
-      std::copy(r.begin(), r.end(),
-                storage.begin() + order[pos / 64] * page_floats + (layer * 64 + pos % 64) * W);
-    }
-    float* dstore = dev.put(storage);
-    std::vector<float*> table(static_cast<size_t>(pages));
-    for (int64_t i = 0; i < pages; ++i) table[i] = dstore + order[i] * page_floats;
-    const cuda::CachePages cache{dev.put(table), nullptr, layers, W};
+    const int64_t ld = (keys + 15) / 16 * 16 + 16;
+    ShuffledPages pages(rng, (keys + 63) / 64 + 1, layers, W);
+    for (int64_t pos = 0; pos < keys; ++pos) pages.fill(rng, layer, pos);
+    const cuda::CachePages cache{pages.table(dev), nullptr, layers, W};
     float* rows = dev.poisoned(static_cast<size_t>(keys * W));
     uint16_t* pe_rows = dev.alloc<uint16_t>(static_cast<size_t>(keys * rope));
     cuda::mla_gather_rows(cache, layer, keys, rows, nullptr, pe_rows, rope);

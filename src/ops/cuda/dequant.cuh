@@ -9,6 +9,7 @@
 
 #include "core/dtype.h"
 #include "ops/cuda/ops.h"
+#include "ops/cuda/trace.cuh"
 
 namespace dsv3::cuda {
 
@@ -214,7 +215,10 @@ __device__ __forceinline__ float silu(float x) { return __fdividef(x, 1.0f + __e
 // Programmatic dependent launch: a kernel launched by launch_pdl may start while the previous kernel of
 // the stream finishes; everything before its pdl_wait() must not read that kernel's outputs (weights
 // only). pdl_trigger() lets the next such kernel start early (else it starts when this one ends).
-__device__ __forceinline__ void pdl_wait() { asm volatile("griddepcontrol.wait;" ::: "memory"); }
+__device__ __forceinline__ void pdl_wait() {
+  asm volatile("griddepcontrol.wait;" ::: "memory");
+  DSV3_TRACE_WAITED();
+}
 __device__ __forceinline__ void pdl_trigger() { asm volatile("griddepcontrol.launch_dependents;"); }
 
 // Whether kernels launched by launch_pdl let the next one start as soon as they pass pdl_wait() instead

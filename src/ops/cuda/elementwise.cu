@@ -28,6 +28,7 @@ namespace {
 
 template <int T>
 __global__ void embed_kernel(const EmbedParams p, const MatGeom g) {
+  DSV3_TRACE_BLOCK(TraceKernel::Embed);
   const int64_t t = blockIdx.x;
   const int64_t row = p.tokens[t];
   for (int64_t c = threadIdx.x; c < g.cols; c += blockDim.x)
@@ -35,6 +36,7 @@ __global__ void embed_kernel(const EmbedParams p, const MatGeom g) {
 }
 
 __global__ void rmsnorm_kernel(const RMSNormParams p) {
+  DSV3_TRACE_BLOCK(TraceKernel::RMSNorm);
   __shared__ double scratch[32];  // block_sum in double, as the CPU engine sums
   const int64_t t = blockIdx.x;
   const float* x = p.x + t * p.ldx;
@@ -82,5 +84,7 @@ void rmsnorm(const RMSNormParams& p) {
   rmsnorm_kernel<<<static_cast<unsigned>(p.n), 256, 0, p.stream>>>(p);
   check_launch("rmsnorm_kernel");
 }
+
+DSV3_TRACE_ATTACH(elementwise)
 
 }  // namespace dsv3::cuda

@@ -51,6 +51,7 @@ __device__ __forceinline__ int32_t expert_of(const LinearParams& p, int64_t t, i
 // multiply each 16-value partial dot, not each weight.
 template <int T, int NT, int R, bool DUAL>
 __global__ void __launch_bounds__(kWarps * 32) gemv_kernel(const GemvArgs a) {
+  DSV3_TRACE_BLOCK(TraceKernel::Gemv);
   const LinearParams& p = a.p;
   __shared__ float red[kWarps][R][NT], red2[DUAL ? kWarps : 1][R][NT], red_ss[kWarps][NT];
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
@@ -250,6 +251,7 @@ __global__ void __launch_bounds__(kWarps * 32) gemv_kernel(const GemvArgs a) {
       }
     }
   }
+  DSV3_TRACE_MARK();  // thread 0's dots are done
   // Each warp's sums into shared memory, then one thread per (row, problem) of each tile adds the warps
   // of its tile and finishes: 1/rms (a factor per problem), SwiGLU, store.
 #pragma unroll
@@ -304,6 +306,7 @@ __global__ void __launch_bounds__(kWarps * 32) gemv_kernel(const GemvArgs a) {
 constexpr int kStreamWarps = 4, kStreamDepth = 2;
 template <int J>
 __global__ void __launch_bounds__(kStreamWarps * 32) swiglu_stream_kernel(const GemvArgs a) {
+  DSV3_TRACE_BLOCK(TraceKernel::SwigluStream);
   const LinearParams& p = a.p;
   const int lane = threadIdx.x % 32;
   const int64_t warp = static_cast<int64_t>(blockIdx.x) * kStreamWarps + threadIdx.x / 32,
@@ -378,6 +381,7 @@ __global__ void __launch_bounds__(kStreamWarps * 32) swiglu_stream_kernel(const 
     }
   }
   const float inv = p.norm ? 1.0f / sqrtf(warp_sum(ss) / static_cast<float>(cols) + p.norm_eps) : 1.0f;
+  DSV3_TRACE_MARK();  // warp 0's input is in registers
   for (int64_t q = 0; q < count; q += kStreamDepth) {
 #pragma unroll
     for (int d = 0; d < kStreamDepth; ++d) {
@@ -696,5 +700,7 @@ void linear_transposed(const LinearTransposedParams& p) {
   }
   check_launch("linear_t_kernel");
 }
+
+DSV3_TRACE_ATTACH(linear)
 
 }  // namespace dsv3::cuda

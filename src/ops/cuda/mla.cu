@@ -76,6 +76,7 @@ __device__ void prepare_tokens(const MlaPrepareParams& p, int64_t t0) {
     if (lane == 0) partial[warp] = ss;
   }
   __syncthreads();
+  DSV3_TRACE_MARK();  // the latent's sum of squares is in
   if (norms) {
     double ss = 0.0;
     for (int w = tn * per; w < (tn + 1) * per; ++w) ss += partial[w];
@@ -126,6 +127,7 @@ __device__ void prepare_tokens(const MlaPrepareParams& p, int64_t t0) {
 template <int T, int TOKENS>
 __global__ void __launch_bounds__(kPrepareThreads, 3)
     mla_prepare_kernel(const MlaPrepareParams p, const MatGeom geom, bool early) {
+  DSV3_TRACE_BLOCK(TraceKernel::Prepare);
   // kva and q are the previous kernel's; W_UK is not, so the absorbing blocks load their first weights
   // before they wait.
   auto wait = [early] {
@@ -162,6 +164,7 @@ constexpr int kAttnThreads = 256, kAttnWarps = kAttnThreads / 32, kTileKeys = 64
 
 // Grid (n * heads, splits). Shared: q row [width], o accumulator [latent], scores and row pointers.
 __global__ void __launch_bounds__(kAttnThreads) mla_attention_kernel(const MlaAttentionParams p) {
+  DSV3_TRACE_BLOCK(TraceKernel::Attention);
   extern __shared__ __align__(16) unsigned char smem_raw[];
   const int64_t W = p.cache.width, C = p.latent, H = p.heads;
   const float** rows = reinterpret_cast<const float**>(smem_raw);
@@ -334,6 +337,7 @@ __device__ __forceinline__ void mma_split(float (&main)[4], float (&cross)[4], c
 // k index is permuted (k = c is key 2c, k = c + 4 key 2c + 1) so that a lane's A operand is two adjacent
 // probabilities of each row and its B operand two adjacent keys' values.
 __global__ void __launch_bounds__(kMmaThreads, 1) mla_attention_mma_kernel(const MlaAttentionParams p) {
+  DSV3_TRACE_BLOCK(TraceKernel::AttentionMma);
   extern __shared__ __align__(16) float smem[];
   const int64_t W = p.cache.width, C = p.latent, H = p.heads, groups = (H + kMmaHeads - 1) / kMmaHeads;
   const MmaLayout L = mma_layout(W);
@@ -445,6 +449,7 @@ __global__ void __launch_bounds__(kMmaThreads, 1) mla_attention_mma_kernel(const
       *reinterpret_cast<float2*>(so + (g + 8) * kPStride) = make_float2(s[0][0][2], s[0][0][3]);
     }
     __syncthreads();
+    if (i == 0) DSV3_TRACE_MARK();  // the first tile's scores are in shared memory
     {  // Online softmax of row sr; keys past the split's end do not exist.
       const int64_t k0 = kb + i * kMmaKeys;
       float v[2];
@@ -523,7 +528,26 @@ __global__ void __launch_bounds__(kMmaThreads, 1) mla_attention_mma_kernel(const
 // every 4th split's partial rows, 8 loads in flight per lane, and meet in shared memory.
 constexpr int kCombineThreads = 128, kCombineWarps = kCombineThreads / 32, kCombineCols = 128, kMaxSplits = 1024;
 
+// Warp 0's part of a split combine for slot `slot` of the partials' layout: each split's weight exp(m_s - M)
+// into wts[0..splits) and 1 / L into *inv_l (both shared memory; the block syncs before reading them).
+__device__ void split_weights(const float* mls, int64_t splits, int64_t slots, int64_t slot, int lane,
+                              float* wts, float* inv_l) {
+  float M = -INFINITY;
+  for (int64_t s = lane; s < splits; s += 32) M = fmaxf(M, mls[(s * slots + slot) * 2]);
+  M = warp_max(M);  // finite: split 0 always has keys
+  float sum = 0.0f;
+  for (int64_t s = lane; s < splits; s += 32) {
+    const float ms = mls[(s * slots + slot) * 2];
+    const float w = ms == -INFINITY ? 0.0f : expf(ms - M);  // a split past the keys' end has none
+    wts[s] = w;
+    sum += mls[(s * slots + slot) * 2 + 1] * w;
+  }
+  sum = warp_sum(sum);
+  if (lane == 0) *inv_l = 1.0f / sum;
+}
+
 __global__ void __launch_bounds__(kCombineThreads) mla_combine_kernel(const MlaAttentionParams p) {
+  DSV3_TRACE_BLOCK(TraceKernel::Combine);
   __shared__ float wts[kMaxSplits];
   __shared__ float4 red[kCombineWarps][32];
   __shared__ float inv_l;
@@ -533,20 +557,7 @@ __global__ void __launch_bounds__(kCombineThreads) mla_combine_kernel(const MlaA
   const float* parts = p.work;
   const float* mls = parts + p.splits * slots * C;
   pdl_wait();  // the partials are the attention kernel's
-  if (warp == 0) {
-    float M = -INFINITY;
-    for (int64_t s = lane; s < splits; s += 32) M = fmaxf(M, mls[(s * slots + slot) * 2]);
-    M = warp_max(M);  // finite: split 0 always has keys
-    float sum = 0.0f;
-    for (int64_t s = lane; s < splits; s += 32) {
-      const float ms = mls[(s * slots + slot) * 2];
-      const float w = ms == -INFINITY ? 0.0f : expf(ms - M);  // a split past the keys' end has none
-      wts[s] = w;
-      sum += mls[(s * slots + slot) * 2 + 1] * w;
-    }
-    sum = warp_sum(sum);
-    if (lane == 0) inv_l = 1.0f / sum;
-  }
+  if (warp == 0) split_weights(mls, splits, slots, slot, lane, wts, &inv_l);
   __syncthreads();
   const int64_t col = blockIdx.y * kCombineCols + lane * 4;
   float4 a = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
@@ -645,6 +656,177 @@ bool mla_attention_mma_supported(const MlaAttentionParams& p) {
          mma_layout(p.cache.width).floats * static_cast<int64_t>(sizeof(float)) <= kMmaMaxSmem;
 }
 
+namespace {
+
+// The tensor-core attention's launch (its partials for mla_combine_kernel or mla_combine_values_kernel).
+void launch_attention_mma(const MlaAttentionParams& p) {
+  static const bool opted_in = [] {  // once per process: allow kMmaMaxSmem of dynamic shared memory
+    DSV3_CUDA_CHECK(cudaFuncSetAttribute(mla_attention_mma_kernel,
+                                         cudaFuncAttributeMaxDynamicSharedMemorySize, kMmaMaxSmem));
+    return true;
+  }();
+  const size_t bytes = static_cast<size_t>(mma_layout(p.cache.width).floats) * sizeof(float);
+  DSV3_ASSERT(opted_in && bytes <= static_cast<size_t>(kMmaMaxSmem));
+  const int64_t groups = (p.heads + kMmaHeads - 1) / kMmaHeads;
+  const dim3 grid(static_cast<unsigned>(p.n * groups), static_cast<unsigned>(p.splits));
+  launch_pdl(mla_attention_mma_kernel, grid, dim3(kMmaThreads), bytes, p.stream, p);
+}
+
+// ---- One token's split combine and W_UV in one launch ------------------------------------------------
+// Block (head h, 32 value rows): the rows of W_UV[h] it multiplies are staged in shared memory by cp.async
+// before the wait (weights depend on nothing); after it the block turns the splits' (m, l) into weights,
+// combines its head's whole latent row (every block of the head does, from L2: 64 KB at 32 splits of 512),
+// and each warp takes 4 rows: 16-byte chunks of the row against the latent row, FP8 block scales per chunk.
+constexpr int kValueRows = 32, kValueThreads = 256, kValueWarps = kValueThreads / 32, kValueMaxScaleCols = 4;
+
+__host__ __device__ inline int64_t value_smem_bytes(int64_t latent, int64_t esize, int64_t splits) {
+  return kValueRows * latent * esize + (latent + splits) * 4;
+}
+
+template <int T>
+__global__ void __launch_bounds__(kValueThreads)
+    mla_combine_values_kernel(const MlaAttentionParams p, const MlaValueParams v, const MatGeom geom,
+                              bool early) {
+  DSV3_TRACE_BLOCK(TraceKernel::CombineValues);
+  extern __shared__ __align__(16) unsigned char value_smem[];
+  __shared__ float row_scale[kValueRows][kValueMaxScaleCols];
+  __shared__ float inv_l;
+  constexpr int64_t esize = elem_bytes<T>();
+  constexpr int V = vec_elems<T>();
+  const int64_t C = p.latent, h = blockIdx.x, i0 = static_cast<int64_t>(blockIdx.y) * kValueRows;
+  const int64_t slot = h, slots = p.heads;  // one token: slot = head
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  unsigned char* wsm = value_smem;
+  float* lat = reinterpret_cast<float*>(value_smem + kValueRows * C * esize);
+  float* wts = lat + C;
+  const int64_t r0 = v.row0 + h * v.group_stride + i0;  // the block's first weight row
+  const int64_t chunks = C * esize / 16;                // 16-byte pieces of a row
+  for (int64_t q = threadIdx.x; q < kValueRows * chunks; q += kValueThreads) {
+    const int64_t r = q / chunks, c = q % chunks;
+    cp_async16(wsm + r * C * esize + c * 16,
+               static_cast<const unsigned char*>(v.w.data) + (r0 + r) * C * esize + c * 16);
+  }
+  cp_async_commit();
+  if constexpr (T == kF8) {
+    for (int q = threadIdx.x; q < kValueRows * geom.scale_cols; q += kValueThreads) {
+      const int r = q / static_cast<int>(geom.scale_cols), c = q % static_cast<int>(geom.scale_cols);
+      row_scale[r][c] = v.w.scale_inv[(r0 + r) / geom.block_rows * geom.scale_cols + c];
+    }
+  }
+  const int64_t splits = row_splits(p, 0);
+  const float* parts = p.work;
+  const float* mls = parts + p.splits * slots * C;
+  pdl_wait();  // the partials are the attention kernel's
+  if (early) pdl_trigger();
+  // The latent row, a thread per 2 columns (latent <= 512). The first kFirstSplits splits' partials (2K
+  // keys at 32 keys a split) are loaded before the weights exist, so that they and warp 0's (m, l) loads
+  // share one round trip, where the weights' round trip and then one per 8 splits took 4.0 of the launch's
+  // 4.8 us at 33 splits (an H200's block timelines; 4.1-4.3 us a launch this way, docs/PERF.md
+  // "Nineteenth session").
+  constexpr int kFirstSplits = 64;
+  const int64_t c = 2 * threadIdx.x;
+  const bool has_col = c < C;
+  const float* src = parts + slot * C + c;
+  float2 first[kFirstSplits];
+#pragma unroll
+  for (int u = 0; u < kFirstSplits; ++u)
+    if (has_col && u < splits) first[u] = __ldcg(reinterpret_cast<const float2*>(src + u * slots * C));
+  if (warp == 0) split_weights(mls, splits, slots, slot, lane, wts, &inv_l);
+  __syncthreads();
+  if (has_col) {
+    float ax = 0.0f, ay = 0.0f;
+#pragma unroll
+    for (int u = 0; u < kFirstSplits; ++u) {
+      if (u < splits) {
+        ax = fmaf(wts[u], first[u].x, ax);
+        ay = fmaf(wts[u], first[u].y, ay);
+      }
+    }
+    int64_t s = kFirstSplits;  // the rest (long contexts), 8 splits' loads in flight
+    for (; s + 8 <= splits; s += 8) {
+      float2 x[8];
+#pragma unroll
+      for (int u = 0; u < 8; ++u) x[u] = __ldcg(reinterpret_cast<const float2*>(src + (s + u) * slots * C));
+#pragma unroll
+      for (int u = 0; u < 8; ++u) {
+        ax = fmaf(wts[s + u], x[u].x, ax);
+        ay = fmaf(wts[s + u], x[u].y, ay);
+      }
+    }
+    for (; s < splits; ++s) {
+      const float2 x = __ldcg(reinterpret_cast<const float2*>(src + s * slots * C));
+      ax = fmaf(wts[s], x.x, ax);
+      ay = fmaf(wts[s], x.y, ay);
+    }
+    lat[c] = ax * inv_l;
+    lat[c + 1] = ay * inv_l;
+  }
+  cp_async_wait<0>();
+  __syncthreads();
+  DSV3_TRACE_MARK();  // the latent row and the W_UV rows are in shared memory
+  // Warp w takes rows w, w + 8, ...; a lane the same 16-byte chunks of each, whose latent values it reads
+  // from shared memory once.
+  constexpr int kRowsPerWarp = kValueRows / kValueWarps;
+  float dot[kRowsPerWarp] = {};
+  for (int64_t ch = lane; ch < C / V; ch += 32) {
+    float x[V];
+#pragma unroll
+    for (int j = 0; j < V; j += 4) {
+      const float4 f = *reinterpret_cast<const float4*>(lat + ch * V + j);
+      x[j] = f.x;
+      x[j + 1] = f.y;
+      x[j + 2] = f.z;
+      x[j + 3] = f.w;
+    }
+#pragma unroll
+    for (int k = 0; k < kRowsPerWarp; ++k) {
+      const int r = warp + k * kValueWarps;
+      float w[V];
+      convert_raw<T>(*reinterpret_cast<const uint4*>(wsm + r * C * esize + ch * 16), w);
+      float d = 0.0f;
+#pragma unroll
+      for (int j = 0; j < V; ++j) d = fmaf(w[j], x[j], d);
+      if constexpr (T == kF8) d *= row_scale[r][ch * V / geom.block_cols];
+      dot[k] += d;
+    }
+  }
+#pragma unroll
+  for (int k = 0; k < kRowsPerWarp; ++k) {
+    const float sum = warp_sum(dot[k]);
+    if (lane == 0) v.out[h * v.v + i0 + warp + k * kValueWarps] = sum;
+  }
+  if (!early) pdl_trigger();
+}
+
+}  // namespace
+
+bool mla_attention_values(const MlaAttentionParams& p, const MlaValueParams& v) {
+  // Measurement knob DSV3_MLA_VALUES=0: the combine and W_UV in launches of their own (read once).
+  static const bool on = env_enabled("DSV3_MLA_VALUES");
+  const DeviceMatrix& w = v.w;
+  const bool fp8 = w.dtype == DType::F8_E4M3 && w.block_rows == 128 && w.block_cols == 128;
+  const int64_t esize = fp8 ? 1 : 2;
+  if (!on || p.n != 1 || !p.mma || !mla_attention_mma_supported(p) || !(fp8 || w.dtype == DType::BF16) ||
+      p.latent > 2 * kValueThreads || p.latent % 16 != 0 || w.cols != p.latent || v.v <= 0 ||
+      v.v % kValueRows != 0 || !aligned16(w.data) || p.splits > kMaxSplits)
+    return false;
+  DSV3_ASSERT(v.out && v.ldo >= p.heads * v.v && v.row0 >= 0 && v.group_stride >= v.v);
+  DSV3_ASSERT((p.heads - 1) * v.group_stride + v.row0 + v.v <= w.rows && (!fp8 || w.scale_inv));
+  DSV3_ASSERT(value_smem_bytes(p.latent, esize, p.splits) <= 48 * 1024);
+  MlaAttentionParams at = p;
+  at.n = 1;
+  launch_attention_mma(at);
+  const dim3 grid(static_cast<unsigned>(p.heads), static_cast<unsigned>(v.v / kValueRows));
+  const size_t smem = static_cast<size_t>(value_smem_bytes(p.latent, esize, p.splits));
+  if (fp8)
+    launch_pdl(mla_combine_values_kernel<kF8>, grid, dim3(kValueThreads), smem, p.stream, at, v, geom_of(w),
+               pdl_early());
+  else
+    launch_pdl(mla_combine_values_kernel<kBF16>, grid, dim3(kValueThreads), smem, p.stream, at, v, geom_of(w),
+               pdl_early());
+  return true;
+}
+
 void mla_attention(const MlaAttentionParams& p) {
   DSV3_ASSERT(p.n >= 0 && p.heads > 0 && p.latent > 0 && p.splits >= 1 && p.split_keys >= 1);
   if (p.n == 0) return;
@@ -654,15 +836,7 @@ void mla_attention(const MlaAttentionParams& p) {
                       kTileKeys * sizeof(float*) + 16;
   DSV3_ASSERT(smem <= 48 * 1024);
   if (p.mma && mla_attention_mma_supported(p)) {
-    static const bool opted_in = [] {  // once per process: allow kMmaMaxSmem of dynamic shared memory
-      DSV3_CUDA_CHECK(cudaFuncSetAttribute(mla_attention_mma_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kMmaMaxSmem));
-      return true;
-    }();
-    const size_t bytes = static_cast<size_t>(mma_layout(p.cache.width).floats) * sizeof(float);
-    DSV3_ASSERT(opted_in && bytes <= static_cast<size_t>(kMmaMaxSmem));
-    const int64_t groups = (p.heads + kMmaHeads - 1) / kMmaHeads;
-    const dim3 grid(static_cast<unsigned>(p.n * groups), static_cast<unsigned>(p.splits));
-    launch_pdl(mla_attention_mma_kernel, grid, dim3(kMmaThreads), bytes, p.stream, p);
+    launch_attention_mma(p);
     DSV3_ASSERT(p.splits <= kMaxSplits);
     const dim3 cgrid(static_cast<unsigned>(p.n * p.heads), static_cast<unsigned>((p.latent + kCombineCols - 1) / kCombineCols));
     launch_pdl(mla_combine_kernel, cgrid, dim3(kCombineThreads), 0, p.stream, p);
@@ -672,5 +846,7 @@ void mla_attention(const MlaAttentionParams& p) {
   mla_attention_kernel<<<grid, kAttnThreads, smem, p.stream>>>(p);
   check_launch("mla_attention_kernel");
 }
+
+DSV3_TRACE_ATTACH(mla)
 
 }  // namespace dsv3::cuda

@@ -11,6 +11,7 @@
 #include <cstdint>
 #include <cstdlib>
 #include <string_view>
+#include <vector>
 
 #include "core/dtype.h"
 #include "model/routing_kinds.h"
@@ -267,6 +268,21 @@ struct MlaAttentionParams {
 int64_t mla_attention_work_floats(int64_t n, int64_t heads, int64_t latent, int splits);
 bool mla_attention_mma_supported(const MlaAttentionParams& p);  // latent a multiple of 8 up to 512, width of 4s
 void mla_attention(const MlaAttentionParams& p);
+
+// The absorbed attention's value projection, o[t][h][0..v) = W_UV[h] o_lat[t][h], W_UV[h] being the rows
+// row0 + h * group_stride + [0, v) of `w` ([.. x latent]), into out[t * ldo + h * v + i].
+struct MlaValueParams {
+  DeviceMatrix w;
+  int64_t v = 0, group_stride = 0, row0 = 0;
+  float* out = nullptr;
+  int64_t ldo = 0;
+};
+// mla_attention for one token with the split combine and W_UV in one launch after the attention's (each
+// block combines its head's latent row itself and multiplies it by 32 rows of W_UV, staged in shared memory
+// before its wait): p.out is not written. Applies to the tensor-core path with W_UV in FP8 of 128 x 128
+// blocks or BF16, latent <= 512 (a multiple of 16) and v a multiple of 32; returns false, having launched
+// nothing, elsewhere (or with DSV3_MLA_VALUES=0): run mla_attention and the W_UV linear then.
+bool mla_attention_values(const MlaAttentionParams& p, const MlaValueParams& v);
 
 // ---- MLA prefill attention in the non-absorbed form (mla_prefill.cu) -------------------------------
 // For a long step of one sequence, each cached key's per-head key and value are expanded from its latent
@@ -585,5 +601,39 @@ double lt_gemm_tflops(DType dtype, int64_t m, int64_t n, int64_t k, int iters);
 // steps) or 0 (chosen by the problem count); results are the same bits either way.
 bool expert_mma_supported(const LinearParams& p);
 void expert_mma(const LinearParams& p, bool x_lo = true, int chunks_per_block = 0);
+
+// ---- Block timelines (trace.cuh; measurement) ------------------------------------------------------
+// The kernels a batch-1 decode step runs, as trace records name them.
+enum class TraceKernel : uint32_t {
+  Gemv,
+  SwigluStream,
+  Prepare,
+  Attention,
+  AttentionMma,
+  Combine,
+  CombineValues,
+  Route,
+  Draw,
+  Embed,
+  RMSNorm
+};
+// One block of a traced launch: launch id (%gridid), kernel, linear block index, SM, and %globaltimer
+// nanoseconds at its start, after its pdl_wait() (0: it did not wait) and at thread 0's exit; `mark`: ns
+// from the start to the kernel's DSV3_TRACE_MARK() point (0: none; trace.cuh); `cycles`: SM clock cycles
+// from the start to the end (with the ns, the SM's clock rate).
+struct TraceRecord {
+  uint64_t grid;
+  uint32_t kernel, block, sm, mark;
+  uint64_t start, waited, end, cycles;
+};
+const char* trace_kernel_name(TraceKernel k);
+// Whether this build records (CMake option DSV3_CUDA_TRACE).
+bool trace_built();
+// From now until trace_stop(), every block of a traced kernel records itself; up to `per_sm` records an
+// SM. Synchronizes the device. Throws where !trace_built().
+void trace_start(int64_t per_sm);
+// Synchronizes, stops recording and returns the records (unordered), with `dropped` the blocks that did
+// not fit.
+std::vector<TraceRecord> trace_stop(int64_t* dropped);
 
 }  // namespace dsv3::cuda

@@ -13,6 +13,7 @@ namespace {
 
 // One warp per token, each with its own `stride` floats of shared memory; blockDim.x / 32 tokens a block.
 __global__ void route_kernel(const RouteParams p, int64_t stride, bool early) {
+  DSV3_TRACE_BLOCK(TraceKernel::Route);
   pdl_wait();  // the logits are the previous kernel's
   if (early) pdl_trigger();
   const int64_t t = static_cast<int64_t>(blockIdx.x) * (blockDim.x / 32) + threadIdx.x / 32;
@@ -47,6 +48,7 @@ __global__ void route_kernel(const RouteParams p, int64_t stride, bool early) {
     taken[e] = 0;
   }
   __syncwarp();
+  DSV3_TRACE_MARK();  // scores and selection scores are in
 
   if (p.method != TopkMethod::Greedy && p.n_group > 1) {
     const int64_t G = p.n_group, per = E / G;
@@ -515,5 +517,7 @@ void route(const RouteParams& p) {
              dim3(static_cast<unsigned>(32 * per_block)), smem, p.stream, p, stride, pdl_early());
   check_launch("route_kernel");
 }
+
+DSV3_TRACE_ATTACH(route)
 
 }  // namespace dsv3::cuda

@@ -164,6 +164,7 @@ __device__ Prefix radix_cut(const float* x, int n, Prefix in, Measure measure, u
 // One block per row. Every branch below depends only on the row's Draw and block-wide results, so all
 // threads take it together (the reductions synchronize).
 __global__ void __launch_bounds__(kThreads) draw_kernel(const DrawParams p) {
+  DSV3_TRACE_BLOCK(TraceKernel::Draw);
   __shared__ RadixShared rs;
   __shared__ unsigned long long scan_scratch[32];
   __shared__ int first;
@@ -241,5 +242,7 @@ void draw_rows(const DrawParams& p) {
   draw_kernel<<<static_cast<unsigned>(p.rows), kThreads, 0, p.stream>>>(p);
   check_launch("draw_kernel");
 }
+
+DSV3_TRACE_ATTACH(sample)
 
 }  // namespace dsv3::cuda
