@@ -79,8 +79,6 @@ std::string sampling_words(const dsv3::SamplingParams& p) {
   return text;
 }
 
-// Decode steps of `batch` sequences through forward_batch, each sampling with `sampling` (its seed
-// + the sequence's index); prints a JSON line and a table row.
 // Runs `steps` (a callable) with the kernels' block timelines recorded (ops.h, trace_start) and writes the
 // records to `path`: one line a block, times in ns from the first block's start.
 template <typename Steps>
@@ -109,6 +107,8 @@ void write_trace(const char* path, Steps steps) {
   std::printf("trace: %zu blocks written to %s\n", recs.size(), path);
 }
 
+// Decode steps of `batch` sequences through forward_batch, each sampling with `sampling` (its seed
+// + the sequence's index); prints a JSON line and a table row.
 void bench_batched(dsv3::CudaModel& gpu, const std::string& label, int batch, int context, int n_decode,
                    const dsv3::SamplingParams& sampling) {
   using namespace dsv3;

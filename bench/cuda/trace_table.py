@@ -1,8 +1,8 @@
 #!/usr/bin/env python3
 """Per-launch timeline of traced decode steps (bench_decode's DSV3_TRACE=FILE, from a -DDSV3_CUDA_TRACE=ON
 build). Each launch (one %gridid) gets: its first block's start, the first and last pdl_wait() release,
-and its last block's end. A launch's `gap` is from the previous launch's last block end to its own first
-release (what the programmatic-launch boundary costs), `run` from its first release to its last end.
+and its last block's end. A launch's boundary is from the previous launch's last block end to its own first
+release (what the programmatic-launch boundary costs), its run from its first release to its last end.
 Usage: trace_table.py TRACE_CSV [LAYER]  (LAYER: also list that layer's launches one by one)"""
 import csv
 import sys
@@ -34,6 +34,8 @@ for recs in by_grid.values():
         if w >= 0:
             L["rel"] = w if L["rel"] is None else min(L["rel"], w)
             L["rel_last"] = w if L["rel_last"] is None else max(L["rel_last"], w)
+for L in launches:  # a launch none of whose blocks waited is released when it starts
+    L["release"] = L["rel"] if L["rel"] is not None else L["start"]
 seq = sorted(launches, key=lambda L: L["start"])
 
 # Steps start at an embedding launch; names for the GEMVs from their neighbours in a layer.
@@ -88,11 +90,13 @@ for si, step in enumerate(steps):
             layers.append(cur_layer)
         if cur_layer is not None:
             cur_layer.append((n, L))
-    agg = defaultdict(lambda: [0, 0.0, 0.0, 0.0, 0, 0.0, 0, 0, 0])
+    # Sums over the MoE layers per launch name (means printed below).
+    fields = ("count", "boundary", "run", "early", "blocks", "mark", "marks", "cycles", "ns")
+    agg = defaultdict(lambda: dict.fromkeys(fields, 0))
     gap_sum = run_sum = 0.0
     prev_end = None
-    for L, n in zip(step, names):
-        rel = L["rel"] if L["rel"] is not None else L["start"]
+    for L in step:
+        rel = L["release"]
         if prev_end is not None:
             gap_sum += max(0, rel - prev_end)
             run_sum += L["end"] - max(rel, prev_end)
@@ -104,19 +108,19 @@ for si, step in enumerate(steps):
         for n, L in ly:
             seen[n] += 1
             n = n if seen[n] == 1 else f"{n} #{seen[n]}"  # a kernel launched twice in a layer
-            rel = L["rel"] if L["rel"] is not None else L["start"]
+            rel = L["release"]
             a = agg[n]
-            a[0] += 1
+            a["count"] += 1
             if pend is not None:
-                a[1] += rel - pend  # boundary: previous end -> first release
-            a[2] += L["end"] - rel  # run: first release -> last end
-            a[3] += rel - L["start"]  # how long before its release the first block started
-            a[4] = L["blocks"]
-            a[7] += L["cycles"]
-            a[8] += L["ns"]
+                a["boundary"] += rel - pend  # previous end -> first release
+            a["run"] += L["end"] - rel  # first release -> last end
+            a["early"] += rel - L["start"]  # how long before its release the first block started
+            a["blocks"] = L["blocks"]
+            a["cycles"] += L["cycles"]
+            a["ns"] += L["ns"]
             if L["mark"] is not None:
-                a[5] += L["mark"] - rel  # release -> the last block's mark
-                a[6] += 1
+                a["mark"] += L["mark"] - rel  # release -> the last block's mark
+                a["marks"] += 1
             pend = L["end"]
     print(f"step sums: boundaries (previous end -> release) {us(gap_sum):.1f} us, runs {us(run_sum):.1f} us")
     if moe:
@@ -124,12 +128,12 @@ for si, step in enumerate(steps):
         print(f"MoE layers: {len(moe)}, mean {us(span):.1f} us from q/kv_a's first block to the down's last end")
         print(f"| launch | blocks | boundary (us) | run (us) | release to last mark (us) | started before release (us) | SM clock (MHz) |")
         print("|---|---:|---:|---:|---:|---:|---:|")
-        for n in agg:
-            a = agg[n]
-            c = max(a[0], 1)
-            mark = f"{us(a[5] / a[6]):.2f}" if a[6] else "-"
-            clock = f"{1e3 * a[7] / a[8]:.0f}" if a[7] and a[8] else "-"
-            print(f"| {n} | {a[4]} | {us(a[1] / c):.2f} | {us(a[2] / c):.2f} | {mark} | {us(a[3] / c):.2f} | {clock} |")
+        for n, a in agg.items():
+            c = max(a["count"], 1)
+            mark = f"{us(a['mark'] / a['marks']):.2f}" if a["marks"] else "-"
+            clock = f"{1e3 * a['cycles'] / a['ns']:.0f}" if a["cycles"] and a["ns"] else "-"
+            print(f"| {n} | {a['blocks']} | {us(a['boundary'] / c):.2f} | {us(a['run'] / c):.2f} | {mark} | "
+                  f"{us(a['early'] / c):.2f} | {clock} |")
     if show_layer is not None and si == 0 and show_layer < len(layers):
         ly = layers[show_layer]
         base = ly[0][1]["start"]

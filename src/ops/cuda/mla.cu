@@ -710,7 +710,7 @@ __global__ void __launch_bounds__(kValueThreads)
   if constexpr (T == kF8) {
     for (int q = threadIdx.x; q < kValueRows * geom.scale_cols; q += kValueThreads) {
       const int r = q / static_cast<int>(geom.scale_cols), c = q % static_cast<int>(geom.scale_cols);
-      row_scale[r][c] = v.w.scale_inv[(r0 + r) / geom.block_rows * geom.scale_cols + c];
+      row_scale[r][c] = *block_scale(v.w.scale_inv, geom, r0 + r, c * geom.block_cols);
     }
   }
   const int64_t splits = row_splits(p, 0);
@@ -718,45 +718,35 @@ __global__ void __launch_bounds__(kValueThreads)
   const float* mls = parts + p.splits * slots * C;
   pdl_wait();  // the partials are the attention kernel's
   if (early) pdl_trigger();
-  // The latent row, a thread per 2 columns (latent <= 512). The first kFirstSplits splits' partials (2K
-  // keys at 32 keys a split) are loaded before the weights exist, so that they and warp 0's (m, l) loads
+  // The latent row, a thread per 2 columns (latent <= 512). The first kChunk splits' partials (2K keys at
+  // 32 keys a split) are loaded before the weights exist, so that they and warp 0's (m, l) loads
   // share one round trip, where the weights' round trip and then one per 8 splits took 4.0 of the launch's
   // 4.8 us at 33 splits (an H200's block timelines; 4.1-4.3 us a launch this way, docs/PERF.md
   // "Nineteenth session").
-  constexpr int kFirstSplits = 64;
+  constexpr int kChunk = 64;  // splits' partials in flight per thread (longer contexts: chunk after chunk)
   const int64_t c = 2 * threadIdx.x;
   const bool has_col = c < C;
   const float* src = parts + slot * C + c;
-  float2 first[kFirstSplits];
+  float2 x[kChunk];
+  auto load_chunk = [&](int64_t s0) {
 #pragma unroll
-  for (int u = 0; u < kFirstSplits; ++u)
-    if (has_col && u < splits) first[u] = __ldcg(reinterpret_cast<const float2*>(src + u * slots * C));
+    for (int u = 0; u < kChunk; ++u)
+      if (s0 + u < splits) x[u] = __ldcg(reinterpret_cast<const float2*>(src + (s0 + u) * slots * C));
+  };
+  if (has_col) load_chunk(0);
   if (warp == 0) split_weights(mls, splits, slots, slot, lane, wts, &inv_l);
   __syncthreads();
   if (has_col) {
     float ax = 0.0f, ay = 0.0f;
+    for (int64_t s0 = 0; s0 < splits; s0 += kChunk) {
+      if (s0 > 0) load_chunk(s0);
 #pragma unroll
-    for (int u = 0; u < kFirstSplits; ++u) {
-      if (u < splits) {
-        ax = fmaf(wts[u], first[u].x, ax);
-        ay = fmaf(wts[u], first[u].y, ay);
+      for (int u = 0; u < kChunk; ++u) {
+        if (s0 + u < splits) {
+          ax = fmaf(wts[s0 + u], x[u].x, ax);
+          ay = fmaf(wts[s0 + u], x[u].y, ay);
+        }
       }
-    }
-    int64_t s = kFirstSplits;  // the rest (long contexts), 8 splits' loads in flight
-    for (; s + 8 <= splits; s += 8) {
-      float2 x[8];
-#pragma unroll
-      for (int u = 0; u < 8; ++u) x[u] = __ldcg(reinterpret_cast<const float2*>(src + (s + u) * slots * C));
-#pragma unroll
-      for (int u = 0; u < 8; ++u) {
-        ax = fmaf(wts[s + u], x[u].x, ax);
-        ay = fmaf(wts[s + u], x[u].y, ay);
-      }
-    }
-    for (; s < splits; ++s) {
-      const float2 x = __ldcg(reinterpret_cast<const float2*>(src + s * slots * C));
-      ax = fmaf(wts[s], x.x, ax);
-      ay = fmaf(wts[s], x.y, ay);
     }
     lat[c] = ax * inv_l;
     lat[c + 1] = ay * inv_l;
@@ -805,7 +795,7 @@ bool mla_attention_values(const MlaAttentionParams& p, const MlaValueParams& v) 
   static const bool on = env_enabled("DSV3_MLA_VALUES");
   const DeviceMatrix& w = v.w;
   const bool fp8 = w.dtype == DType::F8_E4M3 && w.block_rows == 128 && w.block_cols == 128;
-  const int64_t esize = fp8 ? 1 : 2;
+  const int64_t esize = static_cast<int64_t>(dtype_size(w.dtype));
   if (!on || p.n != 1 || !p.mma || !mla_attention_mma_supported(p) || !(fp8 || w.dtype == DType::BF16) ||
       p.latent > 2 * kValueThreads || p.latent % 16 != 0 || w.cols != p.latent || v.v <= 0 ||
       v.v % kValueRows != 0 || !aligned16(w.data) || p.splits > kMaxSplits)

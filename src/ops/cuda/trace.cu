@@ -90,14 +90,19 @@ bool trace_built() {
   return false;
 }
 
-void trace_start(int64_t) {
-  throw Error("trace_start: this build does not record block timelines",
+namespace {
+[[noreturn]] void not_built(const char* call) {
+  throw Error(std::string(call) + ": this build does not record block timelines",
               "configure the build with -DDSV3_CUDA_TRACE=ON (a measurement build; its kernels differ)");
+}
+}  // namespace
+
+void trace_start(int64_t) {
+  not_built("trace_start");
 }
 
 std::vector<TraceRecord> trace_stop(int64_t*) {
-  throw Error("trace_stop: this build does not record block timelines",
-              "configure the build with -DDSV3_CUDA_TRACE=ON (a measurement build; its kernels differ)");
+  not_built("trace_stop");
 }
 
 #endif
