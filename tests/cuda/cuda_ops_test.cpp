@@ -604,6 +604,10 @@ TEST_F(CudaOps, RoutingMatchesRouteToken) {
       {384, 8, 1, 1, TopkMethod::NoauxTc, ScoringFunc::Sigmoid, true, true},
       {16, 6, 4, 1, TopkMethod::NoauxTc, ScoringFunc::Sigmoid, true, true},  // k > experts kept: -inf picks
       {64, 1, 1, 1, TopkMethod::Greedy, ScoringFunc::Softmax, true, false},
+      {128, 8, 4, 2, TopkMethod::GroupLimitedGreedy, ScoringFunc::Softmax, true, false},
+      {64, 6, 2, 1, TopkMethod::NoauxTc, ScoringFunc::Sigmoid, false, true},
+      {384, 8, 4, 1, TopkMethod::NoauxTc, ScoringFunc::Sigmoid, true, true},
+      {160, 6, 8, 3, TopkMethod::GroupLimitedGreedy, ScoringFunc::Softmax, true, false},  // V2: shared memory
   };
   for (const Case& c : cases) {
     ModelConfig cfg;

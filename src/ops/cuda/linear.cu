@@ -164,8 +164,9 @@ __global__ void __launch_bounds__(kWarps * 32) gemv_kernel(const GemvArgs a) {
         }
       }
       const int64_t chunks = cols / V;
-      // Two steps in flight at batch 1; larger batches have enough registers in use already.
-#pragma unroll(NT == 1 ? 2 : 1)
+      // Two steps in flight at batch 1 with four rows a tile (eight rows have eight loads a step in flight
+      // already); larger batches have enough registers in use already.
+#pragma unroll(NT == 1 && R <= 4 ? 2 : 1)
       for (int64_t ch = lane0; ch < chunks; ch += stride) {
         const int64_t c = ch * V;
         uint4 raw[R], raw2[R];
@@ -615,6 +616,15 @@ void launch_linear(GemvArgs a) {
   using IV = std::integral_constant<int, 4>;
   using VIII = std::integral_constant<int, 8>;
   static_assert(kExpertChunk == VIII::value, "a gathered chunk is one block's NT problems");
+  // One token's combined down projection: eight rows a tile, so that lite's 2,048 rows are 256 blocks, one
+  // wave at two blocks an SM (four rows made 512 blocks, two waves: block timelines, docs/PERF.md,
+  // "Twentieth session").
+  if constexpr (!DUAL) {
+    if (p.combine && p.n == 1) {
+      go(I(), VIII());
+      return;
+    }
+  }
   if (p.gather) go(VIII(), II());
   else if (p.experts || p.n == 1) go(I(), IV());
   else if (p.n <= 4) go(IV(), II());

@@ -118,6 +118,144 @@ __global__ void route_kernel(const RouteParams p, int64_t stride, bool early) {
   }
 }
 
+// route_kernel's choices with each lane's PER experts (lane + 32 j) in registers: no shared memory and
+// no round trip per pick (route_kernel took 5.1 us of a lite batch-1 decode layer on an H200, 3.2 us of
+// them in its picks; docs/PERF.md, "Twentieth session"). The sums run in route_kernel's order (each
+// lane's experts in order, then the warp; the picked scores one after the other), so the results are
+// the same bits. Groups only as whole columns: each group is (E / n_group) / 32 consecutive j.
+template <int PER>
+__global__ void route_regs_kernel(const RouteParams p, bool early) {
+  DSV3_TRACE_BLOCK(TraceKernel::Route);
+  const int lane = threadIdx.x % 32;
+  float bias[PER];  // a weight: read before the wait
+#pragma unroll
+  for (int j = 0; j < PER; ++j) bias[j] = p.bias ? p.bias[lane + 32 * j] : 0.0f;
+  pdl_wait();  // the logits are the previous kernel's
+  if (early) pdl_trigger();
+  const int64_t t = static_cast<int64_t>(blockIdx.x) * (blockDim.x / 32) + threadIdx.x / 32;
+  if (t >= p.n) return;
+  const float* logits = p.logits + t * (32 * PER);
+  const float neg_inf = -INFINITY;
+  float s[PER], sel[PER];
+#pragma unroll
+  for (int j = 0; j < PER; ++j) s[j] = logits[lane + 32 * j];
+  if (p.scoring == ScoringFunc::Sigmoid) {
+#pragma unroll
+    for (int j = 0; j < PER; ++j) s[j] = 1.0f / (1.0f + expf(-s[j]));
+  } else {
+    float m = neg_inf;
+#pragma unroll
+    for (int j = 0; j < PER; ++j) m = fmaxf(m, s[j]);
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, o));
+    float sum = 0.0f;
+#pragma unroll
+    for (int j = 0; j < PER; ++j) sum += (s[j] = expf(s[j] - m));
+    const float inv = 1.0f / warp_sum(sum);
+#pragma unroll
+    for (int j = 0; j < PER; ++j) s[j] *= inv;
+  }
+#pragma unroll
+  for (int j = 0; j < PER; ++j) sel[j] = p.bias ? s[j] + bias[j] : s[j];
+  DSV3_TRACE_MARK();  // scores and selection scores are in
+
+  if (p.method != TopkMethod::Greedy && p.n_group > 1) {
+    const int G = static_cast<int>(p.n_group), cols = PER / G;  // group g: j in [g * cols, (g + 1) * cols)
+    float b1[PER], b2[PER];  // [G] each group's two best: this lane's, then the warp's
+#pragma unroll
+    for (int g = 0; g < PER; ++g) b1[g] = b2[g] = neg_inf;
+#pragma unroll
+    for (int j = 0; j < PER; ++j) {
+      const int gj = j / cols;
+#pragma unroll
+      for (int g = 0; g < PER; ++g) {  // b1[gj], b2[gj] with constant indices (registers)
+        if (g != gj) continue;
+        const float v = sel[j];
+        if (v > b1[g]) {
+          b2[g] = b1[g];
+          b1[g] = v;
+        } else if (v > b2[g]) {
+          b2[g] = v;
+        }
+      }
+    }
+    float gscore[PER];
+#pragma unroll
+    for (int g = 0; g < PER; ++g) {
+      if (g >= G) break;
+#pragma unroll
+      for (int o = 16; o > 0; o >>= 1) {
+        const float o1 = __shfl_xor_sync(0xffffffffu, b1[g], o), o2 = __shfl_xor_sync(0xffffffffu, b2[g], o);
+        b2[g] = fmaxf(fminf(b1[g], o1), fmaxf(b2[g], o2));
+        b1[g] = fmaxf(b1[g], o1);
+      }
+      gscore[g] = p.method == TopkMethod::NoauxTc ? b1[g] + b2[g] : b1[g];  // 32 or more experts a group
+    }
+    uint32_t kept = 0;  // the topk_group best groups (ties to the lower group), the same in every lane
+    for (int64_t r = 0; r < p.topk_group; ++r) {
+      float v = neg_inf;
+      int i = -1;
+#pragma unroll
+      for (int g = 0; g < PER; ++g)
+        if (g < G && !(kept >> g & 1u) && (gscore[g] > v || i < 0)) {
+          v = gscore[g];
+          i = g;
+        }
+      kept |= 1u << i;
+    }
+#pragma unroll
+    for (int j = 0; j < PER; ++j)
+      if (!(kept >> (j / cols) & 1u)) sel[j] = neg_inf;
+  }
+
+  uint32_t taken = 0;  // this lane's picked experts (bit j)
+  float sum = 0.0f, mine_w = 0.0f;
+  int mine_id = 0;  // lane r keeps pick r
+  for (int64_t r = 0; r < p.k; ++r) {
+    float v = neg_inf;
+    int i = 0x7fffffff;
+#pragma unroll
+    for (int j = 0; j < PER; ++j)
+      if (!(taken >> j & 1u) && (sel[j] > v || i == 0x7fffffff)) {
+        v = sel[j];
+        i = lane + 32 * j;
+      }
+    warp_argmax(v, i);
+    float w = 0.0f;  // the pick's score, from the lane that holds it
+#pragma unroll
+    for (int j = 0; j < PER; ++j)
+      if (i == lane + 32 * j) {
+        taken |= 1u << j;
+        w = s[j];
+      }
+    w = __shfl_sync(0xffffffffu, w, i % 32);
+    sum += w;
+    if (lane == r) {
+      mine_w = w;
+      mine_id = i;
+    }
+  }
+  if (lane < p.k) {
+    const bool normalize = p.norm_topk_prob && p.k > 1;
+    const bool scale = !normalize || p.method == TopkMethod::NoauxTc;
+    float w = mine_w;
+    if (normalize) w /= sum + 1e-20f;
+    if (scale) w *= p.routed_scaling_factor;
+    p.ids[t * p.k + lane] = mine_id;
+    p.weights[t * p.k + lane] = w;
+  }
+}
+
+// The PER that route_regs_kernel takes p with, or 0: 32 PER experts (PER one of 2, 4, 8, 12), at most 32
+// picks, and groups (when they are used) of whole columns.
+int route_regs_per(const RouteParams& p) {
+  static const bool on = env_enabled("DSV3_ROUTE_REGS");
+  const int64_t per = p.experts / 32;
+  if (!on || p.experts % 32 != 0 || (per != 2 && per != 4 && per != 8 && per != 12) || p.k > 32) return 0;
+  if (p.method != TopkMethod::Greedy && p.n_group > 1 && (p.n_group > per || per % p.n_group != 0)) return 0;
+  return static_cast<int>(per);
+}
+
 }  // namespace
 
 namespace {
@@ -511,10 +649,27 @@ void route(const RouteParams& p) {
   // an H200, 14.6 us as 1,024 blocks of eight (docs/PERF.md, "Thirteenth session"); decode steps keep a
   // warp a block.
   const int64_t per_block = p.n >= 64 ? 8 : 1;
+  const dim3 grid(static_cast<unsigned>((p.n + per_block - 1) / per_block)),
+      block(static_cast<unsigned>(32 * per_block));
+  switch (route_regs_per(p)) {
+    case 2:
+      launch_pdl(route_regs_kernel<2>, grid, block, 0, p.stream, p, pdl_early());
+      return;
+    case 4:
+      launch_pdl(route_regs_kernel<4>, grid, block, 0, p.stream, p, pdl_early());
+      return;
+    case 8:
+      launch_pdl(route_regs_kernel<8>, grid, block, 0, p.stream, p, pdl_early());
+      return;
+    case 12:
+      launch_pdl(route_regs_kernel<12>, grid, block, 0, p.stream, p, pdl_early());
+      return;
+    default:
+      break;
+  }
   const size_t smem = static_cast<size_t>(per_block * stride) * sizeof(float);
   DSV3_ASSERT(smem <= 48 * 1024);
-  launch_pdl(route_kernel, dim3(static_cast<unsigned>((p.n + per_block - 1) / per_block)),
-             dim3(static_cast<unsigned>(32 * per_block)), smem, p.stream, p, stride, pdl_early());
+  launch_pdl(route_kernel, grid, block, smem, p.stream, p, stride, pdl_early());
   check_launch("route_kernel");
 }
 
