@@ -305,6 +305,13 @@ __global__ void __launch_bounds__(kWarps * 32) gemv_kernel(const GemvArgs a) {
 // first, then its share of the routed ones. With p.x_settled the fixed units run before pdl_wait, while
 // the routing kernel still runs, so that a quarter of lite's bytes stream during it.
 constexpr int kStreamWarps = 4, kStreamDepth = 2;
+
+// Lane `from`'s pointer, in every lane of the warp.
+template <class T>
+__device__ __forceinline__ T* shfl_ptr(T* v, int from) {
+  return reinterpret_cast<T*>(__shfl_sync(0xffffffffu, reinterpret_cast<uintptr_t>(v), from));
+}
+
 template <int J>
 __global__ void __launch_bounds__(kStreamWarps * 32) swiglu_stream_kernel(const GemvArgs a) {
   DSV3_TRACE_BLOCK(TraceKernel::SwigluStream);
@@ -323,11 +330,28 @@ __global__ void __launch_bounds__(kStreamWarps * 32) swiglu_stream_kernel(const 
   auto unit = [&](int64_t q) { return q < nf ? routed_units + f0 + q : r0 + (q - nf); };
   // A dense pair's units are "routed" ones here (slot 0), but need no id.
   auto needs_ids = [&](int64_t q) { return p.experts && q >= nf; };
+  // Lane s holds slot s's matrices (gate and up values and scales), loaded once: a unit's loads then wait
+  // for no expert id or table entry of their own (two dependent round trips a unit before, for every
+  // warp's routed units). The fixed slots' at the start, the routed ones' after the wait (their ids are
+  // the routing kernel's).
+  const uint8_t *lane_g = static_cast<const uint8_t*>(p.w.data), *lane_u = static_cast<const uint8_t*>(p.w2);
+  const float *lane_sg = p.w.scale_inv, *lane_su = p.w2_scale_inv;
+  auto load_slot = [&](bool routed) {
+    if (!p.experts || lane >= slots || (lane < k_routed) != routed) return;
+    const int32_t e = expert_of(p, 0, lane, k_routed);
+    const MatrixPtrs g = p.experts[e], u = p.experts2[e];
+    lane_g = static_cast<const uint8_t*>(g.data);
+    lane_u = static_cast<const uint8_t*>(u.data);
+    lane_sg = g.scale_inv;
+    lane_su = u.scale_inv;
+  };
+  load_slot(false);
   bool waited = false;
   auto wait_once = [&] {
     if (waited) return;
     pdl_wait();
     if (a.early) pdl_trigger();
+    load_slot(true);
     waited = true;
   };
   if (!p.x_settled || !p.experts) wait_once();
@@ -338,15 +362,12 @@ __global__ void __launch_bounds__(kStreamWarps * 32) swiglu_stream_kernel(const 
     if (q >= count) return;
     if (needs_ids(q)) wait_once();
     const int64_t u = unit(q), slot = u / rows, r = u - slot * rows;
-    const uint8_t *wg = static_cast<const uint8_t*>(p.w.data), *wu = static_cast<const uint8_t*>(p.w2);
-    const float *scg = p.w.scale_inv, *scu = p.w2_scale_inv;
-    if (p.experts) {
-      const int32_t e = expert_of(p, 0, slot, k_routed);
-      wg = static_cast<const uint8_t*>(p.experts[e].data);
-      wu = static_cast<const uint8_t*>(p.experts2[e].data);
-      scg = p.experts[e].scale_inv;
-      scu = p.experts2[e].scale_inv;
-    }
+    const int from =
+        static_cast<int>(slot);  // the lane holding this unit's slot (q is the warp's, so uniform)
+    const uint8_t* wg = shfl_ptr(lane_g, from);
+    const uint8_t* wu = shfl_ptr(lane_u, from);
+    const float* scg = shfl_ptr(lane_sg, from);
+    const float* scu = shfl_ptr(lane_su, from);
     const int64_t srow = static_cast<int32_t>(r) / 128 * a.geom.scale_cols;
 #pragma unroll
     for (int j = 0; j < J; ++j) {
@@ -423,7 +444,7 @@ bool swiglu_stream_takes(const GemvArgs& a) {
   const LinearParams& p = a.p;
   const int64_t tokens = p.experts ? p.n / p.x_div : p.n;
   return on && a.vec && p.w.dtype == DType::F8_E4M3 &&
-         (p.experts ? p.experts2 != nullptr : p.w2 != nullptr) && tokens == 1 &&
+         (p.experts ? p.experts2 != nullptr && p.x_div <= 32 : p.w2 != nullptr) && tokens == 1 &&
          (!p.experts || p.n == p.x_div) && !p.gather && !p.combine && !p.accumulate && a.groups == 1 &&
          p.row0 == 0 && p.w.block_rows == 128 && p.w.block_cols == 128 &&
          (a.geom.cols == 1024 || a.geom.cols == 2048);
