@@ -651,21 +651,16 @@ void route(const RouteParams& p) {
   const int64_t per_block = p.n >= 64 ? 8 : 1;
   const dim3 grid(static_cast<unsigned>((p.n + per_block - 1) / per_block)),
       block(static_cast<unsigned>(32 * per_block));
-  switch (route_regs_per(p)) {
-    case 2:
-      launch_pdl(route_regs_kernel<2>, grid, block, 0, p.stream, p, pdl_early());
-      return;
-    case 4:
-      launch_pdl(route_regs_kernel<4>, grid, block, 0, p.stream, p, pdl_early());
-      return;
-    case 8:
-      launch_pdl(route_regs_kernel<8>, grid, block, 0, p.stream, p, pdl_early());
-      return;
-    case 12:
-      launch_pdl(route_regs_kernel<12>, grid, block, 0, p.stream, p, pdl_early());
-      return;
-    default:
-      break;
+  using RegsKernel = void (*)(RouteParams, bool);
+  const int per = route_regs_per(p);
+  const RegsKernel regs = per == 2    ? route_regs_kernel<2>
+                          : per == 4  ? route_regs_kernel<4>
+                          : per == 8  ? route_regs_kernel<8>
+                          : per == 12 ? route_regs_kernel<12>
+                                      : nullptr;
+  if (regs) {
+    launch_pdl(regs, grid, block, 0, p.stream, p, pdl_early());
+    return;
   }
   const size_t smem = static_cast<size_t>(per_block * stride) * sizeof(float);
   DSV3_ASSERT(smem <= 48 * 1024);
