@@ -362,8 +362,8 @@ __global__ void __launch_bounds__(kStreamWarps * 32) swiglu_stream_kernel(const 
     if (q >= count) return;
     if (needs_ids(q)) wait_once();
     const int64_t u = unit(q), slot = u / rows, r = u - slot * rows;
-    const int from =
-        static_cast<int>(slot);  // the lane holding this unit's slot (q is the warp's, so uniform)
+    // The lane holding this unit's slot (q is the warp's, so the same in every lane).
+    const int from = static_cast<int>(slot);
     const uint8_t* wg = shfl_ptr(lane_g, from);
     const uint8_t* wu = shfl_ptr(lane_u, from);
     const float* scg = shfl_ptr(lane_sg, from);

@@ -11,6 +11,17 @@ namespace dsv3::cuda {
 
 namespace {
 
+// A pick's routing weight from its score and the picks' score sum, as route_token: normalized by the sum
+// (norm_topk_prob with more than one pick), scaled by routed_scaling_factor unless normalized (noaux_tc:
+// both).
+__device__ __forceinline__ float routed_weight(const RouteParams& p, float score, float sum) {
+  const bool normalize = p.norm_topk_prob && p.k > 1;
+  const bool scale = !normalize || p.method == TopkMethod::NoauxTc;
+  if (normalize) score /= sum + 1e-20f;
+  if (scale) score *= p.routed_scaling_factor;
+  return score;
+}
+
 // One warp per token, each with its own `stride` floats of shared memory; blockDim.x / 32 tokens a block.
 __global__ void route_kernel(const RouteParams p, int64_t stride, bool early) {
   DSV3_TRACE_BLOCK(TraceKernel::Route);
@@ -106,16 +117,8 @@ __global__ void route_kernel(const RouteParams p, int64_t stride, bool early) {
     }
     __syncwarp();
   }
-  if (lane == 0) {
-    const bool normalize = p.norm_topk_prob && p.k > 1;
-    const bool scale = !normalize || p.method == TopkMethod::NoauxTc;
-    for (int64_t r = 0; r < p.k; ++r) {
-      float w = chosen[r];
-      if (normalize) w /= sum + 1e-20f;
-      if (scale) w *= p.routed_scaling_factor;
-      p.weights[t * p.k + r] = w;
-    }
-  }
+  if (lane == 0)
+    for (int64_t r = 0; r < p.k; ++r) p.weights[t * p.k + r] = routed_weight(p, chosen[r], sum);
 }
 
 // route_kernel's choices with each lane's PER experts (lane + 32 j) in registers: no shared memory and
@@ -236,13 +239,8 @@ __global__ void route_regs_kernel(const RouteParams p, bool early) {
     }
   }
   if (lane < p.k) {
-    const bool normalize = p.norm_topk_prob && p.k > 1;
-    const bool scale = !normalize || p.method == TopkMethod::NoauxTc;
-    float w = mine_w;
-    if (normalize) w /= sum + 1e-20f;
-    if (scale) w *= p.routed_scaling_factor;
     p.ids[t * p.k + lane] = mine_id;
-    p.weights[t * p.k + lane] = w;
+    p.weights[t * p.k + lane] = routed_weight(p, mine_w, sum);
   }
 }
 
