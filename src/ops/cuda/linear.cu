@@ -4,6 +4,7 @@
 // of MLA's absorbed query. All accumulate in fp32 over weights dequantized on the fly.
 #include <algorithm>
 #include <string>
+#include <type_traits>
 
 #include "core/error.h"
 #include "ops/cuda/dequant.cuh"
@@ -29,6 +30,11 @@ struct GemvArgs {
   bool early;               // pdl_trigger() right after pdl_wait() (pdl_early()), else after the sums
   int block_shift;          // FP8: log2(block_cols)
 };
+
+// The gemv_kernel forms that may load a warp's weights into registers before the wait: one token's
+// four-row tiles without a pair (q/kv_a, o_proj, the router).
+template <int NT, int R, bool DUAL>
+constexpr bool kPreload = NT == 1 && R == 4 && !DUAL;
 
 // Issues L2 prefetches for `bytes` bytes at `ptr` across the warp (one 128-byte line per lane per step).
 __device__ __forceinline__ void prefetch_l2(const void* ptr, int64_t bytes, int lane) {
@@ -82,16 +88,108 @@ __global__ void __launch_bounds__(kWarps * 32) gemv_kernel(const GemvArgs a) {
   const bool gathered = p.gather != nullptr;
   int32_t ge = gathered && p.ids_settled ? p.gather_expert[blockIdx.y] : -1;
 
-  // Prologue: pull this warp's weight rows towards L2 while the previous kernel finishes (the warp of
-  // column slice 0 of each slot takes the slot's whole rows). Expert ids come from an earlier kernel;
-  // they may be read here only when the caller says they are settled (fixed slots need no ids).
+  // A part's matrices: its slot's expert (or the plain matrix), and the pair's second one.
+  struct Mats {
+    const void *w, *w2;
+    const float *s, *s2;
+  };
+  auto mats_of = [&](int64_t part) {
+    Mats m{p.w.data, p.w2, p.w.scale_inv, p.w2_scale_inv};
+    if (p.experts) {  // NT == 1 in this mode
+      const int32_t e = gathered ? ge : expert_of(p, tok, j0 + part / a.ksplit, k_routed);
+      m.w = p.experts[e].data;
+      m.s = p.experts[e].scale_inv;
+      if constexpr (DUAL) {
+        m.w2 = p.experts2[e].data;
+        m.s2 = p.experts2[e].scale_inv;
+      }
+    }
+    return m;
+  };
+  // The vector path's chunks: V columns of the tile's R rows (and the pair's), with their FP8 block scales
+  // (1 for other dtypes); rs[r] is row r's scale row.
+  constexpr int V = vec_elems<T>();
+  struct Chunk {
+    uint4 raw[R], raw2[DUAL ? R : 1];
+    float sc[R], sc2[DUAL ? R : 1];
+  };
+  struct ScaleRows {
+    const float *s[R], *s2[DUAL ? R : 1];
+  };
+  auto scale_rows = [&](const Mats& m) {
+    ScaleRows rs{};
+    if constexpr (T == kF8) {
+#pragma unroll
+      for (int r = 0; r < R; ++r) {
+        const int64_t srow =
+            static_cast<int32_t>(rows[r]) / static_cast<int32_t>(a.geom.block_rows) * a.geom.scale_cols;
+        rs.s[r] = m.s + srow;
+        if constexpr (DUAL) rs.s2[r] = m.s2 + srow;
+      }
+    }
+    return rs;
+  };
+  auto load_chunk = [&](Chunk& k, const Mats& m, const ScaleRows& rs, int64_t c) {
+#pragma unroll
+    for (int r = 0; r < R; ++r) {
+      k.raw[r] = load_raw<T>(m.w, rows[r], cols, c);
+      if constexpr (DUAL) k.raw2[r] = load_raw<T>(m.w2, rows[r], cols, c);
+    }
+#pragma unroll
+    for (int r = 0; r < R; ++r) {
+      if constexpr (T == kF8) {
+        k.sc[r] = rs.s[r][static_cast<int32_t>(c) >> a.block_shift];
+        if constexpr (DUAL) k.sc2[r] = rs.s2[r][static_cast<int32_t>(c) >> a.block_shift];
+      } else {
+        k.sc[r] = 1.0f;
+        if constexpr (DUAL) k.sc2[r] = 1.0f;
+      }
+    }
+  };
+  // The chunk loop's unroll: two steps in flight at batch 1 with four rows a tile (eight rows have eight
+  // loads a step in flight already); larger batches have enough registers in use already.
+  constexpr int U = NT == 1 && R <= 4 ? 2 : 1;
+  const int64_t chunks = cols / V, stride = 32 * static_cast<int64_t>(a.ksplit);
+  auto first_chunk = [&](int64_t part) { return (part % a.ksplit) * 32 + lane; };
+
+  // One token, a warp with one part of at most U chunks a lane (lite's q/kv_a, o_proj and router): all
+  // its weights and scales (which do not depend on the previous kernel) are loaded into registers before
+  // the wait, so that after the release its products wait only for the input. With L2 prefetches alone
+  // o_proj took 4.1 us from its release and the router 3.0, for weights asked of L2 ~4 us before; with the
+  // weights in registers 3.4 and 2.5 (block timelines on an H200; the step +0.9%, docs/PERF.md,
+  // "Twenty-first session"). Only whole parts: with the chunk loop after preloaded chunks the compiler
+  // kept both in registers (255); and only kPreload's forms: a pair's chunks, or the eight-row down
+  // projection's code for them, cost registers or spills.
+  Chunk pre[kPreload<NT, R, DUAL> ? U : 1];
+  bool preloaded = false;
+  if constexpr (kPreload<NT, R, DUAL>) {
+    const bool settled = !p.experts || p.ids_settled || j0 + first_part / a.ksplit >= k_routed;
+    // (lane 0's chunks are the warp's first: when U of them reach the end, every lane's do)
+    const bool whole =
+        first_part + part_step >= total_parts && (first_part % a.ksplit) * 32 + U * stride >= chunks;
+    if (a.vec && !gathered && live_rows > 0 && first_part < total_parts && settled && whole) {
+      const Mats m = mats_of(first_part);
+      const ScaleRows rs = scale_rows(m);
+#pragma unroll
+      for (int u = 0; u < U; ++u) {
+        const int64_t ch = first_chunk(first_part) + u * stride;
+        if (ch < chunks) load_chunk(pre[u], m, rs, ch * V);
+      }
+      preloaded = true;
+    }
+  }
+
+  // Prologue (unless preloaded): pull this warp's weight rows towards L2 while the previous kernel
+  // finishes (the warp of column slice 0 of each slot takes the slot's whole rows). Expert ids come from
+  // an earlier kernel; they may be read here only when the caller says they are settled (fixed slots need
+  // no ids).
   if (gathered) {
     if (live_rows > 0 && ge >= 0 && first_part == 0) {
       prefetch_l2(static_cast<const char*>(p.experts[ge].data) + rows[0] * row_bytes, live_rows * row_bytes, lane);
       if constexpr (DUAL)
         prefetch_l2(static_cast<const char*>(p.experts2[ge].data) + rows[0] * row_bytes, live_rows * row_bytes, lane);
     }
-  } else if (live_rows > 0) {
+  } else if (live_rows > 0 && !preloaded) {
     for (int64_t part = first_part; part < total_parts; part += part_step) {
       const int64_t s = part / a.ksplit;
       if (part % a.ksplit != 0 || (p.experts && !p.ids_settled && j0 + s < k_routed)) continue;
@@ -123,24 +221,13 @@ __global__ void __launch_bounds__(kWarps * 32) gemv_kernel(const GemvArgs a) {
 #pragma unroll
     for (int r = 0; r < R; ++r) acc[r][i] = acc2[r][i] = 0.0f;
   }
-  for (int64_t part = first_part; live_rows > 0 && part < total_parts; part += part_step) {
-    const int64_t s = part / a.ksplit, kp = part % a.ksplit;
-    const void* wd = p.w.data;
-    const float* ws = p.w.scale_inv;
-    const void* wd2 = p.w2;
-    const float* ws2 = p.w2_scale_inv;
+  // One part into the dots; from the preloaded chunks when `from_pre` (a std::bool_constant, so that the
+  // chunks stay live only in the code that reads them).
+  auto run_part = [&](int64_t part, auto from_pre) {
+    const int64_t s = part / a.ksplit;
     float weight = 1.0f;  // combine: the slot's routing weight (linear, so it scales partial dots)
-    if (p.experts) {      // NT == 1 in this mode
-      const int64_t j = j0 + s;
-      const int32_t e = gathered ? ge : expert_of(p, tok, j, k_routed);
-      wd = p.experts[e].data;
-      ws = p.experts[e].scale_inv;
-      if constexpr (DUAL) {
-        wd2 = p.experts2[e].data;
-        ws2 = p.experts2[e].scale_inv;
-      }
-      if (p.combine && j < k_routed) weight = p.combine[tok * k_routed + j];
-    }
+    if (p.combine && s < k_routed) weight = p.combine[tok * k_routed + s];
+    const Mats m = mats_of(part);
     const float* xs[NT];
 #pragma unroll
     for (int i = 0; i < NT; ++i) {
@@ -148,52 +235,28 @@ __global__ void __launch_bounds__(kWarps * 32) gemv_kernel(const GemvArgs a) {
       const int64_t xrow = p.combine ? tok * slots + s : pi / p.x_div;
       xs[i] = p.x + xrow * p.ldx + g * p.group_x;
     }
-    const int64_t lane0 = kp * 32 + lane, stride = 32 * static_cast<int64_t>(a.ksplit);
+    const int64_t lane0 = first_chunk(part);
 
     if (a.vec) {
-      constexpr int V = vec_elems<T>();
-      const float* rs[R];
-      const float* rs2[R];
-#pragma unroll
-      for (int r = 0; r < R; ++r) {
-        rs[r] = rs2[r] = nullptr;
-        if constexpr (T == kF8) {
-          const int64_t srow = static_cast<int32_t>(rows[r]) / static_cast<int32_t>(a.geom.block_rows) * a.geom.scale_cols;
-          rs[r] = ws + srow;
-          if constexpr (DUAL) rs2[r] = ws2 + srow;
-        }
-      }
-      const int64_t chunks = cols / V;
-      // Two steps in flight at batch 1 with four rows a tile (eight rows have eight loads a step in flight
-      // already); larger batches have enough registers in use already.
-#pragma unroll(NT == 1 && R <= 4 ? 2 : 1)
-      for (int64_t ch = lane0; ch < chunks; ch += stride) {
-        const int64_t c = ch * V;
-        uint4 raw[R], raw2[R];
+      // Chunk k (columns c on) into the dots.
+      auto step = [&](const Chunk& k, int64_t c) {
+        float sc[R];
+        [[maybe_unused]] float sc2[R];
 #pragma unroll
         for (int r = 0; r < R; ++r) {
-          raw[r] = load_raw<T>(wd, rows[r], cols, c);
-          if constexpr (DUAL) raw2[r] = load_raw<T>(wd2, rows[r], cols, c);
-        }
-        // Block scales of this chunk, per row (FP8: convert_raw leaves the values unscaled).
-        float sc[R], sc2[R];
-#pragma unroll
-        for (int r = 0; r < R; ++r) {
-          sc[r] = sc2[r] = weight;
-          if constexpr (T == kF8) {
-            sc[r] *= rs[r][static_cast<int32_t>(c) >> a.block_shift];
-            if constexpr (DUAL) sc2[r] *= rs2[r][static_cast<int32_t>(c) >> a.block_shift];
-          }
+          sc[r] = weight * k.sc[r];
+          if constexpr (DUAL) sc2[r] = weight * k.sc2[r];
         }
         // Several tokens: the rows' weights converted once, then one token's inputs at a time (a
         // token's V inputs live only while its dots run, so NT x V inputs never sit in registers).
         // One token: each row converted right before its dot (fewer values live).
-        float wv[NT > 1 ? R : 1][V], wv2[NT > 1 && DUAL ? R : 1][V];
+        float wv[NT > 1 ? R : 1][V];
+        [[maybe_unused]] float wv2[NT > 1 && DUAL ? R : 1][V];
         if constexpr (NT > 1) {
 #pragma unroll
           for (int r = 0; r < R; ++r) {
-            convert_raw<T>(raw[r], wv[r]);
-            if constexpr (DUAL) convert_raw<T>(raw2[r], wv2[r]);
+            convert_raw<T>(k.raw[r], wv[r]);
+            if constexpr (DUAL) convert_raw<T>(k.raw2[r], wv2[r]);
           }
         }
 #pragma unroll
@@ -205,18 +268,25 @@ __global__ void __launch_bounds__(kWarps * 32) gemv_kernel(const GemvArgs a) {
             if (p.norm) {
               ss[i] = fmaf(u.x, u.x, fmaf(u.y, u.y, fmaf(u.z, u.z, fmaf(u.w, u.w, ss[i]))));
               const float4 gw = __ldg(reinterpret_cast<const float4*>(p.norm + c + 4 * q));
-              u.x *= gw.x; u.y *= gw.y; u.z *= gw.z; u.w *= gw.w;
+              u.x *= gw.x;
+              u.y *= gw.y;
+              u.z *= gw.z;
+              u.w *= gw.w;
             }
-            xv[4 * q] = u.x; xv[4 * q + 1] = u.y; xv[4 * q + 2] = u.z; xv[4 * q + 3] = u.w;
+            xv[4 * q] = u.x;
+            xv[4 * q + 1] = u.y;
+            xv[4 * q + 2] = u.z;
+            xv[4 * q + 3] = u.w;
           }
 #pragma unroll
           for (int r = 0; r < R; ++r) {
             if constexpr (NT == 1) {
-              convert_raw<T>(raw[r], wv[0]);
-              if constexpr (DUAL) convert_raw<T>(raw2[r], wv2[0]);
+              convert_raw<T>(k.raw[r], wv[0]);
+              if constexpr (DUAL) convert_raw<T>(k.raw2[r], wv2[0]);
             }
             const int rw = NT > 1 ? r : 0;
-            float d = 0.0f, d2 = 0.0f;
+            float d = 0.0f;
+            [[maybe_unused]] float d2 = 0.0f;
 #pragma unroll
             for (int v = 0; v < V; ++v) {
               d = fmaf(wv[rw][v], xv[v], d);
@@ -225,6 +295,19 @@ __global__ void __launch_bounds__(kWarps * 32) gemv_kernel(const GemvArgs a) {
             acc[r][i] = fmaf(sc[r], d, acc[r][i]);
             if constexpr (DUAL) acc2[r][i] = fmaf(sc2[r], d2, acc2[r][i]);
           }
+        }
+      };
+      if constexpr (decltype(from_pre)::value) {
+#pragma unroll
+        for (int u = 0; u < U; ++u)
+          if (lane0 + u * stride < chunks) step(pre[u], (lane0 + u * stride) * V);
+      } else {
+        const ScaleRows rs = scale_rows(m);
+#pragma unroll(U)
+        for (int64_t ch = lane0; ch < chunks; ch += stride) {
+          Chunk k;
+          load_chunk(k, m, rs, ch * V);
+          step(k, ch * V);
         }
       }
     } else {
@@ -240,9 +323,9 @@ __global__ void __launch_bounds__(kWarps * 32) gemv_kernel(const GemvArgs a) {
         }
 #pragma unroll
         for (int r = 0; r < R; ++r) {
-          const float w = weight * load1<T>(wd, ws, a.geom, rows[r], c);
-          float w2 = 0.0f;
-          if constexpr (DUAL) w2 = weight * load1<T>(wd2, ws2, a.geom, rows[r], c);
+          const float w = weight * load1<T>(m.w, m.s, a.geom, rows[r], c);
+          [[maybe_unused]] float w2 = 0.0f;
+          if constexpr (DUAL) w2 = weight * load1<T>(m.w2, m.s2, a.geom, rows[r], c);
 #pragma unroll
           for (int i = 0; i < NT; ++i) {
             acc[r][i] = fmaf(w, xv[i], acc[r][i]);
@@ -251,6 +334,12 @@ __global__ void __launch_bounds__(kWarps * 32) gemv_kernel(const GemvArgs a) {
         }
       }
     }
+  };
+  if (preloaded) {
+    run_part(first_part, std::true_type{});  // the warp's one part, in registers
+  } else {
+    for (int64_t part = first_part; live_rows > 0 && part < total_parts; part += part_step)
+      run_part(part, std::false_type{});
   }
   DSV3_TRACE_MARK();  // thread 0's dots are done
   // Each warp's sums into shared memory, then one thread per (row, problem) of each tile adds the warps
