@@ -144,10 +144,7 @@ __global__ void __launch_bounds__(kMmaWarps * 32) expert_mma_kernel(const MmaArg
           float4 u = *reinterpret_cast<const float4*>(xr + 4 * j);
           if (p.norm) {
             const float4 gw = __ldg(reinterpret_cast<const float4*>(p.norm + k0 + q * 16 + 4 * j));
-            u.x *= gw.x;
-            u.y *= gw.y;
-            u.z *= gw.z;
-            u.w *= gw.w;
+            u = mul4(u, gw);
           }
           v[4 * j] = u.x;
           v[4 * j + 1] = u.y;

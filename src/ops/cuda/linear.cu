@@ -268,10 +268,7 @@ __global__ void __launch_bounds__(kWarps * 32) gemv_kernel(const GemvArgs a) {
             if (p.norm) {
               ss[i] = fmaf(u.x, u.x, fmaf(u.y, u.y, fmaf(u.z, u.z, fmaf(u.w, u.w, ss[i]))));
               const float4 gw = __ldg(reinterpret_cast<const float4*>(p.norm + c + 4 * q));
-              u.x *= gw.x;
-              u.y *= gw.y;
-              u.z *= gw.z;
-              u.w *= gw.w;
+              u = mul4(u, gw);
             }
             xv[4 * q] = u.x;
             xv[4 * q + 1] = u.y;
@@ -480,10 +477,7 @@ __global__ void __launch_bounds__(kStreamWarps * 32) swiglu_stream_kernel(const 
       if (p.norm) {
         ss = fmaf(u.x, u.x, fmaf(u.y, u.y, fmaf(u.z, u.z, fmaf(u.w, u.w, ss))));
         const float4 gw = __ldg(reinterpret_cast<const float4*>(p.norm + c + 4 * q));
-        u.x *= gw.x;
-        u.y *= gw.y;
-        u.z *= gw.z;
-        u.w *= gw.w;
+        u = mul4(u, gw);
       }
       xin[j][4 * q] = u.x;
       xin[j][4 * q + 1] = u.y;
