@@ -22,7 +22,7 @@ for recs in by_grid.values():
     for s, w, e, k, mk, cy in recs:
         if L is None or s - L["last_start"] > 100_000:
             L = {"kernel": k, "blocks": 0, "start": s, "rel": None, "rel_last": None, "end": e, "last_start": s,
-                 "mark": None, "cycles": 0, "ns": 0}
+                 "mark": None, "cycles": 0, "ns": 0, "waited_to_end": []}
             launches.append(L)
         L["cycles"] += cy
         L["ns"] += e - s
@@ -31,6 +31,8 @@ for recs in by_grid.values():
         L["blocks"] += 1
         L["last_start"] = s
         L["end"] = max(L["end"], e)
+        if w > 0:
+            L["waited_to_end"].append(e - w)  # this block's own time from its release to its end
         if w >= 0:
             L["rel"] = w if L["rel"] is None else min(L["rel"], w)
             L["rel_last"] = w if L["rel_last"] is None else max(L["rel_last"], w)
@@ -92,7 +94,7 @@ for si, step in enumerate(steps):
             cur_layer.append((n, L))
     # Sums over the MoE layers per launch name (means printed below).
     fields = ("count", "boundary", "run", "early", "blocks", "mark", "marks", "cycles", "ns")
-    agg = defaultdict(lambda: dict.fromkeys(fields, 0))
+    agg = defaultdict(lambda: dict(dict.fromkeys(fields, 0), waited_to_end=[]))
     gap_sum = run_sum = 0.0
     prev_end = None
     for L in step:
@@ -118,6 +120,7 @@ for si, step in enumerate(steps):
             a["blocks"] = L["blocks"]
             a["cycles"] += L["cycles"]
             a["ns"] += L["ns"]
+            a["waited_to_end"] += L["waited_to_end"]
             if L["mark"] is not None:
                 a["mark"] += L["mark"] - rel  # release -> the last block's mark
                 a["marks"] += 1
@@ -126,14 +129,18 @@ for si, step in enumerate(steps):
     if moe:
         span = sum(ly[-1][1]["end"] - ly[0][1]["start"] for ly in moe) / len(moe)
         print(f"MoE layers: {len(moe)}, mean {us(span):.1f} us from q/kv_a's first block to the down's last end")
-        print(f"| launch | blocks | boundary (us) | run (us) | release to last mark (us) | started before release (us) | SM clock (MHz) |")
-        print("|---|---:|---:|---:|---:|---:|---:|")
+        # The last column is per block (its own release to its end, over every MoE layer's launch): a launch's
+        # run is its slowest block's, this says whether the others are as slow.
+        print(f"| launch | blocks | boundary (us) | run (us) | release to last mark (us) | started before release (us) | SM clock (MHz) | a block's release to its end, p10 / p50 / p90 (us) |")
+        print("|---|---:|---:|---:|---:|---:|---:|---:|")
         for n, a in agg.items():
             c = max(a["count"], 1)
             mark = f"{us(a['mark'] / a['marks']):.2f}" if a["marks"] else "-"
             clock = f"{1e3 * a['cycles'] / a['ns']:.0f}" if a["cycles"] and a["ns"] else "-"
+            d = sorted(a["waited_to_end"])
+            pct = " / ".join(f"{us(d[min(len(d) - 1, int(q * len(d)))]):.2f}" for q in (0.1, 0.5, 0.9)) if d else "-"
             print(f"| {n} | {a['blocks']} | {us(a['boundary'] / c):.2f} | {us(a['run'] / c):.2f} | {mark} | "
-                  f"{us(a['early'] / c):.2f} | {clock} |")
+                  f"{us(a['early'] / c):.2f} | {clock} | {pct} |")
     if show_layer is not None and si == 0 and show_layer < len(layers):
         ly = layers[show_layer]
         base = ly[0][1]["start"]
