@@ -23,6 +23,7 @@
 #include "ops/cpu/ops.h"
 #include "ops/cuda/gemm_lt.h"
 #include "ops/cuda/ops.h"
+#include "ops/cuda/row_stream.h"
 #include "test_util.h"
 
 namespace dsv3 {
@@ -292,6 +293,48 @@ TEST_F(CudaOps, LinearMatchesCpuAcrossDtypesShapesAndBatchSizes) {
         const std::vector<float> y = Dev::get(dy, ref.size());
         EXPECT_LE(test::rel_l2(y, ref), 1e-5) << dtype_name(dt) << " " << sh.rows << "x" << sh.cols << " n=" << n;
       }
+}
+
+// One token through matrices of 16 MB and more (the lm_head) takes the one-wave row stream: rows that do
+// not fill the grid's last round, a row in several pieces (7,168 columns: 28 loads a lane, the last piece
+// short), an output shorter than the matrix; the same values as the CPU engine. Smaller matrices, two
+// tokens and FP8 stay on the GEMV.
+TEST_F(CudaOps, RowStreamMatchesCpuForLargeMatrices) {
+  struct Case {
+    DType dt;
+    int64_t rows, cols, out;
+  };
+  const Case cases[] = {{DType::BF16, 4100, 2048, 4100},
+                        {DType::F16, 4100, 2048, 4097},
+                        {DType::BF16, 1200, 7168, 1200},
+                        {DType::BF16, 8192, 1024, 8191}};
+  for (const Case& c : cases) {
+    Dev dev;
+    TestMatrix w = make_matrix(rng, dev, c.dt, c.rows, c.cols);
+    const std::vector<float> x = randn(rng, static_cast<size_t>(c.cols));
+    std::vector<float> ref(static_cast<size_t>(c.rows));
+    cpu::linear(w.host, x.data(), 1, ref.data());
+    ref.resize(static_cast<size_t>(c.out));
+    float* dy = dev.poisoned(static_cast<size_t>(c.rows));
+    cuda::LinearParams p = projection(w, nullptr, 1, dev.put(x), c.cols, dy);
+    p.out = c.out;
+    ASSERT_TRUE(cuda::row_stream_takes(p)) << c.rows << "x" << c.cols;
+    cuda::linear(p);
+    std::vector<float> y = Dev::get(dy, static_cast<size_t>(c.rows));
+    for (int64_t r = c.out; r < c.rows; ++r)
+      EXPECT_TRUE(std::isnan(y[static_cast<size_t>(r)])) << "row " << r << " past out";
+    y.resize(static_cast<size_t>(c.out));
+    EXPECT_LE(test::rel_l2(y, ref), 1e-5) << dtype_name(c.dt) << " " << c.rows << "x" << c.cols;
+  }
+  Dev dev;
+  TestMatrix small = make_matrix(rng, dev, DType::BF16, 1024, 2048);  // 4 MB
+  TestMatrix fp8 = make_matrix(rng, dev, DType::F8_E4M3, 8192, 2048);
+  TestMatrix big = make_matrix(rng, dev, DType::BF16, 4096, 2048);
+  float* x = dev.put(randn(rng, 2 * 2048));
+  float* y = dev.poisoned(2 * 8192);
+  EXPECT_FALSE(cuda::row_stream_takes(projection(small, nullptr, 1, x, 2048, y)));
+  EXPECT_FALSE(cuda::row_stream_takes(projection(fp8, nullptr, 1, x, 2048, y)));
+  EXPECT_FALSE(cuda::row_stream_takes(projection(big, nullptr, 2, x, 2048, y)));
 }
 
 // Every e4m3 byte decodes exactly on the GEMV (batch 1 and 16) and the tensor-core path (32 rows):

@@ -9,6 +9,7 @@
 #include "core/error.h"
 #include "ops/cuda/dequant.cuh"
 #include "ops/cuda/gemm_lt.h"
+#include "ops/cuda/row_stream.h"
 #include "ops/cuda/transposed.cuh"
 
 namespace dsv3::cuda {
@@ -35,6 +36,12 @@ struct GemvArgs {
 // four-row tiles without a pair (q/kv_a, o_proj, the router).
 template <int NT, int R, bool DUAL>
 constexpr bool kPreload = NT == 1 && R == 4 && !DUAL;
+
+// The form whose tile's rows all lie in one FP8 block row (launch_linear gives it only row0 and block_rows
+// that are multiples of eight): one token's combined down projection in eight-row tiles. Each chunk then
+// needs one scale, not eight, and the registers that frees keep two chunks of loads in flight (U = 2).
+template <int NT, int R, bool DUAL>
+constexpr bool kOneScaleRow = NT == 1 && R == 8 && !DUAL;
 
 // Issues L2 prefetches for `bytes` bytes at `ptr` across the warp (one 128-byte line per lane per step).
 __device__ __forceinline__ void prefetch_l2(const void* ptr, int64_t bytes, int lane) {
@@ -121,8 +128,8 @@ __global__ void __launch_bounds__(kWarps * 32) gemv_kernel(const GemvArgs a) {
     if constexpr (T == kF8) {
 #pragma unroll
       for (int r = 0; r < R; ++r) {
-        const int64_t srow =
-            static_cast<int32_t>(rows[r]) / static_cast<int32_t>(a.geom.block_rows) * a.geom.scale_cols;
+        const int row = static_cast<int32_t>(rows[kOneScaleRow<NT, R, DUAL> ? 0 : r]);
+        const int64_t srow = row / static_cast<int32_t>(a.geom.block_rows) * a.geom.scale_cols;
         rs.s[r] = m.s + srow;
         if constexpr (DUAL) rs.s2[r] = m.s2 + srow;
       }
@@ -137,7 +144,9 @@ __global__ void __launch_bounds__(kWarps * 32) gemv_kernel(const GemvArgs a) {
     }
 #pragma unroll
     for (int r = 0; r < R; ++r) {
-      if constexpr (T == kF8) {
+      if constexpr (T == kF8 && kOneScaleRow<NT, R, DUAL>) {
+        k.sc[r] = r == 0 ? rs.s[0][static_cast<int32_t>(c) >> a.block_shift] : k.sc[0];
+      } else if constexpr (T == kF8) {
         k.sc[r] = rs.s[r][static_cast<int32_t>(c) >> a.block_shift];
         if constexpr (DUAL) k.sc2[r] = rs.s2[r][static_cast<int32_t>(c) >> a.block_shift];
       } else {
@@ -146,9 +155,9 @@ __global__ void __launch_bounds__(kWarps * 32) gemv_kernel(const GemvArgs a) {
       }
     }
   };
-  // The chunk loop's unroll: two steps in flight at batch 1 with four rows a tile (eight rows have eight
-  // loads a step in flight already); larger batches have enough registers in use already.
-  constexpr int U = NT == 1 && R <= 4 ? 2 : 1;
+  // The chunk loop's unroll: two steps in flight at batch 1 with four rows a tile, or eight rows on one
+  // scale row; larger batches have enough registers in use already.
+  constexpr int U = NT == 1 && (R <= 4 || kOneScaleRow<NT, R, DUAL>) ? 2 : 1;
   const int64_t chunks = cols / V, stride = 32 * static_cast<int64_t>(a.ksplit);
   auto first_chunk = [&](int64_t part) { return (part % a.ksplit) * 32 + lane; };
 
@@ -723,8 +732,11 @@ void launch_linear(GemvArgs a) {
   // One token's combined down projection: eight rows a tile, so that lite's 2,048 rows are 256 blocks, one
   // wave at two blocks an SM (four rows made 512 blocks, two waves: block timelines, docs/PERF.md,
   // "Twentieth session").
+  // FP8 tiles of eight rows read one scale row (kOneScaleRow): other row offsets or block heights take four.
   if constexpr (!DUAL) {
-    if (p.combine && p.n == 1) {
+    const bool one_scale_row = T != kF8 || (p.row0 % 8 == 0 && a.geom.block_rows % 8 == 0 &&
+                                            (a.groups == 1 || p.group_stride % 8 == 0));
+    if (p.combine && p.n == 1 && one_scale_row) {
       go(I(), VIII());
       return;
     }
@@ -751,6 +763,10 @@ void linear(const LinearParams& p) {
                 "call cuda::linear_lt (or cuda::lt_operand) first and keep an fp32 form to fall back on");
   if (!p.experts && p.n > gemv_max_batch() && linear_mma_enabled() && expert_mma_supported(p)) {
     expert_mma(p);
+    return;
+  }
+  if (row_stream_takes(p)) {  // one token through the lm_head
+    row_stream(p);
     return;
   }
   if (p.group_y != 0)

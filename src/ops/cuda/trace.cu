@@ -25,6 +25,7 @@ void trace_attach_elementwise(const TraceBuffer& b);
 void trace_attach_linear(const TraceBuffer& b);
 void trace_attach_mla(const TraceBuffer& b);
 void trace_attach_route(const TraceBuffer& b);
+void trace_attach_row_stream(const TraceBuffer& b);
 void trace_attach_sample(const TraceBuffer& b);
 
 namespace {
@@ -36,6 +37,7 @@ void attach_all(const TraceBuffer& b) {
   trace_attach_linear(b);
   trace_attach_mla(b);
   trace_attach_route(b);
+  trace_attach_row_stream(b);
   trace_attach_sample(b);
 }
 
