@@ -389,17 +389,22 @@ __global__ void __launch_bounds__(kWarps * 32) gemv_kernel(const GemvArgs a) {
 
 // One token's SwiGLU pairs on FP8 weights of 128 x 128 blocks, rows of J x 512 columns (the expert gate/up
 // of a batch-1 decode step, or a dense pair): the slots' (slot, row) units split into contiguous runs,
-// one per warp, over one wave of blocks. A warp keeps the normed input of its lane's columns (J x 16
-// values) in registers for all its units and keeps the next unit's gate and up loads in flight while it
-// finishes the current one, so every SM streams weights without block boundaries or shared memory.
-// gemv_kernel's tiles (one round of loads per block, then a reduction) reached ~48% of the copy
-// bandwidth on lite's 46 MB gate/up; this kernel ~60% (docs/PERF.md, "Eleventh session"). The
-// arithmetic is gemv_kernel's: 16-value partial dots times their block scale, 1/rms at the end.
+// one per warp, over one wave of blocks. A warp keeps the next unit's gate and up loads in flight while it
+// finishes the current one, so every SM streams weights without block boundaries. gemv_kernel's tiles
+// (one round of loads per block, then a reduction) reached ~48% of the copy bandwidth on lite's 46 MB
+// gate/up; this kernel ~60% (docs/PERF.md, "Eleventh session"). The arithmetic is gemv_kernel's: 16-value
+// partial dots times their block scale, 1/rms at the end.
+//
+// The block's normed input sits in shared memory (8 KB), read back for each unit: the loop is bound by
+// its instructions more than by memory (ncu: two warps a scheduler issuing every 4.3 cycles), and with the
+// input in registers (64 a lane, 239 in all) two blocks fitted an SM; now three do (155 registers) and the
+// step is 2.5% faster. Four blocks at 128 registers were no faster than two (docs/PERF.md, "Twenty-second
+// session").
 //
 // Each warp takes its share of the fixed slots' units (the shared experts, which need no expert id)
 // first, then its share of the routed ones. With p.x_settled the fixed units run before pdl_wait, while
 // the routing kernel still runs, so that a quarter of lite's bytes stream during it.
-constexpr int kStreamWarps = 4, kStreamDepth = 2;
+constexpr int kStreamWarps = 4, kStreamBlocks = 3, kStreamDepth = 2;
 
 // Lane `from`'s pointer, in every lane of the warp.
 template <class T>
@@ -408,8 +413,12 @@ __device__ __forceinline__ T* shfl_ptr(T* v, int from) {
 }
 
 template <int J>
-__global__ void __launch_bounds__(kStreamWarps * 32) swiglu_stream_kernel(const GemvArgs a) {
+__global__ void __launch_bounds__(kStreamWarps * 32, kStreamBlocks) swiglu_stream_kernel(const GemvArgs a) {
   DSV3_TRACE_BLOCK(TraceKernel::SwigluStream);
+  // The normed input, once a block: chunk (lane + 32 j)'s q-th float4 at (j * 4 + q) * 32 + lane, so that a
+  // warp's reads of one (j, q) are 32 consecutive float4s.
+  __shared__ float4 xs[J * 4 * 32];
+  __shared__ float ss_part[kStreamWarps];
   const LinearParams& p = a.p;
   const int lane = threadIdx.x % 32;
   const int64_t warp = static_cast<int64_t>(blockIdx.x) * kStreamWarps + threadIdx.x / 32,
@@ -475,26 +484,27 @@ __global__ void __launch_bounds__(kStreamWarps * 32) swiglu_stream_kernel(const 
   };
 #pragma unroll
   for (int d = 0; d < kStreamDepth; ++d) issue(d, d);
-  float xin[J][16];
   float ss = 0.0f;
-#pragma unroll
-  for (int j = 0; j < J; ++j) {
-    const int64_t c = (lane + 32 * j) * 16;
-#pragma unroll
-    for (int q = 0; q < 4; ++q) {
-      float4 u = *reinterpret_cast<const float4*>(p.x + c + 4 * q);
+  {
+    const float4* x4 = reinterpret_cast<const float4*>(p.x);
+    const float4* n4 = reinterpret_cast<const float4*>(p.norm);
+    for (int f = threadIdx.x; f < J * 128; f += kStreamWarps * 32) {
+      const int c = f / 4, q = f % 4;  // chunk c = lane' + 32 j'
+      float4 u = x4[f];
       if (p.norm) {
         ss = fmaf(u.x, u.x, fmaf(u.y, u.y, fmaf(u.z, u.z, fmaf(u.w, u.w, ss))));
-        const float4 gw = __ldg(reinterpret_cast<const float4*>(p.norm + c + 4 * q));
-        u = mul4(u, gw);
+        u = mul4(u, __ldg(n4 + f));
       }
-      xin[j][4 * q] = u.x;
-      xin[j][4 * q + 1] = u.y;
-      xin[j][4 * q + 2] = u.z;
-      xin[j][4 * q + 3] = u.w;
+      xs[((c / 32) * 4 + q) * 32 + c % 32] = u;
     }
+    ss = warp_sum(ss);
+    if (lane == 0) ss_part[threadIdx.x / 32] = ss;
+    __syncthreads();
+    ss = 0.0f;
+#pragma unroll
+    for (int w = 0; w < kStreamWarps; ++w) ss += ss_part[w];
   }
-  const float inv = p.norm ? 1.0f / sqrtf(warp_sum(ss) / static_cast<float>(cols) + p.norm_eps) : 1.0f;
+  const float inv = p.norm ? 1.0f / sqrtf(ss / static_cast<float>(cols) + p.norm_eps) : 1.0f;
   DSV3_TRACE_MARK();  // warp 0's input is in registers
   for (int64_t q = 0; q < count; q += kStreamDepth) {
 #pragma unroll
@@ -503,15 +513,24 @@ __global__ void __launch_bounds__(kStreamWarps * 32) swiglu_stream_kernel(const 
       float g = 0.0f, v = 0.0f;
 #pragma unroll
       for (int j = 0; j < J; ++j) {
+        float xv[16];
+#pragma unroll
+        for (int q = 0; q < 4; ++q) {
+          const float4 u = xs[(j * 4 + q) * 32 + lane];
+          xv[4 * q] = u.x;
+          xv[4 * q + 1] = u.y;
+          xv[4 * q + 2] = u.z;
+          xv[4 * q + 3] = u.w;
+        }
         float w[16];
         convert_raw<kF8>(rg[d][j], w);
         float dg = 0.0f;
 #pragma unroll
-        for (int i = 0; i < 16; ++i) dg = fmaf(w[i], xin[j][i], dg);
+        for (int i = 0; i < 16; ++i) dg = fmaf(w[i], xv[i], dg);
         convert_raw<kF8>(ru[d][j], w);
         float du = 0.0f;
 #pragma unroll
-        for (int i = 0; i < 16; ++i) du = fmaf(w[i], xin[j][i], du);
+        for (int i = 0; i < 16; ++i) du = fmaf(w[i], xv[i], du);
         g = fmaf(sg[d][j], dg, g);
         v = fmaf(su[d][j], du, v);
       }
@@ -544,21 +563,19 @@ bool swiglu_stream_takes(const GemvArgs& a) {
 
 void launch_swiglu_stream(const GemvArgs& a) {
   const LinearParams& p = a.p;
-  // One wave: as many blocks as fit on the SMs at once (at most one warp per unit).
-  static const int per_sm = [] {
-    int n = 0;
-    DSV3_CUDA_CHECK(
-        cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, swiglu_stream_kernel<4>, kStreamWarps * 32, 0));
-    return std::max(n, 1);
-  }();
-  const int sms = sm_count();
-  const int64_t units = (p.experts ? p.x_div : 1) * p.out;
-  const int64_t blocks = std::min<int64_t>(int64_t{sms} * per_sm, (units + kStreamWarps - 1) / kStreamWarps);
-  const dim3 grid(static_cast<unsigned>(blocks));
+  auto go = [&](auto kernel) {
+    // One wave: as many blocks as fit on the SMs at once (at most one warp per unit).
+    int per_sm = 0;
+    DSV3_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kStreamWarps * 32, 0));
+    const int64_t units = (p.experts ? p.x_div : 1) * p.out;
+    const int64_t blocks = std::min<int64_t>(int64_t{sm_count()} * std::max(per_sm, 1),
+                                             (units + kStreamWarps - 1) / kStreamWarps);
+    launch_pdl(kernel, dim3(static_cast<unsigned>(blocks)), dim3(kStreamWarps * 32), 0, p.stream, a);
+  };
   if (a.geom.cols == 2048)
-    launch_pdl(swiglu_stream_kernel<4>, grid, dim3(kStreamWarps * 32), 0, p.stream, a);
+    go(swiglu_stream_kernel<4>);
   else
-    launch_pdl(swiglu_stream_kernel<2>, grid, dim3(kStreamWarps * 32), 0, p.stream, a);
+    go(swiglu_stream_kernel<2>);
 }
 
 // Tiled GEMM for many tokens sharing one matrix: block = 64 outputs x 64 tokens, k-steps of 32, each
