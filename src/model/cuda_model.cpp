@@ -748,7 +748,7 @@ struct CudaModel::Impl {
                                     stream));
     const StepCache sc = one_sequence_step(item.tokens, step_pages, cache.length());
     const RowRun head = item.all_logits ? RowRun{0, n} : RowRun{n - 1, 1};
-    enqueue(n, std::span(&head, 1), sc);
+    enqueue(n, std::span(&head, 1), sc, false);
     std::vector<float> logits(static_cast<size_t>(head.count * V));
     DSV3_CUDA_CHECK(
         cudaMemcpyAsync(logits.data(), s.logits, logits.size() * sizeof(float), cudaMemcpyDeviceToHost, stream));
@@ -1273,7 +1273,8 @@ struct CudaModel::Impl {
     }();
     return !list.empty() && list.find("," + std::string(launch) + ",") != std::string::npos;
   }
-  void enqueue(int64_t n, std::span<const RowRun> heads, const StepCache& sc) {
+  // keep_hidden: the final-normed rows stay in s.h (forward's opt.final_hidden reads them).
+  void enqueue(int64_t n, std::span<const RowRun> heads, const StepCache& sc, bool keep_hidden) {
     const ModelConfig& c = cfg;
     const int64_t D = c.hidden_size;
     qkv_a_quantized = false;  // (a step that threw part way may have left it set)
@@ -1288,13 +1289,21 @@ struct CudaModel::Impl {
         dense_mlp(L.mlp, L.post_norm, n);
       }
     }
-    // The final hidden states are an output of their own (opt.final_hidden), so this norm is stored.
-    int64_t rows = 0;
-    for (const RowRun& r : heads) {
-      cuda::rmsnorm({s.x + r.first * D, D, final_norm, r.count, D, eps(), s.h + rows * D, D, stream});
-      rows += r.count;
+    // One head row whose normed form nobody reads: the final norm runs inside the lm_head's launch (one
+    // launch and boundary fewer a decode step). Otherwise the normed rows are stored (s.h is an output of
+    // its own: opt.final_hidden) and gathered from the runs.
+    if (!keep_hidden && heads.size() == 1 && heads[0].count == 1) {
+      const cuda::LinearParams head =
+          normed_lin(lm_head, final_norm, eps(), s.x + heads[0].first * D, D, 1, s.logits, c.vocab_size);
+      if (!skip("head")) cuda::linear(head);
+    } else {
+      int64_t rows = 0;
+      for (const RowRun& r : heads) {
+        cuda::rmsnorm({s.x + r.first * D, D, final_norm, r.count, D, eps(), s.h + rows * D, D, stream});
+        rows += r.count;
+      }
+      if (!skip("head")) cuda::linear(lin(lm_head, s.h, D, rows, s.logits, c.vocab_size));
     }
-    if (!skip("head")) cuda::linear(lin(lm_head, s.h, D, rows, s.logits, c.vocab_size));
     if (!layer_events.empty()) mark_layer(c.num_hidden_layers);
   }
 
@@ -1524,7 +1533,8 @@ std::vector<float> CudaModel::forward(std::span<const int32_t> tokens, CudaLaten
     m.layer_events.clear();  // later steps (graph captures among them) record none
   };
   try {
-    m.run_captured(m.graph, graph_step, [&] { m.enqueue(n, std::span(&head, 1), sc); });
+    m.run_captured(m.graph, graph_step,
+                   [&] { m.enqueue(n, std::span(&head, 1), sc, opt.final_hidden != nullptr); });
   } catch (...) {
     drop_events();
     throw;
@@ -1687,7 +1697,7 @@ std::vector<std::vector<float>> CudaModel::Impl::forward_together(std::span<cons
   const bool graph_step = m.use_graphs && decode_only;
   cudaGraphExec_t unused = nullptr;
   cudaGraphExec_t& exec = graph_step ? m.batch_graphs[n] : unused;
-  m.run_captured(exec, graph_step, [&] { m.enqueue(n, heads, sc); });
+  m.run_captured(exec, graph_step, [&] { m.enqueue(n, heads, sc, false); });
 
   // Every item with a pick (a batch of plain decodes, greedy or tempered): the picks on the device, 4
   // bytes a sequence back instead of its logits. Each item has one head row, in item order.

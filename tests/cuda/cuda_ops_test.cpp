@@ -297,34 +297,43 @@ TEST_F(CudaOps, LinearMatchesCpuAcrossDtypesShapesAndBatchSizes) {
 
 // One token through matrices of 16 MB and more (the lm_head) takes the one-wave row stream: rows that do
 // not fill the grid's last round, a row in several pieces (7,168 columns: 28 loads a lane, the last piece
-// short), an output shorter than the matrix; the same values as the CPU engine. Smaller matrices, two
-// tokens and FP8 stay on the GEMV.
+// short), an output shorter than the matrix, the final RMSNorm fused in; the same values as the CPU
+// engine (cpu::rmsnorm then cpu::linear). Smaller matrices, two tokens and FP8 stay on the GEMV.
 TEST_F(CudaOps, RowStreamMatchesCpuForLargeMatrices) {
   struct Case {
     DType dt;
     int64_t rows, cols, out;
+    bool norm;
   };
-  const Case cases[] = {{DType::BF16, 4100, 2048, 4100},
-                        {DType::F16, 4100, 2048, 4097},
-                        {DType::BF16, 1200, 7168, 1200},
-                        {DType::BF16, 8192, 1024, 8191}};
+  const Case cases[] = {{DType::BF16, 4100, 2048, 4100, false},
+                        {DType::F16, 4100, 2048, 4097, false},
+                        {DType::BF16, 1200, 7168, 1200, true},
+                        {DType::BF16, 8192, 1024, 8191, false},
+                        {DType::BF16, 4100, 2048, 4100, true}};
   for (const Case& c : cases) {
     Dev dev;
     TestMatrix w = make_matrix(rng, dev, c.dt, c.rows, c.cols);
-    const std::vector<float> x = randn(rng, static_cast<size_t>(c.cols));
+    const std::vector<float> x = randn(rng, static_cast<size_t>(c.cols), 2.0f), g = randn(rng, c.cols);
+    std::vector<float> xn = x;
+    if (c.norm) cpu::rmsnorm(x.data(), g.data(), 1, c.cols, 1e-5f, xn.data());
     std::vector<float> ref(static_cast<size_t>(c.rows));
-    cpu::linear(w.host, x.data(), 1, ref.data());
+    cpu::linear(w.host, xn.data(), 1, ref.data());
     ref.resize(static_cast<size_t>(c.out));
     float* dy = dev.poisoned(static_cast<size_t>(c.rows));
     cuda::LinearParams p = projection(w, nullptr, 1, dev.put(x), c.cols, dy);
     p.out = c.out;
+    if (c.norm) {
+      p.norm = dev.put(g);
+      p.norm_eps = 1e-5f;
+    }
     ASSERT_TRUE(cuda::row_stream_takes(p)) << c.rows << "x" << c.cols;
     cuda::linear(p);
     std::vector<float> y = Dev::get(dy, static_cast<size_t>(c.rows));
     for (int64_t r = c.out; r < c.rows; ++r)
       EXPECT_TRUE(std::isnan(y[static_cast<size_t>(r)])) << "row " << r << " past out";
     y.resize(static_cast<size_t>(c.out));
-    EXPECT_LE(test::rel_l2(y, ref), 1e-5) << dtype_name(c.dt) << " " << c.rows << "x" << c.cols;
+    EXPECT_LE(test::rel_l2(y, ref), 1e-5)
+        << dtype_name(c.dt) << " " << c.rows << "x" << c.cols << " norm " << c.norm;
   }
   Dev dev;
   TestMatrix small = make_matrix(rng, dev, DType::BF16, 1024, 2048);  // 4 MB

@@ -24,6 +24,8 @@ struct RowStreamArgs {
   const float* x;
   float* y;
   int64_t rows, cols;
+  const float* norm;  // RMSNorm weights applied to x first, or null
+  float eps;
 };
 
 // Warp w of the grid takes rows w, w + W, ... (W warps in all), each in pieces of kSteps loads a lane.
@@ -34,6 +36,7 @@ template <int T>
 __global__ void __launch_bounds__(kWarps * 32, 2) row_stream_kernel(const RowStreamArgs a) {
   DSV3_TRACE_BLOCK(TraceKernel::Gemv);
   extern __shared__ float4 xs[];
+  __shared__ float ss_part[kWarps];
   constexpr int V = vec_elems<T>(), Q = V / 4;
   const int lane = threadIdx.x % 32;
   const int64_t steps = a.cols / (32 * V);  // loads a lane per row
@@ -54,12 +57,29 @@ __global__ void __launch_bounds__(kWarps * 32, 2) row_stream_kernel(const RowStr
   if (row < a.rows) load(cur, row, 0);  // weights: before the wait
   pdl_wait();
   pdl_trigger();
+  // The input (times the norm weights) into shared memory; with a norm, every block sums its squares
+  // (8 KB from L2 for lite's head) and scales its dots by 1/rms at the end.
   const int64_t quads = a.cols / 4;
+  float ss = 0.0f;
   for (int64_t f = threadIdx.x; f < quads; f += blockDim.x) {
     const int64_t c = f / Q, q = f % Q;  // chunk c = lane' + 32 j'
-    xs[((c / 32) * Q + q) * 32 + c % 32] = reinterpret_cast<const float4*>(a.x)[f];
+    float4 u = reinterpret_cast<const float4*>(a.x)[f];
+    if (a.norm) {
+      ss = fmaf(u.x, u.x, fmaf(u.y, u.y, fmaf(u.z, u.z, fmaf(u.w, u.w, ss))));
+      u = mul4(u, __ldg(reinterpret_cast<const float4*>(a.norm) + f));
+    }
+    xs[((c / 32) * Q + q) * 32 + c % 32] = u;
   }
+  ss = warp_sum(ss);
+  if (lane == 0) ss_part[threadIdx.x / 32] = ss;
   __syncthreads();
+  float inv = 1.0f;
+  if (a.norm) {
+    ss = 0.0f;
+#pragma unroll
+    for (int w = 0; w < kWarps; ++w) ss += ss_part[w];
+    inv = 1.0f / sqrtf(ss / static_cast<float>(a.cols) + a.eps);
+  }
 
   float acc = 0.0f;
   while (row < a.rows) {
@@ -85,7 +105,7 @@ __global__ void __launch_bounds__(kWarps * 32, 2) row_stream_kernel(const RowStr
     }
     if (next_piece == 0) {
       acc = warp_sum(acc);
-      if (lane == 0) a.y[row] = acc;
+      if (lane == 0) a.y[row] = acc * inv;
       acc = 0.0f;
     }
 #pragma unroll
@@ -107,14 +127,14 @@ bool row_stream_takes(const LinearParams& p) {
   const DeviceMatrix& w = p.w;
   const bool dtype_ok = w.dtype == DType::BF16 || w.dtype == DType::F16;
   return row_stream_enabled() && p.n == 1 && dtype_ok && !p.experts && !p.w2 && !p.combine && !p.accumulate &&
-         !p.norm && p.row0 == 0 && (p.group_rows == 0 || p.group_rows >= p.out) && p.out <= w.rows &&
-         w.cols % 256 == 0 && w.cols <= kMaxCols && w.rows * w.cols * 2 >= kMinBytes && aligned16(w.data) &&
-         aligned16(p.x) && !p.y_bf16 && !p.x_quantized && !p.also_fp8;
+         (!p.norm || aligned16(p.norm)) && p.row0 == 0 && (p.group_rows == 0 || p.group_rows >= p.out) &&
+         p.out <= w.rows && w.cols % 256 == 0 && w.cols <= kMaxCols && w.rows * w.cols * 2 >= kMinBytes &&
+         aligned16(w.data) && aligned16(p.x) && !p.y_bf16 && !p.x_quantized && !p.also_fp8;
 }
 
 void row_stream(const LinearParams& p) {
   DSV3_ASSERT(row_stream_takes(p));
-  const RowStreamArgs a{p.w.data, p.x, p.y, p.out, p.w.cols};
+  const RowStreamArgs a{p.w.data, p.x, p.y, p.out, p.w.cols, p.norm, p.norm_eps};
   const size_t smem = static_cast<size_t>(p.w.cols) * sizeof(float);
   auto go = [&](auto kernel) {
     int per_sm = 0;  // blocks an SM (registers and the input's shared memory): the grid is one wave
