@@ -536,9 +536,9 @@ TEST_F(CudaOps, ExpertIndirectionMatchesPerExpertLinear) {
 TEST_F(CudaOps, FixedExpertsFollowRoutedSlots) {
   struct Shape { int64_t I, D, n; };
   // One token with FP8 experts of 1,024 or 2,048 columns: swiglu_stream_kernel for the gate/up (I = 3: fewer
-  // units than warps).
+  // units than warps; I = 1,408, lite's shape: several units a warp, runs that cross slots and both runs).
   for (const Shape sh : {Shape{64, 256, 4}, Shape{208, 1408, 1}, Shape{208, 1408, 3}, Shape{208, 2048, 1},
-                         Shape{130, 1024, 1}, Shape{3, 1024, 1}})
+                         Shape{130, 1024, 1}, Shape{3, 1024, 1}, Shape{1408, 2048, 1}})
     for (DType dt : kDtypes) {
       Dev dev;
       const int64_t E = 5, F = 2, I = sh.I, D = sh.D, n = sh.n, k = 3, S = k + F;
