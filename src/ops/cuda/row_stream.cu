@@ -2,8 +2,8 @@
 // warp per row at a time, each warp keeping its next row's loads in flight while it finishes the current
 // one. gemv_kernel cuts lite's 102,400-row head into 6,400 blocks of four-row tiles, ~24 waves, each block
 // ending in a reduction through shared memory and a barrier before the next one starts: 122-164 us a
-// step on an H200 for 99 us of bytes at the copy rate (docs/PERF.md, "Twenty-first session"). The phase
-// benchmark's warp-per-row kernel streamed a 46 MB matrix at 92% of the copy rate (fourteenth session).
+// step on an H200 for 99 us of bytes at the copy rate (docs/PERF.md, "Twenty-first session"); this kernel
+// takes 94-95 us, its first rows loaded before the wait ("Twenty-second session").
 #include <algorithm>
 
 #include "core/error.h"
@@ -17,7 +17,7 @@ namespace {
 constexpr int kWarps = 8;  // warps a block
 constexpr int kSteps = 8;  // 16-byte loads a lane issues for one piece of a row (2,048 BF16 columns)
 constexpr int64_t kMinBytes = int64_t{16} << 20;  // smaller matrices stay on gemv_kernel
-constexpr int64_t kMaxCols = 12 * 1024;           // the input in shared memory: 48 KB of fp32
+constexpr int64_t kMaxCols = 8192;                // the input in shared memory: up to 32 KB of fp32
 
 struct RowStreamArgs {
   const void* w;
