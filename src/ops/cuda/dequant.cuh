@@ -168,6 +168,34 @@ __device__ __forceinline__ float warp_sum(float v) {
   return v;
 }
 
+// One input row x (times the RMSNorm weights `norm`, when given) into shared memory, once a block, in the
+// order a warp reads it as 16-byte weight chunks of Q float4s: chunk c = lane + 32 j's q-th float4 at
+// xs[(j Q + q) 32 + lane], so that a warp's reads of one (j, q) are 32 consecutive float4s (no bank
+// conflicts). Returns the row's sum of squares (0 without norm) in every thread: each warp's sum, then the
+// WARPS warps' in order through ss_part (WARPS floats of shared memory). Every thread of the block (WARPS
+// warps) calls it; it ends in a __syncthreads.
+template <int Q, int WARPS>
+__device__ __forceinline__ float stage_input(float4* xs, float* ss_part, const float* x, const float* norm,
+                                             int quads) {
+  float ss = 0.0f;
+  for (int f = threadIdx.x; f < quads; f += WARPS * 32) {
+    const int c = f / Q, q = f % Q;  // chunk c = lane' + 32 j'
+    float4 u = reinterpret_cast<const float4*>(x)[f];
+    if (norm) {
+      ss = fmaf(u.x, u.x, fmaf(u.y, u.y, fmaf(u.z, u.z, fmaf(u.w, u.w, ss))));
+      u = mul4(u, __ldg(reinterpret_cast<const float4*>(norm) + f));
+    }
+    xs[((c / 32) * Q + q) * 32 + c % 32] = u;
+  }
+  ss = warp_sum(ss);
+  if (threadIdx.x % 32 == 0) ss_part[threadIdx.x / 32] = ss;
+  __syncthreads();
+  ss = 0.0f;
+#pragma unroll
+  for (int w = 0; w < WARPS; ++w) ss += ss_part[w];
+  return ss;
+}
+
 __device__ __forceinline__ float warp_max(float v) {
 #pragma unroll
   for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));

@@ -484,28 +484,9 @@ __global__ void __launch_bounds__(kStreamWarps * 32, kStreamBlocks) swiglu_strea
   };
 #pragma unroll
   for (int d = 0; d < kStreamDepth; ++d) issue(d, d);
-  float ss = 0.0f;
-  {
-    const float4* x4 = reinterpret_cast<const float4*>(p.x);
-    const float4* n4 = reinterpret_cast<const float4*>(p.norm);
-    for (int f = threadIdx.x; f < J * 128; f += kStreamWarps * 32) {
-      const int c = f / 4, q = f % 4;  // chunk c = lane' + 32 j'
-      float4 u = x4[f];
-      if (p.norm) {
-        ss = fmaf(u.x, u.x, fmaf(u.y, u.y, fmaf(u.z, u.z, fmaf(u.w, u.w, ss))));
-        u = mul4(u, __ldg(n4 + f));
-      }
-      xs[((c / 32) * 4 + q) * 32 + c % 32] = u;
-    }
-    ss = warp_sum(ss);
-    if (lane == 0) ss_part[threadIdx.x / 32] = ss;
-    __syncthreads();
-    ss = 0.0f;
-#pragma unroll
-    for (int w = 0; w < kStreamWarps; ++w) ss += ss_part[w];
-  }
+  const float ss = stage_input<4, kStreamWarps>(xs, ss_part, p.x, p.norm, J * 128);
   const float inv = p.norm ? 1.0f / sqrtf(ss / static_cast<float>(cols) + p.norm_eps) : 1.0f;
-  DSV3_TRACE_MARK();  // warp 0's input is in registers
+  DSV3_TRACE_MARK();  // the block's input is in shared memory
   for (int64_t q = 0; q < count; q += kStreamDepth) {
 #pragma unroll
     for (int d = 0; d < kStreamDepth; ++d) {
@@ -564,12 +545,16 @@ bool swiglu_stream_takes(const GemvArgs& a) {
 void launch_swiglu_stream(const GemvArgs& a) {
   const LinearParams& p = a.p;
   auto go = [&](auto kernel) {
-    // One wave: as many blocks as fit on the SMs at once (at most one warp per unit).
-    int per_sm = 0;
-    DSV3_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kStreamWarps * 32, 0));
+    // One wave: as many blocks as fit on the SMs at once (at most one warp per unit); looked up once per
+    // kernel (a static of each instantiation of this lambda).
+    static const int per_sm = [kernel] {
+      int n = 0;
+      DSV3_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, kernel, kStreamWarps * 32, 0));
+      return std::max(n, 1);
+    }();
     const int64_t units = (p.experts ? p.x_div : 1) * p.out;
-    const int64_t blocks = std::min<int64_t>(int64_t{sm_count()} * std::max(per_sm, 1),
-                                             (units + kStreamWarps - 1) / kStreamWarps);
+    const int64_t blocks =
+        std::min<int64_t>(int64_t{sm_count()} * per_sm, (units + kStreamWarps - 1) / kStreamWarps);
     launch_pdl(kernel, dim3(static_cast<unsigned>(blocks)), dim3(kStreamWarps * 32), 0, p.stream, a);
   };
   if (a.geom.cols == 2048)

@@ -59,27 +59,8 @@ __global__ void __launch_bounds__(kWarps * 32, 2) row_stream_kernel(const RowStr
   pdl_trigger();
   // The input (times the norm weights) into shared memory; with a norm, every block sums its squares
   // (8 KB from L2 for lite's head) and scales its dots by 1/rms at the end.
-  const int64_t quads = a.cols / 4;
-  float ss = 0.0f;
-  for (int64_t f = threadIdx.x; f < quads; f += blockDim.x) {
-    const int64_t c = f / Q, q = f % Q;  // chunk c = lane' + 32 j'
-    float4 u = reinterpret_cast<const float4*>(a.x)[f];
-    if (a.norm) {
-      ss = fmaf(u.x, u.x, fmaf(u.y, u.y, fmaf(u.z, u.z, fmaf(u.w, u.w, ss))));
-      u = mul4(u, __ldg(reinterpret_cast<const float4*>(a.norm) + f));
-    }
-    xs[((c / 32) * Q + q) * 32 + c % 32] = u;
-  }
-  ss = warp_sum(ss);
-  if (lane == 0) ss_part[threadIdx.x / 32] = ss;
-  __syncthreads();
-  float inv = 1.0f;
-  if (a.norm) {
-    ss = 0.0f;
-#pragma unroll
-    for (int w = 0; w < kWarps; ++w) ss += ss_part[w];
-    inv = 1.0f / sqrtf(ss / static_cast<float>(a.cols) + a.eps);
-  }
+  const float ss = stage_input<Q, kWarps>(xs, ss_part, a.x, a.norm, static_cast<int>(a.cols / 4));
+  const float inv = a.norm ? 1.0f / sqrtf(ss / static_cast<float>(a.cols) + a.eps) : 1.0f;
 
   float acc = 0.0f;
   while (row < a.rows) {
