@@ -1089,14 +1089,6 @@ struct CudaModel::Impl {
     const cuda::LtOperand tok = grouped && router_codes_enabled()
                                     ? cuda::lt_token_operand(grouped_gate_up(L, n, slots))
                                     : cuda::LtOperand{};
-    router.also_fp8 = tok.q;
-    router.also_fp8_scales = tok.scales;
-    const bool tokens_quantized = tok.q && cuda::linear_lt(router);
-    if (!tokens_quantized) {
-      router.also_fp8 = nullptr;
-      router.also_fp8_scales = nullptr;
-      if (!skip("router")) cuda::linear(router);
-    }
     cuda::RouteParams r;
     r.logits = s.rlogits;
     r.bias = L.score_bias;
@@ -1112,7 +1104,17 @@ struct CudaModel::Impl {
     r.ids = s.ids;
     r.weights = s.wts;
     r.stream = stream;
-    if (!skip("route")) cuda::route(r);
+    router.also_fp8 = tok.q;
+    router.also_fp8_scales = tok.scales;
+    const bool tokens_quantized = tok.q && cuda::linear_lt(router);
+    bool routed = false;  // the router's launch routed too (one token: cuda::route_fused)
+    if (!tokens_quantized) {
+      router.also_fp8 = nullptr;
+      router.also_fp8_scales = nullptr;
+      if (!skip("router") && !skip("route")) routed = cuda::route_fused(router, r);
+      if (!routed && !skip("router")) cuda::linear(router);
+    }
+    if (!routed && !skip("route")) cuda::route(r);
 
     // Gate/up: each (token, slot) pair is one problem on its own expert's weights; the slots are the k
     // routed experts, then the shared-expert pieces. Down: one problem per token summing its slots with
@@ -1128,8 +1130,8 @@ struct CudaModel::Impl {
     gu.experts2 = L.expert_up;
     gu.ids = s.ids;
     gu.ids_settled = separate_shared;  // the shared gate/up ran between routing and here
-    // x's last writer (o_proj) is three launches back (the router and the routing between), and s.act's
-    // last reader (the previous layer's down projection) is long done.
+    // x's last writer (o_proj) is at least two launches back (the router and the routing between, or
+    // their one fused launch), and s.act's last reader (the previous layer's down projection) is long done.
     gu.x_settled = true;
     gu.x_div = slots;
     gu.fixed_experts = L.fixed;

@@ -437,6 +437,40 @@ TEST(CudaRealHeadDims, PrefillMatchesCpu) {
   }
 }
 
+// One token at a time through 64 routed experts (lite's count, six a token): the router and its routing
+// in one launch (cuda::route_fused), which the goldens' few experts never reach, against the CPU engine
+// fed the same tokens, in BF16 and FP8.
+TEST(CudaRealHeadDims, DecodeStepsWith64ExpertsMatchCpu) {
+  int count = 0;
+  ASSERT_EQ(cudaGetDeviceCount(&count), cudaSuccess) << "these tests need an NVIDIA GPU (ctest label gpu)";
+  Json cfg = real_head_dims_config();
+  cfg["n_routed_experts"] = 64;
+  cfg["num_experts_per_tok"] = 6;
+  for (DType dt : {DType::BF16, DType::F8_E4M3}) {
+    test::TempDir dir;
+    RandomCheckpointOptions opt;
+    opt.dtype = dt;
+    opt.init_std = 0.05;
+    write_random_checkpoint(dir.path(), cfg, opt);
+    Model host(dir.path());
+    CudaModel gpu(host);
+    const int64_t n = 12;
+    CudaLatentCache cache = gpu.new_cache(n);
+    LatentCache cpu_cache = host.new_cache(n);
+    std::vector<float> got, want;
+    for (int64_t t = 0; t < n; ++t) {
+      const std::vector<int32_t> token{static_cast<int32_t>((t * 131 + 7) % 512)};
+      const std::vector<float> g = gpu.forward(token, cache), c = host.forward(token, cpu_cache);
+      got.insert(got.end(), g.begin(), g.end());
+      want.insert(want.end(), c.begin(), c.end());
+    }
+    const double e = test::rel_l2(got, want);
+    std::printf("[gpu-real-dims] %s 64 experts, %lld decode steps: rel_l2 vs cpu %.3e\n", dtype_name(dt),
+                static_cast<long long>(n), e);
+    EXPECT_LE(e, 1e-4) << dtype_name(dt);
+  }
+}
+
 // A prompt prefilled in two chunks, the second over the first's cached keys, on the non-absorbed prefill
 // attention (CudaModel takes it for 256+ rows whose keys fit the buffers sized by the largest step so
 // far: a longer prompt on another cache runs first). Every logit of both chunks against the CPU engine

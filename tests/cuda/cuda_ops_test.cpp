@@ -700,6 +700,90 @@ TEST_F(CudaOps, RoutingMatchesRouteToken) {
   }
 }
 
+// One token's router and routing in one launch (cuda::route_fused: lite's 64 x 2048 BF16 router held on
+// chip): its logits against RMSNorm then the gate on the CPU, its picks against route_token on those
+// logits, for each routing rule with 64 experts; and the shapes it must leave to linear + route.
+TEST_F(CudaOps, RouterAndRoutingInOneLaunch) {
+  struct Case { int64_t k, groups, topk_group; TopkMethod method; ScoringFunc score; bool norm; bool bias, rmsnorm; };
+  const Case cases[] = {
+      {6, 1, 1, TopkMethod::Greedy, ScoringFunc::Softmax, false, false, true},  // V2-Lite
+      {6, 1, 1, TopkMethod::NoauxTc, ScoringFunc::Sigmoid, true, true, true},   // Moonlight
+      {8, 2, 1, TopkMethod::NoauxTc, ScoringFunc::Sigmoid, true, true, false},
+      {6, 2, 1, TopkMethod::GroupLimitedGreedy, ScoringFunc::Softmax, true, false, true},
+      {1, 1, 1, TopkMethod::Greedy, ScoringFunc::Softmax, true, false, true},
+  };
+  const int64_t E = 64, D = 2048;
+  for (const Case& c : cases) {
+    ModelConfig cfg;
+    cfg.n_routed_experts = E;
+    cfg.num_experts_per_tok = c.k;
+    cfg.n_group = c.groups;
+    cfg.topk_group = c.topk_group;
+    cfg.topk_method = c.method;
+    cfg.scoring_func = c.score;
+    cfg.norm_topk_prob = c.norm;
+    cfg.routed_scaling_factor = 2.5;
+    Dev dev;
+    TestMatrix w = make_matrix(rng, dev, DType::BF16, E, D);
+    const std::vector<float> x = randn(rng, static_cast<size_t>(D), 2.0f), g = randn(rng, D);
+    std::vector<float> xn(x), ref_logits(static_cast<size_t>(E));
+    if (c.rmsnorm) cpu::rmsnorm(x.data(), g.data(), 1, D, 1e-6f, xn.data());
+    cpu::linear(w.host, xn.data(), 1, ref_logits.data());
+    std::vector<float> bias;
+    if (c.bias) bias = randn(rng, E, 0.1f);
+    cuda::LinearParams lin = projection(w, nullptr, 1, dev.put(x), D, dev.poisoned(ref_logits.size()));
+    if (c.rmsnorm) {
+      lin.norm = dev.put(g);
+      lin.norm_eps = 1e-6f;
+    }
+    cuda::RouteParams p;
+    p.bias = c.bias ? dev.put(bias) : nullptr;
+    p.n = 1;
+    p.experts = E;
+    p.k = c.k;
+    p.n_group = c.groups;
+    p.topk_group = c.topk_group;
+    p.method = c.method;
+    p.scoring = c.score;
+    p.norm_topk_prob = c.norm;
+    p.routed_scaling_factor = 2.5f;
+    p.ids = dev.alloc<int32_t>(static_cast<size_t>(c.k));
+    p.weights = dev.poisoned(static_cast<size_t>(c.k));
+    ASSERT_TRUE(cuda::route_fused(lin, p)) << "k=" << c.k;
+    const std::vector<float> logits = Dev::get(lin.y, ref_logits.size());
+    EXPECT_LE(test::rel_l2(logits, ref_logits), 1e-5) << "k=" << c.k << " groups=" << c.groups;
+    std::vector<int32_t> ref_ids(static_cast<size_t>(c.k));
+    std::vector<float> ref_w(ref_ids.size());
+    route_token(cfg, logits.data(), bias, ref_ids.data(), ref_w.data());  // on the kernel's own logits
+    EXPECT_EQ(Dev::get(p.ids, ref_ids.size()), ref_ids) << "k=" << c.k << " groups=" << c.groups;
+    EXPECT_LE(test::rel_l2(Dev::get(p.weights, ref_w.size()), ref_w), 1e-5) << "k=" << c.k;
+    // Two tokens, or FP8 weights: linear + route.
+    cuda::LinearParams two = lin;
+    two.n = 2;
+    cuda::RouteParams p2 = p;
+    p2.n = 2;
+    EXPECT_FALSE(cuda::route_fused(two, p2));
+    TestMatrix f8 = make_matrix(rng, dev, DType::F8_E4M3, E, D);
+    cuda::LinearParams fp8 = lin;
+    fp8.w = f8.dev;
+    EXPECT_FALSE(cuda::route_fused(fp8, p));
+  }
+  // Other shapes (128 experts, 4,096 columns, DeepSeek-V3's and V2's routers): linear + route.
+  struct Shape { int64_t E, D; };
+  for (const Shape sh : {Shape{128, 2048}, Shape{64, 4096}, Shape{256, 7168}, Shape{160, 512}}) {
+    Dev dev;
+    TestMatrix w = make_matrix(rng, dev, DType::BF16, sh.E, sh.D);
+    cuda::RouteParams p;
+    p.n = 1;
+    p.k = 8;
+    p.experts = sh.E;
+    p.ids = dev.alloc<int32_t>(8);
+    p.weights = dev.poisoned(8);
+    EXPECT_FALSE(cuda::route_fused(projection(w, nullptr, 1, dev.put(randn(rng, sh.D)), sh.D, dev.poisoned(sh.E)), p))
+        << sh.E << " x " << sh.D;
+  }
+}
+
 // Attention over a paged cache whose unused rows are NaN, pages in a shuffled order, against float64, on
 // both kernels (tensor-core and per-head fp32). Heads 2 to 128 (16-head groups: padded, one, eight, a
 // partial one), widths not a multiple of 8 (8 + 4), contexts spanning many pages, prefill-like row runs.

@@ -6,6 +6,7 @@
 #include "core/error.h"
 #include "ops/cuda/dequant.cuh"
 #include "ops/cuda/quant.cuh"
+#include "ops/cuda/wgmma.cuh"
 
 namespace dsv3::cuda {
 
@@ -126,22 +127,14 @@ __global__ void route_kernel(const RouteParams p, int64_t stride, bool early) {
 // them in its picks; docs/PERF.md, "Twentieth session"). The sums run in route_kernel's order (each
 // lane's experts in order, then the warp; the picked scores one after the other), so the results are
 // the same bits. Groups only as whole columns: each group is (E / n_group) / 32 consecutive j.
+// Token t's choices from its logits (s[j]: expert lane + 32 j) and selection biases (0 without p.bias),
+// in every lane of one warp; lanes 0 .. k - 1 write the picks.
 template <int PER>
-__global__ void route_regs_kernel(const RouteParams p, bool early) {
-  DSV3_TRACE_BLOCK(TraceKernel::Route);
+__device__ __forceinline__ void route_regs_pick(const RouteParams& p, int64_t t, float (&s)[PER],
+                                                const float (&bias)[PER]) {
   const int lane = threadIdx.x % 32;
-  float bias[PER];  // a weight: read before the wait
-#pragma unroll
-  for (int j = 0; j < PER; ++j) bias[j] = p.bias ? p.bias[lane + 32 * j] : 0.0f;
-  pdl_wait();  // the logits are the previous kernel's
-  if (early) pdl_trigger();
-  const int64_t t = static_cast<int64_t>(blockIdx.x) * (blockDim.x / 32) + threadIdx.x / 32;
-  if (t >= p.n) return;
-  const float* logits = p.logits + t * (32 * PER);
   const float neg_inf = -INFINITY;
-  float s[PER], sel[PER];
-#pragma unroll
-  for (int j = 0; j < PER; ++j) s[j] = logits[lane + 32 * j];
+  float sel[PER];
   if (p.scoring == ScoringFunc::Sigmoid) {
 #pragma unroll
     for (int j = 0; j < PER; ++j) s[j] = 1.0f / (1.0f + expf(-s[j]));
@@ -242,6 +235,145 @@ __global__ void route_regs_kernel(const RouteParams p, bool early) {
     p.ids[t * p.k + lane] = mine_id;
     p.weights[t * p.k + lane] = routed_weight(p, mine_w, sum);
   }
+}
+
+// One warp per token over route_regs_pick.
+template <int PER>
+__global__ void route_regs_kernel(const RouteParams p, bool early) {
+  DSV3_TRACE_BLOCK(TraceKernel::Route);
+  const int lane = threadIdx.x % 32;
+  float bias[PER];  // a weight: read before the wait
+#pragma unroll
+  for (int j = 0; j < PER; ++j) bias[j] = p.bias ? p.bias[lane + 32 * j] : 0.0f;
+  pdl_wait();  // the logits are the previous kernel's
+  if (early) pdl_trigger();
+  const int64_t t = static_cast<int64_t>(blockIdx.x) * (blockDim.x / 32) + threadIdx.x / 32;
+  if (t >= p.n) return;
+  const float* logits = p.logits + t * (32 * PER);
+  float s[PER];
+#pragma unroll
+  for (int j = 0; j < PER; ++j) s[j] = logits[lane + 32 * j];
+  route_regs_pick<PER>(p, t, s, bias);
+}
+
+// One token's router and routing in one launch, for lite's router (64 experts over 2,048 columns of BF16:
+// 256 KB): one block holds the whole matrix on chip before the previous kernel ends, 192 KB of it in
+// shared memory (bulk copies) and 64 KB in registers (eight 16-byte chunks a thread), so that after the
+// release only x is read. Thread t's chunks are t + 512 m of the row-major matrix: always column chunk
+// t % 256 (its eight inputs) of rows t / 256 + 2 m. Its 32 partial dots meet across the warp in one
+// transposed butterfly (lane l ends with the warp's sum for m = l), then across the row's eight warps in
+// shared memory; warp 0 picks (route_regs_pick). A batch-1 lite layer spent ~7 us from o_proj's end to the
+// routing's end in the router GEMV's launch, a boundary and the routing's own launch (block timelines on
+// an H200, docs/PERF.md, "Twenty-third session"). A cluster of eight blocks sharing the logits through
+// distributed shared memory was no faster: its blocks did not start before the previous kernel ended.
+constexpr int kRouterThreads = 512, kRouterExperts = 64, kRouterCols = 2048;
+constexpr int kRouterRowChunks = kRouterCols / 8;                                        // 256
+constexpr int kRouterPerThread = kRouterExperts * kRouterRowChunks / kRouterThreads;     // 32
+constexpr int kRouterRegChunks = 8;                                                      // 64 KB in registers
+constexpr int kRouterSmemChunks = kRouterPerThread - kRouterRegChunks;                   // 24
+constexpr uint32_t kRouterSmemBytes = kRouterSmemChunks * kRouterThreads * 16;           // 192 KB
+constexpr uint32_t kRouterCopyBytes = 16384;                                             // a bulk copy
+constexpr int kRouterRowWarps = kRouterRowChunks / 32;                                   // warps a row
+
+// One step of a transposed warp reduction over the first N of d's values: lanes with bit N / 2 set keep
+// the upper half, the others the lower, each adding the partner lane's copy of the half it keeps.
+template <int N, int M>
+__device__ __forceinline__ void fold_half(float (&d)[M], int lane) {
+  const bool upper = (lane & (N / 2)) != 0;
+#pragma unroll
+  for (int i = 0; i < N / 2; ++i) {
+    const float send = upper ? d[i] : d[i + N / 2], keep = upper ? d[i + N / 2] : d[i];
+    d[i] = keep + __shfl_xor_sync(0xffffffffu, send, N / 2);
+  }
+}
+
+__global__ void __launch_bounds__(kRouterThreads, 1)
+    router_route_kernel(const LinearParams g, const RouteParams p, bool early) {
+  DSV3_TRACE_BLOCK(TraceKernel::Route);
+  constexpr int PER = kRouterExperts / 32;
+  extern __shared__ __align__(128) uint4 wsm[];  // the matrix's first kRouterSmemBytes
+  __shared__ __align__(8) uint64_t bar;
+  __shared__ float ss_part[kRouterThreads / 32];
+  __shared__ float part[kRouterExperts][kRouterRowWarps];
+  __shared__ float logits[kRouterExperts];
+  const int t = threadIdx.x, warp = t / 32, lane = t % 32;
+  const uint4* w = static_cast<const uint4*>(g.w.data);
+  const uint32_t b = smem_addr(&bar);
+  if (t == 0) {
+    mbar_init(b, 1);
+    mbar_init_fence();
+  }
+  __syncthreads();
+  if (t == 0) {
+    mbar_arrive_expect_tx(b, kRouterSmemBytes);
+    for (uint32_t off = 0; off < kRouterSmemBytes; off += kRouterCopyBytes)
+      bulk_copy(smem_addr(wsm) + off, reinterpret_cast<const char*>(w) + off, kRouterCopyBytes, b);
+  }
+  uint4 reg[kRouterRegChunks];  // weights only: loaded before the wait
+#pragma unroll
+  for (int m = 0; m < kRouterRegChunks; ++m) reg[m] = __ldg(w + t + kRouterThreads * (kRouterSmemChunks + m));
+  const int c = t % kRouterRowChunks;  // this thread's column chunk: columns 8 c .. 8 c + 7
+  float4 g0 = make_float4(1.0f, 1.0f, 1.0f, 1.0f), g1 = g0;
+  if (g.norm) {
+    g0 = __ldg(reinterpret_cast<const float4*>(g.norm) + 2 * c);
+    g1 = __ldg(reinterpret_cast<const float4*>(g.norm) + 2 * c + 1);
+  }
+  float bias[PER];
+#pragma unroll
+  for (int j = 0; j < PER; ++j) bias[j] = p.bias && warp == 0 ? p.bias[lane + 32 * j] : 0.0f;
+  pdl_wait();  // x is the previous kernel's
+  if (early) pdl_trigger();
+  const float4 x0 = reinterpret_cast<const float4*>(g.x)[2 * c], x1 = reinterpret_cast<const float4*>(g.x)[2 * c + 1];
+  // The first kRouterRowChunks threads hold every column once: the row's sum of squares.
+  float ss = 0.0f;
+  if (t < kRouterRowChunks) {
+    ss = fmaf(x0.x, x0.x, fmaf(x0.y, x0.y, fmaf(x0.z, x0.z, fmaf(x0.w, x0.w, ss))));
+    ss = fmaf(x1.x, x1.x, fmaf(x1.y, x1.y, fmaf(x1.z, x1.z, fmaf(x1.w, x1.w, ss))));
+  }
+  ss = warp_sum(ss);
+  if (lane == 0) ss_part[warp] = ss;
+  const float4 n0 = mul4(x0, g0), n1 = mul4(x1, g1);
+  const float xv[8] = {n0.x, n0.y, n0.z, n0.w, n1.x, n1.y, n1.z, n1.w};
+  auto dot8 = [&](const uint4 raw) {
+    float wv[8];
+    convert_raw<kBF16>(raw, wv);
+    float d = 0.0f;
+#pragma unroll
+    for (int v = 0; v < 8; ++v) d = fmaf(wv[v], xv[v], d);
+    return d;
+  };
+  float d[kRouterPerThread];
+#pragma unroll
+  for (int m = kRouterSmemChunks; m < kRouterPerThread; ++m) d[m] = dot8(reg[m - kRouterSmemChunks]);
+  mbar_wait(b, 0);
+#pragma unroll
+  for (int m = 0; m < kRouterSmemChunks; ++m) d[m] = dot8(wsm[t + kRouterThreads * m]);
+  // Transposed butterfly: each step keeps half the values (the upper half where the lane's bit is set)
+  // and adds the partner's copy of them; after five steps lane l holds the warp's sum of d[l].
+  fold_half<32>(d, lane);
+  fold_half<16>(d, lane);
+  fold_half<8>(d, lane);
+  fold_half<4>(d, lane);
+  fold_half<2>(d, lane);
+  part[warp / kRouterRowWarps + 2 * lane][warp % kRouterRowWarps] = d[0];  // row t / 256 + 2 m, m = lane
+  __syncthreads();
+  if (t < kRouterExperts) {
+    float sq = 0.0f, u = 0.0f;
+#pragma unroll
+    for (int i = 0; i < kRouterRowWarps; ++i) {
+      sq += ss_part[i];
+      u += part[t][i];
+    }
+    const float inv = g.norm ? 1.0f / sqrtf(sq / static_cast<float>(kRouterCols) + g.norm_eps) : 1.0f;
+    logits[t] = u * inv;
+    if (g.y) g.y[t] = u * inv;
+  }
+  __syncthreads();
+  if (warp != 0) return;
+  float sc[PER];
+#pragma unroll
+  for (int j = 0; j < PER; ++j) sc[j] = logits[lane + 32 * j];
+  route_regs_pick<PER>(p, 0, sc, bias);
 }
 
 // The PER that route_regs_kernel takes p with, or 0: 32 PER experts (PER one of 2, 4, 8, 12), at most 32
@@ -633,6 +765,27 @@ void moe_combine(const MoeCombineParams& p, const CombineOperand& next) {
     vec ? moe_combine_kernel<float, true><<<blocks, 256, 0, p.stream>>>(p)
         : moe_combine_kernel<float, false><<<blocks, 256, 0, p.stream>>>(p);
   check_launch("moe_combine_kernel");
+}
+
+bool route_fused(const LinearParams& g, const RouteParams& p) {
+  static const bool on = env_enabled("DSV3_ROUTE_FUSED");
+  auto aligned = [](const void* q) { return reinterpret_cast<uintptr_t>(q) % 16 == 0; };
+  // One token over the plain BF16 gate of lite's shape, with route's register form.
+  if (!on || route_regs_per(p) != kRouterExperts / 32 || p.n != 1 || g.n != 1 || g.experts || g.w2 ||
+      g.w.dtype != DType::BF16 || p.experts != kRouterExperts || g.w.rows != kRouterExperts ||
+      g.w.cols != kRouterCols || g.out != kRouterExperts || g.group_rows != 0 || g.row0 != 0 || g.accumulate ||
+      g.x_div != 1 || !aligned(g.w.data) || !aligned(g.x) || !aligned(g.norm))
+    return false;
+  DSV3_ASSERT(g.x && g.w.data && p.ids && p.weights);
+  static const bool attr = [] {
+    DSV3_CUDA_CHECK(cudaFuncSetAttribute(router_route_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                         static_cast<int>(kRouterSmemBytes)));
+    return true;
+  }();
+  (void)attr;
+  launch_pdl(router_route_kernel, dim3(1), dim3(kRouterThreads), kRouterSmemBytes, p.stream, g, p, pdl_early());
+  check_launch("router_route_kernel");
+  return true;
 }
 
 void route(const RouteParams& p) {
