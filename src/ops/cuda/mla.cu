@@ -262,7 +262,6 @@ __global__ void __launch_bounds__(kAttnThreads) mla_attention_kernel(const MlaAt
   }
 }
 
-
 // ---- Tensor-core attention: a block per (token, group of 16 heads, split) -------------------------------
 // All heads of a token share the keys [c | k_pe] and the values c, so the block stages a tile of 32 cache
 // rows in shared memory once (cp.async, two buffers: the next tile loads while this one is used) and
@@ -271,7 +270,12 @@ __global__ void __launch_bounds__(kAttnThreads) mla_attention_kernel(const MlaAt
 // each product runs hi*hi + hi*lo + lo*hi, so it carries ~22 bits of both inputs (results within ~1e-6
 // of the fp32 kernel, not tf32's 1e-3). Online softmax per head over the tiles; partials in the same
 // work layout as the per-head kernel, combined by mla_combine_kernel.
-constexpr int kMmaThreads = 256, kMmaWarps = kMmaThreads / 32, kMmaKeys = 32, kMmaHeads = 16;
+//
+// Blocks of 8 warps, or 16 for one-token steps (kMmaWideWarps): one token's 1K-key step has only ~32 blocks
+// with keys, each a chain of dependent MMAs; with 16 warps each warp runs a quarter of the scores' k steps
+// (8: half) and half the value tiles.
+constexpr int kMmaWarps = 8, kMmaWideWarps = 16, kMmaKeys = 32, kMmaHeads = 16;
+constexpr int kScoreSlices = 4;         // the scores' k steps in 4 interleaved slices, summed in order
 constexpr int kMmaMaxLatentTiles = 64;  // latent <= 512: each warp owns up to 8 column tiles of 8
 constexpr int kPStride = kMmaKeys + 4;  // score / probability rows in shared memory
 constexpr int kMmaMaxSmem = 224 * 1024;  // dynamic shared memory: Hopper's 227 KiB per block, less the static part
@@ -288,7 +292,7 @@ __host__ __device__ inline MmaLayout mma_layout(int64_t width) {
   l.q = 0;
   l.k = l.q + kMmaHeads * l.stride;
   l.s = l.k + 2 * kMmaKeys * l.stride;           // two key buffers
-  l.pr = l.s + 2 * kMmaHeads * kPStride;          // partial scores of the two k halves
+  l.pr = l.s + kScoreSlices * kMmaHeads * kPStride;  // partial scores of the k slices
   l.corr = l.pr + kMmaHeads * kPStride;           // probabilities
   l.floats = l.corr + kMmaHeads;                  // per-head rescale of the accumulators
   return l;
@@ -336,7 +340,9 @@ __device__ __forceinline__ void mma_split(float (&main)[4], float (&cross)[4], c
 // k columns c, c + 4; B k rows c, c + 4 and column g; C rows g, g + 8 and columns 2c, 2c + 1. In P V the
 // k index is permuted (k = c is key 2c, k = c + 4 key 2c + 1) so that a lane's A operand is two adjacent
 // probabilities of each row and its B operand two adjacent keys' values.
-__global__ void __launch_bounds__(kMmaThreads, 1) mla_attention_mma_kernel(const MlaAttentionParams p) {
+template <int WARPS>
+__global__ void __launch_bounds__(WARPS * 32, 1) mla_attention_mma_kernel(const MlaAttentionParams p) {
+  constexpr int kSlicesPerWarp = kScoreSlices / (WARPS / 4);
   DSV3_TRACE_BLOCK(TraceKernel::AttentionMma);
   extern __shared__ __align__(16) float smem[];
   const int64_t W = p.cache.width, C = p.latent, H = p.heads, groups = (H + kMmaHeads - 1) / kMmaHeads;
@@ -368,7 +374,7 @@ __global__ void __launch_bounds__(kMmaThreads, 1) mla_attention_mma_kernel(const
   auto stage = [&](int64_t i, const float* rows) {
     float* kt = kbuf + (i % 2) * kMmaKeys * ls;
     const int64_t k0 = kb + i * kMmaKeys;
-    for (int r = warp; r < kMmaKeys; r += kMmaWarps) {
+    for (int r = warp; r < kMmaKeys; r += WARPS) {
       for (int col = lane * 4; col < quads * 4; col += 128) {
         if (k0 + r < ke) {
           cp_async16(kt + r * ls + col, rows + r * W + col);
@@ -387,7 +393,7 @@ __global__ void __launch_bounds__(kMmaThreads, 1) mla_attention_mma_kernel(const
   pdl_wait();  // the queries and the new cache rows are mla_prepare's (or the absorbed query's)
   // The queries by cp.async (one plain load per value would wait out a round trip each); a split
   // without keys never reads them.
-  for (int r = warp; r < kMmaHeads && tiles > 0; r += kMmaWarps) {
+  for (int r = warp; r < kMmaHeads && tiles > 0; r += WARPS) {
     const float* qr = p.qabs + (t * H + h0 + r) * W;
     for (int col = lane * 4; col < quads * 4; col += 128) {
       if (r < heads) {
@@ -406,13 +412,13 @@ __global__ void __launch_bounds__(kMmaThreads, 1) mla_attention_mma_kernel(const
     stage(0, tile_rows(0));
   }
   const float* next_rows = tile_rows(1);  // read a tile ahead: its latency hides behind a tile's work
-  for (int r = warp; r < 2 * kMmaKeys; r += kMmaWarps)
+  for (int r = warp; r < 2 * kMmaKeys; r += WARPS)
     for (int64_t col = W + lane; col < L.width_pad; col += 32) kbuf[r * ls + col] = 0.0f;
 
   // Softmax state of row sr (16 threads per row, keys 2 sk and 2 sk + 1 of each tile).
   const int sr = threadIdx.x / 16, sk = threadIdx.x % 16;
   float m = -INFINITY, l = 0.0f;
-  constexpr int kTilesPerWarp = kMmaMaxLatentTiles / kMmaWarps;
+  constexpr int kTilesPerWarp = kMmaMaxLatentTiles / WARPS;
   float acc[kTilesPerWarp][4] = {}, accx[kTilesPerWarp][4] = {};  // hi * hi and cross terms
 
   for (int64_t i = 0; i < tiles; ++i) {
@@ -425,10 +431,13 @@ __global__ void __launch_bounds__(kMmaThreads, 1) mla_attention_mma_kernel(const
     }
     __syncthreads();
     const float* kt = kbuf + (i % 2) * kMmaKeys * ls;
-    {  // Scores: warp = (8-key column tile w % 4, half w / 4 of the k steps); the halves add up below.
-      // Four accumulators (hi * hi and cross terms, even and odd steps): four independent MMA chains.
-      const int nt = warp % 4, half = warp / 4;
-      float s[2][2][4] = {};
+    {  // Scores: warp w runs 8-key column tile w % 4 over its k-step slices (slice sl: steps sl, sl + 4,
+      // sl + 8, ...; with 8 warps two slices a warp, with 16 one), each slice in two chains (alternate
+      // steps) of two accumulators (hi * hi and cross terms). Every slice sums its steps in the same order
+      // for either block width, so a row's scores are the same bits on both kernels (a one-token step runs
+      // the wide one, a batch the narrow one: CudaOps.MlaAttentionBatchedSequencesMatchReference).
+      const int nt = warp % 4;
+      float s[kSlicesPerWarp][2][2][4] = {};
       const float* qa = q + g * ls + c;
       const float* kr = kt + (nt * 8 + g) * ls + c;
       auto step = [&](float (&main)[4], float (&cross)[4], int64_t ks) {
@@ -436,26 +445,43 @@ __global__ void __launch_bounds__(kMmaThreads, 1) mla_attention_mma_kernel(const
         const float a[4] = {qa[o], qa[8 * ls + o], qa[o + 4], qa[8 * ls + o + 4]};
         mma_split(main, cross, SplitA(a), kr[o], kr[o + 4]);
       };
-      int64_t ks = half;
-      for (; ks + 2 < ksteps; ks += 4) {
-        step(s[0][0], s[0][1], ks);
-        step(s[1][0], s[1][1], ks + 2);
-      }
-      if (ks < ksteps) step(s[0][0], s[0][1], ks);
+      int64_t base = 0;
+      for (; base + 2 * kScoreSlices <= ksteps; base += 2 * kScoreSlices) {  // whole rounds: no checks
 #pragma unroll
-      for (int e = 0; e < 4; ++e) s[0][0][e] = (s[0][0][e] + s[1][0][e]) + (s[0][1][e] + s[1][1][e]);
-      float* so = sp + half * kMmaHeads * kPStride + nt * 8 + 2 * c;
-      *reinterpret_cast<float2*>(so + g * kPStride) = make_float2(s[0][0][0], s[0][0][1]);
-      *reinterpret_cast<float2*>(so + (g + 8) * kPStride) = make_float2(s[0][0][2], s[0][0][3]);
+        for (int j = 0; j < kSlicesPerWarp; ++j) {
+          const int64_t ks = base + warp / 4 + j * (WARPS / 4);
+          step(s[j][0][0], s[j][0][1], ks);
+          step(s[j][1][0], s[j][1][1], ks + kScoreSlices);
+        }
+      }
+#pragma unroll
+      for (int j = 0; j < kSlicesPerWarp; ++j) {  // the last, partial round
+        const int64_t ks = base + warp / 4 + j * (WARPS / 4);
+        if (ks < ksteps) step(s[j][0][0], s[j][0][1], ks);
+        if (ks + kScoreSlices < ksteps) step(s[j][1][0], s[j][1][1], ks + kScoreSlices);
+      }
+#pragma unroll
+      for (int j = 0; j < kSlicesPerWarp; ++j) {
+        float r[4];
+#pragma unroll
+        for (int e = 0; e < 4; ++e) r[e] = (s[j][0][0][e] + s[j][1][0][e]) + (s[j][0][1][e] + s[j][1][1][e]);
+        float* so = sp + (warp / 4 + j * (WARPS / 4)) * kMmaHeads * kPStride + nt * 8 + 2 * c;
+        *reinterpret_cast<float2*>(so + g * kPStride) = make_float2(r[0], r[1]);
+        *reinterpret_cast<float2*>(so + (g + 8) * kPStride) = make_float2(r[2], r[3]);
+      }
     }
     __syncthreads();
     if (i == 0) DSV3_TRACE_MARK();  // the first tile's scores are in shared memory
-    {  // Online softmax of row sr; keys past the split's end do not exist.
+    if (sr <
+        kMmaHeads) {  // Online softmax of row sr (the first 8 warps); keys past the split's end do not exist.
       const int64_t k0 = kb + i * kMmaKeys;
       float v[2];
       for (int j = 0; j < 2; ++j) {
         const int key = 2 * sk + j;
-        v[j] = k0 + key < ke ? (sp[sr * kPStride + key] + sp[(kMmaHeads + sr) * kPStride + key]) * p.scale : -INFINITY;
+        float sum = 0.0f;
+#pragma unroll
+        for (int sl = 0; sl < kScoreSlices; ++sl) sum += sp[(sl * kMmaHeads + sr) * kPStride + key];
+        v[j] = k0 + key < ke ? sum * p.scale : -INFINITY;
       }
       float tmax = fmaxf(v[0], v[1]);
       for (int o = 8; o > 0; o >>= 1) tmax = fmaxf(tmax, __shfl_xor_sync(0xffffffffu, tmax, o));
@@ -492,7 +518,7 @@ __global__ void __launch_bounds__(kMmaThreads, 1) mla_attention_mma_kernel(const
         const float* v0 = kt + (ks * 8 + 2 * c) * ls + g;
 #pragma unroll
         for (int j = 0; j < kTilesPerWarp; ++j) {
-          const int64_t ct = warp + j * kMmaWarps;
+          const int64_t ct = warp + j * WARPS;
           if (ct < ctiles) mma_split(acc[j], accx[j], as, v0[ct * 8], v0[ls + ct * 8]);
         }
       }
@@ -507,7 +533,7 @@ __global__ void __launch_bounds__(kMmaThreads, 1) mla_attention_mma_kernel(const
   float* mls = parts + p.splits * slots * C;
 #pragma unroll
   for (int j = 0; j < kTilesPerWarp; ++j) {
-    const int64_t col = (warp + j * kMmaWarps) * 8 + 2 * c;
+    const int64_t col = (warp + j * WARPS) * 8 + 2 * c;
     if (col >= C) continue;
 #pragma unroll
     for (int e = 0; e < 4; ++e) acc[j][e] += accx[j][e];
@@ -661,15 +687,22 @@ namespace {
 // The tensor-core attention's launch (its partials for mla_combine_kernel or mla_combine_values_kernel).
 void launch_attention_mma(const MlaAttentionParams& p) {
   static const bool opted_in = [] {  // once per process: allow kMmaMaxSmem of dynamic shared memory
-    DSV3_CUDA_CHECK(cudaFuncSetAttribute(mla_attention_mma_kernel,
+    DSV3_CUDA_CHECK(cudaFuncSetAttribute(mla_attention_mma_kernel<kMmaWarps>,
+                                         cudaFuncAttributeMaxDynamicSharedMemorySize, kMmaMaxSmem));
+    DSV3_CUDA_CHECK(cudaFuncSetAttribute(mla_attention_mma_kernel<kMmaWideWarps>,
                                          cudaFuncAttributeMaxDynamicSharedMemorySize, kMmaMaxSmem));
     return true;
   }();
+  // Measurement knob DSV3_MLA_WIDE=0 (read once): one-token steps on 8-warp blocks too.
+  static const bool wide_on = env_enabled("DSV3_MLA_WIDE");
+  const bool wide = wide_on && p.n == 1;
+  const int warps = wide ? kMmaWideWarps : kMmaWarps;
   const size_t bytes = static_cast<size_t>(mma_layout(p.cache.width).floats) * sizeof(float);
   DSV3_ASSERT(opted_in && bytes <= static_cast<size_t>(kMmaMaxSmem));
   const int64_t groups = (p.heads + kMmaHeads - 1) / kMmaHeads;
   const dim3 grid(static_cast<unsigned>(p.n * groups), static_cast<unsigned>(p.splits));
-  launch_pdl(mla_attention_mma_kernel, grid, dim3(kMmaThreads), bytes, p.stream, p);
+  launch_pdl(wide ? mla_attention_mma_kernel<kMmaWideWarps> : mla_attention_mma_kernel<kMmaWarps>, grid,
+             dim3(warps * 32), bytes, p.stream, p);
 }
 
 // ---- One token's split combine and W_UV in one launch ------------------------------------------------
