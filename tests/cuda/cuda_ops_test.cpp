@@ -704,7 +704,13 @@ TEST_F(CudaOps, RoutingMatchesRouteToken) {
 // chip): its logits against RMSNorm then the gate on the CPU, its picks against route_token on those
 // logits, for each routing rule with 64 experts; and the shapes it must leave to linear + route.
 TEST_F(CudaOps, RouterAndRoutingInOneLaunch) {
-  struct Case { int64_t k, groups, topk_group; TopkMethod method; ScoringFunc score; bool norm; bool bias, rmsnorm; };
+  struct Case {
+    int64_t k, groups, topk_group;
+    TopkMethod method;
+    ScoringFunc score;
+    bool norm;
+    bool bias, rmsnorm;
+  };
   const Case cases[] = {
       {6, 1, 1, TopkMethod::Greedy, ScoringFunc::Softmax, false, false, true},  // V2-Lite
       {6, 1, 1, TopkMethod::NoauxTc, ScoringFunc::Sigmoid, true, true, true},   // Moonlight
@@ -769,7 +775,9 @@ TEST_F(CudaOps, RouterAndRoutingInOneLaunch) {
     EXPECT_FALSE(cuda::route_fused(fp8, p));
   }
   // Other shapes (128 experts, 4,096 columns, DeepSeek-V3's and V2's routers): linear + route.
-  struct Shape { int64_t E, D; };
+  struct Shape {
+    int64_t E, D;
+  };
   for (const Shape sh : {Shape{128, 2048}, Shape{64, 4096}, Shape{256, 7168}, Shape{160, 512}}) {
     Dev dev;
     TestMatrix w = make_matrix(rng, dev, DType::BF16, sh.E, sh.D);
@@ -779,7 +787,8 @@ TEST_F(CudaOps, RouterAndRoutingInOneLaunch) {
     p.experts = sh.E;
     p.ids = dev.alloc<int32_t>(8);
     p.weights = dev.poisoned(8);
-    EXPECT_FALSE(cuda::route_fused(projection(w, nullptr, 1, dev.put(randn(rng, sh.D)), sh.D, dev.poisoned(sh.E)), p))
+    EXPECT_FALSE(
+        cuda::route_fused(projection(w, nullptr, 1, dev.put(randn(rng, sh.D)), sh.D, dev.poisoned(sh.E)), p))
         << sh.E << " x " << sh.D;
   }
 }

@@ -370,10 +370,10 @@ struct RouteParams {
 };
 void route(const RouteParams& p);
 // One token's router `g` (the linear whose output is p.logits: BF16 gate weights, optional RMSNorm of x)
-// and route(p) in one launch, the logits kept inside a cluster of blocks (still written to g.y where set;
-// p.logits is not read). Returns false, launching nothing, where it does not apply (several tokens, other dtypes or
-// shapes, expert counts route's register form does not take, DSV3_ROUTE_FUSED=0); the caller then runs
-// linear(g) and route(p).
+// and route(p) in one launch of one block that holds the router's matrix on chip before the previous
+// kernel ends (lite's 64 x 2048; the logits still written to g.y where set, p.logits not read). Returns
+// false, launching nothing, where it does not apply (several tokens, other dtypes or shapes,
+// DSV3_ROUTE_FUSED=0); the caller then runs linear(g) and route(p).
 bool route_fused(const LinearParams& g, const RouteParams& p);
 
 // Groups an MoE layer's (token, slot) problems by expert for the gathered linear: problem q = t * slots

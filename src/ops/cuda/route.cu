@@ -267,13 +267,13 @@ __global__ void route_regs_kernel(const RouteParams p, bool early) {
 // an H200, docs/PERF.md, "Twenty-third session"). A cluster of eight blocks sharing the logits through
 // distributed shared memory was no faster: its blocks did not start before the previous kernel ended.
 constexpr int kRouterThreads = 512, kRouterExperts = 64, kRouterCols = 2048;
-constexpr int kRouterRowChunks = kRouterCols / 8;                                        // 256
-constexpr int kRouterPerThread = kRouterExperts * kRouterRowChunks / kRouterThreads;     // 32
-constexpr int kRouterRegChunks = 8;                                                      // 64 KB in registers
-constexpr int kRouterSmemChunks = kRouterPerThread - kRouterRegChunks;                   // 24
-constexpr uint32_t kRouterSmemBytes = kRouterSmemChunks * kRouterThreads * 16;           // 192 KB
-constexpr uint32_t kRouterCopyBytes = 16384;                                             // a bulk copy
-constexpr int kRouterRowWarps = kRouterRowChunks / 32;                                   // warps a row
+constexpr int kRouterRowChunks = kRouterCols / 8;                                     // 256
+constexpr int kRouterPerThread = kRouterExperts * kRouterRowChunks / kRouterThreads;  // 32
+constexpr int kRouterRegChunks = 8;                                                   // 64 KB in registers
+constexpr int kRouterSmemChunks = kRouterPerThread - kRouterRegChunks;                // 24
+constexpr uint32_t kRouterSmemBytes = kRouterSmemChunks * kRouterThreads * 16;        // 192 KB
+constexpr uint32_t kRouterCopyBytes = 16384;                                          // a bulk copy
+constexpr int kRouterRowWarps = kRouterRowChunks / 32;                                // warps a row
 
 // One step of a transposed warp reduction over the first N of d's values: lanes with bit N / 2 set keep
 // the upper half, the others the lower, each adding the partner lane's copy of the half it keeps.
@@ -323,7 +323,8 @@ __global__ void __launch_bounds__(kRouterThreads, 1)
   for (int j = 0; j < PER; ++j) bias[j] = p.bias && warp == 0 ? p.bias[lane + 32 * j] : 0.0f;
   pdl_wait();  // x is the previous kernel's
   if (early) pdl_trigger();
-  const float4 x0 = reinterpret_cast<const float4*>(g.x)[2 * c], x1 = reinterpret_cast<const float4*>(g.x)[2 * c + 1];
+  const float4 x0 = reinterpret_cast<const float4*>(g.x)[2 * c],
+               x1 = reinterpret_cast<const float4*>(g.x)[2 * c + 1];
   // The first kRouterRowChunks threads hold every column once: the row's sum of squares.
   float ss = 0.0f;
   if (t < kRouterRowChunks) {
@@ -773,8 +774,8 @@ bool route_fused(const LinearParams& g, const RouteParams& p) {
   // One token over the plain BF16 gate of lite's shape, with route's register form.
   if (!on || route_regs_per(p) != kRouterExperts / 32 || p.n != 1 || g.n != 1 || g.experts || g.w2 ||
       g.w.dtype != DType::BF16 || p.experts != kRouterExperts || g.w.rows != kRouterExperts ||
-      g.w.cols != kRouterCols || g.out != kRouterExperts || g.group_rows != 0 || g.row0 != 0 || g.accumulate ||
-      g.x_div != 1 || !aligned(g.w.data) || !aligned(g.x) || !aligned(g.norm))
+      g.w.cols != kRouterCols || g.out != kRouterExperts || g.group_rows != 0 || g.row0 != 0 ||
+      g.accumulate || g.x_div != 1 || !aligned(g.w.data) || !aligned(g.x) || !aligned(g.norm))
     return false;
   DSV3_ASSERT(g.x && g.w.data && p.ids && p.weights);
   static const bool attr = [] {
@@ -783,7 +784,8 @@ bool route_fused(const LinearParams& g, const RouteParams& p) {
     return true;
   }();
   (void)attr;
-  launch_pdl(router_route_kernel, dim3(1), dim3(kRouterThreads), kRouterSmemBytes, p.stream, g, p, pdl_early());
+  launch_pdl(router_route_kernel, dim3(1), dim3(kRouterThreads), kRouterSmemBytes, p.stream, g, p,
+             pdl_early());
   check_launch("router_route_kernel");
   return true;
 }
