@@ -371,10 +371,12 @@ __global__ void __launch_bounds__(WARPS * 32, 1) mla_attention_mma_kernel(const 
   // multiple of 32 keys, so its rows lie in one 64-row page: one page-table read per tile.
   const int quads = static_cast<int>(W / 4);
   auto tile_rows = [&](int64_t i) { return i < tiles ? cache_row(p.cache, t, p.layer, kb + i * kMmaKeys) : nullptr; };
-  auto stage = [&](int64_t i, const float* rows) {
+  // `skip`: a key of the tile left for the caller to load (-1: none).
+  auto stage = [&](int64_t i, const float* rows, int64_t skip) {
     float* kt = kbuf + (i % 2) * kMmaKeys * ls;
     const int64_t k0 = kb + i * kMmaKeys;
     for (int r = warp; r < kMmaKeys; r += WARPS) {
+      if (k0 + r == skip) continue;
       for (int col = lane * 4; col < quads * 4; col += 128) {
         if (k0 + r < ke) {
           cp_async16(kt + r * ls + col, rows + r * W + col);
@@ -385,12 +387,20 @@ __global__ void __launch_bounds__(WARPS * 32, 1) mla_attention_mma_kernel(const 
     }
     cp_async_commit();
   };
-  // A one-token step writes one cache row, its own (key visible - 1, mla_prepare's): every split whose
-  // tile 0 ends before it stages that tile before waiting for mla_prepare, so the tile's loads overlap the
-  // previous kernel's tail. (Positions and page tables come from the host, before the step.)
-  const bool staged_early = p.n == 1 && tiles > 0 && kb + kMmaKeys < visible;
-  if (staged_early) stage(0, tile_rows(0));
+  // A one-token step writes one cache row, its own (key visible - 1, mla_prepare's): every split stages
+  // its tile 0 before waiting for mla_prepare, all of it but that row, so the tile's loads overlap the
+  // previous kernel's tail; the split holding the new key loads that one row after the wait. (The split
+  // that loaded its whole tile 0 after the wait ended 1.5-1.8 us after the others and set the launch's
+  // end: docs/PERF.md, "Nineteenth session".) Positions and page tables come from the host, before the step.
+  const int64_t own_key = visible - 1;
+  const bool staged_early = p.n == 1 && tiles > 0;
+  const bool own_in_tile0 = staged_early && own_key >= kb && own_key < min(ke, kb + kMmaKeys);
+  if (staged_early) stage(0, tile_rows(0), own_in_tile0 ? own_key : -1);
   pdl_wait();  // the queries and the new cache rows are mla_prepare's (or the absorbed query's)
+  if (own_in_tile0 && warp == 0) {
+    const int64_t r = own_key - kb;
+    for (int col = lane * 4; col < quads * 4; col += 128) cp_async16(kbuf + r * ls + col, tile_rows(0) + r * W + col);
+  }
   // The queries by cp.async (one plain load per value would wait out a round trip each); a split
   // without keys never reads them.
   for (int r = warp; r < kMmaHeads && tiles > 0; r += WARPS) {
@@ -404,12 +414,12 @@ __global__ void __launch_bounds__(WARPS * 32, 1) mla_attention_mma_kernel(const 
     }
     for (int64_t col = W + lane; col < L.width_pad; col += 32) q[r * ls + col] = 0.0f;
   }
-  // After an early tile 0 the queries form their own copy group (the loop's waits cover both); else they
-  // join tile 0's.
+  // After an early tile 0 the queries (and the new key's row) form their own copy group (the loop's waits
+  // cover both); else they join tile 0's.
   if (staged_early) {
     cp_async_commit();
   } else if (tiles > 0) {
-    stage(0, tile_rows(0));
+    stage(0, tile_rows(0), -1);
   }
   const float* next_rows = tile_rows(1);  // read a tile ahead: its latency hides behind a tile's work
   for (int r = warp; r < 2 * kMmaKeys; r += WARPS)
@@ -423,7 +433,7 @@ __global__ void __launch_bounds__(WARPS * 32, 1) mla_attention_mma_kernel(const 
 
   for (int64_t i = 0; i < tiles; ++i) {
     if (i + 1 < tiles) {
-      stage(i + 1, next_rows);
+      stage(i + 1, next_rows, -1);
       next_rows = tile_rows(i + 2);
       cp_async_wait<1>();
     } else {
