@@ -219,6 +219,14 @@ bool router_codes_enabled() {
   return on;
 }
 
+// Whether one token's o_proj and combined down projection read the residual values they add to before
+// waiting for the previous kernel (cuda::LinearParams::y_settled): on unless DSV3_Y_SETTLED=0
+// (measurement; the same bits either way). Read once.
+bool y_settled_enabled() {
+  static const bool on = cuda::env_enabled("DSV3_Y_SETTLED");
+  return on;
+}
+
 // Whether the grouped MoE's combine also writes the next layer's q / kv_a operand (RMSNorm of the new x,
 // quantized; cuda::CombineOperand), instead of that projection norming and quantizing x in a pass of
 // its own: on unless DSV3_COMBINE_CODES=0 (measurement; the same bytes either way). Read once.
@@ -921,6 +929,8 @@ struct CudaModel::Impl {
     if (uk_mma) cuda::expert_mma(uk);
     cuda::LinearParams op = lin(L.o, s.o, H * dv, n, s.x, D);
     op.accumulate = true;
+    // x's last writer is the previous layer's MLP (or the embedding), five launches back.
+    op.y_settled = y_settled_enabled();
     if (pf.n == 0) {
       absorbed_attention(L, layer, n, sc);
     } else if (mla_prefill(L, layer, sc, pf, op)) {  // the kernel wrote o_proj's operand
@@ -1147,6 +1157,8 @@ struct CudaModel::Impl {
     down.fixed_experts = L.fixed;
     down.fixed_first = E;
     down.accumulate = true;
+    // x's last writer: o_proj, three launches back (or, with separate shared experts, their down just before).
+    down.y_settled = !separate_shared && y_settled_enabled();
     if (!skip("down")) cuda::linear(down);
   }
 

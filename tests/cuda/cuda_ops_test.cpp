@@ -414,6 +414,12 @@ TEST_F(CudaOps, LinearSwiGLUPairAndAccumulate) {
       a.accumulate = true;
       cuda::linear(a);
       EXPECT_LE(test::rel_l2(Dev::get(a.y, ref.size()), acc_ref), 1e-5) << dtype_name(dt) << " accumulate n=" << n;
+      // y settled (one token: the values added to are read before the wait): the same bits.
+      cuda::LinearParams settled = a;
+      settled.y = dev.put(y0);
+      settled.y_settled = true;
+      cuda::linear(settled);
+      EXPECT_EQ(Dev::get(settled.y, ref.size()), Dev::get(a.y, ref.size())) << dtype_name(dt) << " n=" << n;
     }
 }
 
@@ -592,6 +598,11 @@ TEST_F(CudaOps, FixedExpertsFollowRoutedSlots) {
       cuda::linear(c);
       EXPECT_LE(test::rel_l2(Dev::get(c.y, out.size()), out), 1e-5)
           << dtype_name(dt) << " down + combine, D=" << D << " n=" << n;
+      cuda::LinearParams settled = c;  // the residual read before the wait: the same bits
+      settled.y = dev.put(y0);
+      settled.y_settled = true;
+      cuda::linear(settled);
+      EXPECT_EQ(Dev::get(settled.y, out.size()), Dev::get(c.y, out.size())) << dtype_name(dt) << " D=" << D << " n=" << n;
     }
 }
 

@@ -211,6 +211,19 @@ __global__ void __launch_bounds__(kWarps * 32) gemv_kernel(const GemvArgs a) {
       }
     }
   }
+  // One token accumulating into y written two or more launches back (p.y_settled): the value each store
+  // adds to is read before the wait, into shared memory (a register held across the sums spilled in the
+  // eight-row form), so that the store after the sums waits for no load. The store loop gives thread idx
+  // the same (tile, row) as here: one pass, as a block stores at most kWarps * 8 values of one token.
+  __shared__ float prior[NT == 1 && !DUAL ? kWarps * 8 : 1];
+  const bool early_prior = NT == 1 && !DUAL && p.accumulate && p.y_settled && !gathered;
+  if (early_prior) {
+    const int idx = threadIdx.x;
+    const int64_t t = static_cast<int64_t>(blockIdx.x) * a.tiles_per_block + idx / R;
+    const int64_t gt = t / a.tiles_per_group, it = (t - gt * a.tiles_per_group) * R + idx % R;
+    if (idx < a.tiles_per_block * R && p0 < p.n && gt < a.groups && it < a.group_rows && gt * a.group_rows + it < p.out)
+      prior[idx] = p.y[p0 * p.ldy + gt * a.group_rows + it];
+  }
   pdl_wait();
   if (a.early) pdl_trigger();
   if (gathered) {
@@ -383,7 +396,7 @@ __global__ void __launch_bounds__(kWarps * 32) gemv_kernel(const GemvArgs a) {
     float v = u * inv;
     if constexpr (DUAL) v = silu(v) * (u2 * inv);
     float* yp = p.y + pi * p.ldy + gt * a.group_rows + it;
-    *yp = p.accumulate ? *yp + v : v;
+    *yp = p.accumulate ? (early_prior ? prior[idx] : *yp) + v : v;
   }
 }
 

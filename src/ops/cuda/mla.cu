@@ -43,8 +43,10 @@ constexpr int kPrepareTokens = 8, kPrepareTokensFrom = 1024, kRopeBatch = 4, kPr
 // RoPE rotation is computed once (in double, as the CPU does) for k_pe and every head. With one token
 // a block, an 8K-token prompt's step spent ~90 us a layer here (docs/PERF.md, "Tenth session"): a warp
 // of double-precision cos/sin per token, each waiting out one load at a time in the RoPE loop.
-template <int TOKENS>
-__device__ void prepare_tokens(const MlaPrepareParams& p, int64_t t0) {
+// `wait()`: pdl_wait (kva and q are the previous kernel's). A one-token step computes its rotation before
+// it: positions come from the host, before the step, as the attention kernel's early tiles assume.
+template <int TOKENS, class Wait>
+__device__ void prepare_tokens(const MlaPrepareParams& p, int64_t t0, Wait wait) {
   constexpr int batch = TOKENS < kRopeBatch ? TOKENS : kRopeBatch;
   __shared__ float cos_s[TOKENS][kMaxRopePairs], sin_s[TOKENS][kMaxRopePairs];
   __shared__ double partial[kPrepareThreads / 32];
@@ -55,6 +57,8 @@ __device__ void prepare_tokens(const MlaPrepareParams& p, int64_t t0) {
 
   // Rotations from the block's last threads (item j on thread blockDim.x - 1 - j), so that with few
   // tokens (decode) their cos/sin run beside the norm's loads in the first warps.
+  const bool rotate_first = p.n == 1;
+  if (!rotate_first) wait();
   for (int j = static_cast<int>(blockDim.x) - 1 - tid; j < count * half; j += blockDim.x) {
     const int tk = j / half, i = j % half;
     const double angle = static_cast<double>(row_position(p.pos0, p.pos, t0 + tk)) * p.inv_freq[i];
@@ -63,6 +67,7 @@ __device__ void prepare_tokens(const MlaPrepareParams& p, int64_t t0) {
     cos_s[tk][i] = static_cast<float>(c * p.cos_sin_scale);
     sin_s[tk][i] = static_cast<float>(s * p.cos_sin_scale);
   }
+  if (rotate_first) wait();
   // The latent's RMSNorm into each token's cache row: `per` warps a token (all 8 for one token, one
   // each for eight), their sums of squares met in shared memory.
   const int per = static_cast<int>(blockDim.x) / 32 / count, tn = warp / per, part = warp % per;
@@ -136,8 +141,7 @@ __global__ void __launch_bounds__(kPrepareThreads, 3)
   };
   const int64_t token_blocks = (p.n + TOKENS - 1) / TOKENS;
   if (blockIdx.x < token_blocks) {
-    wait();
-    prepare_tokens<TOKENS>(p, blockIdx.x * TOKENS);
+    prepare_tokens<TOKENS>(p, blockIdx.x * TOKENS, wait);
     return;
   }
   const int64_t b = blockIdx.x - token_blocks, col_blocks = (geom.cols + 31) / 32;

@@ -85,6 +85,9 @@ struct LinearParams {
   // stream (linear.cu) then runs its fixed-slot units (the shared experts) before waiting for the
   // previous kernel (the routing), reading x and writing their rows of y.
   bool x_settled = false;
+  // With accumulate: y's values were written at least two launches back, so a one-token GEMV reads the
+  // values it adds to before waiting for the previous kernel (its store then waits for no load).
+  bool y_settled = false;
   const float* combine = nullptr;        // [n * combine_k] routing weights
   int64_t combine_k = 0;
   int64_t n = 0, out = 0;
