@@ -409,16 +409,21 @@ Json real_head_dims_config() {
   return cfg;
 }
 
+// A random checkpoint of `cfg` in `dtype` (weights of std 0.05) in dir.
+void write_real_dims_checkpoint(const std::string& dir, const Json& cfg, DType dtype) {
+  RandomCheckpointOptions opt;
+  opt.dtype = dtype;
+  opt.init_std = 0.05;
+  write_random_checkpoint(dir, cfg, opt);
+}
+
 TEST(CudaRealHeadDims, PrefillMatchesCpu) {
   int count = 0;
   ASSERT_EQ(cudaGetDeviceCount(&count), cudaSuccess) << "these tests need an NVIDIA GPU (ctest label gpu)";
   const Json cfg = real_head_dims_config();
   for (DType dt : {DType::BF16, DType::F8_E4M3}) {
     test::TempDir dir;
-    RandomCheckpointOptions opt;
-    opt.dtype = dt;
-    opt.init_std = 0.05;
-    write_random_checkpoint(dir.path(), cfg, opt);
+    write_real_dims_checkpoint(dir.path(), cfg, dt);
     Model host(dir.path());
     CudaOptions exact;
     exact.prefill_gemm = "fp32";  // the fp32-accurate path, whatever DSV3_LT_AUTO_ROWS says
@@ -448,10 +453,7 @@ TEST(CudaRealHeadDims, DecodeStepsWith64ExpertsMatchCpu) {
   cfg["num_experts_per_tok"] = 6;
   for (DType dt : {DType::BF16, DType::F8_E4M3}) {
     test::TempDir dir;
-    RandomCheckpointOptions opt;
-    opt.dtype = dt;
-    opt.init_std = 0.05;
-    write_random_checkpoint(dir.path(), cfg, opt);
+    write_real_dims_checkpoint(dir.path(), cfg, dt);
     Model host(dir.path());
     CudaModel gpu(host);
     const int64_t n = 12;
@@ -480,10 +482,7 @@ TEST(CudaRealHeadDims, ChunkedPrefillOverCachedPrefixMatchesCpu) {
   int count = 0;
   ASSERT_EQ(cudaGetDeviceCount(&count), cudaSuccess) << "these tests need an NVIDIA GPU (ctest label gpu)";
   test::TempDir dir;
-  RandomCheckpointOptions opt;
-  opt.dtype = DType::BF16;
-  opt.init_std = 0.05;
-  write_random_checkpoint(dir.path(), real_head_dims_config(), opt);
+  write_real_dims_checkpoint(dir.path(), real_head_dims_config(), DType::BF16);
   Model host(dir.path());
   CudaOptions exact;
   exact.prefill_gemm = "fp32";

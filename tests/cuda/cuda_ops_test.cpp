@@ -657,6 +657,34 @@ TEST_F(CudaOps, RMSNormMatchesCpu) {
     }
 }
 
+// A routing rule (routed_scaling_factor 2.5), and the same rule as RouteParams (pointers and n left to
+// the caller).
+ModelConfig routing_config(int64_t E, int64_t k, int64_t groups, int64_t topk_group, TopkMethod method,
+                           ScoringFunc score, bool norm) {
+  ModelConfig cfg;
+  cfg.n_routed_experts = E;
+  cfg.num_experts_per_tok = k;
+  cfg.n_group = groups;
+  cfg.topk_group = topk_group;
+  cfg.topk_method = method;
+  cfg.scoring_func = score;
+  cfg.norm_topk_prob = norm;
+  cfg.routed_scaling_factor = 2.5;
+  return cfg;
+}
+cuda::RouteParams route_rule(const ModelConfig& cfg) {
+  cuda::RouteParams p;
+  p.experts = cfg.n_routed_experts;
+  p.k = cfg.num_experts_per_tok;
+  p.n_group = cfg.n_group;
+  p.topk_group = cfg.topk_group;
+  p.method = cfg.topk_method;
+  p.scoring = cfg.scoring_func;
+  p.norm_topk_prob = cfg.norm_topk_prob;
+  p.routed_scaling_factor = static_cast<float>(cfg.routed_scaling_factor);
+  return p;
+}
+
 TEST_F(CudaOps, RoutingMatchesRouteToken) {
   struct Case { int64_t E, k, groups, topk_group; TopkMethod method; ScoringFunc score; bool norm; bool bias; };
   const Case cases[] = {
@@ -674,15 +702,7 @@ TEST_F(CudaOps, RoutingMatchesRouteToken) {
       {64, 8, 2, 1, TopkMethod::GroupLimitedGreedy, ScoringFunc::Softmax, true, false},
   };
   for (const Case& c : cases) {
-    ModelConfig cfg;
-    cfg.n_routed_experts = c.E;
-    cfg.num_experts_per_tok = c.k;
-    cfg.n_group = c.groups;
-    cfg.topk_group = c.topk_group;
-    cfg.topk_method = c.method;
-    cfg.scoring_func = c.score;
-    cfg.norm_topk_prob = c.norm;
-    cfg.routed_scaling_factor = 2.5;
+    const ModelConfig cfg = routing_config(c.E, c.k, c.groups, c.topk_group, c.method, c.score, c.norm);
     const int64_t n = 70;  // eight tokens a block past 64: nine blocks, the last one partly used
     Dev dev;
     std::vector<float> logits = randn(rng, static_cast<size_t>(n * c.E), 2.0f);
@@ -694,18 +714,10 @@ TEST_F(CudaOps, RoutingMatchesRouteToken) {
     std::vector<float> ref_w(ref_ids.size());
     for (int64_t t = 0; t < n; ++t)
       route_token(cfg, logits.data() + t * c.E, bias, ref_ids.data() + t * c.k, ref_w.data() + t * c.k);
-    cuda::RouteParams p;
+    cuda::RouteParams p = route_rule(cfg);
     p.logits = dev.put(logits);
     p.bias = c.bias ? dev.put(bias) : nullptr;
     p.n = n;
-    p.experts = c.E;
-    p.k = c.k;
-    p.n_group = c.groups;
-    p.topk_group = c.topk_group;
-    p.method = c.method;
-    p.scoring = c.score;
-    p.norm_topk_prob = c.norm;
-    p.routed_scaling_factor = 2.5f;
     p.ids = dev.alloc<int32_t>(ref_ids.size());
     p.weights = dev.poisoned(ref_w.size());
     cuda::route(p);
@@ -734,15 +746,7 @@ TEST_F(CudaOps, RouterAndRoutingInOneLaunch) {
   };
   const int64_t E = 64, D = 2048;
   for (const Case& c : cases) {
-    ModelConfig cfg;
-    cfg.n_routed_experts = E;
-    cfg.num_experts_per_tok = c.k;
-    cfg.n_group = c.groups;
-    cfg.topk_group = c.topk_group;
-    cfg.topk_method = c.method;
-    cfg.scoring_func = c.score;
-    cfg.norm_topk_prob = c.norm;
-    cfg.routed_scaling_factor = 2.5;
+    const ModelConfig cfg = routing_config(E, c.k, c.groups, c.topk_group, c.method, c.score, c.norm);
     Dev dev;
     TestMatrix w = make_matrix(rng, dev, DType::BF16, E, D);
     const std::vector<float> x = randn(rng, static_cast<size_t>(D), 2.0f), g = randn(rng, D);
@@ -756,17 +760,9 @@ TEST_F(CudaOps, RouterAndRoutingInOneLaunch) {
       lin.norm = dev.put(g);
       lin.norm_eps = 1e-6f;
     }
-    cuda::RouteParams p;
+    cuda::RouteParams p = route_rule(cfg);
     p.bias = c.bias ? dev.put(bias) : nullptr;
     p.n = 1;
-    p.experts = E;
-    p.k = c.k;
-    p.n_group = c.groups;
-    p.topk_group = c.topk_group;
-    p.method = c.method;
-    p.scoring = c.score;
-    p.norm_topk_prob = c.norm;
-    p.routed_scaling_factor = 2.5f;
     p.ids = dev.alloc<int32_t>(static_cast<size_t>(c.k));
     p.weights = dev.poisoned(static_cast<size_t>(c.k));
     ASSERT_TRUE(cuda::route_fused(lin, p)) << "k=" << c.k;
