@@ -162,6 +162,11 @@ __device__ __forceinline__ float4 mul4(float4 a, float4 b) {
   return make_float4(a.x * b.x, a.y * b.y, a.z * b.z, a.w * b.w);
 }
 
+// ss plus u's four squares (an RMSNorm's running sum of squares), w first.
+__device__ __forceinline__ float add_squares4(float4 u, float ss) {
+  return fmaf(u.x, u.x, fmaf(u.y, u.y, fmaf(u.z, u.z, fmaf(u.w, u.w, ss))));
+}
+
 __device__ __forceinline__ float warp_sum(float v) {
 #pragma unroll
   for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
@@ -182,7 +187,7 @@ __device__ __forceinline__ float stage_input(float4* xs, float* ss_part, const f
     const int c = f / Q, q = f % Q;  // chunk c = lane' + 32 j'
     float4 u = reinterpret_cast<const float4*>(x)[f];
     if (norm) {
-      ss = fmaf(u.x, u.x, fmaf(u.y, u.y, fmaf(u.z, u.z, fmaf(u.w, u.w, ss))));
+      ss = add_squares4(u, ss);
       u = mul4(u, __ldg(reinterpret_cast<const float4*>(norm) + f));
     }
     xs[((c / 32) * Q + q) * 32 + c % 32] = u;

@@ -106,7 +106,7 @@ __global__ void __launch_bounds__(kMmaWarps * 32) expert_mma_kernel(const MmaArg
         const float* xr = x + prob[i] / p.x_div * p.ldx;
         for (int64_t k = lane * 4; k < cols; k += 128) {
           const float4 u = *reinterpret_cast<const float4*>(xr + k);
-          ss = fmaf(u.x, u.x, fmaf(u.y, u.y, fmaf(u.z, u.z, fmaf(u.w, u.w, ss))));
+          ss = add_squares4(u, ss);
         }
       }
       ss = warp_sum(ss);

@@ -288,7 +288,7 @@ __global__ void __launch_bounds__(kWarps * 32) gemv_kernel(const GemvArgs a) {
           for (int q = 0; q < V / 4; ++q) {
             float4 u = *reinterpret_cast<const float4*>(xs[i] + c + 4 * q);
             if (p.norm) {
-              ss[i] = fmaf(u.x, u.x, fmaf(u.y, u.y, fmaf(u.z, u.z, fmaf(u.w, u.w, ss[i]))));
+              ss[i] = add_squares4(u, ss[i]);
               const float4 gw = __ldg(reinterpret_cast<const float4*>(p.norm + c + 4 * q));
               u = mul4(u, gw);
             }

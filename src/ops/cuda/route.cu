@@ -327,10 +327,7 @@ __global__ void __launch_bounds__(kRouterThreads, 1)
                x1 = reinterpret_cast<const float4*>(g.x)[2 * c + 1];
   // The first kRouterRowChunks threads hold every column once: the row's sum of squares.
   float ss = 0.0f;
-  if (t < kRouterRowChunks) {
-    ss = fmaf(x0.x, x0.x, fmaf(x0.y, x0.y, fmaf(x0.z, x0.z, fmaf(x0.w, x0.w, ss))));
-    ss = fmaf(x1.x, x1.x, fmaf(x1.y, x1.y, fmaf(x1.z, x1.z, fmaf(x1.w, x1.w, ss))));
-  }
+  if (t < kRouterRowChunks) ss = add_squares4(x1, add_squares4(x0, ss));
   ss = warp_sum(ss);
   if (lane == 0) ss_part[warp] = ss;
   const float4 n0 = mul4(x0, g0), n1 = mul4(x1, g1);
