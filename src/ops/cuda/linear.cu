@@ -211,18 +211,23 @@ __global__ void __launch_bounds__(kWarps * 32) gemv_kernel(const GemvArgs a) {
       }
     }
   }
+  // The output column of store item idx (row idx / NT % R of the block's tile idx / (R NT)), or -1 past
+  // the groups' rows or the outputs: for the store loop at the end and the early read below.
+  auto out_col = [&](int idx) -> int64_t {
+    const int64_t t = static_cast<int64_t>(blockIdx.x) * a.tiles_per_block + idx / (R * NT);
+    const int64_t gt = t / a.tiles_per_group, it = (t - gt * a.tiles_per_group) * R + idx / NT % R;
+    return gt < a.groups && it < a.group_rows && gt * a.group_rows + it < p.out ? gt * a.group_rows + it : -1;
+  };
   // One token accumulating into y written two or more launches back (p.y_settled): the value each store
   // adds to is read before the wait, into shared memory (a register held across the sums spilled in the
   // eight-row form), so that the store after the sums waits for no load. The store loop gives thread idx
-  // the same (tile, row) as here: one pass, as a block stores at most kWarps * 8 values of one token.
+  // the same item as here: one pass, as a block stores at most kWarps * 8 values of one token.
   __shared__ float prior[NT == 1 && !DUAL ? kWarps * 8 : 1];
   const bool early_prior = NT == 1 && !DUAL && p.accumulate && p.y_settled && !gathered;
   if (early_prior) {
     const int idx = threadIdx.x;
-    const int64_t t = static_cast<int64_t>(blockIdx.x) * a.tiles_per_block + idx / R;
-    const int64_t gt = t / a.tiles_per_group, it = (t - gt * a.tiles_per_group) * R + idx % R;
-    if (idx < a.tiles_per_block * R && p0 < p.n && gt < a.groups && it < a.group_rows && gt * a.group_rows + it < p.out)
-      prior[idx] = p.y[p0 * p.ldy + gt * a.group_rows + it];
+    const int64_t col = idx < a.tiles_per_block * R ? out_col(idx) : -1;
+    if (col >= 0 && p0 < p.n) prior[idx] = p.y[p0 * p.ldy + col];
   }
   pdl_wait();
   if (a.early) pdl_trigger();
@@ -381,10 +386,8 @@ __global__ void __launch_bounds__(kWarps * 32) gemv_kernel(const GemvArgs a) {
   if (!a.early) pdl_trigger();
   for (int idx = threadIdx.x; idx < a.tiles_per_block * R * NT; idx += kWarps * 32) {
     const int tb = idx / (R * NT), r = idx / NT % R, i = idx % NT;
-    const int64_t t = static_cast<int64_t>(blockIdx.x) * a.tiles_per_block + tb;
-    const int64_t gt = t / a.tiles_per_group, it = (t - gt * a.tiles_per_group) * R + r;
-    const int64_t pi = problem(i);
-    if (gt >= a.groups || it >= a.group_rows || gt * a.group_rows + it >= p.out || pi < 0) continue;
+    const int64_t col = out_col(idx), pi = problem(i);
+    if (col < 0 || pi < 0) continue;
     const int w_end = tb * a.parts + (a.tiles_per_block == 1 ? kWarps : a.parts);
     float u = 0.0f, u2 = 0.0f, sq = 0.0f;
     for (int w = tb * a.parts; w < w_end; ++w) {
@@ -395,7 +398,7 @@ __global__ void __launch_bounds__(kWarps * 32) gemv_kernel(const GemvArgs a) {
     const float inv = p.norm ? 1.0f / sqrtf(sq / static_cast<float>(cols) + p.norm_eps) : 1.0f;
     float v = u * inv;
     if constexpr (DUAL) v = silu(v) * (u2 * inv);
-    float* yp = p.y + pi * p.ldy + gt * a.group_rows + it;
+    float* yp = p.y + pi * p.ldy + col;
     *yp = p.accumulate ? (early_prior ? prior[idx] : *yp) + v : v;
   }
 }
