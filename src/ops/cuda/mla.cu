@@ -399,11 +399,12 @@ __global__ void __launch_bounds__(WARPS * 32, 1) mla_attention_mma_kernel(const 
   const int64_t own_key = visible - 1;
   const bool staged_early = p.n == 1 && tiles > 0;
   const bool own_in_tile0 = staged_early && own_key >= kb && own_key < min(ke, kb + kMmaKeys);
-  if (staged_early) stage(0, tile_rows(0), own_in_tile0 ? own_key : -1);
+  const float* rows0 = staged_early ? tile_rows(0) : nullptr;  // read once, before the wait
+  if (staged_early) stage(0, rows0, own_in_tile0 ? own_key : -1);
   pdl_wait();  // the queries and the new cache rows are mla_prepare's (or the absorbed query's)
   if (own_in_tile0 && warp == 0) {
     const int64_t r = own_key - kb;
-    for (int col = lane * 4; col < quads * 4; col += 128) cp_async16(kbuf + r * ls + col, tile_rows(0) + r * W + col);
+    for (int col = lane * 4; col < quads * 4; col += 128) cp_async16(kbuf + r * ls + col, rows0 + r * W + col);
   }
   // The queries by cp.async (one plain load per value would wait out a round trip each); a split
   // without keys never reads them.
