@@ -19,17 +19,19 @@ command -v readelf >/dev/null || { echo "code_size: readelf not found (apt insta
 tmp=$(mktemp -d)
 trap 'rm -rf "$tmp"' EXIT
 # The compile command of each matching source, rewritten to write one sm_90a cubin.
-ninja -C "$build" -t commands | grep -E "nvcc .* -c [^ ]*($files)[^ ]*( |$)" | sort -u | while read -r cmd; do
+ninja -C "$build" -t commands | { grep -E "nvcc .* -c [^ ]*($files)[^ ]*( |$)" || true; } | sort -u | while read -r cmd; do
   src=$(sed -E 's/.* -c ([^ ]+).*/\1/' <<<"$cmd")
   out="$tmp/$(basename "$src").cubin"
   cmd=$(sed -E "s# -o [^ ]+# -o $out#; s#-MD -MT [^ ]+ -MF [^ ]+##; s# -c # -cubin #; s#--generate-code=arch=compute_90a,code=\[compute_90a,sm_90a\]#-arch=sm_90a#" <<<"$cmd")
   (cd "$build" && eval "$cmd") || { echo "code_size: compiling $src failed" >&2; exit 1; }
 done
 ls "$tmp"/*.cubin >/dev/null 2>&1 || { echo "code_size: no CUDA source matched '$files'" >&2; exit 1; }
-printf '| bytes | file | kernel |\n|---:|---|---|\n'
-for f in "$tmp"/*.cubin; do
+rows=$(for f in "$tmp"/*.cubin; do
   readelf -SW "$f" 2>/dev/null | awk '$2 ~ /^\.text\./ {print $6, substr($2, 7)}' |
     while read -r hex sym; do
       printf '%d\t%s\t%s\n' "$((16#$hex))" "$(basename "$f" .cubin)" "$(c++filt "$sym")"
     done
-done | grep -E -- "$kernels" | sort -rn | awk -F'\t' '{printf "| %d | %s | `%s` |\n", $1, $2, $3}'
+done | { grep -E -- "$kernels" || true; })
+[ -n "$rows" ] || { echo "code_size: no kernel matched '$kernels'" >&2; exit 1; }
+printf '| bytes | file | kernel |\n|---:|---|---|\n'
+sort -rn <<<"$rows" | awk -F'\t' '{printf "| %d | %s | `%s` |\n", $1, $2, $3}'
