@@ -90,13 +90,32 @@ __host__ __device__ constexpr int vec_elems() {
   return T == kF32 ? 4 : T == kF8 ? 16 : 8;
 }
 
+// Weights are streamed: a decode step reads each weight once, and a layer's ~100 MB pass through a 50-60 MB
+// L2. Marked first to be evicted, they no longer push out what is used again: the kernels' machine code (an
+// SM fetches the code it runs through L2; straight-line code runs at ~3.9 bytes a cycle from L2 and ~2.1
+// from memory on an H200, bench/cuda/icache_probe.cu), activations, FP8 scales, page tables. A batch-1 lite
+// step on an H200: 1.4-1.6% faster (docs/PERF.md, "Twenty-fifth session"); the latent cache's reads marked
+// the same way were slower at 1K, so only the weights are.
+__device__ __forceinline__ uint64_t stream_policy() {
+  uint64_t policy;
+  asm("createpolicy.fractional.L2::evict_first.b64 %0, 1.0;" : "=l"(policy));
+  return policy;
+}
+// 16 read-only bytes, streamed (and not kept in L1: no other warp reads them).
+__device__ __forceinline__ uint4 load_stream16(const void* ptr) {
+  uint4 v;
+  asm("ld.global.nc.L1::no_allocate.L2::cache_hint.v4.u32 {%0,%1,%2,%3}, [%4], %5;"
+      : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
+      : "l"(ptr), "l"(stream_policy()));
+  return v;
+}
+
 // One 16-byte load of row r at column c (c % vec_elems == 0), then its vec_elems<T>() values: two steps,
 // so that a kernel can issue several loads before converting any. convert_raw leaves FP8 values
 // unscaled: the caller applies the block scale (once per 16 values, which share one block).
 template <int T>
 __device__ __forceinline__ uint4 load_raw(const void* data, int64_t r, int64_t cols, int64_t c) {
-  return __ldg(
-      reinterpret_cast<const uint4*>(static_cast<const char*>(data) + (r * cols + c) * elem_bytes<T>()));
+  return load_stream16(static_cast<const char*>(data) + (r * cols + c) * elem_bytes<T>());
 }
 template <int T>
 __device__ __forceinline__ void convert_raw(uint4 v, float* out) {
