@@ -5,6 +5,8 @@
 #include <cuda_fp16.h>
 #include <cuda_fp8.h>
 
+#include <cuda/annotated_ptr>
+
 #include <cstdint>
 
 #include "core/dtype.h"
@@ -96,17 +98,17 @@ __host__ __device__ constexpr int vec_elems() {
 // from memory on an H200, bench/cuda/icache_probe.cu), activations, FP8 scales, page tables. A batch-1 lite
 // step on an H200: 1.4-1.6% faster (docs/PERF.md, "Twenty-fifth session"); the latent cache's reads marked
 // the same way were slower at 1K, so only the weights are.
-__device__ __forceinline__ uint64_t stream_policy() {
-  uint64_t policy;
-  asm("createpolicy.fractional.L2::evict_first.b64 %0, 1.0;" : "=l"(policy));
-  return policy;
-}
+// The L2 policy itself: libcu++'s descriptor of cuda::access_property::streaming (evict first, for every
+// access), a compile-time constant, so that each load takes it from a uniform register (a policy made in the
+// kernel by createpolicy sat in ordinary registers and cost two register moves a load in the gate/up loop).
+inline constexpr uint64_t kStreamPolicy =
+    static_cast<uint64_t>(::cuda::access_property(::cuda::access_property::streaming{}));
 // 16 read-only bytes, streamed (and not kept in L1: no other warp reads them).
 __device__ __forceinline__ uint4 load_stream16(const void* ptr) {
   uint4 v;
   asm("ld.global.nc.L1::no_allocate.L2::cache_hint.v4.u32 {%0,%1,%2,%3}, [%4], %5;"
       : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
-      : "l"(ptr), "l"(stream_policy()));
+      : "l"(ptr), "l"(kStreamPolicy));
   return v;
 }
 
