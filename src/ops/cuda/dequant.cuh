@@ -5,9 +5,8 @@
 #include <cuda_fp16.h>
 #include <cuda_fp8.h>
 
-#include <cuda/annotated_ptr>
-
 #include <cstdint>
+#include <cuda/annotated_ptr>
 
 #include "core/dtype.h"
 #include "ops/cuda/ops.h"
