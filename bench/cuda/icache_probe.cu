@@ -1,6 +1,6 @@
 // What running code that is not in an SM's instruction cache costs, measured without the model. A
 // decode step runs ~10 kernels per layer, each with 30-150 KB of machine code, and streams ~100 MB of
-// weights per layer through a 50 MB L2; a block whose code is in neither the SM's instruction cache nor
+// weights per layer through a 50-60 MB L2; a block whose code is in neither the SM's instruction cache nor
 // L2 fetches it from memory, line by line, as it runs. The twenty-fourth session's fused q/kv_a + prepare
 // launch lost ~17 us in tails that ran ~83 KB of straight-line code once; this probe says how much of
 // that fetching alone explains.
@@ -44,7 +44,8 @@ __device__ __forceinline__ unsigned long long global_ns() {
 constexpr int kChains = 8;
 constexpr int kThreads = 128;
 
-// The block's span goes to span[blockIdx.x]; the chains' sum to sink (so that no FMA is dead).
+// The block's span goes to span[2 blockIdx.x] (ns) and span[2 blockIdx.x + 1] (cycles); the chains' sum to
+// sink (so that no FMA is dead).
 // kSalt makes instantiations of the same size distinct code.
 template <int kFmasPerChain, int kSalt>
 __global__ void __launch_bounds__(kThreads)
@@ -161,7 +162,8 @@ int main(int argc, char** argv) {
     read_kernel<<<blocks * 8, 256>>>(flush, flush_bytes / sizeof(float4), sink);
     CHECK(cudaGetLastError());
   };
-  // The card's clocks up before anything is timed (~0.3 s of arithmetic).
+  // The card's clocks up before anything is timed (10,000 short launches; the cycle columns do not depend
+  // on the clock anyway).
   for (int i = 0; i < 10000; ++i) run(probes.front().evictor);
   CHECK(cudaDeviceSynchronize());
   for (const Probe& p : probes) {

@@ -95,13 +95,13 @@ __host__ __device__ constexpr int vec_elems() {
 // L2. Marked first to be evicted, they no longer push out what is used again: the kernels' machine code (an
 // SM fetches the code it runs through L2; straight-line code runs at ~3.9 bytes a cycle from L2 and ~2.1
 // from memory on an H200, bench/cuda/icache_probe.cu), activations, FP8 scales, page tables. A batch-1 lite
-// step on an H200: 1.4-1.6% faster in FP8, ~4% in BF16 (docs/PERF.md, "Twenty-fifth session"); the latent
+// step on an H200: 1.4-1.7% faster in FP8, ~4% in BF16 (docs/PERF.md, "Twenty-fifth session"); the latent
 // cache's reads marked the same way were slower at 1K, so only the weights are.
 //
 // The L2 policy itself: libcu++'s descriptor of cuda::access_property::streaming (evict first, for every
 // access), a compile-time constant, so that each load takes it from a uniform register (a policy made in the
 // kernel by createpolicy sat in ordinary registers and cost two register moves a load in the gate/up loop,
-// and batch 8 lost ~1% to them).
+// and batch 8 lost ~0.8% to them).
 inline constexpr uint64_t kStreamPolicy =
     static_cast<uint64_t>(::cuda::access_property(::cuda::access_property::streaming{}));
 // 16 read-only bytes, streamed (and not kept in L1: no other warp reads them).
