@@ -22,19 +22,14 @@
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
+#include <exception>
 #include <vector>
+
+#include "ops/cuda/ops.h"
 
 namespace {
 
-#define CHECK(x)                                                                  \
-  do {                                                                            \
-    const cudaError_t e_ = (x);                                                   \
-    if (e_ != cudaSuccess) {                                                      \
-      std::fprintf(stderr, "icache_probe: %s: %s\n", #x, cudaGetErrorString(e_)); \
-      std::exit(1);                                                               \
-    }                                                                             \
-  } while (0)
-
+// (trace.cuh's trace_now has no memory clobber; here the end stamp must stay after the block's stores.)
 __device__ __forceinline__ unsigned long long global_ns() {
   unsigned long long t;
   asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t)::"memory");
@@ -111,9 +106,7 @@ Probe make_probe() {
   return {KB, probe_kernel<n, 1>, probe_kernel<n, 2>};
 }
 
-}  // namespace
-
-int main(int argc, char** argv) {
+int run_probe(int argc, char** argv) {
   int repeat = 5;
   for (int i = 1; i < argc; ++i) {
     if (std::strcmp(argv[i], "--repeat") == 0 && i + 1 < argc) {
@@ -124,20 +117,20 @@ int main(int argc, char** argv) {
     }
   }
   if (repeat < 1) {
-    std::fprintf(stderr, "icache_probe: --repeat must be at least 1\n");
+    std::fprintf(stderr, "dsv3_icache_probe: --repeat must be at least 1\n");
     return 2;
   }
   cudaDeviceProp prop{};
-  CHECK(cudaGetDeviceProperties(&prop, 0));
+  DSV3_CUDA_CHECK(cudaGetDeviceProperties(&prop, 0));
   const int blocks = prop.multiProcessorCount;
   float* sink = nullptr;
   unsigned long long* span = nullptr;
-  CHECK(cudaMalloc(&sink, sizeof(float) * blocks * kThreads));
-  CHECK(cudaMalloc(&span, sizeof(unsigned long long) * 2 * blocks));
+  DSV3_CUDA_CHECK(cudaMalloc(&sink, sizeof(float) * blocks * kThreads));
+  DSV3_CUDA_CHECK(cudaMalloc(&span, sizeof(unsigned long long) * 2 * blocks));
   const size_t flush_bytes = std::max<size_t>(size_t{2} * prop.l2CacheSize, size_t{64} << 20);
   float4* flush = nullptr;
-  CHECK(cudaMalloc(&flush, flush_bytes));
-  CHECK(cudaMemset(flush, 0, flush_bytes));
+  DSV3_CUDA_CHECK(cudaMalloc(&flush, flush_bytes));
+  DSV3_CUDA_CHECK(cudaMemset(flush, 0, flush_bytes));
 
   const std::vector<Probe> probes = {make_probe<4>(),  make_probe<8>(),  make_probe<16>(),
                                      make_probe<32>(), make_probe<64>(), make_probe<128>()};
@@ -150,26 +143,27 @@ int main(int argc, char** argv) {
   std::vector<unsigned long long> host(2 * blocks);
   auto run = [&](Kernel k) {
     k<<<blocks, kThreads>>>(1.0001f, 0.5f, sink, span);
-    CHECK(cudaGetLastError());
+    DSV3_CUDA_CHECK(cudaGetLastError());
   };
   auto timed = [&](Kernel k) {
     run(k);
-    CHECK(cudaDeviceSynchronize());
-    CHECK(cudaMemcpy(host.data(), span, sizeof(unsigned long long) * 2 * blocks, cudaMemcpyDeviceToHost));
+    DSV3_CUDA_CHECK(cudaDeviceSynchronize());
+    DSV3_CUDA_CHECK(
+        cudaMemcpy(host.data(), span, sizeof(unsigned long long) * 2 * blocks, cudaMemcpyDeviceToHost));
     return host;
   };
   auto flush_l2 = [&] {
     read_kernel<<<blocks * 8, 256>>>(flush, flush_bytes / sizeof(float4), sink);
-    CHECK(cudaGetLastError());
+    DSV3_CUDA_CHECK(cudaGetLastError());
   };
   // The card's clocks up before anything is timed (10,000 short launches; the cycle columns do not depend
   // on the clock anyway).
   for (int i = 0; i < 10000; ++i) run(probes.front().evictor);
-  CHECK(cudaDeviceSynchronize());
+  DSV3_CUDA_CHECK(cudaDeviceSynchronize());
   for (const Probe& p : probes) {
     run(p.cold);  // loads the modules' code (lazy loading) before anything is timed
     run(p.evictor);
-    CHECK(cudaDeviceSynchronize());
+    DSV3_CUDA_CHECK(cudaDeviceSynchronize());
     std::vector<unsigned long long> warm, l2, mem;
     for (int r = 0; r < repeat; ++r) {
       run(p.evictor);
@@ -188,8 +182,19 @@ int main(int argc, char** argv) {
                 sw.kcycles, sl.us, sl.kcycles, sm.us, sm.kcycles, bytes / (sw.kcycles * 1e3),
                 bytes / (sl.kcycles * 1e3), bytes / (sm.kcycles * 1e3));
   }
-  CHECK(cudaFree(flush));
-  CHECK(cudaFree(span));
-  CHECK(cudaFree(sink));
+  DSV3_CUDA_CHECK(cudaFree(flush));
+  DSV3_CUDA_CHECK(cudaFree(span));
+  DSV3_CUDA_CHECK(cudaFree(sink));
   return 0;
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  try {
+    return run_probe(argc, argv);
+  } catch (const std::exception& e) {
+    std::fprintf(stderr, "dsv3_icache_probe: %s\n", e.what());
+    return 1;
+  }
 }
