@@ -307,11 +307,13 @@ __global__ void __launch_bounds__(kRouterThreads, 1)
   if (t == 0) {
     mbar_arrive_expect_tx(b, kRouterSmemBytes);
     for (uint32_t off = 0; off < kRouterSmemBytes; off += kRouterCopyBytes)
-      bulk_copy(smem_addr(wsm) + off, reinterpret_cast<const char*>(w) + off, kRouterCopyBytes, b);
+      bulk_copy_policy(smem_addr(wsm) + off, reinterpret_cast<const char*>(w) + off, kRouterCopyBytes, b,
+                       kStreamPolicy);
   }
   uint4 reg[kRouterRegChunks];  // weights only: loaded before the wait
 #pragma unroll
-  for (int m = 0; m < kRouterRegChunks; ++m) reg[m] = __ldg(w + t + kRouterThreads * (kRouterSmemChunks + m));
+  for (int m = 0; m < kRouterRegChunks; ++m)
+    reg[m] = load_stream16(w + t + kRouterThreads * (kRouterSmemChunks + m));
   const int c = t % kRouterRowChunks;  // this thread's column chunk: columns 8 c .. 8 c + 7
   float4 g0 = make_float4(1.0f, 1.0f, 1.0f, 1.0f), g1 = g0;
   if (g.norm) {

@@ -96,6 +96,15 @@ __device__ __forceinline__ void bulk_copy(uint32_t dst, const void* src, uint32_
                "l"(src), "r"(bytes), "r"(bar)
                : "memory");
 }
+// bulk_copy with an L2 cache policy (kStreamPolicy for weights read once a step).
+__device__ __forceinline__ void bulk_copy_policy(uint32_t dst, const void* src, uint32_t bytes, uint32_t bar,
+                                                 uint64_t policy) {
+  asm volatile(
+      "cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes.L2::cache_hint [%0], [%1], %2, "
+      "[%3], %4;" ::"r"(dst),
+      "l"(src), "r"(bytes), "r"(bar), "l"(policy)
+      : "memory");
+}
 // TMA (tma.h): the box at columns x, rows y of the tensor map `map` (a generic address: a __grid_constant__
 // kernel parameter or global memory) into shared memory at dst, completing on bar's transaction count
 // (the box's full bytes, zeros included where it reaches past the matrix).
