@@ -751,8 +751,8 @@ __global__ void __launch_bounds__(kValueThreads)
   const int64_t chunks = C * esize / 16;                // 16-byte pieces of a row
   for (int64_t q = threadIdx.x; q < kValueRows * chunks; q += kValueThreads) {
     const int64_t r = q / chunks, c = q % chunks;
-    cp_async16_stream(wsm + r * C * esize + c * 16,
-                      static_cast<const unsigned char*>(v.w.data) + (r0 + r) * C * esize + c * 16);
+    cp_async16(wsm + r * C * esize + c * 16,
+               static_cast<const unsigned char*>(v.w.data) + (r0 + r) * C * esize + c * 16);
   }
   cp_async_commit();
   if constexpr (T == kF8) {
