@@ -375,7 +375,7 @@ struct CudaModel::Impl {
   // graph per batch size of all-decode steps (valid while graphs_gen == scratch_gen).
   float** step_pages = nullptr;
   int64_t step_pages_cap = 0;
-  std::map<int64_t, cudaGraphExec_t> batch_graphs;
+  std::map<int64_t, cudaGraphExec_t> batch_graphs;  // key 2 x batch size, + 1 with the picks
   uint64_t batch_graphs_gen = 0;
 
   // A step's picks on the device (forward_batch steps whose items all have one): each item's Draw and
@@ -767,9 +767,11 @@ struct CudaModel::Impl {
 
   std::vector<std::vector<float>> forward_together(std::span<const Model::BatchItem> items, int64_t n);
 
-  // Room for the picks of `count` items in pick_draws / pick_ids.
+  // Room for the picks of `count` items in pick_draws / pick_ids (new buffers invalidate the captured batch
+  // graphs, which hold their addresses).
   void ensure_picks(int64_t count) {
     if (count <= pick_cap) return;
+    ++scratch_gen;
     if (pick_draws) DSV3_CUDA_CHECK(cudaFree(pick_draws));
     if (pick_ids) DSV3_CUDA_CHECK(cudaFree(pick_ids));
     pick_draws = nullptr;
@@ -1701,7 +1703,21 @@ std::vector<std::vector<float>> CudaModel::Impl::forward_together(std::span<cons
                                   m.stream));
 
   const StepCache sc{{m.step_pages, m.s.row_table, c.num_hidden_layers, W}, nullptr, m.s.row_pos};
-  // All-decode steps replay a graph per batch size (it holds only scratch and page-table addresses).
+  // Every item with a pick (a batch of plain decodes, greedy or tempered): the picks on the device, 4
+  // bytes a sequence back instead of its logits. Each item has one head row, in item order. The items'
+  // Draws go to the device before the step's launches and the picks run as the step's last launch, in
+  // its graph: after the graph, with the Draws' copy between, they waited ~6 us for the lm_head's end
+  // (block timelines on an H200, docs/PERF.md "Twenty-sixth session").
+  const bool all_picked = std::all_of(items.begin(), items.end(), [](const Model::BatchItem& it) { return it.pick; });
+  const int64_t count = static_cast<int64_t>(items.size());
+  if (all_picked) {
+    m.ensure_picks(count);
+    std::vector<Draw> draws;
+    for (const Model::BatchItem& item : items) draws.push_back(*item.pick);
+    DSV3_CUDA_CHECK(cudaMemcpyAsync(m.pick_draws, draws.data(), draws.size() * sizeof(Draw), cudaMemcpyHostToDevice,
+                                    m.stream));
+  }
+  // All-decode steps replay a graph per batch size (it holds only scratch, page-table and pick addresses).
   if (m.batch_graphs_gen != m.scratch_gen) {
     for (auto& [size, g] : m.batch_graphs)
       if (g) DSV3_CUDA_CHECK(cudaGraphExecDestroy(g));
@@ -1710,20 +1726,14 @@ std::vector<std::vector<float>> CudaModel::Impl::forward_together(std::span<cons
   }
   const bool graph_step = m.use_graphs && decode_only;
   cudaGraphExec_t unused = nullptr;
-  cudaGraphExec_t& exec = graph_step ? m.batch_graphs[n] : unused;
-  m.run_captured(exec, graph_step, [&] { m.enqueue(n, heads, sc, false); });
+  // A graph per batch size, with the picks or without.
+  cudaGraphExec_t& exec = graph_step ? m.batch_graphs[2 * n + (all_picked ? 1 : 0)] : unused;
+  m.run_captured(exec, graph_step, [&] {
+    m.enqueue(n, heads, sc, false);
+    if (all_picked && !skip("draw")) cuda::draw_rows({m.s.logits, V, V, count, m.pick_draws, m.pick_ids, m.stream});
+  });
 
-  // Every item with a pick (a batch of plain decodes, greedy or tempered): the picks on the device, 4
-  // bytes a sequence back instead of its logits. Each item has one head row, in item order.
-  const bool all_picked = std::all_of(items.begin(), items.end(), [](const Model::BatchItem& it) { return it.pick; });
   if (all_picked) {
-    const int64_t count = static_cast<int64_t>(items.size());
-    m.ensure_picks(count);
-    std::vector<Draw> draws;
-    for (const Model::BatchItem& item : items) draws.push_back(*item.pick);
-    DSV3_CUDA_CHECK(cudaMemcpyAsync(m.pick_draws, draws.data(), draws.size() * sizeof(Draw), cudaMemcpyHostToDevice,
-                                    m.stream));
-    if (!skip("draw")) cuda::draw_rows({m.s.logits, V, V, count, m.pick_draws, m.pick_ids, m.stream});
     std::vector<int32_t> ids(static_cast<size_t>(count));
     DSV3_CUDA_CHECK(cudaMemcpyAsync(ids.data(), m.pick_ids, ids.size() * 4, cudaMemcpyDeviceToHost, m.stream));
     DSV3_CUDA_CHECK(cudaStreamSynchronize(m.stream));

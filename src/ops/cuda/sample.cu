@@ -170,7 +170,8 @@ __global__ void __launch_bounds__(kThreads) draw_kernel(const DrawParams p) {
   __shared__ int first;
   const int n = static_cast<int>(p.n);
   const float* x = p.x + static_cast<int64_t>(blockIdx.x) * p.ld;
-  const Draw d = p.draws[blockIdx.x];
+  const Draw d = p.draws[blockIdx.x];  // written before the step's launches
+  pdl_wait();                           // x is the previous kernel's (the lm_head's)
 
   const Best best = block_best(x, n);
   const float m = best.value;
@@ -239,7 +240,7 @@ void draw_rows(const DrawParams& p) {
   DSV3_ASSERT(p.rows >= 0 && p.n > 0 && p.n <= INT_MAX && p.ld >= p.n);
   if (p.rows == 0) return;
   DSV3_ASSERT(p.x && p.draws && p.ids);
-  draw_kernel<<<static_cast<unsigned>(p.rows), kThreads, 0, p.stream>>>(p);
+  launch_pdl(draw_kernel, dim3(static_cast<unsigned>(p.rows)), dim3(kThreads), 0, p.stream, p);
   check_launch("draw_kernel");
 }
 
