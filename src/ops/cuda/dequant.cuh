@@ -97,8 +97,8 @@ __host__ __device__ constexpr int vec_elems() {
 // from memory on an H200, bench/cuda/icache_probe.cu), activations, FP8 scales, page tables. A batch-1 lite
 // step on an H200: 1.4-1.7% faster in FP8, ~4% in BF16 (docs/PERF.md, "Twenty-fifth session"); the latent
 // cache's reads marked the same way were slower at 1K, so only the weights are. The same policy on the
-// tensor-core expert GEMVs of batches 8-64 (expert_mma.cu) and the router's bulk copy: batch 8 1.9% faster,
-// batch 64 0.6%, batch 1 unchanged (docs/PERF.md, "Twenty-sixth session").
+// FP8 weights of the tensor-core GEMVs of batches 8-64 (expert_mma.cu) and the router's bulk copy: batch 8
+// 1.7-1.9% faster, batch 64 0.6-1.4%, batch 1 unchanged (docs/PERF.md, "Twenty-sixth session").
 //
 // The L2 policy itself: libcu++'s descriptor of cuda::access_property::streaming (evict first, for every
 // access), a compile-time constant, so that each load takes it from a uniform register (a policy made in the
