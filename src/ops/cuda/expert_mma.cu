@@ -43,8 +43,8 @@ template <int T>
 struct RowPiece {
   uint4 raw[T == kF8 ? 1 : 2];
   __device__ __forceinline__ void load(const void* data, int64_t row, int64_t cols, int64_t c) {
-    // FP8 pieces streamed evict-first (batch 8 -1.9%, batch 64 -0.6% on lite); BF16 ones not: the same
-    // policy made BF16 batch 64 2.9% slower (batch 8 2% faster; docs/PERF.md, "Twenty-sixth session").
+    // FP8 pieces streamed evict-first (lite: batch 8 -1.7 to -1.9%, batch 64 -0.6 to -1.4%); BF16 ones not,
+    // where the policy made batch 64 2.9% slower (batch 8 2% faster; docs/PERF.md, "Twenty-sixth session").
     if constexpr (T == kF8) {
       raw[0] = load_stream16(static_cast<const uint8_t*>(data) + row * cols + c);
     } else {
