@@ -537,8 +537,9 @@ TEST_F(CudaOps, ExpertIndirectionMatchesPerExpertLinear) {
 }
 
 // Fixed experts (shared-expert pieces) run after each token's routed slots, in the same launches. The
-// second shape is a decode step's on the streamed GEMV (gemv_stream.cu): rows of 1408 columns end in a
-// partial warp-wide step, and each warp's run of outputs crosses from one slot's expert to the next.
+// second shape is a decode step's on the streamed GEMV (swiglu_stream_kernel in linear.cu): rows of 1408
+// columns end in a partial warp-wide step, and each warp's run of outputs crosses from one slot's expert to
+// the next; each gate/up runs plain and with the RMSNorm fused in, as the engine calls it.
 TEST_F(CudaOps, FixedExpertsFollowRoutedSlots) {
   struct Shape { int64_t I, D, n; };
   // One token with FP8 experts of 1,024 or 2,048 columns: swiglu_stream_kernel for the gate/up (I = 3: fewer
@@ -579,6 +580,26 @@ TEST_F(CudaOps, FixedExpertsFollowRoutedSlots) {
       cuda::linear(p);
       EXPECT_LE(test::rel_l2(Dev::get(p.y, act.size()), act), 1e-5)
           << dtype_name(dt) << " gate/up, D=" << D << " n=" << n;
+
+      // The decode step's form: the post-attention RMSNorm fused into the gate/up (for FP8 at n = 1 the
+      // stream kernel, every block summing the input's squares while its fixed units' loads are out).
+      const std::vector<float> nw = randn(rng, static_cast<size_t>(D));
+      std::vector<float> xn(x.size()), act_n(act.size());
+      cpu::rmsnorm(x.data(), nw.data(), n, D, 1e-6f, xn.data());
+      for (int64_t t = 0; t < n; ++t)
+        for (int64_t j = 0; j < S; ++j) {
+          const int32_t e = expert(t, j);
+          cpu::linear(gate[e].host, xn.data() + t * D, 1, g.data());
+          cpu::linear(up[e].host, xn.data() + t * D, 1, u.data());
+          for (int64_t i = 0; i < I; ++i) act_n[(t * S + j) * I + i] = cpu::silu(g[i]) * u[i];
+        }
+      cuda::LinearParams pn = p;
+      pn.y = dev.poisoned(act.size());
+      pn.norm = dev.put(nw);
+      pn.norm_eps = 1e-6f;
+      cuda::linear(pn);
+      EXPECT_LE(test::rel_l2(Dev::get(pn.y, act_n.size()), act_n), 1e-5)
+          << dtype_name(dt) << " normed gate/up, D=" << D << " n=" << n;
 
       cuda::LinearParams c;
       c.w = down[0].dev;
