@@ -415,11 +415,16 @@ __global__ void __launch_bounds__(kWarps * 32) gemv_kernel(const GemvArgs a) {
 // its instructions more than by memory (ncu: two warps a scheduler issuing every 4.3 cycles), and with the
 // input in registers (64 a lane, 239 in all) two blocks fitted an SM; now three do (155 registers) and the
 // step is 2.5% faster. Four blocks at 128 registers were no faster than two (docs/PERF.md, "Twenty-second
-// session").
+// session"); with the input in shared memory two and four blocks were each ~2% slower than three, a third unit
+// in flight a warp 7.6% slower, and the dots on tensor cores (mma.sync, f16 hi + lo input) ~1% slower
+// ("Twenty-seventh session").
 //
 // Each warp takes its share of the fixed slots' units (the shared experts, which need no expert id)
 // first, then its share of the routed ones. With p.x_settled the fixed units run before pdl_wait, while
-// the routing kernel still runs, so that a quarter of lite's bytes stream during it.
+// the routing kernel still runs, so that a quarter of lite's bytes stream during it. A routed unit among a
+// warp's first two waits at the prologue, and a warp with two fixed units waits when it issues its third:
+// either way one fixed unit's dots are left to overlap the first routed loads after the release, which
+// deferring the routed issues (more fixed dots before the wait) lost 0.9-3.4% ("Twenty-seventh session").
 constexpr int kStreamWarps = 4, kStreamBlocks = 3, kStreamDepth = 2;
 
 // Lane `from`'s pointer, in every lane of the warp.
