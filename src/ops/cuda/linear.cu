@@ -30,6 +30,7 @@ struct GemvArgs {
   bool vec;                 // 16-byte weight loads and float4 input loads are legal
   bool early;               // pdl_trigger() right after pdl_wait() (pdl_early()), else after the sums
   int block_shift;          // FP8: log2(block_cols)
+  bool interleave = false;  // swiglu_stream_kernel: units dealt round-robin to the warps (else in runs)
 };
 
 // The gemv_kernel forms that may load a warp's weights into registers before the wait: one token's
@@ -404,12 +405,14 @@ __global__ void __launch_bounds__(kWarps * 32) gemv_kernel(const GemvArgs a) {
 }
 
 // One token's SwiGLU pairs on FP8 weights of 128 x 128 blocks, rows of J x 512 columns (the expert gate/up
-// of a batch-1 decode step, or a dense pair): the slots' (slot, row) units split into contiguous runs,
-// one per warp, over one wave of blocks. A warp keeps the next unit's gate and up loads in flight while it
-// finishes the current one, so every SM streams weights without block boundaries. gemv_kernel's tiles
-// (one round of loads per block, then a reduction) reached ~48% of the copy bandwidth on lite's 46 MB
-// gate/up; this kernel ~60% (docs/PERF.md, "Eleventh session"). The arithmetic is gemv_kernel's: 16-value
-// partial dots times their block scale, 1/rms at the end.
+// of a batch-1 decode step, or a dense pair): the slots' (slot, row) units dealt round-robin to the warps of
+// one wave of blocks, so that at any moment the grid reads one band of consecutive rows; with contiguous
+// runs a warp (each warp somewhere else in the 46 MB) the step was 1.8% slower (H200, docs/PERF.md,
+// "Twenty-seventh session"; DSV3_STREAM_INTERLEAVE=0 keeps the runs, for measurement). A warp keeps the next
+// unit's gate and up loads in flight while it finishes the current one, so every SM streams weights without
+// block boundaries. gemv_kernel's tiles (one round of loads per block, then a reduction) reached ~48% of the
+// copy bandwidth on lite's 46 MB gate/up; this kernel ~60% (docs/PERF.md, "Eleventh session"). The
+// arithmetic is gemv_kernel's: 16-value partial dots times their block scale, 1/rms at the end.
 //
 // The block's normed input sits in shared memory (8 KB), read back for each unit: the loop is bound by
 // its instructions more than by memory (ncu: two warps a scheduler issuing every 4.3 cycles), and with the
@@ -448,11 +451,17 @@ __global__ void __launch_bounds__(kStreamWarps * 32, kStreamBlocks) swiglu_strea
                 k_routed = p.x_div - fixed;
   const int64_t slots = p.experts ? p.x_div : 1, routed_units = (p.experts ? k_routed : 1) * rows,
                 fixed_units = (slots * rows) - routed_units;
-  // This warp's runs: fixed units f0 .. f1 (units routed_units + i), then routed units r0 .. r1.
+  // This warp's units: fixed units warp, warp + warps, ... (units routed_units + i), then routed units warp,
+  // warp + warps, ...; or (a.interleave off) contiguous runs, fixed units f0 .. f1 then routed units r0 .. r1.
   const int64_t f0 = warp * fixed_units / warps, f1 = (warp + 1) * fixed_units / warps;
   const int64_t r0 = warp * routed_units / warps, r1 = (warp + 1) * routed_units / warps;
-  const int64_t nf = f1 - f0, count = nf + r1 - r0;
-  auto unit = [&](int64_t q) { return q < nf ? routed_units + f0 + q : r0 + (q - nf); };
+  auto strided = [&](int64_t n) { return warp < n ? (n - warp + warps - 1) / warps : int64_t{0}; };
+  const int64_t nf = a.interleave ? strided(fixed_units) : f1 - f0;
+  const int64_t count = nf + (a.interleave ? strided(routed_units) : r1 - r0);
+  auto unit = [&](int64_t q) {
+    if (a.interleave) return q < nf ? routed_units + warp + q * warps : warp + (q - nf) * warps;
+    return q < nf ? routed_units + f0 + q : r0 + (q - nf);
+  };
   // A dense pair's units are "routed" ones here (slot 0), but need no id.
   auto needs_ids = [&](int64_t q) { return p.experts && q >= nf; };
   // Lane s holds slot s's matrices (gate and up values and scales), loaded once: a unit's loads then wait
@@ -563,7 +572,9 @@ bool swiglu_stream_takes(const GemvArgs& a) {
          (a.geom.cols == 1024 || a.geom.cols == 2048);
 }
 
-void launch_swiglu_stream(const GemvArgs& a) {
+void launch_swiglu_stream(GemvArgs a) {
+  static const bool interleave = env_enabled("DSV3_STREAM_INTERLEAVE");
+  a.interleave = interleave;
   const LinearParams& p = a.p;
   auto go = [&](auto kernel) {
     // One wave: as many blocks as fit on the SMs at once (at most one warp per unit); looked up once per
