@@ -561,15 +561,23 @@ TEST_F(CudaOps, FixedExpertsFollowRoutedSlots) {
       const std::vector<float> x = randn(rng, static_cast<size_t>(n * D)),
                                wts = randn(rng, static_cast<size_t>(n * k));
       const std::vector<float> y0 = randn(rng, static_cast<size_t>(n * D));
-      std::vector<float> act(static_cast<size_t>(n * S * I)), g(static_cast<size_t>(I)), u(g.size()),
-          out = y0, ye(static_cast<size_t>(D));
+      // Every (token, slot)'s silu(gate x) * (up x) for the input rows xin.
+      auto gate_up_ref = [&](const std::vector<float>& xin) {
+        std::vector<float> a(static_cast<size_t>(n * S * I)), g(static_cast<size_t>(I)), u(g.size());
+        for (int64_t t = 0; t < n; ++t)
+          for (int64_t j = 0; j < S; ++j) {
+            const int32_t e = expert(t, j);
+            cpu::linear(gate[e].host, xin.data() + t * D, 1, g.data());
+            cpu::linear(up[e].host, xin.data() + t * D, 1, u.data());
+            for (int64_t i = 0; i < I; ++i) a[(t * S + j) * I + i] = cpu::silu(g[i]) * u[i];
+          }
+        return a;
+      };
+      const std::vector<float> act = gate_up_ref(x);
+      std::vector<float> out = y0, ye(static_cast<size_t>(D));
       for (int64_t t = 0; t < n; ++t)
         for (int64_t j = 0; j < S; ++j) {
-          const int32_t e = expert(t, j);
-          cpu::linear(gate[e].host, x.data() + t * D, 1, g.data());
-          cpu::linear(up[e].host, x.data() + t * D, 1, u.data());
-          for (int64_t i = 0; i < I; ++i) act[(t * S + j) * I + i] = cpu::silu(g[i]) * u[i];
-          cpu::linear(down[e].host, act.data() + (t * S + j) * I, 1, ye.data());
+          cpu::linear(down[expert(t, j)].host, act.data() + (t * S + j) * I, 1, ye.data());
           cpu::axpy(j < k ? wts[t * k + j] : 1.0f, ye.data(), out.data() + t * D, D);
         }
       cuda::LinearParams p =
@@ -584,15 +592,9 @@ TEST_F(CudaOps, FixedExpertsFollowRoutedSlots) {
       // The decode step's form: the post-attention RMSNorm fused into the gate/up (for FP8 at n = 1 the
       // stream kernel, every block summing the input's squares while its fixed units' loads are out).
       const std::vector<float> nw = randn(rng, static_cast<size_t>(D));
-      std::vector<float> xn(x.size()), act_n(act.size());
+      std::vector<float> xn(x.size());
       cpu::rmsnorm(x.data(), nw.data(), n, D, 1e-6f, xn.data());
-      for (int64_t t = 0; t < n; ++t)
-        for (int64_t j = 0; j < S; ++j) {
-          const int32_t e = expert(t, j);
-          cpu::linear(gate[e].host, xn.data() + t * D, 1, g.data());
-          cpu::linear(up[e].host, xn.data() + t * D, 1, u.data());
-          for (int64_t i = 0; i < I; ++i) act_n[(t * S + j) * I + i] = cpu::silu(g[i]) * u[i];
-        }
+      const std::vector<float> act_n = gate_up_ref(xn);
       cuda::LinearParams pn = p;
       pn.y = dev.poisoned(act.size());
       pn.norm = dev.put(nw);
