@@ -418,9 +418,10 @@ __global__ void __launch_bounds__(kWarps * 32) gemv_kernel(const GemvArgs a) {
 // its instructions more than by memory (ncu: two warps a scheduler issuing every 4.3 cycles), and with the
 // input in registers (64 a lane, 239 in all) two blocks fitted an SM; now three do (155 registers) and the
 // step is 2.5% faster. Four blocks at 128 registers were no faster than two (docs/PERF.md, "Twenty-second
-// session"); with the input in shared memory two and four blocks were each ~2% slower than three, a third unit
-// in flight a warp 7.6% slower, and the dots on tensor cores (mma.sync, f16 hi + lo input) ~1% slower
-// ("Twenty-seventh session").
+// session"); with the input in shared memory two and four blocks were each ~2% slower than three, a third
+// unit in flight a warp 7.6% slower, and the dots on tensor cores (mma.sync, f16 hi + lo input) ~1% slower
+// ("Twenty-seventh session"). FP8 mma.sync (m16n8k32 e4m3, the input as four e4m3 terms) was 6% slower in two
+// layouts: on sm_90 ptxas lowers it to F2FP conversions and f16 HMMAs ("Twenty-eighth session").
 //
 // Each warp takes its share of the fixed slots' units (the shared experts, which need no expert id)
 // first, then its share of the routed ones. With p.x_settled the fixed units run before pdl_wait, while
