@@ -14,17 +14,24 @@
 //              never waits for activations (weights do not depend on them), so the copies run ahead
 //              across the grid barriers that the 8 consumer warps wait at. Optionally the experts'
 //              phases are not copied before the routing phase has finished (routed experts are known
-//              only then).
+//              only then);
+//   flagged    the chain's kernels without griddepcontrol.wait: outputs carry the step's tag in the upper
+//              half of an 8-byte store, and a kernel polls its inputs until they carry it (early or late
+//              trigger of the next launch);
+//   tasks      one kernel, items of 4 rows in two shared-memory rings (routing-free rows, routed rows),
+//              row counters per phase in global memory instead of grid barriers.
 // Each phase reads every byte of its matrix once (rows of 2,048 FP8 values, a dot product with the
 // previous phase's output), so time per step against the copy bandwidth is the fraction of the
 // bandwidth roofline a decode step built that way could reach. `--empty` runs phases without rows (what
-// a boundary costs by itself). Prints a table; docs/PERF.md ("Fourteenth session") has the numbers.
+// a boundary costs by itself). Prints a table; docs/PERF.md ("Fourteenth session", "Twenty-ninth session")
+// has the numbers.
 //
-// Usage: dsv3_bench_phases [--layers 27] [--steps 20] [--empty] [--only K] [--rows-in-flight 2|4]
+// Usage: dsv3_bench_phases [--layers 27] [--steps 20] [--empty] [--only K] [--rows-in-flight 2|4] [--form S]
 #include <cuda_fp8.h>
 #include <cuda_runtime.h>
 
 #include <algorithm>
+#include <cmath>
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
@@ -117,8 +124,11 @@ __device__ __forceinline__ void stage_input(const Phase& ph, float4* xs) {
 
 // Rows of phase p this block's warps take: warp w of the grid takes rows w, w + warps, ...; U rows per
 // pass (4 U loads of 16 bytes in flight per lane).
+// ll: the outputs go there instead of ph.y, each as one 8-byte store of the value and the step's tag
+// (the "flagged" chain below).
 template <int U>
-__device__ __forceinline__ void run_rows(const Phase& ph, const float4* xs) {
+__device__ __forceinline__ void run_rows(const Phase& ph, const float4* xs, uint64_t* ll = nullptr,
+                                         unsigned tag = 0) {
   const int lane = threadIdx.x % 32;
   const int warps = gridDim.x * (kThreads / 32), warp = blockIdx.x * (kThreads / 32) + threadIdx.x / 32;
   for (int r0 = warp; r0 < ph.rows; r0 += U * warps) {
@@ -149,7 +159,14 @@ __device__ __forceinline__ void run_rows(const Phase& ph, const float4* xs) {
       }
       d = dsv3::cuda::warp_sum(d);
       const int r = r0 + u * warps;
-      if (lane == 0 && r < ph.rows) ph.y[r] = d;
+      if (lane == 0 && r < ph.rows) {
+        if (ll != nullptr) {
+          const uint64_t v = static_cast<uint64_t>(tag) << 32 | __float_as_uint(d);
+          asm volatile("st.relaxed.gpu.global.u64 [%0], %1;" ::"l"(ll + r), "l"(v) : "memory");
+        } else {
+          ph.y[r] = d;
+        }
+      }
     }
   }
 }
@@ -187,6 +204,70 @@ __global__ void __launch_bounds__(kThreads, kBlocksPerSm)
   pdl_trigger();
   stage_input(ph, xs);
   run_rows<U>(ph, xs);
+}
+
+// The flagged chain: the same kernels and launches as the chain, but no kernel waits for the previous one
+// to finish (no griddepcontrol.wait): each output is stored with the step's tag in its upper half, and a
+// kernel polls the values it reads until they carry the tag (what NCCL's low-latency protocol does with its
+// flags). A kernel lets the next one launch at its start; since a kernel reads only its predecessor's
+// outputs and polls every one of them, it cannot run ahead of the data. Each block reads all of the previous
+// phase's outputs (folded onto the 2,048 inputs), as the engine's kernels read all of theirs.
+__global__ void flag_step_kernel(unsigned* tag, uint64_t* x0) {
+  const unsigned t = *tag + 1;
+  for (int i = threadIdx.x; i < kCols; i += blockDim.x)
+    x0[i] = static_cast<uint64_t>(t) << 32 | __float_as_uint(1.0f);
+  __syncthreads();
+  if (threadIdx.x == 0) *tag = t;
+}
+
+__device__ __forceinline__ uint64_t load_flagged(const uint64_t* at) {
+  uint64_t v;
+  asm volatile("ld.relaxed.gpu.global.u64 %0, [%1];" : "=l"(v) : "l"(at) : "memory");
+  return v;
+}
+
+template <int U>
+__global__ void __launch_bounds__(kThreads, kBlocksPerSm)
+    flagged_kernel(const Phase ph, const uint64_t* x, int x_all, uint64_t* y, const unsigned* tag_at,
+                   bool late) {
+  __shared__ float4 xs[kCols / 4];
+  if (!late) pdl_trigger();
+  prefetch_rows(ph, 8);
+  const unsigned tag = *tag_at;  // written by flag_step_kernel, which finished before this step's first phase
+  // Thread t folds columns 8 t .. 8 t + 7: all its loads are issued before any is checked.
+  const int c0 = 8 * threadIdx.x, folds = x_all < kCols ? 1 : (x_all + kCols - 1) / kCols;
+  float v[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+  auto index = [&](int m, int q) { return x_all < kCols ? (c0 + q) % x_all : c0 + q + kCols * m; };
+  // Rounds of kFoldRound folds: a round's loads are all issued before any is checked.
+  constexpr int kFoldRound = 4;
+  for (int m0 = 0; m0 < folds; m0 += kFoldRound) {
+    uint64_t w[kFoldRound][8];
+#pragma unroll
+    for (int m = 0; m < kFoldRound; ++m)
+#pragma unroll
+      for (int q = 0; q < 8; ++q)
+        w[m][q] = m0 + m < folds && index(m0 + m, q) < x_all ? load_flagged(x + index(m0 + m, q))
+                                                             : static_cast<uint64_t>(tag) << 32;
+#pragma unroll
+    for (int m = 0; m < kFoldRound; ++m)
+#pragma unroll
+      for (int q = 0; q < 8; ++q) {
+        while (static_cast<unsigned>(w[m][q] >> 32) != tag) {
+          __nanosleep(128);  // a tight loop of L2 loads from every thread of the grid slows everything else
+          w[m][q] = load_flagged(x + index(m0 + m, q));
+        }
+        v[q] += __uint_as_float(static_cast<uint32_t>(w[m][q]));
+      }
+  }
+#pragma unroll
+  for (int h = 0; h < 2; ++h) {
+    const int c = c0 + 4 * h, l = c / 16 % 32, j = c / 16 / 32, q = c % 16 / 4;
+    xs[(4 * j + q) * 32 + l] =
+        make_float4(v[4 * h] * 1e-3f, v[4 * h + 1] * 1e-3f, v[4 * h + 2] * 1e-3f, v[4 * h + 3] * 1e-3f);
+  }
+  __syncthreads();
+  run_rows<U>(ph, xs, y, tag);
+  if (late) pdl_trigger();
 }
 
 __device__ __forceinline__ void grid_barrier(unsigned* counter, unsigned target) {
@@ -299,6 +380,180 @@ __global__ void __launch_bounds__(kStreamThreads, 1) stream_kernel(const __grid_
   }
 }
 
+// The task form: one block per SM, its rows of every phase cut into items of kItemRows rows, in two
+// shared-memory rings: ring 0 for rows that never depend on the routing (every phase's rows but the routed
+// experts'), ring 1 for the routed experts' rows (a phase's rows from `routed_from` on). One producer warp a
+// ring copies items in order, each as far ahead as its ring has room; ring 0's producer is never held up
+// (its rows run ahead into the next layer while the routing is computed), ring 1's waits for the phase
+// named by `gate`. Consumer warps take each ring's items round-robin; instead of grid barriers each phase
+// has a row counter in global memory (one 128-byte line each): a warp's first item of phase p waits until
+// phase p - 1's counter holds all its rows (one warp of the block polls it), reads the input, and the warp
+// adds its rows of phase p to the counter after its last item of the phase. So the copies of later rows
+// never wait for activations. On the H200 this form was slower than the chain (docs/PERF.md, "Twenty-ninth
+// session"): a bulk-copy ring streams a large phase at ~50% of the copy rate with 128 KB in flight per SM,
+// and each phase's hand-over through the counters costs ~5 us.
+constexpr int kItemRows = 4, kTaskConsumers = 8;
+constexpr uint32_t kSlots0 = 16, kSlots1 = 8;  // 192 KB between the two rings
+// A ring's item i is consumer warp i % kTaskConsumers's and goes to slot i % slots: with slots a multiple of
+// the consumers, each slot has one consumer warp, which waits for the slot's fills in order (a warp that
+// could wait on a slot two fills ahead would see the earlier fill's completion as its own: mbarrier waits
+// name a parity).
+static_assert(kSlots0 % kTaskConsumers == 0 && kSlots1 % kTaskConsumers == 0, "slots per consumer warp");
+__device__ __forceinline__ uint32_t ring_slots(int ring) {
+  return ring == 0 ? kSlots0 : kSlots1;
+}
+constexpr int kTaskThreads = (kTaskConsumers + 2) * 32;
+constexpr uint32_t kItemBytes = kItemRows * kCols, kTaskSlotsAll = kSlots0 + kSlots1;
+constexpr size_t kTaskSmem = kTaskSlotsAll * kItemBytes + 2 * kTaskSlotsAll * 8;
+constexpr int kCounterStride = 32;  // unsigneds between two phases' counters
+
+struct TaskPhase {
+  int rows, routed_from, gate;  // rows [routed_from, rows) are routed (ring 1), copied once `gate` is done
+};
+
+// The block's items of ring `ring` in phase p: a contiguous share of that ring's rows, cut into items.
+__device__ __forceinline__ void ring_share(const Phase& ph, int routed_from, int ring, int& r0, int& r1) {
+  const int lo = ring == 0 ? 0 : routed_from, hi = ring == 0 ? routed_from : ph.rows;
+  r0 = lo + static_cast<int>(static_cast<int64_t>(hi - lo) * blockIdx.x / gridDim.x);
+  r1 = lo + static_cast<int>(static_cast<int64_t>(hi - lo) * (blockIdx.x + 1) / gridDim.x);
+}
+
+__global__ void __launch_bounds__(kTaskThreads, 1)
+    task_kernel(const __grid_constant__ Step s, const TaskPhase* __restrict__ tp, unsigned* counters) {
+  extern __shared__ __align__(128) uint8_t sm[];
+  const uint32_t base = dsv3::cuda::smem_addr(sm), bars = base + kTaskSlotsAll * kItemBytes;
+  auto first = [](int ring) { return ring == 0 ? 0u : kSlots0; };  // the ring's first slot of all
+  auto slot_at = [&](int ring, uint32_t slot) { return base + (first(ring) + slot) * kItemBytes; };
+  auto full = [&](int ring, uint32_t slot) { return bars + 8 * (first(ring) + slot); };
+  auto empty = [&](int ring, uint32_t slot) { return bars + 8 * (kTaskSlotsAll + first(ring) + slot); };
+  __shared__ int seen_phase, claimed;  // the block's latest phase known complete; the latest one polled for
+  volatile int* seen = &seen_phase;
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  if (threadIdx.x == 0) {
+    seen_phase = claimed = -1;
+    for (int ring = 0; ring < 2; ++ring)
+      for (uint32_t slot = 0; slot < ring_slots(ring); ++slot) {
+        dsv3::cuda::mbar_init(full(ring, slot), 1);
+        dsv3::cuda::mbar_init(empty(ring, slot), 1);
+      }
+    dsv3::cuda::mbar_init_fence();
+  }
+  __syncthreads();
+  auto phase_done = [&](int p) {  // every row of phase p stored (p < 0: the step's input)
+    if (p < 0) return;
+    const unsigned want = static_cast<unsigned>(s.phases[p].rows);
+    const unsigned* counter = counters + static_cast<size_t>(p) * kCounterStride;
+    unsigned seen_rows = 0;
+    for (;;) {
+      asm volatile("ld.acquire.gpu.global.u32 %0, [%1];" : "=r"(seen_rows) : "l"(counter) : "memory");
+      if (seen_rows >= want) break;
+    }
+  };
+  if (warp >= kTaskConsumers) {  // producers: warp kTaskConsumers fills ring 0, the next ring 1
+    const int ring = warp - kTaskConsumers;
+    if (lane != 0) return;
+    uint32_t it = 0;
+    for (int p = 0; p < s.count; ++p) {
+      const Phase& ph = s.phases[p];
+      int r0, r1;
+      ring_share(ph, tp[p].routed_from, ring, r0, r1);
+      if (r0 >= r1) continue;
+      if (ring == 1) phase_done(tp[p].gate);
+      for (int r = r0; r < r1; r += kItemRows, ++it) {
+        const uint32_t slots = ring_slots(ring), slot = it % slots;
+        if (it >= slots) dsv3::cuda::mbar_wait(empty(ring, slot), (it / slots - 1) & 1);
+        const uint32_t bytes = static_cast<uint32_t>(min(kItemRows, r1 - r)) * kCols;
+        dsv3::cuda::mbar_arrive_expect_tx(full(ring, slot), bytes);
+        dsv3::cuda::bulk_copy(slot_at(ring, slot), ph.w + static_cast<size_t>(r) * kCols, bytes,
+                              full(ring, slot));
+      }
+    }
+    return;
+  }
+  // Consumers, phase by phase (ring 0's items of a phase before ring 1's). A warp adds its rows of a phase to
+  // the phase's counter once, after its last item of the phase: a release waits for the warp's stores to
+  // be acknowledged, a round trip too slow to pay per item while the rings stream.
+  uint32_t it[2] = {0, 0};
+  int ready = -1;  // ready: the phase whose input this warp holds
+  float x[4][16];
+  for (int p = 0; p < s.count; ++p) {
+    const Phase& ph = s.phases[p];
+    unsigned done = 0;
+    for (int ring = 0; ring < 2; ++ring) {
+      int r0, r1;
+      ring_share(ph, tp[p].routed_from, ring, r0, r1);
+      for (int r = r0; r < r1; r += kItemRows, ++it[ring]) {
+        if (it[ring] % kTaskConsumers != static_cast<uint32_t>(warp)) continue;
+        if (ready != p) {
+          // One warp of the block polls the counter in global memory (more pollers of one line slow every
+          // L2 slice's traffic); the others wait on shared memory.
+          if (lane == 0 && p > 0 && *seen < p - 1) {
+            if (atomicMax(&claimed, p - 1) < p - 1) {
+              // Phases in order from the latest seen, so that a poller for a later phase never leaves
+              // waiters for an earlier one without a poller.
+              for (int q = *seen + 1; q <= p - 1; ++q) {
+                phase_done(q);
+                atomicMax(&seen_phase, q);
+              }
+            } else {
+              while (*seen < p - 1) {
+              }
+            }
+          }
+          __syncwarp();
+#pragma unroll
+          for (int j = 0; j < 4; ++j)
+#pragma unroll
+            for (int q = 0; q < 4; ++q) {
+              const float4 u =
+                  __ldcg(reinterpret_cast<const float4*>(ph.x + ((lane + 32 * j) * 16 + 4 * q) % ph.x_rows));
+              x[j][4 * q] = u.x * 1e-3f;
+              x[j][4 * q + 1] = u.y * 1e-3f;
+              x[j][4 * q + 2] = u.z * 1e-3f;
+              x[j][4 * q + 3] = u.w * 1e-3f;
+            }
+          ready = p;
+        }
+        const uint32_t slots = ring_slots(ring), slot = it[ring] % slots;
+        dsv3::cuda::mbar_wait(full(ring, slot), (it[ring] / slots) & 1);
+        const int n = min(kItemRows, r1 - r);
+        const uint4* rows = reinterpret_cast<const uint4*>(sm + (first(ring) + slot) * kItemBytes);
+        uint4 raw[kItemRows][4];
+#pragma unroll
+        for (int i = 0; i < kItemRows; ++i)
+#pragma unroll
+          for (int j = 0; j < 4; ++j)
+            raw[i][j] = i < n ? rows[i * (kCols / 16) + lane + 32 * j] : make_uint4(0, 0, 0, 0);
+        __syncwarp();
+        if (lane == 0)
+          dsv3::cuda::mbar_arrive(empty(ring, slot));  // the slot is free once it is in registers
+        float d[kItemRows];
+#pragma unroll
+        for (int i = 0; i < kItemRows; ++i) {
+          float part[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+#pragma unroll
+          for (int j = 0; j < 4; ++j) {
+            float w[16];
+            dsv3::cuda::convert_raw<dsv3::cuda::kF8>(raw[i][j], w);
+#pragma unroll
+            for (int q = 0; q < 16; ++q) part[j] = fmaf(w[q], x[j][q], part[j]);
+          }
+          d[i] = dsv3::cuda::warp_sum((part[0] + part[1]) + (part[2] + part[3]));
+        }
+        if (lane == 0)
+          for (int i = 0; i < n; ++i) ph.y[r + i] = d[i];
+        done += static_cast<unsigned>(n);
+        __syncwarp();
+      }
+    }
+    if (lane == 0 && done > 0)
+      asm volatile("red.release.gpu.global.add.u32 [%0], %1;" ::"l"(counters +
+                                                                    static_cast<size_t>(p) * kCounterStride),
+                   "r"(done)
+                   : "memory");
+  }
+}
+
 int arg_int(int argc, char** argv, const char* name, int fallback) {
   for (int i = 1; i + 1 < argc; ++i)
     if (std::strcmp(argv[i], name) == 0) return std::atoi(argv[i + 1]);
@@ -342,7 +597,7 @@ int main(int argc, char** argv) {
   float* ys = nullptr;
   unsigned* barrier = nullptr;
   DSV3_CUDA_CHECK(cudaMalloc(&w, bytes > 0 ? bytes : 1));
-  DSV3_CUDA_CHECK(cudaMemset(w, 0x38, bytes > 0 ? bytes : 1));  // e4m3 1.0
+  DSV3_CUDA_CHECK(cudaMemset(w, 0x30, bytes > 0 ? bytes : 1));  // e4m3 0.5: outputs grow 2.4% a phase
   DSV3_CUDA_CHECK(cudaMalloc(&ys, static_cast<size_t>(count + 1) * 8 * 2048 * sizeof(float)));
   DSV3_CUDA_CHECK(cudaMemset(ys, 0, static_cast<size_t>(count + 1) * 8 * 2048 * sizeof(float)));
   DSV3_CUDA_CHECK(cudaMalloc(&barrier, sizeof(unsigned)));
@@ -406,10 +661,26 @@ int main(int argc, char** argv) {
     DSV3_CUDA_CHECK(cudaGraphDestroy(g));
     return static_cast<double>(ms) / steps;
   };
+  // One step outside a graph from a known input, every output cleared first: the last phase's first output
+  // (the same in every form that waits for its inputs; a form that read an input before it was written
+  // would see zeros there).
+  auto last_output = [&](auto&& enqueue) {
+    std::vector<float> ones(2048, 1.0f);
+    for (int p = 0; p < count; ++p)
+      DSV3_CUDA_CHECK(cudaMemset(step.phases[p].y, 0,
+                                 sizeof(float) * static_cast<size_t>(std::max(step.phases[p].rows, 1))));
+    DSV3_CUDA_CHECK(cudaMemcpy(ys, ones.data(), ones.size() * sizeof(float), cudaMemcpyHostToDevice));
+    enqueue();
+    DSV3_CUDA_CHECK(cudaStreamSynchronize(stream));
+    float y = 0.0f;
+    DSV3_CUDA_CHECK(cudaMemcpy(&y, step.phases[count - 1].y, sizeof(float), cudaMemcpyDeviceToHost));
+    return y;
+  };
   // layer_ahead: each layer's first phase asks L2 for phases 1-5 and the shared experts' quarter (the
   // last 2 of 8 slots) of the experts' phases 6-7.
+  float chain_check = 0.0f;
   auto chain = [&](int prefetch, bool layer_ahead) {
-    return time_step([&] {
+    auto enqueue = [&] {
       for (int p = 0; p < count; ++p) {
         Ranges ahead{};
         if (layer_ahead && p % per_layer == 0 && !empty) {
@@ -422,6 +693,38 @@ int main(int argc, char** argv) {
         }
         launch_pdl(unroll == 4 ? phase_kernel<4> : phase_kernel<2>, dim3(static_cast<unsigned>(blocks)),
                    dim3(kThreads), 0, stream, step.phases[p], prefetch, ahead);
+      }
+    };
+    if (!empty && prefetch == 0) chain_check = last_output(enqueue);
+    return time_step(enqueue);
+  };
+  // The flagged chain: one 8-byte slot per output of every phase, plus the step's input and tag.
+  uint64_t* flagged = nullptr;
+  unsigned* tag = nullptr;
+  size_t outputs = kCols;
+  for (int p = 0; p < count; ++p) outputs += static_cast<size_t>(step.phases[p].rows);
+  DSV3_CUDA_CHECK(cudaMalloc(&flagged, outputs * sizeof(uint64_t)));
+  DSV3_CUDA_CHECK(cudaMemset(flagged, 0, outputs * sizeof(uint64_t)));
+  DSV3_CUDA_CHECK(cudaMalloc(&tag, sizeof(unsigned)));
+  DSV3_CUDA_CHECK(cudaMemset(tag, 0, sizeof(unsigned)));
+  auto flagged_chain = [&](bool late) {
+    return time_step([&] {
+      flag_step_kernel<<<1, 256, 0, stream>>>(tag, flagged);
+      DSV3_CUDA_CHECK(cudaGetLastError());
+      uint64_t* in = flagged;
+      int in_count = kCols;
+      for (int p = 0; p < count; ++p) {
+        uint64_t* out = in + in_count;
+        auto kernel = unroll == 4 ? flagged_kernel<4> : flagged_kernel<2>;
+        if (p == 0) {  // after the tag's kernel in full (its tag is read by every phase)
+          kernel<<<blocks, kThreads, 0, stream>>>(step.phases[p], in, in_count, out, tag, late);
+          DSV3_CUDA_CHECK(cudaGetLastError());
+        } else {
+          launch_pdl(kernel, dim3(static_cast<unsigned>(blocks)), dim3(kThreads), 0, stream, step.phases[p],
+                     in, in_count, out, static_cast<const unsigned*>(tag), late);
+        }
+        in = out;
+        in_count = std::max(step.phases[p].rows, 1);
       }
     });
   };
@@ -455,25 +758,89 @@ int main(int argc, char** argv) {
     });
   };
 
+  // The task form; routed: the experts' phases keep their first quarter (the 2 shared of 8 slots) in
+  // ring 0 and copy the rest only once the layer's router phase is done.
+  unsigned* counters = nullptr;
+  TaskPhase* task_phases = nullptr;
+  DSV3_CUDA_CHECK(cudaMalloc(&counters, static_cast<size_t>(count) * kCounterStride * sizeof(unsigned)));
+  DSV3_CUDA_CHECK(cudaMalloc(&task_phases, static_cast<size_t>(count) * sizeof(TaskPhase)));
+  float task_check = 0.0f;
+  auto tasks = [&](bool routed) {
+    std::vector<TaskPhase> tp(static_cast<size_t>(count));
+    for (int p = 0; p < count; ++p) {
+      const int in_layer = p % per_layer, rows = step.phases[p].rows;
+      const bool expert = routed && in_layer >= per_layer - 2;
+      tp[static_cast<size_t>(p)] = {rows, expert ? rows / 4 : rows,
+                                    expert ? p - in_layer + per_layer - 3 : -1};
+    }
+    DSV3_CUDA_CHECK(
+        cudaMemcpy(task_phases, tp.data(), tp.size() * sizeof(TaskPhase), cudaMemcpyHostToDevice));
+    static const bool opted_in = [] {
+      DSV3_CUDA_CHECK(cudaFuncSetAttribute(task_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                           static_cast<int>(kTaskSmem)));
+      return true;
+    }();
+    (void)opted_in;
+    auto enqueue = [&] {
+      DSV3_CUDA_CHECK(cudaMemsetAsync(
+          counters, 0, static_cast<size_t>(count) * kCounterStride * sizeof(unsigned), stream));
+      task_kernel<<<sms, kTaskThreads, kTaskSmem, stream>>>(step, task_phases, counters);
+      DSV3_CUDA_CHECK(cudaGetLastError());
+    };
+    if (!empty) task_check = last_output(enqueue);
+    return time_step(enqueue);
+  };
+
   std::printf(
       "%s, %d SMs, %d blocks of %d threads, %d rows in flight a warp, copy bandwidth %.0f GB/s; %d layers x "
       "%d phases, %.1f MB a step\n",
       prop.name, sms, blocks, kThreads, unroll, copy / 1e9, layers, per_layer, bytes / 1e6);
   std::printf("| form | ms a step | us a phase | GB/s | of copy |\n|---|---:|---:|---:|---:|\n");
-  auto row = [&](const char* form, double ms) {
+  // --form S: only the forms whose name starts with S (the others print nothing and do not run).
+  const char* only_form = nullptr;
+  for (int i = 1; i + 1 < argc; ++i)
+    if (std::strcmp(argv[i], "--form") == 0) only_form = argv[i + 1];
+  auto wanted = [&](const char* form) {
+    return only_form == nullptr || std::strncmp(form, only_form, std::strlen(only_form)) == 0;
+  };
+  auto row = [&](const char* form, auto&& run) {
+    if (!wanted(form)) return;
+    const double ms = run();
     std::printf("| %s | %.3f | %.2f | %.0f | %.1f%% |\n", form, ms, 1e3 * ms / count,
                 bytes / (ms * 1e-3) / 1e9, 100.0 * bytes / (ms * 1e-3) / copy);
+    std::fflush(stdout);
   };
-  row("chain (PDL, graph), no prefetch", chain(0, false));
-  row("chain (PDL, graph), own rows to L2 before the wait", chain(8, false));
+  row("chain (PDL, graph), no prefetch", [&] { return chain(0, false); });
+  row("chain (PDL, graph), own rows to L2 before the wait", [&] { return chain(8, false); });
   if (whole_layers)
-    row("chain, and each layer's first phase asks L2 for the layer's routing-free bytes", chain(8, true));
-  row("persistent, grid barrier", persistent(0));
-  row("persistent, next phase's first 2 rows a warp to L2 before the barrier", persistent(2));
-  row("persistent, next phase's first 8 rows a warp to L2 before the barrier", persistent(8));
+    row("chain, and each layer's first phase asks L2 for the layer's routing-free bytes",
+        [&] { return chain(8, true); });
+  if (!empty) {
+    row("flagged chain: no waits, each input polled until it carries the step's tag",
+        [&] { return flagged_chain(false); });
+    row("flagged chain, the next phase launched once this one's rows are stored",
+        [&] { return flagged_chain(true); });
+  }
+  row("persistent, grid barrier", [&] { return persistent(0); });
+  row("persistent, next phase's first 2 rows a warp to L2 before the barrier", [&] { return persistent(2); });
+  row("persistent, next phase's first 8 rows a warp to L2 before the barrier", [&] { return persistent(8); });
   row("streamed: a producer warp per SM copies rows into a 192 KB ring ahead of the barriers",
-      streamed(false));
+      [&] { return streamed(false); });
   if (whole_layers)
-    row("streamed, the experts' rows not copied before the routing phase is done", streamed(true));
+    row("streamed, the experts' rows not copied before the routing phase is done",
+        [&] { return streamed(true); });
+  row("tasks: per-phase row counters, items copied into two rings ahead of them",
+      [&] { return tasks(false); });
+  if (whole_layers)
+    row("tasks, the routed experts' rows (3/4 of phases 6-7) copied once the router phase is done",
+        [&] { return tasks(true); });
+  // Both the chain and the task form ran (else nothing to compare): a task form that read an input before it
+  // was complete would end elsewhere.
+  if (!empty && chain_check > 0.0f && task_check > 0.0f) {
+    const bool same = std::fabs(chain_check - task_check) <= 1e-5f * chain_check;
+    std::printf("last output from a known input: chain %.6g, tasks %.6g (%s)\n", chain_check, task_check,
+                same ? "same" : "DIFFERENT");
+    if (!same) return 1;
+  }
   return 0;
 }
