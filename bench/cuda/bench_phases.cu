@@ -75,12 +75,14 @@ struct Step {
   int prefetch_rows;  // persistent+prefetch: rows of the next phase each block asks L2 for
 };
 
-// The streamed form's input: this lane's 64 values (columns (lane + 32 j) * 16 ..., as its weight loads),
-// from the previous phase's output repeated to kCols values, in registers (its loads come from shared
-// memory already).
+// The streamed and task forms' input: this lane's 64 values (columns (lane + 32 j) * 16 ..., as its weight
+// loads), from the previous phase's output repeated to kCols values, in registers (their weights come from
+// shared memory already). L2_ONLY: loaded past L1 (the task form, whose inputs other SMs wrote in this
+// launch).
 struct Input {
   float v[4][16];
 };
+template <bool L2_ONLY = false>
 __device__ __forceinline__ Input load_input(const Phase& ph) {
   Input in;
   const int lane = threadIdx.x % 32;
@@ -88,7 +90,8 @@ __device__ __forceinline__ Input load_input(const Phase& ph) {
   for (int j = 0; j < 4; ++j)
 #pragma unroll
     for (int q = 0; q < 4; ++q) {  // every phase's rows are a multiple of 16: no chunk straddles the wrap
-      const float4 u = *reinterpret_cast<const float4*>(ph.x + ((lane + 32 * j) * 16 + 4 * q) % ph.x_rows);
+      const float4* at = reinterpret_cast<const float4*>(ph.x + ((lane + 32 * j) * 16 + 4 * q) % ph.x_rows);
+      const float4 u = L2_ONLY ? __ldcg(at) : *at;
       in.v[j][4 * q] = u.x * 1e-3f;
       in.v[j][4 * q + 1] = u.y * 1e-3f;
       in.v[j][4 * q + 2] = u.z * 1e-3f;
@@ -110,14 +113,18 @@ __device__ __forceinline__ float row_dot(const uint4 (&raw)[4], const Input& in)
   return dsv3::cuda::warp_sum(d);
 }
 
-// The input in shared memory for the chain and persistent forms, float4 (j, q) of lane l at
+// The input in shared memory for the chain, persistent and flagged forms, float4 (j, q) of lane l at
 // [(4 j + q) * 32 + l]: a warp's 16-byte reads are consecutive (no bank conflicts), and the registers
-// stay free for loads in flight.
+// stay free for loads in flight. xs_slot(c): where the float4 of columns c .. c + 3 goes.
+__device__ __forceinline__ int xs_slot(int c) {
+  const int l = c / 16 % 32, j = c / 16 / 32, q = c % 16 / 4;
+  return (4 * j + q) * 32 + l;
+}
 __device__ __forceinline__ void stage_input(const Phase& ph, float4* xs) {
   for (int f = threadIdx.x; f < kCols / 4; f += kThreads) {
-    const int c = 4 * f, l = c / 16 % 32, j = c / 16 / 32, q = c % 16 / 4;
+    const int c = 4 * f;
     const float4 u = *reinterpret_cast<const float4*>(ph.x + c % ph.x_rows);  // rows are multiples of 16
-    xs[(4 * j + q) * 32 + l] = make_float4(u.x * 1e-3f, u.y * 1e-3f, u.z * 1e-3f, u.w * 1e-3f);
+    xs[xs_slot(c)] = make_float4(u.x * 1e-3f, u.y * 1e-3f, u.z * 1e-3f, u.w * 1e-3f);
   }
   __syncthreads();
 }
@@ -260,11 +267,9 @@ __global__ void __launch_bounds__(kThreads, kBlocksPerSm)
       }
   }
 #pragma unroll
-  for (int h = 0; h < 2; ++h) {
-    const int c = c0 + 4 * h, l = c / 16 % 32, j = c / 16 / 32, q = c % 16 / 4;
-    xs[(4 * j + q) * 32 + l] =
+  for (int h = 0; h < 2; ++h)
+    xs[xs_slot(c0 + 4 * h)] =
         make_float4(v[4 * h] * 1e-3f, v[4 * h + 1] * 1e-3f, v[4 * h + 2] * 1e-3f, v[4 * h + 3] * 1e-3f);
-  }
   __syncthreads();
   run_rows<U>(ph, xs, y, tag);
   if (late) pdl_trigger();
@@ -441,13 +446,7 @@ __global__ void __launch_bounds__(kTaskThreads, 1)
   __syncthreads();
   auto phase_done = [&](int p) {  // every row of phase p stored (p < 0: the step's input)
     if (p < 0) return;
-    const unsigned want = static_cast<unsigned>(s.phases[p].rows);
-    const unsigned* counter = counters + static_cast<size_t>(p) * kCounterStride;
-    unsigned seen_rows = 0;
-    for (;;) {
-      asm volatile("ld.acquire.gpu.global.u32 %0, [%1];" : "=r"(seen_rows) : "l"(counter) : "memory");
-      if (seen_rows >= want) break;
-    }
+    wait_count(counters + static_cast<size_t>(p) * kCounterStride, static_cast<unsigned>(s.phases[p].rows));
   };
   if (warp >= kTaskConsumers) {  // producers: warp kTaskConsumers fills ring 0, the next ring 1
     const int ring = warp - kTaskConsumers;
@@ -475,7 +474,7 @@ __global__ void __launch_bounds__(kTaskThreads, 1)
   // be acknowledged, a round trip too slow to pay per item while the rings stream.
   uint32_t it[2] = {0, 0};
   int ready = -1;  // ready: the phase whose input this warp holds
-  float x[4][16];
+  Input in;
   for (int p = 0; p < s.count; ++p) {
     const Phase& ph = s.phases[p];
     unsigned done = 0;
@@ -501,17 +500,7 @@ __global__ void __launch_bounds__(kTaskThreads, 1)
             }
           }
           __syncwarp();
-#pragma unroll
-          for (int j = 0; j < 4; ++j)
-#pragma unroll
-            for (int q = 0; q < 4; ++q) {
-              const float4 u =
-                  __ldcg(reinterpret_cast<const float4*>(ph.x + ((lane + 32 * j) * 16 + 4 * q) % ph.x_rows));
-              x[j][4 * q] = u.x * 1e-3f;
-              x[j][4 * q + 1] = u.y * 1e-3f;
-              x[j][4 * q + 2] = u.z * 1e-3f;
-              x[j][4 * q + 3] = u.w * 1e-3f;
-            }
+          in = load_input<true>(ph);
           ready = p;
         }
         const uint32_t slots = ring_slots(ring), slot = it[ring] % slots;
@@ -536,7 +525,7 @@ __global__ void __launch_bounds__(kTaskThreads, 1)
             float w[16];
             dsv3::cuda::convert_raw<dsv3::cuda::kF8>(raw[i][j], w);
 #pragma unroll
-            for (int q = 0; q < 16; ++q) part[j] = fmaf(w[q], x[j][q], part[j]);
+            for (int q = 0; q < 16; ++q) part[j] = fmaf(w[q], in.v[j][q], part[j]);
           }
           d[i] = dsv3::cuda::warp_sum((part[0] + part[1]) + (part[2] + part[3]));
         }
