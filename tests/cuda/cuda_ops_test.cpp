@@ -273,6 +273,8 @@ class CudaOps : public ::testing::Test {
     ASSERT_EQ(cudaGetDeviceCount(&count), cudaSuccess) << "these tests need an NVIDIA GPU (ctest label gpu)";
     ASSERT_GT(count, 0);
   }
+  // GroupedMlpPlannedOnDeviceMatchesHostPlan for one weight dtype.
+  void grouped_mlp_planned_on_device(DType dt);
   std::mt19937 rng{1234};
 };
 
@@ -2237,22 +2239,30 @@ TEST_F(CudaOps, GroupedLtMatchesTensorCoreKernel) {
     EXPECT_LE(e_dn, tol) << dtype_name(dt) << " down";
     std::printf("grouped lt %s: gate/up rel L2 %.2e, down %.2e\n", dtype_name(dt), e_gu, e_dn);
 
-    // FP8 runs our grouped kernel (one launch per projection; two for gate/up stored as separate
-    // matrices, as here) unless DSV3_LT_GROUPED_FP8=0: against cuBLASLt's per-expert GEMMs on the same
-    // operands, the same products summed in another order, rounded to bf16 either way.
-    if (dt == DType::F8_E4M3) {
+    // Both dtypes run our grouped kernel (one launch per projection; two for gate/up stored as separate
+    // matrices, as here) unless DSV3_LT_GROUPED_FP8=0 / DSV3_LT_GROUPED_BF16=0: against cuBLASLt's
+    // per-expert GEMMs on the same operands, the same products summed in another order, rounded to bf16
+    // either way.
+    {
+      const char* cublaslt_knob = dt == DType::F8_E4M3 ? "DSV3_LT_GROUPED_FP8" : "DSV3_LT_GROUPED_BF16";
       cuda::LinearParams lt_c = lt, dn_c = dn;
       lt_c.y = dev.poisoned(act.size());
       dn_c.y = dev.poisoned(down.size());
-      ASSERT_EQ(setenv("DSV3_LT_GROUPED_FP8", "0", 1), 0);
+      ASSERT_EQ(setenv(cublaslt_knob, "0", 1), 0);
       const bool ran_c = cuda::linear_lt_grouped(lt_c) && cuda::linear_lt_grouped(dn_c);
-      unsetenv("DSV3_LT_GROUPED_FP8");
+      unsetenv(cublaslt_knob);
       ASSERT_TRUE(ran_c);
       const double c_gu = test::rel_l2(Dev::get(lt.y, act.size()), Dev::get(lt_c.y, act.size()));
       const double c_dn = test::rel_l2(Dev::get(dn.y, down.size()), Dev::get(dn_c.y, down.size()));
-      EXPECT_LE(c_gu, 1e-2) << "grouped FP8 kernel against cuBLASLt, gate/up";
-      EXPECT_LE(c_dn, 1e-2) << "grouped FP8 kernel against cuBLASLt, down";
-      std::printf("grouped FP8 kernel against cuBLASLt: gate/up rel L2 %.2e, down %.2e\n", c_gu, c_dn);
+      EXPECT_LE(c_gu, 1e-2) << dtype_name(dt) << " grouped kernel against cuBLASLt, gate/up";
+      EXPECT_LE(c_dn, 1e-2) << dtype_name(dt) << " grouped kernel against cuBLASLt, down";
+      // Whether the knob took effect shows in BF16's bits only: FP8 gives the same bits both ways at these
+      // shapes (rel L2 0 on the H200, 2026-11-29; 2e-5 at V3's, GroupedFp8KernelAtV3Shapes).
+      if (dt == DType::BF16) {
+        EXPECT_GT(c_gu, 0.0) << "DSV3_LT_GROUPED_BF16=0 did not switch to cuBLASLt";
+      }
+      std::printf("grouped %s kernel against cuBLASLt: gate/up rel L2 %.2e, down %.2e\n", dtype_name(dt),
+                  c_gu, c_dn);
 
       // The kernel's variants (kGroupedFp8Variants) give the same bits.
       for (const auto& [knob, value] : kGroupedFp8Variants) {
@@ -2324,10 +2334,9 @@ TEST_F(CudaOps, GroupedLtMatchesTensorCoreKernel) {
       ASSERT_TRUE(cuda::linear_lt_grouped_mlp(pair, dn2)) << dtype_name(dt);
       EXPECT_EQ(Dev::get(dn2.y, down.size()), Dev::get(two.y, down.size()))
           << dtype_name(dt) << " gate/up + down in one call";
-      // FP8: the pair ran in the grouped kernel's SwiGLU mode (down's operand written by its epilogue); the
-      // same bits in its variants (kGroupedFp8Variants).
+      // The pair ran in the grouped kernel's SwiGLU mode (down's operand written by its epilogue); the same
+      // bits in its variants (kGroupedFp8Variants).
       for (const auto& [knob, value] : kGroupedFp8Variants) {
-        if (dt != DType::F8_E4M3) break;
         ASSERT_EQ(setenv(knob, value, 1), 0);
         cuda::LinearParams dn_v = grouped_down(ds, pair, dev.poisoned(down.size()));
         dn_v.lt = true;
@@ -2399,8 +2408,11 @@ TEST_F(CudaOps, GroupedLtMatchesTensorCoreKernel) {
 // first with more operand rows (an expert in two row tiles, one with no problems between used ones, one
 // with a single problem), so that the second runs over rows the first left past its own row count.
 TEST_F(CudaOps, GroupedMlpPlannedOnDeviceMatchesHostPlan) {
+  for (const DType dt : {DType::F8_E4M3, DType::BF16}) grouped_mlp_planned_on_device(dt);
+}
+
+void CudaOps::grouped_mlp_planned_on_device(DType dt) {
   Dev dev;
-  const DType dt = DType::F8_E4M3;
   const int64_t E = 6, D = 1024, I = 384, n = 100, k = 3, P = n * k;
   const ExpertSet gs = make_experts(rng, dev, dt, E, I, D), us = make_experts(rng, dev, dt, E, I, D),
                   ds = make_experts(rng, dev, dt, E, D, I);
@@ -2443,7 +2455,7 @@ TEST_F(CudaOps, GroupedMlpPlannedOnDeviceMatchesHostPlan) {
       return combine_kept(dev, keep, wts, x0, n, k, D);
     };
     const std::vector<float> host = combined(false), device = combined(true);
-    EXPECT_EQ(device, host) << (ids == &even ? "even" : "irregular") << " routing";
+    EXPECT_EQ(device, host) << dtype_name(dt) << ", " << (ids == &even ? "even" : "irregular") << " routing";
     EXPECT_NE(host, x0);
     for (const auto& [knob, value] : kGroupedFp8Variants) {  // the kernel's forms on device tiles
       ASSERT_EQ(setenv(knob, value, 1), 0);

@@ -421,13 +421,15 @@ int64_t plan_table_size(const LinearParams& p) { return p.gather_chunks - (p.n +
 int64_t rows_ld(int64_t values) { return (values + 7) / 8 * 8; }
 
 // Whether p's GEMMs take grouped_fp8_gemm (every expert's GEMM in one launch of our kernel) rather than
-// one cuBLASLt GEMM per expert: FP8 in whole 128 blocks of outputs and k, unless DSV3_LT_GROUPED_FP8=0
-// (read at every call, so that tests can compare both). cuBLASLt's per-expert GEMMs take ~10 us each
-// whatever their size, and since the kernel loads through TMA it is the faster one from 1K to 8K
-// prompts on lite (docs/PERF.md, "Eighth session").
+// one cuBLASLt GEMM per expert: FP8 or BF16 experts in whole 128 blocks of outputs and k, unless
+// DSV3_LT_GROUPED_FP8=0 / DSV3_LT_GROUPED_BF16=0 (read at every call, so that tests can compare both).
+// cuBLASLt's per-expert GEMMs take ~10 us each whatever their size, and since the kernel loads through
+// TMA it is the faster one from 1K to 8K prompts on lite (docs/PERF.md, "Eighth session"; BF16:
+// "BF16 experts in the grouped kernel", thirtieth session).
 bool own_kernel_for(const LinearParams& p) {
-  if (p.w.dtype != DType::F8_E4M3 || !grouped_fp8_supported(p.out, p.w.cols)) return false;
-  return env_enabled("DSV3_LT_GROUPED_FP8");
+  if (!grouped_fp8_supported(p.out, p.w.cols)) return false;
+  if (p.w.dtype == DType::BF16) return env_enabled("DSV3_LT_GROUPED_BF16");
+  return p.w.dtype == DType::F8_E4M3 && env_enabled("DSV3_LT_GROUPED_FP8");
 }
 
 struct Sides {
@@ -617,6 +619,7 @@ GroupedFp8Params fp8_params(const LinearParams& p, const MatrixPtrs* host, const
   q.table_size = table_size;
   q.out = p.experts2 ? 2 * p.out : p.out;
   q.k = p.w.cols;
+  q.bf16 = p.w.dtype == DType::BF16;
   q.stream = p.stream;
   return q;
 }
@@ -873,14 +876,15 @@ void mlp_on_device(const LinearParams& gu, const LinearParams& down, LtRows& kee
     meanwhile();
     lock.lock();
   }
-  const int64_t k = gu.w.cols, I = gu.out, ld = rows_ld(down.out);
-  ensure(b.act, sz(bound * k), false);
-  ensure(b.scales, sz(k / 128 * bound * 4), false);
-  GatherQuantParams gq = token_gather(gu, b, bound, true, rows.prob, rows.row_seg, rows.seg_rows);
+  const bool fp8 = gu.w.dtype == DType::F8_E4M3;  // else BF16 rows, no scales
+  const int64_t k = gu.w.cols, I = gu.out, ld = rows_ld(down.out), elem = fp8 ? 1 : 2;
+  ensure(b.act, sz(bound * k * elem), false);
+  if (fp8) ensure(b.scales, sz(k / 128 * bound * 4), false);
+  GatherQuantParams gq = token_gather(gu, b, bound, fp8, rows.prob, rows.row_seg, rows.seg_rows);
   gq.live = rows.total;  // the rows past the plan's are left alone
   gather_quantized(gq);
-  ensure(b.down_act, sz(bound * I), false);
-  ensure(b.down_scales, sz(I / 128 * bound * 4), false);
+  ensure(b.down_act, sz(bound * I * elem), false);
+  if (fp8) ensure(b.down_scales, sz(I / 128 * bound * 4), false);
   auto on_rows = [&](GroupedFp8Params q) {
     q.rows = bound;
     q.dev_tiles = rows.tiles;
@@ -888,12 +892,13 @@ void mlp_on_device(const LinearParams& gu, const LinearParams& down, LtRows& kee
     return q;
   };
   GroupedFp8Params pair = on_rows(fp8_params(gu, gu.host_experts, gu.host_experts2, table_size, b.act.ptr,
-                                             bound, static_cast<const float*>(b.scales.ptr)));
+                                             bound, fp8 ? static_cast<const float*>(b.scales.ptr) : nullptr));
   pair.q = b.down_act.ptr;
-  pair.q_scales = static_cast<float*>(b.down_scales.ptr);
+  pair.q_scales = fp8 ? static_cast<float*>(b.down_scales.ptr) : nullptr;
   grouped_fp8_gemm(pair);
-  GroupedFp8Params dn = on_rows(fp8_params(down, down.host_experts, nullptr, table_size, b.down_act.ptr,
-                                           bound, static_cast<const float*>(b.down_scales.ptr)));
+  GroupedFp8Params dn =
+      on_rows(fp8_params(down, down.host_experts, nullptr, table_size, b.down_act.ptr, bound,
+                         fp8 ? static_cast<const float*>(b.down_scales.ptr) : nullptr));
   dn.d = keep.rows;
   dn.ldd = ld;
   grouped_fp8_gemm(dn);

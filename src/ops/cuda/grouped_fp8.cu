@@ -34,6 +34,10 @@
 // Device tiles: the tiles' records and their count may instead come from moe_rows in device memory (the
 // row plan built on the device, ninth session): one launch of one block per SM, whatever the routing,
 // so the host never waits for the plan.
+//
+// BF16 (a BF16 checkpoint's experts, bf16 operand rows): the same tiles and stages, a k-block being 64
+// columns (128 bytes a row, as an FP8 block's 128 columns), 4 wgmma m64n128k16 a k-block, no scales (the
+// promotion multiplies by 1), and in SwiGLU mode silu(gate) * up leaves as bf16 rows.
 #include <cuda.h>
 #include <cuda_bf16.h>
 #include <cuda_fp8.h>
@@ -100,7 +104,8 @@ struct KernelArgs {
   const float* a_scales = nullptr;
   __nv_bfloat16* d = nullptr;
   // SwiGLU mode (q set): a tile is a pair's gate block then its up block; silu(gate) * up leaves as FP8
-  // codes (q, rows of out / 2 bytes) with one scale per 128 columns in the segments' VEC128 blocks.
+  // codes (q, rows of out / 2 bytes) with one scale per 128 columns in the segments' VEC128 blocks, or
+  // (BF16) as bf16 rows of out / 2 values.
   uint8_t* q = nullptr;
   float* q_scales = nullptr;
   int64_t row_base = 0, ldd = 0;
@@ -186,17 +191,43 @@ __device__ __forceinline__ void store_swiglu(const KernelArgs& p, int32_t tile, 
   }
 }
 
+// SwiGLU mode's epilogue for BF16: silu(gate) * up as store_swiglu computes it, left as bf16 in q's rows of
+// out / 2 values (lanes c and c ^ 1 swap halves as in the plain store: the even one writes 4 values of row
+// a, the odd one 4 of row b).
+template <typename GateBits>
+__device__ __forceinline__ void store_swiglu_bf16(const KernelArgs& p, int32_t tile, int32_t n_tiles, int ra,
+                                                  int c, const float (&acc)[16][4], GateBits gate_bits) {
+  const int64_t rt = tile / n_tiles, n0 = tile % n_tiles * kTile;
+  const int64_t m = p.out / 2, row_a = p.row_base + rt * kTile + ra, row_b = row_a + 8;
+  const bool odd = c & 1;
+  __nv_bfloat16* qrow = reinterpret_cast<__nv_bfloat16*>(p.q) + (odd ? row_b : row_a) * m + n0 + 4 * (c / 2);
+#pragma unroll
+  for (int j = 0; j < 16; ++j) {
+    const uint2 gj = gate_bits(j);
+    const uint32_t ua = bf16x2_bits(acc[j][0], acc[j][1]), ub = bf16x2_bits(acc[j][2], acc[j][3]);
+    const uint32_t va =
+        bf16x2_bits(silu(bf16_bits_to_float(gj.x & 0xffffu)) * bf16_bits_to_float(ua & 0xffffu),
+                    silu(bf16_bits_to_float(gj.x >> 16)) * bf16_bits_to_float(ua >> 16));
+    const uint32_t vb =
+        bf16x2_bits(silu(bf16_bits_to_float(gj.y & 0xffffu)) * bf16_bits_to_float(ub & 0xffffu),
+                    silu(bf16_bits_to_float(gj.y >> 16)) * bf16_bits_to_float(ub >> 16));
+    const uint32_t got = __shfl_xor_sync(0xffffffffu, odd ? va : vb, 1);
+    *reinterpret_cast<uint2*>(qrow + 8 * j) = odd ? make_uint2(got, vb) : make_uint2(va, got);
+  }
+}
+
 // Persistent: block b takes tiles b, b + gridDim.x, ... (n tiles fastest, so consecutive tiles share
 // their operand rows); the stages' barriers run on across tiles, so the producer loads the next tile's
 // first k-blocks while the consumers finish and store this one.
-template <bool OVERLAP>
+template <bool OVERLAP, bool BF16>
 __global__ void __launch_bounds__(kThreads, 1) grouped_fp8_kernel(const __grid_constant__ KernelArgs p) {
+  constexpr int32_t kBlockCols = BF16 ? kTile / 2 : kTile;  // k columns a stage: 128 bytes of each row
   extern __shared__ uint8_t smem_raw[];
   uint8_t* smem = smem_raw + ((1024 - smem_addr(smem_raw) % 1024) % 1024);
   const uint32_t smem_s = smem_addr(smem);
   auto full = [&](uint32_t s) { return smem_s + kBars + 8 * s; };
   auto empty = [&](uint32_t s) { return smem_s + kBars + 8 * (kStages + s); };
-  const int32_t n_tiles = (p.q ? p.out / 2 : p.out) / kTile, kbs = p.k / kTile;
+  const int32_t n_tiles = (p.q ? p.out / 2 : p.out) / kTile, kbs = p.k / kBlockCols;
   const int32_t row_tiles = p.dev_rows ? *p.dev_rows / kTile : p.row_tiles;
   const int32_t tiles = n_tiles * row_tiles;  // (int32 here and below: 64-bit arithmetic costs registers)
 
@@ -211,25 +242,30 @@ __global__ void __launch_bounds__(kThreads, 1) grouped_fp8_kernel(const __grid_c
       const RowTile r = p.tile(rt);
       const int32_t row0 = static_cast<int32_t>(p.row_base) + rt * kTile;
       // The tile rows' scales of k-block kb: 128 consecutive floats of the segment's block (VEC128 layout).
-      const float* sa = p.a_scales + static_cast<int64_t>(kbs) * r.seg_row0 + (row0 - r.seg_row0);
+      const float* sa =
+          BF16 ? nullptr : p.a_scales + static_cast<int64_t>(kbs) * r.seg_row0 + (row0 - r.seg_row0);
       for (int half = 0; half < (p.q ? 2 : 1); ++half) {
         // The weight rows: a pair's up half (SwiGLU mode's second pass, or the columns from out / 2) come
         // from the second table's matrix.
         const bool second = p.q ? half == 1 : p.maps2 && n0 >= p.out / 2;
         const ExpertMap* w = (second ? p.maps2 : p.maps) + r.expert;
         const int32_t w_row0 = second && !p.q ? n0 - p.out / 2 : n0;
-        const float* w_scales = w->scale_inv + static_cast<int64_t>(w_row0 / kTile) * kbs;
+        const float* w_scales = BF16 ? nullptr : w->scale_inv + static_cast<int64_t>(w_row0 / kTile) * kbs;
         tensormap_acquire(&w->map);
         for (int32_t kb = 0; kb < kbs; ++kb, ++it) {
           const uint32_t s = it % kStages;
-          const float sb = w_scales[kb];
           if (it >= kStages) mbar_wait(empty(s), (it / kStages - 1) & 1);  // its last use done
           const uint32_t st = smem_s + static_cast<uint32_t>(s) * kStageBytes;
-          st_shared_f32(st + kWeightScaleAt, sb);
-          mbar_arrive_expect_tx(full(s), kStageTx);  // releases the scale stored above with the arrival
-          tma_load_2d(st, &p.a_map, kb * kTile, row0, full(s));
-          tma_load_2d(st + kTileBytes, &w->map, kb * kTile, w_row0, full(s));
-          bulk_copy(st + kScalesAt, sa + static_cast<int64_t>(kb) * r.seg_rows, kTile * 4, full(s));
+          if constexpr (BF16) {
+            mbar_arrive_expect_tx(full(s), 2 * kTileBytes);
+          } else {
+            st_shared_f32(st + kWeightScaleAt, w_scales[kb]);
+            mbar_arrive_expect_tx(full(s), kStageTx);  // releases the scale stored above with the arrival
+          }
+          tma_load_2d(st, &p.a_map, kb * kBlockCols, row0, full(s));
+          tma_load_2d(st + kTileBytes, &w->map, kb * kBlockCols, w_row0, full(s));
+          if constexpr (!BF16)
+            bulk_copy(st + kScalesAt, sa + static_cast<int64_t>(kb) * r.seg_rows, kTile * 4, full(s));
         }
       }
     }
@@ -247,11 +283,22 @@ __global__ void __launch_bounds__(kThreads, 1) grouped_fp8_kernel(const __grid_c
     const uint32_t a_s = smem_s + static_cast<uint32_t>(s) * kStageBytes + wg * 64 * kTile;
     const uint32_t b_s = smem_s + static_cast<uint32_t>(s) * kStageBytes + kTileBytes;
     wgmma_fence();
-    wgmma_m64n128k32_e4m3<false>(part, wgmma_desc(a_s, 16, 1024), wgmma_desc(b_s, 16, 1024));
+    // Four products of 32 bytes of k each (32 e4m3 or 16 bf16 columns): the same descriptors either way.
+    if constexpr (BF16) {
+      wgmma_m64n128k16_ss<false>(part, wgmma_desc(a_s, 16, 1024), wgmma_desc(b_s, 16, 1024));
 #pragma unroll
-    for (int ks = 1; ks < kTile / 32; ++ks)
-      wgmma_m64n128k32_e4m3<true>(part, wgmma_desc(a_s + 32 * ks, 16, 1024), wgmma_desc(b_s + 32 * ks, 16, 1024));
+      for (int ks = 1; ks < kTile / 32; ++ks)
+        wgmma_m64n128k16_ss<true>(part, wgmma_desc(a_s + 32 * ks, 16, 1024),
+                                  wgmma_desc(b_s + 32 * ks, 16, 1024));
+    } else {
+      wgmma_m64n128k32_e4m3<false>(part, wgmma_desc(a_s, 16, 1024), wgmma_desc(b_s, 16, 1024));
+#pragma unroll
+      for (int ks = 1; ks < kTile / 32; ++ks)
+        wgmma_m64n128k32_e4m3<true>(part, wgmma_desc(a_s + 32 * ks, 16, 1024),
+                                    wgmma_desc(b_s + 32 * ks, 16, 1024));
+    }
     wgmma_commit();
+    if constexpr (BF16) return float2{1.0f, 1.0f};
     const uint8_t* stage = smem + s * kStageBytes;
     const float* sa = reinterpret_cast<const float*>(stage + kScalesAt);
     const float sb = *reinterpret_cast<const float*>(stage + kWeightScaleAt);
@@ -336,7 +383,10 @@ __global__ void __launch_bounds__(kThreads, 1) grouped_fp8_kernel(const __grid_c
     for (int j = 0; j < 16; ++j)
       gate[j * kConsumers] = make_uint2(bf16x2_bits(acc[j][0], acc[j][1]), bf16x2_bits(acc[j][2], acc[j][3]));
     mainloop(acc);
-    store_swiglu(p, tile, n_tiles, ra, c, acc, [&](int j) { return gate[j * kConsumers]; });
+    if constexpr (BF16)
+      store_swiglu_bf16(p, tile, n_tiles, ra, c, acc, [&](int j) { return gate[j * kConsumers]; });
+    else
+      store_swiglu(p, tile, n_tiles, ra, c, acc, [&](int j) { return gate[j * kConsumers]; });
   }
 }
 
@@ -448,9 +498,10 @@ __global__ void __launch_bounds__(kThreads, 1) grouped_fp8_pair_kernel(const __g
   }
 }
 
-// A tensor map over an [rows x k] e4m3 matrix (rows k bytes apart) in boxes of 128 x 128, each landing in
+// A tensor map over an [rows x k] e4m3 (or bf16) matrix in boxes of 128 rows x 128 bytes, each landing in
 // shared memory in the 128-byte swizzle wgmma's descriptors name.
-CUtensorMap fp8_map(const void* data, int64_t rows, int64_t k) {
+CUtensorMap operand_map(const void* data, int64_t rows, int64_t k, bool bf16) {
+  if (bf16) return tma_map_2d(data, CU_TENSOR_MAP_DATA_TYPE_BFLOAT16, 2, rows, k, k, kTile / 2, kTile);
   return tma_map_2d(data, CU_TENSOR_MAP_DATA_TYPE_UINT8, 1, rows, k, k, kTile, kTile);
 }
 
@@ -458,10 +509,11 @@ CUtensorMap fp8_map(const void* data, int64_t rows, int64_t k) {
 // for as long as the process runs; rebuilt when the table's entries change (another model at the same
 // address).
 const ExpertMap* expert_maps(const MatrixPtrs* device_table, const MatrixPtrs* host_table, int64_t entries,
-                             int64_t rows, int64_t k, cudaStream_t stream) {
+                             int64_t rows, int64_t k, bool bf16, cudaStream_t stream) {
   struct Cached {
     std::vector<MatrixPtrs> entries;
     int64_t rows = 0, k = 0;
+    bool bf16 = false;
     ExpertMap* maps = nullptr;
   };
   static std::mutex mu;
@@ -471,15 +523,16 @@ const ExpertMap* expert_maps(const MatrixPtrs* device_table, const MatrixPtrs* h
   auto same_entry = [](const MatrixPtrs& a, const MatrixPtrs& b) {
     return a.data == b.data && a.scale_inv == b.scale_inv;
   };
-  const bool same = c.maps && c.rows == rows && c.k == k && c.entries.size() == static_cast<size_t>(entries) &&
+  const bool same = c.maps && c.rows == rows && c.k == k && c.bf16 == bf16 &&
+                    c.entries.size() == static_cast<size_t>(entries) &&
                     std::equal(c.entries.begin(), c.entries.end(), host_table, same_entry);
   if (same) return c.maps;
   std::vector<ExpertMap> host(static_cast<size_t>(entries));  // zeros where an entry is unused
   for (int64_t e = 0; e < entries; ++e) {
     const MatrixPtrs& m = host_table[e];
     if (!m.data) continue;  // an unused entry (the launch checks that no segment names it)
-    DSV3_ASSERT(m.scale_inv && aligned16(m.data));
-    host[static_cast<size_t>(e)].map = fp8_map(m.data, rows, k);
+    DSV3_ASSERT((bf16 || m.scale_inv) && aligned16(m.data));
+    host[static_cast<size_t>(e)].map = operand_map(m.data, rows, k, bf16);
     host[static_cast<size_t>(e)].scale_inv = m.scale_inv;
   }
   if (c.maps) {  // a launch of this stream may still read the old maps
@@ -495,6 +548,7 @@ const ExpertMap* expert_maps(const MatrixPtrs* device_table, const MatrixPtrs* h
   c.entries.assign(host_table, host_table + entries);
   c.rows = rows;
   c.k = k;
+  c.bf16 = bf16;
   return c.maps;
 }
 
@@ -506,18 +560,19 @@ void grouped_fp8_gemm(const GroupedFp8Params& p) {
   const int64_t m = p.table2 ? p.out / 2 : p.out;  // rows of each expert matrix
   DSV3_ASSERT(grouped_fp8_supported(m, p.k) && p.rows >= 0 && p.rows % kTile == 0);
   DSV3_ASSERT(p.row_base >= 0 && (!p.table2 || p.out % 2 == 0) && p.row_base + p.rows <= p.a_rows);
-  DSV3_ASSERT(p.q ? p.table2 && p.q_scales : p.ldd >= p.out);
+  DSV3_ASSERT(p.q ? p.table2 && (p.bf16 || p.q_scales) : p.ldd >= p.out);
   if (p.rows == 0) return;
   const bool dev_tiles = p.dev_tiles != nullptr;
   DSV3_ASSERT(dev_tiles == (p.dev_rows != nullptr) && (!dev_tiles || p.row_base == 0));
-  DSV3_ASSERT(p.a && p.a_scales && p.table && p.host_table && (dev_tiles || (p.segs && p.nsegs > 0)) &&
-              (p.q || p.d));
+  DSV3_ASSERT(p.a && (p.bf16 || p.a_scales) && p.table && p.host_table &&
+              (dev_tiles || (p.segs && p.nsegs > 0)) && (p.q || p.d));
   DSV3_ASSERT(!p.table2 || p.host_table2);
-  DSV3_ASSERT(aligned16(p.a) && aligned16(p.a_scales) && p.k % 16 == 0);
+  DSV3_ASSERT(aligned16(p.a) && (p.bf16 || aligned16(p.a_scales)) && p.k % 16 == 0);
   DSV3_ASSERT(p.q || (reinterpret_cast<uintptr_t>(p.d) % 8 == 0 && p.ldd % 4 == 0));  // 8-byte stores
   DSV3_ASSERT(p.a_rows < (int64_t{1} << 31) && p.out < (int64_t{1} << 31) && p.k < (int64_t{1} << 31));
   static const bool opted_in = [] {  // once per process: allow the stages' dynamic shared memory
-    for (auto* kernel : {grouped_fp8_kernel<false>, grouped_fp8_kernel<true>})
+    for (auto* kernel : {grouped_fp8_kernel<false, false>, grouped_fp8_kernel<true, false>,
+                         grouped_fp8_kernel<false, true>, grouped_fp8_kernel<true, true>})
       DSV3_CUDA_CHECK(
           cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(kSmemBytes)));
     DSV3_CUDA_CHECK(cudaFuncSetAttribute(grouped_fp8_pair_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
@@ -533,17 +588,19 @@ void grouped_fp8_gemm(const GroupedFp8Params& p) {
   // rows an expert, -11% for the pair); with few rows an expert the weights come from DRAM once and the
   // two-pass kernel's fifth stage hides more of that (v3-slice at 8K, ~380 rows an expert: not faster).
   const char* wide_knob = std::getenv("DSV3_GFP8_WIDE");
-  const bool wide = p.q && (wide_knob ? std::string_view(wide_knob) != "0"
-                                      : p.rows >= kWideMinRowsPerExpert * p.table_size);
+  const bool wide =
+      p.q && !p.bf16 &&  // (the one-pass pair is FP8 only)
+      (wide_knob ? std::string_view(wide_knob) != "0" : p.rows >= kWideMinRowsPerExpert * p.table_size);
   const int64_t launch_tiles = std::min<int64_t>(env_positive("DSV3_GFP8_LAUNCH_TILES", kMaxRowTiles), kMaxRowTiles);
   DSV3_ASSERT(opted_in);
   // One block per SM (the stages fill most of its shared memory), each looping over tiles.
   const int sms = sm_count();
 
   KernelArgs args;
-  args.a_map = fp8_map(p.a, p.a_rows, p.k);
-  args.maps = expert_maps(p.table, p.host_table, p.table_size, m, p.k, p.stream);
-  args.maps2 = p.table2 ? expert_maps(p.table2, p.host_table2, p.table_size, m, p.k, p.stream) : nullptr;
+  args.a_map = operand_map(p.a, p.a_rows, p.k, p.bf16);
+  args.maps = expert_maps(p.table, p.host_table, p.table_size, m, p.k, p.bf16, p.stream);
+  args.maps2 =
+      p.table2 ? expert_maps(p.table2, p.host_table2, p.table_size, m, p.k, p.bf16, p.stream) : nullptr;
   args.a_scales = p.a_scales;
   args.q = static_cast<uint8_t*>(p.q);
   args.q_scales = p.q_scales;
@@ -555,10 +612,13 @@ void grouped_fp8_gemm(const GroupedFp8Params& p) {
     const unsigned blocks = static_cast<unsigned>(std::min<int64_t>(tiles, sms));
     if (wide)
       grouped_fp8_pair_kernel<<<blocks, kThreads, kWideSmemBytes, p.stream>>>(args);
+    else if (p.bf16)
+      (overlap ? grouped_fp8_kernel<true, true>
+               : grouped_fp8_kernel<false, true>)<<<blocks, kThreads, kSmemBytes, p.stream>>>(args);
     else if (overlap)
-      grouped_fp8_kernel<true><<<blocks, kThreads, kSmemBytes, p.stream>>>(args);
+      grouped_fp8_kernel<true, false><<<blocks, kThreads, kSmemBytes, p.stream>>>(args);
     else
-      grouped_fp8_kernel<false><<<blocks, kThreads, kSmemBytes, p.stream>>>(args);
+      grouped_fp8_kernel<false, false><<<blocks, kThreads, kSmemBytes, p.stream>>>(args);
     check_launch("grouped_fp8_kernel");
   };
   if (dev_tiles) {  // any entry may be routed: each must have its matrices (the maps skip empty ones)

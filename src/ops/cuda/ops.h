@@ -543,8 +543,8 @@ void invert_rows(const int32_t* prob, int64_t total, int32_t* row_of, cudaStream
 void pad_expert_scales(const MatrixPtrs* table, const MatrixPtrs* table2, const int32_t* seg_expert, int64_t segments,
                        int64_t mb, int64_t kb, float* dst, cudaStream_t stream);
 
-// The GEMMs of a grouped FP8 projection (grouped_fp8.cu, Hopper; one launch per 131,072 rows): for every
-// operand row r of rows row_base .. row_base + rows (whole 128-row tiles of segments) and output column
+// The GEMMs of a grouped FP8 (or BF16) projection (grouped_fp8.cu, Hopper; one launch per 131,072 rows): for
+// every operand row r of rows row_base .. row_base + rows (whole 128-row tiles of segments) and output column
 // o < out,
 //   d[r - row_base][o] = sum_c a[r][c] * w[o][c] * a_scale(r, c / 128) * w_scale(o / 128, c / 128)
 // in fp32, stored as bf16, where r's segment s (segs[s].row0 .. + segs[s].rows, both multiples of 128;
@@ -560,6 +560,9 @@ void pad_expert_scales(const MatrixPtrs* table, const MatrixPtrs* table2, const 
 // and up rounded to bf16 first, leaves as the down projection's FP8 operand: codes at q + r * (out / 2),
 // one scale per 128 columns g at q_scales + (out / 256) * segs[s].row0 + (r - segs[s].row0) + g *
 // segs[s].rows (the same bytes as d in bf16 followed by swiglu_quantize_rows).
+// BF16 (bf16 set): a and the experts' matrices are bf16 rows, no scales (a_scales, scale_inv and q_scales
+// unused: the formula above with every scale 1); SwiGLU mode writes the same product as bf16 rows of out / 2
+// values at q (the bytes swiglu_quantize_rows writes for a BF16 operand).
 // Device tiles (dev_tiles and dev_rows set, segs unused, row_base 0): the segments come from moe_rows
 // (tiles = MoeRows::tiles, dev_rows = MoeRows::total), one launch over at most `rows` rows (the bound),
 // every table entry present; the grid does not depend on the routing.
@@ -585,6 +588,7 @@ struct GroupedFp8Params {
   float* q_scales = nullptr;
   const int32_t* dev_tiles = nullptr;  // device tiles
   const int32_t* dev_rows = nullptr;
+  bool bf16 = false;  // BF16 experts and operand rows
   cudaStream_t stream = nullptr;
 };
 bool grouped_fp8_supported(int64_t out, int64_t k);
