@@ -192,14 +192,14 @@ int64_t moe_group_min_tokens() {
   return n;
 }
 
-// Fewest rows of a forward() step (one sequence's prefill) that prefill_gemm "auto" runs on cuBLASLt:
-// 1,024, or DSV3_LT_AUTO_ROWS. Shorter steps stay on the fp32-accurate kernels, so short prompts give the
-// CPU engine's numbers (and CudaEngine's); longer ones take FP8 (or BF16) activations (the trained default
-// model's logits move ~6e-2) for several times the speed at 8K. Below ~1K rows the per-expert cuBLASLt
-// calls cost more host time than they save (H200, lite FP8: 512 rows 78 ms vs 55 ms; 1,024 82 vs 95 ms;
-// docs/PERF.md). Read once.
+// Fewest rows of a forward() step (one sequence's prefill) that prefill_gemm "auto" runs on cuBLASLt and
+// the grouped expert kernel: 256, or DSV3_LT_AUTO_ROWS. Shorter steps stay on the fp32-accurate kernels,
+// so short prompts give the CPU engine's numbers (and CudaEngine's) and short engine items share their
+// steps; longer ones take FP8 (or BF16) activations (the trained default model's logits move ~6e-2) for
+// several times the speed: on lite (H200) 2.5x (BF16) and 3.9x (FP8) at 256 rows, 1.6x / 2.3x at 128
+// (docs/PERF.md, "BF16 experts in the grouped kernel"). Read once.
 int64_t auto_lt_rows() {
-  static const int64_t n = cuda::env_positive("DSV3_LT_AUTO_ROWS", 1024);
+  static const int64_t n = cuda::env_positive("DSV3_LT_AUTO_ROWS", 256);
   return n;
 }
 

@@ -69,8 +69,8 @@ struct CudaOptions {
   // cuda::lt_min_rows() rows on cuBLASLt (FP8 weights with FP8 activations in 1x128 blocks, BF16 with
   // BF16; logits move ~1e-2) and the step's attention on bf16 operands; "fp32" runs them on the engine's
   // own kernels (fp32 accumulation, fp32-accurate inputs: the CPU engine's numbers to ~1e-5); "auto" is
-  // "lt" for steps of at least 1,024 rows (DSV3_LT_AUTO_ROWS) and "fp32" below. forward_batch() (the
-  // engine: generate, chat, serve) runs each item of at least 1,024 new tokens on its own on forward()'s
+  // "lt" for steps of at least 256 rows (DSV3_LT_AUTO_ROWS) and "fp32" below. forward_batch() (the
+  // engine: generate, chat, serve) runs each item of at least 256 new tokens on its own on forward()'s
   // path (unless "fp32") and the rest together on the fp32 kernels, so an item's numbers depend on its own
   // rows only, never on who shares its step. Empty: the environment's DSV3_PREFILL_GEMM, else "auto"
   // (docs/CUDA.md).
@@ -121,7 +121,7 @@ class CudaModel {
   std::string prefill_gemm() const;
   // What, besides the weights, decides the numbers of the latent rows this model writes: empty when every
   // step runs the fp32-accurate kernels ("fp32"), else the prefill mode and its row threshold (e.g.
-  // "prefill auto from 1024 rows": pieces that long take FP8 activations). The engine keeps prefix-cache
+  // "prefill auto from 256 rows": pieces that long take FP8 activations). The engine keeps prefix-cache
   // blocks of different settings apart by it.
   std::string numerics_tag() const;
 

@@ -68,7 +68,7 @@ TEST_F(CudaEngine, GeneratorEqualsCudaModelsOwnDecodeLoop) {
   EXPECT_EQ(backend_->device_name().rfind("cuda: ", 0), 0u) << backend_->device_name();
 }
 
-// A long prompt piece (>= 1,024 new tokens, DSV3_LT_AUTO_ROWS) runs on its own on CudaModel::forward's
+// A long prompt piece (>= 256 new tokens, DSV3_LT_AUTO_ROWS) runs on its own on CudaModel::forward's
 // path (cuBLASLt, the non-absorbed attention) even inside a batch: its logits equal forward()'s over a
 // CudaLatentCache fed the same two 1,100-row chunks (the second over 1,100 cached keys: the key buffers
 // grow with the cache), while a short prompt and a decode token in the same steps keep the batched fp32

@@ -380,7 +380,7 @@ TEST(CudaDefaultModel, AutoPrefillMatchesCpu) {
     }
     std::printf("[gpu-default-model] prefill n=%lld (auto) rel_l2 vs cpu %.3e, greedy same at %lld of %lld clear positions\n",
                 static_cast<long long>(n), e, static_cast<long long>(same), static_cast<long long>(clear));
-    EXPECT_LE(e, n >= 1024 ? 8e-2 : 1e-4) << "n=" << n;
+    EXPECT_LE(e, n >= 256 ? 8e-2 : 1e-4) << "n=" << n;  // 256: DSV3_LT_AUTO_ROWS's default
     EXPECT_GT(clear, n / 10) << "n=" << n;
     EXPECT_GE(same * 100, clear * 95) << "n=" << n;
   }
