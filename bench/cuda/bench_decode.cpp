@@ -216,10 +216,11 @@ double prefill_flops_per_token(const dsv3::ModelConfig& c, int64_t S) {
   return 2.0 * params + attn + 2.0 * static_cast<double>(c.vocab_size) * D / static_cast<double>(S);
 }
 
-// --prefill S[,S...]: one prompt's forward per length, next to the cuBLASLt GEMM rate of the weights'
-// dtype (FP8 block-scaled or BF16, 8192^3) measured in this process. --prefill-repeat R (default 1): R
-// prompts of that length back to back, each into its own cache allocated beforehand, timed together (a
-// busy server's steady state; one prompt alone starts on a GPU that idled while its cache was allocated).
+// --prefill S[,S...]: one prompt's forward per length (after an untimed one of the same prompt), next to the
+// cuBLASLt GEMM rate of the weights' dtype (FP8 block-scaled or BF16, 8192^3) measured in this process.
+// --prefill-repeat R (default 1): R prompts of that length back to back, each into its own cache allocated
+// beforehand, timed together (a busy server's steady state; one prompt alone starts on a GPU that idled while
+// its cache was allocated).
 void bench_prefill(dsv3::CudaModel& gpu, const std::string& label, const std::vector<int>& lengths, bool fp8,
                    int repeat) {
   using namespace dsv3;
@@ -233,14 +234,13 @@ void bench_prefill(dsv3::CudaModel& gpu, const std::string& label, const std::ve
   const double sustained = cuda::lt_gemm_tflops(roof_dtype, 8192, 8192, 8192, 100) * 1e12;
   ForwardOptions last;
   last.all_logits = false;
-  {  // warm-up: module load, cuBLASLt plans of a 1024-row prompt
-    std::vector<int32_t> warm_prompt(1024, 3);
-    CudaLatentCache warm = gpu.new_cache(1024);
-    gpu.forward(warm_prompt, warm, last);
-  }
   for (const int S : lengths) {
     std::vector<int32_t> prompt(static_cast<size_t>(S));
     for (int i = 0; i < S; ++i) prompt[i] = static_cast<int32_t>(2 + (i * 7919) % (cfg.vocab_size - 2));
+    {  // warm-up on the same prompt: module load, cuBLASLt plans, buffers grown to this length's routing
+      CudaLatentCache warm = gpu.new_cache(S);
+      gpu.forward(prompt, warm, last);
+    }
     std::vector<CudaLatentCache> caches;
     for (int r = 0; r < repeat; ++r) caches.push_back(gpu.new_cache(S));
     const bool profile = std::getenv("DSV3_PROFILE") && *std::getenv("DSV3_PROFILE") == '1';
