@@ -2195,10 +2195,10 @@ std::vector<float> combine_kept(Dev& dev, const cuda::LtRows& keep, const std::v
 // The grouped FP8 kernel's switches that must leave its results bit for bit the same: each k-block's
 // products waited for before their promotion (no second partial), one launch per 128-row tile, and a
 // SwiGLU pair in one pass (grouped_fp8_pair_kernel) or two per tile, whatever the rows per expert.
-constexpr std::pair<const char*, const char*> kGroupedFp8Variants[] = {{"DSV3_GFP8_OVERLAP", "0"},
-                                                                       {"DSV3_GFP8_LAUNCH_TILES", "1"},
-                                                                       {"DSV3_GFP8_WIDE", "1"},
-                                                                       {"DSV3_GFP8_WIDE", "0"}};
+constexpr std::pair<const char*, const char*> kGroupedGemmVariants[] = {{"DSV3_GFP8_OVERLAP", "0"},
+                                                                        {"DSV3_GFP8_LAUNCH_TILES", "1"},
+                                                                        {"DSV3_GFP8_WIDE", "1"},
+                                                                        {"DSV3_GFP8_WIDE", "0"}};
 
 // The grouped MoE projections of a prefill on cuBLASLt (LinearParams::lt): per-expert GEMMs over gathered,
 // quantized rows against the tensor-core kernel (fp32-accurate): FP8 activations (3 mantissa bits) move
@@ -2264,8 +2264,8 @@ TEST_F(CudaOps, GroupedLtMatchesTensorCoreKernel) {
       std::printf("grouped %s kernel against cuBLASLt: gate/up rel L2 %.2e, down %.2e\n", dtype_name(dt),
                   c_gu, c_dn);
 
-      // The kernel's variants (kGroupedFp8Variants) give the same bits.
-      for (const auto& [knob, value] : kGroupedFp8Variants) {
+      // The kernel's variants (kGroupedGemmVariants) give the same bits.
+      for (const auto& [knob, value] : kGroupedGemmVariants) {
         ASSERT_EQ(setenv(knob, value, 1), 0);
         cuda::LinearParams lt_v = lt, dn_v = dn;
         lt_v.y = dev.poisoned(act.size());
@@ -2335,8 +2335,8 @@ TEST_F(CudaOps, GroupedLtMatchesTensorCoreKernel) {
       EXPECT_EQ(Dev::get(dn2.y, down.size()), Dev::get(two.y, down.size()))
           << dtype_name(dt) << " gate/up + down in one call";
       // The pair ran in the grouped kernel's SwiGLU mode (down's operand written by its epilogue); the same
-      // bits in its variants (kGroupedFp8Variants).
-      for (const auto& [knob, value] : kGroupedFp8Variants) {
+      // bits in its variants (kGroupedGemmVariants).
+      for (const auto& [knob, value] : kGroupedGemmVariants) {
         ASSERT_EQ(setenv(knob, value, 1), 0);
         cuda::LinearParams dn_v = grouped_down(ds, pair, dev.poisoned(down.size()));
         dn_v.lt = true;
@@ -2457,7 +2457,7 @@ void CudaOps::grouped_mlp_planned_on_device(DType dt) {
     const std::vector<float> host = combined(false), device = combined(true);
     EXPECT_EQ(device, host) << dtype_name(dt) << ", " << (ids == &even ? "even" : "irregular") << " routing";
     EXPECT_NE(host, x0);
-    for (const auto& [knob, value] : kGroupedFp8Variants) {  // the kernel's forms on device tiles
+    for (const auto& [knob, value] : kGroupedGemmVariants) {  // the kernel's forms on device tiles
       ASSERT_EQ(setenv(knob, value, 1), 0);
       const std::vector<float> variant = combined(true);
       unsetenv(knob);

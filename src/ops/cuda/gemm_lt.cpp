@@ -420,14 +420,14 @@ int64_t plan_table_size(const LinearParams& p) { return p.gather_chunks - (p.n +
 // 16-byte rows of bf16 (and of fp32).
 int64_t rows_ld(int64_t values) { return (values + 7) / 8 * 8; }
 
-// Whether p's GEMMs take grouped_fp8_gemm (every expert's GEMM in one launch of our kernel) rather than
+// Whether p's GEMMs take grouped_gemm (every expert's GEMM in one launch of our kernel) rather than
 // one cuBLASLt GEMM per expert: FP8 or BF16 experts in whole 128 blocks of outputs and k, unless
 // DSV3_LT_GROUPED_FP8=0 / DSV3_LT_GROUPED_BF16=0 (read at every call, so that tests can compare both).
 // cuBLASLt's per-expert GEMMs take ~10 us each whatever their size, and since the kernel loads through
 // TMA it is the faster one from 1K to 8K prompts on lite (docs/PERF.md, "Eighth session"; BF16:
 // "BF16 experts in the grouped kernel", thirtieth session).
 bool own_kernel_for(const LinearParams& p) {
-  if (!grouped_fp8_supported(p.out, p.w.cols)) return false;
+  if (!grouped_gemm_supported(p.out, p.w.cols)) return false;
   if (p.w.dtype == DType::BF16) return env_enabled("DSV3_LT_GROUPED_BF16");
   return p.w.dtype == DType::F8_E4M3 && env_enabled("DSV3_LT_GROUPED_FP8");
 }
@@ -564,7 +564,7 @@ bool finish_plan(const LinearParams& p, StreamBufs& b, const PlanCopies& c, int6
 struct GroupedGemms {
   std::vector<MatrixPtrs> table, table2;
   bool fp8 = false, dual = false, bf16_out = false;
-  bool own = false;  // grouped_fp8_gemm instead of cuBLASLt (bf16 scratch)
+  bool own = false;  // grouped_gemm instead of cuBLASLt (bf16 scratch)
   int64_t m = 0, k = 0, elem = 0, mb = 0, kb = 0, ld_tmp = 0;
   std::vector<char> fused;
 };
@@ -604,11 +604,12 @@ bool plan_gemms(State& s, const LinearParams& p, const GroupedPlan& plan, bool o
   return g.bf16_out || plans_ok(false);
 }
 
-// grouped_fp8_gemm's parameters for p's experts (host copies of its tables: host, host2 for a pair) over
+// grouped_gemm's parameters for p's experts (host copies of its tables: host, host2 for a pair) over
 // an operand of a_rows rows; the rows, segments and output left to the caller.
-GroupedFp8Params fp8_params(const LinearParams& p, const MatrixPtrs* host, const MatrixPtrs* host2,
-                            int64_t table_size, const void* act, int64_t a_rows, const float* act_scales) {
-  GroupedFp8Params q;
+GroupedGemmParams grouped_params(const LinearParams& p, const MatrixPtrs* host, const MatrixPtrs* host2,
+                                 int64_t table_size, const void* act, int64_t a_rows,
+                                 const float* act_scales) {
+  GroupedGemmParams q;
   q.a = act;
   q.a_rows = a_rows;
   q.a_scales = act_scales;
@@ -625,13 +626,13 @@ GroupedFp8Params fp8_params(const LinearParams& p, const MatrixPtrs* host, const
 }
 
 // The same for p's segments first .. last - 1 of plan (their list in segs).
-GroupedFp8Params own_params(const LinearParams& p, const GroupedPlan& plan, const GroupedGemms& g,
-                            const void* act, const float* act_scales, size_t first, size_t last,
-                            std::vector<GroupedFp8Segment>& segs) {
+GroupedGemmParams own_params(const LinearParams& p, const GroupedPlan& plan, const GroupedGemms& g,
+                             const void* act, const float* act_scales, size_t first, size_t last,
+                             std::vector<GroupedGemmSegment>& segs) {
   for (size_t i = first; i < last; ++i)
     segs.push_back({plan.segs[i].row0, plan.segs[i].rows, plan.segs[i].e});
-  GroupedFp8Params q = fp8_params(p, g.table.data(), g.table2.data(), static_cast<int64_t>(g.table.size()),
-                                  act, plan.total, act_scales);
+  GroupedGemmParams q = grouped_params(p, g.table.data(), g.table2.data(),
+                                       static_cast<int64_t>(g.table.size()), act, plan.total, act_scales);
   q.segs = segs.data();
   q.nsegs = static_cast<int64_t>(segs.size());
   q.row_base = plan.segs[first].row0;
@@ -676,11 +677,11 @@ void run_waves(State& s, const LinearParams& p, const GroupedPlan& plan, const G
     while (last < plan.segs.size() && plan.segs[last].row0 + plan.segs[last].rows - w0 <= wave_rows) ++last;
     const int64_t rows = plan.segs[last - 1].row0 + plan.segs[last - 1].rows - w0;
     if (g.own) {  // the whole wave in one launch
-      std::vector<GroupedFp8Segment> segs;
-      GroupedFp8Params q = own_params(p, plan, g, act, act_scales, first, last, segs);
+      std::vector<GroupedGemmSegment> segs;
+      GroupedGemmParams q = own_params(p, plan, g, act, act_scales, first, last, segs);
       q.d = scratch;
       q.ldd = g.ld_tmp;
-      grouped_fp8_gemm(q);
+      grouped_gemm(q);
       epilogue(scratch, rows, w0);
       first = last;
       continue;
@@ -802,7 +803,7 @@ bool with_grouped_plan(const LinearParams& p, const std::vector<const MatrixPtrs
   }
   GroupedPlan plan;
   if (!finish_plan(p, b, c, row_align, plan)) return true;
-  HostTables host;  // whole tables: grouped_fp8_gemm keys its tensor maps on them
+  HostTables host;  // whole tables: grouped_gemm keys its tensor maps on them
   for (const MatrixPtrs* t : c.tables) host.emplace_back(t, t + c.table_size);
   return body(s, b, plan, host, tokens_quantized);
 }
@@ -811,7 +812,7 @@ bool with_grouped_plan(const LinearParams& p, const std::vector<const MatrixPtrs
 // the gate/up pair) over its tokens, gathered and quantized in one launch. The expert of each chunk, the
 // chunk lists and the expert tables come to the host first (one synchronization per projection: prefill
 // only, never in a capture). FP8 projections in whole 128-blocks (own_kernel_for) run every expert's GEMM
-// in one launch of our kernel (grouped_fp8_gemm, segments padded to 128 rows); otherwise segments are
+// in one launch of our kernel (grouped_gemm, segments padded to 128 rows); otherwise segments are
 // padded to 64 rows so the cached plans stay few (at most 8,192 / 64 shapes per matrix) and the GEMMs of
 // a wave of segments run on kSideStreams streams into one scratch. Then one launch applies the epilogue
 // (SwiGLU, or the copy back) to every row of the wave.
@@ -885,23 +886,24 @@ void mlp_on_device(const LinearParams& gu, const LinearParams& down, LtRows& kee
   gather_quantized(gq);
   ensure(b.down_act, sz(bound * I * elem), false);
   if (fp8) ensure(b.down_scales, sz(I / 128 * bound * 4), false);
-  auto on_rows = [&](GroupedFp8Params q) {
+  auto on_rows = [&](GroupedGemmParams q) {
     q.rows = bound;
     q.dev_tiles = rows.tiles;
     q.dev_rows = rows.total;
     return q;
   };
-  GroupedFp8Params pair = on_rows(fp8_params(gu, gu.host_experts, gu.host_experts2, table_size, b.act.ptr,
-                                             bound, fp8 ? static_cast<const float*>(b.scales.ptr) : nullptr));
+  GroupedGemmParams pair =
+      on_rows(grouped_params(gu, gu.host_experts, gu.host_experts2, table_size, b.act.ptr, bound,
+                             fp8 ? static_cast<const float*>(b.scales.ptr) : nullptr));
   pair.q = b.down_act.ptr;
   pair.q_scales = fp8 ? static_cast<float*>(b.down_scales.ptr) : nullptr;
-  grouped_fp8_gemm(pair);
-  GroupedFp8Params dn =
-      on_rows(fp8_params(down, down.host_experts, nullptr, table_size, b.down_act.ptr, bound,
-                         fp8 ? static_cast<const float*>(b.down_scales.ptr) : nullptr));
+  grouped_gemm(pair);
+  GroupedGemmParams dn =
+      on_rows(grouped_params(down, down.host_experts, nullptr, table_size, b.down_act.ptr, bound,
+                             fp8 ? static_cast<const float*>(b.down_scales.ptr) : nullptr));
   dn.d = keep.rows;
   dn.ldd = ld;
-  grouped_fp8_gemm(dn);
+  grouped_gemm(dn);
   keep.used = true;
   keep.bf16 = true;
   keep.ld = ld;
@@ -945,12 +947,12 @@ bool linear_lt_grouped_mlp(const LinearParams& gu, const LinearParams& down, LtR
     sq.seg_rows = plan.seg_rows;
     if (pair.own && env_enabled("DSV3_GFP8_SWIGLU")) {
       // One launch writes down's operand: no bf16 scratch of gate and up, no SwiGLU pass (=0: measurement).
-      std::vector<GroupedFp8Segment> segs;
-      GroupedFp8Params q = own_params(gu, plan, pair, b.act.ptr, static_cast<const float*>(b.scales.ptr), 0,
-                                      plan.segs.size(), segs);
+      std::vector<GroupedGemmSegment> segs;
+      GroupedGemmParams q = own_params(gu, plan, pair, b.act.ptr, static_cast<const float*>(b.scales.ptr), 0,
+                                       plan.segs.size(), segs);
       q.q = sq.q;
       q.q_scales = sq.scales;
-      grouped_fp8_gemm(q);
+      grouped_gemm(q);
     } else {
       run_waves(s, gu, plan, pair, b.act.ptr, static_cast<const float*>(b.scales.ptr),
                 [&](const uint8_t* scratch, int64_t rows, int64_t w0) {

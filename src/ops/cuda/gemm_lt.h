@@ -45,7 +45,7 @@ LtOperand lt_token_operand(const LinearParams& p);
 
 // The same for an expert-grouped projection (gather set, experts with optional experts2 SwiGLU, optional
 // norm; no combine or fixed experts) of at least lt_min_rows() problems outside stream capture: per expert
-// a cuBLASLt GEMM over its problems (in whole 128 blocks: all experts in one launch of grouped_fp8_gemm
+// a cuBLASLt GEMM over its problems (in whole 128 blocks: all experts in one launch of grouped_gemm
 // instead, unless DSV3_LT_GROUPED_FP8=0 / DSV3_LT_GROUPED_BF16=0), activations gathered and quantized
 // (FP8 per token per 128 columns, or BF16) in one launch. Synchronizes with p.stream once to read
 // moe_plan's lists. False: p.y is not written (scratch may have been).

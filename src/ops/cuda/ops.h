@@ -543,7 +543,7 @@ void invert_rows(const int32_t* prob, int64_t total, int32_t* row_of, cudaStream
 void pad_expert_scales(const MatrixPtrs* table, const MatrixPtrs* table2, const int32_t* seg_expert, int64_t segments,
                        int64_t mb, int64_t kb, float* dst, cudaStream_t stream);
 
-// The GEMMs of a grouped FP8 (or BF16) projection (grouped_fp8.cu, Hopper; one launch per 131,072 rows): for
+// The GEMMs of a grouped FP8 (or BF16) projection (grouped_gemm.cu, Hopper; one launch per 131,072 rows): for
 // every operand row r of rows row_base .. row_base + rows (whole 128-row tiles of segments) and output column
 // o < out,
 //   d[r - row_base][o] = sum_c a[r][c] * w[o][c] * a_scale(r, c / 128) * w_scale(o / 128, c / 128)
@@ -566,11 +566,11 @@ void pad_expert_scales(const MatrixPtrs* table, const MatrixPtrs* table2, const 
 // Device tiles (dev_tiles and dev_rows set, segs unused, row_base 0): the segments come from moe_rows
 // (tiles = MoeRows::tiles, dev_rows = MoeRows::total), one launch over at most `rows` rows (the bound),
 // every table entry present; the grid does not depend on the routing.
-struct GroupedFp8Segment {
+struct GroupedGemmSegment {
   int64_t row0 = 0, rows = 0;
   int32_t expert = 0;
 };
-struct GroupedFp8Params {
+struct GroupedGemmParams {
   const void* a = nullptr;
   int64_t a_rows = 0;
   const float* a_scales = nullptr;
@@ -579,7 +579,7 @@ struct GroupedFp8Params {
   const MatrixPtrs* host_table = nullptr;
   const MatrixPtrs* host_table2 = nullptr;
   int64_t table_size = 0;
-  const GroupedFp8Segment* segs = nullptr;  // host
+  const GroupedGemmSegment* segs = nullptr;  // host
   int64_t nsegs = 0;
   int64_t row_base = 0, rows = 0, out = 0, k = 0;
   void* d = nullptr;  // bf16, row i at d + i * ldd (8-byte aligned, ldd a multiple of 4)
@@ -591,8 +591,8 @@ struct GroupedFp8Params {
   bool bf16 = false;  // BF16 experts and operand rows
   cudaStream_t stream = nullptr;
 };
-bool grouped_fp8_supported(int64_t out, int64_t k);
-void grouped_fp8_gemm(const GroupedFp8Params& p);
+bool grouped_gemm_supported(int64_t out, int64_t k);
+void grouped_gemm(const GroupedGemmParams& p);
 // Whether cuBLASLt has a GEMM for an out x n x k projection of this weight dtype (FP8 or BF16; the
 // dimensions as `linear` passes them, n rounded up to 16); false means `linear` runs it on its own kernels.
 bool lt_gemm_supported(DType dtype, int64_t out, int64_t n, int64_t k);

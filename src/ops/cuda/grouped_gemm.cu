@@ -1,4 +1,4 @@
-// The routed experts' FP8 GEMMs of a grouped prefill projection in one launch on Hopper's warpgroup
+// The routed experts' FP8 (or BF16) GEMMs of a grouped prefill projection in one launch on Hopper's warpgroup
 // products, in place of one cuBLASLt call per expert (gemm_lt.cpp): cuBLASLt's only algorithm for these
 // block-scaled shapes takes ~10 us a GEMM whatever its size (docs/PERF.md, "Seventh session"), and a
 // lite layer runs 64 experts twice.
@@ -61,7 +61,7 @@ namespace {
 constexpr int kTile = 128;  // rows, output columns, and k columns (one scale block) per step
 constexpr int kStages = 5;
 constexpr int kConsumers = 256, kThreads = kConsumers + 128;
-constexpr uint32_t kTileBytes = kTile * kTile;  // an FP8 tile: 128 rows of 128 bytes
+constexpr uint32_t kTileBytes = kTile * kTile;  // a tile: 128 rows of 128 bytes (128 e4m3 or 64 bf16 values)
 // A stage: the operand tile, the weight tile, the operand rows' 128 scales (512 bytes), the weight
 // block's scale, padded to 1,024 so that every tile starts on a swizzle atom. Then the barriers: full
 // 0..kStages-1, empty 0..kStages-1.
@@ -220,7 +220,7 @@ __device__ __forceinline__ void store_swiglu_bf16(const KernelArgs& p, int32_t t
 // their operand rows); the stages' barriers run on across tiles, so the producer loads the next tile's
 // first k-blocks while the consumers finish and store this one.
 template <bool OVERLAP, bool BF16>
-__global__ void __launch_bounds__(kThreads, 1) grouped_fp8_kernel(const __grid_constant__ KernelArgs p) {
+__global__ void __launch_bounds__(kThreads, 1) grouped_gemm_kernel(const __grid_constant__ KernelArgs p) {
   constexpr int32_t kBlockCols = BF16 ? kTile / 2 : kTile;  // k columns a stage: 128 bytes of each row
   extern __shared__ uint8_t smem_raw[];
   uint8_t* smem = smem_raw + ((1024 - smem_addr(smem_raw) % 1024) % 1024);
@@ -273,7 +273,8 @@ __global__ void __launch_bounds__(kThreads, 1) grouped_fp8_kernel(const __grid_c
   }
 
   if constexpr (OVERLAP) regs_grow<232>();
-  const int wg = threadIdx.x / 128, warp = threadIdx.x % 128 / 32, lane = threadIdx.x % 32, g = lane / 4, c = lane % 4;
+  const int wg = threadIdx.x / 128, warp = threadIdx.x % 128 / 32, lane = threadIdx.x % 32, g = lane / 4,
+            c = lane % 4;
   const int ra = wg * 64 + warp * 16 + g, rb = ra + 8;  // this lane's two rows of a tile
   // k-block `it` (counted across tiles): wait for its slot, then its 4 products into `part`, committed;
   // the scales of this lane's two rows (row scale x weight block scale) read while they run.
@@ -542,7 +543,8 @@ const ExpertMap* expert_maps(const MatrixPtrs* device_table, const MatrixPtrs* h
   }
   void* dev = nullptr;
   DSV3_CUDA_CHECK(cudaMalloc(&dev, host.size() * sizeof(ExpertMap)));
-  DSV3_CUDA_CHECK(cudaMemcpyAsync(dev, host.data(), host.size() * sizeof(ExpertMap), cudaMemcpyHostToDevice, stream));
+  DSV3_CUDA_CHECK(
+      cudaMemcpyAsync(dev, host.data(), host.size() * sizeof(ExpertMap), cudaMemcpyHostToDevice, stream));
   DSV3_CUDA_CHECK(cudaStreamSynchronize(stream));  // `host` goes away on return
   c.maps = static_cast<ExpertMap*>(dev);
   c.entries.assign(host_table, host_table + entries);
@@ -554,11 +556,13 @@ const ExpertMap* expert_maps(const MatrixPtrs* device_table, const MatrixPtrs* h
 
 }  // namespace
 
-bool grouped_fp8_supported(int64_t out, int64_t k) { return out > 0 && k > 0 && out % kTile == 0 && k % kTile == 0; }
+bool grouped_gemm_supported(int64_t out, int64_t k) {
+  return out > 0 && k > 0 && out % kTile == 0 && k % kTile == 0;
+}
 
-void grouped_fp8_gemm(const GroupedFp8Params& p) {
+void grouped_gemm(const GroupedGemmParams& p) {
   const int64_t m = p.table2 ? p.out / 2 : p.out;  // rows of each expert matrix
-  DSV3_ASSERT(grouped_fp8_supported(m, p.k) && p.rows >= 0 && p.rows % kTile == 0);
+  DSV3_ASSERT(grouped_gemm_supported(m, p.k) && p.rows >= 0 && p.rows % kTile == 0);
   DSV3_ASSERT(p.row_base >= 0 && (!p.table2 || p.out % 2 == 0) && p.row_base + p.rows <= p.a_rows);
   DSV3_ASSERT(p.q ? p.table2 && (p.bf16 || p.q_scales) : p.ldd >= p.out);
   if (p.rows == 0) return;
@@ -571,17 +575,17 @@ void grouped_fp8_gemm(const GroupedFp8Params& p) {
   DSV3_ASSERT(p.q || (reinterpret_cast<uintptr_t>(p.d) % 8 == 0 && p.ldd % 4 == 0));  // 8-byte stores
   DSV3_ASSERT(p.a_rows < (int64_t{1} << 31) && p.out < (int64_t{1} << 31) && p.k < (int64_t{1} << 31));
   static const bool opted_in = [] {  // once per process: allow the stages' dynamic shared memory
-    for (auto* kernel : {grouped_fp8_kernel<false, false>, grouped_fp8_kernel<true, false>,
-                         grouped_fp8_kernel<false, true>, grouped_fp8_kernel<true, true>})
-      DSV3_CUDA_CHECK(
-          cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(kSmemBytes)));
+    for (auto* kernel : {grouped_gemm_kernel<false, false>, grouped_gemm_kernel<true, false>,
+                         grouped_gemm_kernel<false, true>, grouped_gemm_kernel<true, true>})
+      DSV3_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                           static_cast<int>(kSmemBytes)));
     DSV3_CUDA_CHECK(cudaFuncSetAttribute(grouped_fp8_pair_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                          static_cast<int>(kWideSmemBytes)));
     return true;
   }();
   // Measurement and test knobs, read at every call: DSV3_GFP8_OVERLAP=0 waits for each k-block's products
   // before promoting them (no second partial); DSV3_GFP8_WIDE=0 / =1 runs a SwiGLU pair always in two
-  // passes per tile (grouped_fp8_kernel) / always in one (grouped_fp8_pair_kernel); DSV3_GFP8_LAUNCH_TILES
+  // passes per tile (grouped_gemm_kernel) / always in one (grouped_fp8_pair_kernel); DSV3_GFP8_LAUNCH_TILES
   // caps the row tiles per launch.
   const bool overlap = env_enabled("DSV3_GFP8_OVERLAP");
   // The one-pass pair saves L2 traffic where many row tiles share an expert's weights (lite at 8K: ~1,100
@@ -591,7 +595,8 @@ void grouped_fp8_gemm(const GroupedFp8Params& p) {
   const bool wide =
       p.q && !p.bf16 &&  // (the one-pass pair is FP8 only)
       (wide_knob ? std::string_view(wide_knob) != "0" : p.rows >= kWideMinRowsPerExpert * p.table_size);
-  const int64_t launch_tiles = std::min<int64_t>(env_positive("DSV3_GFP8_LAUNCH_TILES", kMaxRowTiles), kMaxRowTiles);
+  const int64_t launch_tiles =
+      std::min<int64_t>(env_positive("DSV3_GFP8_LAUNCH_TILES", kMaxRowTiles), kMaxRowTiles);
   DSV3_ASSERT(opted_in);
   // One block per SM (the stages fill most of its shared memory), each looping over tiles.
   const int sms = sm_count();
@@ -613,13 +618,13 @@ void grouped_fp8_gemm(const GroupedFp8Params& p) {
     if (wide)
       grouped_fp8_pair_kernel<<<blocks, kThreads, kWideSmemBytes, p.stream>>>(args);
     else if (p.bf16)
-      (overlap ? grouped_fp8_kernel<true, true>
-               : grouped_fp8_kernel<false, true>)<<<blocks, kThreads, kSmemBytes, p.stream>>>(args);
+      (overlap ? grouped_gemm_kernel<true, true>
+               : grouped_gemm_kernel<false, true>)<<<blocks, kThreads, kSmemBytes, p.stream>>>(args);
     else if (overlap)
-      grouped_fp8_kernel<true, false><<<blocks, kThreads, kSmemBytes, p.stream>>>(args);
+      grouped_gemm_kernel<true, false><<<blocks, kThreads, kSmemBytes, p.stream>>>(args);
     else
-      grouped_fp8_kernel<false, false><<<blocks, kThreads, kSmemBytes, p.stream>>>(args);
-    check_launch("grouped_fp8_kernel");
+      grouped_gemm_kernel<false, false><<<blocks, kThreads, kSmemBytes, p.stream>>>(args);
+    check_launch("grouped_gemm_kernel");
   };
   if (dev_tiles) {  // any entry may be routed: each must have its matrices (the maps skip empty ones)
     for (int64_t e = 0; e < p.table_size; ++e)
@@ -639,7 +644,7 @@ void grouped_fp8_gemm(const GroupedFp8Params& p) {
     for (int32_t t = 0; t < args.row_tiles; ++t) {
       const int64_t row = args.row_base + static_cast<int64_t>(t) * kTile;
       while (seg < p.nsegs && p.segs[seg].row0 + p.segs[seg].rows <= row) ++seg;
-      const GroupedFp8Segment& sg = p.segs[seg < p.nsegs ? seg : 0];
+      const GroupedGemmSegment& sg = p.segs[seg < p.nsegs ? seg : 0];
       DSV3_ASSERT(seg < p.nsegs && sg.row0 <= row && sg.row0 % kTile == 0 && sg.rows % kTile == 0);
       DSV3_ASSERT(sg.expert >= 0 && sg.expert < p.table_size && p.host_table[sg.expert].data &&
                   (!p.table2 || p.host_table2[sg.expert].data));
