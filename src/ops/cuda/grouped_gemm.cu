@@ -140,16 +140,25 @@ __device__ __forceinline__ void init_stage_barriers(uint32_t bars, int stages) {
   __syncthreads();
 }
 
-// SwiGLU mode's epilogue: silu(gate) * up for this lane's two rows (ra, ra + 8) of the tile and its 32
-// columns, as swiglu_quantize computes it from bf16 scratch (gate_bits(j): the gate values of the
-// lane's accumulator j as bf16 pairs, up rounded to bf16 here), quantized per row over the tile's 128
-// columns (a row's columns sit in the 4 lanes of its quad), written as the down projection's FP8 operand
-// with one scale per row and 128 columns in the segments' VEC128 blocks.
+// A lane's accumulators (rows r and r + 8 of a tile, 32 columns) stored as bf16 at rows + r * ld (the
+// tile's first column): each lane has 2 values of each of its rows per 8 columns, so lanes c and c ^ 1 swap
+// halves and the even one stores 4 values of row r, the odd one 4 of row r + 8 (8 bytes each).
+__device__ __forceinline__ void store_bf16_rows(__nv_bfloat16* rows, int64_t ld, int64_t r, int c,
+                                                const float (&acc)[16][4]) {
+  const bool odd = c & 1;
+  __nv_bfloat16* row = rows + (odd ? r + 8 : r) * ld + 4 * (c / 2);
+#pragma unroll
+  for (int j = 0; j < 16; ++j) {
+    const uint32_t va = bf16x2_bits(acc[j][0], acc[j][1]), vb = bf16x2_bits(acc[j][2], acc[j][3]);
+    const uint32_t got = __shfl_xor_sync(0xffffffffu, odd ? va : vb, 1);
+    *reinterpret_cast<uint2*>(row + 8 * j) = odd ? make_uint2(got, vb) : make_uint2(va, got);
+  }
+}
+
+// silu(gate) * up in place of acc (the up block's products), as swiglu_quantize computes it from bf16
+// scratch: gate_bits(j) the gate values of the lane's accumulator j as bf16 pairs, up rounded to bf16 here.
 template <typename GateBits>
-__device__ __forceinline__ void store_swiglu(const KernelArgs& p, int32_t tile, int32_t n_tiles, int ra,
-                                             int c, float (&acc)[16][4], GateBits gate_bits) {
-  const int64_t rt = tile / n_tiles, n0 = tile % n_tiles * kTile;
-  float amax_a = 0.0f, amax_b = 0.0f;
+__device__ __forceinline__ void swiglu_in_place(float (&acc)[16][4], GateBits gate_bits) {
 #pragma unroll
   for (int j = 0; j < 16; ++j) {
     const uint2 gj = gate_bits(j);
@@ -158,6 +167,21 @@ __device__ __forceinline__ void store_swiglu(const KernelArgs& p, int32_t tile, 
     acc[j][1] = silu(bf16_bits_to_float(gj.x >> 16)) * bf16_bits_to_float(ua >> 16);
     acc[j][2] = silu(bf16_bits_to_float(gj.y & 0xffffu)) * bf16_bits_to_float(ub & 0xffffu);
     acc[j][3] = silu(bf16_bits_to_float(gj.y >> 16)) * bf16_bits_to_float(ub >> 16);
+  }
+}
+
+// SwiGLU mode's epilogue: silu(gate) * up for this lane's two rows (ra, ra + 8) of the tile and its 32
+// columns (swiglu_in_place), quantized per row over the tile's 128 columns (a row's columns sit in the 4
+// lanes of its quad), written as the down projection's FP8 operand with one scale per row and 128 columns
+// in the segments' VEC128 blocks.
+template <typename GateBits>
+__device__ __forceinline__ void store_swiglu(const KernelArgs& p, int32_t tile, int32_t n_tiles, int ra,
+                                             int c, float (&acc)[16][4], GateBits gate_bits) {
+  const int64_t rt = tile / n_tiles, n0 = tile % n_tiles * kTile;
+  swiglu_in_place(acc, gate_bits);
+  float amax_a = 0.0f, amax_b = 0.0f;
+#pragma unroll
+  for (int j = 0; j < 16; ++j) {
     amax_a = fmaxf(amax_a, fmaxf(fabsf(acc[j][0]), fabsf(acc[j][1])));
     amax_b = fmaxf(amax_b, fmaxf(fabsf(acc[j][2]), fabsf(acc[j][3])));
   }
@@ -191,29 +215,15 @@ __device__ __forceinline__ void store_swiglu(const KernelArgs& p, int32_t tile, 
   }
 }
 
-// SwiGLU mode's epilogue for BF16: silu(gate) * up as store_swiglu computes it, left as bf16 in q's rows of
-// out / 2 values (lanes c and c ^ 1 swap halves as in the plain store: the even one writes 4 values of row
-// a, the odd one 4 of row b).
+// SwiGLU mode's epilogue for BF16: silu(gate) * up (swiglu_in_place) left as bf16 in q's rows of out / 2
+// values.
 template <typename GateBits>
 __device__ __forceinline__ void store_swiglu_bf16(const KernelArgs& p, int32_t tile, int32_t n_tiles, int ra,
-                                                  int c, const float (&acc)[16][4], GateBits gate_bits) {
+                                                  int c, float (&acc)[16][4], GateBits gate_bits) {
   const int64_t rt = tile / n_tiles, n0 = tile % n_tiles * kTile;
-  const int64_t m = p.out / 2, row_a = p.row_base + rt * kTile + ra, row_b = row_a + 8;
-  const bool odd = c & 1;
-  __nv_bfloat16* qrow = reinterpret_cast<__nv_bfloat16*>(p.q) + (odd ? row_b : row_a) * m + n0 + 4 * (c / 2);
-#pragma unroll
-  for (int j = 0; j < 16; ++j) {
-    const uint2 gj = gate_bits(j);
-    const uint32_t ua = bf16x2_bits(acc[j][0], acc[j][1]), ub = bf16x2_bits(acc[j][2], acc[j][3]);
-    const uint32_t va =
-        bf16x2_bits(silu(bf16_bits_to_float(gj.x & 0xffffu)) * bf16_bits_to_float(ua & 0xffffu),
-                    silu(bf16_bits_to_float(gj.x >> 16)) * bf16_bits_to_float(ua >> 16));
-    const uint32_t vb =
-        bf16x2_bits(silu(bf16_bits_to_float(gj.y & 0xffffu)) * bf16_bits_to_float(ub & 0xffffu),
-                    silu(bf16_bits_to_float(gj.y >> 16)) * bf16_bits_to_float(ub >> 16));
-    const uint32_t got = __shfl_xor_sync(0xffffffffu, odd ? va : vb, 1);
-    *reinterpret_cast<uint2*>(qrow + 8 * j) = odd ? make_uint2(got, vb) : make_uint2(va, got);
-  }
+  swiglu_in_place(acc, gate_bits);
+  store_bf16_rows(reinterpret_cast<__nv_bfloat16*>(p.q) + n0, p.out / 2, p.row_base + rt * kTile + ra, c,
+                  acc);
 }
 
 // Persistent: block b takes tiles b, b + gridDim.x, ... (n tiles fastest, so consecutive tiles share
@@ -364,16 +374,7 @@ __global__ void __launch_bounds__(kThreads, 1) grouped_gemm_kernel(const __grid_
     if (!p.q) {
       mainloop(acc);
       const int64_t rt = tile / n_tiles, n0 = tile % n_tiles * kTile;
-      // As the SwiGLU mode's codes: lanes c and c ^ 1 swap halves, the even one stores 4 values of row a,
-      // the odd one 4 of row b (8 bytes each).
-      const bool odd = c & 1;
-      __nv_bfloat16* drow = p.d + (rt * kTile + (odd ? rb : ra)) * p.ldd + n0 + 4 * (c / 2);
-#pragma unroll
-      for (int j = 0; j < 16; ++j) {
-        const uint32_t va = bf16x2_bits(acc[j][0], acc[j][1]), vb = bf16x2_bits(acc[j][2], acc[j][3]);
-        const uint32_t got = __shfl_xor_sync(0xffffffffu, odd ? va : vb, 1);
-        *reinterpret_cast<uint2*>(drow + 8 * j) = odd ? make_uint2(got, vb) : make_uint2(va, got);
-      }
+      store_bf16_rows(p.d + n0, p.ldd, rt * kTile + ra, c, acc);
       continue;
     }
     // SwiGLU mode: the gate block kept as bf16 (as the two-pass path rounds it into scratch), then the up
