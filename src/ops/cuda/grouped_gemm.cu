@@ -29,7 +29,7 @@
 // SwiGLU mode (a gate/up pair whose result feeds the down projection): a tile is the gate block, then
 // the up block of the same columns; the epilogue writes silu(gate) * up as the down projection's FP8
 // operand, so no bf16 gate/up scratch is written and read again. With many rows per expert the pair runs
-// in grouped_fp8_pair_kernel instead: both blocks in one pass over k, the operand tile read once.
+// in grouped_pair_kernel instead: both blocks in one pass over k, the operand tile read once.
 //
 // Device tiles: the tiles' records and their count may instead come from moe_rows in device memory (the
 // row plan built on the device, ninth session): one launch of one block per SM, whatever the routing,
@@ -43,6 +43,7 @@
 #include <cuda_fp8.h>
 
 #include <algorithm>
+#include <atomic>
 #include <map>
 #include <mutex>
 #include <vector>
@@ -226,6 +227,14 @@ __device__ __forceinline__ void store_swiglu_bf16(const KernelArgs& p, int32_t t
                   acc);
 }
 
+// The 4 products of one k-block of bf16 tiles (32 bytes of k each, as FP8's four) added into d: BF16 products
+// sum in fp32 inside the tensor cores, so a BF16 GEMM needs no promotion and chains every k-block into d.
+__device__ __forceinline__ void bf16_block_products(float (&d)[16][4], uint32_t a_s, uint32_t b_s) {
+#pragma unroll
+  for (int ks = 0; ks < kTile / 32; ++ks)
+    wgmma_m64n128k16_ss<true>(d, wgmma_desc(a_s + 32 * ks, 16, 1024), wgmma_desc(b_s + 32 * ks, 16, 1024));
+}
+
 // Persistent: block b takes tiles b, b + gridDim.x, ... (n tiles fastest, so consecutive tiles share
 // their operand rows); the stages' barriers run on across tiles, so the producer loads the next tile's
 // first k-blocks while the consumers finish and store this one.
@@ -294,32 +303,26 @@ __global__ void __launch_bounds__(kThreads, 1) grouped_gemm_kernel(const __grid_
     const uint32_t a_s = smem_s + static_cast<uint32_t>(s) * kStageBytes + wg * 64 * kTile;
     const uint32_t b_s = smem_s + static_cast<uint32_t>(s) * kStageBytes + kTileBytes;
     wgmma_fence();
-    // Four products of 32 bytes of k each (32 e4m3 or 16 bf16 columns): the same descriptors either way.
-    if constexpr (BF16) {
-      wgmma_m64n128k16_ss<false>(part, wgmma_desc(a_s, 16, 1024), wgmma_desc(b_s, 16, 1024));
+    wgmma_m64n128k32_e4m3<false>(part, wgmma_desc(a_s, 16, 1024), wgmma_desc(b_s, 16, 1024));
 #pragma unroll
-      for (int ks = 1; ks < kTile / 32; ++ks)
-        wgmma_m64n128k16_ss<true>(part, wgmma_desc(a_s + 32 * ks, 16, 1024),
+    for (int ks = 1; ks < kTile / 32; ++ks)
+      wgmma_m64n128k32_e4m3<true>(part, wgmma_desc(a_s + 32 * ks, 16, 1024),
                                   wgmma_desc(b_s + 32 * ks, 16, 1024));
-    } else {
-      wgmma_m64n128k32_e4m3<false>(part, wgmma_desc(a_s, 16, 1024), wgmma_desc(b_s, 16, 1024));
-#pragma unroll
-      for (int ks = 1; ks < kTile / 32; ++ks)
-        wgmma_m64n128k32_e4m3<true>(part, wgmma_desc(a_s + 32 * ks, 16, 1024),
-                                    wgmma_desc(b_s + 32 * ks, 16, 1024));
-    }
     wgmma_commit();
-    if constexpr (BF16) return float2{1.0f, 1.0f};
     const uint8_t* stage = smem + s * kStageBytes;
     const float* sa = reinterpret_cast<const float*>(stage + kScalesAt);
     const float sb = *reinterpret_cast<const float*>(stage + kWeightScaleAt);
     return float2{sa[ra] * sb, sa[rb] * sb};
   };
+  // k-block it's slot given back to the producer (this warp's arrival: its products of it are done).
+  auto release = [&](uint32_t it) {
+    __syncwarp();
+    if (lane == 0) mbar_arrive(empty(it % kStages));
+  };
   // k-block it's products (waited for) added to acc times their rows' scales f; its slot released.
   auto promote = [&](float(&acc)[16][4], float(&part)[16][4], float2 f, uint32_t it) {
     wgmma_hold(part);
-    __syncwarp();
-    if (lane == 0) mbar_arrive(empty(it % kStages));
+    release(it);
 #pragma unroll
     for (int j = 0; j < 16; ++j) {
       acc[j][0] = fmaf(part[j][0], f.x, acc[j][0]);
@@ -335,7 +338,27 @@ __global__ void __launch_bounds__(kThreads, 1) grouped_gemm_kernel(const __grid_
     for (int j = 0; j < 16; ++j)
 #pragma unroll
       for (int i = 0; i < 4; ++i) acc[j][i] = 0.0f;
-    if constexpr (OVERLAP) {
+    if constexpr (BF16) {
+      // Every k-block's products into acc in place; a block's slot is released once the next block's
+      // products are issued and its own are done (one group in flight behind the newest).
+      const uint32_t first = it, end = it + kbs;
+      for (; it < end; ++it) {
+        const uint32_t s = it % kStages, st = smem_s + s * kStageBytes;
+        mbar_wait(full(s), (it / kStages) & 1);
+        wgmma_hold(acc);
+        wgmma_fence();
+        bf16_block_products(acc, st + wg * 64 * kTile, st + kTileBytes);
+        wgmma_commit();
+        if (it > first) {
+          wgmma_wait<1>();
+          wgmma_hold(acc);
+          release(it - 1);
+        }
+      }
+      wgmma_wait<0>();
+      wgmma_hold(acc);
+      release(end - 1);
+    } else if constexpr (OVERLAP) {
       // Two partials: k-block kb + 1's products run on the tensor cores while kb's are promoted.
       float p0[16][4], p1[16][4];
       const uint32_t end = it + kbs;
@@ -400,14 +423,19 @@ __global__ void __launch_bounds__(kThreads, 1) grouped_gemm_kernel(const __grid_
 // cores meanwhile). Against the two-pass form the operand tile is read from L2 once instead of twice per
 // output tile (the kernel was L2-bound: ncu, fifteenth session) and the gate values stay in registers.
 // The same products and promotions in the same order: the same bits.
-__global__ void __launch_bounds__(kThreads, 1) grouped_fp8_pair_kernel(const __grid_constant__ KernelArgs p) {
+// BF16: k-blocks of 64 columns, no scales, and no partial: the gate's and the up's products accumulate in
+// place (bf16_block_products), one group a k-block with one more in flight behind it, so both warpgroups keep
+// the tensor cores busy; the same chains of products as the two-pass form's: the same bits.
+template <bool BF16>
+__global__ void __launch_bounds__(kThreads, 1) grouped_pair_kernel(const __grid_constant__ KernelArgs p) {
+  constexpr int32_t kBlockCols = BF16 ? kTile / 2 : kTile;  // k columns a stage: 128 bytes of each row
   extern __shared__ uint8_t smem_raw[];
   uint8_t* smem = smem_raw + ((1024 - smem_addr(smem_raw) % 1024) % 1024);
   const uint32_t smem_s = smem_addr(smem);
   constexpr uint32_t kBarsAt = kWideStages * kWideStageBytes;
   auto full = [&](uint32_t s) { return smem_s + kBarsAt + 8 * s; };
   auto empty = [&](uint32_t s) { return smem_s + kBarsAt + 8 * (kWideStages + s); };
-  const int32_t n_tiles = p.out / 2 / kTile, kbs = p.k / kTile;
+  const int32_t n_tiles = p.out / 2 / kTile, kbs = p.k / kBlockCols;
   const int32_t row_tiles = p.dev_rows ? *p.dev_rows / kTile : p.row_tiles;
   const int32_t tiles = n_tiles * row_tiles;
 
@@ -421,24 +449,31 @@ __global__ void __launch_bounds__(kThreads, 1) grouped_fp8_pair_kernel(const __g
       const int32_t rt = tile / n_tiles, n0 = tile % n_tiles * kTile;
       const RowTile r = p.tile(rt);
       const int32_t row0 = static_cast<int32_t>(p.row_base) + rt * kTile;
-      const float* sa = p.a_scales + static_cast<int64_t>(kbs) * r.seg_row0 + (row0 - r.seg_row0);
+      const float* sa =
+          BF16 ? nullptr : p.a_scales + static_cast<int64_t>(kbs) * r.seg_row0 + (row0 - r.seg_row0);
       const ExpertMap *wg = p.maps + r.expert, *wu = p.maps2 + r.expert;
-      const float* sg = wg->scale_inv + n0 / kTile * kbs;  // the weight blocks' scales along k
-      const float* su = wu->scale_inv + n0 / kTile * kbs;
+      // The weight blocks' scales along k.
+      const float* sg = BF16 ? nullptr : wg->scale_inv + n0 / kTile * kbs;
+      const float* su = BF16 ? nullptr : wu->scale_inv + n0 / kTile * kbs;
       tensormap_acquire(&wg->map);
       tensormap_acquire(&wu->map);
       for (int32_t kb = 0; kb < kbs; ++kb, ++it) {
         const uint32_t s = it % kWideStages;
-        const float2 w_scales = make_float2(sg[kb], su[kb]);
+        const float2 w_scales = BF16 ? float2{} : make_float2(sg[kb], su[kb]);  // loaded before the wait
         if (it >= kWideStages) mbar_wait(empty(s), (it / kWideStages - 1) & 1);
         const uint32_t st = smem_s + s * kWideStageBytes;
-        st_shared_f32(st + kWideWeightScaleAt, w_scales.x);
-        st_shared_f32(st + kWideWeightScaleAt + 4, w_scales.y);
-        mbar_arrive_expect_tx(full(s), kWideStageTx);  // releases the scales stored above
-        tma_load_2d(st, &p.a_map, kb * kTile, row0, full(s));
-        tma_load_2d(st + kTileBytes, &wg->map, kb * kTile, n0, full(s));
-        tma_load_2d(st + 2 * kTileBytes, &wu->map, kb * kTile, n0, full(s));
-        bulk_copy(st + kWideScalesAt, sa + static_cast<int64_t>(kb) * r.seg_rows, kTile * 4, full(s));
+        if constexpr (BF16) {
+          mbar_arrive_expect_tx(full(s), 3 * kTileBytes);
+        } else {
+          st_shared_f32(st + kWideWeightScaleAt, w_scales.x);
+          st_shared_f32(st + kWideWeightScaleAt + 4, w_scales.y);
+          mbar_arrive_expect_tx(full(s), kWideStageTx);  // releases the scales stored above
+        }
+        tma_load_2d(st, &p.a_map, kb * kBlockCols, row0, full(s));
+        tma_load_2d(st + kTileBytes, &wg->map, kb * kBlockCols, n0, full(s));
+        tma_load_2d(st + 2 * kTileBytes, &wu->map, kb * kBlockCols, n0, full(s));
+        if constexpr (!BF16)
+          bulk_copy(st + kWideScalesAt, sa + static_cast<int64_t>(kb) * r.seg_rows, kTile * 4, full(s));
       }
     }
     return;
@@ -447,6 +482,48 @@ __global__ void __launch_bounds__(kThreads, 1) grouped_fp8_pair_kernel(const __g
   regs_grow<232>();
   const int wg = threadIdx.x / 128, warp = threadIdx.x % 128 / 32, lane = threadIdx.x % 32, c = lane % 4;
   const int ra = wg * 64 + warp * 16 + lane / 4, rb = ra + 8;
+  auto release = [&](uint32_t it) {  // k-block it's slot given back (this warp's products of it are done)
+    __syncwarp();
+    if (lane == 0) mbar_arrive(empty(it % kWideStages));
+  };
+  if constexpr (BF16) {
+    uint32_t it = 0;
+    for (int32_t tile = blockIdx.x; tile < tiles; tile += gridDim.x) {
+      float gate[16][4], up[16][4];
+#pragma unroll
+      for (int j = 0; j < 16; ++j)
+#pragma unroll
+        for (int i = 0; i < 4; ++i) gate[j][i] = up[j][i] = 0.0f;
+      const uint32_t first = it;
+#pragma unroll 1
+      for (int32_t kb = 0; kb < kbs; ++kb, ++it) {
+        const uint32_t s = it % kWideStages, st = smem_s + s * kWideStageBytes, a_s = st + wg * 64 * kTile;
+        mbar_wait(full(s), (it / kWideStages) & 1);
+        wgmma_hold(gate);
+        wgmma_hold(up);
+        wgmma_fence();
+        bf16_block_products(gate, a_s, st + kTileBytes);
+        bf16_block_products(up, a_s, st + 2 * kTileBytes);
+        wgmma_commit();
+        if (it > first) {
+          wgmma_wait<1>();
+          wgmma_hold(gate);
+          wgmma_hold(up);
+          release(it - 1);
+        }
+      }
+      wgmma_wait<0>();
+      wgmma_hold(gate);
+      wgmma_hold(up);
+      release(it - 1);
+      uint2 gate_bits[16];  // rounded to bf16 as the two-pass form parks them
+#pragma unroll
+      for (int j = 0; j < 16; ++j)
+        gate_bits[j] = make_uint2(bf16x2_bits(gate[j][0], gate[j][1]), bf16x2_bits(gate[j][2], gate[j][3]));
+      store_swiglu_bf16(p, tile, n_tiles, ra, c, up, [&](int j) { return gate_bits[j]; });
+    }
+    return;
+  }
   // part = the 4 products of one 128-column k-block of the operand (a_s) with a weight tile (b_s), waited
   // for; then added to acc times the rows' scales.
   auto product = [&](float(&part)[16][4], uint32_t a_s, uint32_t b_s) {
@@ -489,8 +566,7 @@ __global__ void __launch_bounds__(kThreads, 1) grouped_fp8_pair_kernel(const __g
       promote(gate, part, a0 * sg, a1 * sg);
       product(part, a_s, st + 2 * kTileBytes);
       promote(up, part, a0 * su, a1 * su);
-      __syncwarp();
-      if (lane == 0) mbar_arrive(empty(s));
+      release(it);
     }
     uint2 gate_bits[16];  // rounded to bf16 as the two-pass form parks them
 #pragma unroll
@@ -555,7 +631,13 @@ const ExpertMap* expert_maps(const MatrixPtrs* device_table, const MatrixPtrs* h
   return c.maps;
 }
 
+std::atomic<int64_t> launches{0};  // grouped_gemm_launches()
+
 }  // namespace
+
+int64_t grouped_gemm_launches() {
+  return launches.load(std::memory_order_relaxed);
+}
 
 bool grouped_gemm_supported(int64_t out, int64_t k) {
   return out > 0 && k > 0 && out % kTile == 0 && k % kTile == 0;
@@ -577,25 +659,25 @@ void grouped_gemm(const GroupedGemmParams& p) {
   DSV3_ASSERT(p.a_rows < (int64_t{1} << 31) && p.out < (int64_t{1} << 31) && p.k < (int64_t{1} << 31));
   static const bool opted_in = [] {  // once per process: allow the stages' dynamic shared memory
     for (auto* kernel : {grouped_gemm_kernel<false, false>, grouped_gemm_kernel<true, false>,
-                         grouped_gemm_kernel<false, true>, grouped_gemm_kernel<true, true>})
+                         grouped_gemm_kernel<false, true>})
       DSV3_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                            static_cast<int>(kSmemBytes)));
-    DSV3_CUDA_CHECK(cudaFuncSetAttribute(grouped_fp8_pair_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                         static_cast<int>(kWideSmemBytes)));
+    for (auto* kernel : {grouped_pair_kernel<false>, grouped_pair_kernel<true>})
+      DSV3_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                           static_cast<int>(kWideSmemBytes)));
     return true;
   }();
   // Measurement and test knobs, read at every call: DSV3_GFP8_OVERLAP=0 waits for each k-block's products
   // before promoting them (no second partial); DSV3_GFP8_WIDE=0 / =1 runs a SwiGLU pair always in two
-  // passes per tile (grouped_gemm_kernel) / always in one (grouped_fp8_pair_kernel); DSV3_GFP8_LAUNCH_TILES
+  // passes per tile (grouped_gemm_kernel) / always in one (grouped_pair_kernel); DSV3_GFP8_LAUNCH_TILES
   // caps the row tiles per launch.
   const bool overlap = env_enabled("DSV3_GFP8_OVERLAP");
   // The one-pass pair saves L2 traffic where many row tiles share an expert's weights (lite at 8K: ~1,100
   // rows an expert, -11% for the pair); with few rows an expert the weights come from DRAM once and the
   // two-pass kernel's fifth stage hides more of that (v3-slice at 8K, ~380 rows an expert: not faster).
   const char* wide_knob = std::getenv("DSV3_GFP8_WIDE");
-  const bool wide =
-      p.q && !p.bf16 &&  // (the one-pass pair is FP8 only)
-      (wide_knob ? std::string_view(wide_knob) != "0" : p.rows >= kWideMinRowsPerExpert * p.table_size);
+  const bool wide = p.q && (wide_knob ? std::string_view(wide_knob) != "0"
+                                      : p.rows >= kWideMinRowsPerExpert * p.table_size);
   const int64_t launch_tiles =
       std::min<int64_t>(env_positive("DSV3_GFP8_LAUNCH_TILES", kMaxRowTiles), kMaxRowTiles);
   DSV3_ASSERT(opted_in);
@@ -617,15 +699,16 @@ void grouped_gemm(const GroupedGemmParams& p) {
   auto launch = [&](int64_t tiles) {
     const unsigned blocks = static_cast<unsigned>(std::min<int64_t>(tiles, sms));
     if (wide)
-      grouped_fp8_pair_kernel<<<blocks, kThreads, kWideSmemBytes, p.stream>>>(args);
-    else if (p.bf16)
-      (overlap ? grouped_gemm_kernel<true, true>
-               : grouped_gemm_kernel<false, true>)<<<blocks, kThreads, kSmemBytes, p.stream>>>(args);
+      (p.bf16 ? grouped_pair_kernel<true>
+              : grouped_pair_kernel<false>)<<<blocks, kThreads, kWideSmemBytes, p.stream>>>(args);
+    else if (p.bf16)  // (no partials to overlap: one form)
+      grouped_gemm_kernel<false, true><<<blocks, kThreads, kSmemBytes, p.stream>>>(args);
     else if (overlap)
       grouped_gemm_kernel<true, false><<<blocks, kThreads, kSmemBytes, p.stream>>>(args);
     else
       grouped_gemm_kernel<false, false><<<blocks, kThreads, kSmemBytes, p.stream>>>(args);
     check_launch("grouped_gemm_kernel");
+    launches.fetch_add(1, std::memory_order_relaxed);
   };
   if (dev_tiles) {  // any entry may be routed: each must have its matrices (the maps skip empty ones)
     for (int64_t e = 0; e < p.table_size; ++e)

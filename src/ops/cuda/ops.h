@@ -593,6 +593,9 @@ struct GroupedGemmParams {
 };
 bool grouped_gemm_supported(int64_t out, int64_t k);
 void grouped_gemm(const GroupedGemmParams& p);
+// Launches of the grouped kernels so far in this process: tests read it to tell which path a projection
+// took where both paths give the same bits.
+int64_t grouped_gemm_launches();
 // Whether cuBLASLt has a GEMM for an out x n x k projection of this weight dtype (FP8 or BF16; the
 // dimensions as `linear` passes them, n rounded up to 16); false means `linear` runs it on its own kernels.
 bool lt_gemm_supported(DType dtype, int64_t out, int64_t n, int64_t k);

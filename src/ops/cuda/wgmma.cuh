@@ -174,7 +174,7 @@ __device__ __forceinline__ void wgmma_m64n128k16_rs(float (&d)[16][4], const uin
 // e4m3 tiles in shared memory (FP8 operands are K-major only). d's layout as wgmma_m64n128k16_ss's.
 // TIED (with ACCUMULATE false): d is overwritten but named as read, so that it keeps the registers of
 // its previous value (a partial reused for two products in a row: new registers for the second one
-// cost spills, grouped_fp8_pair_kernel).
+// cost spills, grouped_pair_kernel).
 template <bool ACCUMULATE, bool TIED = false>
 __device__ __forceinline__ void wgmma_m64n128k32_e4m3(float (&d)[16][4], uint64_t a, uint64_t b) {
   if constexpr (ACCUMULATE || TIED)
