@@ -10,7 +10,10 @@
 // fit in memory; attention still reads every sequence's rows, so the bytes a step reads are as if each
 // had its own. The sequences decode greedily, or with --temperature T [--top-p P] tempered and seeded
 // (one seed per sequence); either way the backend picks each token (cuda::draw_rows), as the engine's
-// Sampler::backend_pick lets it for requests without penalties, filters or logprobs.
+// Sampler::backend_pick lets it for requests without filters or logprobs. --penalized N gives the first N
+// sequences a repetition penalty of 1.1 and a frequency penalty of 0.3 (applied on the device before the
+// pick, cuda::penalize_rows); --logprobs N the next N top_logprobs 1, so their rows of logits come back
+// and their samplers pick on the host, as a request with logprobs is served.
 #include <cuda_profiler_api.h>
 #include <cuda_runtime_api.h>
 
@@ -110,7 +113,7 @@ void write_trace(const char* path, Steps steps) {
 // Decode steps of `batch` sequences through forward_batch, each sampling with `sampling` (its seed
 // + the sequence's index); prints a JSON line and a table row.
 void bench_batched(dsv3::CudaModel& gpu, const std::string& label, int batch, int context, int n_decode,
-                   const dsv3::SamplingParams& sampling) {
+                   const dsv3::SamplingParams& sampling, int penalized, int logprobs) {
   using namespace dsv3;
   const ModelConfig& cfg = gpu.config();
   const int64_t prefix = context / BlockPool::kBlockTokens * BlockPool::kBlockTokens;  // whole shared blocks
@@ -126,30 +129,40 @@ void bench_batched(dsv3::CudaModel& gpu, const std::string& label, int batch, in
     caches.emplace_back(pool, cap);
     for (int32_t blk : shared.blocks()) caches.back().append_shared_block(blk);
   }
-  // Decoding as the engine runs requests without penalties, filters or logprobs: the backend picks each
-  // token (Model::BatchItem::pick), so only the ids come back.
+  // Decoding as the engine runs requests: the backend picks each token (Model::BatchItem::pick, with the
+  // sampler's penalties) but for the --logprobs sequences, whose rows come back.
   std::vector<Sampler> samplers;
   for (int b = 0; b < batch; ++b) {
     SamplingParams p = sampling;
     p.seed += static_cast<uint64_t>(b);
+    if (b < penalized) {
+      p.repetition_penalty = 1.1;
+      p.frequency_penalty = 0.3;
+    } else if (b < penalized + logprobs) {
+      p.top_logprobs = 1;
+    }
     samplers.emplace_back(p);
   }
+  auto item = [&](std::span<const int32_t> tokens, int b) {
+    Model::BatchItem it{tokens, &caches[b], false, samplers[b].backend_pick()};
+    if (it.pick) it.penalties = samplers[b].pick_penalties();
+    return it;
+  };
   // The rest of the context (under one block): real tokens, one prefill item per sequence.
   std::vector<Model::BatchItem> items;
   std::vector<std::vector<int32_t>> tail(static_cast<size_t>(batch));
   for (int b = 0; b < batch; ++b) {
     for (int64_t i = prefix; i < context + 1; ++i)
       tail[b].push_back(static_cast<int32_t>(2 + (i * 7919 + b * 131) % (cfg.vocab_size - 2)));
-    items.push_back({tail[b], &caches[b], false, samplers[b].backend_pick()});
+    items.push_back(item(tail[b], b));
   }
   std::vector<std::vector<float>> picked = gpu.forward_batch(items);
   std::vector<int32_t> ids(static_cast<size_t>(batch));
   auto step = [&] {
+    for (int b = 0; b < batch; ++b)
+      ids[b] = samplers[b].take(items[b].pick.has_value(), picked[b], cfg.vocab_size);
     items.clear();
-    for (int b = 0; b < batch; ++b) {
-      ids[b] = samplers[b].accept_pick(static_cast<int32_t>(picked[b].at(0)));
-      items.push_back({std::span(&ids[b], 1), &caches[b], false, samplers[b].backend_pick()});
-    }
+    for (int b = 0; b < batch; ++b) items.push_back(item(std::span(&ids[b], 1), b));
     picked = gpu.forward_batch(items);
   };
   step();  // captures the graph of this batch size
@@ -173,6 +186,8 @@ void bench_batched(dsv3::CudaModel& gpu, const std::string& label, int batch, in
             {"device", gpu.device_name()},
             {"batch", batch},
             {"sampling", sampling_words(sampling)},
+            {"penalized", penalized},
+            {"logprobs", logprobs},
             {"context_tokens", context},
             {"decode_tokens", n_decode},
             {"decode_tokens_per_s", tps},
@@ -182,11 +197,15 @@ void bench_batched(dsv3::CudaModel& gpu, const std::string& label, int batch, in
             {"copy_bandwidth_gb_s", bw / 1e9},
             {"roofline_fraction", steps_per_s / roof_steps}};
   std::printf("%s\n", j.dump().c_str());
-  std::printf("| %s | %s | batch %d, ctx %d, %s | %.1f tok/s (%.3f ms/step) | %.1f MB/step, %.0f GB/s of %.0f GB/s copy | %.1f%% |\n",
-              label.c_str(), gpu.device_name().c_str(), batch, context, sampling_words(sampling).c_str(), tps,
-              1e3 / steps_per_s,
-              static_cast<double>(bytes) / 1e6, steps_per_s * static_cast<double>(bytes) / 1e9, bw / 1e9,
-              100.0 * steps_per_s / roof_steps);
+  std::string mix;
+  if (penalized > 0) mix += ", " + std::to_string(penalized) + " penalized";
+  if (logprobs > 0) mix += ", " + std::to_string(logprobs) + " with logprobs";
+  std::printf(
+      "| %s | %s | batch %d, ctx %d, %s%s | %.1f tok/s (%.3f ms/step) | %.1f MB/step, %.0f GB/s of %.0f GB/s "
+      "copy | %.1f%% |\n",
+      label.c_str(), gpu.device_name().c_str(), batch, context, sampling_words(sampling).c_str(), mix.c_str(),
+      tps, 1e3 / steps_per_s, static_cast<double>(bytes) / 1e6,
+      steps_per_s * static_cast<double>(bytes) / 1e9, bw / 1e9, 100.0 * steps_per_s / roof_steps);
 }
 
 // Model FLOPs per token of one S-token prompt, counted the standard way (the non-absorbed form, as
@@ -291,13 +310,17 @@ int main(int argc, char** argv) {
     sampling.temperature = std::atof(arg_str(argc, argv, "--temperature", "0").c_str());
     sampling.top_p = std::atof(arg_str(argc, argv, "--top-p", "1").c_str());
     sampling.seed = 1;
+    const int penalized = arg_int(argc, argv, "--penalized", 0),
+              logprobs = arg_int(argc, argv, "--logprobs", 0);
     CudaOptions copt;
     copt.prefill_gemm = arg_str(argc, argv, "--prefill-gemm", "");
     check(!dir.empty(),
           "usage: dsv3_bench_cuda --model DIR [--prompt-tokens N] [--decode-tokens N] [--context N] "
-          "[--batch B[,B...] [--temperature T] [--top-p P]] [--prefill S[,S...]] "
+          "[--batch B[,B...] [--temperature T] [--top-p P] [--penalized N] [--logprobs N]] [--prefill "
+          "S[,S...]] "
           "[--prefill-repeat R] [--prefill-gemm lt|fp32] [--label L]");
     check(prefill_repeat > 0, "--prefill-repeat must be > 0");
+    check(penalized >= 0 && logprobs >= 0, "--penalized and --logprobs take counts >= 0");
     check(n_prompt > 0 && n_decode > 1 && n_context >= 0, "--prompt-tokens must be > 0, --decode-tokens > 1, --context >= 0");
     if (!prefill.empty()) {
       const std::vector<int> lengths = positive_list(prefill, "--prefill");
@@ -310,7 +333,8 @@ int main(int argc, char** argv) {
       const std::vector<int> sizes = positive_list(batches, "--batch");
       Model host(dir);
       CudaModel gpu(host, copt);
-      for (const int batch : sizes) bench_batched(gpu, label, batch, n_context, n_decode, sampling);
+      for (const int batch : sizes)
+        bench_batched(gpu, label, batch, n_context, n_decode, sampling, penalized, logprobs);
       return 0;
     }
 

@@ -29,11 +29,14 @@ FinishReason Generator::run(std::span<const int32_t> prompt, int64_t max_new_tok
 
   const int64_t vocab = backend_.config().vocab_size;
   // One sequence is a batch of one. A step that ends in a pick (the prompt's last piece, every decode
-  // step) lets the backend make it when the sampler allows (Model::BatchItem::pick); otherwise the
-  // sampler picks from the last token's logits. Returns the pick (-1 for a step without one).
+  // step) lets the backend make it, penalties and all, when the sampler allows (Model::BatchItem::pick);
+  // otherwise the sampler picks from the last token's logits. Returns the pick (-1 for a step without one).
   auto run_step = [&](std::span<const int32_t> tokens, bool ends_in_pick) {
     Model::BatchItem item{tokens, &cache_, false};
-    if (ends_in_pick) item.pick = sampler.backend_pick();
+    if (ends_in_pick) {
+      item.pick = sampler.backend_pick();
+      if (item.pick) item.penalties = sampler.pick_penalties();
+    }
     std::vector<float> out = std::move(backend_.forward_batch(std::span(&item, 1))[0]);
     if (!ends_in_pick) return -1;
     return sampler.take(item.pick.has_value(), out, vocab);

@@ -25,17 +25,8 @@ Sampler::Sampler(const SamplingParams& p, std::span<const int32_t> prompt)
 
 int32_t Sampler::sample(const float* logits, int64_t vocab) {
   work_.assign(logits, logits + vocab);
-  if (p_.repetition_penalty != 1.0)
-    for (int32_t t : seen_) {
-      if (t < 0 || t >= vocab) continue;
-      float& w = work_[static_cast<size_t>(t)];
-      w = w > 0 ? static_cast<float>(w / p_.repetition_penalty) : static_cast<float>(w * p_.repetition_penalty);
-    }
-  if (p_.presence_penalty != 0.0 || p_.frequency_penalty != 0.0)
-    for (const auto& [t, count] : generated_) {
-      if (t < 0 || t >= vocab) continue;
-      work_[static_cast<size_t>(t)] -= static_cast<float>(p_.presence_penalty + p_.frequency_penalty * count);
-    }
+  make_penalties();
+  apply_penalties(work_.data(), vocab, penalties_.data(), static_cast<int64_t>(penalties_.size()));
   if (filter_) {
     bool any = false;
     for (int64_t i = 0; i < vocab; ++i) {
@@ -52,18 +43,38 @@ int32_t Sampler::sample(const float* logits, int64_t vocab) {
   return chosen;
 }
 
-bool Sampler::plain() const {
-  return p_.repetition_penalty == 1.0 && p_.presence_penalty == 0.0 && p_.frequency_penalty == 0.0 && !filter_ &&
-         p_.top_logprobs < 0;
+bool Sampler::backend_can_pick() const {
+  return !filter_ && p_.top_logprobs < 0;
+}
+
+// Steps 2 and 3 of the header as one entry per token they touch: the repetition penalty on every token
+// seen (prompt and output; the generated tokens are among them), the presence and frequency penalties on
+// the generated ones.
+void Sampler::make_penalties() {
+  penalties_.clear();
+  const bool repeat = p_.repetition_penalty != 1.0,
+             count = p_.presence_penalty != 0.0 || p_.frequency_penalty != 0.0;
+  auto minus = [&](int64_t times) {
+    return count && times > 0 ? static_cast<float>(p_.presence_penalty + p_.frequency_penalty * times) : 0.0f;
+  };
+  if (repeat) {
+    for (int32_t t : seen_) {
+      const auto g = generated_.find(t);
+      penalties_.push_back({t, minus(g == generated_.end() ? 0 : g->second), p_.repetition_penalty});
+    }
+  } else if (count) {
+    for (const auto& [t, times] : generated_) penalties_.push_back({t, minus(times), 1.0});
+  }
 }
 
 std::optional<Draw> Sampler::backend_pick() {
-  if (!plain()) return std::nullopt;
+  if (!backend_can_pick()) return std::nullopt;
+  make_penalties();
   return next_draw();
 }
 
 int32_t Sampler::accept_pick(int32_t id) {
-  DSV3_ASSERT(plain());
+  DSV3_ASSERT(backend_can_pick());
   remember(id);
   return id;
 }

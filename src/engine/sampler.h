@@ -12,7 +12,8 @@
 //   5. the pick (ops/draw.h, cpu::draw_token): temperature 0 is greedy (argmax, lowest id on ties);
 //      otherwise softmax(logits / T) restricted by top-k, then top-p (nucleus), then min-p (tokens below
 //      min_p * p_max dropped), drawn with one uniform from a generator seeded per request so that a run
-//      is reproducible, on the host or, when steps 1-4 do nothing, on the backend (backend_pick).
+//      is reproducible, on the host or, when there is no step 1 or 4, on the backend (backend_pick; steps
+//      2-3 then go with it as LogitPenalty entries, ops/draw.h, which the backend applies to its row).
 #pragma once
 
 #include <cstdint>
@@ -68,12 +69,15 @@ class Sampler {
   // `prompt` seeds the repetition-penalty set (Hugging Face penalizes prompt tokens too).
   explicit Sampler(const SamplingParams& p, std::span<const int32_t> prompt = {});
   int32_t sample(const float* logits, int64_t vocab);
-  // The next token's pick for a backend to make on the raw logits (Model::BatchItem::pick), when
-  // sample() would make the same one: no penalty, no token filter, no logprobs (they need the logits
-  // on the host); std::nullopt otherwise. A tempered pick draws this token's uniform from the seeded
-  // generator, as sample() would: call it once per token, instead of sample(), and hand the backend's
-  // answer to accept_pick().
+  // The next token's pick for a backend to make on the raw logits (Model::BatchItem::pick) after
+  // applying pick_penalties() to them, when sample() would make the same one: no token filter and no
+  // logprobs (they need the logits on the host); std::nullopt otherwise. A tempered pick draws this
+  // token's uniform from the seeded generator, as sample() would: call it once per token, instead of
+  // sample(), and hand the backend's answer to accept_pick().
   std::optional<Draw> backend_pick();
+  // The penalties of the last backend_pick() (Model::BatchItem::penalties; empty without penalties),
+  // valid until the next backend_pick() or sample() on this sampler.
+  std::span<const LogitPenalty> pick_penalties() const { return penalties_; }
   // Records `id`, the backend's answer to backend_pick(), as this step's pick.
   int32_t accept_pick(int32_t id);
   // This step's token from a forward_batch result: with `picked` (the item carried backend_pick()'s
@@ -87,8 +91,9 @@ class Sampler {
   const SamplingParams& params() const { return p_; }
 
  private:
-  bool plain() const;       // no penalty, no filter, no logprobs: sample() is draw_token of the raw logits
-  Draw next_draw();         // this token's pick spec (a tempered one takes the next uniform)
+  bool backend_can_pick() const;  // no filter, no logprobs: sample() is draw_token of the penalized logits
+  void make_penalties();          // penalties_ from the counts and the seen set, as they stand
+  Draw next_draw();               // this token's pick spec (a tempered one takes the next uniform)
   void remember(int32_t id);  // the pick's state: counts, seen set, the filter's accept
 
   SamplingParams p_;
@@ -96,6 +101,7 @@ class Sampler {
   std::unique_ptr<TokenFilter> filter_;
   std::unordered_map<int32_t, int64_t> generated_;  // token -> times generated
   std::unordered_set<int32_t> seen_;                 // prompt + generated, for the repetition penalty
+  std::vector<LogitPenalty> penalties_;              // this step's, one per penalized token
   std::vector<float> work_;                          // the adjusted logits of this step
   std::vector<int32_t> ids_;                         // draw_token's scratch
   SampleLogprobs logprobs_;

@@ -6,6 +6,7 @@
 #include <atomic>
 #include <chrono>
 #include <cmath>
+#include <cstdint>
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
@@ -375,18 +376,24 @@ struct CudaModel::Impl {
   // graph per batch size of all-decode steps (valid while graphs_gen == scratch_gen).
   float** step_pages = nullptr;
   int64_t step_pages_cap = 0;
-  std::map<int64_t, cudaGraphExec_t> batch_graphs;  // key 2 x batch size, + 1 with the picks
+  std::map<int64_t, cudaGraphExec_t> batch_graphs;  // key 4 x batch size, + 1 with the picks, + 2 penalized
   uint64_t batch_graphs_gen = 0;
 
-  // A step's picks on the device (forward_batch steps whose items all have one): each item's Draw and
-  // the id it picks, room for pick_cap items, grown on demand.
+  // A step's picks on the device (forward_together): each item's Draw and the id it picks, room for
+  // pick_cap items; where the penalties of item i start in pick_penalties (pick_first, [pick_cap + 1]),
+  // and the penalties, room for penalty_cap; grown on demand.
   Draw* pick_draws = nullptr;
   int32_t* pick_ids = nullptr;
+  int32_t* pick_first = nullptr;
   int64_t pick_cap = 0;
+  LogitPenalty* pick_penalties = nullptr;
+  int64_t penalty_cap = 0;
 
   ~Impl() {
     if (pick_draws) cudaFree(pick_draws);
     if (pick_ids) cudaFree(pick_ids);
+    if (pick_first) cudaFree(pick_first);
+    if (pick_penalties) cudaFree(pick_penalties);
     if (graph) cudaGraphExecDestroy(graph);
     for (auto& [n, g] : batch_graphs)
       if (g) cudaGraphExecDestroy(g);
@@ -772,15 +779,31 @@ struct CudaModel::Impl {
   void ensure_picks(int64_t count) {
     if (count <= pick_cap) return;
     ++scratch_gen;
-    if (pick_draws) DSV3_CUDA_CHECK(cudaFree(pick_draws));
-    if (pick_ids) DSV3_CUDA_CHECK(cudaFree(pick_ids));
+    for (void* p :
+         {static_cast<void*>(pick_draws), static_cast<void*>(pick_ids), static_cast<void*>(pick_first)})
+      if (p) DSV3_CUDA_CHECK(cudaFree(p));
     pick_draws = nullptr;
     pick_ids = nullptr;
+    pick_first = nullptr;
     pick_cap = 0;
     const int64_t cap = std::max<int64_t>(count, 64);
     DSV3_CUDA_CHECK(cudaMalloc(reinterpret_cast<void**>(&pick_draws), static_cast<size_t>(cap) * sizeof(Draw)));
     DSV3_CUDA_CHECK(cudaMalloc(reinterpret_cast<void**>(&pick_ids), static_cast<size_t>(cap) * 4));
+    DSV3_CUDA_CHECK(cudaMalloc(reinterpret_cast<void**>(&pick_first), static_cast<size_t>(cap + 1) * 4));
     pick_cap = cap;
+  }
+
+  // Room for `count` penalties in pick_penalties (as ensure_picks, a new buffer invalidates the graphs).
+  void ensure_penalties(int64_t count) {
+    if (count <= penalty_cap) return;
+    ++scratch_gen;
+    const int64_t cap = std::max<int64_t>(count, std::max<int64_t>(4096, 2 * penalty_cap));
+    if (pick_penalties) DSV3_CUDA_CHECK(cudaFree(pick_penalties));
+    pick_penalties = nullptr;
+    penalty_cap = 0;
+    DSV3_CUDA_CHECK(cudaMalloc(reinterpret_cast<void**>(&pick_penalties),
+                               static_cast<size_t>(cap) * sizeof(LogitPenalty)));
+    penalty_cap = cap;
   }
 
   // Room for `count` page pointers in step_pages (a new buffer invalidates the captured batch graphs).
@@ -1703,19 +1726,48 @@ std::vector<std::vector<float>> CudaModel::Impl::forward_together(std::span<cons
                                   m.stream));
 
   const StepCache sc{{m.step_pages, m.s.row_table, c.num_hidden_layers, W}, nullptr, m.s.row_pos};
-  // Every item with a pick (a batch of plain decodes, greedy or tempered): the picks on the device, 4
-  // bytes a sequence back instead of its logits. Each item has one head row, in item order. The items'
-  // Draws go to the device before the step's launches and the picks run as the step's last launch, in
-  // its graph: after the graph, with the Draws' copy between, they waited ~6 us for the lm_head's end
-  // (block timelines on an H200, docs/PERF.md "Twenty-sixth session").
-  const bool all_picked = std::all_of(items.begin(), items.end(), [](const Model::BatchItem& it) { return it.pick; });
+  // Picks on the device, 4 bytes a sequence back instead of its row of logits, whenever some item has a
+  // pick and every item has one head row (none wants all its logits), so rows and items share their
+  // order. The items' Draws and penalties go to the device before the step's launches; the penalties
+  // and the picks run as the step's last launches, in its graph: after the graph, with the Draws' copy
+  // between, the picks waited ~6 us for the lm_head's end (block timelines on an H200, docs/PERF.md
+  // "Twenty-sixth session"). An item without a pick (logprobs, a token filter, a prompt piece that does
+  // not end its prompt) gets its row back, untouched by the penalties; the greedy draw made on it is not
+  // used. So one such request no longer sends its whole step's rows to the host.
+  // DSV3_MIXED_PICKS=0 (for measurement): the rule before, picks on the device only in steps whose items
+  // all have one and no penalties.
   const int64_t count = static_cast<int64_t>(items.size());
-  if (all_picked) {
+  const bool device_picks =
+      cuda::env_enabled("DSV3_MIXED_PICKS")
+          ? std::none_of(items.begin(), items.end(),
+                         [](const Model::BatchItem& it) { return it.all_logits; }) &&
+                std::any_of(items.begin(), items.end(),
+                            [](const Model::BatchItem& it) { return it.pick.has_value(); })
+          : std::all_of(items.begin(), items.end(),
+                        [](const Model::BatchItem& it) { return it.pick && it.penalties.empty(); });
+  bool penalize = false;
+  if (device_picks) {
     m.ensure_picks(count);
     std::vector<Draw> draws;
-    for (const Model::BatchItem& item : items) draws.push_back(*item.pick);
+    std::vector<int32_t> first = {0};
+    std::vector<LogitPenalty> penalties;
+    for (const Model::BatchItem& item : items) {
+      draws.push_back(item.pick.value_or(Draw{}));
+      penalties.insert(penalties.end(), item.penalties.begin(), item.penalties.end());
+      check(penalties.size() <= static_cast<size_t>(INT32_MAX), "too many penalized tokens in one step");
+      first.push_back(static_cast<int32_t>(penalties.size()));
+    }
     DSV3_CUDA_CHECK(cudaMemcpyAsync(m.pick_draws, draws.data(), draws.size() * sizeof(Draw), cudaMemcpyHostToDevice,
                                     m.stream));
+    penalize = !penalties.empty();
+    if (penalize) {
+      m.ensure_penalties(static_cast<int64_t>(penalties.size()));
+      DSV3_CUDA_CHECK(
+          cudaMemcpyAsync(m.pick_first, first.data(), first.size() * 4, cudaMemcpyHostToDevice, m.stream));
+      DSV3_CUDA_CHECK(cudaMemcpyAsync(m.pick_penalties, penalties.data(),
+                                      penalties.size() * sizeof(LogitPenalty), cudaMemcpyHostToDevice,
+                                      m.stream));
+    }
   }
   // All-decode steps replay a graph per batch size (it holds only scratch, page-table and pick addresses).
   if (m.batch_graphs_gen != m.scratch_gen) {
@@ -1726,20 +1778,31 @@ std::vector<std::vector<float>> CudaModel::Impl::forward_together(std::span<cons
   }
   const bool graph_step = m.use_graphs && decode_only;
   cudaGraphExec_t unused = nullptr;
-  // A graph per batch size, with the picks or without.
-  cudaGraphExec_t& exec = graph_step ? m.batch_graphs[2 * n + (all_picked ? 1 : 0)] : unused;
+  // A graph per batch size, with the picks or without, with penalties or without.
+  cudaGraphExec_t& exec =
+      graph_step ? m.batch_graphs[4 * n + (device_picks ? 1 : 0) + (penalize ? 2 : 0)] : unused;
   m.run_captured(exec, graph_step, [&] {
     m.enqueue(n, heads, sc, false);
-    if (all_picked && !skip("draw")) cuda::draw_rows({m.s.logits, V, V, count, m.pick_draws, m.pick_ids, m.stream});
+    if (device_picks && !skip("draw")) {
+      if (penalize) cuda::penalize_rows({m.s.logits, V, V, count, m.pick_first, m.pick_penalties, m.stream});
+      cuda::draw_rows({m.s.logits, V, V, count, m.pick_draws, m.pick_ids, m.stream});
+    }
   });
 
-  if (all_picked) {
+  if (device_picks) {
     std::vector<int32_t> ids(static_cast<size_t>(count));
     DSV3_CUDA_CHECK(cudaMemcpyAsync(ids.data(), m.pick_ids, ids.size() * 4, cudaMemcpyDeviceToHost, m.stream));
+    std::vector<std::vector<float>> out(items.size());
+    for (size_t i = 0; i < items.size(); ++i) {
+      if (items[i].pick) continue;
+      out[i].resize(static_cast<size_t>(V));
+      DSV3_CUDA_CHECK(cudaMemcpyAsync(out[i].data(), m.s.logits + static_cast<int64_t>(i) * V,
+                                      V * sizeof(float), cudaMemcpyDeviceToHost, m.stream));
+    }
     DSV3_CUDA_CHECK(cudaStreamSynchronize(m.stream));
     for (const Model::BatchItem& item : items) item.cache->advance(static_cast<int64_t>(item.tokens.size()));
-    std::vector<std::vector<float>> out(items.size());
-    for (size_t i = 0; i < items.size(); ++i) out[i] = {static_cast<float>(ids[i])};
+    for (size_t i = 0; i < items.size(); ++i)
+      if (items[i].pick) out[i] = {static_cast<float>(ids[i])};
     return out;
   }
 
@@ -1750,7 +1813,7 @@ std::vector<std::vector<float>> CudaModel::Impl::forward_together(std::span<cons
                                   m.stream));
   DSV3_CUDA_CHECK(cudaStreamSynchronize(m.stream));
   for (const Model::BatchItem& item : items) item.cache->advance(static_cast<int64_t>(item.tokens.size()));
-  // Items with a pick in a mixed step: picked on the host (the logits came back anyway).
+  // Items with a pick beside one that wants all its logits: picked (and penalized) on the host.
   return Model::batch_results(items, logits.data(), V);
 }
 

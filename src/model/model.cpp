@@ -110,6 +110,8 @@ void Model::BatchItem::check() const {
   dsv3::check(!tokens.empty(), "no tokens to run");
   dsv3::check(!(pick && all_logits), "a batch item asks for all logits and for the picked token only",
               "ask for one of them");
+  dsv3::check(pick || penalties.empty(), "a batch item has penalties but no pick",
+              "penalties go with a pick");
   if (!pick) return;
   const Draw& d = *pick;
   dsv3::check(d.temperature >= 0.0f && std::isfinite(d.temperature) && d.top_k >= 0 && d.top_p > 0.0f &&
@@ -128,7 +130,14 @@ std::vector<std::vector<float>> Model::batch_results(std::span<const BatchItem> 
 #pragma omp parallel for schedule(dynamic) if (items.size() > 1)
   for (size_t i = 0; i < items.size(); ++i) {
     thread_local std::vector<int32_t> scratch;
+    thread_local std::vector<float> penalized;
     const float* rows = logits + first[i] * vocab;
+    const std::span<const LogitPenalty> pen = items[i].penalties;
+    if (items[i].pick && !pen.empty()) {
+      penalized.assign(rows, rows + vocab);
+      apply_penalties(penalized.data(), vocab, pen.data(), static_cast<int64_t>(pen.size()));
+      rows = penalized.data();
+    }
     if (items[i].pick) out[i] = {static_cast<float>(cpu::draw_token(rows, vocab, *items[i].pick, scratch))};
     else out[i].assign(rows, rows + (first[i + 1] - first[i]) * vocab);
   }

@@ -53,24 +53,24 @@ class Model {
   // linear layer together (the weights are read once per step); attention runs per sequence over its own
   // blocks. Returns per item the logits of its last token [vocab] (or of all its tokens with all_logits).
   // With a `pick`, only the token it picks from the last token's logits is wanted (ops/draw.h: greedy
-  // or tempered): the item's result is one value, that token's id (cpu::draw_token, as a float: exact
-  // for vocabularies under 2^24), so that a GPU backend need not copy the logits back. Not together
-  // with all_logits.
+  // or tempered), after its `penalties` are applied to them: the item's result is one value, that token's
+  // id (cpu::draw_token, as a float: exact for vocabularies under 2^24), so that a GPU backend need not
+  // copy the logits back. Not together with all_logits.
   struct BatchItem {
     std::span<const int32_t> tokens;
     LatentCache* cache = nullptr;
     bool all_logits = false;
     std::optional<Draw> pick = std::nullopt;
+    std::span<const LogitPenalty> penalties = {};  // with a pick only; one entry per token id
     // Throws dsv3::Error for an item no forward_batch can run (no tokens; a pick with all_logits; a pick
-    // whose parameters are out of range).
+    // whose parameters are out of range; penalties without a pick).
     void check() const;
   };
   std::vector<std::vector<float>> forward_batch(std::span<const BatchItem> items,
                                                 AttentionForm attention = AttentionForm::Auto);
   // forward_batch's result from the head's logits of a step (row-major [rows x vocab]: per item in order,
   // its all_logits rows or its last row): per item its rows, or the id that the item's pick draws from
-  // its row.
-  // The CPU and GPU models both answer through it.
+  // its row with the item's penalties applied. The CPU and GPU models both answer through it.
   static std::vector<std::vector<float>> batch_results(std::span<const BatchItem> items, const float* logits,
                                                        int64_t vocab);
 

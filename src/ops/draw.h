@@ -1,6 +1,7 @@
-// Draw: how a sequence's next token is picked from a row of raw logits l (any penalty already applied),
-// the one rule that the host (cpu::draw_token) and the GPU (cuda::draw_rows) both implement, so that a
-// seeded request gets the same tokens whichever of them picks (up to float rounding at a boundary).
+// Draw: how a sequence's next token is picked from a row of raw logits l (any penalty already applied,
+// LogitPenalty below), the one rule that the host (cpu::draw_token) and the GPU (cuda::draw_rows) both
+// implement, so that a seeded request gets the same tokens whichever of them picks (up to float rounding
+// at a boundary).
 //
 //   Temperature 0, or a row with no finite value, or one with a +inf: cpu::argmax (greedy).
 //   Otherwise, with m the largest non-NaN logit and w(i) = exp((l_i - m) / T) in float arithmetic:
@@ -49,5 +50,28 @@ struct Draw {
   float min_p = 0.0f;        // in [0, 1]
   double u = 0.0;            // uniform in [0, 1), one per token from the sequence's seeded generator
 };
+
+// A penalty on one token's logit, applied to the raw row before the Draw (engine/sampler.h's repetition,
+// presence and frequency penalties, one entry per token id): divided by `repetition` when positive,
+// multiplied by it otherwise (in double, rounded to float), then `minus` subtracted. An entry that is
+// {id, 0, 1} leaves the logit as it was, bit for bit (also -0 and inf; a NaN stays a NaN).
+struct LogitPenalty {
+  int32_t id = 0;
+  float minus = 0.0f;
+  double repetition = 1.0;
+};
+
+DSV3_HOST_DEVICE inline float penalized(float logit, const LogitPenalty& p) {
+  const double l = logit;
+  return static_cast<float>(l > 0 ? l / p.repetition : l * p.repetition) - p.minus;
+}
+
+// The penalties applied to one row of n logits in place (entries with an id outside [0, n) are skipped).
+// The GPU applies the same rule (cuda::penalize_rows), one thread an entry.
+inline void apply_penalties(float* row, int64_t n, const LogitPenalty* penalties, int64_t count) {
+  for (int64_t i = 0; i < count; ++i)
+    if (penalties[i].id >= 0 && penalties[i].id < n)
+      row[penalties[i].id] = penalized(row[penalties[i].id], penalties[i]);
+}
 
 }  // namespace dsv3

@@ -6,10 +6,12 @@
 #include <cuda_runtime_api.h>
 #include <gtest/gtest.h>
 
+#include <algorithm>
 #include <chrono>
 #include <filesystem>
 #include <map>
 #include <mutex>
+#include <numeric>
 #include <random>
 #include <thread>
 
@@ -100,12 +102,15 @@ TEST_F(CudaEngine, LongPromptPiecesRunAloneOnTheFastPathInsideABatch) {
   }
 }
 
-// Items with a pick on the GPU: a step whose items all have one picks on the device (cuda::draw_rows),
-// a mixed step on the host (Model::batch_results); both give cpu::draw_token of the logits the same
-// items get without a pick. Three sequences, prefilled, then decoded one token per step, fed the host's
-// picks; greedy, then tempered (top_p, top_k with min_p, plain), a fresh u each step. A device pick of
-// a tempered row may differ where u or top_p lies within rounding of a boundary (tests/draw_reference.h):
-// skipped and counted; a host pick never.
+// Items with a pick on the GPU pick on the device (cuda::penalize_rows, then cuda::draw_rows) whenever
+// every item of the step has one head row, also beside an item that wants its row back; beside one that
+// wants all its logits, on the host (Model::batch_results). Either way the pick is cpu::draw_token of the
+// logits the same item gets without a pick, after its penalties (ops/draw.h's apply_penalties). Three
+// sequences, prefilled, then decoded one token per step, fed the host's picks; greedy, then tempered
+// (top_p, top_k with min_p, plain), a fresh u each step; penalties on the odd steps (the row's 20 best
+// tokens and 20 others, one id past the vocabulary), so captured steps run with and without them. A
+// device pick of a tempered row may differ where u or top_p lies within rounding of a boundary
+// (tests/draw_reference.h): skipped and counted; a host pick never.
 TEST_F(CudaEngine, PickedItemsPickOnTheDeviceAsTheHostWould) {
   const int64_t V = model_->config().vocab_size;
   std::vector<std::vector<int32_t>> prompts;
@@ -120,9 +125,10 @@ TEST_F(CudaEngine, PickedItemsPickOnTheDeviceAsTheHostWould) {
   std::mt19937_64 rng(8);
   std::uniform_real_distribution<double> uni(0.0, 1.0);
   std::vector<int32_t> scratch;
-  int device_picks = 0, skipped = 0;
+  int device_picks = 0, skipped = 0, penalized_changed = 0;
+  const char* mode_names[] = {"all picked", "item 1 wants its row", "item 1 wants all its logits"};
   for (int tempered = 0; tempered < 2; ++tempered) {
-    for (int mixed = 0; mixed < 2; ++mixed) {
+    for (int mode = 0; mode < 3; ++mode) {
       std::shared_ptr<BlockPool> pool = backend_->new_pool(16);
       std::vector<LatentCache> plain, picked;
       for (size_t i = 0; i < prompts.size(); ++i) {
@@ -135,38 +141,70 @@ TEST_F(CudaEngine, PickedItemsPickOnTheDeviceAsTheHostWould) {
         for (size_t i = 0; i < prompts.size(); ++i) {
           const std::span<const int32_t> tokens =
               step == 0 ? std::span<const int32_t>(prompts[i]) : std::span(&next[i], 1);
-          Draw d = tempered ? kinds[i] : Draw{};
-          d.u = tempered ? uni(rng) : 0.0;
           a.push_back({tokens, &plain[i], false});
-          b.push_back({tokens, &picked[i], false});
-          if (!(mixed && i == 1)) b.back().pick = d;  // mixed: item 1 wants its logits
+          // (all logits from step 1 on: over a whole prompt the lm_head's kernel, and so its rounding, would
+          // differ from the unpicked run's)
+          b.push_back({tokens, &picked[i], mode == 2 && i == 1 && step > 0});
         }
         const auto logits = backend_->forward_batch(a);
+        // The penalties need the rows, so the picked run comes second, with each pick's penalties made
+        // from the unpicked logits of the same tokens.
+        std::vector<std::vector<LogitPenalty>> penalties(prompts.size());
+        for (size_t i = 0; i < prompts.size(); ++i) {
+          if (mode > 0 && i == 1) continue;  // item 1 has no pick
+          Draw d = tempered ? kinds[i] : Draw{};
+          d.u = tempered ? uni(rng) : 0.0;
+          b[i].pick = d;
+          if (step % 2 == 0) continue;
+          std::vector<int32_t> order(static_cast<size_t>(V));
+          std::iota(order.begin(), order.end(), 0);
+          std::partial_sort(order.begin(), order.begin() + 20, order.end(),
+                            [&](int32_t x, int32_t y) { return logits[i][x] > logits[i][y]; });
+          for (int j = 0; j < 40; ++j) {
+            const int32_t id = j < 20 ? order[static_cast<size_t>(j)] : static_cast<int32_t>(rng() % V);
+            if (std::any_of(penalties[i].begin(), penalties[i].end(),
+                            [&](const LogitPenalty& e) { return e.id == id; }))
+              continue;
+            penalties[i].push_back(
+                {id, j == 0 ? 1.0f : 0.25f * static_cast<float>(j % 5), j % 2 ? 1.3 : 1.0});
+          }
+          penalties[i].push_back({static_cast<int32_t>(V) + 3, 1.0f, 2.0});  // past the vocabulary: skipped
+          b[i].penalties = penalties[i];
+        }
         const auto picks = backend_->forward_batch(b);
         for (size_t i = 0; i < prompts.size(); ++i) {
           if (!b[i].pick) {
-            EXPECT_EQ(picks[i], logits[i]) << "step " << step << " item " << i;
+            ASSERT_GE(picks[i].size(), static_cast<size_t>(V));
+            EXPECT_EQ(std::vector<float>(picks[i].end() - V, picks[i].end()), logits[i])
+                << mode_names[mode] << ": step " << step << " item " << i;
             next[i] = cpu::argmax(logits[i].data(), V);
             continue;
           }
-          const int32_t want = cpu::draw_token(logits[i].data(), V, *b[i].pick, scratch);
+          std::vector<float> row = logits[i];
+          apply_penalties(row.data(), V, penalties[i].data(), static_cast<int64_t>(penalties[i].size()));
+          const int32_t want = cpu::draw_token(row.data(), V, *b[i].pick, scratch);
+          penalized_changed += want != cpu::draw_token(logits[i].data(), V, *b[i].pick, scratch);
           next[i] = want;
           ASSERT_EQ(picks[i].size(), 1u);
-          if (!mixed) {
+          if (mode < 2) {
             ++device_picks;
-            if (test::near_boundary(logits[i], *b[i].pick)) {
+            if (test::near_boundary(row, *b[i].pick)) {
               ++skipped;
               continue;
             }
           }
           EXPECT_EQ(static_cast<int32_t>(picks[i][0]), want)
-              << (tempered ? "tempered" : "greedy") << (mixed ? ", mixed" : "") << ": step " << step << " item " << i;
+              << (tempered ? "tempered, " : "greedy, ") << mode_names[mode] << ": step " << step << " item "
+              << i;
         }
       }
     }
   }
-  std::printf("[cuda-engine] %d picks on the device, %d skipped near a boundary\n", device_picks, skipped);
-  EXPECT_LE(skipped, 2);
+  std::printf(
+      "[cuda-engine] %d picks on the device, %d skipped near a boundary; penalties changed %d picks\n",
+      device_picks, skipped, penalized_changed);
+  EXPECT_LE(skipped, 3);
+  EXPECT_GT(penalized_changed, 3);  // the penalties were felt
 }
 
 // Rows written under different prefill settings differ (FP8 activations for long pieces), so their

@@ -1554,6 +1554,56 @@ TEST_F(CudaOps, DrawRowsPickWhatDrawTokenPicks) {
   EXPECT_GT(tempered, cases / 2);
 }
 
+// cuda::penalize_rows gives apply_penalties' rows bit for bit, NaN as NaN (ops/draw.h's rule): rows ld apart,
+// each with its own run of entries (none for some rows; ids past the row skipped), logits of both signs,
+// zeros of both signs, infinities and NaN, repetition above and below 1, and the gaps between rows untouched.
+TEST_F(CudaOps, PenalizeRowsAppliesWhatTheHostApplies) {
+  std::mt19937_64 gen(78);
+  std::normal_distribution<float> nd(0.0f, 3.0f);
+  const int64_t n = 4099, ld = n + 5, rows = 37;
+  std::vector<float> x(static_cast<size_t>(rows * ld));
+  for (float& v : x) v = nd(gen);
+  const float specials[] = {0.0f, -0.0f, std::numeric_limits<float>::infinity(),
+                            -std::numeric_limits<float>::infinity(), std::numeric_limits<float>::quiet_NaN()};
+  for (int64_t r = 0; r < rows; ++r)
+    for (int j = 0; j < 5; ++j) x[static_cast<size_t>(r * ld + j)] = specials[j];
+  std::vector<int32_t> first = {0};
+  std::vector<LogitPenalty> pen;
+  for (int64_t r = 0; r < rows; ++r) {
+    const int64_t count = r % 5 == 2 ? 0 : static_cast<int64_t>(gen() % 700);  // some rows without any
+    std::vector<int32_t> ids(static_cast<size_t>(n + 2));
+    std::iota(ids.begin(), ids.end(), 0);  // n and n + 1: past the row
+    std::shuffle(ids.begin() + 5, ids.end(), gen);
+    for (int64_t i = 0; i < count; ++i)
+      pen.push_back({ids[static_cast<size_t>(i)], static_cast<float>(gen() % 8) * 0.25f - 0.5f,
+                     i % 3 == 0 ? 1.0 : (i % 3 == 1 ? 1.17 : 0.83)});
+    first.push_back(static_cast<int32_t>(pen.size()));
+  }
+  std::vector<float> want = x;
+  for (int64_t r = 0; r < rows; ++r)
+    apply_penalties(want.data() + r * ld, n, pen.data() + first[static_cast<size_t>(r)],
+                    first[static_cast<size_t>(r) + 1] - first[static_cast<size_t>(r)]);
+  Dev dev;
+  float* dx = dev.put(x);
+  cuda::penalize_rows({dx, ld, n, rows, dev.put(first), dev.put(pen), nullptr});
+  const std::vector<float> got = Dev::get(dx, x.size());
+  int64_t changed = 0;
+  for (size_t i = 0; i < x.size(); ++i) {
+    uint32_t a, b;
+    std::memcpy(&a, &got[i], 4);
+    std::memcpy(&b, &want[i], 4);
+    if (std::isnan(want[i])) {  // a NaN's payload is the compiler's (the device writes 0x7fffffff)
+      EXPECT_TRUE(std::isnan(got[i])) << "row " << i / ld << " column " << i % ld;
+    } else {
+      EXPECT_EQ(a, b) << "row " << i / ld << " column " << i % ld;
+    }
+    changed += std::memcmp(&want[i], &x[i], 4) != 0;
+  }
+  EXPECT_GT(changed, rows * 100);                                  // the penalties changed many values
+  cuda::penalize_rows({dx, ld, n, 0, nullptr, nullptr, nullptr});  // no rows: nothing read or written
+  DSV3_CUDA_CHECK(cudaDeviceSynchronize());
+}
+
 TEST_F(CudaOps, ZeroLengthCallsAreNoOps) {
   Dev dev;
   TestMatrix w = make_matrix(rng, dev, DType::BF16, 16, 16);

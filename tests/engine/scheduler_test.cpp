@@ -619,8 +619,9 @@ TEST_F(EngineTest, WarmUpRunsTheLargestStepsOnce) {
 
 // Items with a pick (Model::BatchItem::pick) come back as one value: the token that Sampler::sample picks
 // from the logits the same item gets without one, greedy (the argmax) or tempered (the same seeded
-// draw); asking for all logits and a pick at once is refused before any cache moves. The engine sends
-// picks as Sampler::backend_pick allows: not with a penalty, a token filter or logprobs.
+// draw); asking for all logits and a pick at once, or penalties without a pick, is refused before any
+// cache moves. The engine sends picks as Sampler::backend_pick allows: not with a token filter or
+// logprobs.
 TEST_F(EngineTest, PickedBatchItemsReturnTheSamplersToken) {
   const int64_t V = model_->config().vocab_size;
   const auto p0 = random_prompt(40, 21), p1 = random_prompt(9, 22);
@@ -675,14 +676,57 @@ TEST_F(EngineTest, PickedBatchItemsReturnTheSamplersToken) {
   EXPECT_EQ(c.length(), 0);
 
   EXPECT_TRUE(Sampler(SamplingParams{}).backend_pick());
-  for (int k = 0; k < 4; ++k) {
-    SamplingParams p;
-    p.temperature = 0.5;
-    if (k == 0) p.presence_penalty = 0.5;
-    if (k == 1) p.repetition_penalty = 1.1;
-    if (k == 2) p.frequency_penalty = 0.5;
-    if (k == 3) p.top_logprobs = 0;
-    EXPECT_FALSE(Sampler(p).backend_pick()) << k;
+  SamplingParams logprobs;
+  logprobs.top_logprobs = 0;
+  EXPECT_FALSE(Sampler(logprobs).backend_pick());
+  const LogitPenalty penalty{1, 0.5f, 1.0};
+  const std::vector<Model::BatchItem> unpicked_penalties = {
+      {p0, &c, false, std::nullopt, std::span(&penalty, 1)}};
+  EXPECT_NE(error_of([&] { model_->forward_batch(unpicked_penalties); }).find("no pick"), std::string::npos);
+}
+
+// Penalized picks (Model::BatchItem::penalties, from Sampler::pick_penalties) come back as the token that
+// Sampler::sample picks from the unpicked logits with the same penalties: repetition over the prompt and
+// the output, presence and frequency over the output, greedy and tempered, step after step.
+TEST_F(EngineTest, PenalizedPicksReturnTheSamplersToken) {
+  const int64_t V = model_->config().vocab_size;
+  const auto prompt = random_prompt(24, 23);
+  auto pool = std::make_shared<BlockPool>(model_->config().num_hidden_layers, model_->config().kv_lora_rank,
+                                          model_->config().qk_rope_head_dim, 8);
+  std::vector<SamplingParams> kinds(3);
+  kinds[0].repetition_penalty = 1.4;
+  kinds[1].temperature = 0.9;
+  kinds[1].presence_penalty = 0.6;
+  kinds[1].frequency_penalty = 0.4;
+  kinds[1].seed = 6;
+  kinds[2].temperature = 1.2;
+  kinds[2].top_k = 30;
+  kinds[2].repetition_penalty = 1.2;
+  kinds[2].frequency_penalty = 0.5;
+  kinds[2].seed = 7;
+  for (size_t k = 0; k < kinds.size(); ++k) {
+    Sampler host(kinds[k], prompt), backend(kinds[k], prompt);
+    LatentCache a(pool, 64), b(pool, 64);
+    std::vector<int32_t> ta = prompt, tb = prompt;
+    size_t at = 0;
+    for (int step = 0; step < 8; ++step) {
+      const std::span<const int32_t> ra = std::span(ta).subspan(at), rb = std::span(tb).subspan(at);
+      const std::vector<Model::BatchItem> plain = {{ra, &a, false}};
+      const std::optional<Draw> d = backend.backend_pick();
+      ASSERT_TRUE(d);
+      if (step > 0 || kinds[k].repetition_penalty != 1.0) {
+        EXPECT_FALSE(backend.pick_penalties().empty()) << k;  // the prompt or the output is penalized
+      }
+      const std::vector<Model::BatchItem> picked = {{rb, &b, false, d, backend.pick_penalties()}};
+      const auto full = model_->forward_batch(plain);
+      const auto id = model_->forward_batch(picked);
+      ASSERT_EQ(id[0].size(), 1u);
+      const int32_t want = host.sample(full[0].data(), V);
+      EXPECT_EQ(backend.accept_pick(static_cast<int32_t>(id[0][0])), want) << k << " step " << step;
+      at = ta.size();
+      ta.push_back(want);
+      tb.push_back(want);
+    }
   }
 }
 
@@ -690,8 +734,8 @@ TEST_F(EngineTest, PickedBatchItemsReturnTheSamplersToken) {
 
 // A tempered, seeded request gives the same tokens whether the backend picks them (the Generator hands
 // Model::BatchItem::pick to the backend when the sampler allows) or the sampler picks from the logits
-// (a manual decode loop over Model::forward); with a penalty the Generator samples on the host and
-// matches too. The prompt runs in pieces of 32 tokens.
+// (a manual decode loop over Model::forward), with a penalty too (the backend applies the sampler's
+// penalties before its pick). The prompt runs in pieces of 32 tokens.
 TEST_F(EngineTest, GeneratorPicksTheSeededTokensTheSamplerWould) {
   const auto prompt = random_prompt(80, 33);
   const int64_t V = model_->config().vocab_size;
@@ -714,7 +758,7 @@ TEST_F(EngineTest, GeneratorPicksTheSeededTokensTheSamplerWould) {
     }
     Generator gen(*backend_, 128, {}, 32);
     Sampler s(p);
-    EXPECT_EQ(s.backend_pick().has_value(), !penalized);
+    EXPECT_TRUE(s.backend_pick().has_value());
     Sampler fresh(p);
     std::vector<int32_t> got;
     gen.run(prompt, 12, fresh, [&](int32_t t) { got.push_back(t); return true; });

@@ -5,6 +5,7 @@
 #include <gtest/gtest.h>
 
 #include <cmath>
+#include <map>
 #include <memory>
 #include <random>
 #include <set>
@@ -160,48 +161,91 @@ TEST(Sampler, AFilterRemovesTokensAndSeesThePick) {
   EXPECT_EQ(accepted[0], 3);
 }
 
-// A backend that picks with backend_pick()'s Draw (cpu::draw_token here, cuda::draw_rows on a GPU) gives
-// the tokens sample() gives under the same seed, token after token: one uniform per tempered token
-// either way. Penalties, a filter or logprobs need the logits on the host: then no backend pick.
+// A backend that picks with backend_pick()'s Draw after applying pick_penalties() (cpu::draw_token here,
+// cuda::penalize_rows + cuda::draw_rows on a GPU) gives the tokens sample() gives under the same seed,
+// token after token: one uniform per tempered token either way, and the same penalties from the same
+// counts. A filter or logprobs need the logits on the host: then no backend pick.
 TEST(Sampler, BackendPicksFollowTheSameSeededStreamAsSample) {
   std::mt19937_64 rng(9);
   std::normal_distribution<float> nd(0.0f, 2.0f);
   std::vector<float> logits(500);
   for (float& v : logits) v = nd(rng);
-  std::vector<SamplingParams> kinds(4);
+  const std::vector<int32_t> prompt = {3, 7, 7, 499, 12};
+  std::vector<SamplingParams> kinds(7);
   kinds[1].temperature = 1.0;
   kinds[2].temperature = 0.7;
   kinds[2].top_p = 0.8;
   kinds[2].min_p = 0.02;
   kinds[3].temperature = 1.2;
   kinds[3].top_k = 20;
+  kinds[4].repetition_penalty = 2.0;  // greedy, repeats made less likely
+  kinds[5].temperature = 0.9;
+  kinds[5].presence_penalty = 0.4;
+  kinds[5].frequency_penalty = 0.3;
+  kinds[6].temperature = 1.1;
+  kinds[6].top_p = 0.9;
+  kinds[6].repetition_penalty = 0.8;  // below 1 favours repeats
+  kinds[6].frequency_penalty = -0.2;
   std::vector<int32_t> scratch;
   for (size_t k = 0; k < kinds.size(); ++k) {
     kinds[k].seed = 100 + k;
-    Sampler host(kinds[k]), backend(kinds[k]);
+    Sampler host(kinds[k], prompt), backend(kinds[k], prompt);
     std::vector<int32_t> a, b;
     for (int t = 0; t < 200; ++t) {
       a.push_back(host.sample(logits.data(), 500));
       const std::optional<Draw> d = backend.backend_pick();
       ASSERT_TRUE(d.has_value());
-      b.push_back(backend.accept_pick(cpu::draw_token(logits.data(), 500, *d, scratch)));
+      const std::span<const LogitPenalty> pen = backend.pick_penalties();
+      EXPECT_EQ(pen.empty(), k < 4 || (k == 5 && t == 0)) << k;  // k 5: nothing generated yet
+      std::vector<float> row = logits;
+      apply_penalties(row.data(), 500, pen.data(), static_cast<int64_t>(pen.size()));
+      b.push_back(backend.accept_pick(cpu::draw_token(row.data(), 500, *d, scratch)));
     }
     EXPECT_EQ(a, b) << k;
     if (k > 0) {
-      EXPECT_GT(std::set<int32_t>(a.begin(), a.end()).size(), 3u) << k;  // really drawn
+      EXPECT_GT(std::set<int32_t>(a.begin(), a.end()).size(), 3u) << k;  // really drawn, or penalized
     }
   }
   SamplingParams p;
-  p.temperature = 0.9;
-  p.presence_penalty = 0.1;
-  EXPECT_FALSE(Sampler(p).backend_pick());
-  p = {};
   p.top_logprobs = 2;
   EXPECT_FALSE(Sampler(p).backend_pick());
   std::vector<int32_t> accepted;
   Sampler filtered{SamplingParams{}};
   filtered.set_filter(std::make_unique<OddOnly>(&accepted));
   EXPECT_FALSE(filtered.backend_pick());
+}
+
+// The penalties as entries: the repetition penalty on each token seen once (prompt or output), the
+// presence and frequency penalties on the generated ones by their counts, and none without penalties.
+TEST(Sampler, PickPenaltiesListEachPenalizedTokenOnce) {
+  SamplingParams p;
+  p.repetition_penalty = 1.5;
+  p.presence_penalty = 0.5;
+  p.frequency_penalty = 0.25;
+  Sampler s(p, std::vector<int32_t>{4, 4, 9});
+  ASSERT_TRUE(s.backend_pick());
+  s.accept_pick(9);
+  ASSERT_TRUE(s.backend_pick());
+  s.accept_pick(2);
+  ASSERT_TRUE(s.backend_pick());
+  s.accept_pick(9);
+  ASSERT_TRUE(s.backend_pick());
+  std::map<int32_t, std::pair<float, double>> got;
+  for (const LogitPenalty& e : s.pick_penalties())
+    EXPECT_TRUE(got.emplace(e.id, std::pair(e.minus, e.repetition)).second) << e.id;
+  const std::map<int32_t, std::pair<float, double>> want = {
+      {4, {0.0f, 1.5}}, {9, {0.5f + 0.25f * 2, 1.5}}, {2, {0.5f + 0.25f, 1.5}}};
+  EXPECT_EQ(got, want);
+  // Applied: divided when positive, multiplied when negative, then the count term subtracted.
+  std::vector<float> row = {0, 0, 3.0f, 0, -2.0f, 0, 0, 0, 0, 6.0f};
+  apply_penalties(row.data(), 10, s.pick_penalties().data(), static_cast<int64_t>(s.pick_penalties().size()));
+  EXPECT_EQ(row[2], 2.0f - 0.75f);
+  EXPECT_EQ(row[4], -3.0f);
+  EXPECT_EQ(row[9], 4.0f - 1.0f);
+  EXPECT_TRUE(Sampler(SamplingParams{}, std::vector<int32_t>{1, 2}).backend_pick());
+  Sampler none(SamplingParams{}, std::vector<int32_t>{1, 2});
+  none.backend_pick();
+  EXPECT_TRUE(none.pick_penalties().empty());
 }
 
 // take() reads a forward_batch result: a picked item's one value, else the last row of its logits (all

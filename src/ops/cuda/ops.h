@@ -198,6 +198,19 @@ struct DrawParams {
 };
 void draw_rows(const DrawParams& p);
 
+// Row r of x (r < rows) gets penalties[first[r] .. first[r + 1]) applied in place, by ops/draw.h's
+// `penalized` (the host's apply_penalties, bit for bit; a NaN stays a NaN): the penalties of a pick, before
+// draw_rows. `first` and the penalties are device memory, read by the kernel (so a captured step takes new
+// ones each step).
+struct PenalizeParams {
+  float* x = nullptr;
+  int64_t ld = 0, n = 0, rows = 0;
+  const int32_t* first = nullptr;           // [rows + 1], ascending
+  const LogitPenalty* penalties = nullptr;  // one entry per token id within a row
+  cudaStream_t stream = nullptr;
+};
+void penalize_rows(const PenalizeParams& p);
+
 // The latent cache on the device: pages of 64 tokens, each [layers][64][width] floats, found through a
 // device array of page pointers (pages need not be contiguous or in order). One sequence: `pages` is its
 // page table. A batch of sequences: `pages` holds every sequence's table one after another and

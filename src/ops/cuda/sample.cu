@@ -1,5 +1,6 @@
 // Token picks on the device: cuda::draw_rows, the rule of ops/draw.h (greedy or tempered) over rows of
-// logits, so that a decode step copies back one id per sequence instead of its row of logits.
+// logits, so that a decode step copies back one id per sequence instead of its row of logits, and
+// cuda::penalize_rows, the penalties that go before it.
 // cpu::draw_token is the same rule on the host; the two must agree (tests/cuda/cuda_ops_test.cpp).
 #include <climits>
 #include <cstdint>
@@ -234,7 +235,28 @@ __global__ void __launch_bounds__(kThreads) draw_kernel(const DrawParams p) {
   if (threadIdx.x == 0) p.ids[blockIdx.x] = first < n ? first : best.at;
 }
 
+// Row blockIdx.x's penalties (ops/draw.h's rule, one thread an entry: an entry names each id once).
+__global__ void __launch_bounds__(256) penalize_kernel(const PenalizeParams p) {
+  const int32_t begin = p.first[blockIdx.x],
+                end = p.first[blockIdx.x + 1];  // written before the step's launches
+  pdl_wait();                                   // x is the previous kernel's (the lm_head's)
+  float* x = p.x + static_cast<int64_t>(blockIdx.x) * p.ld;
+  for (int32_t i = begin + static_cast<int32_t>(threadIdx.x); i < end;
+       i += static_cast<int32_t>(blockDim.x)) {
+    const LogitPenalty e = p.penalties[i];
+    if (e.id >= 0 && e.id < p.n) x[e.id] = penalized(x[e.id], e);
+  }
+}
+
 }  // namespace
+
+void penalize_rows(const PenalizeParams& p) {
+  DSV3_ASSERT(p.rows >= 0 && p.n > 0 && p.ld >= p.n);
+  if (p.rows == 0) return;
+  DSV3_ASSERT(p.x && p.first && p.penalties);
+  launch_pdl(penalize_kernel, dim3(static_cast<unsigned>(p.rows)), dim3(256), 0, p.stream, p);
+  check_launch("penalize_kernel");
+}
 
 void draw_rows(const DrawParams& p) {
   DSV3_ASSERT(p.rows >= 0 && p.n > 0 && p.n <= INT_MAX && p.ld >= p.n);
