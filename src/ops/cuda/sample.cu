@@ -2,6 +2,9 @@
 // logits, so that a decode step copies back one id per sequence instead of its row of logits, and
 // cuda::penalize_rows, the penalties that go before it.
 // cpu::draw_token is the same rule on the host; the two must agree (tests/cuda/cuda_ops_test.cpp).
+#include <cooperative_groups.h>
+
+#include <algorithm>
 #include <climits>
 #include <cstdint>
 
@@ -14,68 +17,120 @@ namespace dsv3::cuda {
 
 namespace {
 
-constexpr int kThreads = 1024;
+namespace cg = cooperative_groups;
+
+// A row's blocks: a cluster of kRowBlocks blocks of kThreads, each over a contiguous run of the row's ids,
+// every reduction shared through distributed shared memory. One block a row kept one SM busy for ~0.5 ms
+// on a tempered top-p pick over lite's 102,400 logits (batch-1 steps of 2.08 ms against 1.58 greedy, H200,
+// docs/PERF.md "Thirty-first session"): the passes' expf and shared-memory atomics, not the row's bytes.
+// DSV3_DRAW_BLOCKS=1 runs one block a row (measurement).
+constexpr int kThreads = 1024, kRowBlocks = 8;
 
 // ops/draw.h's order key of a finite value (at least 0x00800000), 0 for NaN and -inf, which are never
 // kept. (+inf does not occur: its rows are greedy.)
 __device__ uint32_t key_of(float v) { return isfinite(v) ? order_key(v) : 0; }
 
-// The largest non-NaN value of x[0..n) and its lowest index (at = n when every value is NaN), in every
-// thread: each thread keeps the larger value (the lower index on ties) of the indices it scans, then the
-// block does the same over the threads. Where the row is 16-byte aligned a thread has four float4 loads
-// in flight per step: one load at a time made a greedy batch-1 pick over lite's 102,400 logits a chain of
-// ~100 round trips (~50 us of a ~2.1 ms step on an H200, docs/PERF.md, "Eighteenth session").
+// The row's cluster-wide reductions. Every thread of every block of the cluster calls them; each ends in
+// a cluster barrier after its reads of the other blocks' shared memory, so that no block overwrites (or
+// leaves with) a value another still reads.
+__device__ unsigned long long cluster_sum(unsigned long long v, unsigned long long* scratch,
+                                          unsigned long long& slot) {
+  const unsigned long long mine = block_sum(v, scratch);
+  cg::cluster_group cl = cg::this_cluster();
+  if (threadIdx.x == 0) slot = mine;
+  cl.sync();
+  unsigned long long total = 0;
+  for (unsigned r = 0; r < cl.num_blocks(); ++r) total += *cl.map_shared_rank(&slot, r);
+  cl.sync();
+  return total;
+}
+
+// The sum of v over the ids before this thread's (blocks in rank order, threads in threadIdx.x order);
+// `total` gets the row's.
+__device__ unsigned long long cluster_exclusive_scan(unsigned long long v, unsigned long long* scratch,
+                                                     unsigned long long& slot, unsigned long long& total) {
+  unsigned long long mine = 0;
+  const unsigned long long here = block_exclusive_scan(v, scratch, mine);
+  cg::cluster_group cl = cg::this_cluster();
+  if (threadIdx.x == 0) slot = mine;
+  cl.sync();
+  unsigned long long before = 0;
+  total = 0;
+  for (unsigned r = 0; r < cl.num_blocks(); ++r) {
+    const unsigned long long t = *cl.map_shared_rank(&slot, r);
+    if (r < cl.block_rank()) before += t;
+    total += t;
+  }
+  cl.sync();
+  return before + here;
+}
+
+// The least of the blocks' `value` (this block's, settled: call after a __syncthreads()).
+__device__ int cluster_min(int& value) {
+  cg::cluster_group cl = cg::this_cluster();
+  cl.sync();
+  int least = INT_MAX;
+  for (unsigned r = 0; r < cl.num_blocks(); ++r) least = min(least, *cl.map_shared_rank(&value, r));
+  cl.sync();
+  return least;
+}
+
+// The largest non-NaN value of x[lo..hi) and its lowest index (at = none when every value is NaN), in
+// every thread: each thread keeps the larger value (the lower index on ties) of the indices it scans, then
+// the block does the same over the threads, then the cluster over the blocks. Where the run is 16-byte
+// aligned a thread has four float4 loads in flight per step: one load at a time made a greedy batch-1 pick
+// over lite's 102,400 logits a chain of ~100 round trips (~50 us of a ~2.1 ms step on an H200,
+// docs/PERF.md, "Eighteenth session").
 struct Best {
   float value;
   int at;
+  __device__ bool beats(const Best& o) const { return value > o.value || (value == o.value && at < o.at); }
 };
-__device__ Best block_best(const float* x, int n) {
-  float best = -INFINITY;
-  int at = n;
+__device__ Best row_best(const float* x, int lo, int hi, int none) {
+  Best best{-INFINITY, none};
   const auto take = [&](float v, int i) {
-    if (v > best || (v == best && i < at)) {  // NaN: both comparisons false
-      best = v;
-      at = i;
-    }
+    if (Best{v, i}.beats(best)) best = {v, i};  // NaN: both comparisons false
   };
-  const auto take4 = [&](float4 v, int i4) {  // values 4 i4 .. 4 i4 + 3 (v by value: one vector load)
-    take(v.x, 4 * i4);
-    take(v.y, 4 * i4 + 1);
-    take(v.z, 4 * i4 + 2);
-    take(v.w, 4 * i4 + 3);
+  const auto take4 = [&](float4 v, int i) {  // values i .. i + 3 (v by value: one vector load)
+    take(v.x, i);
+    take(v.y, i + 1);
+    take(v.z, i + 2);
+    take(v.w, i + 3);
   };
-  int tail = 0;  // the scalar loop's first index
-  if (reinterpret_cast<uintptr_t>(x) % 16 == 0) {
+  int tail = lo;  // the scalar loop's first index
+  if (reinterpret_cast<uintptr_t>(x + lo) % 16 == 0) {
     constexpr int kInFlight = 4;
-    const int n4 = n / 4, step = static_cast<int>(blockDim.x);
-    const float4* x4 = reinterpret_cast<const float4*>(x);
+    const int n4 = (hi - lo) / 4, step = static_cast<int>(blockDim.x);
+    const float4* x4 = reinterpret_cast<const float4*>(x + lo);
     int i = threadIdx.x;
     for (; i + (kInFlight - 1) * step < n4; i += kInFlight * step) {
       float4 v[kInFlight];
 #pragma unroll
       for (int u = 0; u < kInFlight; ++u) v[u] = x4[i + u * step];
 #pragma unroll
-      for (int u = 0; u < kInFlight; ++u) take4(v[u], i + u * step);
+      for (int u = 0; u < kInFlight; ++u) take4(v[u], lo + 4 * (i + u * step));
     }
-    for (; i < n4; i += step) take4(x4[i], i);
-    tail = 4 * n4;
+    for (; i < n4; i += step) take4(x4[i], lo + 4 * i);
+    tail = lo + 4 * n4;
   }
-  for (int i = tail + static_cast<int>(threadIdx.x); i < n; i += blockDim.x) take(x[i], i);
-  warp_argmax(best, at);
-  __shared__ float warp_value[32];
-  __shared__ int warp_at[32];
+  for (int i = tail + static_cast<int>(threadIdx.x); i < hi; i += blockDim.x) take(x[i], i);
+  warp_argmax(best.value, best.at);
+  __shared__ Best warp_best[32];
+  __shared__ Best block;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, warps = blockDim.x / 32;
-  if (lane == 0) {
-    warp_value[warp] = best;
-    warp_at[warp] = at;
-  }
+  if (lane == 0) warp_best[warp] = best;
   __syncthreads();
   for (int w = 0; w < warps; ++w)
-    if (warp_value[w] > best || (warp_value[w] == best && warp_at[w] < at)) {
-      best = warp_value[w];
-      at = warp_at[w];
-    }
-  return {best, at};
+    if (warp_best[w].beats(best)) best = warp_best[w];
+  if (threadIdx.x == 0) block = best;
+  cg::cluster_group cl = cg::this_cluster();
+  cl.sync();
+  for (unsigned r = 0; r < cl.num_blocks(); ++r) {
+    const Best o = *cl.map_shared_rank(&block, r);
+    if (o.beats(best)) best = o;
+  }
+  cl.sync();
+  return best;
 }
 
 // The candidates of a cut: the finite tokens of the row inside the kept prefix so far, the prefix of the
@@ -87,31 +142,36 @@ struct Prefix {
 };
 
 // Shared state of the radix select: kCopies histograms of 256 bins (warp w adds into copy w % kCopies, so
-// that warps seldom wait on one another's atomics), their sums, and the bin the block chose.
+// that warps seldom wait on one another's atomics), their sums in this block, the cluster's sums, and the
+// bin the cluster chose.
 constexpr int kCopies = 8;
 struct RadixShared {
   unsigned long long bins[kCopies][256];
   unsigned long long sums[256];
+  unsigned long long row_sums[256];
   int chosen;
   unsigned long long above;
 };
 
 // draw.h's cut inside `in`: the shortest prefix of the order whose measure (1 per token, or its
 // mass_units) reaches `need`. A radix select over the keys' four bytes, high byte first, as
-// cpu::draw_token's: per byte one pass over the row into the shared histograms, then one thread walks
-// the bins from the top; integer sums, so the host's cut is the same whatever the order of addition.
-// The tokens at the cut key are then taken in id order until the sum reaches `need` (a block-wide scan
-// over contiguous runs of ids): the returned prefix ends at the one that reaches it.
+// cpu::draw_token's: per byte one pass over this block's ids [lo, hi) into the shared histograms, summed
+// over the cluster's blocks, then one thread walks the bins from the top; integer sums, so the host's cut
+// is the same whatever the order of addition. The tokens at the cut key are then taken in id order until
+// the sum reaches `need` (a cluster-wide scan over contiguous runs of ids): the returned prefix ends at
+// the one that reaches it.
 template <class Measure>
-__device__ Prefix radix_cut(const float* x, int n, Prefix in, Measure measure, unsigned long long need,
-                            RadixShared& rs, unsigned long long* scan_scratch, int& first) {
+__device__ Prefix radix_cut(const float* x, int lo, int hi, Prefix in, Measure measure,
+                            unsigned long long need, RadixShared& rs, unsigned long long* scan_scratch,
+                            unsigned long long& slot, int& first) {
+  cg::cluster_group cl = cg::this_cluster();
   uint32_t prefix = 0, mask = 0;
   unsigned long long above = 0;
   for (int shift = 24; shift >= 0; shift -= 8) {
     for (int i = threadIdx.x; i < kCopies * 256; i += blockDim.x) (&rs.bins[0][0])[i] = 0;
     __syncthreads();
     unsigned long long* mine = rs.bins[(threadIdx.x / 32) % kCopies];
-    for (int i = threadIdx.x; i < n; i += blockDim.x) {
+    for (int i = lo + static_cast<int>(threadIdx.x); i < hi; i += blockDim.x) {
       const float v = x[i];
       const uint32_t k = key_of(v);
       if (k != 0 && (k & mask) == prefix && in.holds(k, i)) atomicAdd(&mine[(k >> shift) & 0xffu], measure(v));
@@ -122,12 +182,18 @@ __device__ Prefix radix_cut(const float* x, int n, Prefix in, Measure measure, u
       for (int c = 0; c < kCopies; ++c) s += rs.bins[c][b];
       rs.sums[b] = s;
     }
-    __syncthreads();
+    cl.sync();  // every block's sums
+    for (int b = threadIdx.x; b < 256; b += blockDim.x) {
+      unsigned long long s = 0;
+      for (unsigned r = 0; r < cl.num_blocks(); ++r) s += cl.map_shared_rank(rs.sums, r)[b];
+      rs.row_sums[b] = s;
+    }
+    cl.sync();  // read by all (and row_sums settled in this block)
     if (threadIdx.x == 0) {
       int b = 255;
       for (; b > 0; --b) {
-        if (above + rs.sums[b] >= need) break;
-        above += rs.sums[b];
+        if (above + rs.row_sums[b] >= need) break;
+        above += rs.row_sums[b];
       }
       rs.chosen = b;
       rs.above = above;
@@ -137,14 +203,14 @@ __device__ Prefix radix_cut(const float* x, int n, Prefix in, Measure measure, u
     mask |= 0xffu << shift;
     above = rs.above;
   }
-  // The tokens at key `prefix`, in id order: each thread takes a contiguous run of ids.
-  const int per = (n + static_cast<int>(blockDim.x) - 1) / static_cast<int>(blockDim.x);
-  const int begin = min(n, static_cast<int>(threadIdx.x) * per), end = min(n, begin + per);
+  // The tokens at key `prefix`, in id order: each thread takes a contiguous run of this block's ids.
+  const int per = (hi - lo + static_cast<int>(blockDim.x) - 1) / static_cast<int>(blockDim.x);
+  const int begin = min(hi, lo + static_cast<int>(threadIdx.x) * per), end = min(hi, begin + per);
   unsigned long long local = 0;
   for (int i = begin; i < end; ++i)
     if (key_of(x[i]) == prefix && in.holds(prefix, i)) local += measure(x[i]);
   unsigned long long total = 0;
-  unsigned long long sum = above + block_exclusive_scan(local, scan_scratch, total);
+  unsigned long long sum = above + cluster_exclusive_scan(local, scan_scratch, slot, total);
   if (threadIdx.x == 0) first = INT_MAX;
   __syncthreads();
   for (int i = begin; i < end; ++i) {
@@ -158,27 +224,37 @@ __device__ Prefix radix_cut(const float* x, int n, Prefix in, Measure measure, u
   __syncthreads();
   Prefix out;
   out.key = prefix;
-  out.id = first;  // INT_MAX: every token at the key (only when rounding never let the sum reach `need`)
+  out.id = cluster_min(
+      first);  // INT_MAX: every token at the key (only when rounding never let the sum reach `need`)
   return out;
 }
 
-// One block per row. Every branch below depends only on the row's Draw and block-wide results, so all
-// threads take it together (the reductions synchronize).
+// One cluster per row (clusters of one block with DSV3_DRAW_BLOCKS=1). Every branch below depends only on
+// the row's Draw and cluster-wide results, so all threads of all its blocks take it together (the
+// reductions synchronize).
 __global__ void __launch_bounds__(kThreads) draw_kernel(const DrawParams p) {
   DSV3_TRACE_BLOCK(TraceKernel::Draw);
   __shared__ RadixShared rs;
   __shared__ unsigned long long scan_scratch[32];
+  __shared__ unsigned long long slot;
   __shared__ int first;
+  cg::cluster_group cl = cg::this_cluster();
+  const int row = static_cast<int>(blockIdx.x / cl.num_blocks());
   const int n = static_cast<int>(p.n);
-  const float* x = p.x + static_cast<int64_t>(blockIdx.x) * p.ld;
-  const Draw d = p.draws[blockIdx.x];  // written before the step's launches
-  pdl_wait();                           // x is the previous kernel's (the lm_head's)
+  // This block's ids: a run of whole float4s of the row.
+  const int chunk =
+      ((n + static_cast<int>(cl.num_blocks()) - 1) / static_cast<int>(cl.num_blocks()) + 3) / 4 * 4;
+  const int lo = min(n, static_cast<int>(cl.block_rank()) * chunk), hi = min(n, lo + chunk);
+  const bool writer = cl.block_rank() == 0 && threadIdx.x == 0;
+  const float* x = p.x + static_cast<int64_t>(row) * p.ld;
+  const Draw d = p.draws[row];  // written before the step's launches
+  pdl_wait();                   // x is the previous kernel's (the lm_head's)
 
-  const Best best = block_best(x, n);
+  const Best best = row_best(x, lo, hi, n);
   const float m = best.value;
   if (d.temperature == 0.0f || !isfinite(m)) {
     // cpu::argmax: a scan that never moves off index 0 when x[0] is NaN.
-    if (threadIdx.x == 0) p.ids[blockIdx.x] = (best.at == n || x[0] != x[0]) ? 0 : best.at;
+    if (writer) p.ids[row] = (best.at == n || x[0] != x[0]) ? 0 : best.at;
     return;
   }
   // The same float expression as cpu::draw_token (IEEE division; expf within 2 ulp of the host's).
@@ -190,26 +266,27 @@ __global__ void __launch_bounds__(kThreads) draw_kernel(const DrawParams p) {
   Prefix kept;
   if (d.top_k > 0 && d.top_k < n) {
     unsigned long long finite = 0;
-    for (int i = threadIdx.x; i < n; i += blockDim.x) finite += key_of(x[i]) != 0;
-    if (block_sum(finite, scan_scratch) > static_cast<unsigned long long>(d.top_k))
-      kept = radix_cut(x, n, kept, one, static_cast<unsigned long long>(d.top_k), rs, scan_scratch, first);
+    for (int i = lo + static_cast<int>(threadIdx.x); i < hi; i += blockDim.x) finite += key_of(x[i]) != 0;
+    if (cluster_sum(finite, scan_scratch, slot) > static_cast<unsigned long long>(d.top_k))
+      kept = radix_cut(x, lo, hi, kept, one, static_cast<unsigned long long>(d.top_k), rs, scan_scratch, slot,
+                       first);
   }
   if (d.top_p < 1.0f) {
     unsigned long long total = 0;
-    for (int i = threadIdx.x; i < n; i += blockDim.x) {
+    for (int i = lo + static_cast<int>(threadIdx.x); i < hi; i += blockDim.x) {
       const uint32_t k = key_of(x[i]);
       if (k != 0 && kept.holds(k, i)) total += units(x[i]);
     }
-    total = block_sum(total, scan_scratch);
+    total = cluster_sum(total, scan_scratch, slot);
     const auto need = static_cast<unsigned long long>(ceil(static_cast<double>(d.top_p) * static_cast<double>(total)));
-    kept = radix_cut(x, n, kept, units, need, rs, scan_scratch, first);
+    kept = radix_cut(x, lo, hi, kept, units, need, rs, scan_scratch, slot, first);
   }
 
-  // min-p, then the draw: each thread takes a contiguous run of ids, so that thread order is id order;
-  // a prefix sum over the threads' masses gives each run's starting mass, and the first id at which
+  // min-p, then the draw: each thread takes a contiguous run of ids, so that (block rank, thread) order is
+  // id order; a scan over the threads' masses gives each run's starting mass, and the first id at which
   // the running mass exceeds u times the total wins.
-  const int per = (n + static_cast<int>(blockDim.x) - 1) / static_cast<int>(blockDim.x);
-  const int begin = min(n, static_cast<int>(threadIdx.x) * per), end = min(n, begin + per);
+  const int per = (hi - lo + static_cast<int>(blockDim.x) - 1) / static_cast<int>(blockDim.x);
+  const int begin = min(hi, lo + static_cast<int>(threadIdx.x) * per), end = min(hi, begin + per);
   const auto drawn = [&](int i) {
     const uint32_t k = key_of(x[i]);
     return k != 0 && kept.holds(k, i) && weight(x[i]) >= d.min_p;
@@ -218,7 +295,7 @@ __global__ void __launch_bounds__(kThreads) draw_kernel(const DrawParams p) {
   for (int i = begin; i < end; ++i)
     if (drawn(i)) local += units(x[i]);
   unsigned long long total = 0;
-  unsigned long long running = block_exclusive_scan(local, scan_scratch, total);
+  unsigned long long running = cluster_exclusive_scan(local, scan_scratch, slot, total);
   const double target = d.u * static_cast<double>(total);
   if (threadIdx.x == 0) first = INT_MAX;
   __syncthreads();
@@ -231,8 +308,9 @@ __global__ void __launch_bounds__(kThreads) draw_kernel(const DrawParams p) {
     }
   }
   __syncthreads();
+  const int chosen = cluster_min(first);
   // None: u near 1 or masses below one unit; the best token, as on the host.
-  if (threadIdx.x == 0) p.ids[blockIdx.x] = first < n ? first : best.at;
+  if (writer) p.ids[row] = chosen < n ? chosen : best.at;
 }
 
 // Row blockIdx.x's penalties (ops/draw.h's rule, one thread an entry: an entry names each id once).
@@ -262,7 +340,22 @@ void draw_rows(const DrawParams& p) {
   DSV3_ASSERT(p.rows >= 0 && p.n > 0 && p.n <= INT_MAX && p.ld >= p.n);
   if (p.rows == 0) return;
   DSV3_ASSERT(p.x && p.draws && p.ids);
-  launch_pdl(draw_kernel, dim3(static_cast<unsigned>(p.rows)), dim3(kThreads), 0, p.stream, p);
+  static const int blocks =
+      static_cast<int>(std::min<int64_t>(env_positive("DSV3_DRAW_BLOCKS", kRowBlocks), 8));
+  cudaLaunchConfig_t cfg = {};
+  cfg.gridDim = dim3(static_cast<unsigned>(p.rows * blocks));
+  cfg.blockDim = dim3(kThreads);
+  cfg.stream = p.stream;
+  cudaLaunchAttribute attr[2];
+  attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+  attr[0].val.programmaticStreamSerializationAllowed = 1;
+  attr[1].id = cudaLaunchAttributeClusterDimension;
+  attr[1].val.clusterDim.x = static_cast<unsigned>(blocks);
+  attr[1].val.clusterDim.y = 1;
+  attr[1].val.clusterDim.z = 1;
+  cfg.attrs = attr;
+  cfg.numAttrs = 2;
+  DSV3_CUDA_CHECK(cudaLaunchKernelEx(&cfg, draw_kernel, p));
   check_launch("draw_kernel");
 }
 
