@@ -10,10 +10,10 @@
 // fit in memory; attention still reads every sequence's rows, so the bytes a step reads are as if each
 // had its own. The sequences decode greedily, or with --temperature T [--top-p P] tempered and seeded
 // (one seed per sequence); either way the backend picks each token (cuda::draw_rows), as the engine's
-// Sampler::backend_pick lets it for requests without filters or logprobs. --penalized N gives the first N
+// Sampler::pick_into lets it for requests without token filters. --penalized N gives the first N
 // sequences a repetition penalty of 1.1 and a frequency penalty of 0.3 (applied on the device before the
-// pick, cuda::penalize_rows); --logprobs N the next N top_logprobs 1, so their rows of logits come back
-// and their samplers pick on the host, as a request with logprobs is served.
+// pick, cuda::penalize_rows); --logprobs N the next N top_logprobs 1 (reported with the pick,
+// cuda::logprobs_rows).
 #include <cuda_profiler_api.h>
 #include <cuda_runtime_api.h>
 
@@ -144,8 +144,8 @@ void bench_batched(dsv3::CudaModel& gpu, const std::string& label, int batch, in
     samplers.emplace_back(p);
   }
   auto item = [&](std::span<const int32_t> tokens, int b) {
-    Model::BatchItem it{tokens, &caches[b], false, samplers[b].backend_pick()};
-    if (it.pick) it.penalties = samplers[b].pick_penalties();
+    Model::BatchItem it{tokens, &caches[b], false};
+    samplers[b].pick_into(it);
     return it;
   };
   // The rest of the context (under one block): real tokens, one prefill item per sequence.

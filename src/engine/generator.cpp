@@ -29,14 +29,11 @@ FinishReason Generator::run(std::span<const int32_t> prompt, int64_t max_new_tok
 
   const int64_t vocab = backend_.config().vocab_size;
   // One sequence is a batch of one. A step that ends in a pick (the prompt's last piece, every decode
-  // step) lets the backend make it, penalties and all, when the sampler allows (Model::BatchItem::pick);
+  // step) lets the backend make it, penalties and logprobs too, when the sampler allows (Sampler::pick_into);
   // otherwise the sampler picks from the last token's logits. Returns the pick (-1 for a step without one).
   auto run_step = [&](std::span<const int32_t> tokens, bool ends_in_pick) {
     Model::BatchItem item{tokens, &cache_, false};
-    if (ends_in_pick) {
-      item.pick = sampler.backend_pick();
-      if (item.pick) item.penalties = sampler.pick_penalties();
-    }
+    if (ends_in_pick) sampler.pick_into(item);
     std::vector<float> out = std::move(backend_.forward_batch(std::span(&item, 1))[0]);
     if (!ends_in_pick) return -1;
     return sampler.take(item.pick.has_value(), out, vocab);

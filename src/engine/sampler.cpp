@@ -44,7 +44,9 @@ int32_t Sampler::sample(const float* logits, int64_t vocab) {
 }
 
 bool Sampler::backend_can_pick() const {
-  return !filter_ && p_.top_logprobs < 0;
+  const bool penalized =
+      p_.repetition_penalty != 1.0 || p_.presence_penalty != 0.0 || p_.frequency_penalty != 0.0;
+  return !filter_ && (p_.top_logprobs < 0 || (p_.top_logprobs <= kMaxPickLogprobs && !penalized));
 }
 
 // Steps 2 and 3 of the header as one entry per token they touch: the repetition penalty on every token
@@ -73,6 +75,12 @@ std::optional<Draw> Sampler::backend_pick() {
   return next_draw();
 }
 
+void Sampler::pick_into(Model::BatchItem& item) {
+  item.pick = backend_pick();
+  item.penalties = item.pick ? pick_penalties() : std::span<const LogitPenalty>();
+  item.top_logprobs = item.pick ? p_.top_logprobs : -1;
+}
+
 int32_t Sampler::accept_pick(int32_t id) {
   DSV3_ASSERT(backend_can_pick());
   remember(id);
@@ -81,8 +89,17 @@ int32_t Sampler::accept_pick(int32_t id) {
 
 int32_t Sampler::take(bool picked, std::span<const float> result, int64_t vocab) {
   if (picked) {
-    check(result.size() == 1, "a picked batch item's result must be its token id alone");
-    return accept_pick(static_cast<int32_t>(result[0]));
+    const int64_t listed = (static_cast<int64_t>(result.size()) - 2) / 2;
+    check(p_.top_logprobs < 0 ? result.size() == 1
+                              : result.size() >= 2 && result.size() % 2 == 0 && listed <= p_.top_logprobs,
+          "a picked batch item's result must be its token id (and its logprobs, when asked for)");
+    const auto id = static_cast<int32_t>(result[0]);
+    if (p_.top_logprobs >= 0) {
+      logprobs_ = {{id, result[1]}, {}};
+      for (int64_t j = 0; j < listed; ++j)
+        logprobs_.top.push_back({static_cast<int32_t>(result[2 + 2 * j]), result[3 + 2 * j]});
+    }
+    return accept_pick(id);
   }
   check(vocab > 0 && result.size() >= static_cast<size_t>(vocab) && result.size() % static_cast<size_t>(vocab) == 0,
         "a batch item's result must be whole rows of logits");
@@ -105,23 +122,6 @@ void Sampler::remember(int32_t id) {
   ++generated_[id];
   seen_.insert(id);
   if (filter_) filter_->accept(id);
-}
-
-SampleLogprobs logprobs_of(const float* logits, int64_t vocab, int32_t chosen, int64_t top) {
-  const double m = logits[argmax(logits, vocab)];
-  double sum = 0.0;
-  for (int64_t i = 0; i < vocab; ++i) sum += std::exp(static_cast<double>(logits[i]) - m);
-  const double lse = m + std::log(sum);
-  SampleLogprobs out;
-  out.chosen = {chosen, static_cast<float>(logits[chosen] - lse)};
-  const int64_t k = std::min(top, vocab);
-  std::vector<int32_t> ids(static_cast<size_t>(vocab));
-  std::iota(ids.begin(), ids.end(), 0);
-  std::partial_sort(ids.begin(), ids.begin() + k, ids.end(), [&](int32_t a, int32_t b) {
-    return logits[a] > logits[b] || (logits[a] == logits[b] && a < b);
-  });
-  for (int64_t i = 0; i < k; ++i) out.top.push_back({ids[i], static_cast<float>(logits[ids[i]] - lse)});
-  return out;
 }
 
 }  // namespace dsv3

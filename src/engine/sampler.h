@@ -25,6 +25,7 @@
 #include <unordered_set>
 #include <vector>
 
+#include "model/model.h"
 #include "ops/cpu/ops.h"
 
 namespace dsv3 {
@@ -50,19 +51,9 @@ class TokenFilter {
   virtual void accept(int32_t id) = 0;
 };
 
-struct TokenLogprob {
-  int32_t id = 0;
-  float logprob = 0.0f;
-};
-
-struct SampleLogprobs {
-  TokenLogprob chosen;
-  std::vector<TokenLogprob> top;  // best first, ties by lower id
-};
-
-// Log-softmax of raw `logits` at `chosen`, and the `top` best tokens (what Sampler reports for a sampled
-// token; the server's echo uses it for prompt tokens).
-SampleLogprobs logprobs_of(const float* logits, int64_t vocab, int32_t chosen, int64_t top);
+using cpu::logprobs_of;  // ops/cpu/ops.h: the chosen token's logprob and the best ones
+using cpu::SampleLogprobs;
+using cpu::TokenLogprob;
 
 class Sampler {
  public:
@@ -70,28 +61,34 @@ class Sampler {
   explicit Sampler(const SamplingParams& p, std::span<const int32_t> prompt = {});
   int32_t sample(const float* logits, int64_t vocab);
   // The next token's pick for a backend to make on the raw logits (Model::BatchItem::pick) after
-  // applying pick_penalties() to them, when sample() would make the same one: no token filter and no
-  // logprobs (they need the logits on the host); std::nullopt otherwise. A tempered pick draws this
-  // token's uniform from the seeded generator, as sample() would: call it once per token, instead of
-  // sample(), and hand the backend's answer to accept_pick().
+  // applying pick_penalties() to them, when sample() would make the same one: no token filter, and
+  // logprobs only without penalties and at most kMaxPickLogprobs of them (the backend reports them with
+  // its pick, from the raw logits); std::nullopt otherwise. A tempered pick draws this token's uniform
+  // from the seeded generator, as sample() would: call it once per token, instead of sample(), and hand
+  // the backend's answer to take() (or its id to accept_pick()).
   std::optional<Draw> backend_pick();
+  // backend_pick() into a batch item: its pick, penalties and top_logprobs, or none of them.
+  void pick_into(Model::BatchItem& item);
   // The penalties of the last backend_pick() (Model::BatchItem::penalties; empty without penalties),
   // valid until the next backend_pick() or sample() on this sampler.
   std::span<const LogitPenalty> pick_penalties() const { return penalties_; }
   // Records `id`, the backend's answer to backend_pick(), as this step's pick.
   int32_t accept_pick(int32_t id);
   // This step's token from a forward_batch result: with `picked` (the item carried backend_pick()'s
-  // Draw) the backend's pick, its one value, through accept_pick(); else sample() on the result's last
-  // row of logits. Throws dsv3::Error for a result of the wrong size.
+  // Draw) the backend's pick (Model::pick_result: the id, and its logprobs when this sampler wants them)
+  // through accept_pick(); else sample() on the result's last row of logits. Throws dsv3::Error for a
+  // result of the wrong size.
   int32_t take(bool picked, std::span<const float> result, int64_t vocab);
 
   void set_filter(std::unique_ptr<TokenFilter> filter) { filter_ = std::move(filter); }
-  // The logprobs of the last sample() call; empty `top` and chosen.logprob 0 unless top_logprobs >= 0.
+  // The logprobs of the last sample() or take() call; empty `top` and chosen.logprob 0 unless top_logprobs >=
+  // 0.
   const SampleLogprobs& last_logprobs() const { return logprobs_; }
   const SamplingParams& params() const { return p_; }
 
  private:
-  bool backend_can_pick() const;  // no filter, no logprobs: sample() is draw_token of the penalized logits
+  bool backend_can_pick()
+      const;  // sample() is draw_token of the penalized logits (+ logprobs of the raw ones)
   void make_penalties();          // penalties_ from the counts and the seen set, as they stand
   Draw next_draw();               // this token's pick spec (a tempered one takes the next uniform)
   void remember(int32_t id);  // the pick's state: counts, seen set, the filter's accept

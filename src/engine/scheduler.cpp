@@ -201,15 +201,13 @@ void Scheduler::Impl::step() {
     Sequence& s = *planned[i];
     starts.push_back(s.cache->length());
     // A step that brings the sequence up to date ends in a pick, which the backend makes itself when the
-    // sampler allows (Model::BatchItem::pick, with the sampler's penalties: on a GPU, no logits come back
-    // for it).
-    std::optional<Draw> pick;
-    std::span<const LogitPenalty> penalties;
-    if (chunk[i] == s.remaining() && !s.wants_prompt_logits()) pick = s.req.sampler->backend_pick();
-    if (pick) penalties = s.req.sampler->pick_penalties();
-    items.push_back(
-        {std::span(s.tokens).subspan(static_cast<size_t>(s.cache->length()), static_cast<size_t>(chunk[i])),
-         &*s.cache, s.wants_prompt_logits(), pick, penalties});
+    // sampler allows (Sampler::pick_into: the pick, its penalties and logprobs; on a GPU, no logits come
+    // back for it).
+    Model::BatchItem item{
+        std::span(s.tokens).subspan(static_cast<size_t>(s.cache->length()), static_cast<size_t>(chunk[i])),
+        &*s.cache, s.wants_prompt_logits()};
+    if (chunk[i] == s.remaining() && !s.wants_prompt_logits()) s.req.sampler->pick_into(item);
+    items.push_back(item);
   }
   std::vector<std::vector<float>> logits;
   try {

@@ -376,14 +376,17 @@ struct CudaModel::Impl {
   // graph per batch size of all-decode steps (valid while graphs_gen == scratch_gen).
   float** step_pages = nullptr;
   int64_t step_pages_cap = 0;
-  std::map<int64_t, cudaGraphExec_t> batch_graphs;  // key 4 x batch size, + 1 with the picks, + 2 penalized
+  // key 8 x batch size, + 1 with the picks, + 2 penalized, + 4 with logprobs
+  std::map<int64_t, cudaGraphExec_t> batch_graphs;
   uint64_t batch_graphs_gen = 0;
 
-  // A step's picks on the device (forward_together): each item's Draw and the id it picks, room for
-  // pick_cap items; where the penalties of item i start in pick_penalties (pick_first, [pick_cap + 1]),
-  // and the penalties, room for penalty_cap; grown on demand.
+  // A step's picks on the device (forward_together): each item's Draw, the id it picks, its top_logprobs
+  // and its logprobs, room for pick_cap items; where the penalties of item i start in pick_penalties
+  // (pick_first, [pick_cap + 1]), and the penalties, room for penalty_cap; grown on demand.
   Draw* pick_draws = nullptr;
   int32_t* pick_ids = nullptr;
+  int32_t* pick_tops = nullptr;
+  cuda::PickLogprobs* pick_logprobs = nullptr;
   int32_t* pick_first = nullptr;
   int64_t pick_cap = 0;
   LogitPenalty* pick_penalties = nullptr;
@@ -392,8 +395,9 @@ struct CudaModel::Impl {
   ~Impl() {
     if (pick_draws) cudaFree(pick_draws);
     if (pick_ids) cudaFree(pick_ids);
-    if (pick_first) cudaFree(pick_first);
-    if (pick_penalties) cudaFree(pick_penalties);
+    for (void* p : {static_cast<void*>(pick_first), static_cast<void*>(pick_penalties),
+                    static_cast<void*>(pick_tops), static_cast<void*>(pick_logprobs)})
+      if (p) cudaFree(p);
     if (graph) cudaGraphExecDestroy(graph);
     for (auto& [n, g] : batch_graphs)
       if (g) cudaGraphExecDestroy(g);
@@ -780,16 +784,22 @@ struct CudaModel::Impl {
     if (count <= pick_cap) return;
     ++scratch_gen;
     for (void* p :
-         {static_cast<void*>(pick_draws), static_cast<void*>(pick_ids), static_cast<void*>(pick_first)})
+         {static_cast<void*>(pick_draws), static_cast<void*>(pick_ids), static_cast<void*>(pick_first),
+          static_cast<void*>(pick_tops), static_cast<void*>(pick_logprobs)})
       if (p) DSV3_CUDA_CHECK(cudaFree(p));
     pick_draws = nullptr;
     pick_ids = nullptr;
     pick_first = nullptr;
+    pick_tops = nullptr;
+    pick_logprobs = nullptr;
     pick_cap = 0;
     const int64_t cap = std::max<int64_t>(count, 64);
     DSV3_CUDA_CHECK(cudaMalloc(reinterpret_cast<void**>(&pick_draws), static_cast<size_t>(cap) * sizeof(Draw)));
     DSV3_CUDA_CHECK(cudaMalloc(reinterpret_cast<void**>(&pick_ids), static_cast<size_t>(cap) * 4));
     DSV3_CUDA_CHECK(cudaMalloc(reinterpret_cast<void**>(&pick_first), static_cast<size_t>(cap + 1) * 4));
+    DSV3_CUDA_CHECK(cudaMalloc(reinterpret_cast<void**>(&pick_tops), static_cast<size_t>(cap) * 4));
+    DSV3_CUDA_CHECK(cudaMalloc(reinterpret_cast<void**>(&pick_logprobs),
+                               static_cast<size_t>(cap) * sizeof(cuda::PickLogprobs)));
     pick_cap = cap;
   }
 
@@ -1731,11 +1741,13 @@ std::vector<std::vector<float>> CudaModel::Impl::forward_together(std::span<cons
   // order. The items' Draws and penalties go to the device before the step's launches; the penalties
   // and the picks run as the step's last launches, in its graph: after the graph, with the Draws' copy
   // between, the picks waited ~6 us for the lm_head's end (block timelines on an H200, docs/PERF.md
-  // "Twenty-sixth session"). An item without a pick (logprobs, a token filter, a prompt piece that does
-  // not end its prompt) gets its row back, untouched by the penalties; the greedy draw made on it is not
-  // used. So one such request no longer sends its whole step's rows to the host.
+  // "Twenty-sixth session"). A pick's logprobs (Model::BatchItem::top_logprobs; its row has no penalties)
+  // come from the raw row after the draw (cuda::logprobs_rows). An item without a pick (a token filter,
+  // a prompt piece that does not end its prompt) gets its row back, untouched by the penalties; the
+  // greedy draw made on it is not used. So one such request no longer sends its whole step's rows to the
+  // host.
   // DSV3_MIXED_PICKS=0 (for measurement): the rule before, picks on the device only in steps whose items
-  // all have one and no penalties.
+  // all have one and no penalties or logprobs.
   const int64_t count = static_cast<int64_t>(items.size());
   const bool device_picks =
       cuda::env_enabled("DSV3_MIXED_PICKS")
@@ -1743,22 +1755,28 @@ std::vector<std::vector<float>> CudaModel::Impl::forward_together(std::span<cons
                          [](const Model::BatchItem& it) { return it.all_logits; }) &&
                 std::any_of(items.begin(), items.end(),
                             [](const Model::BatchItem& it) { return it.pick.has_value(); })
-          : std::all_of(items.begin(), items.end(),
-                        [](const Model::BatchItem& it) { return it.pick && it.penalties.empty(); });
-  bool penalize = false;
+          : std::all_of(items.begin(), items.end(), [](const Model::BatchItem& it) {
+              return it.pick && it.penalties.empty() && it.top_logprobs < 0;
+            });
+  bool penalize = false, logprobs = false;
   if (device_picks) {
     m.ensure_picks(count);
     std::vector<Draw> draws;
-    std::vector<int32_t> first = {0};
+    std::vector<int32_t> first = {0}, tops;
     std::vector<LogitPenalty> penalties;
     for (const Model::BatchItem& item : items) {
       draws.push_back(item.pick.value_or(Draw{}));
+      tops.push_back(item.pick ? static_cast<int32_t>(item.top_logprobs) : -1);
+      logprobs |= tops.back() >= 0;
       penalties.insert(penalties.end(), item.penalties.begin(), item.penalties.end());
       check(penalties.size() <= static_cast<size_t>(INT32_MAX), "too many penalized tokens in one step");
       first.push_back(static_cast<int32_t>(penalties.size()));
     }
     DSV3_CUDA_CHECK(cudaMemcpyAsync(m.pick_draws, draws.data(), draws.size() * sizeof(Draw), cudaMemcpyHostToDevice,
                                     m.stream));
+    if (logprobs)
+      DSV3_CUDA_CHECK(
+          cudaMemcpyAsync(m.pick_tops, tops.data(), tops.size() * 4, cudaMemcpyHostToDevice, m.stream));
     penalize = !penalties.empty();
     if (penalize) {
       m.ensure_penalties(static_cast<int64_t>(penalties.size()));
@@ -1778,20 +1796,28 @@ std::vector<std::vector<float>> CudaModel::Impl::forward_together(std::span<cons
   }
   const bool graph_step = m.use_graphs && decode_only;
   cudaGraphExec_t unused = nullptr;
-  // A graph per batch size, with the picks or without, with penalties or without.
+  // A graph per batch size, with the picks or without, with penalties or logprobs or without.
   cudaGraphExec_t& exec =
-      graph_step ? m.batch_graphs[4 * n + (device_picks ? 1 : 0) + (penalize ? 2 : 0)] : unused;
+      graph_step ? m.batch_graphs[8 * n + (device_picks ? 1 : 0) + (penalize ? 2 : 0) + (logprobs ? 4 : 0)]
+                 : unused;
   m.run_captured(exec, graph_step, [&] {
     m.enqueue(n, heads, sc, false);
     if (device_picks && !skip("draw")) {
       if (penalize) cuda::penalize_rows({m.s.logits, V, V, count, m.pick_first, m.pick_penalties, m.stream});
       cuda::draw_rows({m.s.logits, V, V, count, m.pick_draws, m.pick_ids, m.stream});
+      if (logprobs)
+        cuda::logprobs_rows({m.s.logits, V, V, count, m.pick_ids, m.pick_tops, m.pick_logprobs, m.stream});
     }
   });
 
   if (device_picks) {
     std::vector<int32_t> ids(static_cast<size_t>(count));
-    DSV3_CUDA_CHECK(cudaMemcpyAsync(ids.data(), m.pick_ids, ids.size() * 4, cudaMemcpyDeviceToHost, m.stream));
+    DSV3_CUDA_CHECK(
+        cudaMemcpyAsync(ids.data(), m.pick_ids, ids.size() * 4, cudaMemcpyDeviceToHost, m.stream));
+    std::vector<cuda::PickLogprobs> lps(logprobs ? static_cast<size_t>(count) : 0);
+    if (logprobs)
+      DSV3_CUDA_CHECK(cudaMemcpyAsync(lps.data(), m.pick_logprobs, lps.size() * sizeof(cuda::PickLogprobs),
+                                      cudaMemcpyDeviceToHost, m.stream));
     std::vector<std::vector<float>> out(items.size());
     for (size_t i = 0; i < items.size(); ++i) {
       if (items[i].pick) continue;
@@ -1801,8 +1827,17 @@ std::vector<std::vector<float>> CudaModel::Impl::forward_together(std::span<cons
     }
     DSV3_CUDA_CHECK(cudaStreamSynchronize(m.stream));
     for (const Model::BatchItem& item : items) item.cache->advance(static_cast<int64_t>(item.tokens.size()));
-    for (size_t i = 0; i < items.size(); ++i)
-      if (items[i].pick) out[i] = {static_cast<float>(ids[i])};
+    for (size_t i = 0; i < items.size(); ++i) {
+      if (!items[i].pick) continue;
+      if (items[i].top_logprobs < 0) {
+        out[i] = Model::pick_result(ids[i], nullptr);
+        continue;
+      }
+      const cuda::PickLogprobs& d = lps[i];
+      cpu::SampleLogprobs lp{{ids[i], d.chosen}, {}};
+      for (int32_t j = 0; j < d.count; ++j) lp.top.push_back({d.ids[j], d.values[j]});
+      out[i] = Model::pick_result(ids[i], &lp);
+    }
     return out;
   }
 

@@ -110,8 +110,11 @@ void Model::BatchItem::check() const {
   dsv3::check(!tokens.empty(), "no tokens to run");
   dsv3::check(!(pick && all_logits), "a batch item asks for all logits and for the picked token only",
               "ask for one of them");
-  dsv3::check(pick || penalties.empty(), "a batch item has penalties but no pick",
-              "penalties go with a pick");
+  dsv3::check(pick || (penalties.empty() && top_logprobs < 0),
+              "a batch item has penalties or logprobs but no pick", "penalties and logprobs go with a pick");
+  dsv3::check(top_logprobs < 0 || (penalties.empty() && top_logprobs <= kMaxPickLogprobs),
+              "a batch item asks for a pick's logprobs with penalties or for more than 20 of them",
+              "sample such a pick from its logits on the host (Sampler::sample)");
   if (!pick) return;
   const Draw& d = *pick;
   dsv3::check(d.temperature >= 0.0f && std::isfinite(d.temperature) && d.top_k >= 0 && d.top_p > 0.0f &&
@@ -132,14 +135,35 @@ std::vector<std::vector<float>> Model::batch_results(std::span<const BatchItem> 
     thread_local std::vector<int32_t> scratch;
     thread_local std::vector<float> penalized;
     const float* rows = logits + first[i] * vocab;
+    if (!items[i].pick) {
+      out[i].assign(rows, rows + (first[i + 1] - first[i]) * vocab);
+      continue;
+    }
     const std::span<const LogitPenalty> pen = items[i].penalties;
-    if (items[i].pick && !pen.empty()) {
+    const float* drawn = rows;
+    if (!pen.empty()) {
       penalized.assign(rows, rows + vocab);
       apply_penalties(penalized.data(), vocab, pen.data(), static_cast<int64_t>(pen.size()));
-      rows = penalized.data();
+      drawn = penalized.data();
     }
-    if (items[i].pick) out[i] = {static_cast<float>(cpu::draw_token(rows, vocab, *items[i].pick, scratch))};
-    else out[i].assign(rows, rows + (first[i + 1] - first[i]) * vocab);
+    const int32_t id = cpu::draw_token(drawn, vocab, *items[i].pick, scratch);
+    if (items[i].top_logprobs < 0) {
+      out[i] = pick_result(id, nullptr);
+    } else {
+      const cpu::SampleLogprobs lp = cpu::logprobs_of(rows, vocab, id, items[i].top_logprobs);
+      out[i] = pick_result(id, &lp);
+    }
+  }
+  return out;
+}
+
+std::vector<float> Model::pick_result(int32_t id, const cpu::SampleLogprobs* logprobs) {
+  std::vector<float> out = {static_cast<float>(id)};
+  if (!logprobs) return out;
+  out.push_back(logprobs->chosen.logprob);
+  for (const cpu::TokenLogprob& t : logprobs->top) {
+    out.push_back(static_cast<float>(t.id));
+    out.push_back(t.logprob);
   }
   return out;
 }

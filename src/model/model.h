@@ -13,6 +13,7 @@
 #include "model/checkpoint.h"
 #include "model/config.h"
 #include "model/weights.h"
+#include "ops/cpu/ops.h"
 #include "ops/draw.h"
 
 namespace dsv3 {
@@ -62,17 +63,24 @@ class Model {
     bool all_logits = false;
     std::optional<Draw> pick = std::nullopt;
     std::span<const LogitPenalty> penalties = {};  // with a pick only; one entry per token id
+    // With a pick and no penalties: also that token's logprobs and the top_logprobs best (at most
+    // kMaxPickLogprobs), from the raw logits (cpu::logprobs_of); pick_result's layout.
+    int64_t top_logprobs = -1;
     // Throws dsv3::Error for an item no forward_batch can run (no tokens; a pick with all_logits; a pick
-    // whose parameters are out of range; penalties without a pick).
+    // whose parameters are out of range; penalties or logprobs without a pick; logprobs with penalties
+    // or more than kMaxPickLogprobs).
     void check() const;
   };
   std::vector<std::vector<float>> forward_batch(std::span<const BatchItem> items,
                                                 AttentionForm attention = AttentionForm::Auto);
   // forward_batch's result from the head's logits of a step (row-major [rows x vocab]: per item in order,
   // its all_logits rows or its last row): per item its rows, or the id that the item's pick draws from
-  // its row with the item's penalties applied. The CPU and GPU models both answer through it.
+  // its row with the item's penalties applied (pick_result). The CPU and GPU models both answer through it.
   static std::vector<std::vector<float>> batch_results(std::span<const BatchItem> items, const float* logits,
                                                        int64_t vocab);
+  // A picked item's result: {id}, or with logprobs {id, its logprob, then id and logprob of each of the
+  // best tokens, best first} (ids as floats: exact for vocabularies under 2^24).
+  static std::vector<float> pick_result(int32_t id, const cpu::SampleLogprobs* logprobs);
 
   // A fingerprint of this model (config and a sample of its weights): cached latent rows written by one
   // model are never used by another.

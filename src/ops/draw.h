@@ -51,6 +51,9 @@ struct Draw {
   double u = 0.0;            // uniform in [0, 1), one per token from the sequence's seeded generator
 };
 
+// The most top logprobs a backend reports with its pick (Model::BatchItem::top_logprobs; OpenAI's limit).
+constexpr int kMaxPickLogprobs = 20;
+
 // A penalty on one token's logit, applied to the raw row before the Draw (engine/sampler.h's repetition,
 // presence and frequency penalties, one entry per token id): divided by `repetition` when positive,
 // multiplied by it otherwise (in double, rounded to float), then `minus` subtracted. An entry that is

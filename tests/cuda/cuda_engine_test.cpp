@@ -108,7 +108,9 @@ TEST_F(CudaEngine, LongPromptPiecesRunAloneOnTheFastPathInsideABatch) {
 // logits the same item gets without a pick, after its penalties (ops/draw.h's apply_penalties). Three
 // sequences, prefilled, then decoded one token per step, fed the host's picks; greedy, then tempered
 // (top_p, top_k with min_p, plain), a fresh u each step; penalties on the odd steps (the row's 20 best
-// tokens and 20 others, one id past the vocabulary), so captured steps run with and without them. A
+// tokens and 20 others, one id past the vocabulary), so captured steps run with and without them, and
+// item 2's 5 top logprobs with its pick on the even steps (cpu::logprobs_of's ids, its values to float
+// rounding on the device). A
 // device pick of a tempered row may differ where u or top_p lies within rounding of a boundary
 // (tests/draw_reference.h): skipped and counted; a host pick never.
 TEST_F(CudaEngine, PickedItemsPickOnTheDeviceAsTheHostWould) {
@@ -125,7 +127,7 @@ TEST_F(CudaEngine, PickedItemsPickOnTheDeviceAsTheHostWould) {
   std::mt19937_64 rng(8);
   std::uniform_real_distribution<double> uni(0.0, 1.0);
   std::vector<int32_t> scratch;
-  int device_picks = 0, skipped = 0, penalized_changed = 0;
+  int device_picks = 0, skipped = 0, penalized_changed = 0, with_logprobs = 0;
   const char* mode_names[] = {"all picked", "item 1 wants its row", "item 1 wants all its logits"};
   for (int tempered = 0; tempered < 2; ++tempered) {
     for (int mode = 0; mode < 3; ++mode) {
@@ -155,7 +157,10 @@ TEST_F(CudaEngine, PickedItemsPickOnTheDeviceAsTheHostWould) {
           Draw d = tempered ? kinds[i] : Draw{};
           d.u = tempered ? uni(rng) : 0.0;
           b[i].pick = d;
-          if (step % 2 == 0) continue;
+          if (step % 2 == 0) {
+            if (i == 2) b[i].top_logprobs = 5;  // logprobs on the steps without penalties
+            continue;
+          }
           std::vector<int32_t> order(static_cast<size_t>(V));
           std::iota(order.begin(), order.end(), 0);
           std::partial_sort(order.begin(), order.begin() + 20, order.end(),
@@ -180,13 +185,32 @@ TEST_F(CudaEngine, PickedItemsPickOnTheDeviceAsTheHostWould) {
             next[i] = cpu::argmax(logits[i].data(), V);
             continue;
           }
+          const bool on_device = mode < 2 || step == 0;  // an all-logits item (mode 2, later steps): the host
           std::vector<float> row = logits[i];
           apply_penalties(row.data(), V, penalties[i].data(), static_cast<int64_t>(penalties[i].size()));
           const int32_t want = cpu::draw_token(row.data(), V, *b[i].pick, scratch);
           penalized_changed += want != cpu::draw_token(logits[i].data(), V, *b[i].pick, scratch);
           next[i] = want;
-          ASSERT_EQ(picks[i].size(), 1u);
-          if (mode < 2) {
+          if (b[i].top_logprobs >= 0) {
+            // The raw row's logprobs (of the token picked): exact on the host, to float rounding on the
+            // device.
+            const auto got = static_cast<int32_t>(picks[i].at(0));
+            const cpu::SampleLogprobs lp = cpu::logprobs_of(logits[i].data(), V, got, b[i].top_logprobs);
+            const std::vector<float> exact = Model::pick_result(got, &lp);
+            ASSERT_EQ(picks[i].size(), exact.size()) << mode_names[mode] << ": step " << step;
+            for (size_t j = 1; j < exact.size(); ++j) {
+              if (j % 2 == 0) {
+                EXPECT_EQ(picks[i][j], exact[j]) << mode_names[mode] << ": step " << step << " value " << j;
+              } else {
+                EXPECT_NEAR(picks[i][j], exact[j], on_device ? 1e-5 : 0.0)
+                    << mode_names[mode] << ": step " << step;
+              }
+            }
+            ++with_logprobs;
+          } else {
+            ASSERT_EQ(picks[i].size(), 1u);
+          }
+          if (on_device) {
             ++device_picks;
             if (test::near_boundary(row, *b[i].pick)) {
               ++skipped;
@@ -205,6 +229,7 @@ TEST_F(CudaEngine, PickedItemsPickOnTheDeviceAsTheHostWould) {
       device_picks, skipped, penalized_changed);
   EXPECT_LE(skipped, 3);
   EXPECT_GT(penalized_changed, 3);  // the penalties were felt
+  EXPECT_EQ(with_logprobs, 2 * 3 * 2);
 }
 
 // Rows written under different prefill settings differ (FP8 activations for long pieces), so their

@@ -1604,6 +1604,62 @@ TEST_F(CudaOps, PenalizeRowsAppliesWhatTheHostApplies) {
   DSV3_CUDA_CHECK(cudaDeviceSynchronize());
 }
 
+// cuda::logprobs_rows against cpu::logprobs_of: random rows (values on a coarse grid, so ties at the cut
+// are common; some -inf; a row with fewer finite values than asked for), top 0 to kMaxPickLogprobs, rows
+// without logprobs (tops -1) left unwritten. Ids equal; logprobs within float rounding (the log-sum-exp is
+// summed in another order).
+TEST_F(CudaOps, LogprobsRowsMatchLogprobsOf) {
+  std::mt19937_64 gen(79);
+  int rows_checked = 0;
+  for (const int64_t n : {1, 7, 33, 4099, 102400}) {
+    const int64_t rows = 12, ld = n + 2;
+    std::vector<float> x(static_cast<size_t>(rows * ld), std::numeric_limits<float>::quiet_NaN());
+    std::vector<int32_t> ids, tops;
+    for (int64_t r = 0; r < rows; ++r) {
+      for (int64_t i = 0; i < n; ++i) {
+        const bool dropped = gen() % 9 == 0 || (r == 1 && i >= n / 2 && n > 1);
+        x[static_cast<size_t>(r * ld + i)] =
+            dropped ? -std::numeric_limits<float>::infinity()
+                    : static_cast<float>(static_cast<int>(gen() % 64) - 40) * 0.25f;
+      }
+      x[static_cast<size_t>(r * ld)] = 3.0f;  // every row has a finite value
+      ids.push_back(static_cast<int32_t>(gen() % n));
+      tops.push_back(r == 5 ? -1 : static_cast<int32_t>(r % 4 == 0 ? kMaxPickLogprobs : gen() % 7));
+    }
+    Dev dev;
+    const cuda::PickLogprobs unwritten{-7.0f, -1, {}, {}};
+    std::vector<cuda::PickLogprobs> init(static_cast<size_t>(rows), unwritten);
+    cuda::PickLogprobs* out = dev.put(init);
+    cuda::logprobs_rows({dev.put(x), ld, n, rows, dev.put(ids), dev.put(tops), out, nullptr});
+    const std::vector<cuda::PickLogprobs> got = Dev::get(out, init.size());
+    for (int64_t r = 0; r < rows; ++r) {
+      const cuda::PickLogprobs& g = got[static_cast<size_t>(r)];
+      if (tops[static_cast<size_t>(r)] < 0) {
+        EXPECT_EQ(g.count, -1) << "row " << r << " has no logprobs but was written";
+        continue;
+      }
+      const float* row = x.data() + r * ld;
+      const cpu::SampleLogprobs want =
+          cpu::logprobs_of(row, n, ids[static_cast<size_t>(r)], tops[static_cast<size_t>(r)]);
+      int64_t finite = 0;
+      for (int64_t i = 0; i < n; ++i) finite += std::isfinite(row[i]);
+      const size_t expect = static_cast<size_t>(std::min<int64_t>(finite, tops[static_cast<size_t>(r)]));
+      if (std::isinf(want.chosen.logprob)) {  // a pick at -inf (the ids here are random)
+        EXPECT_EQ(g.chosen, want.chosen.logprob) << "n " << n << " row " << r;
+      } else {
+        EXPECT_NEAR(g.chosen, want.chosen.logprob, 1e-5) << "n " << n << " row " << r;
+      }
+      ASSERT_EQ(static_cast<size_t>(g.count), expect) << "n " << n << " row " << r;
+      for (size_t j = 0; j < expect; ++j) {
+        EXPECT_EQ(g.ids[j], want.top[j].id) << "n " << n << " row " << r << " rank " << j;
+        EXPECT_NEAR(g.values[j], want.top[j].logprob, 1e-5) << "n " << n << " row " << r << " rank " << j;
+      }
+      ++rows_checked;
+    }
+  }
+  EXPECT_EQ(rows_checked, 5 * 11);
+}
+
 TEST_F(CudaOps, ZeroLengthCallsAreNoOps) {
   Dev dev;
   TestMatrix w = make_matrix(rng, dev, DType::BF16, 16, 16);

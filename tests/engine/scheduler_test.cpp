@@ -619,9 +619,9 @@ TEST_F(EngineTest, WarmUpRunsTheLargestStepsOnce) {
 
 // Items with a pick (Model::BatchItem::pick) come back as one value: the token that Sampler::sample picks
 // from the logits the same item gets without one, greedy (the argmax) or tempered (the same seeded
-// draw); asking for all logits and a pick at once, or penalties without a pick, is refused before any
-// cache moves. The engine sends picks as Sampler::backend_pick allows: not with a token filter or
-// logprobs.
+// draw), with the pick's logprobs when asked; asking for all logits and a pick at once, penalties or
+// logprobs without a pick, or logprobs with penalties, is refused before any cache moves. The engine
+// sends picks as Sampler::pick_into allows: not with a token filter.
 TEST_F(EngineTest, PickedBatchItemsReturnTheSamplersToken) {
   const int64_t V = model_->config().vocab_size;
   const auto p0 = random_prompt(40, 21), p1 = random_prompt(9, 22);
@@ -676,9 +676,27 @@ TEST_F(EngineTest, PickedBatchItemsReturnTheSamplersToken) {
   EXPECT_EQ(c.length(), 0);
 
   EXPECT_TRUE(Sampler(SamplingParams{}).backend_pick());
+  // Logprobs come with the pick: the token's and the best ones', of the raw logits; not with penalties.
   SamplingParams logprobs;
-  logprobs.top_logprobs = 0;
-  EXPECT_FALSE(Sampler(logprobs).backend_pick());
+  logprobs.top_logprobs = 3;
+  logprobs.temperature = 0.7;
+  Sampler lp_host(logprobs), lp_backend(logprobs);
+  LatentCache d(pool, 64), e(pool, 64);
+  const auto full = model_->forward_batch(std::vector<Model::BatchItem>{{p1, &d, false}});
+  Model::BatchItem with_lp{p1, &e, false};
+  lp_backend.pick_into(with_lp);
+  ASSERT_TRUE(with_lp.pick);
+  const auto got = model_->forward_batch(std::span(&with_lp, 1));
+  const int32_t want = lp_host.sample(full[0].data(), V);
+  const cpu::SampleLogprobs lp = cpu::logprobs_of(full[0].data(), V, want, 3);
+  EXPECT_EQ(got[0], Model::pick_result(want, &lp));
+  EXPECT_EQ(lp_backend.take(true, got[0], V), want);
+  EXPECT_EQ(lp_backend.last_logprobs().top.size(), 3u);
+  Model::BatchItem lp_and_penalty = with_lp;
+  const LogitPenalty one{1, 0.5f, 1.0};
+  lp_and_penalty.penalties = std::span(&one, 1);
+  EXPECT_NE(error_of([&] { model_->forward_batch(std::span(&lp_and_penalty, 1)); }).find("with penalties"),
+            std::string::npos);
   const LogitPenalty penalty{1, 0.5f, 1.0};
   const std::vector<Model::BatchItem> unpicked_penalties = {
       {p0, &c, false, std::nullopt, std::span(&penalty, 1)}};

@@ -208,11 +208,56 @@ TEST(Sampler, BackendPicksFollowTheSameSeededStreamAsSample) {
   }
   SamplingParams p;
   p.top_logprobs = 2;
+  EXPECT_TRUE(Sampler(p).backend_pick());  // reported with the pick
+  p.top_logprobs = kMaxPickLogprobs + 1;
+  EXPECT_FALSE(Sampler(p).backend_pick());
+  p.top_logprobs = 0;
+  p.frequency_penalty = 0.2;  // logprobs are of the raw row, which penalties on the device overwrite
   EXPECT_FALSE(Sampler(p).backend_pick());
   std::vector<int32_t> accepted;
   Sampler filtered{SamplingParams{}};
   filtered.set_filter(std::make_unique<OddOnly>(&accepted));
   EXPECT_FALSE(filtered.backend_pick());
+}
+
+// A pick with logprobs (Sampler::pick_into sets Model::BatchItem::top_logprobs; Model::pick_result's
+// layout back): take() reports what sample() reports, step after step, and refuses a result of the
+// wrong shape.
+TEST(Sampler, PickedLogprobsReadAsSampleReportsThem) {
+  std::mt19937_64 rng(12);
+  std::normal_distribution<float> nd(0.0f, 1.5f);
+  std::vector<float> logits(300);
+  for (float& v : logits) v = nd(rng);
+  SamplingParams p;
+  p.temperature = 0.9;
+  p.top_logprobs = 4;
+  p.seed = 8;
+  Sampler host(p), backend(p);
+  std::vector<int32_t> scratch;
+  for (int t = 0; t < 20; ++t) {
+    const int32_t want = host.sample(logits.data(), 300);
+    Model::BatchItem item{{}, nullptr, false};
+    backend.pick_into(item);
+    ASSERT_TRUE(item.pick);
+    EXPECT_EQ(item.top_logprobs, 4);
+    EXPECT_TRUE(item.penalties.empty());
+    const int32_t id = cpu::draw_token(logits.data(), 300, *item.pick, scratch);
+    const cpu::SampleLogprobs lp = cpu::logprobs_of(logits.data(), 300, id, 4);
+    EXPECT_EQ(backend.take(true, Model::pick_result(id, &lp), 300), want);
+    const SampleLogprobs& a = host.last_logprobs();
+    const SampleLogprobs& b = backend.last_logprobs();
+    EXPECT_EQ(b.chosen.id, a.chosen.id);
+    EXPECT_EQ(b.chosen.logprob, a.chosen.logprob);
+    ASSERT_EQ(b.top.size(), 4u);
+    for (size_t j = 0; j < 4; ++j) {
+      EXPECT_EQ(b.top[j].id, a.top[j].id);
+      EXPECT_EQ(b.top[j].logprob, a.top[j].logprob);
+    }
+  }
+  Model::BatchItem item{{}, nullptr, false};
+  backend.pick_into(item);
+  EXPECT_THROW(backend.take(true, std::vector<float>{3.0f}, 300), Error);      // the logprobs are missing
+  EXPECT_THROW(backend.take(true, std::vector<float>(12, 1.0f), 300), Error);  // 5 listed, 4 asked for
 }
 
 // The penalties as entries: the repetition penalty on each token seen once (prompt or output), the

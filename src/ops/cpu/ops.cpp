@@ -4,6 +4,7 @@
 #include <cmath>
 #include <cstring>
 #include <limits>
+#include <numeric>
 #include <vector>
 
 #include "core/threads.h"
@@ -241,6 +242,23 @@ int32_t draw_token(const float* x, int64_t n, const Draw& d, std::vector<int32_t
     if (static_cast<double>(running) > target) return ids[j];
   }
   return static_cast<int32_t>(std::find(x, x + n, m) - x);  // none (u near 1, tiny masses): the best token
+}
+
+SampleLogprobs logprobs_of(const float* logits, int64_t vocab, int32_t chosen, int64_t top) {
+  const double m = logits[argmax(logits, vocab)];
+  double sum = 0.0;
+  for (int64_t i = 0; i < vocab; ++i) sum += std::exp(static_cast<double>(logits[i]) - m);
+  const double lse = m + std::log(sum);
+  SampleLogprobs out;
+  out.chosen = {chosen, static_cast<float>(logits[chosen] - lse)};
+  const int64_t k = std::min(top, vocab);
+  std::vector<int32_t> ids(static_cast<size_t>(vocab));
+  std::iota(ids.begin(), ids.end(), 0);
+  std::partial_sort(ids.begin(), ids.begin() + k, ids.end(), [&](int32_t a, int32_t b) {
+    return logits[a] > logits[b] || (logits[a] == logits[b] && a < b);
+  });
+  for (int64_t i = 0; i < k; ++i) out.top.push_back({ids[i], static_cast<float>(logits[ids[i]] - lse)});
+  return out;
 }
 
 }  // namespace dsv3::cpu

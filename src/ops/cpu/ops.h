@@ -43,6 +43,21 @@ int32_t argmax(const float* x, int64_t n);
 // vocabulary) costs about what a peaked one does (~1.1 ms against ~0.45-0.7 ms over 102,400 logits, one core).
 int32_t draw_token(const float* x, int64_t n, const Draw& d, std::vector<int32_t>& scratch);
 
+struct TokenLogprob {
+  int32_t id = 0;
+  float logprob = 0.0f;
+};
+
+struct SampleLogprobs {
+  TokenLogprob chosen;
+  std::vector<TokenLogprob> top;  // best first, ties by lower id
+};
+
+// Log-softmax of raw `logits` at `chosen`, and the `top` best tokens (what the Sampler reports for a
+// sampled token; the server's echo uses it for prompt tokens): the sum of exp(l - max) in double, each
+// logprob l - lse rounded to float. cuda::logprobs_rows computes the same on the device.
+SampleLogprobs logprobs_of(const float* logits, int64_t vocab, int32_t chosen, int64_t top);
+
 // In-place softmax over n values (max-subtracted, fp32).
 void softmax(float* x, int64_t n);
 

@@ -211,6 +211,26 @@ struct PenalizeParams {
 };
 void penalize_rows(const PenalizeParams& p);
 
+// The logprobs of row r's pick ids[r] and of its tops[r] best tokens (r < rows with tops[r] >= 0, at most
+// kMaxPickLogprobs; -1: none), cpu::logprobs_of's numbers from the raw logits: the log-sum-exp in double
+// (summed in another order: the float results agree to rounding), the best tokens by (logit desc, id
+// asc) among the finite ones, found by draw_rows' radix select. A row with a NaN or +inf gives NaN.
+struct PickLogprobs {
+  float chosen = 0.0f;
+  int32_t count = 0;  // entries of ids / values
+  int32_t ids[kMaxPickLogprobs] = {};
+  float values[kMaxPickLogprobs] = {};
+};
+struct LogprobsParams {
+  const float* x = nullptr;
+  int64_t ld = 0, n = 0, rows = 0;
+  const int32_t* ids = nullptr;   // [rows], the picks
+  const int32_t* tops = nullptr;  // [rows]
+  PickLogprobs* out = nullptr;    // [rows]; rows with tops[r] < 0 are not written
+  cudaStream_t stream = nullptr;
+};
+void logprobs_rows(const LogprobsParams& p);
+
 // The latent cache on the device: pages of 64 tokens, each [layers][64][width] floats, found through a
 // device array of page pointers (pages need not be contiguous or in order). One sequence: `pages` is its
 // page table. A batch of sequences: `pages` holds every sequence's table one after another and

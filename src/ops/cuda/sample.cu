@@ -33,13 +33,13 @@ __device__ uint32_t key_of(float v) { return isfinite(v) ? order_key(v) : 0; }
 // The row's cluster-wide reductions. Every thread of every block of the cluster calls them; each ends in
 // a cluster barrier after its reads of the other blocks' shared memory, so that no block overwrites (or
 // leaves with) a value another still reads.
-__device__ unsigned long long cluster_sum(unsigned long long v, unsigned long long* scratch,
-                                          unsigned long long& slot) {
-  const unsigned long long mine = block_sum(v, scratch);
+template <class T>
+__device__ T cluster_sum(T v, T* scratch, T& slot) {
+  const T mine = block_sum(v, scratch);
   cg::cluster_group cl = cg::this_cluster();
   if (threadIdx.x == 0) slot = mine;
   cl.sync();
-  unsigned long long total = 0;
+  T total = 0;
   for (unsigned r = 0; r < cl.num_blocks(); ++r) total += *cl.map_shared_rank(&slot, r);
   cl.sync();
   return total;
@@ -229,6 +229,20 @@ __device__ Prefix radix_cut(const float* x, int lo, int hi, Prefix in, Measure m
   return out;
 }
 
+// This block's share of its cluster's row of n values: the blocks take contiguous runs of whole float4s
+// in rank order; rank 0's thread 0 writes the row's results.
+struct RowPart {
+  int row, lo, hi;
+  bool writer;
+};
+__device__ RowPart row_part(int n) {
+  cg::cluster_group cl = cg::this_cluster();
+  const int blocks = static_cast<int>(cl.num_blocks()), rank = static_cast<int>(cl.block_rank());
+  const int chunk = ((n + blocks - 1) / blocks + 3) / 4 * 4;
+  const int lo = min(n, rank * chunk);
+  return {static_cast<int>(blockIdx.x) / blocks, lo, min(n, lo + chunk), rank == 0 && threadIdx.x == 0};
+}
+
 // One cluster per row (clusters of one block with DSV3_DRAW_BLOCKS=1). Every branch below depends only on
 // the row's Draw and cluster-wide results, so all threads of all its blocks take it together (the
 // reductions synchronize).
@@ -238,14 +252,8 @@ __global__ void __launch_bounds__(kThreads) draw_kernel(const DrawParams p) {
   __shared__ unsigned long long scan_scratch[32];
   __shared__ unsigned long long slot;
   __shared__ int first;
-  cg::cluster_group cl = cg::this_cluster();
-  const int row = static_cast<int>(blockIdx.x / cl.num_blocks());
   const int n = static_cast<int>(p.n);
-  // This block's ids: a run of whole float4s of the row.
-  const int chunk =
-      ((n + static_cast<int>(cl.num_blocks()) - 1) / static_cast<int>(cl.num_blocks()) + 3) / 4 * 4;
-  const int lo = min(n, static_cast<int>(cl.block_rank()) * chunk), hi = min(n, lo + chunk);
-  const bool writer = cl.block_rank() == 0 && threadIdx.x == 0;
+  const auto [row, lo, hi, writer] = row_part(n);
   const float* x = p.x + static_cast<int64_t>(row) * p.ld;
   const Draw d = p.draws[row];  // written before the step's launches
   pdl_wait();                   // x is the previous kernel's (the lm_head's)
@@ -313,6 +321,71 @@ __global__ void __launch_bounds__(kThreads) draw_kernel(const DrawParams p) {
   if (writer) p.ids[row] = chosen < n ? chosen : best.at;
 }
 
+// The cluster's row's logprobs (LogprobsParams): the row's best value, the log-sum-exp, the kept prefix
+// of tops[row] tokens (draw_kernel's radix select, one a token), each block's tokens of it listed in shared
+// memory, and the writer sorting the few listed (at most kMaxPickLogprobs) by (value desc, id asc).
+__global__ void __launch_bounds__(kThreads) logprobs_kernel(const LogprobsParams p) {
+  __shared__ RadixShared rs;
+  __shared__ unsigned long long scan_scratch[32];
+  __shared__ double sum_scratch[32];
+  __shared__ unsigned long long slot;
+  __shared__ double sum_slot;
+  __shared__ int first, listed;
+  __shared__ int list[kMaxPickLogprobs];
+  const int n = static_cast<int>(p.n);
+  const auto [row, lo, hi, writer] = row_part(n);
+  const int top = p.tops[row];  // written before the step's launches
+  pdl_wait();                   // x and the pick are earlier kernels'
+  if (top < 0) return;          // (every block of the cluster alike)
+  const float* x = p.x + static_cast<int64_t>(row) * p.ld;
+  const double m = row_best(x, lo, hi, n).value;
+  double sum = 0.0;
+  for (int i = lo + static_cast<int>(threadIdx.x); i < hi; i += blockDim.x)
+    sum += exp(static_cast<double>(x[i]) - m);
+  const double lse = m + log(cluster_sum(sum, sum_scratch, sum_slot));
+
+  unsigned long long finite = 0;
+  for (int i = lo + static_cast<int>(threadIdx.x); i < hi; i += blockDim.x) finite += key_of(x[i]) != 0;
+  Prefix kept;
+  if (cluster_sum(finite, scan_scratch, slot) > static_cast<unsigned long long>(top))
+    kept = radix_cut(
+        x, lo, hi, kept, [](float) { return 1ull; }, static_cast<unsigned long long>(top), rs, scan_scratch,
+        slot, first);
+  if (threadIdx.x == 0) listed = 0;
+  __syncthreads();
+  if (top > 0)
+    for (int i = lo + static_cast<int>(threadIdx.x); i < hi; i += blockDim.x) {
+      const uint32_t k = key_of(x[i]);
+      if (k == 0 || !kept.holds(k, i)) continue;
+      const int at = atomicAdd(&listed, 1);
+      if (at < kMaxPickLogprobs) list[at] = i;
+    }
+  __syncthreads();
+  cg::cluster_group cl = cg::this_cluster();
+  cl.sync();  // every block's list
+  if (writer) {
+    PickLogprobs out;
+    out.chosen = static_cast<float>(x[p.ids[row]] - lse);
+    for (unsigned r = 0; r < cl.num_blocks(); ++r) {
+      const int count = min(*cl.map_shared_rank(&listed, r), kMaxPickLogprobs);
+      const int* ids = cl.map_shared_rank(list, r);
+      for (int j = 0; j < count && out.count < top; ++j) {  // inserted by (value desc, id asc)
+        const int id = ids[j];
+        int at = out.count++;
+        for (; at > 0; --at) {
+          const int before = out.ids[at - 1];
+          if (x[before] > x[id] || (x[before] == x[id] && before < id)) break;
+          out.ids[at] = before;
+        }
+        out.ids[at] = id;
+      }
+    }
+    for (int j = 0; j < out.count; ++j) out.values[j] = static_cast<float>(x[out.ids[j]] - lse);
+    p.out[row] = out;
+  }
+  cl.sync();  // the lists read
+}
+
 // Row blockIdx.x's penalties (ops/draw.h's rule, one thread an entry: an entry names each id once).
 __global__ void __launch_bounds__(256) penalize_kernel(const PenalizeParams p) {
   const int32_t begin = p.first[blockIdx.x],
@@ -336,26 +409,48 @@ void penalize_rows(const PenalizeParams& p) {
   check_launch("penalize_kernel");
 }
 
-void draw_rows(const DrawParams& p) {
-  DSV3_ASSERT(p.rows >= 0 && p.n > 0 && p.n <= INT_MAX && p.ld >= p.n);
-  if (p.rows == 0) return;
-  DSV3_ASSERT(p.x && p.draws && p.ids);
+namespace {
+
+// Blocks sharing one row (DSV3_DRAW_BLOCKS, at most 8, read once), and a launch of `kernel` with a cluster
+// of them per row, after the previous kernel by PDL.
+int row_blocks() {
   static const int blocks =
       static_cast<int>(std::min<int64_t>(env_positive("DSV3_DRAW_BLOCKS", kRowBlocks), 8));
+  return blocks;
+}
+template <typename Params>
+void launch_row_clusters(void (*kernel)(Params), int64_t rows, const Params& p, cudaStream_t stream) {
   cudaLaunchConfig_t cfg = {};
-  cfg.gridDim = dim3(static_cast<unsigned>(p.rows * blocks));
+  cfg.gridDim = dim3(static_cast<unsigned>(rows * row_blocks()));
   cfg.blockDim = dim3(kThreads);
-  cfg.stream = p.stream;
+  cfg.stream = stream;
   cudaLaunchAttribute attr[2];
   attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
   attr[0].val.programmaticStreamSerializationAllowed = 1;
   attr[1].id = cudaLaunchAttributeClusterDimension;
-  attr[1].val.clusterDim.x = static_cast<unsigned>(blocks);
+  attr[1].val.clusterDim.x = static_cast<unsigned>(row_blocks());
   attr[1].val.clusterDim.y = 1;
   attr[1].val.clusterDim.z = 1;
   cfg.attrs = attr;
   cfg.numAttrs = 2;
-  DSV3_CUDA_CHECK(cudaLaunchKernelEx(&cfg, draw_kernel, p));
+  DSV3_CUDA_CHECK(cudaLaunchKernelEx(&cfg, kernel, p));
+}
+
+}  // namespace
+
+void logprobs_rows(const LogprobsParams& p) {
+  DSV3_ASSERT(p.rows >= 0 && p.n > 0 && p.n <= INT_MAX && p.ld >= p.n);
+  if (p.rows == 0) return;
+  DSV3_ASSERT(p.x && p.ids && p.tops && p.out);
+  launch_row_clusters(logprobs_kernel, p.rows, p, p.stream);
+  check_launch("logprobs_kernel");
+}
+
+void draw_rows(const DrawParams& p) {
+  DSV3_ASSERT(p.rows >= 0 && p.n > 0 && p.n <= INT_MAX && p.ld >= p.n);
+  if (p.rows == 0) return;
+  DSV3_ASSERT(p.x && p.draws && p.ids);
+  launch_row_clusters(draw_kernel, p.rows, p, p.stream);
   check_launch("draw_kernel");
 }
 
