@@ -393,9 +393,8 @@ struct CudaModel::Impl {
   int64_t penalty_cap = 0;
 
   ~Impl() {
-    if (pick_draws) cudaFree(pick_draws);
-    if (pick_ids) cudaFree(pick_ids);
-    for (void* p : {static_cast<void*>(pick_first), static_cast<void*>(pick_penalties),
+    for (void* p : {static_cast<void*>(pick_draws), static_cast<void*>(pick_ids),
+                    static_cast<void*>(pick_first), static_cast<void*>(pick_penalties),
                     static_cast<void*>(pick_tops), static_cast<void*>(pick_logprobs)})
       if (p) cudaFree(p);
     if (graph) cudaGraphExecDestroy(graph);
