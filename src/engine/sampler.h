@@ -81,16 +81,15 @@ class Sampler {
   int32_t take(bool picked, std::span<const float> result, int64_t vocab);
 
   void set_filter(std::unique_ptr<TokenFilter> filter) { filter_ = std::move(filter); }
-  // The logprobs of the last sample() or take() call; empty `top` and chosen.logprob 0 unless top_logprobs >=
-  // 0.
+  // The logprobs of the last sample() or take() call (empty without top_logprobs).
   const SampleLogprobs& last_logprobs() const { return logprobs_; }
   const SamplingParams& params() const { return p_; }
 
  private:
-  bool backend_can_pick()
-      const;  // sample() is draw_token of the penalized logits (+ logprobs of the raw ones)
-  void make_penalties();          // penalties_ from the counts and the seen set, as they stand
-  Draw next_draw();               // this token's pick spec (a tempered one takes the next uniform)
+  // sample() is draw_token of the penalized logits (with logprobs of the raw ones, when asked).
+  bool backend_can_pick() const;
+  void make_penalties();      // penalties_ from the counts and the seen set, as they stand
+  Draw next_draw();           // this token's pick spec (a tempered one takes the next uniform)
   void remember(int32_t id);  // the pick's state: counts, seen set, the filter's accept
 
   SamplingParams p_;

@@ -54,9 +54,9 @@ class Model {
   // linear layer together (the weights are read once per step); attention runs per sequence over its own
   // blocks. Returns per item the logits of its last token [vocab] (or of all its tokens with all_logits).
   // With a `pick`, only the token it picks from the last token's logits is wanted (ops/draw.h: greedy
-  // or tempered), after its `penalties` are applied to them: the item's result is one value, that token's
-  // id (cpu::draw_token, as a float: exact for vocabularies under 2^24), so that a GPU backend need not
-  // copy the logits back. Not together with all_logits.
+  // or tempered), after its `penalties` are applied to them: the item's result is that token's id
+  // (cpu::draw_token), with its logprobs when `top_logprobs` asks (pick_result), so that a GPU backend
+  // need not copy the logits back. Not together with all_logits.
   struct BatchItem {
     std::span<const int32_t> tokens;
     LatentCache* cache = nullptr;

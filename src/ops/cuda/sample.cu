@@ -141,6 +141,16 @@ struct Prefix {
   __device__ bool holds(uint32_t k, int i) const { return k > key || (k == key && i <= id); }
 };
 
+// This thread's contiguous run [begin, end) of the block's ids [lo, hi), so that thread order is id order.
+struct Run {
+  int begin, end;
+};
+__device__ Run thread_run(int lo, int hi) {
+  const int per = (hi - lo + static_cast<int>(blockDim.x) - 1) / static_cast<int>(blockDim.x);
+  const int begin = min(hi, lo + static_cast<int>(threadIdx.x) * per);
+  return {begin, min(hi, begin + per)};
+}
+
 // Shared state of the radix select: kCopies histograms of 256 bins (warp w adds into copy w % kCopies, so
 // that warps seldom wait on one another's atomics), their sums in this block, the cluster's sums, and the
 // bin the cluster chose.
@@ -204,8 +214,7 @@ __device__ Prefix radix_cut(const float* x, int lo, int hi, Prefix in, Measure m
     above = rs.above;
   }
   // The tokens at key `prefix`, in id order: each thread takes a contiguous run of this block's ids.
-  const int per = (hi - lo + static_cast<int>(blockDim.x) - 1) / static_cast<int>(blockDim.x);
-  const int begin = min(hi, lo + static_cast<int>(threadIdx.x) * per), end = min(hi, begin + per);
+  const auto [begin, end] = thread_run(lo, hi);
   unsigned long long local = 0;
   for (int i = begin; i < end; ++i)
     if (key_of(x[i]) == prefix && in.holds(prefix, i)) local += measure(x[i]);
@@ -224,8 +233,8 @@ __device__ Prefix radix_cut(const float* x, int lo, int hi, Prefix in, Measure m
   __syncthreads();
   Prefix out;
   out.key = prefix;
-  out.id = cluster_min(
-      first);  // INT_MAX: every token at the key (only when rounding never let the sum reach `need`)
+  // INT_MAX: every token at the key (only when rounding never let the sum reach `need`).
+  out.id = cluster_min(first);
   return out;
 }
 
@@ -293,8 +302,7 @@ __global__ void __launch_bounds__(kThreads) draw_kernel(const DrawParams p) {
   // min-p, then the draw: each thread takes a contiguous run of ids, so that (block rank, thread) order is
   // id order; a scan over the threads' masses gives each run's starting mass, and the first id at which
   // the running mass exceeds u times the total wins.
-  const int per = (hi - lo + static_cast<int>(blockDim.x) - 1) / static_cast<int>(blockDim.x);
-  const int begin = min(hi, lo + static_cast<int>(threadIdx.x) * per), end = min(hi, begin + per);
+  const auto [begin, end] = thread_run(lo, hi);
   const auto drawn = [&](int i) {
     const uint32_t k = key_of(x[i]);
     return k != 0 && kept.holds(k, i) && weight(x[i]) >= d.min_p;
