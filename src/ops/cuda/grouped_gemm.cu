@@ -117,6 +117,24 @@ struct KernelArgs {
   const int32_t* dev_rows = nullptr;
   RowTile tiles[kMaxRowTiles];  // row tile t covers operand rows row_base + 128 t ..
   __device__ RowTile tile(int64_t rt) const { return dev_tiles ? dev_tiles[rt] : tiles[rt]; }
+
+  // Where a producer's copies of output tile `tile` (n tiles fastest) come from: its row tile's record,
+  // its first operand row and output column, and (FP8) the tile rows' activation scales of its first
+  // k-block, 128 consecutive floats of the segment's block (VEC128 layout; the next k-block's are
+  // r.seg_rows further). int32 arithmetic: 64-bit costs registers.
+  struct TileSource {
+    RowTile r;
+    int32_t row0, n0;
+    const float* sa;
+  };
+  __device__ TileSource source(int32_t tile, int32_t n_tiles, int32_t kbs, bool bf16) const {
+    const int32_t rt = tile / n_tiles, n0 = tile % n_tiles * kTile;
+    const RowTile r = this->tile(rt);
+    const int32_t row0 = static_cast<int32_t>(row_base) + rt * kTile;
+    const float* sa =
+        bf16 ? nullptr : a_scales + static_cast<int64_t>(kbs) * r.seg_row0 + (row0 - r.seg_row0);
+    return {r, row0, n0, sa};
+  }
 };
 
 // A tensor map in global memory written through the generic proxy (cudaMemcpy) made visible to the
@@ -257,12 +275,7 @@ __global__ void __launch_bounds__(kThreads, 1) grouped_gemm_kernel(const __grid_
     if (threadIdx.x != kConsumers) return;
     uint32_t it = 0;  // k-blocks loaded so far: stage it % kStages, its (it / kStages)-th use
     for (int32_t tile = blockIdx.x; tile < tiles; tile += gridDim.x) {
-      const int32_t rt = tile / n_tiles, n0 = tile % n_tiles * kTile;
-      const RowTile r = p.tile(rt);
-      const int32_t row0 = static_cast<int32_t>(p.row_base) + rt * kTile;
-      // The tile rows' scales of k-block kb: 128 consecutive floats of the segment's block (VEC128 layout).
-      const float* sa =
-          BF16 ? nullptr : p.a_scales + static_cast<int64_t>(kbs) * r.seg_row0 + (row0 - r.seg_row0);
+      const auto [r, row0, n0, sa] = p.source(tile, n_tiles, kbs, BF16);
       for (int half = 0; half < (p.q ? 2 : 1); ++half) {
         // The weight rows: a pair's up half (SwiGLU mode's second pass, or the columns from out / 2) come
         // from the second table's matrix.
@@ -446,11 +459,7 @@ __global__ void __launch_bounds__(kThreads, 1) grouped_pair_kernel(const __grid_
     if (threadIdx.x != kConsumers) return;
     uint32_t it = 0;
     for (int32_t tile = blockIdx.x; tile < tiles; tile += gridDim.x) {
-      const int32_t rt = tile / n_tiles, n0 = tile % n_tiles * kTile;
-      const RowTile r = p.tile(rt);
-      const int32_t row0 = static_cast<int32_t>(p.row_base) + rt * kTile;
-      const float* sa =
-          BF16 ? nullptr : p.a_scales + static_cast<int64_t>(kbs) * r.seg_row0 + (row0 - r.seg_row0);
+      const auto [r, row0, n0, sa] = p.source(tile, n_tiles, kbs, BF16);
       const ExpertMap *wg = p.maps + r.expert, *wu = p.maps2 + r.expert;
       // The weight blocks' scales along k.
       const float* sg = BF16 ? nullptr : wg->scale_inv + n0 / kTile * kbs;
