@@ -220,6 +220,14 @@ bool router_codes_enabled() {
   return on;
 }
 
+// Whether a batched step picks on the device beside items that want their rows, and with penalties and
+// logprobs (forward_together): on unless DSV3_MIXED_PICKS=0 (measurement: the rule before the thirty-first
+// session). Read once.
+bool mixed_picks_enabled() {
+  static const bool on = cuda::env_enabled("DSV3_MIXED_PICKS");
+  return on;
+}
+
 // Whether one token's o_proj and combined down projection read the residual values they add to before
 // waiting for the previous kernel (cuda::LinearParams::y_settled): on unless DSV3_Y_SETTLED=0
 // (measurement; the same bits either way). Read once.
@@ -1749,14 +1757,13 @@ std::vector<std::vector<float>> CudaModel::Impl::forward_together(std::span<cons
   // all have one and no penalties or logprobs.
   const int64_t count = static_cast<int64_t>(items.size());
   const bool device_picks =
-      cuda::env_enabled("DSV3_MIXED_PICKS")
-          ? std::none_of(items.begin(), items.end(),
-                         [](const Model::BatchItem& it) { return it.all_logits; }) &&
-                std::any_of(items.begin(), items.end(),
-                            [](const Model::BatchItem& it) { return it.pick.has_value(); })
-          : std::all_of(items.begin(), items.end(), [](const Model::BatchItem& it) {
-              return it.pick && it.penalties.empty() && it.top_logprobs < 0;
-            });
+      mixed_picks_enabled() ? std::none_of(items.begin(), items.end(),
+                                           [](const Model::BatchItem& it) { return it.all_logits; }) &&
+                                  std::any_of(items.begin(), items.end(),
+                                              [](const Model::BatchItem& it) { return it.pick.has_value(); })
+                            : std::all_of(items.begin(), items.end(), [](const Model::BatchItem& it) {
+                                return it.pick && it.penalties.empty() && it.top_logprobs < 0;
+                              });
   bool penalize = false, logprobs = false;
   if (device_picks) {
     m.ensure_picks(count);
