@@ -89,16 +89,9 @@ int32_t Sampler::accept_pick(int32_t id) {
 
 int32_t Sampler::take(bool picked, std::span<const float> result, int64_t vocab) {
   if (picked) {
-    const int64_t listed = (static_cast<int64_t>(result.size()) - 2) / 2;
-    check(p_.top_logprobs < 0 ? result.size() == 1
-                              : result.size() >= 2 && result.size() % 2 == 0 && listed <= p_.top_logprobs,
+    const int32_t id = Model::read_pick_result(result, p_.top_logprobs >= 0 ? &logprobs_ : nullptr);
+    check(p_.top_logprobs < 0 || static_cast<int64_t>(logprobs_.top.size()) <= p_.top_logprobs,
           "a picked batch item's result must be its token id (and its logprobs, when asked for)");
-    const auto id = static_cast<int32_t>(result[0]);
-    if (p_.top_logprobs >= 0) {
-      logprobs_ = {{id, result[1]}, {}};
-      for (int64_t j = 0; j < listed; ++j)
-        logprobs_.top.push_back({static_cast<int32_t>(result[2 + 2 * j]), result[3 + 2 * j]});
-    }
     return accept_pick(id);
   }
   check(vocab > 0 && result.size() >= static_cast<size_t>(vocab) && result.size() % static_cast<size_t>(vocab) == 0,

@@ -157,6 +157,18 @@ std::vector<std::vector<float>> Model::batch_results(std::span<const BatchItem> 
   return out;
 }
 
+int32_t Model::read_pick_result(std::span<const float> result, cpu::SampleLogprobs* logprobs) {
+  dsv3::check(logprobs ? result.size() >= 2 && result.size() % 2 == 0 : result.size() == 1,
+              "a picked batch item's result must be its token id (and its logprobs, when asked for)");
+  const auto id = static_cast<int32_t>(result[0]);
+  if (logprobs) {
+    *logprobs = {{id, result[1]}, {}};
+    for (size_t j = 2; j < result.size(); j += 2)
+      logprobs->top.push_back({static_cast<int32_t>(result[j]), result[j + 1]});
+  }
+  return id;
+}
+
 std::vector<float> Model::pick_result(int32_t id, const cpu::SampleLogprobs* logprobs) {
   std::vector<float> out = {static_cast<float>(id)};
   if (!logprobs) return out;

@@ -81,6 +81,9 @@ class Model {
   // A picked item's result: {id}, or with logprobs {id, its logprob, then id and logprob of each of the
   // best tokens, best first} (ids as floats: exact for vocabularies under 2^24).
   static std::vector<float> pick_result(int32_t id, const cpu::SampleLogprobs* logprobs);
+  // pick_result read back: the id, and the logprobs into `logprobs` when given (the result must then carry
+  // them; without, it must be the id alone). Throws dsv3::Error for a result of another shape.
+  static int32_t read_pick_result(std::span<const float> result, cpu::SampleLogprobs* logprobs);
 
   // A fingerprint of this model (config and a sample of its weights): cached latent rows written by one
   // model are never used by another.
