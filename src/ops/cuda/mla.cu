@@ -3,6 +3,7 @@
 // split-K flash-decoding layout (online softmax per split; the last split to finish combines).
 #include <cmath>
 #include <string>
+#include <type_traits>
 
 #include "core/error.h"
 #include "ops/cuda/dequant.cuh"
@@ -276,12 +277,14 @@ __global__ void __launch_bounds__(kAttnThreads) mla_attention_kernel(const MlaAt
 // work layout as the per-head kernel, combined by mla_combine_kernel.
 //
 // Blocks of 8 warps, or 16 for one-token steps (kMmaWideWarps): one token's 1K-key step has only ~32 blocks
-// with keys, each a chain of dependent MMAs; with 16 warps each warp runs a quarter of the scores' k steps
-// (8: half) and half the value tiles.
+// with keys, each a chain of dependent MMAs; with 16 warps each warp runs an eighth of the scores' k steps
+// for half the tile's keys (8: a quarter) and half the value tiles.
 constexpr int kMmaWarps = 8, kMmaWideWarps = 16, kMmaKeys = 32, kMmaHeads = 16;
-constexpr int kScoreSlices = 4;         // the scores' k steps in 4 interleaved slices, summed in order
+constexpr int kScoreSlices = 8;         // the scores' k steps in 8 interleaved slices, summed in order
 constexpr int kMmaMaxLatentTiles = 64;  // latent <= 512: each warp owns up to 8 column tiles of 8
 constexpr int kPStride = kMmaKeys + 4;  // score / probability rows in shared memory
+constexpr int kRowSteps576 = 576 / 8;   // the scores' k steps over a 576-wide cache row
+static_assert(kRowSteps576 % kScoreSlices == 0, "a 576-wide row is whole rounds of the slices");
 constexpr int kMmaMaxSmem = 224 * 1024;  // dynamic shared memory: Hopper's 227 KiB per block, less the static part
 
 struct MmaLayout {
@@ -297,17 +300,19 @@ __host__ __device__ inline MmaLayout mma_layout(int64_t width) {
   l.k = l.q + kMmaHeads * l.stride;
   l.s = l.k + 2 * kMmaKeys * l.stride;           // two key buffers
   l.pr = l.s + kScoreSlices * kMmaHeads * kPStride;  // partial scores of the k slices
-  l.corr = l.pr + kMmaHeads * kPStride;           // probabilities
+  l.corr = l.pr + kMmaHeads * kPStride;              // probabilities, in P V's A-fragment order
   l.floats = l.corr + kMmaHeads;                  // per-head rescale of the accumulators
   return l;
 }
 
-// x = hi + lo to ~22 significant bits, both tf32 (fp32 with the low 13 mantissa bits zero): hi keeps x's
-// top 11 bits (a mask, cheaper than cvt.rna.tf32), x - hi is exact, and lo keeps its top 11.
+// x = hi + lo to ~22 significant bits: hi keeps x's top 11 bits (a mask, cheaper than cvt.rna.tf32), so
+// lo = x - hi is exact. lo is left unmasked: the tensor cores read a tf32 operand's top 19 bits and
+// ignore the low 13, so masking it would only cost an instruction per value (the MMA's inputs are the
+// same either way).
 __device__ __forceinline__ void split_tf32(float x, uint32_t& hi, uint32_t& lo) {
   constexpr uint32_t kTf32 = 0xffffe000u;
   hi = __float_as_uint(x) & kTf32;
-  lo = __float_as_uint(x - __uint_as_float(hi)) & kTf32;
+  lo = __float_as_uint(x - __uint_as_float(hi));
 }
 
 // Not volatile: the compiler may interleave independent MMAs (a dependent one waits the full latency).
@@ -346,7 +351,7 @@ __device__ __forceinline__ void mma_split(float (&main)[4], float (&cross)[4], c
 // probabilities of each row and its B operand two adjacent keys' values.
 template <int WARPS>
 __global__ void __launch_bounds__(WARPS * 32, 1) mla_attention_mma_kernel(const MlaAttentionParams p) {
-  constexpr int kSlicesPerWarp = kScoreSlices / (WARPS / 4);
+  constexpr int kSlicesPerWarp = kScoreSlices / (WARPS / 2);
   DSV3_TRACE_BLOCK(TraceKernel::AttentionMma);
   extern __shared__ __align__(16) float smem[];
   const int64_t W = p.cache.width, C = p.latent, H = p.heads, groups = (H + kMmaHeads - 1) / kMmaHeads;
@@ -446,43 +451,60 @@ __global__ void __launch_bounds__(WARPS * 32, 1) mla_attention_mma_kernel(const 
     }
     __syncthreads();
     const float* kt = kbuf + (i % 2) * kMmaKeys * ls;
-    {  // Scores: warp w runs 8-key column tile w % 4 over its k-step slices (slice sl: steps sl, sl + 4,
-      // sl + 8, ...; with 8 warps two slices a warp, with 16 one), each slice in two chains (alternate
-      // steps) of two accumulators (hi * hi and cross terms). Every slice sums its steps in the same order
-      // for either block width, so a row's scores are the same bits on both kernels (a one-token step runs
-      // the wide one, a batch the narrow one: CudaOps.MlaAttentionBatchedSequencesMatchReference).
-      const int nt = warp % 4;
-      float s[kSlicesPerWarp][2][2][4] = {};
+    {  // Scores: warp w runs the 16 keys of column tiles 2 (w % 2) and 2 (w % 2) + 1 over its k-step slices
+      // (slice sl: steps sl, sl + 8, sl + 16, ...; with 8 warps two slices a warp, with 16 one), each tile
+      // in one chain of two accumulators (hi * hi and cross terms). A step's query fragment is split once
+      // for both tiles: with one tile a warp (four slices) the query's split was redone for every 8 keys,
+      // and the kernel issued ~13.5 other instructions for each tensor-core one (ncu at 32K keys on an H200,
+      // docs/PERF.md, "Thirty-second session"). Every slice sums its steps in the same order for either
+      // block width, so a row's scores are the same bits on both kernels (a one-token step runs the wide
+      // one, a batch the narrow one: CudaOps.MlaAttentionBatchedSequencesMatchReference).
+      const int ntp = warp % 2;
+      float s[kSlicesPerWarp][2][2][4] = {};  // [slice][tile][hi * hi, cross][fragment]
       const float* qa = q + g * ls + c;
-      const float* kr = kt + (nt * 8 + g) * ls + c;
-      auto step = [&](float (&main)[4], float (&cross)[4], int64_t ks) {
+      const float* kr = kt + (ntp * 16 + g) * ls + c;  // the first tile's key g; the second's is 8 rows on
+      auto step = [&](float(&acc)[2][2][4], int64_t ks) {
         const int64_t o = ks * 8;
         const float a[4] = {qa[o], qa[8 * ls + o], qa[o + 4], qa[8 * ls + o + 4]};
-        mma_split(main, cross, SplitA(a), kr[o], kr[o + 4]);
+        const SplitA as(a);
+        mma_split(acc[0][0], acc[0][1], as, kr[o], kr[o + 4]);
+        mma_split(acc[1][0], acc[1][1], as, kr[8 * ls + o], kr[8 * ls + o + 4]);
       };
-      int64_t base = 0;
-      for (; base + 2 * kScoreSlices <= ksteps; base += 2 * kScoreSlices) {  // whole rounds: no checks
+      // Rounds of one step of each slice. A 576-wide row (every DeepSeek MLA model: 512 latent + 64 RoPE) is
+      // nine whole rounds, unrolled without checks; other widths loop, the last round checked.
+      auto rounds = [&](auto wide576) {
+        if constexpr (decltype(wide576)::value) {
 #pragma unroll
-        for (int j = 0; j < kSlicesPerWarp; ++j) {
-          const int64_t ks = base + warp / 4 + j * (WARPS / 4);
-          step(s[j][0][0], s[j][0][1], ks);
-          step(s[j][1][0], s[j][1][1], ks + kScoreSlices);
+          for (int base = 0; base < kRowSteps576; base += kScoreSlices)
+#pragma unroll
+            for (int j = 0; j < kSlicesPerWarp; ++j) step(s[j], base + warp / 2 + j * (WARPS / 2));
+        } else {
+          for (int64_t base = 0; base < ksteps; base += kScoreSlices) {
+#pragma unroll
+            for (int j = 0; j < kSlicesPerWarp; ++j) {
+              const int64_t ks = base + warp / 2 + j * (WARPS / 2);
+              if (ks < ksteps) step(s[j], ks);
+            }
+          }
         }
-      }
-#pragma unroll
-      for (int j = 0; j < kSlicesPerWarp; ++j) {  // the last, partial round
-        const int64_t ks = base + warp / 4 + j * (WARPS / 4);
-        if (ks < ksteps) step(s[j][0][0], s[j][0][1], ks);
-        if (ks + kScoreSlices < ksteps) step(s[j][1][0], s[j][1][1], ks + kScoreSlices);
+      };
+      if (ksteps == kRowSteps576) {
+        rounds(std::true_type{});
+      } else {
+        rounds(std::false_type{});
       }
 #pragma unroll
       for (int j = 0; j < kSlicesPerWarp; ++j) {
-        float r[4];
+        const int64_t sl = warp / 2 + j * (WARPS / 2);
 #pragma unroll
-        for (int e = 0; e < 4; ++e) r[e] = (s[j][0][0][e] + s[j][1][0][e]) + (s[j][0][1][e] + s[j][1][1][e]);
-        float* so = sp + (warp / 4 + j * (WARPS / 4)) * kMmaHeads * kPStride + nt * 8 + 2 * c;
-        *reinterpret_cast<float2*>(so + g * kPStride) = make_float2(r[0], r[1]);
-        *reinterpret_cast<float2*>(so + (g + 8) * kPStride) = make_float2(r[2], r[3]);
+        for (int n = 0; n < 2; ++n) {
+          float r[4];
+#pragma unroll
+          for (int e = 0; e < 4; ++e) r[e] = s[j][n][0][e] + s[j][n][1][e];
+          float* so = sp + sl * kMmaHeads * kPStride + (2 * ntp + n) * 8 + 2 * c;
+          *reinterpret_cast<float2*>(so + g * kPStride) = make_float2(r[0], r[1]);
+          *reinterpret_cast<float2*>(so + (g + 8) * kPStride) = make_float2(r[2], r[3]);
+        }
       }
     }
     __syncthreads();
@@ -507,11 +529,15 @@ __global__ void __launch_bounds__(WARPS * 32, 1) mla_attention_mma_kernel(const 
       const float cr = expf(m - m_new);  // 0 on the first tile (m = -inf)
       l = l * cr + psum;
       m = m_new;
-      *reinterpret_cast<float2*>(pr + sr * kPStride + 2 * sk) = make_float2(e0, e1);
+      // Keys 2 sk, 2 sk + 1 are k step sk / 4's column pair c = sk % 4: into the fragment slots of rows sr %
+      // 8 (slot sr / 8 and 2 + sr / 8), so that P V reads a lane's whole A fragment as one float4.
+      float* pf = pr + ((sk / 4 * 8 + sr % 8) * 4 + sk % 4) * 4 + sr / 8;
+      pf[0] = e0;
+      pf[2] = e1;
       if (sk == 0) corr[sr] = cr;
     }
     __syncthreads();
-    {  // O += P V: warp w owns latent column tiles w, w + 8, ...
+    {  // O += P V: warp w owns latent column tiles w, w + WARPS, ...
       const float cg = corr[g], cg8 = corr[g + 8];
 #pragma unroll
       for (int j = 0; j < kTilesPerWarp; ++j) {
@@ -524,18 +550,28 @@ __global__ void __launch_bounds__(WARPS * 32, 1) mla_attention_mma_kernel(const 
         accx[j][2] *= cg8;
         accx[j][3] *= cg8;
       }
+      // `all` (a std::bool_constant): every tile the warp owns exists (a 512-wide latent), so the loop has no
+      // checks. With them ptxas branched around each tile's products and copied the A fragment into place
+      // again for every one (eight moves a product group).
+      auto values = [&](auto all) {
 #pragma unroll
-      for (int ks = 0; ks < kMmaKeys / 8; ++ks) {
-        const float2 pa = *reinterpret_cast<const float2*>(pr + g * kPStride + ks * 8 + 2 * c);
-        const float2 pb = *reinterpret_cast<const float2*>(pr + (g + 8) * kPStride + ks * 8 + 2 * c);
-        const float a[4] = {pa.x, pb.x, pa.y, pb.y};
-        const SplitA as(a);
-        const float* v0 = kt + (ks * 8 + 2 * c) * ls + g;
+        for (int ks = 0; ks < kMmaKeys / 8; ++ks) {
+          const float4 pa = *reinterpret_cast<const float4*>(pr + ((ks * 8 + g) * 4 + c) * 4);
+          const float a[4] = {pa.x, pa.y, pa.z, pa.w};
+          const SplitA as(a);
+          const float* v0 = kt + (ks * 8 + 2 * c) * ls + g;
 #pragma unroll
-        for (int j = 0; j < kTilesPerWarp; ++j) {
-          const int64_t ct = warp + j * WARPS;
-          if (ct < ctiles) mma_split(acc[j], accx[j], as, v0[ct * 8], v0[ls + ct * 8]);
+          for (int j = 0; j < kTilesPerWarp; ++j) {
+            const int64_t ct = warp + j * WARPS;
+            if (decltype(all)::value || ct < ctiles)
+              mma_split(acc[j], accx[j], as, v0[ct * 8], v0[ls + ct * 8]);
+          }
         }
+      };
+      if (ctiles == kMmaMaxLatentTiles) {
+        values(std::true_type{});
+      } else {
+        values(std::false_type{});
       }
     }
     __syncthreads();  // buffer i % 2 and the scores are free for the next tile
