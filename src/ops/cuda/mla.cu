@@ -8,6 +8,7 @@
 #include "core/error.h"
 #include "ops/cuda/dequant.cuh"
 #include "ops/cuda/transposed.cuh"
+#include "ops/cuda/wgmma.cuh"
 
 namespace dsv3::cuda {
 
@@ -375,44 +376,56 @@ __global__ void __launch_bounds__(WARPS * 32, 1) mla_attention_mma_kernel(const 
   const int64_t kb = split * chunk, ke = min(visible, kb + chunk);
   const int64_t tiles = ke > kb ? (ke - kb + kMmaKeys - 1) / kMmaKeys : 0;
 
-  // Tile i into buffer i % 2, a warp per row, 16 bytes per lane: rows past the split's end (never read:
-  // they may be unwritten NaN pages) are zeros, as are the pad columns past the width. A tile starts at a
-  // multiple of 32 keys, so its rows lie in one 64-row page: one page-table read per tile.
-  const int quads = static_cast<int>(W / 4);
+  // Tile i into buffer i % 2 by warp 0, one bulk copy a row (lane r: row r), completing on the buffer's
+  // transaction barrier; rows past the split's end (never read: they may be unwritten NaN pages) are zeros,
+  // as are the pad columns past the width. A tile starts at a multiple of 32 keys, so its rows lie in one
+  // 64-row page: one page-table read per tile. (The same copies as 16-byte cp.async spread over the block
+  // were ~30% of the kernel's instructions, address arithmetic for every 16 bytes; as bulk copies it issues
+  // 22% fewer and runs as long at 32K keys, bound by the tensor pipe and dependent latencies, with one-token
+  // 1K steps ~0.5% faster: H200, docs/PERF.md, "Thirty-third session".)
+  __shared__ __align__(8) uint64_t tile_bar[2];
+  const uint32_t bar0 = smem_addr(&tile_bar[0]);
+  if (threadIdx.x == 0) {
+    mbar_init(bar0, 1);
+    mbar_init(bar0 + 8, 1);
+    mbar_init_fence();
+  }
+  __syncthreads();
+  const uint32_t row_bytes = static_cast<uint32_t>(W * sizeof(float));
   auto tile_rows = [&](int64_t i) { return i < tiles ? cache_row(p.cache, t, p.layer, kb + i * kMmaKeys) : nullptr; };
-  // `skip`: a key of the tile left for the caller to load (-1: none).
+  // `skip`: a key of the tile left for the caller to copy (-1: none); the barrier still counts its bytes.
   auto stage = [&](int64_t i, const float* rows, int64_t skip) {
+    if (warp != 0) return;
     float* kt = kbuf + (i % 2) * kMmaKeys * ls;
-    const int64_t k0 = kb + i * kMmaKeys;
-    for (int r = warp; r < kMmaKeys; r += WARPS) {
-      if (k0 + r == skip) continue;
-      for (int col = lane * 4; col < quads * 4; col += 128) {
-        if (k0 + r < ke) {
-          cp_async16(kt + r * ls + col, rows + r * W + col);
-        } else {
-          *reinterpret_cast<float4*>(kt + r * ls + col) = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
-        }
-      }
+    const uint32_t bar = bar0 + 8 * static_cast<uint32_t>(i % 2);
+    const int64_t k0 = kb + i * kMmaKeys, valid = min(static_cast<int64_t>(kMmaKeys), ke - k0);
+    if (lane == 0) mbar_arrive_expect_tx(bar, static_cast<uint32_t>(valid) * row_bytes);
+    __syncwarp();
+    if (lane < valid) {
+      if (k0 + lane != skip) bulk_copy(smem_addr(kt + lane * ls), rows + lane * W, row_bytes, bar);
+    } else {
+      for (int64_t col = 0; col < W; col += 4)
+        *reinterpret_cast<float4*>(kt + lane * ls + col) = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
     }
-    cp_async_commit();
   };
   // A one-token step writes one cache row, its own (key visible - 1, mla_prepare's): every split stages
   // its tile 0 before waiting for mla_prepare, all of it but that row, so the tile's loads overlap the
-  // previous kernel's tail; the split holding the new key loads that one row after the wait. (The split
+  // previous kernel's tail; the split holding the new key copies that one row after the wait. (The split
   // that loaded its whole tile 0 after the wait ended 1.5-1.8 us after the others and set the launch's
   // end: docs/PERF.md, "Nineteenth session".) Positions and page tables come from the host, before the step.
   const int64_t own_key = visible - 1;
   const bool staged_early = p.n == 1 && tiles > 0;
   const bool own_in_tile0 = staged_early && own_key >= kb && own_key < min(ke, kb + kMmaKeys);
-  const float* rows0 = staged_early ? tile_rows(0) : nullptr;  // read once, before the wait
+  const float* rows0 = staged_early && warp == 0 ? tile_rows(0) : nullptr;  // read once, before the wait
   if (staged_early) stage(0, rows0, own_in_tile0 ? own_key : -1);
   pdl_wait();  // the queries and the new cache rows are mla_prepare's (or the absorbed query's)
-  if (own_in_tile0 && warp == 0) {
+  if (own_in_tile0 && warp == 0 && lane == 0) {
     const int64_t r = own_key - kb;
-    for (int col = lane * 4; col < quads * 4; col += 128) cp_async16(kbuf + r * ls + col, rows0 + r * W + col);
+    bulk_copy(smem_addr(kbuf + r * ls), rows0 + r * W, row_bytes, bar0);
   }
-  // The queries by cp.async (one plain load per value would wait out a round trip each); a split
-  // without keys never reads them.
+  const int quads = static_cast<int>(W / 4);
+  // The queries by cp.async (one plain load per value would wait out a round trip each), one copy group
+  // waited for before the first tile; a split without keys never reads them.
   for (int r = warp; r < kMmaHeads && tiles > 0; r += WARPS) {
     const float* qr = p.qabs + (t * H + h0 + r) * W;
     for (int col = lane * 4; col < quads * 4; col += 128) {
@@ -424,14 +437,10 @@ __global__ void __launch_bounds__(WARPS * 32, 1) mla_attention_mma_kernel(const 
     }
     for (int64_t col = W + lane; col < L.width_pad; col += 32) q[r * ls + col] = 0.0f;
   }
-  // After an early tile 0 the queries (and the new key's row) form their own copy group (the loop's waits
-  // cover both); else they join tile 0's.
-  if (staged_early) {
-    cp_async_commit();
-  } else if (tiles > 0) {
-    stage(0, tile_rows(0), -1);
-  }
-  const float* next_rows = tile_rows(1);  // read a tile ahead: its latency hides behind a tile's work
+  cp_async_commit();
+  if (!staged_early && tiles > 0) stage(0, tile_rows(0), -1);
+  const float* next_rows =
+      warp == 0 ? tile_rows(1) : nullptr;  // read a tile ahead: its latency hides behind a tile's work
   for (int r = warp; r < 2 * kMmaKeys; r += WARPS)
     for (int64_t col = W + lane; col < L.width_pad; col += 32) kbuf[r * ls + col] = 0.0f;
 
@@ -444,11 +453,10 @@ __global__ void __launch_bounds__(WARPS * 32, 1) mla_attention_mma_kernel(const 
   for (int64_t i = 0; i < tiles; ++i) {
     if (i + 1 < tiles) {
       stage(i + 1, next_rows, -1);
-      next_rows = tile_rows(i + 2);
-      cp_async_wait<1>();
-    } else {
-      cp_async_wait<0>();
+      if (warp == 0) next_rows = tile_rows(i + 2);
     }
+    if (i == 0) cp_async_wait<0>();  // the queries
+    mbar_wait(bar0 + 8 * static_cast<uint32_t>(i % 2), static_cast<uint32_t>(i / 2) & 1u);
     __syncthreads();
     const float* kt = kbuf + (i % 2) * kMmaKeys * ls;
     {  // Scores: warp w runs the 16 keys of column tiles 2 (w % 2) and 2 (w % 2) + 1 over its k-step slices
