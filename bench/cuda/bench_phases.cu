@@ -19,14 +19,20 @@
 //              half of an 8-byte store, and a kernel polls its inputs until they carry it (early or late
 //              trigger of the next launch);
 //   tasks      one kernel, items of 4 rows in two shared-memory rings (routing-free rows, routed rows),
-//              row counters per phase in global memory instead of grid barriers.
+//              row counters per phase in global memory instead of grid barriers;
+//   paged      a megakernel's way: one block an SM, a producer copying every phase's rows into pages of
+//              shared memory as far ahead as the ring allows, 16 consumer warps, one counter a phase (one
+//              release a block, one acquiring poll a block), the input staged once a block; with timings of
+//              block 0's phases, and runs without the hand-overs or the dots (time only) that say what each
+//              part costs.
 // Each phase reads every byte of its matrix once (rows of 2,048 FP8 values, a dot product with the
 // previous phase's output), so time per step against the copy bandwidth is the fraction of the
 // bandwidth roofline a decode step built that way could reach. `--empty` runs phases without rows (what
-// a boundary costs by itself). Prints a table; docs/PERF.md ("Fourteenth session", "Twenty-ninth session")
-// has the numbers.
+// a boundary costs by itself). Prints a table; docs/PERF.md ("Fourteenth session", "Twenty-ninth session",
+// "Thirty-fourth session") has the numbers.
 //
 // Usage: dsv3_bench_phases [--layers 27] [--steps 20] [--empty] [--only K] [--rows-in-flight 2|4] [--form S]
+//                          [--page-depth D] [--page-in-flight K] [--paged-parts]
 #include <cuda_fp8.h>
 #include <cuda_runtime.h>
 
@@ -127,6 +133,33 @@ __device__ __forceinline__ void stage_input(const Phase& ph, float4* xs) {
     xs[xs_slot(c)] = make_float4(u.x * 1e-3f, u.y * 1e-3f, u.z * 1e-3f, u.w * 1e-3f);
   }
   __syncthreads();
+}
+
+// The persistent forms' input: staged once a block past L1 (other SMs wrote it in this launch) by
+// `threads` threads (thread `tid`), then each warp's 64 values out of shared memory. Every warp reading
+// all of the input from L2 itself made 16 x 8 KB of requests an SM for the same 64 lines each phase
+// (~4 us a phase with 16 warps on the H200, 2026-11-29).
+__device__ __forceinline__ void stage_input_l2(const float* x, int x_rows, float4* xs, int threads, int tid) {
+  for (int f = tid; f < kCols / 4; f += threads) {
+    const int c = 4 * f;
+    const float4 u = __ldcg(reinterpret_cast<const float4*>(x + c % x_rows));  // rows: multiples of 16
+    xs[xs_slot(c)] = make_float4(u.x * 1e-3f, u.y * 1e-3f, u.z * 1e-3f, u.w * 1e-3f);
+  }
+}
+__device__ __forceinline__ Input input_from(const float4* xs) {
+  Input in;
+  const int lane = threadIdx.x % 32;
+#pragma unroll
+  for (int j = 0; j < 4; ++j)
+#pragma unroll
+    for (int q = 0; q < 4; ++q) {
+      const float4 u = xs[(4 * j + q) * 32 + lane];
+      in.v[j][4 * q] = u.x;
+      in.v[j][4 * q + 1] = u.y;
+      in.v[j][4 * q + 2] = u.z;
+      in.v[j][4 * q + 3] = u.w;
+    }
+  return in;
 }
 
 // Rows of phase p this block's warps take: warp w of the grid takes rows w, w + warps, ...; U rows per
@@ -365,7 +398,11 @@ __global__ void __launch_bounds__(kStreamThreads, 1) stream_kernel(const __grid_
       }
       dsv3::cuda::named_barrier(1, kConsumers);
     }
-    const Input in = load_input(ph);
+    __shared__ float4 xs[kCols / 4];
+    dsv3::cuda::named_barrier(1, kConsumers);  // every warp is done with the last input
+    stage_input_l2(ph.x, ph.x_rows, xs, kConsumers, threadIdx.x);
+    dsv3::cuda::named_barrier(1, kConsumers);
+    const Input in = input_from(xs);
     int r0, r1;
     block_range(ph.rows, r0, r1);
     for (int r = r0; r < r1; r += kSlotRows, ++it) {
@@ -417,8 +454,8 @@ struct TaskPhase {
 };
 
 // The block's items of ring `ring` in phase p: a contiguous share of that ring's rows, cut into items.
-__device__ __forceinline__ void ring_share(const Phase& ph, int routed_from, int ring, int& r0, int& r1) {
-  const int lo = ring == 0 ? 0 : routed_from, hi = ring == 0 ? routed_from : ph.rows;
+__device__ __forceinline__ void ring_share(int rows, int routed_from, int ring, int& r0, int& r1) {
+  const int lo = ring == 0 ? 0 : routed_from, hi = ring == 0 ? routed_from : rows;
   r0 = lo + static_cast<int>(static_cast<int64_t>(hi - lo) * blockIdx.x / gridDim.x);
   r1 = lo + static_cast<int>(static_cast<int64_t>(hi - lo) * (blockIdx.x + 1) / gridDim.x);
 }
@@ -455,7 +492,7 @@ __global__ void __launch_bounds__(kTaskThreads, 1)
     for (int p = 0; p < s.count; ++p) {
       const Phase& ph = s.phases[p];
       int r0, r1;
-      ring_share(ph, tp[p].routed_from, ring, r0, r1);
+      ring_share(ph.rows, tp[p].routed_from, ring, r0, r1);
       if (r0 >= r1) continue;
       if (ring == 1) phase_done(tp[p].gate);
       for (int r = r0; r < r1; r += kItemRows, ++it) {
@@ -480,7 +517,7 @@ __global__ void __launch_bounds__(kTaskThreads, 1)
     unsigned done = 0;
     for (int ring = 0; ring < 2; ++ring) {
       int r0, r1;
-      ring_share(ph, tp[p].routed_from, ring, r0, r1);
+      ring_share(ph.rows, tp[p].routed_from, ring, r0, r1);
       for (int r = r0; r < r1; r += kItemRows, ++it[ring]) {
         if (it[ring] % kTaskConsumers != static_cast<uint32_t>(warp)) continue;
         if (ready != p) {
@@ -543,6 +580,135 @@ __global__ void __launch_bounds__(kTaskThreads, 1)
   }
 }
 
+// The paged form: a megakernel's way with the same bytes (one block an SM walking a fixed list of work,
+// weights copied into shared memory pages as far ahead as they fit, phases handed over through counters).
+// A producer warp bulk-copies the block's rows of every phase, in order, into a ring of kPageSlots pages
+// of 8 rows (192 KB), never waiting for activations; with `routed`, a layer's experts' routed 3/4 wait
+// for its router phase. Two groups of 8 consumer warps take alternate pages, one row a warp, so that one
+// group's dots overlap the other's page wait. A phase hands over through its own counter: once the
+// block's rows of the phase are stored (a named barrier of the consumers), one release a block; the next
+// phase's input is read past L1 after one thread's acquiring poll. Block 0 records, per phase, when its
+// producer issued the first copy, when the input was ready and when its rows were done.
+constexpr int kPageGroups = 2, kPageGroupWarps = 8, kPageConsumers = kPageGroups * kPageGroupWarps;
+constexpr int kPageRows = kPageGroupWarps;          // a page: one row for each warp of a group
+constexpr uint32_t kPageSlots = 12;                 // even: page slot s is always group s % 2's
+constexpr uint32_t kPageBytes = kPageRows * kCols;  // 16 KB
+constexpr int kPageThreads = (kPageConsumers + 1) * 32;
+constexpr size_t kPageRing = kPageSlots * kPageBytes, kPageBars = 2 * kPageSlots * 8;
+constexpr size_t kPageSmem = kPageRing + kPageBars;
+static_assert(kPageSlots % kPageGroups == 0, "a slot's pages all go to one group");
+
+// What paged_kernel does of its work (`parts`, a mask; all three: the form itself). Without the hand-overs
+// (no releases or polls) or the dots its results are wrong; those runs time the rest. Every run waits
+// for its pages (a block must not exit with copies into its shared memory in flight).
+constexpr int kPageSync = 1, kPageDots = 2, kPageAll = 3;
+
+__device__ __forceinline__ uint64_t global_ns() {
+  uint64_t t;
+  asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));
+  return t;
+}
+
+__global__ void __launch_bounds__(kPageThreads, 1)
+    paged_kernel(const __grid_constant__ Step s, const TaskPhase* __restrict__ tp, unsigned* counters,
+                 int parts, uint32_t depth, uint32_t in_flight, uint64_t* timeline) {
+  extern __shared__ __align__(128) uint8_t sm[];
+  const uint32_t base = dsv3::cuda::smem_addr(sm), bars = base + kPageRing;
+  auto full = [&](uint32_t slot) { return bars + 8 * slot; };
+  auto empty = [&](uint32_t slot) { return bars + 8 * (kPageSlots + slot); };
+  auto counter = [&](int p) { return counters + static_cast<size_t>(p) * kCounterStride; };
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const bool record = blockIdx.x == 0 && timeline != nullptr;
+  const bool sync = parts & kPageSync, dots = parts & kPageDots;
+  if (threadIdx.x == 0) {
+    for (uint32_t slot = 0; slot < kPageSlots; ++slot) {
+      dsv3::cuda::mbar_init(full(slot), 1);
+      dsv3::cuda::mbar_init(empty(slot), kPageGroupWarps);
+    }
+    dsv3::cuda::mbar_init_fence();
+  }
+  __syncthreads();
+  if (warp == kPageConsumers) {  // the producer
+    if (lane != 0) return;
+    uint32_t it = 0;
+    for (int p = 0; p < s.count; ++p) {
+      const Phase& ph = s.phases[p];
+      bool first = true;
+      for (int part = 0; part < 2; ++part) {
+        int r0, r1;
+        ring_share(ph.rows, tp[p].routed_from, part, r0, r1);
+        if (r0 >= r1) continue;
+        if (part == 1 && tp[p].gate >= 0) wait_count(counter(tp[p].gate), gridDim.x);
+        for (int r = r0; r < r1; r += kPageRows, ++it) {
+          const uint32_t slot = it % depth;
+          if (it >= depth) dsv3::cuda::mbar_wait(empty(slot), (it / depth - 1) & 1);
+          // At most in_flight copies not yet landed: the copy in_flight back has arrived (its slot still
+          // holds it, as a slot is refilled only depth copies later).
+          if (it >= in_flight && in_flight < depth) {
+            const uint32_t back = it - in_flight;
+            dsv3::cuda::mbar_wait(full(back % depth), (back / depth) & 1);
+          }
+          const uint32_t bytes = static_cast<uint32_t>(min(kPageRows, r1 - r)) * kCols;
+          dsv3::cuda::mbar_arrive_expect_tx(full(slot), bytes);
+          dsv3::cuda::bulk_copy(base + slot * kPageBytes, ph.w + static_cast<size_t>(r) * kCols, bytes,
+                                full(slot));
+          if (record && first) timeline[4 * p] = global_ns();
+          first = false;
+        }
+      }
+    }
+    return;
+  }
+  const int group = warp / kPageGroupWarps, row_in_page = warp % kPageGroupWarps;
+  __shared__ float4 xs[kCols / 4];
+  uint32_t it = 0;
+  for (int p = 0; p < s.count; ++p) {
+    const Phase& ph = s.phases[p];
+    if (p > 0) {
+      if (threadIdx.x == 0 && sync) wait_count(counter(p - 1), gridDim.x);
+      dsv3::cuda::named_barrier(1, kPageConsumers * 32);  // also: every warp is done with the last input
+    }
+    if (record && threadIdx.x == 0) timeline[4 * p + 1] = global_ns();
+    stage_input_l2(ph.x, ph.x_rows, xs, kPageConsumers * 32, threadIdx.x);
+    dsv3::cuda::named_barrier(1, kPageConsumers * 32);
+    if (record && threadIdx.x == 0) timeline[4 * p + 2] = global_ns();
+    const Input in = input_from(xs);
+    for (int part = 0; part < 2; ++part) {
+      int r0, r1;
+      ring_share(ph.rows, tp[p].routed_from, part, r0, r1);
+      for (int r = r0; r < r1; r += kPageRows, ++it) {
+        const uint32_t slot = it % depth;
+        if (static_cast<int>(slot % kPageGroups) != group) continue;
+        dsv3::cuda::mbar_wait(full(slot), (it / depth) & 1);
+        const int row = r + row_in_page;
+        if (row < r1 && dots) {
+          const uint4* at = reinterpret_cast<const uint4*>(sm + slot * kPageBytes + row_in_page * kCols);
+          uint4 raw[4];
+#pragma unroll
+          for (int j = 0; j < 4; ++j) raw[j] = at[lane + 32 * j];
+          float part4[4] = {0.0f, 0.0f, 0.0f, 0.0f};  // four chains: the dot's latency is on the path
+#pragma unroll
+          for (int j = 0; j < 4; ++j) {
+            float w[16];
+            dsv3::cuda::convert_raw<dsv3::cuda::kF8>(raw[j], w);
+#pragma unroll
+            for (int q = 0; q < 16; ++q) part4[j] = fmaf(w[q], in.v[j][q], part4[j]);
+          }
+          const float d = dsv3::cuda::warp_sum((part4[0] + part4[1]) + (part4[2] + part4[3]));
+          if (lane == 0) ph.y[row] = d;
+        }
+        __syncwarp();
+        if (lane == 0) dsv3::cuda::mbar_arrive(empty(slot));
+      }
+    }
+    dsv3::cuda::named_barrier(1, kPageConsumers * 32);  // the block's rows of phase p are stored
+    if (threadIdx.x == 0) {
+      if (record) timeline[4 * p + 3] = global_ns();
+      if (sync) asm volatile("red.release.gpu.global.add.u32 [%0], 1;" ::"l"(counter(p)) : "memory");
+    }
+  }
+}
+
 int arg_int(int argc, char** argv, const char* name, int fallback) {
   for (int i = 1; i + 1 < argc; ++i)
     if (std::strcmp(argv[i], name) == 0) return std::atoi(argv[i + 1]);
@@ -563,6 +729,22 @@ int main(int argc, char** argv) {
   // --only K: each layer is its phase K alone (K = 6: the 46 MB gate/up), which times one phase's
   // streaming without the small phases around it. --rows-in-flight U (2 or 4): rows a warp loads per pass.
   const int only = arg_int(argc, argv, "--only", -1), unroll = arg_int(argc, argv, "--rows-in-flight", 2);
+  // --page-depth D: pages of the paged form's ring in use (even, 2..12; 12 = 192 KB an SM).
+  const uint32_t page_depth =
+      static_cast<uint32_t>(arg_int(argc, argv, "--page-depth", static_cast<int>(kPageSlots)));
+  if (page_depth < 2 || page_depth > kPageSlots || page_depth % 2 != 0) {
+    std::fprintf(stderr, "dsv3_bench_phases: --page-depth takes an even number of pages, 2..%u\n",
+                 kPageSlots);
+    return 2;
+  }
+  // --page-in-flight K: copies of the paged form not yet landed, at most (default: the depth). Fewer keep the
+  // memory system's queues, and with them every load's latency, short while landed pages wait in the ring.
+  const uint32_t page_in_flight =
+      static_cast<uint32_t>(arg_int(argc, argv, "--page-in-flight", static_cast<int>(page_depth)));
+  if (page_in_flight < 1 || page_in_flight > page_depth) {
+    std::fprintf(stderr, "dsv3_bench_phases: --page-in-flight takes 1..the page depth\n");
+    return 2;
+  }
   const int all = static_cast<int>(sizeof(kLayerRows) / sizeof(kLayerRows[0]));
   if (only >= all || (unroll != 2 && unroll != 4)) {
     std::fprintf(stderr, "dsv3_bench_phases: --only takes 0..%d, --rows-in-flight 2 or 4\n", all - 1);
@@ -780,6 +962,71 @@ int main(int argc, char** argv) {
     return time_step(enqueue);
   };
 
+  // The paged form (routed: as the task form's); its timeline from block 0 of one more step.
+  uint64_t* timeline = nullptr;
+  DSV3_CUDA_CHECK(cudaMalloc(&timeline, static_cast<size_t>(count) * 4 * sizeof(uint64_t)));
+  float paged_check = 0.0f;
+  std::vector<uint64_t> paged_times;
+  auto paged = [&](bool routed, int parts) {
+    std::vector<TaskPhase> tp(static_cast<size_t>(count));
+    for (int p = 0; p < count; ++p) {
+      const int in_layer = p % per_layer, rows = step.phases[p].rows;
+      const bool expert = routed && in_layer >= per_layer - 2;
+      tp[static_cast<size_t>(p)] = {rows, expert ? rows / 4 : rows,
+                                    expert ? p - in_layer + per_layer - 3 : -1};
+    }
+    DSV3_CUDA_CHECK(
+        cudaMemcpy(task_phases, tp.data(), tp.size() * sizeof(TaskPhase), cudaMemcpyHostToDevice));
+    static const bool opted_in = [] {
+      DSV3_CUDA_CHECK(cudaFuncSetAttribute(paged_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                           static_cast<int>(kPageSmem)));
+      return true;
+    }();
+    (void)opted_in;
+    auto enqueue = [&](uint64_t* tl) {
+      DSV3_CUDA_CHECK(cudaMemsetAsync(
+          counters, 0, static_cast<size_t>(count) * kCounterStride * sizeof(unsigned), stream));
+      paged_kernel<<<sms, kPageThreads, kPageSmem, stream>>>(step, task_phases, counters, parts, page_depth,
+                                                             page_in_flight, tl);
+      DSV3_CUDA_CHECK(cudaGetLastError());
+    };
+    if (!empty && parts == kPageAll) paged_check = last_output([&] { enqueue(nullptr); });
+    const double ms = time_step([&] { enqueue(nullptr); });
+    DSV3_CUDA_CHECK(cudaMemsetAsync(timeline, 0, static_cast<size_t>(count) * 4 * sizeof(uint64_t), stream));
+    enqueue(timeline);
+    DSV3_CUDA_CHECK(cudaStreamSynchronize(stream));
+    paged_times.assign(static_cast<size_t>(count) * 4, 0);
+    DSV3_CUDA_CHECK(cudaMemcpy(paged_times.data(), timeline, paged_times.size() * sizeof(uint64_t),
+                               cudaMemcpyDeviceToHost));
+    return ms;
+  };
+  // Block 0's view of the last paged run, means over the layers (but the first) for each phase of a layer:
+  // the hand-over (previous phase's rows done -> this input ready), the rows (input ready -> rows done),
+  // and how long before the input was ready the producer had issued the phase's first copy.
+  auto paged_timeline = [&] {
+    if (paged_times.empty() || per_layer < 2 || layers < 2) return;
+    std::printf(
+        "  block 0, means over layers 1-%d (us): phase: hand-over, input staged, rows, first copy issued "
+        "before the input was ready\n",
+        layers - 1);
+    for (int k = 0; k < per_layer; ++k) {
+      double hand = 0, stage = 0, rows = 0, lead = 0;
+      for (int l = 1; l < layers; ++l) {
+        const size_t p = static_cast<size_t>(l * per_layer + k);
+        const auto at = [&](size_t i) { return static_cast<double>(paged_times[i]); };
+        const double issued = at(4 * p), ready = at(4 * p + 1), staged = at(4 * p + 2), done = at(4 * p + 3);
+        hand += ready - at(4 * p - 1);
+        stage += staged - ready;
+        rows += done - staged;
+        lead += issued > 0 && issued <= ready ? ready - issued : 0;  // 0: block 0 had no rows of it
+      }
+      const double n = 1e3 * (layers - 1);
+      std::printf("    %d (%5d rows): %6.2f %6.2f %6.2f %7.2f\n", k, layer_rows[static_cast<size_t>(k)],
+                  hand / n, stage / n, rows / n, lead / n);
+    }
+    paged_times.clear();  // printed once
+  };
+
   std::printf(
       "%s, %d SMs, %d blocks of %d threads, %d rows in flight a warp, copy bandwidth %.0f GB/s; %d layers x "
       "%d phases, %.1f MB a step\n",
@@ -823,6 +1070,27 @@ int main(int argc, char** argv) {
   if (whole_layers)
     row("tasks, the routed experts' rows (3/4 of phases 6-7) copied once the router phase is done",
         [&] { return tasks(true); });
+  row("paged: pages of 8 rows copied ahead into 192 KB a block, a counter a phase",
+      [&] { return paged(false, kPageAll); });
+  paged_timeline();
+  if (whole_layers) {
+    row("paged, the routed experts' rows (3/4 of phases 6-7) copied once the router phase is done",
+        [&] { return paged(true, kPageAll); });
+    paged_timeline();
+  }
+  row("paged without hand-overs (no releases or polls: wrong results, time only)",
+      [&] { return paged(false, kPageDots); });
+  paged_timeline();
+  if (has_flag(argc, argv, "--paged-parts")) {  // whether a phase's rows wait for pages or for the dots
+    row("paged, page waits only (no hand-overs, no dots: time only)", [&] { return paged(false, 0); });
+    paged_timeline();
+  }
+  if (!empty && chain_check > 0.0f && paged_check > 0.0f) {
+    const bool same = std::fabs(chain_check - paged_check) <= 1e-5f * chain_check;
+    std::printf("last output from a known input: chain %.6g, paged %.6g (%s)\n", chain_check, paged_check,
+                same ? "same" : "DIFFERENT");
+    if (!same) return 1;
+  }
   // Both the chain and the task form ran (else nothing to compare): a task form that read an input before it
   // was complete would end elsewhere.
   if (!empty && chain_check > 0.0f && task_check > 0.0f) {
