@@ -166,7 +166,7 @@ __device__ __forceinline__ Input input_from(const float4* xs) {
 // pass (4 U loads of 16 bytes in flight per lane).
 // ll: the outputs go there instead of ph.y, each as one 8-byte store of the value and the step's tag
 // (the "flagged" chain below).
-template <int U>
+template <int U, bool CONVERT = true>
 __device__ __forceinline__ void run_rows(const Phase& ph, const float4* xs, uint64_t* ll = nullptr,
                                          unsigned tag = 0) {
   const int lane = threadIdx.x % 32;
@@ -189,7 +189,13 @@ __device__ __forceinline__ void run_rows(const Phase& ph, const float4* xs, uint
 #pragma unroll
       for (int j = 0; j < 4; ++j) {
         float w[16];
-        dsv3::cuda::convert_raw<dsv3::cuda::kF8>(raw[u][j], w);
+        if constexpr (CONVERT) {
+          dsv3::cuda::convert_raw<dsv3::cuda::kF8>(raw[u][j], w);
+        } else {  // the raw words as floats (wrong values, time only): what the FP8 conversion costs
+          const uint32_t words[4] = {raw[u][j].x, raw[u][j].y, raw[u][j].z, raw[u][j].w};
+#pragma unroll
+          for (int q = 0; q < 16; ++q) w[q] = __uint_as_float(words[q % 4]);
+        }
 #pragma unroll
         for (int q = 0; q < 4; ++q) {
           const float4 xv = xs[(4 * j + q) * 32 + lane];
@@ -230,7 +236,7 @@ struct Ranges {
   int count;
 };
 
-template <int U>
+template <int U, bool CONVERT = true>
 __global__ void __launch_bounds__(kThreads, kBlocksPerSm)
     phase_kernel(const Phase ph, int prefetch, const Ranges ahead) {
   __shared__ float4 xs[kCols / 4];
@@ -243,7 +249,7 @@ __global__ void __launch_bounds__(kThreads, kBlocksPerSm)
   pdl_wait();
   pdl_trigger();
   stage_input(ph, xs);
-  run_rows<U>(ph, xs);
+  run_rows<U, CONVERT>(ph, xs);
 }
 
 // The flagged chain: the same kernels and launches as the chain, but no kernel waits for the previous one
@@ -601,7 +607,8 @@ static_assert(kPageSlots % kPageGroups == 0, "a slot's pages all go to one group
 // What paged_kernel does of its work (`parts`, a mask; all three: the form itself). Without the hand-overs
 // (no releases or polls) or the dots its results are wrong; those runs time the rest. Every run waits
 // for its pages (a block must not exit with copies into its shared memory in flight).
-constexpr int kPageSync = 1, kPageDots = 2, kPageAll = 3;
+// kPageRawDots: the dots without the FP8 conversion (time only).
+constexpr int kPageSync = 1, kPageDots = 2, kPageAll = 3, kPageRawDots = 4;
 
 __device__ __forceinline__ uint64_t global_ns() {
   uint64_t t;
@@ -619,7 +626,7 @@ __global__ void __launch_bounds__(kPageThreads, 1)
   auto counter = [&](int p) { return counters + static_cast<size_t>(p) * kCounterStride; };
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const bool record = blockIdx.x == 0 && timeline != nullptr;
-  const bool sync = parts & kPageSync, dots = parts & kPageDots;
+  const bool sync = parts & kPageSync, dots = parts & kPageDots, convert = !(parts & kPageRawDots);
   if (threadIdx.x == 0) {
     for (uint32_t slot = 0; slot < kPageSlots; ++slot) {
       dsv3::cuda::mbar_init(full(slot), 1);
@@ -690,7 +697,14 @@ __global__ void __launch_bounds__(kPageThreads, 1)
 #pragma unroll
           for (int j = 0; j < 4; ++j) {
             float w[16];
-            dsv3::cuda::convert_raw<dsv3::cuda::kF8>(raw[j], w);
+            if (convert) {
+              dsv3::cuda::convert_raw<dsv3::cuda::kF8>(raw[j], w);
+            } else {  // the same products on the raw words as floats (wrong values): the FP8 conversion's
+                      // cost
+              const uint32_t words[4] = {raw[j].x, raw[j].y, raw[j].z, raw[j].w};
+#pragma unroll
+              for (int q = 0; q < 16; ++q) w[q] = __uint_as_float(words[q % 4]);
+            }
 #pragma unroll
             for (int q = 0; q < 16; ++q) part4[j] = fmaf(w[q], in.v[j][q], part4[j]);
           }
@@ -850,7 +864,7 @@ int main(int argc, char** argv) {
   // layer_ahead: each layer's first phase asks L2 for phases 1-5 and the shared experts' quarter (the
   // last 2 of 8 slots) of the experts' phases 6-7.
   float chain_check = 0.0f;
-  auto chain = [&](int prefetch, bool layer_ahead) {
+  auto chain = [&](int prefetch, bool layer_ahead, bool convert = true) {
     auto enqueue = [&] {
       for (int p = 0; p < count; ++p) {
         Ranges ahead{};
@@ -862,11 +876,12 @@ int main(int argc, char** argv) {
             ahead.bytes[ahead.count++] = rows * kCols;
           }
         }
-        launch_pdl(unroll == 4 ? phase_kernel<4> : phase_kernel<2>, dim3(static_cast<unsigned>(blocks)),
-                   dim3(kThreads), 0, stream, step.phases[p], prefetch, ahead);
+        auto kernel = !convert ? phase_kernel<2, false> : unroll == 4 ? phase_kernel<4> : phase_kernel<2>;
+        launch_pdl(kernel, dim3(static_cast<unsigned>(blocks)), dim3(kThreads), 0, stream, step.phases[p],
+                   prefetch, ahead);
       }
     };
-    if (!empty && prefetch == 0) chain_check = last_output(enqueue);
+    if (!empty && prefetch == 0 && convert) chain_check = last_output(enqueue);
     return time_step(enqueue);
   };
   // The flagged chain: one 8-byte slot per output of every phase, plus the step's input and tag.
@@ -1051,6 +1066,8 @@ int main(int argc, char** argv) {
   if (whole_layers)
     row("chain, and each layer's first phase asks L2 for the layer's routing-free bytes",
         [&] { return chain(8, true); });
+  row("chain, dots without the FP8 conversion (wrong results, time only)",
+      [&] { return chain(0, false, false); });
   if (!empty) {
     row("flagged chain: no waits, each input polled until it carries the step's tag",
         [&] { return flagged_chain(false); });
@@ -1083,6 +1100,9 @@ int main(int argc, char** argv) {
   paged_timeline();
   if (has_flag(argc, argv, "--paged-parts")) {  // whether a phase's rows wait for pages or for the dots
     row("paged, page waits only (no hand-overs, no dots: time only)", [&] { return paged(false, 0); });
+    paged_timeline();
+    row("paged, no hand-overs, dots without the FP8 conversion (time only)",
+        [&] { return paged(false, kPageDots | kPageRawDots); });
     paged_timeline();
   }
   if (!empty && chain_check > 0.0f && paged_check > 0.0f) {
