@@ -944,14 +944,14 @@ int main(int argc, char** argv) {
     });
   };
 
-  // The task form; routed: the experts' phases keep their first quarter (the 2 shared of 8 slots) in
-  // ring 0 and copy the rest only once the layer's router phase is done.
+  // The task form (its rings: task_kernel).
   unsigned* counters = nullptr;
   TaskPhase* task_phases = nullptr;
   DSV3_CUDA_CHECK(cudaMalloc(&counters, static_cast<size_t>(count) * kCounterStride * sizeof(unsigned)));
   DSV3_CUDA_CHECK(cudaMalloc(&task_phases, static_cast<size_t>(count) * sizeof(TaskPhase)));
-  float task_check = 0.0f;
-  auto tasks = [&](bool routed) {
+  // The task and paged forms' phase table (routed: the experts' phases keep their first quarter free of the
+  // routing and copy the rest once the layer's router phase is done).
+  auto set_task_phases = [&](bool routed) {
     std::vector<TaskPhase> tp(static_cast<size_t>(count));
     for (int p = 0; p < count; ++p) {
       const int in_layer = p % per_layer, rows = step.phases[p].rows;
@@ -961,6 +961,10 @@ int main(int argc, char** argv) {
     }
     DSV3_CUDA_CHECK(
         cudaMemcpy(task_phases, tp.data(), tp.size() * sizeof(TaskPhase), cudaMemcpyHostToDevice));
+  };
+  float task_check = 0.0f;
+  auto tasks = [&](bool routed) {
+    set_task_phases(routed);
     static const bool opted_in = [] {
       DSV3_CUDA_CHECK(cudaFuncSetAttribute(task_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                            static_cast<int>(kTaskSmem)));
@@ -983,15 +987,7 @@ int main(int argc, char** argv) {
   float paged_check = 0.0f;
   std::vector<uint64_t> paged_times;
   auto paged = [&](bool routed, int parts) {
-    std::vector<TaskPhase> tp(static_cast<size_t>(count));
-    for (int p = 0; p < count; ++p) {
-      const int in_layer = p % per_layer, rows = step.phases[p].rows;
-      const bool expert = routed && in_layer >= per_layer - 2;
-      tp[static_cast<size_t>(p)] = {rows, expert ? rows / 4 : rows,
-                                    expert ? p - in_layer + per_layer - 3 : -1};
-    }
-    DSV3_CUDA_CHECK(
-        cudaMemcpy(task_phases, tp.data(), tp.size() * sizeof(TaskPhase), cudaMemcpyHostToDevice));
+    set_task_phases(routed);
     static const bool opted_in = [] {
       DSV3_CUDA_CHECK(cudaFuncSetAttribute(paged_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                            static_cast<int>(kPageSmem)));
