@@ -5,7 +5,8 @@
 //              each pulling its rows towards L2 before it waits for the previous one (the engine's way);
 //              optionally each layer's first kernel also asks L2 for every byte of the layer that does
 //              not depend on the routing (~25 MB: the attention's projections, the router, the shared
-//              experts), so that the small phases' chain finds them there;
+//              experts), so that the small phases' chain finds them there; or (time only) each layer's
+//              gate/up and down in one launch, the down not waiting: the bound on fusing the two;
 //   persistent one kernel for the whole step, all blocks resident, a grid-wide barrier between phases;
 //   persistent+prefetch  the same, each block asking L2 for its first rows of the next phase before it
 //              waits at the barrier, so that the barrier's wait overlaps those loads;
@@ -250,6 +251,19 @@ __global__ void __launch_bounds__(kThreads, kBlocksPerSm)
   pdl_trigger();
   stage_input(ph, xs);
   run_rows<U, CONVERT>(ph, xs);
+}
+
+// Two phases in one launch without the second waiting for the first's outputs (it reads the first's input:
+// wrong results, time only): a layer's gate/up and down as one launch, the down's products accumulated in
+// place by the blocks that made their inputs (a fused expert MLP), without the atomics such a kernel needs.
+__global__ void __launch_bounds__(kThreads, kBlocksPerSm) phase_pair_kernel(const Phase a, const Phase b) {
+  __shared__ float4 xs[kCols / 4];
+  prefetch_rows(a, 8);
+  pdl_wait();
+  pdl_trigger();
+  stage_input(a, xs);
+  run_rows<2>(a, xs);
+  run_rows<2>(b, xs);
 }
 
 // The flagged chain: the same kernels and launches as the chain, but no kernel waits for the previous one
@@ -864,9 +878,15 @@ int main(int argc, char** argv) {
   // layer_ahead: each layer's first phase asks L2 for phases 1-5 and the shared experts' quarter (the
   // last 2 of 8 slots) of the experts' phases 6-7.
   float chain_check = 0.0f;
-  auto chain = [&](int prefetch, bool layer_ahead, bool convert = true) {
+  auto chain = [&](int prefetch, bool layer_ahead, bool convert = true, bool pair_experts = false) {
     auto enqueue = [&] {
       for (int p = 0; p < count; ++p) {
+        if (pair_experts && p % per_layer == per_layer - 2) {  // gate/up and down in one launch
+          launch_pdl(phase_pair_kernel, dim3(static_cast<unsigned>(blocks)), dim3(kThreads), 0, stream,
+                     step.phases[p], step.phases[p + 1]);
+          ++p;
+          continue;
+        }
         Ranges ahead{};
         if (layer_ahead && p % per_layer == 0 && !empty) {
           for (int q = 1; q < per_layer; ++q) {
@@ -1064,6 +1084,9 @@ int main(int argc, char** argv) {
         [&] { return chain(8, true); });
   row("chain, dots without the FP8 conversion (wrong results, time only)",
       [&] { return chain(0, false, false); });
+  if (whole_layers)
+    row("chain, each layer's gate/up and down in one launch, the down not waiting (time only)",
+        [&] { return chain(8, false, true, true); });
   if (!empty) {
     row("flagged chain: no waits, each input polled until it carries the step's tag",
         [&] { return flagged_chain(false); });
